@@ -1,0 +1,35 @@
+# make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
+# make test  -> the test suite (what CI runs)
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+# The CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build. On a GPU machine use
+# e.g. `make TORCH=torch==2.13.0 ...` with the CUDA index configured for pip.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192
+
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/actcache extract $(DEMO_ARGS)
+	$(VENV)/bin/actcache ls ./activations
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf activations .pytest_cache

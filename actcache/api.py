@@ -1,0 +1,21 @@
+"""Python entry points: ``extract`` runs the Prefect flow; ``open_set`` reads a set back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actcache.config import ExtractConfig
+from actcache.plan import make_plan
+
+
+def extract(config: ExtractConfig | None = None, **options: Any) -> str:
+    """Extract activations as configured (see ``ExtractConfig``); return the set's URL.
+
+    Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
+    """
+    cfg = config.replace(**options) if config else ExtractConfig(**options)
+    make_plan(cfg)
+    from flows.extract import extract_activations
+
+    state = extract_activations(cfg, return_state=True)
+    return state.result(raise_on_failure=True)

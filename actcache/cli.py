@@ -1,0 +1,171 @@
+"""``actcache`` command line: extract, ls, show, verify, hooks.
+
+    actcache extract --hook blocks.1.hook_resid_post --max-tokens 32768   # offline demo defaults
+    actcache extract --model gpt2 --dataset NeelNanda/pile-10k --hook blocks.6.hook_resid_post
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from typing import Any
+
+from actcache.errors import ActcacheError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, not usage + message
+        self.exit(2, f"actcache: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    from actcache.config import ExtractConfig, field_docs
+
+    docs = field_docs()
+    hints = typing.get_type_hints(ExtractConfig)
+    for f in dataclasses.fields(ExtractConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = docs.get(f.name, "")
+        hint = hints[f.name]
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        elif f.name == "storage_options":
+            p.add_argument(flag, default=None, metavar="JSON", help=help_)
+        else:
+            kind = int if hint is int else str
+            p.add_argument(flag, type=kind, default=default, help=f"{help_} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ex = sub.add_parser("extract", help="extract a hook's activations (reruns skip stored shards)")
+    _add_config_options(ex)
+    ls = sub.add_parser("ls", help="list the sets in a store")
+    ls.add_argument("store")
+    ls.add_argument("--storage-options", metavar="JSON")
+    for name, text in (("show", "print a set's manifest summary"), ("verify", "check every shard's checksum")):
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("set", help="set URL: <store>/<set_id>")
+        sp.add_argument("--storage-options", metavar="JSON")
+        if name == "show":
+            sp.add_argument("--shards", action="store_true", help="also list every shard")
+    hk = sub.add_parser("hooks", help="list a model's valid hook names")
+    hk.add_argument("model")
+    hk.add_argument("--revision")
+    hk.add_argument("--trust-remote-code", action="store_true")
+    return p
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from actcache.api import extract
+    from actcache.config import ExtractConfig, parse_storage_options
+
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig)}
+    opts["storage_options"] = parse_storage_options(args.storage_options)
+    url = extract(ExtractConfig(**opts))
+    print(url)
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from actcache import layout, manifest
+    from actcache.config import parse_storage_options
+    from actcache.store import Store
+
+    store = Store(args.store, parse_storage_options(args.storage_options))
+    if not store.fs.exists(store.root):
+        raise ActcacheError(f"store {args.store!r} does not exist")
+    rows = []
+    for name in store.list_dirs():
+        if not layout.SET_ID_RE.match(name) or name.startswith("t"):
+            continue
+        try:
+            m = manifest.read(store, name)
+        except ActcacheError:
+            rows.append((name, "?", "?", "-", "-", "in progress (no manifest yet)"))
+            continue
+        state = "complete" if m.get("complete") else "partial"
+        rows.append((name, m["model"]["name"], m["hook"], str(m["n_tokens"]), _human(m["bytes"]), state))
+    header = ("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "STATE")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+    return 0
+
+
+def _open(args: argparse.Namespace):
+    from actcache.config import parse_storage_options
+    from actcache.reader import open_set
+
+    return open_set(args.set, parse_storage_options(args.storage_options))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    s = _open(args)
+    m = dict(s.manifest)
+    shards = m.pop("shards")
+    m.pop("key")
+    if args.shards:
+        m["shards"] = shards
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    s = _open(args)
+    problems = s.verify()
+    for p in problems:
+        print(f"{s.url}: {p}", file=sys.stderr)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; rerun the same extract to repair",
+              file=sys.stderr)
+        return 1
+    print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
+    return 0
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from actcache.model import ModelSpec, hook_names, resolve_model
+
+    for name in hook_names(resolve_model(ModelSpec(args.model, args.revision, args.trust_remote_code))):
+        print(name)
+    return 0
+
+
+def _quiet_defaults() -> None:
+    # Prefect's temporary server can take >20 s to start cold, and its telemetry has no network here.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_defaults()
+    args = build_parser().parse_args(argv)
+    handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
+                    "hooks": cmd_hooks}[args.command]
+    try:
+        return handler(args)
+    except ActcacheError as e:
+        print(f"actcache: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Every extraction option, once: the CLI, the Python API and the Prefect flow are generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from actcache.demo import DEMO_DATASET, DEMO_MODEL
+from actcache.errors import ActcacheError
+from actcache.key import CODECS, DTYPES
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str = DEMO_MODEL
+    """HF model id, a local directory written by save_pretrained, or builtin:tiny-gpt2 (offline demo)."""
+    revision: str | None = None
+    """Model revision (branch, tag or commit) on the HF hub."""
+    hook: str = "blocks.1.hook_resid_post"
+    """TransformerLens hook name, e.g. blocks.6.hook_resid_post, blocks.3.hook_mlp_out, blocks.2.attn.hook_z."""
+    dataset: str = DEMO_DATASET
+    """HF dataset name, or local/fsspec files: .txt (one document per line), .jsonl, .json, .parquet, globs."""
+    dataset_config: str | None = None
+    """HF dataset configuration name."""
+    split: str = "train"
+    """HF dataset split."""
+    dataset_revision: str | None = None
+    """HF dataset revision (commit sha, branch or tag)."""
+    streaming: bool = True
+    """Stream the HF dataset instead of downloading it whole."""
+    text_column: str = "text"
+    """Column holding the text (.txt files have the single column 'text')."""
+    context_size: int = 128
+    """Tokens per sequence; documents are packed and chunked to exactly this length."""
+    prepend_bos: bool = True
+    """Start every sequence with the BOS token."""
+    separator: Literal["eos", "bos", "none"] = "eos"
+    """Token placed between packed documents."""
+    max_tokens: int = 1 << 20
+    """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
+    shard_tokens: int = 1 << 16
+    """Tokens per shard (rounded down to whole sequences); part of the set's key."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    """Storage dtype of the activations."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype the model computes in (use float32 on CPU: half-precision matmuls are very slow there)."""
+    codec: Literal["none", "zstd"] = "none"
+    """Lossless codec around each safetensors shard."""
+    codec_level: int = 3
+    """zstd level (ignored for codec none)."""
+    store: str = "./activations"
+    """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."})."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1, mps, or auto (cuda when available)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub to run (off unless asked; recorded in the manifest)."""
+    verify_existing: bool = False
+    """Re-hash existing shards instead of trusting size and modification time."""
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("model_dtype", self.model_dtype, DTYPES)
+        _check_choice("codec", self.codec, CODECS)
+        _check_choice("separator", self.separator, ("eos", "bos", "none"))
+        if self.context_size < 2:
+            raise ActcacheError(f"--context-size must be at least 2, got {self.context_size}")
+        if self.max_tokens < self.context_size:
+            raise ActcacheError(f"--max-tokens {self.max_tokens} is below one context of {self.context_size} "
+                                "tokens; raise --max-tokens or lower --context-size")
+        if self.shard_tokens < self.context_size:
+            raise ActcacheError(f"--shard-tokens {self.shard_tokens} is below one context of {self.context_size} "
+                                "tokens; raise --shard-tokens")
+        if self.batch_size < 1:
+            raise ActcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.codec == "zstd" and not 1 <= self.codec_level <= 22:
+            raise ActcacheError(f"--codec-level must be 1..22 for zstd, got {self.codec_level}")
+        if not isinstance(self.storage_options, dict):
+            raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+        if not self.hook or not isinstance(self.hook, str):
+            raise ActcacheError("--hook is required, e.g. blocks.6.hook_resid_post")
+
+    @property
+    def seqs_per_shard(self) -> int:
+        return self.shard_tokens // self.context_size
+
+    @property
+    def target_seqs(self) -> int:
+        return self.max_tokens // self.context_size
+
+    @property
+    def level(self) -> int:
+        """The codec level that changes bytes (0 when there is no codec, so it cannot split sets)."""
+        return self.codec_level if self.codec == "zstd" else 0
+
+    def replace(self, **changes: Any) -> ExtractConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        flag = "--" + name.replace("_", "-")
+        raise ActcacheError(f"unsupported {flag} {value!r}; choose one of {', '.join(choices)}")
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
+                            "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
+    if not isinstance(value, dict):
+        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+    return value
+
+
+def field_docs() -> dict[str, str]:
+    """Field docstrings (the text under each field), for the CLI's --help."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(ExtractConfig))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:], strict=False):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs

@@ -1,0 +1,77 @@
+"""The frozen keys whose fields are exactly what changes the bytes of a stored set.
+
+A key's digest names its folder in the store (see ``layout.py``); anything that does not change the
+bytes (``max_tokens``, batch size, device, store URL) stays out, so raising ``max_tokens`` extends a
+set instead of starting a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+# Bump when the shard or manifest layout changes: old sets stay readable under their old ids.
+FORMAT_VERSION = 1
+
+DTYPES = ("float32", "float16", "bfloat16")
+CODECS = ("none", "zstd")
+
+
+def _digest(obj: object, n: int = 24) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class TokensKey:
+    """What fixes the token ids of every sequence in every shard."""
+
+    dataset: str
+    """Dataset fingerprint: HF name/config/split/revision, or content hashes of the files."""
+    tokenizer: str
+    """Tokenizer fingerprint: hash of its serialized vocabulary, merges and special tokens."""
+    text_column: str
+    context_size: int
+    prepend_bos: bool
+    separator: int | None
+    """Token id placed between packed documents (None: documents are concatenated as is)."""
+    seqs_per_shard: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def id(self) -> str:
+        return "t" + _digest(dataclasses.asdict(self))
+
+    @property
+    def shard_tokens(self) -> int:
+        return self.seqs_per_shard * self.context_size
+
+
+@dataclass(frozen=True)
+class SetKey:
+    """What fixes the bytes of an activation set: tokens, model, hook and storage encoding."""
+
+    tokens: TokensKey
+    model: str
+    """Model fingerprint: hub commit sha, or content hash of a local directory's weights."""
+    model_dtype: str
+    """dtype the forward pass computes in (changes the numbers, not just their storage)."""
+    hook: str
+    dtype: str
+    """Storage dtype of the activations."""
+    codec: str
+    codec_level: int
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def id(self) -> str:
+        return _digest(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SetKey:
+        return cls(**{**d, "tokens": TokensKey(**d["tokens"])})

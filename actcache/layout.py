@@ -1,0 +1,49 @@
+"""Where everything lives inside a store: every relative path is computed here and nowhere else.
+
+    <store>/<set_id>/manifest.json                consolidated view (written last)
+    <store>/<set_id>/shards/000012.safetensors    shard bytes (``.safetensors.zst`` when zstd-wrapped)
+    <store>/<set_id>/done/000012.json             completion record (written after the shard)
+    <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
+"""
+
+from __future__ import annotations
+
+import re
+
+MANIFEST = "manifest.json"
+TOKENS_ROOT = "_tokens"
+END = "end.json"
+
+_SHARD_RE = re.compile(r"^shards/(\d{6})\.safetensors(\.zst)?$")
+_RECORD_RE = re.compile(r"^done/(\d{6})\.json$")
+SET_ID_RE = re.compile(r"^t?[0-9a-f]{24}$")
+
+
+def shard_file(index: int, codec: str) -> str:
+    return f"shards/{index:06d}.safetensors" + (".zst" if codec == "zstd" else "")
+
+
+def record_file(index: int) -> str:
+    return f"done/{index:06d}.json"
+
+
+def tokens_dir(tokens_id: str) -> str:
+    return f"{TOKENS_ROOT}/{tokens_id}"
+
+
+def parse_shard_file(rel: str) -> int | None:
+    """Index of a shard file relative to its set folder; None for anything else (temp files)."""
+    m = _SHARD_RE.match(rel)
+    return int(m.group(1)) if m else None
+
+
+def parse_record_file(rel: str) -> int | None:
+    m = _RECORD_RE.match(rel)
+    return int(m.group(1)) if m else None
+
+
+def check_relative(rel: str) -> str:
+    """Reject manifest entries that could escape the set folder (``..``, absolute paths, URLs)."""
+    if parse_shard_file(rel) is None:
+        raise ValueError(f"not a shard path: {rel!r}")
+    return rel

@@ -1,0 +1,193 @@
+"""Model resolution (fingerprint, config, tokenizer) and the once-per-process TransformerBridge.
+
+Resolution reads only small files (config, tokenizer, weight hashes memoised by path/size/mtime), so a
+complete set is recognised without loading any weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from actcache import fingerprint
+from actcache.errors import ActcacheError
+
+BUILTIN_PREFIX = "builtin:"
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    """HF hub id, local directory written by ``save_pretrained``, or ``builtin:tiny-gpt2``."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class ResolvedModel:
+    """A model located and fingerprinted, weights not yet loaded."""
+
+    def __init__(self, spec: ModelSpec, source: str, fingerprint: str, revision: str | None):
+        self.spec, self.source, self.fingerprint, self.revision = spec, source, fingerprint, revision
+
+    @cached_property
+    def config(self) -> Any:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.source, revision=self.revision,
+                                          trust_remote_code=self.spec.trust_remote_code)
+
+    def _cfg(self, *names: str) -> int | None:
+        cfg = getattr(self.config, "text_config", None) or self.config
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int):
+                return v
+        return None
+
+    @property
+    def n_layers(self) -> int | None:
+        return self._cfg("num_hidden_layers", "n_layer", "num_layers")
+
+    @property
+    def max_context(self) -> int | None:
+        return self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.source, revision=self.revision,
+                                                 trust_remote_code=self.spec.trust_remote_code)
+        except Exception as e:
+            raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from None
+
+    @cached_property
+    def tokenizer_fingerprint(self) -> str:
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        body = {
+            "backend": backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items())),
+            "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+            "bos": tok.bos_token_id,
+            "eos": tok.eos_token_id,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "revision": self.revision, "fingerprint": self.fingerprint,
+                "trust_remote_code": self.spec.trust_remote_code}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]
+
+
+def resolve_model(spec: ModelSpec) -> ResolvedModel:
+    name = spec.name
+    if name.startswith(BUILTIN_PREFIX):
+        from actcache import demo
+
+        name = str(demo.builtin_model(name[len(BUILTIN_PREFIX):]))
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        files = sorted({f for g in _WEIGHT_GLOBS for f in glob.glob(os.path.join(path, g))})
+        if not any(not f.endswith("config.json") for f in files):
+            raise ActcacheError(f"model directory {name!r} has no weight files (*.safetensors, *.bin); "
+                                "write it with save_pretrained or pass an HF model id")
+        parts = {os.path.basename(f): fingerprint.file_sha256(f) for f in files}
+        return ResolvedModel(spec, path, "local:" + fingerprint.combine(parts)[:40], None)
+    if path.startswith(("/", ".", "~")) or os.path.exists(path):
+        raise ActcacheError(f"model {name!r} not found: no such directory; pass an HF model id or a "
+                            "directory written by save_pretrained")
+    sha = _hub_sha(name, spec.revision)
+    return ResolvedModel(spec, name, "hf:" + sha, sha)
+
+
+def _hub_sha(name: str, revision: str | None) -> str:
+    """Commit sha of a hub model: asked of the hub, else read from the local HF cache."""
+    err: BaseException | None = None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(name, revision=revision).sha
+    except Exception as e:
+        err = e
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(name, revision=revision, local_files_only=True,
+                                 allow_patterns=["config.json"])
+        return os.path.basename(os.path.normpath(snap))
+    except Exception:
+        pass
+    raise ActcacheError(f"model {name!r} not found: not a local directory, not in the HF cache, and the hub "
+                        f"did not answer ({_first_line(err)}); check --model/--revision or network access")
+
+
+# -- hooks -------------------------------------------------------------------------------------
+def hook_layer(hook: str) -> int | None:
+    """Block index a hook belongs to (None for embedding / final-norm hooks)."""
+    m = _LAYER_RE.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def check_hook_layer(hook: str, model: ResolvedModel) -> None:
+    layer, n = hook_layer(hook), model.n_layers
+    if layer is not None and n is not None and layer >= n:
+        raise ActcacheError(f"layer {layer} in hook {hook!r} is out of range: {model.spec.name!r} has "
+                            f"{n} layers (0..{n - 1})")
+
+
+def check_hook_name(hook: str, names: list[str]) -> None:
+    if hook in names:
+        return
+    close = difflib.get_close_matches(hook, names, n=5, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `actcache hooks MODEL` to list them"
+    raise ActcacheError(f"unknown hook {hook!r}; {hint}")
+
+
+# -- loading -----------------------------------------------------------------------------------
+_LOADED: dict[tuple, Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "cpu",
+                load_weights: bool = True) -> Any:
+    """The TransformerBridge for ``model``, loaded once per process and reused across shards."""
+    import torch
+
+    key = (model.source, model.revision, dtype, device, load_weights)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            try:
+                bridge = TransformerBridge.boot_transformers(
+                    model.source, device=device, dtype=getattr(torch, dtype), revision=model.revision,
+                    trust_remote_code=model.spec.trust_remote_code, tokenizer=model.tokenizer,
+                    load_weights=load_weights)
+            except ActcacheError:
+                raise
+            except Exception as e:
+                raise ActcacheError(f"cannot load model {model.spec.name!r} with TransformerLens "
+                                    f"({_first_line(e)})") from None
+            bridge.eval()
+            _LOADED[key] = bridge
+        return _LOADED[key]
+
+
+def hook_names(model: ResolvedModel) -> list[str]:
+    """Every hook name the bridge exposes (TransformerLens names and bridge aliases)."""
+    return sorted(load_bridge(model, load_weights=False).hook_dict)

@@ -1,0 +1,133 @@
+"""Resolve and validate everything before anything is written, and work out what is already done.
+
+A plan is small and picklable (it travels between Prefect tasks); the heavy objects it was made from
+(model, tokenizer, bridge, source) are cached per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from actcache import layout, records
+from actcache.config import ExtractConfig
+from actcache.errors import ActcacheError
+from actcache.key import FORMAT_VERSION, SetKey, TokensKey
+from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, hook_layer, resolve_model
+from actcache.sources import DatasetSpec, Source, open_source
+from actcache.store import Store
+from actcache.tokens import ShardWork, TokenCache
+
+_MODELS: dict[tuple, ResolvedModel] = {}
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ExtractConfig
+    key: SetKey
+    shards: tuple[ShardWork, ...]
+    """Every shard the target asks for, with its size (the last may be partial)."""
+    done: frozenset[ShardWork]
+    """Shards already complete in the store (index and size both match)."""
+    provenance: dict[str, Any] = field(hash=False, compare=False)
+
+    @property
+    def set_id(self) -> str:
+        return self.key.id
+
+    @property
+    def missing(self) -> list[ShardWork]:
+        return [w for w in self.shards if w not in self.done]
+
+    @property
+    def store(self) -> Store:
+        return Store(self.config.store, self.config.storage_options)
+
+    @property
+    def url(self) -> str:
+        return self.store.url_of(self.set_id)
+
+    def token_cache(self) -> TokenCache:
+        return TokenCache(self.store, self.key.tokens)
+
+
+def model_for(cfg: ExtractConfig) -> ResolvedModel:
+    spec = ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code)
+    fresh = resolve_model(spec)
+    cache_key = (spec, fresh.fingerprint)
+    return _MODELS.setdefault(cache_key, fresh)  # keeps the loaded tokenizer across plans
+
+
+def source_for(cfg: ExtractConfig) -> Source:
+    if cfg.dataset.startswith("builtin:"):
+        from actcache import demo
+
+        if cfg.dataset != demo.DEMO_DATASET:
+            raise ActcacheError(f"unknown builtin dataset {cfg.dataset!r}; use {demo.DEMO_DATASET}")
+        path = str(demo.demo_corpus())
+    else:
+        path = cfg.dataset
+    source = open_source(DatasetSpec(path, cfg.dataset_config, cfg.split, cfg.dataset_revision, cfg.streaming,
+                                     cfg.text_column, cfg.storage_options))
+    source.label = cfg.dataset
+    return source
+
+
+def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, int | None]:
+    """(bos, separator) token ids, checked against what the tokenizer has."""
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if cfg.prepend_bos and bos is None:
+        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no BOS token; pass --no-prepend-bos")
+    sep = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "none": None}[cfg.separator]
+    if cfg.separator != "none" and sep is None:
+        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
+                            "pass --separator none (or another)")
+    return bos, sep
+
+
+def make_plan(cfg: ExtractConfig) -> Plan:
+    store = Store(cfg.store, cfg.storage_options)
+    store.check_writable()
+    model = model_for(cfg)
+    check_hook_layer(cfg.hook, model)
+    if model.max_context is not None and cfg.context_size > model.max_context:
+        raise ActcacheError(f"--context-size {cfg.context_size} is above the maximum of {model.max_context} "
+                            f"tokens for {cfg.model!r}; lower --context-size")
+    bos, sep = special_ids(cfg, model)
+    source = source_for(cfg)
+    tkey = TokensKey(dataset=source.fingerprint, tokenizer=model.tokenizer_fingerprint, text_column=cfg.text_column,
+                     context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=sep,
+                     seqs_per_shard=cfg.seqs_per_shard)
+    key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=cfg.hook,
+                 dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level)
+    shards = TokenCache(store, tkey).plan(cfg.target_seqs)
+    scan = records.scan(store, key.id, layout.MANIFEST)
+    done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
+    provenance = {
+        "model": model.describe(),
+        "hook": cfg.hook,
+        "layer": hook_layer(cfg.hook),
+        "dataset": source.describe(),
+        "tokenization": {"tokenizer": model.tokenizer_fingerprint, "context_size": cfg.context_size,
+                         "prepend_bos": cfg.prepend_bos, "bos_id": bos, "separator": cfg.separator,
+                         "separator_id": sep},
+        "format_version": FORMAT_VERSION,
+    }
+    if len(done) < len(shards):
+        # Work to do: the model is needed anyway, so check the hook against its real names now.
+        from actcache.extraction import Extractor
+
+        bridge = bridge_for(cfg, model)
+        check_hook_name(cfg.hook, sorted(bridge.hook_dict))
+        provenance["hook_shape"] = Extractor(bridge, cfg.hook, batch_size=1).hook_shape()
+    elif scan.consolidated:
+        provenance["hook_shape"] = scan.consolidated.get("hook_shape")
+    return Plan(cfg, key, tuple(shards), done, provenance)
+
+
+def bridge_for(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Any:
+    from actcache.extraction import pick_device
+    from actcache.model import load_bridge
+
+    return load_bridge(model or model_for(cfg), dtype=cfg.model_dtype, device=pick_device(cfg.device))

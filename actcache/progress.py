@@ -1,0 +1,63 @@
+"""Progress on long work: a tqdm bar on the terminal and a Prefect progress artifact in the UI."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from typing import Any
+
+
+class Progress:
+    def __init__(self, total: int, unit: str = "shard", label: str = "extract"):
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=total == 0, leave=True)
+        self.artifact = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact = create_progress_artifact(progress=0.0, description=f"{label}: {total} {unit}s")
+        except Exception:
+            pass  # outside a flow run there is nowhere to publish it
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.artifact is not None and self.total:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact, progress=100.0 * self.done / self.total)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Window:
+    """At most ``size`` futures in flight; results come back in submission order."""
+
+    def __init__(self, size: int, on_result=None):
+        self.size, self.on_result = size, on_result
+        self.pending: deque = deque()
+        self.results: list[Any] = []
+
+    def add(self, future: Any) -> None:
+        self.pending.append(future)
+        while len(self.pending) > self.size:
+            self._pop()
+
+    def _pop(self) -> None:
+        result = self.pending.popleft().result()
+        self.results.append(result)
+        if self.on_result:
+            self.on_result(result)
+
+    def drain(self) -> list[Any]:
+        while self.pending:
+            self._pop()
+        return self.results

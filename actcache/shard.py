@@ -1,0 +1,68 @@
+"""The shard format: a plain safetensors file (optionally zstd-wrapped) holding ``activations`` and ``tokens``.
+
+Any safetensors reader opens an uncompressed shard with no actcache code. Reading never unpickles:
+safetensors validates its own header offsets, and ``decode`` checks names, dtypes and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes
+    raw_bytes: int
+    """Size of the safetensors payload before the codec."""
+    sha256: str
+
+
+def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int = 0,
+           metadata: dict[str, str] | None = None) -> Encoded:
+    raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    data = raw
+    if codec == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdCompressor(level=level).compress(raw)
+    elif codec != "none":
+        raise ValueError(f"unknown codec {codec!r}")
+    return Encoded(data, len(raw), hashlib.sha256(data).hexdigest())
+
+
+def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
+           ) -> dict[str, torch.Tensor]:
+    """Decode shard bytes; ``expect`` maps tensor name to (dtype, shape or None) and is enforced."""
+    if codec == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdDecompressor().decompress(data)
+    elif codec != "none":
+        raise ValueError(f"unknown codec {codec!r}")
+    tensors = st_load(data)
+    for name, (dtype, shape) in (expect or {}).items():
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"shard has no tensor {name!r} (has {sorted(tensors)})")
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+            raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
+    return tensors
+
+
+def stats(acts: torch.Tensor) -> dict[str, float | int]:
+    """Mean L2 norm per token and NaN/Inf counts, for the manifest (computed in float32)."""
+    flat = acts.reshape(-1, acts.shape[-1]).float()
+    finite = torch.isfinite(flat)
+    norms = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dim=-1)
+    return {
+        "mean_l2_norm": round(float(norms.mean()), 6) if len(norms) else 0.0,
+        "nan": int(torch.isnan(flat).sum()),
+        "inf": int(torch.isinf(flat).sum()),
+    }

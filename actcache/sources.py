@@ -1,0 +1,205 @@
+"""Text sources: an HF dataset by name, or local/fsspec files (.txt, .jsonl, .json, .parquet, globs).
+
+``open_source`` validates (exists, not empty, has the text column) and fingerprints before anything is
+written; ``Source.texts()`` then streams documents in a fixed order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from actcache import fingerprint
+from actcache.errors import ActcacheError
+
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _kind(path: str) -> str | None:
+    name = path.lower()
+    for c in _COMPRESSED:
+        if name.endswith(c):
+            name = name[: -len(c)]
+    for s in SUFFIXES:
+        if name.endswith(s):
+            return s[1:]
+    return None
+
+
+def looks_like_files(path: str) -> bool:
+    return ("://" in path or path.startswith(("/", ".", "~")) or any(c in path for c in "*?[")
+            or _kind(path) is not None or os.path.exists(path))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the text comes from (what the user typed, before resolution)."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    streaming: bool = True
+    text_column: str = "text"
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+class Source:
+    def __init__(self, spec: DatasetSpec, fingerprint: str, files: list[str] | None, fs: Any = None):
+        self.spec, self.fingerprint, self.files, self.fs = spec, fingerprint, files, fs
+        self.label = spec.path
+        """What the user called the dataset (recorded in manifests instead of resolved local paths)."""
+
+    def texts(self) -> Iterator[str]:
+        if self.files is None:
+            yield from _hf_texts(self.spec)
+            return
+        for f in self.files:
+            yield from _file_texts(self.fs, f, self.spec.text_column)
+
+    def describe(self) -> dict[str, Any]:
+        d = {"path": self.label, "text_column": self.spec.text_column, "fingerprint": self.fingerprint}
+        if self.files is None:
+            d.update(config=self.spec.name, split=self.spec.split, revision=self.spec.revision)
+        else:
+            d["files"] = [os.path.basename(f) for f in self.files]
+        return d
+
+
+def open_source(spec: DatasetSpec) -> Source:
+    if looks_like_files(spec.path):
+        return _open_files(spec)
+    return _open_hub(spec)
+
+
+# -- files -------------------------------------------------------------------------------------
+def _open_files(spec: DatasetSpec) -> Source:
+    import fsspec
+
+    path = os.path.expanduser(spec.path)
+    fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
+    try:
+        if any(c in root for c in "*?["):
+            files = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        elif fs.isdir(root):
+            files = sorted(p for p in fs.find(root) if _kind(p))
+        elif fs.isfile(root):
+            files = [root]
+        else:
+            files = []
+    except (FileNotFoundError, PermissionError):
+        files = []
+    if not files:
+        raise ActcacheError(f"dataset {spec.path!r} not found (no such file, folder or glob match); "
+                            f"pass an existing {'/'.join(SUFFIXES)} path or an HF dataset name")
+    unknown = [f for f in files if _kind(f) is None]
+    if unknown:
+        raise ActcacheError(f"dataset file {unknown[0]!r} has an unsupported type; use one of "
+                            f"{', '.join(SUFFIXES)} (optionally compressed)")
+    if not any(True for _ in _first_text(fs, files, spec.text_column)):
+        raise ActcacheError(f"dataset {spec.path!r} is empty: no non-empty text in column {spec.text_column!r}")
+    local = fs.protocol in ("file", "local") or "file" in fs.protocol
+    parts = {}
+    for i, f in enumerate(files):
+        stamp = fingerprint.file_sha256(f) if local else f"{fs.ukey(f)}:{fs.size(f)}"
+        parts[f"{i:06d}.{_kind(f)}"] = stamp
+    return Source(spec, "files:" + fingerprint.combine(parts), files, fs)
+
+
+def _first_text(fs, files, column) -> Iterator[str]:
+    for f in files:
+        for t in _file_texts(fs, f, column):
+            yield t
+            return
+
+
+def _columns_error(path: str, column: str, columns) -> ActcacheError:
+    return ActcacheError(f"text column {column!r} not in {os.path.basename(path)!r}; "
+                         f"its columns are {sorted(columns)}: pass one with --text-column")
+
+
+def _file_texts(fs, path: str, column: str) -> Iterator[str]:
+    kind = _kind(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if column not in pf.schema_arrow.names:
+                raise _columns_error(path, column, pf.schema_arrow.names)
+            for batch in pf.iter_batches(columns=[column], batch_size=1024):
+                for t in batch.column(0).to_pylist():
+                    if t:
+                        yield t
+        return
+    with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
+        if kind == "txt":
+            if column != "text":
+                raise _columns_error(path, column, ["text"])
+            for line in fh:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+            return
+        if kind == "jsonl":
+            rows = (json.loads(line) for line in fh if line.strip())
+        else:
+            data = json.load(fh)
+            if isinstance(data, dict):
+                lists = [v for v in data.values() if isinstance(v, list)]
+                data = lists[0] if len(lists) == 1 else [data]
+            rows = iter(data)
+        for row in rows:
+            if not isinstance(row, dict):
+                raise ActcacheError(f"{os.path.basename(path)!r}: rows must be JSON objects with a "
+                                    f"{column!r} field, got {type(row).__name__}")
+            if column not in row:
+                raise _columns_error(path, column, row)
+            t = row[column]
+            if t:
+                yield t
+
+
+# -- HF hub --------------------------------------------------------------------------------------
+def _open_hub(spec: DatasetSpec) -> Source:
+    revision = spec.revision
+    try:
+        from huggingface_hub import HfApi
+
+        revision = HfApi().dataset_info(spec.path, revision=spec.revision).sha
+    except Exception as e:  # offline, gated, missing: say which in one line
+        if spec.revision is None or "404" in str(e) or "not found" in str(e).lower():
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ActcacheError(f"dataset {spec.path!r} not found locally nor on the HF hub ({first[:160]}); "
+                                "pass an existing file path, or an HF dataset name with network access") from None
+    parts = {"hf": spec.path, "config": spec.name, "split": spec.split, "revision": revision}
+    spec = DatasetSpec(spec.path, spec.name, spec.split, revision, spec.streaming, spec.text_column,
+                       spec.storage_options)
+    for _ in _hf_texts(spec):
+        break
+    else:
+        raise ActcacheError(f"dataset {spec.path!r} split {spec.split!r} is empty")
+    return Source(spec, "hf:" + fingerprint.combine(parts), None)
+
+
+def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision,
+                                   streaming=spec.streaming)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ActcacheError(f"cannot load HF dataset {spec.path!r} ({first[:200]}); check --dataset, "
+                            "--dataset-config and --split") from None
+    cols = ds.column_names or list(getattr(ds, "features", None) or [])
+    if cols and spec.text_column not in cols:
+        raise _columns_error(spec.path, spec.text_column, cols)
+    for row in ds:
+        t = row[spec.text_column]
+        if t:
+            yield t

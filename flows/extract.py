@@ -1,0 +1,38 @@
+"""The extraction flow: tokenize -> extract -> compress -> upload, skipping every shard already stored.
+
+    prefect deploy --prefect-file deployments/prefect.yaml   # or: actcache extract ...
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from actcache.config import ExtractConfig
+from actcache.progress import Progress, Window
+from tasks.compress import compress
+from tasks.extract import extract
+from tasks.manifest import summarize, write_manifest
+from tasks.plan import plan_extraction, skip_cached
+from tasks.tokenize import tokenize
+from tasks.upload import upload
+
+# Shards compressed/uploaded while the next one is extracted: bounds memory to a few shards.
+IN_FLIGHT = 2
+
+
+@flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
+def extract_activations(config: ExtractConfig = ExtractConfig()) -> str:
+    """Extract one hook's activations over a dataset into a content-addressed set; return its URL."""
+    plan = plan_extraction(config)
+    skip_cached(plan)
+    work = tokenize(plan)
+    progress = Progress(len(work))
+    window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
+    for shard in work:
+        window.add(upload.submit(plan, compress.submit(plan, extract(plan, shard))))
+    stored = window.drain()
+    progress.close()
+    url = write_manifest(plan)
+    summarize(plan, stored, progress.seconds)
+    return url

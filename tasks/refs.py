@@ -1,0 +1,28 @@
+"""The small references tasks pass to each other (never tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ActivationsRef:
+    """Activations + tokens of one shard, held in the process-local hand-off."""
+
+    handle: str
+    index: int
+    n_seq: int
+    hook_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PackedRef:
+    """Encoded shard bytes in the hand-off, with what the completion record needs."""
+
+    handle: str
+    index: int
+    n_seq: int
+    sha256: str
+    bytes: int
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)

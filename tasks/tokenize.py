@@ -1,0 +1,21 @@
+"""Stage 1: tokenize and pack the dataset into token shards (cached on their own key)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from actcache.plan import Plan, model_for, source_for, special_ids
+from actcache.tokens import ShardWork
+
+
+@task(name="tokenize", cache_policy=NO_CACHE)
+def tokenize(plan: Plan) -> list[ShardWork]:
+    """Ensure token shards exist for the target; return the activation shards still to compute."""
+    if not plan.missing:
+        return []
+    cfg = plan.config
+    model = model_for(cfg)
+    bos, sep = special_ids(cfg, model)
+    shards = plan.token_cache().ensure(cfg.target_seqs, source_for(cfg).texts(), model.tokenizer, sep, bos)
+    return [w for w in shards if w not in plan.done]

@@ -1,0 +1,34 @@
+"""Stage 4: write the shard to the store, then its completion record (bytes first, record last)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from actcache import handoff, layout, records
+from actcache.plan import Plan
+from actcache.transient import is_transient
+from tasks.refs import PackedRef
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as e:
+        return is_transient(e)
+    return False
+
+
+@task(name="upload", cache_policy=NO_CACHE, retries=4, retry_delay_seconds=[1, 2, 8, 30],
+      retry_condition_fn=_retry_transient)
+def upload(plan: Plan, ref: PackedRef) -> records.Record:
+    """Store shard ``ref.index`` all-or-nothing and mark it done."""
+    key = plan.key
+    rel = layout.shard_file(ref.index, key.codec)
+    store = plan.store
+    store.write_bytes(f"{key.id}/{rel}", handoff.get(ref.handle))
+    record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,
+                            ref.bytes, ref.extra)
+    records.write_record(store, key.id, record)
+    handoff.drop(ref.handle)
+    return record

@@ -8,8 +8,10 @@ from actcache.config import ExtractConfig
 from actcache.plan import make_plan
 
 
-def extract(config: ExtractConfig | None = None, **options: Any) -> str:
+def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[str]:
     """Extract activations as configured (see ``ExtractConfig``); return the set's URL.
+
+    With several comma-separated hooks, one set per hook, and a list of their URLs.
 
     Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
     """
@@ -18,4 +20,5 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> str:
     from flows.extract import extract_activations
 
     state = extract_activations(cfg, return_state=True)
-    return state.result(raise_on_failure=True)
+    urls = state.result(raise_on_failure=True)
+    return urls[0] if len(urls) == 1 else urls

@@ -68,8 +68,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig)}
     opts["storage_options"] = parse_storage_options(args.storage_options)
-    url = extract(ExtractConfig(**opts))
-    print(url)
+    urls = extract(ExtractConfig(**opts))
+    print("\n".join([urls] if isinstance(urls, str) else urls))
     return 0
 
 

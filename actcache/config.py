@@ -19,7 +19,8 @@ class ExtractConfig:
     revision: str | None = None
     """Model revision (branch, tag or commit) on the HF hub."""
     hook: str = "blocks.1.hook_resid_post"
-    """TransformerLens hook name, e.g. blocks.6.hook_resid_post, blocks.3.hook_mlp_out, blocks.2.attn.hook_z."""
+    """TransformerLens hook name, e.g. blocks.6.hook_resid_post, blocks.2.attn.hook_z; several comma-separated
+    hooks share one forward pass, each stored as its own set."""
     dataset: str = DEMO_DATASET
     """HF dataset name, or local/fsspec files: .txt (one document per line), .jsonl, .json, .parquet, globs."""
     dataset_config: str | None = None
@@ -82,8 +83,12 @@ class ExtractConfig:
             raise ActcacheError(f"--codec-level must be 1..22 for zstd, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
             raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
-        if not self.hook or not isinstance(self.hook, str):
-            raise ActcacheError("--hook is required, e.g. blocks.6.hook_resid_post")
+        if not isinstance(self.hook, str) or not all(self.hooks):
+            raise ActcacheError("--hook needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post")
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(h.strip() for h in self.hook.split(",")))
 
     @property
     def seqs_per_shard(self) -> int:

@@ -1,12 +1,14 @@
-"""Run the model just far enough to fill one hook, in batches, under ``torch.inference_mode``.
+"""Run the model just far enough to fill the requested hooks, in batches, under ``torch.inference_mode``.
 
-A hook on the requested hook point copies the activation and raises, so the forward pass stops right
-there: later blocks, the final norm and the unembedding never run, whatever the hook (this also covers
-hooks in the last block, where ``stop_at_layer`` would not stop before the unembedding).
+Hooks on the requested hook points copy the activations; once the last of them has fired the forward
+pass is ended by raising, so later blocks, the final norm and the unembedding never run, whatever the
+hook (this also covers hooks in the last block, where ``stop_at_layer`` would not stop before the
+unembedding). Several hooks share one pass up to the deepest of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from actcache.errors import ActcacheError
 
 
 class _Reached(Exception):
-    """Raised from the hook to end the forward pass once the activation is captured."""
+    """Raised from a hook to end the forward pass once every activation is captured."""
 
 
 def pick_device(device: str) -> str:
@@ -25,44 +27,49 @@ def pick_device(device: str) -> str:
 
 
 class Extractor:
-    def __init__(self, bridge: Any, hook: str, *, batch_size: int):
-        self.bridge, self.hook, self.batch_size = bridge, hook, batch_size
+    def __init__(self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int):
+        self.bridge, self.batch_size = bridge, batch_size
+        self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
         self.device = next(bridge.parameters()).device
 
-    def _capture(self, tokens: torch.Tensor) -> torch.Tensor:
-        box: list[torch.Tensor] = []
+    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+        wanted = len(self.hooks)
 
-        def grab(act: torch.Tensor, hook: Any = None) -> None:
-            box.append(act)
-            raise _Reached
+        def grab(act: torch.Tensor, hook: Any = None, *, name: str) -> None:
+            got[name] = act
+            if len(got) == wanted:
+                raise _Reached
 
+        fwd = [(h, lambda act, hook=None, _n=h: grab(act, hook, name=_n)) for h in self.hooks]
         try:
-            self.bridge.run_with_hooks(tokens, fwd_hooks=[(self.hook, grab)], return_type=None)
+            self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
         except _Reached:
             pass
-        if not box:
-            raise ActcacheError(f"hook {self.hook!r} did not fire during the forward pass; pick another hook")
-        act = box[0]
         b, t = tokens.shape
-        if act.dim() < 3 or tuple(act.shape[:2]) != (b, t):
-            raise ActcacheError(f"hook {self.hook!r} gives shape {list(act.shape)}, not one vector per token "
-                                f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post")
-        return act
+        for h in self.hooks:
+            act = got.get(h)
+            if act is None:
+                raise ActcacheError(f"hook {h!r} did not fire during the forward pass; pick another hook")
+            if act.dim() < 3 or tuple(act.shape[:2]) != (b, t):
+                raise ActcacheError(f"hook {h!r} gives shape {list(act.shape)}, not one vector per token "
+                                    f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post")
+        return got
 
-    def hook_shape(self) -> list[int]:
-        """Per-token shape of the hook's activation (e.g. [d_model] or [n_heads, d_head])."""
+    def hook_shapes(self) -> dict[str, list[int]]:
+        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
         with torch.inference_mode():
             probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return list(self._capture(probe).shape[2:])
+            return {h: list(a.shape[2:]) for h, a in self._capture(probe).items()}
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Activations ``[n_seq, context, d]`` (trailing hook dims flattened into d), on the CPU."""
-        outs = []
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""
+        outs: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
         with torch.inference_mode():
             for start in range(0, len(tokens), self.batch_size):
                 batch = tokens[start : start + self.batch_size].to(self.device, dtype=torch.long, non_blocking=True)
-                act = self._capture(batch)
-                outs.append(act.reshape(act.shape[0], act.shape[1], -1).to("cpu", non_blocking=True))
+                for h, act in self._capture(batch).items():
+                    outs[h].append(act.reshape(act.shape[0], act.shape[1], -1).to("cpu", non_blocking=True))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # once per shard, not per batch
-        return torch.cat(outs)
+        return {h: torch.cat(v) for h, v in outs.items()}

@@ -1,7 +1,8 @@
 """Resolve and validate everything before anything is written, and work out what is already done.
 
 A plan is small and picklable (it travels between Prefect tasks); the heavy objects it was made from
-(model, tokenizer, bridge, source) are cached per process.
+(model, tokenizer, bridge, source) are cached per process. One plan covers one or more hooks: each
+hook is its own set with its own key, and they share the token shards and the forward passes.
 """
 
 from __future__ import annotations
@@ -22,40 +23,75 @@ _MODELS: dict[tuple, ResolvedModel] = {}
 
 
 @dataclass(frozen=True)
-class Plan:
-    config: ExtractConfig
+class HookSet:
+    """One hook's set: its key and the shards it already has."""
+
     key: SetKey
-    shards: tuple[ShardWork, ...]
-    """Every shard the target asks for, with its size (the last may be partial)."""
     done: frozenset[ShardWork]
     """Shards already complete in the store (index and size both match)."""
-    provenance: dict[str, Any] = field(hash=False, compare=False)
+    hook_shape: tuple[int, ...] | None
+
+    @property
+    def hook(self) -> str:
+        return self.key.hook
 
     @property
     def set_id(self) -> str:
         return self.key.id
 
+
+@dataclass(frozen=True)
+class Plan:
+    config: ExtractConfig
+    sets: tuple[HookSet, ...]
+    shards: tuple[ShardWork, ...]
+    """Every shard the target asks for, with its size (the last may be partial)."""
+    partition: tuple[int, int] = (0, 1)
+    """(index, count): this run computes only the shards it owns (index % count)."""
+    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
     @property
-    def missing(self) -> list[ShardWork]:
-        return [w for w in self.shards if w not in self.done]
+    def tokens_key(self) -> TokensKey:
+        return self.sets[0].key.tokens
 
     @property
     def store(self) -> Store:
         return Store(self.config.store, self.config.storage_options)
 
     @property
-    def url(self) -> str:
-        return self.store.url_of(self.set_id)
+    def urls(self) -> list[str]:
+        store = self.store
+        return [store.url_of(s.set_id) for s in self.sets]
+
+    def owns(self, work: ShardWork) -> bool:
+        index, count = self.partition
+        return work.index % count == index
+
+    def todo(self, work: ShardWork) -> list[HookSet]:
+        """The sets that still need shard ``work`` (empty when done or owned by another partition)."""
+        if not self.owns(work):
+            return []
+        return [s for s in self.sets if work not in s.done]
+
+    @property
+    def missing(self) -> list[ShardWork]:
+        return [w for w in self.shards if self.todo(w)]
+
+    @property
+    def n_done(self) -> int:
+        return sum(len(s.done) for s in self.sets)
+
+    def hook_set(self, hook: str) -> HookSet:
+        return next(s for s in self.sets if s.hook == hook)
 
     def token_cache(self) -> TokenCache:
-        return TokenCache(self.store, self.key.tokens)
+        return TokenCache(self.store, self.tokens_key)
 
 
 def model_for(cfg: ExtractConfig) -> ResolvedModel:
     spec = ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code)
     fresh = resolve_model(spec)
-    cache_key = (spec, fresh.fingerprint)
-    return _MODELS.setdefault(cache_key, fresh)  # keeps the loaded tokenizer across plans
+    return _MODELS.setdefault((spec, fresh.fingerprint), fresh)  # keeps the loaded tokenizer across plans
 
 
 def source_for(cfg: ExtractConfig) -> Source:
@@ -86,11 +122,15 @@ def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, i
     return bos, sep
 
 
-def make_plan(cfg: ExtractConfig) -> Plan:
+def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1) -> Plan:
+    if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
+        raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
+                            "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     store = Store(cfg.store, cfg.storage_options)
     store.check_writable()
     model = model_for(cfg)
-    check_hook_layer(cfg.hook, model)
+    for hook in cfg.hooks:
+        check_hook_layer(hook, model)
     if model.max_context is not None and cfg.context_size > model.max_context:
         raise ActcacheError(f"--context-size {cfg.context_size} is above the maximum of {model.max_context} "
                             f"tokens for {cfg.model!r}; lower --context-size")
@@ -99,31 +139,36 @@ def make_plan(cfg: ExtractConfig) -> Plan:
     tkey = TokensKey(dataset=source.fingerprint, tokenizer=model.tokenizer_fingerprint, text_column=cfg.text_column,
                      context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=sep,
                      seqs_per_shard=cfg.seqs_per_shard)
-    key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=cfg.hook,
-                 dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level)
     shards = TokenCache(store, tkey).plan(cfg.target_seqs)
-    scan = records.scan(store, key.id, layout.MANIFEST)
-    done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
+    sets = []
+    for hook in cfg.hooks:
+        key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
+                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level)
+        scan = records.scan(store, key.id, layout.MANIFEST)
+        done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
+        shape = (scan.consolidated or {}).get("hook_shape")
+        sets.append(HookSet(key, done, tuple(shape) if shape else None))
     provenance = {
         "model": model.describe(),
-        "hook": cfg.hook,
-        "layer": hook_layer(cfg.hook),
         "dataset": source.describe(),
         "tokenization": {"tokenizer": model.tokenizer_fingerprint, "context_size": cfg.context_size,
                          "prepend_bos": cfg.prepend_bos, "bos_id": bos, "separator": cfg.separator,
                          "separator_id": sep},
         "format_version": FORMAT_VERSION,
     }
-    if len(done) < len(shards):
-        # Work to do: the model is needed anyway, so check the hook against its real names now.
+    plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
+    if plan.missing:
+        # Work to do: the model is needed anyway, so check the hooks against its real names now.
         from actcache.extraction import Extractor
 
         bridge = bridge_for(cfg, model)
-        check_hook_name(cfg.hook, sorted(bridge.hook_dict))
-        provenance["hook_shape"] = Extractor(bridge, cfg.hook, batch_size=1).hook_shape()
-    elif scan.consolidated:
-        provenance["hook_shape"] = scan.consolidated.get("hook_shape")
-    return Plan(cfg, key, tuple(shards), done, provenance)
+        names = sorted(bridge.hook_dict)
+        for hook in cfg.hooks:
+            check_hook_name(hook, names)
+        shapes = Extractor(bridge, cfg.hooks, batch_size=1).hook_shapes()
+        sets = [HookSet(s.key, s.done, tuple(shapes[s.hook])) for s in sets]
+        plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
+    return plan
 
 
 def bridge_for(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Any:

@@ -22,17 +22,19 @@ IN_FLIGHT = 2
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def extract_activations(config: ExtractConfig = ExtractConfig()) -> str:
-    """Extract one hook's activations over a dataset into a content-addressed set; return its URL."""
-    plan = plan_extraction(config)
+def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index: int = 0,
+                        num_partitions: int = 1) -> list[str]:
+    """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
+    plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
     work = tokenize(plan)
     progress = Progress(len(work))
     window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
     for shard in work:
-        window.add(upload.submit(plan, compress.submit(plan, extract(plan, shard))))
+        for acts in extract(plan, shard):
+            window.add(upload.submit(plan, compress.submit(plan, acts)))
     stored = window.drain()
     progress.close()
-    url = write_manifest(plan)
+    urls = write_manifest(plan)
     summarize(plan, stored, progress.seconds)
-    return url
+    return urls

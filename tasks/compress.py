@@ -13,19 +13,21 @@ from tasks.refs import ActivationsRef, PackedRef
 @task(name="compress", cache_policy=NO_CACHE)
 def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
-    key = plan.key
+    hook_set = plan.hook_set(ref.hook)
+    key = hook_set.key
     tokens, acts = handoff.get(ref.handle)
     cast = acts.to(shard.TORCH_DTYPES[key.dtype])
-    enc = shard.encode({"activations": cast, "tokens": tokens.to(dtype=tokens.dtype).contiguous()},
+    enc = shard.encode({"activations": cast, "tokens": tokens},
                        codec=key.codec, level=key.codec_level,
                        metadata={"set_id": key.id, "hook": key.hook, "index": str(ref.index)})
     handoff.drop(ref.handle)
     n_tokens = ref.n_seq * key.tokens.context_size
     extra = {
+        "set_id": key.id,
         "stats": shard.stats(cast),
         "raw_bytes": enc.raw_bytes,
         "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
         "bytes_per_token": round(len(enc.data) / n_tokens, 2),
-        "hook_shape": list(ref.hook_shape),
+        "hook_shape": list(hook_set.hook_shape or [cast.shape[-1]]),
     }
-    return PackedRef(handoff.put(enc.data), ref.index, ref.n_seq, enc.sha256, len(enc.data), extra)
+    return PackedRef(handoff.put(enc.data), ref.hook, ref.index, ref.n_seq, enc.sha256, len(enc.data), extra)

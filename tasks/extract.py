@@ -1,4 +1,4 @@
-"""Stage 2: the forward pass, stopped right after the hook, for one shard's token sequences."""
+"""Stage 2: one forward pass per shard, stopped right after the deepest requested hook."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from tasks.refs import ActivationsRef
 
 
 @task(name="extract", cache_policy=NO_CACHE)
-def extract(plan: Plan, work: ShardWork) -> ActivationsRef:
-    """Compute the hook's activations for shard ``work.index`` (model loaded once per process)."""
+def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
+    """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
+    hooks = [s.hook for s in plan.todo(work)]
     tokens = plan.token_cache().load(work.index)
     if len(tokens) != work.n_seq:
         raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
-    extractor = Extractor(bridge_for(plan.config), plan.config.hook, batch_size=plan.config.batch_size)
-    acts = extractor(tokens)
-    shape = tuple(plan.provenance.get("hook_shape") or acts.shape[2:])
-    return ActivationsRef(handoff.put((tokens, acts)), work.index, work.n_seq, shape)
+    acts = Extractor(bridge_for(plan.config), hooks, batch_size=plan.config.batch_size)(tokens)
+    return [ActivationsRef(handoff.put((tokens, acts[h])), h, work.index, work.n_seq) for h in hooks]

@@ -11,15 +11,14 @@ from actcache.plan import Plan, make_plan
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan_extraction(config: ExtractConfig) -> Plan:
-    """Resolve model, dataset and key; list the set's completed shards once."""
-    return make_plan(config)
+def plan_extraction(config: ExtractConfig, partition_index: int = 0, num_partitions: int = 1) -> Plan:
+    """Resolve model, dataset and keys; list each set's completed shards once."""
+    return make_plan(config, partition_index=partition_index, num_partitions=num_partitions)
 
 
 @task(name="skip-cached", cache_policy=NO_CACHE)
 def skip_cached(plan: Plan) -> State:
     """Show the shards already in the store as a Cached task run (the store is the cache)."""
-    n = len(plan.done)
-    message = f"{n} of {len(plan.shards)} shards already in {plan.url}: skipped"
-    return Completed(name="Cached" if n else "Completed", message=message,
-                     data=sorted(w.index for w in plan.done))
+    lines = [f"{s.hook}: {len(s.done)} of {len(plan.shards)} shards already stored" for s in plan.sets]
+    return Completed(name="Cached" if plan.n_done else "Completed", message="; ".join(lines),
+                     data={s.set_id: sorted(w.index for w in s.done) for s in plan.sets})

@@ -11,9 +11,9 @@ class ActivationsRef:
     """Activations + tokens of one shard, held in the process-local hand-off."""
 
     handle: str
+    hook: str
     index: int
     n_seq: int
-    hook_shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class PackedRef:
     """Encoded shard bytes in the hand-off, with what the completion record needs."""
 
     handle: str
+    hook: str
     index: int
     n_seq: int
     sha256: str

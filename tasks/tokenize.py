@@ -13,9 +13,9 @@ from actcache.tokens import ShardWork
 def tokenize(plan: Plan) -> list[ShardWork]:
     """Ensure token shards exist for the target; return the activation shards still to compute."""
     if not plan.missing:
-        return []
+        return []  # nothing to compute: the token cache is not even opened
     cfg = plan.config
     model = model_for(cfg)
     bos, sep = special_ids(cfg, model)
     shards = plan.token_cache().ensure(cfg.target_seqs, source_for(cfg).texts(), model.tokenizer, sep, bos)
-    return [w for w in shards if w not in plan.done]
+    return [w for w in shards if plan.todo(w)]

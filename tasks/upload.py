@@ -23,7 +23,7 @@ def _retry_transient(task, task_run, state) -> bool:
       retry_condition_fn=_retry_transient)
 def upload(plan: Plan, ref: PackedRef) -> records.Record:
     """Store shard ``ref.index`` all-or-nothing and mark it done."""
-    key = plan.key
+    key = plan.hook_set(ref.hook).key
     rel = layout.shard_file(ref.index, key.codec)
     store = plan.store
     store.write_bytes(f"{key.id}/{rel}", handoff.get(ref.handle))

@@ -122,7 +122,10 @@ def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, i
     return bos, sep
 
 
-def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1) -> Plan:
+def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1,
+              load_model: bool = True) -> Plan:
+    """Validate ``cfg`` and list what is done; ``load_model=False`` skips loading the weights (hook names are
+    then checked by the runs that compute, and hook shapes come from their records)."""
     if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
         raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
@@ -157,7 +160,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         "format_version": FORMAT_VERSION,
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
-    if plan.missing:
+    if plan.missing and load_model:
         # Work to do: the model is needed anyway, so check the hooks against its real names now.
         from actcache.extraction import Extractor
 

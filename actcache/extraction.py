@@ -1,19 +1,36 @@
 """Run the model just far enough to fill the requested hooks, in batches, under ``torch.inference_mode``.
 
-Hooks on the requested hook points copy the activations; once the last of them has fired the forward
-pass is ended by raising, so later blocks, the final norm and the unembedding never run, whatever the
-hook (this also covers hooks in the last block, where ``stop_at_layer`` would not stop before the
-unembedding). Several hooks share one pass up to the deepest of them.
+Two engines fill hooks; both stop the forward pass by raising once every requested hook fired, so
+later blocks, the final norm and the unembedding never run. Several hooks share one pass.
+
+- ``hf-sdpa`` (``HFExtractor``): the plain HF model, loaded with only the blocks it needs and its default
+  (sdpa) attention, with PyTorch forward hooks on its decoder layers. It serves the residual stream
+  between blocks (``blocks.L.hook_resid_pre/hook_resid_post`` and their aliases ``hook_in/hook_out``) of
+  the architectures in ``FAST_MODEL_TYPES``: what SAEs are trained on, at the speed of the bare model.
+- ``bridge`` (``Extractor``): TransformerLens' bridge, for every other hook (attention internals, MLP
+  internals, norms). It forces eager attention and wraps every module, which costs ~20% on CPU.
+
+The engines agree to fp32 rounding, not bit for bit (sdpa vs the bridge's own attention), so the engine
+a hook gets is part of its set's key (``SetKey.forward``); ``forward_engine`` decides it from the hook
+name and the model's config alone, so a complete set is still recognised without loading weights.
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from actcache.errors import ActcacheError
+
+BRIDGE, HF_SDPA = "bridge", "hf-sdpa"
+# model_type -> attribute of the HF base model holding its decoder layers. Only architectures whose fast
+# path is tested against the bridge (tests/actcache/test_extraction_fast.py) are listed.
+FAST_MODEL_TYPES = {"gpt2": "h", "llama": "layers", "gpt_neox": "layers"}
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|in|resid_post|out)$")
 
 
 class _Reached(Exception):
@@ -26,9 +43,70 @@ def pick_device(device: str) -> str:
     return device
 
 
-class Extractor:
-    def __init__(self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int):
-        self.bridge, self.batch_size = bridge, batch_size
+def forward_engine(hook: str, model: Any) -> str:
+    """The engine that computes ``hook`` for ``model`` (a ResolvedModel): a pure function of names and config."""
+    if model.spec.trust_remote_code or getattr(model.config, "model_type", None) not in FAST_MODEL_TYPES:
+        return BRIDGE
+    return HF_SDPA if _RESID.match(hook) else BRIDGE
+
+
+class _Batched:
+    """Batching and the device round trip, shared by both engines."""
+
+    device: torch.device
+    hooks: list[str]
+    batch_size: int
+    out_dtype: torch.dtype | None = None
+
+    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _checked(self, got: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t = tokens.shape
+        for h in self.hooks:
+            act = got.get(h)
+            if act is None:
+                raise ActcacheError(f"hook {h!r} did not fire during the forward pass; pick another hook")
+            if act.dim() < 3 or tuple(act.shape[:2]) != (b, t):
+                raise ActcacheError(f"hook {h!r} gives shape {list(act.shape)}, not one vector per token "
+                                    f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post")
+        return got
+
+    def hook_shapes(self) -> dict[str, list[int]]:
+        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
+        with torch.inference_mode():
+            probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+            return {h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()}
+
+    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""
+        cuda = self.device.type == "cuda"
+        if cuda and not tokens.is_pinned():
+            tokens = tokens.pin_memory()  # so the per-batch uploads below are truly asynchronous
+        outs: dict[str, torch.Tensor] = {}
+        with torch.inference_mode():
+            for start in range(0, len(tokens), self.batch_size):
+                batch = tokens[start : start + self.batch_size].to(self.device, dtype=torch.long, non_blocking=True)
+                for h, act in self._checked(self._capture(batch), batch).items():
+                    act = act.reshape(act.shape[0], act.shape[1], -1)
+                    if cuda and self.out_dtype is not None:
+                        act = act.to(self.out_dtype)  # cast on the device: fewer bytes over PCIe, same values
+                    if h not in outs:
+                        # One host buffer per hook and shard, filled in place: no list of pieces, no cat. Pinned on
+                        # CUDA so that the device-to-host copies are asynchronous (no sync per batch).
+                        outs[h] = torch.empty((len(tokens), *act.shape[1:]), dtype=act.dtype, pin_memory=cuda)
+                    outs[h][start : start + len(batch)].copy_(act, non_blocking=cuda)
+        if cuda:
+            torch.cuda.synchronize(self.device)  # once per shard, before the host buffers are read
+        return outs
+
+
+class Extractor(_Batched):
+    """The bridge engine: TransformerLens hook points, any per-token hook."""
+
+    def __init__(self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int,
+                 out_dtype: torch.dtype | None = None):
+        self.bridge, self.batch_size, self.out_dtype = bridge, batch_size, out_dtype
         self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
         self.device = next(bridge.parameters()).device
 
@@ -46,30 +124,117 @@ class Extractor:
             self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
         except _Reached:
             pass
-        b, t = tokens.shape
-        for h in self.hooks:
-            act = got.get(h)
-            if act is None:
-                raise ActcacheError(f"hook {h!r} did not fire during the forward pass; pick another hook")
-            if act.dim() < 3 or tuple(act.shape[:2]) != (b, t):
-                raise ActcacheError(f"hook {h!r} gives shape {list(act.shape)}, not one vector per token "
-                                    f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post")
         return got
 
+
+class HFExtractor(_Batched):
+    """The hf-sdpa engine: the bare HF base model, residual-stream hooks only (see ``forward_engine``)."""
+
+    def __init__(self, hf_model: Any, hooks: str | Sequence[str], *, batch_size: int,
+                 out_dtype: torch.dtype | None = None):
+        self.model, self.batch_size, self.out_dtype = hf_model, batch_size, out_dtype
+        self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
+        self.device = next(hf_model.parameters()).device
+        self.layers = getattr(hf_model, FAST_MODEL_TYPES[hf_model.config.model_type])
+        self.where: list[tuple[str, int, bool]] = []  # (hook, layer, output of the layer rather than its input)
+        for h in self.hooks:
+            m = _RESID.match(h)
+            if m is None:
+                raise ActcacheError(f"hook {h!r} needs the bridge engine, not hf-sdpa")
+            layer, post = int(m.group(1)), m.group(2) in ("resid_post", "out")
+            if layer >= len(self.layers):
+                raise ActcacheError(f"hook {h!r} is past the {len(self.layers)} layers loaded")
+            self.where.append((h, layer, post))
+
+    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+        wanted = len(self.hooks)
+
+        def keep(name: str, act: Any) -> None:
+            got[name] = act[0] if isinstance(act, tuple) else act
+            if len(got) == wanted:
+                raise _Reached
+
+        handles = []
+        for h, layer, post in self.where:
+            mod = self.layers[layer]
+            if post:
+                handles.append(mod.register_forward_hook(lambda _m, _a, out, _h=h: keep(_h, out)))
+            else:
+                handles.append(mod.register_forward_pre_hook(
+                    lambda _m, args, kwargs, _h=h: keep(_h, args[0] if args else kwargs["hidden_states"]),
+                    with_kwargs=True))
+        try:
+            self.model(input_ids=tokens, use_cache=False)
+        except _Reached:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return got
+
+
+# -- loading the hf-sdpa engine's model ----------------------------------------------------------
+_HF: dict[tuple, Any] = {}
+_HF_LOCK = threading.Lock()
+
+
+def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: str = "cpu") -> Any:
+    """The HF base model of ``model`` (a ResolvedModel) with its first ``n_layers`` blocks only, sdpa attention.
+
+    Loaded once per process; a deeper request replaces a shallower one. Later blocks' weights are never
+    read into memory, and there is no LM head.
+    """
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    base = (model.source, model.revision, dtype, device)
+    with _HF_LOCK:
+        have = _HF.get(base)
+        if have is None or have[0] < n_layers:
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # "weights of layers n.. not used" is the point, not a problem
+            try:
+                hf = AutoModel.from_pretrained(model.source, revision=model.revision, attn_implementation="sdpa",
+                                               num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
+            except Exception as e:
+                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from None
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            _HF[base] = (n_layers, hf.to(device).eval())
+        return _HF[base][1]
+
+
+# -- one extraction step over several hooks, each on its engine -----------------------------------
+class MultiExtractor:
+    """Fills every hook with its engine: one pass per engine, each up to its deepest hook."""
+
+    def __init__(self, parts: list[_Batched]):
+        self.parts = parts
+
     def hook_shapes(self) -> dict[str, list[int]]:
-        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
-        with torch.inference_mode():
-            probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return {h: list(a.shape[2:]) for h, a in self._capture(probe).items()}
+        return {h: s for p in self.parts for h, s in p.hook_shapes().items()}
 
     def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""
-        outs: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
-        with torch.inference_mode():
-            for start in range(0, len(tokens), self.batch_size):
-                batch = tokens[start : start + self.batch_size].to(self.device, dtype=torch.long, non_blocking=True)
-                for h, act in self._capture(batch).items():
-                    outs[h].append(act.reshape(act.shape[0], act.shape[1], -1).to("cpu", non_blocking=True))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # once per shard, not per batch
-        return {h: torch.cat(v) for h, v in outs.items()}
+        return {h: a for p in self.parts for h, a in p(tokens).items()}
+
+
+def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",
+                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None) -> MultiExtractor:
+    """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed."""
+    dev = pick_device(device)
+    cast = getattr(torch, out_dtype) if out_dtype else None
+    fast = [h for h in hooks if forward_engine(h, model) == HF_SDPA]
+    slow = [h for h in hooks if h not in fast]
+    parts: list[_Batched] = []
+    if fast:
+        deepest = max(int(_RESID.match(h).group(1)) for h in fast)
+        hf = load_hf_stack(model, deepest + 1, dtype=model_dtype, device=dev)
+        parts.append(HFExtractor(hf, fast, batch_size=batch_size, out_dtype=cast))
+    if slow:
+        if bridge is None:
+            from actcache.model import load_bridge
+
+            bridge = load_bridge(model, dtype=model_dtype, device=dev)
+        parts.append(Extractor(bridge, slow, batch_size=batch_size, out_dtype=cast))
+    return MultiExtractor(parts)

@@ -7,6 +7,7 @@ safetensors validates its own header offsets, and ``decode`` checks names, dtype
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,9 @@ class Encoded:
 
 def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int = 0,
            metadata: dict[str, str] | None = None) -> Encoded:
-    raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    # safetensors writes its metadata map in hash order: one key (sorted JSON inside) keeps bytes reproducible.
+    meta = {"actcache": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
+    raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     data = raw
     if codec == "zstd":
         import zstandard

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from actcache import shard
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"activations": torch.randn(3, 8, 16, generator=g).half(),
+            "tokens": torch.randint(0, 100, (3, 8), generator=g, dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("codec,level", [("none", 0), ("zstd", 1), ("zstd", 3)])
+def test_round_trip_and_reproducible_bytes(codec, level):
+    meta = {"set_id": "abc", "hook": "blocks.0.hook_resid_post", "index": "7"}
+    a = shard.encode(_tensors(), codec=codec, level=level, metadata=meta)
+    b = shard.encode(_tensors(), codec=codec, level=level, metadata=dict(reversed(meta.items())))
+    assert a.data == b.data and a.sha256 == hashlib.sha256(a.data).hexdigest()
+    out = shard.decode(a.data, codec=codec, expect={"activations": (torch.float16, (3, 8, 16)),
+                                                      "tokens": (torch.int32, (3, 8))})
+    for k, v in _tensors().items():
+        assert torch.equal(out[k], v)
+
+
+def test_decode_checks_names_dtypes_and_shapes():
+    data = shard.encode(_tensors()).data
+    with pytest.raises(ValueError, match="expected"):
+        shard.decode(data, codec="none", expect={"activations": (torch.float32, None)})
+    with pytest.raises(ValueError, match="expected"):
+        shard.decode(data, codec="none", expect={"tokens": (torch.int32, (4, 8))})
+    with pytest.raises(ValueError, match="no tensor"):
+        shard.decode(data, codec="none", expect={"acts": (torch.float16, None)})
+    with pytest.raises(Exception):
+        shard.decode(data[:-10], codec="none")  # safetensors validates its own offsets
+
+
+def test_stats_count_nan_and_inf():
+    x = torch.ones(2, 3, 4)
+    x[0, 0, 0] = float("nan")
+    x[1, 2, 3] = float("inf")
+    s = shard.stats(x)
+    assert s["nan"] == 1 and s["inf"] == 1
+    assert s["mean_l2_norm"] == pytest.approx((4 * 2.0 + 2 * 3**0.5) / 6, rel=1e-5)

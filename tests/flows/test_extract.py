@@ -1,0 +1,147 @@
+"""The flow end to end on a local store: reruns skip, extensions extend, damage is repaired."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from actcache import layout
+from actcache.reader import open_set
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def run(cfg) -> tuple[list[str], Counter]:
+    """Run the flow; return its set URLs and how many task runs of each kind the server recorded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.extract import extract_activations
+
+    state = extract_activations(cfg, return_state=True)
+    urls = state.result()
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while True:  # task runs reach the server as events: wait until the last task is recorded
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            counts = Counter(r.name.rsplit("-", 1)[0] for r in runs if r.state and r.state.is_final())
+            if counts["summarize"] == 1 or time.monotonic() > deadline:
+                return urls, counts
+            time.sleep(0.2)
+
+
+def shard_bytes(url: str) -> dict[str, bytes]:
+    root = Path(url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.glob("shards/*"))}
+
+
+def test_second_run_computes_nothing(base_config):
+    urls, counts = run(base_config)
+    assert counts["extract"] == 4 and counts["upload"] == 4
+    s = open_set(urls[0])
+    assert len(s) == 4 and s.n_tokens == 512 and s.manifest["complete"]
+    before = shard_bytes(urls[0])
+
+    urls2, counts2 = run(base_config)
+    assert urls2 == urls
+    assert counts2["extract"] == 0 and counts2["compress"] == 0 and counts2["upload"] == 0
+    assert counts2["skip-cached"] == 1
+    assert shard_bytes(urls[0]) == before
+
+
+def test_raising_max_tokens_computes_only_new_shards(base_config):
+    small = base_config.replace(max_tokens=320)  # 10 sequences: shards of 4, 4, 2
+    urls, counts = run(small)
+    assert counts["extract"] == 3
+    assert open_set(urls[0]).manifest["complete"] and open_set(urls[0]).n_tokens == 320
+    first_two = {k: v for k, v in shard_bytes(urls[0]).items() if k < "shards/000002"}
+
+    urls2, counts2 = run(base_config)  # 16 sequences: the partial third shard grows, a fourth appears
+    assert urls2 == urls
+    assert counts2["extract"] == 2
+    after = shard_bytes(urls[0])
+    assert {k: after[k] for k in first_two} == first_two
+    assert open_set(urls[0]).n_tokens == 512
+
+    full, _ = run(base_config.replace(store=str(Path(base_config.store).parent / "fresh")))
+    assert shard_bytes(full[0]) == after, "an extended set equals one computed in a single run"
+
+
+def test_deleted_and_corrupted_shards_are_recomputed(base_config):
+    urls, _ = run(base_config)
+    root = Path(urls[0])
+    before = shard_bytes(urls[0])
+    (root / layout.shard_file(1, "none")).unlink()
+    victim = root / layout.shard_file(2, "none")
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    time.sleep(0.02)  # the corruption lands after the completion record, as it would in life
+    victim.write_bytes(bytes(data))
+    truncated = root / layout.shard_file(3, "none")
+    truncated.write_bytes(truncated.read_bytes()[:100])
+
+    problems = open_set(urls[0]).verify()
+    assert len(problems) == 3 and all(f"shard {i}" in " ".join(problems) for i in (1, 2, 3))
+
+    _, counts = run(base_config)
+    assert counts["extract"] == 3
+    assert shard_bytes(urls[0]) == before
+    assert open_set(urls[0]).verify() == []
+
+
+def test_another_hook_reuses_the_token_cache(base_config):
+    urls, _ = run(base_config)
+    tokens_dir = Path(base_config.store) / layout.TOKENS_ROOT
+    stamps = {p: p.stat().st_mtime_ns for p in tokens_dir.rglob("*") if p.is_file()}
+    urls2, counts = run(base_config.replace(hook="blocks.2.hook_mlp_out"))
+    assert urls2 != urls and counts["extract"] == 4
+    assert {p: p.stat().st_mtime_ns for p in tokens_dir.rglob("*") if p.is_file()} == stamps
+    a, b = open_set(urls[0]), open_set(urls2[0])
+    for sa, sb in zip(a, b):
+        assert (sa.tokens == sb.tokens).all()
+
+
+def test_changed_setting_makes_a_new_set_and_leaves_the_old_one(base_config):
+    urls, _ = run(base_config)
+    before = {p: p.read_bytes() for p in Path(urls[0]).rglob("*") if p.is_file()}
+    urls2, counts = run(base_config.replace(dtype="bfloat16"))
+    assert urls2 != urls and counts["extract"] == 4
+    assert {p: p.read_bytes() for p in Path(urls[0]).rglob("*") if p.is_file()} == before
+
+
+def test_several_hooks_share_passes_and_skip_what_each_has(base_config):
+    run(base_config)
+    cfg = base_config.replace(hook="blocks.1.hook_resid_post,blocks.0.hook_mlp_out")
+    urls, counts = run(cfg)
+    assert len(urls) == 2
+    assert counts["extract"] == 4  # one pass per shard for the hook still missing
+    assert counts["upload"] == 4  # only the new hook's shards are written
+    alone, _ = run(base_config.replace(hook="blocks.0.hook_mlp_out",
+                                       store=str(Path(base_config.store).parent / "alone")))
+    assert shard_bytes(urls[1]) == shard_bytes(alone[0])
+
+
+def test_shards_are_plain_safetensors_with_provenance(base_config):
+    from safetensors import safe_open
+
+    urls, _ = run(base_config.replace(codec="zstd", codec_level=3))
+    m = open_set(urls[0]).manifest
+    assert m["model"]["fingerprint"].startswith("local:") and m["hook"] == "blocks.1.hook_resid_post"
+    assert m["layer"] == 1 and m["d"] == 32 and m["codec"] == "zstd"
+    assert m["dataset"]["fingerprint"].startswith("files:") and m["tokenization"]["context_size"] == 32
+    assert all({"index", "file", "n_tokens", "sha256", "bytes"} <= set(r) for r in m["shards"])
+    assert all(r["extra"]["stats"]["nan"] == 0 and r["extra"]["stats"]["mean_l2_norm"] > 0 for r in m["shards"])
+    assert "torch" in m["versions"] and "transformer-lens" in m["versions"]
+    assert all(p.suffix == ".zst" for p in Path(urls[0]).glob("shards/*"))
+
+    urls, _ = run(base_config)
+    path = Path(urls[0]) / layout.shard_file(0, "none")
+    with safe_open(str(path), "np") as f:  # no actcache code involved
+        assert f.get_tensor("activations").shape == (4, 32, 32)
+        assert str(f.get_tensor("activations").dtype) == "float16"
+        assert f.get_tensor("tokens").dtype.name == "int32"
+    assert not [p for p in Path(base_config.store).rglob("*") if ".tmp" in p.name]

@@ -56,7 +56,9 @@ class ExtractConfig:
     store: str = "./activations"
     """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."})."""
+    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials."""
+    aws_credentials_block: str | None = None
+    """Name of a Prefect AwsCredentials block for an s3:// store (otherwise the AWS chain: env, profile, role)."""
     device: str = "auto"
     """cpu, cuda, cuda:1, mps, or auto (cuda when available)."""
     trust_remote_code: bool = False
@@ -83,6 +85,7 @@ class ExtractConfig:
             raise ActcacheError(f"--codec-level must be 1..22 for zstd, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
             raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+        _check_no_secrets(self.storage_options)
         if not isinstance(self.hook, str) or not all(self.hooks):
             raise ActcacheError("--hook needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post")
 
@@ -111,6 +114,23 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         flag = "--" + name.replace("_", "-")
         raise ActcacheError(f"unsupported {flag} {value!r}; choose one of {', '.join(choices)}")
+
+
+# Option names that carry secrets in fsspec filesystems (s3fs, gcsfs, adlfs) and botocore.
+_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                   "aws_session_token", "session_token", "access_key", "secret_key", "account_key", "sas_token",
+                   "client_secret", "credentials"}
+
+
+def _check_no_secrets(options: dict[str, Any]) -> None:
+    # The config is a Prefect flow parameter: anything in it is stored and shown in the UI as plain text.
+    for k, v in options.items():
+        if k.lower() in _SECRET_OPTIONS:
+            raise ActcacheError(f"--storage-options must not hold credentials ({k!r}): flow parameters are stored "
+                                "in plain text; use the AWS chain (env, AWS_PROFILE, instance role) or "
+                                "--aws-credentials-block NAME")
+        if isinstance(v, dict):
+            _check_no_secrets(v)
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:

@@ -63,6 +63,9 @@ class SetKey:
     """Storage dtype of the activations."""
     codec: str
     codec_level: int
+    forward: str = "bridge"
+    """Engine that ran the forward pass (see ``extraction.forward_engine``): ``hf-sdpa`` and ``bridge`` agree
+    to fp32 rounding, not bit for bit. Sets written before this field existed came from the bridge."""
     format_version: int = FORMAT_VERSION
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 from actcache import layout, records
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
+from actcache.extraction import HF_SDPA, extractor_for, forward_engine
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, hook_layer, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
@@ -146,7 +147,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     sets = []
     for hook in cfg.hooks:
         key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
-                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level)
+                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=forward_engine(hook, model))
         scan = records.scan(store, key.id, layout.MANIFEST)
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
         shape = (scan.consolidated or {}).get("hook_shape")
@@ -161,14 +162,16 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
     if plan.missing and load_model:
-        # Work to do: the model is needed anyway, so check the hooks against its real names now.
-        from actcache.extraction import Extractor
-
-        bridge = bridge_for(cfg, model)
-        names = sorted(bridge.hook_dict)
-        for hook in cfg.hooks:
-            check_hook_name(hook, names)
-        shapes = Extractor(bridge, cfg.hooks, batch_size=1).hook_shapes()
+        # Work to do: the model is needed anyway, so check the hooks against its real names now. Hooks the
+        # hf-sdpa engine serves are valid by their pattern (layer checked above): the bridge loads only for others.
+        slow = [h for h in cfg.hooks if forward_engine(h, model) != HF_SDPA]
+        bridge = bridge_for(cfg, model) if slow else None
+        if bridge is not None:
+            names = sorted(bridge.hook_dict)
+            for hook in slow:
+                check_hook_name(hook, names)
+        shapes = extractor_for(model, cfg.hooks, batch_size=1, model_dtype=cfg.model_dtype, device=cfg.device,
+                               bridge=bridge).hook_shapes()
         sets = [HookSet(s.key, s.done, tuple(shapes[s.hook])) for s in sets]
         plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
     return plan

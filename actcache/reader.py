@@ -33,9 +33,10 @@ class Shard:
 
 
 class ActivationSet:
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 credentials_block: str | None = None):
         store_url, self.set_id = split_set_url(url)
-        self.store = Store(store_url, storage_options)
+        self.store = Store(store_url, storage_options, credentials_block=credentials_block)
         self.url = self.store.url_of(self.set_id)
         self.manifest = manifest.read(self.store, self.set_id)
         self.records = [records.Record.from_dict(r) for r in self.manifest["shards"]]
@@ -91,6 +92,11 @@ class ActivationSet:
         return problems
 
 
-def open_set(url: str, storage_options: dict[str, Any] | None = None) -> ActivationSet:
-    """Open the activation set at ``url`` (``<store>/<set_id>``, local or any fsspec URL)."""
-    return ActivationSet(url, storage_options)
+def open_set(url: str, storage_options: dict[str, Any] | None = None, *,
+             credentials_block: str | None = None) -> ActivationSet:
+    """Open the activation set at ``url`` (``<store>/<set_id>``: a local path, s3://bucket/prefix/<set_id>, ...).
+
+    ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}``); ``credentials_block`` names a Prefect
+    AwsCredentials block (otherwise the AWS chain: env, profile, instance role).
+    """
+    return ActivationSet(url, storage_options, credentials_block=credentials_block)

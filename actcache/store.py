@@ -2,6 +2,11 @@
 
 Writes are all-or-nothing: a local file is written under a temp name, fsynced and renamed; on object
 stores a single PUT (or a completed multipart upload) is what makes an object exist at all.
+
+Storage failures leave here as one-line ``ActcacheError``s (see ``storage_errors``); transient ones as
+``StoreUnavailable``, which the upload task retries. S3 endpoints come from ``AWS_ENDPOINT_URL``,
+``FSSPEC_S3_ENDPOINT_URL`` or ``endpoint_url`` in the storage options; credentials from the AWS chain or
+a Prefect ``AwsCredentials`` block named by ``credentials_block``.
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from actcache import storage_errors
 from actcache.errors import ActcacheError
 
 
@@ -40,14 +48,51 @@ def _mtime(info: dict) -> float:
 class Store:
     """A root URL plus relative paths."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    part_size = 16 << 20
+    """Multipart part size on S3: objects of at least twice this go up in parts, smaller ones in one PUT."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 credentials_block: str | None = None):
         self.url = url.rstrip("/") or url
+        options = dict(storage_options or {})
+        if credentials_block:
+            if not self.url.startswith(("s3://", "s3a://")):
+                raise ActcacheError(f"--aws-credentials-block applies to s3:// stores, not {self.url!r}; omit it")
+            from actcache.credentials import block_options
+
+            options = block_options(credentials_block, options)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        except (ImportError, ValueError) as e:
+            fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError, TypeError) as e:
             raise ActcacheError(f"cannot open store {url!r}: {e}") from None
+        self._options = options  # may hold a block's secrets: never printed, logged or returned
+        self._fs, self._pid = fs, os.getpid()
         self.root = self.root.rstrip("/")
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.local = isinstance(fs, LocalFileSystem)
+        self.s3 = "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # An async filesystem (s3fs) belongs to its creator's event-loop thread: a forked DataLoader worker
+        # or a process that unpickled this store makes its own.
+        if self._pid != os.getpid() or self._fs is None:
+            self._fs = fsspec.core.url_to_fs(self.url, **self._options)[0]
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    @contextmanager
+    def _io(self, action: str, rel: str = "") -> Iterator[None]:
+        """Turn storage failures (bucket, credentials, endpoint, 5xx) into one-line errors."""
+        try:
+            yield
+        except Exception as e:
+            err = storage_errors.translate(e, self.url_of(rel), action)
+            if err is None:
+                raise
+            raise err from None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -62,10 +107,14 @@ class Store:
     def listing(self, rel: str) -> dict[str, Entry]:
         """Every file below ``rel`` in one listing, as {path relative to rel: Entry}."""
         base = self.path(rel)
-        try:
-            found = self.fs.find(base, detail=True)
-        except FileNotFoundError:
-            return {}
+        with self._io("listing", rel):
+            self.fs.invalidate_cache(base)  # another process may have written since this one last looked
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError as e:
+                if storage_errors.translate(e, self.url_of(rel), "listing") is not None:
+                    raise  # a missing bucket, not a missing folder
+                return {}
         out = {}
         for p, info in found.items():
             if info.get("type", "file") != "file":
@@ -75,17 +124,23 @@ class Store:
         return out
 
     def list_dirs(self, rel: str = "") -> list[str]:
-        try:
-            entries = self.fs.ls(self.path(rel), detail=True)
-        except FileNotFoundError:
-            return []
+        with self._io("listing", rel):
+            self.fs.invalidate_cache(self.path(rel))
+            try:
+                entries = self.fs.ls(self.path(rel), detail=True)
+            except FileNotFoundError as e:
+                if storage_errors.translate(e, self.url_of(rel), "listing") is not None:
+                    raise
+                return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.path(rel))
+        with self._io("checking", rel):
+            return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.path(rel))
+        with self._io("reading", rel):
+            return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -108,7 +163,11 @@ class Store:
                     os.unlink(tmp)
                 raise
         else:
-            self.fs.pipe_file(path, data)
+            # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
+            # on error): a reader never sees a partial object.
+            kwargs = {"chunksize": self.part_size} if self.s3 else {}
+            with self._io("writing", rel):
+                self.fs.pipe_file(path, data, **kwargs)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
@@ -116,7 +175,8 @@ class Store:
     def check_writable(self) -> None:
         """Fail early, writing nothing, if the store cannot hold a set."""
         if not self.local:
-            return  # object stores answer on the first write; credentials are checked there
+            self.check_reachable()  # bucket, credentials and endpoint; a denied write fails at once, unretried
+            return
         p = self.root
         if os.path.isfile(p):
             raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as --store")
@@ -129,3 +189,11 @@ class Store:
             raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as --store")
         if not os.access(p, os.W_OK | os.X_OK):
             raise ActcacheError(f"store {self.url!r} is not writable ({p!r} denies writes); choose another --store")
+
+    def check_reachable(self) -> None:
+        """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""
+        if self.local:
+            if not os.path.isdir(self.root):
+                raise ActcacheError(f"store {self.url!r} does not exist (no such directory)")
+            return
+        self.list_dirs()  # one request: NoSuchBucket, InvalidAccessKeyId, AccessDenied, connection refused

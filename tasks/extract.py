@@ -6,8 +6,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from actcache import handoff
-from actcache.extraction import Extractor
-from actcache.plan import Plan, bridge_for
+from actcache.extraction import extractor_for
+from actcache.plan import Plan, model_for
 from actcache.tokens import ShardWork
 from tasks.refs import ActivationsRef
 
@@ -19,5 +19,8 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     tokens = plan.token_cache().load(work.index)
     if len(tokens) != work.n_seq:
         raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
-    acts = Extractor(bridge_for(plan.config), hooks, batch_size=plan.config.batch_size)(tokens)
+    cfg = plan.config
+    step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
+                         device=cfg.device, out_dtype=cfg.dtype)
+    acts = step(tokens)
     return [ActivationsRef(handoff.put((tokens, acts[h])), h, work.index, work.n_seq) for h in hooks]

@@ -66,3 +66,37 @@ def base_config(tiny_models, corpus, store):
     return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
                          context_size=32, max_tokens=512, shard_tokens=128, batch_size=4, store=str(store),
                          device="cpu")
+
+
+# -- S3 (issue 3): a real moto_server process, reached only through its endpoint URL ---------------------
+def _load_s3_server():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("actcache_tests_s3_server", Path(__file__).with_name("s3_server.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def s3_server(session_tmp: Path):
+    """moto_server on a free 127.0.0.1 port with a bucket and IAM auth on (see tests/s3_server.py)."""
+    server = _load_s3_server().start(session_tmp / "moto_server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path: Path) -> dict[str, str]:
+    """The writer's credentials and the endpoint in the standard AWS variables; no shared config files."""
+    env = {**s3_server.env("writer"), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

@@ -1,0 +1,154 @@
+"""The store layer against a real S3 endpoint (moto_server over HTTP): writes, listings, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from actcache.errors import ActcacheError
+from actcache.storage_errors import StoreUnavailable
+from actcache.store import Store
+from actcache.transient import is_transient
+
+
+def test_round_trip_through_aws_endpoint_url(s3_server, s3_env):
+    url = s3_server.new_prefix()
+    store = Store(url)  # endpoint and credentials from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID only
+    store.check_writable()
+    store.write_bytes("set/shards/000000.safetensors", b"abc")
+    store.write_json("set/done/000000.json", {"x": 1})
+    listing = store.listing("set")
+    assert sorted(listing) == ["done/000000.json", "shards/000000.safetensors"]
+    assert listing["shards/000000.safetensors"].size == 3
+    assert listing["shards/000000.safetensors"].mtime > time.time() - 600
+    assert store.read_bytes("set/shards/000000.safetensors") == b"abc"
+    assert store.list_dirs() == ["set"]
+    assert sorted(s3_server.keys_under(url)) == ["set/done/000000.json", "set/shards/000000.safetensors"]
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("set/shards/000001.safetensors")  # a missing object stays "not there", not an error
+
+
+def test_endpoint_from_storage_options(s3_server, s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    url = s3_server.new_prefix()
+    Store(url, {"endpoint_url": s3_server.endpoint}).write_bytes("a/b", b"xyz")
+    assert s3_server.keys_under(url) == {"a/b": b"xyz"}
+
+
+def test_listing_sees_objects_written_by_another_client(s3_server, s3_env):
+    url = s3_server.new_prefix()
+    store = Store(url)
+    assert store.listing("set") == {}
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/set/x", Body=b"1")
+    assert list(store.listing("set")) == ["x"]  # no stale s3fs listing cache
+
+
+def test_large_object_goes_up_in_parts_and_completes(s3_server, s3_env):
+    url = s3_server.new_prefix()
+    store = Store(url)
+    store.part_size = 5 << 20  # S3's smallest part
+    data = os.urandom(12 << 20)
+    store.write_bytes("big.bin", data)
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    c = s3_server.client()
+    etag = c.head_object(Bucket=s3_server.bucket, Key=f"{prefix}/big.bin")["ETag"]
+    assert etag.strip('"').endswith("-3"), etag  # a completed 3-part upload, not a single PUT
+    assert store.read_bytes("big.bin") == data
+    assert not c.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads")
+    store.write_bytes("small.bin", data[: 1 << 20])
+    assert "-" not in c.head_object(Bucket=s3_server.bucket, Key=f"{prefix}/small.bin")["ETag"]
+
+
+def test_unfinished_multipart_upload_is_invisible(s3_server, s3_env):
+    """What an upload killed mid-way leaves behind: parts, but no object and so nothing counted as done."""
+    url = s3_server.new_prefix()
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    c = s3_server.client()
+    key = f"{prefix}/set/shards/000000.safetensors"
+    mpu = c.create_multipart_upload(Bucket=s3_server.bucket, Key=key)
+    c.upload_part(Bucket=s3_server.bucket, Key=key, UploadId=mpu["UploadId"], PartNumber=1, Body=b"x" * (5 << 20))
+    store = Store(url)
+    assert store.listing("set") == {}
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("set/shards/000000.safetensors")
+
+
+def test_missing_bucket_is_one_clear_line(s3_server, s3_env):
+    store = Store(f"s3://no-such-bucket-{os.getpid()}/sets")
+    with pytest.raises(ActcacheError, match=r"bucket 'no-such-bucket-\d+' does not exist .*create it") as e:
+        store.check_writable()
+    assert not is_transient(e.value)
+    with pytest.raises(ActcacheError, match="does not exist"):
+        store.write_bytes("x", b"1")
+
+
+def test_wrong_credentials_are_rejected_without_echoing_them(s3_server, s3_env, monkeypatch):
+    key, _ = s3_server.keys["writer"]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = Store(s3_server.new_prefix(), {"skip_instance_cache": True})
+    with pytest.raises(ActcacheError, match=r"rejected the credentials .*SignatureDoesNotMatch") as e:
+        store.check_writable()
+    assert "not-the-secret" not in str(e.value) and key not in str(e.value)
+    assert not is_transient(e.value)
+
+
+def test_unknown_access_key(s3_server, s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
+    store = Store(s3_server.new_prefix(), {"skip_instance_cache": True})
+    with pytest.raises(ActcacheError, match=r"rejected the credentials .*InvalidAccessKeyId"):
+        store.listing("")
+
+
+def test_access_denied_on_write_is_not_retried(s3_server, s3_env, monkeypatch):
+    for k, v in s3_server.env("reader").items():
+        monkeypatch.setenv(k, v)
+    store = Store(s3_server.new_prefix(), {"skip_instance_cache": True})
+    store.check_writable()  # the reader may list
+    with pytest.raises(ActcacheError, match=r"access denied while writing .*AccessDenied") as e:
+        store.write_bytes("x", b"1")
+    assert not is_transient(e.value)
+
+
+def test_no_credentials_at_all(s3_server, s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = Store(s3_server.new_prefix(), {"skip_instance_cache": True})
+    with pytest.raises(ActcacheError, match="no usable credentials .*AWS_ACCESS_KEY_ID"):
+        store.check_writable()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def test_unreachable_endpoint_fails_fast_but_counts_as_transient(s3_env, monkeypatch):
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    store = Store("s3://bucket/prefix", {"skip_instance_cache": True})
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=f"cannot reach {endpoint} while listing s3://bucket/prefix;") as e:
+        store.check_writable()
+    assert time.monotonic() - started < 15
+    # Before a run it stops the command; inside the upload task the same error is retried.
+    assert is_transient(e.value)
+
+
+def test_is_transient_on_real_errors(s3_server, s3_env):
+    c = s3_server.client()
+    with pytest.raises(Exception) as denied:
+        c.get_object(Bucket=s3_server.bucket, Key="no/such/key")
+    assert not is_transient(denied.value)
+    import boto3
+
+    dead = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{_closed_port()}", region_name="us-east-1",
+                        config=__import__("botocore.config").config.Config(retries={"max_attempts": 1}))
+    with pytest.raises(Exception) as refused:
+        dead.list_buckets()
+    assert type(refused.value).__name__ == "EndpointConnectionError"
+    assert is_transient(refused.value)

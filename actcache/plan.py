@@ -15,7 +15,7 @@ from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction import HF_SDPA, extractor_for, forward_engine
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
-from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, hook_layer, resolve_model
+from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
 from actcache.store import Store
 from actcache.tokens import ShardWork, TokenCache

@@ -57,7 +57,8 @@ class Plan:
 
     @property
     def store(self) -> Store:
-        return Store(self.config.store, self.config.storage_options)
+        return Store(self.config.store, self.config.storage_options,
+                     credentials_block=self.config.aws_credentials_block)
 
     @property
     def urls(self) -> list[str]:
@@ -130,7 +131,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
         raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
-    store = Store(cfg.store, cfg.storage_options)
+    store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
     store.check_writable()
     model = model_for(cfg)
     for hook in cfg.hooks:

@@ -6,7 +6,8 @@ PY      := $(VENV)/bin/python
 # e.g. `make TORCH=torch==2.13.0 ...` with the CUDA index configured for pip.
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
-DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192
+DEMO_STORE ?= ./activations
+DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192 --store $(DEMO_STORE)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/actcache extract $(DEMO_ARGS)
-	$(VENV)/bin/actcache ls ./activations
+	$(VENV)/bin/actcache ls $(DEMO_STORE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,8 +188,13 @@ class Store:
             p = parent
         if os.path.isfile(p):
             raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as --store")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ActcacheError(f"store {self.url!r} is not writable ({p!r} denies writes); choose another --store")
+        try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
+            fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
+                                "choose another --store or fix its permissions") from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

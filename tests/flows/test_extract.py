@@ -101,7 +101,7 @@ def test_another_hook_reuses_the_token_cache(base_config):
     assert urls2 != urls and counts["extract"] == 4
     assert {p: p.stat().st_mtime_ns for p in tokens_dir.rglob("*") if p.is_file()} == stamps
     a, b = open_set(urls[0]), open_set(urls2[0])
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         assert (sa.tokens == sb.tokens).all()
 
 

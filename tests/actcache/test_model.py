@@ -1,0 +1,51 @@
+"""Model resolution: hub ids through the HF cache (offline), local directories, fingerprints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from actcache.errors import ActcacheError
+from actcache.model import ModelSpec, check_hook_name, hook_layer, load_bridge, resolve_model
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_models, monkeypatch):
+    """An HF hub cache holding `acme/tiny` at commit SHA, laid out as huggingface_hub writes it."""
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    snap = repo / "snapshots" / SHA
+    shutil.copytree(tiny_models["gpt2"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SHA)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    return snap
+
+
+def test_hub_id_resolves_to_its_commit_offline_and_loads(hub_cache):
+    m = resolve_model(ModelSpec("acme/tiny"))
+    assert m.fingerprint == f"hf:{SHA}" and m.revision == SHA
+    assert m.n_layers == 3 and m.max_context == 128
+    bridge = load_bridge(m)
+    assert "blocks.2.hook_resid_post" in bridge.hook_dict
+
+
+def test_unknown_hub_id_is_one_clear_line():
+    with pytest.raises(ActcacheError, match="not found") as e:
+        resolve_model(ModelSpec("acme/missing-model"))
+    assert "\n" not in str(e.value)
+
+
+def test_local_directory_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ActcacheError, match="no weight files"):
+        resolve_model(ModelSpec(str(tmp_path)))
+
+
+def test_hook_helpers():
+    assert hook_layer("blocks.11.attn.hook_z") == 11 and hook_layer("hook_embed") is None
+    with pytest.raises(ActcacheError, match="did you mean blocks.3.hook_resid_post"):
+        check_hook_name("blocks.3.hook_resid_pst", ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"])

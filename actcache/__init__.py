@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["extract", "open_set", "ExtractConfig", "ActcacheError"]
+__all__ = ["extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset"]
 
 if TYPE_CHECKING:
     from actcache.api import extract
     from actcache.config import ExtractConfig
+    from actcache.dataset import ActivationDataset
     from actcache.errors import ActcacheError
     from actcache.reader import open_set
 
@@ -31,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from actcache.errors import ActcacheError
 
         return ActcacheError
+    if name == "ActivationDataset":
+        from actcache.dataset import ActivationDataset
+
+        return ActivationDataset
     raise AttributeError(name)

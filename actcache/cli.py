@@ -1,4 +1,4 @@
-"""``actcache`` command line: extract, ls, show, verify, hooks.
+"""``actcache`` command line: extract, ls, show, verify, cp, hooks.
 
     actcache extract --hook blocks.1.hook_resid_post --max-tokens 32768   # offline demo defaults
     actcache extract --model gpt2 --dataset NeelNanda/pile-10k --hook blocks.6.hook_resid_post
@@ -41,6 +41,13 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, default=default, help=f"{help_} (default: {default})")
 
 
+def _add_store_options(p: argparse.ArgumentParser, prefix: str = "", what: str = "the store") -> None:
+    p.add_argument(f"--{prefix}storage-options", metavar="JSON",
+                   help=f"JSON object passed to fsspec for {what}, e.g. '{{\"endpoint_url\": \"http://...\"}}'")
+    p.add_argument(f"--{prefix}aws-credentials-block", metavar="NAME",
+                   help=f"Prefect AwsCredentials block for {what} (default: the AWS chain)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -48,13 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(ex)
     ls = sub.add_parser("ls", help="list the sets in a store")
     ls.add_argument("store")
-    ls.add_argument("--storage-options", metavar="JSON")
+    _add_store_options(ls)
     for name, text in (("show", "print a set's manifest summary"), ("verify", "check every shard's checksum")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument("set", help="set URL: <store>/<set_id>")
-        sp.add_argument("--storage-options", metavar="JSON")
+        _add_store_options(sp)
         if name == "show":
             sp.add_argument("--shards", action="store_true", help="also list every shard")
+    cp = sub.add_parser("cp", help="copy a set to another store (checksums verified; present shards skipped)")
+    cp.add_argument("src", help="set URL: <store>/<set_id>")
+    cp.add_argument("dest", help="destination store (the set lands in <dest>/<set_id>)")
+    _add_store_options(cp)
+    _add_store_options(cp, prefix="dest-", what="the destination")
+    cp.add_argument("--jobs", type=int, default=4, help="shards copied at once (default: 4)")
+    cp.add_argument("--verify-existing", action="store_true",
+                    help="re-hash shards already at the destination instead of trusting size and record")
     hk = sub.add_parser("hooks", help="list a model's valid hook names")
     hk.add_argument("model")
     hk.add_argument("--revision")
@@ -86,9 +101,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from actcache.config import parse_storage_options
     from actcache.store import Store
 
-    store = Store(args.store, parse_storage_options(args.storage_options))
-    if not store.fs.exists(store.root):
-        raise ActcacheError(f"store {args.store!r} does not exist")
+    store = Store(args.store, parse_storage_options(args.storage_options),
+                  credentials_block=args.aws_credentials_block)
+    store.check_reachable()
     rows = []
     for name in store.list_dirs():
         if not layout.SET_ID_RE.match(name) or name.startswith("t"):
@@ -111,7 +126,7 @@ def _open(args: argparse.Namespace):
     from actcache.config import parse_storage_options
     from actcache.reader import open_set
 
-    return open_set(args.set, parse_storage_options(args.storage_options))
+    return open_set(args.set, parse_storage_options(args.storage_options), credentials_block=args.aws_credentials_block)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -138,6 +153,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.copy import copy_set
+
+    progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
+    result = copy_set(args.src, args.dest, src_options=parse_storage_options(args.storage_options),
+                      dest_options=parse_storage_options(args.dest_storage_options),
+                      src_credentials_block=args.aws_credentials_block,
+                      dest_credentials_block=args.dest_aws_credentials_block, jobs=args.jobs,
+                      verify_existing=args.verify_existing, on_shard=lambda _: progress.update())
+    progress.close()
+    print(f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from actcache.model import ModelSpec, hook_names, resolve_model
 
@@ -156,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
-                    "hooks": cmd_hooks}[args.command]
+                    "cp": cmd_cp, "hooks": cmd_hooks}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

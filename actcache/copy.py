@@ -1,0 +1,78 @@
+"""Copy an activation set between stores (local <-> S3 <-> ...), in the same order extraction writes it.
+
+Shard bytes first (each checked against the manifest's sha256 before it is written), then its completion
+record, then the manifest last: an interrupted copy resumes, skipping shards the destination holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from actcache import layout, records
+from actcache.errors import ActcacheError
+from actcache.reader import open_set
+from actcache.store import Store
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    url: str
+    """The set's URL in the destination store."""
+    copied: int
+    skipped: int
+    bytes_copied: int
+
+
+def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
+             dest_options: dict[str, Any] | None = None, src_credentials_block: str | None = None,
+             dest_credentials_block: str | None = None, jobs: int = 4, verify_existing: bool = False,
+             on_shard=None) -> CopyResult:
+    """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
+
+    Shards already complete at the destination with the same checksum are skipped (re-hashed first with
+    ``verify_existing``). At most ``jobs`` shards are held in memory at once.
+    """
+    if jobs < 1:
+        raise ActcacheError(f"--jobs must be at least 1, got {jobs}")
+    source = open_set(src, src_options, credentials_block=src_credentials_block)
+    target = Store(dest, dest_options, credentials_block=dest_credentials_block)
+    set_id = source.set_id
+    if target.url_of(set_id) == source.url:
+        raise ActcacheError(f"{source.url} is already in {dest!r}; give another destination store")
+    target.check_writable()
+    scan = records.scan(target, set_id, layout.MANIFEST)
+
+    def present(r: records.Record) -> bool:
+        have = scan.records.get(r.index)
+        return have is not None and have.sha256 == r.sha256 and scan.is_done(r.index, r.n_seq, verify=verify_existing)
+
+    todo = [r for r in source.records if not present(r)]
+
+    def copy_one(r: records.Record) -> int:
+        data = source.store.read_bytes(f"{set_id}/{r.file}")
+        if len(data) != r.bytes or hashlib.sha256(data).hexdigest() != r.sha256:
+            raise ActcacheError(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
+                                "repair the source (`actcache verify`, then rerun its extract) and copy again")
+        target.write_bytes(f"{set_id}/{r.file}", data)
+        records.write_record(target, set_id, r)  # after the bytes, as extraction does
+        if on_shard:
+            on_shard(r)
+        return len(data)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="actcache-cp") as pool:
+        futures = [pool.submit(copy_one, r) for r in todo]  # each reads its own shard: <= jobs in memory
+        try:
+            copied_bytes = sum(f.result() for f in futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # stop at the first failure; what was written stays valid for a resumed copy
+            raise
+
+    # The manifest last, byte for byte, unless the destination already lists more shards than the source.
+    theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
+    if not theirs > {r.index for r in source.records}:
+        target.write_bytes(f"{set_id}/{layout.MANIFEST}", source.store.read_bytes(f"{set_id}/{layout.MANIFEST}"))
+    return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

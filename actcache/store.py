@@ -46,6 +46,11 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
+# botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
+# for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+_S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
 class Store:
     """A root URL plus relative paths."""
 
@@ -62,6 +67,8 @@ class Store:
             from actcache.credentials import block_options
 
             options = block_options(credentials_block, options)
+        if self.url.startswith(("s3://", "s3a://")):
+            options = {**options, "config_kwargs": {**_S3_CONFIG, **options.get("config_kwargs", {})}}
         try:
             fs, self.root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as e:

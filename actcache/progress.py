@@ -7,12 +7,15 @@ import time
 from collections import deque
 from typing import Any
 
+ARTIFACT_EVERY_S = 5.0
+
 
 class Progress:
     def __init__(self, total: int, unit: str = "shard", label: str = "extract"):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.started = total, 0, time.perf_counter()
+        self._published = self.started
         self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=total == 0, leave=True)
         self.artifact = None
         try:
@@ -25,9 +28,14 @@ class Progress:
     def advance(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
-        if self.artifact is not None and self.total:
+        now = time.perf_counter()
+        # Each update is a blocking API call (~5-100 ms, more when the server is busy) on the thread that runs
+        # the forward passes: publish at most once per ARTIFACT_EVERY_S, and always the last one.
+        if self.artifact is not None and self.total and (self.done >= self.total
+                                                          or now - self._published >= ARTIFACT_EVERY_S):
             from prefect.artifacts import update_progress_artifact
 
+            self._published = now
             update_progress_artifact(self.artifact, progress=100.0 * self.done / self.total)
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
 from actcache.progress import Progress, Window
@@ -30,9 +31,12 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
     work = tokenize(plan)
     progress = Progress(len(work))
     window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
+    # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
+    # a cost per task that grows with the set; the plan is passed as is.
+    q = quote(plan)
     for shard in work:
-        for acts in extract(plan, shard):
-            window.add(upload.submit(plan, compress.submit(plan, acts)))
+        for acts in extract(q, shard):
+            window.add(upload.submit(q, compress.submit(q, acts)))
     stored = window.drain()
     progress.close()
     urls = write_manifest(plan)

@@ -112,7 +112,7 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
         assert all(s.active for s in nightly.schedules)
         # The flow's typed signature is the deployment's parameter schema: a bad option never reaches a worker.
         on_demand = client.read_deployment_by_name("extract-activations/extract")
-        with pytest.raises(Exception, match="float8|enum|valid"):
+        with pytest.raises(Exception, match="float8"):
             client.create_flow_run_from_deployment(on_demand.id, parameters={"config": {"dtype": "float8"}})
 
         fanout_params = {"config": common | {"store": str(fan_store)}, "num_partitions": PARTITIONS, "poll_s": 1}

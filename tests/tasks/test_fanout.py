@@ -1,0 +1,104 @@
+"""The fan-out's pieces: which partitions get launched, what they are passed, waiting, verifying."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from actcache.errors import ActcacheError
+from actcache.plan import make_plan
+from tasks.fanout import child_parameters, partitions_with_work, verify_sets, wait_for_partitions
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
+                                                                                           monkeypatch):
+    import actcache.plan
+    from flows.extract import extract_activations
+
+    def no_weights(*a, **k):
+        raise AssertionError("the fan-out parent loaded the model")
+
+    monkeypatch.setattr(actcache.plan, "bridge_for", no_weights)
+    plan = make_plan(base_config, load_model=False)
+    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape is None
+    assert partitions_with_work(plan, 3) == [0, 1, 2]  # shards 0 and 3 belong to partition 0
+    assert partitions_with_work(plan, 8) == [0, 1, 2, 3]  # more partitions than shards: no idle runs
+    with pytest.raises(ActcacheError, match="num_partitions"):
+        partitions_with_work(plan, 0)
+    monkeypatch.undo()
+
+    extract_activations(base_config, partition_index=1, num_partitions=3)
+    after = make_plan(base_config, load_model=False)
+    assert [w.index for w in after.missing] == [0, 2, 3]
+    assert partitions_with_work(after, 3) == [0, 2]
+    assert partitions_with_work(after, 1) == [0]
+
+
+def test_child_parameters_are_json_and_pass_the_flow_signature(base_config):
+    from flows.extract import extract_activations
+
+    params = json.loads(json.dumps(child_parameters(base_config, 2, 4)))
+    validated = extract_activations.validate_parameters(params)
+    assert validated == {"config": base_config, "partition_index": 2, "num_partitions": 4}
+    params["config"]["dtype"] = "float8"
+    with pytest.raises(Exception, match="config.dtype"):
+        extract_activations.validate_parameters(params)
+
+
+def _flow_run(client, state):
+    from prefect import flow
+
+    @flow(name="fake-partition")
+    def partition() -> None:
+        pass
+
+    return client.create_flow_run(partition, state=state).id
+
+
+def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition():
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Failed, Running
+
+    with get_client(sync_client=True) as client:
+        ok, late = _flow_run(client, Completed()), _flow_run(client, Running())
+        failed, crashed = _flow_run(client, Failed(message="CUDA out of memory")), _flow_run(client, Crashed())
+
+        def finish_late():
+            time.sleep(1.0)
+            client.set_flow_run_state(late, Completed(), force=True)
+
+        t0 = time.monotonic()
+        finisher = threading.Thread(target=finish_late)
+        finisher.start()
+        wait_for_partitions.fn({0: ok, 1: late}, poll_s=0.1)
+        finisher.join()
+        assert time.monotonic() - t0 >= 1.0  # it waited for the running partition
+
+        with pytest.raises(ActcacheError) as e:
+            wait_for_partitions.fn({0: ok, 1: failed, 2: crashed}, poll_s=0.1)
+    msg = str(e.value)
+    assert "2 of 3 partitions" in msg and "partition 1" in msg and "CUDA out of memory" in msg
+    assert "partition 2" in msg and "partition 0" not in msg and "\n" not in msg
+
+
+def test_verify_sets_fails_on_missing_or_corrupted_shards(base_config):
+    from flows.extract import extract_activations
+
+    [url] = extract_activations(base_config)
+    plan = make_plan(base_config, load_model=False)
+    verify_sets.fn(plan)  # sound
+
+    shard = next(Path(url).glob("shards/000002.*"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ActcacheError, match="shard 2.*checksum"):
+        verify_sets.fn(plan)  # listed as done before the damage: the checksum catches it
+    with pytest.raises(ActcacheError, match="1 shards are still missing"):
+        verify_sets.fn(make_plan(base_config, load_model=False))  # a fresh plan sees the damaged shard as missing

@@ -1,0 +1,713 @@
+"""actcache's benchmark: every method side by side in ONE process, round-robin, medians.
+
+    .venv/bin/python bench/run.py                 # full run (~15 min on 2 CPU cores): table + bench/results.json
+    .venv/bin/python bench/run.py --smoke         # tiny model, one rep of everything (~1 min; what CI runs)
+    .venv/bin/python bench/run.py --only speed,codec
+
+Model: GPT-2-small shape (12 layers, d=768, vocab 50257) with random weights, built once in the actcache
+cache dir; hook blocks.5.hook_resid_post. Methods (tokens/s, ratio to (d)):
+  (a)    classic: TransformerLens model (the bridge), full forward, torch forward hook on block 5, no_grad,
+         clone, cat.  (a-hf): the same on the bare HF GPT2LMHeadModel, for reference.
+  (b)    unfiltered bridge.run_with_cache.
+  (c)    actcache's extraction step alone (the engine it picks; hf-sdpa for this hook).
+  (c-br) actcache's extraction step on the bridge engine (what every non-residual hook gets).
+  (d)    the practical limit: bare HF GPT2Model with blocks 0..5 only, final norm dropped, sdpa, inference_mode.
+  (e)    actcache's whole Prefect flow per token (tokenize + extract + compress + write a local store), minus an
+         empty flow run measured in the same rounds (Prefect's per-run cost, reported as (e0)).
+Speed numbers belong here, never in tests: the machine is shared, so only ratios within one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # flows/ and tasks/ are top-level packages of the checkout
+
+HOOK = "blocks.5.hook_resid_post"
+LAYER = 5
+
+
+# -- set-up --------------------------------------------------------------------------------------
+def build_model(smoke: bool) -> Path:
+    """GPT-2-small shape with random weights (or a tiny GPT-2 for --smoke), with a trained BPE tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from actcache import demo
+    from actcache.fingerprint import cache_dir
+
+    name = "gpt2-tiny-6l" if smoke else "gpt2-small-random"
+    out = cache_dir() / "bench" / name
+    if (out / "config.json").exists():
+        return out
+    shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=4096) if smoke else \
+        dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
+    tok = demo.train_tokenizer(demo.corpus_lines())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0, **shape))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def corpus(work: Path) -> Path:
+    from actcache import demo
+
+    path = work / "corpus.txt"
+    if not path.exists():
+        path.write_text("\n".join(demo.corpus_lines()) + "\n", encoding="utf-8")
+    return path
+
+
+def rss_mb() -> float:
+    """Peak resident set of this process in MB (VmHWM: unlike ru_maxrss it does not start at the parent's peak)."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def round_robin(methods: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each method: warm-up, then ``reps`` rounds, the order rotated every round."""
+    for _ in range(warmup):
+        for fn in methods.values():
+            fn()
+    names = list(methods)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            methods[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def empty_flow():
+    from prefect import flow
+
+    @flow(name="bench-empty")
+    def empty() -> int:
+        return 0
+
+    return empty
+
+
+# -- the methods -----------------------------------------------------------------------------------
+class Methods:
+    """Every way to get blocks.5.hook_resid_post for ``tokens``, each returning the activations."""
+
+    def __init__(self, src: Path, device: str, batch: int):
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from actcache.extraction import Extractor, extractor_for
+        from actcache.model import ModelSpec, load_bridge, resolve_model
+
+        self.torch, self.batch, self.device = torch, batch, device
+        self.model = resolve_model(ModelSpec(str(src)))
+        self._bridge_loader = lambda: load_bridge(self.model, device=device)
+        self._hf_lm = lambda: AutoModelForCausalLM.from_pretrained(src).to(device).eval()
+        self._extractor_for, self._Extractor, self._AutoModel = extractor_for, Extractor, AutoModel
+        self.src = src
+        self.cache: dict[str, object] = {}
+
+    def _get(self, name, make):
+        if name not in self.cache:
+            self.cache[name] = make()
+        return self.cache[name]
+
+    def sync(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def batches(self, tokens):
+        return [tokens[i : i + self.batch].to(self.device, dtype=self.torch.long)
+                for i in range(0, len(tokens), self.batch)]
+
+    def a(self, tokens):
+        bridge = self._get("bridge", self._bridge_loader)
+        return self._classic(bridge, bridge.blocks[LAYER], tokens)
+
+    def a_hf(self, tokens):
+        lm = self._get("hf_lm", self._hf_lm)
+        return self._classic(lm, lm.transformer.h[LAYER], tokens)
+
+    def _classic(self, model, block, tokens):
+        torch, outs = self.torch, []
+        handle = block.register_forward_hook(
+            lambda _m, _i, out: outs.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+        try:
+            with torch.no_grad():
+                for b in self.batches(tokens):
+                    model(b)
+        finally:
+            handle.remove()
+        self.sync()
+        return torch.cat(outs).cpu()
+
+    def b(self, tokens):
+        bridge = self._get("bridge", self._bridge_loader)
+        outs = []
+        with self.torch.inference_mode():
+            for b in self.batches(tokens):
+                _, cache = bridge.run_with_cache(b)
+                outs.append(cache[HOOK])
+                del cache
+        self.sync()
+        return self.torch.cat(outs).cpu()
+
+    def c(self, tokens):
+        step = self._get("c", lambda: self._extractor_for(self.model, [HOOK], batch_size=self.batch,
+                                                          device=self.device))
+        return step(tokens)[HOOK]
+
+    def c_br(self, tokens):
+        bridge = self._get("bridge", self._bridge_loader)
+        step = self._get("c_br", lambda: self._Extractor(bridge, [HOOK], batch_size=self.batch))
+        return step(tokens)[HOOK]
+
+    def d(self, tokens):
+        def make():
+            m = self._AutoModel.from_pretrained(self.src, attn_implementation="sdpa", num_hidden_layers=LAYER + 1)
+            m.ln_f = self.torch.nn.Identity()
+            return m.to(self.device).eval()
+
+        m = self._get("d", make)
+        with self.torch.inference_mode():
+            outs = [m(input_ids=b, use_cache=False).last_hidden_state for b in self.batches(tokens)]
+        self.sync()
+        return self.torch.cat(outs).cpu()
+
+
+SPEED_METHODS = ("a", "a_hf", "b", "c", "c_br", "d")
+
+
+def random_tokens(n_seq: int, ctx: int, vocab: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n_seq, ctx), generator=g, dtype=torch.int32)
+
+
+def flow_config(src: Path, work: Path, batch: int, ctx: int, shard_seqs: int, n_shards: int, device: str,
+                hook: str = HOOK, **extra):
+    from actcache.config import ExtractConfig
+
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
+    return ExtractConfig(model=str(src), hook=hook, dataset=str(corpus(work)), context_size=ctx,
+                         shard_tokens=shard_seqs * ctx, max_tokens=n_shards * shard_seqs * ctx, batch_size=batch,
+                         store=str(store), device=device, **extra)
+
+
+def run_flow(cfg) -> float:
+    from flows.extract import extract_activations
+
+    t = time.perf_counter()
+    extract_activations(cfg)
+    dt = time.perf_counter() - t
+    shutil.rmtree(cfg.store, ignore_errors=True)
+    return dt
+
+
+def speed(src: Path, work: Path, device: str, shapes, reps: int, smoke: bool) -> dict:
+    """(a)-(e) at each batch shape, round-robin in this process; correctness of (c) and (e) checked."""
+    return {f"{batch}x{ctx}": speed_one(src, work, device, batch, ctx, reps, smoke) for batch, ctx in shapes}
+
+
+def speed_one(src: Path, work: Path, device: str, batch: int, ctx: int, reps: int, smoke: bool) -> dict:
+    import torch
+
+    m = Methods(src, device, batch)
+    vocab = m.model.config.vocab_size
+    big = random_tokens(2 * batch, ctx, vocab)        # 2 batches for the fast methods
+    small = big[:batch]                                # 1 batch for the slow baselines
+    n_tok = {"a": small.numel(), "a_hf": small.numel(), "b": small.numel(),
+             "c": big.numel(), "c_br": big.numel(), "d": big.numel()}
+    calls = {k: (lambda k=k: getattr(m, k)(small if n_tok[k] == small.numel() else big)) for k in SPEED_METHODS}
+    shard_seqs, n_shards = 2 * batch, 2 if smoke else 3
+    e_tokens = shard_seqs * n_shards * ctx
+    calls["e"] = lambda: run_flow(flow_config(src, work, batch, ctx, shard_seqs, n_shards, device))
+    calls["e0"] = lambda: empty_flow()()
+    times = round_robin(calls, reps)
+    tps = {k: n_tok[k] / median(times[k]) for k in SPEED_METHODS}
+    e_sec = median(times["e"]) - median(times["e0"])
+    tps["e"] = e_tokens / e_sec
+    tps["e_raw"] = e_tokens / median(times["e"])
+    # Correctness, on the same tokens: (c) against the bridge, (d) and the stored set.
+    ref_bridge = m.c_br(big)
+    got = m.c(big)
+    ref_d = m.d(big)
+    check = {
+        "c_vs_bridge_max_abs": float((got - ref_bridge).abs().max()),
+        "c_vs_bridge_allclose": bool(torch.allclose(got, ref_bridge, rtol=1e-5, atol=1e-5)),
+        "c_vs_bridge_fp16_mismatch_frac": float((got.half() != ref_bridge.half()).float().mean()),
+        "c_equals_d": bool(torch.equal(got, ref_d)),
+        "c_vs_unfiltered_run_with_cache_max_abs": float((m.c(small) - m.b(small)).abs().max()),
+    }
+    check["e_equals_c"] = stored_equals_extractor(src, work, batch, ctx, device, m)
+    return {
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "vs_d": {k: round(v / tps["d"], 3) for k, v in tps.items()},
+        "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
+        "e0_empty_flow_s": round(median(times["e0"]), 3),
+        "e_tokens_per_run": e_tokens,
+        "check": check,
+    }
+
+
+def stored_equals_extractor(src, work, batch, ctx, device, m) -> bool:
+    """The flow's stored float16 activations equal the extraction step's output on the stored tokens."""
+    from actcache.reader import open_set
+    from flows.extract import extract_activations
+
+    cfg = flow_config(src, work, batch, ctx, batch, 1, device)
+    (url,) = extract_activations(cfg)
+    s = next(iter(open_set(url)))
+    ok = bool(s.activations.equal(m.c(s.tokens).half()))
+    shutil.rmtree(cfg.store, ignore_errors=True)
+    return ok
+
+
+# -- peak RSS per method, each in its own process ---------------------------------------------------
+def rss_child(method: str, src: Path, work: Path, device: str, batch: int, ctx: int) -> None:
+    quiet_prefect()
+    base = rss_mb()
+    m = Methods(src, device, batch)
+    tokens = random_tokens(2 * batch, ctx, m.model.config.vocab_size)
+    if method == "e":
+        empty_flow()()
+        run_flow(flow_config(src, work, batch, ctx, 2 * batch, 2, device))
+    else:
+        for _ in range(2):
+            getattr(m, method)(tokens)
+    print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "after_imports_mb": round(base, 1)}))
+
+
+def child(args: list[str], timeout: float = 900) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=str(ROOT))
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def peak_rss(src: Path, work: Path, device: str, shapes) -> dict:
+    return {f"{b}x{c}": {k: child(["--rss-child", k, "--src", str(src), "--work", str(work), "--device", device,
+                                   "--shape", f"{b}x{c}"]) for k in (*SPEED_METHODS, "e")} for b, c in shapes}
+
+
+# -- several hooks in one pass ---------------------------------------------------------------------
+def several_hooks(src: Path, device: str, batch: int, ctx: int, reps: int, n_layers: int) -> dict:
+    from actcache.extraction import extractor_for
+    from actcache.model import ModelSpec, load_bridge, resolve_model
+
+    model = resolve_model(ModelSpec(str(src)))
+    tokens = random_tokens(2 * batch, ctx, model.config.vocab_size, seed=3)
+    layers = [n_layers * k // 4 + n_layers // 4 - 1 for k in range(4)]  # 2,5,8,11 for 12 layers
+    bridge = load_bridge(model, device=device)
+    out = {}
+    for label, fmt in (("resid_post (hf-sdpa)", "blocks.{}.hook_resid_post"), ("attn.hook_z (bridge)",
+                                                                               "blocks.{}.attn.hook_z")):
+        hooks = [fmt.format(layer) for layer in layers]
+        together = extractor_for(model, hooks, batch_size=batch, device=device, bridge=bridge)
+        singles = [extractor_for(model, [h], batch_size=batch, device=device, bridge=bridge) for h in hooks]
+        times = round_robin({"one_pass": lambda t=together: t(tokens),
+                             "four_runs": lambda ss=singles: [s(tokens) for s in ss]}, reps)
+        r = median(times["one_pass"]) / median(times["four_runs"])
+        ideal = (max(layers) + 1) / sum(x + 1 for x in layers)
+        out[label] = {"hooks": hooks, "one_pass_s": round(median(times["one_pass"]), 3),
+                      "four_runs_s": round(median(times["four_runs"]), 3), "ratio": round(r, 3),
+                      "blocks_ratio_ideal": round(ideal, 3)}
+    return out
+
+
+# -- compression -----------------------------------------------------------------------------------
+def shuffle_zstd(raw: bytes, itemsize: int, level: int) -> bytes:
+    """Byte-shuffle (all first bytes, then all second bytes) before zstd: the candidate, not a project codec."""
+    import numpy as np
+    import zstandard
+
+    a = np.frombuffer(raw, dtype=np.uint8)
+    n = len(a) - len(a) % itemsize
+    planes = a[:n].reshape(-1, itemsize).T.copy()
+    return zstandard.ZstdCompressor(level=level).compress(planes.tobytes() + a[n:].tobytes())
+
+
+def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
+    import torch
+
+    from actcache import shard
+    from actcache.extraction import extractor_for
+    from actcache.model import ModelSpec, resolve_model
+
+    model = resolve_model(ModelSpec(str(src)))
+    tokens = random_tokens(2 * batch, ctx, model.config.vocab_size, seed=4)
+    acts = extractor_for(model, [HOOK], batch_size=batch, device=device)(tokens)[HOOK]
+    n_tok = tokens.numel()
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        cast = acts.to(getattr(torch, dtype))
+        tensors = {"activations": cast, "tokens": tokens}
+        raw_len = len(shard.encode(tensors).data)
+        variants = {"none": lambda t=tensors: shard.encode(t).data}
+        for lvl in (1, 3):
+            variants[f"zstd-{lvl}"] = lambda t=tensors, lvl=lvl: shard.encode(t, codec="zstd", level=lvl).data
+            variants[f"shuffle+zstd-{lvl}"] = lambda c=cast, lvl=lvl: (
+                shuffle_zstd(c.view(torch.int16).numpy().tobytes(), 2, lvl)
+                + shard.encode({"tokens": tokens}, codec="zstd", level=lvl).data)
+        for name, fn in variants.items():
+            times = round_robin({"enc": fn}, reps)
+            data = fn()
+            dec_s = None
+            if not name.startswith("shuffle"):
+                codec = "zstd" if name.startswith("zstd") else "none"
+                dec = round_robin({"dec": lambda d=data, c=codec: shard.decode(d, codec=c)}, reps)
+                dec_s = median(dec["dec"])
+                assert shard.decode(data, codec=codec)["activations"].equal(cast)
+            base = raw_len
+            rows.append({"dtype": dtype, "codec": name, "bytes_per_token": round(len(data) / n_tok, 1),
+                         "ratio": round(base / len(data), 3),
+                         "encode_MB_s": round(base / median(times["enc"]) / 1e6, 1),
+                         "decode_MB_s": round(base / dec_s / 1e6, 1) if dec_s else None})
+    return {"tokens": n_tok, "note": "random-weight model: real activations may compress differently",
+            "rows": rows}
+
+
+# -- per-shard pipeline overhead (Prefect + store), forward pass stubbed out ------------------------
+def pipeline_overhead(src: Path, work: Path, counts: tuple[int, int]) -> dict:
+    """Per-shard cost of everything but the forward pass: the real flow, with an extractor that returns zeros."""
+    import torch
+
+    import tasks.extract as te
+
+    class Zeros:
+        def __init__(self, hooks):
+            self.hooks = hooks
+
+        def __call__(self, tokens):
+            return {h: torch.zeros(*tokens.shape, 8) for h in self.hooks}
+
+    real = te.extractor_for
+    te.extractor_for = lambda model, hooks, **k: Zeros(hooks)
+    try:
+        secs = {}
+        for n in counts:
+            # Fresh store each time: the difference between the two counts is the cost of one more shard.
+            secs[n] = run_flow(flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post"))
+    finally:
+        te.extractor_for = real
+    per_shard = (secs[counts[1]] - secs[counts[0]]) / (counts[1] - counts[0])
+    table = {}
+    for rate_name, rate in (("cpu_1400_tok_s", 1400.0), ("gpu_100k_tok_s", 1e5)):
+        table[rate_name] = {str(s): round(100 * per_shard / (s / rate), 2) for s in (1 << 14, 1 << 16, 1 << 17,
+                                                                                   1 << 18)}
+    return {"flow_seconds": {str(k): round(v, 2) for k, v in secs.items()},
+            "per_shard_ms": round(1000 * per_shard, 1), "overhead_percent_by_shard_tokens": table}
+
+
+# -- warm rerun of a complete 1000-shard set; cold start ---------------------------------------------
+def make_complete_set(src: Path, work: Path, n: int) -> dict:
+    """A complete set of ``n`` (small) shards written the way the flow writes them, without running n tasks."""
+    import torch
+
+    from actcache import layout, records, shard
+    from actcache.plan import make_plan
+    from tasks.manifest import write_manifest
+
+    cfg = flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post")
+    plan = make_plan(cfg, load_model=False)
+    (s,) = plan.sets
+    store = plan.store
+    for w in plan.shards:
+        enc = shard.encode({"activations": torch.zeros(w.n_seq, 32, 8, dtype=torch.float16),
+                            "tokens": torch.zeros(w.n_seq, 32, dtype=torch.int32)})
+        rel = layout.shard_file(w.index, "none")
+        store.write_bytes(f"{s.set_id}/{rel}", enc.data)
+        records.write_record(store, s.set_id, records.Record(w.index, rel, w.n_seq, w.n_seq * 32, enc.sha256,
+                                                             len(enc.data), {"hook_shape": [8]}))
+    write_manifest.fn(plan)
+    return {"store": cfg.store, "config": {k: getattr(cfg, k) for k in ("model", "hook", "dataset", "context_size",
+                                                                        "shard_tokens", "max_tokens", "batch_size",
+                                                                        "store", "device")}}
+
+
+def warm_child(config_json: str) -> None:
+    t0 = time.perf_counter()
+    quiet_prefect()
+    import transformers  # noqa: F401  (a start-up cost: make_plan reads the model's config with it)
+
+    from actcache import extraction, model
+    from actcache.config import ExtractConfig
+    from flows.extract import extract_activations
+
+    t_imp = time.perf_counter()
+    empty_flow()()
+    t_prefect = time.perf_counter()
+    empty_flow()()
+    t_empty = time.perf_counter()
+    cfg = ExtractConfig(**json.loads(config_json))
+    from actcache.plan import make_plan
+
+    plan = make_plan(cfg)  # what `actcache extract` does before starting the flow
+    t_plan = time.perf_counter()
+    extract_activations(cfg)
+    t_flow = time.perf_counter()
+    empty = t_empty - t_prefect
+    print(json.dumps({"imports_s": round(t_imp - t0, 2), "prefect_start_s": round(t_prefect - t_imp, 2),
+                      "empty_flow_run_s": round(empty, 2), "make_plan_s": round(t_plan - t_empty, 2),
+                      "warm_rerun_flow_s": round(t_flow - t_plan, 2),
+                      "beyond_startup_s": round(t_flow - t_empty - empty, 2),
+                      "shards_done": plan.n_done, "shards_missing": len(plan.missing),
+                      "models_loaded": len(model._LOADED) + len(extraction._HF)}))
+
+
+def warm_in_process(config: dict) -> dict:
+    from actcache import extraction, model
+    from actcache.config import ExtractConfig
+    from actcache.plan import make_plan
+    from flows.extract import extract_activations
+
+    model._LOADED.clear()
+    extraction._HF.clear()
+    cfg = ExtractConfig(**config)
+    t = time.perf_counter()
+    plan = make_plan(cfg)
+    extract_activations(cfg)
+    return {"make_plan_and_flow_s": round(time.perf_counter() - t, 2), "shards_done": plan.n_done,
+            "shards_missing": len(plan.missing), "models_loaded": len(model._LOADED) + len(extraction._HF)}
+
+
+def cold_child(work: str) -> None:
+    """Cold start of the demo extraction, phase by phase (the CLI does exactly these steps)."""
+    t0 = time.perf_counter()
+    quiet_prefect()
+    import actcache.cli  # noqa: F401
+
+    t_cli = time.perf_counter()
+    from actcache import demo
+    from actcache.config import ExtractConfig
+    from actcache.plan import make_plan
+    from flows.extract import extract_activations
+
+    t_imp = time.perf_counter()
+    demo.builtin_model("tiny-gpt2")  # built once per machine; not part of a normal cold start
+    demo.demo_corpus()
+    t_build = time.perf_counter()
+    empty_flow()()
+    t_prefect = time.perf_counter()
+    cfg = ExtractConfig(max_tokens=2048, shard_tokens=2048, store=str(Path(work) / "cold-store"))
+    make_plan(cfg)
+    t_model = time.perf_counter()
+    extract_activations(cfg)
+    t_first = time.perf_counter()
+    print(json.dumps({"import_cli_s": round(t_cli - t0, 2), "import_flow_s": round(t_imp - t_cli, 2),
+                      "demo_assets_s": round(t_build - t_imp, 2), "prefect_start_s": round(t_prefect - t_build, 2),
+                      "plan_and_model_load_s": round(t_model - t_prefect, 2),
+                      "flow_first_shard_s": round(t_first - t_model, 2)}))
+
+
+def cold_start(work: Path) -> dict:
+    phases = child(["--cold-child", str(work)])
+    t = time.perf_counter()
+    p = subprocess.run([str(Path(sys.executable).parent / "actcache"), "extract", "--max-tokens", "2048",
+                        "--shard-tokens", "2048", "--store", str(work / "cli-store")], capture_output=True,
+                       text=True, cwd=str(work), timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    phases["cli_total_wall_s"] = round(time.perf_counter() - t, 2) if p.returncode == 0 else p.stderr[-300:]
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import actcache.cli"], check=True, timeout=120)
+    phases["python_plus_import_cli_wall_s"] = round(time.perf_counter() - t, 2)
+    return phases
+
+
+def rss_growth(src: Path, work: Path, device: str, ctx: int, shard_seqs: int, n_small: int) -> dict:
+    """Peak RSS of the whole flow at max_tokens N and 10N (separate processes)."""
+    out = {}
+    for n in (n_small, 10 * n_small):
+        out[str(n * shard_seqs * ctx)] = child(["--flow-rss-child", str(src), str(work), device, str(ctx),
+                                                str(shard_seqs), str(n)])
+    a, b = (v.get("peak_rss_mb") for v in out.values())
+    return {"peak_rss_mb_by_max_tokens": out,
+            "growth_percent": round(100 * (b - a) / a, 1) if a and b else None,
+            "hook": "blocks.0.hook_resid_post"}
+
+
+def flow_rss_child(src: str, work: str, device: str, ctx: str, shard_seqs: str, n: str) -> None:
+    quiet_prefect()
+    empty_flow()()
+    cfg = flow_config(Path(src), Path(work), 8, int(ctx), int(shard_seqs), int(n), device,
+                      hook="blocks.0.hook_resid_post")
+    t = time.perf_counter()
+    run_flow(cfg)
+    print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - t, 2)}))
+
+
+# -- report ------------------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    from importlib import metadata
+
+    import torch
+
+    def v(p):
+        with contextlib.suppress(Exception):
+            return metadata.version(p)
+        return None
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
+            "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_at_start": os.getloadavg(), "device": device,
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+            "python": platform.python_version(),
+            "versions": {p: v(p) for p in ("torch", "transformers", "transformer-lens", "prefect", "safetensors",
+                                           "zstandard")}}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(res: dict) -> None:
+    for shape, r in res.get("speed", {}).items():
+        print(f"\n== {shape} tokens per batch; hook {HOOK}")
+        print(f"{'method':8} {'tokens/s':>10} {'vs (d)':>8}")
+        for k in (*SPEED_METHODS, "e", "e_raw"):
+            print(f"{k:8} {r['tokens_per_s'][k]:>10.1f} {r['vs_d'][k]:>8.3f}")
+        tps = r["tokens_per_s"]
+        print(f"(c)/(d)={tps['c'] / tps['d']:.3f} (c)/(a)={tps['c'] / tps['a']:.2f} (e)/(c)={tps['e'] / tps['c']:.3f}"
+              f"  empty flow (e0)={r['e0_empty_flow_s']} s  checks={r['check']}")
+    for shape, r in res.get("peak_rss", {}).items():
+        print(f"\n== peak RSS MB ({shape}, separate processes): "
+              + ", ".join(f"{k}={v.get('peak_rss_mb', v)}" for k, v in r.items()))
+    for key in ("several_hooks", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
+        if key in res:
+            print(f"\n== {key}\n{json.dumps(res[key], indent=1)}")
+    if "compression" in res:
+        print("\n== compression (" + res["compression"]["note"] + ")")
+        print(f"{'dtype':9} {'codec':15} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
+        for row in res["compression"]["rows"]:
+            print(f"{row['dtype']:9} {row['codec']:15} {row['bytes_per_token']:>8} {row['ratio']:>6} "
+                  f"{row['encode_MB_s']:>9} {row['decode_MB_s'] or '-':>9}")
+
+
+SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "pipeline_overhead", "warm_rerun", "cold_start",
+            "rss_growth")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, one rep: checks the benchmark runs (~1 min)")
+    ap.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5; 1 with --smoke)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--warm-child", help=argparse.SUPPRESS)
+    ap.add_argument("--cold-child", help=argparse.SUPPRESS)
+    ap.add_argument("--flow-rss-child", nargs=6, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        b, c = map(int, args.shape.split("x"))
+        rss_child(args.rss_child, Path(args.src), Path(args.work), args.device, b, c)
+        return 0
+    if args.warm_child:
+        warm_child(args.warm_child)
+        return 0
+    if args.cold_child:
+        cold_child(args.cold_child)
+        return 0
+    if args.flow_rss_child:
+        flow_rss_child(*args.flow_rss_child)
+        return 0
+
+    quiet_prefect()
+    from actcache.extraction import pick_device
+
+    device = pick_device(args.device)
+    smoke = args.smoke
+    reps = args.reps or (1 if smoke else 5)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}")
+    work = Path(tempfile.mkdtemp(prefix="actcache-bench-"))
+    res: dict = {"smoke": smoke, "reps": reps, "environment": environment(device)}
+    t_all = time.perf_counter()
+    try:
+        src = build_model(smoke)
+        n_layers = 6 if smoke else 12
+        shapes = [(2, 32)] if smoke else [(8, 128), (16, 256)]
+        if "speed" in only:
+            t = time.perf_counter()
+            empty_flow()()
+            res["prefect_first_flow_in_process_s"] = round(time.perf_counter() - t, 2)
+            res["speed"] = speed(src, work, device, shapes, reps, smoke)
+        if "peak_rss" in only and not smoke:  # a process per method: minutes of start-up
+            res["peak_rss"] = peak_rss(src, work, device, shapes[:1] if smoke else shapes)
+        if "several_hooks" in only:
+            b, c = shapes[0]
+            res["several_hooks"] = several_hooks(src, device, b, c, max(reps - 2, 1), n_layers)
+        if "compression" in only:
+            b, c = shapes[0]
+            res["compression"] = compression(src, device, b, c, max(reps - 2, 1))
+        if "pipeline_overhead" in only:
+            res["pipeline_overhead"] = pipeline_overhead(src, work, (3, 8) if smoke else (20, 120))
+        if "warm_rerun" in only:
+            n = 50 if smoke else 1000
+            made = make_complete_set(src, work, n)
+            if smoke:  # no second Prefect start: same steps in this process, model caches emptied first
+                res["warm_rerun"] = {"shards": n, **warm_in_process(made["config"])}
+            else:
+                res["warm_rerun"] = {"shards": n, **child(["--warm-child", json.dumps(made["config"])])}
+        if "cold_start" in only and not smoke:
+            res["cold_start"] = cold_start(work)
+        if "rss_growth" in only and not smoke:
+            res["rss_growth"] = rss_growth(src, work, device, 32 if smoke else 128, 4 if smoke else 16,
+                                           2 if smoke else 4)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    res["environment"]["load_avg_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print_table(res)
+    print(f"\nwrote {args.out} in {res['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

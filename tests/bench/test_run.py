@@ -1,0 +1,38 @@
+"""The benchmark's smoke mode runs end to end and its correctness checks hold (no speed assertions here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "results.json"
+    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+                         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)  # its own group: the Prefect server child goes with it
+    try:
+        log, _ = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    assert p.returncode == 0, log[-3000:]
+    res = json.loads(out.read_text())
+    (speed,) = res["speed"].values()
+    for method in ("a", "a_hf", "b", "c", "c_br", "d", "e_raw"):
+        assert speed["tokens_per_s"][method] > 0, method
+    check = speed["check"]
+    assert check["c_vs_bridge_allclose"] and check["c_equals_d"] and check["e_equals_c"], check
+    assert check["c_vs_unfiltered_run_with_cache_max_abs"] < 1e-4
+    warm = res["warm_rerun"]
+    assert (warm["shards_done"], warm["shards_missing"], warm["models_loaded"]) == (50, 0, 0)
+    assert {r["codec"] for r in res["compression"]["rows"]} >= {"none", "zstd-1", "zstd-3"}
+    assert set(res["several_hooks"]) == {"resid_post (hf-sdpa)", "attn.hook_z (bridge)"}
+    assert res["pipeline_overhead"]["per_shard_ms"] is not None

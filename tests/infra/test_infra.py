@@ -56,7 +56,10 @@ def test_deployments_share_one_pool_and_tags_through_anchors():
     assert {get(d, "name").value for d in deps} >= {"nightly", "extract", "partition", "fanout"}
     for d in deps:
         assert get(d, "tags") is tags and any(get(d, "work_pool") is p for p in pools), get(d, "name").value
-    assert len({get(p, "name").value for p in pools}) == 1  # one pool; anchors differ only in job variables
+    assert len({get(p, "name").value for p in pools}) == 1  # one pool
+    # GPU workers serve the partitions' queue only, so a waiting parent never holds their single slot.
+    queues = {name: d["work_pool"]["work_queue_name"] for name, d in deployments().items()}
+    assert queues["fanout"] != queues["partition"] == queues["extract"] == queues["nightly"]
 
 
 def test_entrypoints_are_flows_in_flows_and_parameters_pass_their_signatures():

@@ -11,8 +11,10 @@ a Prefect ``AwsCredentials`` block named by ``credentials_block``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from actcache import storage_errors
+from actcache import faults, storage_errors
 from actcache.errors import ActcacheError
 
 
@@ -32,6 +34,20 @@ class Entry:
     size: int
     mtime: float
     """Seconds since the epoch (local mtime, or the object's LastModified)."""
+
+
+_TMP_MARK = ".tmp-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _mtime(info: dict) -> float:
@@ -159,16 +175,20 @@ class Store:
         path = self.path(rel)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                faults.point("store.temp-written")
                 os.replace(tmp, path)
-            except BaseException:
+            except BaseException as e:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                    raise ActcacheError(f"cannot write {self.url_of(rel)} ({e.strerror}); free space or fix "
+                                        "permissions, then rerun: finished shards are kept") from None
                 raise
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
@@ -176,6 +196,27 @@ class Store:
             kwargs = {"chunksize": self.part_size} if self.s3 else {}
             with self._io("writing", rel):
                 self.fs.pipe_file(path, data, **kwargs)
+
+    def sweep_temp(self, rel: str) -> int:
+        """Delete temp files left below ``rel`` by killed writers of this host; return how many.
+
+        Temp names carry host and pid, so a live writer's file (or another host's) is never touched.
+        """
+        if not self.local:
+            return 0  # object stores have no temp objects: an upload is invisible until complete
+        removed = 0
+        for dirpath, _, files in os.walk(self.path(rel)):
+            for name in files:
+                _, mark, tail = name.partition(_TMP_MARK)
+                host, _, rest = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
+                if not mark or host != _HOST or not rest.isdigit() or _alive(int(rest)):
+                    continue
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actcache import layout, records, shard
+from actcache import faults, layout, records, shard
 from actcache.key import TokensKey
 from actcache.store import Store
 
@@ -91,6 +91,7 @@ class TokenCache:
         wanted = self.plan(target_seqs, scan)
         if all(scan.is_done(w.index, w.n_seq) for w in wanted):
             return wanted
+        self.store.sweep_temp(self.root)
         k = self.key
         seqs = pack(tokenize_docs(texts, tokenizer), context_size=k.context_size, bos=bos, separator=sep,
                     prepend_bos=k.prepend_bos)
@@ -121,8 +122,10 @@ class TokenCache:
             enc = shard.encode({"tokens": torch.tensor(seqs, dtype=torch.int32)})
             rel = layout.shard_file(index, "none")
             self.store.write_bytes(f"{self.root}/{rel}", enc.data)
+            faults.point("tokenize.token-shard-written")
             records.write_record(self.store, self.root, records.Record(
                 index, rel, work.n_seq, work.n_seq * self.key.context_size, enc.sha256, len(enc.data)))
+            faults.point("tokenize.token-record-written")
         return work
 
     def load(self, index: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import handoff, shard
+from actcache import faults, handoff, shard
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
@@ -21,6 +21,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
                        codec=key.codec, level=key.codec_level,
                        metadata={"set_id": key.id, "hook": key.hook, "index": str(ref.index)})
     handoff.drop(ref.handle)
+    faults.point("compress.encoded")
     n_tokens = ref.n_seq * key.tokens.context_size
     extra = {
         "set_id": key.id,

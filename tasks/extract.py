@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import handoff
+from actcache import faults, handoff
 from actcache.extraction import extractor_for
 from actcache.plan import Plan, model_for
 from actcache.tokens import ShardWork
@@ -23,4 +23,5 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
                          device=cfg.device, out_dtype=cfg.dtype)
     acts = step(tokens)
+    faults.point("extract.forward-done")
     return [ActivationsRef(handoff.put((tokens, acts[h])), h, work.index, work.n_seq) for h in hooks]

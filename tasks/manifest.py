@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import layout, manifest, records
+from actcache import faults, layout, manifest, records
 from actcache.model import hook_layer
 from actcache.plan import Plan
 
@@ -16,12 +16,15 @@ def write_manifest(plan: Plan) -> list[str]:
     store = plan.store
     target = sum(w.n_seq for w in plan.shards)
     for s in plan.sets:
+        store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan(store, s.set_id, layout.MANIFEST)
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
         provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
                       "hook_shape": list(s.hook_shape) if s.hook_shape else None}
         m = manifest.build(s.key, provenance, recs, target_seqs=target, previous=scan.consolidated)
+        faults.point("manifest.before-write")
         store.write_json(f"{s.set_id}/{layout.MANIFEST}", m)
+        faults.point("manifest.written")
     return plan.urls
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import handoff, layout, records
+from actcache import faults, handoff, layout, records
 from actcache.plan import Plan
 from actcache.transient import is_transient
 from tasks.refs import PackedRef
@@ -27,8 +27,10 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
     rel = layout.shard_file(ref.index, key.codec)
     store = plan.store
     store.write_bytes(f"{key.id}/{rel}", handoff.get(ref.handle))
+    faults.point("upload.shard-written")
     record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,
                             ref.bytes, ref.extra)
     records.write_record(store, key.id, record)
+    faults.point("upload.record-written")
     handoff.drop(ref.handle)
     return record

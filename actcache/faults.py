@@ -1,0 +1,40 @@
+"""Fault injection for the crash tests: ``ACTCACHE_FAULT=point:n`` SIGKILLs this process the n-th time
+it reaches ``point``. Unset (always, outside tests) it costs one ``is None`` check per call.
+
+The kill is real (no cleanup, no ``finally``): it is how a preempted GPU node or an OOM kill ends a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+POINTS = (
+    "tokenize.token-shard-written",  # token shard bytes in place, no record yet
+    "tokenize.token-record-written",
+    "extract.forward-done",
+    "compress.encoded",
+    "store.temp-written",  # a local write's temp file is complete, not yet renamed
+    "upload.shard-written",  # shard bytes in place, no completion record yet
+    "upload.record-written",
+    "manifest.before-write",
+    "manifest.written",
+)
+
+_SPEC = os.environ.get("ACTCACHE_FAULT") or None
+_COUNTS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def point(name: str) -> None:
+    if _SPEC is None:
+        return
+    target, _, nth = _SPEC.partition(":")
+    if name != target:
+        return
+    with _LOCK:
+        _COUNTS[name] = _COUNTS.get(name, 0) + 1
+        hit = _COUNTS[name] == int(nth or 1)
+    if hit:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,98 @@
+"""kill -9 at seeded points in every stage, then rerun: the set equals an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actcache import faults
+from actcache.reader import open_set
+
+# How often each point is reached in one run of `args` below (4 shards): the seeded n stays in range.
+_REACHED = {p: 4 for p in faults.POINTS} | {"store.temp-written": 17, "manifest.before-write": 1,
+                                            "manifest.written": 1}
+
+
+def _cases(seed: int = 20261125, n: int = 11) -> list[tuple[str, int]]:
+    """Every point at least once, then seeded extras; the n-th visit of each point is seeded too."""
+    rng = random.Random(seed)
+    points = list(faults.POINTS) + [rng.choice(faults.POINTS) for _ in range(n - len(faults.POINTS))]
+    return [(p, rng.randint(1, _REACHED[p])) for p in points]
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def args(tiny_models, corpus):
+    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--hook",
+            "blocks.1.hook_resid_post", "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128",
+            "--device", "cpu", "--codec", "zstd"]
+
+
+def _run(args: list[str], store: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.pop("ACTCACHE_FAULT", None)
+    if fault:
+        env["ACTCACHE_FAULT"] = fault
+    argv = [sys.executable, "-m", "actcache.cli", *args, "--store", str(store)]
+    # Own session: a killed CLI leaves Prefect's temporary server (its child) running and holding the
+    # pipes, so the whole group is killed once the CLI itself has exited.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _tree(store: Path) -> dict[str, bytes]:
+    """Every file of the store; manifests without their timestamps."""
+    out = {}
+    for p in sorted(store.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if p.name == "manifest.json":
+            m = json.loads(data)
+            m.pop("created_at"), m.pop("updated_at")
+            data = json.dumps(m, sort_keys=True).encode()
+        out[str(p.relative_to(store))] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(args, tmp_path_factory):
+    store = tmp_path_factory.mktemp("reference")
+    proc = _run(args, store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _tree(store)
+
+
+def test_cases_cover_every_stage():
+    assert len(CASES) >= 10 and {p for p, _ in CASES} == set(faults.POINTS)
+
+
+@pytest.mark.parametrize("point,nth", CASES, ids=[f"{p}:{n}" for p, n in CASES])
+def test_kill_then_rerun_gives_the_same_set(args, reference, tmp_path, point, nth):
+    store = tmp_path / "store"
+    killed = _run(args, store, f"{point}:{nth}")
+    assert killed.returncode == -signal.SIGKILL, f"never reached {point}:{nth}\n{killed.stderr[-2000:]}"
+
+    rerun = _run(args, store)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    url = rerun.stdout.strip().splitlines()[-1]
+    assert open_set(url).verify() == []
+    assert _tree(store) == reference, "no temp file, no stale shard, nothing missing"

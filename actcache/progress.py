@@ -16,7 +16,9 @@ class Progress:
 
         self.total, self.done, self.started = total, 0, time.perf_counter()
         self._published = self.started
-        self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=total == 0, leave=True)
+        # disable=None: a bar on a terminal, none in logs and pipes.
+        self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=True if total == 0 else None,
+                        leave=True)
         self.artifact = None
         try:
             from prefect.artifacts import create_progress_artifact
@@ -44,6 +46,12 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also on failure, so an error message starts on a line of its own
 
 
 class Window:

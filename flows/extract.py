@@ -29,16 +29,15 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
     plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
     work = tokenize(plan)
-    progress = Progress(len(work))
-    window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
     # a cost per task that grows with the set; the plan is passed as is.
     q = quote(plan)
-    for shard in work:
-        for acts in extract(q, shard):
-            window.add(upload.submit(q, compress.submit(q, acts)))
-    stored = window.drain()
-    progress.close()
+    with Progress(len(work)) as progress:
+        window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
+        for shard in work:
+            for acts in extract(q, shard):
+                window.add(upload.submit(q, compress.submit(q, acts)))
+        stored = window.drain()
     urls = write_manifest(plan)
     summarize(plan, stored, progress.seconds)
     return urls

@@ -199,6 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("ACTCACHE_TRACEBACK"):
+            raise
+        print(f"actcache: error: {unexpected(e)}", file=sys.stderr)
+        return 1
+
+
+def unexpected(e: BaseException) -> str:
+    """One line for a failure that is not the user's input (lost Prefect API, a bug): what, and what now."""
+    names = {t.__name__ for t in type(e).__mro__}
+    if names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError", "PrefectHTTPStatusError"}:
+        api = os.environ.get("PREFECT_API_URL") or "Prefect's temporary server"
+        return (f"lost the Prefect API ({api}: {type(e).__name__}); start it again and rerun the same command: "
+                "finished shards are kept")
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return (f"{type(e).__name__}: {first} (rerun the same command to resume; ACTCACHE_TRACEBACK=1 shows the "
+            "traceback)")
 
 
 if __name__ == "__main__":

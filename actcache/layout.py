@@ -14,9 +14,10 @@ MANIFEST = "manifest.json"
 TOKENS_ROOT = "_tokens"
 END = "end.json"
 
-_SHARD_RE = re.compile(r"^shards/(\d{6})\.safetensors(\.zst)?$")
-_RECORD_RE = re.compile(r"^done/(\d{6})\.json$")
-SET_ID_RE = re.compile(r"^t?[0-9a-f]{24}$")
+# ASCII digits and \Z, not \d and $: "$" also matches before a trailing newline, "\d" any Unicode digit.
+_SHARD_RE = re.compile(r"^shards/([0-9]{6})\.safetensors(\.zst)?\Z")
+_RECORD_RE = re.compile(r"^done/([0-9]{6})\.json\Z")
+SET_ID_RE = re.compile(r"^t?[0-9a-f]{24}\Z")
 
 
 def shard_file(index: int, codec: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 from actcache import layout, records
 from actcache.errors import ActcacheError
-from actcache.key import FORMAT_VERSION, SetKey
+from actcache.key import CODECS, DTYPES, FORMAT_VERSION, SetKey
 from actcache.store import Store
 
 _PACKAGES = ("actcache", "torch", "transformers", "transformer-lens", "safetensors", "tokenizers", "zstandard")
@@ -78,8 +78,11 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
                             f"({FORMAT_VERSION}); upgrade actcache")
     try:
         key = SetKey.from_dict(m["key"])
+        _check_encoding(m, key)
         for r in m["shards"]:
-            records.Record.from_dict(r)
+            rec = records.Record.from_dict(r)
+            if rec.file != layout.shard_file(rec.index, key.codec):
+                raise ValueError(f"shard {rec.index} names the file {rec.file!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise ActcacheError(f"manifest of {store.url_of(set_id)} is malformed ({e}); regenerate it with "
                             "`actcache extract` using the same settings") from None
@@ -87,3 +90,14 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         raise ActcacheError(f"manifest of {store.url_of(set_id)} does not match its set id (edited by hand?); "
                             "regenerate it with `actcache extract` using the same settings")
     return m
+
+
+def _check_encoding(m: dict[str, Any], key: SetKey) -> None:
+    """What the reader sizes and decodes shards with must be a known encoding, and the key's own."""
+    if key.dtype not in DTYPES or key.codec not in CODECS:
+        raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
+    if m.get("dtype") != key.dtype or m.get("codec") != key.codec:
+        raise ValueError("dtype/codec differ from the key's")
+    ctx, d = key.tokens.context_size, m.get("d")
+    if type(ctx) is not int or ctx < 1 or type(d) is not int or d < 1:
+        raise ValueError(f"context_size {ctx!r} and d {d!r} must be positive integers")

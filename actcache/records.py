@@ -31,6 +31,13 @@ class Record:
     def from_dict(cls, d: dict[str, Any]) -> Record:
         rec = cls(**{k: d[k] for k in ("index", "file", "n_seq", "n_tokens", "sha256", "bytes")},
                   extra=dict(d.get("extra") or {}))
+        # Records come from the store (or a hand-edited manifest): check types before they size tensors or paths.
+        for name in ("index", "n_seq", "n_tokens", "bytes"):
+            v = getattr(rec, name)
+            if type(v) is not int or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if not isinstance(rec.sha256, str) or not isinstance(rec.file, str):
+            raise ValueError("sha256 and file must be strings")
         layout.check_relative(rec.file)
         return rec
 

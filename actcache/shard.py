@@ -46,7 +46,13 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
     if codec == "zstd":
         import zstandard
 
-        data = zstandard.ZstdDecompressor().decompress(data)
+        # A frame may claim (or inflate to) any size: with every shape known, refuse more than they can fill
+        # before allocating (a few KB of crafted zstd would otherwise take gigabytes).
+        limit = _payload_limit(expect)
+        size = zstandard.frame_content_size(data)
+        if limit and size > limit:
+            raise ValueError(f"zstd frame declares {size} bytes, more than the expected tensors fill ({limit})")
+        data = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit or 0)
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
     tensors = st_load(data)
@@ -57,6 +63,22 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
         if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
     return tensors
+
+
+_HEADER_ALLOWANCE = 1 << 20
+"""Bytes allowed for a safetensors header (names, shapes, offsets, metadata) on top of the tensor data."""
+
+
+def _payload_limit(expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None) -> int | None:
+    if not expect or any(shape is None for _, shape in expect.values()):
+        return None
+    total = _HEADER_ALLOWANCE
+    for dtype, shape in expect.values():
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        total += n
+    return total
 
 
 def stats(acts: torch.Tensor) -> dict[str, float | int]:

@@ -100,3 +100,13 @@ def s3_env(s3_server, monkeypatch, tmp_path: Path) -> dict[str, str]:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture
+def restartable_s3(tmp_path: Path):
+    """A moto_server of its own that a test may kill and restart with its objects (recorded and replayed)."""
+    server = _load_s3_server().start(tmp_path / "moto_server.log", recording=tmp_path / "moto_recording.jsonl")
+    try:
+        yield server
+    finally:
+        server.stop()

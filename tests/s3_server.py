@@ -2,12 +2,14 @@
 
 Code under test reaches it only through its endpoint URL, as it would reach AWS or MinIO. Auth is on so
 that wrong credentials and access denied behave as on AWS: after set-up, only the ``writer`` user's keys
-are accepted, and the ``reader`` user may list and read but not write.
+and the ``block`` user's keys (a second writer, for a Prefect AwsCredentials block) are accepted, and the
+``reader`` user may list and read but not write.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -41,6 +43,9 @@ class S3Server:
     bucket: str = BUCKET
     keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     """IAM user name -> (access key id, secret access key)."""
+    log_path: Path | None = None
+    recording: Path | None = None
+    """Where moto records every request (``start(recording=...)``): replayed by ``restart``."""
 
     def client(self, user: str = "writer"):
         import boto3
@@ -69,6 +74,19 @@ class S3Server:
                 out[obj["Key"][len(prefix):]] = c.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
         return out
 
+    def kill(self) -> None:
+        """SIGKILL: requests in flight die with the process, as when a storage node crashes."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """Start again on the same port with every object it held (see ``_serve_restored``)."""
+        self.kill()
+        port = int(self.endpoint.rsplit(":", 1)[1])
+        self.process = _launch(port, self.log_path, self.recording)
+        _wait_up(self, self.log_path, timeout)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -84,27 +102,45 @@ def _post(url: str, body: bytes) -> None:
     urllib.request.urlopen(req, timeout=10).read()
 
 
-def start(log_path: Path, timeout: float = 30.0) -> S3Server:
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    log = open(log_path, "wb")  # noqa: SIM115 - handed to the child; closed with the process
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+def _launch(port: int, log_path: Path, recording: Path | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    args = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    if recording is not None:
+        env.update(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(recording))
+        args = [sys.executable, __file__, str(port)]
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child; closed with the process
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     log.close()
-    server = S3Server(f"http://127.0.0.1:{port}", proc)
+    return proc
+
+
+def _wait_up(server: S3Server, log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {server.process.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).read()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not answer within {timeout:.0f} s; see {log_path}") from None
+            time.sleep(0.1)
+
+
+def start(log_path: Path, timeout: float = 30.0, *, recording: Path | None = None) -> S3Server:
+    """A server with IAM auth on; with ``recording``, one that can be restarted with its state, auth off
+    (a replay would create new random IAM keys) and any key accepted."""
+    port = free_port()
+    server = S3Server(f"http://127.0.0.1:{port}", _launch(port, log_path, recording), log_path=log_path,
+                      recording=recording)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {proc.returncode}; see {log_path}")
-            try:
-                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).read()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not answer within {timeout:.0f} s; see {log_path}") from None
-                time.sleep(0.1)
-        _set_up(server)
+        _wait_up(server, log_path, timeout)
+        if recording is None:
+            _set_up(server)
+        else:
+            server.keys["writer"] = ("AKIAFAKERESTARTABLE0", "restartable-fake-secret")
+            server.client().create_bucket(Bucket=server.bucket)
     except BaseException:
         server.stop()
         raise
@@ -119,9 +155,35 @@ def _set_up(server: S3Server) -> None:
             "aws_secret_access_key": "setup"}
     boto3.client("s3", **root).create_bucket(Bucket=server.bucket)
     iam = boto3.client("iam", **root)
-    for user, actions in (("writer", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
+    for user, actions in (("writer", ["s3:*"]), ("block", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
         iam.create_user(UserName=user)
         iam.put_user_policy(UserName=user, PolicyName=f"{user}-s3", PolicyDocument=_policy(actions))
         k = iam.create_access_key(UserName=user)["AccessKey"]
         server.keys[user] = (k["AccessKeyId"], k["SecretAccessKey"])
     _post(f"{server.endpoint}/moto-api/reset-auth", b"0")
+
+
+def _serve_restored(port: int) -> None:
+    """moto's own server on ``port``, holding everything its recording says was done before a restart.
+
+    moto keeps state in process memory, and its replay API only runs once the server already answers: a client
+    retrying at that moment would see a bucket that does not exist yet, which no real S3 restart shows. So the
+    recording is replayed into this process's moto backends through a private port first, and the public port
+    opens only then.
+    """
+    from moto.moto_api import recorder
+    from moto.server import ThreadedMotoServer
+
+    recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
+    if recording.exists() and recording.stat().st_size:
+        private = ThreadedMotoServer("127.0.0.1", free_port(), verbose=False)
+        private.start()
+        recorder.replay_recording(target_host=f"http://127.0.0.1:{private.get_host_and_port()[1]}")
+        private.stop()
+    public = ThreadedMotoServer("127.0.0.1", port, verbose=False)
+    public.start()
+    public._thread.join()
+
+
+if __name__ == "__main__":
+    _serve_restored(int(sys.argv[1]))

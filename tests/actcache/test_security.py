@@ -1,0 +1,387 @@
+"""Security (issue 6): no secret in any output, trust_remote_code opt-in, no pickle, validated shards,
+manifest entries that cannot escape the set.
+
+Secrets are checked against a real moto_server with IAM auth (see tests/s3_server.py) through the CLI and
+the Python API, in success and failure; the reader checks run on a real extracted set, crafted into bad ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from actcache import layout, shard
+from actcache.config import ExtractConfig
+from actcache.errors import ActcacheError
+from actcache.key import SetKey
+from actcache.reader import open_set
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+CLI = str(Path(sys.executable).with_name("actcache"))
+WRONG_ENV_SECRET = "wrong-env-secret-Zq81Lx0PvT"
+WRONG_BLOCK_SECRET = "wrong-block-secret-Hn27Wd5RcK"
+
+
+@pytest.fixture(scope="module")
+def config(tiny_models, corpus) -> ExtractConfig:
+    return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
+                         context_size=32, max_tokens=512, shard_tokens=128, batch_size=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def local_set(config, tmp_path_factory) -> Path:
+    """A real 4-shard set on disk, extracted once; tests copy it before crafting anything."""
+    from actcache.api import extract
+
+    root = tmp_path_factory.mktemp("security-store")
+    return Path(extract(config.replace(store=str(root))))
+
+
+def copy_of(local_set: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "store" / local_set.name
+    shutil.copytree(local_set, dest)
+    return dest
+
+
+# -- secrets --------------------------------------------------------------------------------------
+def extract_args(cfg: ExtractConfig, store: str) -> list[str]:
+    return ["extract", "--model", cfg.model, "--hook", cfg.hook, "--dataset", cfg.dataset, "--context-size", "32",
+            "--max-tokens", "512", "--shard-tokens", "128", "--batch-size", "4", "--device", "cpu", "--store", store]
+
+
+def prefect_records() -> list[str]:
+    """Every flow run's parameters, log line and artifact the session's Prefect server holds, as text."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    out = []
+    with get_client(sync_client=True) as client:
+        runs, offset = [], 0
+        while batch := client.read_flow_runs(limit=100, offset=offset):
+            runs += batch
+            offset += len(batch)
+        for run in runs:
+            out.append(json.dumps(run.parameters, default=str))
+            out.append(f"{run.state_name} {run.state.message if run.state else ''}")
+            offset = 0
+            while logs := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200,
+                                           offset=offset):
+                out += [log.message for log in logs]
+                offset += len(logs)
+        offset = 0
+        while arts := client.read_artifacts(limit=100, offset=offset):
+            out += [json.dumps([a.data, a.description, a.key], default=str) for a in arts]
+            offset += len(arts)
+    assert len(runs) >= 3, "expected the flow runs of this test on the session's Prefect server"
+    return out
+
+
+def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, capfd):
+    """Credentials in the environment and in a Prefect block (distinct secrets), used by extract/ls/show/verify/cp
+    through the CLI and the Python API, in success and failure: no secret in any object, file, output line,
+    exception, flow-run parameter, log or artifact."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect_aws import AwsCredentials
+
+    from actcache.api import extract
+    from actcache.copy import copy_set
+    from actcache.dataset import ActivationDataset
+
+    (w_key, w_secret), (b_key, b_secret) = s3_server.keys["writer"], s3_server.keys["block"]
+    assert len({w_secret, b_secret, WRONG_ENV_SECRET, WRONG_BLOCK_SECRET}) == 4
+    AwsCredentials(aws_access_key_id=b_key, aws_secret_access_key=b_secret).save("sec-good", overwrite=True)
+    AwsCredentials(aws_access_key_id=b_key, aws_secret_access_key=WRONG_BLOCK_SECRET).save("sec-bad", overwrite=True)
+    good, reader = s3_server.env("writer"), s3_server.env("reader")
+    wrong = {**good, "AWS_SECRET_ACCESS_KEY": WRONG_ENV_SECRET}  # the chain fails: only the block can work
+    texts: list[str] = []
+
+    def cli(*args: str, env: dict[str, str], ok: bool = True, expect: tuple[str, ...] = ()) -> str:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        base.update(env, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                    AWS_EC2_METADATA_DISABLED="true", PREFECT_API_URL=PREFECT_API_URL.value(), TQDM_DISABLE="1")
+        p = subprocess.run([CLI, *args], env=base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        texts.extend([p.stdout, p.stderr])
+        if ok:
+            assert p.returncode == 0, (args, p.stderr[-3000:])
+        else:
+            lines = p.stderr.strip().splitlines()
+            one_line = p.returncode == 2 and len(lines) == 1
+            assert one_line and any(e in lines[0] for e in expect), (args, p.stderr[-3000:])
+        return p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+
+    url_env, url_block, url_cp = (s3_server.new_prefix() for _ in range(3))
+    denied = ("access denied", "rejected the credentials")
+    with ThreadPoolExecutor(3) as pool:  # independent subprocesses: ~3x faster than one after another
+        env_set = pool.submit(cli, *extract_args(config, url_env), env=good)
+        block_set = pool.submit(cli, *extract_args(config, url_block), "--aws-credentials-block", "sec-good",
+                                env=wrong)
+        failing = [pool.submit(cli, "ls", url_env, env=wrong, ok=False, expect=denied),
+                   pool.submit(cli, *extract_args(config, s3_server.new_prefix()), "--aws-credentials-block",
+                               "sec-bad", env=good, ok=False, expect=denied)]
+        env_set, block_set = env_set.result(), block_set.result()
+        set_id = env_set.rsplit("/", 1)[1]
+        local = tmp_path / "copied"
+        jobs = [pool.submit(cli, "ls", url_env, env=good),
+                pool.submit(cli, "ls", url_block, "--aws-credentials-block", "sec-good", env=wrong),
+                pool.submit(cli, "show", env_set, "--shards", env=good),
+                pool.submit(cli, "show", block_set, "--aws-credentials-block", "sec-good", env=wrong),
+                pool.submit(cli, "verify", env_set, env=good),
+                pool.submit(cli, "verify", block_set, "--aws-credentials-block", "sec-good", env=wrong),
+                pool.submit(cli, "verify", env_set, "--aws-credentials-block", "sec-bad", env=good, ok=False,
+                            expect=denied),
+                pool.submit(cli, "cp", block_set, str(local), "--aws-credentials-block", "sec-good", env=wrong)]
+        [f.result() for f in failing + jobs]
+        cps = [pool.submit(cli, "cp", f"{local}/{set_id}", url_cp, "--dest-aws-credentials-block", "sec-good",
+                           env=wrong),
+               pool.submit(cli, "cp", f"{local}/{set_id}", s3_server.new_prefix(), env=reader, ok=False,
+                           expect=denied[:1])]
+        [f.result() for f in cps]
+
+    # The Python API in this process, the environment's secret wrong: the block is what works.
+    for k, v in wrong.items():
+        monkeypatch.setenv(k, v)
+    s = open_set(block_set, credentials_block="sec-good")
+    assert s.verify() == [] and len(list(s)) == 4
+    assert next(iter(ActivationDataset(block_set, 64, credentials_block="sec-good"))).shape == (64, 32)
+    copy_set(block_set, str(tmp_path / "api-copy"), src_credentials_block="sec-good")
+    url_api = s3_server.new_prefix()
+    assert extract(config.replace(store=url_api, aws_credentials_block="sec-good")).endswith(set_id)
+    no_cache = {"skip_instance_cache": True}  # s3fs would reuse a filesystem made with other environment keys
+    failures = [lambda: open_set(env_set, no_cache),
+                lambda: open_set(env_set, credentials_block="sec-bad"),
+                lambda: extract(config.replace(store=s3_server.new_prefix(), aws_credentials_block="sec-bad")),
+                lambda: copy_set(f"{local}/{set_id}", s3_server.new_prefix(), dest_options=no_cache)]
+    for fail in failures:
+        with pytest.raises(ActcacheError) as info:
+            fail()
+        texts += [str(info.value), repr(info.value), "".join(traceback.format_exception(info.value))]
+    for k, v in reader.items():  # a user who may read but not write
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ActcacheError, match="access denied") as info:
+        copy_set(f"{local}/{set_id}", s3_server.new_prefix(), dest_options=no_cache)
+    texts += [str(info.value), "".join(traceback.format_exception(info.value))]
+
+    blobs = [data for url in (url_env, url_block, url_cp, url_api) for data in s3_server.keys_under(url).values()]
+    blobs += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "moto" not in p.name]
+    assert any(rel.endswith(layout.MANIFEST) for rel in s3_server.keys_under(url_cp)) and len(blobs) > 40
+    captured = capfd.readouterr()
+    texts += [captured.out, captured.err, *prefect_records()]
+    for secret in (w_secret, b_secret, WRONG_ENV_SECRET, WRONG_BLOCK_SECRET, w_key, b_key):
+        assert not [t for t in texts if secret in t], f"{secret[:4]}... appears in an output"
+        assert not [b for b in blobs if secret.encode() in b], f"{secret[:4]}... appears in a stored file"
+
+
+# -- trust_remote_code ----------------------------------------------------------------------------
+def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch):
+    import transformers
+
+    from actcache.cli import build_parser
+    from actcache.model import ModelSpec, resolve_model
+    from actcache.plan import make_plan
+
+    assert ExtractConfig().trust_remote_code is False
+    assert build_parser().parse_args(["extract"]).trust_remote_code is False
+    assert build_parser().parse_args(["extract", "--trust-remote-code"]).trust_remote_code is True
+    assert build_parser().parse_args(["hooks", "gpt2"]).trust_remote_code is False
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer):
+        real = cls.from_pretrained
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    for flag in (False, True):
+        model = resolve_model(ModelSpec(config.model, trust_remote_code=flag))
+        model.config, model.tokenizer  # noqa: B018 - loading them is the point
+        assert seen[-2:] == [flag, flag]
+    assert json.loads((local_set / layout.MANIFEST).read_text())["model"]["trust_remote_code"] is False
+    plan = make_plan(config.replace(store=str(local_set.parent), trust_remote_code=True), load_model=False)
+    assert plan.provenance["model"]["trust_remote_code"] is True  # what write_manifest records
+
+
+# -- no pickle ------------------------------------------------------------------------------------
+def test_reading_never_unpickles(local_set, monkeypatch):
+    """open_set, iteration, checksummed reads, verify and the training dataset use safetensors and JSON only."""
+    from actcache.dataset import ActivationDataset
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used while reading a set")
+
+    class NoUnpickler(pickle.Unpickler):
+        def __init__(self, *args, **kwargs):
+            refuse()
+
+    for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (torch.serialization, "load")):
+        monkeypatch.setattr(target, name, refuse)
+    monkeypatch.setattr(pickle, "Unpickler", NoUnpickler)
+    unpickled = []
+    sys.addaudithook(lambda event, args: unpickled.append(args) if event == "pickle.find_class" else None)
+
+    s = open_set(str(local_set))
+    shards = [s.read(r, verify=True) for r in s.records]
+    assert [x.index for x in shards] == [0, 1, 2, 3] and len(list(s)) == 4 and s.verify() == []
+    rows = sum(len(b) for b in ActivationDataset(str(local_set), 100, shuffle_buffer=256, seed=1, verify=True))
+    assert rows == 512 and not unpickled
+    with pytest.raises(AssertionError, match="pickle used"):  # the guard itself works
+        torch.load(local_set / layout.MANIFEST)
+
+
+# -- shards validated before use ------------------------------------------------------------------
+def _safetensors(header: dict, body: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def _bad_shards(good: bytes) -> dict[str, tuple[bytes, str]]:
+    n = struct.unpack("<Q", good[:8])[0]
+    header, body = json.loads(good[8 : 8 + n]), good[8 + n :]
+    acts = shard.decode(good, codec="none")["activations"]
+    tokens = shard.decode(good, codec="none")["tokens"]
+
+    def edited(name: str, **change) -> bytes:
+        h = json.loads(json.dumps(header))
+        h[name].update(change)
+        return _safetensors(h, body)
+
+    start, _ = header["activations"]["data_offsets"]
+    return {
+        "offsets beyond the file": (edited("activations", data_offsets=[start, len(body) + 4096]), "offset"),
+        "header longer than the file": (struct.pack("<Q", 1 << 40) + good[8:], "header too large"),
+        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]), "invalid shape"),
+        "header not JSON": (struct.pack("<Q", 6) + b"{'x':1" + body, "invalid JSON"),
+        "truncated": (good[:5], "header too small"),
+        "shape not the manifest's": (shard.encode({"activations": acts[:, :, :16].contiguous(),
+                                                   "tokens": tokens}).data, "expected torch.float16[4, 32, 32]"),
+        "dtype not the manifest's": (shard.encode({"activations": acts.float(), "tokens": tokens}).data,
+                                     "is torch.float32"),
+        "tokens missing": (shard.encode({"activations": acts}).data, "no tensor 'tokens'"),
+    }
+
+
+def _plant(set_dir: Path, index: int, data: bytes) -> None:
+    """Put ``data`` in as shard ``index`` with a manifest that vouches for it (the checksum passes)."""
+    import hashlib
+
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    rec = m["shards"][index]
+    (set_dir / rec["file"]).write_bytes(data)
+    rec.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
+
+
+def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
+    from actcache.dataset import ActivationDataset
+
+    good = (local_set / layout.shard_file(0, "none")).read_bytes()
+    for case, (data, reason) in _bad_shards(good).items():
+        set_dir = copy_of(local_set, tmp_path / case.replace(" ", "-"))
+        _plant(set_dir, 0, data)
+        s = open_set(str(set_dir))
+        assert s.verify() == [], case  # the checksum matches: only the structure is wrong
+        with pytest.raises(ActcacheError) as direct:
+            s.read(s.records[0], verify=True)
+        with pytest.raises(ActcacheError) as streamed:
+            list(ActivationDataset(str(set_dir), 64))
+        for msg in (str(direct.value), str(streamed.value)):
+            assert msg.startswith("shard 0 of ") and "is unreadable" in msg and reason in msg, (case, msg)
+            assert "\n" not in msg
+
+
+def test_zstd_frame_claiming_gigabytes_is_refused_before_allocating(local_set, tmp_path):
+    """A zstd shard is a few bytes that may claim any size: the manifest's shapes bound it."""
+    import resource
+
+    src = copy_of(local_set, tmp_path)
+    m = json.loads((src / layout.MANIFEST).read_text())
+    m["key"].update(codec="zstd", codec_level=3)
+    m.update(codec="zstd", codec_level=3, set_id=SetKey.from_dict(m["key"]).id)
+    set_dir = src.parent / m["set_id"]
+    (set_dir / "shards").mkdir(parents=True)
+    for r in m["shards"]:
+        r["file"] = layout.shard_file(r["index"], "zstd")
+        (set_dir / r["file"]).write_bytes(shard.encode(shard.decode((src / f"shards/{r['index']:06d}.safetensors")
+                                                                    .read_bytes(), codec="none"), codec="zstd").data)
+    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
+    assert open_set(str(set_dir)).read(open_set(str(set_dir)).records[1]).activations.shape == (4, 32, 32)
+
+    bomb = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<Q", 8 << 30) + bytes([1, 0, 0])
+    _plant(set_dir, 0, bomb)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = open_set(str(set_dir))
+    with pytest.raises(ActcacheError, match=r"shard 0 of .* is unreadable \(zstd frame declares 8589934592 bytes"):
+        s.read(s.records[0])
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 256 << 10  # KB: nothing near 8 GB
+
+
+# -- nothing escapes the store --------------------------------------------------------------------
+ESCAPES = ["../../outside/secret.safetensors", "/etc/passwd", "s3://other-bucket/x/shards/000000.safetensors",
+           "file:///etc/passwd", "shards/../../../outside/secret.safetensors", "shards/000000.safetensors/../../x",
+           "shards/000000.safetensors\n", "shards/\u0660\u0660\u0660\u0660\u0660\u0660.safetensors",
+           "done/000000.json", "memory://shards/000000.safetensors", "shards/000001.safetensors"]
+
+
+@pytest.mark.parametrize("entry", ESCAPES, ids=[repr(e)[1:-1] for e in ESCAPES])
+def test_manifest_entries_cannot_escape_the_set(local_set, tmp_path, entry):
+    """A hand-crafted manifest names another file for shard 0: the reader refuses it before opening anything,
+    and no file outside the set folder is ever opened (seen through Python's audit hook for every open)."""
+    set_dir = copy_of(local_set, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.safetensors").write_bytes((set_dir / layout.shard_file(0, "none")).read_bytes())
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m["shards"][0]["file"] = entry
+    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
+
+    opened: list[str] = []
+    watching = [True]
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if watching and event == "open" else None)
+    try:
+        with pytest.raises(ActcacheError, match=r"manifest of .* is malformed \(.*\); regenerate it"):
+            open_set(str(set_dir))
+        from actcache.copy import copy_set
+
+        with pytest.raises(ActcacheError, match="is malformed"):
+            copy_set(str(set_dir), str(tmp_path / "dest"))
+    finally:
+        watching.clear()
+    ours = [p for p in opened if p.startswith(str(tmp_path))]
+    assert ours and all(p.startswith(str(set_dir) + os.sep) for p in ours), ours
+    assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("set_id", ["..", "../outside", "0123456789abcdef01234567\n", "/etc", "t..",
+                                    "0123456789ABCDEF01234567"])
+def test_set_ids_are_checked(local_set, tmp_path, set_id):
+    store = copy_of(local_set, tmp_path).parent
+    with pytest.raises(ActcacheError, match="is not a set id"):
+        from actcache import manifest
+        from actcache.store import Store
+
+        manifest.read(Store(str(store)), set_id)
+
+
+def test_cli_refuses_a_malicious_manifest_in_one_line(local_set, tmp_path):
+    set_dir = copy_of(local_set, tmp_path)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m["shards"][2]["file"] = "../../../etc/passwd"
+    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
+    for cmd in (["verify", str(set_dir)], ["show", str(set_dir)], ["cp", str(set_dir), str(tmp_path / "d")]):
+        p = subprocess.run([CLI, *cmd], capture_output=True, text=True, timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and "not a shard path: '../../../etc/passwd'" in lines[0], p.stderr
+    assert not (tmp_path / "d").exists()

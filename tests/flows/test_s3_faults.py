@@ -27,6 +27,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 N_SHARDS = 16  # enough shards that the run is still uploading when the endpoint dies
 SHARD_PUT = re.compile(r'"PUT /[^ ]*/([0-9a-f]{24})/(shards/[0-9]{6}\.safetensors)')
+UPLOADED = re.compile(r"Task run 'upload-[^']*' - Finished in state Completed")
 CLI = str(Path(sys.executable).with_name("actcache"))
 
 
@@ -120,9 +121,10 @@ def upload_runs(flow_run_id, expected: int, timeout: float = 30.0) -> list:
 
 def test_endpoint_killed_mid_upload_comes_back(config, reference, restartable_s3, monkeypatch):
     """The endpoint dies (SIGKILL) right after the set's first shard PUT, stays down 3 s, restarts on the same
-    port with its objects. moto keeps state in memory only: the restart replays moto's request recording, so
-    what the proof rests on is the client side: uploads that hit the dead endpoint are retried (or, if the
-    outage hit a stage without retries, the rerun finishes), and no object is ever partial."""
+    port with its objects. moto keeps state in memory only: the restarted server replays moto's request
+    recording before its port opens, so what the proof rests on is the client side: uploads that hit the dead
+    endpoint are retried (or, if the outage hit a stage without retries, the rerun finishes), and no object is
+    ever partial."""
     from flows.extract import extract_activations
 
     server = restartable_s3
@@ -206,22 +208,36 @@ def test_client_killed_while_endpoint_down_then_rerun(config, reference, restart
 
 
 def test_two_processes_extract_the_same_set_at_once(config, reference, s3_server, s3_env, tmp_path):
-    """Two CLI processes start together on one prefix: both plan before either finishes, so both upload every
-    shard. Whole-object PUTs of identical bytes, each record after its shard: the set equals a single run's."""
+    """Two CLI processes extract one set into one prefix at once. Left to the scheduler, one often finishes
+    before the other has planned; so the first to store a shard is paused (SIGSTOP) until the other has stored
+    one too: then both upload the remaining shards concurrently. Whole-object PUTs of identical bytes, each
+    record after its shard: the set equals a single run's."""
     url = s3_server.new_prefix()
     cfg = config.replace(store=url, storage_options={"endpoint_url": s3_server.endpoint})
     start = s3_server.log_path.stat().st_size
+    logs = [tmp_path / f"run{i}.log" for i in range(2)]
     procs = [subprocess.Popen([CLI, *cli_args(cfg)], env=cli_env(s3_server), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for _ in range(2)]
+                              stderr=log.open("w"), text=True, cwd=tmp_path) for log in logs]
+
+    def stored(i: int) -> bool:
+        return bool(UPLOADED.search(logs[i].read_text(errors="replace")))
+
     try:
-        outs = [p.communicate(timeout=300) for p in procs]
+        wait_for(lambda: stored(0) or stored(1) or any(p.poll() is not None for p in procs), 240, "a stored shard")
+        first = 0 if stored(0) else 1
+        procs[first].send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: stored(1 - first) or procs[1 - first].poll() is not None, 240, "the other's shard")
+        finally:
+            procs[first].send_signal(signal.SIGCONT)
+        outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=30)
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    for p, out, log in zip(procs, outs, logs, strict=True):
+        assert p.returncode == 0, log.read_text()[-3000:]
         assert out.strip().splitlines()[-1] == f"{url}/{set_id_of(reference)}"
 
     prefix = url.removeprefix(f"s3://{s3_server.bucket}/")

@@ -14,6 +14,9 @@ from actcache.key import CODECS, DTYPES
 
 @dataclass(frozen=True)
 class ExtractConfig:
+    # As a flow parameter: the Prefect server refuses an unknown option (a typo) when the run is created.
+    __pydantic_config__ = {"extra": "forbid"}
+
     model: str = DEMO_MODEL
     """HF model id, a local directory written by save_pretrained, or builtin:tiny-gpt2 (offline demo)."""
     revision: str | None = None

@@ -71,7 +71,6 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from actcache.config import ExtractConfig
     from actcache.reader import open_set
 
     timings: dict[str, float] = {}
@@ -112,16 +111,18 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
         assert all(s.active for s in nightly.schedules)
         # The flow's typed signature is the deployment's parameter schema: a bad option never reaches a worker.
         on_demand = client.read_deployment_by_name("extract-activations/extract")
-        with pytest.raises(Exception, match="float8"):
-            client.create_flow_run_from_deployment(on_demand.id, parameters={"config": {"dtype": "float8"}})
+        for bad in ({"dtype": "float8"}, {"max_token": 4096}):  # a bad choice, a typo
+            with pytest.raises(Exception, match="float8|max_token"):
+                client.create_flow_run_from_deployment(on_demand.id, parameters={"config": bad})
 
         fanout_params = {"config": common | {"store": str(fan_store)}, "num_partitions": PARTITIONS, "poll_s": 1}
         first = run_deployment("extract-fanout/fanout", parameters=fanout_params, timeout=0)
-
-        # The single-process reference runs here meanwhile, against the same server.
-        from flows.extract import extract_activations
-
-        [ref_url] = extract_activations(ExtractConfig(**common, store=str(ref_store)))
+        # The single-process reference: one run of the on-demand deployment, on a worker too. (Not in this
+        # process: a flow run here would leave Prefect's event sender bound to a server that is about to stop.)
+        ref_params = {"config": common | {"store": str(ref_store)}}
+        single = run_deployment("extract-activations/extract", parameters=ref_params, timeout=0)
+        single = wait_final(client, single.id, server)
+        assert single.state.is_completed(), f"single run ended {single.state.name}: {single.state.message}"
         lap("single-process run")
 
         first = wait_final(client, first.id, server)
@@ -161,9 +162,11 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
         assert len(task_runs_named(client, everything, "extract")) == 2 * n_shards
         lap("second fan-out")
 
-    # The fan-out's set is the single-process set, byte for byte.
-    fan_url = f"{fan_store}/{Path(ref_url).name}"
-    ref_files, fan_files = set_files(Path(ref_url)), set_files(Path(fan_url))
+    # The fan-out's set is the single-process set (same key, so same id), byte for byte.
+    [ref_set] = [p for p in ref_store.iterdir() if not p.name.startswith("_")]
+    [fan_set] = [p for p in fan_store.iterdir() if not p.name.startswith("_")]
+    assert fan_set.name == ref_set.name
+    ref_files, fan_files = set_files(ref_set), set_files(fan_set)
     shard_names = [f"shards/{i:06d}.safetensors" for i in range(n_shards)]
     assert sorted(k for k in fan_files if k.startswith("shards/")) == shard_names
     assert sorted(k for k in fan_files if k.startswith("done/")) == [f"done/{i:06d}.json" for i in range(n_shards)]
@@ -177,7 +180,7 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
     fan_manifest = json.loads(fan_files["manifest.json"])
     assert strip(fan_manifest) == strip(json.loads(ref_files["manifest.json"]))
     assert fan_manifest["complete"] and fan_manifest["n_shards"] == n_shards
-    assert open_set(fan_url).verify() == []
+    assert open_set(str(fan_set)).verify() == []
     lap("compare")
     timings["total"] = round(time.monotonic() - t0, 1)
     print("e2e timings (s):", timings)

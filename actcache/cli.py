@@ -202,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("ACTCACHE_TRACEBACK"):
             raise
-        print(f"actcache: error: {unexpected(e)}", file=sys.stderr)
+        message = unexpected(e)
+        print(f"actcache: error: {message}", file=sys.stderr)
+        if message.startswith("lost the Prefect API"):
+            # Prefect's exit handlers would retry the dead API for seconds and log after our line.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
 
 

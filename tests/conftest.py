@@ -16,7 +16,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py) import by name
 
 import pytest  # noqa: E402
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prefect_server import PREFECT, Processes, Server, free_port, server_env
 
 from actcache import faults
 from actcache.reader import open_set
@@ -31,20 +32,35 @@ CASES = _cases()
 
 
 @pytest.fixture(scope="module")
+def api_env(tmp_path_factory):
+    """One real Prefect server for every run here: no temporary server per process, none orphaned by a kill."""
+    root = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**server_env(root / "home", url), "ACTCACHE_CACHE_DIR": os.environ["ACTCACHE_CACHE_DIR"]}
+    procs = Processes(root)
+    try:
+        procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root)
+        Server(url, env, procs).wait_healthy()
+        yield env
+    finally:
+        assert not procs.stop_all()
+
+
+@pytest.fixture(scope="module")
 def args(tiny_models, corpus):
     return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--hook",
             "blocks.1.hook_resid_post", "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128",
             "--device", "cpu", "--codec", "zstd"]
 
 
-def _run(args: list[str], store: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(env)
     env.pop("ACTCACHE_FAULT", None)
     if fault:
         env["ACTCACHE_FAULT"] = fault
     argv = [sys.executable, "-m", "actcache.cli", *args, "--store", str(store)]
-    # Own session: a killed CLI leaves Prefect's temporary server (its child) running and holding the
-    # pipes, so the whole group is killed once the CLI itself has exited.
+    # Own session, and the group killed once the CLI has exited: nothing it started may outlive it.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -74,9 +90,9 @@ def _tree(store: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(args, tmp_path_factory):
+def reference(args, api_env, tmp_path_factory):
     store = tmp_path_factory.mktemp("reference")
-    proc = _run(args, store)
+    proc = _run(args, store, api_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return _tree(store)
 
@@ -86,12 +102,12 @@ def test_cases_cover_every_stage():
 
 
 @pytest.mark.parametrize("point,nth", CASES, ids=[f"{p}:{n}" for p, n in CASES])
-def test_kill_then_rerun_gives_the_same_set(args, reference, tmp_path, point, nth):
+def test_kill_then_rerun_gives_the_same_set(args, api_env, reference, tmp_path, point, nth):
     store = tmp_path / "store"
-    killed = _run(args, store, f"{point}:{nth}")
+    killed = _run(args, store, api_env, f"{point}:{nth}")
     assert killed.returncode == -signal.SIGKILL, f"never reached {point}:{nth}\n{killed.stderr[-2000:]}"
 
-    rerun = _run(args, store)
+    rerun = _run(args, store, api_env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     url = rerun.stdout.strip().splitlines()[-1]
     assert open_set(url).verify() == []

@@ -44,8 +44,9 @@ class ExtractConfig:
     """Token placed between packed documents."""
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
-    shard_tokens: int = 1 << 16
-    """Tokens per shard (rounded down to whole sequences); part of the set's key."""
+    shard_tokens: int = 1 << 18
+    """Tokens per shard (rounded down to whole sequences); part of the set's key. Each shard costs ~50-100 ms of
+    Prefect and store work: 2^18 keeps that to a few % at GPU speeds (bench/RESULTS.md); lower it for large d."""
     batch_size: int = 8
     """Sequences per forward pass."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"

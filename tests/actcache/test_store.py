@@ -5,6 +5,7 @@ import os
 import pytest
 
 from actcache import layout, records
+from actcache.errors import ActcacheError
 from actcache.store import Store
 
 
@@ -16,7 +17,7 @@ def test_write_is_all_or_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ActcacheError, match="No space left on device"):
         store.write_bytes("a/b.bin", b"second, never visible")
     monkeypatch.undo()
     assert store.read_bytes("a/b.bin") == b"first"

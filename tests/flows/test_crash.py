@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from prefect_server import PREFECT, Processes, Server, free_port, server_env
+from setfiles import local_tree
 
 from actcache import faults
 from actcache.reader import open_set
@@ -74,27 +74,12 @@ def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = 
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _tree(store: Path) -> dict[str, bytes]:
-    """Every file of the store; manifests without their timestamps."""
-    out = {}
-    for p in sorted(store.rglob("*")):
-        if not p.is_file():
-            continue
-        data = p.read_bytes()
-        if p.name == "manifest.json":
-            m = json.loads(data)
-            m.pop("created_at"), m.pop("updated_at")
-            data = json.dumps(m, sort_keys=True).encode()
-        out[str(p.relative_to(store))] = data
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(args, api_env, tmp_path_factory):
     store = tmp_path_factory.mktemp("reference")
     proc = _run(args, store, api_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return _tree(store)
+    return local_tree(store)
 
 
 def test_cases_cover_every_stage():
@@ -111,4 +96,4 @@ def test_kill_then_rerun_gives_the_same_set(args, api_env, reference, tmp_path, 
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     url = rerun.stdout.strip().splitlines()[-1]
     assert open_set(url).verify() == []
-    assert _tree(store) == reference, "no temp file, no stale shard, nothing missing"
+    assert local_tree(store) == reference, "no temp file, no stale shard, nothing missing"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from setfiles import local_tree
 
 import actcache
 from actcache import layout
@@ -18,19 +19,6 @@ from actcache.cli import main
 from actcache.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _tree(store: Path) -> dict[str, bytes]:
-    out = {}
-    for p in sorted(store.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p.name == "manifest.json":
-                m = json.loads(data)
-                m.pop("created_at"), m.pop("updated_at")
-                data = json.dumps(m, sort_keys=True).encode()
-            out[str(p.relative_to(store))] = data
-    return out
 
 
 def _assert_nothing_half_done(store: Path) -> None:
@@ -47,7 +35,7 @@ def _assert_nothing_half_done(store: Path) -> None:
 @pytest.fixture
 def reference(base_config, tmp_path):
     url = actcache.extract(base_config.replace(store=str(tmp_path / "reference")))
-    return _tree(Path(url).parent)
+    return local_tree(Path(url).parent)
 
 
 def test_injected_enospc_is_one_line_and_a_rerun_completes(base_config, reference, monkeypatch, capsys):
@@ -72,7 +60,7 @@ def test_injected_enospc_is_one_line_and_a_rerun_completes(base_config, referenc
 
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert main(argv) == 0
-    assert _tree(store) == reference
+    assert local_tree(store) == reference
 
 
 @pytest.fixture
@@ -94,7 +82,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
     _assert_nothing_half_done(small_disk / "store")
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)
     actcache.extract(cfg)
-    assert _tree(small_disk / "store") == reference
+    assert local_tree(small_disk / "store") == reference
 
 
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
@@ -119,7 +107,7 @@ def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_
     urls = {o[0].strip().splitlines()[-1] for o in outs}
     assert len(urls) == 1
     assert open_set(urls.pop()).verify() == []
-    assert _tree(store) == reference
+    assert local_tree(store) == reference
 
 
 def test_hand_edited_manifest_is_refused(base_config, tmp_path):

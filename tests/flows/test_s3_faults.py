@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from setfiles import local_tree, normalized
 
 from actcache import layout
 from actcache.config import ExtractConfig
@@ -43,18 +44,6 @@ def cli_args(cfg: ExtractConfig) -> list[str]:
             "--store", cfg.store, "--storage-options", json.dumps(cfg.storage_options)]
 
 
-def normalized(files: dict[str, bytes]) -> dict[str, bytes]:
-    """Manifests without their timestamps; every other file as is."""
-    out = {}
-    for rel, data in files.items():
-        if rel.endswith(layout.MANIFEST):
-            m = json.loads(data)
-            m.pop("created_at"), m.pop("updated_at")
-            data = json.dumps(m, sort_keys=True).encode()
-        out[rel] = data
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory) -> dict[str, bytes]:
     """The same set written to local disk by one uninterrupted run."""
@@ -62,7 +51,7 @@ def reference(config, tmp_path_factory) -> dict[str, bytes]:
 
     root = tmp_path_factory.mktemp("reference")
     extract_activations(config.replace(store=str(root)), return_state=True).result()
-    return normalized({str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()})
+    return local_tree(root)
 
 
 def set_id_of(files: dict[str, bytes]) -> str:

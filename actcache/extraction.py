@@ -58,6 +58,12 @@ class _Batched:
     batch_size: int
     out_dtype: torch.dtype | None = None
 
+    def _setup(self, module: Any, hooks: str | Sequence[str], batch_size: int, out_dtype: torch.dtype | None) -> None:
+        """What both engines share: the hooks (in order, once each), batching, dtype, the model's device."""
+        self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
+        self.batch_size, self.out_dtype = batch_size, out_dtype
+        self.device = next(module.parameters()).device
+
     def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -106,9 +112,8 @@ class Extractor(_Batched):
 
     def __init__(self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int,
                  out_dtype: torch.dtype | None = None):
-        self.bridge, self.batch_size, self.out_dtype = bridge, batch_size, out_dtype
-        self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
-        self.device = next(bridge.parameters()).device
+        self.bridge = bridge
+        self._setup(bridge, hooks, batch_size, out_dtype)
 
     def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         got: dict[str, torch.Tensor] = {}
@@ -132,9 +137,8 @@ class HFExtractor(_Batched):
 
     def __init__(self, hf_model: Any, hooks: str | Sequence[str], *, batch_size: int,
                  out_dtype: torch.dtype | None = None):
-        self.model, self.batch_size, self.out_dtype = hf_model, batch_size, out_dtype
-        self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
-        self.device = next(hf_model.parameters()).device
+        self.model = hf_model
+        self._setup(hf_model, hooks, batch_size, out_dtype)
         self.layers = getattr(hf_model, FAST_MODEL_TYPES[hf_model.config.model_type])
         self.where: list[tuple[str, int, bool]] = []  # (hook, layer, output of the layer rather than its input)
         for h in self.hooks:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcache import layout, records
+from actcache import layout, memory, records
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction import HF_SDPA, extractor_for, forward_engine
@@ -131,6 +131,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
         raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
+    if load_model:
+        memory.cap_arenas()  # before the pool threads that compress and upload allocate
     store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
     store.check_writable()
     model = model_for(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, layout, records
+from actcache import faults, handoff, layout, memory, records
 from actcache.plan import Plan
 from actcache.transient import is_transient
 from tasks.refs import PackedRef
@@ -33,4 +33,5 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
     records.write_record(store, key.id, record)
     faults.point("upload.record-written")
     handoff.drop(ref.handle)
+    memory.release()
     return record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from actcache import tempserver
 from actcache.config import ExtractConfig
 from actcache.plan import make_plan
 
@@ -15,10 +16,12 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[s
 
     Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
     """
+    tempserver.start()  # boots while the plan loads the model
     cfg = config.replace(**options) if config else ExtractConfig(**options)
     make_plan(cfg)
     from flows.extract import extract_activations
 
-    state = extract_activations(cfg, return_state=True)
+    with tempserver.prefect_api():
+        state = extract_activations(cfg, return_state=True)
     urls = state.result(raise_on_failure=True)
     return urls[0] if len(urls) == 1 else urls

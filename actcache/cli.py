@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    from actcache import tempserver
+
+    tempserver.start()  # first, so Prefect's temporary server boots while torch imports and the model loads
     from actcache.api import extract
     from actcache.config import ExtractConfig, parse_storage_options
 

@@ -79,12 +79,12 @@ def tiny_config(arch: str, vocab_size: int, *, layers: int = 4, d: int = 64, ctx
 
 def build_tiny_model(out: str | os.PathLike, arch: str = "gpt2", *, seed: int = 0, **cfg) -> Path:
     """Write a random-weight model + tokenizer with ``save_pretrained`` (atomically) and return its folder."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out  # before the imports: this check is on every demo run's start-up path
     import torch
     from transformers import AutoModelForCausalLM
 
-    out = Path(out)
-    if (out / "config.json").exists():
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:

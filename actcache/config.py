@@ -53,8 +53,8 @@ class ExtractConfig:
     """Storage dtype of the activations."""
     model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """dtype the model computes in (use float32 on CPU: half-precision matmuls are very slow there)."""
-    codec: Literal["none", "zstd"] = "none"
-    """Lossless codec around each safetensors shard."""
+    codec: Literal["none", "zstd", "shuffle-zstd"] = "none"
+    """Lossless codec around each safetensors shard (shuffle-zstd: byte-shuffled tensor data, then zstd)."""
     codec_level: int = 3
     """zstd level (ignored for codec none)."""
     store: str = "./activations"
@@ -85,8 +85,8 @@ class ExtractConfig:
                                 "tokens; raise --shard-tokens")
         if self.batch_size < 1:
             raise ActcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.codec == "zstd" and not 1 <= self.codec_level <= 22:
-            raise ActcacheError(f"--codec-level must be 1..22 for zstd, got {self.codec_level}")
+        if self.codec != "none" and not 1 <= self.codec_level <= 22:
+            raise ActcacheError(f"--codec-level must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
             raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
         _check_no_secrets(self.storage_options)
@@ -108,7 +108,7 @@ class ExtractConfig:
     @property
     def level(self) -> int:
         """The codec level that changes bytes (0 when there is no codec, so it cannot split sets)."""
-        return self.codec_level if self.codec == "zstd" else 0
+        return self.codec_level if self.codec != "none" else 0
 
     def replace(self, **changes: Any) -> ExtractConfig:
         return dataclasses.replace(self, **changes)

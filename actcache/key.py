@@ -16,7 +16,7 @@ from dataclasses import dataclass
 FORMAT_VERSION = 1
 
 DTYPES = ("float32", "float16", "bfloat16")
-CODECS = ("none", "zstd")
+CODECS = ("none", "zstd", "shuffle-zstd")
 
 
 def _digest(obj: object, n: int = 24) -> str:

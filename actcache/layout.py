@@ -1,7 +1,7 @@
 """Where everything lives inside a store: every relative path is computed here and nowhere else.
 
     <store>/<set_id>/manifest.json                consolidated view (written last)
-    <store>/<set_id>/shards/000012.safetensors    shard bytes (``.safetensors.zst`` when zstd-wrapped)
+    <store>/<set_id>/shards/000012.safetensors    shard bytes (``.zst``/``.shuf.zst`` appended per codec)
     <store>/<set_id>/done/000012.json             completion record (written after the shard)
     <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
 """
@@ -15,13 +15,16 @@ TOKENS_ROOT = "_tokens"
 END = "end.json"
 
 # ASCII digits and \Z, not \d and $: "$" also matches before a trailing newline, "\d" any Unicode digit.
-_SHARD_RE = re.compile(r"^shards/([0-9]{6})\.safetensors(\.zst)?\Z")
+_SHARD_RE = re.compile(r"^shards/([0-9]{6})\.safetensors(\.zst|\.shuf\.zst)?\Z")
 _RECORD_RE = re.compile(r"^done/([0-9]{6})\.json\Z")
 SET_ID_RE = re.compile(r"^t?[0-9a-f]{24}\Z")
 
 
+SUFFIXES = {"none": "", "zstd": ".zst", "shuffle-zstd": ".shuf.zst"}
+
+
 def shard_file(index: int, codec: str) -> str:
-    return f"shards/{index:06d}.safetensors" + (".zst" if codec == "zstd" else "")
+    return f"shards/{index:06d}.safetensors" + SUFFIXES[codec]
 
 
 def record_file(index: int) -> str:

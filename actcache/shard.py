@@ -1,7 +1,14 @@
-"""The shard format: a plain safetensors file (optionally zstd-wrapped) holding ``activations`` and ``tokens``.
+"""The shard format: a plain safetensors file (optionally compressed) holding ``activations`` and ``tokens``.
 
 Any safetensors reader opens an uncompressed shard with no actcache code. Reading never unpickles:
 safetensors validates its own header offsets, and ``decode`` checks names, dtypes and shapes.
+
+Codecs: ``zstd`` is one zstd frame of the safetensors file. ``shuffle-zstd`` first byte-shuffles the tensor
+data (everything after the header, which stays readable) with the element size of ``activations``: all
+first bytes of every element, then all second bytes, ... Activations' sign/exponent bytes are far more
+alike than their low mantissa bytes, so zstd finds more to share (bench: 8-12% smaller than plain zstd, and
+faster). To undo it without actcache: zstd -d, then for the data after byte 8 + header length,
+``np.frombuffer(body, np.uint8).reshape(itemsize, -1).T.tobytes()`` (plus the trailing len % itemsize bytes).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -31,10 +39,10 @@ def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int 
     meta = {"actcache": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
     raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
     data = raw
-    if codec == "zstd":
+    if codec in ("zstd", "shuffle-zstd"):
         import zstandard
 
-        data = zstandard.ZstdCompressor(level=level).compress(raw)
+        data = zstandard.ZstdCompressor(level=level).compress(shuffle(raw) if codec == "shuffle-zstd" else raw)
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
     return Encoded(data, len(raw), hashlib.sha256(data).hexdigest())
@@ -43,7 +51,7 @@ def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int 
 def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
            ) -> dict[str, torch.Tensor]:
     """Decode shard bytes; ``expect`` maps tensor name to (dtype, shape or None) and is enforced."""
-    if codec == "zstd":
+    if codec in ("zstd", "shuffle-zstd"):
         import zstandard
 
         # A frame may claim (or inflate to) any size: with every shape known, refuse more than they can fill
@@ -53,6 +61,8 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
         if limit and size > limit:
             raise ValueError(f"zstd frame declares {size} bytes, more than the expected tensors fill ({limit})")
         data = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit or 0)
+        if codec == "shuffle-zstd":
+            data = unshuffle(data)
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
     tensors = st_load(data)
@@ -63,6 +73,41 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
         if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
     return tensors
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def _split(raw: bytes) -> tuple[int, int]:
+    """(offset where tensor data starts, element size of ``activations``) from a safetensors header."""
+    if len(raw) < 8:
+        raise ValueError("shard too short for a safetensors header")
+    start = 8 + int.from_bytes(raw[:8], "little")
+    if start > len(raw) or start - 8 > _HEADER_ALLOWANCE:
+        raise ValueError("safetensors header length out of range")
+    try:
+        header = json.loads(raw[8:start])
+        itemsize = _ITEMSIZE[header["activations"]["dtype"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"shard header has no readable activations dtype ({type(e).__name__})") from None
+    return start, itemsize
+
+
+def _transpose(raw: bytes, forward: bool) -> bytes:
+    start, itemsize = _split(raw)
+    body = np.frombuffer(raw, np.uint8, offset=start)
+    n = len(body) // itemsize * itemsize
+    shape = (-1, itemsize) if forward else (itemsize, -1)
+    return raw[:start] + body[:n].reshape(shape).T.tobytes() + body[n:].tobytes()
+
+
+def shuffle(raw: bytes) -> bytes:
+    """Byte-shuffle a safetensors file's tensor data by the element size of ``activations``; header untouched."""
+    return _transpose(raw, forward=True)
+
+
+def unshuffle(data: bytes) -> bytes:
+    return _transpose(data, forward=False)
 
 
 _HEADER_ALLOWANCE = 1 << 20

@@ -353,17 +353,6 @@ def several_hooks(src: Path, device: str, batch: int, ctx: int, reps: int, n_lay
 
 
 # -- compression -----------------------------------------------------------------------------------
-def shuffle_zstd(raw: bytes, itemsize: int, level: int) -> bytes:
-    """Byte-shuffle (all first bytes, then all second bytes) before zstd: the candidate, not a project codec."""
-    import numpy as np
-    import zstandard
-
-    a = np.frombuffer(raw, dtype=np.uint8)
-    n = len(a) - len(a) % itemsize
-    planes = a[:n].reshape(-1, itemsize).T.copy()
-    return zstandard.ZstdCompressor(level=level).compress(planes.tobytes() + a[n:].tobytes())
-
-
 def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
     import torch
 
@@ -381,59 +370,98 @@ def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict
         tensors = {"activations": cast, "tokens": tokens}
         raw_len = len(shard.encode(tensors).data)
         variants = {"none": lambda t=tensors: shard.encode(t).data}
-        for lvl in (1, 3):
-            variants[f"zstd-{lvl}"] = lambda t=tensors, lvl=lvl: shard.encode(t, codec="zstd", level=lvl).data
-            variants[f"shuffle+zstd-{lvl}"] = lambda c=cast, lvl=lvl: (
-                shuffle_zstd(c.view(torch.int16).numpy().tobytes(), 2, lvl)
-                + shard.encode({"tokens": tokens}, codec="zstd", level=lvl).data)
+        for codec in ("zstd", "shuffle-zstd"):
+            for lvl in (1, 3):
+                variants[f"{codec}-{lvl}"] = lambda t=tensors, c=codec, lv=lvl: shard.encode(t, codec=c, level=lv).data
         for name, fn in variants.items():
             times = round_robin({"enc": fn}, reps)
             data = fn()
-            dec_s = None
-            if not name.startswith("shuffle"):
-                codec = "zstd" if name.startswith("zstd") else "none"
-                dec = round_robin({"dec": lambda d=data, c=codec: shard.decode(d, codec=c)}, reps)
-                dec_s = median(dec["dec"])
-                assert shard.decode(data, codec=codec)["activations"].equal(cast)
+            codec = name.rsplit("-", 1)[0] if name != "none" else "none"
+            dec = round_robin({"dec": lambda d=data, c=codec: shard.decode(d, codec=c)}, reps)
+            dec_s = median(dec["dec"])
+            assert shard.decode(data, codec=codec)["activations"].equal(cast)
             base = raw_len
             rows.append({"dtype": dtype, "codec": name, "bytes_per_token": round(len(data) / n_tok, 1),
                          "ratio": round(base / len(data), 3),
                          "encode_MB_s": round(base / median(times["enc"]) / 1e6, 1),
-                         "decode_MB_s": round(base / dec_s / 1e6, 1) if dec_s else None})
+                         "decode_MB_s": round(base / dec_s / 1e6, 1)})
     return {"tokens": n_tok, "note": "random-weight model: real activations may compress differently",
             "rows": rows}
 
 
-# -- per-shard pipeline overhead (Prefect + store), forward pass stubbed out ------------------------
-def pipeline_overhead(src: Path, work: Path, counts: tuple[int, int]) -> dict:
-    """Per-shard cost of everything but the forward pass: the real flow, with an extractor that returns zeros."""
-    import torch
+# -- per-shard overhead: what the flow adds around the forward pass -------------------------------------
+class _Stub:
+    """Stands in for the extractor: sleeps like a GPU forward pass at ``rate`` tokens/s (the GIL is released,
+    as while waiting on a CUDA stream), returns zeros of width 8, and stamps when each call starts."""
 
+    def __init__(self, hooks, rate: float | None, starts: list[float]):
+        self.hooks, self.rate, self.starts = hooks, rate, starts
+
+    def __call__(self, tokens):
+        import torch
+
+        self.starts.append(time.perf_counter())
+        if self.rate:
+            time.sleep(tokens.numel() / self.rate)
+        return {h: torch.zeros(*tokens.shape, 8) for h in self.hooks}
+
+
+@contextlib.contextmanager
+def stub_forward(rate: float | None, starts: list[float]):
     import tasks.extract as te
 
-    class Zeros:
-        def __init__(self, hooks):
-            self.hooks = hooks
-
-        def __call__(self, tokens):
-            return {h: torch.zeros(*tokens.shape, 8) for h in self.hooks}
-
     real = te.extractor_for
-    te.extractor_for = lambda model, hooks, **k: Zeros(hooks)
+    te.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts)
     try:
-        secs = {}
-        for n in counts:
-            # Fresh store each time: the difference between the two counts is the cost of one more shard.
-            secs[n] = run_flow(flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post"))
+        yield
     finally:
         te.extractor_for = real
+
+
+def big_corpus(work: Path, repeat: int) -> Path:
+    path = work / f"corpus-x{repeat}.txt"
+    if not path.exists():
+        path.write_text(corpus(work).read_text(encoding="utf-8") * repeat, encoding="utf-8")
+    return path
+
+
+def pipeline_overhead(src: Path, work: Path, counts: tuple[int, int]) -> dict:
+    """Per-shard cost of everything but the forward pass (Prefect task runs, hand-offs, encode, write, record):
+    the real flow with a forward pass that takes no time, so the flow's own cost is all there is."""
+    secs = {}
+    for n in (counts[0], *counts):  # the first run is a warm-up: Prefect's server, model config, tokenizer
+        with stub_forward(None, []):
+            # Fresh store each time: the difference between the two counts is the cost of one more shard.
+            secs[n] = run_flow(flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post"))
     per_shard = (secs[counts[1]] - secs[counts[0]]) / (counts[1] - counts[0])
-    table = {}
-    for rate_name, rate in (("cpu_1400_tok_s", 1400.0), ("gpu_100k_tok_s", 1e5)):
-        table[rate_name] = {str(s): round(100 * per_shard / (s / rate), 2) for s in (1 << 14, 1 << 16, 1 << 17,
-                                                                                   1 << 18)}
     return {"flow_seconds": {str(k): round(v, 2) for k, v in secs.items()},
-            "per_shard_ms": round(1000 * per_shard, 1), "overhead_percent_by_shard_tokens": table}
+            "per_shard_ms": round(1000 * per_shard, 1)}
+
+
+def gpu_rate_overhead(src: Path, work: Path, rate: float, sizes: dict[int, int]) -> dict:
+    """How long the forward pass waits on the flow per shard at a GPU-class ``rate`` (tokens/s).
+
+    The extractor is stubbed by one that sleeps for shard_tokens / rate; the gap between the starts of
+    consecutive forward passes minus that sleep is what the flow adds on the forward pass's path
+    (the extract task run, submitting compress/upload, a full in-flight window, loading the token shard).
+    """
+    ctx = 128
+    need = max(n * t for t, n in sizes.items())
+    cfg_corpus = big_corpus(work, max(1, -(-need // 90_000)))  # the demo corpus holds ~100k tokens
+    out = {}
+    for shard_tokens, n in sizes.items():
+        starts: list[float] = []
+        cfg = flow_config(src, work, 8, ctx, shard_tokens // ctx, n, "cpu", hook="blocks.0.hook_resid_post")
+        cfg = cfg.replace(dataset=str(cfg_corpus))
+        with stub_forward(rate, starts):
+            run_flow(cfg)
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        t_fwd = shard_tokens / rate
+        over = median(gaps) - t_fwd
+        out[str(shard_tokens)] = {"shards": n, "forward_s": round(t_fwd, 3), "median_gap_s": round(median(gaps), 4),
+                                  "overhead_ms": round(1000 * over, 1),
+                                  "overhead_percent": round(100 * over / t_fwd, 2)}
+    return {"rate_tokens_per_s": rate, "by_shard_tokens": out}
 
 
 # -- warm rerun of a complete 1000-shard set; cold start ---------------------------------------------
@@ -701,6 +729,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if "pipeline_overhead" in only:
             res["pipeline_overhead"] = pipeline_overhead(src, work, (3, 8) if smoke else (20, 120))
+            sizes = {1 << 12: 4} if smoke else {1 << 14: 12, 1 << 16: 8, 1 << 18: 5}
+            res["pipeline_overhead"]["gpu_rate"] = gpu_rate_overhead(src, work, 1e5, sizes)
             save()
         if "warm_rerun" in only:
             n = 50 if smoke else 1000

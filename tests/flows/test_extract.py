@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from actcache import layout
 from actcache.reader import open_set
@@ -137,6 +138,13 @@ def test_shards_are_plain_safetensors_with_provenance(base_config):
     assert all(r["extra"]["stats"]["nan"] == 0 and r["extra"]["stats"]["mean_l2_norm"] > 0 for r in m["shards"])
     assert "torch" in m["versions"] and "transformer-lens" in m["versions"]
     assert all(p.suffix == ".zst" for p in Path(urls[0]).glob("shards/*"))
+    zstd_acts = [s.activations for s in open_set(urls[0])]
+
+    urls, _ = run(base_config.replace(codec="shuffle-zstd", codec_level=3))
+    assert open_set(urls[0]).manifest["codec"] == "shuffle-zstd"
+    assert all(p.name.endswith(".safetensors.shuf.zst") for p in Path(urls[0]).glob("shards/*"))
+    assert all(torch.equal(s.activations, a) for s, a in zip(open_set(urls[0]), zstd_acts, strict=True))
+    assert open_set(urls[0]).verify() == []
 
     urls, _ = run(base_config)
     path = Path(urls[0]) / layout.shard_file(0, "none")

@@ -2,12 +2,58 @@
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any
 
 ARTIFACT_EVERY_S = 5.0
+
+
+class _Publisher:
+    """Sends progress-artifact updates from a background thread, newest value only.
+
+    Each update is a blocking API call (~5-100 ms, more when the server is busy); made on the thread that runs
+    the forward passes it was most of the per-shard overhead at GPU-class speed (bench: pipeline_overhead).
+    """
+
+    def __init__(self, artifact_id: Any):
+        self.artifact_id = artifact_id
+        self._value: float | None = None
+        self._closed = False
+        self._cv = threading.Condition()
+        # The Prefect settings and run context (e.g. which API) are context variables: take them along.
+        ctx = contextvars.copy_context()
+        self._thread = threading.Thread(target=ctx.run, args=(self._loop,), name="actcache-progress", daemon=True)
+        self._thread.start()
+
+    def publish(self, value: float) -> None:
+        with self._cv:
+            self._value = value
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        while True:
+            with self._cv:
+                while self._value is None and not self._closed:
+                    self._cv.wait()
+                if self._value is None:
+                    return
+                value, self._value = self._value, None
+            try:
+                update_progress_artifact(self.artifact_id, progress=value)
+            except Exception:
+                pass  # progress is for people watching the UI; it never fails a run
+
+    def close(self, wait_s: float) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(wait_s)
 
 
 class Progress:
@@ -19,39 +65,42 @@ class Progress:
         # disable=None: a bar on a terminal, none in logs and pipes.
         self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=True if total == 0 else None,
                         leave=True)
-        self.artifact = None
+        self.publisher: _Publisher | None = None
         try:
             from prefect.artifacts import create_progress_artifact
+            from prefect.context import FlowRunContext
 
-            self.artifact = create_progress_artifact(progress=0.0, description=f"{label}: {total} {unit}s")
+            if FlowRunContext.get() is not None:  # outside a flow run there is nowhere to publish it
+                artifact = create_progress_artifact(progress=0.0, description=f"{label}: {total} {unit}s")
+                self.publisher = _Publisher(artifact)
         except Exception:
-            pass  # outside a flow run there is nowhere to publish it
+            pass  # progress never fails a run
 
     def advance(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
         now = time.perf_counter()
-        # Each update is a blocking API call (~5-100 ms, more when the server is busy) on the thread that runs
-        # the forward passes: publish at most once per ARTIFACT_EVERY_S, and always the last one.
-        if self.artifact is not None and self.total and (self.done >= self.total
-                                                          or now - self._published >= ARTIFACT_EVERY_S):
-            from prefect.artifacts import update_progress_artifact
-
+        # At most once per ARTIFACT_EVERY_S (the server records every update), and always the last one.
+        if self.publisher is not None and self.total and (self.done >= self.total
+                                                           or now - self._published >= ARTIFACT_EVERY_S):
             self._published = now
-            update_progress_artifact(self.artifact, progress=100.0 * self.done / self.total)
+            self.publisher.publish(100.0 * self.done / self.total)
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.bar.close()
+        if self.publisher is not None:
+            # Let the last update land (the UI shows 100%), but never hold up a failure's message.
+            self.publisher.close(wait_s=0 if failed else 10)
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()  # also on failure, so an error message starts on a line of its own
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)  # also on failure, so an error message starts on a line of its own
 
 
 class Window:

@@ -1,0 +1,69 @@
+"""Progress: the artifact reaches 100% in the UI, and a slow API never holds up the thread that advances it."""
+
+from __future__ import annotations
+
+import time
+
+from actcache import progress
+from actcache.progress import Progress, Window
+
+
+def _artifact_progress(artifact_id) -> float:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    with get_client(sync_client=True) as client:
+        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
+    return float(art.data)
+
+
+def test_artifact_ends_at_100_without_blocking_advance(prefect_harness, monkeypatch):
+    from prefect import flow
+    from prefect.artifacts import update_progress_artifact
+
+    calls = []
+
+    def slow_update(artifact_id, progress):  # a busy server: every update takes 0.3 s
+        time.sleep(0.3)
+        calls.append(progress)
+        return update_progress_artifact(artifact_id, progress=progress)
+
+    monkeypatch.setattr(progress, "ARTIFACT_EVERY_S", 0.0)
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact", slow_update)
+
+    @flow
+    def advance_five():
+        with Progress(5) as p:
+            t = time.perf_counter()
+            for _ in range(5):
+                p.advance()
+            advancing = time.perf_counter() - t
+        return p.publisher.artifact_id, advancing
+
+    artifact_id, advancing = advance_five()
+    assert advancing < 0.3  # five updates of 0.3 s each did not run on this thread
+    assert calls and calls[-1] == 100.0 and len(calls) < 5  # only the newest value is sent
+    assert _artifact_progress(artifact_id) == 100.0
+
+
+def test_progress_outside_a_flow_just_counts():
+    with Progress(3) as p:
+        for _ in range(3):
+            p.advance()
+    assert p.done == 3 and p.publisher is None
+
+
+def test_window_keeps_order_and_bounds_in_flight():
+    class Done:
+        def __init__(self, v):
+            self.v = v
+
+        def result(self):
+            return self.v
+
+    seen = []
+    w = Window(2, on_result=seen.append)
+    for i in range(5):
+        w.add(Done(i))
+        assert len(w.pending) <= 2
+    assert w.drain() == [0, 1, 2, 3, 4] and seen == [0, 1, 2, 3, 4]

@@ -128,7 +128,14 @@ def _payload_limit(expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]]
 
 def stats(acts: torch.Tensor) -> dict[str, float | int]:
     """Mean L2 norm per token and NaN/Inf counts, for the manifest (computed in float32)."""
-    flat = acts.reshape(-1, acts.shape[-1]).float()
+    flat = acts.reshape(-1, acts.shape[-1])
+    # One pass, upcast on the fly: a NaN or Inf anywhere makes its row's norm non-finite, so all-finite
+    # norms mean no NaN or Inf at all. Only otherwise (or on a float32 overflow) the full count below runs:
+    # it is ~30x slower (90 ms per 8192 x 768 shard, competing with the forward pass for the CPU).
+    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32)
+    if bool(torch.isfinite(norms).all()):
+        return {"mean_l2_norm": round(float(norms.mean()), 6) if len(norms) else 0.0, "nan": 0, "inf": 0}
+    flat = flat.float()
     finite = torch.isfinite(flat)
     norms = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dim=-1)
     return {

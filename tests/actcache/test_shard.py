@@ -84,3 +84,15 @@ def test_stats_count_nan_and_inf():
     s = shard.stats(x)
     assert s["nan"] == 1 and s["inf"] == 1
     assert s["mean_l2_norm"] == pytest.approx((4 * 2.0 + 2 * 3**0.5) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fast_stats_equal_the_elementwise_count(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 16, 32, generator=g) * 5).to(dtype)
+    flat = x.reshape(-1, 32).float()
+    want = torch.linalg.vector_norm(flat, dim=-1).mean()
+    s = shard.stats(x)
+    assert s["nan"] == 0 and s["inf"] == 0 and s["mean_l2_norm"] == pytest.approx(float(want), rel=1e-6)
+    x[1, 2, 3] = float("nan")
+    assert shard.stats(x)["nan"] == 1

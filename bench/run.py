@@ -551,32 +551,37 @@ def warm_in_process(config: dict) -> dict:
 
 
 def cold_child(work: str) -> None:
-    """Cold start of the demo extraction, phase by phase (the CLI does exactly these steps)."""
+    """Cold start of the demo extraction, phase by phase, in the order `actcache extract` runs them."""
     t0 = time.perf_counter()
     quiet_prefect()
     import actcache.cli  # noqa: F401
+    from actcache import tempserver
 
     t_cli = time.perf_counter()
+    tempserver.start()  # Prefect's temporary server boots in another process from here on
+    t_launch = time.perf_counter()
     from actcache import demo
     from actcache.config import ExtractConfig
     from actcache.plan import make_plan
     from flows.extract import extract_activations
 
     t_imp = time.perf_counter()
-    demo.builtin_model("tiny-gpt2")  # built once per machine; not part of a normal cold start
+    demo.builtin_model("tiny-gpt2")  # built once per machine; then only an existence check
     demo.demo_corpus()
     t_build = time.perf_counter()
-    empty_flow()()
-    t_prefect = time.perf_counter()
     cfg = ExtractConfig(max_tokens=2048, shard_tokens=2048, store=str(Path(work) / "cold-store"))
     make_plan(cfg)
     t_model = time.perf_counter()
-    extract_activations(cfg)
+    with tempserver.prefect_api():
+        t_ready = time.perf_counter()
+        extract_activations(cfg)
     t_first = time.perf_counter()
-    print(json.dumps({"import_cli_s": round(t_cli - t0, 2), "import_flow_s": round(t_imp - t_cli, 2),
-                      "demo_assets_s": round(t_build - t_imp, 2), "prefect_start_s": round(t_prefect - t_build, 2),
-                      "plan_and_model_load_s": round(t_model - t_prefect, 2),
-                      "flow_first_shard_s": round(t_first - t_model, 2)}))
+    print(json.dumps({"import_cli_s": round(t_cli - t0, 2), "launch_server_s": round(t_launch - t_cli, 2),
+                      "import_flow_s": round(t_imp - t_launch, 2), "demo_assets_s": round(t_build - t_imp, 2),
+                      "plan_and_model_load_s": round(t_model - t_build, 2),
+                      "waited_for_server_s": round(t_ready - t_model, 2),
+                      "flow_first_shard_s": round(t_first - t_ready, 2),
+                      "server_ready_after_launch_s": round(t_ready - t_cli, 2)}))
 
 
 def cold_start(work: Path) -> dict:

@@ -45,8 +45,8 @@ class ExtractConfig:
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
     shard_tokens: int = 1 << 18
-    """Tokens per shard (rounded down to whole sequences); part of the set's key. Each shard costs ~50-100 ms of
-    Prefect and store work: 2^18 keeps that to a few % at GPU speeds (bench/RESULTS.md); lower it for large d."""
+    """Tokens per shard (rounded down to whole sequences); part of the set's key. The flow adds ~20-45 ms per shard
+    to the forward pass's path: 2^18 keeps that under 2% at 100k tokens/s (bench/RESULTS.md); lower it for large d."""
     batch_size: int = 8
     """Sequences per forward pass."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"

@@ -15,12 +15,10 @@ TOKENS_ROOT = "_tokens"
 END = "end.json"
 
 # ASCII digits and \Z, not \d and $: "$" also matches before a trailing newline, "\d" any Unicode digit.
-_SHARD_RE = re.compile(r"^shards/([0-9]{6})\.safetensors(\.zst|\.shuf\.zst)?\Z")
+SUFFIXES = {"none": "", "zstd": ".zst", "shuffle-zstd": ".shuf.zst"}  # appended to .safetensors, per codec
+_SHARD_RE = re.compile(r"^shards/([0-9]{6})\.safetensors(" + "|".join(re.escape(s) for s in SUFFIXES.values()) + r")\Z")
 _RECORD_RE = re.compile(r"^done/([0-9]{6})\.json\Z")
 SET_ID_RE = re.compile(r"^t?[0-9a-f]{24}\Z")
-
-
-SUFFIXES = {"none": "", "zstd": ".zst", "shuffle-zstd": ".shuf.zst"}
 
 
 def shard_file(index: int, codec: str) -> str:

@@ -1,8 +1,8 @@
 """actcache's benchmark: every method side by side in ONE process, round-robin, medians.
 
-    .venv/bin/python bench/run.py                 # full run (~15 min on 2 CPU cores): table + bench/results.json
+    .venv/bin/python bench/run.py                 # full run (~28 min on 2 CPU cores): table + bench/results.json
     .venv/bin/python bench/run.py --smoke         # tiny model, one rep of everything (~1 min; what CI runs)
-    .venv/bin/python bench/run.py --only speed,codec
+    .venv/bin/python bench/run.py --only speed,compression
 
 Model: GPT-2-small shape (12 layers, d=768, vocab 50257) with random weights, built once in the actcache
 cache dir; hook blocks.5.hook_resid_post. Methods (tokens/s, ratio to (d)):
@@ -383,22 +383,15 @@ def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict
         cast = acts.to(getattr(torch, dtype))
         tensors = {"activations": cast, "tokens": tokens}
         raw_len = len(shard.encode(tensors).data)
-        variants = {"none": lambda t=tensors: shard.encode(t).data}
-        for codec in ("zstd", "shuffle-zstd"):
-            for lvl in (1, 3):
-                variants[f"{codec}-{lvl}"] = lambda t=tensors, c=codec, lv=lvl: shard.encode(t, codec=c, level=lv).data
-        for name, fn in variants.items():
-            times = round_robin({"enc": fn}, reps)
-            data = fn()
-            codec = name.rsplit("-", 1)[0] if name != "none" else "none"
+        for codec, lvl in (("none", 0), ("zstd", 1), ("zstd", 3), ("shuffle-zstd", 1), ("shuffle-zstd", 3)):
+            times = round_robin({"enc": lambda t=tensors, c=codec, lv=lvl: shard.encode(t, codec=c, level=lv)}, reps)
+            data = shard.encode(tensors, codec=codec, level=lvl).data
             dec = round_robin({"dec": lambda d=data, c=codec: shard.decode(d, codec=c)}, reps)
-            dec_s = median(dec["dec"])
             assert shard.decode(data, codec=codec)["activations"].equal(cast)
-            base = raw_len
-            rows.append({"dtype": dtype, "codec": name, "bytes_per_token": round(len(data) / n_tok, 1),
-                         "ratio": round(base / len(data), 3),
-                         "encode_MB_s": round(base / median(times["enc"]) / 1e6, 1),
-                         "decode_MB_s": round(base / dec_s / 1e6, 1)})
+            rows.append({"dtype": dtype, "codec": f"{codec}-{lvl}" if lvl else codec,
+                         "bytes_per_token": round(len(data) / n_tok, 1), "ratio": round(raw_len / len(data), 3),
+                         "encode_MB_s": round(raw_len / median(times["enc"]) / 1e6, 1),
+                         "decode_MB_s": round(raw_len / median(dec["dec"]) / 1e6, 1)})
     return {"tokens": n_tok, "note": "random-weight model: real activations may compress differently",
             "rows": rows}
 

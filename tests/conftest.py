@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 # Before anything imports prefect or huggingface_hub: isolate state and never touch the network.
@@ -15,11 +16,23 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The fake HF hub (tests/hub_server.py): huggingface_hub and datasets read these at import, so the session
+# hub's port is reserved (bound, not listening: refused until a test asks for `hub`) and exported now. A
+# private HF_HOME keeps the user's caches and saved token out of tests; the hub speaks no Xet.
+_HUB_SOCKET = socket.socket()
+_HUB_SOCKET.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+_HUB_SOCKET.bind(("127.0.0.1", 0))
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_HUB_SOCKET.getsockname()[1]}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf-home")
+for _k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+           "HF_TOKEN_PATH"):
+    os.environ.pop(_k, None)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py) import by name
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py, hub_server.py) import by name
 
 import pytest  # noqa: E402
 
@@ -113,3 +126,25 @@ def restartable_s3(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+# -- HF hub: a fake hub speaking the hub's HTTP API at HF_ENDPOINT (tests/hub_server.py explains the use) ---
+@pytest.fixture(scope="session")
+def hub_server():
+    """The session's fake hub on the port reserved above; tests reach it through the `hub` fixture."""
+    import hub_server as hub_module
+
+    server = hub_module.start(_HUB_SOCKET)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch, tmp_path: Path):
+    """The fake hub, online for this test only: in-process clients and subprocesses started with os.environ
+    reach it with its write token and a per-test HF_HUB_CACHE; request log and faults start empty."""
+    import hub_server as hub_module
+
+    return hub_module.go_online(hub_server, monkeypatch, tmp_path / "hf-hub-cache")

@@ -151,8 +151,9 @@ def test_transformers_and_transformer_lens_load_a_hub_model_at_a_revision(hub, t
     assert torch.equal(old.transformer.wte.weight, wte) and torch.equal(new.transformer.wte.weight, wte * 2)
 
     hub.clear_requests()
-    bridge = TransformerBridge.boot_transformers(repo, device="cpu")
+    bridge = TransformerBridge.boot_transformers(repo, device="cpu", revision=first)
     assert "blocks.2.hook_resid_post" in bridge.hook_dict
+    assert torch.equal(bridge.original_model.transformer.wte.weight, wte)
     assert hub.requests_matching(rf"^/api/models/{repo}")  # it asked the hub, not only the cache
 
 

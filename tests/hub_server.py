@@ -71,7 +71,25 @@ Behaviour worth knowing: a file is stored as LFS when its name matches the hub's
 patterns (``*.safetensors``, ``*.bin``, ``*.parquet``, ``*.arrow``, ...), is over 10 MB or looks binary. LFS
 files are served directly (200) with ``X-Linked-Etag``/``X-Linked-Size`` rather than redirected to a CDN.
 ``create_repo`` makes an initial commit holding ``.gitattributes``, as the hub does; ``add_model`` and
-``add_dataset`` commit exactly the files given.
+``add_dataset`` commit exactly the files given. The ``hub`` fixture resets ``page_size`` and ``lfs_chunk_size``.
+A second server (``start()``) has its own port: in-process clients reach it only with an explicit
+``endpoint=``, subprocesses through its ``env()``.
+
+Client behaviours to plan tests around (huggingface_hub 2.4, datasets 5.2; read in their sources)
+-----------------------------------------------------------------------------------------------
+* ``HfApi.model_info``/``dataset_info``/``repo_info`` are single requests: a 429/5xx raises ``HfHubHTTPError``
+  at once, a stopped hub ``httpx2.ConnectError``; so does the commit POST of ``create_commit``/``upload_*``.
+  Tree listing, preupload and the LFS batch/PUT requests retry 429/5xx with backoff (1, 2, 4, 8, 8 s;
+  ``Retry-After: n`` waits n + 1 s): keep ``times`` small and ``retry_after=0``.
+* ``hf_hub_download``: the first HEAD is not retried; if the file is not cached it retries with backoff, also on
+  connection errors (about 23 s against a stopped hub: prefer ``snapshot_download``, which falls back to the
+  cache or raises ``LocalEntryNotFoundError`` at once). The GET is retried on 408/429 only.
+* ``upload_large_folder`` no longer exists in huggingface_hub 2.4, and ``upload_folder``'s resumable
+  multi-commit pipeline needs Xet; without Xet, ``upload_folder`` is one commit over LFS, and rerunning it after
+  a failure uploads only the LFS objects the hub lacks (the batch API says so) and commits only changed files.
+* ``datasets.load_dataset`` at the default revision asks ``datasets-server.<HF_ENDPOINT host>`` for a parquet
+  export; that host does not resolve and datasets carries on. It picks one builder from the first config's
+  files, so configs of one repo must share a format (parquet and jsonl in separate repos).
 """
 
 from __future__ import annotations

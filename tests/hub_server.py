@@ -128,12 +128,6 @@ DEFAULT_PAGE_SIZE = 1000  # tree entries per page, as on the hub (50 with expand
 DEFAULT_LFS_CHUNK_SIZE = 64 * 1024 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def reserve_port() -> socket.socket:
     """A socket bound to a free loopback port but not listening: connections are refused until ``start``."""
     s = socket.socket()

@@ -10,7 +10,7 @@ from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
 
-@task(name="compress", cache_policy=NO_CACHE)
+@task(name="compress", task_run_name="compress-{ref.index:06d}", cache_policy=NO_CACHE)
 def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
     hook_set = plan.hook_set(ref.hook)

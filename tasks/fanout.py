@@ -67,16 +67,22 @@ def run_name(index: int, count: int, attempt: int = 1) -> str:
     return f"partition-{index}-of-{count}" + (f"-attempt-{attempt}" if attempt > 1 else "")
 
 
-@task(name="launch-partition", cache_policy=NO_CACHE)
+@task(name="launch-partition", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60])
 def launch_partition(deployment: str, config: ExtractConfig, index: int, count: int, attempt: int = 1) -> UUID:
     """Create partition ``index``'s flow run on ``deployment`` and return at once (a worker picks it up).
 
     The run is linked to this flow run as its subflow: cancelling the fan-out cancels it (Prefect's server does).
+    Retried when the API fails (a busy server answers 503); the idempotency key keeps a retry from creating a
+    second run when the first request got through.
     """
+    from prefect.context import FlowRunContext
     from prefect.deployments import run_deployment
 
+    name = run_name(index, count, attempt)
+    parent = FlowRunContext.get()
+    key = f"{parent.flow_run.id}-{name}" if parent and parent.flow_run else None
     run = run_deployment(deployment, parameters=child_parameters(config, index, count), timeout=0,
-                         flow_run_name=run_name(index, count, attempt), tags=["partition"])
+                         flow_run_name=name, tags=["partition"], idempotency_key=key)
     return run.id
 
 
@@ -118,7 +124,11 @@ def wait_for_partitions(runs: dict[int, UUID], relaunch: Callable[..., UUID] | N
     with get_client(sync_client=True) as client:
         while pending:
             for index, run_id in list(pending.items()):
-                run = client.read_flow_run(run_id)
+                try:
+                    run = client.read_flow_run(run_id)
+                except Exception as e:  # the API is busy or away: the partitions run on regardless
+                    logger.warning("could not read partition %d's run (%s); still waiting", index, e)
+                    continue
                 if run.state is None or not run.state.is_final():
                     continue
                 del pending[index]

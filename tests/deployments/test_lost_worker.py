@@ -147,7 +147,7 @@ def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
         return runs if all(r.state.is_final() for r in runs) else None
 
     parent_run, *children = wait_for("the fan-out and every partition final after the cancel", all_final, cluster,
-                                     timeout_s=180, runs=lambda: partitions_of(api, parent.id))
+                                     timeout_s=300, runs=lambda: partitions_of(api, parent.id))
     print(f"lost-worker e2e: cancel -> all final in {time.monotonic() - t0:.1f} s", flush=True)
     assert parent_run.state.name == "Cancelled"
     [stalled] = [r for r in children if r.id == run.id]

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--jobs", type=int, default=4, help="shards copied at once (default: 4)")
     cp.add_argument("--verify-existing", action="store_true",
                     help="re-hash shards already at the destination instead of trusting size and record")
+    st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
+    st.add_argument("set", help="set URL: <store>/<set_id>")
+    st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
+    _add_store_options(st)
     hk = sub.add_parser("hooks", help="list a model's valid hook names")
     hk.add_argument("model")
     hk.add_argument("--revision")
@@ -175,6 +179,20 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache import stats
+    from actcache.config import parse_storage_options
+
+    progress = tqdm(unit="shard", desc="stats", file=sys.stderr)
+    result = stats.compute(args.set, parse_storage_options(args.storage_options),
+                           credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(json.dumps(result, indent=1) if args.json else stats.summary(result, len(result["mean"] or [])))
+    return 0
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from actcache.model import ModelSpec, hook_names, resolve_model
 
@@ -193,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
-                    "cp": cmd_cp, "hooks": cmd_hooks}[args.command]
+                    "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

@@ -148,3 +148,16 @@ def hub(hub_server, monkeypatch, tmp_path: Path):
     import hub_server as hub_module
 
     return hub_module.go_online(hub_server, monkeypatch, tmp_path / "hf-hub-cache")
+
+
+@pytest.fixture(scope="session")
+def extracted_set(tiny_models, corpus, prefect_harness, session_tmp: Path) -> str:
+    """One small set for tests that only read it (copy it before changing anything): 14 sequences of 32
+    tokens of the tiny GPT-2's blocks.1.hook_resid_post, float16, in shards of 4, 4, 4 and 2 sequences."""
+    from actcache.api import extract
+    from actcache.config import ExtractConfig
+
+    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
+                        context_size=32, max_tokens=448, shard_tokens=128, batch_size=4,
+                        store=str(session_tmp / "extracted-set"), device="cpu")
+    return extract(cfg)

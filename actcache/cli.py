@@ -48,6 +48,20 @@ def _add_store_options(p: argparse.ArgumentParser, prefix: str = "", what: str =
                    help=f"Prefect AwsCredentials block for {what} (default: the AWS chain)")
 
 
+def _add_exclusion_options(p: argparse.ArgumentParser) -> None:
+    ex = p.add_mutually_exclusive_group()
+    ex.add_argument("--exclude-special-tokens", action="store_true",
+                    help="leave out rows whose token is BOS, EOS, pad or the separator (as the manifest records)")
+    ex.add_argument("--exclude-ids", metavar="ID,ID", help="leave out rows whose token id is one of these")
+
+
+def _exclusion(args: argparse.Namespace) -> dict[str, Any]:
+    from actcache.exclude import parse_ids
+
+    return {"exclude_special": args.exclude_special_tokens,
+            "exclude_ids": parse_ids(args.exclude_ids) if args.exclude_ids else []}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -70,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--jobs", type=int, default=4, help="shards copied at once (default: 4)")
     cp.add_argument("--verify-existing", action="store_true",
                     help="re-hash shards already at the destination instead of trusting size and record")
+    sh = sub.add_parser("shuffle", help="write a globally shuffled copy of a set (a new set; reruns skip it)")
+    sh.add_argument("set", help="set URL: <store>/<set_id>")
+    sh.add_argument("--seed", type=int, default=0, help="fixes the permutation (default: 0)")
+    sh.add_argument("--out", metavar="STORE", help="store for the shuffled set (default: the source's store)")
+    sh.add_argument("--shard-rows", type=int, help="rows per output shard (default: the source's tokens per shard)")
+    sh.add_argument("--bucket-rows", type=int, default=1 << 20,
+                    help="rows held in memory at once in the second pass (default: 2^20); memory is about three "
+                         "times this many rows of d activations, and it never changes the result")
+    sh.add_argument("--jobs", type=int, default=8, help="ranged reads in flight (default: 8)")
+    _add_exclusion_options(sh)
+    _add_store_options(sh)
+    _add_store_options(sh, prefix="out-", what="the output store")
     st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
     st.add_argument("set", help="set URL: <store>/<set_id>")
     st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
@@ -179,6 +205,28 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shuffle(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.shuffle import shuffle_set
+
+    progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
+    result = shuffle_set(args.set, out=args.out, seed=args.seed, rows_per_shard=args.shard_rows, **_exclusion(args),
+                         bucket_rows=args.bucket_rows, jobs=args.jobs,
+                         storage_options=parse_storage_options(args.storage_options),
+                         credentials_block=args.aws_credentials_block,
+                         out_storage_options=parse_storage_options(args.out_storage_options),
+                         out_credentials_block=args.out_aws_credentials_block,
+                         on_step=lambda _: progress.update())
+    progress.close()
+    state = "already complete" if result.skipped else "written"
+    print(f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -211,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
-                    "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats}[args.command]
+                    "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats,
+                    "shuffle": cmd_shuffle}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

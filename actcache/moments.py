@@ -22,10 +22,9 @@ process, whatever torch's thread count.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from actcache import layout
-from actcache.records import Record
+from actcache.records import Record, digest
 from actcache.store import Store
 
 RECORD_FIELD = "moments"
@@ -161,16 +160,12 @@ def without(record: Record) -> Record:
                   {k: v for k, v in record.extra.items() if k != RECORD_FIELD})
 
 
-def _digest(recs: Iterable[Record]) -> str:
-    return hashlib.sha256("".join(f"{r.index}:{r.sha256}," for r in recs).encode()).hexdigest()
-
-
 def _prefix(previous: dict[str, Any] | None, recs: list[Record], d: int) -> tuple[int, Moments]:
     """The previous manifest's merged state, if it still covers the first shards exactly."""
     try:
         p = previous["moments"]["prefix"]
         k = p["shards"]
-        if type(k) is not int or not 0 < k <= len(recs) or p["digest"] != _digest(recs[:k]):
+        if type(k) is not int or not 0 < k <= len(recs) or p["digest"] != digest(recs[:k]):
             return 0, Moments.empty(d)
         return k, Moments.from_json(p["state"], d)
     except (KeyError, TypeError, ValueError):
@@ -184,9 +179,9 @@ def merged(recs: list[Record], d: int, *, full: Callable[[Record], bool], previo
     ``full(r)``: whether shard r has its final size (only such shards enter the carried prefix state, so an
     extension that grows the last shard keeps the prefix). ``moments_of(r)``: a shard's moments, or None.
     """
-    digest = _digest(recs)
+    names = digest(recs)
     prev = (previous or {}).get("moments")
-    if isinstance(prev, dict) and prev.get("digest") == digest and isinstance(previous.get("stats"), dict):
+    if isinstance(prev, dict) and prev.get("digest") == names and isinstance(previous.get("stats"), dict):
         return {"stats": previous["stats"], "moments": prev}  # the same shards: nothing to read
     k, total = _prefix(previous, recs, d)
     prefix = (k, total)
@@ -197,8 +192,8 @@ def merged(recs: list[Record], d: int, *, full: Callable[[Record], bool], previo
         total = total.merge(m)
         if prefix[0] == j and recs[j].index == j and full(recs[j]):
             prefix = (j + 1, total)
-    state = {"shards": prefix[0], "digest": _digest(recs[: prefix[0]]), "state": prefix[1].to_json()}
-    return {"stats": total.stats(), "moments": {"digest": digest, "prefix": state}}
+    state = {"shards": prefix[0], "digest": digest(recs[: prefix[0]]), "state": prefix[1].to_json()}
+    return {"stats": total.stats(), "moments": {"digest": names, "prefix": state}}
 
 
 def from_records(store: Store, root: str, d: int) -> Callable[[Record], Moments | None]:

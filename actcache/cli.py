@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_exclusion_options(sh)
     _add_store_options(sh)
     _add_store_options(sh, prefix="out-", what="the output store")
+    exp = sub.add_parser("export", help="write a set as a Hugging Face datasets folder (SAELens's or flat)")
+    exp.add_argument("set", help="set URL: <store>/<set_id>")
+    exp.add_argument("out", help="a new local folder (refused if it exists)")
+    exp.add_argument("--format", required=True, choices=("saelens", "hf"),
+                     help="saelens: SAELens's cached activations (one row per sequence); hf: one row per token")
+    _add_exclusion_options(exp)
+    _add_store_options(exp)
     st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
     st.add_argument("set", help="set URL: <store>/<set_id>")
     st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
@@ -227,6 +234,22 @@ def cmd_shuffle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.export import export_set
+
+    progress = tqdm(unit="shard", desc="export", file=sys.stderr)
+    result = export_set(args.set, args.out, format=args.format, **_exclusion(args),
+                        storage_options=parse_storage_options(args.storage_options),
+                        credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -260,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
                     "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats,
-                    "shuffle": cmd_shuffle}[args.command]
+                    "shuffle": cmd_shuffle, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

@@ -8,11 +8,9 @@ else changed, in one atomic write.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-from actcache import layout, moments, shard
-from actcache.errors import ActcacheError
+from actcache import layout, moments, tensors
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
 
@@ -24,19 +22,7 @@ def full_size(m: dict[str, Any]) -> int:
 
 
 def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
-    data = s.store.read_bytes(f"{s.set_id}/{r.file}")
-    if hashlib.sha256(data).hexdigest() != r.sha256:
-        raise ActcacheError(f"shard {r.index} of {s.url} fails its checksum; run `actcache verify` and repair the "
-                            "set before computing its statistics")
-    try:
-        acts = shard.decode(data, codec=s.manifest["codec"],
-                            expect={"activations": (shard.TORCH_DTYPES[s.manifest["dtype"]], None)})["activations"]
-    except ValueError as e:
-        raise ActcacheError(f"shard {r.index} of {s.url} is unreadable ({e})") from None
-    if acts.shape[-1] != s.manifest["d"] or acts.numel() != r.n_tokens * s.manifest["d"]:
-        raise ActcacheError(f"shard {r.index} of {s.url} holds {list(acts.shape)} activations, not "
-                            f"{r.n_tokens} rows of d={s.manifest['d']}")
-    return moments.of(acts)
+    return moments.of(tensors.read(s, r)["activations"])
 
 
 def compute(url: str, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None,

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="saelens: SAELens's cached activations (one row per sequence); hf: one row per token")
     _add_exclusion_options(exp)
     _add_store_options(exp)
+    pu = sub.add_parser("push", help="upload a set to the Hugging Face Hub as a dataset repo (reruns resume)")
+    pu.add_argument("set", help="set URL: <store>/<set_id>")
+    pu.add_argument("repo_id", help="dataset repo, e.g. user/gpt2-l6-resid (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    _add_store_options(pu)
     st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
     st.add_argument("set", help="set URL: <store>/<set_id>")
     st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
@@ -250,6 +256,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from actcache.config import parse_storage_options
+    from actcache.push import push_set
+
+    result = push_set(args.set, args.repo_id, private=args.private, revision=args.revision,
+                      storage_options=parse_storage_options(args.storage_options),
+                      credentials_block=args.aws_credentials_block)
+    print(f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -283,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
                     "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats,
-                    "shuffle": cmd_shuffle, "export": cmd_export}[args.command]
+                    "shuffle": cmd_shuffle, "export": cmd_export, "push": cmd_push}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

@@ -155,7 +155,8 @@ def push_set(src: str, repo_id: str, *, private: bool = False, revision: str | N
     api = HfApi()
     action = "creating"
     try:
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if not api.repo_exists(repo_id, repo_type="dataset"):
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if revision not in (None, "main"):
             action = "creating the branch of"
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)

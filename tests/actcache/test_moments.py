@@ -162,3 +162,15 @@ def test_manifest_entries_leave_the_vectors_out():
     recs, _ = _recs([4])
     entry = moments.without(recs[0]).to_dict()
     assert moments.RECORD_FIELD not in entry["extra"] and moments.RECORD_FIELD in recs[0].extra
+
+
+def test_a_thousand_shards_at_d4096_keep_the_manifest_small():
+    d = 4096
+    one = moments.Moments(10, np.linspace(-1, 1, d), np.linspace(1, 2, d), 30.0, 900.0, 0, 0).to_json()
+    recs = [Record(i, f"shards/{i:06d}.safetensors", 4, 40, f"{i:064x}", 1, {moments.RECORD_FIELD: one})
+            for i in range(1000)]
+    fields = moments.merged(recs, d, full=lambda r: True, previous=None,
+                            moments_of=lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], d))
+    assert fields["stats"]["n"] == 10_000
+    shard_list = json.dumps([moments.without(r).to_dict() for r in recs])
+    assert len(json.dumps(fields)) < 400_000 and len(shard_list) < 200_000  # vs ~90 MB with vectors per shard

@@ -422,8 +422,18 @@ def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
     times = round_robin({"forward": lambda: step(tokens), "forward_with_stats": beside}, reps)
     alone = round_robin({"moments": lambda: moments.of(previous)}, reps)
     paired = [w / f for f, w in zip(times["forward"], times["forward_with_stats"], strict=True)]
+    # CPU seconds, which other processes' load barely moves: what the moments take from the forward's cores.
+    cpu_forward, cpu_moments = [], []
+    for _ in range(reps):
+        t = time.process_time()
+        step(tokens)
+        cpu_forward.append(time.process_time() - t)
+        t = time.thread_time()
+        moments.of(previous)
+        cpu_moments.append(time.thread_time() - t)
     n = tokens.numel()
     return {"tokens_per_shard": n, "d": previous.shape[-1],
+            "cpu_moments_vs_cpu_forward": round(median(cpu_moments) / median(cpu_forward), 5),
             "forward_s": round(median(times["forward"]), 4),
             "forward_with_stats_s": round(median(times["forward_with_stats"]), 4),
             "slowdown_median_of_pairs": round(median(paired) - 1, 4),

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--out", metavar="STORE", help="store for the shuffled set (default: the source's store)")
     sh.add_argument("--shard-rows", type=int, help="rows per output shard (default: the source's tokens per shard)")
     sh.add_argument("--bucket-rows", type=int, default=1 << 20,
-                    help="rows held in memory at once in the second pass (default: 2^20); memory is about three "
-                         "times this many rows of d activations, and it never changes the result")
+                    help="rows gathered at once in the second pass (default: 2^20); memory is about four times this "
+                         "many rows plus three output shards, and it never changes the result")
     sh.add_argument("--jobs", type=int, default=8, help="ranged reads in flight (default: 8)")
     _add_exclusion_options(sh)
     _add_store_options(sh)

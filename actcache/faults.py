@@ -32,6 +32,9 @@ SHUFFLE_POINTS = (
     "shuffle.manifest-written",  # the set is complete, its spill files not yet removed
 )
 
+# `actcache rm` (actcache/housekeeping.py), after each kind of file is deleted.
+RM_POINTS = ("rm.manifest-removed", "rm.records-removed", "rm.shards-removed")
+
 _SPEC = os.environ.get("ACTCACHE_FAULT") or None
 _COUNTS: dict[str, int] = {}
 _LOCK = threading.Lock()

@@ -11,6 +11,7 @@ a Prefect ``AwsCredentials`` block named by ``credentials_block``.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -34,6 +35,32 @@ class Entry:
     size: int
     mtime: float
     """Seconds since the epoch (local mtime, or the object's LastModified)."""
+
+
+@dataclass(frozen=True)
+class TempFile:
+    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``)."""
+
+    rel: str
+    host: str
+    pid: int
+    size: int
+    mtime: float
+    same_host: bool
+    writer_dead: bool
+    """Written by a process of this host that no longer runs (another host's writer cannot be checked)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An S3 multipart upload that was started and neither completed nor aborted."""
+
+    rel: str
+    upload_id: str
+    initiated: float
+    """Seconds since the epoch."""
+    size: int
+    """Bytes of the parts uploaded so far."""
 
 
 _TMP_MARK = ".tmp-"
@@ -121,6 +148,12 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
 
+    def child(self, rel: str) -> Store:
+        """The store rooted at ``rel`` below this one: same filesystem, options and credentials."""
+        sub = copy.copy(self)
+        sub.url, sub.root = self.url_of(rel), self.path(rel)
+        return sub
+
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
@@ -202,26 +235,85 @@ class Store:
             with self._io("writing", rel):
                 self.fs.pipe_file(path, data, **kwargs)
 
+    def temp_files(self, rel: str = "") -> list[TempFile]:
+        """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
+        complete, see ``incomplete_uploads``)."""
+        if not self.local:
+            return []
+        out = []
+        for dirpath, _, files in os.walk(self.path(rel)):
+            for name in files:
+                _, mark, tail = name.partition(_TMP_MARK)
+                host, _, pid = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
+                if not mark or not pid.isdigit():
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue  # renamed into place since the walk
+                mine = host == _HOST
+                out.append(TempFile(os.path.relpath(full, self.root), host, int(pid), st.st_size, st.st_mtime,
+                                    mine, mine and not _alive(int(pid))))
+        return out
+
     def sweep_temp(self, rel: str) -> int:
         """Delete temp files left below ``rel`` by killed writers of this host; return how many.
 
         Temp names carry host and pid, so a live writer's file (or another host's) is never touched.
         """
-        if not self.local:
-            return 0  # object stores have no temp objects: an upload is invisible until complete
-        removed = 0
-        for dirpath, _, files in os.walk(self.path(rel)):
-            for name in files:
-                _, mark, tail = name.partition(_TMP_MARK)
-                host, _, rest = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
-                if not mark or host != _HOST or not rest.isdigit() or _alive(int(rest)):
-                    continue
+        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead]
+        self.remove(dead)
+        return len(dead)
+
+    def remove(self, rels: list[str]) -> None:
+        """Delete these files (one bulk request per 1000 on S3); files already gone are no error."""
+        if not rels:
+            return
+        if self.local:
+            for rel in rels:
                 try:
-                    os.unlink(os.path.join(dirpath, name))
-                    removed += 1
+                    os.unlink(self.path(rel))
                 except FileNotFoundError:
                     pass
-        return removed
+            return
+        with self._io("deleting", rels[0]):
+            self.fs.rm([self.path(r) for r in rels])
+
+    def remove_folder(self, rel: str) -> None:
+        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally)."""
+        if self.local and os.path.isdir(self.path(rel)):
+            for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass  # not empty: a file written since the listing stays, and so does its folder
+
+    def incomplete_uploads(self, rel: str = "") -> list[Upload]:
+        """S3 multipart uploads below ``rel`` that were started and never completed nor aborted (a killed writer's,
+        or one in progress): invisible to listings, yet their parts are stored and billed."""
+        if not self.s3:
+            return []
+        bucket, _, prefix = self.path(rel).partition("/")
+        prefix = f"{prefix}/" if prefix else ""
+        out, page = [], {"Bucket": bucket, "Prefix": prefix}
+        with self._io("listing uploads", rel):
+            while True:
+                resp = self.fs.call_s3("list_multipart_uploads", **page)
+                for u in resp.get("Uploads", []):
+                    parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
+                    key_rel = u["Key"][len(self.root.partition("/")[2]):].lstrip("/")
+                    out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
+                if not resp.get("IsTruncated"):
+                    return out
+                page.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+
+    def abort_upload(self, upload: Upload) -> None:
+        bucket = self.root.partition("/")[0]
+        with self._io("aborting an upload of", upload.rel):
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=self.path(upload.rel).partition("/")[2],
+                            UploadId=upload.upload_id)
 
     def remove_tree(self, rel: str) -> None:
         """Delete everything below ``rel`` (nothing there is fine)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset", "forever"]
+__all__ = ["__version__", "extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset", "forever"]
 
 if TYPE_CHECKING:
     from actcache.api import extract
@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import actcache` must not pull in torch/prefect before they are needed.
+    if name == "__version__":  # one source of truth: pyproject's version, as installed
+        from importlib.metadata import version
+
+        return version("actcache")
     if name == "extract":
         from actcache.api import extract
 

@@ -1,12 +1,32 @@
-"""Python entry points: ``extract`` runs the Prefect flow; ``open_set`` reads a set back."""
+"""Python entry points: ``extract`` runs the Prefect flow where there is work; ``open_set`` reads a set back."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from actcache import tempserver
 from actcache.config import ExtractConfig
-from actcache.plan import make_plan
+
+
+@dataclass(frozen=True)
+class SetResult:
+    """One set after a request (the field names of ``actcache extract --json``)."""
+
+    url: str
+    set_id: str
+    hook: str
+    n_shards: int
+    shards_skipped: int
+    """Shards already in the store when the request started."""
+    shards_computed: int
+    n_tokens: int
+    bytes: int
+    complete: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[str]:
@@ -16,12 +36,54 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[s
 
     Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
     """
-    tempserver.start()  # boots while the plan loads the model
     cfg = config.replace(**options) if config else ExtractConfig(**options)
-    make_plan(cfg)
-    from flows.extract import extract_activations
-
-    with tempserver.prefect_api():
-        state = extract_activations(cfg, return_state=True)
-    urls = state.result(raise_on_failure=True)
+    urls = [s.url for s in extract_sets(cfg)]
     return urls[0] if len(urls) == 1 else urls
+
+
+def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = None) -> list[SetResult]:
+    """Plan ``cfg`` from the store without loading weights; run the flow only where there is work (or where a
+    Prefect API is configured, so that every request shows there); describe each set afterwards.
+
+    ``check(plan)`` may refuse the plan (``ActcacheError``) before anything is written.
+    """
+    from actcache.plan import make_plan
+
+    plan = make_plan(cfg, load_model=False)
+    if check is not None:
+        check(plan)
+    consolidated = {} if plan.missing else _manifests(plan)
+    if plan.missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
+        tempserver.start()  # boots while the model loads
+        make_plan(cfg)  # every check that needs the model, before Prefect starts
+        from flows.extract import extract_activations
+
+        with tempserver.prefect_api():
+            state = extract_activations(cfg, return_state=True)
+        state.result(raise_on_failure=True)
+        consolidated = _manifests(plan)
+    out = []
+    for s in plan.sets:
+        m = consolidated.get(s.set_id) or {}
+        out.append(SetResult(plan.store.url_of(s.set_id), s.set_id, s.hook, len(plan.shards), len(s.done),
+                             len(plan.shards) - len(s.done), m.get("n_tokens", 0), m.get("bytes", 0),
+                             bool(m.get("complete"))))
+    return out
+
+
+def _manifests(plan: Any) -> dict[str, dict[str, Any]]:
+    """Each set's manifest where it lists every shard the plan asks for (a run killed after its last shard and
+    before its manifest leaves one missing or behind: the flow then writes it)."""
+    from actcache import manifest
+    from actcache.errors import ActcacheError
+
+    out = {}
+    wanted = {w.index for w in plan.shards}
+    for s in plan.sets:
+        try:
+            m = manifest.read(plan.store, s.set_id)
+        except ActcacheError:
+            continue
+        if wanted <= {r["index"] for r in m["shards"]}:
+            out[s.set_id] = m
+    return out

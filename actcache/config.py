@@ -5,11 +5,34 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from cyclopts import Parameter
 
 from actcache.demo import DEMO_DATASET, DEMO_MODEL
 from actcache.errors import ActcacheError
 from actcache.key import CODECS, DTYPES
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
+                            "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
+    if not isinstance(value, dict):
+        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+    return value
+
+
+def _json_object(_type: Any, tokens: Any) -> dict[str, Any]:
+    return parse_storage_options(tokens[0].value)
+
+
+StorageOptions = Annotated[dict[str, Any], Parameter(converter=_json_object, accepts_keys=False, metavar="JSON")]
+"""fsspec options as a JSON object on the command line (cyclopts alone would turn every value into a string)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +82,7 @@ class ExtractConfig:
     """zstd level (ignored for codec none)."""
     store: str = "./activations"
     """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: StorageOptions = field(default_factory=dict)
     """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials."""
     aws_credentials_block: str | None = None
     """Name of a Prefect AwsCredentials block for an s3:// store (otherwise the AWS chain: env, profile, role)."""
@@ -135,30 +158,3 @@ def _check_no_secrets(options: dict[str, Any]) -> None:
                                 "--aws-credentials-block NAME")
         if isinstance(v, dict):
             _check_no_secrets(v)
-
-
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
-                            "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
-    if not isinstance(value, dict):
-        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
-    return value
-
-
-def field_docs() -> dict[str, str]:
-    """Field docstrings (the text under each field), for the CLI's --help."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(ExtractConfig))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs

@@ -146,7 +146,7 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
             notes.append(f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
                          "maybe still running (see --older-than)")
     sets = inventory.list_sets(store)
-    unknown = [s for s in sets if s.tokens_id is None]
+    unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
     used = {s.tokens_id for s in sets}
     for tid in inventory.token_cache_ids(store):
         if tid in used:

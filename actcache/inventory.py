@@ -13,7 +13,7 @@ from typing import Any
 
 from actcache import layout, manifest
 from actcache.errors import ActcacheError
-from actcache.key import SetKey
+from actcache.key import SetKey, key_from_dict
 from actcache.store import Store
 
 COMPLETE, PARTIAL, INCOMPLETE, DAMAGED = "complete", "partial", "incomplete", "damaged"
@@ -37,7 +37,9 @@ class SetEntry:
     dtype: str | None = None
     codec: str | None = None
     tokens_id: str | None = None
-    """The token cache (``<store>/_tokens/<tokens_id>``) the set was extracted from."""
+    """The token cache (``<store>/_tokens/<tokens_id>``) the set was extracted from (none for a shuffled copy)."""
+    layout: str | None = None
+    """``rows`` for a shuffled copy (``actcache shuffle``); None for an extracted set."""
     detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -60,8 +62,9 @@ def token_cache_ids(store: Store) -> list[str]:
 def is_set_file(rel: str) -> bool:
     """Whether ``rel`` (relative to a set's folder) is one of the files a set consists of, or a writer's temp file."""
     name = rel.split(".tmp-", 1)[0]
+    spill = name.removesuffix(".safetensors").removesuffix(".json") + ".json"  # a shuffle's pass-1 files
     return (name == layout.MANIFEST or layout.parse_shard_file(name) is not None
-            or layout.parse_record_file(name) is not None)
+            or layout.parse_record_file(name) is not None or layout.parse_spill_record(spill) is not None)
 
 
 def describe_set(store: Store, set_id: str) -> SetEntry | None:
@@ -80,14 +83,12 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         return SetEntry(set_id, url, INCOMPLETE, len(recorded), nbytes,
                         detail="no manifest.json: an extraction in progress or interrupted (rerun it to finish), "
                                "or an interrupted `actcache rm` (rerun it)")
-    tokens_id = None
-    try:
-        tokens_id = SetKey.from_dict(m["key"]).tokens.id
-    except (KeyError, TypeError, ValueError):
-        pass
+    key = key_from_dict(m["key"])  # manifest.read checked it
+    tokens_id = key.tokens.id if isinstance(key, SetKey) else None  # a shuffled copy reads its source, not tokens
     return SetEntry(set_id, url, COMPLETE if m.get("complete") else PARTIAL, len(m["shards"]), m["bytes"],
                     model=m["model"]["name"], hook=m["hook"], n_tokens=m["n_tokens"],
-                    target_tokens=m.get("target_tokens"), dtype=m["dtype"], codec=m["codec"], tokens_id=tokens_id)
+                    target_tokens=m.get("target_tokens"), dtype=m["dtype"], codec=m["codec"], tokens_id=tokens_id,
+                    layout=m.get("layout"))
 
 
 def list_sets(store: Store) -> list[SetEntry]:

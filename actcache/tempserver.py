@@ -114,7 +114,7 @@ class TemporaryServer:
         self.log.close()
 
 
-def _api_configured() -> bool:
+def api_configured() -> bool:
     """Whether an API is configured, as far as can be told without importing Prefect (prefect_api() checks fully)."""
     if os.environ.get("PREFECT_API_URL"):
         return True
@@ -126,7 +126,7 @@ def start() -> None:
     """Start the temporary server in the background unless a Prefect API is configured (idempotent, cheap)."""
     global _SERVER
     with _LOCK:
-        if _SERVER is None and not _api_configured():
+        if _SERVER is None and not api_configured():
             _SERVER = TemporaryServer()
 
 

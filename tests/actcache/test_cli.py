@@ -82,23 +82,13 @@ CASES = [
 def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, flag, value, expected):
     value = value(tmp_path) if callable(value) else value
     before = _files(tmp_path)
-    with pytest.raises(SystemExit) if "int value" in expected else _nullcontext() as exc:
-        code = main(_set(argv, flag, value))
-    code = exc.value.code if exc is not None and hasattr(exc, "value") else code
+    code = main(_set(argv, flag, value))
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert len(err.splitlines()) == 1, err
     assert err.startswith("actcache: error: ") and expected in err, err
     assert _files(tmp_path) == before, "bad input must leave the filesystem as it was"
     assert not (tmp_path / "store").exists()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_real_process_exits_non_zero_without_traceback(argv, store):
@@ -116,3 +106,113 @@ def test_hooks_lists_valid_names(tiny_models, capsys):
     assert main(["hooks", str(tiny_models["llama"])]) == 0
     names = capsys.readouterr().out.split()
     assert "blocks.2.hook_resid_post" in names and "blocks.0.attn.hook_z" in names
+
+
+# -- conventions: version, help, JSON, exit codes, a quiet terminal -------------------------------------------
+def test_version_has_one_source(capsys):
+    from importlib.metadata import version
+
+    import actcache
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"actcache {version('actcache')}" == f"actcache {actcache.__version__}"
+
+
+def test_help_renders_every_choice_default_and_exit_code(capsys):
+    from actcache.cli import app
+
+    assert main(["--help"]) == 0
+    top = " ".join(capsys.readouterr().out.split())
+    assert "Exit codes: 0 success; 1 failure" in top and "2 bad input" in top
+    for command in ("extract", "ls", "show", "verify", "diff", "cp", "hooks", "rm", "gc", "shuffle", "export", "push",
+                    "stats"):
+        assert command in app and f" {command} " in top
+        assert main([command, "--help"]) == 0, command
+        text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        assert text.startswith(f"Usage: actcache {command}"), text[:200]
+        if command in ("ls", "show", "verify", "diff", "rm", "gc", "stats"):
+            assert "--json" in text, command
+    assert main(["extract", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    for choices in ("[choices: float32, float16, bfloat16]", "[choices: none, zstd, shuffle-zstd]",
+                    "[choices: eos, bos, none]"):
+        assert choices in text
+    assert "keeps that under 2% at 100k tokens/s" in text and "[default: 262144]" in text  # a '%' renders
+    assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
+
+
+def test_telemetry_notice_stays_off_a_terminal(tmp_path):
+    """Prefect prints its telemetry notice on import when stdout/stderr is a terminal; the CLI's defaults stop it."""
+    import pty
+
+    ci = {"CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "CIRCLECI", "BUILDKITE", "TF_BUILD",
+          "CODEBUILD_BUILD_ID", "BITBUCKET_COMMIT", "TEAMCITY_VERSION", "DRONE", "SEMAPHORE", "APPVEYOR", "BUDDY",
+          "CI_NAME"}  # Prefect stays quiet in CI by itself: a CI variable would hide the notice from the control
+
+    def on_a_terminal(code: str, home: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ci and k != "DO_NOT_TRACK"}
+        env.update(PREFECT_HOME=str(tmp_path / home), PYTHONWARNINGS="ignore")
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower,
+                                env=env, close_fds=True)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(timeout=120)
+        os.close(leader)
+        return out.decode(errors="replace")
+
+    assert "anonymous usage data" in on_a_terminal("import prefect", "control")  # the notice exists
+    assert "anonymous usage data" not in on_a_terminal(
+        "from actcache import cli; cli._quiet_defaults(); import prefect", "cli")
+
+
+@pytest.fixture(scope="module")
+def made(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
+    """One two-hook extraction through the CLI with --json (its output, for the tests below)."""
+    store = tmp_path_factory.mktemp("json") / "store"
+    argv = ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
+            "--hook", "blocks.0.hook_resid_post,blocks.1.hook_resid_post", "--context-size", "32",
+            "--max-tokens", "384", "--shard-tokens", "128", "--device", "cpu", "--json"]
+    return {"argv": argv, "store": store}
+
+
+def test_json_documents(made, capsys):
+    assert main(made["argv"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    a, b = first["sets"]
+    assert [a["hook"], b["hook"]] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert a["n_shards"] == 3 and a["shards_computed"] == 3 and a["shards_skipped"] == 0
+    assert a["complete"] and a["n_tokens"] == 384 and a["bytes"] > 0 and a["url"].endswith(a["set_id"])
+
+    assert main(made["argv"]) == 0  # again: everything is there
+    again = json.loads(capsys.readouterr().out)
+    assert [(s["shards_computed"], s["shards_skipped"]) for s in again["sets"]] == [(0, 3), (0, 3)]
+
+    assert main(["ls", str(made["store"]), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["store"] == str(made["store"])
+    assert {s["set_id"]: (s["state"], s["n_tokens"], s["n_shards"]) for s in listed["sets"]} == {
+        a["set_id"]: ("complete", 384, 3), b["set_id"]: ("complete", 384, 3)}
+
+    assert main(["show", a["url"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["url"] == a["url"] and shown["set_id"] == a["set_id"] and "shards" not in shown
+    assert main(["show", a["url"], "--json", "--shards"]) == 0
+    assert [s["index"] for s in json.loads(capsys.readouterr().out)["shards"]] == [0, 1, 2]
+
+    assert main(["verify", a["url"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"url": a["url"], "ok": True, "n_shards": 3, "n_tokens": 384,
+                                                   "problems": []}
+    (Path(a["url"]) / "shards" / "000001.safetensors").write_bytes(b"broken")
+    code = main(["verify", a["url"], "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""

@@ -187,14 +187,19 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
 def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch):
     import transformers
 
-    from actcache.cli import build_parser
+    from actcache.cli import app
+
+    def parsed(argv: list[str]) -> dict:
+        _, bound, _ = app.parse_args(argv)
+        bound.apply_defaults()
+        return bound.arguments
     from actcache.model import ModelSpec, resolve_model
     from actcache.plan import make_plan
 
     assert ExtractConfig().trust_remote_code is False
-    assert build_parser().parse_args(["extract"]).trust_remote_code is False
-    assert build_parser().parse_args(["extract", "--trust-remote-code"]).trust_remote_code is True
-    assert build_parser().parse_args(["hooks", "gpt2"]).trust_remote_code is False
+    assert parsed(["extract"])["config"].trust_remote_code is False
+    assert parsed(["extract", "--trust-remote-code"])["config"].trust_remote_code is True
+    assert parsed(["hooks", "gpt2"])["trust_remote_code"] is False
 
     seen = []
     for cls in (transformers.AutoConfig, transformers.AutoTokenizer):

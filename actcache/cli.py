@@ -47,6 +47,7 @@ app = App(
          f"fsspec store (S3, ...), as Prefect flows.\n\n{EXIT_CODES}",
     version=_version,
     help_format="markdown",
+    version_format="plaintext",
 )
 
 Json = Annotated[bool, Parameter(name="--json", negative=(),

@@ -17,20 +17,14 @@ name and the model's config alone, so a complete set is still recognised without
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from actcache.engine import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
 from actcache.errors import ActcacheError
-
-BRIDGE, HF_SDPA = "bridge", "hf-sdpa"
-# model_type -> attribute of the HF base model holding its decoder layers. Only architectures whose fast
-# path is tested against the bridge (tests/actcache/test_extraction_fast.py) are listed.
-FAST_MODEL_TYPES = {"gpt2": "h", "llama": "layers", "gpt_neox": "layers"}
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|in|resid_post|out)$")
 
 
 class _Reached(Exception):
@@ -41,13 +35,6 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def forward_engine(hook: str, model: Any) -> str:
-    """The engine that computes ``hook`` for ``model`` (a ResolvedModel): a pure function of names and config."""
-    if model.spec.trust_remote_code or getattr(model.config, "model_type", None) not in FAST_MODEL_TYPES:
-        return BRIDGE
-    return HF_SDPA if _RESID.match(hook) else BRIDGE
 
 
 class _Batched:

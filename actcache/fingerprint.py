@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _LOCK = threading.Lock()
 
@@ -17,15 +19,24 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def _memo_path() -> Path:
-    return cache_dir() / "file-hashes.json"
-
-
-def _load_memo() -> dict:
+def _read(path: Path) -> dict:
     try:
-        return json.loads(_memo_path().read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _remember(path: Path, key: str, value: Any) -> None:
+    with _LOCK:
+        memo = _read(path)  # again, under the lock: another thread or process may have added entries
+        memo[key] = value
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # the memo is an optimisation only
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -33,8 +44,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     p = os.path.realpath(path)
     st = os.stat(p)
     stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    memo = _load_memo()
-    hit = memo.get(p)
+    memo_path = cache_dir() / "file-hashes.json"
+    hit = _read(memo_path).get(p)
     if hit and hit[0] == stamp:
         return hit[1]
     h = hashlib.sha256()
@@ -42,17 +53,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
-    with _LOCK:
-        memo = _load_memo()
-        memo[p] = [stamp, digest]
-        try:
-            _memo_path().parent.mkdir(parents=True, exist_ok=True)
-            tmp = _memo_path().with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, _memo_path())
-        except OSError:
-            pass  # the memo is an optimisation only
+    _remember(memo_path, p, [stamp, digest])
     return digest
+
+
+def remembered(table: str, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept on disk under ``key``: the key must be a content hash of everything the value depends on
+    (it is never invalidated otherwise)."""
+    path = cache_dir() / f"{table}.json"
+    hit = _read(path).get(key)
+    if hit is not None:
+        return hit
+    value = compute()
+    _remember(path, key, value)
+    return value
 
 
 def combine(parts: dict[str, str]) -> str:

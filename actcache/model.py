@@ -23,6 +23,7 @@ from actcache.errors import ActcacheError
 BUILTIN_PREFIX = "builtin:"
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+_FACTS_VERSION = 1  # bump when ResolvedModel._read_facts changes what it returns
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,30 @@ class ModelSpec:
 class ResolvedModel:
     """A model located and fingerprinted, weights not yet loaded."""
 
-    def __init__(self, spec: ModelSpec, source: str, fingerprint: str, revision: str | None):
+    def __init__(self, spec: ModelSpec, source: str, fingerprint: str, revision: str | None, files: str = ""):
         self.spec, self.source, self.fingerprint, self.revision = spec, source, fingerprint, revision
+        self.files = files
+        """Content hash of every file config and tokenizer load from (local folders; a hub commit fixes them)."""
+
+    @cached_property
+    def facts(self) -> dict[str, Any]:
+        """What a plan needs of the config and tokenizer: layers, context limit, architecture, tokenizer fingerprint
+        and special ids. Kept on disk under a hash of what they are read from (files or commit, versions of
+        transformers and tokenizers), so a rerun plans without importing transformers (~3 s) or loading either."""
+        from importlib.metadata import version
+
+        key = fingerprint.combine({"facts": _FACTS_VERSION, "model": self.fingerprint, "files": self.files,
+                                   "trust_remote_code": self.spec.trust_remote_code,
+                                   "transformers": version("transformers"), "tokenizers": version("tokenizers")})
+        return fingerprint.remembered("model-facts", key, self._read_facts)
+
+    def _read_facts(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {"n_layers": self._cfg("num_hidden_layers", "n_layer", "num_layers"),
+                "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
+                "model_type": getattr(self.config, "model_type", None),
+                "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
+                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
 
     @cached_property
     def config(self) -> Any:
@@ -56,11 +79,15 @@ class ResolvedModel:
 
     @property
     def n_layers(self) -> int | None:
-        return self._cfg("num_hidden_layers", "n_layer", "num_layers")
+        return self.facts["n_layers"]
 
     @property
     def max_context(self) -> int | None:
-        return self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+        return self.facts["max_context"]
+
+    @property
+    def model_type(self) -> str | None:
+        return self.facts["model_type"]
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -72,21 +99,24 @@ class ResolvedModel:
         except Exception as e:
             raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from None
 
-    @cached_property
+    @property
     def tokenizer_fingerprint(self) -> str:
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        body = {
-            "backend": backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items())),
-            "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-            "bos": tok.bos_token_id,
-            "eos": tok.eos_token_id,
-        }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+        return self.facts["tokenizer_fingerprint"]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.name, "revision": self.revision, "fingerprint": self.fingerprint,
                 "trust_remote_code": self.spec.trust_remote_code}
+
+
+def _tokenizer_fingerprint(tok: Any) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = {
+        "backend": backend.to_str() if backend is not None else repr(sorted(tok.get_vocab().items())),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _first_line(e: BaseException) -> str:
@@ -107,7 +137,11 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
             raise ActcacheError(f"model directory {name!r} has no weight files (*.safetensors, *.bin); "
                                 "write it with save_pretrained or pass an HF model id")
         parts = {os.path.basename(f): fingerprint.file_sha256(f) for f in files}
-        return ResolvedModel(spec, path, "local:" + fingerprint.combine(parts)[:40], None)
+        others = sorted(f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f) and f not in files)
+        around = {os.path.basename(f): fingerprint.file_sha256(f) for f in [*others, os.path.join(path, "config.json")]
+                  if os.path.exists(f)}  # tokenizer files, config, code: what facts are read from besides weights
+        return ResolvedModel(spec, path, "local:" + fingerprint.combine(parts)[:40], None,
+                             files=fingerprint.combine(around))
     if path.startswith(("/", ".", "~")) or os.path.exists(path):
         raise ActcacheError(f"model {name!r} not found: no such directory; pass an HF model id or a "
                             "directory written by save_pretrained")

@@ -12,8 +12,8 @@ from typing import Any
 
 from actcache import layout, memory, records
 from actcache.config import ExtractConfig
+from actcache.engine import HF_SDPA, forward_engine
 from actcache.errors import ActcacheError
-from actcache.extraction import HF_SDPA, extractor_for, forward_engine
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
@@ -113,11 +113,11 @@ def source_for(cfg: ExtractConfig) -> Source:
 
 def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, int | None]:
     """(bos, separator) token ids, checked against what the tokenizer has."""
-    tok = model.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    bos_id, eos_id = model.facts["bos_token_id"], model.facts["eos_token_id"]
+    bos = bos_id if bos_id is not None else eos_id
     if cfg.prepend_bos and bos is None:
         raise ActcacheError(f"the tokenizer of {cfg.model!r} has no BOS token; pass --no-prepend-bos")
-    sep = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "none": None}[cfg.separator]
+    sep = {"eos": eos_id, "bos": bos_id, "none": None}[cfg.separator]
     if cfg.separator != "none" and sep is None:
         raise ActcacheError(f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
                             "pass --separator none (or another)")
@@ -165,6 +165,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
     if plan.missing and load_model:
+        from actcache.extraction import extractor_for
+
         # Work to do: the model is needed anyway, so check the hooks against its real names now. Hooks the
         # hf-sdpa engine serves are valid by their pattern (layer checked above): the bridge loads only for others.
         slow = [h for h in cfg.hooks if forward_engine(h, model) != HF_SDPA]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from actcache import layout, manifest, records, shard
+from actcache import layout, manifest, records
 from actcache.errors import ActcacheError
 from actcache.store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 
 def split_set_url(url: str) -> tuple[str, str]:
@@ -53,6 +54,10 @@ class ActivationSet:
         if verify and hashlib.sha256(data).hexdigest() != record.sha256:
             raise ActcacheError(f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
                                 "and rerun the extraction to repair it")
+        import torch  # here, not at the top: manifests, listings and checksums (ls, show, verify) need no torch
+
+        from actcache import shard
+
         m = self.manifest
         ctx = m["key"]["tokens"]["context_size"]
         expect = {"activations": (shard.TORCH_DTYPES[m["dtype"]], (record.n_seq, ctx, m["d"])),

@@ -21,8 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 from actcache.errors import ActcacheError
@@ -71,6 +69,9 @@ class TemporaryServer:
 
     def wait(self, timeout: float) -> str:
         """Block until the server answers its health check; return its API URL."""
+        import urllib.error
+        import urllib.request
+
         deadline = time.monotonic() + timeout
         while not self.ready:
             code = self.proc.poll()

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from actcache import faults, layout, records, shard
+from actcache import faults, layout, records
 from actcache.key import TokensKey
 from actcache.store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX = "index.json"
 
@@ -119,6 +121,10 @@ class TokenCache:
     def _emit(self, scan: records.Scan, index: int, seqs: list[list[int]]) -> ShardWork:
         work = ShardWork(index, len(seqs))
         if not scan.is_done(index, work.n_seq):
+            import torch
+
+            from actcache import shard
+
             enc = shard.encode({"tokens": torch.tensor(seqs, dtype=torch.int32)})
             rel = layout.shard_file(index, "none")
             self.store.write_bytes(f"{self.root}/{rel}", enc.data)
@@ -129,5 +135,9 @@ class TokenCache:
         return work
 
     def load(self, index: int) -> torch.Tensor:
+        import torch
+
+        from actcache import shard
+
         data = self.store.read_bytes(f"{self.root}/{layout.shard_file(index, 'none')}")
         return shard.decode(data, codec="none", expect={"tokens": (torch.int32, None)})["tokens"]

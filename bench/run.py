@@ -588,51 +588,48 @@ def warm_in_process(config: dict) -> dict:
             "shards_missing": len(plan.missing), "models_loaded": len(model._LOADED) + len(extraction._HF)}
 
 
-def cold_child(work: str) -> None:
-    """Cold start of the demo extraction, phase by phase, in the order `actcache extract` runs them."""
-    t0 = time.perf_counter()
+def cold_child(policy: str, store: str) -> None:
+    """`actcache extract` on the demo (2048 tokens) in this fresh process, with the temporary server launched
+    first thing ("early", killed unused when the plan finds nothing to do) or only once the plan finds work
+    ("late", what the CLI does). The parent times the whole process, exit included."""
     quiet_prefect()
-    import actcache.cli  # noqa: F401
-    from actcache import tempserver
+    from actcache import cli, tempserver
 
-    t_cli = time.perf_counter()
-    tempserver.start()  # Prefect's temporary server boots in another process from here on
-    t_launch = time.perf_counter()
-    from actcache import demo
-    from actcache.config import ExtractConfig
-    from actcache.plan import make_plan
-    from flows.extract import extract_activations
-
-    t_imp = time.perf_counter()
-    demo.builtin_model("tiny-gpt2")  # built once per machine; then only an existence check
-    demo.demo_corpus()
-    t_build = time.perf_counter()
-    cfg = ExtractConfig(max_tokens=2048, shard_tokens=2048, store=str(Path(work) / "cold-store"))
-    make_plan(cfg)
-    t_model = time.perf_counter()
-    with tempserver.prefect_api():
-        t_ready = time.perf_counter()
-        extract_activations(cfg)
-    t_first = time.perf_counter()
-    print(json.dumps({"import_cli_s": round(t_cli - t0, 2), "launch_server_s": round(t_launch - t_cli, 2),
-                      "import_flow_s": round(t_imp - t_launch, 2), "demo_assets_s": round(t_build - t_imp, 2),
-                      "plan_and_model_load_s": round(t_model - t_build, 2),
-                      "waited_for_server_s": round(t_ready - t_model, 2),
-                      "flow_first_shard_s": round(t_first - t_ready, 2),
-                      "server_ready_after_launch_s": round(t_ready - t_cli, 2)}))
+    if policy == "early":
+        tempserver.start()
+    code = cli.main(["extract", "--max-tokens", "2048", "--shard-tokens", "2048", "--store", store])
+    print(json.dumps({"exit": code, "server_started": tempserver._SERVER is not None}))
 
 
-def cold_start(work: Path) -> dict:
-    phases = child(["--cold-child", str(work)])
-    t = time.perf_counter()
-    p = subprocess.run([str(Path(sys.executable).parent / "actcache"), "extract", "--max-tokens", "2048",
-                        "--shard-tokens", "2048", "--store", str(work / "cli-store")], capture_output=True,
-                       text=True, cwd=str(work), timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
-    phases["cli_total_wall_s"] = round(time.perf_counter() - t, 2) if p.returncode == 0 else p.stderr[-300:]
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import actcache.cli"], check=True, timeout=120)
-    phases["python_plus_import_cli_wall_s"] = round(time.perf_counter() - t, 2)
-    return phases
+def cold_start(work: Path, reps: int) -> dict:
+    """Cold start of `actcache extract` when the set is complete and when there is work, for both server policies,
+    side by side with `python -c "import actcache"` (the floor: interpreter and package import)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+
+    def wall(argv: list[str]) -> float:
+        t = time.perf_counter()
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env, cwd=str(work))
+        if p.returncode != 0:
+            raise RuntimeError(p.stderr[-500:])
+        return time.perf_counter() - t
+
+    me = [sys.executable, str(Path(__file__).resolve()), "--cold-child"]
+    complete = str(work / "cold-complete")
+    wall([*me, "late", complete])  # makes the complete set (and the demo model/corpus, once per machine)
+    times: dict[str, list[float]] = {}
+    for r in range(reps):  # round-robin, rotated: machine drift hits every variant alike
+        variants = [("import_actcache", [sys.executable, "-c", "import actcache"]),
+                    *[(f"complete_{p}", [*me, p, complete]) for p in ("late", "early")],
+                    *[(f"work_{p}", [*me, p, str(work / f"cold-{p}-{r}")]) for p in ("late", "early")]]
+        for name, argv in variants[r % len(variants):] + variants[:r % len(variants)]:
+            times.setdefault(name, []).append(wall(argv))
+    med = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    floor = med["import_actcache"]
+    return {"wall_s_median": med, "rounds": reps,
+            "complete_cli_vs_import_actcache": round(med["complete_late"] / floor, 1),
+            "complete_early_over_late": round(med["complete_early"] / med["complete_late"], 2),
+            "work_early_over_late": round(med["work_early"] / med["work_late"], 2),
+            "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}
 
 
 def rss_growth(src: Path, work: Path, device: str, ctx: int, shard_seqs: int, n_small: int) -> dict:
@@ -727,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     ap.add_argument("--warm-child", help=argparse.SUPPRESS)
-    ap.add_argument("--cold-child", help=argparse.SUPPRESS)
+    ap.add_argument("--cold-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--flow-rss-child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -738,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_child(args.warm_child)
         return 0
     if args.cold_child:
-        cold_child(args.cold_child)
+        cold_child(*args.cold_child)
         return 0
     if args.flow_rss_child:
         flow_rss_child(*args.flow_rss_child)
@@ -804,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["warm_rerun"] = {"shards": n, **child(["--warm-child", json.dumps(made["config"])])}
             save()
         if "cold_start" in only and not smoke:
-            res["cold_start"] = cold_start(work)
+            res["cold_start"] = cold_start(work, max(reps, 3))
             save()
         if "rss_growth" in only and not smoke:
             res["rss_growth"] = rss_growth(src, work, device, 32 if smoke else 128, 4 if smoke else 16,

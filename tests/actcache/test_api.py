@@ -45,3 +45,58 @@ def test_tokens_are_the_packed_corpus(base_config, corpus, tiny_models):
 def test_bad_input_raises_before_prefect_runs(base_config):
     with pytest.raises(actcache.ActcacheError, match="unknown hook"):
         actcache.extract(base_config, hook="blocks.0.hook_nope")
+
+
+def test_complete_sets_are_answered_from_the_store_alone(base_config, monkeypatch):
+    """Without a Prefect API: a complete request starts no server and runs no flow, and answers what the flow did
+    (the slow reference); a set whose manifest is missing still goes through the flow, which writes it."""
+    from pathlib import Path
+
+    from actcache import api, tempserver
+
+    cfg = base_config.replace(hook="blocks.0.hook_resid_post,blocks.1.hook_resid_post")
+    by_flow = api.extract_sets(cfg)  # the harness's API is configured: the flow runs
+    starts = []
+    monkeypatch.setattr(tempserver, "api_configured", lambda: False)
+    monkeypatch.setattr(tempserver, "start", lambda: starts.append(1))
+    import flows.extract
+
+    runs = []
+    real = flows.extract.extract_activations
+    monkeypatch.setattr(flows.extract, "extract_activations", lambda *a, **k: runs.append(1) or real(*a, **k))
+    fast = api.extract_sets(cfg)
+    assert starts == [] and runs == []
+    assert [(s.url, s.n_tokens, s.bytes, s.complete) for s in fast] == [(s.url, s.n_tokens, s.bytes, s.complete)
+                                                                         for s in by_flow]
+    assert [(s.shards_skipped, s.shards_computed) for s in fast] == [(4, 0), (4, 0)]
+
+    (Path(fast[1].url) / "manifest.json").unlink()  # killed after its last shard, before its manifest
+    again = api.extract_sets(cfg)
+    assert starts == [1] and runs == [1] and (Path(fast[1].url) / "manifest.json").exists()
+    assert [s.complete for s in again] == [True, True]
+
+
+def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path):
+    """The CLI's answer for a complete set, in a process of its own with no Prefect API configured."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url = actcache.extract(base_config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONWARNINGS="ignore")
+    code = ("import json, sys\nfrom actcache import cli, tempserver\n"
+            f"code = cli.main({json.dumps(['extract', *_flags(base_config)])})\n"
+            "print(json.dumps([code, tempserver._SERVER is not None, "
+            "sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules)]))\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    *answer, report = p.stdout.strip().splitlines()
+    assert answer == [url] and json.loads(report) == [0, False, []]
+
+
+def _flags(cfg) -> list[str]:
+    return ["--model", cfg.model, "--dataset", cfg.dataset, "--hook", cfg.hook, "--context-size",
+            str(cfg.context_size), "--max-tokens", str(cfg.max_tokens), "--shard-tokens", str(cfg.shard_tokens),
+            "--store", cfg.store, "--device", cfg.device]

@@ -49,3 +49,27 @@ def test_hook_helpers():
     assert hook_layer("blocks.11.attn.hook_z") == 11 and hook_layer("hook_embed") is None
     with pytest.raises(ActcacheError, match="did you mean blocks.3.hook_resid_post"):
         check_hook_name("blocks.3.hook_resid_pst", ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"])
+
+
+def test_facts_are_remembered_by_content_and_equal_a_fresh_read(tiny_models, tmp_path, monkeypatch):
+    """A second resolution reads config/tokenizer facts from the memo (no transformers); a changed tokenizer file
+    is a new key, read afresh."""
+    from actcache.model import ResolvedModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_models["neox"], folder)
+    first = resolve_model(ModelSpec(str(folder)))
+    fresh = first._read_facts()  # the slow reference: config and tokenizer loaded now
+    assert first.facts == fresh and fresh["n_layers"] == 3 and fresh["model_type"] == "gpt_neox"
+
+    def no_loading(self):
+        raise AssertionError("the memo should have answered")
+
+    monkeypatch.setattr(ResolvedModel, "_read_facts", no_loading)
+    again = resolve_model(ModelSpec(str(folder)))
+    assert again.facts == fresh and again.tokenizer_fingerprint == fresh["tokenizer_fingerprint"]
+
+    cfg = folder / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text() + " ")  # same meaning, new bytes
+    with pytest.raises(AssertionError, match="memo should have answered"):
+        _ = resolve_model(ModelSpec(str(folder))).facts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,8 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     assert listed[0].split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "STATE"]
     assert listed[1].split()[0] == set_id and listed[1].split()[2:4] == ["blocks.2.hook_resid_post", "512"]
     assert listed[1].split()[-1] == "complete"
-    assert cli.main(["show", f"{bucket_url}/{set_id}"]) == 0
-    assert '"n_tokens": 512' in capsys.readouterr().out
+    assert cli.main(["show", f"{bucket_url}/{set_id}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] == 512
 
 
 def test_corrupted_source_stops_before_the_manifest(local_set, s3_server, s3_env, tmp_path):

@@ -139,6 +139,11 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
         assert choices in text
     assert "keeps that under 2% at 100k tokens/s" in text and "[default: 262144]" in text  # a '%' renders
     assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
+    import dataclasses
+
+    from actcache.config import ExtractConfig
+
+    assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []
 
 
 def test_telemetry_notice_stays_off_a_terminal(tmp_path):

@@ -106,17 +106,32 @@ def test_sets_of_other_shapes_or_cuts_are_refused():
 
 
 # -- real sets through the CLI ----------------------------------------------------------------------------
+def write_set(cfg) -> str:
+    """A set written by the flow's stages in the flow's order, without Prefect (as conftest's extracted_set)."""
+    from actcache.plan import make_plan
+    from tasks.compress import compress
+    from tasks.extract import extract
+    from tasks.manifest import write_manifest
+    from tasks.tokenize import tokenize
+    from tasks.upload import upload
+
+    plan = make_plan(cfg)
+    for work in tokenize.fn(plan):
+        for ref in extract.fn(plan, work):
+            upload.fn(plan, compress.fn(plan, ref))
+    return write_manifest.fn(plan)[0]
+
+
 @pytest.fixture(scope="module")
-def sets(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict[str, str]:
-    from actcache.api import extract
+def sets(tiny_models, corpus, tmp_path_factory) -> dict[str, str]:
     from actcache.config import ExtractConfig
 
     base = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
                          context_size=32, max_tokens=256, shard_tokens=128, device="cpu",
                          store=str(tmp_path_factory.mktemp("diff")))
-    return {"fp16": extract(base), "zstd": extract(base.replace(codec="zstd")),
-            "fp32": extract(base.replace(dtype="float32")),
-            "ctx16": extract(base.replace(context_size=16, shard_tokens=64))}
+    return {"fp16": write_set(base), "zstd": write_set(base.replace(codec="zstd")),
+            "fp32": write_set(base.replace(dtype="float32")),
+            "ctx16": write_set(base.replace(context_size=16, shard_tokens=64))}
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

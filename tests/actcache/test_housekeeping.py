@@ -23,15 +23,9 @@ from actcache.store import Store
 
 
 @pytest.fixture(scope="module")
-def made(tiny_models, corpus, prefect_harness, tmp_path_factory) -> Path:
-    """A store with one complete set and its token cache (made once; tests work on copies)."""
-    from actcache.api import extract
-    from actcache.config import ExtractConfig
-
-    store = tmp_path_factory.mktemp("hk") / "store"
-    extract(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                          context_size=32, max_tokens=512, shard_tokens=128, store=str(store), device="cpu"))
-    return store
+def made(extracted_set) -> Path:
+    """The session's read-only store: one complete set and its token cache (tests work on copies)."""
+    return Path(extracted_set).parent
 
 
 @pytest.fixture
@@ -62,7 +56,7 @@ def test_rm_removes_the_set_and_nothing_else(store, capsys):
     url = set_url(store)
     tokens_before = local_tree(store / layout.TOKENS_ROOT)
     code, out, _ = run(capsys, "rm", url, "--yes", "--json")
-    assert code == 0 and json.loads(out) == {"removed": url, "files": 9, "bytes": json.loads(out)["bytes"]}
+    assert code == 0 and json.loads(out) == {"removed": url, "files": 9, "bytes": json.loads(out)["bytes"]}  # 4+4+1
     assert not Path(url).exists()
     assert local_tree(store / layout.TOKENS_ROOT) == tokens_before
     code, out, _ = run(capsys, "ls", str(store), "--json")
@@ -143,15 +137,15 @@ def test_a_killed_rm_never_leaves_a_complete_looking_set(store, point, capsys):
     assert code == 0 and not Path(url).exists()
 
 
-def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, tiny_models, corpus):
+def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, tiny_models, corpus, prefect_harness):
     from actcache.api import extract
     from actcache.config import ExtractConfig
 
     url = set_url(store)
     assert _rm_killed_at("rm.records-removed", url).returncode == -signal.SIGKILL
     again = extract(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
-                                  dataset=str(corpus), context_size=32, max_tokens=512, shard_tokens=128,
-                                  store=str(store), device="cpu"))
+                                  dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
+                                  batch_size=4, store=str(store), device="cpu"))  # the extracted_set's config
     assert again == url and local_tree(store) == local_tree(made)
 
 

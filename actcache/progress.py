@@ -94,7 +94,8 @@ class Progress:
         if self.publisher is not None and self.total and (self.done >= self.total
                                                            or now - self._published >= ARTIFACT_EVERY_S):
             self._published = now
-            self.publisher.publish(100.0 * self.done / self.total)
+            # A count past its total is a miscount upstream; the UI's percentage still stops at 100.
+            self.publisher.publish(min(100.0, 100.0 * self.done / self.total))
 
     def line(self, item: str, now: float | None = None) -> str:
         """``item: 3/8 shards, 15234 tokens/s, ETA 0:01:05`` (rate and ETA over everything done so far)."""

@@ -221,3 +221,52 @@ def test_json_documents(made, capsys):
     out, err = capsys.readouterr()
     report = json.loads(out)
     assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""
+
+
+# -- a shuffled copy (the "rows" layout) where commands expect an extracted set -----------------------------
+@pytest.fixture(scope="module")
+def shuffled(extracted_set, tmp_path_factory) -> dict:
+    """A copy of the shared set's store (set and token cache) with a shuffled copy of the set beside."""
+    import shutil
+
+    from actcache.shuffle import shuffle_set
+
+    store = tmp_path_factory.mktemp("rows") / "store"
+    shutil.copytree(Path(extracted_set).parent, store)
+    source = str(store / Path(extracted_set).name)
+    return {"store": store, "source": source, "rows": shuffle_set(source, seed=3).url}
+
+
+def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled, tmp_path, capsys):
+    rows, source = shuffled["rows"], shuffled["source"]
+    source_id = source.rsplit("/", 1)[1]
+    assert main(["show", rows]) == 0
+    text = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert text["rows"].startswith(f"448 in 4 shards of up to 128, shuffled copy of {source_id} (seed 3, 0 rows")
+    assert main(["show", rows, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["url"], shown["layout"], shown["seed"]) == (rows, "rows", 3)
+
+    assert main(["ls", str(shuffled["store"]), "--json"]) == 0
+    listed = {s["url"]: s for s in json.loads(capsys.readouterr().out)["sets"]}
+    assert (listed[rows]["layout"], listed[rows]["state"], listed[rows]["tokens_id"]) == ("rows", "complete", None)
+    assert listed[source]["layout"] is None and listed[source]["tokens_id"]
+
+    for argv, expected in ((["diff", source, rows], "is a shuffled copy (rows); diff compares extracted sets"),
+                           (["extract", "--like", rows, "--store", str(tmp_path / "s")],
+                            f"is a shuffled copy; reproduce its source ({source_id}) with --like")):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "s").exists()
+
+    # the source's token cache is kept while the source exists; the shuffled copy needs none
+    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == []
+    assert main(["rm", source, "--yes"]) == 0
+    capsys.readouterr()
+    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    garbage = json.loads(capsys.readouterr().out)["items"]
+    assert [(g["kind"], g["url"]) for g in garbage] == [
+        ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")]
+    assert main(["verify", rows]) == 0  # the shuffled copy stands alone

@@ -93,3 +93,23 @@ def test_bar_only_on_a_terminal_and_a_line_per_named_step(monkeypatch):
     with Progress(4) as p:
         p.advance(4)
     assert "\r" in terminal.getvalue() and "4/4" in terminal.getvalue()
+
+
+def test_artifact_value_never_exceeds_100(monkeypatch):
+    monkeypatch.setattr(progress, "ARTIFACT_EVERY_S", 0.0)
+
+    class Recorder:
+        def __init__(self):
+            self.values: list[float] = []
+
+        def publish(self, value: float) -> None:
+            self.values.append(value)
+
+        def close(self, wait_s: float) -> None:
+            pass
+
+    with Progress(2) as p:
+        p.publisher = Recorder()
+        p.advance()
+        p.advance(2)  # one step too many
+    assert p.publisher.values == [50.0, 100.0] and p.done == 3

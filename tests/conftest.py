@@ -38,6 +38,19 @@ import pytest  # noqa: E402
 
 from actcache import demo  # noqa: E402
 
+# `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
+# endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
+SLOW = ("flows/test_crash.py", "flows/test_s3_faults.py", "flows/test_lost_api.py", "deployments/", "test_demo.py",
+        "bench/", "infra/")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        rel = Path(str(item.fspath)).relative_to(root).as_posix()
+        if rel.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:

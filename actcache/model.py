@@ -43,8 +43,12 @@ class ResolvedModel:
     def config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.source, revision=self.revision,
-                                          trust_remote_code=self.spec.trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(self.source, revision=self.revision,
+                                              trust_remote_code=self.spec.trust_remote_code)
+        except Exception as e:  # a broken or foreign config.json, an unknown model_type, ...
+            raise ActcacheError(f"model {self.spec.name!r} has no usable config.json ({_first_line(e)}); "
+                                "write the folder with save_pretrained or pass an HF model id") from e
 
     def _cfg(self, *names: str) -> int | None:
         cfg = getattr(self.config, "text_config", None) or self.config
@@ -67,10 +71,12 @@ class ResolvedModel:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.source, revision=self.revision,
-                                                 trust_remote_code=self.spec.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(self.source, revision=self.revision,
+                                                trust_remote_code=self.spec.trust_remote_code)
         except Exception as e:
-            raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from None
+            raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from e
+        check_tokenizer(tok, self.spec.name)
+        return tok
 
     @cached_property
     def tokenizer_fingerprint(self) -> str:
@@ -87,6 +93,35 @@ class ResolvedModel:
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.name, "revision": self.revision, "fingerprint": self.fingerprint,
                 "trust_remote_code": self.spec.trust_remote_code}
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog: 1234567890."
+
+
+def check_tokenizer(tok: Any, name: str) -> None:
+    """Refuse a tokenizer that cannot tokenize, before anything is written.
+
+    A model folder without tokenizer files still loads one (transformers builds it empty): every text then
+    becomes no tokens at all and the set silently holds nothing but separators. A plain English probe must give
+    at least two distinct ids and decode back to itself (ignoring case and spaces, which some tokenizers change).
+    """
+    def squeeze(t: str) -> str:
+        return "".join(t.split()).lower()
+
+    why = None
+    try:
+        ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        back = tok.decode(ids, skip_special_tokens=True) if ids else ""
+    except Exception as e:
+        why = f"it fails on plain text ({_first_line(e)})"
+    else:
+        if len(set(ids)) < 2:
+            why = f"it turns {PROBE_TEXT!r} into {len(ids)} ids, {len(set(ids))} distinct"
+        elif squeeze(back) != squeeze(PROBE_TEXT):
+            why = f"{PROBE_TEXT!r} decodes back as {back[:80]!r}"
+    if why:
+        raise ActcacheError(f"the tokenizer of {name!r} cannot tokenize: {why}; is the folder missing its tokenizer "
+                            "files (tokenizer.json, vocab/merges)? save them with tokenizer.save_pretrained")
 
 
 def _first_line(e: BaseException) -> str:
@@ -182,7 +217,7 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
                 raise
             except Exception as e:
                 raise ActcacheError(f"cannot load model {model.spec.name!r} with TransformerLens "
-                                    f"({_first_line(e)})") from None
+                                    f"({_first_line(e)})") from e
             bridge.eval()
             _LOADED[key] = bridge
         return _LOADED[key]

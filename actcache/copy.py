@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache import layout, records
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure
 from actcache.reader import open_set
-from actcache.store import Store
+from actcache.store import JSON_LIMIT, DamagedFile, Store
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
     if target.url_of(set_id) == source.url:
         raise ActcacheError(f"{source.url} is already in {dest!r}; give another destination store")
     target.check_writable()
-    scan = records.scan(target, set_id, layout.MANIFEST)
+    scan = records.scan_set(target, source.key)
 
     def present(r: records.Record) -> bool:
         have = scan.records.get(r.index)
@@ -52,9 +52,13 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
     todo = [r for r in source.records if not present(r)]
 
     def copy_one(r: records.Record) -> int:
-        data = source.store.read_bytes(f"{set_id}/{r.file}")
-        if len(data) != r.bytes or hashlib.sha256(data).hexdigest() != r.sha256:
-            raise ActcacheError(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
+        try:
+            data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
+        except DamagedFile as e:
+            raise DamagedFile(f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
+                              "source (`actcache verify`, then rerun its extract) and copy again") from e
+        if hashlib.sha256(data).hexdigest() != r.sha256:
+            raise Failure(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                                 "repair the source (`actcache verify`, then rerun its extract) and copy again")
         target.write_bytes(f"{set_id}/{r.file}", data)
         records.write_record(target, set_id, r)  # after the bytes, as extraction does
@@ -74,5 +78,6 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        target.write_bytes(f"{set_id}/{layout.MANIFEST}", source.store.read_bytes(f"{set_id}/{layout.MANIFEST}"))
+        target.write_bytes(f"{set_id}/{layout.MANIFEST}",
+                           source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcache import layout, memory, records
+from actcache import memory, records
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
-from actcache.extraction import HF_SDPA, extractor_for, forward_engine
+from actcache.extraction import HF_SDPA, extractor_for, forward_engine, pick_device
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
@@ -133,6 +133,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     if load_model:
         memory.cap_arenas()  # before the pool threads that compress and upload allocate
+        pick_device(cfg.device)  # a bogus or absent device fails here, before anything is written
     store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
     store.check_writable()
     model = model_for(cfg)
@@ -151,9 +152,10 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     for hook in cfg.hooks:
         key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
                      dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=forward_engine(hook, model))
-        scan = records.scan(store, key.id, layout.MANIFEST)
+        scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
-        shape = (scan.consolidated or {}).get("hook_shape")
+        recs = scan.sorted_records()  # the records', not the manifest's top-level field (it is derived from them)
+        shape = recs[0].extra.get("hook_shape") if recs else None
         sets.append(HookSet(key, done, tuple(shape) if shape else None))
     provenance = {
         "model": model.describe(),
@@ -181,7 +183,6 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
 
 
 def bridge_for(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Any:
-    from actcache.extraction import pick_device
     from actcache.model import load_bridge
 
     return load_bridge(model or model_for(cfg), dtype=cfg.model_dtype, device=pick_device(cfg.device))

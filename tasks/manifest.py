@@ -17,7 +17,7 @@ def write_manifest(plan: Plan) -> list[str]:
     target = sum(w.n_seq for w in plan.shards)
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
-        scan = records.scan(store, s.set_id, layout.MANIFEST)
+        scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
         provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
                       "hook_shape": list(s.hook_shape) if s.hook_shape else None}
@@ -79,6 +79,7 @@ def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[
             "bytes_written": nbytes,
             "compression_ratio": round(raw / nbytes, 3) if nbytes else None,
             "tokens_per_s": round(tokens / seconds, 1) if mine and seconds > 0 else None,
+            **{k: v for k, v in manifest.non_finite([r.to_dict() for r in mine]).items() if k != "shards"},
         }
         rows.append(row)
         publish_table(artifact_key("extraction", s.set_id), [row], f"{plan.config.model} -> {url}")

@@ -262,7 +262,8 @@ def _bad_shards(good: bytes) -> dict[str, tuple[bytes, str]]:
     return {
         "offsets beyond the file": (edited("activations", data_offsets=[start, len(body) + 4096]), "offset"),
         "header longer than the file": (struct.pack("<Q", 1 << 40) + good[8:], "header too large"),
-        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]), "invalid shape"),
+        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]),
+                                         "expected torch.float16[4, 32, 32]"),
         "header not JSON": (struct.pack("<Q", 6) + b"{'x':1" + body, "invalid JSON"),
         "truncated": (good[:5], "header too small"),
         "shape not the manifest's": (shard.encode({"activations": acts[:, :, :16].contiguous(),

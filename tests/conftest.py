@@ -83,6 +83,27 @@ def prefect_harness():
 
 
 @pytest.fixture
+def prefect_console(capfd, monkeypatch):
+    """``capfd``, with Prefect's console handlers writing to this test's stderr as they would to a terminal.
+
+    A handler keeps the stream of whichever test configured logging, which pytest has closed since: its lines
+    (and a logging error) would otherwise not be what a user sees. Every emit now writes to the current stderr.
+    """
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    emit = PrefectConsoleHandler.emit
+
+    def emit_to_current_stderr(self, record):
+        self.stream = self.console.file = sys.stderr
+        emit(self, record)
+
+    monkeypatch.setattr(PrefectConsoleHandler, "emit", emit_to_current_stderr)
+    return capfd
+
+
+@pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
 

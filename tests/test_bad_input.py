@@ -189,22 +189,22 @@ def _one_line(capfd, code: int, expected: str, want_code: int = 2) -> str:
 
 
 @pytest.mark.parametrize("name", list(DATA))
-def test_bad_data_deep_in_a_file_is_one_line_before_anything_is_written(tiny_models, tmp_path, capfd, name):
+def test_bad_data_deep_in_a_file_is_one_line_before_anything_is_written(tiny_models, tmp_path, prefect_console, name):
     data, expected = DATA[name]
     path = tmp_path / "data" / name
     path.parent.mkdir()
     path.write_bytes(data)
     store = tmp_path / "store"
-    _one_line(capfd, main(_extract(tiny_models, str(path), store)), expected)
+    _one_line(prefect_console, main(_extract(tiny_models, str(path), store)), expected)
     assert not store.exists(), "the token cache was written before the input was validated"
 
 
-def test_the_second_file_of_a_folder_is_named(tiny_models, tmp_path, capfd):
+def test_the_second_file_of_a_folder_is_named(tiny_models, tmp_path, prefect_console):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("\n".join(GOOD[:20]) + "\n")
     (tmp_path / "data" / "b.jsonl").write_bytes(_deep_bad({"text": 1.5}))
     store = tmp_path / "store"
-    _one_line(capfd, main(_extract(tiny_models, str(tmp_path / "data"), store)), "'b.jsonl' line 50")
+    _one_line(prefect_console, main(_extract(tiny_models, str(tmp_path / "data"), store)), "'b.jsonl' line 50")
     assert not store.exists()
 
 
@@ -226,7 +226,7 @@ def _model_copy(tiny_models, tmp_path: Path, drop=(), write=None) -> Path:
     ("config.json of an unknown model_type", "has no usable config.json"),
     ("config.json a list", "has no usable config.json"),
 ])
-def test_broken_model_folders(tiny_models, corpus, tmp_path, capfd, case, expected):
+def test_broken_model_folders(tiny_models, corpus, tmp_path, prefect_console, case, expected):
     model = {
         "no tokenizer files": lambda: _model_copy(tiny_models, tmp_path, drop=("tokenizer.json",
                                                                                 "tokenizer_config.json")),
@@ -238,14 +238,14 @@ def test_broken_model_folders(tiny_models, corpus, tmp_path, capfd, case, expect
     store = tmp_path / "store"
     argv = _extract(tiny_models, str(corpus), store)
     argv[argv.index("--model") + 1] = str(model)
-    _one_line(capfd, main(argv), expected)
+    _one_line(prefect_console, main(argv), expected)
     assert not store.exists()
 
 
 @pytest.mark.parametrize("device,expected", [("bogus", "is not a device"), ("cuda", "CUDA is not available"),
                                              ("cuda:3", "CUDA is not available"), ("mps", "MPS is not available"),
                                              ("xla", "unsupported device type")])
-def test_bad_device(tiny_models, corpus, tmp_path, capfd, device, expected):
+def test_bad_device(tiny_models, corpus, tmp_path, prefect_console, device, expected):
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -253,7 +253,7 @@ def test_bad_device(tiny_models, corpus, tmp_path, capfd, device, expected):
     store = tmp_path / "store"
     argv = _extract(tiny_models, str(corpus), store)
     argv[argv.index("--device") + 1] = device
-    _one_line(capfd, main(argv), expected)
+    _one_line(prefect_console, main(argv), expected)
     assert not store.exists()
 
 
@@ -277,16 +277,16 @@ def few_head_models(tiny_models, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.mark.parametrize("heads", [2, 3, 5])
 @pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
-def test_a_hook_that_is_not_per_token_is_refused_whatever_the_head_count(few_head_models, corpus, tmp_path, capfd,
-                                                                           heads, hook):
+def test_a_hook_that_is_not_per_token_is_refused_whatever_the_head_count(few_head_models, corpus, tmp_path,
+                                                                           prefect_console, heads, hook):
     store = tmp_path / "store"
     argv = ["extract", "--model", str(few_head_models[heads]), "--dataset", str(corpus), "--store", str(store),
             "--hook", hook, "--context-size", "16", "--max-tokens", "64", "--shard-tokens", "32", "--device", "cpu"]
-    _one_line(capfd, main(argv), "not one vector per token")
+    _one_line(prefect_console, main(argv), "not one vector per token")
     assert not store.exists()
 
 
-def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, capfd):
+def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, prefect_console):
     import errno
     import os
 
@@ -301,7 +301,7 @@ def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, ca
     monkeypatch.setattr(os, "fsync", fsync)
     argv = ["extract", "--model", base_config.model, "--dataset", base_config.dataset, "--store", base_config.store,
             "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
-    _one_line(capfd, main(argv), "File too large", want_code=1)
+    _one_line(prefect_console, main(argv), "File too large", want_code=1)
 
 
 def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_path):
@@ -329,8 +329,8 @@ def _extract_args(cfg) -> list[str]:
 
 
 @pytest.mark.parametrize("how", ["--debug", "ACTCACHE_TRACEBACK=1"])
-def test_debug_shows_the_whole_chain_with_the_original_cause(tiny_models, corpus, tmp_path, capfd, monkeypatch,
-                                                             how):
+def test_debug_shows_the_whole_chain_with_the_original_cause(tiny_models, corpus, tmp_path, prefect_console,
+                                                             monkeypatch, how):
     model = _model_copy(tiny_models, tmp_path, write={"config.json": "{"})
     argv = _extract(tiny_models, str(corpus), tmp_path / "store")
     argv[argv.index("--model") + 1] = str(model)
@@ -339,17 +339,17 @@ def test_debug_shows_the_whole_chain_with_the_original_cause(tiny_models, corpus
     else:
         monkeypatch.setenv("ACTCACHE_TRACEBACK", "1")
     assert main(argv) == 2
-    err = capfd.readouterr().err
+    err = prefect_console.readouterr().err
     assert "Traceback" in err and "JSONDecodeError" in err  # what transformers raised, kept as the cause
     assert "The above exception was the direct cause" in err
     assert err.strip().splitlines()[-1].startswith("actcache: error: model ") and "config.json" in err
 
 
-def test_bad_input_inside_the_flow_with_debug_keeps_prefects_traceback(tiny_models, tmp_path, capfd):
+def test_bad_input_inside_the_flow_with_debug_keeps_prefects_traceback(tiny_models, tmp_path, prefect_console):
     path = tmp_path / "number.jsonl"
     path.write_bytes(DATA["number.jsonl"][0])
     assert main(_extract(tiny_models, str(path), tmp_path / "store", "--debug")) == 2
-    err = capfd.readouterr().err
+    err = prefect_console.readouterr().err
     assert err.count("Traceback") >= 2  # Prefect's own (the task failed) and the CLI's chain
     assert err.strip().splitlines()[-1].startswith("actcache: error: dataset file 'number.jsonl' line 50")
 

@@ -298,14 +298,14 @@ def _strict(path: Path):
 
 @pytest.mark.parametrize("model,dtype,hint", [("x1e7", "float16", "--dtype bfloat16"),
                                               ("nan", "float16", "the model itself produced them")])
-def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_models, corpus, tmp_path, capfd,
+def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_models, corpus, tmp_path, prefect_console,
                                                                          model, dtype, hint):
     store = tmp_path / "store"
     argv = ["extract", "--model", str(loud_models[model]), "--hook", "blocks.0.hook_resid_pre", "--dataset",
             str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "256", "--shard-tokens", "128",
             "--dtype", dtype, "--device", "cpu"]
     assert main(argv) == 0
-    out, err = capfd.readouterr()
+    out, err = prefect_console.readouterr()
     url = out.strip().splitlines()[-1]
     assert any("WARNING" in line and "shard 0" in line and hint in line for line in err.splitlines()), err[-3000:]
     assert err.strip().splitlines()[-1].startswith(f"actcache: warning: {url}: ") and hint in err.splitlines()[-1]
@@ -315,14 +315,14 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
     assert nf["nan" if model == "nan" else "inf"] > 0
 
     assert main(["ls", str(store)]) == 0
-    row = capfd.readouterr().out.splitlines()[1]
+    row = prefect_console.readouterr().out.splitlines()[1]
     inf, nan = map(int, re.search(r"(\d+) inf, (\d+) nan", row).groups())
     assert (nan if model == "nan" else inf) > 0, row
     assert main(["show", url]) == 0
-    shown, err = capfd.readouterr()
+    shown, err = prefect_console.readouterr()
     assert json.loads(shown)["non_finite"]["shards"] == 2 and hint in err
     assert main(["verify", url]) == 0
-    out, err = capfd.readouterr()
+    out, err = prefect_console.readouterr()
     assert out.startswith("OK: ") and hint in err
 
     from prefect.client.orchestration import get_client
@@ -336,14 +336,14 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
     assert rows[0]["inf"] + rows[0]["nan"] > 0, rows  # the run's summary table
 
 
-def test_float32_norms_that_overflow_stay_finite_json(loud_models, corpus, tmp_path, capfd):
+def test_float32_norms_that_overflow_stay_finite_json(loud_models, corpus, tmp_path, prefect_console):
     """Values near 1e19 are finite in float32 but their squares are not: the stored norm must stay a number."""
     store = tmp_path / "store"
     argv = ["extract", "--model", str(loud_models["x1e21"]), "--hook", "blocks.0.hook_resid_pre", "--dataset",
             str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "256", "--shard-tokens", "128",
             "--dtype", "float32", "--device", "cpu"]
     assert main(argv) == 0
-    url = capfd.readouterr().out.strip().splitlines()[-1]
+    url = prefect_console.readouterr().out.strip().splitlines()[-1]
     for p in store.rglob("*.json"):
         _strict(p)
     m = _strict(Path(url) / layout.MANIFEST)

@@ -61,7 +61,8 @@ class ExtractConfig:
     store: str = "./activations"
     """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials."""
+    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials
+    (refused at any depth: use the AWS chain, {"profile": NAME} or --aws-credentials-block)."""
     aws_credentials_block: str | None = None
     """Name of a Prefect AwsCredentials block for an s3:// store (otherwise the AWS chain: env, profile, role)."""
     device: str = "auto"
@@ -69,7 +70,8 @@ class ExtractConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub to run (off unless asked; recorded in the manifest)."""
     verify_existing: bool = False
-    """Re-hash existing shards instead of trusting size and modification time."""
+    """Re-hash every stored shard, token shard and completion record instead of trusting sizes and modification
+    times (what `actcache verify` asks for when only hashing can see the damage)."""
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)

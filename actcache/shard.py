@@ -156,17 +156,21 @@ def _decompress_bounded(data: bytes, expect: dict[str, tuple[torch.dtype, tuple[
     and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused)."""
     import zstandard
 
+    limit = 8 + _HEADER_ALLOWANCE + sum(dtype.itemsize * math.prod(shape or []) for dtype, shape in expect.values())
     try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:  # -1 when the frame does not say
+            raise ValueError(f"zstd frame declares {declared} bytes, more than the expected tensors fill ({limit})")
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
             head = _read_exact(reader, 8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
             if len(head) < 8 or n > _HEADER_ALLOWANCE:
-                raise ValueError("safetensors header length out of range")
+                raise ValueError(f"safetensors header too large ({n} bytes)" if len(head) == 8 else
+                                 "safetensors header too small")
             head += _read_exact(reader, n)
             body_size = _check_header(_header(head, head), expect)
             total = len(head) + body_size
-            declared = zstandard.frame_content_size(data)
-            if declared not in (-1, total):  # -1: the frame does not say
+            if declared not in (-1, total):
                 raise ValueError(f"zstd frame declares {declared} bytes, the shard's header {total}")
             out = head + _read_exact(reader, body_size)
             if len(out) != total or reader.read(1):

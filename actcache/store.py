@@ -252,6 +252,15 @@ class Store:
             raise DamagedFile(f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
                               f"inside {self.url} (replace the link with a real folder)")
 
+    def _real_folders(self, rel: str) -> None:
+        """Replace a symlink where a folder of ``rel`` should be by a real folder (the link only; what it points to
+        is left alone), so that a rerun writes inside the store, as readers expect, instead of through it."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = self.path("/".join(parts[:i]))
+            if os.path.islink(p):
+                os.unlink(p)
+
     def read_json(self, rel: str, *, limit: int = JSON_LIMIT) -> Any:
         return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))
 
@@ -261,6 +270,7 @@ class Store:
         path = self.path(rel)
         if self.local:
             try:
+                self._real_folders(rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as e:
                 raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "

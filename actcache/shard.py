@@ -246,20 +246,29 @@ def stats(acts: torch.Tensor) -> dict[str, float | int]:
     }
 
 
-def warn_non_finite(stats: dict, source: torch.Tensor, dtype: str, where: str) -> bool:
+_WARNED: dict[str, int] = {}
+WARN_SHARDS = 3
+"""Shards per set warned about in a process; the manifest, ls, show, verify and the summary count them all."""
+
+
+def warn_non_finite(stats: dict, source: torch.Tensor, dtype: str, set_id: str, where: str) -> bool:
     """Warn (in the run's log) that ``where`` holds NaN/Inf and what to do; return whether ``source`` (the
     activations before the cast to ``dtype``) was finite, i.e. whether the storage dtype overflowed."""
     import logging
 
     source_finite = bool(torch.isfinite(source).all())
+    n = _WARNED[set_id] = _WARNED.get(set_id, 0) + 1
+    if n > WARN_SHARDS:
+        return source_finite
     try:
         from prefect import get_run_logger
 
         logger = get_run_logger()
     except Exception:  # outside a Prefect run
         logger = logging.getLogger("actcache")
-    logger.warning("%s holds %d Inf and %d NaN values: %s", where, stats["inf"], stats["nan"],
-                   non_finite_hint(dtype, source_finite))
+    more = " (further shards are counted, not reported: see `actcache verify`)" if n == WARN_SHARDS else ""
+    logger.warning("%s holds %d Inf and %d NaN values: %s%s", where, stats["inf"], stats["nan"],
+                   non_finite_hint(dtype, source_finite), more)
     return source_finite
 
 

@@ -33,5 +33,6 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "hook_shape": list(hook_set.hook_shape or [cast.shape[-1]]),
     }
     if stats["nan"] or stats["inf"]:
-        extra["source_finite"] = shard.warn_non_finite(stats, acts, key.dtype, f"shard {ref.index} of {key.hook}")
+        where = f"shard {ref.index} of {key.hook}"
+        extra["source_finite"] = shard.warn_non_finite(stats, acts, key.dtype, key.id, where)
     return PackedRef(handoff.put(enc.data), ref.hook, ref.index, ref.n_seq, enc.sha256, len(enc.data), extra)

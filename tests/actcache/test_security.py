@@ -88,6 +88,7 @@ def prefect_records() -> list[str]:
     return out
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, capfd):
     """Credentials in the environment and in a Prefect block (distinct secrets), used by extract/ls/show/verify/cp
     through the CLI and the Python API, in success and failure: no secret in any object, file, output line,

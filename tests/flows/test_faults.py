@@ -85,6 +85,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
     assert local_tree(small_disk / "store") == reference
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
     argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", base_config.model, "--dataset",
@@ -110,6 +111,7 @@ def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_
     assert local_tree(store) == reference
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("targets", [(448, 512), (416, 480, 512)])
 def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp_path, targets):
     """Runs of one set asking different --max-tokens, started together: every one succeeds, and the set ends as

@@ -156,3 +156,18 @@ def test_is_transient_on_real_errors(s3_server, s3_env):
         dead.list_buckets()
     assert type(refused.value).__name__ == "EndpointConnectionError"
     assert is_transient(refused.value)
+
+
+def test_reads_stop_at_the_expected_size_on_s3_too(s3_server, s3_env):
+    """A ranged GET: never more than the recorded size is downloaded, and an empty object is no exception."""
+    from actcache.store import DamagedFile
+
+    store = Store(s3_server.new_prefix())
+    store.write_bytes("a/x", b"12345")
+    store.write_bytes("a/empty", b"")
+    assert store.read_bytes("a/x", size=5) == b"12345"
+    with pytest.raises(DamagedFile, match="larger than 3 bytes"):
+        store.read_bytes("a/x", size=3)
+    with pytest.raises(DamagedFile, match="has 0 bytes, expected 5"):
+        store.read_bytes("a/empty", size=5)
+    assert store.read_bytes("a/empty", limit=10) == b""

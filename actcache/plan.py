@@ -7,6 +7,7 @@ hook is its own set with its own key, and they share the token shards and the fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,9 +154,11 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
                      dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=forward_engine(hook, model))
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
-        done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
         recs = scan.sorted_records()  # the records', not the manifest's top-level field (it is derived from them)
         shape = recs[0].extra.get("hook_shape") if recs else None
+        if shape:  # --verify-existing then also checks each shard's header against the key and this width
+            scan.bounds = records.Bounds.of(key, d=math.prod(shape))
+        done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
         sets.append(HookSet(key, done, tuple(shape) if shape else None))
     provenance = {
         "model": model.describe(),

@@ -93,6 +93,7 @@ class ActivationSet:
         shards); empty when sound. Each says whether a plain rerun repairs it (see ``Problem``)."""
         problems: list[Problem] = []
         scan = records.scan_set(self.store, self.key)
+        scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"))
         listing = scan.entries
         in_manifest = {r.index for r in self.records}
         for r in self.records:
@@ -149,7 +150,7 @@ class ActivationSet:
             tr = scan.records.get(r.index)
             if tr is None or tr.file not in scan.entries:
                 continue
-            if tr.n_seq < r.n_seq or not records.hash_matches(self.store, cache.root, tr):
+            if tr.n_seq < r.n_seq or not records.hash_matches(self.store, cache.root, tr, cache.bounds):
                 out.append(Problem(f"token shard {r.index} ({cache.root}/{tr.file}) fails its checksum or is "
                                    "short (corrupted)", False))
         return out

@@ -55,12 +55,30 @@ class Bounds:
     codec: str
     seqs_per_shard: int
     context_size: int
+    dtype: str | None = None
+    """Storage dtype of ``activations`` (None: a token cache, whose shards hold ``tokens`` only)."""
+    d: int | None = None
+    """Width of ``activations`` when known: then a re-hashed shard's header is checked too."""
 
     @classmethod
-    def of(cls, key: Any) -> Bounds:
-        """For a SetKey (its codec) or a TokensKey (token shards are never compressed)."""
+    def of(cls, key: Any, d: int | None = None) -> Bounds:
+        """For a SetKey (its codec and dtype) or a TokensKey (token shards are never compressed)."""
         tokens = getattr(key, "tokens", key)
-        return cls(getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size)
+        return cls(getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size,
+                   getattr(key, "dtype", None), d)
+
+    def expect(self, rec: Record) -> dict[str, tuple[Any, tuple[int, ...]]] | None:
+        """Each tensor's dtype and shape in ``rec``'s shard (None when the width of activations is unknown)."""
+        import torch
+
+        from actcache.shard import TORCH_DTYPES
+
+        out = {"tokens": (torch.int32, (rec.n_seq, self.context_size))}
+        if self.dtype is None:
+            return out
+        if self.d is None:
+            return None
+        return {**out, "activations": (TORCH_DTYPES[self.dtype], (rec.n_seq, self.context_size, self.d))}
 
 
 @dataclass(frozen=True)
@@ -116,13 +134,24 @@ def records_of(entries: Any, bounds: Bounds | None = None) -> dict[int, Record]:
     return out
 
 
-def hash_matches(store: Store, root: str, rec: Record) -> bool:
-    """Whether the stored bytes of ``rec``'s shard have its size and sha256 (reading at most that size)."""
+def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = None) -> bool:
+    """Whether the stored bytes of ``rec``'s shard have its size and sha256 (reading at most that size) and, with
+    ``bounds``, a safetensors header that agrees with them (a record can vouch for a malformed shard)."""
+    from actcache import shard
+
     try:
         data = store.read_bytes(f"{root}/{rec.file}", size=rec.bytes)
     except (FileNotFoundError, DamagedFile):
         return False
-    return hashlib.sha256(data).hexdigest() == rec.sha256
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
+        return False
+    expect = bounds.expect(rec) if bounds is not None else None
+    if expect is not None:
+        try:
+            shard.check_header(data, codec=bounds.codec, expect=expect)
+        except ValueError:
+            return False
+    return True
 
 
 @dataclass
@@ -136,6 +165,7 @@ class Scan:
     consolidated: dict[str, Any] | None
     doubtful: set[int] = field(default_factory=set)
     """Indices whose record disagrees with the consolidated file's entry: re-hashed before they count."""
+    bounds: Bounds | None = None
 
     def is_done(self, index: int, n_seq: int, *, verify: bool = False) -> bool:
         """Whether shard ``index`` holds at least ``n_seq`` sequences, recorded and (when in doubt) re-hashed.
@@ -152,7 +182,7 @@ class Scan:
             return False
         # A shard touched after its record was written may have been corrupted in place: re-hash it.
         if verify or shard.mtime > written.mtime or index in self.doubtful:
-            return hash_matches(self.store, self.root, rec)
+            return hash_matches(self.store, self.root, rec, self.bounds)
         return True
 
     def sorted_records(self) -> list[Record]:
@@ -194,7 +224,7 @@ def scan(store: Store, root: str, consolidated_name: str, bounds: Bounds | None 
         records[index] = rec
         if index in known and known[index] != rec:
             doubtful.add(index)
-    return Scan(store, root, entries, records, consolidated, doubtful)
+    return Scan(store, root, entries, records, consolidated, doubtful, bounds)
 
 
 def scan_set(store: Store, key: Any, *, read_all: bool = False) -> Scan:

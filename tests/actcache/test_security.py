@@ -287,7 +287,10 @@ def _plant(set_dir: Path, index: int, data: bytes) -> None:
     (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))  # a forgery the seal cannot see
 
 
-def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
+def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
+    """Shards whose records vouch for them (checksums match) but whose structure is wrong: reading refuses them in
+    one line, verify checks each header and says --verify-existing repairs it, and it does."""
+    from actcache.api import extract
     from actcache.dataset import ActivationDataset
 
     good = (local_set / layout.shard_file(0, "none")).read_bytes()
@@ -295,7 +298,9 @@ def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
         set_dir = copy_of(local_set, tmp_path / case.replace(" ", "-"))
         _plant(set_dir, 0, data)
         s = open_set(str(set_dir))
-        assert s.verify() == [], case  # the checksum matches: only the structure is wrong
+        problems = s.verify()  # the checksum matches: only the structure is wrong
+        assert len(problems) == 1 and problems[0].startswith("shard 0: ") and "header" in problems[0], case
+        assert not problems[0].plain_rerun, case
         with pytest.raises(ActcacheError) as direct:
             s.read(s.records[0], verify=True)
         with pytest.raises(ActcacheError) as streamed:
@@ -303,6 +308,9 @@ def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
         for msg in (str(direct.value), str(streamed.value)):
             assert msg.startswith("shard 0 of ") and "is unreadable" in msg and reason in msg, (case, msg)
             assert "\n" not in msg
+    extract(config.replace(store=str(set_dir.parent), verify_existing=True))  # what verify's hint says
+    assert open_set(str(set_dir)).verify() == []
+    assert (set_dir / layout.shard_file(0, "none")).read_bytes() == good
 
 
 def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:

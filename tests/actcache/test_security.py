@@ -299,8 +299,8 @@ def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
         _plant(set_dir, 0, data)
         s = open_set(str(set_dir))
         problems = s.verify()  # the checksum matches: only the structure is wrong
-        assert len(problems) == 1 and problems[0].startswith("shard 0: ") and "header" in problems[0], case
-        assert not problems[0].plain_rerun, case
+        assert any("header" in p for p in problems), (case, problems)  # (and its record disagrees: _plant left it)
+        assert all(p.startswith("shard 0: ") and not p.plain_rerun for p in problems), (case, problems)
         with pytest.raises(ActcacheError) as direct:
             s.read(s.records[0], verify=True)
         with pytest.raises(ActcacheError) as streamed:

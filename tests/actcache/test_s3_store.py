@@ -137,7 +137,7 @@ def test_unreachable_endpoint_fails_fast_but_counts_as_transient(s3_env, monkeyp
     # What keeps it fast (not a timing, which a loaded machine would break): the client got bounded retries and
     # connect timeout instead of botocore's legacy backoff of up to ~15 s per call.
     config = store.fs._s3.meta.config
-    assert config.retries["mode"] == "standard" and config.retries["total_max_attempts"] == 3
+    assert config.retries == {"mode": "standard", "total_max_attempts": 4}  # botocore's "max_attempts": 3 retries
     assert config.connect_timeout == 10
     # Before a run it stops the command; inside the upload task the same error is retried.
     assert is_transient(e.value)

@@ -329,9 +329,11 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
+    from tasks.manifest import artifact_key
+
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=["extraction-summary"])), sort=ArtifactSort.CREATED_DESC, limit=1)
+            any_=[artifact_key("extraction", Path(url).name)])), sort=ArtifactSort.CREATED_DESC, limit=1)
     rows = json.loads(art.data) if isinstance(art.data, str) else art.data
     assert rows[0]["inf"] + rows[0]["nan"] > 0, rows  # the run's summary table
 

@@ -14,7 +14,7 @@ from typing import Any
 from actcache import layout, records
 from actcache.errors import ActcacheError, Failure
 from actcache.reader import open_set
-from actcache.store import JSON_LIMIT, DamagedFile, Store
+from actcache.store import JSON_LIMIT, DamagedFile, Store, parse_json
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,19 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
 
     todo = [r for r in source.records if not present(r)]
 
+    def write_record(r: records.Record) -> None:
+        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or
+        one written from the manifest if the stored one is gone, damaged (its seal) or disagrees."""
+        rel = f"{set_id}/{layout.record_file(r.index)}"
+        try:
+            stored = source.store.read_bytes(rel, limit=records.RECORD_LIMIT)
+            if records.Record.from_dict(records.check_sealed(parse_json(stored, rel), rel), source.bounds) == r:
+                target.write_bytes(rel, stored)
+                return
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        records.write_record(target, set_id, r)
+
     def copy_one(r: records.Record) -> int:
         try:
             data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
@@ -61,7 +74,7 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
             raise Failure(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                                 "repair the source (`actcache verify`, then rerun its extract) and copy again")
         target.write_bytes(f"{set_id}/{r.file}", data)
-        records.write_record(target, set_id, r)  # after the bytes, as extraction does
+        write_record(r)  # after the bytes, as extraction does
         if on_shard:
             on_shard(r)
         return len(data)

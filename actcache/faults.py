@@ -23,6 +23,15 @@ POINTS = (
     "manifest.written",
 )
 
+# The shuffle's own points (``actcache shuffle`` runs outside the extraction flow).
+SHUFFLE_POINTS = (
+    "shuffle.spill-written",  # a source shard's spill file in place, no spill record yet
+    "shuffle.spill-recorded",
+    "shuffle.shard-written",  # an output shard in place, no completion record yet
+    "shuffle.shard-recorded",
+    "shuffle.manifest-written",  # the set is complete, its spill files not yet removed
+)
+
 _SPEC = os.environ.get("ACTCACHE_FAULT") or None
 _COUNTS: dict[str, int] = {}
 _LOCK = threading.Lock()

@@ -13,7 +13,7 @@ from typing import Any
 
 from actcache import layout, records
 from actcache.errors import ActcacheError
-from actcache.key import CODECS, DTYPES, FORMAT_VERSION, SetKey
+from actcache.key import CODECS, DTYPES, FORMAT_VERSION, SetKey, ShuffleKey, key_from_dict
 from actcache.store import DamagedFile, Store
 
 _PACKAGES = ("actcache", "torch", "transformers", "transformer-lens", "safetensors", "tokenizers", "zstandard")
@@ -87,6 +87,12 @@ def build(key: SetKey, provenance: dict[str, Any], recs: list[records.Record], *
     })
 
 
+def write(store: Store, set_id: str, m: dict[str, Any]) -> None:
+    """Write a set's manifest, sealed (``records.SEAL``) over all its fields: the one way manifests are written, so
+    a field added after ``build`` (statistics, a shuffled set's own) is covered by the seal too."""
+    store.write_json(f"{set_id}/{layout.MANIFEST}", records.sealed(m))
+
+
 class NoManifest(ActcacheError):
     """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
 
@@ -110,7 +116,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         raise ActcacheError(f"set {set_id} has format version {version}, newer than this actcache reads "
                             f"({FORMAT_VERSION}); upgrade actcache")
     try:
-        key = SetKey.from_dict(m["key"])
+        key = key_from_dict(m["key"])
         _check_encoding(m, key)
         recs = records.records_of(m["shards"], records.Bounds.of(key))
         if m.get("n_tokens") != sum(r.n_tokens for r in recs.values()) or \
@@ -126,8 +132,14 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     return m
 
 
-def _check_encoding(m: dict[str, Any], key: SetKey) -> None:
+def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
     """What the reader sizes and decodes shards with must be a known encoding, and the key's own."""
+    if isinstance(key, ShuffleKey):  # a "rows" set: [n_rows, d] shards, uncompressed, in the source's dtype
+        d = m.get("d")
+        if m.get("layout") != "rows" or m.get("dtype") not in DTYPES or m.get("codec") != "none" \
+                or type(d) is not int or d < 1:
+            raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
+        return
     if key.dtype not in DTYPES or key.codec not in CODECS:
         raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
     if m.get("dtype") != key.dtype or m.get("codec") != key.codec or m.get("hook") != key.hook:

@@ -11,7 +11,7 @@ import torch
 
 from actcache import layout, manifest, records, shard
 from actcache.errors import Failure
-from actcache.key import SetKey
+from actcache.key import ShuffleKey, key_from_dict
 from actcache.store import DamagedFile, Store
 
 
@@ -51,7 +51,7 @@ class ActivationSet:
         self.store = Store(store_url, storage_options, credentials_block=credentials_block)
         self.url = self.store.url_of(self.set_id)
         self.manifest = manifest.read(self.store, self.set_id)
-        self.key = SetKey.from_dict(self.manifest["key"])
+        self.key = key_from_dict(self.manifest["key"])
         self.bounds = records.Bounds.of(self.key)
         self.records = list(records.records_of(self.manifest["shards"], self.bounds).values())
 
@@ -65,6 +65,10 @@ class ActivationSet:
     def expect(self, record: records.Record) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Each tensor's dtype and shape, from the key (dtype, context, at most seqs_per_shard sequences) and the
         manifest's d (checked against its hook_shape, and by decoding against the shard's own header)."""
+        if isinstance(self.key, ShuffleKey):  # "rows": manifest.read checked dtype and d (see _check_encoding)
+            n = record.n_seq
+            return {"activations": (shard.TORCH_DTYPES[self.manifest["dtype"]], (n, self.manifest["d"])),
+                    "tokens": (torch.int32, (n,)), "positions": (torch.int64, (n,))}
         ctx = self.key.tokens.context_size
         return {"activations": (shard.TORCH_DTYPES[self.key.dtype], (record.n_seq, ctx, self.manifest["d"])),
                 "tokens": (torch.int32, (record.n_seq, ctx))}
@@ -79,7 +83,7 @@ class ActivationSet:
             raise Failure(f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
                           "and rerun the extraction to repair it")
         try:
-            t = shard.decode(data, codec=self.key.codec, expect=self.expect(record))
+            t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))
         except Exception as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return Shard(record.index, t["activations"], t["tokens"])
@@ -117,7 +121,7 @@ class ActivationSet:
                         problem(f"{r.file} fails its sha256 checksum (corrupted)")
                     else:
                         try:  # what the manifest says shapes reading: the shard's own header must agree
-                            shard.check_header(data, codec=self.key.codec, expect=self.expect(r))
+                            shard.check_header(data, codec=self.manifest["codec"], expect=self.expect(r))
                         except ValueError as e:
                             problem(f"{r.file}: its safetensors header disagrees with manifest.json ({e})")
             rel = layout.record_file(r.index)
@@ -143,6 +147,8 @@ class ActivationSet:
         """Damaged token shards of this set's token cache (a missing one is fine: a run rebuilds it if needed)."""
         from actcache.tokens import TokenCache
 
+        if isinstance(self.key, ShuffleKey):
+            return []  # a shuffled copy has no token cache of its own
         cache = TokenCache(self.store, self.key.tokens)
         scan = cache.scan()
         out = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +25,9 @@ from actcache.store import DamagedFile, Entry, Store
 
 SEAL = "json_sha256"
 """Field holding the sha256 of the rest of a JSON file actcache wrote (records, manifests, token indexes)."""
-RECORD_LIMIT = 1 << 20
-"""Largest completion record read (a record is a few hundred bytes)."""
+RECORD_LIMIT = 64 << 20
+"""Largest completion record read: a record carries its shard's moments (two float64 vectors in base64, ~22
+bytes per dimension: 1.4 MB at d=65536), the rest is a few hundred bytes."""
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -59,10 +61,15 @@ class Bounds:
     """Storage dtype of ``activations`` (None: a token cache, whose shards hold ``tokens`` only)."""
     d: int | None = None
     """Width of ``activations`` when known: then a re-hashed shard's header is checked too."""
+    rows: bool = False
+    """A shuffled ("rows") set: one row per "sequence" of one token, no header check here (``tensors.read``)."""
 
     @classmethod
     def of(cls, key: Any, d: int | None = None) -> Bounds:
-        """For a SetKey (its codec and dtype) or a TokensKey (token shards are never compressed)."""
+        """For a SetKey (its codec and dtype), a TokensKey (token shards are never compressed) or a ShuffleKey
+        (uncompressed shards of at most ``rows_per_shard`` rows)."""
+        if getattr(key, "kind", None) == "shuffle":
+            return cls("none", key.rows_per_shard, 1, None, d, rows=True)
         tokens = getattr(key, "tokens", key)
         return cls(getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size,
                    getattr(key, "dtype", None), d)
@@ -73,6 +80,8 @@ class Bounds:
 
         from actcache.shard import TORCH_DTYPES
 
+        if self.rows:
+            return None
         out = {"tokens": (torch.int32, (rec.n_seq, self.context_size))}
         if self.dtype is None:
             return out
@@ -230,6 +239,11 @@ def scan(store: Store, root: str, consolidated_name: str, bounds: Bounds | None 
 def scan_set(store: Store, key: Any, *, read_all: bool = False) -> Scan:
     """``scan`` of the activation set of ``key`` (a SetKey)."""
     return scan(store, key.id, layout.MANIFEST, Bounds.of(key), owner=key.id, read_all=read_all)
+
+
+def digest(recs: Iterable[Record]) -> str:
+    """sha256 over each record's index and shard checksum, in order: names a list of shards exactly."""
+    return hashlib.sha256("".join(f"{r.index}:{r.sha256}," for r in recs).encode()).hexdigest()
 
 
 def write_record(store: Store, root: str, record: Record) -> None:

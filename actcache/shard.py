@@ -94,7 +94,8 @@ def check_header(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype
     _check_header(_header(data, data[:8]), expect)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+              torch.int64: "I64"}  # "rows" sets store positions as int64
 
 
 def _header(data: bytes, head: bytes) -> dict:

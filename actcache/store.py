@@ -208,7 +208,7 @@ class Store:
         """
         cap = size if size is not None else limit
         if self.local:
-            data = self._read_local(rel, cap)
+            data = self._read_local(rel, None if cap is None else cap + 1)
         else:
             with self._io("reading", rel):
                 try:
@@ -224,7 +224,16 @@ class Store:
             raise DamagedFile(f"{self.url_of(rel)} has {len(data)} bytes, expected {size}")
         return data
 
-    def _read_local(self, rel: str, cap: int | None) -> bytes:
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the regular file ``rel`` (one ranged GET on object stores); locally refused
+        as ``read_bytes`` refuses links, FIFOs and devices."""
+        if self.local:
+            return self._read_local(rel, max(0, end - start), start)
+        with self._io("reading", rel):
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
+        """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
         path = self.path(rel)
         self._check_inside(rel, path)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -244,11 +253,26 @@ class Store:
             if not stat.S_ISREG(st.st_mode):
                 raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
                                   "remove it: a rerun rewrites it")
-            n = st.st_size if cap is None else min(st.st_size, cap + 1)
+            left = max(0, st.st_size - start)
+            n = left if most is None else min(left, most)
             try:
+                f.seek(start)
                 return f.read(n)
             except OSError as e:
                 raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+
+    def regular_path(self, rel: str, size: int) -> str:
+        """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library
+        that opens files by name (a link, FIFO or device there is refused, as ``read_bytes`` refuses it)."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise DamagedFile(f"{self.url_of(rel)} is missing ({e.strerror}); rerun the extraction") from e
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file of {size} bytes; run `actcache verify`")
+        return path
 
     def _check_inside(self, rel: str, path: str) -> None:
         """No symlink between the store root and ``path`` (the root itself may be one): nothing outside is touched."""
@@ -323,6 +347,14 @@ class Store:
                 except FileNotFoundError:
                     pass
         return removed
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete everything below ``rel`` (nothing there is fine)."""
+        with self._io("deleting", rel):
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, dump_json(obj))

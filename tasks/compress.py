@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, shard
+from actcache import faults, handoff, moments, shard
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
@@ -27,6 +27,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     extra = {
         "set_id": key.id,
         "stats": stats,
+        moments.RECORD_FIELD: moments.of(cast).to_json(),
         "raw_bytes": enc.raw_bytes,
         "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
         "bytes_per_token": round(len(enc.data) / n_tokens, 2),

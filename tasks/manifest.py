@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, layout, manifest, records
+from actcache import faults, manifest, moments, records
 from actcache.model import hook_layer
 from actcache.plan import Plan
 
@@ -21,9 +21,12 @@ def write_manifest(plan: Plan) -> list[str]:
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
         provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
                       "hook_shape": list(s.hook_shape) if s.hook_shape else None}
-        m = manifest.build(s.key, provenance, recs, target_seqs=target, previous=scan.consolidated)
+        m = manifest.build(s.key, provenance, [moments.without(r) for r in recs], target_seqs=target,
+                           previous=scan.consolidated)
+        m |= moments.merged(recs, m["d"], full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
+                            previous=scan.consolidated, moments_of=moments.from_records(store, s.set_id, m["d"]))
         faults.point("manifest.before-write")
-        store.write_json(f"{s.set_id}/{layout.MANIFEST}", m)
+        manifest.write(store, s.set_id, m)
         faults.point("manifest.written")
     return plan.urls
 

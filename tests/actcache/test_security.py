@@ -448,6 +448,41 @@ def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path,
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
 
 
+@pytest.mark.parametrize("kind", ["FIFO", "symlink to a valid shard outside the set"])
+@pytest.mark.parametrize("command", ["shuffle", "export", "push"])
+def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tmp_path, capsys, request, command,
+                                                                kind):
+    """shuffle, export and push read shards as every reader does (tensors.read, Store.read_range/regular_path):
+    a FIFO is refused at once, a link is not followed, in one line with exit 1, and nothing is uploaded."""
+    from actcache import cli
+
+    set_dir = tmp_path / "store" / Path(extracted_set).name
+    shutil.copytree(extracted_set, set_dir)
+    victim = set_dir / layout.shard_file(1, "none")
+    outside = tmp_path / "outside.safetensors"
+    victim.rename(outside)
+    if kind == "FIFO":
+        os.mkfifo(victim)
+    else:
+        victim.symlink_to(outside)
+    argv = {"shuffle": ["shuffle", str(set_dir), "--out", str(tmp_path / "shuffled")],
+            "export": ["export", str(set_dir), str(tmp_path / "exported"), "--format", "hf"],
+            "push": ["push", str(set_dir), "REPO"]}[command]
+    if command == "push":
+        hub = request.getfixturevalue("hub")
+        argv[-1] = hub.new_repo_id("refused")
+        hub.clear_requests()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("actcache: error: ") and ("shard 1 of" in err[-1] or "000001" in err[-1]), err
+    assert "symlink" in err[-1] or "regular file" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    if command == "export":
+        assert not (tmp_path / "exported").exists()
+    if command == "push":
+        assert not hub.requests_matching(r"/commit/")
+
+
 # -- nothing escapes the store --------------------------------------------------------------------
 ESCAPES = ["../../outside/secret.safetensors", "/etc/passwd", "s3://other-bucket/x/shards/000000.safetensors",
            "file:///etc/passwd", "shards/../../../outside/secret.safetensors", "shards/000000.safetensors/../../x",

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from actcache import tempserver
+from actcache import errors, tempserver
 from actcache.config import ExtractConfig
 
 
@@ -58,9 +58,11 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         make_plan(cfg)  # every check that needs the model, before Prefect starts
         from flows.extract import extract_activations
 
-        with tempserver.prefect_api():
+        # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
+        # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
+        with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
             state = extract_activations(cfg, return_state=True)
-        state.result(raise_on_failure=True)
+            state.result(raise_on_failure=True)
         consolidated = _manifests(plan)
     out = []
     for s in plan.sets:

@@ -12,9 +12,10 @@ broke a help text); tyro silently drops the ``dict`` field (``--storage-options`
 multi-line panels; simple-parsing spells booleans ``--noprepend-bos`` and still crashes on ``%``. cyclopts
 costs ~0.3 s of import (bench: cold start), paid once per command.
 
-Output: results on stdout (``--json``: one JSON document, field names in README "Scripting"), progress and
-messages on stderr. Exit codes: 0 success, 1 failure (or: ``verify`` found problems, ``diff`` found
-differences), 2 bad input with one line saying what to fix, 130 interrupted.
+Output: results on stdout (``--json``: one JSON document, field names in README "Scripting"), progress, warnings
+and messages on stderr. Exit codes (``actcache.errors``): 0 success, 1 failure (storage, network, a damaged set;
+or: ``verify`` found problems, ``diff`` found differences), 2 bad input with one line saying what to fix, 130
+interrupted; ``--debug`` anywhere on the line (or ``ACTCACHE_TRACEBACK=1``) prints the chain of causes first.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ from typing import Annotated, Any, Literal
 
 from cyclopts import App, CycloptsError, Parameter
 
+from actcache import errors
 from actcache.config import ExtractConfig, StorageOptions
 from actcache.errors import ActcacheError
 
-EXIT_CODES = "Exit codes: 0 success; 1 failure (verify: problems found; diff: the sets differ); 2 bad input (one " \
-             "line on stderr says what to fix); 130 interrupted."
+EXIT_CODES = ("Exit codes: 0 success; 1 failure (storage or network failed, Prefect API lost, a damaged set: rerun to "
+              "resume; verify: problems found; diff: the sets differ); 2 bad input (one line on stderr says what to "
+              "fix, and nothing was written); 130 interrupted. --debug (anywhere on the line, or ACTCACHE_TRACEBACK=1) "
+              "also prints the whole chain of causes.")
 
 
 def _version() -> str:
@@ -44,7 +48,8 @@ def _version() -> str:
 app = App(
     name="actcache",
     help="Extract transformer hook activations into content-addressed safetensors shards, on local disk or any "
-         f"fsspec store (S3, ...), as Prefect flows.\n\n{EXIT_CODES}",
+         "fsspec store (S3, ...), as Prefect flows.",
+    help_epilogue=EXIT_CODES,  # under every command's help too
     version=_version,
     help_format="markdown",
     version_format="plaintext",
@@ -92,6 +97,13 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _warn_non_finite(s: Any) -> None:
+    """One warning line on stderr when the set holds NaN/Inf values, with what to do."""
+    line = s.non_finite()
+    if line:
+        print(f"actcache: warning: {s.url}: {line}", file=sys.stderr)
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -127,6 +139,8 @@ def extract(*, config: Annotated[_Flags, Parameter(name="*")] = _Flags(), like: 
     cfg = ExtractConfig(**fields)
     check = like_mod.check(original, flags_given) if original else None
     result = api.extract_sets(cfg, check=check)
+    for s in result:
+        _warn_non_finite(StoreFlags(cfg.storage_options, cfg.aws_credentials_block).open_set(s.url))
     if json_output:
         _print_json({"sets": [s.to_json() for s in result]})
     else:
@@ -152,17 +166,20 @@ def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFla
     if json_output:
         _print_json({"store": s.url, "sets": [e.to_json() for e in sets]})
         return 0
-    rows = [("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "STATE")]
+    rows = [("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE")]
     for e in sets:
         tokens = "-" if e.n_tokens is None else str(e.n_tokens)
-        rows.append((e.set_id, e.model or "?", e.hook or "?", tokens, _human(e.bytes), e.state))
+        nf = e.non_finite
+        bad = "-" if nf is None else f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
+        state = f"{e.state}: {e.detail}" if e.state == "damaged" else e.state
+        rows.append((e.set_id, e.model or "?", e.hook or "?", tokens, _human(e.bytes), bad, state))
     _table(rows)
     return 0
 
 
 @app.command
 def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
-    """Describe a set from its manifest (--json: the manifest itself, plus its URL).
+    """Describe a set from its manifest (--json: the manifest itself, plus its URL and NaN/Inf counts).
 
     Parameters
     ----------
@@ -171,12 +188,17 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
     shards
         Also list every shard (index, tokens, bytes, sha256, stats).
     """
+    from actcache import manifest, records
+
     s = flags.open_set(set_url)
     m = dict(s.manifest)
+    m.pop(records.SEAL, None)
+    nf = {**m.get("non_finite", {}), **manifest.non_finite(m["shards"])}  # also for older manifests
     if json_output:
         if not shards:
             m.pop("shards")
-        _print_json({"url": s.url, **m})
+        _print_json({"url": s.url, **m, "non_finite": nf})
+        _warn_non_finite(s)
         return 0
     tok, ds, model = m.get("tokenization", {}), m.get("dataset", {}), m.get("model", {})
     state = "complete" if m.get("complete") else f"partial ({m['n_tokens']} of {m.get('target_tokens')} tokens)"
@@ -193,6 +215,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
                  f"{m['key']['source']} (seed {m['seed']}, {m['excluded']['rows']} rows excluded)"),
         ("storage", f"{m['dtype']} (computed in {m.get('model_dtype') or m.get('source', {}).get('model_dtype')}), "
                     f"codec {m['codec']}, {_human(m['bytes'])}"),
+        ("non-finite", f"{nf['inf']} inf, {nf['nan']} nan in {nf['shards']} shards"),
         ("updated", m.get("updated_at", "?")),
     ]
     width = max(len(k) for k, _ in lines)
@@ -206,6 +229,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
                          str(st.get("mean_l2_norm", "-")), str(st.get("nan", "-")), str(st.get("inf", "-"))))
         print()
         _table(rows)
+    _warn_non_finite(s)
     return 0
 
 
@@ -222,13 +246,19 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     problems = s.verify()
     if json_output:
         _print_json({"url": s.url, "ok": not problems, "n_shards": len(s), "n_tokens": s.n_tokens,
-                     "problems": problems})
+                     "problems": [str(p) for p in problems]})
+        _warn_non_finite(s)
         return 1 if problems else 0
     for p in problems:
         print(f"{s.url}: {p}", file=sys.stderr)
+    _warn_non_finite(s)
     if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; rerun the same extract to repair",
-              file=sys.stderr)
+        if s.manifest.get("layout") == "rows":  # a shuffled copy: its own command rewrites what is damaged
+            rerun = "delete it and rerun the same `actcache shuffle`"
+        else:
+            how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
+            rerun = f"rerun the same extract{how}"
+        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; {rerun} to repair", file=sys.stderr)
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
     return 0
@@ -603,49 +633,36 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
     return " ".join(str(e).split()) + f" (see `{where}`)"
 
 
+def _debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--debug`` (accepted anywhere before ``--``, as a global flag), and whether it was there."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return rest, len(rest) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        command, bound, ignored = app.parse_args(argv, exit_on_error=False, print_error=False)
-        if "flags_given" in ignored:
-            bound.arguments["flags_given"] = _flags_given(argv)
-        return command(*bound.args, **bound.kwargs) or 0
-    except CycloptsError as e:
-        print(f"actcache: error: {_parse_error(e, argv)}", file=sys.stderr)
-        return 2
-    except ActcacheError as e:
-        print(f"actcache: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `actcache ls --json | head`: the reader left; say nothing, as git does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except Exception as e:
-        if os.environ.get("ACTCACHE_TRACEBACK"):
-            raise
-        message = unexpected(e)
-        print(f"actcache: error: {message}", file=sys.stderr)
-        if message.startswith("lost the Prefect API"):
-            # Prefect's exit handlers would retry the dead API for seconds and log after our line.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        return 1
-
-
-def unexpected(e: BaseException) -> str:
-    """One line for a failure that is not the user's input (lost Prefect API, a bug): what, and what now."""
-    names = {t.__name__ for t in type(e).__mro__}
-    if names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError", "PrefectHTTPStatusError"}:
-        api = os.environ.get("PREFECT_API_URL") or "Prefect's temporary server"
-        return (f"lost the Prefect API ({api}: {type(e).__name__}); start it again and rerun the same command: "
-                "finished shards are kept")
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return (f"{type(e).__name__}: {first} (rerun the same command to resume; ACTCACHE_TRACEBACK=1 shows the "
-            "traceback)")
+    argv, debug = _debug_flag(list(sys.argv[1:] if argv is None else argv))
+    with errors.debugging(debug):
+        try:
+            command, bound, ignored = app.parse_args(argv, exit_on_error=False, print_error=False)
+            if "flags_given" in ignored:
+                bound.arguments["flags_given"] = _flags_given(argv)
+            return command(*bound.args, **bound.kwargs) or 0
+        except CycloptsError as e:
+            print(f"actcache: error: {_parse_error(e, argv)}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:  # `actcache ls --json | head`: the reader left; say nothing, as git does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        except (Exception, KeyboardInterrupt) as e:
+            code = errors.report(e, debug=errors.debug_requested())
+            if errors.user_error(e) is None and errors.lost_api(e):
+                # Prefect's exit handlers would retry the dead API for seconds and log after our line.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+            return code
 
 
 if __name__ == "__main__":

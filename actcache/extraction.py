@@ -32,8 +32,26 @@ class _Reached(Exception):
 
 
 def pick_device(device: str) -> str:
+    """The torch device for ``--device`` (auto: cuda when available), checked to exist on this machine."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ActcacheError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ActcacheError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                                "use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ActcacheError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:"
+                                f"{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ActcacheError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ActcacheError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda[:N] "
+                            "or mps")
     return device
 
 
@@ -66,10 +84,22 @@ class _Batched:
         return got
 
     def hook_shapes(self) -> dict[str, list[int]]:
-        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
+        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head]).
+
+        Probed twice, with different batch sizes and lengths: a hook is per-token only if its shape is
+        [batch, pos, ...] with the same trailing dims both times (one probe alone lets a [batch, heads, q, k]
+        attention pattern pass when heads happens to equal the probe's length).
+        """
+        shapes = []
         with torch.inference_mode():
-            probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return {h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()}
+            for b, t in ((1, 3), (2, 5)):
+                probe = torch.zeros((b, t), dtype=torch.long, device=self.device)
+                shapes.append({h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()})
+        for h in self.hooks:
+            if shapes[0][h] != shapes[1][h]:
+                raise ActcacheError(f"hook {h!r} is not one vector per token (its shape depends on the sequence "
+                                    "length); pick a per-token hook such as hook_resid_post")
+        return shapes[0]
 
     def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""
@@ -189,7 +219,7 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
                 hf = AutoModel.from_pretrained(model.source, revision=model.revision, attn_implementation="sdpa",
                                                num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
             except Exception as e:
-                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from None
+                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e
             finally:
                 hf_logging.set_verbosity(verbosity)
             _HF[base] = (n_layers, hf.to(device).eval())

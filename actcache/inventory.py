@@ -14,6 +14,7 @@ from typing import Any
 from actcache import layout, manifest
 from actcache.errors import ActcacheError
 from actcache.key import SetKey, key_from_dict
+from actcache.storage_errors import StoreUnavailable
 from actcache.store import Store
 
 COMPLETE, PARTIAL, INCOMPLETE, DAMAGED = "complete", "partial", "incomplete", "damaged"
@@ -40,6 +41,8 @@ class SetEntry:
     """The token cache (``<store>/_tokens/<tokens_id>``) the set was extracted from (none for a shuffled copy)."""
     layout: str | None = None
     """``rows`` for a shuffled copy (``actcache shuffle``); None for an extracted set."""
+    non_finite: dict[str, int] | None = None
+    """NaN and Inf values in the set and the number of shards holding any (``{"nan", "inf", "shards"}``)."""
     detail: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -72,6 +75,8 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
     url = store.url_of(set_id)
     try:
         m = manifest.read(store, set_id)
+    except StoreUnavailable:
+        raise  # the store failed, not the set
     except ActcacheError as e:
         files = store.listing(set_id)
         if not files:
@@ -88,7 +93,7 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
     return SetEntry(set_id, url, COMPLETE if m.get("complete") else PARTIAL, len(m["shards"]), m["bytes"],
                     model=m["model"]["name"], hook=m["hook"], n_tokens=m["n_tokens"],
                     target_tokens=m.get("target_tokens"), dtype=m["dtype"], codec=m["codec"], tokens_id=tokens_id,
-                    layout=m.get("layout"))
+                    layout=m.get("layout"), non_finite=manifest.non_finite(m["shards"]))
 
 
 def list_sets(store: Store) -> list[SetEntry]:

@@ -55,19 +55,23 @@ class ResolvedModel:
         return fingerprint.remembered("model-facts", key, self._read_facts)
 
     def _read_facts(self) -> dict[str, Any]:
+        facts = {"n_layers": self._cfg("num_hidden_layers", "n_layer", "num_layers"),  # the config first: its
+                 "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
+                 "model_type": getattr(self.config, "model_type", None)}  # errors say more than the tokenizer's
         tok = self.tokenizer
-        return {"n_layers": self._cfg("num_hidden_layers", "n_layer", "num_layers"),
-                "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
-                "model_type": getattr(self.config, "model_type", None),
-                "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
+        return {**facts, "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
 
     @cached_property
     def config(self) -> Any:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.source, revision=self.revision,
-                                          trust_remote_code=self.spec.trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(self.source, revision=self.revision,
+                                              trust_remote_code=self.spec.trust_remote_code)
+        except Exception as e:  # a broken or foreign config.json, an unknown model_type, ...
+            raise ActcacheError(f"model {self.spec.name!r} has no usable config.json ({_first_line(e)}); "
+                                "write the folder with save_pretrained or pass an HF model id") from e
 
     def _cfg(self, *names: str) -> int | None:
         cfg = getattr(self.config, "text_config", None) or self.config
@@ -94,10 +98,12 @@ class ResolvedModel:
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(self.source, revision=self.revision,
-                                                 trust_remote_code=self.spec.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(self.source, revision=self.revision,
+                                                trust_remote_code=self.spec.trust_remote_code)
         except Exception as e:
-            raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from None
+            raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from e
+        check_tokenizer(tok, self.spec.name)
+        return tok
 
     @property
     def tokenizer_fingerprint(self) -> str:
@@ -117,6 +123,33 @@ def _tokenizer_fingerprint(tok: Any) -> str:
         "eos": tok.eos_token_id,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog: 1234567890."
+
+
+def check_tokenizer(tok: Any, name: str) -> None:
+    """Refuse a tokenizer that cannot tokenize, before anything is written.
+
+    A model folder without tokenizer files still loads one (transformers builds it empty): every text then
+    becomes no tokens at all and the set silently holds nothing but separators. A plain English probe must give
+    at least two distinct ids and decode back to itself (ignoring case and spaces, which some tokenizers change).
+    """
+    def squeeze(t: str) -> str:
+        return "".join(t.split()).lower()
+
+    why = None
+    try:
+        ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        back = tok.decode(ids, skip_special_tokens=True) if ids else ""
+    except Exception as e:
+        why = f"it fails on plain text ({_first_line(e)})"
+    else:
+        if len(set(ids)) < 2:
+            why = f"it turns {PROBE_TEXT!r} into {len(ids)} ids, {len(set(ids))} distinct"
+        elif squeeze(back) != squeeze(PROBE_TEXT):
+            why = f"{PROBE_TEXT!r} decodes back as {back[:80]!r}"
+    if why:
+        raise ActcacheError(f"the tokenizer of {name!r} cannot tokenize: {why}; is the folder missing its tokenizer "
+                            "files (tokenizer.json, vocab/merges)? save them with tokenizer.save_pretrained")
 
 
 def _first_line(e: BaseException) -> str:
@@ -216,7 +249,7 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
                 raise
             except Exception as e:
                 raise ActcacheError(f"cannot load model {model.spec.name!r} with TransformerLens "
-                                    f"({_first_line(e)})") from None
+                                    f"({_first_line(e)})") from e
             bridge.eval()
             _LOADED[key] = bridge
         return _LOADED[key]

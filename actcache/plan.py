@@ -7,10 +7,11 @@ hook is its own set with its own key, and they share the token shards and the fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcache import layout, memory, records
+from actcache import memory, records
 from actcache.config import ExtractConfig
 from actcache.engine import HF_SDPA, forward_engine
 from actcache.errors import ActcacheError
@@ -132,7 +133,10 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     if load_model:
+        from actcache.extraction import pick_device
+
         memory.cap_arenas()  # before the pool threads that compress and upload allocate
+        pick_device(cfg.device)  # a bogus or absent device fails here, before anything is written
     store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
     store.check_writable()
     model = model_for(cfg)
@@ -151,9 +155,12 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     for hook in cfg.hooks:
         key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
                      dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=forward_engine(hook, model))
-        scan = records.scan(store, key.id, layout.MANIFEST)
+        scan = records.scan_set(store, key, read_all=cfg.verify_existing)
+        recs = scan.sorted_records()  # the records', not the manifest's top-level field (it is derived from them)
+        shape = recs[0].extra.get("hook_shape") if recs else None
+        if shape:  # --verify-existing then also checks each shard's header against the key and this width
+            scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
-        shape = (scan.consolidated or {}).get("hook_shape")
         sets.append(HookSet(key, done, tuple(shape) if shape else None))
     provenance = {
         "model": model.describe(),

@@ -16,9 +16,7 @@ from tasks.refs import ActivationsRef
 def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
     hooks = [s.hook for s in plan.todo(work)]
-    tokens = plan.token_cache().load(work.index)
-    if len(tokens) != work.n_seq:
-        raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
+    tokens = plan.token_cache().load(work.index, work.n_seq)  # checksummed; the first n_seq of a full shard
     cfg = plan.config
     step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
                          device=cfg.device, out_dtype=cfg.dtype)

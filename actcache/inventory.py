@@ -77,17 +77,17 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         m = manifest.read(store, set_id)
     except StoreUnavailable:
         raise  # the store failed, not the set
-    except ActcacheError as e:
+    except manifest.NoManifest:
         files = store.listing(set_id)
         if not files:
             return None
-        if layout.MANIFEST in files:
-            return SetEntry(set_id, url, DAMAGED, 0, sum(f.size for f in files.values()), detail=str(e))
         recorded = [rel for rel in files if layout.parse_record_file(rel) is not None]
         nbytes = sum(f.size for rel, f in files.items() if layout.parse_shard_file(rel) is not None)
         return SetEntry(set_id, url, INCOMPLETE, len(recorded), nbytes,
                         detail="no manifest.json: an extraction in progress or interrupted (rerun it to finish), "
                                "or an interrupted `actcache rm` (rerun it)")
+    except ActcacheError as e:  # a manifest, unreadable (also a link or FIFO, which listings leave out)
+        return SetEntry(set_id, url, DAMAGED, 0, sum(f.size for f in store.listing(set_id).values()), detail=str(e))
     key = key_from_dict(m["key"])  # manifest.read checked it
     tokens_id = key.tokens.id if isinstance(key, SetKey) else None  # a shuffled copy reads its source, not tokens
     return SetEntry(set_id, url, COMPLETE if m.get("complete") else PARTIAL, len(m["shards"]), m["bytes"],

@@ -48,6 +48,16 @@ def _add_store_options(p: argparse.ArgumentParser, prefix: str = "", what: str =
                    help=f"Prefect AwsCredentials block for {what} (default: the AWS chain)")
 
 
+def _store_ref(args: argparse.Namespace, url: str, prefix: str = ""):
+    """The store (or set) at ``url`` with the options and credentials block given as flags."""
+    from actcache.config import parse_storage_options
+    from actcache.store import StoreRef
+
+    prefix = prefix.replace("-", "_")
+    return StoreRef(url, parse_storage_options(getattr(args, f"{prefix}storage_options")),
+                    getattr(args, f"{prefix}aws_credentials_block"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -101,11 +111,8 @@ def _human(n: float) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from actcache import layout, manifest
-    from actcache.config import parse_storage_options
-    from actcache.store import Store
 
-    store = Store(args.store, parse_storage_options(args.storage_options),
-                  credentials_block=args.aws_credentials_block)
+    store = _store_ref(args, args.store).open()
     store.check_reachable()
     rows = []
     for name in store.list_dirs():
@@ -126,10 +133,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace):
-    from actcache.config import parse_storage_options
     from actcache.reader import open_set
 
-    return open_set(args.set, parse_storage_options(args.storage_options), credentials_block=args.aws_credentials_block)
+    return open_set(_store_ref(args, args.set))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -159,14 +165,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_cp(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from actcache.config import parse_storage_options
     from actcache.copy import copy_set
 
     progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
-    result = copy_set(args.src, args.dest, src_options=parse_storage_options(args.storage_options),
-                      dest_options=parse_storage_options(args.dest_storage_options),
-                      src_credentials_block=args.aws_credentials_block,
-                      dest_credentials_block=args.dest_aws_credentials_block, jobs=args.jobs,
+    result = copy_set(_store_ref(args, args.src), _store_ref(args, args.dest, "dest-"), jobs=args.jobs,
                       verify_existing=args.verify_existing, on_shard=lambda _: progress.update())
     progress.close()
     print(f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from actcache.demo import DEMO_DATASET, DEMO_MODEL
 from actcache.errors import ActcacheError
 from actcache.key import CODECS, DTYPES
+
+if TYPE_CHECKING:
+    from actcache.store import StoreRef
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class ExtractConfig:
     @property
     def hooks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(h.strip() for h in self.hook.split(",")))
+
+    @property
+    def store_ref(self) -> StoreRef:
+        """``store``, ``storage_options`` and ``aws_credentials_block`` as the one value that travels."""
+        from actcache.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
+
+        return StoreRef(self.store, dict(self.storage_options), self.aws_credentials_block)
 
     @property
     def seqs_per_shard(self) -> int:

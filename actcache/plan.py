@@ -17,7 +17,7 @@ from actcache.extraction import HF_SDPA, extractor_for, forward_engine
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
-from actcache.store import Store
+from actcache.store import Store, StoreRef
 from actcache.tokens import ShardWork, TokenCache
 
 _MODELS: dict[tuple, ResolvedModel] = {}
@@ -56,14 +56,21 @@ class Plan:
         return self.sets[0].key.tokens
 
     @property
+    def store_ref(self) -> StoreRef:
+        return self.config.store_ref
+
+    @property
     def store(self) -> Store:
-        return Store(self.config.store, self.config.storage_options,
-                     credentials_block=self.config.aws_credentials_block)
+        return self.store_ref.open()
+
+    @property
+    def refs(self) -> list[StoreRef]:
+        """Each set's ref (URL, options, credentials block): what ``open_set`` takes to read it anywhere."""
+        return [self.store_ref.child(s.set_id) for s in self.sets]
 
     @property
     def urls(self) -> list[str]:
-        store = self.store
-        return [store.url_of(s.set_id) for s in self.sets]
+        return [r.url for r in self.refs]
 
     def owns(self, work: ShardWork) -> bool:
         index, count = self.partition
@@ -133,7 +140,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     if load_model:
         memory.cap_arenas()  # before the pool threads that compress and upload allocate
-    store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
+    store = cfg.store_ref.open()
     store.check_writable()
     model = model_for(cfg)
     for hook in cfg.hooks:

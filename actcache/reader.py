@@ -11,16 +11,7 @@ import torch
 
 from actcache import layout, manifest, records, shard
 from actcache.errors import ActcacheError
-from actcache.store import Store
-
-
-def split_set_url(url: str) -> tuple[str, str]:
-    """``<store>/<set_id>`` -> (store URL, set id)."""
-    url = url.rstrip("/")
-    if "/" not in url:
-        return ".", url
-    store, set_id = url.rsplit("/", 1)
-    return store or "/", set_id
+from actcache.store import StoreRef
 
 
 @dataclass(frozen=True)
@@ -33,10 +24,10 @@ class Shard:
 
 
 class ActivationSet:
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+    def __init__(self, url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
                  credentials_block: str | None = None):
-        store_url, self.set_id = split_set_url(url)
-        self.store = Store(store_url, storage_options, credentials_block=credentials_block)
+        store_ref, self.set_id = StoreRef.of(url, storage_options, credentials_block).split()
+        self.store = store_ref.open()
         self.url = self.store.url_of(self.set_id)
         self.manifest = manifest.read(self.store, self.set_id)
         self.records = [records.Record.from_dict(r) for r in self.manifest["shards"]]
@@ -92,11 +83,12 @@ class ActivationSet:
         return problems
 
 
-def open_set(url: str, storage_options: dict[str, Any] | None = None, *,
+def open_set(url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
              credentials_block: str | None = None) -> ActivationSet:
     """Open the activation set at ``url`` (``<store>/<set_id>``: a local path, s3://bucket/prefix/<set_id>, ...).
 
-    ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}``); ``credentials_block`` names a Prefect
-    AwsCredentials block (otherwise the AWS chain: env, profile, instance role).
+    ``url`` may be a ``StoreRef`` of the set (as ``Plan.refs`` gives), which carries its options and block;
+    otherwise ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}``) and ``credentials_block``
+    names a Prefect AwsCredentials block (default: the AWS chain: env, profile, instance role).
     """
     return ActivationSet(url, storage_options, credentials_block=credentials_block)

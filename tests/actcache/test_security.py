@@ -158,6 +158,12 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     copy_set(block_set, str(tmp_path / "api-copy"), src_credentials_block="sec-good")
     url_api = s3_server.new_prefix()
     assert extract(config.replace(store=url_api, aws_credentials_block="sec-good")).endswith(set_id)
+    from actcache.plan import make_plan
+    from tasks.fanout import verify_sets
+
+    fanned = make_plan(config.replace(store=url_api, aws_credentials_block="sec-good"), load_model=False)
+    verify_sets.fn(fanned)  # the fan-out's last step reads with the block too (it once dropped it)
+    texts.append(repr(pickle.dumps(fanned)))  # the plan travels by name of the block, never its secret
     no_cache = {"skip_instance_cache": True}  # s3fs would reuse a filesystem made with other environment keys
     failures = [lambda: open_set(env_set, no_cache),
                 lambda: open_set(env_set, credentials_block="sec-bad"),

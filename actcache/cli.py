@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ActcacheError as e:
-        print(f"actcache: error: {e}", file=sys.stderr)
+        print(f"actcache: error: {e.for_cli()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)

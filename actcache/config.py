@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from actcache.demo import DEMO_DATASET, DEMO_MODEL
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.key import CODECS, DTYPES
 
 if TYPE_CHECKING:
@@ -79,22 +79,23 @@ class ExtractConfig:
         _check_choice("codec", self.codec, CODECS)
         _check_choice("separator", self.separator, ("eos", "bos", "none"))
         if self.context_size < 2:
-            raise ActcacheError(f"--context-size must be at least 2, got {self.context_size}")
+            raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
         if self.max_tokens < self.context_size:
-            raise ActcacheError(f"--max-tokens {self.max_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --max-tokens or lower --context-size")
+            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
+                                f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")
         if self.shard_tokens < self.context_size:
-            raise ActcacheError(f"--shard-tokens {self.shard_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --shard-tokens")
+            raise ActcacheError(f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
+                                f"{self.context_size} tokens; raise {opt('shard_tokens')}")
         if self.batch_size < 1:
-            raise ActcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ActcacheError(f"{opt('batch_size')} must be at least 1, got {self.batch_size}")
         if self.codec != "none" and not 1 <= self.codec_level <= 22:
-            raise ActcacheError(f"--codec-level must be 1..22 for {self.codec}, got {self.codec_level}")
+            raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
-            raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+            raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
         _check_no_secrets(self.storage_options)
         if not isinstance(self.hook, str) or not all(self.hooks):
-            raise ActcacheError("--hook needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post")
+            raise ActcacheError(f"{opt('hook')} needs one or more comma-separated hook names, "
+                                "e.g. blocks.6.hook_resid_post")
 
     @property
     def hooks(self) -> tuple[str, ...]:
@@ -126,8 +127,7 @@ class ExtractConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        flag = "--" + name.replace("_", "-")
-        raise ActcacheError(f"unsupported {flag} {value!r}; choose one of {', '.join(choices)}")
+        raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
 
 
 # Option names that carry secrets in fsspec filesystems (s3fs, gcsfs, adlfs) and botocore.
@@ -140,9 +140,9 @@ def _check_no_secrets(options: dict[str, Any]) -> None:
     # The config is a Prefect flow parameter: anything in it is stored and shown in the UI as plain text.
     for k, v in options.items():
         if k.lower() in _SECRET_OPTIONS:
-            raise ActcacheError(f"--storage-options must not hold credentials ({k!r}): flow parameters are stored "
-                                "in plain text; use the AWS chain (env, AWS_PROFILE, instance role) or "
-                                "--aws-credentials-block NAME")
+            raise ActcacheError(f"{opt('storage_options')} must not hold credentials ({k!r}): flow parameters are "
+                                "stored in plain text; use the AWS chain (env, AWS_PROFILE, instance role) or "
+                                f"{opt('aws_credentials_block')} NAME")
         if isinstance(v, dict):
             _check_no_secrets(v)
 
@@ -153,10 +153,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
+        raise ActcacheError(f"{opt('storage_options')} is not valid JSON ({e.msg} at char {e.pos}); "
                             "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
     if not isinstance(value, dict):
-        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+        raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
     return value
 
 

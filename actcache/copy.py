@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache import layout, records
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.reader import open_set
 from actcache.store import StoreRef
 
@@ -38,7 +38,7 @@ def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str
     ``verify_existing``). At most ``jobs`` shards are held in memory at once.
     """
     if jobs < 1:
-        raise ActcacheError(f"--jobs must be at least 1, got {jobs}")
+        raise ActcacheError(f"{opt('jobs')} must be at least 1, got {jobs}")
     source = open_set(StoreRef.of(src, src_options, src_credentials_block))
     target = StoreRef.of(dest, dest_options, dest_credentials_block).open()
     set_id = source.set_id

@@ -29,7 +29,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from actcache import faults, storage_errors
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ class Store:
         options = dict(storage_options or {})
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
-                raise ActcacheError(f"--aws-credentials-block applies to s3:// stores, not {self.url!r}; omit it")
+                raise ActcacheError(f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; "
+                                    "omit it")
             from actcache.credentials import block_options
 
             options = block_options(credentials_block, options)
@@ -273,21 +274,21 @@ class Store:
             return
         p = self.root
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as --store")
+            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {opt('store')}")
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:
                 break
             p = parent
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as --store")
+            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {opt('store')}")
         try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
             fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
             raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                                "choose another --store or fix its permissions") from None
+                                f"choose another {opt('store')} or fix its permissions") from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

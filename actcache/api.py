@@ -18,10 +18,10 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[s
     """
     tempserver.start()  # boots while the plan loads the model
     cfg = config.replace(**options) if config else ExtractConfig(**options)
-    make_plan(cfg)
+    plan = make_plan(cfg)
     from flows.extract import extract_activations
 
-    with tempserver.prefect_api():
-        state = extract_activations(cfg, return_state=True)
+    with tempserver.prefect_api():  # the flow gets the names resolved here, pinned: it computes the same sets
+        state = extract_activations(plan.pinned_config, return_state=True)
     urls = state.result(raise_on_failure=True)
     return urls[0] if len(urls) == 1 else urls

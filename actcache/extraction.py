@@ -192,7 +192,7 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    base = (model.source, model.revision, dtype, device)
+    base = (model, dtype, device)
     with _HF_LOCK:
         have = _HF.get(base)
         if have is None or have[0] < n_layers:
@@ -202,9 +202,10 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
                 hf = AutoModel.from_pretrained(model.source, revision=model.revision, attn_implementation="sdpa",
                                                num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
             except Exception as e:
-                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from None
+                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e
             finally:
                 hf_logging.set_verbosity(verbosity)
+            model.check_unchanged()  # what was read must be what the set key names
             _HF[base] = (n_layers, hf.to(device).eval())
         return _HF[base][1]
 
@@ -224,11 +225,16 @@ class MultiExtractor:
 
 
 def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",
-                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None) -> MultiExtractor:
-    """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed."""
+                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None,
+                  engines: dict[str, str] | None = None) -> MultiExtractor:
+    """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed.
+
+    ``engines`` are the ones the plan pinned in the set keys (by default decided here, the same way).
+    """
     dev = pick_device(device)
     cast = getattr(torch, out_dtype) if out_dtype else None
-    fast = [h for h in hooks if forward_engine(h, model) == HF_SDPA]
+    engines = engines or {h: forward_engine(h, model) for h in hooks}
+    fast = [h for h in hooks if engines[h] == HF_SDPA]
     slow = [h for h in hooks if h not in fast]
     parts: list[_Batched] = []
     if fast:

@@ -20,9 +20,10 @@ def extract_fanout(config: ExtractConfig = ExtractConfig(), num_partitions: int 
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
     chosen = pick_partitions(plan, num_partitions)
-    runs = {i: launch_partition(deployment, config, i, num_partitions) for i in chosen}
+    pinned = plan.pinned_config  # hub names pinned to the commits resolved above: a moving branch changes nothing
+    runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}
     wait_for_partitions(runs, poll_s)
-    final = plan_fanout(config)
+    final = plan_fanout(pinned)
     urls = write_manifest(final)
     verify_sets(final)
     return urls

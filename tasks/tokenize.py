@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache.plan import Plan, model_for, source_for, special_ids
+from actcache.plan import Plan
 from actcache.tokens import ShardWork
 
 
@@ -14,8 +14,7 @@ def tokenize(plan: Plan) -> list[ShardWork]:
     """Ensure token shards exist for the target; return the activation shards still to compute."""
     if not plan.missing:
         return []  # nothing to compute: the token cache is not even opened
-    cfg = plan.config
-    model = model_for(cfg)
-    bos, sep = special_ids(cfg, model)
-    shards = plan.token_cache().ensure(cfg.target_seqs, source_for(cfg).texts(), model.tokenizer, sep, bos)
+    r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
+    shards = plan.token_cache().ensure(plan.config.target_seqs, r.dataset.texts(), r.model.tokenizer,
+                                       r.separator_id, r.bos_id)
     return [w for w in shards if plan.todo(w)]

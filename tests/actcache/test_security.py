@@ -211,6 +211,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
+    monkeypatch.setattr("actcache.model._HEAVY", {})  # loads are cached per process: make these real
     for flag in (False, True):
         model = resolve_model(ModelSpec(config.model, trust_remote_code=flag))
         model.config, model.tokenizer  # noqa: B018 - loading them is the point

@@ -146,7 +146,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.shards:
         m["shards"] = shards
     print(json.dumps(m, indent=2))
+    _warn_mixed(s)
     return 0
+
+
+def _warn_mixed(s) -> None:
+    """One warning line when the set's shards were written by different software or devices."""
+    mixed = s.environments()
+    if mixed:
+        print(f"actcache: warning: {s.url}: its shards were computed in different environments (numerics may "
+              f"differ in the last bits): {'; '.join(mixed.values())}", file=sys.stderr)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -154,9 +163,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = s.verify()
     for p in problems:
         print(f"{s.url}: {p}", file=sys.stderr)
+    _warn_mixed(s)
     if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; rerun the same extract to repair",
-              file=sys.stderr)
+        gone = len(s.missing())
+        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
+              + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
+              + "; rerun the same extract to repair", file=sys.stderr)
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
     return 0

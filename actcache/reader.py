@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from actcache import layout, manifest, records, shard
+from actcache import environment, layout, manifest, records, shard
 from actcache.errors import ActcacheError
 from actcache.store import StoreRef
 
@@ -58,9 +59,36 @@ class ActivationSet:
         for r in self.records:
             yield self.read(r)
 
+    def environments(self) -> dict[str, str]:
+        """Where the environments that wrote this set's shards disagree: {field: one line} (see ``environment``)."""
+        return environment.differences({r.index: r.extra.get("env") for r in self.records})
+
+    @property
+    def n_target_shards(self) -> int:
+        """How many shards the extraction that wrote this set asked for (its ``target_tokens``)."""
+        tokens = self.manifest["key"]["tokens"]
+        target_seqs = int(self.manifest.get("target_tokens") or 0) // tokens["context_size"]
+        return math.ceil(target_seqs / tokens["seqs_per_shard"])
+
+    def missing(self) -> list[int]:
+        """Indices of the shards the set's target asks for that it does not have (an unfinished extraction)."""
+        have = {r.index for r in self.records}
+        return [i for i in range(self.n_target_shards) if i not in have]
+
     def verify(self) -> list[str]:
-        """Every problem found (missing, wrong size, bad checksum, unrecorded record); empty when sound."""
+        """Every problem found (shards missing from the target, missing files, wrong size, bad checksum,
+        unrecorded record, an engine other than the key's); empty when sound."""
         problems = []
+        gone = self.missing()
+        if gone:
+            shown = ", ".join(map(str, gone[:10])) + (", ..." if len(gone) > 10 else "")
+            problems.append(f"incomplete: {len(gone)} of {self.n_target_shards} shards missing "
+                            f"(indices {shown}); rerun the same extract to finish the set")
+        engine = self.manifest["key"].get("forward", "bridge")
+        wrong = [r.index for r in self.records if (r.extra.get("env") or {}).get("engine", engine) != engine]
+        if wrong:
+            problems.append(f"shards {wrong[:10]} were computed by another engine than the set key's {engine!r}; "
+                            "delete them and rerun the extract")
         listing = self.store.listing(self.set_id)
         in_manifest = {r.index for r in self.records}
         for r in self.records:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, shard
+from actcache import environment, faults, handoff, shard
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
@@ -30,5 +30,6 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
         "bytes_per_token": round(len(enc.data) / n_tokens, 2),
         "hook_shape": list(hook_set.hook_shape or [cast.shape[-1]]),
+        "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
     return PackedRef(handoff.put(enc.data), ref.hook, ref.index, ref.n_seq, enc.sha256, len(enc.data), extra)

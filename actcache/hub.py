@@ -55,17 +55,36 @@ def with_backoff(call: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _cached_commit(repo_id: str, revision: str | None, repo_type: str) -> str | None:
-    """The commit the local HF cache holds for ``repo_id`` at ``revision`` (a branch ref it recorded), if any."""
+def _ref_file(repo_id: str, revision: str | None, repo_type: str) -> str:
+    """Where the HF cache records the commit a branch or tag pointed at (``<cache>/models--org--name/refs/main``)."""
     from huggingface_hub import constants
 
     folder = os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--" + repo_id.replace("/", "--"))
+    return os.path.join(folder, "refs", revision or "main")
+
+
+def _cached_commit(repo_id: str, revision: str | None, repo_type: str) -> str | None:
+    """The commit the local HF cache last recorded for ``repo_id`` at ``revision``, if any."""
     try:
-        with open(os.path.join(folder, "refs", revision or "main")) as f:
+        with open(_ref_file(repo_id, revision, repo_type)) as f:
             sha = f.read().strip()
     except OSError:
         return None
-    return sha if _SHA.match(sha) and os.path.isdir(os.path.join(folder, "snapshots", sha)) else None
+    return sha if _SHA.match(sha) else None
+
+
+def _remember(repo_id: str, revision: str | None, repo_type: str, sha: str) -> None:
+    # Files are then fetched by sha, which records no ref: record it as huggingface_hub does for a branch
+    # download, so that the next run finds this commit offline.
+    path = _ref_file(repo_id, revision, repo_type)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(sha)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache: the next run asks the hub again
 
 
 def commit(repo_id: str, revision: str | None, repo_type: str = "model") -> tuple[str | None, BaseException | None]:
@@ -76,17 +95,19 @@ def commit(repo_id: str, revision: str | None, repo_type: str = "model") -> tupl
         from huggingface_hub import HfApi
 
         info = getattr(HfApi(), f"{repo_type}_info")
-        return with_backoff(lambda: info(repo_id, revision=revision)).sha, None
+        sha = with_backoff(lambda: info(repo_id, revision=revision)).sha
     except Exception as e:
         if _status(e) is not None and _status(e) < 500 and _status(e) != 429:
             return None, e  # the hub answered: no such repo or revision (a stale cache must not say otherwise)
         cached = _cached_commit(repo_id, revision, repo_type)
         return (cached, None) if cached else (None, e)
+    _remember(repo_id, revision, repo_type, sha)
+    return sha, None
 
 
 def why(err: BaseException | None) -> str:
     """What the hub said, for a one-line error: it has no such repo/revision, or it did not answer."""
     status = _status(err) if err is not None else None
     if status is not None and status < 500 and status != 429:
-        return f"the hub has no such repository or revision ({first_line(err)})"
+        return f"the hub answered {status} ({first_line(err)})"  # no such repo/revision, gated, private
     return f"the hub did not answer ({first_line(err) if err else 'offline'})"

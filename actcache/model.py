@@ -200,7 +200,8 @@ def hook_catalog(model: ResolvedModel) -> HookCatalog:
     Memoised per process and on disk (by model fingerprint and library versions), so a fan-out parent or a
     rerun pays for it once. The bridge is built on the ``meta`` device (no memory, any size); architectures
     whose boot must read weights (TransformerLens splits fused QKV projections, e.g. GPT-2's) are built from
-    their config on the CPU instead, with random weights: as much memory as the model, once.
+    their config on the CPU instead, with random weights and two blocks (the others' hooks follow when both
+    are alike; else the whole model, once).
     """
     with _HEAVY_LOCK:
         if model in _CATALOGS:
@@ -243,6 +244,13 @@ def _probe_catalog(model: ResolvedModel) -> HookCatalog:
     except Exception:
         pass  # TransformerLens had to read a weight, or an op has no meta kernel: build it for real instead
     try:
+        # Real (random) weights cost memory: two blocks tell every block's hooks when the blocks are alike.
+        field = getattr(type(model.config), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+        n = model.n_layers
+        if n and n > 2 and getattr(model.config, "text_config", None) is None and hasattr(model.config, field):
+            grown = _grow(_probe(_skeleton(model, {field: 2}).eval(), "cpu"), n)
+            if grown is not None:
+                return grown
         return _probe(_skeleton(model).eval(), "cpu")
     except ActcacheError:
         raise
@@ -250,7 +258,33 @@ def _probe_catalog(model: ResolvedModel) -> HookCatalog:
         raise ActcacheError(f"cannot build model {model.spec.name!r} with TransformerLens ({_first_line(e)})") from e
 
 
-def _skeleton(model: ResolvedModel) -> Any:
+def _grow(two: HookCatalog, n_layers: int) -> HookCatalog | None:
+    """The catalogue of ``n_layers`` alike blocks from one of two blocks; None when blocks 0 and 1 differ."""
+    def block(name: str) -> tuple[int | None, str]:
+        m = _LAYER_RE.match(name)
+        return (int(m.group(1)), name[m.end():]) if m else (None, name)
+
+    views = []
+    for i in (0, 1):
+        views.append({rest: (two.per_token.get(n), two.other.get(n)) for n in two.names
+                      for layer, rest in [block(n)] if layer == i})
+    if views[0] != views[1]:
+        return None
+    names, per_token, other = [], {}, {}
+    for n in two.names:
+        layer, rest = block(n)
+        if layer == 1:
+            continue
+        for full in [n] if layer is None else [f"blocks.{i}.{rest}" for i in range(n_layers)]:
+            names.append(full)
+            if n in two.per_token:
+                per_token[full] = two.per_token[n]
+            else:
+                other[full] = two.other[n]
+    return HookCatalog(tuple(sorted(names)), per_token, other)
+
+
+def _skeleton(model: ResolvedModel, overrides: dict[str, Any] | None = None) -> Any:
     import warnings
 
     from transformer_lens.model_bridge import TransformerBridge
@@ -259,7 +293,7 @@ def _skeleton(model: ResolvedModel) -> Any:
         warnings.simplefilter("ignore")
         return TransformerBridge.boot_transformers(model.source, revision=model.revision, load_weights=False,
                                                    trust_remote_code=model.spec.trust_remote_code,
-                                                   tokenizer=model.tokenizer)
+                                                   tokenizer=model.tokenizer, hf_config_overrides=overrides)
 
 
 def _probe(bridge: Any, device: str) -> HookCatalog:

@@ -58,8 +58,14 @@ def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models,
     from actcache.extraction import Extractor
     from actcache.model import hook_catalog
 
+    built = []
+    real = actcache.model._skeleton
+    monkeypatch.setattr(actcache.model, "_skeleton", lambda m, o=None: built.append(o) or real(m, o))
+    monkeypatch.setattr(actcache.model, "_CATALOGS", {})
     model = resolve_model(ModelSpec(str(tiny_models[arch])))
+    actcache.model._catalog_path(model).unlink(missing_ok=True)
     catalog = hook_catalog(model)
+    assert built == ([None, {"n_layer": 2}] if arch == "gpt2" else [None])  # meta first; GPT-2: two CPU blocks
     bridge = load_bridge(model)
     assert catalog.names == tuple(sorted(bridge.hook_dict))
     some = ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z", "blocks.0.hook_mlp_out", "hook_embed"]

@@ -33,14 +33,14 @@ def test_names_are_resolved_per_plan_never_per_shard(base_config, monkeypatch):
     counts = {}
     for n_shards in (4, 8):
         calls: list[str] = []
-        for module in (actcache.model, actcache.plan):
-            _count(monkeypatch, module, "resolve_model", calls)
-        for module in (actcache.sources, actcache.plan):
-            _count(monkeypatch, module, "open_source", calls)
-        cfg = base_config.replace(max_tokens=128 * n_shards, store=f"{base_config.store}-{n_shards}")
-        actcache.extract(cfg, hook="blocks.1.hook_resid_post,blocks.2.attn.hook_z")
+        with monkeypatch.context() as m:
+            for module in (actcache.model, actcache.plan):
+                _count(m, module, "resolve_model", calls)
+            for module in (actcache.sources, actcache.plan):
+                _count(m, module, "open_source", calls)
+            cfg = base_config.replace(max_tokens=128 * n_shards, store=f"{base_config.store}-{n_shards}")
+            actcache.extract(cfg, hook="blocks.1.hook_resid_post,blocks.2.attn.hook_z")
         counts[n_shards] = sorted(calls)
-        monkeypatch.undo()
     assert counts[4] == counts[8] == ["open_source"] * 2 + ["resolve_model"] * 2
 
 

@@ -192,7 +192,7 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    base = (model, dtype, device)
+    base = (model.pin, dtype, device)
     with _HF_LOCK:
         have = _HF.get(base)
         if have is None or have[0] < n_layers:

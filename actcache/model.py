@@ -108,6 +108,11 @@ class ResolvedModel:
             return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
         return _loaded(self, "tokenizer_fingerprint", compute)
 
+    @property
+    def pin(self) -> tuple[str, str, str | None, bool]:
+        """What identifies the loaded objects: the same commit typed as ``main`` or as its sha loads once."""
+        return self.source, self.fingerprint, self.revision, self.spec.trust_remote_code
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.name, "revision": self.revision, "fingerprint": self.fingerprint,
                 "trust_remote_code": self.spec.trust_remote_code}
@@ -125,16 +130,16 @@ class ResolvedModel:
                                     f"({self.fingerprint} -> {now}); rerun: the new weights get a set of their own")
 
 
-_HEAVY: dict[tuple[ResolvedModel, str], Any] = {}
+_HEAVY: dict[tuple[tuple, str], Any] = {}
 _HEAVY_LOCK = threading.RLock()  # a load may need another (the tokenizer fingerprint, the tokenizer)
 
 
 def _loaded(model: ResolvedModel, what: str, load: Any) -> Any:
     """``load()`` once per process for this pinned model (tasks and plans share the loaded tokenizer)."""
     with _HEAVY_LOCK:
-        if (model, what) not in _HEAVY:
-            _HEAVY[(model, what)] = load()
-        return _HEAVY[(model, what)]
+        if (model.pin, what) not in _HEAVY:
+            _HEAVY[(model.pin, what)] = load()
+        return _HEAVY[(model.pin, what)]
 
 
 def _first_line(e: BaseException) -> str:
@@ -191,7 +196,7 @@ class HookCatalog:
 
 
 _PROBES = ((2, 5), (2, 7))  # two lengths: an attention pattern [batch, heads, pos, pos] cannot pass for per-token
-_CATALOGS: dict[ResolvedModel, HookCatalog] = {}
+_CATALOGS: dict[tuple, HookCatalog] = {}
 
 
 def hook_catalog(model: ResolvedModel) -> HookCatalog:
@@ -204,8 +209,8 @@ def hook_catalog(model: ResolvedModel) -> HookCatalog:
     are alike; else the whole model, once).
     """
     with _HEAVY_LOCK:
-        if model in _CATALOGS:
-            return _CATALOGS[model]
+        if model.pin in _CATALOGS:
+            return _CATALOGS[model.pin]
     path = _catalog_path(model)
     try:
         data = json.loads(path.read_text())
@@ -222,7 +227,7 @@ def hook_catalog(model: ResolvedModel) -> HookCatalog:
         except OSError:
             pass  # the memo is an optimisation only
     with _HEAVY_LOCK:
-        return _CATALOGS.setdefault(model, catalog)
+        return _CATALOGS.setdefault(model.pin, catalog)
 
 
 def _catalog_path(model: ResolvedModel) -> Any:
@@ -374,7 +379,7 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
     """The TransformerBridge for ``model`` with its weights, loaded once per process and reused across shards."""
     import torch
 
-    key = (model, dtype, device)
+    key = (model.pin, dtype, device)
     with _LOAD_LOCK:
         if key not in _LOADED:
             from transformer_lens.model_bridge import TransformerBridge

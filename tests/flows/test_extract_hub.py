@@ -157,7 +157,9 @@ def test_partitions_get_the_commits_the_parent_resolved(base_config, repos, hub,
     assert child_parameters(pinned, 0, 2)["config"]["revision"] == repos["model_sha"]
     hub.commit(repos["model"], {"model.safetensors": _doubled(tiny_models["gpt2"])})
     hub.commit(repos["data"], {"main/train-0.parquet": _parquet(["moved"] * 50)}, repo_type="dataset")
-    assert [s.key for s in make_plan(pinned, load_model=False).sets] == [s.key for s in plan.sets]
+    again = make_plan(pinned, load_model=False)
+    assert [s.key for s in again.sets] == [s.key for s in plan.sets]
+    assert again.resolved.model.pin == plan.resolved.model.pin  # typed as main or as its sha: loaded once
     assert [s.key for s in make_plan(cfg, load_model=False).sets] != [s.key for s in plan.sets]
 
 

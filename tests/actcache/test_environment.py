@@ -18,6 +18,18 @@ def test_current_names_versions_device_and_engine():
     assert environment.current("auto", "bridge")["device"] in ("cpu", "cuda")
 
 
+def test_a_cuda_device_is_named_with_its_cuda_version(monkeypatch):
+    """No GPU here: torch's own answers are stood in for, to check what a CUDA worker records."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev: asked.append(dev) or "NVIDIA H200")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    env = environment._device.__wrapped__("cuda:1")
+    assert env == {"device": "cuda", "device_name": "NVIDIA H200", "cuda": "12.8"}
+    assert asked == [torch.device("cuda:1")]
+
+
 def test_differences_group_shards_by_value():
     a = environment.current("cpu", "bridge")
     b = {**a, "torch": "2.9.0", "device": "cuda", "device_name": "NVIDIA H200"}

@@ -196,10 +196,11 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
     with _HF_LOCK:
         have = _HF.get(base)
         if have is None or have[0] < n_layers:
+            folder = model.weights()  # fetched once (a hub commit), its own one-line error
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "weights of layers n.. not used" is the point, not a problem
             try:
-                hf = AutoModel.from_pretrained(model.source, revision=model.revision, attn_implementation="sdpa",
+                hf = AutoModel.from_pretrained(folder, attn_implementation="sdpa",
                                                num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
             except Exception as e:
                 raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e

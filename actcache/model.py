@@ -22,6 +22,10 @@ from actcache.errors import ActcacheError, opt
 
 BUILTIN_PREFIX = "builtin:"
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
+_SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "*.vocab")
+"""A hub commit's files that config, tokenizer and remote code read (no weights)."""
+_HUB_WEIGHTS = ("*.safetensors", "*.bin")
+"""The weight formats fetched from a hub commit, in order of preference (only the first the commit has)."""
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -56,8 +60,7 @@ class ResolvedModel:
             from transformers import AutoConfig
 
             try:
-                return AutoConfig.from_pretrained(self.source, revision=self.revision,
-                                                  trust_remote_code=self.spec.trust_remote_code)
+                return AutoConfig.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
             except Exception as e:
                 raise ActcacheError(f"cannot read the config of model {self.spec.name!r} ({_first_line(e)})") from e
         return _loaded(self, "config", load)
@@ -88,8 +91,7 @@ class ResolvedModel:
             from transformers import AutoTokenizer
 
             try:
-                return AutoTokenizer.from_pretrained(self.source, revision=self.revision,
-                                                     trust_remote_code=self.spec.trust_remote_code)
+                return AutoTokenizer.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
             except Exception as e:
                 raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from e
         return _loaded(self, "tokenizer", load)
@@ -107,6 +109,34 @@ class ResolvedModel:
             }
             return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
         return _loaded(self, "tokenizer_fingerprint", compute)
+
+    @property
+    def files(self) -> str:
+        """The folder config and tokenizer are read from: the local directory, or the hub commit's small files
+        in the HF cache (fetched once; then read with no request, the hub reachable or not).
+
+        Loading by hub id instead asks the hub again on every load (transformers lists the repo's chat
+        templates, TransformerLens reloads the tokenizer by its name), retrying for about 23 s each when it
+        does not answer.
+        """
+        if self.revision is None:
+            return self.source
+        return _loaded(self, "files", lambda: _snapshot(self, _SMALL_FILES))
+
+    def weights(self) -> str:
+        """The folder weights are loaded from: the local directory, or the hub commit's files with its weights
+        (safetensors if it has them, else .bin) in the HF cache, fetched once."""
+        if self.revision is None:
+            return self.source
+
+        def fetch() -> str:
+            for pattern in _HUB_WEIGHTS:
+                folder = _snapshot(self, (*_SMALL_FILES, pattern))
+                if glob.glob(os.path.join(folder, pattern)):
+                    return folder
+            raise ActcacheError(f"model {self.spec.name!r} has no weight files (*.safetensors, *.bin) at commit "
+                                f"{self.revision}")
+        return _loaded(self, "weights", fetch)
 
     @property
     def pin(self) -> tuple[str, str, str | None, bool]:
@@ -140,6 +170,22 @@ def _loaded(model: ResolvedModel, what: str, load: Any) -> Any:
         if (model.pin, what) not in _HEAVY:
             _HEAVY[(model.pin, what)] = load()
         return _HEAVY[(model.pin, what)]
+
+
+def _snapshot(model: ResolvedModel, patterns: Sequence[str]) -> str:
+    """The local folder of ``model``'s hub commit holding the files that match ``patterns``.
+
+    huggingface_hub keeps the commit's file listing in its cache: once the files are there, this asks nothing,
+    and with the hub unreachable it answers from the cache when the listing says the files are all there.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        return hub.with_backoff(lambda: snapshot_download(model.source, revision=model.revision,
+                                                          allow_patterns=list(patterns)))
+    except Exception as e:
+        raise ActcacheError(f"cannot fetch the files of model {model.spec.name!r} at commit {model.revision}: they "
+                            f"are not all in the HF cache and {hub.why(e)}; check network access") from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -296,7 +342,7 @@ def _skeleton(model: ResolvedModel, overrides: dict[str, Any] | None = None) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(model.source, revision=model.revision, load_weights=False,
+        return TransformerBridge.boot_transformers(model.files, load_weights=False,
                                                    trust_remote_code=model.spec.trust_remote_code,
                                                    tokenizer=model.tokenizer, hf_config_overrides=overrides)
 
@@ -384,9 +430,10 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
         if key not in _LOADED:
             from transformer_lens.model_bridge import TransformerBridge
 
+            folder = model.weights()  # fetched once (a hub commit), its own one-line error
             try:
                 bridge = TransformerBridge.boot_transformers(
-                    model.source, device=device, dtype=getattr(torch, dtype), revision=model.revision,
+                    folder, device=device, dtype=getattr(torch, dtype),
                     trust_remote_code=model.spec.trust_remote_code, tokenizer=model.tokenizer)
             except ActcacheError:
                 raise

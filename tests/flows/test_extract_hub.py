@@ -163,10 +163,29 @@ def test_partitions_get_the_commits_the_parent_resolved(base_config, repos, hub,
     assert [s.key for s in make_plan(cfg, load_model=False).sets] != [s.key for s in plan.sets]
 
 
-def test_hub_unreachable_without_a_cache_is_one_line_and_with_one_works(base_config, repos, hub):
+class _CountedSleep:
+    """The ``time`` module as huggingface_hub's HTTP backoff sees it, with its waits recorded instead of slept."""
+
+    def __init__(self):
+        import time
+
+        self.time, self.waits = time, []
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self.time, name)
+
+
+def test_hub_unreachable_without_a_cache_is_one_line_and_with_one_works(base_config, repos, hub, monkeypatch):
+    """Offline with a cache, nothing retries: files are read from the commit's cached folder, never by hub id
+    (by hub id, every tokenizer load lists the repo's chat templates and retries for ~23 s)."""
     cfg = base_config.replace(model=repos["model"], dataset=repos["data"], dataset_config="main")
     url = actcache.extract(cfg)  # online: downloads into this test's HF cache
     hub.stop()
+    backoff = _CountedSleep()
+    monkeypatch.setattr("huggingface_hub.utils._http.time", backoff)
     try:
         for name in (hub.new_repo_id("never-seen"),):
             with pytest.raises(ActcacheError) as e:
@@ -176,6 +195,7 @@ def test_hub_unreachable_without_a_cache_is_one_line_and_with_one_works(base_con
         assert actcache.extract(cfg) == url  # complete: recognised from the cache's commits, nothing read
         more = actcache.extract(cfg, hook="blocks.2.attn.hook_z")  # new work: weights from the cache by sha
         assert actcache.open_set(more).manifest["model"]["revision"] == repos["model_sha"]
+        assert backoff.waits == [], "a client retried against the stopped hub"
     finally:
         hub.restart()
 

@@ -58,6 +58,20 @@ def _store_ref(args: argparse.Namespace, url: str, prefix: str = ""):
                     getattr(args, f"{prefix}aws_credentials_block"))
 
 
+def _add_exclusion_options(p: argparse.ArgumentParser) -> None:
+    ex = p.add_mutually_exclusive_group()
+    ex.add_argument("--exclude-special-tokens", action="store_true",
+                    help="leave out rows whose token is BOS, EOS, pad or the separator (as the manifest records)")
+    ex.add_argument("--exclude-ids", metavar="ID,ID", help="leave out rows whose token id is one of these")
+
+
+def _exclusion(args: argparse.Namespace) -> dict[str, Any]:
+    from actcache.exclude import parse_ids
+
+    return {"exclude_special": args.exclude_special_tokens,
+            "exclude_ids": parse_ids(args.exclude_ids) if args.exclude_ids else []}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -80,6 +94,35 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--jobs", type=int, default=4, help="shards copied at once (default: 4)")
     cp.add_argument("--verify-existing", action="store_true",
                     help="re-hash shards already at the destination instead of trusting size and record")
+    sh = sub.add_parser("shuffle", help="write a globally shuffled copy of a set (a new set; reruns skip it)")
+    sh.add_argument("set", help="set URL: <store>/<set_id>")
+    sh.add_argument("--seed", type=int, default=0, help="fixes the permutation (default: 0)")
+    sh.add_argument("--out", metavar="STORE", help="store for the shuffled set (default: the source's store)")
+    sh.add_argument("--shard-rows", type=int, help="rows per output shard (default: the source's tokens per shard)")
+    sh.add_argument("--bucket-rows", type=int, default=1 << 20,
+                    help="rows gathered at once in the second pass (default: 2^20); memory is about four times this "
+                         "many rows plus three output shards, and it never changes the result")
+    sh.add_argument("--jobs", type=int, default=8, help="ranged reads in flight (default: 8)")
+    _add_exclusion_options(sh)
+    _add_store_options(sh)
+    _add_store_options(sh, prefix="out-", what="the output store")
+    exp = sub.add_parser("export", help="write a set as a Hugging Face datasets folder (SAELens's or flat)")
+    exp.add_argument("set", help="set URL: <store>/<set_id>")
+    exp.add_argument("out", help="a new local folder (refused if it exists)")
+    exp.add_argument("--format", required=True, choices=("saelens", "hf"),
+                     help="saelens: SAELens's cached activations (one row per sequence); hf: one row per token")
+    _add_exclusion_options(exp)
+    _add_store_options(exp)
+    pu = sub.add_parser("push", help="upload a set to the Hugging Face Hub as a dataset repo (reruns resume)")
+    pu.add_argument("set", help="set URL: <store>/<set_id>")
+    pu.add_argument("repo_id", help="dataset repo, e.g. user/gpt2-l6-resid (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    _add_store_options(pu)
+    st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
+    st.add_argument("set", help="set URL: <store>/<set_id>")
+    st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
+    _add_store_options(st)
     hk = sub.add_parser("hooks", help="list a model's valid hook names")
     hk.add_argument("model")
     hk.add_argument("--revision")
@@ -189,6 +232,71 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shuffle(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.shuffle import shuffle_set
+
+    progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
+    result = shuffle_set(args.set, out=args.out, seed=args.seed, rows_per_shard=args.shard_rows, **_exclusion(args),
+                         bucket_rows=args.bucket_rows, jobs=args.jobs,
+                         storage_options=parse_storage_options(args.storage_options),
+                         credentials_block=args.aws_credentials_block,
+                         out_storage_options=parse_storage_options(args.out_storage_options),
+                         out_credentials_block=args.out_aws_credentials_block,
+                         on_step=lambda _: progress.update())
+    progress.close()
+    state = "already complete" if result.skipped else "written"
+    print(f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.export import export_set
+
+    progress = tqdm(unit="shard", desc="export", file=sys.stderr)
+    result = export_set(args.set, args.out, format=args.format, **_exclusion(args),
+                        storage_options=parse_storage_options(args.storage_options),
+                        credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from actcache.config import parse_storage_options
+    from actcache.push import push_set
+
+    result = push_set(args.set, args.repo_id, private=args.private, revision=args.revision,
+                      storage_options=parse_storage_options(args.storage_options),
+                      credentials_block=args.aws_credentials_block)
+    print(f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache import stats
+    from actcache.config import parse_storage_options
+
+    progress = tqdm(unit="shard", desc="stats", file=sys.stderr)
+    result = stats.compute(args.set, parse_storage_options(args.storage_options),
+                           credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(json.dumps(result, indent=1) if args.json else stats.summary(result, len(result["mean"] or [])))
+    return 0
+
+
 def cmd_hooks(args: argparse.Namespace) -> int:
     from actcache.model import ModelSpec, hook_names, resolve_model
 
@@ -207,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
-                    "cp": cmd_cp, "hooks": cmd_hooks}[args.command]
+                    "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats,
+                    "shuffle": cmd_shuffle, "export": cmd_export, "push": cmd_push}[args.command]
     try:
         return handler(args)
     except ActcacheError as e:

@@ -7,6 +7,7 @@ record, then the manifest last: an interrupted copy resumes, skipping shards the
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,13 +54,26 @@ def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str
 
     todo = [r for r in source.records if not present(r)]
 
+    def write_record(r: records.Record) -> None:
+        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or
+        one written from the manifest if the stored one is gone or disagrees."""
+        rel = f"{set_id}/{layout.record_file(r.index)}"
+        try:
+            stored = source.store.read_bytes(rel)
+            if records.Record.from_dict(json.loads(stored)) == r:
+                target.write_bytes(rel, stored)
+                return
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        records.write_record(target, set_id, r)
+
     def copy_one(r: records.Record) -> int:
         data = source.store.read_bytes(f"{set_id}/{r.file}")
         if len(data) != r.bytes or hashlib.sha256(data).hexdigest() != r.sha256:
             raise ActcacheError(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                                 "repair the source (`actcache verify`, then rerun its extract) and copy again")
         target.write_bytes(f"{set_id}/{r.file}", data)
-        records.write_record(target, set_id, r)  # after the bytes, as extraction does
+        write_record(r)  # after the bytes, as extraction does
         if on_shard:
             on_shard(r)
         return len(data)

@@ -12,7 +12,7 @@ from typing import Any
 
 from actcache import layout, records
 from actcache.errors import ActcacheError
-from actcache.key import CODECS, DTYPES, FORMAT_VERSION, SetKey
+from actcache.key import CODECS, DTYPES, FORMAT_VERSION, SetKey, ShuffleKey, key_from_dict
 from actcache.store import Store
 
 _PACKAGES = ("actcache", "torch", "transformers", "transformer-lens", "safetensors", "tokenizers", "zstandard")
@@ -77,11 +77,11 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         raise ActcacheError(f"set {set_id} has format version {version}, newer than this actcache reads "
                             f"({FORMAT_VERSION}); upgrade actcache")
     try:
-        key = SetKey.from_dict(m["key"])
+        key = key_from_dict(m["key"])
         _check_encoding(m, key)
         for r in m["shards"]:
             rec = records.Record.from_dict(r)
-            if rec.file != layout.shard_file(rec.index, key.codec):
+            if rec.file != layout.shard_file(rec.index, m["codec"]):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}")
     except (KeyError, TypeError, ValueError) as e:
         raise ActcacheError(f"manifest of {store.url_of(set_id)} is malformed ({e}); regenerate it with "
@@ -92,8 +92,14 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     return m
 
 
-def _check_encoding(m: dict[str, Any], key: SetKey) -> None:
+def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
     """What the reader sizes and decodes shards with must be a known encoding, and the key's own."""
+    if isinstance(key, ShuffleKey):  # a "rows" set: [n_rows, d] shards, uncompressed, in the source's dtype
+        d = m.get("d")
+        if m.get("layout") != "rows" or m.get("dtype") not in DTYPES or m.get("codec") != "none" \
+                or type(d) is not int or d < 1:
+            raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
+        return
     if key.dtype not in DTYPES or key.codec not in CODECS:
         raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
     if m.get("dtype") != key.dtype or m.get("codec") != key.codec:

@@ -7,6 +7,7 @@ its consolidated file; only records newer than that file are read one by one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -93,6 +94,11 @@ def scan(store: Store, root: str, consolidated_name: str) -> Scan:
         except (ValueError, KeyError, TypeError, FileNotFoundError):
             continue  # a damaged record means not done: the shard is recomputed
     return Scan(store, root, entries, records, consolidated)
+
+
+def digest(recs: Iterable[Record]) -> str:
+    """sha256 over each record's index and shard checksum, in order: names a list of shards exactly."""
+    return hashlib.sha256("".join(f"{r.index}:{r.sha256}," for r in recs).encode()).hexdigest()
 
 
 def write_record(store: Store, root: str, record: Record) -> None:

@@ -212,6 +212,11 @@ class Store:
         with self._io("reading", rel):
             return self.fs.cat_file(self.path(rel))
 
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a file (one ranged GET on object stores)."""
+        with self._io("reading", rel):
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
@@ -263,6 +268,14 @@ class Store:
                 except FileNotFoundError:
                     pass
         return removed
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete everything below ``rel`` (nothing there is fine)."""
+        with self._io("deleting", rel):
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())

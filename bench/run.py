@@ -396,6 +396,51 @@ def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict
             "rows": rows}
 
 
+# -- normalisation statistics: their cost beside the forward pass ----------------------------------------
+def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
+    """The extraction step (c) alone vs with the previous shard's moments (``moments.of``, what the compress
+    stage adds) computed in a thread beside it, round-robin; and the moments' own time per token."""
+    import threading
+
+    import torch
+
+    from actcache import moments
+    from actcache.extraction import extractor_for
+    from actcache.model import ModelSpec, resolve_model
+
+    model = resolve_model(ModelSpec(str(src)))
+    step = extractor_for(model, [HOOK], batch_size=batch, device=device)
+    tokens = random_tokens(4 * batch, ctx, model.config.vocab_size, seed=5)  # a "shard" of 4 batches
+    previous = step(tokens)[HOOK].to(torch.float16)  # the storage-dtype tensor compress hands to moments.of
+
+    def beside() -> None:
+        t = threading.Thread(target=moments.of, args=(previous,))
+        t.start()
+        step(tokens)
+        t.join()
+
+    times = round_robin({"forward": lambda: step(tokens), "forward_with_stats": beside}, reps)
+    alone = round_robin({"moments": lambda: moments.of(previous)}, reps)
+    paired = [w / f for f, w in zip(times["forward"], times["forward_with_stats"], strict=True)]
+    # CPU seconds, which other processes' load barely moves: what the moments take from the forward's cores.
+    cpu_forward, cpu_moments = [], []
+    for _ in range(reps):
+        t = time.process_time()
+        step(tokens)
+        cpu_forward.append(time.process_time() - t)
+        t = time.thread_time()
+        moments.of(previous)
+        cpu_moments.append(time.thread_time() - t)
+    n = tokens.numel()
+    return {"tokens_per_shard": n, "d": previous.shape[-1],
+            "cpu_moments_vs_cpu_forward": round(median(cpu_moments) / median(cpu_forward), 5),
+            "forward_s": round(median(times["forward"]), 4),
+            "forward_with_stats_s": round(median(times["forward_with_stats"]), 4),
+            "slowdown_median_of_pairs": round(median(paired) - 1, 4),
+            "moments_alone_us_per_token": round(median(alone["moments"]) / n * 1e6, 3),
+            "moments_alone_vs_forward": round(median(alone["moments"]) / median(times["forward"]), 4)}
+
+
 # -- per-shard overhead: what the flow adds around the forward pass -------------------------------------
 class _Stub:
     """Stands in for the extractor: sleeps like a GPU forward pass at ``rate`` tokens/s (the GIL is released,
@@ -654,7 +699,7 @@ def print_table(res: dict) -> None:
     for shape, r in res.get("peak_rss", {}).items():
         print(f"\n== peak RSS MB ({shape}, separate processes): "
               + ", ".join(f"{k}={v.get('peak_rss_mb', v)}" for k, v in r.items()))
-    for key in ("several_hooks", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
+    for key in ("several_hooks", "stats_cost", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
         if key in res:
             print(f"\n== {key}\n{json.dumps(res[key], indent=1)}")
     if "compression" in res:
@@ -665,8 +710,8 @@ def print_table(res: dict) -> None:
                   f"{row['encode_MB_s']:>9} {row['decode_MB_s'] or '-':>9}")
 
 
-SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "pipeline_overhead", "warm_rerun", "cold_start",
-            "rss_growth")
+SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "stats_cost", "pipeline_overhead", "warm_rerun",
+            "cold_start", "rss_growth")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -740,6 +785,10 @@ def main(argv: list[str] | None = None) -> int:
         if "compression" in only:
             b, c = shapes[0]
             res["compression"] = compression(src, device, b, c, max(reps - 2, 1))
+            save()
+        if "stats_cost" in only:
+            b, c = shapes[0]
+            res["stats_cost"] = stats_cost(src, device, b, c, reps if smoke else max(reps, 9))
             save()
         if "pipeline_overhead" in only:
             res["pipeline_overhead"] = pipeline_overhead(src, work, (3, 8) if smoke else (20, 120))

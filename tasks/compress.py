@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import environment, faults, handoff, shard
+from actcache import environment, faults, handoff, moments, shard
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
 
-@task(name="compress", cache_policy=NO_CACHE)
+@task(name="compress", task_run_name="compress-{ref.index:06d}", cache_policy=NO_CACHE)
 def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
     hook_set = plan.hook_set(ref.hook)
@@ -26,6 +26,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     extra = {
         "set_id": key.id,
         "stats": shard.stats(cast),
+        moments.RECORD_FIELD: moments.of(cast).to_json(),
         "raw_bytes": enc.raw_bytes,
         "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
         "bytes_per_token": round(len(enc.data) / n_tokens, 2),

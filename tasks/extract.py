@@ -13,7 +13,7 @@ from actcache.tokens import ShardWork
 from tasks.refs import ActivationsRef
 
 
-@task(name="extract", cache_policy=NO_CACHE)
+@task(name="extract", task_run_name="extract-{work.index:06d}", cache_policy=NO_CACHE)
 def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
     hooks = [s.hook for s in plan.todo(work)]

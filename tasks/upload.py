@@ -19,8 +19,8 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="upload", cache_policy=NO_CACHE, retries=4, retry_delay_seconds=[1, 2, 8, 30],
-      retry_condition_fn=_retry_transient)
+@task(name="upload", task_run_name="upload-{ref.index:06d}", cache_policy=NO_CACHE, retries=4,
+      retry_delay_seconds=[1, 2, 8, 30], retry_condition_fn=_retry_transient)
 def upload(plan: Plan, ref: PackedRef) -> records.Record:
     """Store shard ``ref.index`` all-or-nothing and mark it done."""
     key = plan.hook_set(ref.hook).key

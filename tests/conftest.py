@@ -148,3 +148,28 @@ def hub(hub_server, monkeypatch, tmp_path: Path):
     import hub_server as hub_module
 
     return hub_module.go_online(hub_server, monkeypatch, tmp_path / "hf-hub-cache")
+
+
+@pytest.fixture(scope="session")
+def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
+    """One small set for tests that only read it (copy it before changing anything): 14 sequences of 32
+    tokens of the tiny GPT-2's blocks.1.hook_resid_post, float16, in shards of 4, 4, 4 and 2 sequences.
+
+    Written by the flow's own stages called in the flow's order, without Prefect (no server to start: the
+    flow itself is tested in tests/flows and tests/tasks)."""
+    from actcache.config import ExtractConfig
+    from actcache.plan import make_plan
+    from tasks.compress import compress
+    from tasks.extract import extract
+    from tasks.manifest import write_manifest
+    from tasks.tokenize import tokenize
+    from tasks.upload import upload
+
+    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
+                        context_size=32, max_tokens=448, shard_tokens=128, batch_size=4,
+                        store=str(session_tmp / "extracted-set"), device="cpu")
+    plan = make_plan(cfg)
+    for work in tokenize.fn(plan):
+        for ref in extract.fn(plan, work):
+            upload.fn(plan, compress.fn(plan, ref))
+    return write_manifest.fn(plan)[0]

@@ -233,9 +233,12 @@ class _Fault:
 class HubError(Exception):
     """An error answer: status, hub error code (X-Error-Code) and message."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] = ()):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] = (),
+                 body: Mapping[str, object] = ()):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, dict(headers)
+        self.body = dict(body)
+        """Fields the hub adds to the error's JSON (create_repo's 409 carries the existing repo's url)."""
 
 
 class HubServer:
@@ -581,7 +584,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": e.message, **e.headers}
         if e.code:
             headers["X-Error-Code"] = e.code
-        return self._json({"error": e.message}, e.status, headers)
+        return self._json({"error": e.message, **e.body}, e.status, headers)
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _route(self, hub: HubServer) -> int:
@@ -851,7 +854,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{hub.endpoint}/{URL_PREFIX[repo_type]}{repo_id}"
         with hub._lock:
             if (repo_type, repo_id) in hub._repos:
-                raise HubError(409, f"You already created this {repo_type} repo", headers={})
+                # huggingface_hub's create_repo(exist_ok=True) reads "url" from this answer, as the hub sends it.
+                raise HubError(409, f"You already created this {repo_type} repo", body={"url": url})
             repo = hub._create(repo_type, repo_id, {".gitattributes": GITATTRIBUTES})
             repo.private = bool(payload.get("private")) or payload.get("visibility") == "private"
         return self._json({"url": url, "name": repo_id, "id": repo_id})

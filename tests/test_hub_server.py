@@ -282,6 +282,8 @@ def test_create_repo_and_upload_folder_then_list_and_download_the_same_bytes(hub
              "shards/1.safetensors": os.urandom(100)}
     api = HfApi()
     repo = api.create_repo(hub.new_repo_id("set"), repo_type="dataset").repo_id
+    again = api.create_repo(repo, repo_type="dataset", exist_ok=True)  # the hub's 409 carries the repo's url
+    assert again.repo_id == repo
     commit = api.upload_folder(folder_path=_folder(tmp_path / "set", files), repo_id=repo, repo_type="dataset")
 
     assert commit.oid == hub.sha(repo, repo_type="dataset")

@@ -120,3 +120,16 @@ def test_existing_set_ids_do_not_change(tmp_path):
            for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")}  # the demo: hf-sdpa and bridge engines
     assert ids == {"blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
                    "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4"}
+
+
+def test_a_shuffle_key_is_its_own_kind():
+    from actcache.key import ShuffleKey, key_from_dict
+
+    s = ShuffleKey(source=_key().id, source_shards="ab" * 32, seed=3, rows_per_shard=4096, exclude=(0, 50256))
+    assert s.id == "8b21fcca2a13462b5c6083d0"
+    assert key_from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert key_from_dict(_key().to_dict()) == _key()
+    seen = {s.id} | {dataclasses.replace(s, **{f.name: _changed(getattr(s, f.name))}).id
+                     for f in dataclasses.fields(ShuffleKey) if f.name != "exclude"}
+    seen.add(dataclasses.replace(s, exclude=(0,)).id)
+    assert len(seen) == len(dataclasses.fields(ShuffleKey)) + 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 
 from actcache import progress
@@ -33,7 +35,7 @@ def test_artifact_ends_at_100_without_blocking_advance(prefect_harness, monkeypa
 
     @flow
     def advance_five():
-        with Progress(5) as p:
+        with Progress(5, key="test-progress") as p:
             t = time.perf_counter()
             for _ in range(5):
                 p.advance()
@@ -67,3 +69,27 @@ def test_window_keeps_order_and_bounds_in_flight():
         w.add(Done(i))
         assert len(w.pending) <= 2
     assert w.drain() == [0, 1, 2, 3, 4] and seen == [0, 1, 2, 3, 4]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bar_only_on_a_terminal_and_a_line_per_named_step(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the suite disables tqdm; this test is about when it draws
+    lines = []
+    log_file = io.StringIO()  # a pipe or log file: no isatty
+    monkeypatch.setattr(sys, "stderr", log_file)
+    with Progress(4, log=lines.append) as p:
+        for i in range(4):
+            p.advance(tokens=1000, item=f"shard {i}")
+    assert log_file.getvalue() == ""  # no bar, no carriage returns
+    assert len(lines) == 4 and lines[0].startswith("shard 0: 1/4 shards, ") and "tokens/s, ETA " in lines[0]
+    assert lines[-1].startswith("shard 3: 4/4 shards, ") and lines[-1].endswith("ETA 0:00:00")
+
+    terminal = _Terminal()  # control: the same on a terminal draws a bar
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress(4) as p:
+        p.advance(4)
+    assert "\r" in terminal.getvalue() and "4/4" in terminal.getvalue()

@@ -36,3 +36,4 @@ def test_bench_smoke(tmp_path):
     assert {r["codec"] for r in res["compression"]["rows"]} >= {"none", "zstd-1", "zstd-3"}
     assert set(res["several_hooks"]) == {"resid_post (hf-sdpa)", "attn.hook_z (bridge)"}
     assert res["pipeline_overhead"]["per_shard_ms"] is not None
+    assert res["stats_cost"]["moments_alone_us_per_token"] > 0 and res["stats_cost"]["forward_with_stats_s"] > 0

@@ -153,3 +153,68 @@ def test_shards_are_plain_safetensors_with_provenance(base_config):
         assert str(f.get_tensor("activations").dtype) == "float16"
         assert f.get_tensor("tokens").dtype.name == "int32"
     assert not [p for p in Path(base_config.store).rglob("*") if ".tmp" in p.name]
+
+
+def test_a_run_shows_what_happened_through_the_api(base_config):
+    """Set URLs in the final state, task runs named by shard, a log line per stored shard, artifacts keyed per
+    set, progress at exactly 100% with two hooks, and `prefect artifact ls --all` still works."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.extract import extract_activations
+
+    cfg = base_config.replace(hook="blocks.0.hook_resid_post,blocks.1.hook_resid_post")
+    state = extract_activations(cfg, return_state=True)
+    urls = state.result()
+    run_id = state.state_details.flow_run_id
+    set_ids = [Path(u).name for u in urls]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        assert run.state.is_completed() and run.state.message == f"2 sets: {urls[0]}, {urls[1]}"
+
+        deadline = time.monotonic() + 60
+        while True:  # task runs, logs and artifacts reach the server asynchronously (25 task runs in all)
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            stored = [m.message for m in logs if " stored: " in m.message]
+            progress = [a for a in arts if a.type == "progress"]
+            if (len(stored) == 8 and progress and progress[0].data == 100.0 and len(tasks) == 25) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    names = Counter(t.name for t in tasks)
+    shards = [f"{i:06d}" for i in range(4)]
+    assert {f"extract-{i}" for i in shards} <= set(names)
+    assert all(names[f"upload-{i}"] == 2 and names[f"compress-{i}"] == 2 for i in shards)  # one per hook
+
+    for set_id in set_ids:  # "set <id> shard <index> stored: k/8 shards, <rate> tokens/s, ETA h:mm:ss"
+        mine = [line for line in stored if line.startswith(f"set {set_id} shard ")]
+        assert sorted(line.split()[3] for line in mine) == shards, stored
+    assert all(re.fullmatch(r"set \w+ shard \d{6} stored: \d/8 shards, \d+ tokens/s, ETA \d+:\d\d:\d\d", line)
+               for line in stored), stored
+    assert sorted(int(line.split()[5].split("/")[0]) for line in stored) == list(range(1, 9))
+
+    keys = {a.key for a in arts}
+    assert keys == {f"extraction-{set_ids[0]}", f"extraction-{set_ids[1]}", f"progress-{set_ids[0]}"}
+    assert [a.data for a in progress] == [100.0]  # 2 hooks x 4 shards counted against 8, not 4
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "400"}  # no truncated keys
+    listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls", "--all"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert f"extraction-{set_ids[0]}" in listed.stdout

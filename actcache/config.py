@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,7 +64,8 @@ class ExtractConfig:
     store: str = "./activations"
     """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials."""
+    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials
+    (refused at any depth: use the AWS chain, {"profile": NAME} or --aws-credentials-block)."""
     aws_credentials_block: str | None = None
     """Name of a Prefect AwsCredentials block for an s3:// store (otherwise the AWS chain: env, profile, role)."""
     device: str = "auto"
@@ -71,7 +73,8 @@ class ExtractConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub to run (off unless asked; recorded in the manifest)."""
     verify_existing: bool = False
-    """Re-hash existing shards instead of trusting size and modification time."""
+    """Re-hash every stored shard, token shard and completion record instead of trusting sizes and modification
+    times (what `actcache verify` asks for when only hashing can see the damage)."""
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -130,21 +133,50 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
 
 
-# Option names that carry secrets in fsspec filesystems (s3fs, gcsfs, adlfs) and botocore.
-_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-                   "aws_session_token", "session_token", "access_key", "secret_key", "account_key", "sas_token",
-                   "client_secret", "credentials"}
+# Secret-looking option names, by pattern rather than a fixed list: fsspec filesystems and boto pass options
+# through (s3_additional_kwargs -> SSECustomerKey, client_kwargs -> aws_secret_access_key, adlfs account_key or
+# connection_string, HTTP headers -> Authorization, ...). Names are compared lowercased without separators.
+_SECRET_NAME = re.compile(r"secret|passw|token|credential|privat|signature|auth|cookie|connectionstring|"
+                          r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$")
+# Values that hold a secret whatever their name: a URL with a password, an AWS access key id, a connection string.
+_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|[?&]sig=", re.I)
 
 
-def _check_no_secrets(options: dict[str, Any]) -> None:
+def _check_no_secrets(options: Any) -> None:
+    """Refuse credentials at any depth of --storage-options (objects and lists), naming where, never the value."""
     # The config is a Prefect flow parameter: anything in it is stored and shown in the UI as plain text.
-    for k, v in options.items():
-        if k.lower() in _SECRET_OPTIONS:
-            raise ActcacheError(f"{opt('storage_options')} must not hold credentials ({k!r}): flow parameters are "
-                                "stored in plain text; use the AWS chain (env, AWS_PROFILE, instance role) or "
-                                f"{opt('aws_credentials_block')} NAME")
-        if isinstance(v, dict):
-            _check_no_secrets(v)
+    stack: list[tuple[str, Any, int]] = [("", options, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > 16:
+            raise ActcacheError(f"{opt('storage_options')} is nested too deeply (at {where}); pass a flat JSON object")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                path = f"{where}.{k}" if where else str(k)
+                if _SECRET_NAME.search(re.sub(r"[^a-z0-9]", "", str(k).lower())):
+                    raise _secret_error(path)
+                stack.append((path, v, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, str) and (_SECRET_VALUE.search(value) or _url_password(value)):
+            raise _secret_error(where)
+
+
+def _url_password(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return "://" in value and urlsplit(value).password is not None
+    except ValueError:
+        return False
+
+
+def _secret_error(where: str) -> ActcacheError:
+    return ActcacheError(
+        f"{opt('storage_options')} must not hold credentials ({where}): flow parameters are stored in plain text; "
+        "pass them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+        "{\"profile\": NAME}, an instance role) or " + opt("aws_credentials_block") + " NAME (see README, Storing "
+        "on S3)")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 BRIDGE, HF_SDPA = "bridge", "hf-sdpa"
 # model_type -> attribute of the HF base model holding its decoder layers. Only architectures whose fast
@@ -38,8 +38,26 @@ class _Reached(Exception):
 
 
 def pick_device(device: str) -> str:
+    """The torch device for ``device`` (auto: cuda when available), checked to exist on this machine."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ActcacheError(f"{opt('device')} {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ActcacheError(f"{opt('device')} {device}: CUDA is not available here (torch {torch.__version__}); "
+                                f"use {opt('device', 'cpu')} or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ActcacheError(f"{opt('device')} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:"
+                                f"{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ActcacheError(f"{opt('device')} {device}: MPS is not available here; use {opt('device', 'cpu')} or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ActcacheError(f"{opt('device')} {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda[:N] "
+                            "or mps")
     return device
 
 
@@ -79,10 +97,22 @@ class _Batched:
         return got
 
     def hook_shapes(self) -> dict[str, list[int]]:
-        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
+        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head]).
+
+        Probed twice, with different batch sizes and lengths: a hook is per-token only if its shape is
+        [batch, pos, ...] with the same trailing dims both times (one probe alone lets a [batch, heads, q, k]
+        attention pattern pass when heads happens to equal the probe's length).
+        """
+        shapes = []
         with torch.inference_mode():
-            probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return {h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()}
+            for b, t in ((1, 3), (2, 5)):
+                probe = torch.zeros((b, t), dtype=torch.long, device=self.device)
+                shapes.append({h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()})
+        for h in self.hooks:
+            if shapes[0][h] != shapes[1][h]:
+                raise ActcacheError(f"hook {h!r} is not one vector per token (its shape depends on the sequence "
+                                    "length); pick a per-token hook such as hook_resid_post")
+        return shapes[0]
 
     def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""

@@ -61,8 +61,9 @@ class ResolvedModel:
 
             try:
                 return AutoConfig.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
-            except Exception as e:
-                raise ActcacheError(f"cannot read the config of model {self.spec.name!r} ({_first_line(e)})") from e
+            except Exception as e:  # a broken or foreign config.json, an unknown model_type, ...
+                raise ActcacheError(f"model {self.spec.name!r} has no usable config.json ({_first_line(e)}); "
+                                    "write the folder with save_pretrained or pass an HF model id") from e
         return _loaded(self, "config", load)
 
     def _cfg(self, *names: str) -> int | None:
@@ -91,9 +92,11 @@ class ResolvedModel:
             from transformers import AutoTokenizer
 
             try:
-                return AutoTokenizer.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
+                tok = AutoTokenizer.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
             except Exception as e:
                 raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from e
+            check_tokenizer(tok, self.spec.name)
+            return tok
         return _loaded(self, "tokenizer", load)
 
     @property
@@ -186,6 +189,35 @@ def _snapshot(model: ResolvedModel, patterns: Sequence[str]) -> str:
     except Exception as e:
         raise ActcacheError(f"cannot fetch the files of model {model.spec.name!r} at commit {model.revision}: they "
                             f"are not all in the HF cache and {hub.why(e)}; check network access") from e
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog: 1234567890."
+
+
+def check_tokenizer(tok: Any, name: str) -> None:
+    """Refuse a tokenizer that cannot tokenize, before anything is written.
+
+    A model folder without tokenizer files still loads one (transformers builds it empty): every text then
+    becomes no tokens at all and the set silently holds nothing but separators. A plain English probe must give
+    at least two distinct ids and decode back to itself (ignoring case and spaces, which some tokenizers change).
+    """
+    def squeeze(t: str) -> str:
+        return "".join(t.split()).lower()
+
+    why = None
+    try:
+        ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        back = tok.decode(ids, skip_special_tokens=True) if ids else ""
+    except Exception as e:
+        why = f"it fails on plain text ({_first_line(e)})"
+    else:
+        if len(set(ids)) < 2:
+            why = f"it turns {PROBE_TEXT!r} into {len(ids)} ids, {len(set(ids))} distinct"
+        elif squeeze(back) != squeeze(PROBE_TEXT):
+            why = f"{PROBE_TEXT!r} decodes back as {back[:80]!r}"
+    if why:
+        raise ActcacheError(f"the tokenizer of {name!r} cannot tokenize: {why}; is the folder missing its tokenizer "
+                            "files (tokenizer.json, vocab/merges)? save them with tokenizer.save_pretrained")
 
 
 def _first_line(e: BaseException) -> str:

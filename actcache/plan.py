@@ -12,14 +12,15 @@ hook is its own set with its own key, and they share the token shards and the fo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actcache import layout, memory, records
+from actcache import memory, records
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError, opt
-from actcache.extraction import HF_SDPA, MultiExtractor, extractor_for, forward_engine
+from actcache.extraction import HF_SDPA, MultiExtractor, extractor_for, forward_engine, pick_device
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook, check_hook_layer, hook_catalog, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
@@ -221,6 +222,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     if load_model:
         memory.cap_arenas()  # before the pool threads that compress and upload allocate
+        pick_device(cfg.device)  # a bogus or absent device fails here, before anything is written
     store = cfg.store_ref.open()
     store.check_writable()
     r = resolve(cfg)
@@ -236,9 +238,11 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     for hook in cfg.hooks:
         key = SetKey(tokens=tkey, model=r.model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
                      dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=r.hooks[hook].engine)
-        scan = records.scan(store, key.id, layout.MANIFEST)
+        scan = records.scan_set(store, key, read_all=cfg.verify_existing)
+        shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
+        scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
-        sets.append(HookSet(key, done, r.hooks[hook].shape))
+        sets.append(HookSet(key, done, shape))
     plan = Plan(cfg, r, tuple(sets), tuple(shards), (partition_index, num_partitions))
     if plan.missing and load_model:
         plan.extractor(cfg.hooks)  # load the weights now; the extract task finds them loaded

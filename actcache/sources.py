@@ -112,9 +112,13 @@ def _open_files(spec: DatasetSpec, label: str) -> Source:
     import fsspec
 
     path = os.path.expanduser(spec.path)
-    fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
     try:
-        if any(c in root for c in "*?["):
+        fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
+    except (ImportError, ValueError, TypeError) as e:
+        raise ActcacheError(f"cannot open dataset {spec.path!r} ({e})") from e
+    try:
+        # A path that exists is that file or folder, even with glob characters in its name ("[draft] notes.txt").
+        if any(c in root for c in "*?[") and not fs.exists(root):
             files = sorted(p for p in fs.glob(root) if fs.isfile(p))
         elif fs.isdir(root):
             files = sorted(p for p in fs.find(root) if _kind(p))
@@ -145,6 +149,43 @@ def _columns_error(path: str, column: str, columns) -> ActcacheError:
 
 
 def _file_texts(fs, path: str, column: str) -> Iterator[str]:
+    """The non-empty texts of one file, in order; anything that is not text fails naming the file and line.
+
+    null and "" are skipped (missing texts); a number, list or object in the text column is an error, and so is
+    a byte sequence that is not UTF-8 or a file that is not what its name says (a fake .gz, corrupt parquet).
+    """
+    name = os.path.basename(path)
+    try:
+        yield from _file_values(fs, path, column, name)
+    except ActcacheError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"dataset file {name!r} cannot be read as {_kind(path)} ({type(e).__name__}: {first}); "
+                            "fix or remove it") from e
+
+
+def _text(value: Any, label: str, where: str, column: str) -> str | None:
+    """``value`` as a document: None for null or "" (skipped), an error for anything that is not a string."""
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ActcacheError(f"{label} {where}: column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+                        "not text; fix the data or pick another --text-column")
+
+
+NEWLINE = b"\n"
+
+
+def _utf8(raw: bytes, name: str, where: str | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = where or f"line {raw.count(NEWLINE, 0, e.start) + 1}"
+        raise ActcacheError(f"dataset file {name!r} {where} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "convert the file to UTF-8") from e
+
+
+def _file_values(fs, path: str, column: str, name: str) -> Iterator[str]:
     kind = _kind(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -153,37 +194,55 @@ def _file_texts(fs, path: str, column: str) -> Iterator[str]:
             pf = pq.ParquetFile(fh)
             if column not in pf.schema_arrow.names:
                 raise _columns_error(path, column, pf.schema_arrow.names)
+            row = 0
             for batch in pf.iter_batches(columns=[column], batch_size=1024):
                 for t in batch.column(0).to_pylist():
+                    row += 1
+                    t = _text(t, f"dataset file {name!r}", f"row {row}", column)
                     if t:
                         yield t
         return
-    with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
+    with fs.open(path, "rb", compression="infer") as fh:
         if kind == "txt":
             if column != "text":
                 raise _columns_error(path, column, ["text"])
-            for line in fh:
-                line = line.rstrip("\r\n")
+            for n, raw in enumerate(fh, 1):
+                line = _utf8(raw, name, f"line {n}").rstrip("\r\n")
                 if line.strip():
                     yield line
             return
         if kind == "jsonl":
-            rows = (json.loads(line) for line in fh if line.strip())
+            rows = ((n, _json(_utf8(raw, name, f"line {n}"), name, f"line {n}")) for n, raw in enumerate(fh, 1)
+                    if raw.strip())
         else:
-            data = json.load(fh)
+            data = _json(_utf8(fh.read(), name, None), name, "")
             if isinstance(data, dict):
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else [data]
-            rows = iter(data)
-        for row in rows:
+            if not isinstance(data, list):
+                raise ActcacheError(f"dataset file {name!r} holds a JSON {type(data).__name__}; it must be a list of "
+                                    f"objects with a {column!r} field")
+            rows = enumerate(data, 1)
+        for n, row in rows:
+            where = f"line {n}" if kind == "jsonl" else f"item {n}"
             if not isinstance(row, dict):
-                raise ActcacheError(f"{os.path.basename(path)!r}: rows must be JSON objects with a "
+                raise ActcacheError(f"dataset file {name!r} {where}: rows must be JSON objects with a "
                                     f"{column!r} field, got {type(row).__name__}")
             if column not in row:
                 raise _columns_error(path, column, row)
-            t = row[column]
+            t = _text(row[column], f"dataset file {name!r}", where, column)
             if t:
                 yield t
+
+
+def _json(text: str, name: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ActcacheError(f"dataset file {name!r} {where}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        at = where or f"line {e.lineno}"
+        raise ActcacheError(f"dataset file {name!r} {at}: not valid JSON ({e.msg}); fix the file") from e
 
 
 # -- HF hub --------------------------------------------------------------------------------------
@@ -210,7 +269,14 @@ def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
     cols = ds.column_names or list(getattr(ds, "features", None) or [])
     if cols and spec.text_column not in cols:
         raise _columns_error(spec.path, spec.text_column, cols)
-    for row in ds:
-        t = row[spec.text_column]
-        if t:
-            yield t
+    try:
+        for n, row in enumerate(ds, 1):
+            t = _text(row[spec.text_column], f"HF dataset {spec.path!r}", f"row {n}", spec.text_column)
+            if t:
+                yield t
+    except ActcacheError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check --dataset, "
+                            "--dataset-config and --split") from e

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from actcache.errors import ActcacheError, opt
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.transient import chain, error_code, is_transient
 
 _CHAIN_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or " + opt("aws_credentials_block")
@@ -17,7 +17,7 @@ _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken
 _DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
 
 
-class StoreUnavailable(ActcacheError):
+class StoreUnavailable(Failure):
     """The store could not be reached or was overloaded; the upload task retries this one."""
 
     transient = True

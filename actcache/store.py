@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -29,7 +30,44 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from actcache import faults, storage_errors
-from actcache.errors import ActcacheError, opt
+from actcache.errors import ActcacheError, Failure, opt
+
+JSON_LIMIT = 256 << 20
+"""Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
+JSON_DEPTH = 32
+"""Deepest nesting accepted in a store's JSON file (actcache writes at most 5 levels)."""
+
+
+class DamagedFile(Failure, ValueError):
+    """A store file that cannot be what actcache wrote: a link, a FIFO or device, the wrong size, bad JSON.
+
+    A ValueError too, so that callers treating unparsable content as damage treat this the same way.
+    """
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from a store file, bounded: nesting deeper than JSON_DEPTH is refused, never a RecursionError."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise DamagedFile(f"{what} is nested too deeply to be an actcache file") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DamagedFile(f"{what} is not valid JSON ({e})") from e
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > JSON_DEPTH:
+            raise DamagedFile(f"{what} is nested more than {JSON_DEPTH} levels deep; not an actcache file")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
+def dump_json(obj: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity, which other parsers reject) as actcache writes it."""
+    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
 @dataclass(frozen=True)
@@ -208,24 +246,111 @@ class Store:
         with self._io("checking", rel):
             return self.fs.exists(self.path(rel))
 
-    def read_bytes(self, rel: str) -> bytes:
-        with self._io("reading", rel):
-            return self.fs.cat_file(self.path(rel))
+    def read_bytes(self, rel: str, *, size: int | None = None, limit: int | None = None) -> bytes:
+        """The bytes of the regular file ``rel``: exactly ``size`` of them when given, at most ``limit``.
+
+        Locally a symlink anywhere below the store root, a FIFO or a device is refused without blocking
+        (``DamagedFile``); object stores have no such files, and a ranged GET reads no more than asked.
+        """
+        cap = size if size is not None else limit
+        if self.local:
+            data = self._read_local(rel, None if cap is None else cap + 1)
+        else:
+            with self._io("reading", rel):
+                try:
+                    data = self.fs.cat_file(self.path(rel)) if cap is None else \
+                        self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                except OSError as e:
+                    if "range is not satisfiable" not in str(e).lower():  # S3's answer for an empty object
+                        raise
+                    data = b""
+        if cap is not None and len(data) > cap:
+            raise DamagedFile(f"{self.url_of(rel)} is larger than {cap} bytes")
+        if size is not None and len(data) != size:
+            raise DamagedFile(f"{self.url_of(rel)} has {len(data)} bytes, expected {size}")
+        return data
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of a file (one ranged GET on object stores)."""
+        """Bytes ``[start, end)`` of the regular file ``rel`` (one ranged GET on object stores); locally refused
+        as ``read_bytes`` refuses links, FIFOs and devices."""
+        if self.local:
+            return self._read_local(rel, max(0, end - start), start)
         with self._io("reading", rel):
             return self.fs.cat_file(self.path(rel), start=start, end=end)
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+    def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
+        """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of hanging
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DamagedFile(f"{self.url_of(rel)} is a symlink; actcache reads only regular files it wrote "
+                                  "(remove it: a rerun rewrites it)") from None
+            if isinstance(e, FileNotFoundError):
+                raise
+            if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
+                raise DamagedFile(f"{self.url_of(rel)} is not a regular file; remove it: a rerun rewrites it") from e
+            raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
+                                  "remove it: a rerun rewrites it")
+            left = max(0, st.st_size - start)
+            n = left if most is None else min(left, most)
+            try:
+                f.seek(start)
+                return f.read(n)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+
+    def regular_path(self, rel: str, size: int) -> str:
+        """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library
+        that opens files by name (a link, FIFO or device there is refused, as ``read_bytes`` refuses it)."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise DamagedFile(f"{self.url_of(rel)} is missing ({e.strerror}); rerun the extraction") from e
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file of {size} bytes; run `actcache verify`")
+        return path
+
+    def _check_inside(self, rel: str, path: str) -> None:
+        """No symlink between the store root and ``path`` (the root itself may be one): nothing outside is touched."""
+        inside = os.path.normpath(os.path.join(os.path.realpath(self.root), os.path.dirname(rel)))
+        if os.path.realpath(os.path.dirname(path)) != inside:
+            raise DamagedFile(f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
+                              f"inside {self.url} (replace the link with a real folder)")
+
+    def _real_folders(self, rel: str) -> None:
+        """Replace a symlink where a folder of ``rel`` should be by a real folder (the link only; what it points to
+        is left alone), so that a rerun writes inside the store, as readers expect, instead of through it."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = self.path("/".join(parts[:i]))
+            if os.path.islink(p):
+                os.unlink(p)
+
+    def read_json(self, rel: str, *, limit: int = JSON_LIMIT) -> Any:
+        return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))
 
     # -- writing -------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write ``data`` so that the file either exists in full or not at all."""
         path = self.path(rel)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                self._real_folders(rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as e:
+                raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
+                              "finished shards are kept") from e
+            self._check_inside(rel, path)
             tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:
@@ -237,9 +362,9 @@ class Store:
             except BaseException as e:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                    raise ActcacheError(f"cannot write {self.url_of(rel)} ({e.strerror}); free space or fix "
-                                        "permissions, then rerun: finished shards are kept") from None
+                if isinstance(e, OSError):  # disk full, file-size limit, read-only, store removed meanwhile, ...
+                    raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
+                                  "store, then rerun: finished shards are kept") from e
                 raise
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
@@ -278,7 +403,7 @@ class Store:
                 pass
 
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+        self.write_bytes(rel, dump_json(obj))
 
     def check_writable(self) -> None:
         """Fail early, writing nothing, if the store cannot hold a set."""

@@ -11,9 +11,10 @@ import hashlib
 import torch
 
 from actcache import shard
-from actcache.errors import ActcacheError
+from actcache.errors import Failure
 from actcache.reader import ActivationSet
 from actcache.records import Record
+from actcache.store import DamagedFile
 
 
 def is_rows(s: ActivationSet) -> bool:
@@ -21,20 +22,17 @@ def is_rows(s: ActivationSet) -> bool:
 
 
 def read(s: ActivationSet, r: Record) -> dict[str, torch.Tensor]:
-    """Shard ``r`` of ``s``, its sha256 checked, its names, dtypes and shapes those the manifest implies."""
-    m = s.manifest
-    data = s.store.read_bytes(f"{s.set_id}/{r.file}")
-    if hashlib.sha256(data).hexdigest() != r.sha256:
-        raise ActcacheError(f"shard {r.index} of {s.url} fails its checksum; run `actcache verify` and repair the "
-                            "set first")
-    dtype, d = shard.TORCH_DTYPES[m["dtype"]], m["d"]
-    if is_rows(s):
-        n = r.n_tokens
-        expect = {"activations": (dtype, (n, d)), "tokens": (torch.int32, (n,)), "positions": (torch.int64, (n,))}
-    else:
-        ctx = m["key"]["tokens"]["context_size"]
-        expect = {"activations": (dtype, (r.n_seq, ctx, d)), "tokens": (torch.int32, (r.n_seq, ctx))}
+    """Shard ``r`` of ``s``, at most its recorded size read, its sha256 checked, its names, dtypes and shapes those
+    the key implies (``ActivationSet.expect``)."""
     try:
-        return shard.decode(data, codec=m["codec"], expect=expect)
+        data = s.store.read_bytes(f"{s.set_id}/{r.file}", size=r.bytes)
+    except DamagedFile as e:
+        raise DamagedFile(f"shard {r.index} of {s.url} is unreadable ({e}); run `actcache verify` and repair the "
+                          "set first") from e
+    if hashlib.sha256(data).hexdigest() != r.sha256:
+        raise Failure(f"shard {r.index} of {s.url} fails its checksum; run `actcache verify` and repair the set "
+                      "first")
+    try:
+        return shard.decode(data, codec=s.manifest["codec"], expect=s.expect(r))
     except ValueError as e:
-        raise ActcacheError(f"shard {r.index} of {s.url} is unreadable ({e})") from None
+        raise DamagedFile(f"shard {r.index} of {s.url} is unreadable ({e})") from e

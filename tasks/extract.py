@@ -17,9 +17,7 @@ from tasks.refs import ActivationsRef
 def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
     hooks = [s.hook for s in plan.todo(work)]
-    tokens = plan.token_cache().load(work.index)
-    if len(tokens) != work.n_seq:
-        raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
+    tokens = plan.token_cache().load(work.index, work.n_seq)  # checksummed; the first n_seq of a full shard
     acts = plan.extractor(hooks)(tokens)  # the pinned model and engines: nothing is resolved again here
     for h in hooks:  # the manifest's d comes from the plan's shape: a disagreement is a bug, never a set
         shape = plan.hook_set(h).hook_shape

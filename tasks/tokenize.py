@@ -12,9 +12,11 @@ from actcache.tokens import ShardWork
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize(plan: Plan) -> list[ShardWork]:
     """Ensure token shards exist for the target; return the activation shards still to compute."""
-    if not plan.missing:
+    cfg = plan.config
+    if not plan.missing and not cfg.verify_existing:
         return []  # nothing to compute: the token cache is not even opened
     r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
-    shards = plan.token_cache().ensure(plan.config.target_seqs, r.dataset.texts(), r.model.tokenizer,
-                                       r.separator_id, r.bos_id)
+    feed = {w.index for w in plan.missing}  # the token shards this run feeds to the model: re-hashed first
+    shards = plan.token_cache().ensure(cfg.target_seqs, r.dataset.texts, r.model.tokenizer, r.separator_id,
+                                       r.bos_id, check=None if cfg.verify_existing else feed)
     return [w for w in shards if plan.todo(w)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -124,19 +123,23 @@ def test_verify_catches_a_corrupted_shard(sets, tmp_path):
 def test_prefetch_reads_ahead_a_bounded_number_of_items():
     loaded = []
     lock = threading.Lock()
+    fourth = threading.Event()
 
     def load(i):
         with lock:
             loaded.append(i)
+            if len(loaded) == 4:
+                fourth.set()
         return i
 
     it = prefetched(load, range(100), depth=2)
     assert next(it) == 0
-    time.sleep(0.3)
-    assert len(loaded) <= 4  # the one consumed, two queued, one waiting to be queued
-    it.close()  # stopping early ends the background thread
-    time.sleep(0.3)
-    assert len(loaded) <= 4
+    # The one consumed, two queued, one loaded and waiting to be queued: the single reader thread cannot load
+    # a fifth before a slot frees, so this count is exact once the fourth load has happened (no sleep needed).
+    assert fourth.wait(30)
+    assert loaded == [0, 1, 2, 3]
+    it.close()  # stopping early ends the background thread (close joins it)
+    assert loaded == [0, 1, 2, 3]
     assert not [t for t in threading.enumerate() if t.name == "actcache-prefetch"]
 
 

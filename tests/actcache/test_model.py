@@ -92,3 +92,51 @@ def test_a_local_model_changed_after_the_plan_is_refused_when_loaded(tiny_models
     for load in (load_bridge, lambda m: load_hf_stack(m, 1)):
         with pytest.raises(ActcacheError, match="changed while this run used it"):
             load(model)
+
+
+# -- issue 12: a tokenizer that cannot tokenize is refused before anything is written -------------------------
+class _Broken:
+    """Stand-ins for what a model folder can hand back as its tokenizer."""
+
+    def __init__(self, encode, decode=lambda ids: ""):
+        self.encode_, self.decode_ = encode, decode
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.encode_(text)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.decode_(ids)
+
+
+@pytest.mark.parametrize("tok,why", [
+    (_Broken(lambda t: []), "into 0 ids"),  # what transformers builds from a folder without tokenizer files
+    (_Broken(lambda t: [3] * len(t)), "1 distinct"),  # everything one (unknown) id
+    (_Broken(lambda t: [ord(c) % 2 for c in t], lambda ids: "<unk>" * len(ids)), "decodes back as"),
+    (_Broken(lambda t: [ord(c) for c in t], lambda ids: "".join(chr(i) for i in ids[:10])), "decodes back as"),
+    (_Broken(lambda t: 1 / 0), "fails on plain text"),
+])
+def test_tokenizers_that_cannot_tokenize_are_refused(tok, why):
+    from actcache.model import check_tokenizer
+
+    with pytest.raises(ActcacheError, match=f"tokenizer of 'm' cannot tokenize: .*{why}"):
+        check_tokenizer(tok, "m")
+
+
+def test_real_tokenizers_pass_the_probe(tiny_models):
+    from transformers import AutoTokenizer
+
+    from actcache.model import check_tokenizer
+
+    for arch in ("gpt2", "llama", "neox"):
+        check_tokenizer(AutoTokenizer.from_pretrained(tiny_models[arch]), arch)
+    chars = _Broken(lambda t: [ord(c) for c in t], lambda ids: "".join(chr(i) for i in ids).upper())
+    check_tokenizer(chars, "upper-casing")  # case and spacing may change on the way back
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tiny_models, tmp_path):
+    dest = tmp_path / "m"
+    shutil.copytree(tiny_models["gpt2"], dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dest / name).unlink()
+    with pytest.raises(ActcacheError, match="cannot tokenize: .* into 0 ids.*tokenizer files"):
+        resolve_model(ModelSpec(str(dest))).tokenizer  # noqa: B018 - loading it is the point

@@ -170,7 +170,7 @@ def _text(value: Any, label: str, where: str, column: str) -> str | None:
     if value is None or isinstance(value, str):
         return value or None
     raise ActcacheError(f"{label} {where}: column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, "
-                        "not text; fix the data or pick another --text-column")
+                        f"not text; fix the data or pick another {opt('text_column')}")
 
 
 NEWLINE = b"\n"
@@ -278,5 +278,5 @@ def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ActcacheError(f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check --dataset, "
-                            "--dataset-config and --split") from e
+        raise ActcacheError(f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check "
+                            f"{opt('dataset')}, {opt('dataset_config')} and {opt('split')}") from e

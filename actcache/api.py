@@ -55,13 +55,14 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     consolidated = {} if plan.missing else _manifests(plan)
     if plan.missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
-        make_plan(cfg)  # every check that needs the model, before Prefect starts
+        plan.load_model()
         from flows.extract import extract_activations
 
         # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
         # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
+        # The flow gets the names resolved here, pinned: it computes the same sets.
         with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
-            state = extract_activations(cfg, return_state=True)
+            state = extract_activations(plan.pinned_config, return_state=True)
             state.result(raise_on_failure=True)
         consolidated = _manifests(plan)
     out = []

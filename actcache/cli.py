@@ -67,15 +67,19 @@ class StoreFlags:
     aws_credentials_block: str | None = None
     """Prefect AwsCredentials block for an s3:// store (default: the AWS chain: env, profile, role)."""
 
-    def store(self, url: str):
-        from actcache.store import Store
+    def ref(self, url: str):
+        """The store (or set) at ``url`` with these options and block: one value (``StoreRef``)."""
+        from actcache.store import StoreRef
 
-        return Store(url, self.storage_options, credentials_block=self.aws_credentials_block)
+        return StoreRef(url, self.storage_options, self.aws_credentials_block)
+
+    def store(self, url: str):
+        return self.ref(url).open()
 
     def open_set(self, url: str):
         from actcache.reader import open_set
 
-        return open_set(url, self.storage_options, credentials_block=self.aws_credentials_block)
+        return open_set(self.ref(url))
 
 
 class _Flags(ExtractConfig):
@@ -102,6 +106,14 @@ def _warn_non_finite(s: Any) -> None:
     line = s.non_finite()
     if line:
         print(f"actcache: warning: {s.url}: {line}", file=sys.stderr)
+
+
+def _warn_mixed(s: Any) -> None:
+    """One warning line when the set's shards were written by different software or devices."""
+    mixed = s.environments()
+    if mixed:
+        print(f"actcache: warning: {s.url}: its shards were computed in different environments (numerics may "
+              f"differ in the last bits): {'; '.join(mixed.values())}", file=sys.stderr)
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -199,6 +211,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
             m.pop("shards")
         _print_json({"url": s.url, **m, "non_finite": nf})
         _warn_non_finite(s)
+        _warn_mixed(s)
         return 0
     tok, ds, model = m.get("tokenization", {}), m.get("dataset", {}), m.get("model", {})
     state = "complete" if m.get("complete") else f"partial ({m['n_tokens']} of {m.get('target_tokens')} tokens)"
@@ -230,12 +243,14 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         print()
         _table(rows)
     _warn_non_finite(s)
+    _warn_mixed(s)
     return 0
 
 
 @app.command
 def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
-    """Re-hash every shard of a set against its recorded sha256; exit 1 on any problem.
+    """Re-hash every shard of a set against its recorded sha256; exit 1 on any problem (also: shards its target asks
+    for are missing, or were computed by another engine than its key's).
 
     Parameters
     ----------
@@ -246,19 +261,25 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     problems = s.verify()
     if json_output:
         _print_json({"url": s.url, "ok": not problems, "n_shards": len(s), "n_tokens": s.n_tokens,
+                     "n_target_shards": s.n_target_shards, "missing": s.missing(),
                      "problems": [str(p) for p in problems]})
         _warn_non_finite(s)
+        _warn_mixed(s)
         return 1 if problems else 0
     for p in problems:
         print(f"{s.url}: {p}", file=sys.stderr)
     _warn_non_finite(s)
+    _warn_mixed(s)
     if problems:
         if s.manifest.get("layout") == "rows":  # a shuffled copy: its own command rewrites what is damaged
             rerun = "delete it and rerun the same `actcache shuffle`"
         else:
             how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
             rerun = f"rerun the same extract{how}"
-        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; {rerun} to repair", file=sys.stderr)
+        gone = len(s.missing())
+        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
+              + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
+              + f"; {rerun} to repair", file=sys.stderr)
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
     return 0
@@ -344,10 +365,9 @@ def cp(src: str, dest: str, /, *, jobs: int = 4, verify_existing: bool = False, 
     from actcache.copy import copy_set
 
     progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
-    result = copy_set(src, dest, src_options=flags.storage_options, dest_options=dest_storage_options or {},
-                      src_credentials_block=flags.aws_credentials_block,
-                      dest_credentials_block=dest_aws_credentials_block, jobs=jobs,
-                      verify_existing=verify_existing, on_shard=lambda _: progress.update())
+    to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
+    result = copy_set(flags.ref(src), to, jobs=jobs, verify_existing=verify_existing,
+                      on_shard=lambda _: progress.update())
     progress.close()
     print(f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
           file=sys.stderr)

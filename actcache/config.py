@@ -6,13 +6,16 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
 from actcache.demo import DEMO_DATASET, DEMO_MODEL
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.key import CODECS, DTYPES
+
+if TYPE_CHECKING:
+    from actcache.store import StoreRef
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -21,10 +24,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
+        raise ActcacheError(f"{opt('storage_options')} is not valid JSON ({e.msg} at char {e.pos}); "
                             "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
     if not isinstance(value, dict):
-        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+        raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
     return value
 
 
@@ -102,26 +105,34 @@ class ExtractConfig:
         _check_choice("codec", self.codec, CODECS)
         _check_choice("separator", self.separator, ("eos", "bos", "none"))
         if self.context_size < 2:
-            raise ActcacheError(f"--context-size must be at least 2, got {self.context_size}")
+            raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
         if self.max_tokens < self.context_size:
-            raise ActcacheError(f"--max-tokens {self.max_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --max-tokens or lower --context-size")
+            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
+                                f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")
         if self.shard_tokens < self.context_size:
-            raise ActcacheError(f"--shard-tokens {self.shard_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --shard-tokens")
+            raise ActcacheError(f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
+                                f"{self.context_size} tokens; raise {opt('shard_tokens')}")
         if self.batch_size < 1:
-            raise ActcacheError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise ActcacheError(f"{opt('batch_size')} must be at least 1, got {self.batch_size}")
         if self.codec != "none" and not 1 <= self.codec_level <= 22:
-            raise ActcacheError(f"--codec-level must be 1..22 for {self.codec}, got {self.codec_level}")
+            raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
-            raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+            raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
         _check_no_secrets(self.storage_options)
         if not isinstance(self.hook, str) or not all(self.hooks):
-            raise ActcacheError("--hook needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post")
+            raise ActcacheError(f"{opt('hook')} needs one or more comma-separated hook names, "
+                                "e.g. blocks.6.hook_resid_post")
 
     @property
     def hooks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(h.strip() for h in self.hook.split(",")))
+
+    @property
+    def store_ref(self) -> StoreRef:
+        """``store``, ``storage_options`` and ``aws_credentials_block`` as the one value that travels."""
+        from actcache.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
+
+        return StoreRef(self.store, dict(self.storage_options), self.aws_credentials_block)
 
     @property
     def seqs_per_shard(self) -> int:
@@ -142,8 +153,7 @@ class ExtractConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        flag = "--" + name.replace("_", "-")
-        raise ActcacheError(f"unsupported {flag} {value!r}; choose one of {', '.join(choices)}")
+        raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
 
 
 # Secret-looking option names, by pattern rather than a fixed list: fsspec filesystems and boto pass options
@@ -162,7 +172,7 @@ def _check_no_secrets(options: Any) -> None:
     while stack:
         where, value, depth = stack.pop()
         if depth > 16:
-            raise ActcacheError(f"--storage-options is nested too deeply (at {where}); pass a flat JSON object")
+            raise ActcacheError(f"{opt('storage_options')} is nested too deeply (at {where}); pass a flat JSON object")
         if isinstance(value, dict):
             for k, v in value.items():
                 path = f"{where}.{k}" if where else str(k)
@@ -186,7 +196,8 @@ def _url_password(value: str) -> bool:
 
 def _secret_error(where: str) -> ActcacheError:
     return ActcacheError(
-        f"--storage-options must not hold credentials ({where}): flow parameters are stored in plain text; pass "
-        "them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
-        "{\"profile\": NAME}, an instance role) or --aws-credentials-block NAME (see README, Storing on S3)")
+        f"{opt('storage_options')} must not hold credentials ({where}): flow parameters are stored in plain text; "
+        "pass them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+        "{\"profile\": NAME}, an instance role) or " + opt("aws_credentials_block") + " NAME (see README, Storing "
+        "on S3)")
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache import layout, records
-from actcache.errors import ActcacheError, Failure
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.reader import open_set
-from actcache.store import JSON_LIMIT, DamagedFile, Store, parse_json
+from actcache.store import JSON_LIMIT, DamagedFile, StoreRef, parse_json
 
 
 @dataclass(frozen=True)
@@ -26,22 +26,24 @@ class CopyResult:
     bytes_copied: int
 
 
-def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
+def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str, Any] | None = None,
              dest_options: dict[str, Any] | None = None, src_credentials_block: str | None = None,
              dest_credentials_block: str | None = None, jobs: int = 4, verify_existing: bool = False,
              on_shard=None) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
+    Either may be a ``StoreRef`` (options and credentials block inside), or a URL with the loose options.
+
     Shards already complete at the destination with the same checksum are skipped (re-hashed first with
     ``verify_existing``). At most ``jobs`` shards are held in memory at once.
     """
     if jobs < 1:
-        raise ActcacheError(f"--jobs must be at least 1, got {jobs}")
-    source = open_set(src, src_options, credentials_block=src_credentials_block)
-    target = Store(dest, dest_options, credentials_block=dest_credentials_block)
+        raise ActcacheError(f"{opt('jobs')} must be at least 1, got {jobs}")
+    source = open_set(StoreRef.of(src, src_options, src_credentials_block))
+    target = StoreRef.of(dest, dest_options, dest_credentials_block).open()
     set_id = source.set_id
     if target.url_of(set_id) == source.url:
-        raise ActcacheError(f"{source.url} is already in {dest!r}; give another destination store")
+        raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
     target.check_writable()
     scan = records.scan_set(target, source.key)
 

@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from actcache.errors import ActcacheError
 from actcache.reader import open_set
 from actcache.records import Record
+from actcache.store import StoreRef
 
 
 def _seed(*parts: object) -> int:
@@ -74,7 +75,8 @@ class ActivationDataset(IterableDataset):
     """Batches of activations (and optionally token ids) from the set at ``url``, local or S3.
 
     Args:
-        url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``.
+        url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``, or the
+            set's ``StoreRef`` (which then carries the storage options and credentials block).
         batch_size: rows (token positions) per batch.
         shuffle_buffer: rows held for shuffling; 0 reads shards and rows in order. With a buffer, shard order
             is also shuffled. The same seed, epoch, ranks and workers give the same batches.
@@ -91,7 +93,7 @@ class ActivationDataset(IterableDataset):
         drop_last: drop each worker's final incomplete batch.
     """
 
-    def __init__(self, url: str, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
+    def __init__(self, url: str | StoreRef, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
                  storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
                  with_tokens: bool = False, drop_bos: bool = False, dtype: torch.dtype | None = None,
                  rank: int | None = None, world_size: int | None = None, verify: bool = False,

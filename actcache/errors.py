@@ -4,6 +4,11 @@ Exit codes: 2 bad input (what the user passed is wrong: the line says what to fi
 1 failure (disk full, a store unreachable or removed, the Prefect API lost, a damaged set: rerun to resume),
 130 interrupted. ``--debug`` or ``ACTCACHE_TRACEBACK=1`` print every exception of the chain first, with the
 original cause (``raise ... from e``), including errors raised inside transformers or TransformerLens.
+
+A message names config fields with ``opt("context_size")``: it reads ``context_size`` where the config is
+what users write (Python, flow parameters, deployments) and ``--context-size`` on the command line
+(``ActcacheError.for_cli``). The raw message keeps the marks, so the error carries the fields it names
+(``fields``); a message that names its field in plain words (``unknown hook ...``) passes ``field=``.
 """
 
 from __future__ import annotations
@@ -11,21 +16,65 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
+from typing import Any
+
+_OPT = re.compile(r"\{opt:([a-z_]+)(?:=([^{}]*))?\}")
+_UNSET: Any = object()
+
+
+def opt(field: str, value: Any = _UNSET) -> str:
+    """A config field (optionally with the value to give it) inside an error message."""
+    return f"{{opt:{field}}}" if value is _UNSET else f"{{opt:{field}={value!r}}}"
+
+
+def render(message: str, *, flags: bool = False) -> str:
+    """``message`` with its fields as config names (``prepend_bos=False``) or as flags (``--no-prepend-bos``)."""
+
+    def one(m: re.Match) -> str:
+        field, value = m.group(1), m.group(2)
+        if not flags:
+            return field if value is None else f"{field}={value}"
+        flag = "--" + field.replace("_", "-")
+        if value is None or value == "True":
+            return flag
+        if value == "False":
+            return "--no-" + field.replace("_", "-")
+        return f"{flag} {value.strip(chr(39))}"
+
+    return _OPT.sub(one, message)
 
 
 class ActcacheError(Exception):
     """A user-facing problem: ``str(exc)`` is one line saying what is wrong and how to fix it.
 
-    Bad input unless a subclass says otherwise (``exit_code``).
+    Bad input unless a subclass says otherwise (``exit_code``). The CLI prints ``for_cli()``.
     """
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, field: str | None = None):
         super().__init__(" ".join(message.split()))
+        self.field = field
+        """The config field at fault, where the message names it in plain words (``unknown hook ...``)."""
+
+    @property
+    def fields(self) -> list[str]:
+        """The config fields this error is about (what to change)."""
+        marked = [m.group(1) for m in _OPT.finditer(self.args[0])]
+        return list(dict.fromkeys([self.field, *marked] if self.field else marked))
+
+    def __str__(self) -> str:
+        return render(self.args[0])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+    def for_cli(self) -> str:
+        return render(self.args[0], flags=True)
 
 
 class Failure(ActcacheError):
@@ -63,7 +112,8 @@ def debugging(on: bool) -> Iterator[None]:
 
 
 def report(exc: BaseException, *, debug: bool = False) -> int:
-    """Print ``exc`` on stderr for a person (one line; the whole chain first when ``debug``); the exit code."""
+    """Print ``exc`` on stderr for a person on the command line (one line, fields as flags; the whole chain
+    first when ``debug``); the exit code."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     if isinstance(exc, KeyboardInterrupt):
@@ -71,7 +121,7 @@ def report(exc: BaseException, *, debug: bool = False) -> int:
         return 130
     err = user_error(exc)
     if err is not None:
-        print(f"actcache: error: {err}", file=sys.stderr)
+        print(f"actcache: error: {err.for_cli()}", file=sys.stderr)
         return err.exit_code
     print(f"actcache: error: {unexpected(exc)}", file=sys.stderr)
     return 1

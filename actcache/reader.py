@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from actcache import layout, manifest, records
+from actcache import environment, layout, manifest, records
 from actcache.errors import Failure
 from actcache.key import ShuffleKey, key_from_dict
-from actcache.store import DamagedFile, Store
+from actcache.store import DamagedFile, StoreRef
 
 if TYPE_CHECKING:
     import torch
@@ -46,10 +47,10 @@ class Problem(str):
 
 
 class ActivationSet:
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+    def __init__(self, url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
                  credentials_block: str | None = None):
-        store_url, self.set_id = split_set_url(url)
-        self.store = Store(store_url, storage_options, credentials_block=credentials_block)
+        store_ref, self.set_id = StoreRef.of(url, storage_options, credentials_block).split()
+        self.store = store_ref.open()
         self.url = self.store.url_of(self.set_id)
         self.manifest = manifest.read(self.store, self.set_id)
         self.key = key_from_dict(self.manifest["key"])
@@ -99,12 +100,42 @@ class ActivationSet:
         for r in self.records:
             yield self.read(r)
 
+    def environments(self) -> dict[str, str]:
+        """Where the environments that wrote this set's shards disagree: {field: one line} (see ``environment``)."""
+        return environment.differences({r.index: r.extra.get("env") for r in self.records})
+
+    @property
+    def n_target_shards(self) -> int:
+        """How many shards the extraction that wrote this set asked for (its ``target_tokens``); a shuffled
+        copy's are all written at once (its own command makes it whole), so it counts the shards it has."""
+        if isinstance(self.key, ShuffleKey):
+            return len(self.records)
+        tokens = self.key.tokens
+        target_seqs = int(self.manifest.get("target_tokens") or 0) // tokens.context_size
+        return math.ceil(target_seqs / tokens.seqs_per_shard)
+
+    def missing(self) -> list[int]:
+        """Indices of the shards the set's target asks for that it does not have (an unfinished extraction)."""
+        have = {r.index for r in self.records}
+        return [i for i in range(self.n_target_shards) if i not in have]
+
     def verify(self) -> list[Problem]:
-        """Every problem found (missing, wrong size, bad checksum, damaged or missing records, damaged token
-        shards); empty when sound. Each says whether a plain rerun repairs it (see ``Problem``)."""
+        """Every problem found (shards missing from the target, missing files, wrong size, bad checksum, damaged
+        or missing records, damaged token shards, an engine other than the key's); empty when sound. Each says
+        whether a plain rerun repairs it (see ``Problem``)."""
         from actcache import shard  # the header check decodes with torch's dtypes
 
         problems: list[Problem] = []
+        gone = self.missing()
+        if gone:
+            shown = ", ".join(map(str, gone[:10])) + (", ..." if len(gone) > 10 else "")
+            problems.append(Problem(f"incomplete: {len(gone)} of {self.n_target_shards} shards missing "
+                                    f"(indices {shown}); rerun the same extract to finish the set", True))
+        engine = self.manifest["key"].get("forward", "bridge")
+        wrong = [r.index for r in self.records if (r.extra.get("env") or {}).get("engine", engine) != engine]
+        if wrong:
+            problems.append(Problem(f"shards {wrong[:10]} were computed by another engine than the set key's "
+                                    f"{engine!r}; delete them and rerun the extract", True))
         scan = records.scan_set(self.store, self.key)
         scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"))
         listing = scan.entries
@@ -175,11 +206,12 @@ class ActivationSet:
         return manifest.describe_non_finite(self.manifest)
 
 
-def open_set(url: str, storage_options: dict[str, Any] | None = None, *,
+def open_set(url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
              credentials_block: str | None = None) -> ActivationSet:
     """Open the activation set at ``url`` (``<store>/<set_id>``: a local path, s3://bucket/prefix/<set_id>, ...).
 
-    ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}``); ``credentials_block`` names a Prefect
-    AwsCredentials block (otherwise the AWS chain: env, profile, instance role).
+    ``url`` may be a ``StoreRef`` of the set (as ``Plan.refs`` gives), which carries its options and block;
+    otherwise ``storage_options`` go to fsspec (e.g. ``{"endpoint_url": ...}``) and ``credentials_block``
+    names a Prefect AwsCredentials block (default: the AWS chain: env, profile, instance role).
     """
     return ActivationSet(url, storage_options, credentials_block=credentials_block)

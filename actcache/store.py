@@ -7,6 +7,9 @@ Storage failures leave here as one-line ``ActcacheError``s (see ``storage_errors
 ``StoreUnavailable``, which the upload task retries. S3 endpoints come from ``AWS_ENDPOINT_URL``,
 ``FSSPEC_S3_ENDPOINT_URL`` or ``endpoint_url`` in the storage options; credentials from the AWS chain or
 a Prefect ``AwsCredentials`` block named by ``credentials_block``.
+
+A ``StoreRef`` (URL, options, credentials block name) is how a store travels between callers, tasks and
+processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from actcache import faults, storage_errors
-from actcache.errors import ActcacheError, Failure
+from actcache.errors import ActcacheError, Failure, opt
 
 JSON_LIMIT = 256 << 20
 """Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
@@ -66,6 +69,46 @@ def parse_json(data: bytes, what: str) -> Any:
 def dump_json(obj: Any) -> bytes:
     """Strict JSON (no NaN/Infinity, which other parsers reject) as actcache writes it."""
     return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Where a store (or a set inside it) is and how to reach it: one small, picklable value.
+
+    It holds no secret: a Prefect ``AwsCredentials`` block travels by name and is resolved by ``open()``.
+    """
+
+    url: str
+    """A local folder or any fsspec URL (``s3://bucket/prefix``)."""
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    """fsspec options (e.g. ``{"endpoint_url": ...}``), never credentials."""
+    credentials_block: str | None = None
+    """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
+
+    @classmethod
+    def of(cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None,
+           credentials_block: str | None = None) -> StoreRef:
+        """``where`` as a StoreRef: a ref as is, or a URL with its options (the loose form callers still use)."""
+        if isinstance(where, StoreRef):
+            if storage_options or credentials_block:
+                raise TypeError("pass storage options and the credentials block inside the StoreRef, not beside it")
+            return where
+        return cls(where, dict(storage_options or {}), credentials_block)
+
+    def open(self) -> Store:
+        return Store(self.url, self.storage_options, credentials_block=self.credentials_block)
+
+    def child(self, rel: str) -> StoreRef:
+        """The same store's ``rel`` (e.g. a set id) as a ref: a set URL with what it takes to reach it."""
+        return replace(self, url=f"{self.url.rstrip('/')}/{rel}")
+
+    def split(self) -> tuple[StoreRef, str]:
+        """``<store>/<name>`` -> (the store's ref, name); a bare name is in the current folder."""
+        url = self.url.rstrip("/")
+        if "/" not in url:
+            return replace(self, url="."), url
+        parent, name = url.rsplit("/", 1)
+        return replace(self, url=parent or "/"), name
 
 
 @dataclass(frozen=True)
@@ -141,10 +184,13 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
                  credentials_block: str | None = None):
         self.url = url.rstrip("/") or url
+        self.ref = StoreRef(self.url, dict(storage_options or {}), credentials_block)
+        """How to open this store again (elsewhere, in another process)."""
         options = dict(storage_options or {})
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
-                raise ActcacheError(f"--aws-credentials-block applies to s3:// stores, not {self.url!r}; omit it")
+                raise ActcacheError(f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; "
+                                    "omit it")
             from actcache.credentials import block_options
 
             options = block_options(credentials_block, options)
@@ -458,21 +504,21 @@ class Store:
             return
         p = self.root
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as --store")
+            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {opt('store')}")
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:
                 break
             p = parent
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as --store")
+            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {opt('store')}")
         try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
             fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
             raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                                "choose another --store or fix its permissions") from None
+                                f"choose another {opt('store')} or fix its permissions") from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from actcache import faults, layout, records
-from actcache.errors import ActcacheError, Failure
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.key import TokensKey
 from actcache.store import Store
 
@@ -148,7 +148,7 @@ class TokenCache:
             else:
                 kept = None
         if produced == 0:
-            raise ActcacheError("the dataset holds too little text for one sequence; lower --context-size or "
+            raise ActcacheError(f"the dataset holds too little text for one sequence; lower {opt('context_size')} or "
                                 "pass more text")
         self.store.sweep_temp(self.root)
         batches = kept if kept is not None else (torch.tensor(b, dtype=torch.int32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, moments, shard
+from actcache import environment, faults, handoff, moments, shard
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
@@ -32,6 +32,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
         "bytes_per_token": round(len(enc.data) / n_tokens, 2),
         "hook_shape": list(hook_set.hook_shape or [cast.shape[-1]]),
+        "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
     if stats["nan"] or stats["inf"]:
         where = f"shard {ref.index} of {key.hook}"

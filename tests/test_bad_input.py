@@ -101,7 +101,7 @@ def test_python_api(base_config, call, expected):
 DEPLOYMENT = [
     ({"config": {"dtype": "float8"}}, "config.dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
     ({"config": {"dtypo": "float16"}}, "config.dtypo: Unexpected keyword argument"),
-    ({"config": {"max_tokens": 10}}, "--max-tokens 10 is below one context of 128 tokens"),
+    ({"config": {"max_tokens": 10}}, "max_tokens 10 is below one context of 128 tokens; raise max_tokens"),
     ({"config": {"storage_options": "x"}}, "config.storage_options: Input should be a valid dictionary"),
     ({"partition_index": "first"}, "partition_index: Input should be a valid integer"),
 ]

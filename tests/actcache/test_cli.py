@@ -215,7 +215,7 @@ def test_json_documents(made, capsys):
 
     assert main(["verify", a["url"], "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"url": a["url"], "ok": True, "n_shards": 3, "n_tokens": 384,
-                                                   "problems": []}
+                                                   "n_target_shards": 3, "missing": [], "problems": []}
     (Path(a["url"]) / "shards" / "000001.safetensors").write_bytes(b"broken")
     code = main(["verify", a["url"], "--json"])
     out, err = capsys.readouterr()
@@ -270,3 +270,13 @@ def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled
     assert [(g["kind"], g["url"]) for g in garbage] == [
         ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")]
     assert main(["verify", rows]) == 0  # the shuffled copy stands alone
+@pytest.mark.usefixtures("prefect_harness")
+def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(base_config, capsys):
+    from flows.extract import extract_activations
+
+    [url] = extract_activations(base_config, partition_index=1, num_partitions=2)  # shards 1 and 3 of 4
+    assert main(["verify", url]) == 1
+    err = capsys.readouterr().err
+    assert "incomplete: 2 of 4 shards missing (indices 0, 2)" in err and ", 2 of 4 shards missing;" in err
+    extract_activations(base_config)
+    assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out

@@ -47,7 +47,8 @@ def test_secret_looking_storage_options_are_refused_at_any_depth(options, where)
         ExtractConfig(storage_options=options)
     msg = str(e.value)
     assert f"must not hold credentials ({where})" in msg and SECRET not in msg and "\n" not in msg
-    assert "AWS_PROFILE" in msg and "--aws-credentials-block" in msg  # says how to pass them safely
+    assert "AWS_PROFILE" in msg and "aws_credentials_block NAME" in msg  # says how to pass them safely
+    assert "--aws-credentials-block NAME" in e.value.for_cli() and e.value.fields[0] == "storage_options"
 
 
 ACCEPTED = [

@@ -159,6 +159,12 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     copy_set(block_set, str(tmp_path / "api-copy"), src_credentials_block="sec-good")
     url_api = s3_server.new_prefix()
     assert extract(config.replace(store=url_api, aws_credentials_block="sec-good")).endswith(set_id)
+    from actcache.plan import make_plan
+    from tasks.fanout import verify_sets
+
+    fanned = make_plan(config.replace(store=url_api, aws_credentials_block="sec-good"), load_model=False)
+    verify_sets.fn(fanned)  # the fan-out's last step reads with the block too (it once dropped it)
+    texts.append(repr(pickle.dumps(fanned)))  # the plan travels by name of the block, never its secret
     no_cache = {"skip_instance_cache": True}  # s3fs would reuse a filesystem made with other environment keys
     failures = [lambda: open_set(env_set, no_cache),
                 lambda: open_set(env_set, credentials_block="sec-bad"),
@@ -211,6 +217,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
+    monkeypatch.setattr("actcache.model._HEAVY", {})  # loads are cached per process: make these real
     for flag in (False, True):
         model = resolve_model(ModelSpec(config.model, trust_remote_code=flag))
         model.config, model.tokenizer  # noqa: B018 - loading them is the point

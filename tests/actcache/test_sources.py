@@ -52,7 +52,7 @@ def test_fingerprint_follows_content_not_path(tmp_path):
 ])
 def test_bad_sources(tmp_path, make, column, message):
     with pytest.raises(ActcacheError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        open_source(DatasetSpec(str(make(tmp_path)), text_column=column))
+        open_source(DatasetSpec(str(make(tmp_path)), text_column=column)).check()
 
 
 def test_hub_name_offline_is_a_clear_error():

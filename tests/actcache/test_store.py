@@ -70,6 +70,25 @@ def test_check_writable(tmp_path):
         Store(str(tmp_path / "f" / "sub")).check_writable()
 
 
+def test_store_ref_is_one_picklable_value_that_opens_the_store(tmp_path):
+    import pickle
+
+    from actcache.store import StoreRef
+
+    ref = StoreRef(str(tmp_path), {"auto_mkdir": True}, None)
+    assert pickle.loads(pickle.dumps(ref)) == ref and hash(ref) == hash(StoreRef(str(tmp_path)))
+    set_ref = ref.child("0123456789abcdef01234567")
+    assert set_ref.storage_options == {"auto_mkdir": True}  # options travel with the set's URL
+    assert set_ref.split() == (ref, "0123456789abcdef01234567")
+    assert StoreRef("abc").split() == (StoreRef("."), "abc") and StoreRef("/abc").split() == (StoreRef("/"), "abc")
+    store = ref.open()
+    store.write_bytes("x/y", b"1")
+    assert store.ref == ref and Store(str(tmp_path)).read_bytes("x/y") == b"1"
+    assert StoreRef.of(str(tmp_path), {"auto_mkdir": True}) == ref and StoreRef.of(ref) is ref
+    with pytest.raises(TypeError, match="inside the StoreRef"):
+        StoreRef.of(ref, {"anon": True})
+
+
 # -- issue 12: readers open only regular files inside the store, and read at most what they expect -----------
 def _read_in_thread(fn):
     """Run ``fn`` in a thread and give back its outcome; a read that blocks (a FIFO) fails instead of hanging."""

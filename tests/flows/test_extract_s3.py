@@ -153,7 +153,7 @@ def test_credentials_block_and_nothing_leaks(base_config, s3_server, s3_env, mon
 
 
 def test_secrets_in_storage_options_are_refused(base_config):
-    with pytest.raises(Exception, match="must not hold credentials .*'secret'.*--aws-credentials-block"):
+    with pytest.raises(Exception, match="must not hold credentials .*'secret'.*aws_credentials_block"):
         base_config.replace(storage_options={"endpoint_url": "http://x", "secret": "s"})
     with pytest.raises(Exception, match="must not hold credentials .*'aws_secret_access_key'"):
         base_config.replace(storage_options={"client_kwargs": {"aws_secret_access_key": "s"}})

@@ -25,15 +25,17 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
                                                                                            monkeypatch):
-    import actcache.plan
+    import actcache.extraction
+    import actcache.model
     from flows.extract import extract_activations
 
     def no_weights(*a, **k):
         raise AssertionError("the fan-out parent loaded the model")
 
-    monkeypatch.setattr(actcache.plan, "bridge_for", no_weights)
+    monkeypatch.setattr(actcache.model, "load_bridge", no_weights)
+    monkeypatch.setattr(actcache.extraction, "load_hf_stack", no_weights)
     plan = make_plan(base_config, load_model=False)
-    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape is None
+    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape == (32,)
     assert partitions_with_work(plan, 3) == [0, 1, 2]  # shards 0 and 3 belong to partition 0
     assert partitions_with_work(plan, 8) == [0, 1, 2, 3]  # more partitions than shards: no idle runs
     with pytest.raises(ActcacheError, match="num_partitions"):

@@ -8,6 +8,7 @@ from typing import Any
 
 from actcache import errors, tempserver
 from actcache.config import ExtractConfig
+from actcache.plan import make_plan
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
 
     ``check(plan)`` may refuse the plan (``ActcacheError``) before anything is written.
     """
-    from actcache.plan import make_plan
-
     plan = make_plan(cfg, load_model=False)
     if check is not None:
         check(plan)

@@ -47,14 +47,19 @@ def extracted(base_config) -> Path:
 
 
 def _edit_env(set_dir: Path, index: int, **changes) -> None:
-    """Pretend shard ``index`` was written elsewhere: its record, and the manifest's copy of it."""
+    """Pretend shard ``index`` was written elsewhere: its record, and the manifest's copy of it, sealed as actcache
+    writes them (an unsealed edit is damage)."""
+    from actcache.records import SEAL, sealed
+
+    def edit(obj: dict) -> dict:
+        obj["extra"]["env"].update(changes)
+        return sealed(obj) if SEAL in obj else obj
+
     rec_path = set_dir / "done" / f"{index:06d}.json"
-    rec = json.loads(rec_path.read_text())
-    rec["extra"]["env"].update(changes)
-    rec_path.write_text(json.dumps(rec))
+    rec_path.write_text(json.dumps(edit(json.loads(rec_path.read_text()))))
     m = json.loads((set_dir / "manifest.json").read_text())
-    m["shards"][index]["extra"]["env"].update(changes)
-    (set_dir / "manifest.json").write_text(json.dumps(m))
+    m["shards"][index] = edit(m["shards"][index])
+    (set_dir / "manifest.json").write_text(json.dumps(sealed(m)))
 
 
 @pytest.mark.usefixtures("prefect_harness")

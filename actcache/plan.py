@@ -160,7 +160,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         "dataset": source.describe(),
         "tokenization": {"tokenizer": model.tokenizer_fingerprint, "context_size": cfg.context_size,
                          "prepend_bos": cfg.prepend_bos, "bos_id": bos, "separator": cfg.separator,
-                         "separator_id": sep},
+                         "separator_id": sep, "eos_id": model.tokenizer.eos_token_id,
+                         "pad_id": model.tokenizer.pad_token_id, "vocab_size": len(model.tokenizer)},
         "format_version": FORMAT_VERSION,
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)

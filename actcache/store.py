@@ -11,8 +11,10 @@ a Prefect ``AwsCredentials`` block named by ``credentials_block``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import mmap
 import os
 import socket
 import tempfile
@@ -64,7 +66,17 @@ def _mtime(info: dict) -> float:
 
 # botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
 # for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
 _S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
+def _prefault(m: mmap.mmap) -> None:
+    """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
+    try:
+        m.madvise(_MADV_POPULATE_READ)  # Linux >= 5.14
+    except (OSError, AttributeError):  # older kernels: read ahead; no madvise (Windows): nothing to do
+        with contextlib.suppress(OSError, AttributeError):
+            m.madvise(mmap.MADV_WILLNEED)
 
 
 class Store:
@@ -162,9 +174,26 @@ class Store:
         with self._io("checking", rel):
             return self.fs.exists(self.path(rel))
 
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
+        """The file's bytes, or those in [start, end) (one ranged request on object stores)."""
         with self._io("reading", rel):
-            return self.fs.cat_file(self.path(rel))
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def read_mapped(self, rel: str) -> mmap.mmap | bytes:
+        """The file's bytes without a copy where the store allows: a local file is memory-mapped (copy-on-write,
+        so writes stay private) and its pages faulted in now, straight from the page cache; new bytes otherwise.
+
+        A reader of a fresh copy pays the page faults of a new allocation, which cost more than the copy itself.
+        Files here are only ever replaced whole (temp + rename), never truncated in place, so a mapping stays valid.
+        """
+        if not self.local:
+            return self.read_bytes(rel)
+        with self._io("reading", rel), open(self.path(rel), "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""  # mmap refuses empty files
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        _prefault(m)
+        return m
 
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of a file (one ranged GET on object stores)."""

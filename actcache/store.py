@@ -181,13 +181,17 @@ class Store:
 
     def read_mapped(self, rel: str) -> mmap.mmap | bytes:
         """The file's bytes without a copy where the store allows: a local file is memory-mapped (copy-on-write,
-        so writes stay private) and its pages faulted in now, straight from the page cache; new bytes otherwise.
+        so writes stay private) and its pages faulted in now, straight from the page cache; new bytes otherwise
+        (one GET on S3).
 
         A reader of a fresh copy pays the page faults of a new allocation, which cost more than the copy itself.
         Files here are only ever replaced whole (temp + rename), never truncated in place, so a mapping stays valid.
         """
         if not self.local:
-            return self.read_bytes(rel)
+            # One GET per file on S3 (s3fs would split a big object into concurrent ranges, then copy them into
+            # one): readers that want more in flight read several files at once.
+            with self._io("reading", rel):
+                return self.fs.cat_file(self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
         with self._io("reading", rel), open(self.path(rel), "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""  # mmap refuses empty files

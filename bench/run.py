@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -702,7 +703,7 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
     methods = {
         "raw_read": lambda: drain(f.read_bytes() for f in files),
         "floor_f32": lambda: drain(load_file(f)["activations"].to(f32) for f in files),
-        "floor_f16": lambda: drain(load_file(f)["activations"] for f in files),
+        "floor_f16": lambda: drain(load_file(f)["activations"].clone() for f in files),  # load_file maps lazily
         "open_set": lambda: drain(x.activations for x in open_set(url)),
         "ds_in_order_f32": epoch(ds(shuffle_buffer=0)),
         "ds_shuffle_f32": epoch(shuffled),
@@ -729,13 +730,17 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
     res["check"] = {"shuffled_epoch_sum_equals_the_sets": abs(got - everything) <= 1e-6 * abs(everything) + 1e-3,
                     "rows_per_epoch": ds().n_tokens == s.n_tokens}
     res["load_avg_after"] = os.getloadavg()
-    res["s3"] = reader_s3(work, url, batch, buffer, smoke, reps)
+    del shuffled
+    methods.clear()  # the loaders' persistent workers and the buffers go before the next parts
+    gc.collect()
+    s3_set = url if smoke else setwriter.write_set(root, shards=3, seqs=seqs, ctx=ctx, d=d, seed=3)
+    res["s3"] = reader_s3(work, s3_set, batch, buffer, reps)
     if not smoke:
         res["peak_rss"] = reader_rss(root, url, n, seqs, ctx, d, batch, buffer)
     return res
 
 
-def reader_s3(work: Path, url: str, batch: int, buffer: int, smoke: bool, reps: int) -> dict:
+def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:
     """The set copied to a moto_server on loopback; ActivationDataset and open_set against boto3 get_object of the
     same objects from the same endpoint (one at a time, and 4 threads)."""
     import importlib.util

@@ -67,3 +67,17 @@ def test_check_writable(tmp_path):
         Store(str(tmp_path / "f")).check_writable()
     with pytest.raises(ActcacheError, match="inside the file"):
         Store(str(tmp_path / "f" / "sub")).check_writable()
+
+
+def test_ranged_and_mapped_reads(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_bytes("s/f.bin", bytes(range(100)))
+    assert store.read_bytes("s/f.bin", 10, 13) == bytes([10, 11, 12])
+    mapped = store.read_mapped("s/f.bin")
+    assert bytes(mapped) == bytes(range(100))
+    mapped[0] = 255  # copy-on-write: the file is not touched
+    assert (tmp_path / "s" / "f.bin").read_bytes()[0] == 0
+    store.write_bytes("s/empty.bin", b"")
+    assert bytes(store.read_mapped("s/empty.bin")) == b""
+    with pytest.raises(FileNotFoundError):
+        store.read_mapped("s/missing.bin")

@@ -82,10 +82,10 @@ def prefetched(load: Callable[[Any], Any], items: Iterable[Any], depth: int) -> 
     pending = deque(pool.submit(load, item) for item in islice(it, depth))
     try:
         while pending:
-            value = pending.popleft().result()
-            for item in islice(it, 1):  # keep ``depth`` in flight while the consumer works on ``value``
+            future = pending.popleft()  # (rebinding drops the previous item: nothing here holds it while waiting)
+            for item in islice(it, 1):  # keep ``depth`` in flight while the consumer works on this one
                 pending.append(pool.submit(load, item))
-            yield value
+            yield future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # running loads finish in their thread, then it exits
 
@@ -432,13 +432,20 @@ class ActivationDataset(IterableDataset):
         return ["acts"] + (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
 
     def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
-        pin = self.pin_memory
-        out = {"acts": torch.empty((n, self.d), dtype=self.dtype, pin_memory=pin)}
+        out = {"acts": self._empty((n, self.d), self.dtype)}
         if self.with_tokens:
-            out["tokens"] = torch.empty(n, dtype=torch.int32, pin_memory=pin)
+            out["tokens"] = self._empty((n,), torch.int32)
         if self.with_positions:
-            out["positions"] = torch.empty(n, dtype=torch.int64, pin_memory=pin)
+            out["positions"] = self._empty((n,), torch.int64)
         return out
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Memory for a batch: pinned if asked; in a DataLoader worker, shared memory from the start (as the
+        DataLoader's own collate does), so that handing it to the main process copies nothing."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
         if not self.with_tokens and not self.with_positions:
@@ -486,6 +493,7 @@ class ActivationDataset(IterableDataset):
                     yield self._finish(batch)
                     batch = None
                     sizes_left.popleft()
+            del c  # the shard's memory goes now, not once the next one has arrived
 
     def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
         """Rows go once into a preallocated buffer, already cast (and normalised); when it is full, batches are
@@ -544,6 +552,7 @@ class ActivationDataset(IterableDataset):
                 fill, pos = fill + k, pos + k
                 if fill == cap:
                     yield from drain(final=False)
+            del c  # the shard's memory goes now, not once the next one has arrived
         if fill:
             yield from drain(final=True)
 

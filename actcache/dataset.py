@@ -12,11 +12,12 @@ How one epoch is dealt (``deal``): the set's rows (token positions, less the exc
 last ``n_tokens % world_size`` rows of the epoch are left out. A rank's part is cut into DataLoader workers at
 batch boundaries, so the batches a rank yields (how many, and their sizes) do not depend on the workers.
 
-How rows are read: background threads read ``prefetch`` shards ahead into reused buffers (S3: several GETs in
-flight, transient errors retried), the tensors are views of the bytes read, and rows are copied once into a
-preallocated shuffle buffer, then gathered in random order straight into each batch in its final dtype. No
-``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows in the storage dtype, per worker)
-plus ``prefetch + 1`` shards, whatever the size of the set.
+How rows are read: background threads fetch ``prefetch`` shards ahead (a local shard is memory-mapped, its
+pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
+of those bytes, and rows are copied once into a preallocated shuffle buffer, cast (and normalised) on the way
+in, then gathered in random order straight into each batch. No ``torch.cat``, no per-row Python. Memory: the
+buffer (``shuffle_buffer`` rows in the batch dtype, per worker, kept for the next epoch) plus ``prefetch + 1``
+shards, whatever the size of the set.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import operator
 import queue
 import threading
 import warnings
@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actcache.errors import ActcacheError
+from actcache.exclude import token_ids
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
 from actcache.transient import is_transient
@@ -602,31 +603,13 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _exclusions(s: ActivationSet, special: bool, explicit: Iterable[int]) -> tuple[int, ...]:
     """Token ids whose rows are skipped: the set's special tokens (when asked) and ``explicit``, checked."""
-    ids: set[int] = set()
-    tok = s.tokenization
-    if special:
-        names = ("bos_id", "eos_id", "pad_id", "separator_id")
-        missing = [n for n in ("eos_id", "pad_id") if n not in tok]
-        if missing:
-            warnings.warn(f"the manifest of {s.url} predates recording {' and '.join(missing)}: "
-                          "exclude_special_tokens skips the BOS and separator ids it records "
-                          f"({tok.get('bos_id')}, {tok.get('separator_id')}); add others with exclude_tokens",
-                          stacklevel=3)
-        ids |= {tok[n] for n in names if tok.get(n) is not None}
-    vocab = tok.get("vocab_size")
-    for i in explicit:
-        try:
-            if isinstance(i, bool):
-                raise TypeError
-            ids.add(operator.index(i))
-        except TypeError:
-            raise ActcacheError(f"exclude_tokens must hold integer token ids, got {i!r}") from None
-    for i in sorted(ids):
-        if i < 0 or (vocab is not None and i >= vocab):
-            bound = f"0 .. {vocab - 1}" if vocab is not None else "ids are not negative"
-            raise ActcacheError(f"token id {i} is outside the vocabulary of {s.url} ({bound}); pass ids the set's "
-                                "tokenizer can produce")
-    return tuple(sorted(ids))
+    missing = [n for n in ("eos_id", "pad_id") if n not in s.tokenization]
+    if special and missing:
+        tok = s.tokenization
+        warnings.warn(f"the manifest of {s.url} predates recording {' and '.join(missing)}: "
+                      "exclude_special_tokens skips the BOS and separator ids it records "
+                      f"({tok.get('bos_id')}, {tok.get('separator_id')}); add others with exclude_tokens", stacklevel=3)
+    return token_ids(s.manifest, special=special, ids=list(explicit), option="exclude_tokens")
 
 
 def _normalizer(s: ActivationSet, normalize: str) -> tuple[torch.Tensor, torch.Tensor | None]:

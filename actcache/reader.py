@@ -103,16 +103,16 @@ class ActivationSet:
         rel = f"{self.set_id}/{record.file}"
         expect = self.expect(record)
         try:
-            head = self.store.read_bytes(rel, 0, min(record.bytes, 1 << 16))
+            head = self.store.read_range(rel, 0, min(record.bytes, 1 << 16))
             if len(head) >= 8 and 8 + int.from_bytes(head[:8], "little") > len(head):  # a header above 64 KB
-                head = self.store.read_bytes(rel, 0, min(record.bytes, 8 + int.from_bytes(head[:8], "little")))
+                head = self.store.read_range(rel, 0, min(record.bytes, 8 + int.from_bytes(head[:8], "little")))
             start, entries = shard.header(head, size=record.bytes)
             out = {}
             for name in names:
                 if name not in entries:
                     raise ValueError(f"shard has no tensor {name!r} (has {sorted(entries)})")
                 dtype, shape, begin, end = entries[name]
-                out[name] = shard.tensor(self.store.read_bytes(rel, start + begin, start + end), dtype, shape)
+                out[name] = shard.tensor(self.store.read_range(rel, start + begin, start + end), dtype, shape)
             shard.check(out, {k: expect[k] for k in names})
         except FileNotFoundError:
             raise ActcacheError(f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache "

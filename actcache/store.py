@@ -174,10 +174,9 @@ class Store:
         with self._io("checking", rel):
             return self.fs.exists(self.path(rel))
 
-    def read_bytes(self, rel: str, start: int | None = None, end: int | None = None) -> bytes:
-        """The file's bytes, or those in [start, end) (one ranged request on object stores)."""
+    def read_bytes(self, rel: str) -> bytes:
         with self._io("reading", rel):
-            return self.fs.cat_file(self.path(rel), start=start, end=end)
+            return self.fs.cat_file(self.path(rel))
 
     def read_mapped(self, rel: str) -> mmap.mmap | bytes:
         """The file's bytes without a copy where the store allows: a local file is memory-mapped (copy-on-write,

@@ -1,16 +1,13 @@
-"""Activation sets written by actcache's own shard encoder, records and manifest, with no model (import as
-``setwriter``): for readers' tests and the benchmark, where the format matters and the numbers do not.
+"""Activation sets for tests that read them (import as ``setwriter``).
 
-``write_set`` makes a set in the ``sequences`` layout (what extraction writes) from random activations and
-token ids with BOS, separators and pads where an extraction would put them. ``write_rows_set`` makes a
-globally shuffled copy of any set in the ``rows`` layout (``activations [n, d]``, ``tokens [n]``,
-``positions [n]``, ``manifest["layout"] = "rows"``). Until ``actcache shuffle`` exists, its key is the source's
-with a marked ``forward`` field, which gives it an id of its own.
+``extract_by_stages`` runs a real extraction with the flow's own stages, without Prefect. ``write_set`` writes
+a set with actcache's own shard encoder, records and manifest but no model, for readers' tests and the
+benchmark, where the format matters and the numbers do not: random activations, and token ids with BOS,
+separators and pads where an extraction would put them. (``actcache.shuffle.shuffle_set`` makes a "rows" copy.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -18,11 +15,27 @@ import torch
 
 from actcache import layout, manifest, records, shard
 from actcache.key import SetKey, TokensKey
-from actcache.reader import open_set
 from actcache.store import Store
 
 BOS, EOS, PAD = 0, 1, 2
 """Special token ids of the synthetic sets (EOS is also the separator)."""
+
+
+def extract_by_stages(cfg) -> str:
+    """Extract ``cfg`` (an ``ExtractConfig``) by calling the flow's stages in the flow's order, without Prefect (no
+    server to start: the flow itself is tested in tests/flows and tests/tasks); returns the set's URL."""
+    from actcache.plan import make_plan
+    from tasks.compress import compress
+    from tasks.extract import extract
+    from tasks.manifest import write_manifest
+    from tasks.tokenize import tokenize
+    from tasks.upload import upload
+
+    plan = make_plan(cfg)
+    for work in tokenize.fn(plan):
+        for ref in extract.fn(plan, work):
+            upload.fn(plan, compress.fn(plan, ref))
+    return write_manifest.fn(plan)[0]
 
 
 def tokenization(ctx: int, vocab: int, *, recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size")) -> dict:
@@ -90,29 +103,6 @@ def write_set(store: str | Path, *, shards: int, seqs: int, ctx: int, d: int, dt
     m = manifest.build(key, provenance, recs, target_seqs=sum(r.n_seq for r in recs))
     if with_stats:
         m["stats"] = stats.entry()
-    st.write_json(f"{key.id}/{layout.MANIFEST}", m)
-    return st.url_of(key.id)
-
-
-def write_rows_set(src_url: str, store: str | Path, *, rows_per_shard: int, seed: int = 0) -> str:
-    """A globally shuffled copy of the set at ``src_url`` in the ``rows`` layout; returns its URL."""
-    src = open_set(src_url)
-    acts = torch.cat([s.activations.reshape(-1, src.d) for s in src])
-    tokens = torch.cat([s.tokens.reshape(-1) for s in src])
-    perm = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
-    m0 = src.manifest
-    key = dataclasses.replace(SetKey.from_dict(m0["key"]), forward=f"rows-of-{src.set_id}-seed-{seed}")
-    st = Store(str(store))
-    recs = []
-    for i, a in enumerate(range(0, len(perm), rows_per_shard)):
-        p = perm[a : a + rows_per_shard]
-        recs.append(_put(st, key.id, i, {"activations": acts[p], "tokens": tokens[p], "positions": p}, 0, len(p),
-                         m0["codec"], m0["codec_level"]))
-    provenance = {k: m0[k] for k in ("hook_shape", "tokenization", "model") if k in m0}
-    m = manifest.build(key, provenance, recs, target_seqs=0)
-    m.update(layout="rows", source_set=src.set_id, n_tokens=len(perm), complete=True)
-    if "stats" in m0:
-        m["stats"] = m0["stats"]
     st.write_json(f"{key.id}/{layout.MANIFEST}", m)
     return st.url_of(key.id)
 

@@ -21,21 +21,20 @@ from actcache.copy import copy_set
 from actcache.dataset import ActivationDataset, Piece, background, deal, prefetched
 from actcache.errors import ActcacheError
 from actcache.reader import open_set
+from actcache.shuffle import shuffle_set
 
 CTX = 32
 
 
 @pytest.fixture(scope="module")
-def sets(tiny_models, corpus, prefect_harness, s3_server, tmp_path_factory):
+def sets(tiny_models, corpus, s3_server, tmp_path_factory):
     """One extracted set of 8 shards (4 sequences of 32 tokens each), on local disk and copied to S3."""
-    from actcache.api import extract
     from actcache.config import ExtractConfig
 
     local = tmp_path_factory.mktemp("dataset-store")
-    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                        context_size=CTX, max_tokens=1024, shard_tokens=128, batch_size=4, store=str(local),
-                        device="cpu")
-    url = extract(cfg)
+    url = setwriter.extract_by_stages(ExtractConfig(
+        model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=CTX,
+        max_tokens=1024, shard_tokens=128, batch_size=4, store=str(local), device="cpu"))
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env("writer").items():
             mp.setenv(k, v)
@@ -240,15 +239,16 @@ def test_old_manifest_excludes_what_it_records_and_says_so(tmp_path):
     assert ActivationDataset(url, batch_size=8, exclude_tokens=[10**6]).excluded == {10**6: 0}
 
 
-@pytest.mark.parametrize("bad, message", [([512], r"token id 512 is outside the vocabulary of .* \(0 \.\. 511\)"),
+@pytest.mark.parametrize("bad, message", [([512], r"token id 512 is outside the vocabulary of this set's tokenizer "
+                                                  r"\(0\.\.511\); fix exclude_tokens"),
                                           ([-1], "token id -1 is outside the vocabulary"),
-                                          (["eos"], "exclude_tokens must hold integer token ids"),
-                                          ([True], "exclude_tokens must hold integer token ids")])
+                                          (["eos"], "exclude_tokens takes integer token ids"),
+                                          ([True], "exclude_tokens takes integer token ids")])
 def test_exclusion_ids_are_checked(synthetic, bad, message):
     with pytest.raises(ActcacheError, match=message) as e:
         ActivationDataset(synthetic, batch_size=8, exclude_tokens=bad)
     assert "\n" not in str(e.value)
-    assert ActivationDataset(synthetic, batch_size=8, exclude_tokens=[torch.tensor(511)]).exclude == (511,)
+    assert ActivationDataset(synthetic, batch_size=8, exclude_tokens=[511]).exclude == (511,)
 
 
 # -- normalisation --------------------------------------------------------------------------------------
@@ -273,14 +273,15 @@ def test_normalize_with_the_sets_statistics(synthetic, normalize, shuffle_buffer
                                    atol=1e-4, rtol=0)
 
 
-def test_normalize_without_statistics_says_how_to_get_them(sets):
+def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
+    old = setwriter.write_set(tmp_path, shards=1, seqs=2, ctx=4, d=4)  # as written before statistics existed
     with pytest.raises(ActcacheError, match=r"has no normalisation statistics; compute them with `actcache stats "):
-        ActivationDataset(sets["local"], batch_size=8, normalize="scale")
+        ActivationDataset(old, batch_size=8, normalize="scale")
 
 
 # -- the rows layout ------------------------------------------------------------------------------------
 def test_rows_layout_reads_in_its_order_and_keeps_positions(sets, tmp_path):
-    rows_url = setwriter.write_rows_set(sets["local"], tmp_path, rows_per_shard=300, seed=5)
+    rows_url = shuffle_set(sets["local"], out=str(tmp_path), seed=5, rows_per_shard=300).url
     s = open_set(rows_url)
     assert s.layout == "rows" and [r.n_tokens for r in s.records] == [300, 300, 300, 124]
     shard = s.read(s.records[0])
@@ -288,7 +289,8 @@ def test_rows_layout_reads_in_its_order_and_keeps_positions(sets, tmp_path):
     assert shard.positions.dtype == torch.int64
     source = {p: (a, t) for a, t, p in reference(sets["local"])[0]}
     got = rows_of(full(rows_url, batch_size=100))  # sequential: the stored (shuffled) order
-    assert [p for _, _, p in got] == torch.randperm(1024, generator=torch.Generator().manual_seed(5)).tolist()
+    stored = torch.cat([x.positions for x in s]).tolist()
+    assert [p for _, _, p in got] == stored and sorted(stored) == list(range(1024)) and stored != sorted(stored)
     assert all(source[p] == (a, t) for a, t, p in got)
     no_bos = rows_of(full(rows_url, batch_size=100, drop_bos=True, shuffle_buffer=128))
     assert sorted(p for _, _, p in no_bos) == [p for p in range(1024) if p % CTX]

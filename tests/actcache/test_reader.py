@@ -8,6 +8,7 @@ import torch
 
 from actcache import shard
 from actcache.reader import open_set
+from actcache.shuffle import shuffle_set
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def sets(tmp_path_factory):
     plain = setwriter.write_set(root, shards=3, seqs=4, ctx=8, d=6, last_seqs=1)
     return {"plain": plain, "zstd": setwriter.write_set(root, shards=3, seqs=4, ctx=8, d=6, last_seqs=1,
                                                           codec="shuffle-zstd", level=1),
-            "rows": setwriter.write_rows_set(plain, root, rows_per_shard=30, seed=1)}
+            "rows": shuffle_set(plain, seed=1, rows_per_shard=30).url}
 
 
 @pytest.mark.parametrize("name", ["plain", "zstd", "rows"])
@@ -24,9 +25,9 @@ def test_read_tokens_equals_the_whole_shard_and_reads_only_its_bytes(sets, name,
     s = open_set(sets[name])
     whole = [s.read(r) for r in s.records]
     asked = []
-    read_bytes, read_mapped = s.store.read_bytes, s.store.read_mapped
-    monkeypatch.setattr(s.store, "read_bytes", lambda rel, start=None, end=None: asked.append((start, end)) or
-                        read_bytes(rel, start, end))
+    read_range, read_mapped = s.store.read_range, s.store.read_mapped
+    monkeypatch.setattr(s.store, "read_range", lambda rel, start, end: asked.append((start, end)) or
+                        read_range(rel, start, end))
     monkeypatch.setattr(s.store, "read_mapped", lambda rel: asked.append("whole") or read_mapped(rel))
     for r, w in zip(s.records, whole, strict=True):
         tokens, positions = s.read_tokens(r)

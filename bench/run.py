@@ -704,7 +704,7 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
         "raw_read": lambda: drain(f.read_bytes() for f in files),
         "floor_f32": lambda: drain(load_file(f)["activations"].to(f32) for f in files),
         "floor_f16": lambda: drain(load_file(f)["activations"].clone() for f in files),  # load_file maps lazily
-        "open_set": lambda: drain(x.activations for x in open_set(url)),
+        "open_set_f32": lambda: drain(x.activations.to(f32) for x in open_set(url)),  # views: cast to touch the bytes
         "ds_in_order_f32": epoch(ds(shuffle_buffer=0)),
         "ds_shuffle_f32": epoch(shuffled),
         "ds_shuffle_f16": epoch(ds(dtype=None)),

@@ -42,6 +42,7 @@ from actcache.errors import ActcacheError
 from actcache.exclude import token_ids
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
+from actcache.store import StoreRef
 from actcache.transient import is_transient
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ class ActivationDataset(IterableDataset):
     """Batches of activations (and optionally token ids and positions) from the set at ``url``, local or S3.
 
     Args:
-        url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``.
+        url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``, or the
+            set's ``StoreRef`` (which then carries the storage options and credentials block).
         batch_size: rows (token positions) per batch.
         shuffle_buffer: rows held for shuffling (at least one batch); 0 reads shards and rows in order. With a
             buffer, the shard order changes every epoch and rows are emitted in random order one buffer at a
@@ -230,7 +232,7 @@ class ActivationDataset(IterableDataset):
             workers use the DataLoader's ``pin_memory=True`` and move batches yourself.
     """
 
-    def __init__(self, url: str, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
+    def __init__(self, url: str | StoreRef, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
                  storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
                  with_tokens: bool = False, with_positions: bool = False, drop_bos: bool = False,
                  exclude_special_tokens: bool = False, exclude_tokens: Iterable[int] = (),

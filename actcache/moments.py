@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from actcache import layout
-from actcache.records import Record, digest
+from actcache.records import RECORD_LIMIT, Record, check_sealed, digest
 from actcache.store import Store
 
 RECORD_FIELD = "moments"
@@ -204,7 +204,9 @@ def from_records(store: Store, root: str, d: int) -> Callable[[Record], Moments 
         obj = r.extra.get(RECORD_FIELD)
         if obj is None:
             try:
-                obj = (store.read_json(f"{root}/{layout.record_file(r.index)}").get("extra") or {}).get(RECORD_FIELD)
+                rel = layout.record_file(r.index)
+                obj = (check_sealed(store.read_json(f"{root}/{rel}", limit=RECORD_LIMIT), rel).get("extra")
+                       or {}).get(RECORD_FIELD)
             except (FileNotFoundError, ValueError, AttributeError):
                 return None
         try:

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from actcache import layout
+from actcache import layout, records
 from actcache.errors import ActcacheError
 from actcache.reader import ActivationSet, open_set
+from actcache.store import JSON_LIMIT
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,12 @@ def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
     body: list[_File] = []
     for r in s.records:
         rel = f"{s.set_id}/{r.file}"
-        read = (lambda p=s.store.path(rel): p) if local else (lambda rel=rel: s.store.read_bytes(rel))
+        read = (lambda rel=rel, n=r.bytes: s.store.regular_path(rel, n)) if local else \
+            (lambda rel=rel, n=r.bytes: s.store.read_bytes(rel, size=n))
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
-        rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}")
+        rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
         body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))
-    manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}")
+    manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
     text = card(s, repo_id).encode()
     last = [_File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
             _File("README.md", len(text), lambda b=text: b)]

@@ -360,5 +360,5 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
     }
     m |= moments.merged(recs, job.d, full=lambda r: r.n_seq == job.key.rows_per_shard, previous=scan.consolidated,
                         moments_of=moments.from_records(job.out, sid, job.d))
-    job.out.write_json(f"{sid}/{layout.MANIFEST}", m)
+    manifest.write(job.out, sid, m)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actcache import layout, moments
+from actcache import manifest, moments
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
 
@@ -41,7 +41,7 @@ def compute(url: str, storage_options: dict[str, Any] | None = None, *, credenti
         return out
 
     fields = moments.merged(s.records, m["d"], full=lambda r: r.n_seq == size, previous=None, moments_of=moments_of)
-    s.store.write_json(f"{s.set_id}/{layout.MANIFEST}", {**m, **fields})
+    manifest.write(s.store, s.set_id, {**m, **fields})
     return fields["stats"]
 
 

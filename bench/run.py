@@ -446,10 +446,10 @@ def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
 # -- per-shard overhead: what the flow adds around the forward pass -------------------------------------
 class _Stub:
     """Stands in for the extractor: sleeps like a GPU forward pass at ``rate`` tokens/s (the GIL is released,
-    as while waiting on a CUDA stream), returns zeros of width 8, and stamps when each call starts."""
+    as while waiting on a CUDA stream), returns zeros of the model's width, and stamps when each call starts."""
 
-    def __init__(self, hooks, rate: float | None, starts: list[float]):
-        self.hooks, self.rate, self.starts = hooks, rate, starts
+    def __init__(self, hooks, rate: float | None, starts: list[float], width: int):
+        self.hooks, self.rate, self.starts, self.width = hooks, rate, starts, width
 
     def __call__(self, tokens):
         import torch
@@ -457,19 +457,19 @@ class _Stub:
         self.starts.append(time.perf_counter())
         if self.rate:
             time.sleep(tokens.numel() / self.rate)
-        return {h: torch.zeros(*tokens.shape, 8) for h in self.hooks}
+        return {h: torch.zeros(*tokens.shape, self.width) for h in self.hooks}
 
 
 @contextlib.contextmanager
 def stub_forward(rate: float | None, starts: list[float]):
-    import tasks.extract as te
+    import actcache.plan as ap  # where the extract task gets its forward pass (Plan.extractor)
 
-    real = te.extractor_for
-    te.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts)
+    real = ap.extractor_for
+    ap.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts, model.d_model)  # resid hooks only
     try:
         yield
     finally:
-        te.extractor_for = real
+        ap.extractor_for = real
 
 
 def big_corpus(work: Path, repeat: int) -> Path:

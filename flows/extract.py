@@ -15,12 +15,14 @@ from actcache.progress import Progress, Window
 from tasks.compress import compress
 from tasks.extract import extract
 from tasks.manifest import progress_key, sets_message, summarize, write_manifest
-from tasks.plan import plan_extraction, skip_cached
+from tasks.plan import plan_extraction, recheck, skip_cached
 from tasks.tokenize import tokenize
 from tasks.upload import upload
 
 # Shards compressed/uploaded while the next one is extracted: bounds memory to a few shards.
 IN_FLIGHT = 2
+# Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
+ROUNDS = 3
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
@@ -37,10 +39,15 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
     with Progress(steps, key=progress_key(plan), log=get_run_logger().info) as progress:
         window = Window(IN_FLIGHT, on_result=lambda r: progress.advance(
             tokens=r.n_tokens, item=f"set {r.extra['set_id']} shard {r.index:06d} stored"))
-        for shard in work:
-            for acts in extract(q, shard):
-                window.add(upload.submit(q, compress.submit(q, acts)))
-        stored = window.drain()
+        for round_ in range(1, ROUNDS + 1):
+            for shard in work:
+                for acts in extract(q, shard):
+                    window.add(upload.submit(q, compress.submit(q, acts)))
+            stored = window.drain()
+            if not work:
+                break
+            plan, work = recheck(q, last=round_ == ROUNDS)
+            q = quote(plan)
     urls = write_manifest(plan)
     summarize(plan, stored, progress.seconds)
     return Completed(message=sets_message(urls), data=urls)  # the message shows the URLs in the UI and API

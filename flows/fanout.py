@@ -36,10 +36,11 @@ def extract_fanout(config: ExtractConfig = ExtractConfig(), num_partitions: int 
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
     chosen = pick_partitions(plan, num_partitions)
-    runs = {i: launch_partition(deployment, config, i, num_partitions) for i in chosen}
-    relaunch = partial(launch_partition, deployment, config, count=num_partitions)
+    pinned = plan.pinned_config  # hub names pinned to the commits resolved above: a moving branch changes nothing
+    runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}
+    relaunch = partial(launch_partition, deployment, pinned, count=num_partitions)
     outcomes = wait_for_partitions(runs, relaunch, max_relaunches, timeout_s, poll_s)
-    final = plan_fanout(config)
+    final = plan_fanout(pinned)
     summarize_fanout(plan, final, outcomes, num_partitions)
     check_partitions(outcomes)
     urls = write_manifest(final)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from actcache import faults, handoff
-from actcache.extraction import extractor_for
-from actcache.plan import Plan, model_for
+from actcache.plan import Plan
 from actcache.tokens import ShardWork
 from tasks.refs import ActivationsRef
 
@@ -16,12 +17,11 @@ from tasks.refs import ActivationsRef
 def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
     hooks = [s.hook for s in plan.todo(work)]
-    tokens = plan.token_cache().load(work.index)
-    if len(tokens) != work.n_seq:
-        raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
-    cfg = plan.config
-    step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
-                         device=cfg.device, out_dtype=cfg.dtype)
-    acts = step(tokens)
+    tokens = plan.token_cache().load(work.index, work.n_seq)  # checksummed; the first n_seq of a full shard
+    acts = plan.extractor(hooks)(tokens)  # the pinned model and engines: nothing is resolved again here
+    for h in hooks:  # the manifest's d comes from the plan's shape: a disagreement is a bug, never a set
+        shape = plan.hook_set(h).hook_shape
+        if acts[h].shape[-1] != math.prod(shape):
+            raise RuntimeError(f"hook {h!r} gave width {acts[h].shape[-1]}, the plan says {list(shape)}")
     faults.point("extract.forward-done")
     return [ActivationsRef(handoff.put((tokens, acts[h])), h, work.index, work.n_seq) for h in hooks]

@@ -200,7 +200,6 @@ def verify_sets(plan: Plan) -> None:
     if plan.missing:
         raise ActcacheError(f"{len(plan.missing)} shards are still missing after every partition completed "
                             f"(indices {[w.index for w in plan.missing][:10]}...); rerun the fan-out")
-    problems = [f"{url}: {p}" for url in plan.urls
-                for p in open_set(url, plan.config.storage_options).verify()]
+    problems = [f"{ref.url}: {p}" for ref in plan.refs for p in open_set(ref).verify()]
     if problems:
         raise ActcacheError(f"{len(problems)} problems: " + "; ".join(problems[:5]))

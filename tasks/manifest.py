@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, layout, manifest, moments, records
+from actcache import faults, manifest, moments, records
 from actcache.model import hook_layer
 from actcache.plan import Plan
 
@@ -17,7 +17,7 @@ def write_manifest(plan: Plan) -> list[str]:
     target = sum(w.n_seq for w in plan.shards)
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
-        scan = records.scan(store, s.set_id, layout.MANIFEST)
+        scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
         provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
                       "hook_shape": list(s.hook_shape) if s.hook_shape else None}
@@ -26,7 +26,7 @@ def write_manifest(plan: Plan) -> list[str]:
         m |= moments.merged(recs, m["d"], full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
                             previous=scan.consolidated, moments_of=moments.from_records(store, s.set_id, m["d"]))
         faults.point("manifest.before-write")
-        store.write_json(f"{s.set_id}/{layout.MANIFEST}", m)
+        manifest.write(store, s.set_id, m)
         faults.point("manifest.written")
     return plan.urls
 
@@ -82,6 +82,7 @@ def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[
             "bytes_written": nbytes,
             "compression_ratio": round(raw / nbytes, 3) if nbytes else None,
             "tokens_per_s": round(tokens / seconds, 1) if mine and seconds > 0 else None,
+            **{k: v for k, v in manifest.non_finite([r.to_dict() for r in mine]).items() if k != "shards"},
         }
         rows.append(row)
         publish_table(artifact_key("extraction", s.set_id), [row], f"{plan.config.model} -> {url}")

@@ -26,6 +26,13 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
     key = plan.hook_set(ref.hook).key
     rel = layout.shard_file(ref.index, key.codec)
     store = plan.store
+    if ref.n_seq < key.tokens.seqs_per_shard:
+        # A partial last shard never replaces a larger one that a run with a higher --max-tokens stored meanwhile
+        # (a race that slips past this check is caught by the flow's recheck).
+        scan = records.scan_set(store, key)
+        if scan.is_done(ref.index, ref.n_seq + 1):
+            handoff.drop(ref.handle)
+            return scan.records[ref.index]
     store.write_bytes(f"{key.id}/{rel}", handoff.get(ref.handle))
     faults.point("upload.shard-written")
     record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,

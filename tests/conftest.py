@@ -38,6 +38,19 @@ import pytest  # noqa: E402
 
 from actcache import demo  # noqa: E402
 
+# `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
+# endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
+SLOW = ("flows/test_crash.py", "flows/test_s3_faults.py", "flows/test_lost_api.py", "deployments/", "test_demo.py",
+        "bench/", "infra/")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        rel = Path(str(item.fspath)).relative_to(root).as_posix()
+        if rel.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
@@ -67,6 +80,27 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def prefect_console(capfd, monkeypatch):
+    """``capfd``, with Prefect's console handlers writing to this test's stderr as they would to a terminal.
+
+    A handler keeps the stream of whichever test configured logging, which pytest has closed since: its lines
+    (and a logging error) would otherwise not be what a user sees. Every emit now writes to the current stderr.
+    """
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    emit = PrefectConsoleHandler.emit
+
+    def emit_to_current_stderr(self, record):
+        self.stream = self.console.file = sys.stderr
+        emit(self, record)
+
+    monkeypatch.setattr(PrefectConsoleHandler, "emit", emit_to_current_stderr)
+    return capfd
 
 
 @pytest.fixture

@@ -98,12 +98,12 @@ def write_set(store: str | Path, *, shards: int, seqs: int, ctx: int, d: int, dt
             stats.add(acts)
         recs.append(_put(st, key.id, i, {"activations": acts, "tokens": tokens_for(n, ctx, vocab, g)}, n, n * ctx,
                          codec, level))
-    provenance = {"hook_shape": [d], "tokenization": tokenization(ctx, vocab, recorded=recorded),
+    provenance = {"hook": key.hook, "hook_shape": [d], "tokenization": tokenization(ctx, vocab, recorded=recorded),
                   "model": {"name": "synthetic"}}
     m = manifest.build(key, provenance, recs, target_seqs=sum(r.n_seq for r in recs))
     if with_stats:
         m["stats"] = stats.entry()
-    st.write_json(f"{key.id}/{layout.MANIFEST}", m)
+    manifest.write(st, key.id, m)  # sealed, as actcache writes it
     return st.url_of(key.id)
 
 

@@ -16,12 +16,13 @@ import setwriter
 import torch
 from torch.utils.data import DataLoader
 
-from actcache import dataset
+from actcache import dataset, manifest
 from actcache.copy import copy_set
 from actcache.dataset import ActivationDataset, Piece, background, deal, prefetched
 from actcache.errors import ActcacheError
 from actcache.reader import open_set
 from actcache.shuffle import shuffle_set
+from actcache.store import Store
 
 CTX = 32
 
@@ -303,7 +304,7 @@ def test_an_unknown_layout_is_refused(sets, tmp_path):
     url = setwriter.write_set(tmp_path, shards=1, seqs=1, ctx=4, d=2)
     path = Path(url) / "manifest.json"
     m = json.loads(path.read_text())
-    path.write_text(json.dumps({**m, "layout": "columns"}))
+    manifest.write(Store(str(tmp_path)), Path(url).name, {**m, "layout": "columns"})  # sealed
     with pytest.raises(ActcacheError, match="has layout 'columns', which this actcache cannot read"):
         ActivationDataset(url, batch_size=8)
 

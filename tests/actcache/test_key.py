@@ -111,10 +111,15 @@ def test_tokenizer_change_changes_the_set(base_config, tiny_models, tmp_path):
     assert a.key.tokens.tokenizer != b.key.tokens.tokenizer and a.set_id != b.set_id  # ...other tokens
 
 
-def test_existing_ids_never_change():
-    """Fixed keys, fixed ids: a change here would orphan every stored set (bump FORMAT_VERSION instead)."""
-    k = _key()
-    assert (k.id, k.tokens.id) == ("55e28e42db2a60d02a288ae1", "tf8f381288dc1830f0a5d59ec")
+def test_existing_set_ids_do_not_change(tmp_path):
+    """Ids of sets people already have (the key's digest, and what the plan fills it with) stay as they were."""
+    from actcache.config import ExtractConfig
+
+    assert (_key().id, _key().tokens.id) == ("55e28e42db2a60d02a288ae1", "tf8f381288dc1830f0a5d59ec")
+    ids = {hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu"), load_model=False).sets[0].set_id
+           for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")}  # the demo: hf-sdpa and bridge engines
+    assert ids == {"blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
+                   "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4"}
 
 
 def test_a_shuffle_key_is_its_own_kind():

@@ -28,7 +28,8 @@ def test_read_tokens_equals_the_whole_shard_and_reads_only_its_bytes(sets, name,
     read_range, read_mapped = s.store.read_range, s.store.read_mapped
     monkeypatch.setattr(s.store, "read_range", lambda rel, start, end: asked.append((start, end)) or
                         read_range(rel, start, end))
-    monkeypatch.setattr(s.store, "read_mapped", lambda rel: asked.append("whole") or read_mapped(rel))
+    monkeypatch.setattr(s.store, "read_mapped", lambda rel, size=None: asked.append("whole") or
+                        read_mapped(rel, size=size))
     for r, w in zip(s.records, whole, strict=True):
         tokens, positions = s.read_tokens(r)
         assert torch.equal(tokens, w.tokens.reshape(-1))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from setfiles import local_tree, normalized
 
-from actcache import cli, faults, layout, shuffle
+from actcache import cli, faults, layout, records, shuffle
 from actcache.errors import ActcacheError
 from actcache.manifest import read as read_manifest
 from actcache.reader import open_set
@@ -138,7 +138,7 @@ def test_ids_beyond_a_recorded_vocabulary_are_refused(source, tmp_path, capsys):
     shutil.copytree(source["url"], src)
     m = json.loads((src / layout.MANIFEST).read_text())
     m["tokenization"].update(vocab_size=512, eos_id=0, pad_id=None)  # what newer extractions record
-    (src / layout.MANIFEST).write_text(json.dumps(m))
+    (src / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))  # as actcache writes it (sealed)
     assert cli.main(["shuffle", str(src), "--out", str(tmp_path / "out"), "--exclude-ids", "511,512"]) == 2
     assert "token id 512 is outside the vocabulary of this set's tokenizer (0..511)" in capsys.readouterr().err
     with pytest.raises(ActcacheError, match="already a shuffled set"):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,15 +25,17 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
                                                                                            monkeypatch):
-    import actcache.plan
+    import actcache.extraction
+    import actcache.model
     from flows.extract import extract_activations
 
     def no_weights(*a, **k):
         raise AssertionError("the fan-out parent loaded the model")
 
-    monkeypatch.setattr(actcache.plan, "bridge_for", no_weights)
+    monkeypatch.setattr(actcache.model, "load_bridge", no_weights)
+    monkeypatch.setattr(actcache.extraction, "load_hf_stack", no_weights)
     plan = make_plan(base_config, load_model=False)
-    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape is None
+    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape == (32,)
     assert partitions_with_work(plan, 3) == [0, 1, 2]  # shards 0 and 3 belong to partition 0
     assert partitions_with_work(plan, 8) == [0, 1, 2, 3]  # more partitions than shards: no idle runs
     with pytest.raises(ActcacheError, match="num_partitions"):
@@ -68,24 +70,26 @@ def _flow_run(client, state, name: str | None = None):
     return client.create_flow_run(partition, state=state, name=name).id
 
 
-def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition():
+def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition(monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Crashed, Failed, Running
+
+    import tasks.fanout
 
     with get_client(sync_client=True) as client:
         ok, late = _flow_run(client, Completed()), _flow_run(client, Running())
         failed, crashed = _flow_run(client, Failed(message="CUDA out of memory")), _flow_run(client, Crashed())
+        waits = []
 
-        def finish_late():
-            time.sleep(1.0)
-            client.set_flow_run_state(late, Completed(), force=True)
+        def poll_wait(seconds):  # the first wait between polls is when the late partition finishes
+            waits.append(seconds)
+            if len(waits) == 1:
+                client.set_flow_run_state(late, Completed(), force=True)
 
-        t0 = time.monotonic()
-        finisher = threading.Thread(target=finish_late)
-        finisher.start()
+        # Its own clock, not Prefect's: the wait is counted, not timed.
+        monkeypatch.setattr(tasks.fanout, "time", SimpleNamespace(sleep=poll_wait, monotonic=time.monotonic))
         outcomes = wait_for_partitions.fn({0: ok, 1: late}, poll_s=0.1)
-        finisher.join()
-        assert time.monotonic() - t0 >= 1.0  # it waited for the running partition
+        assert waits == [0.1]  # it saw the running partition, waited once, then saw it completed
         assert [(o.index, o.state) for o in outcomes] == [(0, "Completed"), (1, "Completed")]
         check_partitions.fn(outcomes)
 

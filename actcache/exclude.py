@@ -27,17 +27,21 @@ def parse_ids(text: str) -> list[int]:
         raise ActcacheError(f"--exclude-ids takes comma-separated token ids, got {text!r}") from None
 
 
-def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Iterable[int] = ()) -> tuple[int, ...]:
-    """The sorted ids to exclude: the set's special tokens if ``special``, plus ``ids`` (each checked)."""
+def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Iterable[int] = (),
+              option: str = "--exclude-ids") -> tuple[int, ...]:
+    """The sorted ids to exclude: the set's special tokens if ``special``, plus ``ids`` (each checked; errors
+    name ``option``, where the ids came from)."""
     tokenization = manifest.get("tokenization") or {}
     vocab = tokenization.get("vocab_size")
     out = set(special_ids(tokenization)) if special else set()
     for i in ids:
-        if type(i) is not int or i < 0 or (type(vocab) is int and i >= vocab):
+        if type(i) is not int:
+            raise ActcacheError(f"{option} takes integer token ids, got {i!r}")
+        if i < 0 or (type(vocab) is int and i >= vocab):
             bound = f"0..{vocab - 1}" if type(vocab) is int else "non-negative"
             raise ActcacheError(f"token id {i!r} is outside the vocabulary of this set's tokenizer ({bound}); "
-                                "fix --exclude-ids")
+                                f"fix {option}")
         out.add(i)
     if special and not out:
-        raise ActcacheError("this set's manifest records no special token ids; pass --exclude-ids instead")
+        raise ActcacheError(f"this set's manifest records no special token ids; pass {option} instead")
     return tuple(sorted(out))

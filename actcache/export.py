@@ -26,10 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from actcache import tensors
 from actcache.errors import ActcacheError
 from actcache.exclude import token_ids
-from actcache.reader import open_set
+from actcache.reader import Shard, open_set
 
 FORMATS = ("saelens", "hf")
 _PIECE_BYTES = 256 << 20
@@ -55,10 +54,10 @@ def _features(fmt: str, hook: str, ctx: int, d: int, dtype: str):
                      "sequence": Value("int64"), "position": Value("int32")})
 
 
-def _pieces(fmt: str, t: dict[str, torch.Tensor], ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...],
+def _pieces(fmt: str, t: Shard, ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...],
             first_position: int) -> tuple[list[dict[str, np.ndarray]], int]:
     """One shard as column dicts of at most ~256 MB each, and the number of tokens excluded."""
-    acts, toks = t["activations"], t["tokens"]
+    acts, toks = t.activations, t.tokens
     if fmt == "saelens":
         rows = acts.to(torch.float32).numpy().astype(np_dtype, copy=False) if acts.dtype == torch.bfloat16 \
             else acts.numpy()
@@ -67,7 +66,7 @@ def _pieces(fmt: str, t: dict[str, torch.Tensor], ctx: int, np_dtype: np.dtype, 
     else:
         d = acts.shape[-1]
         flat_a, flat_t = acts.reshape(-1, d), toks.reshape(-1)
-        positions = t["positions"] if "positions" in t else first_position + torch.arange(len(flat_t))
+        positions = t.positions if t.positions is not None else first_position + torch.arange(len(flat_t))
         keep = ~torch.isin(flat_t, torch.tensor(exclude, dtype=torch.int32)) if exclude else None
         if keep is not None:
             flat_a, flat_t, positions = flat_a[keep], flat_t[keep], positions[keep]
@@ -132,7 +131,7 @@ def export_set(src: str, out: str, *, format: str, exclude_special: bool = False
     s = open_set(src, storage_options, credentials_block=credentials_block)
     m = s.manifest
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
-    rows_layout = tensors.is_rows(s)
+    rows_layout = s.layout == "rows"
     if format == "saelens" and rows_layout:
         raise ActcacheError(f"{s.url} is a shuffled (rows) set: SAELens reads whole sequences; export its source "
                             f"({m['source']['set_id']}) with --format saelens, or this set with --format hf")
@@ -152,7 +151,7 @@ def export_set(src: str, out: str, *, format: str, exclude_special: bool = False
     pieces_dir.mkdir(parents=True)
     n_pieces = rows = excluded = 0
     for r in s.records:
-        chunks, dropped = _pieces(format, tensors.read(s, r), ctx, np.dtype(dtype), exclude, r.index * full_tokens)
+        chunks, dropped = _pieces(format, s.read(r, verify=True), ctx, np.dtype(dtype), exclude, r.index * full_tokens)
         excluded += dropped
         for cols in chunks:
             ds = _dataset(format, cols, features, m["hook"])

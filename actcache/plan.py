@@ -54,6 +54,10 @@ class Resolved:
     bos_id: int | None
     separator_id: int | None
     hooks: dict[str, Hook]
+    eos_id: int | None = None
+    pad_id: int | None = None
+    vocab_size: int | None = None
+    """Recorded in the manifest for readers that leave special tokens out (``actcache.exclude``)."""
 
 
 def resolve(cfg: ExtractConfig) -> Resolved:
@@ -64,7 +68,9 @@ def resolve(cfg: ExtractConfig) -> Resolved:
         raise ActcacheError(f"{opt('context_size')} {cfg.context_size} is above the maximum of {model.max_context} "
                             f"tokens for {cfg.model!r}; lower {opt('context_size')}")
     bos, sep = special_ids(cfg, model)
-    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks)
+    tok = model.tokenizer
+    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks, tok.eos_token_id,
+                    tok.pad_token_id, len(tok))
 
 
 def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]:
@@ -156,7 +162,8 @@ class Plan:
             "dataset": r.dataset.describe(),
             "tokenization": {"tokenizer": r.tokenizer, "context_size": cfg.context_size,
                              "prepend_bos": cfg.prepend_bos, "bos_id": r.bos_id, "separator": cfg.separator,
-                             "separator_id": r.separator_id},
+                             "separator_id": r.separator_id, "eos_id": r.eos_id, "pad_id": r.pad_id,
+                             "vocab_size": r.vocab_size},
             "format_version": FORMAT_VERSION,
         }
 

@@ -9,12 +9,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actcache import environment, layout, manifest, records
-from actcache.errors import Failure
+from actcache.errors import ActcacheError, Failure
 from actcache.key import ShuffleKey, key_from_dict
 from actcache.store import DamagedFile, StoreRef
 
 if TYPE_CHECKING:
     import torch
+
+LAYOUTS = ("sequences", "rows")
+"""``sequences``: shards of whole sequences as extracted. ``rows``: shards of single token positions (e.g. a globally
+shuffled copy), each with the flat index of its row in the source set."""
 
 
 def split_set_url(url: str) -> tuple[str, str]:
@@ -30,9 +34,12 @@ def split_set_url(url: str) -> tuple[str, str]:
 class Shard:
     index: int
     activations: torch.Tensor
-    """``[n_seq, context_size, d]`` in the set's storage dtype."""
+    """``[n_seq, context_size, d]`` (layout ``sequences``) or ``[n_rows, d]`` (``rows``), in the storage dtype."""
     tokens: torch.Tensor
-    """``[n_seq, context_size]`` int32 token ids."""
+    """``[n_seq, context_size]`` or ``[n_rows]`` int32 token ids."""
+    positions: torch.Tensor | None = None
+    """``rows`` layout: ``[n_rows]`` int64, each row's flat index (sequence * context_size + position) in the set
+    it came from. None for ``sequences`` (there the position is the index itself)."""
 
 
 class Problem(str):
@@ -52,13 +59,30 @@ class ActivationSet:
         store_ref, self.set_id = StoreRef.of(url, storage_options, credentials_block).split()
         self.store = store_ref.open()
         self.url = self.store.url_of(self.set_id)
-        self.manifest = manifest.read(self.store, self.set_id)
-        self.key = key_from_dict(self.manifest["key"])
+        self.manifest = m = manifest.read(self.store, self.set_id)
+        self.key = key_from_dict(m["key"])
         self.bounds = records.Bounds.of(self.key)
-        self.records = list(records.records_of(self.manifest["shards"], self.bounds).values())
+        self.records = list(records.records_of(m["shards"], self.bounds).values())
+        self.layout: str = m.get("layout", "sequences")
+        if self.layout not in LAYOUTS:
+            raise ActcacheError(f"set {self.url} has layout {self.layout!r}, which this actcache cannot read "
+                                f"(it reads {', '.join(LAYOUTS)}); upgrade actcache")
+        rows = self.layout == "rows"
+        self.d: int = m["d"]
+        self.tokenization: dict[str, Any] = m.get("tokenization") or {}
+        self.context_size: int | None = self.tokenization.get("context_size") if rows else \
+            self.key.tokens.context_size
+        """Tokens per sequence of the extraction (None for a rows set whose manifest does not say)."""
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (a property: opening a set to list or check it imports no torch)."""
+        from actcache import shard
+
+        return shard.TORCH_DTYPES[self.manifest["dtype"] if self.layout == "rows" else self.key.dtype]
 
     @property
     def n_tokens(self) -> int:
@@ -80,10 +104,16 @@ class ActivationSet:
                 "tokens": (torch.int32, (record.n_seq, ctx))}
 
     def read(self, record: records.Record, *, verify: bool = False) -> Shard:
+        """One shard. Its tensors are views of the bytes read, with no copy (of the file's pages, memory-mapped
+        copy-on-write, on a local store)."""
         from actcache import shard
 
+        rel = f"{self.set_id}/{record.file}"
         try:
-            data = self.store.read_bytes(f"{self.set_id}/{record.file}", size=record.bytes)
+            data = self.store.read_mapped(rel, size=record.bytes)
+        except FileNotFoundError as e:
+            raise Failure(f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
+                          "and rerun the extraction to repair it") from e
         except DamagedFile as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}); rerun the extraction to "
                               "repair it") from e
@@ -94,7 +124,37 @@ class ActivationSet:
             t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))
         except Exception as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
-        return Shard(record.index, t["activations"], t["tokens"])
+        return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
+
+    def read_tokens(self, record: records.Record) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A shard's token ids, flat, and its positions (rows layout; else None). Uncompressed shards are read
+        only where these tensors lie (a few bytes per row); compressed ones whole."""
+        from actcache import shard
+
+        names = ("tokens", "positions") if self.layout == "rows" else ("tokens",)
+        if self.manifest["codec"] != "none":
+            s = self.read(record)
+            return s.tokens.reshape(-1), s.positions
+        rel = f"{self.set_id}/{record.file}"
+        expect = self.expect(record)
+        try:
+            head = self.store.read_range(rel, 0, min(record.bytes, 1 << 16))
+            if len(head) >= 8 and 8 + int.from_bytes(head[:8], "little") > len(head):  # a header above 64 KB
+                head = self.store.read_range(rel, 0, min(record.bytes, 8 + int.from_bytes(head[:8], "little")))
+            start, entries = shard.header(head, size=record.bytes)
+            out = {}
+            for name in names:
+                if name not in entries:
+                    raise ValueError(f"shard has no tensor {name!r} (has {sorted(entries)})")
+                dtype, shape, begin, end = entries[name]
+                out[name] = shard.tensor(self.store.read_range(rel, start + begin, start + end), dtype, shape)
+            shard.check(out, {k: expect[k] for k in names})
+        except FileNotFoundError as e:
+            raise Failure(f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
+                          "and rerun the extraction to repair it") from e
+        except ValueError as e:  # DamagedFile too
+            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
+        return out["tokens"].reshape(-1), out.get("positions")
 
     def __iter__(self) -> Iterator[Shard]:
         for r in self.records:

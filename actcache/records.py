@@ -62,7 +62,7 @@ class Bounds:
     d: int | None = None
     """Width of ``activations`` when known: then a re-hashed shard's header is checked too."""
     rows: bool = False
-    """A shuffled ("rows") set: one row per "sequence" of one token, no header check here (``tensors.read``)."""
+    """A shuffled ("rows") set: one row per "sequence" of one token; no header check here (``ActivationSet.read``)."""
 
     @classmethod
     def of(cls, key: Any, d: int | None = None) -> Bounds:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -66,14 +66,99 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
         raise ValueError(f"unknown codec {codec!r}")
     elif bounded:
         _check_header(_header(data, data[:8]), expect)
-    tensors = st_load(data)
+    return views(data, expect)
+
+
+_TORCH_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
+             "BOOL": torch.bool}
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+# torch.frombuffer warns (once per process) that a bytes object is read-only; the tensors made here own
+# their bytes object alone, so writing to them changes nothing anyone else sees.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
+
+
+def header(data: bytes | bytearray | memoryview, size: int | None = None
+           ) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+    """(offset where tensor data starts, {name: (dtype, shape, begin, end)}) of a
+    safetensors file of ``size`` bytes, validated as safetensors itself does: sizes match shapes, the tensors
+    tile the data and end where the file does.
+
+    ``data`` may be only the beginning of the file, as long as it holds the header.
+    """
+    buf = memoryview(data)
+    size = buf.nbytes if size is None else size
+    if buf.nbytes < 8:
+        raise ValueError("header too small: not a safetensors file")
+    n = int.from_bytes(buf[:8], "little")
+    if n > _MAX_HEADER or 8 + n > buf.nbytes:
+        raise ValueError(f"header too large: {n} bytes declared, {buf.nbytes - 8} present")
+    try:
+        parsed = json.loads(bytes(buf[8 : 8 + n]))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"invalid JSON in header ({e})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("invalid JSON in header (not an object)")
+    parsed.pop("__metadata__", None)
+    entries = {}
+    for name, info in parsed.items():
+        try:
+            dtype, shape, (begin, end) = _TORCH_OF[info["dtype"]], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"invalid header entry for tensor {name!r} ({type(e).__name__}: {e})") from None
+        if any(type(x) is not int or x < 0 for x in (*shape, begin, end)) or end < begin:
+            raise ValueError(f"invalid offset or shape for tensor {name!r}: {info['data_offsets']}, {shape}")
+        if 8 + n + end > size:
+            raise ValueError(f"invalid offset for tensor {name!r}: it ends beyond the file's {size} bytes")
+        numel = 1
+        for x in shape:
+            numel *= x
+        if numel * dtype.itemsize != end - begin:
+            raise ValueError(f"invalid shape for tensor {name!r}: {shape} does not fill its {end - begin} bytes")
+        entries[name] = (dtype, shape, begin, end)
+    covered = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if begin != covered:
+            raise ValueError(f"invalid offset for tensor {name!r}: tensors must tile the data without gaps")
+        covered = end
+    if 8 + n + covered != size:
+        raise ValueError(f"invalid offset: the tensors cover {covered} bytes of data, the file holds {size - 8 - n}")
+    return 8 + n, entries
+
+
+def views(data: bytes | bytearray | memoryview,
+          expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of ``data`` (no copy: they keep ``data`` alive).
+
+    Validated like ``safetensors.torch.load`` (see ``header``); ``expect`` maps tensor name to (dtype, shape
+    or None) and is enforced too.
+    """
+    start, entries = header(data)
+    tensors = {name: tensor(data, dtype, shape, start + begin) for name, (dtype, shape, begin, _) in entries.items()}
+    check(tensors, expect)
+    return tensors
+
+
+def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int], offset: int = 0) -> torch.Tensor:
+    """A view of ``data`` from ``offset`` as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    numel = 1
+    for x in shape:
+        numel *= x
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty tensors
+    return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
+
+
+def check(tensors: dict[str, torch.Tensor], expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None
+          ) -> None:
+    """Raise ValueError unless every tensor ``expect`` names is there with its dtype and shape (None: any)."""
     for name, (dtype, shape) in (expect or {}).items():
         t = tensors.get(name)
         if t is None:
             raise ValueError(f"shard has no tensor {name!r} (has {sorted(tensors)})")
         if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
-    return tensors
 
 
 def check_header(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actcache import manifest, moments, tensors
+from actcache import manifest, moments
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
 
@@ -22,7 +22,7 @@ def full_size(m: dict[str, Any]) -> int:
 
 
 def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
-    return moments.of(tensors.read(s, r)["activations"])
+    return moments.of(s.read(r, verify=True).activations)
 
 
 def compute(url: str, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None,

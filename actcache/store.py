@@ -14,9 +14,11 @@ processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
+import mmap
 import os
 import socket
 import stat
@@ -25,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -172,7 +174,17 @@ def _mtime(info: dict) -> float:
 
 # botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
 # for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
 _S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
+def _prefault(m: mmap.mmap) -> None:
+    """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
+    try:
+        m.madvise(_MADV_POPULATE_READ)  # Linux >= 5.14
+    except (OSError, AttributeError):  # older kernels: read ahead; no madvise (Windows): nothing to do
+        with contextlib.suppress(OSError, AttributeError):
+            m.madvise(mmap.MADV_WILLNEED)
 
 
 class Store:
@@ -303,6 +315,35 @@ class Store:
             raise DamagedFile(f"{self.url_of(rel)} has {len(data)} bytes, expected {size}")
         return data
 
+    def read_mapped(self, rel: str, *, size: int | None = None) -> mmap.mmap | bytes:
+        """The bytes of the regular file ``rel`` (exactly ``size`` of them when given) without a copy where the
+        store allows: a local file is memory-mapped (copy-on-write, so writes stay private) and its pages faulted
+        in now, straight from the page cache; new bytes otherwise (one GET on S3). Refused as ``read_bytes``
+        refuses links, FIFOs and devices.
+
+        A reader of a fresh copy pays the page faults of a new allocation, which cost more than the copy itself.
+        Files here are only ever replaced whole (temp + rename), never truncated in place, so a mapping stays valid.
+        """
+        if not self.local:
+            if size is not None:
+                return self.read_bytes(rel, size=size)  # one ranged GET
+            # One GET per file on S3 (s3fs would split a big object into concurrent ranges, then copy them into
+            # one): readers that want more in flight read several files at once.
+            with self._io("reading", rel):
+                return self.fs.cat_file(self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
+        with self._open_local(rel) as f:
+            n = os.fstat(f.fileno()).st_size
+            if size is not None and n != size:
+                raise DamagedFile(f"{self.url_of(rel)} has {n} bytes, expected {size}")
+            if n == 0:
+                return b""  # mmap refuses empty files
+            try:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        _prefault(m)
+        return m
+
     def read_range(self, rel: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the regular file ``rel`` (one ranged GET on object stores); locally refused
         as ``read_bytes`` refuses links, FIFOs and devices."""
@@ -313,6 +354,17 @@ class Store:
 
     def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
         """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
+        with self._open_local(rel) as f:
+            left = max(0, os.fstat(f.fileno()).st_size - start)
+            n = left if most is None else min(left, most)
+            try:
+                f.seek(start)
+                return f.read(n)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+
+    def _open_local(self, rel: str) -> BinaryIO:
+        """The regular file ``rel``, open for reading; a symlink below the root, a FIFO or device is refused."""
         path = self.path(rel)
         self._check_inside(rel, path)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -327,18 +379,12 @@ class Store:
             if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
                 raise DamagedFile(f"{self.url_of(rel)} is not a regular file; remove it: a rerun rewrites it") from e
             raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
-                                  "remove it: a rerun rewrites it")
-            left = max(0, st.st_size - start)
-            n = left if most is None else min(left, most)
-            try:
-                f.seek(start)
-                return f.read(n)
-            except OSError as e:
-                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
+                              "remove it: a rerun rewrites it")
+        return f
 
     def regular_path(self, rel: str, size: int) -> str:
         """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library

@@ -191,19 +191,10 @@ def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
 
     Written by the flow's own stages called in the flow's order, without Prefect (no server to start: the
     flow itself is tested in tests/flows and tests/tasks)."""
-    from actcache.config import ExtractConfig
-    from actcache.plan import make_plan
-    from tasks.compress import compress
-    from tasks.extract import extract
-    from tasks.manifest import write_manifest
-    from tasks.tokenize import tokenize
-    from tasks.upload import upload
+    from setwriter import extract_by_stages
 
-    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                        context_size=32, max_tokens=448, shard_tokens=128, batch_size=4,
-                        store=str(session_tmp / "extracted-set"), device="cpu")
-    plan = make_plan(cfg)
-    for work in tokenize.fn(plan):
-        for ref in extract.fn(plan, work):
-            upload.fn(plan, compress.fn(plan, ref))
-    return write_manifest.fn(plan)[0]
+    from actcache.config import ExtractConfig
+
+    return extract_by_stages(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
+                                           dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
+                                           batch_size=4, store=str(session_tmp / "extracted-set"), device="cpu"))

@@ -11,7 +11,7 @@ import torch
 from datasets import Array2D, Features, Sequence, Value, load_from_disk
 
 from actcache import cli, export, shuffle
-from actcache.reader import open_set
+from actcache.reader import Shard, open_set
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -76,7 +76,7 @@ def test_hf_export_of_a_shuffled_set_keeps_positions(source, tmp_path):
 
 def test_bfloat16_is_exported_as_float32():
     acts = torch.randn(2, 4, 8).to(torch.bfloat16)
-    pieces, _ = export._pieces("hf", {"activations": acts, "tokens": torch.zeros(2, 4, dtype=torch.int32)}, 4,
+    pieces, _ = export._pieces("hf", Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32)), 4,
                                np.dtype("float32"), (), 0)
     assert pieces[0]["acts"].dtype == np.float32
     assert np.array_equal(pieces[0]["acts"], acts.float().reshape(-1, 8).numpy())

@@ -71,10 +71,8 @@ def test_decode_checks_names_dtypes_and_shapes():
         shard.decode(data, codec="none", expect={"tokens": (torch.int32, (4, 8))})
     with pytest.raises(ValueError, match="no tensor"):
         shard.decode(data, codec="none", expect={"acts": (torch.float16, None)})
-    from safetensors import SafetensorError
-
-    with pytest.raises(SafetensorError):
-        shard.decode(data[:-10], codec="none")  # safetensors validates its own offsets
+    with pytest.raises(ValueError, match="invalid offset"):
+        shard.decode(data[:-10], codec="none")  # offsets are validated as safetensors does
 
 
 def test_stats_count_nan_and_inf():

@@ -70,6 +70,25 @@ def test_check_writable(tmp_path):
         Store(str(tmp_path / "f" / "sub")).check_writable()
 
 
+def test_ranged_and_mapped_reads(tmp_path):
+    from actcache.store import DamagedFile
+
+    store = Store(str(tmp_path))
+    store.write_bytes("s/f.bin", bytes(range(100)))
+    assert store.read_range("s/f.bin", 10, 13) == bytes([10, 11, 12])
+    mapped = store.read_mapped("s/f.bin")
+    assert bytes(mapped) == bytes(range(100))
+    mapped[0] = 255  # copy-on-write: the file is not touched
+    assert (tmp_path / "s" / "f.bin").read_bytes()[0] == 0
+    store.write_bytes("s/empty.bin", b"")
+    assert bytes(store.read_mapped("s/empty.bin")) == b""
+    with pytest.raises(FileNotFoundError):
+        store.read_mapped("s/missing.bin")
+    assert bytes(store.read_mapped("s/f.bin", size=100)) == bytes(range(100))
+    with pytest.raises(DamagedFile, match="has 100 bytes, expected 99"):
+        store.read_mapped("s/f.bin", size=99)
+
+
 def test_store_ref_is_one_picklable_value_that_opens_the_store(tmp_path):
     import pickle
 
@@ -145,7 +164,8 @@ def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kin
     store = Store(str(root))
     rel = "s/shards/000000.safetensors"
     for read in (lambda: store.read_bytes(rel), lambda: store.read_bytes(rel, size=10),
-                 lambda: store.read_json(rel)):
+                 lambda: store.read_json(rel), lambda: store.read_mapped(rel), lambda: store.read_mapped(rel, size=10),
+                 lambda: store.read_range(rel, 0, 4)):
         out = _read_in_thread(read)
         assert isinstance(out.get("error"), DamagedFile), (kind, out)
         assert "\n" not in str(out["error"]) and str(root) in str(out["error"])

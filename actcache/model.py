@@ -27,7 +27,7 @@ _SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "
 _HUB_WEIGHTS = ("*.safetensors", "*.bin")
 """The weight formats fetched from a hub commit, in order of preference (only the first the commit has)."""
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-_FACTS_VERSION = 2  # bump when ResolvedModel._read_facts changes what it returns
+_FACTS_VERSION = 3  # bump when ResolvedModel._read_facts changes what it returns
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,9 @@ class ResolvedModel:
     @property
     def facts(self) -> dict[str, Any]:
         """What a plan needs of the config and tokenizer: layers, width, context limit, architecture, tokenizer
-        fingerprint and special ids. Kept on disk under a hash of what they are read from (weights fingerprint or
-        commit, other files, transformers and tokenizers versions), so a rerun plans without importing transformers
-        (~3 s) or loading either."""
+        fingerprint, special ids and vocabulary size. Kept on disk under a hash of what they are read from (weights
+        fingerprint or commit, other files, transformers and tokenizers versions), so a rerun plans without
+        importing transformers (~3 s) or loading either."""
         def remembered() -> dict[str, Any]:
             from importlib.metadata import version
 
@@ -80,7 +80,8 @@ class ResolvedModel:
                  "model_type": getattr(self.config, "model_type", None)}
         tok = self.tokenizer
         return {**facts, "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
-                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                "vocab_size": len(tok)}
 
     @property
     def config(self) -> Any:

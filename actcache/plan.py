@@ -68,9 +68,9 @@ def resolve(cfg: ExtractConfig) -> Resolved:
         raise ActcacheError(f"{opt('context_size')} {cfg.context_size} is above the maximum of {model.max_context} "
                             f"tokens for {cfg.model!r}; lower {opt('context_size')}")
     bos, sep = special_ids(cfg, model)
-    tok = model.tokenizer
-    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks, tok.eos_token_id,
-                    tok.pad_token_id, len(tok))
+    f = model.facts  # the tokenizer's, remembered: no loading
+    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks, f["eos_token_id"],
+                    f["pad_token_id"], f["vocab_size"])
 
 
 def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]:

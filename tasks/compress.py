@@ -1,11 +1,11 @@
-"""Stage 3: cast to the storage dtype, serialize as safetensors, apply the codec."""
+"""Stage 3: statistics of the shard, then the codec, from the shard file's own buffer."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, shard
+from actcache import faults, handoff, shard, shardfile
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
@@ -15,20 +15,23 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
     hook_set = plan.hook_set(ref.hook)
     key = hook_set.key
-    tokens, acts = handoff.get(ref.handle)
-    cast = acts.to(shard.TORCH_DTYPES[key.dtype])
-    enc = shard.encode({"activations": cast, "tokens": tokens},
-                       codec=key.codec, level=key.codec_level,
-                       metadata={"set_id": key.id, "hook": key.hook, "index": str(ref.index)})
+    f: shardfile.ShardFile = handoff.get(ref.handle)
+    acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
+    # Everything computed from the activations goes here, before the codec (which may release them).
+    extra = {
+        "set_id": key.id,
+        "stats": shard.stats(acts),
+        "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
+    }
+    del acts
+    payload = shardfile.encode(f, codec=key.codec, level=key.codec_level)
     handoff.drop(ref.handle)
     faults.point("compress.encoded")
     n_tokens = ref.n_seq * key.tokens.context_size
-    extra = {
-        "set_id": key.id,
-        "stats": shard.stats(cast),
-        "raw_bytes": enc.raw_bytes,
-        "codec_ratio": round(enc.raw_bytes / len(enc.data), 4),
-        "bytes_per_token": round(len(enc.data) / n_tokens, 2),
-        "hook_shape": list(hook_set.hook_shape or [cast.shape[-1]]),
+    nbytes = len(payload.data)
+    extra |= {
+        "raw_bytes": payload.raw_bytes,
+        "codec_ratio": round(payload.raw_bytes / nbytes, 4),
+        "bytes_per_token": round(nbytes / n_tokens, 2),
     }
-    return PackedRef(handoff.put(enc.data), ref.hook, ref.index, ref.n_seq, enc.sha256, len(enc.data), extra)
+    return PackedRef(handoff.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff
-from actcache.extraction import extractor_for
+from actcache import faults, handoff, shard
+from actcache.extraction import extractor_for, pick_device
 from actcache.plan import Plan, model_for
+from actcache.shardfile import ShardFile
 from actcache.tokens import ShardWork
 from tasks.refs import ActivationsRef
 
@@ -22,6 +24,24 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     cfg = plan.config
     step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
                          device=cfg.device, out_dtype=cfg.dtype)
-    acts = step(tokens)
+    pinned = pick_device(cfg.device).startswith("cuda")
+    files: dict[str, ShardFile] = {}
+
+    def shard_file(hook: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Where the forward pass writes ``hook``'s activations: the stored file's own buffer."""
+        key = plan.hook_set(hook).key
+        f = ShardFile({"activations": (shard.TORCH_DTYPES[key.dtype], shape),
+                       "tokens": (tokens.dtype, tuple(tokens.shape))},
+                      {"set_id": key.id, "hook": key.hook, "index": str(work.index)}, pinned=pinned)
+        f.tensors["tokens"].copy_(tokens)
+        files[hook] = f
+        return f.tensors["activations"]
+
+    try:
+        step(tokens, into=shard_file)
+    except BaseException:
+        for f in files.values():
+            f.release()
+        raise
     faults.point("extract.forward-done")
-    return [ActivationsRef(handoff.put((tokens, acts[h])), h, work.index, work.n_seq) for h in hooks]
+    return [ActivationsRef(handoff.put(files[h]), h, work.index, work.n_seq) for h in hooks]

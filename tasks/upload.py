@@ -26,12 +26,14 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
     key = plan.hook_set(ref.hook).key
     rel = layout.shard_file(ref.index, key.codec)
     store = plan.store
-    store.write_bytes(f"{key.id}/{rel}", handoff.get(ref.handle))
+    payload = handoff.get(ref.handle)
+    store.write_bytes(f"{key.id}/{rel}", payload.data)  # from the buffer it lies in (a retry writes it again)
     faults.point("upload.shard-written")
     record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,
                             ref.bytes, ref.extra)
     records.write_record(store, key.id, record)
     faults.point("upload.record-written")
     handoff.drop(ref.handle)
+    payload.release()  # as soon as the record is in: the next shard may reuse a pinned buffer
     memory.release()
     return record

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcache import layout, memory, records
+from actcache import layout, memory, records, sizing
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction import HF_SDPA, extractor_for, forward_engine
@@ -145,7 +145,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     source = source_for(cfg)
     tkey = TokensKey(dataset=source.fingerprint, tokenizer=model.tokenizer_fingerprint, text_column=cfg.text_column,
                      context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=sep,
-                     seqs_per_shard=cfg.seqs_per_shard)
+                     seqs_per_shard=sizing.seqs_per_shard(cfg, model.config))
     shards = TokenCache(store, tkey).plan(cfg.target_seqs)
     sets = []
     for hook in cfg.hooks:
@@ -165,6 +165,7 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
     if plan.missing and load_model:
+        sizing.check_memory(cfg, tkey.seqs_per_shard, [sizing.hook_width(h, model.config) for h in cfg.hooks])
         # Work to do: the model is needed anyway, so check the hooks against its real names now. Hooks the
         # hf-sdpa engine serves are valid by their pattern (layer checked above): the bridge loads only for others.
         slow = [h for h in cfg.hooks if forward_engine(h, model) != HF_SDPA]

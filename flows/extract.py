@@ -11,15 +11,13 @@ from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
 from actcache.progress import Progress, Window
+from actcache.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from tasks.compress import compress
 from tasks.extract import extract
 from tasks.manifest import summarize, write_manifest
 from tasks.plan import plan_extraction, skip_cached
 from tasks.tokenize import tokenize
 from tasks.upload import upload
-
-# Shards compressed/uploaded while the next one is extracted: bounds memory to a few shards.
-IN_FLIGHT = 2
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))

@@ -68,6 +68,8 @@ CASES = [
     ("--dataset", _other_column, "its columns are ['body', 'id']"),
     ("--max-tokens", "10", "below one context"),
     ("--max-tokens", "lots", "invalid int value"),
+    ("--shard-bytes", "4096 --shard-tokens 0", "--shard-bytes must be at least 1 MiB"),
+    ("--batch-size", "-1", "--batch-size must be at least 1 (or 0: automatic)"),
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),

@@ -165,7 +165,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     }
     plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
     if plan.missing and load_model:
-        sizing.check_memory(cfg, tkey.seqs_per_shard, [sizing.hook_width(h, model.config) for h in cfg.hooks])
+        sizing.check_memory(cfg, max(w.n_seq for w in plan.missing),
+                            [sizing.hook_width(h, model.config) for h in cfg.hooks])
         # Work to do: the model is needed anyway, so check the hooks against its real names now. Hooks the
         # hf-sdpa engine serves are valid by their pattern (layer checked above): the bridge loads only for others.
         slow = [h for h in cfg.hooks if forward_engine(h, model) != HF_SDPA]

@@ -100,7 +100,8 @@ def human(n: float) -> str:
 
 
 def check_memory(cfg: Any, n_seq: int, widths: list[int]) -> None:
-    """Refuse, before anything is written or loaded, shards that cannot all be held at once here.
+    """Refuse, before anything is written or loaded, shards (of ``n_seq`` sequences, for hooks of these widths)
+    that cannot all be held at once here.
 
     Per hook the process holds the shard being filled, and up to IN_FLIGHT shards being compressed or written;
     with a codec each of those may also hold its compressed copy.

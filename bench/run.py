@@ -659,6 +659,8 @@ def memory_child(spec_json: str) -> None:
     cfg = flow_config(Path(spec["src"]), Path(spec["work"]), 8, spec["ctx"], spec["shard_tokens"] // spec["ctx"],
                       spec["shards"], "cpu", hook=spec["hook"], dtype=spec["dtype"], codec=spec["codec"],
                       codec_level=1)
+    need = spec["shard_tokens"] * spec["shards"]
+    cfg = cfg.replace(dataset=str(big_corpus(Path(spec["work"]), max(1, -(-need // 90_000)))))
     from flows.extract import extract_activations
 
     t = time.perf_counter()

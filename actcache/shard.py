@@ -131,8 +131,10 @@ def _payload_limit(expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]]
     return total
 
 
-STATS_CHUNK_BYTES = 16 << 20
-"""float32 scratch for the stats: rows are upcast this much at a time, not the whole shard at once."""
+STATS_CHUNK_BYTES = 1 << 20
+"""float32 scratch for the stats: rows are upcast this much at a time, not the whole shard at once. Small: a
+16 MiB scratch, allocated on a pool thread beside the forward pass's batches, fragmented glibc's heaps by about
+the size of a shard (bench: memory)."""
 
 
 def stats(acts: torch.Tensor) -> dict[str, float | int]:

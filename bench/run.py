@@ -624,20 +624,20 @@ MEMORY_REGIMES = {"forward": ("blocks.0.hook_resid_post", 2), "fast": ("blocks.0
 
 
 def build_wide_model(width: int) -> Path:
-    """One GPT-2 block of width ``width`` (MLP width ``width`` too, to keep the forward pass short), random
-    weights, the demo's 512-token BPE tokenizer."""
+    """One GPT-2 block of width ``width`` (MLP width 1024 whatever the width, to keep the forward pass short: its
+    compute is not what this measures), random weights, the demo's 512-token BPE tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from actcache import demo
     from actcache.fingerprint import cache_dir
 
-    out = cache_dir() / "bench" / f"gpt2-w{width}-1l"
+    out = cache_dir() / "bench" / f"gpt2-w{width}-1l-mlp1024"
     if (out / "config.json").exists():
         return out
     tok = demo.train_tokenizer(demo.corpus_lines())
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=width, n_layer=1, n_head=width // 64, n_inner=width, vocab_size=len(tok),
+    cfg = GPT2Config(n_embd=width, n_layer=1, n_head=width // 64, n_inner=1024, vocab_size=len(tok),
                      n_positions=1024, bos_token_id=0, eos_token_id=0)
     model = AutoModelForCausalLM.from_config(cfg)
     tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent))

@@ -109,13 +109,15 @@ class _Batched:
         size = self.batch_size or (max(1, AUTO_BATCH_TOKENS // context) if self.adaptive else CPU_BATCH)
         return max(1, min(size, n_seq, _FITS.get(self._fits_key(context), size)))
 
-    def __call__(self, tokens: torch.Tensor,
-                 into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
         """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU.
 
         Each batch is cast to its destination's dtype as it completes (on the device on CUDA) and written in
         place: into the tensor ``into(hook, shape)`` returns (a shard file's view), or else into a new host
         tensor in ``out_dtype`` (as computed when None). No list of pieces, no cat, no float32 copy of a shard.
+        ``finite``, if given, gets {hook: whether the activations as computed, before that cast, were all
+        finite}: once cast, an Inf from an overflow of the storage dtype looks like one the model produced.
         """
         cuda = self.device.type == "cuda"
         if cuda and not tokens.is_pinned():
@@ -123,6 +125,7 @@ class _Batched:
         n_seq, context = tokens.shape
         size = self.batch_for(n_seq, context)
         outs: dict[str, torch.Tensor] = {}
+        bad: dict[str, torch.Tensor] = {}  # {hook: 0-d bool on the device}: read once, after the sync below
         start = 0
         with torch.inference_mode():
             while start < n_seq:
@@ -147,12 +150,17 @@ class _Batched:
                         # Pinned on CUDA so that the device-to-host copies are asynchronous (no sync per batch).
                         dest = outs[h] = into(h, shape) if into is not None else torch.empty(
                             shape, dtype=self.out_dtype or act.dtype, pin_memory=cuda)
+                    if finite is not None:
+                        nonfinite = ~torch.isfinite(act).all()
+                        bad[h] = bad[h] | nonfinite if h in bad else nonfinite
                     if cuda and act.dtype != dest.dtype:
                         act = act.to(dest.dtype)  # cast on the device: fewer bytes over PCIe, same values
                     dest[start : start + len(batch)].copy_(act, non_blocking=cuda)
                 start += len(batch)
         if cuda:
             torch.cuda.synchronize(self.device)  # once per shard, before the host buffers are read
+        if finite is not None:
+            finite.update({h: not bool(b) for h, b in bad.items()})
         return outs
 
     def _smaller(self, size: int, context: int, error: str) -> int:
@@ -282,9 +290,9 @@ class MultiExtractor:
     def hook_shapes(self) -> dict[str, list[int]]:
         return {h: s for p in self.parts for h, s in p.hook_shapes().items()}
 
-    def __call__(self, tokens: torch.Tensor,
-                 into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        return {h: a for p in self.parts for h, a in p(tokens, into).items()}
+    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
+        return {h: a for p in self.parts for h, a in p(tokens, into, finite).items()}
 
 
 def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",

@@ -97,6 +97,8 @@ class ShardFile:
         self.start = len(head)
         self.size = self.start + max((end for _, end in spans.values()), default=0)
         self.pinned = pinned
+        self.source_finite = True
+        """Whether the activations were all finite as computed, before the cast to the storage dtype."""
         self.itemsize = specs["activations"][0].itemsize if "activations" in specs else 1
         self.buffer: torch.Tensor | None = POOL.take(self.size, pinned)
         self.buffer[: self.start].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))

@@ -37,11 +37,14 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
         files[hook] = f
         return f.tensors["activations"]
 
+    finite: dict[str, bool] = {}
     try:
-        step(tokens, into=shard_file)
+        step(tokens, into=shard_file, finite=finite)
     except BaseException:
         for f in files.values():
             f.release()
         raise
+    for h, f in files.items():
+        f.source_finite = finite.get(h, True)
     faults.point("extract.forward-done")
     return [ActivationsRef(handoff.put(files[h]), h, work.index, work.n_seq) for h in hooks]

@@ -50,8 +50,8 @@ class ExtractConfig:
     passing --shard-tokens 262144."""
     shard_bytes: int = 1 << 28
     """Target size of a shard before the codec, in bytes, when --shard-tokens is 0 (the widest hook of a pass sets
-    it). 256 MiB: the flow adds ~20-40 ms per shard to the forward pass's path, under 2% of the ~1.7 s a GPU
-    takes to produce 256 MiB at 100k tokens/s of d=768 (bench/RESULTS.md), and a process holds 1-3 shards."""
+    it). 256 MiB: the flow adds ~20-40 ms per shard to the forward pass's path, about 2 percent of the ~1.7 s a
+    GPU takes to produce 256 MiB at 100k tokens/s of d=768 (bench/RESULTS.md), and a process holds 1-3 shards."""
     batch_size: int = 0
     """Sequences per forward pass; 0: automatic (on CUDA the most that fit, from 2^16 tokens per pass down, found
     once per process and halved on an out-of-memory error; 8 on CPU)."""

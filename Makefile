@@ -1,5 +1,6 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
 # make test  -> the test suite (what CI runs)
+# make test-fast -> the inner loop: everything but the slow crash/deployment/S3-fault/demo tests (-m "not slow")
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # The CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build. On a GPU machine use
@@ -12,7 +13,7 @@ DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192 --store $(DEMO_STORE)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

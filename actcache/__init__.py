@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset"]
+__all__ = ["extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset", "forever"]
 
 if TYPE_CHECKING:
     from actcache.api import extract
     from actcache.config import ExtractConfig
     from actcache.dataset import ActivationDataset
+    from actcache.endless import forever
     from actcache.errors import ActcacheError
     from actcache.reader import open_set
 
@@ -36,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from actcache.dataset import ActivationDataset
 
         return ActivationDataset
+    if name == "forever":
+        from actcache.endless import forever
+
+        return forever
     raise AttributeError(name)

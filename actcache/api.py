@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actcache import tempserver
+from actcache import errors, tempserver
 from actcache.config import ExtractConfig
 from actcache.plan import make_plan
 
@@ -18,10 +18,13 @@ def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[s
     """
     tempserver.start()  # boots while the plan loads the model
     cfg = config.replace(**options) if config else ExtractConfig(**options)
-    make_plan(cfg)
+    plan = make_plan(cfg)
     from flows.extract import extract_activations
 
-    with tempserver.prefect_api():
-        state = extract_activations(cfg, return_state=True)
-    urls = state.result(raise_on_failure=True)
+    # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
+    # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
+    # The flow gets the names resolved here, pinned: it computes the same sets.
+    with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
+        state = extract_activations(plan.pinned_config, return_state=True)
+        urls = state.result(raise_on_failure=True)
     return urls[0] if len(urls) == 1 else urls

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
 import typing
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache import errors
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,9 +49,44 @@ def _add_store_options(p: argparse.ArgumentParser, prefix: str = "", what: str =
                    help=f"Prefect AwsCredentials block for {what} (default: the AWS chain)")
 
 
+def _store_ref(args: argparse.Namespace, url: str, prefix: str = ""):
+    """The store (or set) at ``url`` with the options and credentials block given as flags."""
+    from actcache.config import parse_storage_options
+    from actcache.store import StoreRef
+
+    prefix = prefix.replace("-", "_")
+    return StoreRef(url, parse_storage_options(getattr(args, f"{prefix}storage_options")),
+                    getattr(args, f"{prefix}aws_credentials_block"))
+
+
+EXIT_CODES = ("exit codes: 0 success; 1 failure (storage or network failed, Prefect API lost, a damaged set): rerun "
+              "to resume; 2 bad input: the one-line error says what to fix, and nothing was written. --debug (or "
+              "ACTCACHE_TRACEBACK=1) also prints the whole chain of causes.")
+
+
+def _add_exclusion_options(p: argparse.ArgumentParser) -> None:
+    ex = p.add_mutually_exclusive_group()
+    ex.add_argument("--exclude-special-tokens", action="store_true",
+                    help="leave out rows whose token is BOS, EOS, pad or the separator (as the manifest records)")
+    ex.add_argument("--exclude-ids", metavar="ID,ID", help="leave out rows whose token id is one of these")
+
+
+def _exclusion(args: argparse.Namespace) -> dict[str, Any]:
+    from actcache.exclude import parse_ids
+
+    return {"exclude_special": args.exclude_special_tokens,
+            "exclude_ids": parse_ids(args.exclude_ids) if args.exclude_ids else []}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.")
+    p = _Parser(prog="actcache", description="Extract one transformer hook's activations into cached shards.",
+                epilog=EXIT_CODES)
+    p.add_argument("--debug", action="store_true", help="on an error, also print its whole chain of causes")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command too (SUPPRESS: no default there)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, also print its whole chain of causes")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common], epilog=EXIT_CODES)  # type: ignore[method-assign]
     ex = sub.add_parser("extract", help="extract a hook's activations (reruns skip stored shards)")
     _add_config_options(ex)
     ls = sub.add_parser("ls", help="list the sets in a store")
@@ -70,6 +106,35 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--jobs", type=int, default=4, help="shards copied at once (default: 4)")
     cp.add_argument("--verify-existing", action="store_true",
                     help="re-hash shards already at the destination instead of trusting size and record")
+    sh = sub.add_parser("shuffle", help="write a globally shuffled copy of a set (a new set; reruns skip it)")
+    sh.add_argument("set", help="set URL: <store>/<set_id>")
+    sh.add_argument("--seed", type=int, default=0, help="fixes the permutation (default: 0)")
+    sh.add_argument("--out", metavar="STORE", help="store for the shuffled set (default: the source's store)")
+    sh.add_argument("--shard-rows", type=int, help="rows per output shard (default: the source's tokens per shard)")
+    sh.add_argument("--bucket-rows", type=int, default=1 << 20,
+                    help="rows gathered at once in the second pass (default: 2^20); memory is about four times this "
+                         "many rows plus three output shards, and it never changes the result")
+    sh.add_argument("--jobs", type=int, default=8, help="ranged reads in flight (default: 8)")
+    _add_exclusion_options(sh)
+    _add_store_options(sh)
+    _add_store_options(sh, prefix="out-", what="the output store")
+    exp = sub.add_parser("export", help="write a set as a Hugging Face datasets folder (SAELens's or flat)")
+    exp.add_argument("set", help="set URL: <store>/<set_id>")
+    exp.add_argument("out", help="a new local folder (refused if it exists)")
+    exp.add_argument("--format", required=True, choices=("saelens", "hf"),
+                     help="saelens: SAELens's cached activations (one row per sequence); hf: one row per token")
+    _add_exclusion_options(exp)
+    _add_store_options(exp)
+    pu = sub.add_parser("push", help="upload a set to the Hugging Face Hub as a dataset repo (reruns resume)")
+    pu.add_argument("set", help="set URL: <store>/<set_id>")
+    pu.add_argument("repo_id", help="dataset repo, e.g. user/gpt2-l6-resid (created if missing)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    _add_store_options(pu)
+    st = sub.add_parser("stats", help="print a set's normalisation statistics (computed once if missing)")
+    st.add_argument("set", help="set URL: <store>/<set_id>")
+    st.add_argument("--json", action="store_true", help="print the manifest's whole stats object as JSON")
+    _add_store_options(st)
     hk = sub.add_parser("hooks", help="list a model's valid hook names")
     hk.add_argument("model")
     hk.add_argument("--revision")
@@ -87,8 +152,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(ExtractConfig)}
     opts["storage_options"] = parse_storage_options(args.storage_options)
     urls = extract(ExtractConfig(**opts))
-    print("\n".join([urls] if isinstance(urls, str) else urls))
+    urls = [urls] if isinstance(urls, str) else urls
+    _warn_non_finite(urls, opts["storage_options"], args.aws_credentials_block)
+    print("\n".join(urls))
     return 0
+
+
+def _warn_non_finite(urls: list[str], options: dict, block: str | None) -> None:
+    from actcache.reader import open_set
+
+    for url in urls:
+        line = open_set(url, options, credentials_block=block).non_finite()
+        if line:
+            print(f"actcache: warning: {url}: {line}", file=sys.stderr)
 
 
 def _human(n: float) -> str:
@@ -101,11 +177,8 @@ def _human(n: float) -> str:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from actcache import layout, manifest
-    from actcache.config import parse_storage_options
-    from actcache.store import Store
 
-    store = Store(args.store, parse_storage_options(args.storage_options),
-                  credentials_block=args.aws_credentials_block)
+    store = _store_ref(args, args.store).open()
     store.check_reachable()
     rows = []
     for name in store.list_dirs():
@@ -113,12 +186,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
             continue
         try:
             m = manifest.read(store, name)
-        except ActcacheError:
-            rows.append((name, "?", "?", "-", "-", "in progress (no manifest yet)"))
+        except manifest.NoManifest:
+            rows.append((name, "?", "?", "-", "-", "-", "in progress (no manifest yet)"))
+            continue
+        except errors.ActcacheError as e:  # one damaged set must not hide the others
+            rows.append((name, "?", "?", "-", "-", "-", f"damaged: {e}"))
             continue
         state = "complete" if m.get("complete") else "partial"
-        rows.append((name, m["model"]["name"], m["hook"], str(m["n_tokens"]), _human(m["bytes"]), state))
-    header = ("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "STATE")
+        nf = manifest.non_finite(m["shards"])
+        bad = f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
+        model = m.get("model", {}).get("name") if isinstance(m.get("model"), dict) else None
+        rows.append((name, str(model or "?"), m["hook"], str(m["n_tokens"]), _human(m["bytes"]), bad, state))
+    header = ("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
@@ -126,21 +205,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace):
-    from actcache.config import parse_storage_options
     from actcache.reader import open_set
 
-    return open_set(args.set, parse_storage_options(args.storage_options), credentials_block=args.aws_credentials_block)
+    return open_set(_store_ref(args, args.set))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from actcache import manifest, records
+
     s = _open(args)
     m = dict(s.manifest)
     shards = m.pop("shards")
     m.pop("key")
+    m.pop(records.SEAL, None)
+    m["non_finite"] = {**m.get("non_finite", {}), **manifest.non_finite(shards)}  # also for older manifests
     if args.shards:
         m["shards"] = shards
     print(json.dumps(m, indent=2))
+    line = s.non_finite()
+    if line:
+        print(f"actcache: warning: {s.url}: {line}", file=sys.stderr)
+    _warn_mixed(s)
     return 0
+
+
+def _warn_mixed(s) -> None:
+    """One warning line when the set's shards were written by different software or devices."""
+    mixed = s.environments()
+    if mixed:
+        print(f"actcache: warning: {s.url}: its shards were computed in different environments (numerics may "
+              f"differ in the last bits): {'; '.join(mixed.values())}", file=sys.stderr)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -148,9 +242,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems = s.verify()
     for p in problems:
         print(f"{s.url}: {p}", file=sys.stderr)
+    line = s.non_finite()
+    if line:
+        print(f"actcache: warning: {s.url}: {line}", file=sys.stderr)
+    _warn_mixed(s)
     if problems:
-        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards; rerun the same extract to repair",
-              file=sys.stderr)
+        if s.manifest.get("layout") == "rows":  # a shuffled copy: its own command rewrites what is damaged
+            rerun = "delete it and rerun the same `actcache shuffle`"
+        else:
+            how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
+            rerun = f"rerun the same extract{how}"
+        gone = len(s.missing())
+        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
+              + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
+              + f"; {rerun} to repair", file=sys.stderr)
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
     return 0
@@ -159,19 +264,80 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_cp(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from actcache.config import parse_storage_options
     from actcache.copy import copy_set
 
     progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
-    result = copy_set(args.src, args.dest, src_options=parse_storage_options(args.storage_options),
-                      dest_options=parse_storage_options(args.dest_storage_options),
-                      src_credentials_block=args.aws_credentials_block,
-                      dest_credentials_block=args.dest_aws_credentials_block, jobs=args.jobs,
+    result = copy_set(_store_ref(args, args.src), _store_ref(args, args.dest, "dest-"), jobs=args.jobs,
                       verify_existing=args.verify_existing, on_shard=lambda _: progress.update())
     progress.close()
     print(f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
           file=sys.stderr)
     print(result.url)
+    return 0
+
+
+def cmd_shuffle(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.shuffle import shuffle_set
+
+    progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
+    result = shuffle_set(args.set, out=args.out, seed=args.seed, rows_per_shard=args.shard_rows, **_exclusion(args),
+                         bucket_rows=args.bucket_rows, jobs=args.jobs,
+                         storage_options=parse_storage_options(args.storage_options),
+                         credentials_block=args.aws_credentials_block,
+                         out_storage_options=parse_storage_options(args.out_storage_options),
+                         out_credentials_block=args.out_aws_credentials_block,
+                         on_step=lambda _: progress.update())
+    progress.close()
+    state = "already complete" if result.skipped else "written"
+    print(f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache.config import parse_storage_options
+    from actcache.export import export_set
+
+    progress = tqdm(unit="shard", desc="export", file=sys.stderr)
+    result = export_set(args.set, args.out, format=args.format, **_exclusion(args),
+                        storage_options=parse_storage_options(args.storage_options),
+                        credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from actcache.config import parse_storage_options
+    from actcache.push import push_set
+
+    result = push_set(args.set, args.repo_id, private=args.private, revision=args.revision,
+                      storage_options=parse_storage_options(args.storage_options),
+                      credentials_block=args.aws_credentials_block)
+    print(f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
+          file=sys.stderr)
+    print(result.url)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from actcache import stats
+    from actcache.config import parse_storage_options
+
+    progress = tqdm(unit="shard", desc="stats", file=sys.stderr)
+    result = stats.compute(args.set, parse_storage_options(args.storage_options),
+                           credentials_block=args.aws_credentials_block, on_shard=lambda _: progress.update())
+    progress.close()
+    print(json.dumps(result, indent=1) if args.json else stats.summary(result, len(result["mean"] or [])))
     return 0
 
 
@@ -193,38 +359,19 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
     handler: Any = {"extract": cmd_extract, "ls": cmd_ls, "show": cmd_show, "verify": cmd_verify,
-                    "cp": cmd_cp, "hooks": cmd_hooks}[args.command]
-    try:
-        return handler(args)
-    except ActcacheError as e:
-        print(f"actcache: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("ACTCACHE_TRACEBACK"):
-            raise
-        message = unexpected(e)
-        print(f"actcache: error: {message}", file=sys.stderr)
-        if message.startswith("lost the Prefect API"):
-            # Prefect's exit handlers would retry the dead API for seconds and log after our line.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
-        return 1
-
-
-def unexpected(e: BaseException) -> str:
-    """One line for a failure that is not the user's input (lost Prefect API, a bug): what, and what now."""
-    names = {t.__name__ for t in type(e).__mro__}
-    if names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError", "PrefectHTTPStatusError"}:
-        api = os.environ.get("PREFECT_API_URL") or "Prefect's temporary server"
-        return (f"lost the Prefect API ({api}: {type(e).__name__}); start it again and rerun the same command: "
-                "finished shards are kept")
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return (f"{type(e).__name__}: {first} (rerun the same command to resume; ACTCACHE_TRACEBACK=1 shows the "
-            "traceback)")
+                    "cp": cmd_cp, "hooks": cmd_hooks, "stats": cmd_stats,
+                    "shuffle": cmd_shuffle, "export": cmd_export, "push": cmd_push}[args.command]
+    with errors.debugging(args.debug):
+        try:
+            return handler(args)
+        except (Exception, KeyboardInterrupt) as e:
+            code = errors.report(e, debug=errors.debug_requested())
+            if errors.user_error(e) is None and errors.lost_api(e):
+                # Prefect's exit handlers would retry the dead API for seconds and log after our line.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
+            return code
 
 
 if __name__ == "__main__":

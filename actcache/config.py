@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from actcache.demo import DEMO_DATASET, DEMO_MODEL
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.key import CODECS, DTYPES
+
+if TYPE_CHECKING:
+    from actcache.store import StoreRef
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ class ExtractConfig:
     store: str = "./activations"
     """Where sets are written: a local folder or any fsspec URL (s3://bucket/prefix)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
-    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials."""
+    """JSON object passed to fsspec for the store and dataset (e.g. {"endpoint_url": "..."}); never credentials
+    (refused at any depth: use the AWS chain, {"profile": NAME} or --aws-credentials-block)."""
     aws_credentials_block: str | None = None
     """Name of a Prefect AwsCredentials block for an s3:// store (otherwise the AWS chain: env, profile, role)."""
     device: str = "auto"
@@ -74,7 +79,8 @@ class ExtractConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub to run (off unless asked; recorded in the manifest)."""
     verify_existing: bool = False
-    """Re-hash existing shards instead of trusting size and modification time."""
+    """Re-hash every stored shard, token shard and completion record instead of trusting sizes and modification
+    times (what `actcache verify` asks for when only hashing can see the damage)."""
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
@@ -82,28 +88,37 @@ class ExtractConfig:
         _check_choice("codec", self.codec, CODECS)
         _check_choice("separator", self.separator, ("eos", "bos", "none"))
         if self.context_size < 2:
-            raise ActcacheError(f"--context-size must be at least 2, got {self.context_size}")
+            raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
         if self.max_tokens < self.context_size:
-            raise ActcacheError(f"--max-tokens {self.max_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --max-tokens or lower --context-size")
+            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
+                                f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")
         if self.shard_tokens and self.shard_tokens < self.context_size:
-            raise ActcacheError(f"--shard-tokens {self.shard_tokens} is below one context of {self.context_size} "
-                                "tokens; raise --shard-tokens (or 0 to size shards by --shard-bytes)")
+            raise ActcacheError(f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
+                                f"{self.context_size} tokens; raise {opt('shard_tokens')} (or 0 to size shards by "
+                                f"{opt('shard_bytes')})")
         if self.shard_bytes < 1 << 20:
-            raise ActcacheError(f"--shard-bytes must be at least 1 MiB (1048576), got {self.shard_bytes}")
+            raise ActcacheError(f"{opt('shard_bytes')} must be at least 1 MiB (1048576), got {self.shard_bytes}")
         if self.batch_size < 0:
-            raise ActcacheError(f"--batch-size must be at least 1 (or 0: automatic), got {self.batch_size}")
+            raise ActcacheError(f"{opt('batch_size')} must be at least 1 (or 0: automatic), got {self.batch_size}")
         if self.codec != "none" and not 1 <= self.codec_level <= 22:
-            raise ActcacheError(f"--codec-level must be 1..22 for {self.codec}, got {self.codec_level}")
+            raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
-            raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+            raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
         _check_no_secrets(self.storage_options)
         if not isinstance(self.hook, str) or not all(self.hooks):
-            raise ActcacheError("--hook needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post")
+            raise ActcacheError(f"{opt('hook')} needs one or more comma-separated hook names, "
+                                "e.g. blocks.6.hook_resid_post")
 
     @property
     def hooks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(h.strip() for h in self.hook.split(",")))
+
+    @property
+    def store_ref(self) -> StoreRef:
+        """``store``, ``storage_options`` and ``aws_credentials_block`` as the one value that travels."""
+        from actcache.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
+
+        return StoreRef(self.store, dict(self.storage_options), self.aws_credentials_block)
 
     @property
     def target_seqs(self) -> int:
@@ -120,25 +135,53 @@ class ExtractConfig:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        flag = "--" + name.replace("_", "-")
-        raise ActcacheError(f"unsupported {flag} {value!r}; choose one of {', '.join(choices)}")
+        raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
 
 
-# Option names that carry secrets in fsspec filesystems (s3fs, gcsfs, adlfs) and botocore.
-_SECRET_OPTIONS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-                   "aws_session_token", "session_token", "access_key", "secret_key", "account_key", "sas_token",
-                   "client_secret", "credentials"}
+# Secret-looking option names, by pattern rather than a fixed list: fsspec filesystems and boto pass options
+# through (s3_additional_kwargs -> SSECustomerKey, client_kwargs -> aws_secret_access_key, adlfs account_key or
+# connection_string, HTTP headers -> Authorization, ...). Names are compared lowercased without separators.
+_SECRET_NAME = re.compile(r"secret|passw|token|credential|privat|signature|auth|cookie|connectionstring|"
+                          r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$")
+# Values that hold a secret whatever their name: a URL with a password, an AWS access key id, a connection string.
+_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|[?&]sig=", re.I)
 
 
-def _check_no_secrets(options: dict[str, Any]) -> None:
+def _check_no_secrets(options: Any) -> None:
+    """Refuse credentials at any depth of --storage-options (objects and lists), naming where, never the value."""
     # The config is a Prefect flow parameter: anything in it is stored and shown in the UI as plain text.
-    for k, v in options.items():
-        if k.lower() in _SECRET_OPTIONS:
-            raise ActcacheError(f"--storage-options must not hold credentials ({k!r}): flow parameters are stored "
-                                "in plain text; use the AWS chain (env, AWS_PROFILE, instance role) or "
-                                "--aws-credentials-block NAME")
-        if isinstance(v, dict):
-            _check_no_secrets(v)
+    stack: list[tuple[str, Any, int]] = [("", options, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > 16:
+            raise ActcacheError(f"{opt('storage_options')} is nested too deeply (at {where}); pass a flat JSON object")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                path = f"{where}.{k}" if where else str(k)
+                if _SECRET_NAME.search(re.sub(r"[^a-z0-9]", "", str(k).lower())):
+                    raise _secret_error(path)
+                stack.append((path, v, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, str) and (_SECRET_VALUE.search(value) or _url_password(value)):
+            raise _secret_error(where)
+
+
+def _url_password(value: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return "://" in value and urlsplit(value).password is not None
+    except ValueError:
+        return False
+
+
+def _secret_error(where: str) -> ActcacheError:
+    return ActcacheError(
+        f"{opt('storage_options')} must not hold credentials ({where}): flow parameters are stored in plain text; "
+        "pass them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+        "{\"profile\": NAME}, an instance role) or " + opt("aws_credentials_block") + " NAME (see README, Storing "
+        "on S3)")
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -147,10 +190,10 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ActcacheError(f"--storage-options is not valid JSON ({e.msg} at char {e.pos}); "
+        raise ActcacheError(f"{opt('storage_options')} is not valid JSON ({e.msg} at char {e.pos}); "
                             "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
     if not isinstance(value, dict):
-        raise ActcacheError("--storage-options must be a JSON object, e.g. '{\"endpoint_url\": \"...\"}'")
+        raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
     return value
 
 

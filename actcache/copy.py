@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache import layout, records
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.reader import open_set
-from actcache.store import Store
+from actcache.store import JSON_LIMIT, DamagedFile, StoreRef, parse_json
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,26 @@ class CopyResult:
     bytes_copied: int
 
 
-def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
+def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str, Any] | None = None,
              dest_options: dict[str, Any] | None = None, src_credentials_block: str | None = None,
              dest_credentials_block: str | None = None, jobs: int = 4, verify_existing: bool = False,
              on_shard=None) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
+    Either may be a ``StoreRef`` (options and credentials block inside), or a URL with the loose options.
+
     Shards already complete at the destination with the same checksum are skipped (re-hashed first with
     ``verify_existing``). At most ``jobs`` shards are held in memory at once.
     """
     if jobs < 1:
-        raise ActcacheError(f"--jobs must be at least 1, got {jobs}")
-    source = open_set(src, src_options, credentials_block=src_credentials_block)
-    target = Store(dest, dest_options, credentials_block=dest_credentials_block)
+        raise ActcacheError(f"{opt('jobs')} must be at least 1, got {jobs}")
+    source = open_set(StoreRef.of(src, src_options, src_credentials_block))
+    target = StoreRef.of(dest, dest_options, dest_credentials_block).open()
     set_id = source.set_id
     if target.url_of(set_id) == source.url:
-        raise ActcacheError(f"{source.url} is already in {dest!r}; give another destination store")
+        raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
     target.check_writable()
-    scan = records.scan(target, set_id, layout.MANIFEST)
+    scan = records.scan_set(target, source.key)
 
     def present(r: records.Record) -> bool:
         have = scan.records.get(r.index)
@@ -51,13 +53,30 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
 
     todo = [r for r in source.records if not present(r)]
 
+    def write_record(r: records.Record) -> None:
+        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or
+        one written from the manifest if the stored one is gone, damaged (its seal) or disagrees."""
+        rel = f"{set_id}/{layout.record_file(r.index)}"
+        try:
+            stored = source.store.read_bytes(rel, limit=records.RECORD_LIMIT)
+            if records.Record.from_dict(records.check_sealed(parse_json(stored, rel), rel), source.bounds) == r:
+                target.write_bytes(rel, stored)
+                return
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        records.write_record(target, set_id, r)
+
     def copy_one(r: records.Record) -> int:
-        data = source.store.read_bytes(f"{set_id}/{r.file}")
-        if len(data) != r.bytes or hashlib.sha256(data).hexdigest() != r.sha256:
-            raise ActcacheError(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
+        try:
+            data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
+        except DamagedFile as e:
+            raise DamagedFile(f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
+                              "source (`actcache verify`, then rerun its extract) and copy again") from e
+        if hashlib.sha256(data).hexdigest() != r.sha256:
+            raise Failure(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                                 "repair the source (`actcache verify`, then rerun its extract) and copy again")
         target.write_bytes(f"{set_id}/{r.file}", data)
-        records.write_record(target, set_id, r)  # after the bytes, as extraction does
+        write_record(r)  # after the bytes, as extraction does
         if on_shard:
             on_shard(r)
         return len(data)
@@ -74,5 +93,6 @@ def copy_set(src: str, dest: str, *, src_options: dict[str, Any] | None = None,
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        target.write_bytes(f"{set_id}/{layout.MANIFEST}", source.store.read_bytes(f"{set_id}/{layout.MANIFEST}"))
+        target.write_bytes(f"{set_id}/{layout.MANIFEST}",
+                           source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 
 @functools.lru_cache(maxsize=8)  # one Prefect API call per block per process, not one per Store
@@ -17,12 +17,12 @@ def _resolve(name: str) -> tuple[tuple[str, Any], ...]:
     try:
         from prefect_aws import AwsCredentials
     except ImportError:
-        raise ActcacheError("--aws-credentials-block needs prefect-aws; pip install prefect-aws") from None
+        raise ActcacheError(f"{opt('aws_credentials_block')} needs prefect-aws; pip install prefect-aws") from None
     try:
         block = AwsCredentials.load(name, validate=True)
     except ValueError:
         raise ActcacheError(f"no Prefect AwsCredentials block named {name!r}; create it (e.g. "
-                            "`prefect block create aws-credentials`) or omit --aws-credentials-block") from None
+                            f"`prefect block create aws-credentials`) or omit {opt('aws_credentials_block')}") from None
     except Exception as e:
         raise ActcacheError(f"cannot load the Prefect block {name!r} ({type(e).__name__}); check PREFECT_API_URL "
                             "and that the Prefect server is up") from None

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 log = logging.getLogger(__name__)
 BRIDGE, HF_SDPA = "bridge", "hf-sdpa"
@@ -40,8 +40,26 @@ class _Reached(Exception):
 
 
 def pick_device(device: str) -> str:
+    """The torch device for ``device`` (auto: cuda when available), checked to exist on this machine."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ActcacheError(f"{opt('device')} {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ActcacheError(f"{opt('device')} {device}: CUDA is not available here (torch {torch.__version__}); "
+                                f"use {opt('device', 'cpu')} or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ActcacheError(f"{opt('device')} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:"
+                                f"{count - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ActcacheError(f"{opt('device')} {device}: MPS is not available here; use {opt('device', 'cpu')} or auto")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ActcacheError(f"{opt('device')} {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda[:N] "
+                            "or mps")
     return device
 
 
@@ -95,10 +113,22 @@ class _Batched:
         return got
 
     def hook_shapes(self) -> dict[str, list[int]]:
-        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head])."""
+        """Per-token shape of each hook's activation (e.g. [d_model] or [n_heads, d_head]).
+
+        Probed twice, with different batch sizes and lengths: a hook is per-token only if its shape is
+        [batch, pos, ...] with the same trailing dims both times (one probe alone lets a [batch, heads, q, k]
+        attention pattern pass when heads happens to equal the probe's length).
+        """
+        shapes = []
         with torch.inference_mode():
-            probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
-            return {h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()}
+            for b, t in ((1, 3), (2, 5)):
+                probe = torch.zeros((b, t), dtype=torch.long, device=self.device)
+                shapes.append({h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()})
+        for h in self.hooks:
+            if shapes[0][h] != shapes[1][h]:
+                raise ActcacheError(f"hook {h!r} is not one vector per token (its shape depends on the sequence "
+                                    "length); pick a per-token hook such as hook_resid_post")
+        return shapes[0]
 
     def _fits_key(self, context: int) -> tuple:
         return (id(self._module), tuple(self.hooks), context)
@@ -263,19 +293,21 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
-    base = (model.source, model.revision, dtype, device)
+    base = (model.pin, dtype, device)
     with _HF_LOCK:
         have = _HF.get(base)
         if have is None or have[0] < n_layers:
+            folder = model.weights()  # fetched once (a hub commit), its own one-line error
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "weights of layers n.. not used" is the point, not a problem
             try:
-                hf = AutoModel.from_pretrained(model.source, revision=model.revision, attn_implementation="sdpa",
+                hf = AutoModel.from_pretrained(folder, attn_implementation="sdpa",
                                                num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
             except Exception as e:
-                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from None
+                raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e
             finally:
                 hf_logging.set_verbosity(verbosity)
+            model.check_unchanged()  # what was read must be what the set key names
             _HF[base] = (n_layers, hf.to(device).eval())
         return _HF[base][1]
 
@@ -296,11 +328,16 @@ class MultiExtractor:
 
 
 def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",
-                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None) -> MultiExtractor:
-    """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed."""
+                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None,
+                  engines: dict[str, str] | None = None) -> MultiExtractor:
+    """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed.
+
+    ``engines`` are the ones the plan pinned in the set keys (by default decided here, the same way).
+    """
     dev = pick_device(device)
     cast = getattr(torch, out_dtype) if out_dtype else None
-    fast = [h for h in hooks if forward_engine(h, model) == HF_SDPA]
+    engines = engines or {h: forward_engine(h, model) for h in hooks}
+    fast = [h for h in hooks if engines[h] == HF_SDPA]
     slow = [h for h in hooks if h not in fast]
     parts: list[_Batched] = []
     if fast:

@@ -1,5 +1,6 @@
 """Fault injection for the crash tests: ``ACTCACHE_FAULT=point:n`` SIGKILLs this process the n-th time
-it reaches ``point``. Unset (always, outside tests) it costs one ``is None`` check per call.
+it reaches ``point``; ``point:n:hang`` blocks the thread there for good instead (a stalled node, until
+something kills the whole process). Unset (always, outside tests) it costs one ``is None`` check per call.
 
 The kill is real (no cleanup, no ``finally``): it is how a preempted GPU node or an OOM kill ends a run.
 """
@@ -22,6 +23,15 @@ POINTS = (
     "manifest.written",
 )
 
+# The shuffle's own points (``actcache shuffle`` runs outside the extraction flow).
+SHUFFLE_POINTS = (
+    "shuffle.spill-written",  # a source shard's spill file in place, no spill record yet
+    "shuffle.spill-recorded",
+    "shuffle.shard-written",  # an output shard in place, no completion record yet
+    "shuffle.shard-recorded",
+    "shuffle.manifest-written",  # the set is complete, its spill files not yet removed
+)
+
 _SPEC = os.environ.get("ACTCACHE_FAULT") or None
 _COUNTS: dict[str, int] = {}
 _LOCK = threading.Lock()
@@ -30,11 +40,14 @@ _LOCK = threading.Lock()
 def point(name: str) -> None:
     if _SPEC is None:
         return
-    target, _, nth = _SPEC.partition(":")
+    target, _, rest = _SPEC.partition(":")
     if name != target:
         return
+    nth, _, mode = rest.partition(":")
     with _LOCK:
         _COUNTS[name] = _COUNTS.get(name, 0) + 1
         hit = _COUNTS[name] == int(nth or 1)
-    if hit:
+    if hit and mode == "hang":
+        threading.Event().wait()
+    elif hit:
         os.kill(os.getpid(), signal.SIGKILL)

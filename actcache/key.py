@@ -78,3 +78,38 @@ class SetKey:
     @classmethod
     def from_dict(cls, d: dict) -> SetKey:
         return cls(**{**d, "tokens": TokensKey(**d["tokens"])})
+
+
+@dataclass(frozen=True)
+class ShuffleKey:
+    """What fixes the bytes of a globally shuffled copy of a set (the "rows" layout, see ``shuffle.py``)."""
+
+    source: str
+    """Set id of the source set."""
+    source_shards: str
+    """Digest of the source's shard list (index and sha256 of each): a source extended later is another input."""
+    seed: int
+    rows_per_shard: int
+    exclude: tuple[int, ...]
+    """Token ids whose rows are left out, sorted."""
+    kind: str = "shuffle"
+    """Keeps these digests apart from every ``SetKey``'s."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def id(self) -> str:
+        return _digest(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShuffleKey:
+        if d.get("kind") != "shuffle":
+            raise ValueError(f"not a shuffle key (kind {d.get('kind')!r})")
+        return cls(**{**d, "exclude": tuple(d["exclude"])})
+
+
+def key_from_dict(d: dict) -> SetKey | ShuffleKey:
+    """The key a manifest holds: a shuffled copy's, or an extracted set's."""
+    return ShuffleKey.from_dict(d) if d.get("kind") == "shuffle" else SetKey.from_dict(d)

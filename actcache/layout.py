@@ -4,6 +4,8 @@
     <store>/<set_id>/shards/000012.safetensors    shard bytes (``.zst``/``.shuf.zst`` appended per codec)
     <store>/<set_id>/done/000012.json             completion record (written after the shard)
     <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
+    <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
+                                                  removed once the shuffled set is complete
 """
 
 from __future__ import annotations
@@ -27,6 +29,23 @@ def shard_file(index: int, codec: str) -> str:
 
 def record_file(index: int) -> str:
     return f"done/{index:06d}.json"
+
+
+SPILL = "spill"
+_SPILL_RECORD_RE = re.compile(r"^spill/([0-9]{6})\.json\Z")
+
+
+def spill_file(index: int) -> str:
+    return f"{SPILL}/{index:06d}.safetensors"
+
+
+def spill_record(index: int) -> str:
+    return f"{SPILL}/{index:06d}.json"
+
+
+def parse_spill_record(rel: str) -> int | None:
+    m = _SPILL_RECORD_RE.match(rel)
+    return int(m.group(1)) if m else None
 
 
 def tokens_dir(tokens_id: str) -> str:

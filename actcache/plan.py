@@ -1,26 +1,117 @@
 """Resolve and validate everything before anything is written, and work out what is already done.
 
+The config enters once: ``resolve`` looks up every name in it (model id and branch, dataset name, hooks)
+and pins the answers in one ``Resolved`` value: commit shas, fingerprints, special token ids, each hook's
+engine and shape. Tasks and partitions read that value and never resolve a name again, so a branch that
+moves mid-job cannot put other weights under the set id computed here. Nothing here loads weights.
+
 A plan is small and picklable (it travels between Prefect tasks); the heavy objects it was made from
-(model, tokenizer, bridge, source) are cached per process. One plan covers one or more hooks: each
+(tokenizer, model) are cached per process by the pinned values. One plan covers one or more hooks: each
 hook is its own set with its own key, and they share the token shards and the forward passes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from actcache import layout, memory, records, sizing
+from actcache import memory, records, sizing
 from actcache.config import ExtractConfig
-from actcache.errors import ActcacheError
-from actcache.extraction import HF_SDPA, extractor_for, forward_engine
+from actcache.errors import ActcacheError, opt
+from actcache.extraction import HF_SDPA, MultiExtractor, extractor_for, forward_engine, pick_device
 from actcache.key import FORMAT_VERSION, SetKey, TokensKey
-from actcache.model import ModelSpec, ResolvedModel, check_hook_layer, check_hook_name, resolve_model
+from actcache.model import ModelSpec, ResolvedModel, check_hook, check_hook_layer, hook_catalog, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
-from actcache.store import Store
+from actcache.store import Store, StoreRef
 from actcache.tokens import ShardWork, TokenCache
 
-_MODELS: dict[tuple, ResolvedModel] = {}
+
+@dataclass(frozen=True)
+class Hook:
+    """How one requested hook is computed, decided without weights."""
+
+    engine: str
+    """``hf-sdpa`` or ``bridge`` (see ``extraction.forward_engine``); part of the set key."""
+    shape: tuple[int, ...]
+    """Per-token shape of its activation, e.g. ``(d_model,)`` or ``(n_heads, d_head)``."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Every name in a config looked up once and pinned: what tasks and partitions read instead of the names."""
+
+    model: ResolvedModel
+    """Hub models pinned to a commit sha; local directories to a content fingerprint."""
+    dataset: Source
+    """Hub datasets pinned to a commit sha; files to their content fingerprint."""
+    tokenizer: str
+    """Tokenizer fingerprint."""
+    bos_id: int | None
+    separator_id: int | None
+    hooks: dict[str, Hook]
+    eos_id: int | None = None
+    pad_id: int | None = None
+    vocab_size: int | None = None
+    """Recorded in the manifest for readers that leave special tokens out (``actcache.exclude``)."""
+
+
+def resolve(cfg: ExtractConfig) -> Resolved:
+    """Look up and check every name in ``cfg`` (at most one hub request each for model and dataset), no weights."""
+    model = resolve_model(ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code))
+    hooks = resolve_hooks(cfg.hooks, model)
+    if model.max_context is not None and cfg.context_size > model.max_context:
+        raise ActcacheError(f"{opt('context_size')} {cfg.context_size} is above the maximum of {model.max_context} "
+                            f"tokens for {cfg.model!r}; lower {opt('context_size')}")
+    bos, sep = special_ids(cfg, model)
+    tok = model.tokenizer
+    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks, tok.eos_token_id,
+                    tok.pad_token_id, len(tok))
+
+
+def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]:
+    """Each hook's engine and shape; a bad name, layer or shape fails here, before any weight is loaded.
+
+    Residual-stream hooks of the hf-sdpa engine are valid by their pattern and layer (their shape is
+    ``(d_model,)``); every other hook is checked against the bridge's catalogue, built without weights.
+    """
+    engines = {h: forward_engine(h, model) for h in hooks}
+    catalog = hook_catalog(model) if any(e != HF_SDPA for e in engines.values()) else None
+    out = {}
+    for h in hooks:
+        if engines[h] == HF_SDPA:
+            check_hook_layer(h, model)
+            out[h] = Hook(HF_SDPA, (model.d_model,))
+        else:
+            out[h] = Hook(engines[h], check_hook(h, model, catalog))
+    return out
+
+
+def _source(cfg: ExtractConfig) -> Source:
+    if cfg.dataset.startswith("builtin:"):
+        from actcache import demo
+
+        if cfg.dataset != demo.DEMO_DATASET:
+            raise ActcacheError(f"unknown builtin dataset {cfg.dataset!r}; use {demo.DEMO_DATASET}", field="dataset")
+        path = str(demo.demo_corpus())
+    else:
+        path = cfg.dataset
+    return open_source(DatasetSpec(path, cfg.dataset_config, cfg.split, cfg.dataset_revision, cfg.streaming,
+                                   cfg.text_column, cfg.storage_options), label=cfg.dataset)
+
+
+def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, int | None]:
+    """(bos, separator) token ids, checked against what the tokenizer has."""
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if cfg.prepend_bos and bos is None:
+        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no BOS token; set {opt('prepend_bos', False)}")
+    sep = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "none": None}[cfg.separator]
+    if cfg.separator != "none" and sep is None:
+        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
+                            f"set {opt('separator', 'none')} (or another)")
+    return bos, sep
 
 
 @dataclass(frozen=True)
@@ -30,7 +121,7 @@ class HookSet:
     key: SetKey
     done: frozenset[ShardWork]
     """Shards already complete in the store (index and size both match)."""
-    hook_shape: tuple[int, ...] | None
+    hook_shape: tuple[int, ...]
 
     @property
     def hook(self) -> str:
@@ -44,26 +135,55 @@ class HookSet:
 @dataclass(frozen=True)
 class Plan:
     config: ExtractConfig
+    resolved: Resolved
     sets: tuple[HookSet, ...]
     shards: tuple[ShardWork, ...]
     """Every shard the target asks for, with its size (the last may be partial)."""
     partition: tuple[int, int] = (0, 1)
     """(index, count): this run computes only the shards it owns (index % count)."""
-    provenance: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def pinned_config(self) -> ExtractConfig:
+        """The config with hub names pinned to the commits resolved here: what partitions and the flow get,
+        so that they compute exactly these sets even if a branch moves meanwhile."""
+        r = self.resolved
+        return self.config.replace(revision=r.model.revision or self.config.revision,
+                                   dataset_revision=r.dataset.spec.revision or self.config.dataset_revision)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """What every manifest of this plan records about its inputs."""
+        r, cfg = self.resolved, self.config
+        return {
+            "model": r.model.describe(),
+            "dataset": r.dataset.describe(),
+            "tokenization": {"tokenizer": r.tokenizer, "context_size": cfg.context_size,
+                             "prepend_bos": cfg.prepend_bos, "bos_id": r.bos_id, "separator": cfg.separator,
+                             "separator_id": r.separator_id, "eos_id": r.eos_id, "pad_id": r.pad_id,
+                             "vocab_size": r.vocab_size},
+            "format_version": FORMAT_VERSION,
+        }
 
     @property
     def tokens_key(self) -> TokensKey:
         return self.sets[0].key.tokens
 
     @property
+    def store_ref(self) -> StoreRef:
+        return self.config.store_ref
+
+    @property
     def store(self) -> Store:
-        return Store(self.config.store, self.config.storage_options,
-                     credentials_block=self.config.aws_credentials_block)
+        return self.store_ref.open()
+
+    @property
+    def refs(self) -> list[StoreRef]:
+        """Each set's ref (URL, options, credentials block): what ``open_set`` takes to read it anywhere."""
+        return [self.store_ref.child(s.set_id) for s in self.sets]
 
     @property
     def urls(self) -> list[str]:
-        store = self.store
-        return [store.url_of(s.set_id) for s in self.sets]
+        return [r.url for r in self.refs]
 
     def owns(self, work: ShardWork) -> bool:
         index, count = self.partition
@@ -89,101 +209,50 @@ class Plan:
     def token_cache(self) -> TokenCache:
         return TokenCache(self.store, self.tokens_key)
 
-
-def model_for(cfg: ExtractConfig) -> ResolvedModel:
-    spec = ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code)
-    fresh = resolve_model(spec)
-    return _MODELS.setdefault((spec, fresh.fingerprint), fresh)  # keeps the loaded tokenizer across plans
-
-
-def source_for(cfg: ExtractConfig) -> Source:
-    if cfg.dataset.startswith("builtin:"):
-        from actcache import demo
-
-        if cfg.dataset != demo.DEMO_DATASET:
-            raise ActcacheError(f"unknown builtin dataset {cfg.dataset!r}; use {demo.DEMO_DATASET}")
-        path = str(demo.demo_corpus())
-    else:
-        path = cfg.dataset
-    source = open_source(DatasetSpec(path, cfg.dataset_config, cfg.split, cfg.dataset_revision, cfg.streaming,
-                                     cfg.text_column, cfg.storage_options))
-    source.label = cfg.dataset
-    return source
-
-
-def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, int | None]:
-    """(bos, separator) token ids, checked against what the tokenizer has."""
-    tok = model.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if cfg.prepend_bos and bos is None:
-        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no BOS token; pass --no-prepend-bos")
-    sep = {"eos": tok.eos_token_id, "bos": tok.bos_token_id, "none": None}[cfg.separator]
-    if cfg.separator != "none" and sep is None:
-        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
-                            "pass --separator none (or another)")
-    return bos, sep
+    def extractor(self, hooks: Sequence[str]) -> MultiExtractor:
+        """The forward pass for ``hooks``, on the pinned model and engines (weights loaded once per process)."""
+        cfg = self.config
+        return extractor_for(self.resolved.model, hooks, engines={h: self.resolved.hooks[h].engine for h in hooks},
+                             batch_size=cfg.batch_size, model_dtype=cfg.model_dtype, device=cfg.device,
+                             out_dtype=cfg.dtype)
 
 
 def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1,
               load_model: bool = True) -> Plan:
-    """Validate ``cfg`` and list what is done; ``load_model=False`` skips loading the weights (hook names are
-    then checked by the runs that compute, and hook shapes come from their records)."""
+    """Validate ``cfg``, resolve it once, and list what is done.
+
+    Every check runs without weights. ``load_model`` loads them too when there is work (so they load while
+    Prefect's server starts); a fan-out parent passes False.
+    """
     if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
         raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
                             "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
     if load_model:
         memory.cap_arenas()  # before the pool threads that compress and upload allocate
-    store = Store(cfg.store, cfg.storage_options, credentials_block=cfg.aws_credentials_block)
+        pick_device(cfg.device)  # a bogus or absent device fails here, before anything is written
+    store = cfg.store_ref.open()
     store.check_writable()
-    model = model_for(cfg)
-    for hook in cfg.hooks:
-        check_hook_layer(hook, model)
-    if model.max_context is not None and cfg.context_size > model.max_context:
-        raise ActcacheError(f"--context-size {cfg.context_size} is above the maximum of {model.max_context} "
-                            f"tokens for {cfg.model!r}; lower --context-size")
-    bos, sep = special_ids(cfg, model)
-    source = source_for(cfg)
-    tkey = TokensKey(dataset=source.fingerprint, tokenizer=model.tokenizer_fingerprint, text_column=cfg.text_column,
-                     context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=sep,
-                     seqs_per_shard=sizing.seqs_per_shard(cfg, model.config))
-    shards = TokenCache(store, tkey).plan(cfg.target_seqs)
+    r = resolve(cfg)
+    widths = [math.prod(r.hooks[h].shape) for h in cfg.hooks]  # values per token of each hook
+    tkey = TokensKey(dataset=r.dataset.fingerprint, tokenizer=r.tokenizer, text_column=cfg.text_column,
+                     context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=r.separator_id,
+                     seqs_per_shard=sizing.seqs_per_shard(cfg, widths))
+    tokens = TokenCache(store, tkey)
+    scan = tokens.scan()
+    shards = tokens.plan(cfg.target_seqs, scan)
+    if not all(scan.is_done(w.index, w.n_seq) for w in shards):
+        r.dataset.check()  # text will be read: make sure there is some (stored tokens need none, nor the hub)
     sets = []
     for hook in cfg.hooks:
-        key = SetKey(tokens=tkey, model=model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
-                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=forward_engine(hook, model))
-        scan = records.scan(store, key.id, layout.MANIFEST)
+        key = SetKey(tokens=tkey, model=r.model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
+                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=r.hooks[hook].engine)
+        scan = records.scan_set(store, key, read_all=cfg.verify_existing)
+        shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
+        scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
-        shape = (scan.consolidated or {}).get("hook_shape")
-        sets.append(HookSet(key, done, tuple(shape) if shape else None))
-    provenance = {
-        "model": model.describe(),
-        "dataset": source.describe(),
-        "tokenization": {"tokenizer": model.tokenizer_fingerprint, "context_size": cfg.context_size,
-                         "prepend_bos": cfg.prepend_bos, "bos_id": bos, "separator": cfg.separator,
-                         "separator_id": sep},
-        "format_version": FORMAT_VERSION,
-    }
-    plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
+        sets.append(HookSet(key, done, shape))
+    plan = Plan(cfg, r, tuple(sets), tuple(shards), (partition_index, num_partitions))
     if plan.missing and load_model:
-        sizing.check_memory(cfg, max(w.n_seq for w in plan.missing),
-                            [sizing.hook_width(h, model.config) for h in cfg.hooks])
-        # Work to do: the model is needed anyway, so check the hooks against its real names now. Hooks the
-        # hf-sdpa engine serves are valid by their pattern (layer checked above): the bridge loads only for others.
-        slow = [h for h in cfg.hooks if forward_engine(h, model) != HF_SDPA]
-        bridge = bridge_for(cfg, model) if slow else None
-        if bridge is not None:
-            names = sorted(bridge.hook_dict)
-            for hook in slow:
-                check_hook_name(hook, names)
-        shapes = extractor_for(model, cfg.hooks, batch_size=1, model_dtype=cfg.model_dtype, device=cfg.device,
-                               bridge=bridge).hook_shapes()
-        sets = [HookSet(s.key, s.done, tuple(shapes[s.hook])) for s in sets]
-        plan = Plan(cfg, tuple(sets), tuple(shards), (partition_index, num_partitions), provenance)
+        sizing.check_memory(cfg, max(w.n_seq for w in plan.missing), widths)
+        plan.extractor(cfg.hooks)  # load the weights now; the extract task finds them loaded
     return plan
-
-
-def bridge_for(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Any:
-    from actcache.extraction import pick_device
-    from actcache.model import load_bridge
-
-    return load_bridge(model or model_for(cfg), dtype=cfg.model_dtype, device=pick_device(cfg.device))

@@ -1,4 +1,4 @@
-"""Progress on long work: a tqdm bar on the terminal and a Prefect progress artifact in the UI."""
+"""Progress on long work: a tqdm bar on a terminal, a log line per step, a Prefect progress artifact in the UI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 ARTIFACT_EVERY_S = 5.0
@@ -57,12 +58,18 @@ class _Publisher:
 
 
 class Progress:
-    def __init__(self, total: int, unit: str = "shard", label: str = "extract"):
+    """Counts ``total`` steps. Inside a flow run with a ``key``, a progress artifact of that key shows the count
+    in the UI (unkeyed artifacts break `prefect artifact ls --all`: none without one). ``log`` is called with one
+    line per step that ``advance(item=...)`` names, with rate and ETA: what logs get instead of a bar."""
+
+    def __init__(self, total: int, unit: str = "shard", label: str = "extract", key: str | None = None,
+                 log: Callable[[str], Any] | None = None):
         from tqdm.auto import tqdm
 
-        self.total, self.done, self.started = total, 0, time.perf_counter()
+        self.total, self.done, self.tokens, self.started = total, 0, 0, time.perf_counter()
+        self.unit, self.log = unit, log
         self._published = self.started
-        # disable=None: a bar on a terminal, none in logs and pipes.
+        # disable=None: a bar on a terminal, none in logs and pipes (no carriage returns in a log file).
         self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=True if total == 0 else None,
                         leave=True)
         self.publisher: _Publisher | None = None
@@ -70,21 +77,32 @@ class Progress:
             from prefect.artifacts import create_progress_artifact
             from prefect.context import FlowRunContext
 
-            if FlowRunContext.get() is not None:  # outside a flow run there is nowhere to publish it
-                artifact = create_progress_artifact(progress=0.0, description=f"{label}: {total} {unit}s")
+            if key is not None and FlowRunContext.get() is not None:  # outside a flow run: nowhere to publish
+                artifact = create_progress_artifact(progress=0.0, key=key, description=f"{label}: {total} {unit}s")
                 self.publisher = _Publisher(artifact)
         except Exception:
             pass  # progress never fails a run
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, tokens: int = 0, item: str | None = None) -> None:
         self.done += n
+        self.tokens += tokens
         self.bar.update(n)
         now = time.perf_counter()
+        if item is not None and self.log is not None:
+            self.log(self.line(item, now))
         # At most once per ARTIFACT_EVERY_S (the server records every update), and always the last one.
         if self.publisher is not None and self.total and (self.done >= self.total
                                                            or now - self._published >= ARTIFACT_EVERY_S):
             self._published = now
             self.publisher.publish(100.0 * self.done / self.total)
+
+    def line(self, item: str, now: float | None = None) -> str:
+        """``item: 3/8 shards, 15234 tokens/s, ETA 0:01:05`` (rate and ETA over everything done so far)."""
+        elapsed = (now or time.perf_counter()) - self.started
+        rate = f"{self.tokens / elapsed:.0f} tokens/s" if elapsed > 0 else "- tokens/s"
+        left = max(self.total - self.done, 0)
+        eta = _clock(elapsed / self.done * left) if self.done else "-"
+        return f"{item}: {self.done}/{self.total} {self.unit}s, {rate}, ETA {eta}"
 
     @property
     def seconds(self) -> float:
@@ -101,6 +119,11 @@ class Progress:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(failed=exc_type is not None)  # also on failure, so an error message starts on a line of its own
+
+
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 class Window:

@@ -3,16 +3,15 @@
 The default shard size targets bytes (``--shard-bytes``), not tokens: a token of a 4096-wide hook weighs
 5x one of a 768-wide hook, so a fixed token count makes wide models' shards (and the memory that holds them)
 huge. Its sequences per shard go into the set's key (``TokensKey.seqs_per_shard``), so they are computed from
-names and the model's config alone: a complete set is recognised without loading weights.
+the hooks' widths as the plan resolves them without weights: a complete set is recognised without loading them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 IN_FLIGHT = 2
 """Shards compressed/uploaded while the next one is extracted (flows/extract.py): bounds memory to a few shards."""
@@ -21,55 +20,19 @@ HEADER_ROOM = 4096
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 _TOKEN_BYTES = 4  # int32 token ids stored beside the activations
 
-_MLP = re.compile(r"mlp\.(hook_pre|hook_pre_linear|hook_post|in\.hook_out|gate\.hook_out|out\.hook_in)$")
-_HEADS = re.compile(r"attn\.(hook_q|q\.hook_out|hook_rot_q|hook_z|o\.hook_in)$")
-_KV_HEADS = re.compile(r"attn\.(hook_k|hook_v|k\.hook_out|v\.hook_out|hook_rot_k)$")
-
-
-def _first(cfg: Any, *names: str) -> int | None:
-    for n in names:
-        v = getattr(cfg, n, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
-def hook_width(hook: str, config: Any) -> int:
-    """Values per token of ``hook`` (trailing dims flattened), from the model's config alone.
-
-    Residual stream and sublayer outputs: hidden size; MLP internals: its width; attention q/z: heads x head
-    dim (k/v: key-value heads x head dim); LayerNorm scales: 1; the unembedding: vocabulary. Anything else
-    counts as the hidden size: this sizes shards, so it must be stable, not exact.
-    """
-    cfg = getattr(config, "text_config", None) or config
-    d_model = _first(cfg, "hidden_size", "n_embd", "d_model") or 1
-    heads = _first(cfg, "num_attention_heads", "n_head") or 1
-    d_head = _first(cfg, "head_dim") or d_model // heads
-    if _MLP.search(hook):
-        return _first(cfg, "intermediate_size", "n_inner", "ffn_dim") or 4 * d_model
-    if _HEADS.search(hook):
-        return heads * d_head
-    if _KV_HEADS.search(hook):
-        return (_first(cfg, "num_key_value_heads") or heads) * d_head
-    if hook.endswith("hook_scale"):
-        return 1
-    if hook in ("hook_unembed", "unembed.hook_out"):
-        return _first(cfg, "vocab_size") or d_model
-    return d_model
-
 
 def shard_file_bytes(n_seq: int, context: int, width: int, dtype: str) -> int:
     """Bytes of one shard file before the codec (activations + tokens; the header is under HEADER_ROOM)."""
     return n_seq * context * (width * _ITEMSIZE[dtype] + _TOKEN_BYTES)
 
 
-def seqs_per_shard(cfg: Any, config: Any) -> int:
-    """Sequences per shard: ``--shard-tokens`` if given, else as many as fit in ``--shard-bytes`` for the widest
-    requested hook (several hooks share their token shards, so one size serves them all)."""
+def seqs_per_shard(cfg: Any, widths: list[int]) -> int:
+    """Sequences per shard: ``shard_tokens`` if given, else as many as fit in ``shard_bytes`` for the widest
+    requested hook (``widths``: values per token of each, as resolved without weights; several hooks share their
+    token shards, so one size serves them all)."""
     if cfg.shard_tokens:
         return cfg.shard_tokens // cfg.context_size
-    width = max(hook_width(h, config) for h in cfg.hooks)
-    per_seq = shard_file_bytes(1, cfg.context_size, width, cfg.dtype)
+    per_seq = shard_file_bytes(1, cfg.context_size, max(widths), cfg.dtype)
     return max(1, (cfg.shard_bytes - HEADER_ROOM) // per_seq)
 
 
@@ -113,8 +76,9 @@ def check_memory(cfg: Any, n_seq: int, widths: list[int]) -> None:
     copies = 1 + IN_FLIGHT * (2 if cfg.codec != "none" else 1)
     need = one * copies
     if need > available:
-        option = f"--shard-tokens {cfg.shard_tokens}" if cfg.shard_tokens else f"--shard-bytes {cfg.shard_bytes}"
+        field = "shard_tokens" if cfg.shard_tokens else "shard_bytes"
+        option = opt(field, cfg.shard_tokens or cfg.shard_bytes)
         raise ActcacheError(f"{option} needs up to {human(need)} of host memory for shards ({copies} x "
                             f"{human(one)}: the one being filled and {IN_FLIGHT} being written"
                             f"{', with their compressed copies' if cfg.codec != 'none' else ''}), but "
-                            f"{human(available)} is available; lower {option.split()[0]} or free memory")
+                            f"{human(available)} is available; lower {opt(field)} or free memory")

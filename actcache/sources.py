@@ -6,14 +6,15 @@ written; ``Source.texts()`` then streams documents in a fixed order.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcache import fingerprint
-from actcache.errors import ActcacheError
+from actcache import fingerprint, hub
+from actcache.errors import ActcacheError, opt
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
@@ -48,18 +49,41 @@ class DatasetSpec:
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
+@dataclass(frozen=True)
 class Source:
-    def __init__(self, spec: DatasetSpec, fingerprint: str, files: list[str] | None, fs: Any = None):
-        self.spec, self.fingerprint, self.files, self.fs = spec, fingerprint, files, fs
-        self.label = spec.path
-        """What the user called the dataset (recorded in manifests instead of resolved local paths)."""
+    """A dataset resolved and pinned: a hub dataset at its commit sha, or files with their content fingerprint.
+
+    Small and picklable (a plan carries it): ``texts()`` reads exactly what was fingerprinted, without
+    resolving the name again.
+    """
+
+    spec: DatasetSpec
+    """What to read; for a hub dataset, ``revision`` is the commit sha it was resolved to."""
+    fingerprint: str
+    files: tuple[str, ...] | None
+    """The files in reading order (None for a hub dataset)."""
+    label: str
+    """What the user called the dataset (recorded in manifests instead of resolved local paths)."""
+
+    def check(self) -> None:
+        """Fail, in one line, unless there is text to read: an empty dataset, a missing text column.
+
+        Separate from resolution: a plan whose token shards are all stored never reads the text, so a
+        complete set is recognised even while the hub is unreachable.
+        """
+        for _ in self.texts():
+            return
+        if self.files is None:
+            raise ActcacheError(f"dataset {self.label!r} split {self.spec.split!r} is empty")
+        raise ActcacheError(f"dataset {self.label!r} is empty: no non-empty text in column {self.spec.text_column!r}")
 
     def texts(self) -> Iterator[str]:
         if self.files is None:
             yield from _hf_texts(self.spec)
             return
+        fs = _fs(self.spec)
         for f in self.files:
-            yield from _file_texts(self.fs, f, self.spec.text_column)
+            yield from _file_texts(fs, f, self.spec.text_column)
 
     def describe(self) -> dict[str, Any]:
         d = {"path": self.label, "text_column": self.spec.text_column, "fingerprint": self.fingerprint}
@@ -70,20 +94,31 @@ class Source:
         return d
 
 
-def open_source(spec: DatasetSpec) -> Source:
+def open_source(spec: DatasetSpec, label: str | None = None) -> Source:
+    """Find ``spec`` and pin it (one hub request at most for a hub dataset); ``Source.check`` reads its text."""
     if looks_like_files(spec.path):
-        return _open_files(spec)
-    return _open_hub(spec)
+        return _open_files(spec, label or spec.path)
+    return _open_hub(spec, label or spec.path)
+
+
+def _fs(spec: DatasetSpec) -> Any:
+    import fsspec
+
+    return fsspec.core.url_to_fs(os.path.expanduser(spec.path), **spec.storage_options)[0]
 
 
 # -- files -------------------------------------------------------------------------------------
-def _open_files(spec: DatasetSpec) -> Source:
+def _open_files(spec: DatasetSpec, label: str) -> Source:
     import fsspec
 
     path = os.path.expanduser(spec.path)
-    fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
     try:
-        if any(c in root for c in "*?["):
+        fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
+    except (ImportError, ValueError, TypeError) as e:
+        raise ActcacheError(f"cannot open dataset {spec.path!r} ({e})") from e
+    try:
+        # A path that exists is that file or folder, even with glob characters in its name ("[draft] notes.txt").
+        if any(c in root for c in "*?[") and not fs.exists(root):
             files = sorted(p for p in fs.glob(root) if fs.isfile(p))
         elif fs.isdir(root):
             files = sorted(p for p in fs.find(root) if _kind(p))
@@ -100,29 +135,57 @@ def _open_files(spec: DatasetSpec) -> Source:
     if unknown:
         raise ActcacheError(f"dataset file {unknown[0]!r} has an unsupported type; use one of "
                             f"{', '.join(SUFFIXES)} (optionally compressed)")
-    if not any(True for _ in _first_text(fs, files, spec.text_column)):
-        raise ActcacheError(f"dataset {spec.path!r} is empty: no non-empty text in column {spec.text_column!r}")
     local = fs.protocol in ("file", "local") or "file" in fs.protocol
     parts = {}
     for i, f in enumerate(files):
         stamp = fingerprint.file_sha256(f) if local else f"{fs.ukey(f)}:{fs.size(f)}"
         parts[f"{i:06d}.{_kind(f)}"] = stamp
-    return Source(spec, "files:" + fingerprint.combine(parts), files, fs)
-
-
-def _first_text(fs, files, column) -> Iterator[str]:
-    for f in files:
-        for t in _file_texts(fs, f, column):
-            yield t
-            return
+    return Source(spec, "files:" + fingerprint.combine(parts), tuple(files), label)
 
 
 def _columns_error(path: str, column: str, columns) -> ActcacheError:
     return ActcacheError(f"text column {column!r} not in {os.path.basename(path)!r}; "
-                         f"its columns are {sorted(columns)}: pass one with --text-column")
+                         f"its columns are {sorted(columns)}: pass one as {opt('text_column')}")
 
 
 def _file_texts(fs, path: str, column: str) -> Iterator[str]:
+    """The non-empty texts of one file, in order; anything that is not text fails naming the file and line.
+
+    null and "" are skipped (missing texts); a number, list or object in the text column is an error, and so is
+    a byte sequence that is not UTF-8 or a file that is not what its name says (a fake .gz, corrupt parquet).
+    """
+    name = os.path.basename(path)
+    try:
+        yield from _file_values(fs, path, column, name)
+    except ActcacheError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"dataset file {name!r} cannot be read as {_kind(path)} ({type(e).__name__}: {first}); "
+                            "fix or remove it") from e
+
+
+def _text(value: Any, label: str, where: str, column: str) -> str | None:
+    """``value`` as a document: None for null or "" (skipped), an error for anything that is not a string."""
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ActcacheError(f"{label} {where}: column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+                        f"not text; fix the data or pick another {opt('text_column')}")
+
+
+NEWLINE = b"\n"
+
+
+def _utf8(raw: bytes, name: str, where: str | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = where or f"line {raw.count(NEWLINE, 0, e.start) + 1}"
+        raise ActcacheError(f"dataset file {name!r} {where} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "convert the file to UTF-8") from e
+
+
+def _file_values(fs, path: str, column: str, name: str) -> Iterator[str]:
     kind = _kind(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -131,59 +194,66 @@ def _file_texts(fs, path: str, column: str) -> Iterator[str]:
             pf = pq.ParquetFile(fh)
             if column not in pf.schema_arrow.names:
                 raise _columns_error(path, column, pf.schema_arrow.names)
+            row = 0
             for batch in pf.iter_batches(columns=[column], batch_size=1024):
                 for t in batch.column(0).to_pylist():
+                    row += 1
+                    t = _text(t, f"dataset file {name!r}", f"row {row}", column)
                     if t:
                         yield t
         return
-    with fs.open(path, "rt", encoding="utf-8", compression="infer") as fh:
+    with fs.open(path, "rb", compression="infer") as fh:
         if kind == "txt":
             if column != "text":
                 raise _columns_error(path, column, ["text"])
-            for line in fh:
-                line = line.rstrip("\r\n")
+            for n, raw in enumerate(fh, 1):
+                line = _utf8(raw, name, f"line {n}").rstrip("\r\n")
                 if line.strip():
                     yield line
             return
         if kind == "jsonl":
-            rows = (json.loads(line) for line in fh if line.strip())
+            rows = ((n, _json(_utf8(raw, name, f"line {n}"), name, f"line {n}")) for n, raw in enumerate(fh, 1)
+                    if raw.strip())
         else:
-            data = json.load(fh)
+            data = _json(_utf8(fh.read(), name, None), name, "")
             if isinstance(data, dict):
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else [data]
-            rows = iter(data)
-        for row in rows:
+            if not isinstance(data, list):
+                raise ActcacheError(f"dataset file {name!r} holds a JSON {type(data).__name__}; it must be a list of "
+                                    f"objects with a {column!r} field")
+            rows = enumerate(data, 1)
+        for n, row in rows:
+            where = f"line {n}" if kind == "jsonl" else f"item {n}"
             if not isinstance(row, dict):
-                raise ActcacheError(f"{os.path.basename(path)!r}: rows must be JSON objects with a "
+                raise ActcacheError(f"dataset file {name!r} {where}: rows must be JSON objects with a "
                                     f"{column!r} field, got {type(row).__name__}")
             if column not in row:
                 raise _columns_error(path, column, row)
-            t = row[column]
+            t = _text(row[column], f"dataset file {name!r}", where, column)
             if t:
                 yield t
 
 
-# -- HF hub --------------------------------------------------------------------------------------
-def _open_hub(spec: DatasetSpec) -> Source:
-    revision = spec.revision
+def _json(text: str, name: str, where: str) -> Any:
     try:
-        from huggingface_hub import HfApi
+        return json.loads(text)
+    except RecursionError:
+        raise ActcacheError(f"dataset file {name!r} {where}: JSON nested too deeply") from None
+    except json.JSONDecodeError as e:
+        at = where or f"line {e.lineno}"
+        raise ActcacheError(f"dataset file {name!r} {at}: not valid JSON ({e.msg}); fix the file") from e
 
-        revision = HfApi().dataset_info(spec.path, revision=spec.revision).sha
-    except Exception as e:  # offline, gated, missing: say which in one line
-        if spec.revision is None or "404" in str(e) or "not found" in str(e).lower():
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ActcacheError(f"dataset {spec.path!r} not found locally nor on the HF hub ({first[:160]}); "
-                                "pass an existing file path, or an HF dataset name with network access") from None
-    parts = {"hf": spec.path, "config": spec.name, "split": spec.split, "revision": revision}
-    spec = DatasetSpec(spec.path, spec.name, spec.split, revision, spec.streaming, spec.text_column,
-                       spec.storage_options)
-    for _ in _hf_texts(spec):
-        break
-    else:
-        raise ActcacheError(f"dataset {spec.path!r} split {spec.split!r} is empty")
-    return Source(spec, "hf:" + fingerprint.combine(parts), None)
+
+# -- HF hub --------------------------------------------------------------------------------------
+def _open_hub(spec: DatasetSpec, label: str) -> Source:
+    sha, err = hub.commit(spec.path, spec.revision, "dataset")
+    if sha is None:
+        raise ActcacheError(f"dataset {spec.path!r} not found locally nor on the HF hub: {hub.why(err)}; pass an "
+                            "existing file path, or an HF dataset name with network access", field="dataset")
+    parts = {"hf": spec.path, "config": spec.name, "split": spec.split, "revision": sha}
+    spec = dataclasses.replace(spec, revision=sha)  # pinned: every later read sees this commit, not the branch's
+    return Source(spec, "hf:" + fingerprint.combine(parts), None, label)
 
 
 def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
@@ -194,12 +264,19 @@ def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
                                    streaming=spec.streaming)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ActcacheError(f"cannot load HF dataset {spec.path!r} ({first[:200]}); check --dataset, "
-                            "--dataset-config and --split") from None
+        raise ActcacheError(f"cannot load HF dataset {spec.path!r} ({first[:200]}); check {opt('dataset')}, "
+                            f"{opt('dataset_config')} and {opt('split')}") from e
     cols = ds.column_names or list(getattr(ds, "features", None) or [])
     if cols and spec.text_column not in cols:
         raise _columns_error(spec.path, spec.text_column, cols)
-    for row in ds:
-        t = row[spec.text_column]
-        if t:
-            yield t
+    try:
+        for n, row in enumerate(ds, 1):
+            t = _text(row[spec.text_column], f"HF dataset {spec.path!r}", f"row {n}", spec.text_column)
+            if t:
+                yield t
+    except ActcacheError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check "
+                            f"{opt('dataset')}, {opt('dataset_config')} and {opt('split')}") from e

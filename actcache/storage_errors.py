@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.transient import chain, error_code, is_transient
 
-_CHAIN_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or --aws-credentials-block"
+_CHAIN_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or " + opt("aws_credentials_block")
 _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                     "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException"}
 _DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
 
 
-class StoreUnavailable(ActcacheError):
+class StoreUnavailable(Failure):
     """The store could not be reached or was overloaded; the upload task retries this one."""
 
     transient = True
@@ -46,11 +46,11 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
         names = _names(e)
         if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
             return ActcacheError(f"no usable credentials for {url}; set {_CHAIN_HINT} "
-                                 "(or {\"anon\": true} in --storage-options for a public bucket)")
+                                 "(or {\"anon\": true} in " + opt("storage_options") + " for a public bucket)")
         if "EndpointConnectionError" in names or "ConnectTimeoutError" in names:
             where = _endpoint(e) or "the storage endpoint"
             return StoreUnavailable(f"cannot reach {where} while {action} {url}; check AWS_ENDPOINT_URL "
-                                    "(or endpoint_url in --storage-options) and that the server is up")
+                                    "(or endpoint_url in " + opt("storage_options") + ") and that the server is up")
         if names & {"SSLError", "ClientSSLError", "ClientConnectorCertificateError"}:
             return ActcacheError(f"TLS handshake failed while {action} {url}; check the endpoint's scheme "
                                  "(http:// or https://) and certificates")
@@ -71,7 +71,7 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
                                  f"({_CHAIN_HINT}) and that they may read, write and list this bucket")
         if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
             return ActcacheError(f"bucket {bucket!r} is in another region ({code}); set AWS_DEFAULT_REGION or "
-                                 "client_kwargs.region_name in --storage-options")
+                                 "client_kwargs.region_name in " + opt("storage_options"))
         if is_transient(e):
             return StoreUnavailable(f"{action} {url} failed: {code or 'error'} (HTTP {status}); the endpoint "
                                     "is overloaded or failing: retried, then rerun the same command to resume")

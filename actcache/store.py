@@ -7,26 +7,109 @@ Storage failures leave here as one-line ``ActcacheError``s (see ``storage_errors
 ``StoreUnavailable``, which the upload task retries. S3 endpoints come from ``AWS_ENDPOINT_URL``,
 ``FSSPEC_S3_ENDPOINT_URL`` or ``endpoint_url`` in the storage options; credentials from the AWS chain or
 a Prefect ``AwsCredentials`` block named by ``credentials_block``.
+
+A ``StoreRef`` (URL, options, credentials block name) is how a store travels between callers, tasks and
+processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import mmap
 import os
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from actcache import faults, storage_errors
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure, opt
+
+JSON_LIMIT = 256 << 20
+"""Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
+JSON_DEPTH = 32
+"""Deepest nesting accepted in a store's JSON file (actcache writes at most 5 levels)."""
+
+
+class DamagedFile(Failure, ValueError):
+    """A store file that cannot be what actcache wrote: a link, a FIFO or device, the wrong size, bad JSON.
+
+    A ValueError too, so that callers treating unparsable content as damage treat this the same way.
+    """
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from a store file, bounded: nesting deeper than JSON_DEPTH is refused, never a RecursionError."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise DamagedFile(f"{what} is nested too deeply to be an actcache file") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DamagedFile(f"{what} is not valid JSON ({e})") from e
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > JSON_DEPTH:
+            raise DamagedFile(f"{what} is nested more than {JSON_DEPTH} levels deep; not an actcache file")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
+def dump_json(obj: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity, which other parsers reject) as actcache writes it."""
+    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Where a store (or a set inside it) is and how to reach it: one small, picklable value.
+
+    It holds no secret: a Prefect ``AwsCredentials`` block travels by name and is resolved by ``open()``.
+    """
+
+    url: str
+    """A local folder or any fsspec URL (``s3://bucket/prefix``)."""
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    """fsspec options (e.g. ``{"endpoint_url": ...}``), never credentials."""
+    credentials_block: str | None = None
+    """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
+
+    @classmethod
+    def of(cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None,
+           credentials_block: str | None = None) -> StoreRef:
+        """``where`` as a StoreRef: a ref as is, or a URL with its options (the loose form callers still use)."""
+        if isinstance(where, StoreRef):
+            if storage_options or credentials_block:
+                raise TypeError("pass storage options and the credentials block inside the StoreRef, not beside it")
+            return where
+        return cls(where, dict(storage_options or {}), credentials_block)
+
+    def open(self) -> Store:
+        return Store(self.url, self.storage_options, credentials_block=self.credentials_block)
+
+    def child(self, rel: str) -> StoreRef:
+        """The same store's ``rel`` (e.g. a set id) as a ref: a set URL with what it takes to reach it."""
+        return replace(self, url=f"{self.url.rstrip('/')}/{rel}")
+
+    def split(self) -> tuple[StoreRef, str]:
+        """``<store>/<name>`` -> (the store's ref, name); a bare name is in the current folder."""
+        url = self.url.rstrip("/")
+        if "/" not in url:
+            return replace(self, url="."), url
+        parent, name = url.rsplit("/", 1)
+        return replace(self, url=parent or "/"), name
 
 
 @dataclass(frozen=True)
@@ -64,6 +147,7 @@ def _mtime(info: dict) -> float:
 
 # botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
 # for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
 _S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
 
 
@@ -81,6 +165,15 @@ class _Parts:
         return self.view[part].tobytes()
 
 
+def _prefault(m: mmap.mmap) -> None:
+    """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
+    try:
+        m.madvise(_MADV_POPULATE_READ)  # Linux >= 5.14
+    except (OSError, AttributeError):  # older kernels: read ahead; no madvise (Windows): nothing to do
+        with contextlib.suppress(OSError, AttributeError):
+            m.madvise(mmap.MADV_WILLNEED)
+
+
 class Store:
     """A root URL plus relative paths."""
 
@@ -92,10 +185,13 @@ class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
                  credentials_block: str | None = None):
         self.url = url.rstrip("/") or url
+        self.ref = StoreRef(self.url, dict(storage_options or {}), credentials_block)
+        """How to open this store again (elsewhere, in another process)."""
         options = dict(storage_options or {})
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
-                raise ActcacheError(f"--aws-credentials-block applies to s3:// stores, not {self.url!r}; omit it")
+                raise ActcacheError(f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; "
+                                    "omit it")
             from actcache.credentials import block_options
 
             options = block_options(credentials_block, options)
@@ -178,12 +274,132 @@ class Store:
         with self._io("checking", rel):
             return self.fs.exists(self.path(rel))
 
-    def read_bytes(self, rel: str) -> bytes:
-        with self._io("reading", rel):
-            return self.fs.cat_file(self.path(rel))
+    def read_bytes(self, rel: str, *, size: int | None = None, limit: int | None = None) -> bytes:
+        """The bytes of the regular file ``rel``: exactly ``size`` of them when given, at most ``limit``.
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        Locally a symlink anywhere below the store root, a FIFO or a device is refused without blocking
+        (``DamagedFile``); object stores have no such files, and a ranged GET reads no more than asked.
+        """
+        cap = size if size is not None else limit
+        if self.local:
+            data = self._read_local(rel, None if cap is None else cap + 1)
+        else:
+            with self._io("reading", rel):
+                try:
+                    data = self.fs.cat_file(self.path(rel)) if cap is None else \
+                        self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                except OSError as e:
+                    if "range is not satisfiable" not in str(e).lower():  # S3's answer for an empty object
+                        raise
+                    data = b""
+        if cap is not None and len(data) > cap:
+            raise DamagedFile(f"{self.url_of(rel)} is larger than {cap} bytes")
+        if size is not None and len(data) != size:
+            raise DamagedFile(f"{self.url_of(rel)} has {len(data)} bytes, expected {size}")
+        return data
+
+    def read_mapped(self, rel: str, *, size: int | None = None) -> mmap.mmap | bytes:
+        """The bytes of the regular file ``rel`` (exactly ``size`` of them when given) without a copy where the
+        store allows: a local file is memory-mapped (copy-on-write, so writes stay private) and its pages faulted
+        in now, straight from the page cache; new bytes otherwise (one GET on S3). Refused as ``read_bytes``
+        refuses links, FIFOs and devices.
+
+        A reader of a fresh copy pays the page faults of a new allocation, which cost more than the copy itself.
+        Files here are only ever replaced whole (temp + rename), never truncated in place, so a mapping stays valid.
+        """
+        if not self.local:
+            if size is not None:
+                return self.read_bytes(rel, size=size)  # one ranged GET
+            # One GET per file on S3 (s3fs would split a big object into concurrent ranges, then copy them into
+            # one): readers that want more in flight read several files at once.
+            with self._io("reading", rel):
+                return self.fs.cat_file(self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
+        with self._open_local(rel) as f:
+            n = os.fstat(f.fileno()).st_size
+            if size is not None and n != size:
+                raise DamagedFile(f"{self.url_of(rel)} has {n} bytes, expected {size}")
+            if n == 0:
+                return b""  # mmap refuses empty files
+            try:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        _prefault(m)
+        return m
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the regular file ``rel`` (one ranged GET on object stores); locally refused
+        as ``read_bytes`` refuses links, FIFOs and devices."""
+        if self.local:
+            return self._read_local(rel, max(0, end - start), start)
+        with self._io("reading", rel):
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
+        """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
+        with self._open_local(rel) as f:
+            left = max(0, os.fstat(f.fileno()).st_size - start)
+            n = left if most is None else min(left, most)
+            try:
+                f.seek(start)
+                return f.read(n)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+
+    def _open_local(self, rel: str) -> BinaryIO:
+        """The regular file ``rel``, open for reading; a symlink below the root, a FIFO or device is refused."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of hanging
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DamagedFile(f"{self.url_of(rel)} is a symlink; actcache reads only regular files it wrote "
+                                  "(remove it: a rerun rewrites it)") from None
+            if isinstance(e, FileNotFoundError):
+                raise
+            if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
+                raise DamagedFile(f"{self.url_of(rel)} is not a regular file; remove it: a rerun rewrites it") from e
+            raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
+                              "remove it: a rerun rewrites it")
+        return f
+
+    def regular_path(self, rel: str, size: int) -> str:
+        """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library
+        that opens files by name (a link, FIFO or device there is refused, as ``read_bytes`` refuses it)."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise DamagedFile(f"{self.url_of(rel)} is missing ({e.strerror}); rerun the extraction") from e
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file of {size} bytes; run `actcache verify`")
+        return path
+
+    def _check_inside(self, rel: str, path: str) -> None:
+        """No symlink between the store root and ``path`` (the root itself may be one): nothing outside is touched."""
+        inside = os.path.normpath(os.path.join(os.path.realpath(self.root), os.path.dirname(rel)))
+        if os.path.realpath(os.path.dirname(path)) != inside:
+            raise DamagedFile(f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
+                              f"inside {self.url} (replace the link with a real folder)")
+
+    def _real_folders(self, rel: str) -> None:
+        """Replace a symlink where a folder of ``rel`` should be by a real folder (the link only; what it points to
+        is left alone), so that a rerun writes inside the store, as readers expect, instead of through it."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = self.path("/".join(parts[:i]))
+            if os.path.islink(p):
+                os.unlink(p)
+
+    def read_json(self, rel: str, *, limit: int = JSON_LIMIT) -> Any:
+        return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))
 
     # -- writing -------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
@@ -193,7 +409,13 @@ class Store:
         """
         path = self.path(rel)
         if self.local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                self._real_folders(rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as e:
+                raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
+                              "finished shards are kept") from e
+            self._check_inside(rel, path)
             tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:
@@ -205,9 +427,9 @@ class Store:
             except BaseException as e:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                    raise ActcacheError(f"cannot write {self.url_of(rel)} ({e.strerror}); free space or fix "
-                                        "permissions, then rerun: finished shards are kept") from None
+                if isinstance(e, OSError):  # disk full, file-size limit, read-only, store removed meanwhile, ...
+                    raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
+                                  "store, then rerun: finished shards are kept") from e
                 raise
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
@@ -239,8 +461,16 @@ class Store:
                     pass
         return removed
 
+    def remove_tree(self, rel: str) -> None:
+        """Delete everything below ``rel`` (nothing there is fine)."""
+        with self._io("deleting", rel):
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
+
     def write_json(self, rel: str, obj: Any) -> None:
-        self.write_bytes(rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+        self.write_bytes(rel, dump_json(obj))
 
     def check_writable(self) -> None:
         """Fail early, writing nothing, if the store cannot hold a set."""
@@ -249,21 +479,21 @@ class Store:
             return
         p = self.root
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as --store")
+            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {opt('store')}")
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:
                 break
             p = parent
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as --store")
+            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {opt('store')}")
         try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
             fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
             raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                                "choose another --store or fix its permissions") from None
+                                f"choose another {opt('store')} or fix its permissions") from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

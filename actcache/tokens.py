@@ -7,12 +7,14 @@ each followed by the separator, chunked to exactly ``context_size`` (BOS first w
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import hashlib
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from actcache import faults, layout, records, shard
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.key import TokensKey
 from actcache.store import Store
 
@@ -56,78 +58,152 @@ def tokenize_docs(texts: Iterable[str], tokenizer, batch: int = 256) -> Iterator
     for t in texts:
         chunk.append(t)
         if len(chunk) == batch:
-            yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            yield from _encode(tokenizer, chunk)
             chunk = []
     if chunk:
-        yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        yield from _encode(tokenizer, chunk)
+
+
+def _encode(tokenizer, chunk: list[str]) -> list[list[int]]:
+    try:
+        return tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # texts are checked to be strings: this is the tokenizer's own failure
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"the tokenizer failed on a document ({type(e).__name__}: {first})") from e
+
+
+BUFFER_TOKENS = 1 << 24
+"""Token ids (64 MB as int32) the validating pass keeps for writing; a larger target is tokenized twice."""
 
 
 class TokenCache:
-    """Token shards for one TokensKey inside a store."""
+    """Token shards for one TokensKey inside a store.
+
+    Token shards are full (``seqs_per_shard`` sequences) except where the dataset ends, whatever the target: a
+    token shard's bytes depend on its key and index alone, so runs with different --max-tokens share them
+    (even at once), and an activation shard of n sequences uses the first n of its token shard.
+    """
 
     def __init__(self, store: Store, key: TokensKey):
         self.store, self.key = store, key
         self.root = layout.tokens_dir(key.id)
+        self.bounds = records.Bounds.of(key)
 
-    def scan(self) -> records.Scan:
-        return records.scan(self.store, self.root, INDEX)
+    def scan(self, *, read_all: bool = False) -> records.Scan:
+        return records.scan(self.store, self.root, INDEX, self.bounds, owner=self.key.id, read_all=read_all)
 
     def available_seqs(self, scan: records.Scan) -> int | None:
-        """Total sequences the dataset holds, once a pass has reached its end."""
+        """Total sequences the dataset holds, once a pass has reached its end (None if unknown or damaged)."""
         if layout.END not in scan.entries:
             return None
-        return int(self.store.read_json(f"{self.root}/{layout.END}")["n_seq"])
+        try:
+            end = records.check_sealed(self.store.read_json(f"{self.root}/{layout.END}", limit=records.RECORD_LIMIT),
+                                       layout.END)
+        except (ValueError, FileNotFoundError):
+            return None  # damaged: the next pass that reaches the end rewrites it
+        n = end.get("n_seq")
+        return n if type(n) is int and n >= 0 else None
 
     def plan(self, target_seqs: int, scan: records.Scan | None = None) -> list[ShardWork]:
+        """The activation shards for ``target_seqs`` sequences (the last may be partial)."""
         scan = scan or self.scan()
         avail = self.available_seqs(scan)
         total = target_seqs if avail is None else min(target_seqs, avail)
         return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, self.key.seqs_per_shard))]
 
-    def ensure(self, target_seqs: int, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None,
-               on_shard=None) -> list[ShardWork]:
-        """Make sure token shards exist up to ``target_seqs``; return the true per-shard sizes."""
-        scan = self.scan()
+    def cover(self, wanted: list[ShardWork], avail: int | None) -> list[ShardWork]:
+        """The token shards ``wanted`` reads: full ones, except the dataset's last (when known)."""
+        sps = self.key.seqs_per_shard
+        total = len(wanted) * sps if avail is None else min(len(wanted) * sps, avail)
+        return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, sps))]
+
+    def ensure(self, target_seqs: int, texts: Callable[[], Iterable[str]], tokenizer, sep: int | None,
+               bos: int | None, *, check: Container[int] | None = None, on_shard=None) -> list[ShardWork]:
+        """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
+
+        ``check``: the token shards to re-hash before trusting them (those the run feeds to the model);
+        None re-hashes every one (--verify-existing).
+        """
+        scan = self.scan(read_all=check is None)
         wanted = self.plan(target_seqs, scan)
-        if all(scan.is_done(w.index, w.n_seq) for w in wanted):
+        cover = self.cover(wanted, self.available_seqs(scan))
+        sound = {w.index for w in cover if scan.is_done(w.index, w.n_seq, verify=check is None or w.index in check)}
+        if len(sound) == len(cover):
             return wanted
+        # Read, decode and tokenize exactly the input this run consumes before writing anything: a bad row or an
+        # undecodable byte deep in a file then fails the run with the store untouched (a one-line error, exit 2).
+        # Tokenizing costs little next to the forward passes it feeds; up to BUFFER_TOKENS the ids are kept, so
+        # only larger targets tokenize twice.
+        goal = len(cover) * self.key.seqs_per_shard
+        kept: list[torch.Tensor] | None = []
+        produced = 0
+        for batch in self._shards(texts(), tokenizer, sep, bos, goal):
+            produced += len(batch)
+            if kept is not None and produced * self.key.context_size <= BUFFER_TOKENS:
+                kept.append(torch.tensor(batch, dtype=torch.int32))
+            else:
+                kept = None
+        if produced == 0:
+            raise ActcacheError(f"the dataset holds too little text for one sequence; lower {opt('context_size')} or "
+                                "pass more text")
         self.store.sweep_temp(self.root)
+        batches = kept if kept is not None else (torch.tensor(b, dtype=torch.int32)
+                                                 for b in self._shards(texts(), tokenizer, sep, bos, goal))
+        for index, seqs in enumerate(batches):
+            if index not in sound:
+                self._write(index, seqs)
+            if on_shard:
+                on_shard()
+        if produced < goal:  # the dataset ended first: remember where
+            self.store.write_json(f"{self.root}/{layout.END}", records.sealed({"n_seq": produced}))
+        recs = self.scan().sorted_records()
+        self.store.write_json(f"{self.root}/{INDEX}",
+                              records.sealed({"key": self.key.id, "shards": [r.to_dict() for r in recs]}))
+        total = min(target_seqs, produced)
+        return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, self.key.seqs_per_shard))]
+
+    def _shards(self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None,
+                goal: int) -> Iterator[list[list[int]]]:
+        """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
         k = self.key
         seqs = pack(tokenize_docs(texts, tokenizer), context_size=k.context_size, bos=bos, separator=sep,
                     prepend_bos=k.prepend_bos)
-        out: list[ShardWork] = []
         batch: list[list[int]] = []
         produced = 0
         for seq in seqs:
             batch.append(seq)
             produced += 1
-            if len(batch) == k.seqs_per_shard or produced == target_seqs:
-                out.append(self._emit(scan, len(out), batch))
-                if on_shard:
-                    on_shard()
+            if len(batch) == k.seqs_per_shard or produced == goal:
+                yield batch
                 batch = []
-            if produced == target_seqs:
-                break
-        else:
-            if batch:
-                out.append(self._emit(scan, len(out), batch))
-            self.store.write_json(f"{self.root}/{layout.END}", {"n_seq": produced})
-        recs = self.scan().sorted_records()
-        self.store.write_json(f"{self.root}/{INDEX}", {"key": k.id, "shards": [r.to_dict() for r in recs]})
-        return out
+            if produced == goal:
+                return
+        if batch:
+            yield batch
 
-    def _emit(self, scan: records.Scan, index: int, seqs: list[list[int]]) -> ShardWork:
-        work = ShardWork(index, len(seqs))
-        if not scan.is_done(index, work.n_seq):
-            enc = shard.encode({"tokens": torch.tensor(seqs, dtype=torch.int32)})
-            rel = layout.shard_file(index, "none")
-            self.store.write_bytes(f"{self.root}/{rel}", enc.data)
-            faults.point("tokenize.token-shard-written")
-            records.write_record(self.store, self.root, records.Record(
-                index, rel, work.n_seq, work.n_seq * self.key.context_size, enc.sha256, len(enc.data)))
-            faults.point("tokenize.token-record-written")
-        return work
+    def _write(self, index: int, seqs: torch.Tensor) -> None:
+        enc = shard.encode({"tokens": seqs})
+        rel = layout.shard_file(index, "none")
+        self.store.write_bytes(f"{self.root}/{rel}", enc.data)
+        faults.point("tokenize.token-shard-written")
+        records.write_record(self.store, self.root, records.Record(
+            index, rel, len(seqs), len(seqs) * self.key.context_size, enc.sha256, len(enc.data)))
+        faults.point("tokenize.token-record-written")
 
-    def load(self, index: int) -> torch.Tensor:
-        data = self.store.read_bytes(f"{self.root}/{layout.shard_file(index, 'none')}")
-        return shard.decode(data, codec="none", expect={"tokens": (torch.int32, None)})["tokens"]
+    def load(self, index: int, n_seq: int) -> torch.Tensor:
+        """The first ``n_seq`` sequences of token shard ``index``, checked against its record's sha256 first."""
+        where = f"token shard {index} of {self.store.url_of(self.root)}"
+        rel = layout.record_file(index)
+        try:
+            rec = records.Record.from_dict(records.check_sealed(
+                self.store.read_json(f"{self.root}/{rel}", limit=records.RECORD_LIMIT), rel), self.bounds)
+            if rec.n_seq < n_seq:
+                raise ValueError(f"it holds {rec.n_seq} sequences, {n_seq} needed")
+            data = self.store.read_bytes(f"{self.root}/{rec.file}", size=rec.bytes)
+            if hashlib.sha256(data).hexdigest() != rec.sha256:
+                raise ValueError("its bytes fail their sha256 checksum")
+            tokens = shard.decode(data, codec="none",
+                                  expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))})["tokens"]
+        except (ValueError, FileNotFoundError) as e:
+            raise Failure(f"{where} is damaged or missing ({e}); rerun the same command: it is rebuilt") from e
+        return tokens[:n_seq]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -396,34 +398,79 @@ def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict
             "rows": rows}
 
 
+# -- normalisation statistics: their cost beside the forward pass ----------------------------------------
+def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
+    """The extraction step (c) alone vs with the previous shard's moments (``moments.of``, what the compress
+    stage adds) computed in a thread beside it, round-robin; and the moments' own time per token."""
+    import threading
+
+    import torch
+
+    from actcache import moments
+    from actcache.extraction import extractor_for
+    from actcache.model import ModelSpec, resolve_model
+
+    model = resolve_model(ModelSpec(str(src)))
+    step = extractor_for(model, [HOOK], batch_size=batch, device=device)
+    tokens = random_tokens(4 * batch, ctx, model.config.vocab_size, seed=5)  # a "shard" of 4 batches
+    previous = step(tokens)[HOOK].to(torch.float16)  # the storage-dtype tensor compress hands to moments.of
+
+    def beside() -> None:
+        t = threading.Thread(target=moments.of, args=(previous,))
+        t.start()
+        step(tokens)
+        t.join()
+
+    times = round_robin({"forward": lambda: step(tokens), "forward_with_stats": beside}, reps)
+    alone = round_robin({"moments": lambda: moments.of(previous)}, reps)
+    paired = [w / f for f, w in zip(times["forward"], times["forward_with_stats"], strict=True)]
+    # CPU seconds, which other processes' load barely moves: what the moments take from the forward's cores.
+    cpu_forward, cpu_moments = [], []
+    for _ in range(reps):
+        t = time.process_time()
+        step(tokens)
+        cpu_forward.append(time.process_time() - t)
+        t = time.thread_time()
+        moments.of(previous)
+        cpu_moments.append(time.thread_time() - t)
+    n = tokens.numel()
+    return {"tokens_per_shard": n, "d": previous.shape[-1],
+            "cpu_moments_vs_cpu_forward": round(median(cpu_moments) / median(cpu_forward), 5),
+            "forward_s": round(median(times["forward"]), 4),
+            "forward_with_stats_s": round(median(times["forward_with_stats"]), 4),
+            "slowdown_median_of_pairs": round(median(paired) - 1, 4),
+            "moments_alone_us_per_token": round(median(alone["moments"]) / n * 1e6, 3),
+            "moments_alone_vs_forward": round(median(alone["moments"]) / median(times["forward"]), 4)}
+
+
 # -- per-shard overhead: what the flow adds around the forward pass -------------------------------------
 class _Stub:
     """Stands in for the extractor: sleeps like a GPU forward pass at ``rate`` tokens/s (the GIL is released,
-    as while waiting on a CUDA stream), returns zeros of width 8, and stamps when each call starts."""
+    as while waiting on a CUDA stream), returns zeros of the model's width, and stamps when each call starts."""
 
-    def __init__(self, hooks, rate: float | None, starts: list[float]):
-        self.hooks, self.rate, self.starts = hooks, rate, starts
+    def __init__(self, hooks, rate: float | None, starts: list[float], width: int):
+        self.hooks, self.rate, self.starts, self.width = hooks, rate, starts, width
 
-    def __call__(self, tokens, into=None):
+    def __call__(self, tokens, into=None, finite=None):
         import torch
 
         self.starts.append(time.perf_counter())
         if self.rate:
             time.sleep(tokens.numel() / self.rate)
-        shape = (*tokens.shape, 8)
+        shape = (*tokens.shape, self.width)
         return {h: into(h, shape).zero_() if into else torch.zeros(shape) for h in self.hooks}
 
 
 @contextlib.contextmanager
 def stub_forward(rate: float | None, starts: list[float]):
-    import tasks.extract as te
+    import actcache.plan as ap  # where the extract task gets its forward pass (Plan.extractor)
 
-    real = te.extractor_for
-    te.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts)
+    real = ap.extractor_for
+    ap.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts, model.d_model)  # resid hooks only
     try:
         yield
     finally:
-        te.extractor_for = real
+        ap.extractor_for = real
 
 
 def big_corpus(work: Path, repeat: int) -> Path:
@@ -730,6 +777,190 @@ def memory(work: Path, widths, shard_mib, regimes, codecs, before: str | None) -
     return out
 
 
+# -- reading a set back for training (issue 10) ----------------------------------------------------------
+def drain(items) -> None:
+    """Run through ``items``, keeping none of them."""
+    for _ in items:
+        pass
+
+
+def reader(work: Path, smoke: bool, reps: int) -> dict:
+    """A d=768 float16 set read back every way, round-robin in this process with the page cache warm: GB/s of
+    stored activation bytes per epoch, and the median per-round ratio to the floor (plain safetensors load +
+    cast to the batch dtype). Then S3 against an independent client, and peak RSS against the set's size."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from actcache import shard
+    from actcache.dataset import ActivationDataset
+    from actcache.reader import open_set
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import setwriter
+
+    d, ctx, seqs, n = (64, 32, 16, 4) if smoke else (768, 128, 512, 8)  # full: 8 shards of 65,536 tokens, 768 MB
+    batch, buffer = (64, 256) if smoke else (4096, 1 << 17)
+    root = work / "reader"
+    url = setwriter.write_set(root, shards=n, seqs=seqs, ctx=ctx, d=d, with_stats=True)
+    zurl = setwriter.write_set(root, shards=n, seqs=seqs, ctx=ctx, d=d, codec="shuffle-zstd", level=1)
+    s, z = open_set(url), open_set(zurl)
+    files = [Path(url) / r.file for r in s.records]
+    zfiles = [Path(zurl) / r.file for r in z.records]
+    stored = s.n_tokens * d * 2
+    f32 = torch.float32
+
+    def ds(u: str = url, **kw) -> ActivationDataset:
+        return ActivationDataset(u, batch, **{"shuffle_buffer": buffer, "dtype": f32, **kw})
+
+    def epoch(batches) -> Callable[[], None]:
+        return lambda: drain(batches)
+
+    shuffled = ds()
+    load_before = os.getloadavg()
+    methods = {
+        "raw_read": lambda: drain(f.read_bytes() for f in files),
+        "floor_f32": lambda: drain(load_file(f)["activations"].to(f32) for f in files),
+        "floor_f16": lambda: drain(load_file(f)["activations"].clone() for f in files),  # load_file maps lazily
+        "open_set_f32": lambda: drain(x.activations.to(f32) for x in open_set(url)),  # views: cast to touch the bytes
+        "ds_in_order_f32": epoch(ds(shuffle_buffer=0)),
+        "ds_shuffle_f32": epoch(shuffled),
+        "ds_shuffle_f16": epoch(ds(dtype=None)),
+        "ds_shuffle_f32_verify": epoch(ds(verify=True)),
+        "ds_shuffle_f32_exclude_special": epoch(ds(exclude_special_tokens=True)),
+        "ds_shuffle_f32_normalize_scale": epoch(ds(normalize="scale")),
+        "loader_0_workers": epoch(DataLoader(shuffled, batch_size=None, num_workers=0)),
+        "loader_1_worker": epoch(DataLoader(ds(), batch_size=None, num_workers=1, persistent_workers=True)),
+        "loader_2_workers": epoch(DataLoader(ds(), batch_size=None, num_workers=2, persistent_workers=True)),
+        "shuffle_zstd_decode": lambda: drain(shard.decode(f.read_bytes(), codec="shuffle-zstd") for f in zfiles),
+        "ds_shuffle_f32_shuffle_zstd": epoch(ds(zurl)),
+    }
+    times = round_robin(methods, reps)
+    res: dict = {"set": {"d": d, "dtype": "float16", "context_size": ctx, "shards": n, "tokens_per_shard": seqs * ctx,
+                         "stored_activation_MB": round(stored / 1e6, 1), "batch_size": batch,
+                         "shuffle_buffer_rows": buffer}, "reps": reps, "load_avg_before": load_before}
+    res["GB_s"] = {k: round(stored / median(v) / 1e9, 3) for k, v in times.items()}
+    for floor in ("floor_f32", "floor_f16"):
+        res[f"vs_{floor}"] = {k: round(median([f / t for f, t in zip(times[floor], v, strict=True)]), 3)
+                              for k, v in times.items()}
+    everything = sum(float(x.activations.double().sum()) for x in s)  # same rows, each once, as the floor's
+    got = sum(float(b.double().sum()) for b in ds())
+    res["check"] = {"shuffled_epoch_sum_equals_the_sets": abs(got - everything) <= 1e-6 * abs(everything) + 1e-3,
+                    "rows_per_epoch": ds().n_tokens == s.n_tokens}
+    res["load_avg_after"] = os.getloadavg()
+    del shuffled
+    methods.clear()  # the loaders' persistent workers and the buffers go before the next parts
+    gc.collect()
+    s3_set = url if smoke else setwriter.write_set(root, shards=3, seqs=seqs, ctx=ctx, d=d, seed=3)
+    res["s3"] = reader_s3(work, s3_set, batch, buffer, reps)
+    if not smoke:
+        res["peak_rss"] = reader_rss(root, url, n, seqs, ctx, d, batch, buffer)
+    return res
+
+
+def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:
+    """The set copied to a moto_server on loopback; ActivationDataset and open_set against boto3 get_object of the
+    same objects from the same endpoint (one at a time, and 4 threads)."""
+    import importlib.util
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from actcache.copy import copy_set
+    from actcache.dataset import ActivationDataset
+    from actcache.reader import open_set
+
+    spec = importlib.util.spec_from_file_location("bench_s3_server", ROOT / "tests" / "s3_server.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    server = mod.start(work / "moto_server.log")
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    try:
+        os.environ.update({k: v for k, v in server.env("writer").items() if k != "AWS_ENDPOINT_URL"})
+        options = {"endpoint_url": server.endpoint}
+        s3_url = copy_set(url, server.new_prefix(), dest_options=options).url
+        s = open_set(s3_url, options)
+        client, prefix = server.client(), s3_url.removeprefix(f"s3://{server.bucket}/")
+        keys = [f"{prefix}/{r.file}" for r in s.records]
+        stored = s.n_tokens * s.d * 2
+
+        def get(key: str) -> bytes:
+            return client.get_object(Bucket=server.bucket, Key=key)["Body"].read()
+
+        def threaded() -> None:
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(get, keys))
+
+        def epoch(batches) -> Callable[[], None]:
+            return lambda: drain(batches)
+
+        methods = {
+            "boto3_sequential": lambda: drain(get(k) for k in keys),
+            "boto3_4_threads": threaded,
+            "open_set": lambda: drain(x.activations for x in open_set(s3_url, options)),
+            "ds_in_order_prefetch_4": epoch(ActivationDataset(s3_url, batch, prefetch=4, storage_options=options)),
+            "ds_shuffle_f32_prefetch_4": epoch(ActivationDataset(s3_url, batch, shuffle_buffer=buffer, prefetch=4,
+                                                                 dtype=torch.float32, storage_options=options)),
+        }
+        times = round_robin(methods, reps)
+        out = {"shards": len(keys), "MB": round(stored / 1e6, 1),
+               "GB_s": {k: round(stored / median(v) / 1e9, 3) for k, v in times.items()}}
+        for ref in ("boto3_sequential", "boto3_4_threads"):
+            out[f"vs_{ref}"] = {k: round(median([f / t for f, t in zip(times[ref], v, strict=True)]), 3)
+                                for k, v in times.items()}
+        return out
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def reader_rss(root: Path, url: str, n: int, seqs: int, ctx: int, d: int, batch: int, buffer: int) -> dict:
+    """Peak RSS of one shuffled float32 epoch, each in its own process, for sets of n/4, n and 3n shards."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import setwriter
+
+    out = {}
+    for shards in (max(n // 4, 1), n, 3 * n):
+        u = url if shards == n else setwriter.write_set(root, shards=shards, seqs=seqs, ctx=ctx, d=d, seed=shards)
+        out[f"{shards}_shards"] = {"set_MB": round(shards * seqs * ctx * d * 2 / 1e6, 1),
+                                   **child(["--reader-rss-child", u, str(batch), str(buffer)])}
+        if u != url:
+            shutil.rmtree(u, ignore_errors=True)
+    out["bound_MB"] = {"buffer_float32": round(buffer * d * 4 / 1e6, 1),
+                       "prefetch_2_plus_1_shards": round(3 * seqs * ctx * d * 2 / 1e6, 1)}
+    return out
+
+
+def reader_rss_child(url: str, batch: str, buffer: str) -> None:
+    import torch
+
+    from actcache.dataset import ActivationDataset
+
+    base = rss_mb()
+    rows = sum(len(b) for b in ActivationDataset(url, int(batch), shuffle_buffer=int(buffer), dtype=torch.float32))
+    print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "after_imports_mb": round(base, 1), "rows": rows}))
+
+
+def print_reader(r: dict) -> None:
+    print(f"\n== reading back: {r['set']}, load avg {r['load_avg_before']} -> {r['load_avg_after']}")
+    print(f"{'method':34} {'GB/s':>7} {'vs floor f32':>13} {'vs floor f16':>13}")
+    for k, v in r["GB_s"].items():
+        print(f"{k:34} {v:>7.3f} {r['vs_floor_f32'][k]:>13.3f} {r['vs_floor_f16'][k]:>13.3f}")
+    print(f"checks={r['check']}")
+    s3 = r["s3"]
+    print(f"\n== reading back from S3 (moto_server on loopback, {s3['shards']} shards, {s3['MB']} MB)")
+    for k, v in s3["GB_s"].items():
+        print(f"{k:34} {v:>7.3f} GB/s  vs boto3 sequential {s3['vs_boto3_sequential'][k]:>6.3f}"
+              f"  vs boto3 4 threads {s3['vs_boto3_4_threads'][k]:>6.3f}")
+    if "peak_rss" in r:
+        print(f"\n== peak RSS of a shuffled float32 epoch\n{json.dumps(r['peak_rss'], indent=1)}")
+
+
 # -- report ------------------------------------------------------------------------------------------
 def environment(device: str) -> dict:
     from importlib import metadata
@@ -772,9 +1003,11 @@ def print_table(res: dict) -> None:
     for shape, r in res.get("peak_rss", {}).items():
         print(f"\n== peak RSS MB ({shape}, separate processes): "
               + ", ".join(f"{k}={v.get('peak_rss_mb', v)}" for k, v in r.items()))
-    for key in ("several_hooks", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
+    for key in ("several_hooks", "stats_cost", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
         if key in res:
             print(f"\n== {key}\n{json.dumps(res[key], indent=1)}")
+    if "reader" in res:
+        print_reader(res["reader"])
     if "compression" in res:
         print("\n== compression (" + res["compression"]["note"] + ")")
         print(f"{'dtype':9} {'codec':15} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
@@ -783,8 +1016,8 @@ def print_table(res: dict) -> None:
                   f"{row['encode_MB_s']:>9} {row['decode_MB_s'] or '-':>9}")
 
 
-SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "pipeline_overhead", "warm_rerun", "cold_start",
-            "rss_growth", "memory")
+SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "stats_cost", "pipeline_overhead", "warm_rerun",
+            "cold_start", "rss_growth", "memory", "reader")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -810,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-codecs", default="none", help="memory section: codecs (none, zstd, shuffle-zstd)")
     ap.add_argument("--memory-mib", default=",".join(map(str, MEMORY_SHARD_MIB)),
                     help="memory section: shard sizes in MiB of float16 activations")
+    ap.add_argument("--reader-rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
         b, c = map(int, args.shape.split("x"))
@@ -826,6 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.memory_child:
         memory_child(args.memory_child)
+        return 0
+    if args.reader_rss_child:
+        reader_rss_child(*args.reader_rss_child)
         return 0
 
     quiet_prefect()
@@ -848,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {list(res)[-1]} done at {time.perf_counter() - t_all:.0f} s", file=sys.stderr, flush=True)
 
     try:
-        src = build_model(smoke)
+        src = build_model(smoke) if set(only) - {"reader"} else None  # reading back needs no model
         n_layers = 6 if smoke else 12
         shapes = [(2, 32)] if smoke else [(8, 128), (16, 256)]
         if args.shapes:
@@ -869,6 +1106,10 @@ def main(argv: list[str] | None = None) -> int:
         if "compression" in only:
             b, c = shapes[0]
             res["compression"] = compression(src, device, b, c, max(reps - 2, 1))
+            save()
+        if "stats_cost" in only:
+            b, c = shapes[0]
+            res["stats_cost"] = stats_cost(src, device, b, c, reps if smoke else max(reps, 9))
             save()
         if "pipeline_overhead" in only:
             res["pipeline_overhead"] = pipeline_overhead(src, work, (3, 8) if smoke else (20, 120))
@@ -894,6 +1135,9 @@ def main(argv: list[str] | None = None) -> int:
         if "rss_growth" in only and not smoke:
             res["rss_growth"] = rss_growth(src, work, device, 32 if smoke else 128, 4 if smoke else 16,
                                            2 if smoke else 4)
+            save()
+        if "reader" in only:
+            res["reader"] = reader(work, smoke, max(reps - 2, 1) if not smoke else 1)
             save()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
@@ -14,15 +15,18 @@ from actcache.progress import Progress, Window
 from actcache.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from tasks.compress import compress
 from tasks.extract import extract
-from tasks.manifest import summarize, write_manifest
-from tasks.plan import plan_extraction, skip_cached
+from tasks.manifest import progress_key, sets_message, summarize, write_manifest
+from tasks.plan import plan_extraction, recheck, skip_cached
 from tasks.tokenize import tokenize
 from tasks.upload import upload
+
+# Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
+ROUNDS = 3
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
 def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index: int = 0,
-                        num_partitions: int = 1) -> list[str]:
+                        num_partitions: int = 1) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
@@ -30,12 +34,19 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
     # a cost per task that grows with the set; the plan is passed as is.
     q = quote(plan)
-    with Progress(len(work)) as progress:
-        window = Window(IN_FLIGHT, on_result=lambda _: progress.advance())
-        for shard in work:
-            for acts in extract(q, shard):
-                window.add(upload.submit(q, compress.submit(q, acts)))
-        stored = window.drain()
+    steps = sum(len(plan.todo(w)) for w in work)  # one per hook and shard
+    with Progress(steps, key=progress_key(plan), log=get_run_logger().info) as progress:
+        window = Window(IN_FLIGHT, on_result=lambda r: progress.advance(
+            tokens=r.n_tokens, item=f"set {r.extra['set_id']} shard {r.index:06d} stored"))
+        for round_ in range(1, ROUNDS + 1):
+            for shard in work:
+                for acts in extract(q, shard):
+                    window.add(upload.submit(q, compress.submit(q, acts)))
+            stored = window.drain()
+            if not work:
+                break
+            plan, work = recheck(q, last=round_ == ROUNDS)
+            q = quote(plan)
     urls = write_manifest(plan)
     summarize(plan, stored, progress.seconds)
-    return urls
+    return Completed(message=sets_message(urls), data=urls)  # the message shows the URLs in the UI and API

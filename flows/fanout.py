@@ -5,24 +5,44 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from prefect import flow
+from prefect.states import Completed, State
 
 from actcache.config import ExtractConfig
-from tasks.fanout import launch_partition, pick_partitions, plan_fanout, verify_sets, wait_for_partitions
-from tasks.manifest import write_manifest
+from tasks.fanout import (
+    check_partitions,
+    launch_partition,
+    pick_partitions,
+    plan_fanout,
+    summarize_fanout,
+    verify_sets,
+    wait_for_partitions,
+)
+from tasks.manifest import sets_message, write_manifest
 from tasks.tokenize import tokenize
 
 
 @flow(name="extract-fanout")
 def extract_fanout(config: ExtractConfig = ExtractConfig(), num_partitions: int = 4,
-                   deployment: str = "extract-activations/partition", poll_s: float = 2.0) -> list[str]:
-    """Split an extraction over ``num_partitions`` runs of ``deployment``; consolidate and verify the sets."""
+                   deployment: str = "extract-activations/partition", poll_s: float = 2.0,
+                   max_relaunches: int = 2, timeout_s: float = 24 * 3600.0) -> State:
+    """Split an extraction over ``num_partitions`` runs of ``deployment``; consolidate and verify the sets.
+
+    A partition whose run crashes (its node was lost) is relaunched up to ``max_relaunches`` times; partitions
+    still running after ``timeout_s`` seconds are cancelled and the job fails. Returns the set URLs.
+    """
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
     chosen = pick_partitions(plan, num_partitions)
-    runs = {i: launch_partition(deployment, config, i, num_partitions) for i in chosen}
-    wait_for_partitions(runs, poll_s)
-    final = plan_fanout(config)
+    pinned = plan.pinned_config  # hub names pinned to the commits resolved above: a moving branch changes nothing
+    runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}
+    relaunch = partial(launch_partition, deployment, pinned, count=num_partitions)
+    outcomes = wait_for_partitions(runs, relaunch, max_relaunches, timeout_s, poll_s)
+    final = plan_fanout(pinned)
+    summarize_fanout(plan, final, outcomes, num_partitions)
+    check_partitions(outcomes)
     urls = write_manifest(final)
     verify_sets(final)
-    return urls
+    return Completed(message=sets_message(urls), data=urls)

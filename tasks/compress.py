@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, shard, shardfile
+from actcache import environment, faults, handoff, moments, shard, shardfile
 from actcache.plan import Plan
 from tasks.refs import ActivationsRef, PackedRef
 
 
-@task(name="compress", cache_policy=NO_CACHE)
+@task(name="compress", task_run_name="compress-{ref.index:06d}", cache_policy=NO_CACHE)
 def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
     hook_set = plan.hook_set(ref.hook)
@@ -18,12 +18,18 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     f: shardfile.ShardFile = handoff.get(ref.handle)
     acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
     # Everything computed from the activations goes here, before the codec (which may release them).
+    stats = shard.stats(acts)
     extra = {
         "set_id": key.id,
-        "stats": shard.stats(acts),
+        "stats": stats,
+        moments.RECORD_FIELD: moments.of(acts).to_json(),
         "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
+        "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
     del acts
+    if stats["nan"] or stats["inf"]:
+        where = f"shard {ref.index} of {key.hook}"
+        extra["source_finite"] = shard.warn_non_finite(stats, f.source_finite, key.dtype, key.id, where)
     payload = shardfile.encode(f, codec=key.codec, level=key.codec_level)
     handoff.drop(ref.handle)
     faults.point("compress.encoded")

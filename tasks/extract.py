@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from actcache import faults, handoff, shard
-from actcache.extraction import extractor_for, pick_device
-from actcache.plan import Plan, model_for
+from actcache.extraction import pick_device
+from actcache.plan import Plan
 from actcache.shardfile import ShardFile
 from actcache.tokens import ShardWork
 from tasks.refs import ActivationsRef
 
 
-@task(name="extract", cache_policy=NO_CACHE)
+@task(name="extract", task_run_name="extract-{work.index:06d}", cache_policy=NO_CACHE)
 def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     """Compute shard ``work.index`` for every hook still missing it (model loaded once per process)."""
     hooks = [s.hook for s in plan.todo(work)]
-    tokens = plan.token_cache().load(work.index)
-    if len(tokens) != work.n_seq:
-        raise RuntimeError(f"token shard {work.index} holds {len(tokens)} sequences, expected {work.n_seq}")
+    tokens = plan.token_cache().load(work.index, work.n_seq)  # checksummed; the first n_seq of a full shard
     cfg = plan.config
-    step = extractor_for(model_for(cfg), hooks, batch_size=cfg.batch_size, model_dtype=cfg.model_dtype,
-                         device=cfg.device, out_dtype=cfg.dtype)
+    step = plan.extractor(hooks)  # the pinned model and engines: nothing is resolved again here
     pinned = pick_device(cfg.device).startswith("cuda")
     files: dict[str, ShardFile] = {}
 
     def shard_file(hook: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Where the forward pass writes ``hook``'s activations: the stored file's own buffer."""
+        want = plan.hook_set(hook).hook_shape  # the manifest's d comes from it: a disagreement is a bug, never a set
+        if shape[-1] != math.prod(want):
+            raise RuntimeError(f"hook {hook!r} gave width {shape[-1]}, the plan says {list(want)}")
         key = plan.hook_set(hook).key
         f = ShardFile({"activations": (shard.TORCH_DTYPES[key.dtype], shape),
                        "tokens": (tokens.dtype, tuple(tokens.shape))},

@@ -9,7 +9,10 @@ shards, waits, then consolidates and verifies. How many children run at once is 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -49,37 +52,146 @@ def pick_partitions(plan: Plan, num_partitions: int) -> list[int]:
     return chosen
 
 
-@task(name="launch-partition", cache_policy=NO_CACHE)
-def launch_partition(deployment: str, config: ExtractConfig, index: int, count: int) -> UUID:
-    """Create partition ``index``'s flow run on ``deployment`` and return at once (a worker picks it up)."""
+def _logger():
+    """The run's logger (lines reach the UI), or the module's when called outside a run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def run_name(index: int, count: int, attempt: int = 1) -> str:
+    """The flow run name of one partition's attempt: ``partition-1-of-4``, then ``partition-1-of-4-attempt-2``."""
+    return f"partition-{index}-of-{count}" + (f"-attempt-{attempt}" if attempt > 1 else "")
+
+
+@task(name="launch-partition", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 20, 60])
+def launch_partition(deployment: str, config: ExtractConfig, index: int, count: int, attempt: int = 1) -> UUID:
+    """Create partition ``index``'s flow run on ``deployment`` and return at once (a worker picks it up).
+
+    The run is linked to this flow run as its subflow: cancelling the fan-out cancels it (Prefect's server does).
+    Retried when the API fails (a busy server answers 503); the idempotency key keeps a retry from creating a
+    second run when the first request got through.
+    """
+    from prefect.context import FlowRunContext
     from prefect.deployments import run_deployment
 
+    name = run_name(index, count, attempt)
+    parent = FlowRunContext.get()
+    key = f"{parent.flow_run.id}-{name}" if parent and parent.flow_run else None
     run = run_deployment(deployment, parameters=child_parameters(config, index, count), timeout=0,
-                         flow_run_name=f"partition-{index}-of-{count}", tags=["partition"])
+                         flow_run_name=name, tags=["partition"], idempotency_key=key)
     return run.id
 
 
-@task(name="wait-for-partitions", cache_policy=NO_CACHE)
-def wait_for_partitions(runs: dict[int, UUID], poll_s: float = 2.0) -> None:
-    """Wait until every child run is final; fail with every unsuccessful partition named."""
-    from prefect.client.orchestration import get_client
+@dataclass(frozen=True)
+class PartitionOutcome:
+    """How one partition ended: its runs in launch order (relaunches after the first) and the last one's state."""
 
-    pending, failed = dict(runs), []
-    count = len(runs)
+    index: int
+    runs: tuple[str, ...]
+    state: str
+    message: str
+
+    @property
+    def completed(self) -> bool:
+        return self.state == "Completed"
+
+    def describe(self) -> str:
+        relaunched = f", after {len(self.runs) - 1} relaunches" if len(self.runs) > 1 else ""
+        return f"partition {self.index} ({self.runs[-1]}{relaunched}) {self.state}: {self.message}"
+
+
+@task(name="wait-for-partitions", cache_policy=NO_CACHE)
+def wait_for_partitions(runs: dict[int, UUID], relaunch: Callable[..., UUID] | None = None,
+                        max_relaunches: int = 0, timeout_s: float | None = None,
+                        poll_s: float = 2.0) -> list[PartitionOutcome]:
+    """Wait until every partition's run is final and return how each ended.
+
+    A run that ends Crashed (its process or node was lost: see deployments/automations.py) is relaunched with
+    ``relaunch(index=, attempt=)``, at most ``max_relaunches`` times per partition; Failed and Cancelled runs are
+    not (a failure that repeats would only repeat). After ``timeout_s`` the runs still going are cancelled.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    logger = _logger()
+    names: dict[int, list[str]] = {i: [] for i in runs}  # each partition's ended runs, in launch order
+    pending, ended = dict(runs), {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while pending:
             for index, run_id in list(pending.items()):
-                run = client.read_flow_run(run_id)
+                try:
+                    run = client.read_flow_run(run_id)
+                except Exception as e:  # the API is busy or away: the partitions run on regardless
+                    logger.warning("could not read partition %d's run (%s); still waiting", index, e)
+                    continue
                 if run.state is None or not run.state.is_final():
                     continue
                 del pending[index]
-                if not run.state.is_completed():
-                    failed.append(f"partition {index} ({run.name}) {run.state.name}: {run.state.message or ''}")
+                names[index].append(run.name)
+                attempt = len(names[index])
+                if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
+                    logger.warning("partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",
+                                   index, run.name, run.state.message, attempt, max_relaunches)
+                    pending[index] = relaunch(index=index, attempt=attempt + 1)
+                else:
+                    ended[index] = run
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                for index, run_id in pending.items():
+                    client.set_flow_run_state(run_id, Cancelling(
+                        message=f"The fan-out stopped waiting after timeout_s={timeout_s:g}."))
+                    ended[index] = run = client.read_flow_run(run_id)
+                    names[index].append(run.name)
+                    logger.error("partition %d (%s) not finished after timeout_s=%g: cancelling it", index,
+                                 run.name, timeout_s)
+                break
             if pending:
                 time.sleep(poll_s)
+    return [PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")
+            for i in sorted(ended)]
+
+
+@task(name="check-partitions", cache_policy=NO_CACHE)
+def check_partitions(outcomes: list[PartitionOutcome]) -> None:
+    """Fail with every partition that did not complete named (after its relaunches)."""
+    failed = [o.describe() for o in outcomes if not o.completed]
     if failed:
-        raise ActcacheError(f"{len(failed)} of {count} partitions did not complete: " + "; ".join(failed)
+        raise ActcacheError(f"{len(failed)} of {len(outcomes)} partitions did not complete: " + "; ".join(failed)
                             + " (see their logs; rerunning computes only what is missing)")
+
+
+@task(name="summarize-fanout", cache_policy=NO_CACHE)
+def summarize_fanout(before: Plan, after: Plan, outcomes: list[PartitionOutcome], num_partitions: int) -> dict:
+    """Publish the job's summary: per set (artifact ``fanout-<set id>``), a row per partition and one for all."""
+    from tasks.manifest import artifact_key, publish_table
+
+    by_index = {o.index: o for o in outcomes}
+    tables = {}
+    for old, new, url in zip(before.sets, after.sets, after.urls, strict=True):
+        context = new.key.tokens.context_size
+        rows = []
+        for i in [*range(num_partitions), None]:
+            mine = [w for w in before.shards if i is None or w.index % num_partitions == i]
+            todo = [w for w in mine if w not in old.done]
+            o = by_index.get(i)
+            rows.append({
+                "partition": "all" if i is None else str(i),
+                "runs": ", ".join(o.runs) if o else "",
+                "state": o.state if o else ("" if i is None or todo else "nothing to do"),
+                "shards": len(mine),
+                "missing_before": len(todo),
+                "computed": sum(w in new.done for w in todo),
+                "missing_after": sum(w not in new.done for w in mine),
+                "tokens_computed": sum(w.n_seq for w in todo if w in new.done) * context,
+            })
+        tables[new.set_id] = rows
+        publish_table(artifact_key("fanout", new.set_id), rows,
+                      f"Fan-out over {num_partitions} partitions: {new.hook} of {after.config.model} -> {url}")
+    return tables
 
 
 @task(name="verify-sets", cache_policy=NO_CACHE)
@@ -88,7 +200,6 @@ def verify_sets(plan: Plan) -> None:
     if plan.missing:
         raise ActcacheError(f"{len(plan.missing)} shards are still missing after every partition completed "
                             f"(indices {[w.index for w in plan.missing][:10]}...); rerun the fan-out")
-    problems = [f"{url}: {p}" for url in plan.urls
-                for p in open_set(url, plan.config.storage_options).verify()]
+    problems = [f"{ref.url}: {p}" for ref in plan.refs for p in open_set(ref).verify()]
     if problems:
         raise ActcacheError(f"{len(problems)} problems: " + "; ".join(problems[:5]))

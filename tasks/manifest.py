@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, layout, manifest, records
+from actcache import faults, manifest, moments, records
 from actcache.model import hook_layer
 from actcache.plan import Plan
 
@@ -17,29 +17,64 @@ def write_manifest(plan: Plan) -> list[str]:
     target = sum(w.n_seq for w in plan.shards)
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
-        scan = records.scan(store, s.set_id, layout.MANIFEST)
+        scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
         provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
                       "hook_shape": list(s.hook_shape) if s.hook_shape else None}
-        m = manifest.build(s.key, provenance, recs, target_seqs=target, previous=scan.consolidated)
+        m = manifest.build(s.key, provenance, [moments.without(r) for r in recs], target_seqs=target,
+                           previous=scan.consolidated)
+        m |= moments.merged(recs, m["d"], full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
+                            previous=scan.consolidated, moments_of=moments.from_records(store, s.set_id, m["d"]))
         faults.point("manifest.before-write")
-        store.write_json(f"{s.set_id}/{layout.MANIFEST}", m)
+        manifest.write(store, s.set_id, m)
         faults.point("manifest.written")
     return plan.urls
 
 
+def sets_message(urls: list[str]) -> str:
+    """The final state's message: where the sets are (the UI and `prefect flow-run inspect` show it)."""
+    return f"{len(urls)} set{'s' if len(urls) != 1 else ''}: {', '.join(urls)}"
+
+
+def artifact_key(kind: str, set_id: str) -> str:
+    """One artifact key per set and kind (``extraction-<set id>``): Prefect keys are lowercase, digits and dashes."""
+    return f"{kind}-{set_id}"
+
+
+def progress_key(plan: Plan) -> str:
+    """The progress artifact's key: the (first) set's, and the partition's when the job is split."""
+    index, count = plan.partition
+    return artifact_key("progress", plan.sets[0].set_id) + (f"-part-{index}-of-{count}" if count > 1 else "")
+
+
+def publish_table(key: str, rows: list[dict], description: str) -> None:
+    """A keyed table artifact on the current run; a failure to publish is logged, never fatal."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return  # only inside a Prefect run
+    try:
+        create_table_artifact(key=key, table=rows, description=description)
+    except Exception as e:
+        get_run_logger().warning("could not publish artifact %s: %s", key, e)
+
+
 @task(name="summarize", cache_policy=NO_CACHE)
 def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[dict]:
-    """Publish a table artifact: shards total/computed/skipped, tokens, bytes, ratio, tokens/s per set."""
+    """Publish one table artifact per set (``extraction-<set id>``): shards, tokens, bytes, ratio, tokens/s."""
     rows = []
-    for s in plan.sets:
+    index, count = plan.partition
+    for s, url in zip(plan.sets, plan.urls, strict=True):
         mine = [r for r in stored if r.extra.get("set_id") == s.set_id]
         tokens = sum(r.n_tokens for r in mine)
         raw = sum(r.extra.get("raw_bytes", r.bytes) for r in mine)
         nbytes = sum(r.bytes for r in mine)
-        rows.append({
+        row = {
             "set": s.set_id,
             "hook": s.hook,
+            "partition": f"{index} of {count}",
             "shards_total": len(plan.shards),
             "shards_computed": len(mine),
             "shards_skipped": len(s.done),
@@ -47,12 +82,8 @@ def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[
             "bytes_written": nbytes,
             "compression_ratio": round(raw / nbytes, 3) if nbytes else None,
             "tokens_per_s": round(tokens / seconds, 1) if mine and seconds > 0 else None,
-        })
-    try:
-        from prefect.artifacts import create_table_artifact
-
-        create_table_artifact(key="extraction-summary", table=rows,
-                              description=f"{plan.config.model} -> {', '.join(plan.urls)}")
-    except Exception:
-        pass  # only inside a Prefect run
+            **{k: v for k, v in manifest.non_finite([r.to_dict() for r in mine]).items() if k != "shards"},
+        }
+        rows.append(row)
+        publish_table(artifact_key("extraction", s.set_id), [row], f"{plan.config.model} -> {url}")
     return rows

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
+from actcache import records
 from actcache.config import ExtractConfig
-from actcache.plan import Plan, make_plan
+from actcache.errors import Failure
+from actcache.plan import HookSet, Plan, make_plan
+from actcache.tokens import ShardWork
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -22,3 +27,26 @@ def skip_cached(plan: Plan) -> State:
     lines = [f"{s.hook}: {len(s.done)} of {len(plan.shards)} shards already stored" for s in plan.sets]
     return Completed(name="Cached" if plan.n_done else "Completed", message="; ".join(lines),
                      data={s.set_id: sorted(w.index for w in s.done) for s in plan.sets})
+
+
+@task(name="recheck", cache_policy=NO_CACHE)
+def recheck(plan: Plan, last: bool) -> tuple[Plan, list[ShardWork]]:
+    """The plan as the store is now, and this run's shards that are no longer done.
+
+    Runs of one set with different --max-tokens may run at once: the lower one's partial last shard can land
+    over the higher one's full shard (or its record over the other's bytes) in a race. Each run then computes
+    what it misses again: a partial shard never replaces a larger one that is in place, so this converges to
+    the largest; ``last`` fails the run instead (a rerun resumes).
+    """
+    store = plan.store
+    shards = tuple(plan.token_cache().plan(plan.config.target_seqs))  # where the data ends is known by now
+    sets = []
+    for s in plan.sets:
+        scan = records.scan_set(store, s.key)
+        sets.append(HookSet(s.key, frozenset(w for w in shards if scan.is_done(w.index, w.n_seq)), s.hook_shape))
+    fresh = dataclasses.replace(plan, sets=tuple(sets), shards=shards)
+    again = fresh.missing
+    if again and last:
+        raise Failure(f"shards {[w.index for w in again][:10]} of {', '.join(plan.urls)} kept being replaced by "
+                      "concurrent runs; rerun the same command")
+    return fresh, again

@@ -5,17 +5,18 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache.plan import Plan, model_for, source_for, special_ids
+from actcache.plan import Plan
 from actcache.tokens import ShardWork
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)
 def tokenize(plan: Plan) -> list[ShardWork]:
     """Ensure token shards exist for the target; return the activation shards still to compute."""
-    if not plan.missing:
-        return []  # nothing to compute: the token cache is not even opened
     cfg = plan.config
-    model = model_for(cfg)
-    bos, sep = special_ids(cfg, model)
-    shards = plan.token_cache().ensure(cfg.target_seqs, source_for(cfg).texts(), model.tokenizer, sep, bos)
+    if not plan.missing and not cfg.verify_existing:
+        return []  # nothing to compute: the token cache is not even opened
+    r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
+    feed = {w.index for w in plan.missing}  # the token shards this run feeds to the model: re-hashed first
+    shards = plan.token_cache().ensure(cfg.target_seqs, r.dataset.texts, r.model.tokenizer, r.separator_id,
+                                       r.bos_id, check=None if cfg.verify_existing else feed)
     return [w for w in shards if plan.todo(w)]

@@ -19,13 +19,21 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="upload", cache_policy=NO_CACHE, retries=4, retry_delay_seconds=[1, 2, 8, 30],
-      retry_condition_fn=_retry_transient)
+@task(name="upload", task_run_name="upload-{ref.index:06d}", cache_policy=NO_CACHE, retries=4,
+      retry_delay_seconds=[1, 2, 8, 30], retry_condition_fn=_retry_transient)
 def upload(plan: Plan, ref: PackedRef) -> records.Record:
     """Store shard ``ref.index`` all-or-nothing and mark it done."""
     key = plan.hook_set(ref.hook).key
     rel = layout.shard_file(ref.index, key.codec)
     store = plan.store
+    if ref.n_seq < key.tokens.seqs_per_shard:
+        # A partial last shard never replaces a larger one that a run with a higher --max-tokens stored meanwhile
+        # (a race that slips past this check is caught by the flow's recheck).
+        scan = records.scan_set(store, key)
+        if scan.is_done(ref.index, ref.n_seq + 1):
+            handoff.get(ref.handle).release()  # its buffer goes back (a pinned one to the pool) unwritten
+            handoff.drop(ref.handle)
+            return scan.records[ref.index]
     payload = handoff.get(ref.handle)
     store.write_bytes(f"{key.id}/{rel}", payload.data)  # from the buffer it lies in (a retry writes it again)
     faults.point("upload.shard-written")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 # Before anything imports prefect or huggingface_hub: isolate state and never touch the network.
@@ -15,15 +16,40 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The fake HF hub (tests/hub_server.py): huggingface_hub and datasets read these at import, so the session
+# hub's port is reserved (bound, not listening: refused until a test asks for `hub`) and exported now. A
+# private HF_HOME keeps the user's caches and saved token out of tests; the hub speaks no Xet.
+_HUB_SOCKET = socket.socket()
+_HUB_SOCKET.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+_HUB_SOCKET.bind(("127.0.0.1", 0))
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_HUB_SOCKET.getsockname()[1]}"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf-home")
+for _k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+           "HF_TOKEN_PATH"):
+    os.environ.pop(_k, None)
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py) import by name
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py, hub_server.py) import by name
 
 import pytest  # noqa: E402
 
 from actcache import demo  # noqa: E402
+
+# `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
+# endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
+SLOW = ("flows/test_crash.py", "flows/test_s3_faults.py", "flows/test_lost_api.py", "deployments/", "test_demo.py",
+        "bench/", "infra/")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        rel = Path(str(item.fspath)).relative_to(root).as_posix()
+        if rel.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +80,27 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def prefect_console(capfd, monkeypatch):
+    """``capfd``, with Prefect's console handlers writing to this test's stderr as they would to a terminal.
+
+    A handler keeps the stream of whichever test configured logging, which pytest has closed since: its lines
+    (and a logging error) would otherwise not be what a user sees. Every emit now writes to the current stderr.
+    """
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    emit = PrefectConsoleHandler.emit
+
+    def emit_to_current_stderr(self, record):
+        self.stream = self.console.file = sys.stderr
+        emit(self, record)
+
+    monkeypatch.setattr(PrefectConsoleHandler, "emit", emit_to_current_stderr)
+    return capfd
 
 
 @pytest.fixture
@@ -113,3 +160,41 @@ def restartable_s3(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+# -- HF hub: a fake hub speaking the hub's HTTP API at HF_ENDPOINT (tests/hub_server.py explains the use) ---
+@pytest.fixture(scope="session")
+def hub_server():
+    """The session's fake hub on the port reserved above; tests reach it through the `hub` fixture."""
+    import hub_server as hub_module
+
+    server = hub_module.start(_HUB_SOCKET)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch, tmp_path: Path):
+    """The fake hub, online for this test only: in-process clients and subprocesses started with os.environ
+    reach it with its write token and a per-test HF_HUB_CACHE; request log and faults start empty."""
+    import hub_server as hub_module
+
+    return hub_module.go_online(hub_server, monkeypatch, tmp_path / "hf-hub-cache")
+
+
+@pytest.fixture(scope="session")
+def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
+    """One small set for tests that only read it (copy it before changing anything): 14 sequences of 32
+    tokens of the tiny GPT-2's blocks.1.hook_resid_post, float16, in shards of 4, 4, 4 and 2 sequences.
+
+    Written by the flow's own stages called in the flow's order, without Prefect (no server to start: the
+    flow itself is tested in tests/flows and tests/tasks)."""
+    from setwriter import extract_by_stages
+
+    from actcache.config import ExtractConfig
+
+    return extract_by_stages(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
+                                           dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
+                                           batch_size=4, store=str(session_tmp / "extracted-set"), device="cpu"))

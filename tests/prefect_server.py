@@ -127,8 +127,17 @@ class Server:
                         f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res.stdout
 
-    def start_worker(self, name: str, pool: str, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-        return self.procs.start(name, [PREFECT, "worker", "start", "--pool", pool, "--name", name], env, cwd)
+    def python(self, *args: str, cwd: Path = REPO, timeout: float = 120) -> str:
+        """Run a Python script (e.g. deployments/automations.py) against this server; fail the test on error."""
+        res = subprocess.run([sys.executable, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
+                             timeout=timeout)
+        if res.returncode != 0:
+            pytest.fail(f"python {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return res.stdout
+
+    def start_worker(self, name: str, pool: str, env: dict[str, str], cwd: Path,
+                     args: tuple[str, ...] = ()) -> subprocess.Popen:
+        return self.procs.start(name, [PREFECT, "worker", "start", "--pool", pool, "--name", name, *args], env, cwd)
 
     def wait_healthy(self, timeout_s: float = 120) -> None:
         """Return once GET /health answers; fail with the server's log if it exits or never does."""

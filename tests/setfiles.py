@@ -1,11 +1,14 @@
-"""Compare whole stores: every file's bytes, manifests without their timestamps (import as ``setfiles``)."""
+"""Compare whole stores: every file's bytes, manifests without their timestamps (import as ``setfiles``).
+
+A manifest's seal (``records.SEAL``) hashes its timestamps too, so it is dropped with them.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from actcache import layout
+from actcache import layout, records
 
 
 def normalized(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -14,7 +17,7 @@ def normalized(files: dict[str, bytes]) -> dict[str, bytes]:
     for rel, data in files.items():
         if rel.endswith(layout.MANIFEST):
             m = json.loads(data)
-            m.pop("created_at"), m.pop("updated_at")
+            m.pop("created_at"), m.pop("updated_at"), m.pop(records.SEAL, None)
             data = json.dumps(m, sort_keys=True).encode()
         out[rel] = data
     return out

@@ -101,7 +101,7 @@ def test_python_api(base_config, call, expected):
 DEPLOYMENT = [
     ({"config": {"dtype": "float8"}}, "config.dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
     ({"config": {"dtypo": "float16"}}, "config.dtypo: Unexpected keyword argument"),
-    ({"config": {"max_tokens": 10}}, "--max-tokens 10 is below one context of 128 tokens"),
+    ({"config": {"max_tokens": 10}}, "max_tokens 10 is below one context of 128 tokens; raise max_tokens"),
     ({"config": {"storage_options": "x"}}, "config.storage_options: Input should be a valid dictionary"),
     ({"partition_index": "first"}, "partition_index: Input should be a valid integer"),
 ]
@@ -125,3 +125,247 @@ def test_bad_partition_fails_the_run_in_one_line(base_config):
     with pytest.raises(actcache.ActcacheError, match="partition 4 of 4 is invalid"):
         state.result()
     assert not Path(base_config.store).exists()
+
+
+# -- issue 12: bad input found deep inside the run: one line, exit 2, nothing written --------------------------
+GOOD = [f"plain document number {i} with a few words in it" for i in range(300)]
+
+
+def _jsonl(rows) -> bytes:
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows).encode() + b"\n"
+
+
+def _parquet(values) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": values}), buf)
+    return buf.getvalue()
+
+
+def _deep_bad(row) -> bytes:
+    """Good rows first (the plan's first look passes), the bad one at line 50: found only by reading on."""
+    return _jsonl([{"text": t} for t in GOOD[:49]] + [row] + [{"text": t} for t in GOOD[49:]])
+
+
+DATA = {  # file name -> (bytes, what the one line must say)
+    "number.jsonl": (_deep_bad({"text": 5}), "line 50: column 'text' holds int"),
+    "list.jsonl": (_deep_bad({"text": ["a", "b"]}), "line 50: column 'text' holds list"),
+    "object.jsonl": (_deep_bad({"text": {"a": 1}}), "line 50: column 'text' holds dict"),
+    "bool.jsonl": (_deep_bad({"text": True}), "line 50: column 'text' holds bool"),
+    "array-row.jsonl": (_deep_bad('["not", "an", "object"]'), "line 50: rows must be JSON objects"),
+    "null-row.jsonl": (_deep_bad("null"), "line 50: rows must be JSON objects"),
+    "broken.jsonl": (_deep_bad('{"text": "unterminated'), "line 50: not valid JSON"),
+    "deep.jsonl": (_deep_bad('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"), "line 50: JSON nested too deeply"),
+    "latin1.txt": ("\n".join(GOOD[:49]).encode() + "\ncaf\u00e9 cr\u00e8me\n".encode("latin-1")
+                   + "\n".join(GOOD[49:]).encode(), "line 50 is not UTF-8 text"),
+    "utf16.txt": ("\n".join(GOOD).encode("utf-16"), "line 1 is not UTF-8 text"),
+    "binary.txt": (bytes(range(256)) * 64, "is not UTF-8 text"),
+    "fake.txt.gz": ("\n".join(GOOD).encode(), "'fake.txt.gz' cannot be read as txt"),
+    "fake.jsonl.zst": (_jsonl([{"text": t} for t in GOOD]), "'fake.jsonl.zst' cannot be read as jsonl"),
+    "corrupt.parquet": (b"PAR1" + bytes(range(256)) * 8 + b"PAR1", "'corrupt.parquet' cannot be read as parquet"),
+    "numbers.parquet": (_parquet(list(range(300))), "row 1: column 'text' holds int"),
+    "items.json": (json.dumps([{"text": t} for t in GOOD[:49]] + [7] + [{"text": t} for t in GOOD[49:]]).encode(),
+                   "item 50: rows must be JSON objects"),
+    "scalar.json": (b"42", "holds a JSON int"),
+}
+
+
+def _extract(tiny_models, data: str, store: Path, *extra: str) -> list[str]:
+    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", data, "--store", str(store),
+            "--context-size", "32", "--max-tokens", "2048", "--shard-tokens", "512", "--device", "cpu", *extra]
+
+
+def _one_line(capfd, code: int, expected: str, want_code: int = 2) -> str:
+    err = capfd.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("actcache: ")]
+    assert code == want_code and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == lines[-1] and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("actcache: error: ") and expected in lines[0], lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_bad_data_deep_in_a_file_is_one_line_before_anything_is_written(tiny_models, tmp_path, prefect_console, name):
+    data, expected = DATA[name]
+    path = tmp_path / "data" / name
+    path.parent.mkdir()
+    path.write_bytes(data)
+    store = tmp_path / "store"
+    _one_line(prefect_console, main(_extract(tiny_models, str(path), store)), expected)
+    assert not store.exists(), "the token cache was written before the input was validated"
+
+
+def test_the_second_file_of_a_folder_is_named(tiny_models, tmp_path, prefect_console):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("\n".join(GOOD[:20]) + "\n")
+    (tmp_path / "data" / "b.jsonl").write_bytes(_deep_bad({"text": 1.5}))
+    store = tmp_path / "store"
+    _one_line(prefect_console, main(_extract(tiny_models, str(tmp_path / "data"), store)), "'b.jsonl' line 50")
+    assert not store.exists()
+
+
+def _model_copy(tiny_models, tmp_path: Path, drop=(), write=None) -> Path:
+    import shutil
+
+    dest = tmp_path / "model"
+    shutil.copytree(tiny_models["gpt2"], dest)
+    for name in drop:
+        (dest / name).unlink()
+    for name, text in (write or {}).items():
+        (dest / name).write_text(text)
+    return dest
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("no tokenizer files", "cannot tokenize"),
+    ("config.json not JSON", "has no usable config.json"),
+    ("config.json of an unknown model_type", "has no usable config.json"),
+    ("config.json a list", "has no usable config.json"),
+])
+def test_broken_model_folders(tiny_models, corpus, tmp_path, prefect_console, case, expected):
+    model = {
+        "no tokenizer files": lambda: _model_copy(tiny_models, tmp_path, drop=("tokenizer.json",
+                                                                                "tokenizer_config.json")),
+        "config.json not JSON": lambda: _model_copy(tiny_models, tmp_path, write={"config.json": "{"}),
+        "config.json of an unknown model_type": lambda: _model_copy(
+            tiny_models, tmp_path, write={"config.json": '{"model_type": "no-such-architecture"}'}),
+        "config.json a list": lambda: _model_copy(tiny_models, tmp_path, write={"config.json": "[1, 2]"}),
+    }[case]()
+    store = tmp_path / "store"
+    argv = _extract(tiny_models, str(corpus), store)
+    argv[argv.index("--model") + 1] = str(model)
+    _one_line(prefect_console, main(argv), expected)
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("device,expected", [("bogus", "is not a device"), ("cuda", "CUDA is not available"),
+                                             ("cuda:3", "CUDA is not available"), ("mps", "MPS is not available"),
+                                             ("xla", "unsupported device type")])
+def test_bad_device(tiny_models, corpus, tmp_path, prefect_console, device, expected):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    store = tmp_path / "store"
+    argv = _extract(tiny_models, str(corpus), store)
+    argv[argv.index("--device") + 1] = device
+    _one_line(prefect_console, main(argv), expected)
+    assert not store.exists()
+
+
+@pytest.fixture(scope="module")
+def few_head_models(tiny_models, tmp_path_factory) -> dict[int, Path]:
+    """GPT-2s with 2, 3 and 5 heads: an attention pattern [batch, heads, q, k] must never pass as per-token."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    out = {}
+    for heads in (2, 3, 5):
+        path = tmp_path_factory.mktemp(f"heads{heads}")
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=30, n_layer=2, n_head=heads,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+        tok.save_pretrained(path)
+        out[heads] = path
+    return out
+
+
+@pytest.mark.parametrize("heads", [2, 3, 5])
+@pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_a_hook_that_is_not_per_token_is_refused_whatever_the_head_count(few_head_models, corpus, tmp_path,
+                                                                           prefect_console, heads, hook):
+    store = tmp_path / "store"
+    argv = ["extract", "--model", str(few_head_models[heads]), "--dataset", str(corpus), "--store", str(store),
+            "--hook", hook, "--context-size", "16", "--max-tokens", "64", "--shard-tokens", "32", "--device", "cpu"]
+    _one_line(prefect_console, main(argv), "not one vector per token")
+    assert not store.exists()
+
+
+def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, prefect_console):
+    import errno
+    import os
+
+    real_fsync, calls = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        calls["n"] += 1
+        if calls["n"] > 6:  # after the token cache, part way through the shards
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["extract", "--model", base_config.model, "--dataset", base_config.dataset, "--store", base_config.store,
+            "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+    _one_line(prefect_console, main(argv), "File too large", want_code=1)
+
+
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
+def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_path):
+    """RLIMIT_FSIZE as a quota would set it: the write fails with EFBIG (Python ignores SIGXFSZ)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    from prefect.settings import PREFECT_API_URL
+
+    argv = [sys.executable, "-m", "actcache.cli", *_extract_args(base_config)]
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=limit, cwd=tmp_path, env=env)
+    lines = [line for line in p.stderr.strip().splitlines() if line.startswith("actcache: ")]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len(lines) == 1 and "cannot write" in lines[0] and "File too large" in lines[0], p.stderr[-3000:]
+
+
+def _extract_args(cfg) -> list[str]:
+    return ["extract", "--model", cfg.model, "--dataset", cfg.dataset, "--store", cfg.store, "--context-size", "32",
+            "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("how", ["--debug", "ACTCACHE_TRACEBACK=1"])
+def test_debug_shows_the_whole_chain_with_the_original_cause(tiny_models, corpus, tmp_path, prefect_console,
+                                                             monkeypatch, how):
+    model = _model_copy(tiny_models, tmp_path, write={"config.json": "{"})
+    argv = _extract(tiny_models, str(corpus), tmp_path / "store")
+    argv[argv.index("--model") + 1] = str(model)
+    if how == "--debug":
+        argv.append("--debug")
+    else:
+        monkeypatch.setenv("ACTCACHE_TRACEBACK", "1")
+    assert main(argv) == 2
+    err = prefect_console.readouterr().err
+    assert "Traceback" in err and "JSONDecodeError" in err  # what transformers raised, kept as the cause
+    assert "The above exception was the direct cause" in err
+    assert err.strip().splitlines()[-1].startswith("actcache: error: model ") and "config.json" in err
+
+
+def test_bad_input_inside_the_flow_with_debug_keeps_prefects_traceback(tiny_models, tmp_path, prefect_console):
+    path = tmp_path / "number.jsonl"
+    path.write_bytes(DATA["number.jsonl"][0])
+    assert main(_extract(tiny_models, str(path), tmp_path / "store", "--debug")) == 2
+    err = prefect_console.readouterr().err
+    assert err.count("Traceback") >= 2  # Prefect's own (the task failed) and the CLI's chain
+    assert err.strip().splitlines()[-1].startswith("actcache: error: dataset file 'number.jsonl' line 50")
+
+
+def test_help_documents_exit_codes_and_debug(capsys):
+    for argv in (["--help"], ["extract", "--help"], ["verify", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "exit codes: 0 success; 1 failure" in out and "2 bad input" in out and "--debug" in out, argv
+
+
+def test_null_and_empty_texts_are_skipped_not_errors(tmp_path):
+    from actcache.sources import DatasetSpec, open_source
+
+    path = tmp_path / "gaps.jsonl"
+    path.write_bytes(_jsonl([{"text": "first"}, {"text": None}, {"text": ""}, {"text": "second"}]))
+    assert list(open_source(DatasetSpec(str(path))).texts()) == ["first", "second"]

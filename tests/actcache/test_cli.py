@@ -118,3 +118,15 @@ def test_hooks_lists_valid_names(tiny_models, capsys):
     assert main(["hooks", str(tiny_models["llama"])]) == 0
     names = capsys.readouterr().out.split()
     assert "blocks.2.hook_resid_post" in names and "blocks.0.attn.hook_z" in names
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(base_config, capsys):
+    from flows.extract import extract_activations
+
+    [url] = extract_activations(base_config, partition_index=1, num_partitions=2)  # shards 1 and 3 of 4
+    assert main(["verify", url]) == 1
+    err = capsys.readouterr().err
+    assert "incomplete: 2 of 4 shards missing (indices 0, 2)" in err and ", 2 of 4 shards missing;" in err
+    extract_activations(base_config)
+    assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out

@@ -64,7 +64,7 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     assert "OK: 4 shards, 512 tokens" in capsys.readouterr().out
     assert cli.main(["ls", bucket_url]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed[0].split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "STATE"]
+    assert listed[0].split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
     assert listed[1].split()[0] == set_id and listed[1].split()[2:4] == ["blocks.2.hook_resid_post", "512"]
     assert listed[1].split()[-1] == "complete"
     assert cli.main(["show", f"{bucket_url}/{set_id}"]) == 0

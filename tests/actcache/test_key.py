@@ -109,3 +109,31 @@ def test_tokenizer_change_changes_the_set(base_config, tiny_models, tmp_path):
     b = make_plan(base_config.replace(model=str(copy))).sets[0]
     assert a.key.model == b.key.model  # same weights...
     assert a.key.tokens.tokenizer != b.key.tokens.tokenizer and a.set_id != b.set_id  # ...other tokens
+
+
+def test_existing_set_ids_do_not_change(tmp_path):
+    """Ids of sets people already have (the key's digest, and what the plan fills it with) stay as they were."""
+    from actcache.config import ExtractConfig
+
+    assert (_key().id, _key().tokens.id) == ("55e28e42db2a60d02a288ae1", "tf8f381288dc1830f0a5d59ec")
+    # The demo with the default of its time, 2^18 tokens per shard (shards are sized by bytes by default since
+    # then): passing it reaches the same sets.
+    old_default = {"shard_tokens": 1 << 18}
+    ids = {hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu", **old_default),
+                           load_model=False).sets[0].set_id
+           for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")}  # the demo: hf-sdpa and bridge engines
+    assert ids == {"blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
+                   "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4"}
+
+
+def test_a_shuffle_key_is_its_own_kind():
+    from actcache.key import ShuffleKey, key_from_dict
+
+    s = ShuffleKey(source=_key().id, source_shards="ab" * 32, seed=3, rows_per_shard=4096, exclude=(0, 50256))
+    assert s.id == "8b21fcca2a13462b5c6083d0"
+    assert key_from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert key_from_dict(_key().to_dict()) == _key()
+    seen = {s.id} | {dataclasses.replace(s, **{f.name: _changed(getattr(s, f.name))}).id
+                     for f in dataclasses.fields(ShuffleKey) if f.name != "exclude"}
+    seen.add(dataclasses.replace(s, exclude=(0,)).id)
+    assert len(seen) == len(dataclasses.fields(ShuffleKey)) + 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import time
+import io
+import sys
+import threading
 
 from actcache import progress
 from actcache.progress import Progress, Window
@@ -18,31 +20,37 @@ def _artifact_progress(artifact_id) -> float:
 
 
 def test_artifact_ends_at_100_without_blocking_advance(prefect_harness, monkeypatch):
+    """The first update is held (a busy server) until every advance() has returned: advancing never waits on
+    the API, and only the newest value is sent once the server answers. Events, not timings."""
     from prefect import flow
     from prefect.artifacts import update_progress_artifact
 
     calls = []
+    entered, release = threading.Event(), threading.Event()
 
-    def slow_update(artifact_id, progress):  # a busy server: every update takes 0.3 s
-        time.sleep(0.3)
+    def busy_update(artifact_id, progress):
+        entered.set()
+        assert release.wait(60), "the test never released the update"
         calls.append(progress)
         return update_progress_artifact(artifact_id, progress=progress)
 
     monkeypatch.setattr(progress, "ARTIFACT_EVERY_S", 0.0)
-    monkeypatch.setattr("prefect.artifacts.update_progress_artifact", slow_update)
+    monkeypatch.setattr("prefect.artifacts.update_progress_artifact", busy_update)
 
     @flow
     def advance_five():
-        with Progress(5) as p:
-            t = time.perf_counter()
-            for _ in range(5):
-                p.advance()
-            advancing = time.perf_counter() - t
-        return p.publisher.artifact_id, advancing
+        with Progress(5, key="test-progress") as p:
+            p.advance()
+            assert entered.wait(60), "the first update never started"
+            for _ in range(4):
+                p.advance()  # would deadlock until the 60 s guard if it waited for the held update
+            advanced_while_held = not release.is_set()
+            release.set()
+        return p.publisher.artifact_id, advanced_while_held
 
-    artifact_id, advancing = advance_five()
-    assert advancing < 0.3  # five updates of 0.3 s each did not run on this thread
-    assert calls and calls[-1] == 100.0 and len(calls) < 5  # only the newest value is sent
+    artifact_id, advanced_while_held = advance_five()
+    assert advanced_while_held
+    assert calls == [20.0, 100.0]  # the held 20%, then only the newest value: 40/60/80 were never sent
     assert _artifact_progress(artifact_id) == 100.0
 
 
@@ -67,3 +75,27 @@ def test_window_keeps_order_and_bounds_in_flight():
         w.add(Done(i))
         assert len(w.pending) <= 2
     assert w.drain() == [0, 1, 2, 3, 4] and seen == [0, 1, 2, 3, 4]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bar_only_on_a_terminal_and_a_line_per_named_step(monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the suite disables tqdm; this test is about when it draws
+    lines = []
+    log_file = io.StringIO()  # a pipe or log file: no isatty
+    monkeypatch.setattr(sys, "stderr", log_file)
+    with Progress(4, log=lines.append) as p:
+        for i in range(4):
+            p.advance(tokens=1000, item=f"shard {i}")
+    assert log_file.getvalue() == ""  # no bar, no carriage returns
+    assert len(lines) == 4 and lines[0].startswith("shard 0: 1/4 shards, ") and "tokens/s, ETA " in lines[0]
+    assert lines[-1].startswith("shard 3: 4/4 shards, ") and lines[-1].endswith("ETA 0:00:00")
+
+    terminal = _Terminal()  # control: the same on a terminal draws a bar
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with Progress(4) as p:
+        p.advance(4)
+    assert "\r" in terminal.getvalue() and "4/4" in terminal.getvalue()

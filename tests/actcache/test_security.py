@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcache import layout, shard
+from actcache import layout, records, shard
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.key import SetKey
@@ -88,6 +88,7 @@ def prefect_records() -> list[str]:
     return out
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, capfd):
     """Credentials in the environment and in a Prefect block (distinct secrets), used by extract/ls/show/verify/cp
     through the CLI and the Python API, in success and failure: no secret in any object, file, output line,
@@ -158,6 +159,12 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     copy_set(block_set, str(tmp_path / "api-copy"), src_credentials_block="sec-good")
     url_api = s3_server.new_prefix()
     assert extract(config.replace(store=url_api, aws_credentials_block="sec-good")).endswith(set_id)
+    from actcache.plan import make_plan
+    from tasks.fanout import verify_sets
+
+    fanned = make_plan(config.replace(store=url_api, aws_credentials_block="sec-good"), load_model=False)
+    verify_sets.fn(fanned)  # the fan-out's last step reads with the block too (it once dropped it)
+    texts.append(repr(pickle.dumps(fanned)))  # the plan travels by name of the block, never its secret
     no_cache = {"skip_instance_cache": True}  # s3fs would reuse a filesystem made with other environment keys
     failures = [lambda: open_set(env_set, no_cache),
                 lambda: open_set(env_set, credentials_block="sec-bad"),
@@ -205,6 +212,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
+    monkeypatch.setattr("actcache.model._HEAVY", {})  # loads are cached per process: make these real
     for flag in (False, True):
         model = resolve_model(ModelSpec(config.model, trust_remote_code=flag))
         model.config, model.tokenizer  # noqa: B018 - loading them is the point
@@ -262,7 +270,8 @@ def _bad_shards(good: bytes) -> dict[str, tuple[bytes, str]]:
     return {
         "offsets beyond the file": (edited("activations", data_offsets=[start, len(body) + 4096]), "offset"),
         "header longer than the file": (struct.pack("<Q", 1 << 40) + good[8:], "header too large"),
-        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]), "invalid shape"),
+        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]),
+                                         "expected torch.float16[4, 32, 32]"),
         "header not JSON": (struct.pack("<Q", 6) + b"{'x':1" + body, "invalid JSON"),
         "truncated": (good[:5], "header too small"),
         "shape not the manifest's": (shard.encode({"activations": acts[:, :, :16].contiguous(),
@@ -281,10 +290,14 @@ def _plant(set_dir: Path, index: int, data: bytes) -> None:
     rec = m["shards"][index]
     (set_dir / rec["file"]).write_bytes(data)
     rec.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
+    m["bytes"] = sum(r["bytes"] for r in m["shards"])
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))  # a forgery the seal cannot see
 
 
-def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
+def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
+    """Shards whose records vouch for them (checksums match) but whose structure is wrong: reading refuses them in
+    one line, verify checks each header and says --verify-existing repairs it, and it does."""
+    from actcache.api import extract
     from actcache.dataset import ActivationDataset
 
     good = (local_set / layout.shard_file(0, "none")).read_bytes()
@@ -292,7 +305,9 @@ def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
         set_dir = copy_of(local_set, tmp_path / case.replace(" ", "-"))
         _plant(set_dir, 0, data)
         s = open_set(str(set_dir))
-        assert s.verify() == [], case  # the checksum matches: only the structure is wrong
+        problems = s.verify()  # the checksum matches: only the structure is wrong
+        assert any("header" in p for p in problems), (case, problems)  # (and its record disagrees: _plant left it)
+        assert all(p.startswith("shard 0: ") for p in problems), (case, problems)
         with pytest.raises(ActcacheError) as direct:
             s.read(s.records[0], verify=True)
         with pytest.raises(ActcacheError) as streamed:
@@ -300,11 +315,15 @@ def test_malformed_shards_give_a_clear_error(local_set, tmp_path):
         for msg in (str(direct.value), str(streamed.value)):
             assert msg.startswith("shard 0 of ") and "is unreadable" in msg and reason in msg, (case, msg)
             assert "\n" not in msg
+    # The rerun verify's hint names: plain when the mtimes give the planted shard away, else --verify-existing.
+    extract(config.replace(store=str(set_dir.parent), verify_existing=not all(p.plain_rerun for p in problems)))
+    assert open_set(str(set_dir)).verify() == []
+    assert (set_dir / layout.shard_file(0, "none")).read_bytes() == good
 
 
-def test_zstd_frame_claiming_gigabytes_is_refused_before_allocating(local_set, tmp_path):
-    """A zstd shard is a few bytes that may claim any size: the manifest's shapes bound it."""
-    import resource
+def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
+    """The set re-encoded with codec zstd under its own (new) id: manifest sealed, records and totals right."""
+    import hashlib
 
     src = copy_of(local_set, tmp_path)
     m = json.loads((src / layout.MANIFEST).read_text())
@@ -313,19 +332,162 @@ def test_zstd_frame_claiming_gigabytes_is_refused_before_allocating(local_set, t
     set_dir = src.parent / m["set_id"]
     (set_dir / "shards").mkdir(parents=True)
     for r in m["shards"]:
-        r["file"] = layout.shard_file(r["index"], "zstd")
-        (set_dir / r["file"]).write_bytes(shard.encode(shard.decode((src / f"shards/{r['index']:06d}.safetensors")
-                                                                    .read_bytes(), codec="none"), codec="zstd").data)
-    (set_dir / layout.MANIFEST).write_text(json.dumps(m))
-    assert open_set(str(set_dir)).read(open_set(str(set_dir)).records[1]).activations.shape == (4, 32, 32)
+        data = shard.encode(shard.decode((src / r["file"]).read_bytes(), codec="none"), codec="zstd").data
+        r.update(file=layout.shard_file(r["index"], "zstd"), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (set_dir / r["file"]).write_bytes(data)
+    m["bytes"] = sum(r["bytes"] for r in m["shards"])
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    return set_dir
 
-    bomb = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<Q", 8 << 30) + bytes([1, 0, 0])
-    _plant(set_dir, 0, bomb)
+
+BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<Q", 8 << 30) + bytes([1, 0, 0])
+
+
+@pytest.mark.parametrize("case", ["frame claims 8 GB", "n_seq edited beyond the key", "d edited in the manifest",
+                                  "bomb behind a valid header"])
+def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case):
+    """A zstd shard is a few bytes that may claim (or inflate to) any size, and a manifest may be edited and
+    resealed: what bounds the output is the key (dtype, context, at most seqs_per_shard sequences) and the
+    shard's own header, checked before any tensor data is decompressed."""
+    import resource
+
+    import zstandard
+
+    set_dir = _zstd_copy(local_set, tmp_path)
+    assert open_set(str(set_dir)).read(open_set(str(set_dir)).records[1]).activations.shape == (4, 32, 32)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    if case == "frame claims 8 GB":
+        _plant(set_dir, 0, BOMB)
+        expected = r"shard 0 of .* unreadable \(zstd frame declares 8589934592 bytes"
+    elif case == "n_seq edited beyond the key":  # the issue's case: 131 KB that allocated 4 GB
+        m["shards"][0].update(n_seq=4 << 20, n_tokens=32 * (4 << 20))
+        m["n_tokens"] = sum(r["n_tokens"] for r in m["shards"])
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        with pytest.raises(ActcacheError, match="claims 4194304 sequences.*allows 1..4 sequences"):
+            open_set(str(set_dir))
+        return
+    elif case == "d edited in the manifest":
+        m.update(d=1 << 28, hook_shape=[1 << 28])
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        expected = r"shard 0 of .* unreadable .*expected torch.float16\[4, 32, 268435456\]"
+    else:  # the header is a true shard's; the rest of the frame inflates without end
+        good = shard.decode((set_dir / m["shards"][0]["file"]).read_bytes(), codec="zstd")
+        raw = shard.encode(good).data
+        start = 8 + int.from_bytes(raw[:8], "little")
+        c = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+        data = c.compress(raw[:start]) + b"".join(c.compress(bytes(1 << 20)) for _ in range(64)) + c.flush()
+        _plant(set_dir, 0, data)
+        expected = r"shard 0 of .* unreadable \(zstd frame does not hold exactly the \d+ bytes its header promises"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     s = open_set(str(set_dir))
-    with pytest.raises(ActcacheError, match=r"shard 0 of .* is unreadable \(zstd frame declares 8589934592 bytes"):
+    with pytest.raises(ActcacheError, match=expected):
         s.read(s.records[0])
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 256 << 10  # KB: nothing near 8 GB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 32 << 10  # KB: never the claimed size
+
+
+@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "FIFO", "symlink to a valid shard outside the set",
+                                  "symlinked shards folder", "manifest a symlink to another set's"])
+def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path, kind):
+    """A shard replaced by a link or a FIFO is never followed or waited on: reading, streaming, verify and cp
+    say so in one line, verify says a rerun repairs it, and the rerun does (what a link pointed to is untouched)."""
+    import threading
+
+    from actcache.copy import copy_set
+    from actcache.dataset import ActivationDataset
+
+    set_dir = copy_of(local_set, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.copytree(set_dir / "shards", outside)
+    victim = set_dir / layout.shard_file(1, "none")
+    if kind == "symlink to /dev/zero":
+        victim.unlink()
+        victim.symlink_to("/dev/zero")
+    elif kind == "FIFO":
+        victim.unlink()
+        os.mkfifo(victim)
+    elif kind == "symlink to a valid shard outside the set":
+        victim.unlink()
+        victim.symlink_to(outside / victim.name)  # the right bytes, even: still not read
+    elif kind == "symlinked shards folder":
+        shutil.rmtree(set_dir / "shards")
+        (set_dir / "shards").symlink_to(outside)
+    else:
+        other = set_dir.parent / "elsewhere"
+        other.mkdir()
+        (other / layout.MANIFEST).write_bytes((set_dir / layout.MANIFEST).read_bytes())
+        (set_dir / layout.MANIFEST).unlink()
+        (set_dir / layout.MANIFEST).symlink_to(other / layout.MANIFEST)
+    before = {p.name: p.read_bytes() for p in outside.iterdir()}
+
+    def bounded(fn):
+        out = {}
+
+        def run():
+            try:
+                out["value"] = fn()
+            except BaseException as e:  # handed back below
+                out["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), f"{kind}: a read blocked"
+        return out
+
+    if kind.startswith("manifest"):
+        out = bounded(lambda: open_set(str(set_dir)))
+        assert isinstance(out.get("error"), ActcacheError) and "symlink" in str(out["error"]), out
+    else:
+        s = open_set(str(set_dir))
+        for fn in (lambda: s.read(s.records[1]), lambda: list(ActivationDataset(str(set_dir), 64)),
+                   lambda: copy_set(str(set_dir), str(tmp_path / "copy"))):
+            out = bounded(fn)
+            err = out.get("error")
+            assert isinstance(err, ActcacheError) and "\n" not in str(err), (kind, out)
+            assert "shard " in str(err) and ("symlink" in str(err) or "regular file" in str(err)), str(err)
+        problems = bounded(s.verify)["value"]
+        assert any(p.startswith("shard 1:") for p in problems) and all(p.plain_rerun for p in problems), problems
+
+    from actcache.api import extract
+
+    extract(config.replace(store=str(set_dir.parent)))
+    assert not victim.is_symlink() and victim.is_file() and open_set(str(set_dir)).verify() == []
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "symlink to a valid shard outside the set"])
+@pytest.mark.parametrize("command", ["shuffle", "export", "push"])
+def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tmp_path, capsys, request, command,
+                                                                kind):
+    """shuffle, export and push read shards as every reader does (tensors.read, Store.read_range/regular_path):
+    a FIFO is refused at once, a link is not followed, in one line with exit 1, and nothing is uploaded."""
+    from actcache import cli
+
+    set_dir = tmp_path / "store" / Path(extracted_set).name
+    shutil.copytree(extracted_set, set_dir)
+    victim = set_dir / layout.shard_file(1, "none")
+    outside = tmp_path / "outside.safetensors"
+    victim.rename(outside)
+    if kind == "FIFO":
+        os.mkfifo(victim)
+    else:
+        victim.symlink_to(outside)
+    argv = {"shuffle": ["shuffle", str(set_dir), "--out", str(tmp_path / "shuffled")],
+            "export": ["export", str(set_dir), str(tmp_path / "exported"), "--format", "hf"],
+            "push": ["push", str(set_dir), "REPO"]}[command]
+    if command == "push":
+        hub = request.getfixturevalue("hub")
+        argv[-1] = hub.new_repo_id("refused")
+        hub.clear_requests()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("actcache: error: ") and ("shard 1 of" in err[-1] or "000001" in err[-1]), err
+    assert "symlink" in err[-1] or "regular file" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    if command == "export":
+        assert not (tmp_path / "exported").exists()
+    if command == "push":
+        assert not hub.requests_matching(r"/commit/")
 
 
 # -- nothing escapes the store --------------------------------------------------------------------

@@ -52,9 +52,20 @@ def test_fingerprint_follows_content_not_path(tmp_path):
 ])
 def test_bad_sources(tmp_path, make, column, message):
     with pytest.raises(ActcacheError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        open_source(DatasetSpec(str(make(tmp_path)), text_column=column))
+        open_source(DatasetSpec(str(make(tmp_path)), text_column=column)).check()
 
 
 def test_hub_name_offline_is_a_clear_error():
     with pytest.raises(ActcacheError, match="not found locally nor on the HF hub"):
         open_source(DatasetSpec("no-such-user/no-such-dataset"))
+
+
+@pytest.mark.parametrize("name", ["[draft] notes.txt", "a*b.txt", "what?.txt", "[x]*?.jsonl"])
+def test_a_path_with_glob_characters_that_exists_is_that_file(tmp_path, name):
+    """Not a glob: the file itself (a glob would match nothing, or other files)."""
+    path = tmp_path / name
+    path.write_text(json.dumps({"text": "literal"}) + "\n" if name.endswith(".jsonl") else "literal\n")
+    (tmp_path / "other.txt").write_text("another file a glob could match\n")
+    src = open_source(DatasetSpec(str(path)))
+    assert list(src.texts()) == ["literal"] and src.describe()["files"] == [name]
+    assert list(open_source(DatasetSpec(str(tmp_path / "*.txt"))).texts())  # a real glob still globs

@@ -54,17 +54,17 @@ def test_cache_writes_then_reuses_and_extends(cache):
             consumed.append(t)
             yield t
 
-    work = cache.ensure(7, source(), _Tok(), sep=10, bos=None)
+    work = cache.ensure(7, source, _Tok(), sep=10, bos=None)
     assert [(w.index, w.n_seq) for w in work] == [(0, 3), (1, 3), (2, 1)]
-    first = cache.load(0)
+    first = cache.load(0, 3)
     assert first.shape == (3, 8) and "".join(map(chr, first[0].tolist())) == "document"
 
     consumed.clear()
-    assert cache.ensure(7, source(), _Tok(), sep=10, bos=None) == work
+    assert cache.ensure(7, source, _Tok(), sep=10, bos=None) == work
     assert consumed == [], "a complete token cache is not re-tokenized"
 
-    work = cache.ensure(100, source(), _Tok(), sep=10, bos=None)  # more than the data holds
+    work = cache.ensure(100, source, _Tok(), sep=10, bos=None)  # more than the data holds
     total = (sum(len(t) + 1 for t in texts)) // 8
     assert sum(w.n_seq for w in work) == total
     assert cache.plan(100) == work, "the end of the data is remembered"
-    assert (cache.load(0) == first).all()
+    assert (cache.load(0, 3) == first).all()

@@ -36,3 +36,8 @@ def test_bench_smoke(tmp_path):
     assert {r["codec"] for r in res["compression"]["rows"]} >= {"none", "zstd-1", "zstd-3"}
     assert set(res["several_hooks"]) == {"resid_post (hf-sdpa)", "attn.hook_z (bridge)"}
     assert res["pipeline_overhead"]["per_shard_ms"] is not None
+    assert res["stats_cost"]["moments_alone_us_per_token"] > 0 and res["stats_cost"]["forward_with_stats_s"] > 0
+    reader = res["reader"]  # reading back (issue 10): every configuration ran, and the shuffled epoch is the set's
+    assert all(v > 0 for v in reader["GB_s"].values()) and reader["vs_floor_f32"]["floor_f32"] == 1.0
+    assert reader["check"] == {"shuffled_epoch_sum_equals_the_sets": True, "rows_per_epoch": True}
+    assert all(v > 0 for v in reader["s3"]["GB_s"].values())

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 TIMESTAMPS = ("created_at", "updated_at")
 
 
-def run(cfg, *, fail_ok: bool = False):
-    """Run the flow; return (state, {task name: [task runs]}) once the server has recorded every task run."""
+def run(cfg, *, fail_ok: bool = False, last: str | None = None):
+    """Run the flow; return (state, {task name: [final task runs]}) once the server has recorded a final run of
+    ``last`` (default: summarize, the flow's last task; a failed flow names the task that failed)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -28,24 +29,16 @@ def run(cfg, *, fail_ok: bool = False):
     if not fail_ok:
         state.result()
     flow_run_id = state.state_details.flow_run_id
-    last = "summarize" if state.is_completed() else None
+    last = last or "summarize"
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + 60
-        while True:  # task runs reach the server as events: wait until the last one is recorded
+        while True:  # task runs reach the server as events: wait until the awaited one is recorded
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             by_name: dict[str, list] = {}
             for r in runs:
                 if r.state and r.state.is_final():
                     by_name.setdefault(r.name.rsplit("-", 1)[0], []).append(r)
-            if (last in by_name if last else by_name) or time.monotonic() > deadline:
-                if not last:
-                    time.sleep(1.0)  # a failed flow has no final task to wait for: give stragglers a moment
-                    runs = client.read_task_runs(
-                        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-                    by_name = {}
-                    for r in runs:
-                        if r.state and r.state.is_final():
-                            by_name.setdefault(r.name.rsplit("-", 1)[0], []).append(r)
+            if last in by_name or time.monotonic() > deadline:
                 return state, by_name
             time.sleep(0.2)
 
@@ -146,16 +139,21 @@ def test_credentials_block_and_nothing_leaks(base_config, s3_server, s3_env, mon
     with get_client(sync_client=True) as client:
         params = json.dumps(client.read_flow_run(flow_run_id).parameters, default=str)
         assert "actcache-s3-test" in params and secret not in params and key not in params
-        time.sleep(1.0)  # logs are shipped in batches
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        assert logs and not any(secret in log.message or key in log.message for log in logs)
+        deadline = time.monotonic() + 60
+        while True:  # logs are shipped in batches: wait for the flow's last line rather than a fixed time
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            if any("Finished in state Completed" in log.message for log in logs if log.task_run_id is None) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(logs) > 4 and not any(secret in log.message or key in log.message for log in logs)
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[flow_run_id])))
         assert arts and not any(secret in json.dumps(a.data, default=str) for a in arts)
 
 
 def test_secrets_in_storage_options_are_refused(base_config):
-    with pytest.raises(Exception, match="must not hold credentials .*'secret'.*--aws-credentials-block"):
+    with pytest.raises(Exception, match="must not hold credentials .*'secret'.*aws_credentials_block"):
         base_config.replace(storage_options={"endpoint_url": "http://x", "secret": "s"})
     with pytest.raises(Exception, match="must not hold credentials .*'aws_secret_access_key'"):
         base_config.replace(storage_options={"client_kwargs": {"aws_secret_access_key": "s"}})
@@ -168,7 +166,7 @@ def test_access_denied_upload_fails_once_without_retries(base_config, s3_server,
     for k, v in s3_server.env("reader").items():
         monkeypatch.setenv(k, v)
     cfg = base_config.replace(store=url, storage_options={"skip_instance_cache": True})
-    state, by_name = run(cfg, fail_ok=True)
+    state, by_name = run(cfg, fail_ok=True, last="upload")
     assert state.is_failed()
     uploads = by_name["upload"]
     assert uploads and all(r.run_count == 1 and r.state.is_failed() for r in uploads)

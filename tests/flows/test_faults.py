@@ -14,7 +14,7 @@ import pytest
 from setfiles import local_tree
 
 import actcache
-from actcache import layout
+from actcache import layout, records
 from actcache.cli import main
 from actcache.reader import open_set
 
@@ -85,6 +85,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
     assert local_tree(small_disk / "store") == reference
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
     argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", base_config.model, "--dataset",
@@ -110,12 +111,46 @@ def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_
     assert local_tree(store) == reference
 
 
+@pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
+@pytest.mark.parametrize("targets", [(448, 512), (416, 480, 512)])
+def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp_path, targets):
+    """Runs of one set asking different --max-tokens, started together: every one succeeds, and the set ends as
+    the largest target's, byte for byte (a lower target's partial last shard never stays over a full one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    store = tmp_path / "shared"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    procs = []
+    for max_tokens in targets:
+        argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", base_config.model, "--dataset",
+                base_config.dataset, "--store", str(store), "--context-size", "32", "--max-tokens", str(max_tokens),
+                "--shard-tokens", "128", "--hook", base_config.hook, "--device", "cpu"]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0] * len(targets), [o[1][-1500:] for o in outs]
+    url = {o[0].strip().splitlines()[-1] for o in outs}.pop()
+    assert open_set(url).verify() == [] and open_set(url).n_tokens == 512
+    files, want = local_tree(store), dict(reference)
+    for tree in (files, want):  # the manifest's target is its last writer's
+        for rel in [r for r in tree if r.endswith(layout.MANIFEST)]:
+            m = json.loads(tree[rel])
+            m.pop("target_tokens")
+            tree[rel] = json.dumps(m, sort_keys=True).encode()
+    assert files == want
+
+
 def test_hand_edited_manifest_is_refused(base_config, tmp_path):
     url = actcache.extract(base_config)
     path = Path(url) / layout.MANIFEST
     m = json.loads(path.read_text())
     m["hook"] = m["key"]["hook"] = "blocks.0.hook_resid_post"  # relabelled: the key no longer hashes to its id
-    path.write_text(json.dumps(m))
+    path.write_text(json.dumps(records.sealed(m)))  # even with a valid seal
     with pytest.raises(actcache.ActcacheError, match="edited by hand"):
         open_set(url)
     m["format_version"] = 99

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 N_SHARDS = 16  # enough shards that the run is still uploading when the endpoint dies
 SHARD_PUT = re.compile(r'"PUT /[^ ]*/([0-9a-f]{24})/(shards/[0-9]{6}\.safetensors)')
 UPLOADED = re.compile(r"Task run 'upload-[^']*' - Finished in state Completed")
+RETRYING = re.compile(r"Task run 'upload-[^']*' - Task run failed with exception: StoreUnavailable.* - Retry 1/")
 CLI = str(Path(sys.executable).with_name("actcache"))
 
 
@@ -169,12 +170,15 @@ def test_client_killed_while_endpoint_down_then_rerun(config, reference, restart
     server = restartable_s3
     url = server.new_prefix()
     cfg = config.replace(store=url, storage_options={"endpoint_url": server.endpoint})
-    proc = subprocess.Popen([CLI, *cli_args(cfg)], env=cli_env(server), stdout=subprocess.PIPE,
+    out = tmp_path / "client.log"
+    proc = subprocess.Popen([CLI, *cli_args(cfg)], env=cli_env(server), stdout=out.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         wait_for(lambda: shard_puts(server.log_path) or proc.poll() is not None, 180, "the first shard upload")
         server.kill()
-        time.sleep(2.0)  # long enough for the client to meet the dead endpoint and start backing off
+        # An event, not a delay: the client has met the dead endpoint once an upload is waiting to be retried.
+        wait_for(lambda: RETRYING.search(out.read_text(errors="replace")) or proc.poll() is not None, 180,
+                 "an upload retry after the endpoint died")
         assert proc.poll() is None, "the client finished before the endpoint died"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:

@@ -3,30 +3,39 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from actcache.errors import ActcacheError
 from actcache.plan import make_plan
-from tasks.fanout import child_parameters, partitions_with_work, verify_sets, wait_for_partitions
+from tasks.fanout import (
+    check_partitions,
+    child_parameters,
+    partitions_with_work,
+    run_name,
+    verify_sets,
+    wait_for_partitions,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
                                                                                            monkeypatch):
-    import actcache.plan
+    import actcache.extraction
+    import actcache.model
     from flows.extract import extract_activations
 
     def no_weights(*a, **k):
         raise AssertionError("the fan-out parent loaded the model")
 
-    monkeypatch.setattr(actcache.plan, "bridge_for", no_weights)
+    monkeypatch.setattr(actcache.model, "load_bridge", no_weights)
+    monkeypatch.setattr(actcache.extraction, "load_hf_stack", no_weights)
     plan = make_plan(base_config, load_model=False)
-    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape is None
+    assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape == (32,)
     assert partitions_with_work(plan, 3) == [0, 1, 2]  # shards 0 and 3 belong to partition 0
     assert partitions_with_work(plan, 8) == [0, 1, 2, 3]  # more partitions than shards: no idle runs
     with pytest.raises(ActcacheError, match="num_partitions"):
@@ -51,40 +60,92 @@ def test_child_parameters_are_json_and_pass_the_flow_signature(base_config):
         extract_activations.validate_parameters(params)
 
 
-def _flow_run(client, state):
+def _flow_run(client, state, name: str | None = None):
     from prefect import flow
 
     @flow(name="fake-partition")
     def partition() -> None:
         pass
 
-    return client.create_flow_run(partition, state=state).id
+    return client.create_flow_run(partition, state=state, name=name).id
 
 
-def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition():
+def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition(monkeypatch):
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Crashed, Failed, Running
+
+    import tasks.fanout
 
     with get_client(sync_client=True) as client:
         ok, late = _flow_run(client, Completed()), _flow_run(client, Running())
         failed, crashed = _flow_run(client, Failed(message="CUDA out of memory")), _flow_run(client, Crashed())
+        waits = []
 
-        def finish_late():
-            time.sleep(1.0)
-            client.set_flow_run_state(late, Completed(), force=True)
+        def poll_wait(seconds):  # the first wait between polls is when the late partition finishes
+            waits.append(seconds)
+            if len(waits) == 1:
+                client.set_flow_run_state(late, Completed(), force=True)
 
-        t0 = time.monotonic()
-        finisher = threading.Thread(target=finish_late)
-        finisher.start()
-        wait_for_partitions.fn({0: ok, 1: late}, poll_s=0.1)
-        finisher.join()
-        assert time.monotonic() - t0 >= 1.0  # it waited for the running partition
+        # Its own clock, not Prefect's: the wait is counted, not timed.
+        monkeypatch.setattr(tasks.fanout, "time", SimpleNamespace(sleep=poll_wait, monotonic=time.monotonic))
+        outcomes = wait_for_partitions.fn({0: ok, 1: late}, poll_s=0.1)
+        assert waits == [0.1]  # it saw the running partition, waited once, then saw it completed
+        assert [(o.index, o.state) for o in outcomes] == [(0, "Completed"), (1, "Completed")]
+        check_partitions.fn(outcomes)
 
-        with pytest.raises(ActcacheError) as e:
-            wait_for_partitions.fn({0: ok, 1: failed, 2: crashed}, poll_s=0.1)
+        # No relaunch function: a crashed partition is reported like a failed one.
+        outcomes = wait_for_partitions.fn({0: ok, 1: failed, 2: crashed}, poll_s=0.1)
+    with pytest.raises(ActcacheError) as e:
+        check_partitions.fn(outcomes)
     msg = str(e.value)
     assert "2 of 3 partitions" in msg and "partition 1" in msg and "CUDA out of memory" in msg
     assert "partition 2" in msg and "partition 0" not in msg and "\n" not in msg
+
+
+def test_crashed_partitions_are_relaunched_a_bounded_number_of_times():
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed, Failed
+
+    lost = "No heartbeat for 90 s: the run's worker or node was lost."
+    with get_client(sync_client=True) as client:
+        launched = []
+
+        def relaunch(index: int, attempt: int):
+            launched.append((index, attempt))
+            # Partition 0 is lost once, then completes; partition 1 is lost every time.
+            state = Completed() if index == 0 else Crashed(message=lost)
+            return _flow_run(client, state, name=run_name(index, 3, attempt))
+
+        first = {0: _flow_run(client, Crashed(message=lost), name=run_name(0, 3)),
+                 1: _flow_run(client, Crashed(message=lost), name=run_name(1, 3)),
+                 2: _flow_run(client, Failed(message="bad hook"), name=run_name(2, 3))}
+        outcomes = wait_for_partitions.fn(first, relaunch, max_relaunches=2, poll_s=0.05)
+
+    assert sorted(launched) == [(0, 2), (1, 2), (1, 3)]  # a failure (partition 2) is not relaunched
+    assert [o.runs for o in outcomes] == [
+        ("partition-0-of-3", "partition-0-of-3-attempt-2"),
+        ("partition-1-of-3", "partition-1-of-3-attempt-2", "partition-1-of-3-attempt-3"),
+        ("partition-2-of-3",)]
+    assert [o.state for o in outcomes] == ["Completed", "Crashed", "Failed"]
+    with pytest.raises(ActcacheError) as e:
+        check_partitions.fn(outcomes)
+    msg = str(e.value)
+    assert "2 of 3 partitions did not complete" in msg
+    assert "partition 1 (partition-1-of-3-attempt-3, after 2 relaunches) Crashed: No heartbeat" in msg
+    assert "partition 2 (partition-2-of-3) Failed: bad hook" in msg and "partition 0" not in msg
+
+
+def test_waiting_is_bounded_and_cancels_what_is_left():
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+
+    with get_client(sync_client=True) as client:
+        done, stuck = _flow_run(client, Completed()), _flow_run(client, Running(), name=run_name(1, 2))
+        outcomes = wait_for_partitions.fn({0: done, 1: stuck}, timeout_s=0.5, poll_s=0.1)
+        assert client.read_flow_run(stuck).state.name in ("Cancelling", "Cancelled")
+    assert outcomes[0].completed and not outcomes[1].completed
+    with pytest.raises(ActcacheError, match=r"partition 1 \(partition-1-of-2\) Cancel.*timeout_s=0.5"):
+        check_partitions.fn(outcomes)
 
 
 def test_verify_sets_fails_on_missing_or_corrupted_shards(base_config):

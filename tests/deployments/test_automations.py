@@ -1,0 +1,53 @@
+"""deployments/automations.py: the lost-run automation follows prefect.yaml, refuses a window that would crash
+healthy runs, and applying it twice leaves one automation (its effect on lost runs: test_lost_worker.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deployments" / "automations.py"
+
+
+@pytest.fixture(scope="module")
+def automations():
+    spec = importlib.util.spec_from_file_location("actcache_deployment_automations", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_automation_watches_heartbeats_of_tagged_runs_only(automations):
+    tag, heartbeat_s = automations.deployment_settings()
+    assert (tag, heartbeat_s) == ("actcache", 30)  # prefect.yaml: the deployments' tag, every run's heartbeat
+    a = automations.lost_run_automation(90, tag, heartbeat_s)
+    t = a.trigger
+    assert t.after == {"prefect.flow-run.heartbeat"} and t.within == timedelta(seconds=90)
+    assert t.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    assert t.for_each == {"prefect.resource.id"} and t.posture == "Proactive"
+    assert t.match_related.root == {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.actcache"}
+    [action] = a.actions
+    assert action.type == "change-flow-run-state" and action.state == "CRASHED" and "90 s" in action.message
+
+
+def test_a_window_under_two_heartbeats_is_refused(automations, capsys):
+    with pytest.raises(ValueError, match="at least 60"):
+        automations.lost_run_automation(45, "actcache", 30)
+    with pytest.raises(SystemExit) as e:
+        automations.main(["--lost-after", "45"])
+    assert e.value.code == 2 and "use at least 60" in capsys.readouterr().err
+
+
+def test_applying_twice_updates_the_one_automation(automations, prefect_harness):
+    from prefect.client.orchestration import get_client
+
+    first = automations.apply(automations.lost_run_automation(90, "actcache", 30))
+    second = automations.apply(automations.lost_run_automation(120, "actcache", 30))
+    assert first.startswith("created") and second.startswith("updated")
+    with get_client(sync_client=True) as client:
+        [a] = client.read_automations_by_name(automations.NAME)
+    assert a.trigger.within == timedelta(seconds=120)

@@ -1,0 +1,233 @@
+"""Lost workers and cancellation, end to end on a real Prefect server set up as README's "Deploying" says: the
+pool, deployments/prefect.yaml, the lost-run automation (deployments/automations.py), one worker for the fan-out
+parents (queue ``control``) and two extraction workers (queue ``default``, ``--limit 1``), as on GPU machines.
+
+The second extraction worker's runs stall for good after their first shard (``ACTCACHE_FAULT=...:hang``, the one
+thing these workers do not share with README): the kill below always lands in the middle of a partition.
+Timings (detection, relaunch, the whole module) are printed with -s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from prefect_server import Server, _signal, process_tree
+from setfiles import local_tree
+
+from actcache import demo
+
+REPO = Path(__file__).resolve().parents[2]
+POOL = "actcache"
+PARTITIONS = 2
+# `deployments/automations.py --lost-after`: two heartbeats of 30 s (prefect.yaml), the shortest it accepts.
+LOST_AFTER_S = 60
+# Generous bounds, not speed claims: what a loaded 2-core machine needs beyond the configured settings.
+EVALUATION_SLACK_S = 45  # the server evaluates the automation every 5 s; heartbeat events travel asynchronously
+RELAUNCH_BUDGET_S = 240  # a partition run from Scheduled to Completed: process start, imports, model, shards
+STARTUP_BUDGET_S = 600  # a fan-out from its trigger to a partition mid-run: two runs' start-ups (busy machines)
+STALL = "extract.forward-done:2:hang"
+
+
+@pytest.fixture(scope="module")
+def server_settings() -> dict[str, str]:
+    # Automations run in the triggers service (the other deployment tests turn it off); subflows of a cancelled
+    # parent are cancelled by the cancellation-cleanup service, every 20 s by default.
+    return {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
+            "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "5"}
+
+
+@dataclass
+class Cluster:
+    server: Server
+    workers: dict[str, subprocess.Popen]
+    common: dict
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def cluster(prefect_server, corpus, tmp_path_factory) -> Cluster:
+    server = prefect_server
+    root = tmp_path_factory.mktemp("lost-worker")
+    model = demo.build_tiny_model(root / "model", "gpt2", layers=3, d=32, ctx=128)  # while the server boots
+    server.wait_healthy()
+    server.cli("work-pool", "create", POOL, "--type", "process", timeout=600)  # generous: CPUs may be shared
+    server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=600)
+    server.python("deployments/automations.py", "--lost-after", str(LOST_AFTER_S), timeout=600)
+    env = {**server.env, "ACTCACHE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    workers = {  # started outside the checkout: only the deployments' pull step brings a run there
+        "control": server.start_worker("control", POOL, env, root, ("--work-queue", "control")),
+        "gpu0": server.start_worker("gpu0", POOL, env, root, ("--work-queue", "default", "--limit", "1")),
+        "gpu1": server.start_worker("gpu1", POOL, {**env, "ACTCACHE_FAULT": STALL}, root,
+                                    ("--work-queue", "default", "--limit", "1")),
+    }
+    # 26 sequences of 32 tokens in shards of 4: 7 shards, the last one partial; partition 1 owns 1, 3 and 5.
+    common = dict(model=str(model), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=32,
+                  max_tokens=26 * 32, shard_tokens=4 * 32, batch_size=4, device="cpu")
+    return Cluster(server, workers, common, root)
+
+
+def client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def wait_for(what: str, check, cluster: Cluster, timeout_s: float, every_s: float = 0.5, runs=None):
+    """Poll ``check()`` until it returns something truthy; fail with the processes' logs after ``timeout_s``
+    (and the states of ``runs()``, flow runs, when given)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(every_s)
+    states = "".join(f"\n{r.name}: {r.state.name} {r.labels.get('prefect.worker.name')} {r.state.message}"
+                     for r in (runs() if runs else []))
+    tails = "\n".join(f"--- {n}\n{cluster.server.procs.log_tail(n)}" for n, _ in cluster.server.procs.started)
+    pytest.fail(f"{what}: not within {timeout_s} s{states}\n{tails}")
+
+
+def partitions_of(c, parent_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    return c.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+def on_worker(runs, worker: str) -> list:
+    return [r for r in runs if r.labels.get("prefect.worker.name") == worker]
+
+
+def stalled_partition(c, parent_id, store: Path):
+    """The partition run stalled on gpu1 once its first shard's record is written (nothing after it will be)."""
+    for run in on_worker(partitions_of(c, parent_id), "gpu1"):
+        index = int(run.name.split("-")[1])
+        done = [int(p.stem) for p in store.glob("[!_]*/done/*.json")]
+        if run.state.is_running() and any(i % PARTITIONS == index for i in done):
+            return run, sorted(i for i in done if i % PARTITIONS == index)
+    return None
+
+
+def fanout(cluster: Cluster, store: Path):
+    from prefect.deployments import run_deployment
+
+    params = {"config": cluster.common | {"store": str(store)}, "num_partitions": PARTITIONS, "poll_s": 1}
+    return run_deployment("extract-fanout/fanout", parameters=params, timeout=0)
+
+
+@pytest.fixture
+def api(cluster):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: cluster.server.url}), client() as c:
+        yield c
+
+
+def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
+    store = cluster.root / "cancelled-store"
+    parent = fanout(cluster, store)
+    run, _ = wait_for("a partition running on gpu1 (stalled after its first shard)",
+                      lambda: stalled_partition(api, parent.id, store), cluster, timeout_s=STARTUP_BUDGET_S,
+                      runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)])
+
+    t0 = time.monotonic()
+    cluster.server.cli("flow-run", "cancel", str(parent.id))  # what a user does (or the UI's Cancel button)
+
+    def all_final():
+        runs = [api.read_flow_run(parent.id), *partitions_of(api, parent.id)]
+        return runs if all(r.state.is_final() for r in runs) else None
+
+    parent_run, *children = wait_for("the fan-out and every partition final after the cancel", all_final, cluster,
+                                     timeout_s=300, runs=lambda: partitions_of(api, parent.id))
+    print(f"lost-worker e2e: cancel -> all final in {time.monotonic() - t0:.1f} s", flush=True)
+    assert parent_run.state.name == "Cancelled"
+    [stalled] = [r for r in children if r.id == run.id]
+    assert stalled.state.name == "Cancelled", (stalled.state.name, stalled.state.message)
+    assert all(r.state.name in ("Cancelled", "Completed") for r in children)
+    assert cluster.workers["gpu1"].poll() is None  # the worker stays up and frees its slot for the next run
+
+
+def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
+    """SIGKILL gpu1's worker with its flow-run process mid-partition (a lost node) and the control worker alone."""
+    t_start = time.monotonic()
+    store, ref_store = cluster.root / "fanout-store", cluster.root / "reference-store"
+    # The reference, undisturbed: the CLI in its own process (a flow run here would tie this process's event
+    # sender to a server the module stops), while the fan-out runs.
+    cli_args = [a for k, v in (cluster.common | {"store": str(ref_store)}).items()
+                for a in (f"--{k.replace('_', '-')}", str(v))]
+    reference = subprocess.Popen([str(Path(sys.executable).parent / "actcache"), "extract", *cli_args],
+                                 env=cluster.server.env, cwd=cluster.root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+    parent = fanout(cluster, store)
+    run, done_at_kill = wait_for("a partition running on gpu1 (stalled after its first shard)",
+                                 lambda: stalled_partition(api, parent.id, store), cluster,
+                                 timeout_s=STARTUP_BUDGET_S,
+                                 runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)])
+    victim = int(run.name.split("-")[1])
+    assert cluster.workers["gpu1"].poll() is None and cluster.workers["control"].poll() is None
+
+    os.kill(cluster.workers["control"].pid, signal.SIGKILL)  # the worker alone: the parent keeps running
+    _signal(process_tree(cluster.workers["gpu1"].pid), signal.SIGKILL)  # the node: worker and flow-run process
+    killed_at = datetime.now(timezone.utc)
+    t_kill = time.monotonic()
+
+    def parent_final():
+        r = api.read_flow_run(parent.id)
+        return r if r.state.is_final() else None
+
+    parent_run = wait_for("the fan-out final after the kill", parent_final, cluster,
+                          timeout_s=LOST_AFTER_S + EVALUATION_SLACK_S + RELAUNCH_BUDGET_S,
+                          runs=lambda: partitions_of(api, parent.id))
+    t_done = time.monotonic()
+    assert parent_run.state.is_completed(), (parent_run.state.name, parent_run.state.message)
+    assert str(store) in parent_run.state.message  # "1 set: <url>": the API and UI show where the set is
+    assert "Crashed" not in [s.name for s in api.read_flow_run_states(parent.id)]  # its worker died, it did not
+
+    children = {r.name: r for r in partitions_of(api, parent.id)}
+    name = f"partition-{victim}-of-{PARTITIONS}"
+    lost, again = children[name], children[f"{name}-attempt-2"]
+    assert sorted(children) == sorted([f"partition-{i}-of-{PARTITIONS}" for i in range(PARTITIONS)] + [again.name])
+    assert lost.state.name == "Crashed" and f"No heartbeat for {LOST_AFTER_S} s" in lost.state.message
+    detected_s = (lost.state.timestamp - killed_at).total_seconds()
+    assert 0 < detected_s <= LOST_AFTER_S + EVALUATION_SLACK_S
+    assert again.state.is_completed() and again.labels.get("prefect.worker.name") == "gpu0"
+    print(f"lost-worker e2e: lost run Crashed {detected_s:.1f} s after the kill (--lost-after {LOST_AFTER_S}); "
+          f"fan-out done {t_done - t_kill:.1f} s after the kill", flush=True)
+
+    # The relaunch computed only what the lost run had not stored.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def relaunch_tasks():
+        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.id])))
+        return runs if any(r.name.startswith("summarize") for r in runs) else None
+
+    tasks = wait_for("the relaunch's task runs recorded", relaunch_tasks, cluster, timeout_s=60)
+    owned = [i for i in range(7) if i % PARTITIONS == victim]
+    assert sorted(int(r.name.split("-")[1]) for r in tasks if r.name.startswith("extract-")) == \
+        [i for i in owned if i not in done_at_kill]
+
+    out, _ = reference.communicate(timeout=300)
+    assert reference.returncode == 0, out[-3000:]
+    [ref_set] = [p for p in ref_store.iterdir() if not p.name.startswith("_")]
+    [fan_set] = [p for p in store.iterdir() if not p.name.startswith("_")]
+    assert fan_set.name == ref_set.name
+    assert local_tree(fan_set) == local_tree(ref_set)  # byte for byte, manifests without their timestamps
+
+    # The job's summary for the set: a row per partition (the lost one with its relaunch) and one for all.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    [summary] = api.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=[f"fanout-{fan_set.name}"]), flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id])))
+    rows = {r["partition"]: r for r in json.loads(summary.data)}
+    assert rows[str(victim)]["runs"] == f"{name}, {name}-attempt-2" and rows[str(victim)]["state"] == "Completed"
+    assert rows["all"]["shards"] == 7 and rows["all"]["missing_after"] == 0
+    print(f"lost-worker e2e: whole test {time.monotonic() - t_start:.1f} s", flush=True)

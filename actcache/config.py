@@ -71,11 +71,17 @@ class ExtractConfig:
     """Token placed between packed documents."""
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
-    shard_tokens: int = 1 << 18
-    """Tokens per shard (rounded down to whole sequences); part of the set's key. The flow adds ~20-45 ms per shard
-    to the forward pass's path: 2^18 keeps that under 2% at 100k tokens/s (bench/RESULTS.md); lower it for large d."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
+    shard_tokens: int = 0
+    """Tokens per shard (rounded down to whole sequences); the resulting sequences per shard are part of the set's
+    key. 0 (default): as many as fit in --shard-bytes. Sets made with the old default (262144) are extended by
+    passing --shard-tokens 262144."""
+    shard_bytes: int = 1 << 28
+    """Target size of a shard before the codec, in bytes, when --shard-tokens is 0 (the widest hook of a pass sets
+    it). 256 MiB: the flow adds ~20-40 ms per shard to the forward pass's path, about 2% of the ~1.7 s a
+    GPU takes to produce 256 MiB at 100k tokens/s of d=768 (bench/RESULTS.md), and a process holds 1-3 shards."""
+    batch_size: int = 0
+    """Sequences per forward pass; 0: automatic (on CUDA the most that fit, from 2^16 tokens per pass down, found
+    once per process and halved on an out-of-memory error; 8 on CPU)."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     """Storage dtype of the activations."""
     model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -109,11 +115,14 @@ class ExtractConfig:
         if self.max_tokens < self.context_size:
             raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
                                 f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")
-        if self.shard_tokens < self.context_size:
+        if self.shard_tokens and self.shard_tokens < self.context_size:
             raise ActcacheError(f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
-                                f"{self.context_size} tokens; raise {opt('shard_tokens')}")
-        if self.batch_size < 1:
-            raise ActcacheError(f"{opt('batch_size')} must be at least 1, got {self.batch_size}")
+                                f"{self.context_size} tokens; raise {opt('shard_tokens')} (or 0 to size shards by "
+                                f"{opt('shard_bytes')})")
+        if self.shard_bytes < 1 << 20:
+            raise ActcacheError(f"{opt('shard_bytes')} must be at least 1 MiB (1048576), got {self.shard_bytes}")
+        if self.batch_size < 0:
+            raise ActcacheError(f"{opt('batch_size')} must be at least 1 (or 0: automatic), got {self.batch_size}")
         if self.codec != "none" and not 1 <= self.codec_level <= 22:
             raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
@@ -133,10 +142,6 @@ class ExtractConfig:
         from actcache.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
 
         return StoreRef(self.store, dict(self.storage_options), self.aws_credentials_block)
-
-    @property
-    def seqs_per_shard(self) -> int:
-        return self.shard_tokens // self.context_size
 
     @property
     def target_seqs(self) -> int:

@@ -17,14 +17,17 @@ name and the model's config alone, so a complete set is still recognised without
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from actcache.engine import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
 from actcache.errors import ActcacheError, opt
+
+log = logging.getLogger(__name__)
 
 
 class _Reached(Exception):
@@ -55,19 +58,33 @@ def pick_device(device: str) -> str:
     return device
 
 
+CPU_BATCH = 8
+"""Sequences per forward pass on CPU when --batch-size is 0 (automatic)."""
+AUTO_BATCH_TOKENS = 1 << 16
+"""Where the automatic batch size on CUDA starts (tokens per pass): past it a GPU gains nothing but memory use."""
+_FITS: dict[tuple, int] = {}
+"""(model, hooks, context) -> the batch size known to fit on the device, once a larger one ran out of memory."""
+
+
 class _Batched:
     """Batching and the device round trip, shared by both engines."""
 
     device: torch.device
     hooks: list[str]
     batch_size: int
+    """Sequences per forward pass; 0: automatic (see ``batch_for``)."""
     out_dtype: torch.dtype | None = None
+    adaptive: bool = False
+    """Halve the batch and redo it when the device runs out of memory (on CUDA)."""
+    _module: Any = None
 
     def _setup(self, module: Any, hooks: str | Sequence[str], batch_size: int, out_dtype: torch.dtype | None) -> None:
         """What both engines share: the hooks (in order, once each), batching, dtype, the model's device."""
         self.hooks = [hooks] if isinstance(hooks, str) else list(dict.fromkeys(hooks))
         self.batch_size, self.out_dtype = batch_size, out_dtype
+        self._module = module
         self.device = next(module.parameters()).device
+        self.adaptive = self.device.type == "cuda"
 
     def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -101,27 +118,82 @@ class _Batched:
                                     "length); pick a per-token hook such as hook_resid_post")
         return shapes[0]
 
-    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU."""
+    def _fits_key(self, context: int) -> tuple:
+        return (id(self._module), tuple(self.hooks), context)
+
+    def batch_for(self, n_seq: int, context: int) -> int:
+        """Sequences per pass: ``batch_size``, or automatically: on CUDA as many as ``AUTO_BATCH_TOKENS`` allow,
+        on CPU ``CPU_BATCH``; never more than what already fit in this process after an out-of-memory error."""
+        size = self.batch_size or (max(1, AUTO_BATCH_TOKENS // context) if self.adaptive else CPU_BATCH)
+        return max(1, min(size, n_seq, _FITS.get(self._fits_key(context), size)))
+
+    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
+        """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU.
+
+        Each batch is cast to its destination's dtype as it completes (on the device on CUDA) and written in
+        place: into the tensor ``into(hook, shape)`` returns (a shard file's view), or else into a new host
+        tensor in ``out_dtype`` (as computed when None). No list of pieces, no cat, no float32 copy of a shard.
+        ``finite``, if given, gets {hook: whether the activations as computed, before that cast, were all
+        finite}: once cast, an Inf from an overflow of the storage dtype looks like one the model produced.
+        """
         cuda = self.device.type == "cuda"
         if cuda and not tokens.is_pinned():
             tokens = tokens.pin_memory()  # so the per-batch uploads below are truly asynchronous
+        n_seq, context = tokens.shape
+        size = self.batch_for(n_seq, context)
         outs: dict[str, torch.Tensor] = {}
+        bad: dict[str, torch.Tensor] = {}  # {hook: 0-d bool on the device}: read once, after the sync below
+        start = 0
         with torch.inference_mode():
-            for start in range(0, len(tokens), self.batch_size):
-                batch = tokens[start : start + self.batch_size].to(self.device, dtype=torch.long, non_blocking=True)
-                for h, act in self._checked(self._capture(batch), batch).items():
+            while start < n_seq:
+                batch = tokens[start : start + size].to(self.device, dtype=torch.long, non_blocking=True)
+                out_of_memory = None
+                try:
+                    got = self._checked(self._capture(batch), batch)
+                except torch.OutOfMemoryError as e:
+                    if not self.adaptive:
+                        raise
+                    out_of_memory = str(e).strip().split("\n")[0][:200]  # handled once the exception is gone:
+                    # its traceback holds the failed pass's tensors
+                if out_of_memory is not None:
+                    got = batch = None
+                    size = self._smaller(size, context, out_of_memory)
+                    continue
+                for h, act in got.items():
                     act = act.reshape(act.shape[0], act.shape[1], -1)
-                    if cuda and self.out_dtype is not None:
-                        act = act.to(self.out_dtype)  # cast on the device: fewer bytes over PCIe, same values
-                    if h not in outs:
-                        # One host buffer per hook and shard, filled in place: no list of pieces, no cat. Pinned on
-                        # CUDA so that the device-to-host copies are asynchronous (no sync per batch).
-                        outs[h] = torch.empty((len(tokens), *act.shape[1:]), dtype=act.dtype, pin_memory=cuda)
-                    outs[h][start : start + len(batch)].copy_(act, non_blocking=cuda)
+                    dest = outs.get(h)
+                    if dest is None:
+                        shape = (n_seq, *act.shape[1:])
+                        # Pinned on CUDA so that the device-to-host copies are asynchronous (no sync per batch).
+                        dest = outs[h] = into(h, shape) if into is not None else torch.empty(
+                            shape, dtype=self.out_dtype or act.dtype, pin_memory=cuda)
+                    if finite is not None:
+                        nonfinite = ~torch.isfinite(act).all()
+                        bad[h] = bad[h] | nonfinite if h in bad else nonfinite
+                    if cuda and act.dtype != dest.dtype:
+                        act = act.to(dest.dtype)  # cast on the device: fewer bytes over PCIe, same values
+                    dest[start : start + len(batch)].copy_(act, non_blocking=cuda)
+                start += len(batch)
         if cuda:
             torch.cuda.synchronize(self.device)  # once per shard, before the host buffers are read
+        if finite is not None:
+            finite.update({h: not bool(b) for h, b in bad.items()})
         return outs
+
+    def _smaller(self, size: int, context: int, error: str) -> int:
+        """After an out-of-memory error at ``size``: half of it, remembered for the rest of this process."""
+        if size == 1:
+            raise ActcacheError(f"the forward pass does not fit in {self.device}'s memory even one sequence of "
+                                f"{context} tokens at a time ({error}); free the device, lower --context-size or "
+                                "use --model-dtype bfloat16")
+        smaller = size // 2
+        _FITS[self._fits_key(context)] = smaller
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed pass allocated goes back before the retry
+        log.warning("out of memory on %s with %d sequences of %d tokens per pass; continuing with %d",
+                    self.device, size, context, smaller)
+        return smaller
 
 
 class Extractor(_Batched):
@@ -238,8 +310,9 @@ class MultiExtractor:
     def hook_shapes(self) -> dict[str, list[int]]:
         return {h: s for p in self.parts for h, s in p.hook_shapes().items()}
 
-    def __call__(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {h: a for p in self.parts for h, a in p(tokens).items()}
+    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
+        return {h: a for p in self.parts for h, a in p(tokens, into, finite).items()}
 
 
 def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",

@@ -19,9 +19,10 @@ from actcache import manifest
 from actcache.errors import ActcacheError
 from actcache.key import SetKey
 
-# Fields that do not change the bytes, and so neither come from the manifest nor make a reproduction differ.
+# Fields that do not change the bytes, and so neither come from the manifest nor make a reproduction differ
+# (shard_bytes only sizes shards when shard_tokens is 0, and --like sets shard_tokens from the manifest).
 NOT_RECORDED = frozenset({"store", "storage_options", "aws_credentials_block", "batch_size", "device", "streaming",
-                          "verify_existing"})
+                          "verify_existing", "shard_bytes"})
 
 
 def read_manifest(url: str, storage_options: dict[str, Any], credentials_block: str | None) -> dict[str, Any]:

@@ -9,10 +9,12 @@ Forcing large buffers to mmap instead would also do it, but made the forward pas
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import threading
 import time
+from typing import Any
 
 M_ARENA_MAX = -8  # from glibc's malloc.h
 _LOCK = threading.Lock()
@@ -65,3 +67,20 @@ def release() -> None:
             return
         _last_trim = now
     libc.malloc_trim(0)
+
+
+MADV_DONTNEED = 4  # from Linux's mman.h
+_PAGE = mmap.PAGESIZE
+
+
+def discard(buf: Any, start: int, end: int) -> None:
+    """Hand the whole pages of bytes ``start:end`` of a CPU tensor back to the OS: its contents there are no
+    longer needed (they read as zeros afterwards). A no-op where glibc's madvise is not available."""
+    libc = _libc()
+    if libc is None:
+        return
+    base = buf.data_ptr()
+    lo = -(-(base + start) // _PAGE) * _PAGE
+    hi = (base + end) // _PAGE * _PAGE
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from actcache import memory, records
+from actcache import memory, records, sizing
 from actcache.config import ExtractConfig
 from actcache.engine import HF_SDPA, forward_engine
 from actcache.errors import ActcacheError, opt
@@ -214,9 +214,14 @@ class Plan:
 
     def load_model(self) -> None:
         """What ``make_plan(load_model=True)`` adds, for a plan made without: the device checked and, when there is
-        work, the weights loaded (the extract task finds them loaded)."""
+        work, the memory its shards need checked and the weights loaded (the extract task finds them loaded)."""
         _prepare_device(self.config)
+        self._load_weights()
+
+    def _load_weights(self) -> None:
         if self.missing:
+            widths = [math.prod(self.resolved.hooks[h].shape) for h in self.config.hooks]
+            sizing.check_memory(self.config, max(w.n_seq for w in self.missing), widths)
             self.extractor(self.config.hooks)
 
     def extractor(self, hooks: Sequence[str]) -> MultiExtractor:
@@ -245,9 +250,10 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     store = cfg.store_ref.open()
     store.check_writable()
     r = resolve(cfg)
+    widths = [math.prod(r.hooks[h].shape) for h in cfg.hooks]  # values per token of each hook
     tkey = TokensKey(dataset=r.dataset.fingerprint, tokenizer=r.tokenizer, text_column=cfg.text_column,
                      context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=r.separator_id,
-                     seqs_per_shard=cfg.seqs_per_shard)
+                     seqs_per_shard=sizing.seqs_per_shard(cfg, widths))
     tokens = TokenCache(store, tkey)
     scan = tokens.scan()
     shards = tokens.plan(cfg.target_seqs, scan)
@@ -263,8 +269,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
         sets.append(HookSet(key, done, shape))
     plan = Plan(cfg, r, tuple(sets), tuple(shards), (partition_index, num_partitions))
-    if plan.missing and load_model:
-        plan.extractor(cfg.hooks)  # load the weights now; the extract task finds them loaded
+    if load_model:
+        plan._load_weights()  # now, while Prefect's server starts; the extract task finds them loaded
     return plan
 
 

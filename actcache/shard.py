@@ -34,11 +34,16 @@ class Encoded:
     sha256: str
 
 
+def header_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """The safetensors ``__metadata__`` of a shard: one key, so its bytes do not depend on a hash order."""
+    # safetensors writes its metadata map in hash order: one key (sorted JSON inside) keeps bytes reproducible.
+    return {"actcache": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
+
+
 def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int = 0,
            metadata: dict[str, str] | None = None) -> Encoded:
-    # safetensors writes its metadata map in hash order: one key (sorted JSON inside) keeps bytes reproducible.
-    meta = {"actcache": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
-    raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    """The reference encoder (token shards use it; ``shardfile`` writes the same bytes without the copies)."""
+    raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=header_metadata(metadata))
     data = raw
     if codec in ("zstd", "shuffle-zstd"):
         import zstandard
@@ -312,24 +317,39 @@ _HEADER_ALLOWANCE = 1 << 20
 """Bytes allowed for a safetensors header (names, shapes, offsets, metadata) on top of the tensor data."""
 
 
+STATS_CHUNK_BYTES = 1 << 20
+"""float32 scratch for the stats: rows are upcast this much at a time, not the whole shard at once. Small: a
+16 MiB scratch, allocated on a pool thread beside the forward pass's batches, fragmented glibc's heaps by about
+the size of a shard (bench: memory)."""
+
+
 def stats(acts: torch.Tensor) -> dict[str, float | int]:
     """Mean L2 norm per token (of the finite values) and NaN/Inf counts, for the manifest: always finite JSON."""
     flat = acts.reshape(-1, acts.shape[-1])
     # One pass, upcast on the fly: a NaN or Inf anywhere makes its row's norm non-finite, so all-finite
     # norms mean no NaN or Inf at all. Only otherwise (or on a float32 overflow) the full count below runs:
     # it is ~30x slower (90 ms per 8192 x 768 shard, competing with the forward pass for the CPU).
-    norms = torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float32)
+    # In row chunks: vector_norm(dtype=float32) of a float16 tensor makes a float32 copy of all of it first
+    # (twice the shard). Norms are per row, so the chunks give the same norms and the same mean.
+    step = max(1, STATS_CHUNK_BYTES // (4 * max(1, flat.shape[-1])))
+    norms = torch.empty(len(flat), dtype=torch.float32)
+    for i in range(0, len(flat), step):
+        torch.linalg.vector_norm(flat[i : i + step], dim=-1, dtype=torch.float32, out=norms[i : i + step])
     if bool(torch.isfinite(norms).all()):
         return {"mean_l2_norm": round(float(norms.mean()), 6) if len(norms) else 0.0, "nan": 0, "inf": 0}
-    flat = flat.double()  # float32 squares overflow from |x| ~ 1.8e19 on: float64 holds any float32's square
-    finite = torch.isfinite(flat)
-    norms = torch.linalg.vector_norm(torch.where(finite, flat, 0.0), dim=-1)
-    mean = float(norms.mean()) if len(norms) else 0.0
-    return {
-        "mean_l2_norm": round(mean, 6) if math.isfinite(mean) else None,
-        "nan": int(torch.isnan(flat).sum()),
-        "inf": int(torch.isinf(flat).sum()),
-    }
+    # A NaN or Inf somewhere (or float32 squares that overflow, from |x| ~ 1.8e19 on): per chunk in float64,
+    # which holds any float32's square.
+    step = max(1, STATS_CHUNK_BYTES // (8 * max(1, flat.shape[-1])))
+    norms64 = torch.empty(len(flat), dtype=torch.float64)
+    nan = inf = 0
+    for i in range(0, len(flat), step):
+        part = flat[i : i + step].double()
+        finite = torch.isfinite(part)
+        norms64[i : i + step] = torch.linalg.vector_norm(torch.where(finite, part, 0.0), dim=-1)
+        nan += int(torch.isnan(part).sum())
+        inf += int(torch.isinf(part).sum())
+    mean = float(norms64.mean()) if len(norms64) else 0.0
+    return {"mean_l2_norm": round(mean, 6) if math.isfinite(mean) else None, "nan": nan, "inf": inf}
 
 
 _WARNED: dict[str, int] = {}
@@ -337,12 +357,11 @@ WARN_SHARDS = 3
 """Shards per set warned about in a process; the manifest, ls, show, verify and the summary count them all."""
 
 
-def warn_non_finite(stats: dict, source: torch.Tensor, dtype: str, set_id: str, where: str) -> bool:
-    """Warn (in the run's log) that ``where`` holds NaN/Inf and what to do; return whether ``source`` (the
-    activations before the cast to ``dtype``) was finite, i.e. whether the storage dtype overflowed."""
+def warn_non_finite(stats: dict, source_finite: bool, dtype: str, set_id: str, where: str) -> bool:
+    """Warn (in the run's log) that ``where`` holds NaN/Inf and what to do; return ``source_finite`` (whether
+    the activations were finite before the cast to ``dtype``, i.e. whether the storage dtype overflowed)."""
     import logging
 
-    source_finite = bool(torch.isfinite(source).all())
     n = _WARNED[set_id] = _WARNED.get(set_id, 0) + 1
     if n > WARN_SHARDS:
         return source_finite

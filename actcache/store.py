@@ -178,6 +178,20 @@ _MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it 
 _S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
 
 
+class _Parts:
+    """A buffer that s3fs's multipart upload slices into parts (it only takes ``len`` and slices): each part
+    becomes bytes only while it is uploaded, so a shard is never copied whole (botocore takes no memoryview)."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, part: slice) -> bytes:
+        return self.view[part].tobytes()
+
+
 def _prefault(m: mmap.mmap) -> None:
     """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
     try:
@@ -192,6 +206,8 @@ class Store:
 
     part_size = 16 << 20
     """Multipart part size on S3: objects of at least twice this go up in parts, smaller ones in one PUT."""
+    part_concurrency = 4
+    """Parts uploaded at once: each is a copy of its slice while it is in flight."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
                  credentials_block: str | None = None):
@@ -419,8 +435,11 @@ class Store:
         return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))
 
     # -- writing -------------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write ``data`` so that the file either exists in full or not at all."""
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
+        """Write ``data`` so that the file either exists in full or not at all.
+
+        A memoryview (a shard's buffer) is written where it lies: locally as is, on S3 one part at a time.
+        """
         path = self.path(rel)
         if self.local:
             try:
@@ -448,7 +467,9 @@ class Store:
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
             # on error): a reader never sees a partial object.
-            kwargs = {"chunksize": self.part_size} if self.s3 else {}
+            kwargs = {"chunksize": self.part_size, "max_concurrency": self.part_concurrency} if self.s3 else {}
+            if isinstance(data, memoryview):
+                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()
             with self._io("writing", rel):
                 self.fs.pipe_file(path, data, **kwargs)
 

@@ -328,8 +328,8 @@ def rss_child(method: str, src: Path, work: Path, device: str, batch: int, ctx: 
     print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "after_imports_mb": round(base, 1)}))
 
 
-def child(args: list[str], timeout: float = 900) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def child(args: list[str], timeout: float = 900, env: dict | None = None, pythonpath: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": pythonpath or str(ROOT), **(env or {})}
     p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
                        timeout=timeout, env=env, cwd=str(ROOT))
     if p.returncode != 0:
@@ -451,13 +451,14 @@ class _Stub:
     def __init__(self, hooks, rate: float | None, starts: list[float], width: int):
         self.hooks, self.rate, self.starts, self.width = hooks, rate, starts, width
 
-    def __call__(self, tokens):
+    def __call__(self, tokens, into=None, finite=None):
         import torch
 
         self.starts.append(time.perf_counter())
         if self.rate:
             time.sleep(tokens.numel() / self.rate)
-        return {h: torch.zeros(*tokens.shape, self.width) for h in self.hooks}
+        shape = (*tokens.shape, self.width)
+        return {h: into(h, shape).zero_() if into else torch.zeros(shape) for h in self.hooks}
 
 
 @contextlib.contextmanager
@@ -654,6 +655,123 @@ def flow_rss_child(src: str, work: str, device: str, ctx: str, shard_seqs: str, 
     t = time.perf_counter()
     run_flow(cfg)
     print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - t, 2)}))
+
+
+# -- memory: peak RSS against shard size at real widths -------------------------------------------------
+MEMORY_WIDTHS = (1024, 4096)
+# Tokens per shard at each width: 32, 64 and 128 MiB of float16 activations.
+MEMORY_SHARD_MIB = (32, 64, 128)
+# forward: one real block before the hook (CPU speed: each shard is written long before the next is full).
+# fast: the hook is block 0's input, so the pass is only the embedding: the next shard fills faster than the
+# last one is written, and the in-flight window (flows/extract.py IN_FLIGHT) is as full as it gets, as at GPU speed.
+MEMORY_REGIMES = {"forward": ("blocks.0.hook_resid_post", 2), "fast": ("blocks.0.hook_resid_pre", 4)}
+
+
+def build_wide_model(width: int) -> Path:
+    """One GPT-2 block of width ``width`` (MLP width 1024 whatever the width, to keep the forward pass short: its
+    compute is not what this measures), random weights, the demo's 512-token BPE tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from actcache import demo
+    from actcache.fingerprint import cache_dir
+
+    out = cache_dir() / "bench" / f"gpt2-w{width}-1l-mlp1024"
+    if (out / "config.json").exists():
+        return out
+    tok = demo.train_tokenizer(demo.corpus_lines())
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=width, n_layer=1, n_head=width // 64, n_inner=1024, vocab_size=len(tok),
+                     n_positions=1024, bos_token_id=0, eos_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def memory_child(spec_json: str) -> None:
+    """One extraction in this process (from the source tree ``spec['tree']`` if given): its peak RSS."""
+    spec = json.loads(spec_json)
+    if spec.get("tree"):
+        sys.path.insert(0, spec["tree"])  # before anything imports actcache: measure that tree's code
+    quiet_prefect()
+    import actcache
+
+    load = os.getloadavg()[0]
+    cfg = flow_config(Path(spec["src"]), Path(spec["work"]), 8, spec["ctx"], spec["shard_tokens"] // spec["ctx"],
+                      spec["shards"], "cpu", hook=spec["hook"], dtype=spec["dtype"], codec=spec["codec"],
+                      codec_level=1)
+    need = spec["shard_tokens"] * spec["shards"]
+    cfg = cfg.replace(dataset=str(big_corpus(Path(spec["work"]), max(1, -(-need // 90_000)))))
+    from flows.extract import extract_activations
+
+    t = time.perf_counter()
+    extract_activations(cfg)
+    seconds = time.perf_counter() - t
+    stored = sorted(Path(cfg.store).glob("*/shards/000000.*"))
+    print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "stored_shard_bytes": stored[0].stat().st_size,
+                      "seconds": round(seconds, 1), "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)],
+                      "actcache": str(Path(actcache.__file__).parent.parent)}))
+    shutil.rmtree(cfg.store, ignore_errors=True)
+
+
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y on x."""
+    if len(points) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in points)
+    my = statistics.fmean(y for _, y in points)
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return round(sum((x - mx) * (y - my) for x, y in points) / var, 2) if var else None
+
+
+def source_tree(ref: str, work: Path) -> Path:
+    """The checkout at git ``ref`` as plain files (git archive: the repository's state is not touched)."""
+    out = work / f"tree-{ref.replace('/', '_')}"
+    out.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def memory(work: Path, widths, shard_mib, regimes, codecs, before: str | None) -> dict:
+    """Peak RSS of an extraction process (own process each) against its shard size, and the slope per stored
+    shard byte, for this checkout ("after") and, with ``before``, the checkout at that git ref."""
+    from actcache import tempserver
+
+    trees = {"after": None}
+    if before:
+        trees = {"before": str(source_tree(before, work)), **trees}
+    server = tempserver.TemporaryServer()  # one Prefect server for every child: no start-up per process
+    env_url = server.wait(180)
+    out: dict = {"ctx": 128, "dtype": "float16", "before_ref": before, "runs": {}}
+    try:
+        for width in widths:
+            src = build_wide_model(width)
+            for regime in regimes:
+                hook, shards = MEMORY_REGIMES[regime]
+                for codec in codecs:
+                    for version, tree in trees.items():
+                        points, rows = [], {}
+                        for mib in shard_mib:
+                            tokens = (mib << 20) // (2 * width) // 128 * 128
+                            spec = {"src": str(src), "work": str(work), "ctx": 128, "shard_tokens": tokens,
+                                    "shards": shards, "hook": hook, "dtype": "float16", "codec": codec, "tree": tree}
+                            r = child(["--memory-child", json.dumps(spec)], env={"PREFECT_API_URL": env_url},
+                                      pythonpath=tree)
+                            rows[str(tokens)] = r
+                            if "peak_rss_mb" in r:
+                                points.append((r["stored_shard_bytes"] / 2**20, r["peak_rss_mb"]))
+                            print(f"[memory] w={width} {regime} {codec} {version} {tokens} tokens: {r}",
+                                  file=sys.stderr, flush=True)
+                        out["runs"][f"w{width}/{regime}/{codec}/{version}"] = {
+                            "hook": hook, "shards_per_run": shards, "by_shard_tokens": rows,
+                            "slope_rss_per_stored_byte": slope(points)}
+    finally:
+        server.stop()
+    return out
 
 
 # -- reading a set back for training (issue 10) ----------------------------------------------------------
@@ -896,7 +1014,7 @@ def print_table(res: dict) -> None:
 
 
 SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "stats_cost", "pipeline_overhead", "warm_rerun",
-            "cold_start", "rss_growth", "reader")
+            "cold_start", "rss_growth", "memory", "reader")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -914,6 +1032,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warm-child", help=argparse.SUPPRESS)
     ap.add_argument("--cold-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--flow-rss-child", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-before", metavar="GIT_REF", default=None,
+                    help="memory section: also measure the checkout at this git ref (e.g. the commit before a change)")
+    ap.add_argument("--memory-widths", default=",".join(map(str, MEMORY_WIDTHS)), help="memory section: model widths")
+    ap.add_argument("--memory-regimes", default=",".join(MEMORY_REGIMES), help="memory section: forward, fast")
+    ap.add_argument("--memory-codecs", default="none", help="memory section: codecs (none, zstd, shuffle-zstd)")
+    ap.add_argument("--memory-mib", default=",".join(map(str, MEMORY_SHARD_MIB)),
+                    help="memory section: shard sizes in MiB of float16 activations")
     ap.add_argument("--reader-rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -928,6 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.flow_rss_child:
         flow_rss_child(*args.flow_rss_child)
+        return 0
+    if args.memory_child:
+        memory_child(args.memory_child)
         return 0
     if args.reader_rss_child:
         reader_rss_child(*args.reader_rss_child)
@@ -994,6 +1123,11 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if "cold_start" in only and not smoke:
             res["cold_start"] = cold_start(work, max(reps, 3))
+            save()
+        if "memory" in only and not smoke:  # a process per point, minutes each at width 4096
+            res["memory"] = memory(work, [int(w) for w in args.memory_widths.split(",")],
+                                   [int(m) for m in args.memory_mib.split(",")],
+                                   args.memory_regimes.split(","), args.memory_codecs.split(","), args.memory_before)
             save()
         if "rss_growth" in only and not smoke:
             res["rss_growth"] = rss_growth(src, work, device, 32 if smoke else 128, 4 if smoke else 16,

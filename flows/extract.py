@@ -12,6 +12,7 @@ from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
 from actcache.progress import Progress, Window
+from actcache.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from tasks.compress import compress
 from tasks.extract import extract
 from tasks.manifest import progress_key, sets_message, summarize, write_manifest
@@ -19,8 +20,6 @@ from tasks.plan import plan_extraction, recheck, skip_cached
 from tasks.tokenize import tokenize
 from tasks.upload import upload
 
-# Shards compressed/uploaded while the next one is extracted: bounds memory to a few shards.
-IN_FLIGHT = 2
 # Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
 ROUNDS = 3
 

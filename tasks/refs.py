@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ActivationsRef:
-    """Activations + tokens of one shard, held in the process-local hand-off."""
+    """One shard's filled ``ShardFile`` (activations + tokens), held in the process-local hand-off."""
 
     handle: str
     hook: str
@@ -18,7 +18,7 @@ class ActivationsRef:
 
 @dataclass(frozen=True)
 class PackedRef:
-    """Encoded shard bytes in the hand-off, with what the completion record needs."""
+    """The shard's stored bytes (a ``shardfile.Payload``) in the hand-off, with what the completion record needs."""
 
     handle: str
     hook: str

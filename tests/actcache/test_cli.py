@@ -68,6 +68,8 @@ CASES = [
     ("--dataset", _other_column, "its columns are ['body', 'id']"),
     ("--max-tokens", "10", "below one context"),
     ("--max-tokens", "lots", "invalid int value"),
+    ("--shard-bytes", "4096 --shard-tokens 0", "--shard-bytes must be at least 1 MiB"),
+    ("--batch-size", "-1", "--batch-size must be at least 1 (or 0: automatic)"),
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),
@@ -137,7 +139,7 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     for choices in ("[choices: float32, float16, bfloat16]", "[choices: none, zstd, shuffle-zstd]",
                     "[choices: eos, bos, none]"):
         assert choices in text
-    assert "keeps that under 2% at 100k tokens/s" in text and "[default: 262144]" in text  # a '%' renders
+    assert "about 2% of the ~1.7 s" in text and "[default: 268435456]" in text  # a '%' renders
     assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
     import dataclasses
 

@@ -116,7 +116,11 @@ def test_existing_set_ids_do_not_change(tmp_path):
     from actcache.config import ExtractConfig
 
     assert (_key().id, _key().tokens.id) == ("55e28e42db2a60d02a288ae1", "tf8f381288dc1830f0a5d59ec")
-    ids = {hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu"), load_model=False).sets[0].set_id
+    # The demo with the default of its time, 2^18 tokens per shard (shards are sized by bytes by default since
+    # then): passing it reaches the same sets.
+    old_default = {"shard_tokens": 1 << 18}
+    ids = {hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu", **old_default),
+                           load_model=False).sets[0].set_id
            for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")}  # the demo: hf-sdpa and bridge engines
     assert ids == {"blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
                    "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4"}

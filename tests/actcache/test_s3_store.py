@@ -64,6 +64,43 @@ def test_large_object_goes_up_in_parts_and_completes(s3_server, s3_env):
     assert "-" not in c.head_object(Bucket=s3_server.bucket, Key=f"{prefix}/small.bin")["ETag"]
 
 
+def test_a_buffer_goes_up_in_parts_without_a_whole_copy(s3_server, s3_env, monkeypatch):
+    """A shard's buffer (a memoryview) is uploaded part by part: no part is ever bigger than part_size, the object
+    is the buffer's bytes, and a failure part-way completes nothing."""
+    import numpy as np
+
+    from actcache import store as store_mod
+
+    url = s3_server.new_prefix()
+    store = Store(url)
+    store.part_size = 5 << 20
+    buf = np.frombuffer(os.urandom((11 << 20) + 3), np.uint8).copy()
+    sliced = []
+    real = store_mod._Parts.__getitem__
+
+    def spy(self, part):
+        sliced.append(part.stop - part.start)
+        return real(self, part)
+
+    monkeypatch.setattr(store_mod._Parts, "__getitem__", spy)
+    store.write_bytes("set/big.bin", memoryview(buf))
+    assert store.read_bytes("set/big.bin") == buf.tobytes()
+    assert max(sliced) == store.part_size and len(sliced) == 3
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    c = s3_server.client()
+
+    def broken(self, part):
+        if part.start:
+            raise ConnectionResetError("the endpoint went away")
+        return real(self, part)
+
+    monkeypatch.setattr(store_mod._Parts, "__getitem__", broken)
+    with pytest.raises((StoreUnavailable, ConnectionResetError)):
+        store.write_bytes("set/half.bin", memoryview(buf))
+    assert "half.bin" not in store.listing("set")
+    assert not c.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads")
+
+
 def test_unfinished_multipart_upload_is_invisible(s3_server, s3_env):
     """What an upload killed mid-way leaves behind: parts, but no object and so nothing counted as done."""
     url = s3_server.new_prefix()

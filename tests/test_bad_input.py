@@ -117,7 +117,7 @@ def test_deployment_parameters(params, expected):
     assert expected in str(e.value)
 
 
-def test_bad_partition_fails_the_run_in_one_line(base_config):
+def test_bad_partition_fails_the_run_in_one_line(base_config, prefect_console):
     from flows.extract import extract_activations
 
     state = extract_activations(base_config, partition_index=4, num_partitions=4, return_state=True)
@@ -125,6 +125,8 @@ def test_bad_partition_fails_the_run_in_one_line(base_config):
     with pytest.raises(actcache.ActcacheError, match="partition 4 of 4 is invalid"):
         state.result()
     assert not Path(base_config.store).exists()
+    # Read here, so that this failed run's log (and its traceback) can never reach the next test's stderr.
+    assert "partition 4 of 4 is invalid" in prefect_console.readouterr().err
 
 
 # -- issue 12: bad input found deep inside the run: one line, exit 2, nothing written --------------------------

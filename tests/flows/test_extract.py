@@ -217,10 +217,19 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
     assert [a.data for a in progress] == [100.0]  # 2 hooks x 4 shards counted against 8, not 4
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "400"}  # no truncated keys
-    listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls", "--all"], env=env,
+    listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls"], env=env,
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert f"extraction-{set_ids[0]}" in listed.stdout
+    # `ls --all` sorts by key and fails on two unkeyed artifacts. Prefect's server makes one (key and type
+    # None) for each failed run's exception (other tests fail runs on this shared server); ours all have keys.
+    with get_client(sync_client=True) as client:
+        unkeyed = [a for a in client.read_artifacts() if a.key is None]
+    assert all(a.type is None and a.flow_run_id != run_id for a in unkeyed), unkeyed
+    if len(unkeyed) < 2:
+        listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls", "--all"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-2000:]
 
 
 # -- issue 12: runs of one set with different --max-tokens ---------------------------------------------------

@@ -463,14 +463,14 @@ class _Stub:
 
 @contextlib.contextmanager
 def stub_forward(rate: float | None, starts: list[float]):
-    import actcache.plan as ap  # where the extract task gets its forward pass (Plan.extractor)
+    import actcache.extraction as ax  # Plan.extractor imports extractor_for from here when it is called
 
-    real = ap.extractor_for
-    ap.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts, model.d_model)  # resid hooks only
+    real = ax.extractor_for
+    ax.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts, model.d_model)  # resid hooks only
     try:
         yield
     finally:
-        ap.extractor_for = real
+        ax.extractor_for = real
 
 
 def big_corpus(work: Path, repeat: int) -> Path:

@@ -152,6 +152,8 @@ def extract(*, config: Annotated[_Flags, Parameter(name="*")] = _Flags(), like: 
     check = like_mod.check(original, flags_given) if original else None
     result = api.extract_sets(cfg, check=check)
     for s in result:
+        if not s.shards_computed:  # answered from the store: say so, as the flow's plan says it in its log
+            print(f"{s.hook}: {s.shards_skipped} of {s.n_shards} shards already stored", file=sys.stderr)
         _warn_non_finite(StoreFlags(cfg.storage_options, cfg.aws_credentials_block).open_set(s.url))
     if json_output:
         _print_json({"sets": [s.to_json() for s in result]})

@@ -54,7 +54,7 @@ def describe_non_finite(m: dict[str, Any]) -> str | None:
 
 def build(key: SetKey, provenance: dict[str, Any], recs: list[records.Record], *, target_seqs: int,
           previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     n_tokens = sum(r.n_tokens for r in recs)
     hook_shape = provenance.get("hook_shape") or (recs[0].extra.get("hook_shape") if recs else None)
     d = 1

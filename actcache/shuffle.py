@@ -335,7 +335,7 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
     if len(recs) != len(size):
         raise ActcacheError(f"{len(size) - len(recs)} shards of {job.out.url_of(sid)} vanished while it was "
                             "written; rerun the same shuffle")
-    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     m = {
         "format_version": FORMAT_VERSION,
         "set_id": sid,

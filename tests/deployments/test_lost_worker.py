@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -177,7 +177,7 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
 
     os.kill(cluster.workers["control"].pid, signal.SIGKILL)  # the worker alone: the parent keeps running
     _signal(process_tree(cluster.workers["gpu1"].pid), signal.SIGKILL)  # the node: worker and flow-run process
-    killed_at = datetime.now(timezone.utc)
+    killed_at = datetime.now(UTC)
     t_kill = time.monotonic()
 
     def parent_final():

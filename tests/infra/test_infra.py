@@ -204,9 +204,9 @@ def test_every_image_tag_is_pinned_to_a_release():
 
 
 def test_pyproject_floors_are_what_the_pinned_stack_needs():
+    import tomllib
     from importlib import metadata
 
-    import tomllib
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version

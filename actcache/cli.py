@@ -55,6 +55,9 @@ app = App(
     version_format="plaintext",
 )
 
+FLAG_NAMES = {"rows_per_shard": "--shard-rows"}
+"""Fields that errors name (``errors.opt``) whose flag is not ``--`` + the field's name."""
+
 Json = Annotated[bool, Parameter(name="--json", negative=(),
                                  help="Print one JSON document on stdout (field names: README, 'Scripting').")]
 
@@ -426,11 +429,13 @@ def shuffle(set_url: str, /, *, seed: int = 0, out: str | None = None, shard_row
     from actcache.shuffle import shuffle_set
 
     options = exclude.options()
+    source = flags.ref(set_url)
+    target = None  # the source's store, with its options
+    if out is not None or out_storage_options or out_aws_credentials_block:
+        target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
     progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
-    result = shuffle_set(set_url, out=out, seed=seed, rows_per_shard=shard_rows, **options, bucket_rows=bucket_rows,
-                         jobs=jobs, storage_options=flags.storage_options,
-                         credentials_block=flags.aws_credentials_block, out_storage_options=out_storage_options or {},
-                         out_credentials_block=out_aws_credentials_block, on_step=lambda _: progress.update())
+    result = shuffle_set(source, out=target, seed=seed, rows_per_shard=shard_rows, **options, bucket_rows=bucket_rows,
+                         jobs=jobs, on_step=lambda _: progress.update())
     progress.close()
     state = "already complete" if result.skipped else "written"
     print(f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
@@ -459,8 +464,7 @@ def export(set_url: str, out: str, /, *, format: Literal["saelens", "hf"], exclu
 
     options = exclude.options()
     progress = tqdm(unit="shard", desc="export", file=sys.stderr)
-    result = export_set(set_url, out, format=format, **options, storage_options=flags.storage_options,
-                        credentials_block=flags.aws_credentials_block, on_shard=lambda _: progress.update())
+    result = export_set(flags.ref(set_url), out, format=format, **options, on_shard=lambda _: progress.update())
     progress.close()
     print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
     print(result.path)
@@ -485,8 +489,7 @@ def push(set_url: str, repo_id: str, /, *, private: bool = False, revision: str 
     """
     from actcache.push import push_set
 
-    result = push_set(set_url, repo_id, private=private, revision=revision, storage_options=flags.storage_options,
-                      credentials_block=flags.aws_credentials_block)
+    result = push_set(flags.ref(set_url), repo_id, private=private, revision=revision)
     print(f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
           file=sys.stderr)
     print(result.url)
@@ -507,8 +510,7 @@ def stats(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = Sto
     from actcache import stats as stats_mod
 
     progress = tqdm(unit="shard", desc="stats", file=sys.stderr)
-    result = stats_mod.compute(set_url, flags.storage_options, credentials_block=flags.aws_credentials_block,
-                               on_shard=lambda _: progress.update())
+    result = stats_mod.compute(flags.ref(set_url), on_shard=lambda _: progress.update())
     progress.close()
     print(json.dumps(result, indent=1) if json_output else stats_mod.summary(result, len(result["mean"] or [])))
     return 0
@@ -551,12 +553,11 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
         Set URL: `<store>/<set_id>` (never a store, never a token cache).
     """
     from actcache import housekeeping, inventory
-    from actcache.reader import split_set_url
 
     if json_output and not yes:
         raise ActcacheError("--json cannot answer a confirmation prompt; add --yes")
-    store_url, name = split_set_url(set_url)
-    target = housekeeping.find_set(flags.store(store_url), name)
+    store, name = flags.ref(set_url).split()
+    target = housekeeping.find_set(store.open(), name)
     entry = inventory.describe_set(target.store, name)
     what = (f"{entry.state} set, {entry.model or '?'} {entry.hook or '?'}, "
             f"{'?' if entry.n_tokens is None else entry.n_tokens} tokens" if entry else "set")
@@ -678,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
         except (Exception, KeyboardInterrupt) as e:
-            code = errors.report(e, debug=errors.debug_requested())
+            code = errors.report(e, debug=errors.debug_requested(), flag_names=FLAG_NAMES)
             if errors.user_error(e) is None and errors.lost_api(e):
                 # Prefect's exit handlers would retry the dead API for seconds and log after our line.
                 sys.stdout.flush()

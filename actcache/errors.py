@@ -7,8 +7,10 @@ original cause (``raise ... from e``), including errors raised inside transforme
 
 A message names config fields with ``opt("context_size")``: it reads ``context_size`` where the config is
 what users write (Python, flow parameters, deployments) and ``--context-size`` on the command line
-(``ActcacheError.for_cli``). The raw message keeps the marks, so the error carries the fields it names
-(``fields``); a message that names its field in plain words (``unknown hook ...``) passes ``field=``.
+(``ActcacheError.for_cli``; a field whose flag is spelled otherwise, e.g. ``rows_per_shard`` as
+``--shard-rows``, is looked up in the CLI's ``flag_names``). The raw message keeps the marks, so the error
+carries the fields it names (``fields``); a message that names its field in plain words (``unknown hook ...``)
+passes ``field=``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 _OPT = re.compile(r"\{opt:([a-z_]+)(?:=([^{}]*))?\}")
@@ -31,18 +33,19 @@ def opt(field: str, value: Any = _UNSET) -> str:
     return f"{{opt:{field}}}" if value is _UNSET else f"{{opt:{field}={value!r}}}"
 
 
-def render(message: str, *, flags: bool = False) -> str:
-    """``message`` with its fields as config names (``prepend_bos=False``) or as flags (``--no-prepend-bos``)."""
+def render(message: str, *, flags: bool = False, flag_names: Mapping[str, str] | None = None) -> str:
+    """``message`` with its fields as config names (``prepend_bos=False``) or as flags (``--no-prepend-bos``;
+    ``flag_names`` maps a field to its flag where that is not ``--`` + the field's name)."""
 
     def one(m: re.Match) -> str:
         field, value = m.group(1), m.group(2)
         if not flags:
             return field if value is None else f"{field}={value}"
-        flag = "--" + field.replace("_", "-")
+        flag = (flag_names or {}).get(field) or "--" + field.replace("_", "-")
         if value is None or value == "True":
             return flag
         if value == "False":
-            return "--no-" + field.replace("_", "-")
+            return "--no-" + flag.removeprefix("--")
         return f"{flag} {value.strip(chr(39))}"
 
     return _OPT.sub(one, message)
@@ -73,8 +76,8 @@ class ActcacheError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
 
-    def for_cli(self) -> str:
-        return render(self.args[0], flags=True)
+    def for_cli(self, flag_names: Mapping[str, str] | None = None) -> str:
+        return render(self.args[0], flags=True, flag_names=flag_names)
 
 
 class Failure(ActcacheError):
@@ -111,7 +114,7 @@ def debugging(on: bool) -> Iterator[None]:
         _DEBUG[0] = before
 
 
-def report(exc: BaseException, *, debug: bool = False) -> int:
+def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, str] | None = None) -> int:
     """Print ``exc`` on stderr for a person on the command line (one line, fields as flags; the whole chain
     first when ``debug``); the exit code."""
     if debug:
@@ -121,7 +124,7 @@ def report(exc: BaseException, *, debug: bool = False) -> int:
         return 130
     err = user_error(exc)
     if err is not None:
-        print(f"actcache: error: {err.for_cli()}", file=sys.stderr)
+        print(f"actcache: error: {err.for_cli(flag_names)}", file=sys.stderr)
         return err.exit_code
     print(f"actcache: error: {unexpected(exc)}", file=sys.stderr)
     return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 
 SPECIAL_FIELDS = ("bos_id", "eos_id", "pad_id", "separator_id")
 
@@ -24,24 +24,24 @@ def parse_ids(text: str) -> list[int]:
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ActcacheError(f"--exclude-ids takes comma-separated token ids, got {text!r}") from None
+        raise ActcacheError(f"{opt('exclude_ids')} takes comma-separated token ids, got {text!r}") from None
 
 
 def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Iterable[int] = (),
-              option: str = "--exclude-ids") -> tuple[int, ...]:
+              option: str = "exclude_ids") -> tuple[int, ...]:
     """The sorted ids to exclude: the set's special tokens if ``special``, plus ``ids`` (each checked; errors
-    name ``option``, where the ids came from)."""
+    name the field ``option``, where the ids came from)."""
     tokenization = manifest.get("tokenization") or {}
     vocab = tokenization.get("vocab_size")
     out = set(special_ids(tokenization)) if special else set()
     for i in ids:
         if type(i) is not int:
-            raise ActcacheError(f"{option} takes integer token ids, got {i!r}")
+            raise ActcacheError(f"{opt(option)} takes integer token ids, got {i!r}")
         if i < 0 or (type(vocab) is int and i >= vocab):
             bound = f"0..{vocab - 1}" if type(vocab) is int else "non-negative"
             raise ActcacheError(f"token id {i!r} is outside the vocabulary of this set's tokenizer ({bound}); "
-                                f"fix {option}")
+                                f"fix {opt(option)}")
         out.add(i)
     if special and not out:
-        raise ActcacheError(f"this set's manifest records no special token ids; pass {option} instead")
+        raise ActcacheError(f"this set's manifest records no special token ids; pass {opt(option)} instead")
     return tuple(sorted(out))

@@ -21,14 +21,14 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.exclude import token_ids
 from actcache.reader import Shard, open_set
+from actcache.store import StoreRef
 
 FORMATS = ("saelens", "hf")
 _PIECE_BYTES = 256 << 20
@@ -117,28 +117,30 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
     shutil.rmtree(pieces_dir)
 
 
-def export_set(src: str, out: str, *, format: str, exclude_special: bool = False, exclude_ids: Sequence[int] = (),
-               storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
-               on_shard: Callable[[int], None] | None = None) -> ExportResult:
-    """Write the set at ``src`` as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
+def export_set(src: str | StoreRef, out: str, *, format: str, exclude_special: bool = False,
+               exclude_ids: Sequence[int] = (), on_shard: Callable[[int], None] | None = None) -> ExportResult:
+    """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
+    block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
     if format not in FORMATS:
-        raise ActcacheError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+        raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
     target = Path(out)
     if target.exists():
         raise ActcacheError(f"{out} already exists; export into a new folder (or delete it first)")
     if not target.parent.is_dir():
-        raise ActcacheError(f"{target.parent} is not a directory; create it or choose another OUT")
-    s = open_set(src, storage_options, credentials_block=credentials_block)
+        raise ActcacheError(f"{target.parent} is not a directory; create it or export elsewhere")
+    s = open_set(src)
     m = s.manifest
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
     rows_layout = s.layout == "rows"
     if format == "saelens" and rows_layout:
         raise ActcacheError(f"{s.url} is a shuffled (rows) set: SAELens reads whole sequences; export its source "
-                            f"({m['source']['set_id']}) with --format saelens, or this set with --format hf")
+                            f"({m['source']['set_id']}) with {opt('format', 'saelens')}, or this set with "
+                            f"{opt('format', 'hf')}")
     if format == "saelens" and exclude:
-        raise ActcacheError("--format saelens keeps whole sequences (Array2D(context_size, d) per row), so rows "
-                            "cannot be left out here; SAELens leaves them out itself from the exported token_ids: "
-                            "set exclude_special_tokens=True (or a list of ids) in its LanguageModelSAERunnerConfig")
+        raise ActcacheError(f"{opt('format', 'saelens')} keeps whole sequences (Array2D(context_size, d) per row), "
+                            "so rows cannot be left out here; SAELens leaves them out itself from the exported "
+                            "token_ids: set exclude_special_tokens=True (or a list of ids) in its "
+                            "LanguageModelSAERunnerConfig")
     ctx = m["tokenization"]["context_size"] if rows_layout else m["key"]["tokens"]["context_size"]
     dtype = _EXPORT_DTYPES[m["dtype"]]
     features = _features(format, m["hook"], ctx, m["d"], dtype)

@@ -27,13 +27,11 @@ NOT_RECORDED = frozenset({"store", "storage_options", "aws_credentials_block", "
 
 def read_manifest(url: str, storage_options: dict[str, Any], credentials_block: str | None) -> dict[str, Any]:
     """The manifest of the set at ``url`` (the options of --store apply where the set is on the same kind of store)."""
-    from actcache.reader import split_set_url
-    from actcache.store import Store
+    from actcache.store import StoreRef
 
-    store_url, set_id = split_set_url(url)
-    s3 = store_url.startswith(("s3://", "s3a://"))
-    store = Store(store_url, storage_options, credentials_block=credentials_block if s3 else None)
-    return manifest.read(store, set_id)
+    s3 = url.startswith(("s3://", "s3a://"))
+    store, set_id = StoreRef(url, storage_options, credentials_block if s3 else None).split()
+    return manifest.read(store.open(), set_id)
 
 
 def settings(m: dict[str, Any]) -> dict[str, Any]:

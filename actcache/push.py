@@ -16,12 +16,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from actcache import layout, records
 from actcache.errors import ActcacheError
 from actcache.reader import ActivationSet, open_set
-from actcache.store import JSON_LIMIT
+from actcache.store import JSON_LIMIT, StoreRef
 
 
 @dataclass(frozen=True)
@@ -144,15 +143,15 @@ def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
     return body, last
 
 
-def push_set(src: str, repo_id: str, *, private: bool = False, revision: str | None = None,
-             storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
+def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revision: str | None = None,
              commit_bytes: int = 1 << 30, commit_files: int = 200,
              on_commit: Callable[[int], None] | None = None) -> PushResult:
-    """Upload the set at ``src`` to the dataset repo ``repo_id`` (created if missing), at ``revision``."""
+    """Upload the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
+    block) to the dataset repo ``repo_id`` (created if missing), at ``revision``."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    s = open_set(src, storage_options, credentials_block=credentials_block)
+    s = open_set(src)
     body, last = _files(s, repo_id)
     api = HfApi()
     action = "creating"

@@ -21,15 +21,6 @@ LAYOUTS = ("sequences", "rows")
 shuffled copy), each with the flat index of its row in the source set."""
 
 
-def split_set_url(url: str) -> tuple[str, str]:
-    """``<store>/<set_id>`` -> (store URL, set id)."""
-    url = url.rstrip("/")
-    if "/" not in url:
-        return ".", url
-    store, set_id = url.rsplit("/", 1)
-    return store or "/", set_id
-
-
 @dataclass(frozen=True)
 class Shard:
     index: int

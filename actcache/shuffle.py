@@ -36,12 +36,12 @@ import numpy as np
 import torch
 
 from actcache import faults, layout, manifest, moments, records, shard
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, opt
 from actcache.exclude import token_ids
 from actcache.key import FORMAT_VERSION, ShuffleKey
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
-from actcache.store import Store
+from actcache.store import Store, StoreRef
 
 DEFAULT_BUCKET_ROWS = 1 << 20
 _NOT_PROVENANCE = ("shards", "stats", "moments", "created_at", "updated_at")
@@ -229,31 +229,28 @@ class _Writer:
         self.job.step("shard")
 
 
-def shuffle_set(src: str, *, out: str | None = None, seed: int = 0, rows_per_shard: int | None = None,
-                exclude_special: bool = False, exclude_ids: Sequence[int] = (),
+def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed: int = 0,
+                rows_per_shard: int | None = None, exclude_special: bool = False, exclude_ids: Sequence[int] = (),
                 bucket_rows: int = DEFAULT_BUCKET_ROWS, jobs: int = 8,
-                storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
-                out_storage_options: dict[str, Any] | None = None, out_credentials_block: str | None = None,
                 on_step: Callable[[str], None] | None = None) -> ShuffleResult:
     """Write (or find) the globally shuffled copy of the set at ``src`` in the store ``out`` (default: the
-    source's). Rows whose token is special (``exclude_special``) or in ``exclude_ids`` are left out."""
+    source's). Rows whose token is special (``exclude_special``) or in ``exclude_ids`` are left out.
+
+    ``src`` and ``out`` are URLs, or ``StoreRef``s where a store needs options or a credentials block."""
     if not 0 <= seed < 1 << 64:
-        raise ActcacheError(f"--seed must be between 0 and 2^64 - 1, got {seed}")
-    for name, v in (("--bucket-rows", bucket_rows), ("--jobs", jobs), ("--shard-rows", rows_per_shard or 1)):
+        raise ActcacheError(f"{opt('seed')} must be between 0 and 2^64 - 1, got {seed}")
+    for name, v in (("bucket_rows", bucket_rows), ("jobs", jobs), ("rows_per_shard", rows_per_shard or 1)):
         if v < 1:
-            raise ActcacheError(f"{name} must be at least 1, got {v}")
-    source = open_set(src, storage_options, credentials_block=credentials_block)
+            raise ActcacheError(f"{opt(name)} must be at least 1, got {v}")
+    source = open_set(src)
     m = source.manifest
     if m.get("layout") == "rows":
         raise ActcacheError(f"{source.url} is already a shuffled set; shuffle its source "
-                            f"({m['source']['set_id']}) with another --seed instead")
+                            f"({m['source']['set_id']}) with another {opt('seed')} instead")
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
     key = ShuffleKey(source=source.set_id, source_shards=records.digest(source.records), seed=seed,
                      rows_per_shard=rows_per_shard or m["shard_tokens"], exclude=exclude)
-    if out is None and not out_storage_options and not out_credentials_block:
-        target = source.store
-    else:
-        target = Store(out or source.store.url, out_storage_options, credentials_block=out_credentials_block)
+    target = source.store if out is None else StoreRef.of(out).open()
     target.check_writable()
     job = _Job(source, target, key, bucket_rows, jobs, on_step)
     sid = key.id

@@ -13,6 +13,7 @@ from typing import Any
 from actcache import manifest, moments
 from actcache.reader import ActivationSet, open_set
 from actcache.records import Record
+from actcache.store import StoreRef
 
 
 def full_size(m: dict[str, Any]) -> int:
@@ -25,10 +26,11 @@ def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
     return moments.of(s.read(r, verify=True).activations)
 
 
-def compute(url: str, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None,
-            on_shard=None) -> dict[str, Any]:
-    """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing."""
-    s = open_set(url, storage_options, credentials_block=credentials_block)
+def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
+    """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing.
+
+    ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
+    s = open_set(src)
     m = s.manifest
     if isinstance(m.get("stats"), dict):
         return m["stats"]

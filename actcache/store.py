@@ -97,6 +97,12 @@ class StoreRef:
             return where
         return cls(where, dict(storage_options or {}), credentials_block)
 
+    def __repr__(self) -> str:
+        # Option values may hold credentials (s3fs takes key=/secret=): only their names are shown.
+        names = ", ".join(sorted(map(str, self.storage_options)))
+        return (f"StoreRef({self.url!r}, storage_options=<{names or 'none'}>, "
+                f"credentials_block={self.credentials_block!r})")
+
     def open(self) -> Store:
         return Store(self.url, self.storage_options, credentials_block=self.credentials_block)
 

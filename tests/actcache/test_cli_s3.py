@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,36 @@ def test_no_credentials_anywhere(s3_server, tmp_path):
 def test_credentials_block_for_a_local_store_is_refused(tmp_path):
     line = one_line_error(actcache("ls", str(tmp_path), "--aws-credentials-block", "x", env={}, tmp_path=tmp_path))
     assert "applies to s3:// stores" in line
+
+
+def test_a_credential_in_storage_options_appears_in_no_error(extracted_set, s3_server, s3_env, tmp_path, capsys):
+    """shuffle, export, push and stats take the store as one StoreRef: a secret passed in --storage-options
+    (wrong, so access is denied; or right, for a set that is not there) shows in no error line or traceback."""
+    import json
+
+    from actcache import cli
+    from actcache.shuffle import shuffle_set
+    from actcache.store import StoreRef
+
+    key, right = s3_server.keys["writer"]
+    wrong = "wrong-options-secret-Kd83Pq0Zx"
+    on_s3 = f"{s3_server.new_prefix()}/{Path(extracted_set).name}"
+    texts = []
+    for secret in (wrong, right):
+        opts = json.dumps({"key": key, "secret": secret})
+        for argv in (["shuffle", on_s3, "--storage-options", opts],
+                     ["shuffle", extracted_set, "--out", s3_server.new_prefix(), "--out-storage-options", opts],
+                     ["export", on_s3, str(tmp_path / "exported"), "--format", "hf", "--storage-options", opts],
+                     ["push", on_s3, "user/repo", "--storage-options", opts],
+                     ["stats", on_s3, "--storage-options", opts]):
+            if argv[1] == extracted_set and secret == right:
+                continue  # would succeed: no error to look at
+            code = cli.main([*argv, "--debug"])  # --debug: the whole chain of causes is printed too
+            out = capsys.readouterr()
+            assert code in (1, 2) and out.err.strip().splitlines()[-1].startswith("actcache: error: "), out.err
+            assert ("rejected the credentials" if secret == wrong else "no activation set") in out.err, out.err
+            texts += [out.out, out.err]
+    with pytest.raises(Exception) as e:  # the Python API, as a training script calls it
+        shuffle_set(StoreRef(on_s3, {"key": key, "secret": wrong}))
+    texts += [str(e.value), repr(e.value), "".join(traceback.format_exception(e.value))]
+    assert texts and not [t for t in texts if wrong in t or right in t]

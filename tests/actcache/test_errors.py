@@ -25,6 +25,16 @@ def test_fields_read_as_fields_and_render_as_flags():
     assert back.fields == ["hook"] and str(back) == back.for_cli() == "unknown hook 'x'"
 
 
+def test_a_field_whose_flag_is_spelled_otherwise_renders_as_that_flag(capsys):
+    e = ActcacheError(f"{opt('rows_per_shard')} must be at least 1; or {opt('prepend_bos', False)}")
+    assert str(e) == "rows_per_shard must be at least 1; or prepend_bos=False"
+    names = {"rows_per_shard": "--shard-rows", "prepend_bos": "--bos"}
+    assert e.for_cli(names) == "--shard-rows must be at least 1; or --no-bos"
+    assert e.for_cli() == "--rows-per-shard must be at least 1; or --no-prepend-bos"
+    assert errors.report(e, flag_names=names) == 2
+    assert capsys.readouterr().err.strip() == "actcache: error: --shard-rows must be at least 1; or --no-bos"
+
+
 def test_a_bad_config_names_its_field():
     with pytest.raises(ActcacheError) as e:
         ExtractConfig(max_tokens=10)

@@ -123,12 +123,22 @@ def test_a_rerun_of_a_finished_shuffle_writes_nothing(source, tmp_path, capsys):
     (["--exclude-ids", "5,x"], "--exclude-ids takes comma-separated token ids"),
     (["--seed", "-1"], "--seed must be between 0 and 2^64 - 1"),
     (["--bucket-rows", "0"], "--bucket-rows must be at least 1"),
+    (["--shard-rows=-1"], "--shard-rows must be at least 1"),  # the field is rows_per_shard: cli.FLAG_NAMES
 ])
 def test_bad_input_is_one_line(source, tmp_path, capsys, args, message):
     assert cli.main(["shuffle", source["url"], "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_library_errors_name_the_parameter_not_the_flag(source, tmp_path):
+    for kwargs, field in (({"rows_per_shard": -1}, "rows_per_shard"), ({"seed": -1}, "seed"),
+                          ({"exclude_ids": [-1]}, "exclude_ids")):
+        with pytest.raises(ActcacheError) as e:
+            shuffle.shuffle_set(source["url"], out=str(tmp_path), **kwargs)
+        assert field in str(e.value) and "--" not in str(e.value) and e.value.fields == [field]
+    assert not list(tmp_path.iterdir())
 
 
 def test_ids_beyond_a_recorded_vocabulary_are_refused(source, tmp_path, capsys):
@@ -208,3 +218,4 @@ def test_kill_then_rerun_gives_the_same_set(crash_args, reference, tmp_path, poi
     rerun = _run([*crash_args, "--out", str(tmp_path)])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert local_tree(tmp_path) == reference, "no temp file, no spill file, every byte the same"
+

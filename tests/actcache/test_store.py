@@ -108,6 +108,16 @@ def test_store_ref_is_one_picklable_value_that_opens_the_store(tmp_path):
         StoreRef.of(ref, {"anon": True})
 
 
+def test_store_ref_repr_names_options_but_never_shows_their_values():
+    from actcache.store import StoreRef
+
+    ref = StoreRef("s3://b/p", {"secret": "S3cr3t-Value-91", "endpoint_url": "http://h:1"}, "blk")
+    for text in (repr(ref), repr(ref.child("x")), str(ref.split()), repr([ref])):
+        assert "S3cr3t-Value-91" not in text and "http://h:1" not in text
+    assert repr(ref) == "StoreRef('s3://b/p', storage_options=<endpoint_url, secret>, credentials_block='blk')"
+    assert repr(StoreRef(".")) == "StoreRef('.', storage_options=<none>, credentials_block=None)"
+
+
 # -- issue 12: readers open only regular files inside the store, and read at most what they expect -----------
 def _read_in_thread(fn):
     """Run ``fn`` in a thread and give back its outcome; a read that blocks (a FIFO) fails instead of hanging."""

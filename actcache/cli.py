@@ -58,6 +58,20 @@ app = App(
 FLAG_NAMES = {"rows_per_shard": "--shard-rows"}
 """Fields that errors name (``errors.opt``) whose flag is not ``--`` + the field's name."""
 
+@app.meta.default
+def _global_flags(*tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
+                  debug: Annotated[bool, Parameter(negative=())] = False) -> None:
+    """Never called: it lists the flags every command takes in every option table (cyclopts shows a meta app's
+    parameters under each command's help). ``main`` takes them out of the line before parsing.
+
+    Parameters
+    ----------
+    debug
+        Print the whole chain of causes (tracebacks) before the one-line error; accepted anywhere before `--`. Also:
+        ACTCACHE_TRACEBACK=1.
+    """
+
+
 Json = Annotated[bool, Parameter(name="--json", negative=(),
                                  help="Print one JSON document on stdout (field names: README, 'Scripting').")]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,8 +125,9 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     from actcache.cli import app
 
     assert main(["--help"]) == 0
-    top = " ".join(capsys.readouterr().out.split())
+    top = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "Exit codes: 0 success; 1 failure" in top and "2 bad input" in top
+    assert re.search(r"Parameters ─+╮ --debug Print the whole chain of causes", top), top  # the table, not the epilogue
     for command in ("extract", "ls", "show", "verify", "diff", "cp", "hooks", "rm", "gc", "shuffle", "export", "push",
                     "stats"):
         assert command in app and f" {command} " in top
@@ -134,6 +136,7 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
         assert text.startswith(f"Usage: actcache {command}"), text[:200]
         if command in ("ls", "show", "verify", "diff", "rm", "gc", "stats"):
             assert "--json" in text, command
+        assert "--debug Print the whole chain of causes" in text, command  # in the option table, with its help
     assert main(["extract", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())
     for choices in ("[choices: float32, float16, bfloat16]", "[choices: none, zstd, shuffle-zstd]",

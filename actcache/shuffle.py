@@ -131,7 +131,8 @@ class _Job:
             self.on_step(what)
 
     # pass 1
-    def spill(self, r: Record, n_buckets: int) -> None:
+    def spill(self, r: Record, n_buckets: int) -> dict[str, Any]:
+        """Write source shard ``r``'s spill file, then its sealed record (returned)."""
         m = self.src.manifest
         tk = m["key"]["tokens"]
         sh = self.src.read(r, verify=True)
@@ -150,11 +151,13 @@ class _Job:
         starts = _data_starts(enc.data)
         self.out.write_bytes(f"{self.sid}/{layout.spill_file(r.index)}", enc.data)
         faults.point("shuffle.spill-written")
-        self.out.write_json(f"{self.sid}/{layout.spill_record(r.index)}", {
+        record = records.sealed({
             "index": r.index, "rows": len(keys), "excluded": r.n_tokens - len(keys), "buckets": n_buckets,
-            "counts": counts.tolist(), "bytes": len(enc.data), "row_bytes": rows.shape[1],
+            "counts": counts.tolist(), "bytes": len(enc.data), "sha256": enc.sha256, "row_bytes": rows.shape[1],
             "keys_at": starts["keys"], "rows_at": starts["rows"]})
+        self.out.write_json(f"{self.sid}/{layout.spill_record(r.index)}", record)
         faults.point("shuffle.spill-recorded")
+        return record
 
     # pass 2
     def gather(self, spills: list[dict], b: int, starts: np.ndarray, counts: np.ndarray, emit) -> None:
@@ -270,9 +273,8 @@ def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed:
         max(1, min(1 << 31, math.ceil(2 * source.n_tokens / bucket_rows)))
     for r in source.records:
         if r.index not in spills:
-            job.spill(r, n_buckets)
+            spills[r.index] = job.spill(r, n_buckets)
             job.step("spill")
-    spills = _spill_records(target, sid, records.scan(target, sid, layout.MANIFEST))
     ordered = [spills[r.index] for r in source.records]
     if any(s["buckets"] != n_buckets for s in ordered):
         raise ActcacheError(f"the spill files of {target.url_of(sid)} disagree on their bucket count; delete "
@@ -309,16 +311,27 @@ def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed:
 
 
 def _spill_records(store: Store, sid: str, scan: records.Scan) -> dict[int, dict]:
-    """Spill records whose spill file is in place with its recorded size."""
+    """The spill records an earlier (interrupted) run left that can be trusted: sealed, and their spill file in
+    place with the recorded size and sha256.
+
+    A damaged spill (a record edited or rotted, a file whose bytes changed) counts as absent: that source shard is
+    spilled again from its verified bytes, as a cache recomputes what it cannot trust, rather than failing with
+    ``DamagedFile`` and leaving the user to delete a temporary file by hand. Every reused spill file is re-hashed
+    (whatever its mtime: bit rot changes none): it costs one read of what is reused, only on a rerun after a crash.
+    """
     out = {}
     for rel in scan.entries:
         i = layout.parse_spill_record(rel)
         if i is None:
             continue
         try:
-            s = store.read_json(f"{sid}/{rel}")
+            s = records.check_sealed(store.read_json(f"{sid}/{rel}", limit=records.RECORD_LIMIT), rel)
             entry = scan.entries.get(layout.spill_file(i))
-            if s["index"] == i and entry is not None and entry.size == s["bytes"] and sum(s["counts"]) == s["rows"]:
+            if records.SEAL not in s or s["index"] != i or entry is None or entry.size != s["bytes"] \
+                    or sum(s["counts"]) != s["rows"]:
+                continue  # unsealed (written before spills were sealed), another shard's, or incomplete
+            spill = Record(i, layout.spill_file(i), 0, 0, s["sha256"], s["bytes"])
+            if records.hash_matches(store, sid, spill):
                 out[i] = s
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             continue  # damaged: that source shard is spilled again

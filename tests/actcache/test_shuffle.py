@@ -219,3 +219,27 @@ def test_kill_then_rerun_gives_the_same_set(crash_args, reference, tmp_path, poi
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert local_tree(tmp_path) == reference, "no temp file, no spill file, every byte the same"
 
+
+def test_a_damaged_spill_is_spilled_again(crash_args, reference, tmp_path):
+    """A rerun after a crash reuses a spill only if its record's seal and its file's sha256 hold: an edited record
+    (plausible: same row total) and a spill file rotted in place (same size, mtime set back) are spilled again,
+    and the set has the bytes of an uninterrupted run."""
+    killed = _run([*crash_args, "--out", str(tmp_path)], "shuffle.shard-written:1")  # every spill recorded
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    spill = next(tmp_path.glob(f"*/{layout.SPILL}"))
+    edited = spill / Path(layout.spill_record(0)).name
+    r = json.loads(edited.read_text())
+    b = next(i for i, c in enumerate(r["counts"][:-1]) if c)
+    r["counts"][b] -= 1  # one row moved to the next bucket: the old checks (size, row total) still pass
+    r["counts"][b + 1] += 1
+    edited.write_text(json.dumps(r))
+    rotted = spill / Path(layout.spill_file(1)).name
+    rows_at = json.loads((spill / Path(layout.spill_record(1)).name).read_text())["rows_at"]
+    before = rotted.stat()
+    data = bytearray(rotted.read_bytes())
+    data[rows_at + 1] ^= 0xFF  # a byte of the first row's activations
+    rotted.write_bytes(bytes(data))
+    os.utime(rotted, ns=(before.st_atime_ns, before.st_mtime_ns))
+    rerun = _run([*crash_args, "--out", str(tmp_path)])
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert local_tree(tmp_path) == reference

@@ -79,20 +79,22 @@ class ActivationSet:
     def n_tokens(self) -> int:
         return sum(r.n_tokens for r in self.records)
 
-    def expect(self, record: records.Record) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Each tensor's dtype and shape, from the key (dtype, context, at most seqs_per_shard sequences) and the
-        manifest's d (checked against its hook_shape, and by decoding against the shard's own header)."""
-        import torch  # here, not at the top: manifests, listings and checksums (ls, show, verify) need no torch
-
-        from actcache import shard
-
+    def tensor_specs(self, record: records.Record) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Each tensor's dtype (by name) and shape, from the key (dtype, context, at most seqs_per_shard
+        sequences) and the manifest's d (checked against its hook_shape, and against the shard's own header)."""
         if isinstance(self.key, ShuffleKey):  # "rows": manifest.read checked dtype and d (see _check_encoding)
             n = record.n_seq
-            return {"activations": (shard.TORCH_DTYPES[self.manifest["dtype"]], (n, self.manifest["d"])),
-                    "tokens": (torch.int32, (n,)), "positions": (torch.int64, (n,))}
+            return {"activations": (self.manifest["dtype"], (n, self.manifest["d"])),
+                    "tokens": ("int32", (n,)), "positions": ("int64", (n,))}
         ctx = self.key.tokens.context_size
-        return {"activations": (shard.TORCH_DTYPES[self.key.dtype], (record.n_seq, ctx, self.manifest["d"])),
-                "tokens": (torch.int32, (record.n_seq, ctx))}
+        return {"activations": (self.key.dtype, (record.n_seq, ctx, self.manifest["d"])),
+                "tokens": ("int32", (record.n_seq, ctx))}
+
+    def expect(self, record: records.Record) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``tensor_specs`` with torch dtypes, as decoding checks them."""
+        import torch  # here, not at the top: manifests, listings and checksums (ls, show, verify) need no torch
+
+        return {name: (getattr(torch, dtype), shape) for name, (dtype, shape) in self.tensor_specs(record).items()}
 
     def read(self, record: records.Record, *, verify: bool = False) -> Shard:
         """One shard. Its tensors are views of the bytes read, with no copy (of the file's pages, memory-mapped
@@ -174,7 +176,7 @@ class ActivationSet:
         """Every problem found (shards missing from the target, missing files, wrong size, bad checksum, damaged
         or missing records, damaged token shards, an engine other than the key's); empty when sound. Each says
         whether a plain rerun repairs it (see ``Problem``)."""
-        from actcache import shard  # the header check decodes with torch's dtypes
+        from actcache.safetensors_header import check_header  # no torch: verify starts in a fraction of a second
 
         problems: list[Problem] = []
         gone = self.missing()
@@ -212,7 +214,7 @@ class ActivationSet:
                         problem(f"{r.file} fails its sha256 checksum (corrupted)")
                     else:
                         try:  # what the manifest says shapes reading: the shard's own header must agree
-                            shard.check_header(data, codec=self.manifest["codec"], expect=self.expect(r))
+                            check_header(data, codec=self.manifest["codec"], expect=self.tensor_specs(r))
                         except ValueError as e:
                             problem(f"{r.file}: its safetensors header disagrees with manifest.json ({e})")
             rel = layout.record_file(r.index)

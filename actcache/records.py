@@ -74,20 +74,17 @@ class Bounds:
         return cls(getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size,
                    getattr(key, "dtype", None), d)
 
-    def expect(self, rec: Record) -> dict[str, tuple[Any, tuple[int, ...]]] | None:
-        """Each tensor's dtype and shape in ``rec``'s shard (None when the width of activations is unknown)."""
-        import torch
-
-        from actcache.shard import TORCH_DTYPES
-
+    def expect(self, rec: Record) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+        """Each tensor's dtype (by name: no torch needed) and shape in ``rec``'s shard (None when the width of
+        activations is unknown)."""
         if self.rows:
             return None
-        out = {"tokens": (torch.int32, (rec.n_seq, self.context_size))}
+        out = {"tokens": ("int32", (rec.n_seq, self.context_size))}
         if self.dtype is None:
             return out
         if self.d is None:
             return None
-        return {**out, "activations": (TORCH_DTYPES[self.dtype], (rec.n_seq, self.context_size, self.d))}
+        return {**out, "activations": (self.dtype, (rec.n_seq, self.context_size, self.d))}
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def records_of(entries: Any, bounds: Bounds | None = None) -> dict[int, Record]:
 def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = None) -> bool:
     """Whether the stored bytes of ``rec``'s shard have its size and sha256 (reading at most that size) and, with
     ``bounds``, a safetensors header that agrees with them (a record can vouch for a malformed shard)."""
-    from actcache import shard
+    from actcache.safetensors_header import check_header
 
     try:
         data = store.read_bytes(f"{root}/{rec.file}", size=rec.bytes)
@@ -157,7 +154,7 @@ def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = N
     expect = bounds.expect(rec) if bounds is not None else None
     if expect is not None:
         try:
-            shard.check_header(data, codec=bounds.codec, expect=expect)
+            check_header(data, codec=bounds.codec, expect=expect)
         except ValueError:
             return False
     return True

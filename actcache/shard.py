@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from actcache.safetensors_header import HEADER_ALLOWANCE, ITEMSIZE, check_entries, itemsize, parse, read_exact
+from actcache.safetensors_header import check_header as check_header  # lives there: verify checks without torch
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -70,7 +73,7 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
     elif bounded:
-        _check_header(_header(data, data[:8]), expect)
+        check_entries(parse(data, data[:8]), expect)
     return views(data, expect)
 
 
@@ -166,104 +169,28 @@ def check(tensors: dict[str, torch.Tensor], expect: dict[str, tuple[torch.dtype,
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
 
 
-def check_header(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
-    """Check shard bytes' safetensors header against ``expect`` without decoding (or decompressing) the data."""
-    if codec in ("zstd", "shuffle-zstd"):
-        import zstandard
-
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
-                head = _read_exact(reader, 8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else 0
-                head += _read_exact(reader, min(n, _HEADER_ALLOWANCE + 1))
-        except zstandard.ZstdError as e:
-            raise ValueError(f"not a valid zstd frame ({e})") from e
-        data = head
-    elif codec != "none":
-        raise ValueError(f"unknown codec {codec!r}")
-    _check_header(_header(data, data[:8]), expect)
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-              torch.int64: "I64"}  # "rows" sets store positions as int64
-
-
-def _header(data: bytes, head: bytes) -> dict:
-    """The safetensors header of a file starting with ``head`` (its 8-byte length) and held in ``data``."""
-    if len(head) < 8:
-        raise ValueError(f"safetensors header too small (the file has {len(data)} bytes)")
-    n = int.from_bytes(head[:8], "little")
-    if n > _HEADER_ALLOWANCE or 8 + n > len(data):
-        raise ValueError(f"safetensors header too large ({n} bytes)")
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (ValueError, RecursionError):
-        raise ValueError("safetensors header is invalid JSON") from None
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
-    return header
-
-
-def _check_header(header: dict, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]]) -> int:
-    """Check each tensor's dtype, shape and offsets against ``expect``; return the data bytes they fill."""
-    names = sorted(k for k in header if k != "__metadata__")
-    for name in expect:
-        if name not in header:
-            raise ValueError(f"shard has no tensor {name!r} (has {names})")
-    if names != sorted(expect):
-        raise ValueError(f"shard holds tensors {names}, expected {sorted(expect)}")
-    spans = []
-    for name, (dtype, shape) in expect.items():
-        h = header[name]
-        got = [h.get("dtype"), h.get("shape")] if isinstance(h, dict) else [None, None]
-        if got != [_ST_DTYPES.get(dtype), list(shape or [])]:
-            named = {v: k for k, v in _ST_DTYPES.items()}.get(got[0], got[0])
-            raise ValueError(f"shard tensor {name!r} is {named}{got[1]}, expected {dtype}{list(shape or [])}")
-        offsets = h.get("data_offsets")
-        size = dtype.itemsize * math.prod(shape or [])
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and offsets[1] - offsets[0] == size and offsets[0] >= 0):
-            raise ValueError(f"shard tensor {name!r} has data offsets {offsets!r} for {size} bytes")
-        spans.append(offsets)
-    spans.sort()
-    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:], strict=False)):
-        raise ValueError("shard tensors do not tile the data section")
-    return spans[-1][1]
-
-
-def _read_exact(reader, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        chunk = reader.read(n - got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
 def _decompress_bounded(data: bytes, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]]) -> bytes:
     """Decompress a shard's zstd frame header first: the header is checked against ``expect`` before the data,
     and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused)."""
     import zstandard
 
-    limit = 8 + _HEADER_ALLOWANCE + sum(dtype.itemsize * math.prod(shape or []) for dtype, shape in expect.values())
+    limit = 8 + HEADER_ALLOWANCE + sum(itemsize(dtype) * math.prod(shape or []) for dtype, shape in expect.values())
     try:
         declared = zstandard.frame_content_size(data)
         if declared > limit:  # -1 when the frame does not say
             raise ValueError(f"zstd frame declares {declared} bytes, more than the expected tensors fill ({limit})")
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
-            head = _read_exact(reader, 8)
+            head = read_exact(reader, 8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            if len(head) < 8 or n > _HEADER_ALLOWANCE:
+            if len(head) < 8 or n > HEADER_ALLOWANCE:
                 raise ValueError(f"safetensors header too large ({n} bytes)" if len(head) == 8 else
                                  "safetensors header too small")
-            head += _read_exact(reader, n)
-            body_size = _check_header(_header(head, head), expect)
+            head += read_exact(reader, n)
+            body_size = check_entries(parse(head, head), expect)
             total = len(head) + body_size
             if declared not in (-1, total):
                 raise ValueError(f"zstd frame declares {declared} bytes, the shard's header {total}")
-            out = head + _read_exact(reader, body_size)
+            out = head + read_exact(reader, body_size)
             if len(out) != total or reader.read(1):
                 raise ValueError(f"zstd frame does not hold exactly the {total} bytes its header promises")
     except zstandard.ZstdError as e:
@@ -278,29 +205,26 @@ def _decompress(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(data)
 
 
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
-
-
 def _split(raw: bytes) -> tuple[int, int]:
     """(offset where tensor data starts, element size of ``activations``) from a safetensors header."""
     if len(raw) < 8:
         raise ValueError("shard too short for a safetensors header")
     start = 8 + int.from_bytes(raw[:8], "little")
-    if start > len(raw) or start - 8 > _HEADER_ALLOWANCE:
+    if start > len(raw) or start - 8 > HEADER_ALLOWANCE:
         raise ValueError("safetensors header length out of range")
     try:
         header = json.loads(raw[8:start])
-        itemsize = _ITEMSIZE[header["activations"]["dtype"]]
+        width = ITEMSIZE[header["activations"]["dtype"]]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"shard header has no readable activations dtype ({type(e).__name__})") from None
-    return start, itemsize
+    return start, width
 
 
 def _transpose(raw: bytes, forward: bool) -> bytes:
-    start, itemsize = _split(raw)
+    start, width = _split(raw)
     body = np.frombuffer(raw, np.uint8, offset=start)
-    n = len(body) // itemsize * itemsize
-    shape = (-1, itemsize) if forward else (itemsize, -1)
+    n = len(body) // width * width
+    shape = (-1, width) if forward else (width, -1)
     return raw[:start] + body[:n].reshape(shape).T.tobytes() + body[n:].tobytes()
 
 
@@ -311,10 +235,6 @@ def shuffle(raw: bytes) -> bytes:
 
 def unshuffle(data: bytes) -> bytes:
     return _transpose(data, forward=False)
-
-
-_HEADER_ALLOWANCE = 1 << 20
-"""Bytes allowed for a safetensors header (names, shapes, offsets, metadata) on top of the tensor data."""
 
 
 STATS_CHUNK_BYTES = 1 << 20

@@ -285,3 +285,33 @@ def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(
     assert "incomplete: 2 of 4 shards missing (indices 0, 2)" in err and ", 2 of 4 shards missing;" in err
     extract_activations(base_config)
     assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out
+
+
+def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
+    """verify re-hashes every shard and checks its safetensors header against the manifest with JSON and sizes
+    alone: a fresh interpreter never imports torch (seconds of start-up), and a header that disagrees is found."""
+    import hashlib
+    import shutil
+
+    from actcache import layout, records
+
+    damaged = tmp_path / Path(extracted_set).name
+    shutil.copytree(extracted_set, damaged)
+    shard = damaged / layout.shard_file(0, "none")
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 : 8 + n].count(b'"F16"') == 1
+    data = data[: 8 + n].replace(b'"F16"', b'"I16"') + data[8 + n :]  # same length: only the dtype code differs
+    shard.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    for rel in (layout.MANIFEST, layout.record_file(0)):  # records that vouch for the edited bytes
+        doc = json.loads((damaged / rel).read_text())
+        entry = doc["shards"][0] if rel == layout.MANIFEST else doc
+        entry["sha256"] = sha
+        (damaged / rel).write_text(json.dumps(records.sealed(doc)))
+    code = ("import sys; from actcache.cli import main; rc = main(['verify', sys.argv[1]]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)")
+    for url, rc, says in ((extracted_set, 0, "OK: 4 shards"), (str(damaged), 1, "header disagrees")):
+        p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
+        assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr
+        assert says in p.stdout + p.stderr

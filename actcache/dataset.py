@@ -511,9 +511,6 @@ class ActivationDataset(IterableDataset):
         gathered from it in random order straight into their own memory. The rows left over that would make a
         partial batch move to the front and are shuffled again with the next fill."""
         cap = min(max(self.shuffle_buffer, self.batch_size), rows)
-        if self._direct():
-            yield from self._scattered(chunks, sizes, rows, cap, g)
-            return
         block = self._take_block(cap)
         try:
             yield from self._shuffle_through(block, cap, chunks, sizes, g)
@@ -558,8 +555,13 @@ class ActivationDataset(IterableDataset):
 
         for c in chunks:
             pos = 0
+            # Rows gathered to be cast or normalised are staged in ``tmp``, a batch at a time; any other piece goes
+            # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
+            # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
+            # floor in batch-sized steps, 0.75x in one).
+            step = self.batch_size if not self._direct() and not isinstance(c.rows, slice) else cap
             while pos < c.n:
-                k = min(cap - fill, c.n - pos, self.batch_size)  # in steps of a batch: ``tmp`` stays small
+                k = min(cap - fill, c.n - pos, step)
                 self._put(block["acts"][fill : fill + k], c, pos, pos + k, tmp)
                 for col in self._columns()[1:]:
                     c.copy(c.column(col), pos, pos + k, block[col][fill : fill + k])
@@ -569,71 +571,6 @@ class ActivationDataset(IterableDataset):
             del c  # the shard's memory goes now, not once the next one has arrived
         if fill:
             yield from drain(final=True)
-
-    def _scattered(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, cap: int, g: torch.Generator
-                   ) -> Iterator[Any]:
-        """``_shuffle_through`` for batches in the stored dtype (nothing to cast or normalise), with one copy of each
-        row instead of two: a fill's permutation is drawn when the fill starts (the generator draws nothing else,
-        so it is the permutation ``drain`` draws once the buffer is full), and each row goes straight from the
-        shard's bytes to its place among the fill's batches, which are views of one block. The rows left over
-        for the next fill and the fill's last batch are copied out (under one batch each), so that a consumer
-        holding the last batch while asking for the next does not keep the block alive."""
-        cols = self._columns()
-        sizes_left = deque(sizes)
-        left, carried = rows, None  # rows of the pieces not placed yet; rows carried over from the last fill
-        c, pos = None, 0
-        while sizes_left:
-            n_carried = 0 if carried is None else len(carried["acts"])
-            fill = min(cap, n_carried + left)
-            if not fill:
-                return
-            perm = torch.randperm(fill, generator=g)
-            take, at = [], 0
-            while sizes_left and fill - at >= sizes_left[0]:
-                take.append(sizes_left.popleft())
-                at += take[-1]
-            dest = torch.empty(fill, dtype=torch.int64)
-            dest[perm] = torch.arange(fill)  # slot -> row of the block: the batches' rows, then those carried on
-            block = self._new_batch(fill)
-            if carried is not None:
-                for col in cols:
-                    _scatter(block[col], dest[:n_carried], carried[col])
-            s = n_carried
-            while s < fill:
-                if c is None:
-                    c, pos = next(chunks), 0
-                k = min(fill - s, c.n - pos)
-                for col in cols:
-                    _scatter(block[col], dest[s : s + k], c.take(c.column(col), pos, pos + k))
-                s, pos, left = s + k, pos + k, left - k
-                if pos == c.n:
-                    c = None  # the shard's memory goes now, not once the next one has arrived
-            carried = None if not sizes_left else {col: block[col][at:].clone() for col in cols}
-            last = self._new_batch(take[-1]) if take else None
-            for col in cols if last else ():
-                last[col].copy_(block[col][at - take[-1] : at])
-            views, o = [], 0
-            for n in take[:-1]:
-                views.append({col: block[col][o : o + n] for col in cols})
-                o += n
-            del block
-            for batch in views:
-                yield self._finish(batch)
-            views = batch = None  # (the loop variable too: it would keep the block alive)
-            if last is not None:
-                yield self._finish(last)
-
-
-def _scatter(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[index] = src`` in one pass. Rows of a 2-d tensor are moved as 8-byte words where they allow it
-    (``index_copy_`` goes element by element: 4x fewer elements for float16 rows)."""
-    if dst.ndim == 2 and dst.itemsize < 8 and (dst.shape[1] * dst.itemsize) % 8 == 0 \
-            and dst.data_ptr() % 8 == 0 and src.data_ptr() % 8 == 0:
-        try:
-            dst, src = dst.view(torch.int64), src.view(torch.int64)
-        except RuntimeError:  # rows not laid out for it (view refuses): element by element
-            pass
-    dst.index_copy_(0, index, src)
 
 
 def _on_device(batches: Generator[Any, None, None], device: torch.device) -> Iterator[Any]:

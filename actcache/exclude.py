@@ -7,6 +7,7 @@ The special ids come from ``manifest["tokenization"]``: ``bos_id`` and ``separat
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 from actcache.errors import ActcacheError
@@ -31,7 +32,7 @@ def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Any = (),
               option: str = "--exclude-ids") -> tuple[int, ...]:
     """The sorted ids to exclude: the set's special tokens if ``special``, plus ``ids`` (each checked; errors
     name ``option``, where the ids came from). ``ids`` is anything integer-like a tokenizer or a tensor gives: an
-    int, a numpy integer, a 0-d or 1-d integer numpy array or torch tensor, or a list or tuple of those."""
+    int, a numpy integer, a 0-d or 1-d integer numpy array or torch tensor, or a list (any iterable) of those."""
     tokenization = manifest.get("tokenization") or {}
     vocab = tokenization.get("vocab_size")
     out = set(special_ids(tokenization)) if special else set()
@@ -63,15 +64,16 @@ def integers(ids: Any, option: str) -> list[int]:
 
 
 def _flat(ids: Any, option: str, *, top: bool) -> list[Any]:
-    """The scalars of ``ids``: arrays and tensors (of at most one dimension) become Python scalars, a list or tuple
-    (at the top) is taken element by element, anything else is one value."""
+    """The scalars of ``ids``: arrays and tensors (of at most one dimension) become Python scalars, an iterable
+    other than text (at the top: a list, tuple, set, generator) is taken element by element, anything else is
+    one value."""
     if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # numpy and torch, scalars and arrays alike
         if ids.ndim > 1:
             raise ActcacheError(f"{option} takes a flat list of token ids, got an array of shape "
                                 f"{tuple(ids.shape)}; flatten it first (e.g. ids.reshape(-1))")
         ids = ids.tolist()
         return ids if isinstance(ids, list) else [ids]
-    if top and isinstance(ids, list | tuple | range | set | frozenset):
+    if top and isinstance(ids, Iterable) and not isinstance(ids, str | bytes | bytearray):
         return [x for v in ids for x in _flat(v, option, top=False)]
     return [ids]
 

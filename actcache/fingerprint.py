@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 _LOCK = threading.Lock()
+# Entries kept per memo file: each new entry rewrites the whole file, so an unbounded one (a dataset of many
+# files, datasets that come and go) would grow without end and slow every write down with it.
+MAX_ENTRIES = 10_000
 
 
 def cache_dir() -> Path:
@@ -26,10 +29,21 @@ def _read(path: Path) -> dict:
         return {}
 
 
-def _remember(path: Path, key: str, value: Any) -> None:
+def _prune(memo: dict, stale: Callable[[str], bool] | None) -> dict:
+    """At most ``MAX_ENTRIES`` entries: stale ones go first, then the oldest written (JSON keeps their order)."""
+    if len(memo) <= MAX_ENTRIES:
+        return memo
+    if stale is not None:
+        memo = {k: v for k, v in memo.items() if not stale(k)}
+    return dict(list(memo.items())[-MAX_ENTRIES:])
+
+
+def _remember(path: Path, key: str, value: Any, stale: Callable[[str], bool] | None = None) -> None:
     with _LOCK:
         memo = _read(path)  # again, under the lock: another thread or process may have added entries
+        memo.pop(key, None)  # a rewritten entry counts as the newest
         memo[key] = value
+        memo = _prune(memo, stale)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -53,7 +67,7 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
-    _remember(memo_path, p, [stamp, digest])
+    _remember(memo_path, p, [stamp, digest], stale=lambda k: not os.path.exists(k))
     return digest
 
 

@@ -24,8 +24,21 @@ def _digest(obj: object, n: int = 24) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+class _Key:
+    """A frozen dataclass whose id is the digest of all its fields (the prefix keeps kinds of ids apart)."""
+
+    _prefix = ""
+
+    @property
+    def id(self) -> str:
+        return self._prefix + _digest(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
-class TokensKey:
+class TokensKey(_Key):
     """What fixes the token ids of every sequence in every shard."""
 
     dataset: str
@@ -39,10 +52,7 @@ class TokensKey:
     """Token id placed between packed documents (None: documents are concatenated as is)."""
     seqs_per_shard: int
     format_version: int = FORMAT_VERSION
-
-    @property
-    def id(self) -> str:
-        return "t" + _digest(dataclasses.asdict(self))
+    _prefix = "t"
 
     @property
     def shard_tokens(self) -> int:
@@ -50,7 +60,7 @@ class TokensKey:
 
 
 @dataclass(frozen=True)
-class SetKey:
+class SetKey(_Key):
     """What fixes the bytes of an activation set: tokens, model, hook and storage encoding."""
 
     tokens: TokensKey
@@ -68,20 +78,13 @@ class SetKey:
     to fp32 rounding, not bit for bit. Sets written before this field existed came from the bridge."""
     format_version: int = FORMAT_VERSION
 
-    @property
-    def id(self) -> str:
-        return _digest(dataclasses.asdict(self))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> SetKey:
         return cls(**{**d, "tokens": TokensKey(**d["tokens"])})
 
 
 @dataclass(frozen=True)
-class ShuffleKey:
+class ShuffleKey(_Key):
     """What fixes the bytes of a globally shuffled copy of a set (the "rows" layout, see ``shuffle.py``)."""
 
     source: str
@@ -95,13 +98,6 @@ class ShuffleKey:
     kind: str = "shuffle"
     """Keeps these digests apart from every ``SetKey``'s."""
     format_version: int = FORMAT_VERSION
-
-    @property
-    def id(self) -> str:
-        return _digest(dataclasses.asdict(self))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ShuffleKey:

@@ -43,28 +43,34 @@ LAYER = 5
 
 
 # -- set-up --------------------------------------------------------------------------------------
-def build_model(smoke: bool) -> Path:
-    """GPT-2-small shape with random weights (or a tiny GPT-2 for --smoke), with a trained BPE tokenizer."""
+def saved_gpt2(name: str, **shape) -> Path:
+    """A GPT-2 of this shape with random weights (seed 0) and the demo's trained BPE tokenizer, saved once in the
+    cache (``vocab_size`` defaults to the tokenizer's)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
     from actcache import demo
     from actcache.fingerprint import cache_dir
 
-    name = "gpt2-tiny-6l" if smoke else "gpt2-small-random"
     out = cache_dir() / "bench" / name
     if (out / "config.json").exists():
         return out
-    shape = dict(n_embd=64, n_layer=6, n_head=4, vocab_size=4096) if smoke else \
-        dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
     tok = demo.train_tokenizer(demo.corpus_lines())
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0, **shape))
+    cfg = GPT2Config(n_positions=1024, bos_token_id=0, eos_token_id=0, **{"vocab_size": len(tok), **shape})
+    model = AutoModelForCausalLM.from_config(cfg)
     tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
+
+
+def build_model(smoke: bool) -> Path:
+    """GPT-2-small shape with random weights (or a tiny GPT-2 for --smoke), with a trained BPE tokenizer."""
+    if smoke:
+        return saved_gpt2("gpt2-tiny-6l", n_embd=64, n_layer=6, n_head=4, vocab_size=4096)
+    return saved_gpt2("gpt2-small-random", n_embd=768, n_layer=12, n_head=12, vocab_size=50257)
 
 
 def corpus(work: Path) -> Path:
@@ -670,25 +676,7 @@ MEMORY_REGIMES = {"forward": ("blocks.0.hook_resid_post", 2), "fast": ("blocks.0
 def build_wide_model(width: int) -> Path:
     """One GPT-2 block of width ``width`` (MLP width 1024 whatever the width, to keep the forward pass short: its
     compute is not what this measures), random weights, the demo's 512-token BPE tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from actcache import demo
-    from actcache.fingerprint import cache_dir
-
-    out = cache_dir() / "bench" / f"gpt2-w{width}-1l-mlp1024"
-    if (out / "config.json").exists():
-        return out
-    tok = demo.train_tokenizer(demo.corpus_lines())
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=width, n_layer=1, n_head=width // 64, n_inner=1024, vocab_size=len(tok),
-                     n_positions=1024, bos_token_id=0, eos_token_id=0)
-    model = AutoModelForCausalLM.from_config(cfg)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    return saved_gpt2(f"gpt2-w{width}-1l-mlp1024", n_embd=width, n_layer=1, n_head=width // 64, n_inner=1024)
 
 
 def memory_child(spec_json: str) -> None:

@@ -608,15 +608,22 @@ class _Handler(BaseHTTPRequestHandler):
             if rest and rest[-1].endswith(".git"):
                 return self._lfs_batch(hub, repo_type, "/".join(rest)[:-4])
         repo_type, start = ("dataset", 1) if segs[0] == "datasets" else ("model", 0)
-        if "resolve" in segs[start + 1:] and m in ("GET", "HEAD"):
-            i = segs.index("resolve", start + 1)
-            if i - start <= 2 and len(segs) > i + 2:
-                rev, rest = _split_revision(segs[i + 1:])
-                return self._resolve_file(hub, repo_type, "/".join(segs[start:i]), rev, "/".join(rest))
+        if m in ("GET", "HEAD"):
+            # A repo may be named "resolve" ("ns/resolve/resolve/main/f"): a namespaced repo that exists wins.
+            for i in sorted((start + 1, start + 2), key=lambda i: -self._known(hub, repo_type, segs[start:i])):
+                if len(segs) > i + 2 and segs[i] == "resolve":
+                    rev, rest = _split_revision(segs[i + 1:])
+                    return self._resolve_file(hub, repo_type, "/".join(segs[start:i]), rev, "/".join(rest))
         raise HubError(404, f"fake hub: no route for {m} {unquote(urlsplit(self.path).path)}")
 
+    @staticmethod
+    def _known(hub: HubServer, repo_type: str, parts: list[str]) -> bool:
+        return (repo_type, "/".join(parts)) in hub._repos
+
     def _repo_api(self, hub: HubServer, repo_type: str, segs: list[str]) -> int:
-        if len(segs) >= 2 and segs[1] not in _REPO_ACTIONS:
+        # "ns/name" unless the second segment is an action of a one-part repo ("gpt2/tree/main"); a namespaced repo
+        # that exists wins, so a repo may be named like an action ("ns/tree").
+        if len(segs) >= 2 and (segs[1] not in _REPO_ACTIONS or self._known(hub, repo_type, segs[:2])):
             repo_id, rest = f"{segs[0]}/{segs[1]}", segs[2:]
         else:
             repo_id, rest = segs[0], segs[1:]

@@ -356,3 +356,16 @@ def test_a_subprocess_reaches_the_hub_through_its_environment(hub):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == [sha, "['x', 'y']"]
+
+
+def test_repos_named_like_api_words_route_to_themselves(hub):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi()
+    for name in ("tree", "resolve", "commit", "refs"):
+        repo = hub.new_repo_id(name)
+        sha = hub.add_model(repo, {"config.json": name.encode()})
+        assert api.model_info(repo).sha == sha
+        assert api.list_repo_files(repo) == ["config.json"]
+        assert [b.name for b in api.list_repo_refs(repo).branches] == ["main"]
+        assert Path(hf_hub_download(repo, "config.json")).read_bytes() == name.encode()

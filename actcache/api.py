@@ -51,8 +51,9 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     plan = make_plan(cfg, load_model=False)
     if check is not None:
         check(plan)
-    consolidated = {} if plan.missing else _manifests(plan)
-    if plan.missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
+    before = plan
+    consolidated = {} if plan.has_missing else _manifests(plan)
+    if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
         plan.load_model()
         from flows.extract import extract_activations
@@ -63,12 +64,13 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
             state = extract_activations(plan.pinned_config, return_state=True)
             state.result(raise_on_failure=True)
+        plan = plan.refreshed()  # the shards up to where the dataset ends, known now
         consolidated = _manifests(plan)
     out = []
-    for s in plan.sets:
+    for s, old in zip(plan.sets, before.sets, strict=True):
         m = consolidated.get(s.set_id) or {}
-        out.append(SetResult(plan.store.url_of(s.set_id), s.set_id, s.hook, len(plan.shards), len(s.done),
-                             len(plan.shards) - len(s.done), m.get("n_tokens", 0), m.get("bytes", 0),
+        out.append(SetResult(plan.store.url_of(s.set_id), s.set_id, s.hook, len(plan.shards), len(old.done),
+                             len(s.done) - len(old.done), m.get("n_tokens", 0), m.get("bytes", 0),
                              bool(m.get("complete"))))
     return out
 

@@ -17,6 +17,9 @@ from actcache.key import CODECS, DTYPES
 if TYPE_CHECKING:
     from actcache.store import StoreRef
 
+MAX_TOKENS = 10**18
+"""The largest --max-tokens: a million times the largest public corpora, and shard counts stay machine integers."""
+
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
     if not text:
@@ -112,6 +115,10 @@ class ExtractConfig:
         _check_choice("separator", self.separator, ("eos", "bos", "none"))
         if self.context_size < 2:
             raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
+        if self.max_tokens > MAX_TOKENS:
+            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is above 10^18, far more than any dataset "
+                                f"holds; for a whole dataset pass a number above its size (extraction stops where "
+                                f"the data ends)")
         if self.max_tokens < self.context_size:
             raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
                                 f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")

@@ -12,8 +12,10 @@ hook is its own set with its own key, and they share the token shards and the fo
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +27,7 @@ from actcache.key import FORMAT_VERSION, SetKey, TokensKey
 from actcache.model import ModelSpec, ResolvedModel, check_hook, check_hook_layer, hook_catalog, resolve_model
 from actcache.sources import DatasetSpec, Source, open_source
 from actcache.store import Store, StoreRef
-from actcache.tokens import ShardWork, TokenCache
+from actcache.tokens import ShardRange, ShardWork, TokenCache
 
 if TYPE_CHECKING:
     from actcache.extraction import MultiExtractor
@@ -140,8 +142,9 @@ class Plan:
     config: ExtractConfig
     resolved: Resolved
     sets: tuple[HookSet, ...]
-    shards: tuple[ShardWork, ...]
-    """Every shard the target asks for, with its size (the last may be partial)."""
+    shards: ShardRange
+    """Every shard the target asks for, with its size (the last may be partial); until the dataset's end is known
+    (``shards.known``), every shard the target could fill."""
     partition: tuple[int, int] = (0, 1)
     """(index, count): this run computes only the shards it owns (index % count)."""
 
@@ -198,9 +201,26 @@ class Plan:
             return []
         return [s for s in self.sets if work not in s.done]
 
+    def iter_missing(self) -> Iterator[ShardWork]:
+        return (w for w in self.shards if self.todo(w))
+
     @property
     def missing(self) -> list[ShardWork]:
-        return [w for w in self.shards if self.todo(w)]
+        """This run's shards still to compute: as many as the target names until the dataset's end is known (use
+        ``has_missing`` there)."""
+        return list(self.iter_missing())
+
+    @property
+    def has_missing(self) -> bool:
+        return next(self.iter_missing(), None) is not None
+
+    def refreshed(self) -> Plan:
+        """This plan as the store holds it now: its shards up to where the dataset ends (once tokenized)."""
+        store = self.store
+        shards = self.token_cache().plan(self.config.target_seqs)
+        sets = tuple(HookSet(s.key, frozenset(records.scan_set(store, s.key).done_of(shards)), s.hook_shape)
+                     for s in self.sets)
+        return dataclasses.replace(self, sets=sets, shards=shards)
 
     @property
     def n_done(self) -> int:
@@ -219,9 +239,10 @@ class Plan:
         self._load_weights()
 
     def _load_weights(self) -> None:
-        if self.missing:
+        first_two = list(itertools.islice(self.iter_missing(), 2))  # only the last shard may be partial
+        if first_two:
             widths = [math.prod(self.resolved.hooks[h].shape) for h in self.config.hooks]
-            sizing.check_memory(self.config, max(w.n_seq for w in self.missing), widths)
+            sizing.check_memory(self.config, max(w.n_seq for w in first_two), widths)
             self.extractor(self.config.hooks)
 
     def extractor(self, hooks: Sequence[str]) -> MultiExtractor:
@@ -266,9 +287,8 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
         scan.bounds = records.Bounds.of(key, d=math.prod(shape))
-        done = frozenset(w for w in shards if scan.is_done(w.index, w.n_seq, verify=cfg.verify_existing))
-        sets.append(HookSet(key, done, shape))
-    plan = Plan(cfg, r, tuple(sets), tuple(shards), (partition_index, num_partitions))
+        sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
+    plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
     if load_model:
         plan._load_weights()  # now, while Prefect's server starts; the extract task finds them loaded
     return plan

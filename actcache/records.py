@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -190,6 +190,13 @@ class Scan:
         if verify or shard.mtime > written.mtime or index in self.doubtful:
             return hash_matches(self.store, self.root, rec, self.bounds)
         return True
+
+    def done_of(self, shards: Sequence[Any], *, verify: bool | Callable[[int], bool] = False) -> list[Any]:
+        """The shards of ``shards`` (``ShardWork``s, shard i at position i) that are done. Only recorded indices are
+        looked at: before the dataset's end is known a plan may name millions of shards. ``verify``: re-hash all,
+        or those for which it returns True."""
+        return [shards[i] for i in sorted(self.records) if i < len(shards) and self.is_done(
+            i, shards[i].n_seq, verify=verify(i) if callable(verify) else verify)]
 
     def sorted_records(self) -> list[Record]:
         return [self.records[i] for i in sorted(self.records)]

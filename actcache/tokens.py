@@ -8,8 +8,9 @@ each followed by the separator, chunked to exactly ``context_size`` (BOS first w
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from actcache import faults, layout, records
@@ -31,10 +32,34 @@ class ShardWork:
     n_seq: int
 
 
-def shard_sizes(total_seqs: int, seqs_per_shard: int) -> list[int]:
-    """Sequences in each shard: all full but possibly the last."""
-    full, rest = divmod(total_seqs, seqs_per_shard)
-    return [seqs_per_shard] * full + ([rest] if rest else [])
+@dataclass(frozen=True)
+class ShardRange(Sequence[ShardWork]):
+    """The shards that ``total_seqs`` sequences fill, all full but possibly the last, made when asked for: before
+    the dataset's end is known a plan names every shard of the target, and --max-tokens 10^12 names millions."""
+
+    total_seqs: int
+    seqs_per_shard: int
+    known: bool = field(default=True, compare=False)
+    """Whether ``total_seqs`` is certain: stored token shards fill it, or it stops where the data is known to end
+    (False: the target's, at most)."""
+
+    def __len__(self) -> int:
+        return -(-self.total_seqs // self.seqs_per_shard)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        n, i = len(self), operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} of {n}")
+        i %= n
+        return ShardWork(i, min(self.seqs_per_shard, self.total_seqs - i * self.seqs_per_shard))
+
+    def __iter__(self) -> Iterator[ShardWork]:
+        return (self[i] for i in range(len(self)))
+
+    def __contains__(self, w: object) -> bool:
+        return isinstance(w, ShardWork) and 0 <= w.index < len(self) and self[w.index] == w
 
 
 def pack(docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None,
@@ -106,32 +131,34 @@ class TokenCache:
         n = end.get("n_seq")
         return n if type(n) is int and n >= 0 else None
 
-    def plan(self, target_seqs: int, scan: records.Scan | None = None) -> list[ShardWork]:
+    def plan(self, target_seqs: int, scan: records.Scan | None = None) -> ShardRange:
         """The activation shards for ``target_seqs`` sequences (the last may be partial)."""
         scan = scan or self.scan()
         avail = self.available_seqs(scan)
-        total = target_seqs if avail is None else min(target_seqs, avail)
-        return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, self.key.seqs_per_shard))]
+        if avail is None:  # the target is certain once token shards fill it (they are full but the data's last)
+            r = ShardRange(target_seqs, self.key.seqs_per_shard)
+            return ShardRange(r.total_seqs, r.seqs_per_shard, len(r) <= len(scan.records) and all(
+                i in scan.records for i in range(len(r))))
+        return ShardRange(min(target_seqs, avail), self.key.seqs_per_shard)
 
-    def cover(self, wanted: list[ShardWork], avail: int | None) -> list[ShardWork]:
+    def cover(self, wanted: ShardRange, avail: int | None) -> ShardRange:
         """The token shards ``wanted`` reads: full ones, except the dataset's last (when known)."""
         sps = self.key.seqs_per_shard
-        total = len(wanted) * sps if avail is None else min(len(wanted) * sps, avail)
-        return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, sps))]
+        return ShardRange(len(wanted) * sps if avail is None else min(len(wanted) * sps, avail), sps)
 
     def ensure(self, target_seqs: int, texts: Callable[[], Iterable[str]], tokenizer, sep: int | None,
-               bos: int | None, *, check: Container[int] | None = None, on_shard=None) -> list[ShardWork]:
+               bos: int | None, *, check: Callable[[int], bool] | None = None, on_shard=None) -> ShardRange:
         """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
 
-        ``check``: the token shards to re-hash before trusting them (those the run feeds to the model);
-        None re-hashes every one (--verify-existing).
+        ``check(index)``: whether token shard ``index`` is re-hashed before it is trusted (those the run feeds to
+        the model); None re-hashes every one (--verify-existing).
         """
         import torch  # here, not at the top: a plan (listing what is done) needs no torch
 
         scan = self.scan(read_all=check is None)
         wanted = self.plan(target_seqs, scan)
         cover = self.cover(wanted, self.available_seqs(scan))
-        sound = {w.index for w in cover if scan.is_done(w.index, w.n_seq, verify=check is None or w.index in check)}
+        sound = {w.index for w in scan.done_of(cover, verify=True if check is None else check)}
         if len(sound) == len(cover):
             return wanted
         # Read, decode and tokenize exactly the input this run consumes before writing anything: a bad row or an
@@ -163,8 +190,7 @@ class TokenCache:
         recs = self.scan().sorted_records()
         self.store.write_json(f"{self.root}/{INDEX}",
                               records.sealed({"key": self.key.id, "shards": [r.to_dict() for r in recs]}))
-        total = min(target_seqs, produced)
-        return [ShardWork(i, n) for i, n in enumerate(shard_sizes(total, self.key.seqs_per_shard))]
+        return ShardRange(min(target_seqs, produced), self.key.seqs_per_shard)
 
     def _shards(self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None,
                 goal: int) -> Iterator[list[list[int]]]:

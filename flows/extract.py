@@ -43,7 +43,7 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
                 for acts in extract(q, shard):
                     window.add(upload.submit(q, compress.submit(q, acts)))
             stored = window.drain()
-            if not work:
+            if not work and plan.shards.known:  # else the data's end was found: the manifest needs it
                 break
             plan, work = recheck(q, last=round_ == ROUNDS)
             q = quote(plan)

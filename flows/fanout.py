@@ -21,6 +21,7 @@ from tasks.fanout import (
     wait_for_partitions,
 )
 from tasks.manifest import sets_message, write_manifest
+from tasks.plan import recheck
 from tasks.tokenize import tokenize
 
 
@@ -35,6 +36,7 @@ def extract_fanout(config: ExtractConfig = ExtractConfig(), num_partitions: int 
     """
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
+    plan, _ = recheck(plan, last=False)  # the shards up to where the dataset ends, known now
     chosen = pick_partitions(plan, num_partitions)
     pinned = plan.pinned_config  # hub names pinned to the commits resolved above: a moving branch changes nothing
     runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}

@@ -29,7 +29,7 @@ def partitions_with_work(plan: Plan, num_partitions: int) -> list[int]:
     if num_partitions < 1:
         raise ActcacheError(f"num_partitions must be at least 1, got {num_partitions}")
     return [i for i in range(num_partitions)
-            if dataclasses.replace(plan, partition=(i, num_partitions)).missing]
+            if dataclasses.replace(plan, partition=(i, num_partitions)).has_missing]
 
 
 def child_parameters(config: ExtractConfig, index: int, count: int) -> dict:

@@ -14,7 +14,7 @@ from actcache.plan import Plan
 def write_manifest(plan: Plan) -> list[str]:
     """Write each set's manifest from its completion records (one listing each); return the set URLs."""
     store = plan.store
-    target = sum(w.n_seq for w in plan.shards)
+    target = plan.shards.total_seqs
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)

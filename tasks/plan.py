@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
-from actcache import records
 from actcache.config import ExtractConfig
 from actcache.errors import Failure
-from actcache.plan import HookSet, Plan, make_plan
+from actcache.plan import Plan, make_plan
 from actcache.tokens import ShardWork
 
 
@@ -24,7 +21,10 @@ def plan_extraction(config: ExtractConfig, partition_index: int = 0, num_partiti
 @task(name="skip-cached", cache_policy=NO_CACHE)
 def skip_cached(plan: Plan) -> State:
     """Show the shards already in the store as a Cached task run (the store is the cache)."""
-    lines = [f"{s.hook}: {len(s.done)} of {len(plan.shards)} shards already stored" for s in plan.sets]
+    n = len(plan.shards)
+    lines = [f"{s.hook}: {len(s.done)} of {n} shards already stored" if plan.shards.known else
+             f"{s.hook}: {len(s.done)} shards already stored, of up to {n} (where the dataset ends is not known yet)"
+             for s in plan.sets]
     return Completed(name="Cached" if plan.n_done else "Completed", message="; ".join(lines),
                      data={s.set_id: sorted(w.index for w in s.done) for s in plan.sets})
 
@@ -38,13 +38,7 @@ def recheck(plan: Plan, last: bool) -> tuple[Plan, list[ShardWork]]:
     what it misses again: a partial shard never replaces a larger one that is in place, so this converges to
     the largest; ``last`` fails the run instead (a rerun resumes).
     """
-    store = plan.store
-    shards = tuple(plan.token_cache().plan(plan.config.target_seqs))  # where the data ends is known by now
-    sets = []
-    for s in plan.sets:
-        scan = records.scan_set(store, s.key)
-        sets.append(HookSet(s.key, frozenset(w for w in shards if scan.is_done(w.index, w.n_seq)), s.hook_shape))
-    fresh = dataclasses.replace(plan, sets=tuple(sets), shards=shards)
+    fresh = plan.refreshed()  # where the data ends is known by now
     again = fresh.missing
     if again and last:
         raise Failure(f"shards {[w.index for w in again][:10]} of {', '.join(plan.urls)} kept being replaced by "

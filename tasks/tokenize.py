@@ -13,10 +13,13 @@ from actcache.tokens import ShardWork
 def tokenize(plan: Plan) -> list[ShardWork]:
     """Ensure token shards exist for the target; return the activation shards still to compute."""
     cfg = plan.config
-    if not plan.missing and not cfg.verify_existing:
+    if not plan.has_missing and not cfg.verify_existing:
         return []  # nothing to compute: the token cache is not even opened
+
+    def feeds(index: int) -> bool:  # the token shards this run feeds to the model: re-hashed first
+        return index < len(plan.shards) and bool(plan.todo(plan.shards[index]))
+
     r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
-    feed = {w.index for w in plan.missing}  # the token shards this run feeds to the model: re-hashed first
     shards = plan.token_cache().ensure(cfg.target_seqs, r.dataset.texts, r.model.tokenizer, r.separator_id,
-                                       r.bos_id, check=None if cfg.verify_existing else feed)
+                                       r.bos_id, check=None if cfg.verify_existing else feeds)
     return [w for w in shards if plan.todo(w)]

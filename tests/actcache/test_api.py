@@ -42,6 +42,41 @@ def test_tokens_are_the_packed_corpus(base_config, corpus, tiny_models):
     assert flat.tolist() == stream[: len(flat)]
 
 
+def test_a_target_far_beyond_the_data_costs_what_the_data_costs(base_config, tmp_path):
+    """--max-tokens 10^18 on a few lines: the plan names ~10^16 shards until the data's end is known, and nothing
+    lists them (it was a MemoryError); the answer counts the shards the data filled."""
+    from actcache import api
+
+    text = tmp_path / "few.txt"
+    text.write_text("\n".join(f"line {i} of a short text that ends soon" for i in range(40)) + "\n")
+    cfg = base_config.replace(dataset=str(text), max_tokens=10**18)
+    [first] = api.extract_sets(cfg)
+    s = actcache.open_set(first.url)
+    assert first.complete and first.shards_skipped == 0 and first.shards_computed == first.n_shards == len(s) >= 2
+    assert s.n_tokens == first.n_tokens == sum(sh.tokens.numel() for sh in s)
+    [again] = api.extract_sets(cfg)
+    assert (again.url, again.n_shards, again.shards_skipped, again.shards_computed) == (s.url, len(s), len(s), 0)
+
+    # Where the data ends forgotten (every shard stored, the end record lost): the flow reads the data again and
+    # the manifest it rewrites counts the shards the data filled, not 10^16. The partial last shard is computed
+    # again (planned full, it did not count as done): the same bytes.
+    from pathlib import Path
+
+    from actcache import layout
+
+    [end] = Path(cfg.store).glob(f"{layout.TOKENS_ROOT}/*/{layout.END}")
+    end.unlink()
+    [third] = api.extract_sets(cfg)
+    partial = s.manifest["shards"][-1]["n_tokens"] < s.manifest["shard_tokens"]
+    assert end.exists() and (third.n_shards, third.shards_computed, third.complete) == (len(s), int(partial), True)
+    after = actcache.open_set(first.url).manifest
+    assert after["target_tokens"] == s.n_tokens
+    def shas(m):
+        return [(r["index"], r["sha256"]) for r in m["shards"]]
+
+    assert shas(after) == shas(s.manifest)
+
+
 def test_bad_input_raises_before_prefect_runs(base_config):
     with pytest.raises(actcache.ActcacheError, match="unknown hook"):
         actcache.extract(base_config, hook="blocks.0.hook_nope")

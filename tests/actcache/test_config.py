@@ -92,3 +92,11 @@ def test_deeply_nested_options_are_refused_not_a_recursion_error():
         node = node["n"]
     with pytest.raises(ActcacheError, match="nested too deeply"):
         ExtractConfig(storage_options=deep)
+
+
+def test_max_tokens_beyond_any_dataset_is_refused_in_one_line():
+    assert ExtractConfig(max_tokens=10**18).max_tokens == 10**18  # "everything there is" is allowed
+    with pytest.raises(ActcacheError) as e:
+        ExtractConfig(max_tokens=10**18 + 1)
+    assert "max_tokens 1000000000000000001 is above 10^18" in str(e.value) and "\n" not in str(e.value)
+    assert e.value.for_cli().startswith("--max-tokens ")

@@ -69,7 +69,7 @@ def reference(url: str, *, drop_bos: bool = False, exclude: tuple[int, ...] = ()
         for i in range(len(t)):
             if (drop_bos and i % s.context_size == 0) or int(t[i]) in exclude:
                 continue
-            rows.append((a[i].numpy().tobytes(), int(t[i]), base + i))
+            rows.append((a[i].view(torch.uint8).numpy().tobytes(), int(t[i]), base + i))
         base += len(t)
     per = len(rows) // world_size
     return [rows[r * per : (r + 1) * per] for r in range(world_size)]
@@ -79,7 +79,8 @@ def rows_of(batches) -> list[Row]:
     out = []
     for acts, tokens, positions in batches:
         assert acts.ndim == 2 and tokens.shape == positions.shape == (len(acts),)
-        out += [(acts[i].numpy().tobytes(), int(tokens[i]), int(positions[i])) for i in range(len(acts))]
+        out += [(acts[i].view(torch.uint8).numpy().tobytes(), int(tokens[i]), int(positions[i]))
+                for i in range(len(acts))]
     return out
 
 
@@ -148,6 +149,69 @@ def test_fast_path_equals_the_row_by_row_reference(sets, options):
             if world_size == 1:
                 assert sorted(got) == sorted(want[0]) and got != want[0]
 
+
+
+def shuffled_reference(ds: ActivationDataset, rank_rows: list[Row]) -> list[list[Row]]:
+    """The batches of a shuffled epoch (one rank, no DataLoader workers), by an obvious loop: the rank's rows in the
+    epoch's shard order fill a list of ``shuffle_buffer`` rows; a full list is permuted by the epoch's generator,
+    cut into batches, and the rows short of a batch move to the front of the next fill."""
+    by_shard: dict[int, list[Row]] = {}
+    s, base = open_set(ds.set.url), 0
+    for r, count in zip(s.records, (r.n_tokens for r in s.records), strict=True):
+        by_shard[r.index] = [row for row in rank_rows if base <= row[2] < base + count]
+        base += count
+    pieces = ds.pieces()
+    rows = [row for p in pieces for row in by_shard[ds.set.records[p.shard].index][: p.stop - p.start]]
+    g = torch.Generator().manual_seed(dataset._seed(ds.seed, ds.epoch, ds.world_size, ds.rank, 0))
+    sizes = ds._sizes(len(rows), last=True)
+    cap, buf, out = min(max(ds.shuffle_buffer, ds.batch_size), len(rows)), [], []
+
+    def drain(final: bool) -> list[Row]:
+        perm, at = torch.randperm(len(buf), generator=g).tolist(), 0
+        while sizes and len(buf) - at >= sizes[0]:
+            out.append([buf[i] for i in perm[at : at + sizes[0]]])
+            at += sizes.pop(0)
+        return [] if final else [buf[i] for i in perm[at:]]
+
+    for row in rows:
+        buf.append(row)
+        if len(buf) == cap:
+            buf = drain(final=False)
+    if buf:
+        drain(final=True)
+    return out
+
+
+@pytest.mark.parametrize("options", [{}, {"exclude_tokens": [0, 17], "drop_bos": True}], ids=str)
+@pytest.mark.parametrize("batch_size, shuffle_buffer", [(50, 200), (64, 256), (100, 100), (30, 1024)])
+def test_shuffled_batches_equal_the_reference_in_every_dtype(sets, options, batch_size, shuffle_buffer):
+    """float16 batches (the stored dtype: rows go straight from the shard into the batch) and float32 ones (cast
+    into a buffer first) are the reference's rows in the reference's batches, for the same seed and epoch."""
+    exclude = tuple(options.get("exclude_tokens", ()))
+    want_rows = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude)[0]
+    for epoch in (0, 1):
+        ds = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, **options)
+        ds.set_epoch(epoch)
+        want = shuffled_reference(ds, want_rows)
+        assert ds.dtype == torch.float16 and sum(map(len, want)) == ds.rows_per_rank
+        half = list(ds)
+        assert [rows_of([b]) for b in half] == want
+        wide = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5,
+                    dtype=torch.float32, **options)
+        wide.set_epoch(epoch)
+        for (a32, t32, p32), (a16, t16, p16) in zip(wide, half, strict=True):
+            assert a32.dtype == torch.float32 and torch.equal(a32, a16.float())
+            assert torch.equal(t32, t16) and torch.equal(p32, p16)
+
+
+def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
+    """Rows whose bytes are not a multiple of 8 (copied element by element) and bfloat16 rows."""
+    for d, dtype in ((6, "float16"), (3, "bfloat16"), (8, "bfloat16")):
+        url = setwriter.write_set(tmp_path / f"{d}-{dtype}", shards=3, seqs=4, ctx=16, d=d, dtype=dtype)
+        ds = full(url, batch_size=20, shuffle_buffer=70, seed=1)
+        got = list(ds)
+        assert got[0][0].dtype == ds.set.dtype and got[0][0].shape == (20, d)
+        assert [rows_of([b]) for b in got] == shuffled_reference(ds, reference(url)[0])
 
 # -- ranks and workers ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 7, 8, 9, 20])

@@ -4,7 +4,7 @@ import pytest
 
 from actcache.key import TokensKey
 from actcache.store import Store
-from actcache.tokens import TokenCache, pack, shard_sizes
+from actcache.tokens import ShardRange, ShardWork, TokenCache, pack
 
 
 def test_pack_concatenates_with_separator_and_cuts_exact_lengths():
@@ -25,10 +25,21 @@ def test_pack_is_the_naive_reference_on_long_input():
     assert list(pack(docs, context_size=64, bos=99, separator=0, prepend_bos=True)) == expected
 
 
-def test_shard_sizes():
-    assert shard_sizes(10, 4) == [4, 4, 2]
-    assert shard_sizes(8, 4) == [4, 4]
-    assert shard_sizes(0, 4) == []
+@pytest.mark.parametrize("total,per", [(10, 4), (8, 4), (0, 4), (1, 1), (7, 10)])
+def test_shard_range_is_the_list_of_full_shards_and_a_partial_last(total, per):
+    full, rest = divmod(total, per)
+    naive = [ShardWork(i, per) for i in range(full)] + ([ShardWork(full, rest)] if rest else [])
+    r = ShardRange(total, per)
+    assert list(r) == naive and len(r) == len(naive) and r[:] == naive and r[1::2] == naive[1::2]
+    assert [r[i] for i in range(-len(r), 0)] == naive
+    assert all(w in r for w in naive) and ShardWork(len(naive), per) not in r and ShardWork(0, per + 1) not in r
+    with pytest.raises(IndexError):
+        r[len(naive)]
+
+
+def test_shard_range_of_an_enormous_target_costs_nothing():
+    r = ShardRange(10**18, 3, known=False)
+    assert len(r) == -(-10**18 // 3) and r[-1] == ShardWork(len(r) - 1, 1) and ShardWork(10**15, 3) in r
 
 
 class _Tok:

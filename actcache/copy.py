@@ -44,7 +44,7 @@ def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str
     set_id = source.set_id
     if target.url_of(set_id) == source.url:
         raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
-    target.check_writable()
+    target.check_writable("the destination store")
     scan = records.scan_set(target, source.key)
 
     def present(r: records.Record) -> bool:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
 
 
 def export_set(src: str | StoreRef, out: str, *, format: str, exclude_special: bool = False,
-               exclude_ids: Sequence[int] = (), on_shard: Callable[[int], None] | None = None) -> ExportResult:
+               exclude_ids: Any = (), on_shard: Callable[[int], None] | None = None) -> ExportResult:
     """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
     block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
     if format not in FORMATS:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -233,7 +233,7 @@ class _Writer:
 
 
 def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed: int = 0,
-                rows_per_shard: int | None = None, exclude_special: bool = False, exclude_ids: Sequence[int] = (),
+                rows_per_shard: int | None = None, exclude_special: bool = False, exclude_ids: Any = (),
                 bucket_rows: int = DEFAULT_BUCKET_ROWS, jobs: int = 8,
                 on_step: Callable[[str], None] | None = None) -> ShuffleResult:
     """Write (or find) the globally shuffled copy of the set at ``src`` in the store ``out`` (default: the
@@ -254,7 +254,7 @@ def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed:
     key = ShuffleKey(source=source.set_id, source_shards=records.digest(source.records), seed=seed,
                      rows_per_shard=rows_per_shard or m["shard_tokens"], exclude=exclude)
     target = source.store if out is None else StoreRef.of(out).open()
-    target.check_writable()
+    target.check_writable(opt("out"))
     job = _Job(source, target, key, bucket_rows, jobs, on_step)
     sid = key.id
     target.sweep_temp(sid)

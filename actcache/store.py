@@ -570,28 +570,30 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, dump_json(obj))
 
-    def check_writable(self) -> None:
-        """Fail early, writing nothing, if the store cannot hold a set."""
+    def check_writable(self, given_as: str | None = None) -> None:
+        """Fail early, writing nothing, if the store cannot hold a set. ``given_as``: how the user gave this store,
+        for the message (default the ``store`` field; shuffle's ``out``, copy's destination)."""
+        given_as = given_as or opt("store")
         if not self.local:
             self.check_reachable()  # bucket, credentials and endpoint; a denied write fails at once, unretried
             return
         p = self.root
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {opt('store')}")
+            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {given_as}")
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:
                 break
             p = parent
         if os.path.isfile(p):
-            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {opt('store')}")
+            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {given_as}")
         try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
             fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
             raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                                f"choose another {opt('store')} or fix its permissions") from None
+                                f"choose another {given_as} or fix its permissions") from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

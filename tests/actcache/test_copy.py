@@ -93,6 +93,12 @@ def test_copy_onto_itself_is_refused(local_set):
         copy_set(local_set, local_set.rsplit("/", 1)[0])
 
 
+def test_a_destination_that_is_a_file_is_named_so(local_set, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = cp(capsys, local_set, str(tmp_path / "f"))
+    assert code == 2 and err.strip().endswith("is a file; pass a directory (or a new path) as the destination store")
+
+
 def test_ls_shows_a_partial_set_on_s3(local_set, s3_server, s3_env, capsys, tiny_models, corpus):
     """One partition of a fan-out run writes a manifest for half the shards: ls says partial."""
     from actcache.config import ExtractConfig

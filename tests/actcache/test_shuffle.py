@@ -132,6 +132,15 @@ def test_bad_input_is_one_line(source, tmp_path, capsys, args, message):
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
+def test_an_out_that_is_a_file_is_named_as_the_option_given(source, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["shuffle", source["url"], "--out", str(tmp_path / "f")]) == 2
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert "is a file; pass a directory (or a new path) as --out" in err
+    with pytest.raises(ActcacheError, match="as out$"):
+        shuffle.shuffle_set(source["url"], out=str(tmp_path / "f"))
+
+
 def test_library_errors_name_the_parameter_not_the_flag(source, tmp_path):
     for kwargs, field in (({"rows_per_shard": -1}, "rows_per_shard"), ({"seed": -1}, "seed"),
                           ({"exclude_ids": [-1]}, "exclude_ids")):

@@ -523,9 +523,18 @@ def stats(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = Sto
 
     from actcache import stats as stats_mod
 
-    progress = tqdm(unit="shard", desc="stats", file=sys.stderr)
-    result = stats_mod.compute(flags.ref(set_url), on_shard=lambda _: progress.update())
-    progress.close()
+    bar: list[Any] = []  # made at the first shard read: stats already in the manifest, or an error, show none
+
+    def advance(_) -> None:
+        if not bar:
+            bar.append(tqdm(unit="shard", desc="stats", file=sys.stderr))
+        bar[0].update()
+
+    try:
+        result = stats_mod.compute(flags.ref(set_url), on_shard=advance)
+    finally:
+        for b in bar:
+            b.close()
     print(json.dumps(result, indent=1) if json_output else stats_mod.summary(result, len(result["mean"] or [])))
     return 0
 

@@ -26,16 +26,22 @@ def _as_if_old(url: str, tmp_path: Path) -> tuple[Path, bytes]:
     return root, original
 
 
-def test_stats_of_an_old_set_are_written_once(extracted_set, tmp_path, capsys):
+def test_stats_of_an_old_set_are_written_once(extracted_set, tmp_path, capsys, monkeypatch):
+    import tqdm.auto
+
+    bars = []  # tqdm is off in tests (TQDM_DISABLE): record the bars made instead
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(k) or tqdm.std.tqdm(*a, **k))
     root, original = _as_if_old(extracted_set, tmp_path)
     assert cli.main(["stats", str(root)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert out.startswith("rows: 448  d: 32  NaN: 0  Inf: 0") and "scale (sqrt(d) / mean L2 norm)" in out
+    assert len(bars) == 1, "shards were read: one progress bar"
     assert (root / layout.MANIFEST).read_bytes() == original, "the stats extraction wrote, nothing else changed"
 
     stamp = (root / layout.MANIFEST).stat().st_mtime_ns
     assert cli.main(["stats", str(root), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == json.loads(original)["stats"]
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads(original)["stats"] and len(bars) == 1, "nothing read: no bar"
     assert (root / layout.MANIFEST).stat().st_mtime_ns == stamp, "present stats are only read"
 
 

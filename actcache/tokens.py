@@ -135,11 +135,12 @@ class TokenCache:
         """The activation shards for ``target_seqs`` sequences (the last may be partial)."""
         scan = scan or self.scan()
         avail = self.available_seqs(scan)
-        if avail is None:  # the target is certain once token shards fill it (they are full but the data's last)
-            r = ShardRange(target_seqs, self.key.seqs_per_shard)
-            return ShardRange(r.total_seqs, r.seqs_per_shard, len(r) <= len(scan.records) and all(
-                i in scan.records for i in range(len(r))))
-        return ShardRange(min(target_seqs, avail), self.key.seqs_per_shard)
+        if avail is not None:
+            return ShardRange(min(target_seqs, avail), self.key.seqs_per_shard)
+        n = len(ShardRange(target_seqs, self.key.seqs_per_shard))
+        # The target is certain once token shards fill it (they are full but the data's last).
+        known = n <= len(scan.records) and all(i in scan.records for i in range(n))
+        return ShardRange(target_seqs, self.key.seqs_per_shard, known)
 
     def cover(self, wanted: ShardRange, avail: int | None) -> ShardRange:
         """The token shards ``wanted`` reads: full ones, except the dataset's last (when known)."""

@@ -610,7 +610,8 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type, start = ("dataset", 1) if segs[0] == "datasets" else ("model", 0)
         if m in ("GET", "HEAD"):
             # A repo may be named "resolve" ("ns/resolve/resolve/main/f"): a namespaced repo that exists wins.
-            for i in sorted((start + 1, start + 2), key=lambda i: -self._known(hub, repo_type, segs[start:i])):
+            two_part_first = self._known(hub, repo_type, segs[start:start + 2])
+            for i in (start + 2, start + 1) if two_part_first else (start + 1, start + 2):
                 if len(segs) > i + 2 and segs[i] == "resolve":
                     rev, rest = _split_revision(segs[i + 1:])
                     return self._resolve_file(hub, repo_type, "/".join(segs[start:i]), rev, "/".join(rest))

@@ -9,10 +9,10 @@ __all__ = ["__version__", "extract", "open_set", "ExtractConfig", "ActcacheError
 if TYPE_CHECKING:
     from actcache.api import extract
     from actcache.config import ExtractConfig
-    from actcache.dataset import ActivationDataset
-    from actcache.endless import forever
     from actcache.errors import ActcacheError
-    from actcache.reader import open_set
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.forever import forever
+    from actcache.read.reader import open_set
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return extract
     if name == "open_set":
-        from actcache.reader import open_set
+        from actcache.read.reader import open_set
 
         return open_set
     if name == "ExtractConfig":
@@ -38,11 +38,11 @@ def __getattr__(name: str) -> Any:
 
         return ActcacheError
     if name == "ActivationDataset":
-        from actcache.dataset import ActivationDataset
+        from actcache.read.dataset import ActivationDataset
 
         return ActivationDataset
     if name == "forever":
-        from actcache.endless import forever
+        from actcache.read.forever import forever
 
         return forever
     raise AttributeError(name)

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from actcache import errors, tempserver
+from actcache import errors
 from actcache.config import ExtractConfig
-from actcache.plan import make_plan
+from actcache.extraction.plan import make_plan
+from actcache.orchestration import tempserver
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
         plan.load_model()
-        from flows.extract import extract_activations
+        from actcache.flows.extract import extract_activations
 
         # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
         # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
@@ -78,8 +79,8 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
 def _manifests(plan: Any) -> dict[str, dict[str, Any]]:
     """Each set's manifest where it lists every shard the plan asks for (a run killed after its last shard and
     before its manifest leaves one missing or behind: the flow then writes it)."""
-    from actcache import manifest
     from actcache.errors import ActcacheError
+    from actcache.format import manifest
 
     out = {}
     wanted = {w.index for w in plan.shards}

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import Parameter
 
-from actcache.demo import DEMO_DATASET, DEMO_MODEL
 from actcache.errors import ActcacheError, opt
-from actcache.key import CODECS, DTYPES
+from actcache.format.key import CODECS, DTYPES
+from actcache.inputs.demo import DEMO_DATASET, DEMO_MODEL
 
 if TYPE_CHECKING:
-    from actcache.store import StoreRef
+    from actcache.storage.store import StoreRef
 
 MAX_TOKENS = 10**18
 """The largest --max-tokens: a million times the largest public corpora, and shard counts stay machine integers."""
@@ -146,7 +146,7 @@ class ExtractConfig:
     @property
     def store_ref(self) -> StoreRef:
         """``store``, ``storage_options`` and ``aws_credentials_block`` as the one value that travels."""
-        from actcache.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
+        from actcache.storage.store import StoreRef  # not at import: the CLI reads this module before it needs fsspec
 
         return StoreRef(self.store, dict(self.storage_options), self.aws_credentials_block)
 

@@ -49,8 +49,8 @@ def saved_gpt2(name: str, **shape) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from actcache import demo
-    from actcache.fingerprint import cache_dir
+    from actcache.inputs import demo
+    from actcache.inputs.fingerprint import cache_dir
 
     out = cache_dir() / "bench" / name
     if (out / "config.json").exists():
@@ -74,7 +74,7 @@ def build_model(smoke: bool) -> Path:
 
 
 def corpus(work: Path) -> Path:
-    from actcache import demo
+    from actcache.inputs import demo
 
     path = work / "corpus.txt"
     if not path.exists():
@@ -136,8 +136,8 @@ class Methods:
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from actcache.extraction import Extractor, extractor_for
-        from actcache.model import ModelSpec, load_bridge, resolve_model
+        from actcache.extraction.forward import Extractor, extractor_for
+        from actcache.inputs.model import ModelSpec, load_bridge, resolve_model
 
         self.torch, self.batch, self.device = torch, batch, device
         self.model = resolve_model(ModelSpec(str(src)))
@@ -236,7 +236,7 @@ def flow_config(src: Path, work: Path, batch: int, ctx: int, shard_seqs: int, n_
 
 
 def run_flow(cfg) -> float:
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     t = time.perf_counter()
     extract_activations(cfg)
@@ -308,8 +308,8 @@ def speed_one(src: Path, work: Path, device: str, batch: int, ctx: int, reps: in
 
 def stored_equals_extractor(src, work, batch, ctx, device, m) -> bool:
     """The flow's stored float16 activations equal the extraction step's output on the stored tokens."""
-    from actcache.reader import open_set
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
+    from actcache.read.reader import open_set
 
     cfg = flow_config(src, work, batch, ctx, batch, 1, device)
     (url,) = extract_activations(cfg)
@@ -350,8 +350,8 @@ def peak_rss(src: Path, work: Path, device: str, shapes) -> dict:
 
 # -- several hooks in one pass ---------------------------------------------------------------------
 def several_hooks(src: Path, device: str, batch: int, ctx: int, reps: int, n_layers: int) -> dict:
-    from actcache.extraction import extractor_for
-    from actcache.model import ModelSpec, load_bridge, resolve_model
+    from actcache.extraction.forward import extractor_for
+    from actcache.inputs.model import ModelSpec, load_bridge, resolve_model
 
     model = resolve_model(ModelSpec(str(src)))
     tokens = random_tokens(2 * batch, ctx, model.config.vocab_size, seed=3)
@@ -378,9 +378,9 @@ def several_hooks(src: Path, device: str, batch: int, ctx: int, reps: int, n_lay
 def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
     import torch
 
-    from actcache import shard
-    from actcache.extraction import extractor_for
-    from actcache.model import ModelSpec, resolve_model
+    from actcache.extraction.forward import extractor_for
+    from actcache.format import shard
+    from actcache.inputs.model import ModelSpec, resolve_model
 
     model = resolve_model(ModelSpec(str(src)))
     tokens = random_tokens(2 * batch, ctx, model.config.vocab_size, seed=4)
@@ -412,9 +412,9 @@ def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
 
     import torch
 
-    from actcache import moments
-    from actcache.extraction import extractor_for
-    from actcache.model import ModelSpec, resolve_model
+    from actcache.extraction.forward import extractor_for
+    from actcache.format import moments
+    from actcache.inputs.model import ModelSpec, resolve_model
 
     model = resolve_model(ModelSpec(str(src)))
     step = extractor_for(model, [HOOK], batch_size=batch, device=device)
@@ -469,7 +469,7 @@ class _Stub:
 
 @contextlib.contextmanager
 def stub_forward(rate: float | None, starts: list[float]):
-    import actcache.extraction as ax  # Plan.extractor imports extractor_for from here when it is called
+    import actcache.extraction.forward as ax  # Plan.extractor imports extractor_for from here when it is called
 
     real = ax.extractor_for
     ax.extractor_for = lambda model, hooks, **k: _Stub(hooks, rate, starts, model.d_model)  # resid hooks only
@@ -530,9 +530,9 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
     """A complete set of ``n`` (small) shards written the way the flow writes them, without running n tasks."""
     import torch
 
-    from actcache import layout, records, shard
-    from actcache.plan import make_plan
-    from tasks.manifest import write_manifest
+    from actcache.extraction.plan import make_plan
+    from actcache.format import layout, records, shard
+    from actcache.tasks.manifest import write_manifest
 
     cfg = flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post")
     plan = make_plan(cfg, load_model=False)
@@ -556,9 +556,10 @@ def warm_child(config_json: str) -> None:
     quiet_prefect()
     import transformers  # noqa: F401  (a start-up cost: make_plan reads the model's config with it)
 
-    from actcache import extraction, model
     from actcache.config import ExtractConfig
-    from flows.extract import extract_activations
+    from actcache.extraction import forward
+    from actcache.flows.extract import extract_activations
+    from actcache.inputs import model
 
     t_imp = time.perf_counter()
     empty_flow()()
@@ -566,7 +567,7 @@ def warm_child(config_json: str) -> None:
     empty_flow()()
     t_empty = time.perf_counter()
     cfg = ExtractConfig(**json.loads(config_json))
-    from actcache.plan import make_plan
+    from actcache.extraction.plan import make_plan
 
     plan = make_plan(cfg)  # what `actcache extract` does before starting the flow
     t_plan = time.perf_counter()
@@ -578,23 +579,24 @@ def warm_child(config_json: str) -> None:
                       "warm_rerun_flow_s": round(t_flow - t_plan, 2),
                       "beyond_startup_s": round(t_flow - t_empty - empty, 2),
                       "shards_done": plan.n_done, "shards_missing": len(plan.missing),
-                      "models_loaded": len(model._LOADED) + len(extraction._HF)}))
+                      "models_loaded": len(model._LOADED) + len(forward._HF)}))
 
 
 def warm_in_process(config: dict) -> dict:
-    from actcache import extraction, model
     from actcache.config import ExtractConfig
-    from actcache.plan import make_plan
-    from flows.extract import extract_activations
+    from actcache.extraction import forward
+    from actcache.extraction.plan import make_plan
+    from actcache.flows.extract import extract_activations
+    from actcache.inputs import model
 
     model._LOADED.clear()
-    extraction._HF.clear()
+    forward._HF.clear()
     cfg = ExtractConfig(**config)
     t = time.perf_counter()
     plan = make_plan(cfg)
     extract_activations(cfg)
     return {"make_plan_and_flow_s": round(time.perf_counter() - t, 2), "shards_done": plan.n_done,
-            "shards_missing": len(plan.missing), "models_loaded": len(model._LOADED) + len(extraction._HF)}
+            "shards_missing": len(plan.missing), "models_loaded": len(model._LOADED) + len(forward._HF)}
 
 
 def cold_child(policy: str, store: str) -> None:
@@ -602,7 +604,8 @@ def cold_child(policy: str, store: str) -> None:
     first thing ("early", killed unused when the plan finds nothing to do) or only once the plan finds work
     ("late", what the CLI does). The parent times the whole process, exit included."""
     quiet_prefect()
-    from actcache import cli, tempserver
+    from actcache.cli import app as cli
+    from actcache.orchestration import tempserver
 
     if policy == "early":
         tempserver.start()
@@ -693,7 +696,7 @@ def memory_child(spec_json: str) -> None:
                       codec_level=1)
     need = spec["shard_tokens"] * spec["shards"]
     cfg = cfg.replace(dataset=str(big_corpus(Path(spec["work"]), max(1, -(-need // 90_000)))))
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     t = time.perf_counter()
     extract_activations(cfg)
@@ -727,7 +730,7 @@ def source_tree(ref: str, work: Path) -> Path:
 def memory(work: Path, widths, shard_mib, regimes, codecs, before: str | None) -> dict:
     """Peak RSS of an extraction process (own process each) against its shard size, and the slope per stored
     shard byte, for this checkout ("after") and, with ``before``, the checkout at that git ref."""
-    from actcache import tempserver
+    from actcache.orchestration import tempserver
 
     trees = {"after": None}
     if before:
@@ -777,9 +780,9 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
     from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
-    from actcache import shard
-    from actcache.dataset import ActivationDataset
-    from actcache.reader import open_set
+    from actcache.format import shard
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.reader import open_set
 
     sys.path.insert(0, str(ROOT / "tests"))
     import setwriter
@@ -851,9 +854,9 @@ def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:
 
     import torch
 
-    from actcache.copy import copy_set
-    from actcache.dataset import ActivationDataset
-    from actcache.reader import open_set
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.reader import open_set
+    from actcache.sets.copy import copy_set
 
     spec = importlib.util.spec_from_file_location("bench_s3_server", ROOT / "tests" / "s3_server.py")
     mod = importlib.util.module_from_spec(spec)
@@ -924,7 +927,7 @@ def reader_rss(root: Path, url: str, n: int, seqs: int, ctx: int, d: int, batch:
 def reader_rss_child(url: str, batch: str, buffer: str) -> None:
     import torch
 
-    from actcache.dataset import ActivationDataset
+    from actcache.read.dataset import ActivationDataset
 
     base = rss_mb()
     rows = sum(len(b) for b in ActivationDataset(url, int(batch), shuffle_buffer=int(buffer), dtype=torch.float32))
@@ -1051,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     quiet_prefect()
-    from actcache.extraction import pick_device
+    from actcache.extraction.forward import pick_device
 
     device = pick_device(args.device)
     smoke = args.smoke

@@ -11,14 +11,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
+from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.progress import Progress, Window
-from actcache.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
-from tasks.compress import compress
-from tasks.extract import extract
-from tasks.manifest import progress_key, sets_message, summarize, write_manifest
-from tasks.plan import plan_extraction, recheck, skip_cached
-from tasks.tokenize import tokenize
-from tasks.upload import upload
+from actcache.tasks.compress import compress
+from actcache.tasks.extract import extract
+from actcache.tasks.manifest import progress_key, sets_message, summarize, write_manifest
+from actcache.tasks.plan import plan_extraction, recheck, skip_cached
+from actcache.tasks.tokenize import tokenize
+from actcache.tasks.upload import upload
 
 # Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
 ROUNDS = 3

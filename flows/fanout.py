@@ -11,7 +11,7 @@ from prefect import flow
 from prefect.states import Completed, State
 
 from actcache.config import ExtractConfig
-from tasks.fanout import (
+from actcache.tasks.fanout import (
     check_partitions,
     launch_partition,
     pick_partitions,
@@ -20,9 +20,9 @@ from tasks.fanout import (
     verify_sets,
     wait_for_partitions,
 )
-from tasks.manifest import sets_message, write_manifest
-from tasks.plan import recheck
-from tasks.tokenize import tokenize
+from actcache.tasks.manifest import sets_message, write_manifest
+from actcache.tasks.plan import recheck
+from actcache.tasks.tokenize import tokenize
 
 
 @flow(name="extract-fanout")

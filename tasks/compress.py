@@ -5,9 +5,11 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import environment, faults, handoff, moments, shard, shardfile
-from actcache.plan import Plan
-from tasks.refs import ActivationsRef, PackedRef
+from actcache import crashpoints
+from actcache.extraction import environment, handles
+from actcache.extraction.plan import Plan
+from actcache.format import moments, shard, shardfile
+from actcache.tasks.refs import ActivationsRef, PackedRef
 
 
 @task(name="compress", task_run_name="compress-{ref.index:06d}", cache_policy=NO_CACHE)
@@ -15,7 +17,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
     hook_set = plan.hook_set(ref.hook)
     key = hook_set.key
-    f: shardfile.ShardFile = handoff.get(ref.handle)
+    f: shardfile.ShardFile = handles.get(ref.handle)
     acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
     # Everything computed from the activations goes here, before the codec (which may release them).
     stats = shard.stats(acts)
@@ -31,8 +33,8 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         where = f"shard {ref.index} of {key.hook}"
         extra["source_finite"] = shard.warn_non_finite(stats, f.source_finite, key.dtype, key.id, where)
     payload = shardfile.encode(f, codec=key.codec, level=key.codec_level)
-    handoff.drop(ref.handle)
-    faults.point("compress.encoded")
+    handles.drop(ref.handle)
+    crashpoints.point("compress.encoded")
     n_tokens = ref.n_seq * key.tokens.context_size
     nbytes = len(payload.data)
     extra |= {
@@ -40,4 +42,4 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "codec_ratio": round(payload.raw_bytes / nbytes, 4),
         "bytes_per_token": round(nbytes / n_tokens, 2),
     }
-    return PackedRef(handoff.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)
+    return PackedRef(handles.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)

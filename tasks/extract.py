@@ -8,12 +8,14 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, shard
-from actcache.extraction import pick_device
-from actcache.plan import Plan
-from actcache.shardfile import ShardFile
-from actcache.tokens import ShardWork
-from tasks.refs import ActivationsRef
+from actcache import crashpoints
+from actcache.extraction import handles
+from actcache.extraction.forward import pick_device
+from actcache.extraction.plan import Plan
+from actcache.extraction.tokens import ShardWork
+from actcache.format import shard
+from actcache.format.shardfile import ShardFile
+from actcache.tasks.refs import ActivationsRef
 
 
 @task(name="extract", task_run_name="extract-{work.index:06d}", cache_policy=NO_CACHE)
@@ -48,5 +50,5 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
         raise
     for h, f in files.items():
         f.source_finite = finite.get(h, True)
-    faults.point("extract.forward-done")
-    return [ActivationsRef(handoff.put(files[h]), h, work.index, work.n_seq) for h in hooks]
+    crashpoints.point("extract.forward-done")
+    return [ActivationsRef(handles.put(files[h]), h, work.index, work.n_seq) for h in hooks]

@@ -20,8 +20,8 @@ from prefect.cache_policies import NO_CACHE
 
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
-from actcache.plan import Plan, make_plan
-from actcache.reader import open_set
+from actcache.extraction.plan import Plan, make_plan
+from actcache.read.reader import open_set
 
 
 def partitions_with_work(plan: Plan, num_partitions: int) -> list[int]:
@@ -167,7 +167,7 @@ def check_partitions(outcomes: list[PartitionOutcome]) -> None:
 @task(name="summarize-fanout", cache_policy=NO_CACHE)
 def summarize_fanout(before: Plan, after: Plan, outcomes: list[PartitionOutcome], num_partitions: int) -> dict:
     """Publish the job's summary: per set (artifact ``fanout-<set id>``), a row per partition and one for all."""
-    from tasks.manifest import artifact_key, publish_table
+    from actcache.tasks.manifest import artifact_key, publish_table
 
     by_index = {o.index: o for o in outcomes}
     tables = {}

@@ -5,9 +5,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, manifest, moments, records
-from actcache.model import hook_layer
-from actcache.plan import Plan
+from actcache import crashpoints
+from actcache.extraction.plan import Plan
+from actcache.format import manifest, moments, records
+from actcache.inputs.model import hook_layer
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
@@ -25,9 +26,9 @@ def write_manifest(plan: Plan) -> list[str]:
                            previous=scan.consolidated)
         m |= moments.merged(recs, m["d"], full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
                             previous=scan.consolidated, moments_of=moments.from_records(store, s.set_id, m["d"]))
-        faults.point("manifest.before-write")
+        crashpoints.point("manifest.before-write")
         manifest.write(store, s.set_id, m)
-        faults.point("manifest.written")
+        crashpoints.point("manifest.written")
     return plan.urls
 
 

@@ -8,8 +8,8 @@ from prefect.states import Completed, State
 
 from actcache.config import ExtractConfig
 from actcache.errors import Failure
-from actcache.plan import Plan, make_plan
-from actcache.tokens import ShardWork
+from actcache.extraction.plan import Plan, make_plan
+from actcache.extraction.tokens import ShardWork
 
 
 @task(name="plan", cache_policy=NO_CACHE)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache.plan import Plan
-from actcache.tokens import ShardWork
+from actcache.extraction.plan import Plan
+from actcache.extraction.tokens import ShardWork
 
 
 @task(name="tokenize", cache_policy=NO_CACHE)

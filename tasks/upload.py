@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import faults, handoff, layout, memory, records
-from actcache.plan import Plan
-from actcache.transient import is_transient
-from tasks.refs import PackedRef
+from actcache import crashpoints
+from actcache.extraction import handles, memory
+from actcache.extraction.plan import Plan
+from actcache.format import layout, records
+from actcache.storage.retry import is_transient
+from actcache.tasks.refs import PackedRef
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -31,17 +33,17 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
         # (a race that slips past this check is caught by the flow's recheck).
         scan = records.scan_set(store, key)
         if scan.is_done(ref.index, ref.n_seq + 1):
-            handoff.get(ref.handle).release()  # its buffer goes back (a pinned one to the pool) unwritten
-            handoff.drop(ref.handle)
+            handles.get(ref.handle).release()  # its buffer goes back (a pinned one to the pool) unwritten
+            handles.drop(ref.handle)
             return scan.records[ref.index]
-    payload = handoff.get(ref.handle)
+    payload = handles.get(ref.handle)
     store.write_bytes(f"{key.id}/{rel}", payload.data)  # from the buffer it lies in (a retry writes it again)
-    faults.point("upload.shard-written")
+    crashpoints.point("upload.shard-written")
     record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,
                             ref.bytes, ref.extra)
     records.write_record(store, key.id, record)
-    faults.point("upload.record-written")
-    handoff.drop(ref.handle)
+    crashpoints.point("upload.record-written")
+    handles.drop(ref.handle)
     payload.release()  # as soon as the record is in: the next shard may reuse a pinned buffer
     memory.release()
     return record

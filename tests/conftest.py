@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_s
 
 import pytest  # noqa: E402
 
-from actcache import demo  # noqa: E402
+from actcache.inputs import demo  # noqa: E402
 
 # `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
 # endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from actcache import layout, records
+from actcache.format import layout, records
 
 
 def normalized(files: dict[str, bytes]) -> dict[str, bytes]:

@@ -3,7 +3,7 @@
 ``extract_by_stages`` runs a real extraction with the flow's own stages, without Prefect. ``write_set`` writes
 a set with actcache's own shard encoder, records and manifest but no model, for readers' tests and the
 benchmark, where the format matters and the numbers do not: random activations, and token ids with BOS,
-separators and pads where an extraction would put them. (``actcache.shuffle.shuffle_set`` makes a "rows" copy.)
+separators and pads where an extraction would put them. (``actcache.sets.shuffle.shuffle_set`` makes a "rows" copy.)
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from actcache import layout, manifest, records, shard
-from actcache.key import SetKey, TokensKey
-from actcache.store import Store
+from actcache.format import layout, manifest, records, shard
+from actcache.format.key import SetKey, TokensKey
+from actcache.storage.store import Store
 
 BOS, EOS, PAD = 0, 1, 2
 """Special token ids of the synthetic sets (EOS is also the separator)."""
@@ -24,12 +24,12 @@ BOS, EOS, PAD = 0, 1, 2
 def extract_by_stages(cfg) -> str:
     """Extract ``cfg`` (an ``ExtractConfig``) by calling the flow's stages in the flow's order, without Prefect (no
     server to start: the flow itself is tested in tests/flows and tests/tasks); returns the set's URL."""
-    from actcache.plan import make_plan
-    from tasks.compress import compress
-    from tasks.extract import extract
-    from tasks.manifest import write_manifest
-    from tasks.tokenize import tokenize
-    from tasks.upload import upload
+    from actcache.extraction.plan import make_plan
+    from actcache.tasks.compress import compress
+    from actcache.tasks.extract import extract
+    from actcache.tasks.manifest import write_manifest
+    from actcache.tasks.tokenize import tokenize
+    from actcache.tasks.upload import upload
 
     plan = make_plan(cfg)
     for work in tokenize.fn(plan):

@@ -1,7 +1,7 @@
 """The bad-input catalogue across the CLI, the Python API and deployment parameters.
 
 Every entry: one line naming the problem and the fix, a non-zero exit (or an exception), and the store
-exactly as it was. (`tests/actcache/test_cli.py` holds the `extract` option catalogue.)
+exactly as it was. (`tests/actcache/cli/test_app.py` holds the `extract` option catalogue.)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import actcache
-from actcache.cli import main
+from actcache.cli.app import main
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -110,7 +110,7 @@ DEPLOYMENT = [
 @pytest.mark.parametrize("params,expected", DEPLOYMENT, ids=[e for _, e in DEPLOYMENT])
 def test_deployment_parameters(params, expected):
     """What the server and workers check before a run starts (the flow's typed signature)."""
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     with pytest.raises(Exception) as e:  # noqa: B017 - pydantic's or ours, the message is the contract
         extract_activations.validate_parameters(params)
@@ -118,7 +118,7 @@ def test_deployment_parameters(params, expected):
 
 
 def test_bad_partition_fails_the_run_in_one_line(base_config, prefect_console):
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     state = extract_activations(base_config, partition_index=4, num_partitions=4, return_state=True)
     assert state.is_failed()
@@ -318,7 +318,7 @@ def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_p
 
     from prefect.settings import PREFECT_API_URL
 
-    argv = [sys.executable, "-m", "actcache.cli", *_extract_args(base_config)]
+    argv = [sys.executable, "-m", "actcache.cli.app", *_extract_args(base_config)]
     env = {**__import__("os").environ, "TQDM_DISABLE": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
     p = subprocess.run(argv, capture_output=True, text=True, timeout=600, preexec_fn=limit, cwd=tmp_path, env=env)
     lines = [line for line in p.stderr.strip().splitlines() if line.startswith("actcache: ")]
@@ -365,7 +365,7 @@ def test_help_documents_exit_codes_and_debug(capsys):
 
 
 def test_null_and_empty_texts_are_skipped_not_errors(tmp_path):
-    from actcache.sources import DatasetSpec, open_source
+    from actcache.inputs.sources import DatasetSpec, open_source
 
     path = tmp_path / "gaps.jsonl"
     path.write_bytes(_jsonl([{"text": "first"}, {"text": None}, {"text": ""}, {"text": "second"}]))

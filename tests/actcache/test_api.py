@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import actcache
-from actcache.model import ModelSpec, load_bridge, resolve_model
+from actcache.inputs.model import ModelSpec, load_bridge, resolve_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -62,7 +62,7 @@ def test_a_target_far_beyond_the_data_costs_what_the_data_costs(base_config, tmp
     # again (planned full, it did not count as done): the same bytes.
     from pathlib import Path
 
-    from actcache import layout
+    from actcache.format import layout
 
     [end] = Path(cfg.store).glob(f"{layout.TOKENS_ROOT}/*/{layout.END}")
     end.unlink()
@@ -87,18 +87,19 @@ def test_complete_sets_are_answered_from_the_store_alone(base_config, monkeypatc
     (the slow reference); a set whose manifest is missing still goes through the flow, which writes it."""
     from pathlib import Path
 
-    from actcache import api, tempserver
+    from actcache import api
+    from actcache.orchestration import tempserver
 
     cfg = base_config.replace(hook="blocks.0.hook_resid_post,blocks.1.hook_resid_post")
     by_flow = api.extract_sets(cfg)  # the harness's API is configured: the flow runs
     starts = []
     monkeypatch.setattr(tempserver, "api_configured", lambda: False)
     monkeypatch.setattr(tempserver, "start", lambda: starts.append(1))
-    import flows.extract
+    import actcache.flows.extract
 
     runs = []
-    real = flows.extract.extract_activations
-    monkeypatch.setattr(flows.extract, "extract_activations", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = actcache.flows.extract.extract_activations
+    monkeypatch.setattr(actcache.flows.extract, "extract_activations", lambda *a, **k: runs.append(1) or real(*a, **k))
     fast = api.extract_sets(cfg)
     assert starts == [] and runs == []
     assert [(s.url, s.n_tokens, s.bytes, s.complete) for s in fast] == [(s.url, s.n_tokens, s.bytes, s.complete)

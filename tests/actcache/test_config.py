@@ -71,8 +71,8 @@ def test_secrets_are_refused_through_every_entry_point(base_config, capsys):
     """The CLI (exit 2, one line, nothing written) and a deployment's parameters (before any worker runs it)."""
     from pathlib import Path
 
-    from actcache.cli import main
-    from flows.extract import extract_activations
+    from actcache.cli.app import main
+    from actcache.flows.extract import extract_activations
 
     options = '{"s3_additional_kwargs": {"SSECustomerKey": "' + SECRET + '"}}'
     code = main(["extract", "--store", base_config.store, "--storage-options", options])

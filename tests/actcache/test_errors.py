@@ -82,8 +82,8 @@ def test_debug_prints_the_whole_chain_then_the_line(capsys):
 
 
 def test_storage_failures_are_failures_and_bad_input_is_not():
-    from actcache.storage_errors import StoreUnavailable
-    from actcache.store import DamagedFile
+    from actcache.storage.failures import StoreUnavailable
+    from actcache.storage.store import DamagedFile
 
     assert StoreUnavailable("x").exit_code == 1 and DamagedFile("x").exit_code == 1
     assert isinstance(DamagedFile("x"), ValueError)  # content problems are handled where bad JSON is

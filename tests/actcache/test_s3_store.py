@@ -8,9 +8,9 @@ import socket
 import pytest
 
 from actcache.errors import ActcacheError
-from actcache.storage_errors import StoreUnavailable
-from actcache.store import Store
-from actcache.transient import is_transient
+from actcache.storage.failures import StoreUnavailable
+from actcache.storage.retry import is_transient
+from actcache.storage.store import Store
 
 
 def test_round_trip_through_aws_endpoint_url(s3_server, s3_env):
@@ -69,7 +69,7 @@ def test_a_buffer_goes_up_in_parts_without_a_whole_copy(s3_server, s3_env, monke
     is the buffer's bytes, and a failure part-way completes nothing."""
     import numpy as np
 
-    from actcache import store as store_mod
+    from actcache.storage import store as store_mod
 
     url = s3_server.new_prefix()
     store = Store(url)
@@ -197,7 +197,7 @@ def test_is_transient_on_real_errors(s3_server, s3_env):
 
 def test_reads_stop_at_the_expected_size_on_s3_too(s3_server, s3_env):
     """A ranged GET: never more than the recorded size is downloaded, and an empty object is no exception."""
-    from actcache.store import DamagedFile
+    from actcache.storage.store import DamagedFile
 
     store = Store(s3_server.new_prefix())
     store.write_bytes("a/x", b"12345")

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcache import layout, records, shard
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
-from actcache.key import SetKey
-from actcache.reader import open_set
+from actcache.format import layout, records, shard
+from actcache.format.key import SetKey
+from actcache.read.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -97,8 +97,8 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     from prefect_aws import AwsCredentials
 
     from actcache.api import extract
-    from actcache.copy import copy_set
-    from actcache.dataset import ActivationDataset
+    from actcache.read.dataset import ActivationDataset
+    from actcache.sets.copy import copy_set
 
     (w_key, w_secret), (b_key, b_secret) = s3_server.keys["writer"], s3_server.keys["block"]
     assert len({w_secret, b_secret, WRONG_ENV_SECRET, WRONG_BLOCK_SECRET}) == 4
@@ -159,8 +159,8 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     copy_set(block_set, str(tmp_path / "api-copy"), src_credentials_block="sec-good")
     url_api = s3_server.new_prefix()
     assert extract(config.replace(store=url_api, aws_credentials_block="sec-good")).endswith(set_id)
-    from actcache.plan import make_plan
-    from tasks.fanout import verify_sets
+    from actcache.extraction.plan import make_plan
+    from actcache.tasks.fanout import verify_sets
 
     fanned = make_plan(config.replace(store=url_api, aws_credentials_block="sec-good"), load_model=False)
     verify_sets.fn(fanned)  # the fan-out's last step reads with the block too (it once dropped it)
@@ -194,14 +194,14 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
 def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch):
     import transformers
 
-    from actcache.cli import app
+    from actcache.cli.app import app
 
     def parsed(argv: list[str]) -> dict:
         _, bound, _ = app.parse_args(argv)
         bound.apply_defaults()
         return bound.arguments
-    from actcache.model import ModelSpec, resolve_model
-    from actcache.plan import make_plan
+    from actcache.extraction.plan import make_plan
+    from actcache.inputs.model import ModelSpec, resolve_model
 
     assert ExtractConfig().trust_remote_code is False
     assert parsed(["extract"])["config"].trust_remote_code is False
@@ -217,7 +217,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
-    monkeypatch.setattr("actcache.model._HEAVY", {})  # loads are cached per process: make these real
+    monkeypatch.setattr("actcache.inputs.model._HEAVY", {})  # loads are cached per process: make these real
     for flag in (False, True):
         model = resolve_model(ModelSpec(config.model, trust_remote_code=flag))
         model.config, model.tokenizer  # noqa: B018 - loading them is the point
@@ -230,7 +230,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
 # -- no pickle ------------------------------------------------------------------------------------
 def test_reading_never_unpickles(local_set, monkeypatch):
     """open_set, iteration, checksummed reads, verify and the training dataset use safetensors and JSON only."""
-    from actcache.dataset import ActivationDataset
+    from actcache.read.dataset import ActivationDataset
 
     def refuse(*args, **kwargs):
         raise AssertionError("pickle used while reading a set")
@@ -303,7 +303,7 @@ def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
     """Shards whose records vouch for them (checksums match) but whose structure is wrong: reading refuses them in
     one line, verify checks each header and says --verify-existing repairs it, and it does."""
     from actcache.api import extract
-    from actcache.dataset import ActivationDataset
+    from actcache.read.dataset import ActivationDataset
 
     good = (local_set / layout.shard_file(0, "none")).read_bytes()
     for case, (data, reason) in _bad_shards(good).items():
@@ -397,8 +397,8 @@ def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path,
     say so in one line, verify says a rerun repairs it, and the rerun does (what a link pointed to is untouched)."""
     import threading
 
-    from actcache.copy import copy_set
-    from actcache.dataset import ActivationDataset
+    from actcache.read.dataset import ActivationDataset
+    from actcache.sets.copy import copy_set
 
     set_dir = copy_of(local_set, tmp_path)
     outside = tmp_path / "outside"
@@ -466,7 +466,7 @@ def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tm
                                                                 kind):
     """shuffle, export and push read shards as every reader does (tensors.read, Store.read_range/regular_path):
     a FIFO is refused at once, a link is not followed, in one line with exit 1, and nothing is uploaded."""
-    from actcache import cli
+    from actcache.cli import app as cli
 
     set_dir = tmp_path / "store" / Path(extracted_set).name
     shutil.copytree(extracted_set, set_dir)
@@ -520,7 +520,7 @@ def test_manifest_entries_cannot_escape_the_set(local_set, tmp_path, entry):
     try:
         with pytest.raises(ActcacheError, match=r"manifest of .* is malformed \(.*\); regenerate it"):
             open_set(str(set_dir))
-        from actcache.copy import copy_set
+        from actcache.sets.copy import copy_set
 
         with pytest.raises(ActcacheError, match="is malformed"):
             copy_set(str(set_dir), str(tmp_path / "dest"))
@@ -536,8 +536,8 @@ def test_manifest_entries_cannot_escape_the_set(local_set, tmp_path, entry):
 def test_set_ids_are_checked(local_set, tmp_path, set_id):
     store = copy_of(local_set, tmp_path).parent
     with pytest.raises(ActcacheError, match="is not a set id"):
-        from actcache import manifest
-        from actcache.store import Store
+        from actcache.format import manifest
+        from actcache.storage.store import Store
 
         manifest.read(Store(str(store)), set_id)
 

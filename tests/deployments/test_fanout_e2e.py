@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actcache import demo
+from actcache.inputs import demo
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -71,7 +71,7 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from actcache.reader import open_set
+    from actcache.read.reader import open_set
 
     timings: dict[str, float] = {}
     t0 = t = time.monotonic()

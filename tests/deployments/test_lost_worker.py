@@ -23,7 +23,7 @@ import pytest
 from prefect_server import Server, _signal, process_tree
 from setfiles import local_tree
 
-from actcache import demo
+from actcache.inputs import demo
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "actcache"

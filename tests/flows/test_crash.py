@@ -13,18 +13,18 @@ import pytest
 from prefect_server import PREFECT, Processes, Server, free_port, server_env
 from setfiles import local_tree
 
-from actcache import faults
-from actcache.reader import open_set
+from actcache import crashpoints
+from actcache.read.reader import open_set
 
 # How often each point is reached in one run of `args` below (4 shards): the seeded n stays in range.
-_REACHED = {p: 4 for p in faults.POINTS} | {"store.temp-written": 17, "manifest.before-write": 1,
+_REACHED = {p: 4 for p in crashpoints.POINTS} | {"store.temp-written": 17, "manifest.before-write": 1,
                                             "manifest.written": 1}
 
 
 def _cases(seed: int = 20261125, n: int = 11) -> list[tuple[str, int]]:
     """Every point at least once, then seeded extras; the n-th visit of each point is seeded too."""
     rng = random.Random(seed)
-    points = list(faults.POINTS) + [rng.choice(faults.POINTS) for _ in range(n - len(faults.POINTS))]
+    points = list(crashpoints.POINTS) + [rng.choice(crashpoints.POINTS) for _ in range(n - len(crashpoints.POINTS))]
     return [(p, rng.randint(1, _REACHED[p])) for p in points]
 
 
@@ -59,7 +59,7 @@ def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = 
     env.pop("ACTCACHE_FAULT", None)
     if fault:
         env["ACTCACHE_FAULT"] = fault
-    argv = [sys.executable, "-m", "actcache.cli", *args, "--store", str(store)]
+    argv = [sys.executable, "-m", "actcache.cli.app", *args, "--store", str(store)]
     # Own session, and the group killed once the CLI has exited: nothing it started may outlive it.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -83,7 +83,7 @@ def reference(args, api_env, tmp_path_factory):
 
 
 def test_cases_cover_every_stage():
-    assert len(CASES) >= 10 and {p for p, _ in CASES} == set(faults.POINTS)
+    assert len(CASES) >= 10 and {p for p, _ in CASES} == set(crashpoints.POINTS)
 
 
 @pytest.mark.parametrize("point,nth", CASES, ids=[f"{p}:{n}" for p, n in CASES])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcache import layout
-from actcache.reader import open_set
+from actcache.format import layout
+from actcache.read.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -22,7 +22,7 @@ def run(cfg) -> tuple[list[str], Counter]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     state = extract_activations(cfg, return_state=True)
     urls = state.result()
@@ -177,7 +177,7 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
     )
     from prefect.settings import PREFECT_API_URL
 
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     cfg = base_config.replace(hook="blocks.0.hook_resid_post,blocks.1.hook_resid_post")
     state = extract_activations(cfg, return_state=True)
@@ -267,7 +267,7 @@ def test_a_shard_replaced_during_the_run_is_computed_again(base_config, tmp_path
     """The race two targets can run into, made to happen: right after this run records shard 3, a run asking
     448 tokens lands its partial shard 3 (bytes, then also its record). The run's recheck sees it and computes
     shard 3 again: the set ends as the larger target's, byte for byte."""
-    from actcache import records
+    from actcache.format import records
 
     small = tmp_path / "small"
     run(base_config.replace(max_tokens=448, store=str(small)))
@@ -293,7 +293,7 @@ def test_a_shard_replaced_during_the_run_is_computed_again(base_config, tmp_path
 def test_a_partial_shard_never_replaces_a_larger_one_in_place(base_config, tmp_path, monkeypatch):
     """The other order: a run asking 448 tokens is about to store its partial shard 3 when the full one (of a run
     asking 512) is already in place: it keeps the full one."""
-    from actcache import records
+    from actcache.format import records
 
     reference = tmp_path / "reference"
     run(base_config.replace(store=str(reference)))

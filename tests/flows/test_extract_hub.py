@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import actcache
-from actcache import faults
+from actcache import crashpoints
 from actcache.errors import ActcacheError
-from actcache.plan import make_plan
+from actcache.extraction.plan import make_plan
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -122,7 +122,7 @@ def test_a_branch_that_moves_mid_run_never_mixes_weights(base_config, repos, hub
     repo, first = repos["model"], repos["model_sha"]
     second = hub.commit(repo, {"model.safetensors": _doubled(tiny_models["gpt2"])}, branch="second")
     third = hub.commit(repo, {"README.md": b"moved again"}, branch="third")
-    real_plan, real_point = actcache.api.make_plan, faults.point
+    real_plan, real_point = actcache.api.make_plan, crashpoints.point
 
     def plan_then_move(cfg, **kw):
         plan = real_plan(cfg, **kw)
@@ -136,7 +136,7 @@ def test_a_branch_that_moves_mid_run_never_mixes_weights(base_config, repos, hub
 
     with monkeypatch.context() as m:
         m.setattr(actcache.api, "make_plan", plan_then_move)
-        m.setattr(faults, "point", move_between_shards)
+        m.setattr(crashpoints, "point", move_between_shards)
         url = actcache.extract(base_config.replace(model=repo))
     local = actcache.extract(base_config.replace(store=str(tmp_path / "local")))  # `first`'s weights
     s = actcache.open_set(url)
@@ -148,7 +148,7 @@ def test_a_branch_that_moves_mid_run_never_mixes_weights(base_config, repos, hub
 
 
 def test_partitions_get_the_commits_the_parent_resolved(base_config, repos, hub, tiny_models):
-    from tasks.fanout import child_parameters
+    from actcache.tasks.fanout import child_parameters
 
     cfg = base_config.replace(model=repos["model"], dataset=repos["data"], dataset_config="main")
     plan = make_plan(cfg, load_model=False)
@@ -201,7 +201,7 @@ def test_hub_unreachable_without_a_cache_is_one_line_and_with_one_works(base_con
 
 
 def test_a_429_is_answered_with_backoff(base_config, repos, hub, monkeypatch):
-    from actcache import hub as hub_client
+    from actcache.inputs import hub as hub_client
 
     waits: list[float] = []
     monkeypatch.setattr(hub_client, "_sleep", waits.append)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from actcache import layout
-from actcache.plan import make_plan
+from actcache.extraction.plan import make_plan
+from actcache.format import layout
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -24,7 +24,7 @@ def run(cfg, *, fail_ok: bool = False, last: str | None = None):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     state = extract_activations(cfg, return_state=True)
     if not fail_ok:

@@ -14,9 +14,9 @@ import pytest
 from setfiles import local_tree
 
 import actcache
-from actcache import layout, records
-from actcache.cli import main
-from actcache.reader import open_set
+from actcache.cli.app import main
+from actcache.format import layout, records
+from actcache.read.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -88,7 +88,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
-    argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", base_config.model, "--dataset",
+    argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", base_config.model, "--dataset",
             base_config.dataset, "--store", str(store), "--context-size", "32", "--max-tokens", "512",
             "--shard-tokens", "128", "--hook", base_config.hook]
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -122,7 +122,7 @@ def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp
     env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
     procs = []
     for max_tokens in targets:
-        argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", base_config.model, "--dataset",
+        argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", base_config.model, "--dataset",
                 base_config.dataset, "--store", str(store), "--context-size", "32", "--max-tokens", str(max_tokens),
                 "--shard-tokens", "128", "--hook", base_config.hook, "--device", "cpu"]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect_server import PREFECT, Processes, Server, free_port, process_tree, server_env
 
-from actcache.reader import open_set
+from actcache.read.reader import open_set
 
 
 def _start_server(procs: Processes, server: Server, port: int, home: Path) -> subprocess.Popen:
@@ -39,7 +39,7 @@ def test_lost_api_then_rerun(tmp_path, tiny_models, corpus):
     procs = Processes(tmp_path)
     server = Server(url, env, procs)
     store = tmp_path / "store"
-    argv = [sys.executable, "-m", "actcache.cli", "extract", "--model", str(tiny_models["gpt2"]), "--dataset",
+    argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", str(tiny_models["gpt2"]), "--dataset",
             str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "8192",
             "--shard-tokens", "128", "--batch-size", "4"]
     try:

@@ -19,10 +19,10 @@ import pytest
 from setfiles import local_tree
 
 import actcache
-from actcache import layout, records
-from actcache.cli import main
+from actcache.cli.app import main
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
+from actcache.format import layout, records
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -329,7 +329,7 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
-    from tasks.manifest import artifact_key
+    from actcache.tasks.manifest import artifact_key
 
     with get_client(sync_client=True) as client:
         (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(

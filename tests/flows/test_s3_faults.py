@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from setfiles import local_tree, normalized
 
-from actcache import layout
 from actcache.config import ExtractConfig
-from actcache.reader import open_set
+from actcache.format import layout
+from actcache.read.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -48,7 +48,7 @@ def cli_args(cfg: ExtractConfig) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(config, tmp_path_factory) -> dict[str, bytes]:
     """The same set written to local disk by one uninterrupted run."""
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     root = tmp_path_factory.mktemp("reference")
     extract_activations(config.replace(store=str(root)), return_state=True).result()
@@ -115,7 +115,7 @@ def test_endpoint_killed_mid_upload_comes_back(config, reference, restartable_s3
     recording before its port opens, so what the proof rests on is the client side: uploads that hit the dead
     endpoint are retried (or, if the outage hit a stage without retries, the rerun finishes), and no object is
     ever partial."""
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     server = restartable_s3
     for k, v in server.env().items():
@@ -165,7 +165,7 @@ def test_endpoint_killed_mid_upload_comes_back(config, reference, restartable_s3
 def test_client_killed_while_endpoint_down_then_rerun(config, reference, restartable_s3, monkeypatch, tmp_path):
     """The endpoint dies mid-upload and the client is SIGKILLed while it waits to retry; the endpoint comes
     back (recording replayed) and a rerun uploads exactly the shards that have no completion record."""
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     server = restartable_s3
     url = server.new_prefix()

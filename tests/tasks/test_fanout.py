@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from actcache.errors import ActcacheError
-from actcache.plan import make_plan
-from tasks.fanout import (
+from actcache.extraction.plan import make_plan
+from actcache.tasks.fanout import (
     check_partitions,
     child_parameters,
     partitions_with_work,
@@ -25,15 +25,15 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
                                                                                            monkeypatch):
-    import actcache.extraction
-    import actcache.model
-    from flows.extract import extract_activations
+    import actcache.extraction.forward
+    import actcache.inputs.model
+    from actcache.flows.extract import extract_activations
 
     def no_weights(*a, **k):
         raise AssertionError("the fan-out parent loaded the model")
 
-    monkeypatch.setattr(actcache.model, "load_bridge", no_weights)
-    monkeypatch.setattr(actcache.extraction, "load_hf_stack", no_weights)
+    monkeypatch.setattr(actcache.inputs.model, "load_bridge", no_weights)
+    monkeypatch.setattr(actcache.extraction.forward, "load_hf_stack", no_weights)
     plan = make_plan(base_config, load_model=False)
     assert [w.index for w in plan.missing] == [0, 1, 2, 3] and plan.sets[0].hook_shape == (32,)
     assert partitions_with_work(plan, 3) == [0, 1, 2]  # shards 0 and 3 belong to partition 0
@@ -50,7 +50,7 @@ def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_miss
 
 
 def test_child_parameters_are_json_and_pass_the_flow_signature(base_config):
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     params = json.loads(json.dumps(child_parameters(base_config, 2, 4)))
     validated = extract_activations.validate_parameters(params)
@@ -74,7 +74,7 @@ def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition(monke
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Crashed, Failed, Running
 
-    import tasks.fanout
+    import actcache.tasks.fanout
 
     with get_client(sync_client=True) as client:
         ok, late = _flow_run(client, Completed()), _flow_run(client, Running())
@@ -87,7 +87,7 @@ def test_wait_for_partitions_waits_then_names_every_unsuccessful_partition(monke
                 client.set_flow_run_state(late, Completed(), force=True)
 
         # Its own clock, not Prefect's: the wait is counted, not timed.
-        monkeypatch.setattr(tasks.fanout, "time", SimpleNamespace(sleep=poll_wait, monotonic=time.monotonic))
+        monkeypatch.setattr(actcache.tasks.fanout, "time", SimpleNamespace(sleep=poll_wait, monotonic=time.monotonic))
         outcomes = wait_for_partitions.fn({0: ok, 1: late}, poll_s=0.1)
         assert waits == [0.1]  # it saw the running partition, waited once, then saw it completed
         assert [(o.index, o.state) for o in outcomes] == [(0, "Completed"), (1, "Completed")]
@@ -149,7 +149,7 @@ def test_waiting_is_bounded_and_cancels_what_is_left():
 
 
 def test_verify_sets_fails_on_missing_or_corrupted_shards(base_config):
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     [url] = extract_activations(base_config)
     plan = make_plan(base_config, load_model=False)

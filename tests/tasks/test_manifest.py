@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actcache import layout, moments
-from actcache.reader import open_set
+from actcache.format import layout, moments
+from actcache.read.reader import open_set
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _run(cfg) -> str:
-    from flows.extract import extract_activations
+    from actcache.flows.extract import extract_activations
 
     return extract_activations(cfg)[0]
 

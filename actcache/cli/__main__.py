@@ -1,0 +1,7 @@
+"""``python -m actcache.cli``: the same as the ``actcache`` command."""
+
+import sys
+
+from actcache.cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""Fault injection for the crash tests: ``ACTCACHE_FAULT=point:n`` SIGKILLs this process the n-th time
+it reaches ``point``; ``point:n:hang`` blocks the thread there for good instead (a stalled node, until
+something kills the whole process). Unset (always, outside tests) it costs one ``is None`` check per call.
+
+The kill is real (no cleanup, no ``finally``): it is how a preempted GPU node or an OOM kill ends a run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+POINTS = (
+    "tokenize.token-shard-written",  # token shard bytes in place, no record yet
+    "tokenize.token-record-written",
+    "extract.forward-done",
+    "compress.encoded",
+    "store.temp-written",  # a local write's temp file is complete, not yet renamed
+    "upload.shard-written",  # shard bytes in place, no completion record yet
+    "upload.record-written",
+    "manifest.before-write",
+    "manifest.written",
+)
+
+# The shuffle's own points (``actcache shuffle`` runs outside the extraction flow).
+SHUFFLE_POINTS = (
+    "shuffle.spill-written",  # a source shard's spill file in place, no spill record yet
+    "shuffle.spill-recorded",
+    "shuffle.shard-written",  # an output shard in place, no completion record yet
+    "shuffle.shard-recorded",
+    "shuffle.manifest-written",  # the set is complete, its spill files not yet removed
+)
+
+# `actcache rm` (actcache/sets/cleanup.py), after each kind of file is deleted.
+RM_POINTS = ("rm.manifest-removed", "rm.records-removed", "rm.shards-removed")
+
+_SPEC = os.environ.get("ACTCACHE_FAULT") or None
+_COUNTS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def point(name: str) -> None:
+    if _SPEC is None:
+        return
+    target, _, rest = _SPEC.partition(":")
+    if name != target:
+        return
+    nth, _, mode = rest.partition(":")
+    with _LOCK:
+        _COUNTS[name] = _COUNTS.get(name, 0) + 1
+        hit = _COUNTS[name] == int(nth or 1)
+    if hit and mode == "hang":
+        threading.Event().wait()
+    elif hit:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,247 @@
+"""Tokenize and pack text into fixed-length sequences, cached as token shards in the store.
+
+The token cache has its own key (dataset + tokenizer + tokenization settings), so other hooks, layers
+and models sharing the tokenizer reuse it. Sequences are deterministic: documents in source order,
+each followed by the separator, chunked to exactly ``context_size`` (BOS first when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from actcache import crashpoints
+from actcache.errors import ActcacheError, Failure, opt
+from actcache.format import layout, records
+from actcache.format.key import TokensKey
+from actcache.storage.store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """One shard to compute: its index and how many sequences it holds."""
+
+    index: int
+    n_seq: int
+
+
+@dataclass(frozen=True)
+class ShardRange(Sequence[ShardWork]):
+    """The shards that ``total_seqs`` sequences fill, all full but possibly the last, made when asked for: before
+    the dataset's end is known a plan names every shard of the target, and --max-tokens 10^12 names millions."""
+
+    total_seqs: int
+    seqs_per_shard: int
+    known: bool = field(default=True, compare=False)
+    """Whether ``total_seqs`` is certain: stored token shards fill it, or it stops where the data is known to end
+    (False: the target's, at most)."""
+
+    def __len__(self) -> int:
+        return -(-self.total_seqs // self.seqs_per_shard)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        n, i = len(self), operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} of {n}")
+        i %= n
+        return ShardWork(i, min(self.seqs_per_shard, self.total_seqs - i * self.seqs_per_shard))
+
+    def __iter__(self) -> Iterator[ShardWork]:
+        return (self[i] for i in range(len(self)))
+
+    def __contains__(self, w: object) -> bool:
+        return isinstance(w, ShardWork) and 0 <= w.index < len(self) and self[w.index] == w
+
+
+def pack(docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None,
+         prepend_bos: bool) -> Iterator[list[int]]:
+    """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``."""
+    body = context_size - 1 if prepend_bos else context_size
+    head = [bos] if prepend_bos else []
+    buf: list[int] = []
+    start = 0
+    for ids in docs:
+        buf.extend(ids)
+        if separator is not None:
+            buf.append(separator)
+        while len(buf) - start >= body:
+            yield head + buf[start : start + body]
+            start += body
+        if start > 1 << 16:  # compact now and then instead of slicing on every sequence
+            buf, start = buf[start:], 0
+
+
+def tokenize_docs(texts: Iterable[str], tokenizer, batch: int = 256) -> Iterator[list[int]]:
+    chunk: list[str] = []
+    for t in texts:
+        chunk.append(t)
+        if len(chunk) == batch:
+            yield from _encode(tokenizer, chunk)
+            chunk = []
+    if chunk:
+        yield from _encode(tokenizer, chunk)
+
+
+def _encode(tokenizer, chunk: list[str]) -> list[list[int]]:
+    try:
+        return tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # texts are checked to be strings: this is the tokenizer's own failure
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"the tokenizer failed on a document ({type(e).__name__}: {first})") from e
+
+
+BUFFER_TOKENS = 1 << 24
+"""Token ids (64 MB as int32) the validating pass keeps for writing; a larger target is tokenized twice."""
+
+
+class TokenCache:
+    """Token shards for one TokensKey inside a store.
+
+    Token shards are full (``seqs_per_shard`` sequences) except where the dataset ends, whatever the target: a
+    token shard's bytes depend on its key and index alone, so runs with different --max-tokens share them
+    (even at once), and an activation shard of n sequences uses the first n of its token shard.
+    """
+
+    def __init__(self, store: Store, key: TokensKey):
+        self.store, self.key = store, key
+        self.root = layout.tokens_dir(key.id)
+        self.bounds = records.Bounds.of(key)
+
+    def scan(self, *, read_all: bool = False) -> records.Scan:
+        return records.scan(self.store, self.root, INDEX, self.bounds, owner=self.key.id, read_all=read_all)
+
+    def available_seqs(self, scan: records.Scan) -> int | None:
+        """Total sequences the dataset holds, once a pass has reached its end (None if unknown or damaged)."""
+        if layout.END not in scan.entries:
+            return None
+        try:
+            end = records.check_sealed(self.store.read_json(f"{self.root}/{layout.END}", limit=records.RECORD_LIMIT),
+                                       layout.END)
+        except (ValueError, FileNotFoundError):
+            return None  # damaged: the next pass that reaches the end rewrites it
+        n = end.get("n_seq")
+        return n if type(n) is int and n >= 0 else None
+
+    def plan(self, target_seqs: int, scan: records.Scan | None = None) -> ShardRange:
+        """The activation shards for ``target_seqs`` sequences (the last may be partial)."""
+        scan = scan or self.scan()
+        avail = self.available_seqs(scan)
+        if avail is not None:
+            return ShardRange(min(target_seqs, avail), self.key.seqs_per_shard)
+        n = len(ShardRange(target_seqs, self.key.seqs_per_shard))
+        # The target is certain once token shards fill it (they are full but the data's last).
+        known = n <= len(scan.records) and all(i in scan.records for i in range(n))
+        return ShardRange(target_seqs, self.key.seqs_per_shard, known)
+
+    def cover(self, wanted: ShardRange, avail: int | None) -> ShardRange:
+        """The token shards ``wanted`` reads: full ones, except the dataset's last (when known)."""
+        sps = self.key.seqs_per_shard
+        return ShardRange(len(wanted) * sps if avail is None else min(len(wanted) * sps, avail), sps)
+
+    def ensure(self, target_seqs: int, texts: Callable[[], Iterable[str]], tokenizer, sep: int | None,
+               bos: int | None, *, check: Callable[[int], bool] | None = None, on_shard=None) -> ShardRange:
+        """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
+
+        ``check(index)``: whether token shard ``index`` is re-hashed before it is trusted (those the run feeds to
+        the model); None re-hashes every one (--verify-existing).
+        """
+        import torch  # here, not at the top: a plan (listing what is done) needs no torch
+
+        scan = self.scan(read_all=check is None)
+        wanted = self.plan(target_seqs, scan)
+        cover = self.cover(wanted, self.available_seqs(scan))
+        sound = {w.index for w in scan.done_of(cover, verify=True if check is None else check)}
+        if len(sound) == len(cover):
+            return wanted
+        # Read, decode and tokenize exactly the input this run consumes before writing anything: a bad row or an
+        # undecodable byte deep in a file then fails the run with the store untouched (a one-line error, exit 2).
+        # Tokenizing costs little next to the forward passes it feeds; up to BUFFER_TOKENS the ids are kept, so
+        # only larger targets tokenize twice.
+        goal = len(cover) * self.key.seqs_per_shard
+        kept: list[torch.Tensor] | None = []
+        produced = 0
+        for batch in self._shards(texts(), tokenizer, sep, bos, goal):
+            produced += len(batch)
+            if kept is not None and produced * self.key.context_size <= BUFFER_TOKENS:
+                kept.append(torch.tensor(batch, dtype=torch.int32))
+            else:
+                kept = None
+        if produced == 0:
+            raise ActcacheError(f"the dataset holds too little text for one sequence; lower {opt('context_size')} or "
+                                "pass more text")
+        self.store.sweep_temp(self.root)
+        batches = kept if kept is not None else (torch.tensor(b, dtype=torch.int32)
+                                                 for b in self._shards(texts(), tokenizer, sep, bos, goal))
+        for index, seqs in enumerate(batches):
+            if index not in sound:
+                self._write(index, seqs)
+            if on_shard:
+                on_shard()
+        if produced < goal:  # the dataset ended first: remember where
+            self.store.write_json(f"{self.root}/{layout.END}", records.sealed({"n_seq": produced}))
+        recs = self.scan().sorted_records()
+        self.store.write_json(f"{self.root}/{INDEX}",
+                              records.sealed({"key": self.key.id, "shards": [r.to_dict() for r in recs]}))
+        return ShardRange(min(target_seqs, produced), self.key.seqs_per_shard)
+
+    def _shards(self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None,
+                goal: int) -> Iterator[list[list[int]]]:
+        """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
+        k = self.key
+        seqs = pack(tokenize_docs(texts, tokenizer), context_size=k.context_size, bos=bos, separator=sep,
+                    prepend_bos=k.prepend_bos)
+        batch: list[list[int]] = []
+        produced = 0
+        for seq in seqs:
+            batch.append(seq)
+            produced += 1
+            if len(batch) == k.seqs_per_shard or produced == goal:
+                yield batch
+                batch = []
+            if produced == goal:
+                return
+        if batch:
+            yield batch
+
+    def _write(self, index: int, seqs: torch.Tensor) -> None:
+        from actcache.format import shard
+
+        enc = shard.encode({"tokens": seqs})
+        rel = layout.shard_file(index, "none")
+        self.store.write_bytes(f"{self.root}/{rel}", enc.data)
+        crashpoints.point("tokenize.token-shard-written")
+        records.write_record(self.store, self.root, records.Record(
+            index, rel, len(seqs), len(seqs) * self.key.context_size, enc.sha256, len(enc.data)))
+        crashpoints.point("tokenize.token-record-written")
+
+    def load(self, index: int, n_seq: int) -> torch.Tensor:
+        """The first ``n_seq`` sequences of token shard ``index``, checked against its record's sha256 first."""
+        import torch
+
+        from actcache.format import shard
+
+        where = f"token shard {index} of {self.store.url_of(self.root)}"
+        rel = layout.record_file(index)
+        try:
+            rec = records.Record.from_dict(records.check_sealed(
+                self.store.read_json(f"{self.root}/{rel}", limit=records.RECORD_LIMIT), rel), self.bounds)
+            if rec.n_seq < n_seq:
+                raise ValueError(f"it holds {rec.n_seq} sequences, {n_seq} needed")
+            data = self.store.read_bytes(f"{self.root}/{rec.file}", size=rec.bytes)
+            if hashlib.sha256(data).hexdigest() != rec.sha256:
+                raise ValueError("its bytes fail their sha256 checksum")
+            tokens = shard.decode(data, codec="none",
+                                  expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))})["tokens"]
+        except (ValueError, FileNotFoundError) as e:
+            raise Failure(f"{where} is damaged or missing ({e}); rerun the same command: it is rebuilt") from e
+        return tokens[:n_seq]

@@ -1,0 +1,154 @@
+"""The manifest: a JSON view of a set consolidated from its completion records (written last).
+
+It says exactly how to reproduce the set (model, hook, dataset, tokenization, encoding, versions) and
+lists every shard with its checksum. It never holds the store URL, storage options or credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from importlib import metadata
+from typing import Any
+
+from actcache.errors import ActcacheError
+from actcache.format import layout, records
+from actcache.format.key import CODECS, DTYPES, FORMAT_VERSION, SetKey, ShuffleKey, key_from_dict
+from actcache.storage.store import DamagedFile, Store
+
+_PACKAGES = ("actcache", "torch", "transformers", "transformer-lens", "safetensors", "tokenizers", "zstandard")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "unknown"
+    return out
+
+
+def non_finite(shards: list[dict[str, Any]]) -> dict[str, int]:
+    """NaN and Inf values over a set's shards (from their records' stats), and how many shards hold any."""
+    nan = inf = bad = 0
+    for r in shards:
+        st = (r.get("extra") or {}).get("stats") or {} if isinstance(r, dict) else {}
+        n, i = st.get("nan", 0), st.get("inf", 0)
+        n, i = (n if type(n) is int else 0), (i if type(i) is int else 0)
+        nan, inf, bad = nan + n, inf + i, bad + bool(n or i)
+    return {"nan": nan, "inf": inf, "shards": bad}
+
+
+def describe_non_finite(m: dict[str, Any]) -> str | None:
+    """One line about a set's NaN/Inf values and what to do, or None when it has none."""
+    nf = non_finite(m.get("shards") or [])
+    if not (nf["nan"] or nf["inf"]):
+        return None
+    from actcache.format.shard import non_finite_hint
+
+    source_finite = m.get("non_finite", {}).get("source_finite", nf["nan"] == 0)
+    return (f"{nf['inf']} Inf and {nf['nan']} NaN values in {nf['shards']} of {len(m['shards'])} shards: "
+            + non_finite_hint(m.get("dtype", ""), bool(source_finite)))
+
+
+def build(key: SetKey, provenance: dict[str, Any], recs: list[records.Record], *, target_seqs: int,
+          previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    n_tokens = sum(r.n_tokens for r in recs)
+    hook_shape = provenance.get("hook_shape") or (recs[0].extra.get("hook_shape") if recs else None)
+    d = 1
+    for s in hook_shape or [0]:
+        d *= s
+    shards = [r.to_dict() for r in recs]
+    source_finite = all(r.extra.get("source_finite", True) for r in recs)
+    return records.sealed({
+        "format_version": FORMAT_VERSION,
+        "set_id": key.id,
+        "key": key.to_dict(),
+        **{k: v for k, v in provenance.items() if k != "format_version"},
+        "hook_shape": hook_shape,
+        "d": d,
+        "dtype": key.dtype,
+        "model_dtype": key.model_dtype,
+        "codec": key.codec,
+        "codec_level": key.codec_level,
+        "shard_tokens": key.tokens.shard_tokens,
+        "versions": versions(),
+        "n_shards": len(recs),
+        "n_tokens": n_tokens,
+        "bytes": sum(r.bytes for r in recs),
+        "non_finite": {**non_finite(shards), "source_finite": source_finite},
+        "target_tokens": target_seqs * key.tokens.context_size,
+        "complete": n_tokens >= target_seqs * key.tokens.context_size,
+        "created_at": (previous or {}).get("created_at", now),
+        "updated_at": now,
+        "shards": shards,
+    })
+
+
+def write(store: Store, set_id: str, m: dict[str, Any]) -> None:
+    """Write a set's manifest, sealed (``records.SEAL``) over all its fields: the one way manifests are written, so
+    a field added after ``build`` (statistics, a shuffled set's own) is covered by the seal too."""
+    store.write_json(f"{set_id}/{layout.MANIFEST}", records.sealed(m))
+
+
+class NoManifest(ActcacheError):
+    """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
+
+
+def read(store: Store, set_id: str) -> dict[str, Any]:
+    """A set's manifest, checked to be one this version can read, and against the key its set id hashes."""
+    if not isinstance(set_id, str) or not layout.SET_ID_RE.match(set_id) or set_id.startswith("t"):
+        raise ActcacheError(f"{set_id!r} is not a set id (24 hex characters)")
+    url = store.url_of(set_id)
+    rebuild = "rerun the same `actcache extract` to rebuild it from the completion records"
+    try:
+        m = store.read_json(f"{set_id}/{layout.MANIFEST}")
+    except FileNotFoundError:
+        raise NoManifest(f"no activation set at {url} (no manifest.json)") from None
+    except DamagedFile as e:
+        raise ActcacheError(f"manifest of {url} is damaged ({e}); {rebuild}") from e
+    version = m.get("format_version") if isinstance(m, dict) else None
+    if type(version) is not int:
+        raise ActcacheError(f"manifest of {url} has no format_version; it is not an actcache set ({rebuild})")
+    if version > FORMAT_VERSION:
+        raise ActcacheError(f"set {set_id} has format version {version}, newer than this actcache reads "
+                            f"({FORMAT_VERSION}); upgrade actcache")
+    try:
+        key = key_from_dict(m["key"])
+        _check_encoding(m, key)
+        recs = records.records_of(m["shards"], records.Bounds.of(key))
+        if m.get("n_tokens") != sum(r.n_tokens for r in recs.values()) or \
+                m.get("bytes") != sum(r.bytes for r in recs.values()):
+            raise ValueError("its totals differ from its shards")
+        records.check_sealed(m, "it")  # last: the specific complaints above say more
+    except (KeyError, TypeError, ValueError) as e:
+        raise ActcacheError(f"manifest of {url} is malformed ({e}); regenerate it with "
+                            f"`actcache extract` using the same settings: {rebuild}") from e
+    if key.id != set_id or m.get("set_id", set_id) != set_id:
+        raise ActcacheError(f"manifest of {url} does not match its set id (edited by hand?); "
+                            "regenerate it with `actcache extract` using the same settings")
+    return m
+
+
+def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
+    """What the reader sizes and decodes shards with must be a known encoding, and the key's own."""
+    if isinstance(key, ShuffleKey):  # a "rows" set: [n_rows, d] shards, uncompressed, in the source's dtype
+        d = m.get("d")
+        if m.get("layout") != "rows" or m.get("dtype") not in DTYPES or m.get("codec") != "none" \
+                or type(d) is not int or d < 1:
+            raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
+        return
+    if key.dtype not in DTYPES or key.codec not in CODECS:
+        raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
+    if m.get("dtype") != key.dtype or m.get("codec") != key.codec or m.get("hook") != key.hook:
+        raise ValueError("dtype/codec/hook differ from the key's")
+    ctx, sps, d, shape = key.tokens.context_size, key.tokens.seqs_per_shard, m.get("d"), m.get("hook_shape")
+    if not m.get("shards") and shape is None:
+        return  # nothing stored yet: nothing to size
+    if not all(type(v) is int and v >= 1 for v in (ctx, sps, d)):
+        raise ValueError(f"context_size {ctx!r}, seqs_per_shard {sps!r} and d {d!r} must be positive integers")
+    if not (isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape)
+            and math.prod(shape) == d):
+        raise ValueError(f"hook_shape {shape!r} does not multiply to d={d}")

@@ -1,0 +1,1 @@
+"""Reading sets back: whole shards, a shuffled training stream, exclusions."""

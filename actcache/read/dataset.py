@@ -1,0 +1,651 @@
+"""Stream an activation set for training: a PyTorch ``IterableDataset`` of flat ``[batch, d]`` batches.
+
+    ds = ActivationDataset("s3://bucket/sets/<set_id>", batch_size=4096, shuffle_buffer=1 << 20, seed=0)
+    loader = DataLoader(ds, batch_size=None, num_workers=2)   # the dataset batches; the loader must not
+    for epoch in range(n):
+        ds.set_epoch(epoch)
+        for acts in loader: ...
+
+How one epoch is dealt (``deal``): the set's rows (token positions, less the excluded ones) in shard order
+(a new order every epoch when shuffling) are cut into ``world_size`` contiguous parts of exactly
+``n_tokens // world_size`` rows, so every rank yields the same number of batches (DDP hangs otherwise); the
+last ``n_tokens % world_size`` rows of the epoch are left out. A rank's part is cut into DataLoader workers at
+batch boundaries, so the batches a rank yields (how many, and their sizes) do not depend on the workers.
+
+How rows are read: background threads fetch ``prefetch`` shards ahead (a local shard is memory-mapped, its
+pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
+of those bytes, and rows are copied once into a preallocated shuffle buffer, cast (and normalised) on the way
+in, then gathered in random order straight into each batch. No ``torch.cat``, no per-row Python. Memory: the
+buffer (``shuffle_buffer`` rows in the batch dtype, per worker, kept for the next epoch) plus ``prefetch + 1``
+shards, whatever the size of the set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import threading
+import warnings
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from actcache.errors import ActcacheError
+from actcache.format.records import Record
+from actcache.read.exclude import token_ids
+from actcache.read.reader import ActivationSet, open_set
+from actcache.storage.retry import is_transient
+from actcache.storage.store import StoreRef
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS = (1.0, 2.0, 8.0, 30.0)
+"""Seconds to wait before each new attempt at a shard read that failed transiently (as uploads do)."""
+
+NORMALIZE = ("scale", "standardize")
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def _pause(seconds: float, stop: threading.Event) -> bool:
+    """Wait before a retry; True when the reader was stopped meanwhile."""
+    return stop.wait(seconds)
+
+
+def retried(fn: Callable[[], Any], what: str, stop: threading.Event) -> Any:
+    """``fn()``, again after each of ``RETRY_DELAYS`` while it fails with a transient storage error."""
+    for delay in RETRY_DELAYS:
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            log.warning("%s failed (%s); retrying in %.0f s", what, e, delay)
+            if _pause(delay, stop):
+                raise
+    return fn()
+
+
+def prefetched(load: Callable[[Any], Any], items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """``load(item)`` for each item, in order, by ``depth`` background threads: at most ``depth`` items are
+    loading or loaded ahead of the one the consumer holds. A load's error is raised at that item's turn."""
+    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="actcache-prefetch")
+    it = iter(items)
+    pending = deque(pool.submit(load, item) for item in islice(it, depth))
+    try:
+        while pending:
+            future = pending.popleft()  # (rebinding drops the previous item: nothing here holds it while waiting)
+            for item in islice(it, 1):  # keep ``depth`` in flight while the consumer works on this one
+                pending.append(pool.submit(load, item))
+            yield future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # running loads finish in their thread, then it exits
+
+
+def background(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """``items`` advanced by a background thread, at most ``depth`` ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    break
+            else:
+                put(("end", None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put(("error", e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # in this thread: a generator may only be closed by the thread running it
+
+    thread = threading.Thread(target=work, name="actcache-background", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of the kept rows of ``set.records[shard]`` (kept: not excluded)."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def deal(counts: Sequence[int], order: Sequence[int], *, rank: int, world_size: int, worker: int, num_workers: int,
+         batch_size: int) -> list[Piece]:
+    """The pieces of shards one worker of one rank reads in an epoch.
+
+    ``counts[i]``: kept rows of shard i; ``order``: the epoch's shard order. Rank r reads rows
+    ``[r * R, (r + 1) * R)`` of the shards laid end to end in that order, ``R = sum(counts) // world_size``
+    (the remainder is left out); its workers split that range at multiples of ``batch_size``.
+    """
+    per_rank = sum(counts) // world_size
+    n_batches = -(-per_rank // batch_size)
+    first, last = n_batches * worker // num_workers, n_batches * (worker + 1) // num_workers
+    lo = rank * per_rank + min(first * batch_size, per_rank)
+    hi = rank * per_rank + min(last * batch_size, per_rank)
+    pieces, offset = [], 0
+    for i in order:
+        if offset >= hi:
+            break
+        a, b = max(lo, offset), min(hi, offset + counts[i])
+        if a < b:
+            pieces.append(Piece(i, a - offset, b - offset))
+        offset += counts[i]
+    return pieces
+
+
+@dataclass
+class _Chunk:
+    """One piece, read: the shard's tensors (views of the bytes read) and which of its rows the piece takes."""
+
+    acts: torch.Tensor
+    """``[rows in the shard, d]``."""
+    tokens: torch.Tensor | None
+    positions: torch.Tensor | None
+    rows: slice | torch.Tensor
+    """A slice of the shard's rows, or their indices (when rows are excluded)."""
+    n: int
+
+    def column(self, name: str) -> torch.Tensor:
+        return {"acts": self.acts, "tokens": self.tokens, "positions": self.positions}[name]
+
+    def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
+        if isinstance(self.rows, slice):
+            return t[self.rows.start + a : self.rows.start + b]
+        return torch.index_select(t, 0, self.rows[a:b], out=out) if out is not None else t[self.rows[a:b]]
+
+    def copy(self, t: torch.Tensor, a: int, b: int, dst: torch.Tensor) -> None:
+        """``dst[:] = `` rows ``[a, b)`` of the piece from ``t`` (same dtype), in one pass."""
+        if isinstance(self.rows, slice):
+            dst.copy_(self.take(t, a, b))
+        else:
+            self.take(t, a, b, out=dst)
+
+
+class ActivationDataset(IterableDataset):
+    """Batches of activations (and optionally token ids and positions) from the set at ``url``, local or S3.
+
+    Args:
+        url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``, or the
+            set's ``StoreRef`` (which then carries the storage options and credentials block).
+        batch_size: rows (token positions) per batch.
+        shuffle_buffer: rows held for shuffling (at least one batch); 0 reads shards and rows in order. With a
+            buffer, the shard order changes every epoch and rows are emitted in random order one buffer at a
+            time: every batch is a uniform sample, without replacement, of the buffer's rows. The same seed,
+            epoch, world size, rank and DataLoader workers give the same batches.
+        seed: base of every random choice.
+        storage_options: fsspec options for the store (e.g. ``{"endpoint_url": ...}``).
+        credentials_block: name of a Prefect AwsCredentials block (default: the AWS chain).
+        with_tokens: also yield each row's token id (int32).
+        with_positions: also yield each row's flat index ``sequence * context_size + position`` (int64) in the
+            set (for a ``rows`` set: in the set it was made from): excluded rows leave gaps, nothing shifts.
+        drop_bos: skip the first position of every sequence when the set was tokenized with a BOS token.
+        exclude_special_tokens: skip rows whose token is BOS, EOS, pad or the separator, as the set's manifest
+            records them (sets from before eos/pad were recorded: BOS and separator, with a warning).
+        exclude_tokens: skip rows with these token ids too: ints, a list of them, or a 1-d integer numpy
+            array or torch tensor. ``excluded`` counts the rows skipped per id.
+        dtype: batches in this dtype (default: the set's storage dtype).
+        normalize: ``"scale"`` multiplies by the set's ``stats["scale"]`` (``sqrt(d) / mean L2 norm``);
+            ``"standardize"`` subtracts the per-dimension mean and divides by the per-dimension std (a
+            dimension with zero variance is only centred). Needs the set's statistics (``actcache stats SET``).
+        rank, world_size: this process's share (default: from torch.distributed when it is initialized, else
+            0 and 1). Every rank gets ``n_tokens // world_size`` rows per epoch; the remainder is left out.
+        verify: check each shard's sha256 before using it.
+        prefetch: shards read ahead (and S3 GETs in flight) per worker.
+        drop_last: leave out the rank's final batch when it is not full.
+        pin_memory: make batches in pinned host memory (needs CUDA), for fast non-blocking copies to a GPU.
+        device: yield batches on this device: made and copied by a background thread on its own CUDA stream,
+            two batches ahead, so the copy overlaps training. Use with ``num_workers=0``; with DataLoader
+            workers use the DataLoader's ``pin_memory=True`` and move batches yourself.
+    """
+
+    def __init__(self, url: str | StoreRef, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
+                 storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
+                 with_tokens: bool = False, with_positions: bool = False, drop_bos: bool = False,
+                 exclude_special_tokens: bool = False, exclude_tokens: Any = (),
+                 dtype: torch.dtype | None = None, normalize: str | None = None,
+                 rank: int | None = None, world_size: int | None = None, verify: bool = False,
+                 prefetch: int = 2, drop_last: bool = False, pin_memory: bool = False,
+                 device: str | torch.device | None = None):
+        super().__init__()
+        if rank is None and world_size is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
+        if type(batch_size) is not int or batch_size < 1:
+            raise ActcacheError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if type(shuffle_buffer) is not int or shuffle_buffer < 0:
+            raise ActcacheError(f"shuffle_buffer must be 0 (no shuffling) or a number of rows, got {shuffle_buffer!r}")
+        if not 0 <= rank < world_size:
+            raise ActcacheError(f"rank {rank} is outside world_size {world_size}; need 0 <= rank < world_size")
+        if type(prefetch) is not int or prefetch < 1:
+            raise ActcacheError(f"prefetch must be at least 1 shard, got {prefetch!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ActcacheError(f"dtype must be a torch floating dtype such as torch.float32, got {dtype!r}")
+        if normalize is not None and normalize not in NORMALIZE:
+            raise ActcacheError(f"normalize must be one of {', '.join(NORMALIZE)} or None, got {normalize!r}")
+        self.device = _device(device) if device is not None else None
+        if pin_memory and not torch.cuda.is_available():
+            raise ActcacheError("pin_memory=True needs a CUDA device, and torch sees none; leave it off")
+        self.set: ActivationSet = open_set(url, storage_options, credentials_block=credentials_block)
+        s = self.set
+        self.d: int = s.d
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.with_tokens, self.with_positions, self.verify = with_tokens, with_positions, verify
+        self.dtype: torch.dtype = dtype or s.dtype
+        self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
+        self.pin_memory = pin_memory
+        self.drop_bos = bool(drop_bos and s.tokenization.get("prepend_bos"))
+        if self.drop_bos and s.context_size is None:
+            raise ActcacheError(f"drop_bos needs the context size, which the manifest of {s.url} does not record")
+        self.exclude: tuple[int, ...] = _exclusions(s, exclude_special_tokens, exclude_tokens)
+        self._norm = _normalizer(s, normalize) if normalize else None
+        self.normalize = normalize
+        # The epoch lives in shared memory: DataLoader workers are processes, and persistent ones keep the copy
+        # of the dataset they started with; each __iter__ reads the current value.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._spare: dict[str, torch.Tensor] | None = None
+        self.rows_per_shard: list[int]
+        """Rows each shard contributes to an epoch, after exclusions (in the order of ``set.records``)."""
+        self.excluded: dict[int, int] = {}
+        """Rows left out per epoch for each excluded token id (all ranks; ``drop_bos`` positions not included)."""
+        if self.exclude or (self.drop_bos and s.layout == "rows"):
+            self.rows_per_shard, self.excluded = self._scan()
+        elif self.drop_bos:
+            self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]
+        else:
+            self.rows_per_shard = [r.n_tokens for r in s.records]
+        self._bases = [0]  # flat index of each shard's first row in the set (positions of sequence sets)
+        for r in s.records[:-1]:
+            self._bases.append(self._bases[-1] + r.n_tokens)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_spare": None}  # a DataLoader worker makes its own buffer
+
+    # -- what an epoch holds ------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for another epoch (call before iterating; DataLoader workers, persistent or not, see it)."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows one epoch holds across all ranks: the set's rows less the excluded ones."""
+        return sum(self.rows_per_shard)
+
+    @property
+    def rows_per_rank(self) -> int:
+        """Rows each rank yields per epoch (``n_tokens // world_size``)."""
+        return self.n_tokens // self.world_size
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch, whatever the number of DataLoader workers."""
+        full, rest = divmod(self.rows_per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def pieces(self, worker: int = 0, num_workers: int = 1, *, epoch: int | None = None) -> list[Piece]:
+        """What one DataLoader worker of this rank reads in an epoch (default: the current one); disjoint across
+        all ranks and workers."""
+        order = range(len(self.set.records))
+        if self.shuffle_buffer:
+            epoch = self.epoch if epoch is None else epoch
+            g = torch.Generator().manual_seed(_seed(self.seed, epoch, "shards"))  # the same on every rank
+            order = torch.randperm(len(self.set.records), generator=g).tolist()
+        return deal(self.rows_per_shard, order, rank=self.rank, world_size=self.world_size, worker=worker,
+                    num_workers=num_workers, batch_size=self.batch_size)
+
+    def _sizes(self, rows: int, last: bool) -> list[int]:
+        """Batch sizes a worker yields: full batches, then its rest if it is the rank's last worker."""
+        full, rest = divmod(rows, self.batch_size)
+        return [self.batch_size] * full + ([rest] if rest and last and not self.drop_last else [])
+
+    # -- reading --------------------------------------------------------------------------------------
+    def _scan(self) -> tuple[list[int], dict[int, int]]:
+        """Kept rows per shard and excluded rows per token id, from the shards' token ids alone."""
+        stop = threading.Event()
+
+        def load(r: Record):
+            tokens, positions = retried(lambda: self.set.read_tokens(r), f"reading the tokens of shard {r.index}",
+                                        stop)
+            kept = self._kept(tokens, positions)
+            if kept is None:
+                return len(tokens), {}
+            dropped = tokens[~kept & ~self._bos_mask(tokens, positions)] if self.drop_bos else tokens[~kept]
+            ids, n = torch.unique(dropped, return_counts=True)
+            return int(kept.sum()), dict(zip(ids.tolist(), n.tolist(), strict=True))
+
+        counts, excluded = [], dict.fromkeys(self.exclude, 0)
+        try:
+            for n, by_id in prefetched(load, self.set.records, max(self.prefetch, 4)):
+                counts.append(n)
+                for i, k in by_id.items():
+                    excluded[i] = excluded.get(i, 0) + k
+        finally:
+            stop.set()
+        return counts, excluded
+
+    def _bos_mask(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """True at every sequence's first position."""
+        ctx = self.set.context_size
+        if positions is not None:
+            return positions % ctx == 0
+        mask = torch.zeros(len(tokens), dtype=torch.bool)
+        mask[::ctx] = True
+        return mask
+
+    def _kept(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor | None:
+        """Mask of the rows kept (None: all of them)."""
+        if not self.exclude and not self.drop_bos:
+            return None
+        keep = torch.ones(len(tokens), dtype=torch.bool)
+        if self.exclude:
+            keep &= ~torch.isin(tokens, torch.tensor(self.exclude, dtype=tokens.dtype))
+        if self.drop_bos:
+            keep &= ~self._bos_mask(tokens, positions)
+        return keep
+
+    def _load(self, piece: Piece, stop: threading.Event) -> _Chunk:
+        r = self.set.records[piece.shard]
+        shard = retried(lambda: self.set.read(r, verify=self.verify), f"reading shard {r.index}", stop)
+        tokens = shard.tokens.reshape(-1)
+        kept = self._kept(tokens, shard.positions)
+        if kept is None:
+            rows: slice | torch.Tensor = slice(piece.start, piece.stop)
+        else:
+            index = kept.nonzero().squeeze(1)
+            if len(index) != self.rows_per_shard[piece.shard]:
+                raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
+            rows = index[piece.start : piece.stop]
+        positions = None
+        if self.with_positions:
+            if shard.positions is not None:
+                positions = shard.positions
+            else:  # sequences: the flat index in this set
+                positions = torch.arange(self._bases[piece.shard], self._bases[piece.shard] + len(tokens))
+        return _Chunk(shard.activations.reshape(-1, self.d), tokens, positions, rows, piece.stop - piece.start)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None and (self.device is not None or self.pin_memory):
+            raise ActcacheError("device= and pin_memory= work with num_workers=0 (the dataset reads in its own "
+                                "threads); with DataLoader workers pass pin_memory=True to the DataLoader instead")
+        batches = self._batches(worker, num_workers)
+        if self.device is not None:
+            batches = _on_device(batches, self.device)
+        return batches
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[Any]:
+        epoch = self.epoch
+        pieces = self.pieces(worker, num_workers, epoch=epoch)
+        rows = sum(p.stop - p.start for p in pieces)
+        sizes = self._sizes(rows, last=worker == num_workers - 1)
+        if not sizes:
+            return
+        stop = threading.Event()
+        chunks = prefetched(lambda p: self._load(p, stop), pieces, self.prefetch)
+        try:
+            if self.shuffle_buffer:
+                g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
+                yield from self._shuffled(chunks, sizes, rows, g)
+            else:
+                yield from self._in_order(chunks, sizes)
+        finally:
+            stop.set()
+            chunks.close()
+
+    # -- making batches ---------------------------------------------------------------------------------
+    def _columns(self) -> list[str]:
+        return ["acts"] + (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
+
+    def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
+        out = {"acts": self._empty((n, self.d), self.dtype)}
+        if self.with_tokens:
+            out["tokens"] = self._empty((n,), torch.int32)
+        if self.with_positions:
+            out["positions"] = self._empty((n,), torch.int64)
+        return out
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Memory for a batch: pinned if asked; in a DataLoader worker, shared memory from the start (as the
+        DataLoader's own collate does), so that handing it to the main process copies nothing."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
+        if not self.with_tokens and not self.with_positions:
+            return batch["acts"]
+        return tuple(batch[c] for c in self._columns())
+
+    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst[:] = src`` in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
+        if self._norm is None:
+            dst.copy_(src)
+            return
+        factor, offset = self._norm
+        if dst.dtype == factor.dtype:  # float32 batches: cast, then in place (mixed dtypes into out=: 4-6x slower)
+            dst.copy_(src)
+            dst.mul_(factor)
+            if offset is not None:
+                dst.add_(offset)
+        elif offset is None:  # other batch dtypes: computed in float32, rounded once
+            torch.mul(src, factor, out=dst)
+        else:
+            torch.addcmul(offset, src, factor, out=dst)
+
+    def _direct(self) -> bool:
+        """Whether gathered rows can land in the batch as they are (no cast, no normalisation)."""
+        return self._norm is None and self.dtype == self.set.dtype
+
+    def _put(self, dst: torch.Tensor, c: _Chunk, a: int, b: int, tmp: torch.Tensor) -> None:
+        """Rows ``[a, b)`` of piece ``c`` into ``dst`` (batch rows), cast and normalised, in one pass where possible."""
+        if self._direct():
+            c.copy(c.acts, a, b, dst)
+        elif isinstance(c.rows, slice):
+            self._convert(dst, c.take(c.acts, a, b))
+        else:
+            self._convert(dst, c.take(c.acts, a, b, out=tmp[: b - a]))
+
+    def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
+        """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
+        tmp = torch.empty((max(sizes, default=0), self.d), dtype=self.set.dtype) if not self._direct() else None
+        sizes_left = deque(sizes)
+        batch, fill = None, 0
+        for c in chunks:
+            pos = 0
+            while pos < c.n and sizes_left:
+                if batch is None:
+                    batch, fill = self._new_batch(sizes_left[0]), 0
+                k = min(sizes_left[0] - fill, c.n - pos)
+                self._put(batch["acts"][fill : fill + k], c, pos, pos + k, tmp)
+                for col in self._columns()[1:]:
+                    c.copy(c.column(col), pos, pos + k, batch[col][fill : fill + k])
+                fill, pos = fill + k, pos + k
+                if fill == sizes_left[0]:
+                    yield self._finish(batch)
+                    batch = None
+                    sizes_left.popleft()
+            del c  # the shard's memory goes now, not once the next one has arrived
+
+    def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
+        """Rows go once into a preallocated buffer, already cast (and normalised); when it is full, batches are
+        gathered from it in random order straight into their own memory. The rows left over that would make a
+        partial batch move to the front and are shuffled again with the next fill."""
+        cap = min(max(self.shuffle_buffer, self.batch_size), rows)
+        block = self._take_block(cap)
+        try:
+            yield from self._shuffle_through(block, cap, chunks, sizes, g)
+        finally:
+            self._spare = block
+
+    def _take_block(self, cap: int) -> dict[str, torch.Tensor]:
+        """A shuffle buffer of ``cap`` rows: the previous iterator's when it is free and fits. Writing to fresh
+        memory costs page faults (on this project's VMs, more than the copy itself): keep it across epochs."""
+        spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
+        if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
+            return spare
+        block = {"acts": torch.empty((cap, self.d), dtype=self.dtype)}
+        if self.with_tokens:
+            block["tokens"] = torch.empty(cap, dtype=torch.int32)
+        if self.with_positions:
+            block["positions"] = torch.empty(cap, dtype=torch.int64)
+        return block
+
+    def _shuffle_through(self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int],
+                         g: torch.Generator) -> Iterator[Any]:
+        tmp = torch.empty((self.batch_size, self.d), dtype=self.set.dtype)
+        sizes_left = deque(sizes)
+        fill = 0
+
+        def drain(final: bool) -> Iterator[Any]:
+            nonlocal fill
+            perm = torch.randperm(fill, generator=g)
+            at = 0
+            while sizes_left and fill - at >= sizes_left[0]:
+                n = sizes_left.popleft()
+                batch = self._new_batch(n)
+                for col in self._columns():
+                    torch.index_select(block[col], 0, perm[at : at + n], out=batch[col])
+                at += n
+                yield self._finish(batch)
+            rest = perm[at:]
+            if not final:  # fewer rows than a batch: to the front, to be shuffled again with the next fill
+                for t in block.values():
+                    t[: len(rest)] = t[rest]
+            fill = len(rest)
+
+        for c in chunks:
+            pos = 0
+            # Rows gathered to be cast or normalised are staged in ``tmp``, a batch at a time; any other piece goes
+            # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
+            # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
+            # floor in batch-sized steps, 0.75x in one).
+            step = self.batch_size if not self._direct() and not isinstance(c.rows, slice) else cap
+            while pos < c.n:
+                k = min(cap - fill, c.n - pos, step)
+                self._put(block["acts"][fill : fill + k], c, pos, pos + k, tmp)
+                for col in self._columns()[1:]:
+                    c.copy(c.column(col), pos, pos + k, block[col][fill : fill + k])
+                fill, pos = fill + k, pos + k
+                if fill == cap:
+                    yield from drain(final=False)
+            del c  # the shard's memory goes now, not once the next one has arrived
+        if fill:
+            yield from drain(final=True)
+
+
+def _on_device(batches: Generator[Any, None, None], device: torch.device) -> Iterator[Any]:
+    """``batches`` made and copied to ``device`` by a background thread, two ahead. On CUDA the copies run on
+    a stream of their own from pinned memory; each batch is handed over after an event says it has arrived."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def move(batch: Any) -> tuple[Any, Any]:
+        single = isinstance(batch, torch.Tensor)
+        parts = (batch,) if single else batch
+        if stream is None:
+            moved = tuple(t.to(device) for t in parts)
+            return (moved[0] if single else moved), None
+        with torch.cuda.stream(stream):
+            moved = tuple(t.to(device, non_blocking=True) for t in parts)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return (moved[0] if single else moved), event
+
+    def moved() -> Iterator[tuple[Any, Any]]:
+        try:
+            for batch in batches:
+                yield move(batch)
+        finally:
+            batches.close()
+
+    for batch, event in background(moved(), 2):
+        if event is not None:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(event)
+            for t in (batch,) if isinstance(batch, torch.Tensor) else batch:
+                t.record_stream(current)  # the memory belongs to the copy stream: keep it until used here
+        yield batch
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ActcacheError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ActcacheError(f"device {device!r}: torch sees no CUDA device; use device='cpu' or leave it unset")
+    return dev
+
+
+def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ...]:
+    """Token ids whose rows are skipped: the set's special tokens (when asked) and ``explicit``, checked."""
+    missing = [n for n in ("eos_id", "pad_id") if n not in s.tokenization]
+    if special and missing:
+        tok = s.tokenization
+        warnings.warn(f"the manifest of {s.url} predates recording {' and '.join(missing)}: "
+                      "exclude_special_tokens skips the BOS and separator ids it records "
+                      f"({tok.get('bos_id')}, {tok.get('separator_id')}); add others with exclude_tokens", stacklevel=3)
+    return token_ids(s.manifest, special=special, ids=explicit, option="exclude_tokens")
+
+
+def _normalizer(s: ActivationSet, normalize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(factor, offset) vectors in float32: batch = rows * factor (+ offset)."""
+    stats = s.manifest.get("stats")
+    if not stats:
+        raise ActcacheError(f"set {s.url} has no normalisation statistics; compute them with "
+                            f"`actcache stats {s.url}`, then pass normalize={normalize!r} again")
+    try:
+        if normalize == "scale":
+            scale = float(stats["scale"])
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"scale {scale}")
+            return torch.full((s.d,), scale, dtype=torch.float32), None
+        mean = torch.tensor(stats["mean"], dtype=torch.float64)
+        var = torch.tensor(stats["var"], dtype=torch.float64)
+        if mean.shape != (s.d,) or var.shape != (s.d,) or not bool(torch.isfinite(mean).all() & (var >= 0).all()):
+            raise ValueError(f"mean/var of shapes {list(mean.shape)}/{list(var.shape)}, expected [{s.d}]")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ActcacheError(f"the statistics in the manifest of {s.url} are malformed ({e}); recompute them with "
+                            f"`actcache stats {s.url}`") from None
+    std = var.sqrt()
+    inv = torch.where(std > 0, 1 / std, torch.ones_like(std))
+    return inv.float(), (-mean * inv).float()

@@ -1,0 +1,1 @@
+"""Operations on stored sets: copy, shuffle, export, push, stats, diff, inventory, cleanup, reproduce."""

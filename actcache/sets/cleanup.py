@@ -1,0 +1,185 @@
+"""Removing a set, and collecting what no set needs: dead writers' temp files and unused token caches.
+
+Both run in an order that a kill at any point cannot turn into a set that looks complete:
+
+- ``remove_set`` deletes the manifest first (the set is then ``incomplete`` for ``ls``, and no reader opens
+  it), then the completion records (no shard counts as done), then the shards, then the empty folder. An
+  interrupted removal is finished by running it again; an extraction of the same set rerun in between
+  recomputes what is gone and is byte for byte what it was.
+- ``find_garbage`` lists, ``collect`` deletes: temp files of writers that no longer run (this host's, by
+  pid) or that are older than a threshold (another host's), S3 multipart uploads never completed and older
+  than the threshold (their parts are stored and billed, yet invisible to listings), and token caches
+  (``_tokens/<id>``) that no set's manifest names. A set's shards and records are never garbage. While a
+  set has no manifest (an extraction running), token caches are all kept: which one it reads is not known.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from actcache import crashpoints
+from actcache.errors import ActcacheError
+from actcache.format import layout
+from actcache.sets import inventory
+from actcache.storage.store import Entry, Store, Upload
+
+TEMP_FILE, UPLOAD, TOKEN_CACHE = "temp-file", "upload", "token-cache"
+
+
+def removal_order(files: dict[str, Entry]) -> list[list[str]]:
+    """A set's (or token cache's) files in the order they are deleted: consolidated file, records, the rest."""
+    consolidated = [r for r in files if r in (layout.MANIFEST, "index.json")]
+    recs = [r for r in files if layout.parse_record_file(r) is not None]
+    rest = [r for r in files if r not in consolidated and r not in recs]
+    return [consolidated, recs, rest]
+
+
+# -- rm ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SetFiles:
+    store: Store
+    set_id: str
+    files: dict[str, Entry]
+
+    @property
+    def url(self) -> str:
+        return self.store.url_of(self.set_id)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.size for e in self.files.values())
+
+
+def find_set(store: Store, name: str) -> SetFiles:
+    """The files of the set ``name`` in ``store``; refuses (``ActcacheError``) anything that is not one set."""
+    url = store.url_of(name)
+    if name.startswith("t") and store.url.rstrip("/").endswith(layout.TOKENS_ROOT):
+        raise ActcacheError(f"{url} is a token cache, not a set; `actcache gc STORE` removes the token caches "
+                            "that no set uses")
+    if not inventory.is_set_id(name):
+        if _looks_like_store(store.child(name)):
+            raise ActcacheError(f"{url} is a store, not a set: rm removes one set, <store>/<set_id> (see "
+                                f"`actcache ls {url}`)")
+        raise ActcacheError(f"{url} is not a set: a set URL ends in its 24-character id (see `actcache ls STORE`)")
+    files = store.listing(name)
+    if not files and not store.exists(name):  # an empty folder is what an rm killed at its end leaves
+        raise ActcacheError(f"no activation set at {url} (nothing there)")
+    strangers = sorted(r for r in files if not inventory.is_set_file(r))
+    if strangers:
+        raise ActcacheError(f"{url} holds files that are not part of a set ({strangers[0]!r}); "
+                            "it was not written by actcache: remove it by hand if you mean to")
+    return SetFiles(store, name, files)
+
+
+def _looks_like_store(store: Store) -> bool:
+    try:
+        names = store.list_dirs()
+    except ActcacheError:
+        return False
+    return layout.TOKENS_ROOT in names or any(inventory.is_set_id(n) for n in names)
+
+
+def remove_set(target: SetFiles) -> None:
+    """Delete the set's files: manifest, then records, then shards (see the module docstring), then its folder."""
+    for step, rels in zip(("manifest", "records", "shards"), removal_order(target.files), strict=True):
+        target.store.remove([f"{target.set_id}/{r}" for r in rels])
+        crashpoints.point(f"rm.{step}-removed")
+    target.store.remove_folder(target.set_id)
+
+
+# -- gc ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Garbage:
+    kind: str
+    """temp-file, upload (an S3 multipart upload never completed) or token-cache."""
+    url: str
+    bytes: int
+    reason: str
+    rel: str
+    upload_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("rel")
+        return d
+
+
+@dataclass(frozen=True)
+class GarbageReport:
+    items: list[Garbage]
+    notes: list[str]
+    """Why something that looks collectable is kept."""
+
+    @property
+    def bytes(self) -> int:
+        return sum(g.bytes for g in self.items)
+
+
+def check_store(store: Store) -> None:
+    """Refuse (``ActcacheError``) anything that is not a store: gc must never sweep a folder it does not own."""
+    store.check_reachable()
+    if not _looks_like_store(store):
+        name = store.url.rstrip("/").rsplit("/", 1)[-1]
+        if inventory.is_set_id(name):
+            raise ActcacheError(f"{store.url} is a set, not a store; gc works on the store that holds it")
+        raise ActcacheError(f"{store.url} is not an actcache store (no set folders, no {layout.TOKENS_ROOT}/); "
+                            "give the folder or s3:// prefix passed to `actcache extract --store`")
+
+
+def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
+    """Everything ``collect`` would delete in ``store``, and notes on what is kept and why."""
+    check_store(store)
+    now = time.time()
+    items: list[Garbage] = []
+    notes: list[str] = []
+    for t in store.temp_files():
+        old = now - t.mtime > older_than_s
+        if t.writer_dead or (not t.same_host and old):
+            why = f"writer pid {t.pid} no longer runs" if t.writer_dead else f"written by host {t.host}, untouched " \
+                                                                              f"for {_age(now - t.mtime)}"
+            items.append(Garbage(TEMP_FILE, store.url_of(t.rel), t.size, why, t.rel))
+    for u in store.incomplete_uploads():
+        if now - u.initiated > older_than_s:
+            items.append(Garbage(UPLOAD, store.url_of(u.rel), u.size, f"multipart upload started "
+                                 f"{_age(now - u.initiated)} ago, never completed", u.rel, u.upload_id))
+        else:
+            notes.append(f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
+                         "maybe still running (see --older-than)")
+    sets = inventory.list_sets(store)
+    unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
+    used = {s.tokens_id for s in sets}
+    for tid in inventory.token_cache_ids(store):
+        if tid in used:
+            continue
+        if unknown:
+            notes.append(f"kept the token cache {tid}: {len(unknown)} set(s) without a readable manifest (e.g. "
+                         f"{unknown[0].set_id}, {unknown[0].state}) may be reading it; finish or remove them first")
+            continue
+        rel = f"{layout.TOKENS_ROOT}/{tid}"
+        size = sum(e.size for e in store.listing(rel).values())
+        items.append(Garbage(TOKEN_CACHE, store.url_of(rel), size, "no set in this store uses it", rel))
+    return GarbageReport(items, notes)
+
+
+def collect(store: Store, report: GarbageReport) -> None:
+    """Delete what ``find_garbage`` found (a token cache's index first, then its records, then its shards)."""
+    store.remove([g.rel for g in report.items if g.kind == TEMP_FILE])
+    for g in report.items:
+        if g.kind == UPLOAD:
+            store.abort_upload(Upload(g.rel, g.upload_id or "", 0.0, g.bytes))
+        elif g.kind == TOKEN_CACHE:
+            for rels in removal_order(store.listing(g.rel)):
+                store.remove([f"{g.rel}/{r}" for r in rels])
+            store.remove_folder(g.rel)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"

@@ -1,0 +1,98 @@
+"""Copy an activation set between stores (local <-> S3 <-> ...), in the same order extraction writes it.
+
+Shard bytes first (each checked against the manifest's sha256 before it is written), then its completion
+record, then the manifest last: an interrupted copy resumes, skipping shards the destination holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from actcache.errors import ActcacheError, Failure, opt
+from actcache.format import layout, records
+from actcache.read.reader import open_set
+from actcache.storage.store import JSON_LIMIT, DamagedFile, StoreRef, parse_json
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    url: str
+    """The set's URL in the destination store."""
+    copied: int
+    skipped: int
+    bytes_copied: int
+
+
+def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str, Any] | None = None,
+             dest_options: dict[str, Any] | None = None, src_credentials_block: str | None = None,
+             dest_credentials_block: str | None = None, jobs: int = 4, verify_existing: bool = False,
+             on_shard=None) -> CopyResult:
+    """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
+
+    Either may be a ``StoreRef`` (options and credentials block inside), or a URL with the loose options.
+
+    Shards already complete at the destination with the same checksum are skipped (re-hashed first with
+    ``verify_existing``). At most ``jobs`` shards are held in memory at once.
+    """
+    if jobs < 1:
+        raise ActcacheError(f"{opt('jobs')} must be at least 1, got {jobs}")
+    source = open_set(StoreRef.of(src, src_options, src_credentials_block))
+    target = StoreRef.of(dest, dest_options, dest_credentials_block).open()
+    set_id = source.set_id
+    if target.url_of(set_id) == source.url:
+        raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
+    target.check_writable("the destination store")
+    scan = records.scan_set(target, source.key)
+
+    def present(r: records.Record) -> bool:
+        have = scan.records.get(r.index)
+        return have is not None and have.sha256 == r.sha256 and scan.is_done(r.index, r.n_seq, verify=verify_existing)
+
+    todo = [r for r in source.records if not present(r)]
+
+    def write_record(r: records.Record) -> None:
+        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or
+        one written from the manifest if the stored one is gone, damaged (its seal) or disagrees."""
+        rel = f"{set_id}/{layout.record_file(r.index)}"
+        try:
+            stored = source.store.read_bytes(rel, limit=records.RECORD_LIMIT)
+            if records.Record.from_dict(records.check_sealed(parse_json(stored, rel), rel), source.bounds) == r:
+                target.write_bytes(rel, stored)
+                return
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            pass
+        records.write_record(target, set_id, r)
+
+    def copy_one(r: records.Record) -> int:
+        try:
+            data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
+        except DamagedFile as e:
+            raise DamagedFile(f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
+                              "source (`actcache verify`, then rerun its extract) and copy again") from e
+        if hashlib.sha256(data).hexdigest() != r.sha256:
+            raise Failure(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
+                                "repair the source (`actcache verify`, then rerun its extract) and copy again")
+        target.write_bytes(f"{set_id}/{r.file}", data)
+        write_record(r)  # after the bytes, as extraction does
+        if on_shard:
+            on_shard(r)
+        return len(data)
+
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="actcache-cp") as pool:
+        futures = [pool.submit(copy_one, r) for r in todo]  # each reads its own shard: <= jobs in memory
+        try:
+            copied_bytes = sum(f.result() for f in futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()  # stop at the first failure; what was written stays valid for a resumed copy
+            raise
+
+    # The manifest last, byte for byte, unless the destination already lists more shards than the source.
+    theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
+    if not theirs > {r.index for r in source.records}:
+        target.write_bytes(f"{set_id}/{layout.MANIFEST}",
+                           source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
+    return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

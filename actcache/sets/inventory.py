@@ -1,0 +1,101 @@
+"""What a store holds: its sets, each with a state, and its token caches.
+
+One listing of the store's root, then one manifest read per set (a listing of the set only where the
+manifest is missing): as cheap as ``ls`` was before states existed. The field names of ``SetEntry`` are
+those of ``actcache ls --json`` (see README, "Scripting").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from actcache.errors import ActcacheError
+from actcache.format import layout, manifest
+from actcache.format.key import SetKey, key_from_dict
+from actcache.storage.failures import StoreUnavailable
+from actcache.storage.store import Store
+
+COMPLETE, PARTIAL, INCOMPLETE, DAMAGED = "complete", "partial", "incomplete", "damaged"
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    set_id: str
+    url: str
+    state: str
+    """complete: its manifest reaches its target; partial: a manifest below its target (raise --max-tokens to
+    extend it); incomplete: no manifest (an extraction running or killed before its end, or an interrupted
+    ``rm``); damaged: a manifest this version cannot read (``detail`` says why)."""
+    n_shards: int
+    """Shards with a completion record (for an incomplete set) or listed in the manifest."""
+    bytes: int
+    model: str | None = None
+    hook: str | None = None
+    n_tokens: int | None = None
+    target_tokens: int | None = None
+    dtype: str | None = None
+    codec: str | None = None
+    tokens_id: str | None = None
+    """The token cache (``<store>/_tokens/<tokens_id>``) the set was extracted from (none for a shuffled copy)."""
+    layout: str | None = None
+    """``rows`` for a shuffled copy (``actcache shuffle``); None for an extracted set."""
+    non_finite: dict[str, int] | None = None
+    """NaN and Inf values in the set and the number of shards holding any (``{"nan", "inf", "shards"}``)."""
+    detail: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def is_set_id(name: str) -> bool:
+    """A set's folder name (token caches have the same form with a leading ``t``, under ``_tokens``)."""
+    return bool(layout.SET_ID_RE.match(name)) and not name.startswith("t")
+
+
+def set_ids(store: Store) -> list[str]:
+    return [name for name in store.list_dirs() if is_set_id(name)]
+
+
+def token_cache_ids(store: Store) -> list[str]:
+    return [name for name in store.list_dirs(layout.TOKENS_ROOT) if layout.SET_ID_RE.match(name)]
+
+
+def is_set_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to a set's folder) is one of the files a set consists of, or a writer's temp file."""
+    name = rel.split(".tmp-", 1)[0]
+    spill = name.removesuffix(".safetensors").removesuffix(".json") + ".json"  # a shuffle's pass-1 files
+    return (name == layout.MANIFEST or layout.parse_shard_file(name) is not None
+            or layout.parse_record_file(name) is not None or layout.parse_spill_record(spill) is not None)
+
+
+def describe_set(store: Store, set_id: str) -> SetEntry | None:
+    """The set's entry, or None where its folder holds no file at all (an ``rm`` that ended before removing it)."""
+    url = store.url_of(set_id)
+    try:
+        m = manifest.read(store, set_id)
+    except StoreUnavailable:
+        raise  # the store failed, not the set
+    except manifest.NoManifest:
+        files = store.listing(set_id)
+        if not files:
+            return None
+        recorded = [rel for rel in files if layout.parse_record_file(rel) is not None]
+        nbytes = sum(f.size for rel, f in files.items() if layout.parse_shard_file(rel) is not None)
+        return SetEntry(set_id, url, INCOMPLETE, len(recorded), nbytes,
+                        detail="no manifest.json: an extraction in progress or interrupted (rerun it to finish), "
+                               "or an interrupted `actcache rm` (rerun it)")
+    except ActcacheError as e:  # a manifest, unreadable (also a link or FIFO, which listings leave out)
+        return SetEntry(set_id, url, DAMAGED, 0, sum(f.size for f in store.listing(set_id).values()), detail=str(e))
+    key = key_from_dict(m["key"])  # manifest.read checked it
+    tokens_id = key.tokens.id if isinstance(key, SetKey) else None  # a shuffled copy reads its source, not tokens
+    return SetEntry(set_id, url, COMPLETE if m.get("complete") else PARTIAL, len(m["shards"]), m["bytes"],
+                    model=m["model"]["name"], hook=m["hook"], n_tokens=m["n_tokens"],
+                    target_tokens=m.get("target_tokens"), dtype=m["dtype"], codec=m["codec"], tokens_id=tokens_id,
+                    layout=m.get("layout"), non_finite=manifest.non_finite(m["shards"]))
+
+
+def list_sets(store: Store) -> list[SetEntry]:
+    """Every set in ``store``, by id."""
+    return [e for e in (describe_set(store, i) for i in set_ids(store)) if e is not None]

@@ -1,0 +1,209 @@
+"""``actcache push SET REPO_ID``: a set on the Hugging Face Hub as a dataset repo; a rerun resumes.
+
+The repo holds the set as a store holds it, under ``<set_id>/`` (shards, completion records, manifest), plus
+a generated dataset card ``README.md`` at the root saying what the set is and how to load it: the set reads
+back with ``actcache.open_set("hf://datasets/REPO_ID/<set_id>")`` (huggingface_hub's fsspec filesystem).
+
+Uploads are commits of bounded size (``commit_bytes``, ``commit_files``) made with ``huggingface_hub``: shards
+and their records first, the manifest and the card last, so a repo with a manifest holds the whole set. A
+rerun lists the repo once and uploads only what is missing or different: shards are compared by sha256
+with the hub's LFS object ids, small files by git blob id. The token is huggingface_hub's own (``HF_TOKEN``
+or ``hf auth login``) and goes only to its endpoint (``HF_ENDPOINT``); actcache never reads, prints or stores it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actcache.errors import ActcacheError
+from actcache.format import layout, records
+from actcache.read.reader import ActivationSet, open_set
+from actcache.storage.store import JSON_LIMIT, StoreRef
+
+
+@dataclass(frozen=True)
+class PushResult:
+    url: str
+    """``hf://datasets/REPO_ID/<set_id>``: where ``open_set`` reads it back."""
+    uploaded: int
+    skipped: int
+    bytes_uploaded: int
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    """Path in the repo."""
+    size: int
+    read: Callable[[], bytes | str]
+    """The bytes, or a local file's path (streamed by huggingface_hub)."""
+    sha256: str | None = None
+    """Known checksum (shards): compared with the hub's LFS oid without reading the file."""
+
+
+def _git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _hub_error(e: BaseException, repo_id: str, action: str) -> ActcacheError:
+    """One line from a huggingface_hub failure: the status and what to do, never the server's text."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        return ActcacheError(f"the hub rejected the token while {action} {repo_id} (HTTP 401); log in with "
+                             "`hf auth login` or set HF_TOKEN to a token with write access")
+    if status == 403:
+        return ActcacheError(f"the hub refused {action} {repo_id} (HTTP 403): this token may not write there "
+                             "(a read-only token, or another user's namespace); use a write token or another REPO_ID")
+    if status == 404:
+        return ActcacheError(f"the hub has no dataset repo {repo_id} or revision while {action} it (HTTP 404)")
+    if status is not None:
+        return ActcacheError(f"the hub answered HTTP {status} while {action} {repo_id}; rerun the same push to "
+                             "resume (what was committed is kept)")
+    return ActcacheError(f"cannot reach the hub while {action} {repo_id} ({type(e).__name__}); check HF_ENDPOINT "
+                         "and the network, then rerun the same push to resume")
+
+
+def card(s: ActivationSet, repo_id: str) -> str:
+    """The dataset card: what the set is and how to load it (no timestamps: a rerun compares equal)."""
+    m = s.manifest
+    model, tok = m.get("model") or {}, m.get("tokenization") or {}
+    st = m.get("stats") if isinstance(m.get("stats"), dict) else None
+    url = f"hf://datasets/{repo_id}/{s.set_id}"
+    rows = m.get("layout") == "rows"
+    shape = ("`activations` [n_rows, d] (globally shuffled), `tokens` [n_rows] int32 and `positions` [n_rows] "
+             "int64 (the row's flat index in the source set)") if rows else \
+        "`activations` [n_seq, context_size, d] and `tokens` [n_seq, context_size] int32"
+    lines = [
+        "---",
+        "tags:",
+        "- actcache",
+        "- activations",
+        "- interpretability",
+        "viewer: false",
+        "---",
+        "",
+        f"# {m.get('hook')} activations of {model.get('name')}",
+        "",
+        f"An [actcache](https://pypi.org/project/actcache/) activation set: set id `{s.set_id}`, the hook "
+        f"`{m.get('hook')}` (layer {m.get('layer')}, d = {m.get('d')}) of `{model.get('name')}` "
+        f"(revision `{model.get('revision')}`, fingerprint `{model.get('fingerprint')}`), "
+        f"{m.get('n_tokens')} tokens in {m.get('n_shards')} shards, stored as {m.get('dtype')} "
+        f"(codec {m.get('codec')}).",
+        "",
+        f"- Dataset: `{(m.get('dataset') or {}).get('name', (m.get('dataset') or {}).get('path'))}`; context size "
+        f"{tok.get('context_size')}, BOS prepended: {tok.get('prepend_bos')}, separator id {tok.get('separator_id')}.",
+        f"- Shards: plain safetensors files under `{s.set_id}/shards/` holding {shape}; "
+        f"`{s.set_id}/manifest.json` records the full provenance and every shard's sha256.",
+    ]
+    if rows:
+        lines.append(f"- Shuffled copy of set `{m['source']['set_id']}` with seed {m.get('seed')}; token ids left "
+                     f"out: {m['excluded']['ids'] or 'none'}.")
+    if st and st.get("n"):
+        lines.append(f"- Normalisation: mean L2 norm {st['mean_norm']:.6g}, scale sqrt(d) / mean norm "
+                     f"{st['scale']:.6g}; per-dimension mean and variance in `manifest.json` (`stats`).")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "import actcache  # pip install actcache",
+        "",
+        f's = actcache.open_set("{url}")',
+        "ds = actcache.ActivationDataset(",
+        f'    "{url}", batch_size=4096, shuffle_buffer=1 << 20)',
+        "for batch in ds:  # [4096, d] tensors",
+        "    ...",
+        "```",
+        "",
+        "Without actcache: `huggingface_hub.snapshot_download(repo_id=\"" + repo_id + "\", repo_type=\"dataset\")`, "
+        "then `safetensors.torch.load_file` on each shard (listed in `manifest.json`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
+    """(shards and records, then manifest and card) as they go to the repo."""
+    prefix = s.set_id
+    local = s.store.local
+    body: list[_File] = []
+    for r in s.records:
+        rel = f"{s.set_id}/{r.file}"
+        read = (lambda rel=rel, n=r.bytes: s.store.regular_path(rel, n)) if local else \
+            (lambda rel=rel, n=r.bytes: s.store.read_bytes(rel, size=n))
+        body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
+        rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
+        body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))
+    manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
+    text = card(s, repo_id).encode()
+    last = [_File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
+            _File("README.md", len(text), lambda b=text: b)]
+    return body, last
+
+
+def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revision: str | None = None,
+             commit_bytes: int = 1 << 30, commit_files: int = 200,
+             on_commit: Callable[[int], None] | None = None) -> PushResult:
+    """Upload the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
+    block) to the dataset repo ``repo_id`` (created if missing), at ``revision``."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    s = open_set(src)
+    body, last = _files(s, repo_id)
+    api = HfApi()
+    action = "creating"
+    try:
+        if not api.repo_exists(repo_id, repo_type="dataset"):
+            api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision not in (None, "main"):
+            action = "creating the branch of"
+            api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
+        action = "listing"
+        remote = {f.path: f for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision,
+                                                       recursive=True) if hasattr(f, "blob_id")}
+
+        def present(f: _File) -> bool:
+            have = remote.get(f.path)
+            if have is None or have.size != f.size:
+                return False
+            if f.sha256 is not None:
+                return have.lfs is not None and have.lfs.sha256 == f.sha256
+            data = f.read()
+            data = data if isinstance(data, bytes) else open(data, "rb").read()
+            return have.blob_id == _git_blob_id(data) or (have.lfs is not None and
+                                                          have.lfs.sha256 == hashlib.sha256(data).hexdigest())
+
+        todo = [f for f in body if not present(f)]
+        final = [f for f in last if not present(f)]
+        uploaded = 0
+        batches: list[list[_File]] = []
+        for f in todo:
+            if not batches or len(batches[-1]) >= commit_files or \
+                    sum(x.size for x in batches[-1]) + f.size > commit_bytes:
+                batches.append([])
+            batches[-1].append(f)
+        if final:
+            batches.append(final)  # after every shard: a repo with this manifest holds the whole set
+        action = "uploading to"
+        for i, batch in enumerate(batches):
+            ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.read()) for f in batch]
+            what = "manifest and card" if batch is final else f"{len(batch)} files"
+            api.create_commit(repo_id, ops, repo_type="dataset", revision=revision,
+                              commit_message=f"actcache: {what} of set {s.set_id} ({i + 1}/{len(batches)})")
+            uploaded += sum(f.size for f in batch)
+            if on_commit:
+                on_commit(len(batch))
+    except HfHubHTTPError as e:
+        raise _hub_error(e, repo_id, action) from e
+    except OSError as e:  # connection refused/reset (httpx errors are not OSErrors: see below)
+        raise _hub_error(e, repo_id, action) from e
+    except Exception as e:
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2"):
+            raise _hub_error(e, repo_id, action) from e
+        raise
+    n = len(body) + len(last)
+    done = len(todo) + len(final)
+    return PushResult(f"hf://datasets/{repo_id}/{s.set_id}", done, n - done, uploaded)

@@ -1,0 +1,62 @@
+"""``actcache stats SET``: a set's normalisation statistics, computed once for sets written without them.
+
+Sets extracted since statistics exist carry them in ``manifest["stats"]`` (see ``moments``). For an older set,
+``compute`` reads every shard once (one at a time, checksum verified), merges the moments in shard-index
+order exactly as extraction does, and rewrites the manifest with ``stats`` and ``moments`` added and nothing
+else changed, in one atomic write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actcache.format import manifest, moments
+from actcache.format.records import Record
+from actcache.read.reader import ActivationSet, open_set
+from actcache.storage.store import StoreRef
+
+
+def full_size(m: dict[str, Any]) -> int:
+    """``n_seq`` of a shard that has its final size (rows per shard for a "rows" set)."""
+    key = m["key"]
+    return key["rows_per_shard"] if m.get("layout") == "rows" else key["tokens"]["seqs_per_shard"]
+
+
+def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
+    return moments.of(s.read(r, verify=True).activations)
+
+
+def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
+    """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing.
+
+    ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
+    s = open_set(src)
+    m = s.manifest
+    if isinstance(m.get("stats"), dict):
+        return m["stats"]
+    size = full_size(m)
+
+    def moments_of(r: Record) -> moments.Moments:
+        out = _shard_moments(s, r)
+        if on_shard:
+            on_shard(r)
+        return out
+
+    fields = moments.merged(s.records, m["d"], full=lambda r: r.n_seq == size, previous=None, moments_of=moments_of)
+    manifest.write(s.store, s.set_id, {**m, **fields})
+    return fields["stats"]
+
+
+def summary(st: dict[str, Any], d: int) -> str:
+    """A few lines for a person; the full vectors are in the manifest (``actcache show``)."""
+    if not st["n"]:
+        return f"rows: 0 finite (NaN: {st['nan']}, Inf: {st['inf']})"
+    var = st["var"]
+    lines = [
+        f"rows: {st['n']}  d: {d}  NaN: {st['nan']}  Inf: {st['inf']}",
+        f"mean L2 norm: {st['mean_norm']:.6g}  mean squared L2 norm: {st['mean_sq_norm']:.6g}",
+        f"scale (sqrt(d) / mean L2 norm): {st['scale']:.6g}" if st["scale"] is not None else "scale: undefined",
+        f"per-dimension mean: min {min(st['mean']):.6g}  max {max(st['mean']):.6g}",
+        f"per-dimension variance: min {min(var):.6g}  max {max(var):.6g}  mean {sum(var) / len(var):.6g}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,605 @@
+"""One storage layer over fsspec: the same code writes to a local folder, s3://, gs://, memory://.
+
+Writes are all-or-nothing: a local file is written under a temp name, fsynced and renamed; on object
+stores a single PUT (or a completed multipart upload) is what makes an object exist at all.
+
+Storage failures leave here as one-line ``ActcacheError``s (see ``storage_errors``); transient ones as
+``StoreUnavailable``, which the upload task retries. S3 endpoints come from ``AWS_ENDPOINT_URL``,
+``FSSPEC_S3_ENDPOINT_URL`` or ``endpoint_url`` in the storage options; credentials from the AWS chain or
+a Prefect ``AwsCredentials`` block named by ``credentials_block``.
+
+A ``StoreRef`` (URL, options, credentials block name) is how a store travels between callers, tasks and
+processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import errno
+import json
+import mmap
+import os
+import socket
+import stat
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from actcache import crashpoints
+from actcache.errors import ActcacheError, Failure, opt
+from actcache.storage import failures
+
+JSON_LIMIT = 256 << 20
+"""Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
+JSON_DEPTH = 32
+"""Deepest nesting accepted in a store's JSON file (actcache writes at most 5 levels)."""
+
+
+class DamagedFile(Failure, ValueError):
+    """A store file that cannot be what actcache wrote: a link, a FIFO or device, the wrong size, bad JSON.
+
+    A ValueError too, so that callers treating unparsable content as damage treat this the same way.
+    """
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON from a store file, bounded: nesting deeper than JSON_DEPTH is refused, never a RecursionError."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise DamagedFile(f"{what} is nested too deeply to be an actcache file") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise DamagedFile(f"{what} is not valid JSON ({e})") from e
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > JSON_DEPTH:
+            raise DamagedFile(f"{what} is nested more than {JSON_DEPTH} levels deep; not an actcache file")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
+def dump_json(obj: Any) -> bytes:
+    """Strict JSON (no NaN/Infinity, which other parsers reject) as actcache writes it."""
+    return (json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Where a store (or a set inside it) is and how to reach it: one small, picklable value.
+
+    It holds no secret: a Prefect ``AwsCredentials`` block travels by name and is resolved by ``open()``.
+    """
+
+    url: str
+    """A local folder or any fsspec URL (``s3://bucket/prefix``)."""
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False)
+    """fsspec options (e.g. ``{"endpoint_url": ...}``), never credentials."""
+    credentials_block: str | None = None
+    """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
+
+    @classmethod
+    def of(cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None,
+           credentials_block: str | None = None) -> StoreRef:
+        """``where`` as a StoreRef: a ref as is, or a URL with its options (the loose form callers still use)."""
+        if isinstance(where, StoreRef):
+            if storage_options or credentials_block:
+                raise TypeError("pass storage options and the credentials block inside the StoreRef, not beside it")
+            return where
+        return cls(where, dict(storage_options or {}), credentials_block)
+
+    def __repr__(self) -> str:
+        # Option values may hold credentials (s3fs takes key=/secret=): only their names are shown.
+        names = ", ".join(sorted(map(str, self.storage_options)))
+        return (f"StoreRef({self.url!r}, storage_options=<{names or 'none'}>, "
+                f"credentials_block={self.credentials_block!r})")
+
+    def open(self) -> Store:
+        return Store(self.url, self.storage_options, credentials_block=self.credentials_block)
+
+    def child(self, rel: str) -> StoreRef:
+        """The same store's ``rel`` (e.g. a set id) as a ref: a set URL with what it takes to reach it."""
+        return replace(self, url=f"{self.url.rstrip('/')}/{rel}")
+
+    def split(self) -> tuple[StoreRef, str]:
+        """``<store>/<name>`` -> (the store's ref, name); a bare name is in the current folder."""
+        url = self.url.rstrip("/")
+        if "/" not in url:
+            return replace(self, url="."), url
+        parent, name = url.rsplit("/", 1)
+        return replace(self, url=parent or "/"), name
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    mtime: float
+    """Seconds since the epoch (local mtime, or the object's LastModified)."""
+
+
+@dataclass(frozen=True)
+class TempFile:
+    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``)."""
+
+    rel: str
+    host: str
+    pid: int
+    size: int
+    mtime: float
+    same_host: bool
+    writer_dead: bool
+    """Written by a process of this host that no longer runs (another host's writer cannot be checked)."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An S3 multipart upload that was started and neither completed nor aborted."""
+
+    rel: str
+    upload_id: str
+    initiated: float
+    """Seconds since the epoch."""
+    size: int
+    """Bytes of the parts uploaded so far."""
+
+
+_TMP_MARK = ".tmp-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _mtime(info: dict) -> float:
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return v.timestamp()
+        if isinstance(v, (int, float)):
+            return float(v)
+    return 0.0
+
+
+# botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
+# for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
+_S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
+class _Parts:
+    """A buffer that s3fs's multipart upload slices into parts (it only takes ``len`` and slices): each part
+    becomes bytes only while it is uploaded, so a shard is never copied whole (botocore takes no memoryview)."""
+
+    def __init__(self, view: memoryview):
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __getitem__(self, part: slice) -> bytes:
+        return self.view[part].tobytes()
+
+
+def _prefault(m: mmap.mmap) -> None:
+    """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
+    try:
+        m.madvise(_MADV_POPULATE_READ)  # Linux >= 5.14
+    except (OSError, AttributeError):  # older kernels: read ahead; no madvise (Windows): nothing to do
+        with contextlib.suppress(OSError, AttributeError):
+            m.madvise(mmap.MADV_WILLNEED)
+
+
+class Store:
+    """A root URL plus relative paths."""
+
+    part_size = 16 << 20
+    """Multipart part size on S3: objects of at least twice this go up in parts, smaller ones in one PUT."""
+    part_concurrency = 4
+    """Parts uploaded at once: each is a copy of its slice while it is in flight."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
+                 credentials_block: str | None = None):
+        self.url = url.rstrip("/") or url
+        self.ref = StoreRef(self.url, dict(storage_options or {}), credentials_block)
+        """How to open this store again (elsewhere, in another process)."""
+        options = dict(storage_options or {})
+        if credentials_block:
+            if not self.url.startswith(("s3://", "s3a://")):
+                raise ActcacheError(f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; "
+                                    "omit it")
+            from actcache.storage.credentials import block_options
+
+            options = block_options(credentials_block, options)
+        if self.url.startswith(("s3://", "s3a://")):
+            options = {**options, "config_kwargs": {**_S3_CONFIG, **options.get("config_kwargs", {})}}
+        try:
+            fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise ActcacheError(f"cannot open store {url!r}: {e}") from None
+        self._options = options  # may hold a block's secrets: never printed, logged or returned
+        self._fs, self._pid = fs, os.getpid()
+        self.root = self.root.rstrip("/")
+        self.local = isinstance(fs, LocalFileSystem)
+        self.s3 = "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        # An async filesystem (s3fs) belongs to its creator's event-loop thread: a forked DataLoader worker
+        # or a process that unpickled this store makes its own.
+        if self._pid != os.getpid() or self._fs is None:
+            self._fs = fsspec.core.url_to_fs(self.url, **self._options)[0]
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": None}
+
+    @contextmanager
+    def _io(self, action: str, rel: str = "") -> Iterator[None]:
+        """Turn storage failures (bucket, credentials, endpoint, 5xx) into one-line errors."""
+        try:
+            yield
+        except Exception as e:
+            err = failures.translate(e, self.url_of(rel), action)
+            if err is None:
+                raise
+            raise err from None
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def child(self, rel: str) -> Store:
+        """The store rooted at ``rel`` below this one: same filesystem, options and credentials."""
+        sub = copy.copy(self)
+        sub.url, sub.root = self.url_of(rel), self.path(rel)
+        return sub
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def url_of(self, rel: str = "") -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+    # -- reading -------------------------------------------------------------------------------
+    def listing(self, rel: str) -> dict[str, Entry]:
+        """Every file below ``rel`` in one listing, as {path relative to rel: Entry}."""
+        base = self.path(rel)
+        with self._io("listing", rel):
+            self.fs.invalidate_cache(base)  # another process may have written since this one last looked
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError as e:
+                if failures.translate(e, self.url_of(rel), "listing") is not None:
+                    raise  # a missing bucket, not a missing folder
+                return {}
+        out = {}
+        for p, info in found.items():
+            if info.get("type", "file") != "file":
+                continue
+            rp = p[len(base) :].lstrip("/") if p.startswith(base) else p
+            out[rp] = Entry(int(info.get("size") or 0), _mtime(info))
+        return out
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        with self._io("listing", rel):
+            self.fs.invalidate_cache(self.path(rel))
+            try:
+                entries = self.fs.ls(self.path(rel), detail=True)
+            except FileNotFoundError as e:
+                if failures.translate(e, self.url_of(rel), "listing") is not None:
+                    raise
+                return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    def exists(self, rel: str) -> bool:
+        with self._io("checking", rel):
+            return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str, *, size: int | None = None, limit: int | None = None) -> bytes:
+        """The bytes of the regular file ``rel``: exactly ``size`` of them when given, at most ``limit``.
+
+        Locally a symlink anywhere below the store root, a FIFO or a device is refused without blocking
+        (``DamagedFile``); object stores have no such files, and a ranged GET reads no more than asked.
+        """
+        cap = size if size is not None else limit
+        if self.local:
+            data = self._read_local(rel, None if cap is None else cap + 1)
+        else:
+            with self._io("reading", rel):
+                try:
+                    data = self.fs.cat_file(self.path(rel)) if cap is None else \
+                        self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                except OSError as e:
+                    if "range is not satisfiable" not in str(e).lower():  # S3's answer for an empty object
+                        raise
+                    data = b""
+        if cap is not None and len(data) > cap:
+            raise DamagedFile(f"{self.url_of(rel)} is larger than {cap} bytes")
+        if size is not None and len(data) != size:
+            raise DamagedFile(f"{self.url_of(rel)} has {len(data)} bytes, expected {size}")
+        return data
+
+    def read_mapped(self, rel: str, *, size: int | None = None) -> mmap.mmap | bytes:
+        """The bytes of the regular file ``rel`` (exactly ``size`` of them when given) without a copy where the
+        store allows: a local file is memory-mapped (copy-on-write, so writes stay private) and its pages faulted
+        in now, straight from the page cache; new bytes otherwise (one GET on S3). Refused as ``read_bytes``
+        refuses links, FIFOs and devices.
+
+        A reader of a fresh copy pays the page faults of a new allocation, which cost more than the copy itself.
+        Files here are only ever replaced whole (temp + rename), never truncated in place, so a mapping stays valid.
+        """
+        if not self.local:
+            if size is not None:
+                return self.read_bytes(rel, size=size)  # one ranged GET
+            # One GET per file on S3 (s3fs would split a big object into concurrent ranges, then copy them into
+            # one): readers that want more in flight read several files at once.
+            with self._io("reading", rel):
+                return self.fs.cat_file(self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
+        with self._open_local(rel) as f:
+            n = os.fstat(f.fileno()).st_size
+            if size is not None and n != size:
+                raise DamagedFile(f"{self.url_of(rel)} has {n} bytes, expected {size}")
+            if n == 0:
+                return b""  # mmap refuses empty files
+            try:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        _prefault(m)
+        return m
+
+    def read_range(self, rel: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the regular file ``rel`` (one ranged GET on object stores); locally refused
+        as ``read_bytes`` refuses links, FIFOs and devices."""
+        if self.local:
+            return self._read_local(rel, max(0, end - start), start)
+        with self._io("reading", rel):
+            return self.fs.cat_file(self.path(rel), start=start, end=end)
+
+    def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
+        """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
+        with self._open_local(rel) as f:
+            left = max(0, os.fstat(f.fileno()).st_size - start)
+            n = left if most is None else min(left, most)
+            try:
+                f.seek(start)
+                return f.read(n)
+            except OSError as e:
+                raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+
+    def _open_local(self, rel: str) -> BinaryIO:
+        """The regular file ``rel``, open for reading; a symlink below the root, a FIFO or device is refused."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of hanging
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise DamagedFile(f"{self.url_of(rel)} is a symlink; actcache reads only regular files it wrote "
+                                  "(remove it: a rerun rewrites it)") from None
+            if isinstance(e, FileNotFoundError):
+                raise
+            if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
+                raise DamagedFile(f"{self.url_of(rel)} is not a regular file; remove it: a rerun rewrites it") from e
+            raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
+        f = os.fdopen(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
+                              "remove it: a rerun rewrites it")
+        return f
+
+    def regular_path(self, rel: str, size: int) -> str:
+        """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library
+        that opens files by name (a link, FIFO or device there is refused, as ``read_bytes`` refuses it)."""
+        path = self.path(rel)
+        self._check_inside(rel, path)
+        try:
+            st = os.lstat(path)
+        except OSError as e:
+            raise DamagedFile(f"{self.url_of(rel)} is missing ({e.strerror}); rerun the extraction") from e
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise DamagedFile(f"{self.url_of(rel)} is not a regular file of {size} bytes; run `actcache verify`")
+        return path
+
+    def _check_inside(self, rel: str, path: str) -> None:
+        """No symlink between the store root and ``path`` (the root itself may be one): nothing outside is touched."""
+        inside = os.path.normpath(os.path.join(os.path.realpath(self.root), os.path.dirname(rel)))
+        if os.path.realpath(os.path.dirname(path)) != inside:
+            raise DamagedFile(f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
+                              f"inside {self.url} (replace the link with a real folder)")
+
+    def _real_folders(self, rel: str) -> None:
+        """Replace a symlink where a folder of ``rel`` should be by a real folder (the link only; what it points to
+        is left alone), so that a rerun writes inside the store, as readers expect, instead of through it."""
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            p = self.path("/".join(parts[:i]))
+            if os.path.islink(p):
+                os.unlink(p)
+
+    def read_json(self, rel: str, *, limit: int = JSON_LIMIT) -> Any:
+        return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes | memoryview) -> None:
+        """Write ``data`` so that the file either exists in full or not at all.
+
+        A memoryview (a shard's buffer) is written where it lies: locally as is, on S3 one part at a time.
+        """
+        path = self.path(rel)
+        if self.local:
+            try:
+                self._real_folders(rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as e:
+                raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
+                              "finished shards are kept") from e
+            self._check_inside(rel, path)
+            tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                crashpoints.point("store.temp-written")
+                os.replace(tmp, path)
+            except BaseException as e:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                if isinstance(e, OSError):  # disk full, file-size limit, read-only, store removed meanwhile, ...
+                    raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
+                                  "store, then rerun: finished shards are kept") from e
+                raise
+        else:
+            # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
+            # on error): a reader never sees a partial object.
+            kwargs = {"chunksize": self.part_size, "max_concurrency": self.part_concurrency} if self.s3 else {}
+            if isinstance(data, memoryview):
+                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()
+            with self._io("writing", rel):
+                self.fs.pipe_file(path, data, **kwargs)
+
+    def temp_files(self, rel: str = "") -> list[TempFile]:
+        """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
+        complete, see ``incomplete_uploads``)."""
+        if not self.local:
+            return []
+        out = []
+        for dirpath, _, files in os.walk(self.path(rel)):
+            for name in files:
+                _, mark, tail = name.partition(_TMP_MARK)
+                host, _, pid = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
+                if not mark or not pid.isdigit():
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue  # renamed into place since the walk
+                mine = host == _HOST
+                out.append(TempFile(os.path.relpath(full, self.root), host, int(pid), st.st_size, st.st_mtime,
+                                    mine, mine and not _alive(int(pid))))
+        return out
+
+    def sweep_temp(self, rel: str) -> int:
+        """Delete temp files left below ``rel`` by killed writers of this host; return how many.
+
+        Temp names carry host and pid, so a live writer's file (or another host's) is never touched.
+        """
+        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead]
+        self.remove(dead)
+        return len(dead)
+
+    def remove(self, rels: list[str]) -> None:
+        """Delete these files (one bulk request per 1000 on S3); files already gone are no error."""
+        if not rels:
+            return
+        if self.local:
+            for rel in rels:
+                try:
+                    os.unlink(self.path(rel))
+                except FileNotFoundError:
+                    pass
+            return
+        with self._io("deleting", rels[0]):
+            self.fs.rm([self.path(r) for r in rels])
+
+    def remove_folder(self, rel: str) -> None:
+        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally)."""
+        if self.local and os.path.isdir(self.path(rel)):
+            for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except OSError:
+                    pass  # not empty: a file written since the listing stays, and so does its folder
+
+    def incomplete_uploads(self, rel: str = "") -> list[Upload]:
+        """S3 multipart uploads below ``rel`` that were started and never completed nor aborted (a killed writer's,
+        or one in progress): invisible to listings, yet their parts are stored and billed."""
+        if not self.s3:
+            return []
+        bucket, _, prefix = self.path(rel).partition("/")
+        prefix = f"{prefix}/" if prefix else ""
+        out, page = [], {"Bucket": bucket, "Prefix": prefix}
+        with self._io("listing uploads", rel):
+            while True:
+                resp = self.fs.call_s3("list_multipart_uploads", **page)
+                for u in resp.get("Uploads", []):
+                    parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
+                    key_rel = u["Key"][len(self.root.partition("/")[2]):].lstrip("/")
+                    out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
+                if not resp.get("IsTruncated"):
+                    return out
+                page.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+
+    def abort_upload(self, upload: Upload) -> None:
+        bucket = self.root.partition("/")[0]
+        with self._io("aborting an upload of", upload.rel):
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=self.path(upload.rel).partition("/")[2],
+                            UploadId=upload.upload_id)
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete everything below ``rel`` (nothing there is fine)."""
+        with self._io("deleting", rel):
+            try:
+                self.fs.rm(self.path(rel), recursive=True)
+            except FileNotFoundError:
+                pass
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, dump_json(obj))
+
+    def check_writable(self, given_as: str | None = None) -> None:
+        """Fail early, writing nothing, if the store cannot hold a set. ``given_as``: how the user gave this store,
+        for the message (default the ``store`` field; shuffle's ``out``, copy's destination)."""
+        given_as = given_as or opt("store")
+        if not self.local:
+            self.check_reachable()  # bucket, credentials and endpoint; a denied write fails at once, unretried
+            return
+        p = self.root
+        if os.path.isfile(p):
+            raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {given_as}")
+        while not os.path.exists(p):
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        if os.path.isfile(p):
+            raise ActcacheError(f"store {self.url!r} is inside the file {p!r}; pass a directory as {given_as}")
+        try:  # a real probe: os.access says yes to root even where writes fail (read-only mounts, sysfs)
+            fd, probe = tempfile.mkstemp(prefix=".actcache-probe-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
+                                f"choose another {given_as} or fix its permissions") from None
+
+    def check_reachable(self) -> None:
+        """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""
+        if self.local:
+            if not os.path.isdir(self.root):
+                raise ActcacheError(f"store {self.url!r} does not exist (no such directory)")
+            return
+        self.list_dirs()  # one request: NoSuchBucket, InvalidAccessKeyId, AccessDenied, connection refused

@@ -1,0 +1,317 @@
+"""Bad input: one line naming the problem and the fix, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actcache.cli.app import main
+
+
+@pytest.fixture
+def argv(tiny_models, corpus, store):
+    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
+            "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+
+
+def _set(argv: list[str], flag: str, value: str) -> list[str]:
+    """``argv`` with ``flag`` set to ``value`` (a value may carry further ``--flag value`` pairs)."""
+    out = list(argv)
+    first, *rest = [value] if value.startswith(("{", "[")) else value.split(" --")
+    pairs = [(flag, first)] + [tuple(("--" + r).split(" ", 1)) for r in rest]
+    for f, v in pairs:
+        if f in out:
+            out[out.index(f) + 1] = v
+        else:
+            out += [f, v]
+    return out
+
+
+def _files(tmp_path: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def _empty(tmp_path: Path) -> str:
+    p = tmp_path / "empty.txt"
+    p.write_text("\n\n")
+    return str(p)
+
+
+def _other_column(tmp_path: Path) -> str:
+    p = tmp_path / "rows.jsonl"
+    p.write_text("\n".join(json.dumps({"body": f"document {i}", "id": i}) for i in range(5)))
+    return str(p)
+
+
+def _a_file(tmp_path: Path) -> str:
+    p = tmp_path / "not-a-dir"
+    p.write_text("x")
+    return str(p)
+
+
+CASES = [
+    # (flag, value or factory, expected fragment of the one-line message)
+    ("--model", "/nonexistent/model-dir", "not found"),
+    ("--model", "no-such-org/no-such-model", "not found"),
+    ("--model", "builtin:tiny-bert", "unknown builtin model"),
+    ("--hook", "blocks.1.hook_resid_pots", "did you mean blocks.1.hook_resid_post"),
+    ("--hook", "blocks.9.hook_resid_post", "out of range"),
+    ("--hook", "blocks.0.attn.hook_pattern", "not one vector per token"),
+    ("--context-size", "4096 --max-tokens 8192 --shard-tokens 8192", "above the maximum of 128"),
+    ("--dataset", "/nonexistent/corpus.txt", "not found"),
+    ("--dataset", _empty, "is empty"),
+    ("--dataset", _other_column, "its columns are ['body', 'id']"),
+    ("--max-tokens", "10", "below one context"),
+    ("--max-tokens", "lots", "invalid int value"),
+    ("--shard-bytes", "4096 --shard-tokens 0", "--shard-bytes must be at least 1 MiB"),
+    ("--batch-size", "-1", "--batch-size must be at least 1 (or 0: automatic)"),
+    ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
+    ("--codec", "lz4", "unsupported --codec 'lz4'"),
+    ("--store", "/sys/actcache-store", "not writable"),
+    ("--store", _a_file, "is a file"),
+    ("--storage-options", "{endpoint_url: x}", "--storage-options is not valid JSON"),
+    ("--storage-options", "[1, 2]", "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("flag,value,expected", CASES, ids=[f"{c[0]}={getattr(c[1], '__name__', c[1])}"
+                                                             for c in CASES])
+def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, flag, value, expected):
+    value = value(tmp_path) if callable(value) else value
+    before = _files(tmp_path)
+    code = main(_set(argv, flag, value))
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("actcache: error: ") and expected in err, err
+    assert _files(tmp_path) == before, "bad input must leave the filesystem as it was"
+    assert not (tmp_path / "store").exists()
+
+
+def test_real_process_exits_non_zero_without_traceback(argv, store):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "actcache.cli.app", *_set(argv, "--hook", "blocks.1.hook_mlp_outt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("actcache: error: unknown hook 'blocks.1.hook_mlp_outt'")
+    assert "blocks.1.hook_mlp_out" in proc.stderr
+    assert not store.exists()
+
+
+def test_hooks_lists_valid_names(tiny_models, capsys):
+    assert main(["hooks", str(tiny_models["llama"])]) == 0
+    names = capsys.readouterr().out.split()
+    assert "blocks.2.hook_resid_post" in names and "blocks.0.attn.hook_z" in names
+
+
+# -- conventions: version, help, JSON, exit codes, a quiet terminal -------------------------------------------
+def test_version_has_one_source(capsys):
+    from importlib.metadata import version
+
+    import actcache
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"actcache {version('actcache')}" == f"actcache {actcache.__version__}"
+
+
+def test_help_renders_every_choice_default_and_exit_code(capsys):
+    from actcache.cli.app import app
+
+    assert main(["--help"]) == 0
+    top = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "Exit codes: 0 success; 1 failure" in top and "2 bad input" in top
+    assert re.search(r"Parameters ─+╮ --debug Print the whole chain of causes", top), top  # the table, not the epilogue
+    for command in ("extract", "ls", "show", "verify", "diff", "cp", "hooks", "rm", "gc", "shuffle", "export", "push",
+                    "stats"):
+        assert command in app and f" {command} " in top
+        assert main([command, "--help"]) == 0, command
+        text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        assert text.startswith(f"Usage: actcache {command}"), text[:200]
+        if command in ("ls", "show", "verify", "diff", "rm", "gc", "stats"):
+            assert "--json" in text, command
+        assert "--debug Print the whole chain of causes" in text, command  # in the option table, with its help
+    assert main(["extract", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    for choices in ("[choices: float32, float16, bfloat16]", "[choices: none, zstd, shuffle-zstd]",
+                    "[choices: eos, bos, none]"):
+        assert choices in text
+    assert "about 2% of the ~1.7 s" in text and "[default: 268435456]" in text  # a '%' renders
+    assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
+    import dataclasses
+
+    from actcache.config import ExtractConfig
+
+    assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []
+
+
+def test_telemetry_notice_stays_off_a_terminal(tmp_path):
+    """Prefect prints its telemetry notice on import when stdout/stderr is a terminal; the CLI's defaults stop it."""
+    import pty
+
+    ci = {"CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "CIRCLECI", "BUILDKITE", "TF_BUILD",
+          "CODEBUILD_BUILD_ID", "BITBUCKET_COMMIT", "TEAMCITY_VERSION", "DRONE", "SEMAPHORE", "APPVEYOR", "BUDDY",
+          "CI_NAME"}  # Prefect stays quiet in CI by itself: a CI variable would hide the notice from the control
+
+    def on_a_terminal(code: str, home: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ci and k != "DO_NOT_TRACK"}
+        env.update(PREFECT_HOME=str(tmp_path / home), PYTHONWARNINGS="ignore")
+        leader, follower = pty.openpty()
+        proc = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower,
+                                env=env, close_fds=True)
+        os.close(follower)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        proc.wait(timeout=120)
+        os.close(leader)
+        return out.decode(errors="replace")
+
+    assert "anonymous usage data" in on_a_terminal("import prefect", "control")  # the notice exists
+    assert "anonymous usage data" not in on_a_terminal(
+        "from actcache import cli; cli._quiet_defaults(); import prefect", "cli")
+
+
+@pytest.fixture(scope="module")
+def made(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
+    """One two-hook extraction through the CLI with --json (its output, for the tests below)."""
+    store = tmp_path_factory.mktemp("json") / "store"
+    argv = ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
+            "--hook", "blocks.0.hook_resid_post,blocks.1.hook_resid_post", "--context-size", "32",
+            "--max-tokens", "384", "--shard-tokens", "128", "--device", "cpu", "--json"]
+    return {"argv": argv, "store": store}
+
+
+def test_json_documents(made, capsys):
+    assert main(made["argv"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    a, b = first["sets"]
+    assert [a["hook"], b["hook"]] == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert a["n_shards"] == 3 and a["shards_computed"] == 3 and a["shards_skipped"] == 0
+    assert a["complete"] and a["n_tokens"] == 384 and a["bytes"] > 0 and a["url"].endswith(a["set_id"])
+
+    assert main(made["argv"]) == 0  # again: everything is there
+    again = json.loads(capsys.readouterr().out)
+    assert [(s["shards_computed"], s["shards_skipped"]) for s in again["sets"]] == [(0, 3), (0, 3)]
+
+    assert main(["ls", str(made["store"]), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["store"] == str(made["store"])
+    assert {s["set_id"]: (s["state"], s["n_tokens"], s["n_shards"]) for s in listed["sets"]} == {
+        a["set_id"]: ("complete", 384, 3), b["set_id"]: ("complete", 384, 3)}
+
+    assert main(["show", a["url"], "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["url"] == a["url"] and shown["set_id"] == a["set_id"] and "shards" not in shown
+    assert main(["show", a["url"], "--json", "--shards"]) == 0
+    assert [s["index"] for s in json.loads(capsys.readouterr().out)["shards"]] == [0, 1, 2]
+
+    assert main(["verify", a["url"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"url": a["url"], "ok": True, "n_shards": 3, "n_tokens": 384,
+                                                   "n_target_shards": 3, "missing": [], "problems": []}
+    (Path(a["url"]) / "shards" / "000001.safetensors").write_bytes(b"broken")
+    code = main(["verify", a["url"], "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""
+
+
+# -- a shuffled copy (the "rows" layout) where commands expect an extracted set -----------------------------
+@pytest.fixture(scope="module")
+def shuffled(extracted_set, tmp_path_factory) -> dict:
+    """A copy of the shared set's store (set and token cache) with a shuffled copy of the set beside."""
+    import shutil
+
+    from actcache.sets.shuffle import shuffle_set
+
+    store = tmp_path_factory.mktemp("rows") / "store"
+    shutil.copytree(Path(extracted_set).parent, store)
+    source = str(store / Path(extracted_set).name)
+    return {"store": store, "source": source, "rows": shuffle_set(source, seed=3).url}
+
+
+def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled, tmp_path, capsys):
+    rows, source = shuffled["rows"], shuffled["source"]
+    source_id = source.rsplit("/", 1)[1]
+    assert main(["show", rows]) == 0
+    text = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert text["rows"].startswith(f"448 in 4 shards of up to 128, shuffled copy of {source_id} (seed 3, 0 rows")
+    assert main(["show", rows, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["url"], shown["layout"], shown["seed"]) == (rows, "rows", 3)
+
+    assert main(["ls", str(shuffled["store"]), "--json"]) == 0
+    listed = {s["url"]: s for s in json.loads(capsys.readouterr().out)["sets"]}
+    assert (listed[rows]["layout"], listed[rows]["state"], listed[rows]["tokens_id"]) == ("rows", "complete", None)
+    assert listed[source]["layout"] is None and listed[source]["tokens_id"]
+
+    for argv, expected in ((["diff", source, rows], "is a shuffled copy (rows); diff compares extracted sets"),
+                           (["extract", "--like", rows, "--store", str(tmp_path / "s")],
+                            f"is a shuffled copy; reproduce its source ({source_id}) with --like")):
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "s").exists()
+
+    # the source's token cache is kept while the source exists; the shuffled copy needs none
+    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == []
+    assert main(["rm", source, "--yes"]) == 0
+    capsys.readouterr()
+    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    garbage = json.loads(capsys.readouterr().out)["items"]
+    assert [(g["kind"], g["url"]) for g in garbage] == [
+        ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")]
+    assert main(["verify", rows]) == 0  # the shuffled copy stands alone
+@pytest.mark.usefixtures("prefect_harness")
+def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(base_config, capsys):
+    from actcache.flows.extract import extract_activations
+
+    [url] = extract_activations(base_config, partition_index=1, num_partitions=2)  # shards 1 and 3 of 4
+    assert main(["verify", url]) == 1
+    err = capsys.readouterr().err
+    assert "incomplete: 2 of 4 shards missing (indices 0, 2)" in err and ", 2 of 4 shards missing;" in err
+    extract_activations(base_config)
+    assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out
+
+
+def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
+    """verify re-hashes every shard and checks its safetensors header against the manifest with JSON and sizes
+    alone: a fresh interpreter never imports torch (seconds of start-up), and a header that disagrees is found."""
+    import hashlib
+    import shutil
+
+    from actcache.format import layout, records
+
+    damaged = tmp_path / Path(extracted_set).name
+    shutil.copytree(extracted_set, damaged)
+    shard = damaged / layout.shard_file(0, "none")
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 : 8 + n].count(b'"F16"') == 1
+    data = data[: 8 + n].replace(b'"F16"', b'"I16"') + data[8 + n :]  # same length: only the dtype code differs
+    shard.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    for rel in (layout.MANIFEST, layout.record_file(0)):  # records that vouch for the edited bytes
+        doc = json.loads((damaged / rel).read_text())
+        entry = doc["shards"][0] if rel == layout.MANIFEST else doc
+        entry["sha256"] = sha
+        (damaged / rel).write_text(json.dumps(records.sealed(doc)))
+    code = ("import sys; from actcache.cli.app import main; rc = main(['verify', sys.argv[1]]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)")
+    for url, rc, says in ((extracted_set, 0, "OK: 4 shards"), (str(damaged), 1, "header disagrees")):
+        p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
+        assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr
+        assert says in p.stdout + p.stderr

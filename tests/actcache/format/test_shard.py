@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from actcache.format import shard
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"activations": torch.randn(3, 8, 16, generator=g).half(),
+            "tokens": torch.randint(0, 100, (3, 8), generator=g, dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("codec,level", [("none", 0), ("zstd", 1), ("zstd", 3), ("shuffle-zstd", 1),
+                                         ("shuffle-zstd", 3)])
+def test_round_trip_and_reproducible_bytes(codec, level):
+    meta = {"set_id": "abc", "hook": "blocks.0.hook_resid_post", "index": "7"}
+    a = shard.encode(_tensors(), codec=codec, level=level, metadata=meta)
+    b = shard.encode(_tensors(), codec=codec, level=level, metadata=dict(reversed(meta.items())))
+    assert a.data == b.data and a.sha256 == hashlib.sha256(a.data).hexdigest()
+    out = shard.decode(a.data, codec=codec, expect={"activations": (torch.float16, (3, 8, 16)),
+                                                      "tokens": (torch.int32, (3, 8))})
+    for k, v in _tensors().items():
+        assert torch.equal(out[k], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_shuffle_is_a_byte_transpose_that_leaves_the_header_readable(dtype):
+    import numpy as np
+    import zstandard
+
+    tensors = {**_tensors(), "activations": _tensors()["activations"].to(dtype)}
+    raw = shard.encode(tensors).data
+    enc = shard.encode(tensors, codec="shuffle-zstd", level=3)
+    shuffled = zstandard.ZstdDecompressor().decompress(enc.data)
+    start = 8 + int.from_bytes(raw[:8], "little")
+    assert shuffled[:start] == raw[:start] and shuffled != raw  # header as is, tensor data transposed
+    size = dtype.itemsize
+    body = np.frombuffer(shuffled, np.uint8, offset=start)
+    n = len(body) // size * size
+    # The recipe in shard.py's docstring, with numpy alone, gives back the plain safetensors file.
+    assert shuffled[:start] + body[:n].reshape(size, -1).T.tobytes() + body[n:].tobytes() == raw
+    assert torch.equal(shard.decode(enc.data, codec="shuffle-zstd")["activations"], tensors["activations"])
+
+
+def test_shuffle_zstd_is_smaller_than_zstd_on_smooth_activations():
+    x = torch.linspace(-3, 3, 64 * 256).reshape(64, 256).sin().half()  # shared exponents, noisy low bytes
+    tensors = {"activations": x + 1e-3 * torch.randn(64, 256).half(), "tokens": torch.zeros(64, dtype=torch.int32)}
+    assert len(shard.encode(tensors, codec="shuffle-zstd", level=3).data) < \
+        len(shard.encode(tensors, codec="zstd", level=3).data)
+
+
+def test_malformed_shuffled_shards_are_value_errors():
+    import zstandard
+
+    good = shard.encode(_tensors(), codec="shuffle-zstd", level=1).data
+    plain = zstandard.ZstdDecompressor().decompress(good)
+    for bad in (b"\x00" * 4, (10**9).to_bytes(8, "little") + plain[8:], plain[:8] + b"[" + plain[9:]):
+        with pytest.raises(ValueError):
+            shard.decode(zstandard.ZstdCompressor().compress(bad), codec="shuffle-zstd")
+
+
+def test_decode_checks_names_dtypes_and_shapes():
+    data = shard.encode(_tensors()).data
+    with pytest.raises(ValueError, match="expected"):
+        shard.decode(data, codec="none", expect={"activations": (torch.float32, None)})
+    with pytest.raises(ValueError, match="expected"):
+        shard.decode(data, codec="none", expect={"tokens": (torch.int32, (4, 8))})
+    with pytest.raises(ValueError, match="no tensor"):
+        shard.decode(data, codec="none", expect={"acts": (torch.float16, None)})
+    with pytest.raises(ValueError, match="invalid offset"):
+        shard.decode(data[:-10], codec="none")  # offsets are validated as safetensors does
+
+
+def test_stats_count_nan_and_inf():
+    x = torch.ones(2, 3, 4)
+    x[0, 0, 0] = float("nan")
+    x[1, 2, 3] = float("inf")
+    s = shard.stats(x)
+    assert s["nan"] == 1 and s["inf"] == 1
+    assert s["mean_l2_norm"] == pytest.approx((4 * 2.0 + 2 * 3**0.5) / 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fast_stats_equal_the_elementwise_count(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 16, 32, generator=g) * 5).to(dtype)
+    flat = x.reshape(-1, 32).float()
+    want = torch.linalg.vector_norm(flat, dim=-1).mean()
+    s = shard.stats(x)
+    assert s["nan"] == 0 and s["inf"] == 0 and s["mean_l2_norm"] == pytest.approx(float(want), rel=1e-6)
+    x[1, 2, 3] = float("nan")
+    assert shard.stats(x)["nan"] == 1
+
+
+# -- issue 12 --------------------------------------------------------------------------------------------------
+def test_stats_stay_finite_json_when_float32_norms_overflow():
+    import json
+
+    x = torch.full((2, 3, 8), 3e19)  # finite in float32, but its squares are not
+    s = shard.stats(x)
+    assert s["nan"] == 0 and s["inf"] == 0 and s["mean_l2_norm"] == pytest.approx(3e19 * 8**0.5, rel=1e-6)
+    json.dumps(s, allow_nan=False)
+    x[0, 0, 0] = float("inf")
+    assert shard.stats(x)["inf"] == 1 and json.dumps(shard.stats(x), allow_nan=False)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "shuffle-zstd"])
+def test_header_is_checked_before_the_data(codec):
+    data = shard.encode(_tensors(), codec=codec, level=1).data
+    good = {"activations": (torch.float16, (3, 8, 16)), "tokens": (torch.int32, (3, 8))}
+    shard.check_header(data, codec=codec, expect=good)
+    for name, bad in {"d": {**good, "activations": (torch.float16, (3, 8, 1 << 30))},
+                      "n_seq": {**good, "tokens": (torch.int32, (2, 8))},
+                      "dtype": {**good, "activations": (torch.bfloat16, (3, 8, 16))},
+                      "missing": {**good, "extra": (torch.int32, (1,))}}.items():
+        for check in (shard.check_header, shard.decode):
+            with pytest.raises(ValueError, match="expected|no tensor"):
+                check(data, codec=codec, expect=bad)
+        assert name

@@ -1,0 +1,520 @@
+"""ActivationDataset reads real sets back (extracted, or written by the real shard encoder), local and on S3.
+
+Fast paths are checked against an obvious loop over every row (``reference``): same rows, each exactly once
+per epoch, the same order for the same seed, another order for another epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import setwriter
+import torch
+from torch.utils.data import DataLoader
+
+from actcache.errors import ActcacheError
+from actcache.format import manifest
+from actcache.read import dataset
+from actcache.read.dataset import ActivationDataset, Piece, background, deal, prefetched
+from actcache.read.reader import open_set
+from actcache.sets.copy import copy_set
+from actcache.sets.shuffle import shuffle_set
+from actcache.storage.store import Store
+
+CTX = 32
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_models, corpus, s3_server, tmp_path_factory):
+    """One extracted set of 8 shards (4 sequences of 32 tokens each), on local disk and copied to S3."""
+    from actcache.config import ExtractConfig
+
+    local = tmp_path_factory.mktemp("dataset-store")
+    url = setwriter.extract_by_stages(ExtractConfig(
+        model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=CTX,
+        max_tokens=1024, shard_tokens=128, batch_size=4, store=str(local), device="cpu"))
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env("writer").items():
+            mp.setenv(k, v)
+        s3_url = copy_set(url, s3_server.new_prefix()).url
+    return {"local": url, "s3": s3_url}
+
+
+@pytest.fixture
+def s3_url(sets, s3_env):
+    return sets["s3"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Sets written by the real shard encoder: 5 shards (the last shorter), d=8, with statistics."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return setwriter.write_set(root, shards=5, seqs=4, ctx=16, d=8, last_seqs=3, with_stats=True)
+
+
+Row = tuple[bytes, int, int]
+
+
+def reference(url: str, *, drop_bos: bool = False, exclude: tuple[int, ...] = (), world_size: int = 1
+              ) -> list[list[Row]]:
+    """What each rank reads without shuffling, by an obvious loop over every row: (activation bytes, token id,
+    flat position), kept rows in set order, cut into ``world_size`` equal parts, the remainder left out."""
+    s = open_set(url)
+    rows, base = [], 0
+    for shard in s:
+        a, t = shard.activations.reshape(-1, s.d), shard.tokens.reshape(-1)
+        for i in range(len(t)):
+            if (drop_bos and i % s.context_size == 0) or int(t[i]) in exclude:
+                continue
+            rows.append((a[i].view(torch.uint8).numpy().tobytes(), int(t[i]), base + i))
+        base += len(t)
+    per = len(rows) // world_size
+    return [rows[r * per : (r + 1) * per] for r in range(world_size)]
+
+
+def rows_of(batches) -> list[Row]:
+    out = []
+    for acts, tokens, positions in batches:
+        assert acts.ndim == 2 and tokens.shape == positions.shape == (len(acts),)
+        out += [(acts[i].view(torch.uint8).numpy().tobytes(), int(tokens[i]), int(positions[i]))
+                for i in range(len(acts))]
+    return out
+
+
+def full(url: str, **kw) -> ActivationDataset:
+    return ActivationDataset(url, with_tokens=True, with_positions=True, **kw)
+
+
+def settled(prefix: str = "actcache-") -> list[threading.Thread]:
+    """Join the reader's threads until none is left (a stage may start a pool while it winds down)."""
+    for _ in range(20):
+        alive = [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+        for t in alive:
+            t.join(timeout=30)
+        if not alive:
+            break
+    return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+
+
+# -- order, epochs, seeds ------------------------------------------------------------------------------
+def test_in_order_without_shuffling(s3_url):
+    ds = ActivationDataset(s3_url, batch_size=100, with_tokens=True)
+    batches = list(ds)
+    assert [len(a) for a, _ in batches] == [100] * 10 + [24]  # 1024 rows, batches span shard boundaries
+    assert batches[0][0].dtype == torch.float16 and batches[0][0].shape[1] == ds.d == 32
+    assert [(a, t) for a, t, _ in rows_of((a, t, torch.zeros_like(t)) for a, t in batches)] == \
+        [(a, t) for a, t, _ in reference(s3_url)[0]]
+    assert ds.n_tokens == 1024 and len(ds) == 11
+
+
+def test_shuffled_epoch_has_every_row_once_and_is_reproducible(s3_url):
+    ds = full(s3_url, batch_size=64, shuffle_buffer=300, seed=7)
+    first = rows_of(ds)
+    everything = reference(s3_url)[0]
+    assert sorted(first) == sorted(everything) and first != everything
+    assert rows_of(ds) == first  # same seed and epoch: same order
+    ds.set_epoch(1)
+    again = rows_of(ds)
+    assert sorted(again) == sorted(everything) and again != first
+    assert rows_of(full(s3_url, batch_size=64, shuffle_buffer=300, seed=8)) != first
+
+
+def test_a_batch_is_a_sample_of_the_buffer_not_a_run(sets):
+    """Consecutive rows of a batch are not consecutive positions of the set (which a micro-batching trainer
+    would see if a batch were gathered shard by shard)."""
+    ds = full(sets["local"], batch_size=64, shuffle_buffer=512, seed=0)
+    positions = torch.cat([p for _, _, p in ds])
+    adjacent = (positions[1:] - positions[:-1]).abs().eq(1).float().mean()
+    assert adjacent < 0.05
+
+
+@pytest.mark.parametrize("options", [{}, {"drop_bos": True}, {"exclude_special_tokens": True},
+                                     {"exclude_tokens": [0, 17], "drop_bos": True}], ids=str)
+def test_fast_path_equals_the_row_by_row_reference(sets, options):
+    special = (0,) if options.get("exclude_special_tokens") else ()  # the tiny tokenizer's BOS = EOS = separator
+    exclude = special + tuple(options.get("exclude_tokens", ()))
+    for world_size in (1, 3):
+        want = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude,
+                         world_size=world_size)
+        for rank in range(world_size):
+            ds = full(sets["local"], batch_size=50, rank=rank, world_size=world_size, **options)
+            assert rows_of(ds) == want[rank], (world_size, rank)
+        for rank in range(world_size):  # shuffled: the same rows per epoch, in another order
+            ds = full(sets["local"], batch_size=50, shuffle_buffer=200, rank=rank, world_size=world_size, **options)
+            got = rows_of(ds)
+            assert len(got) == len(want[rank]) == ds.rows_per_rank
+            if world_size == 1:
+                assert sorted(got) == sorted(want[0]) and got != want[0]
+
+
+
+def shuffled_reference(ds: ActivationDataset, rank_rows: list[Row]) -> list[list[Row]]:
+    """The batches of a shuffled epoch (one rank, no DataLoader workers), by an obvious loop: the rank's rows in the
+    epoch's shard order fill a list of ``shuffle_buffer`` rows; a full list is permuted by the epoch's generator,
+    cut into batches, and the rows short of a batch move to the front of the next fill."""
+    by_shard: dict[int, list[Row]] = {}
+    s, base = open_set(ds.set.url), 0
+    for r, count in zip(s.records, (r.n_tokens for r in s.records), strict=True):
+        by_shard[r.index] = [row for row in rank_rows if base <= row[2] < base + count]
+        base += count
+    pieces = ds.pieces()
+    rows = [row for p in pieces for row in by_shard[ds.set.records[p.shard].index][: p.stop - p.start]]
+    g = torch.Generator().manual_seed(dataset._seed(ds.seed, ds.epoch, ds.world_size, ds.rank, 0))
+    sizes = ds._sizes(len(rows), last=True)
+    cap, buf, out = min(max(ds.shuffle_buffer, ds.batch_size), len(rows)), [], []
+
+    def drain(final: bool) -> list[Row]:
+        perm, at = torch.randperm(len(buf), generator=g).tolist(), 0
+        while sizes and len(buf) - at >= sizes[0]:
+            out.append([buf[i] for i in perm[at : at + sizes[0]]])
+            at += sizes.pop(0)
+        return [] if final else [buf[i] for i in perm[at:]]
+
+    for row in rows:
+        buf.append(row)
+        if len(buf) == cap:
+            buf = drain(final=False)
+    if buf:
+        drain(final=True)
+    return out
+
+
+@pytest.mark.parametrize("options", [{}, {"exclude_tokens": [0, 17], "drop_bos": True}], ids=str)
+@pytest.mark.parametrize("batch_size, shuffle_buffer", [(50, 200), (64, 256), (100, 100), (30, 1024)])
+def test_shuffled_batches_equal_the_reference_in_every_dtype(sets, options, batch_size, shuffle_buffer):
+    """float16 batches (the stored dtype: rows go straight from the shard into the batch) and float32 ones (cast
+    into a buffer first) are the reference's rows in the reference's batches, for the same seed and epoch."""
+    exclude = tuple(options.get("exclude_tokens", ()))
+    want_rows = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude)[0]
+    for epoch in (0, 1):
+        ds = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, **options)
+        ds.set_epoch(epoch)
+        want = shuffled_reference(ds, want_rows)
+        assert ds.dtype == torch.float16 and sum(map(len, want)) == ds.rows_per_rank
+        half = list(ds)
+        assert [rows_of([b]) for b in half] == want
+        wide = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5,
+                    dtype=torch.float32, **options)
+        wide.set_epoch(epoch)
+        for (a32, t32, p32), (a16, t16, p16) in zip(wide, half, strict=True):
+            assert a32.dtype == torch.float32 and torch.equal(a32, a16.float())
+            assert torch.equal(t32, t16) and torch.equal(p32, p16)
+
+
+def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
+    """Rows whose bytes are not a multiple of 8 (copied element by element) and bfloat16 rows."""
+    for d, dtype in ((6, "float16"), (3, "bfloat16"), (8, "bfloat16")):
+        url = setwriter.write_set(tmp_path / f"{d}-{dtype}", shards=3, seqs=4, ctx=16, d=d, dtype=dtype)
+        ds = full(url, batch_size=20, shuffle_buffer=70, seed=1)
+        got = list(ds)
+        assert got[0][0].dtype == ds.set.dtype and got[0][0].shape == (20, d)
+        assert [rows_of([b]) for b in got] == shuffled_reference(ds, reference(url)[0])
+
+# -- ranks and workers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 7, 8, 9, 20])
+def test_every_rank_gets_the_same_batches_and_no_row_twice(sets, world_size):
+    """8 shards of 128 rows: world sizes below, at and above the shard count; remainders are left out."""
+    everything = reference(sets["local"])[0]
+    per_rank = [rows_of(full(sets["local"], batch_size=24, shuffle_buffer=100, seed=2, rank=r,
+                             world_size=world_size)) for r in range(world_size)]
+    ds = full(sets["local"], batch_size=24, rank=0, world_size=world_size)
+    assert {len(rows) for rows in per_rank} == {1024 // world_size} == {ds.rows_per_rank}
+    batches = [len(list(full(sets["local"], batch_size=24, rank=r, world_size=world_size)))
+               for r in range(world_size)]
+    assert set(batches) == {len(ds)} == {-(-(1024 // world_size) // 24)}
+    seen = [row for rows in per_rank for row in rows]
+    assert len(set(seen)) == len(seen) and set(seen) <= set(everything)
+    assert len(everything) - len(seen) == 1024 % world_size
+
+
+def test_deal_splits_ranks_by_rows_and_workers_at_batch_boundaries():
+    counts, order = [10, 0, 7, 3], [2, 0, 3, 1]  # 20 rows; an empty shard
+    assert deal(counts, order, rank=0, world_size=3, worker=0, num_workers=1, batch_size=4) == [Piece(2, 0, 6)]
+    assert deal(counts, order, rank=1, world_size=3, worker=0, num_workers=1, batch_size=4) == \
+        [Piece(2, 6, 7), Piece(0, 0, 5)]
+    assert deal(counts, order, rank=2, world_size=3, worker=0, num_workers=1, batch_size=4) == [Piece(0, 5, 10),
+                                                                                             Piece(3, 0, 1)]
+    # rank 0 of 1 with 2 workers: 5 batches of 4 -> worker 0 takes 2 (8 rows), worker 1 three
+    assert deal(counts, order, rank=0, world_size=1, worker=0, num_workers=2, batch_size=4) == [Piece(2, 0, 7),
+                                                                                             Piece(0, 0, 1)]
+    assert deal(counts, order, rank=0, world_size=1, worker=1, num_workers=2, batch_size=4) == [Piece(0, 1, 10),
+                                                                                             Piece(3, 0, 3)]
+    assert deal(counts, order, rank=4, world_size=30, worker=0, num_workers=2, batch_size=4) == []
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_dataloader_workers_read_the_same_rows_in_the_same_batches(sets, num_workers):
+    ds = full(sets["local"], batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
+    loader = DataLoader(ds, batch_size=None, num_workers=num_workers)
+    batches = list(loader)
+    assert len(batches) == len(ds) == len(loader) == 7  # 341 rows: 6 of 50 and one of 41, whatever the workers
+    assert sorted(len(b[0]) for b in batches) == [41] + [50] * 6
+    alone = full(sets["local"], batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
+    assert sorted(rows_of(batches)) == sorted(rows_of(alone))
+
+
+def test_set_epoch_reaches_persistent_workers(sets):
+    ds = full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)
+        epochs.append(rows_of(loader))
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+    assert epochs[2] == epochs[0]
+    assert epochs[0] == rows_of(DataLoader(full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3),
+                                           batch_size=None, num_workers=2))
+
+
+def test_s3_workers_and_ranks(s3_url):
+    per_rank = [rows_of(DataLoader(full(s3_url, batch_size=50, shuffle_buffer=256, seed=1, rank=r, world_size=2),
+                                   batch_size=None, num_workers=2)) for r in (0, 1)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(reference(s3_url)[0])
+    with pytest.raises(ActcacheError, match="rank 2 is outside world_size 2"):
+        ActivationDataset(s3_url, batch_size=1, rank=2, world_size=2)
+
+
+# -- exclusions ----------------------------------------------------------------------------------------
+def test_special_tokens_are_excluded_and_counted(sets):
+    s = open_set(sets["local"])
+    tokens = torch.cat([sh.tokens.reshape(-1) for sh in s])
+    ds = full(sets["local"], batch_size=100, shuffle_buffer=300, exclude_special_tokens=True)
+    assert ds.exclude == (0,) and ds.excluded == {0: int((tokens == 0).sum())} and ds.excluded[0] > 32
+    got = rows_of(ds)
+    assert len(got) == ds.n_tokens == 1024 - ds.excluded[0] and not {t for _, t, _ in got} & {0}
+    for _, token, position in got:  # positions still say where each row was
+        assert token == int(tokens[position])
+    both = full(sets["local"], batch_size=100, drop_bos=True, exclude_tokens=[0])
+    assert both.excluded[0] == ds.excluded[0] - 32  # BOS positions are drop_bos's, not counted per id
+    assert ActivationDataset(sets["local"], batch_size=1, drop_bos=True).n_tokens == 1024 - 32
+
+
+def test_old_manifest_excludes_what_it_records_and_says_so(tmp_path):
+    url = setwriter.write_set(tmp_path, shards=2, seqs=16, ctx=16, d=4, recorded=())
+    with pytest.warns(UserWarning, match="predates recording eos_id and pad_id.*BOS and separator ids it records"):
+        ds = ActivationDataset(url, batch_size=8, exclude_special_tokens=True, with_tokens=True)
+    assert ds.exclude == (setwriter.BOS, setwriter.EOS)
+    tokens = torch.cat([t for _, t in ds])
+    pads = sum(int((s.tokens == setwriter.PAD).sum()) for s in open_set(url))
+    assert pads and int((tokens == setwriter.PAD).sum()) == pads
+    # no recorded vocabulary: only negative ids can be refused
+    assert ActivationDataset(url, batch_size=8, exclude_tokens=[10**6]).excluded == {10**6: 0}
+
+
+@pytest.mark.parametrize("bad, message", [([512], r"token id 512 is outside the vocabulary of this set's tokenizer "
+                                                  r"\(0\.\.511\); fix exclude_tokens"),
+                                          ([-1], "token id -1 is outside the vocabulary"),
+                                          (["eos"], "exclude_tokens takes integer token ids"),
+                                          ([True], "exclude_tokens takes integer token ids")])
+def test_exclusion_ids_are_checked(synthetic, bad, message):
+    with pytest.raises(ActcacheError, match=message) as e:
+        ActivationDataset(synthetic, batch_size=8, exclude_tokens=bad)
+    assert "\n" not in str(e.value)
+    assert ActivationDataset(synthetic, batch_size=8, exclude_tokens=[511]).exclude == (511,)
+
+
+# -- normalisation --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize", ["scale", "standardize"])
+@pytest.mark.parametrize("shuffle_buffer", [0, 40])
+def test_normalize_with_the_sets_statistics(synthetic, normalize, shuffle_buffer):
+    m = open_set(synthetic).manifest
+    stats = m["stats"]
+    ds = full(synthetic, batch_size=16, shuffle_buffer=shuffle_buffer, dtype=torch.float32, normalize=normalize)
+    plain = {p: a for a, _, p in rows_of(full(synthetic, batch_size=16, dtype=torch.float32))}
+    got = torch.cat([a for a, _, _ in ds])
+    raw = torch.stack([torch.frombuffer(bytearray(plain[int(p)]), dtype=torch.float32)
+                       for _, _, ps in ds for p in ps])
+    if normalize == "scale":
+        want = raw.double() * stats["scale"]
+    else:
+        want = (raw.double() - torch.tensor(stats["mean"])) / torch.tensor(stats["var"]).sqrt()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    if normalize == "standardize":  # the set's own rows: mean 0 and std 1 per dimension
+        torch.testing.assert_close(got.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.double().std(0, correction=0), torch.ones(8, dtype=torch.float64),
+                                   atol=1e-4, rtol=0)
+
+
+def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
+    old = setwriter.write_set(tmp_path, shards=1, seqs=2, ctx=4, d=4)  # as written before statistics existed
+    with pytest.raises(ActcacheError, match=r"has no normalisation statistics; compute them with `actcache stats "):
+        ActivationDataset(old, batch_size=8, normalize="scale")
+
+
+# -- the rows layout ------------------------------------------------------------------------------------
+def test_rows_layout_reads_in_its_order_and_keeps_positions(sets, tmp_path):
+    rows_url = shuffle_set(sets["local"], out=str(tmp_path), seed=5, rows_per_shard=300).url
+    s = open_set(rows_url)
+    assert s.layout == "rows" and [r.n_tokens for r in s.records] == [300, 300, 300, 124]
+    shard = s.read(s.records[0])
+    assert shard.activations.shape == (300, 32) and shard.tokens.shape == (300,)
+    assert shard.positions.dtype == torch.int64
+    source = {p: (a, t) for a, t, p in reference(sets["local"])[0]}
+    got = rows_of(full(rows_url, batch_size=100))  # sequential: the stored (shuffled) order
+    stored = torch.cat([x.positions for x in s]).tolist()
+    assert [p for _, _, p in got] == stored and sorted(stored) == list(range(1024)) and stored != sorted(stored)
+    assert all(source[p] == (a, t) for a, t, p in got)
+    no_bos = rows_of(full(rows_url, batch_size=100, drop_bos=True, shuffle_buffer=128))
+    assert sorted(p for _, _, p in no_bos) == [p for p in range(1024) if p % CTX]
+    ds = full(rows_url, batch_size=100, exclude_special_tokens=True, world_size=3, rank=2)
+    assert ds.excluded == full(sets["local"], batch_size=100, exclude_special_tokens=True).excluded
+    assert all(t != 0 for _, t, _ in rows_of(ds)) and len(rows_of(ds)) == ds.rows_per_rank
+
+
+def test_an_unknown_layout_is_refused(sets, tmp_path):
+    url = setwriter.write_set(tmp_path, shards=1, seqs=1, ctx=4, d=2)
+    path = Path(url) / "manifest.json"
+    m = json.loads(path.read_text())
+    manifest.write(Store(str(tmp_path)), Path(url).name, {**m, "layout": "columns"})  # sealed
+    with pytest.raises(ActcacheError, match="has layout 'columns', which this actcache cannot read"):
+        ActivationDataset(url, batch_size=8)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"shuffle_buffer": -1}, "shuffle_buffer must be 0"),
+    ({"prefetch": 0}, "prefetch must be at least 1"),
+    ({"dtype": torch.int32}, "dtype must be a torch floating dtype"),
+    ({"normalize": "unit"}, "normalize must be one of scale, standardize"),
+    ({"device": "tpu:x"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    ({"rank": 0, "world_size": 0}, "rank 0 is outside world_size 0"),
+])
+def test_bad_options_are_one_line(synthetic, options, message):
+    with pytest.raises(ActcacheError, match=message) as e:
+        ActivationDataset(synthetic, **{"batch_size": 8, **options})
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_options_need_cuda(synthetic):
+    with pytest.raises(ActcacheError, match="pin_memory=True needs a CUDA device"):
+        ActivationDataset(synthetic, batch_size=8, pin_memory=True)
+    with pytest.raises(ActcacheError, match="torch sees no CUDA device"):
+        ActivationDataset(synthetic, batch_size=8, device="cuda")
+
+
+def test_unknown_and_newer_sets_are_refused(synthetic, tmp_path):
+    with pytest.raises(ActcacheError, match="no activation set at"):
+        ActivationDataset(str(tmp_path / ("0" * 24)), batch_size=8)
+    url = setwriter.write_set(tmp_path, shards=1, seqs=1, ctx=4, d=2, seed=9)
+    path = Path(url) / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
+    with pytest.raises(ActcacheError, match="has format version 99, newer than this actcache reads"):
+        ActivationDataset(url, batch_size=8)
+
+
+def test_verify_catches_a_corrupted_shard(sets, tmp_path):
+    src = open_set(sets["local"])
+    copy = copy_set(sets["local"], str(tmp_path)).url
+    path = tmp_path / src.set_id / src.records[2].file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # same size: only a checksum notices
+    path.write_bytes(bytes(data))
+    assert len(list(ActivationDataset(copy, batch_size=4096))) == 1  # unverified: read as is
+    with pytest.raises(ActcacheError, match="shard 2 of .* fails its checksum"):
+        list(ActivationDataset(copy, batch_size=4096, verify=True))
+
+
+# -- device stage ---------------------------------------------------------------------------------------
+def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic):
+    """device= runs the batch making and the copy in a thread (on CUDA, with a stream of its own: untested here)."""
+    want = rows_of(full(synthetic, batch_size=16, shuffle_buffer=40, seed=4))
+    ds = full(synthetic, batch_size=16, shuffle_buffer=40, seed=4, device="cpu")
+    assert rows_of(ds) == want
+    it = iter(ds)
+    next(it)
+    assert [t for t in threading.enumerate() if t.name == "actcache-background"]
+    it.close()  # stopping early ends the stage's thread, and the reading threads
+    assert not settled()
+    with pytest.raises(ActcacheError, match="device= and pin_memory= work with num_workers=0"):
+        list(DataLoader(ds, batch_size=None, num_workers=1))
+
+
+# -- S3 prefetch and retries ----------------------------------------------------------------------------
+def test_s3_reads_are_retried_after_a_transient_failure(sets, restartable_s3, monkeypatch):
+    """The endpoint dies after the dataset opened the set: reads fail with connection errors, are retried,
+    and the epoch completes once it is back (restarted with its objects during the first retry's wait)."""
+    for k, v in restartable_s3.env("writer").items():
+        monkeypatch.setenv(k, v)
+    options = {"endpoint_url": restartable_s3.endpoint}  # its own s3fs instance, not the session server's
+    url = copy_set(sets["local"], restartable_s3.new_prefix(), dest_options=options).url
+    ds = full(url, batch_size=100, prefetch=3, storage_options=options)
+    waits = []
+    lock = threading.Lock()
+
+    def pause(seconds, stop):
+        with lock:
+            if not waits:
+                restartable_s3.restart()
+            waits.append(seconds)
+        return False
+
+    monkeypatch.setattr(dataset, "_pause", pause)
+    restartable_s3.kill()
+    assert rows_of(ds) == reference(sets["local"])[0]
+    assert waits and set(waits) == {dataset.RETRY_DELAYS[0]}  # every read that failed succeeded on its retry
+
+
+def test_permanent_errors_are_not_retried(s3_url, s3_server, monkeypatch):
+    monkeypatch.setattr(dataset, "_pause", lambda *a: pytest.fail("retried a permanent error"))
+    ds = ActivationDataset(s3_url, batch_size=100)
+    key = s3_url.removeprefix(f"s3://{s3_server.bucket}/") + "/" + ds.set.records[3].file
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=key)
+    with pytest.raises(ActcacheError, match=r"shard 3 of .* is missing \(shards/000003.safetensors\)"):
+        list(ds)
+
+
+def test_prefetch_keeps_depth_loads_in_flight_and_no_more():
+    depth = 3
+    barrier = threading.Barrier(depth, timeout=30)  # broken unless ``depth`` loads run at the same time
+    started, finished = [], threading.Event()
+
+    def load(i):
+        started.append(i)
+        if i < depth:
+            barrier.wait()
+        if i == depth:
+            finished.set()
+        return i
+
+    it = prefetched(load, range(100), depth=depth)
+    assert next(it) == 0  # items 0..2 were in flight together
+    assert finished.wait(30)  # taking item 0 let item 3 start ...
+    assert max(started) == depth  # ... and nothing beyond it
+    it.close()
+    assert not settled("actcache-prefetch")
+
+
+def test_prefetch_and_background_errors_reach_the_consumer():
+    def load(i):
+        if i == 3:
+            raise ValueError("shard 3 is bad")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 is bad"):
+        for x in prefetched(load, range(10), depth=2):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+    def items():
+        yield from range(3)
+        raise ValueError("batch 3 is bad")
+
+    got = []
+    with pytest.raises(ValueError, match="batch 3 is bad"):
+        for x in background(items(), 2):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+def test_a_batch_counts_exactly_what_the_dataloader_expects(sets):
+    """``len`` matches what a DataLoader yields, so it never warns about an IterableDataset's length."""
+    ds = full(sets["local"], batch_size=100, drop_last=True, world_size=3, rank=0)
+    assert len(ds) == len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 341 // 100
+    assert Counter(len(b[0]) for b in ds) == {100: 3}

@@ -1,0 +1,248 @@
+"""``actcache rm`` and ``actcache gc`` on a local store and a real S3 endpoint: what they remove, what they refuse,
+and what a kill in the middle of ``rm`` leaves behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from setfiles import local_tree
+
+from actcache import crashpoints
+from actcache.cli import app as cli
+from actcache.errors import ActcacheError
+from actcache.format import layout
+from actcache.read.reader import open_set
+from actcache.sets import inventory
+from actcache.sets.copy import copy_set
+from actcache.storage.store import Store
+
+
+@pytest.fixture(scope="module")
+def made(extracted_set) -> Path:
+    """The session's read-only store: one complete set and its token cache (tests work on copies)."""
+    return Path(extracted_set).parent
+
+
+@pytest.fixture
+def store(made, tmp_path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(made, copy)
+    return copy
+
+
+def set_url(store: Path) -> str:
+    (set_id,) = inventory.set_ids(Store(str(store)))
+    return f"{store}/{set_id}"
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(code: int, err: str, fragment: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("actcache: error: ") and fragment in lines[0], err
+
+
+# -- rm ----------------------------------------------------------------------------------------------------
+def test_rm_removes_the_set_and_nothing_else(store, capsys):
+    url = set_url(store)
+    tokens_before = local_tree(store / layout.TOKENS_ROOT)
+    code, out, _ = run(capsys, "rm", url, "--yes", "--json")
+    assert code == 0 and json.loads(out) == {"removed": url, "files": 9, "bytes": json.loads(out)["bytes"]}  # 4+4+1
+    assert not Path(url).exists()
+    assert local_tree(store / layout.TOKENS_ROOT) == tokens_before
+    code, out, _ = run(capsys, "ls", str(store), "--json")
+    assert code == 0 and json.loads(out)["sets"] == []
+
+
+def test_rm_asks_on_a_terminal(store, capsys, monkeypatch):
+    url = set_url(store)
+
+    class Terminal:
+        def __init__(self, answer: str):
+            self.answer = answer
+
+        def isatty(self) -> bool:
+            return True
+
+        def readline(self) -> str:
+            return self.answer
+
+    monkeypatch.setattr(sys, "stdin", Terminal("n\n"))
+    code, _, err = run(capsys, "rm", url)
+    assert code == 1 and "Remove " in err and "complete set" in err and "not removed" in err
+    assert (Path(url) / layout.MANIFEST).exists()
+    monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
+    code, out, _ = run(capsys, "rm", url)
+    assert code == 0 and out.startswith(f"removed {url}") and not Path(url).exists()
+
+
+REFUSED = [
+    (["rm", "{set}"], "stdin is not a terminal; pass --yes"),
+    (["rm", "{set}", "--json"], "--json cannot answer a confirmation prompt; add --yes"),
+    (["rm", "{store}", "--yes"], "is a store, not a set"),
+    (["rm", "{store}/", "--yes"], "is a store, not a set"),
+    (["rm", "{tokens}", "--yes"], "is a token cache, not a set"),
+    (["rm", "{store}/0123456789abcdef01234567", "--yes"], "no activation set at"),
+    (["rm", "{set}/shards", "--yes"], "is not a set"),
+    (["rm", "{stranger}", "--yes"], "holds files that are not part of a set ('notes.txt')"),
+    (["gc", "{set}"], "is a set, not a store"),
+    (["gc", "{store}/shards-elsewhere"], "does not exist"),
+    (["gc", "{empty}"], "is not an actcache store"),
+    (["gc", "{store}", "--older-than", "-1"], "--older-than must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", REFUSED, ids=[" ".join(a[:2]) + f": {e}" for a, e in REFUSED])
+def test_refused_in_one_line_touching_nothing(store, tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # noqa: SIM115 - closed with the test
+    url = set_url(store)
+    stranger = store / "fedcba9876543210fedcba98"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    (tid,) = inventory.token_cache_ids(Store(str(store)))
+    before = local_tree(tmp_path)
+    fill = {"set": url, "store": str(store), "tokens": f"{store}/{layout.TOKENS_ROOT}/{tid}",
+            "stranger": str(stranger), "empty": str(tmp_path / "empty")}
+    code, _, err = run(capsys, *[a.format(**fill) for a in argv])
+    one_line_error(code, err, expected)
+    assert local_tree(tmp_path) == before
+
+
+def _rm_killed_at(point: str, url: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "ACTCACHE_FAULT": f"{point}:1"}
+    return subprocess.run([sys.executable, "-m", "actcache.cli.app", "rm", url, "--yes"], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("point", crashpoints.RM_POINTS)
+def test_a_killed_rm_never_leaves_a_complete_looking_set(store, point, capsys):
+    url = set_url(store)
+    killed = _rm_killed_at(point, url)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    entry = inventory.describe_set(Store(str(store)), url.rsplit("/", 1)[1])
+    assert entry is None or entry.state == inventory.INCOMPLETE
+    with pytest.raises(ActcacheError, match="no activation set"):
+        open_set(url)
+    code, _, _ = run(capsys, "rm", url, "--yes")  # running it again finishes the job
+    assert code == 0 and not Path(url).exists()
+
+
+def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, tiny_models, corpus, prefect_harness):
+    from actcache.api import extract
+    from actcache.config import ExtractConfig
+
+    url = set_url(store)
+    assert _rm_killed_at("rm.records-removed", url).returncode == -signal.SIGKILL
+    again = extract(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
+                                  dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
+                                  batch_size=4, store=str(store), device="cpu"))  # the extracted_set's config
+    assert again == url and local_tree(store) == local_tree(made)
+
+
+@pytest.mark.parametrize("point", crashpoints.RM_POINTS)
+def test_rm_on_s3_killed_then_finished(made, s3_server, s3_env, point, capsys):
+    bucket_url = s3_server.new_prefix()
+    url = copy_set(set_url(made), bucket_url).url
+    assert _rm_killed_at(point, url).returncode == -signal.SIGKILL
+    entry = inventory.describe_set(Store(bucket_url), url.rsplit("/", 1)[1])
+    if entry is None:  # killed after the last object went: an object store has no folder left to remove
+        assert point == crashpoints.RM_POINTS[-1] and s3_server.keys_under(bucket_url) == {}
+        return
+    assert entry.state == inventory.INCOMPLETE
+    code, _, _ = run(capsys, "rm", url, "--yes")
+    assert code == 0 and s3_server.keys_under(bucket_url) == {}
+
+
+# -- gc ----------------------------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_gc_lists_then_removes_only_garbage(store, capsys):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    shards = Path(url) / "shards"
+    (tid,) = inventory.token_cache_ids(Store(str(store)))
+    set_before = local_tree(Path(url))
+    dead = shards / f"000001.safetensors.tmp-{_HOST}-{_dead_pid()}-0badf00d"
+    live = shards / f"000002.safetensors.tmp-{_HOST}-{os.getpid()}-0badf00d"
+    old_remote = shards / "000003.safetensors.tmp-otherhost-12-0badf00d"
+    new_remote = shards / "000000.safetensors.tmp-otherhost-13-0badf00d"
+    for p in (dead, live, old_remote, new_remote):
+        p.write_bytes(b"x" * 100)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old_remote, (two_days_ago, two_days_ago))
+    unused = store / layout.TOKENS_ROOT / ("t" + "0" * 24)
+    shutil.copytree(store / layout.TOKENS_ROOT / tid, unused)
+    everything_before = local_tree(store)
+
+    code, out, err = run(capsys, "gc", str(store), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["removed"] is False
+    found = {(g["kind"], g["url"]) for g in report["items"]}
+    assert found == {("temp-file", str(dead)), ("temp-file", str(old_remote)), ("token-cache", str(unused))}
+    assert report["bytes"] == 200 + sum(f.stat().st_size for f in unused.rglob("*") if f.is_file())
+    assert local_tree(store) == everything_before, "without --yes, gc only lists"
+
+    code, _, err = run(capsys, "gc", str(store), "--yes")
+    assert code == 0 and "removed 3 item(s)" in err
+    assert not dead.exists() and not old_remote.exists() and not unused.exists()
+    assert live.exists() and new_remote.exists() and (store / layout.TOKENS_ROOT / tid).exists()
+    for p in (live, new_remote):
+        p.unlink()
+    assert local_tree(Path(url)) == set_before, "a set's files are never garbage"
+
+
+def test_gc_keeps_token_caches_while_a_set_has_no_manifest(store, capsys):
+    url = set_url(store)
+    (Path(url) / layout.MANIFEST).unlink()  # as while its first extraction runs
+    unused = store / layout.TOKENS_ROOT / ("t" + "0" * 24)
+    unused.mkdir()
+    (unused / "index.json").write_text("{}")
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and unused.exists()
+    assert "without a readable manifest" in report["notes"][0]
+
+
+def test_gc_on_s3_aborts_old_uploads_and_unused_token_caches(made, s3_server, s3_env, capsys):
+    bucket_url = s3_server.new_prefix()
+    set_id = copy_set(set_url(made), bucket_url).url.rsplit("/", 1)[1]
+    prefix = bucket_url.removeprefix(f"s3://{s3_server.bucket}/")
+    c = s3_server.client()
+    c.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{layout.TOKENS_ROOT}/t{'0' * 24}/index.json", Body=b"{}")
+    key = f"{prefix}/{set_id}/{layout.shard_file(9, 'none')}"
+    upload = c.create_multipart_upload(Bucket=s3_server.bucket, Key=key)["UploadId"]
+    c.upload_part(Bucket=s3_server.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"y" * 1000)
+    before = s3_server.keys_under(bucket_url)
+
+    # moto dates every upload 2010-11-10: a threshold of ~114 years makes it recent, 0 makes it abandoned.
+    code, out, _ = run(capsys, "gc", bucket_url, "--json", "--older-than", "1000000")
+    report = json.loads(out)
+    assert code == 0 and [g["kind"] for g in report["items"]] == ["token-cache"]
+    assert any("maybe still running" in n for n in report["notes"])
+
+    code, out, _ = run(capsys, "gc", bucket_url, "--older-than", "0", "--yes", "--json")
+    report = json.loads(out)
+    assert code == 0 and sorted(g["kind"] for g in report["items"]) == ["token-cache", "upload"]
+    assert next(g for g in report["items"] if g["kind"] == "upload")["bytes"] == 1000
+    assert c.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads", []) == []
+    after = s3_server.keys_under(bucket_url)
+    assert after == {k: v for k, v in before.items() if not k.startswith(layout.TOKENS_ROOT)}
+    assert open_set(f"{bucket_url}/{set_id}").verify() == []

@@ -1,0 +1,126 @@
+"""``actcache export``: folders the real ``datasets`` library loads, SAELens's layout, exact values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Array2D, Features, Sequence, Value, load_from_disk
+
+from actcache.cli import app as cli
+from actcache.read.reader import Shard, open_set
+from actcache.sets import export, shuffle
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def source(extracted_set):
+    s = open_set(extracted_set)
+    return {"url": extracted_set, "acts": torch.cat([sh.activations for sh in s]),
+            "tokens": torch.cat([sh.tokens for sh in s]), "manifest": s.manifest}
+
+
+def test_saelens_folder_is_what_cache_activations_runner_writes(source, tmp_path, capsys):
+    out = tmp_path / "sl"
+    assert cli.main(["export", source["url"], str(out), "--format", "saelens"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    ds = load_from_disk(str(out))
+    assert ds.features == Features({HOOK: Array2D(shape=(32, 32), dtype="float16"),
+                                    "token_ids": Sequence(Value(dtype="int32"), length=32)})
+    assert len(ds) == 14
+    got = ds.with_format("numpy")[:]
+    assert np.array_equal(got[HOOK], source["acts"].numpy())  # stored as float16 (features), read as float32
+    assert np.array_equal(got["token_ids"], source["tokens"].numpy())
+    # SAELens's consolidated layout: flat arrow files named by position, state.json with a fingerprint.
+    assert sorted(p.name for p in out.iterdir()) == ["actcache.json", *[f"data-{i:05d}-of-00004.arrow"
+                                                     for i in range(4)], "dataset_info.json", "state.json"]
+    state = json.loads((out / "state.json").read_text())
+    assert state["_fingerprint"] and state["_split"] is None and state["_format_type"] is None
+    meta = json.loads((out / "actcache.json").read_text())
+    assert meta["set_id"] == Path(source["url"]).name and meta["manifest"]["hook"] == HOOK
+    assert not out.with_name("sl.partial").exists()
+
+
+def test_hf_folder_has_one_row_per_token(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "_PIECE_BYTES", 64 * 40)  # pieces of 40 rows: many arrow files, same rows
+    bos = source["manifest"]["tokenization"]["bos_id"]
+    r = export.export_set(source["url"], str(tmp_path / "hf"), format="hf", exclude_special=True)
+    flat_t = source["tokens"].reshape(-1)
+    keep = flat_t != bos
+    assert (r.rows, r.excluded_tokens, r.dtype) == (int(keep.sum()), int((~keep).sum()), "float16")
+    ds = load_from_disk(str(tmp_path / "hf"))
+    assert ds.features == Features({"activations": Sequence(Value("float16"), length=32),
+                                    "token_id": Value("int32"), "sequence": Value("int64"),
+                                    "position": Value("int32")})
+    got = ds.with_format("numpy")[:]
+    flat_pos = got["sequence"] * 32 + got["position"]
+    assert np.array_equal(flat_pos, np.flatnonzero(keep.numpy()))
+    assert np.array_equal(got["activations"], source["acts"].reshape(-1, 32)[keep].numpy())
+    assert np.array_equal(got["token_id"], flat_t[keep].numpy())
+    assert len(list((tmp_path / "hf").glob("data-*.arrow"))) > 4
+    torch_rows = ds.with_format("torch")[0:8]["activations"]  # what a trainer gets: [batch, d]
+    assert torch_rows.shape == (8, 32)
+
+
+def test_hf_export_of_a_shuffled_set_keeps_positions(source, tmp_path):
+    shuffled = shuffle.shuffle_set(source["url"], out=str(tmp_path / "store"), seed=1, rows_per_shard=100)
+    export.export_set(shuffled.url, str(tmp_path / "hf"), format="hf")
+    got = load_from_disk(str(tmp_path / "hf")).with_format("numpy")[:]
+    flat = got["sequence"] * 32 + got["position"]
+    assert sorted(flat.tolist()) == list(range(448)) and not np.array_equal(flat, np.arange(448))
+    assert np.array_equal(got["activations"], source["acts"].reshape(-1, 32)[flat].numpy())
+
+
+def test_bfloat16_is_exported_as_float32():
+    acts = torch.randn(2, 4, 8).to(torch.bfloat16)
+    pieces, _ = export._pieces("hf", Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32)), 4,
+                               np.dtype("float32"), (), 0)
+    assert pieces[0]["acts"].dtype == np.float32
+    assert np.array_equal(pieces[0]["acts"], acts.float().reshape(-1, 8).numpy())
+
+
+def test_an_interrupted_export_leaves_no_target(source, tmp_path, monkeypatch):
+    real = export._dataset
+    calls = []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(export, "_dataset", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_set(source["url"], str(tmp_path / "sl"), format="saelens")
+    assert not (tmp_path / "sl").exists() and (tmp_path / "sl.partial").exists()
+    monkeypatch.setattr(export, "_dataset", real)
+    export.export_set(source["url"], str(tmp_path / "sl"), format="saelens")
+    assert len(load_from_disk(str(tmp_path / "sl"))) == 14 and not (tmp_path / "sl.partial").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--exclude-special-tokens"], "SAELens leaves them out itself"),
+    (["--exclude-ids", "7,-5"], "token id -5 is outside the vocabulary"),
+])
+def test_refusals_are_one_line_and_write_nothing(source, tmp_path, capsys, extra, message):
+    out = tmp_path / "x"
+    assert cli.main(["export", source["url"], str(out), "--format", "saelens", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_target_or_a_shuffled_source_is_refused(source, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert cli.main(["export", source["url"], str(tmp_path / "taken"), "--format", "hf"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    shuffled = shuffle.shuffle_set(source["url"], out=str(tmp_path / "store"), seed=1)
+    assert cli.main(["export", shuffled.url, str(tmp_path / "sl"), "--format", "saelens"]) == 2
+    assert "SAELens reads whole sequences" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "nope" / Path(source["url"]).name), str(tmp_path / "y"),
+                     "--format", "hf"]) == 2
+    assert "no activation set at" in capsys.readouterr().err

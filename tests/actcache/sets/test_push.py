@@ -1,0 +1,90 @@
+"""``actcache push`` against the fake hub (tests/hub_server.py): every byte lands, reruns resume, refusals are
+one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actcache.cli import app as cli
+from actcache.errors import ActcacheError
+from actcache.format import layout
+from actcache.read.reader import open_set
+from actcache.sets import push
+
+
+def set_files(url: str) -> dict[str, bytes]:
+    root = Path(url)
+    return {f"{root.name}/{p.relative_to(root)}": p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_push_uploads_the_set_and_a_card_then_reads_back(extracted_set, hub, capsys):
+    repo = hub.new_repo_id("acts")
+    assert cli.main(["push", extracted_set, repo, "--private"]) == 0
+    out = capsys.readouterr()
+    sid = Path(extracted_set).name
+    assert out.out.strip().splitlines()[-1] == f"hf://datasets/{repo}/{sid}"
+    assert "uploaded 10 files" in out.err and "0 already on the hub" in out.err
+    files = hub.files(repo, repo_type="dataset")
+    assert {k: v for k, v in files.items() if k.startswith(sid)} == set_files(extracted_set)
+    readme = files["README.md"].decode()
+    assert "viewer: false" in readme and f'actcache.open_set("hf://datasets/{repo}/{sid}")' in readme
+    assert "blocks.1.hook_resid_post" in readme and "scale sqrt(d) / mean norm" in readme
+    shard_commit = hub.requests_matching(r"/commit/")
+    assert len(shard_commit) == 2  # shards and records, then manifest and card
+
+    back = open_set(f"hf://datasets/{repo}/{sid}")  # through huggingface_hub's fsspec filesystem
+    assert back.manifest == json.loads(Path(extracted_set, layout.MANIFEST).read_text())
+    assert back.verify() == []
+
+    hub.clear_requests()
+    assert cli.main(["push", extracted_set, repo]) == 0
+    assert "uploaded 0 files" in capsys.readouterr().err
+    assert not hub.requests_matching(r"/commit/") and not hub.requests_matching(r"/_lfs/")
+
+
+def test_an_interrupted_push_resumes_with_what_is_missing(extracted_set, hub):
+    repo = hub.new_repo_id("resume")
+    commits = []
+
+    def after(n):  # the second commit is refused by a failing hub
+        commits.append(n)
+        if len(commits) == 1:
+            hub.fail_next(r"/commit/", status=500, retry_after=None)
+
+    with pytest.raises(ActcacheError, match=r"HTTP 500 while uploading to .*rerun the same push to resume"):
+        push.push_set(extracted_set, repo, commit_files=3, on_commit=after)
+    assert len(hub.files(repo, repo_type="dataset")) == 1 + 3  # .gitattributes and the first commit
+    assert f"{Path(extracted_set).name}/{layout.MANIFEST}" not in hub.files(repo, repo_type="dataset")
+    hub.clear_requests()
+    result = push.push_set(extracted_set, repo, commit_files=3)
+    assert (result.uploaded, result.skipped) == (10 - 3, 3)
+    assert {k: v for k, v in hub.files(repo, repo_type="dataset").items() if k.startswith(Path(extracted_set).name)} \
+        == set_files(extracted_set)
+
+
+def test_a_revision_is_a_branch(extracted_set, hub):
+    repo = hub.new_repo_id("rev")
+    push.push_set(extracted_set, repo, revision="v1")
+    assert "README.md" in hub.files(repo, revision="v1", repo_type="dataset")
+    assert "README.md" not in hub.files(repo, repo_type="dataset")
+
+
+def test_refusals_are_one_line_without_the_token(extracted_set, hub, capsys, monkeypatch):
+    repo = hub.new_repo_id("locked")
+    push.push_set(extracted_set, repo)
+    hub.set_repo(repo, repo_type="dataset", read_only=True)
+    monkeypatch.setattr(push, "card", lambda s, r: "changed\n")
+    assert cli.main(["push", extracted_set, repo]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HTTP 403" in err[0]
+
+    monkeypatch.setenv("HF_TOKEN", "hf_notavalidtokenatall")
+    assert cli.main(["push", extracted_set, hub.new_repo_id("x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rejected the token" in err[0] and "hf_notavalid" not in err[0]
+
+    assert cli.main(["push", str(Path(extracted_set).parent / ("0" * 24)), hub.new_repo_id("y")]) == 2
+    assert "no activation set at" in capsys.readouterr().err

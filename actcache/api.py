@@ -70,9 +70,19 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     out = []
     for s, old in zip(plan.sets, before.sets, strict=True):
         m = consolidated.get(s.set_id) or {}
-        out.append(SetResult(plan.store.url_of(s.set_id), s.set_id, s.hook, len(plan.shards), len(old.done),
-                             len(s.done) - len(old.done), m.get("n_tokens", 0), m.get("bytes", 0),
-                             bool(m.get("complete"))))
+        out.append(
+            SetResult(
+                plan.store.url_of(s.set_id),
+                s.set_id,
+                s.hook,
+                len(plan.shards),
+                len(old.done),
+                len(s.done) - len(old.done),
+                m.get("n_tokens", 0),
+                m.get("bytes", 0),
+                bool(m.get("complete")),
+            )
+        )
     return out
 
 

@@ -27,10 +27,12 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ActcacheError(f"{opt('storage_options')} is not valid JSON ({e.msg} at char {e.pos}); "
-                            "pass an object like '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
+        raise ActcacheError(
+            f"{opt('storage_options')} is not valid JSON ({e.msg} at char {e.pos}); "
+            'pass an object like \'{"endpoint_url": "http://127.0.0.1:9000"}\''
+        ) from None
     if not isinstance(value, dict):
-        raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
+        raise ActcacheError(f'{opt("storage_options")} must be a JSON object, e.g. \'{{"endpoint_url": "..."}}\'')
     return value
 
 
@@ -116,16 +118,22 @@ class ExtractConfig:
         if self.context_size < 2:
             raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
         if self.max_tokens > MAX_TOKENS:
-            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is above 10^18, far more than any dataset "
-                                f"holds; for a whole dataset pass a number above its size (extraction stops where "
-                                f"the data ends)")
+            raise ActcacheError(
+                f"{opt('max_tokens')} {self.max_tokens} is above 10^18, far more than any dataset "
+                f"holds; for a whole dataset pass a number above its size (extraction stops where "
+                f"the data ends)"
+            )
         if self.max_tokens < self.context_size:
-            raise ActcacheError(f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
-                                f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}")
+            raise ActcacheError(
+                f"{opt('max_tokens')} {self.max_tokens} is below one context of {self.context_size} "
+                f"tokens; raise {opt('max_tokens')} or lower {opt('context_size')}"
+            )
         if self.shard_tokens and self.shard_tokens < self.context_size:
-            raise ActcacheError(f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
-                                f"{self.context_size} tokens; raise {opt('shard_tokens')} (or 0 to size shards by "
-                                f"{opt('shard_bytes')})")
+            raise ActcacheError(
+                f"{opt('shard_tokens')} {self.shard_tokens} is below one context of "
+                f"{self.context_size} tokens; raise {opt('shard_tokens')} (or 0 to size shards by "
+                f"{opt('shard_bytes')})"
+            )
         if self.shard_bytes < 1 << 20:
             raise ActcacheError(f"{opt('shard_bytes')} must be at least 1 MiB (1048576), got {self.shard_bytes}")
         if self.batch_size < 0:
@@ -133,11 +141,12 @@ class ExtractConfig:
         if self.codec != "none" and not 1 <= self.codec_level <= 22:
             raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
-            raise ActcacheError(f"{opt('storage_options')} must be a JSON object, e.g. '{{\"endpoint_url\": \"...\"}}'")
+            raise ActcacheError(f'{opt("storage_options")} must be a JSON object, e.g. \'{{"endpoint_url": "..."}}\'')
         _check_no_secrets(self.storage_options)
         if not isinstance(self.hook, str) or not all(self.hooks):
-            raise ActcacheError(f"{opt('hook')} needs one or more comma-separated hook names, "
-                                "e.g. blocks.6.hook_resid_post")
+            raise ActcacheError(
+                f"{opt('hook')} needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post"
+            )
 
     @property
     def hooks(self) -> tuple[str, ...]:
@@ -171,8 +180,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # Secret-looking option names, by pattern rather than a fixed list: fsspec filesystems and boto pass options
 # through (s3_additional_kwargs -> SSECustomerKey, client_kwargs -> aws_secret_access_key, adlfs account_key or
 # connection_string, HTTP headers -> Authorization, ...). Names are compared lowercased without separators.
-_SECRET_NAME = re.compile(r"secret|passw|token|credential|privat|signature|auth|cookie|connectionstring|"
-                          r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$")
+_SECRET_NAME = re.compile(
+    r"secret|passw|token|credential|privat|signature|auth|cookie|connectionstring|"
+    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$"
+)
 # Values that hold a secret whatever their name: a URL with a password, an AWS access key id, a connection string.
 _SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|[?&]sig=", re.I)
 
@@ -210,6 +221,6 @@ def _secret_error(where: str) -> ActcacheError:
     return ActcacheError(
         f"{opt('storage_options')} must not hold credentials ({where}): flow parameters are stored in plain text; "
         "pass them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
-        "{\"profile\": NAME}, an instance role) or " + opt("aws_credentials_block") + " NAME (see README, Storing "
-        "on S3)")
-
+        '{"profile": NAME}, an instance role) or ' + opt("aws_credentials_block") + " NAME (see README, Storing "
+        "on S3)"
+    )

@@ -134,16 +134,19 @@ def unexpected(e: BaseException) -> str:
     """One line for a failure that is not the user's input (lost Prefect API, a bug): what, and what now."""
     if lost_api(e):
         api = os.environ.get("PREFECT_API_URL") or "Prefect's temporary server"
-        return (f"lost the Prefect API ({api}: {type(e).__name__}); start it again and rerun the same command: "
-                "finished shards are kept")
+        return (
+            f"lost the Prefect API ({api}: {type(e).__name__}); start it again and rerun the same command: "
+            "finished shards are kept"
+        )
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return f"{type(e).__name__}: {first} (rerun the same command to resume; --debug shows the traceback)"
 
 
 def lost_api(e: BaseException) -> bool:
     names = {t.__name__ for t in type(e).__mro__}
-    return bool(names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError",
-                         "PrefectHTTPStatusError"})
+    return bool(
+        names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError", "PrefectHTTPStatusError"}
+    )
 
 
 class _UserErrorsOffConsole(logging.Filter):
@@ -171,8 +174,13 @@ def user_errors_off_console(enabled: bool = True) -> Iterator[None]:
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
-    handlers = {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers
-                if isinstance(h, PrefectConsoleHandler)}
+    handlers = {
+        h
+        for lg in loggers
+        if isinstance(lg, logging.Logger)
+        for h in lg.handlers
+        if isinstance(h, PrefectConsoleHandler)
+    }
     for h in handlers:
         h.addFilter(_FILTER)
     try:

@@ -62,16 +62,23 @@ class Progress:
     in the UI (unkeyed artifacts break `prefect artifact ls --all`: none without one). ``log`` is called with one
     line per step that ``advance(item=...)`` names, with rate and ETA: what logs get instead of a bar."""
 
-    def __init__(self, total: int, unit: str = "shard", label: str = "extract", key: str | None = None,
-                 log: Callable[[str], Any] | None = None):
+    def __init__(
+        self,
+        total: int,
+        unit: str = "shard",
+        label: str = "extract",
+        key: str | None = None,
+        log: Callable[[str], Any] | None = None,
+    ):
         from tqdm.auto import tqdm
 
         self.total, self.done, self.tokens, self.started = total, 0, 0, time.perf_counter()
         self.unit, self.log = unit, log
         self._published = self.started
         # disable=None: a bar on a terminal, none in logs and pipes (no carriage returns in a log file).
-        self.bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, disable=True if total == 0 else None,
-                        leave=True)
+        self.bar = tqdm(
+            total=total, unit=unit, desc=label, file=sys.stderr, disable=True if total == 0 else None, leave=True
+        )
         self.publisher: _Publisher | None = None
         try:
             from prefect.artifacts import create_progress_artifact
@@ -91,8 +98,11 @@ class Progress:
         if item is not None and self.log is not None:
             self.log(self.line(item, now))
         # At most once per ARTIFACT_EVERY_S (the server records every update), and always the last one.
-        if self.publisher is not None and self.total and (self.done >= self.total
-                                                           or now - self._published >= ARTIFACT_EVERY_S):
+        if (
+            self.publisher is not None
+            and self.total
+            and (self.done >= self.total or now - self._published >= ARTIFACT_EVERY_S)
+        ):
             self._published = now
             # A count past its total is a miscount upstream; the UI's percentage still stops at 100.
             self.publisher.publish(min(100.0, 100.0 * self.done / self.total))

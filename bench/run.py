@@ -99,7 +99,7 @@ def round_robin(methods: dict, reps: int, warmup: int = 1) -> dict[str, list[flo
     names = list(methods)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
             methods[n]()
             times[n].append(time.perf_counter() - t)
@@ -157,8 +157,9 @@ class Methods:
             self.torch.cuda.synchronize()
 
     def batches(self, tokens):
-        return [tokens[i : i + self.batch].to(self.device, dtype=self.torch.long)
-                for i in range(0, len(tokens), self.batch)]
+        return [
+            tokens[i : i + self.batch].to(self.device, dtype=self.torch.long) for i in range(0, len(tokens), self.batch)
+        ]
 
     def a(self, tokens):
         bridge = self._get("bridge", self._bridge_loader)
@@ -171,7 +172,8 @@ class Methods:
     def _classic(self, model, block, tokens):
         torch, outs = self.torch, []
         handle = block.register_forward_hook(
-            lambda _m, _i, out: outs.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+            lambda _m, _i, out: outs.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+        )
         try:
             with torch.no_grad():
                 for b in self.batches(tokens):
@@ -193,8 +195,9 @@ class Methods:
         return self.torch.cat(outs).cpu()
 
     def c(self, tokens):
-        step = self._get("c", lambda: self._extractor_for(self.model, [HOOK], batch_size=self.batch,
-                                                          device=self.device))
+        step = self._get(
+            "c", lambda: self._extractor_for(self.model, [HOOK], batch_size=self.batch, device=self.device)
+        )
         return step(tokens)[HOOK]
 
     def c_br(self, tokens):
@@ -225,14 +228,24 @@ def random_tokens(n_seq: int, ctx: int, vocab: int, seed: int = 0):
     return torch.randint(0, vocab, (n_seq, ctx), generator=g, dtype=torch.int32)
 
 
-def flow_config(src: Path, work: Path, batch: int, ctx: int, shard_seqs: int, n_shards: int, device: str,
-                hook: str = HOOK, **extra):
+def flow_config(
+    src: Path, work: Path, batch: int, ctx: int, shard_seqs: int, n_shards: int, device: str, hook: str = HOOK, **extra
+):
     from actcache.config import ExtractConfig
 
     store = Path(tempfile.mkdtemp(prefix="store-", dir=work))
-    return ExtractConfig(model=str(src), hook=hook, dataset=str(corpus(work)), context_size=ctx,
-                         shard_tokens=shard_seqs * ctx, max_tokens=n_shards * shard_seqs * ctx, batch_size=batch,
-                         store=str(store), device=device, **extra)
+    return ExtractConfig(
+        model=str(src),
+        hook=hook,
+        dataset=str(corpus(work)),
+        context_size=ctx,
+        shard_tokens=shard_seqs * ctx,
+        max_tokens=n_shards * shard_seqs * ctx,
+        batch_size=batch,
+        store=str(store),
+        device=device,
+        **extra,
+    )
 
 
 def run_flow(cfg) -> float:
@@ -248,8 +261,10 @@ def run_flow(cfg) -> float:
 def speed(src: Path, work: Path, device: str, shapes, reps: int, smoke: bool) -> dict:
     """(a)-(e) at each batch shape, round-robin in this process; correctness of (c) and (e) checked."""
     # The larger shape costs ~4.5x per round: fewer rounds there keep the whole run near 15 minutes.
-    return {f"{batch}x{ctx}": speed_one(src, work, device, batch, ctx, reps if i == 0 else max(reps - 2, 1), smoke)
-            for i, (batch, ctx) in enumerate(shapes)}
+    return {
+        f"{batch}x{ctx}": speed_one(src, work, device, batch, ctx, reps if i == 0 else max(reps - 2, 1), smoke)
+        for i, (batch, ctx) in enumerate(shapes)
+    }
 
 
 def speed_one(src: Path, work: Path, device: str, batch: int, ctx: int, reps: int, smoke: bool) -> dict:
@@ -257,10 +272,16 @@ def speed_one(src: Path, work: Path, device: str, batch: int, ctx: int, reps: in
 
     m = Methods(src, device, batch)
     vocab = m.model.config.vocab_size
-    big = random_tokens(2 * batch, ctx, vocab)        # 2 batches for the fast methods
-    small = big[:batch]                                # 1 batch for the slow baselines
-    n_tok = {"a": small.numel(), "a_hf": small.numel(), "b": small.numel(),
-             "c": big.numel(), "c_br": big.numel(), "d": big.numel()}
+    big = random_tokens(2 * batch, ctx, vocab)  # 2 batches for the fast methods
+    small = big[:batch]  # 1 batch for the slow baselines
+    n_tok = {
+        "a": small.numel(),
+        "a_hf": small.numel(),
+        "b": small.numel(),
+        "c": big.numel(),
+        "c_br": big.numel(),
+        "d": big.numel(),
+    }
     calls = {k: (lambda k=k: getattr(m, k)(small if n_tok[k] == small.numel() else big)) for k in SPEED_METHODS}
     # 8192-token shards: what the flow costs per shard (task runs, events, a record) is then ~3% of a shard's
     # forward pass on this CPU, and 32x less again at the default shard size (2^18).
@@ -336,16 +357,29 @@ def rss_child(method: str, src: Path, work: Path, device: str, batch: int, ctx: 
 
 def child(args: list[str], timeout: float = 900, env: dict | None = None, pythonpath: str | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": pythonpath or str(ROOT), **(env or {})}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True,
-                       timeout=timeout, env=env, cwd=str(ROOT))
+    p = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(ROOT),
+    )
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def peak_rss(src: Path, work: Path, device: str, shapes) -> dict:
-    return {f"{b}x{c}": {k: child(["--rss-child", k, "--src", str(src), "--work", str(work), "--device", device,
-                                   "--shape", f"{b}x{c}"]) for k in (*SPEED_METHODS, "e")} for b, c in shapes}
+    return {
+        f"{b}x{c}": {
+            k: child(
+                ["--rss-child", k, "--src", str(src), "--work", str(work), "--device", device, "--shape", f"{b}x{c}"]
+            )
+            for k in (*SPEED_METHODS, "e")
+        }
+        for b, c in shapes
+    }
 
 
 # -- several hooks in one pass ---------------------------------------------------------------------
@@ -358,19 +392,26 @@ def several_hooks(src: Path, device: str, batch: int, ctx: int, reps: int, n_lay
     layers = [n_layers * k // 4 + n_layers // 4 - 1 for k in range(4)]  # 2,5,8,11 for 12 layers
     bridge = load_bridge(model, device=device)
     out = {}
-    for label, fmt in (("resid_post (hf-sdpa)", "blocks.{}.hook_resid_post"), ("attn.hook_z (bridge)",
-                                                                               "blocks.{}.attn.hook_z")):
+    for label, fmt in (
+        ("resid_post (hf-sdpa)", "blocks.{}.hook_resid_post"),
+        ("attn.hook_z (bridge)", "blocks.{}.attn.hook_z"),
+    ):
         hooks = [fmt.format(layer) for layer in layers]
         together = extractor_for(model, hooks, batch_size=batch, device=device, bridge=bridge)
         singles = [extractor_for(model, [h], batch_size=batch, device=device, bridge=bridge) for h in hooks]
-        times = round_robin({"one_pass": lambda t=together: t(tokens),
-                             "four_runs": lambda ss=singles: [s(tokens) for s in ss]}, reps)
+        times = round_robin(
+            {"one_pass": lambda t=together: t(tokens), "four_runs": lambda ss=singles: [s(tokens) for s in ss]}, reps
+        )
         # Median of per-round ratios: the machine's drift between rounds cancels within a round.
         r = median([a / b for a, b in zip(times["one_pass"], times["four_runs"], strict=True)])
         ideal = (max(layers) + 1) / sum(x + 1 for x in layers)
-        out[label] = {"hooks": hooks, "one_pass_s": round(median(times["one_pass"]), 3),
-                      "four_runs_s": round(median(times["four_runs"]), 3), "ratio": round(r, 3),
-                      "blocks_ratio_ideal": round(ideal, 3)}
+        out[label] = {
+            "hooks": hooks,
+            "one_pass_s": round(median(times["one_pass"]), 3),
+            "four_runs_s": round(median(times["four_runs"]), 3),
+            "ratio": round(r, 3),
+            "blocks_ratio_ideal": round(ideal, 3),
+        }
     return out
 
 
@@ -396,12 +437,17 @@ def compression(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict
             data = shard.encode(tensors, codec=codec, level=lvl).data
             dec = round_robin({"dec": lambda d=data, c=codec: shard.decode(d, codec=c)}, reps)
             assert shard.decode(data, codec=codec)["activations"].equal(cast)
-            rows.append({"dtype": dtype, "codec": f"{codec}-{lvl}" if lvl else codec,
-                         "bytes_per_token": round(len(data) / n_tok, 1), "ratio": round(raw_len / len(data), 3),
-                         "encode_MB_s": round(raw_len / median(times["enc"]) / 1e6, 1),
-                         "decode_MB_s": round(raw_len / median(dec["dec"]) / 1e6, 1)})
-    return {"tokens": n_tok, "note": "random-weight model: real activations may compress differently",
-            "rows": rows}
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "codec": f"{codec}-{lvl}" if lvl else codec,
+                    "bytes_per_token": round(len(data) / n_tok, 1),
+                    "ratio": round(raw_len / len(data), 3),
+                    "encode_MB_s": round(raw_len / median(times["enc"]) / 1e6, 1),
+                    "decode_MB_s": round(raw_len / median(dec["dec"]) / 1e6, 1),
+                }
+            )
+    return {"tokens": n_tok, "note": "random-weight model: real activations may compress differently", "rows": rows}
 
 
 # -- normalisation statistics: their cost beside the forward pass ----------------------------------------
@@ -440,13 +486,16 @@ def stats_cost(src: Path, device: str, batch: int, ctx: int, reps: int) -> dict:
         moments.of(previous)
         cpu_moments.append(time.thread_time() - t)
     n = tokens.numel()
-    return {"tokens_per_shard": n, "d": previous.shape[-1],
-            "cpu_moments_vs_cpu_forward": round(median(cpu_moments) / median(cpu_forward), 5),
-            "forward_s": round(median(times["forward"]), 4),
-            "forward_with_stats_s": round(median(times["forward_with_stats"]), 4),
-            "slowdown_median_of_pairs": round(median(paired) - 1, 4),
-            "moments_alone_us_per_token": round(median(alone["moments"]) / n * 1e6, 3),
-            "moments_alone_vs_forward": round(median(alone["moments"]) / median(times["forward"]), 4)}
+    return {
+        "tokens_per_shard": n,
+        "d": previous.shape[-1],
+        "cpu_moments_vs_cpu_forward": round(median(cpu_moments) / median(cpu_forward), 5),
+        "forward_s": round(median(times["forward"]), 4),
+        "forward_with_stats_s": round(median(times["forward_with_stats"]), 4),
+        "slowdown_median_of_pairs": round(median(paired) - 1, 4),
+        "moments_alone_us_per_token": round(median(alone["moments"]) / n * 1e6, 3),
+        "moments_alone_vs_forward": round(median(alone["moments"]) / median(times["forward"]), 4),
+    }
 
 
 # -- per-shard overhead: what the flow adds around the forward pass -------------------------------------
@@ -495,8 +544,7 @@ def pipeline_overhead(src: Path, work: Path, counts: tuple[int, int]) -> dict:
             # Fresh store each time: the difference between the two counts is the cost of one more shard.
             secs[n] = run_flow(flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post"))
     per_shard = (secs[counts[1]] - secs[counts[0]]) / (counts[1] - counts[0])
-    return {"flow_seconds": {str(k): round(v, 2) for k, v in secs.items()},
-            "per_shard_ms": round(1000 * per_shard, 1)}
+    return {"flow_seconds": {str(k): round(v, 2) for k, v in secs.items()}, "per_shard_ms": round(1000 * per_shard, 1)}
 
 
 def gpu_rate_overhead(src: Path, work: Path, rate: float, sizes: dict[int, int]) -> dict:
@@ -519,9 +567,13 @@ def gpu_rate_overhead(src: Path, work: Path, rate: float, sizes: dict[int, int])
         gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
         t_fwd = shard_tokens / rate
         over = median(gaps) - t_fwd
-        out[str(shard_tokens)] = {"shards": n, "forward_s": round(t_fwd, 3), "median_gap_s": round(median(gaps), 4),
-                                  "overhead_ms": round(1000 * over, 1),
-                                  "overhead_percent": round(100 * over / t_fwd, 2)}
+        out[str(shard_tokens)] = {
+            "shards": n,
+            "forward_s": round(t_fwd, 3),
+            "median_gap_s": round(median(gaps), 4),
+            "overhead_ms": round(1000 * over, 1),
+            "overhead_percent": round(100 * over / t_fwd, 2),
+        }
     return {"rate_tokens_per_s": rate, "by_shard_tokens": out}
 
 
@@ -539,16 +591,37 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
     (s,) = plan.sets
     store = plan.store
     for w in plan.shards:
-        enc = shard.encode({"activations": torch.zeros(w.n_seq, 32, 8, dtype=torch.float16),
-                            "tokens": torch.zeros(w.n_seq, 32, dtype=torch.int32)})
+        enc = shard.encode(
+            {
+                "activations": torch.zeros(w.n_seq, 32, 8, dtype=torch.float16),
+                "tokens": torch.zeros(w.n_seq, 32, dtype=torch.int32),
+            }
+        )
         rel = layout.shard_file(w.index, "none")
         store.write_bytes(f"{s.set_id}/{rel}", enc.data)
-        records.write_record(store, s.set_id, records.Record(w.index, rel, w.n_seq, w.n_seq * 32, enc.sha256,
-                                                             len(enc.data), {"hook_shape": [8]}))
+        records.write_record(
+            store,
+            s.set_id,
+            records.Record(w.index, rel, w.n_seq, w.n_seq * 32, enc.sha256, len(enc.data), {"hook_shape": [8]}),
+        )
     write_manifest.fn(plan)
-    return {"store": cfg.store, "config": {k: getattr(cfg, k) for k in ("model", "hook", "dataset", "context_size",
-                                                                        "shard_tokens", "max_tokens", "batch_size",
-                                                                        "store", "device")}}
+    return {
+        "store": cfg.store,
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "model",
+                "hook",
+                "dataset",
+                "context_size",
+                "shard_tokens",
+                "max_tokens",
+                "batch_size",
+                "store",
+                "device",
+            )
+        },
+    }
 
 
 def warm_child(config_json: str) -> None:
@@ -574,12 +647,21 @@ def warm_child(config_json: str) -> None:
     extract_activations(cfg)
     t_flow = time.perf_counter()
     empty = t_empty - t_prefect
-    print(json.dumps({"imports_s": round(t_imp - t0, 2), "prefect_start_s": round(t_prefect - t_imp, 2),
-                      "empty_flow_run_s": round(empty, 2), "make_plan_s": round(t_plan - t_empty, 2),
-                      "warm_rerun_flow_s": round(t_flow - t_plan, 2),
-                      "beyond_startup_s": round(t_flow - t_empty - empty, 2),
-                      "shards_done": plan.n_done, "shards_missing": len(plan.missing),
-                      "models_loaded": len(model._LOADED) + len(forward._HF)}))
+    print(
+        json.dumps(
+            {
+                "imports_s": round(t_imp - t0, 2),
+                "prefect_start_s": round(t_prefect - t_imp, 2),
+                "empty_flow_run_s": round(empty, 2),
+                "make_plan_s": round(t_plan - t_empty, 2),
+                "warm_rerun_flow_s": round(t_flow - t_plan, 2),
+                "beyond_startup_s": round(t_flow - t_empty - empty, 2),
+                "shards_done": plan.n_done,
+                "shards_missing": len(plan.missing),
+                "models_loaded": len(model._LOADED) + len(forward._HF),
+            }
+        )
+    )
 
 
 def warm_in_process(config: dict) -> dict:
@@ -595,8 +677,12 @@ def warm_in_process(config: dict) -> dict:
     t = time.perf_counter()
     plan = make_plan(cfg)
     extract_activations(cfg)
-    return {"make_plan_and_flow_s": round(time.perf_counter() - t, 2), "shards_done": plan.n_done,
-            "shards_missing": len(plan.missing), "models_loaded": len(model._LOADED) + len(forward._HF)}
+    return {
+        "make_plan_and_flow_s": round(time.perf_counter() - t, 2),
+        "shards_done": plan.n_done,
+        "shards_missing": len(plan.missing),
+        "models_loaded": len(model._LOADED) + len(forward._HF),
+    }
 
 
 def cold_child(policy: str, store: str) -> None:
@@ -630,37 +716,46 @@ def cold_start(work: Path, reps: int) -> dict:
     wall([*me, "late", complete])  # makes the complete set (and the demo model/corpus, once per machine)
     times: dict[str, list[float]] = {}
     for r in range(reps):  # round-robin, rotated: machine drift hits every variant alike
-        variants = [("import_actcache", [sys.executable, "-c", "import actcache"]),
-                    *[(f"complete_{p}", [*me, p, complete]) for p in ("late", "early")],
-                    *[(f"work_{p}", [*me, p, str(work / f"cold-{p}-{r}")]) for p in ("late", "early")]]
-        for name, argv in variants[r % len(variants):] + variants[:r % len(variants)]:
+        variants = [
+            ("import_actcache", [sys.executable, "-c", "import actcache"]),
+            *[(f"complete_{p}", [*me, p, complete]) for p in ("late", "early")],
+            *[(f"work_{p}", [*me, p, str(work / f"cold-{p}-{r}")]) for p in ("late", "early")],
+        ]
+        for name, argv in variants[r % len(variants) :] + variants[: r % len(variants)]:
             times.setdefault(name, []).append(wall(argv))
     med = {k: round(statistics.median(v), 2) for k, v in times.items()}
     floor = med["import_actcache"]
-    return {"wall_s_median": med, "rounds": reps,
-            "complete_cli_vs_import_actcache": round(med["complete_late"] / floor, 1),
-            "complete_early_over_late": round(med["complete_early"] / med["complete_late"], 2),
-            "work_early_over_late": round(med["work_early"] / med["work_late"], 2),
-            "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()}}
+    return {
+        "wall_s_median": med,
+        "rounds": reps,
+        "complete_cli_vs_import_actcache": round(med["complete_late"] / floor, 1),
+        "complete_early_over_late": round(med["complete_early"] / med["complete_late"], 2),
+        "work_early_over_late": round(med["work_early"] / med["work_late"], 2),
+        "all_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+    }
 
 
 def rss_growth(src: Path, work: Path, device: str, ctx: int, shard_seqs: int, n_small: int) -> dict:
     """Peak RSS of the whole flow at max_tokens N and 10N (separate processes)."""
     out = {}
     for n in (n_small, 10 * n_small):
-        out[str(n * shard_seqs * ctx)] = child(["--flow-rss-child", str(src), str(work), device, str(ctx),
-                                                str(shard_seqs), str(n)])
+        out[str(n * shard_seqs * ctx)] = child(
+            ["--flow-rss-child", str(src), str(work), device, str(ctx), str(shard_seqs), str(n)]
+        )
     a, b = (v.get("peak_rss_mb") for v in out.values())
-    return {"peak_rss_mb_by_max_tokens": out,
-            "growth_percent": round(100 * (b - a) / a, 1) if a and b else None,
-            "hook": "blocks.0.hook_resid_post"}
+    return {
+        "peak_rss_mb_by_max_tokens": out,
+        "growth_percent": round(100 * (b - a) / a, 1) if a and b else None,
+        "hook": "blocks.0.hook_resid_post",
+    }
 
 
 def flow_rss_child(src: str, work: str, device: str, ctx: str, shard_seqs: str, n: str) -> None:
     quiet_prefect()
     empty_flow()()
-    cfg = flow_config(Path(src), Path(work), 8, int(ctx), int(shard_seqs), int(n), device,
-                      hook="blocks.0.hook_resid_post")
+    cfg = flow_config(
+        Path(src), Path(work), 8, int(ctx), int(shard_seqs), int(n), device, hook="blocks.0.hook_resid_post"
+    )
     t = time.perf_counter()
     run_flow(cfg)
     print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "seconds": round(time.perf_counter() - t, 2)}))
@@ -691,9 +786,19 @@ def memory_child(spec_json: str) -> None:
     import actcache
 
     load = os.getloadavg()[0]
-    cfg = flow_config(Path(spec["src"]), Path(spec["work"]), 8, spec["ctx"], spec["shard_tokens"] // spec["ctx"],
-                      spec["shards"], "cpu", hook=spec["hook"], dtype=spec["dtype"], codec=spec["codec"],
-                      codec_level=1)
+    cfg = flow_config(
+        Path(spec["src"]),
+        Path(spec["work"]),
+        8,
+        spec["ctx"],
+        spec["shard_tokens"] // spec["ctx"],
+        spec["shards"],
+        "cpu",
+        hook=spec["hook"],
+        dtype=spec["dtype"],
+        codec=spec["codec"],
+        codec_level=1,
+    )
     need = spec["shard_tokens"] * spec["shards"]
     cfg = cfg.replace(dataset=str(big_corpus(Path(spec["work"]), max(1, -(-need // 90_000)))))
     from actcache.flows.extract import extract_activations
@@ -702,9 +807,17 @@ def memory_child(spec_json: str) -> None:
     extract_activations(cfg)
     seconds = time.perf_counter() - t
     stored = sorted(Path(cfg.store).glob("*/shards/000000.*"))
-    print(json.dumps({"peak_rss_mb": round(rss_mb(), 1), "stored_shard_bytes": stored[0].stat().st_size,
-                      "seconds": round(seconds, 1), "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)],
-                      "actcache": str(Path(actcache.__file__).parent.parent)}))
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(rss_mb(), 1),
+                "stored_shard_bytes": stored[0].stat().st_size,
+                "seconds": round(seconds, 1),
+                "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)],
+                "actcache": str(Path(actcache.__file__).parent.parent),
+            }
+        )
+    )
     shutil.rmtree(cfg.store, ignore_errors=True)
 
 
@@ -748,18 +861,34 @@ def memory(work: Path, widths, shard_mib, regimes, codecs, before: str | None) -
                         points, rows = [], {}
                         for mib in shard_mib:
                             tokens = (mib << 20) // (2 * width) // 128 * 128
-                            spec = {"src": str(src), "work": str(work), "ctx": 128, "shard_tokens": tokens,
-                                    "shards": shards, "hook": hook, "dtype": "float16", "codec": codec, "tree": tree}
-                            r = child(["--memory-child", json.dumps(spec)], env={"PREFECT_API_URL": env_url},
-                                      pythonpath=tree)
+                            spec = {
+                                "src": str(src),
+                                "work": str(work),
+                                "ctx": 128,
+                                "shard_tokens": tokens,
+                                "shards": shards,
+                                "hook": hook,
+                                "dtype": "float16",
+                                "codec": codec,
+                                "tree": tree,
+                            }
+                            r = child(
+                                ["--memory-child", json.dumps(spec)], env={"PREFECT_API_URL": env_url}, pythonpath=tree
+                            )
                             rows[str(tokens)] = r
                             if "peak_rss_mb" in r:
                                 points.append((r["stored_shard_bytes"] / 2**20, r["peak_rss_mb"]))
-                            print(f"[memory] w={width} {regime} {codec} {version} {tokens} tokens: {r}",
-                                  file=sys.stderr, flush=True)
+                            print(
+                                f"[memory] w={width} {regime} {codec} {version} {tokens} tokens: {r}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
                         out["runs"][f"w{width}/{regime}/{codec}/{version}"] = {
-                            "hook": hook, "shards_per_run": shards, "by_shard_tokens": rows,
-                            "slope_rss_per_stored_byte": slope(points)}
+                            "hook": hook,
+                            "shards_per_run": shards,
+                            "by_shard_tokens": rows,
+                            "slope_rss_per_stored_byte": slope(points),
+                        }
     finally:
         server.stop()
     return out
@@ -824,17 +953,31 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
         "ds_shuffle_f32_shuffle_zstd": epoch(ds(zurl)),
     }
     times = round_robin(methods, reps)
-    res: dict = {"set": {"d": d, "dtype": "float16", "context_size": ctx, "shards": n, "tokens_per_shard": seqs * ctx,
-                         "stored_activation_MB": round(stored / 1e6, 1), "batch_size": batch,
-                         "shuffle_buffer_rows": buffer}, "reps": reps, "load_avg_before": load_before}
+    res: dict = {
+        "set": {
+            "d": d,
+            "dtype": "float16",
+            "context_size": ctx,
+            "shards": n,
+            "tokens_per_shard": seqs * ctx,
+            "stored_activation_MB": round(stored / 1e6, 1),
+            "batch_size": batch,
+            "shuffle_buffer_rows": buffer,
+        },
+        "reps": reps,
+        "load_avg_before": load_before,
+    }
     res["GB_s"] = {k: round(stored / median(v) / 1e9, 3) for k, v in times.items()}
     for floor in ("floor_f32", "floor_f16"):
-        res[f"vs_{floor}"] = {k: round(median([f / t for f, t in zip(times[floor], v, strict=True)]), 3)
-                              for k, v in times.items()}
+        res[f"vs_{floor}"] = {
+            k: round(median([f / t for f, t in zip(times[floor], v, strict=True)]), 3) for k, v in times.items()
+        }
     everything = sum(float(x.activations.double().sum()) for x in s)  # same rows, each once, as the floor's
     got = sum(float(b.double().sum()) for b in ds())
-    res["check"] = {"shuffled_epoch_sum_equals_the_sets": abs(got - everything) <= 1e-6 * abs(everything) + 1e-3,
-                    "rows_per_epoch": ds().n_tokens == s.n_tokens}
+    res["check"] = {
+        "shuffled_epoch_sum_equals_the_sets": abs(got - everything) <= 1e-6 * abs(everything) + 1e-3,
+        "rows_per_epoch": ds().n_tokens == s.n_tokens,
+    }
     res["load_avg_after"] = os.getloadavg()
     del shuffled
     methods.clear()  # the loaders' persistent workers and the buffers go before the next parts
@@ -888,15 +1031,22 @@ def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:
             "boto3_4_threads": threaded,
             "open_set": lambda: drain(x.activations for x in open_set(s3_url, options)),
             "ds_in_order_prefetch_4": epoch(ActivationDataset(s3_url, batch, prefetch=4, storage_options=options)),
-            "ds_shuffle_f32_prefetch_4": epoch(ActivationDataset(s3_url, batch, shuffle_buffer=buffer, prefetch=4,
-                                                                 dtype=torch.float32, storage_options=options)),
+            "ds_shuffle_f32_prefetch_4": epoch(
+                ActivationDataset(
+                    s3_url, batch, shuffle_buffer=buffer, prefetch=4, dtype=torch.float32, storage_options=options
+                )
+            ),
         }
         times = round_robin(methods, reps)
-        out = {"shards": len(keys), "MB": round(stored / 1e6, 1),
-               "GB_s": {k: round(stored / median(v) / 1e9, 3) for k, v in times.items()}}
+        out = {
+            "shards": len(keys),
+            "MB": round(stored / 1e6, 1),
+            "GB_s": {k: round(stored / median(v) / 1e9, 3) for k, v in times.items()},
+        }
         for ref in ("boto3_sequential", "boto3_4_threads"):
-            out[f"vs_{ref}"] = {k: round(median([f / t for f, t in zip(times[ref], v, strict=True)]), 3)
-                                for k, v in times.items()}
+            out[f"vs_{ref}"] = {
+                k: round(median([f / t for f, t in zip(times[ref], v, strict=True)]), 3) for k, v in times.items()
+            }
         return out
     finally:
         server.stop()
@@ -915,12 +1065,16 @@ def reader_rss(root: Path, url: str, n: int, seqs: int, ctx: int, d: int, batch:
     out = {}
     for shards in (max(n // 4, 1), n, 3 * n):
         u = url if shards == n else setwriter.write_set(root, shards=shards, seqs=seqs, ctx=ctx, d=d, seed=shards)
-        out[f"{shards}_shards"] = {"set_MB": round(shards * seqs * ctx * d * 2 / 1e6, 1),
-                                   **child(["--reader-rss-child", u, str(batch), str(buffer)])}
+        out[f"{shards}_shards"] = {
+            "set_MB": round(shards * seqs * ctx * d * 2 / 1e6, 1),
+            **child(["--reader-rss-child", u, str(batch), str(buffer)]),
+        }
         if u != url:
             shutil.rmtree(u, ignore_errors=True)
-    out["bound_MB"] = {"buffer_float32": round(buffer * d * 4 / 1e6, 1),
-                       "prefetch_2_plus_1_shards": round(3 * seqs * ctx * d * 2 / 1e6, 1)}
+    out["bound_MB"] = {
+        "buffer_float32": round(buffer * d * 4 / 1e6, 1),
+        "prefetch_2_plus_1_shards": round(3 * seqs * ctx * d * 2 / 1e6, 1),
+    }
     return out
 
 
@@ -943,8 +1097,10 @@ def print_reader(r: dict) -> None:
     s3 = r["s3"]
     print(f"\n== reading back from S3 (moto_server on loopback, {s3['shards']} shards, {s3['MB']} MB)")
     for k, v in s3["GB_s"].items():
-        print(f"{k:34} {v:>7.3f} GB/s  vs boto3 sequential {s3['vs_boto3_sequential'][k]:>6.3f}"
-              f"  vs boto3 4 threads {s3['vs_boto3_4_threads'][k]:>6.3f}")
+        print(
+            f"{k:34} {v:>7.3f} GB/s  vs boto3 sequential {s3['vs_boto3_sequential'][k]:>6.3f}"
+            f"  vs boto3 4 threads {s3['vs_boto3_4_threads'][k]:>6.3f}"
+        )
     if "peak_rss" in r:
         print(f"\n== peak RSS of a shuffled float32 epoch\n{json.dumps(r['peak_rss'], indent=1)}")
 
@@ -960,13 +1116,20 @@ def environment(device: str) -> dict:
             return metadata.version(p)
         return None
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": platform.machine(),
-            "cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_at_start": os.getloadavg(), "device": device,
-            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-            "python": platform.python_version(),
-            "versions": {p: v(p) for p in ("torch", "transformers", "transformer-lens", "prefect", "safetensors",
-                                           "zstandard")}}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_at_start": os.getloadavg(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "python": platform.python_version(),
+        "versions": {
+            p: v(p) for p in ("torch", "transformers", "transformer-lens", "prefect", "safetensors", "zstandard")
+        },
+    }
 
 
 def _cpu_name() -> str:
@@ -984,13 +1147,17 @@ def print_table(res: dict) -> None:
         for k in (*SPEED_METHODS, "e", "e_raw"):
             print(f"{k:8} {r['tokens_per_s'][k]:>10.1f} {r['vs_d'][k]:>8.3f}")
         tps = r["tokens_per_s"]
-        print(f"(c)/(d)={tps['c'] / tps['d']:.3f} (paired: {r['c_over_d_paired']})"
-              f" (c)/(a)={tps['c'] / tps['a']:.2f} (d)/(a)={tps['d'] / tps['a']:.2f}"
-              f" (a)/(d) matmul FLOPs={r['a_over_d_matmul_flops']} (e)/(c)={tps['e'] / tps['c']:.3f}"
-              f"  empty flow (e0)={r['e0_empty_flow_s']} s  checks={r['check']}")
+        print(
+            f"(c)/(d)={tps['c'] / tps['d']:.3f} (paired: {r['c_over_d_paired']})"
+            f" (c)/(a)={tps['c'] / tps['a']:.2f} (d)/(a)={tps['d'] / tps['a']:.2f}"
+            f" (a)/(d) matmul FLOPs={r['a_over_d_matmul_flops']} (e)/(c)={tps['e'] / tps['c']:.3f}"
+            f"  empty flow (e0)={r['e0_empty_flow_s']} s  checks={r['check']}"
+        )
     for shape, r in res.get("peak_rss", {}).items():
-        print(f"\n== peak RSS MB ({shape}, separate processes): "
-              + ", ".join(f"{k}={v.get('peak_rss_mb', v)}" for k, v in r.items()))
+        print(
+            f"\n== peak RSS MB ({shape}, separate processes): "
+            + ", ".join(f"{k}={v.get('peak_rss_mb', v)}" for k, v in r.items())
+        )
     for key in ("several_hooks", "stats_cost", "pipeline_overhead", "warm_rerun", "cold_start", "rss_growth"):
         if key in res:
             print(f"\n== {key}\n{json.dumps(res[key], indent=1)}")
@@ -1000,12 +1167,25 @@ def print_table(res: dict) -> None:
         print("\n== compression (" + res["compression"]["note"] + ")")
         print(f"{'dtype':9} {'codec':15} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
         for row in res["compression"]["rows"]:
-            print(f"{row['dtype']:9} {row['codec']:15} {row['bytes_per_token']:>8} {row['ratio']:>6} "
-                  f"{row['encode_MB_s']:>9} {row['decode_MB_s'] or '-':>9}")
+            print(
+                f"{row['dtype']:9} {row['codec']:15} {row['bytes_per_token']:>8} {row['ratio']:>6} "
+                f"{row['encode_MB_s']:>9} {row['decode_MB_s'] or '-':>9}"
+            )
 
 
-SECTIONS = ("speed", "peak_rss", "several_hooks", "compression", "stats_cost", "pipeline_overhead", "warm_rerun",
-            "cold_start", "rss_growth", "memory", "reader")
+SECTIONS = (
+    "speed",
+    "peak_rss",
+    "several_hooks",
+    "compression",
+    "stats_cost",
+    "pipeline_overhead",
+    "warm_rerun",
+    "cold_start",
+    "rss_growth",
+    "memory",
+    "reader",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1024,13 +1204,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cold-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--flow-rss-child", nargs=6, help=argparse.SUPPRESS)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
-    ap.add_argument("--memory-before", metavar="GIT_REF", default=None,
-                    help="memory section: also measure the checkout at this git ref (e.g. the commit before a change)")
+    ap.add_argument(
+        "--memory-before",
+        metavar="GIT_REF",
+        default=None,
+        help="memory section: also measure the checkout at this git ref (e.g. the commit before a change)",
+    )
     ap.add_argument("--memory-widths", default=",".join(map(str, MEMORY_WIDTHS)), help="memory section: model widths")
     ap.add_argument("--memory-regimes", default=",".join(MEMORY_REGIMES), help="memory section: forward, fast")
     ap.add_argument("--memory-codecs", default="none", help="memory section: codecs (none, zstd, shuffle-zstd)")
-    ap.add_argument("--memory-mib", default=",".join(map(str, MEMORY_SHARD_MIB)),
-                    help="memory section: shard sizes in MiB of float16 activations")
+    ap.add_argument(
+        "--memory-mib",
+        default=",".join(map(str, MEMORY_SHARD_MIB)),
+        help="memory section: shard sizes in MiB of float16 activations",
+    )
     ap.add_argument("--reader-rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -1116,13 +1303,19 @@ def main(argv: list[str] | None = None) -> int:
             res["cold_start"] = cold_start(work, max(reps, 3))
             save()
         if "memory" in only and not smoke:  # a process per point, minutes each at width 4096
-            res["memory"] = memory(work, [int(w) for w in args.memory_widths.split(",")],
-                                   [int(m) for m in args.memory_mib.split(",")],
-                                   args.memory_regimes.split(","), args.memory_codecs.split(","), args.memory_before)
+            res["memory"] = memory(
+                work,
+                [int(w) for w in args.memory_widths.split(",")],
+                [int(m) for m in args.memory_mib.split(",")],
+                args.memory_regimes.split(","),
+                args.memory_codecs.split(","),
+                args.memory_before,
+            )
             save()
         if "rss_growth" in only and not smoke:
-            res["rss_growth"] = rss_growth(src, work, device, 32 if smoke else 128, 4 if smoke else 16,
-                                           2 if smoke else 4)
+            res["rss_growth"] = rss_growth(
+                src, work, device, 32 if smoke else 128, 4 if smoke else 16, 2 if smoke else 4
+            )
             save()
         if "reader" in only:
             res["reader"] = reader(work, smoke, max(reps - 2, 1) if not smoke else 1)

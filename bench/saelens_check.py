@@ -43,17 +43,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sae-lens {sae_lens.__version__}, datasets {datasets.__version__}, torch {torch.__version__}")
     print(f"folder: {len(ds)} sequences, features {ds.features}")
 
-    model = HookedTransformer(HookedTransformerConfig(n_layers=meta["layer"] + 1, d_model=d, n_ctx=max(ctx, 8),
-                                                      d_head=max(1, d // 4), n_heads=4, d_vocab=1 << 16,
-                                                      act_fn="gelu"))
+    model = HookedTransformer(
+        HookedTransformerConfig(
+            n_layers=meta["layer"] + 1,
+            d_model=d,
+            n_ctx=max(ctx, 8),
+            d_head=max(1, d // 4),
+            n_heads=4,
+            d_vocab=1 << 16,
+            act_fn="gelu",
+        )
+    )
     stub = datasets.Dataset.from_dict({"tokens": [[0] * ctx] * 4})
     cfg = LanguageModelSAERunnerConfig(
         sae=StandardTrainingSAEConfig(d_in=d, d_sae=4 * d),
-        model_name="actcache-export", hook_name=hook, dataset_path="unused", is_dataset_tokenized=True,
-        streaming=False, context_size=ctx, use_cached_activations=True, cached_activations_path=args.folder,
-        training_tokens=args.steps * args.batch, train_batch_size_tokens=args.batch, store_batch_size_prompts=2,
-        n_batches_in_buffer=2, device="cpu", dtype="float32", n_eval_batches=0, n_checkpoints=0,
-        output_path=None, logger=LoggingConfig(log_to_wandb=False), verbose=False,
+        model_name="actcache-export",
+        hook_name=hook,
+        dataset_path="unused",
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=ctx,
+        use_cached_activations=True,
+        cached_activations_path=args.folder,
+        training_tokens=args.steps * args.batch,
+        train_batch_size_tokens=args.batch,
+        store_batch_size_prompts=2,
+        n_batches_in_buffer=2,
+        device="cpu",
+        dtype="float32",
+        n_eval_batches=0,
+        n_checkpoints=0,
+        output_path=None,
+        logger=LoggingConfig(log_to_wandb=False),
+        verbose=False,
     )
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=stub, override_model=model)
 
@@ -62,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     runner.activations_store.current_row_idx = 0  # training starts from the first row again
     first = torch.tensor(ds.with_format("numpy")[0:2][hook], dtype=torch.float32).reshape(-1, d)
     same = torch.equal(acts[: len(first)].float(), first)
-    same_tokens = torch.equal(tokens[: 2 * ctx].long(),
-                              torch.tensor(ds.with_format("numpy")[0:2]["token_ids"]).reshape(-1).long())
+    same_tokens = torch.equal(
+        tokens[: 2 * ctx].long(), torch.tensor(ds.with_format("numpy")[0:2]["token_ids"]).reshape(-1).long()
+    )
     print(f"store batch equals the exported activations: {same}; token ids: {same_tokens}")
 
     before = runner.sae.W_dec.detach().clone()

@@ -30,8 +30,9 @@ def deployment_settings() -> tuple[str, int]:
     """The tag every deployment carries and the heartbeat period every run gets, from prefect.yaml."""
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     [tag] = spec["definitions"]["tags"]
-    periods = {int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
-               for d in spec["deployments"]}
+    periods = {
+        int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) for d in spec["deployments"]
+    }
     [heartbeat_s] = periods
     return tag, heartbeat_s
 
@@ -44,29 +45,33 @@ def lost_run_automation(lost_after_s: int, tag: str, heartbeat_s: int):
     from prefect.events.schemas.events import ResourceSpecification
 
     if lost_after_s < 2 * heartbeat_s:
-        raise ValueError(f"--lost-after {lost_after_s} is under twice the heartbeat period ({heartbeat_s} s, "
-                         f"prefect.yaml): one late heartbeat would crash a healthy run; use at least {2 * heartbeat_s}")
+        raise ValueError(
+            f"--lost-after {lost_after_s} is under twice the heartbeat period ({heartbeat_s} s, "
+            f"prefect.yaml): one late heartbeat would crash a healthy run; use at least {2 * heartbeat_s}"
+        )
     return AutomationCore(
         name=NAME,
         description=f"Mark a flow run tagged {tag!r} Crashed when it sent no heartbeat for {lost_after_s} s "
-                    "(its node is gone); deployments/automations.py",
+        "(its node is gone); deployments/automations.py",
         trigger=EventTrigger(
             # After each heartbeat of a run, expect another one, or its end, within lost_after_s.
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in FINAL_EVENTS)},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=ResourceSpecification({"prefect.resource.role": "tag",
-                                                 "prefect.resource.id": f"prefect.tag.{tag}"}),
+            match_related=ResourceSpecification(
+                {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"}
+            ),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=lost_after_s),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"No heartbeat for {lost_after_s} s: the run's worker or node was lost "
-                    f"(automation {NAME!r}).",
-        )],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {lost_after_s} s: the run's worker or node was lost (automation {NAME!r}).",
+            )
+        ],
     )
 
 
@@ -86,8 +91,13 @@ def apply(automation) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lost-after", type=int, default=LOST_AFTER_S, metavar="SECONDS",
-                        help=f"mark a run Crashed after this long without a heartbeat (default {LOST_AFTER_S})")
+    parser.add_argument(
+        "--lost-after",
+        type=int,
+        default=LOST_AFTER_S,
+        metavar="SECONDS",
+        help=f"mark a run Crashed after this long without a heartbeat (default {LOST_AFTER_S})",
+    )
     args = parser.parse_args(argv)
     tag, heartbeat_s = deployment_settings()
     try:

@@ -1,6 +1,6 @@
 """The extraction flow: tokenize -> extract -> compress -> upload, skipping every shard already stored.
 
-    prefect deploy --prefect-file deployments/prefect.yaml   # or: actcache extract ...
+prefect deploy --prefect-file deployments/prefect.yaml   # or: actcache extract ...
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ ROUNDS = 3
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
-def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index: int = 0,
-                        num_partitions: int = 1) -> State:
+def extract_activations(
+    config: ExtractConfig = ExtractConfig(), partition_index: int = 0, num_partitions: int = 1
+) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
@@ -36,8 +37,12 @@ def extract_activations(config: ExtractConfig = ExtractConfig(), partition_index
     q = quote(plan)
     steps = sum(len(plan.todo(w)) for w in work)  # one per hook and shard
     with Progress(steps, key=progress_key(plan), log=get_run_logger().info) as progress:
-        window = Window(IN_FLIGHT, on_result=lambda r: progress.advance(
-            tokens=r.n_tokens, item=f"set {r.extra['set_id']} shard {r.index:06d} stored"))
+        window = Window(
+            IN_FLIGHT,
+            on_result=lambda r: progress.advance(
+                tokens=r.n_tokens, item=f"set {r.extra['set_id']} shard {r.index:06d} stored"
+            ),
+        )
         for round_ in range(1, ROUNDS + 1):
             for shard in work:
                 for acts in extract(q, shard):

@@ -1,6 +1,6 @@
 """The fan-out flow: one extraction split into partitions, each run by a worker on a work pool.
 
-    prefect deployment run extract-fanout/fanout -p num_partitions=8   # see README, "Deploying"
+prefect deployment run extract-fanout/fanout -p num_partitions=8   # see README, "Deploying"
 """
 
 from __future__ import annotations
@@ -26,9 +26,14 @@ from actcache.tasks.tokenize import tokenize
 
 
 @flow(name="extract-fanout")
-def extract_fanout(config: ExtractConfig = ExtractConfig(), num_partitions: int = 4,
-                   deployment: str = "extract-activations/partition", poll_s: float = 2.0,
-                   max_relaunches: int = 2, timeout_s: float = 24 * 3600.0) -> State:
+def extract_fanout(
+    config: ExtractConfig = ExtractConfig(),
+    num_partitions: int = 4,
+    deployment: str = "extract-activations/partition",
+    poll_s: float = 2.0,
+    max_relaunches: int = 2,
+    timeout_s: float = 24 * 3600.0,
+) -> State:
     """Split an extraction over ``num_partitions`` runs of ``deployment``; consolidate and verify the sets.
 
     A partition whose run crashes (its node was lost) is relaunched up to ``max_relaunches`` times; partitions

@@ -34,9 +34,11 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
         if shape[-1] != math.prod(want):
             raise RuntimeError(f"hook {hook!r} gave width {shape[-1]}, the plan says {list(want)}")
         key = plan.hook_set(hook).key
-        f = ShardFile({"activations": (shard.TORCH_DTYPES[key.dtype], shape),
-                       "tokens": (tokens.dtype, tuple(tokens.shape))},
-                      {"set_id": key.id, "hook": key.hook, "index": str(work.index)}, pinned=pinned)
+        f = ShardFile(
+            {"activations": (shard.TORCH_DTYPES[key.dtype], shape), "tokens": (tokens.dtype, tuple(tokens.shape))},
+            {"set_id": key.id, "hook": key.hook, "index": str(work.index)},
+            pinned=pinned,
+        )
         f.tensors["tokens"].copy_(tokens)
         files[hook] = f
         return f.tensors["activations"]

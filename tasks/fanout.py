@@ -28,8 +28,7 @@ def partitions_with_work(plan: Plan, num_partitions: int) -> list[int]:
     """The partitions that own at least one missing shard (ownership is ``Plan.owns``, nowhere else)."""
     if num_partitions < 1:
         raise ActcacheError(f"num_partitions must be at least 1, got {num_partitions}")
-    return [i for i in range(num_partitions)
-            if dataclasses.replace(plan, partition=(i, num_partitions)).has_missing]
+    return [i for i in range(num_partitions) if dataclasses.replace(plan, partition=(i, num_partitions)).has_missing]
 
 
 def child_parameters(config: ExtractConfig, index: int, count: int) -> dict:
@@ -47,8 +46,13 @@ def plan_fanout(config: ExtractConfig) -> Plan:
 def pick_partitions(plan: Plan, num_partitions: int) -> list[int]:
     """Choose the partitions to launch: only those owning missing shards."""
     chosen = partitions_with_work(plan, num_partitions)
-    get_run_logger().info("%d of %d shards missing; launching partitions %s of %d", len(plan.missing),
-                          len(plan.shards), chosen or "none", num_partitions)
+    get_run_logger().info(
+        "%d of %d shards missing; launching partitions %s of %d",
+        len(plan.missing),
+        len(plan.shards),
+        chosen or "none",
+        num_partitions,
+    )
     return chosen
 
 
@@ -81,8 +85,14 @@ def launch_partition(deployment: str, config: ExtractConfig, index: int, count: 
     name = run_name(index, count, attempt)
     parent = FlowRunContext.get()
     key = f"{parent.flow_run.id}-{name}" if parent and parent.flow_run else None
-    run = run_deployment(deployment, parameters=child_parameters(config, index, count), timeout=0,
-                         flow_run_name=name, tags=["partition"], idempotency_key=key)
+    run = run_deployment(
+        deployment,
+        parameters=child_parameters(config, index, count),
+        timeout=0,
+        flow_run_name=name,
+        tags=["partition"],
+        idempotency_key=key,
+    )
     return run.id
 
 
@@ -105,9 +115,13 @@ class PartitionOutcome:
 
 
 @task(name="wait-for-partitions", cache_policy=NO_CACHE)
-def wait_for_partitions(runs: dict[int, UUID], relaunch: Callable[..., UUID] | None = None,
-                        max_relaunches: int = 0, timeout_s: float | None = None,
-                        poll_s: float = 2.0) -> list[PartitionOutcome]:
+def wait_for_partitions(
+    runs: dict[int, UUID],
+    relaunch: Callable[..., UUID] | None = None,
+    max_relaunches: int = 0,
+    timeout_s: float | None = None,
+    poll_s: float = 2.0,
+) -> list[PartitionOutcome]:
     """Wait until every partition's run is final and return how each ended.
 
     A run that ends Crashed (its process or node was lost: see deployments/automations.py) is relaunched with
@@ -135,24 +149,33 @@ def wait_for_partitions(runs: dict[int, UUID], relaunch: Callable[..., UUID] | N
                 names[index].append(run.name)
                 attempt = len(names[index])
                 if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
-                    logger.warning("partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",
-                                   index, run.name, run.state.message, attempt, max_relaunches)
+                    logger.warning(
+                        "partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",
+                        index,
+                        run.name,
+                        run.state.message,
+                        attempt,
+                        max_relaunches,
+                    )
                     pending[index] = relaunch(index=index, attempt=attempt + 1)
                 else:
                     ended[index] = run
             if pending and deadline is not None and time.monotonic() >= deadline:
                 for index, run_id in pending.items():
-                    client.set_flow_run_state(run_id, Cancelling(
-                        message=f"The fan-out stopped waiting after timeout_s={timeout_s:g}."))
+                    client.set_flow_run_state(
+                        run_id, Cancelling(message=f"The fan-out stopped waiting after timeout_s={timeout_s:g}.")
+                    )
                     ended[index] = run = client.read_flow_run(run_id)
                     names[index].append(run.name)
-                    logger.error("partition %d (%s) not finished after timeout_s=%g: cancelling it", index,
-                                 run.name, timeout_s)
+                    logger.error(
+                        "partition %d (%s) not finished after timeout_s=%g: cancelling it", index, run.name, timeout_s
+                    )
                 break
             if pending:
                 time.sleep(poll_s)
-    return [PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")
-            for i in sorted(ended)]
+    return [
+        PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "") for i in sorted(ended)
+    ]
 
 
 @task(name="check-partitions", cache_policy=NO_CACHE)
@@ -160,8 +183,11 @@ def check_partitions(outcomes: list[PartitionOutcome]) -> None:
     """Fail with every partition that did not complete named (after its relaunches)."""
     failed = [o.describe() for o in outcomes if not o.completed]
     if failed:
-        raise ActcacheError(f"{len(failed)} of {len(outcomes)} partitions did not complete: " + "; ".join(failed)
-                            + " (see their logs; rerunning computes only what is missing)")
+        raise ActcacheError(
+            f"{len(failed)} of {len(outcomes)} partitions did not complete: "
+            + "; ".join(failed)
+            + " (see their logs; rerunning computes only what is missing)"
+        )
 
 
 @task(name="summarize-fanout", cache_policy=NO_CACHE)
@@ -178,19 +204,24 @@ def summarize_fanout(before: Plan, after: Plan, outcomes: list[PartitionOutcome]
             mine = [w for w in before.shards if i is None or w.index % num_partitions == i]
             todo = [w for w in mine if w not in old.done]
             o = by_index.get(i)
-            rows.append({
-                "partition": "all" if i is None else str(i),
-                "runs": ", ".join(o.runs) if o else "",
-                "state": o.state if o else ("" if i is None or todo else "nothing to do"),
-                "shards": len(mine),
-                "missing_before": len(todo),
-                "computed": sum(w in new.done for w in todo),
-                "missing_after": sum(w not in new.done for w in mine),
-                "tokens_computed": sum(w.n_seq for w in todo if w in new.done) * context,
-            })
+            rows.append(
+                {
+                    "partition": "all" if i is None else str(i),
+                    "runs": ", ".join(o.runs) if o else "",
+                    "state": o.state if o else ("" if i is None or todo else "nothing to do"),
+                    "shards": len(mine),
+                    "missing_before": len(todo),
+                    "computed": sum(w in new.done for w in todo),
+                    "missing_after": sum(w not in new.done for w in mine),
+                    "tokens_computed": sum(w.n_seq for w in todo if w in new.done) * context,
+                }
+            )
         tables[new.set_id] = rows
-        publish_table(artifact_key("fanout", new.set_id), rows,
-                      f"Fan-out over {num_partitions} partitions: {new.hook} of {after.config.model} -> {url}")
+        publish_table(
+            artifact_key("fanout", new.set_id),
+            rows,
+            f"Fan-out over {num_partitions} partitions: {new.hook} of {after.config.model} -> {url}",
+        )
     return tables
 
 
@@ -198,8 +229,10 @@ def summarize_fanout(before: Plan, after: Plan, outcomes: list[PartitionOutcome]
 def verify_sets(plan: Plan) -> None:
     """Check every set is complete and every shard matches its checksum."""
     if plan.missing:
-        raise ActcacheError(f"{len(plan.missing)} shards are still missing after every partition completed "
-                            f"(indices {[w.index for w in plan.missing][:10]}...); rerun the fan-out")
+        raise ActcacheError(
+            f"{len(plan.missing)} shards are still missing after every partition completed "
+            f"(indices {[w.index for w in plan.missing][:10]}...); rerun the fan-out"
+        )
     problems = [f"{ref.url}: {p}" for ref in plan.refs for p in open_set(ref).verify()]
     if problems:
         raise ActcacheError(f"{len(problems)} problems: " + "; ".join(problems[:5]))

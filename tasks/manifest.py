@@ -20,12 +20,22 @@ def write_manifest(plan: Plan) -> list[str]:
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
-        provenance = {**plan.provenance, "hook": s.hook, "layer": hook_layer(s.hook),
-                      "hook_shape": list(s.hook_shape) if s.hook_shape else None}
-        m = manifest.build(s.key, provenance, [moments.without(r) for r in recs], target_seqs=target,
-                           previous=scan.consolidated)
-        m |= moments.merged(recs, m["d"], full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
-                            previous=scan.consolidated, moments_of=moments.from_records(store, s.set_id, m["d"]))
+        provenance = {
+            **plan.provenance,
+            "hook": s.hook,
+            "layer": hook_layer(s.hook),
+            "hook_shape": list(s.hook_shape) if s.hook_shape else None,
+        }
+        m = manifest.build(
+            s.key, provenance, [moments.without(r) for r in recs], target_seqs=target, previous=scan.consolidated
+        )
+        m |= moments.merged(
+            recs,
+            m["d"],
+            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
+            previous=scan.consolidated,
+            moments_of=moments.from_records(store, s.set_id, m["d"]),
+        )
         crashpoints.point("manifest.before-write")
         manifest.write(store, s.set_id, m)
         crashpoints.point("manifest.written")

@@ -22,11 +22,17 @@ def plan_extraction(config: ExtractConfig, partition_index: int = 0, num_partiti
 def skip_cached(plan: Plan) -> State:
     """Show the shards already in the store as a Cached task run (the store is the cache)."""
     n = len(plan.shards)
-    lines = [f"{s.hook}: {len(s.done)} of {n} shards already stored" if plan.shards.known else
-             f"{s.hook}: {len(s.done)} shards already stored, of up to {n} (where the dataset ends is not known yet)"
-             for s in plan.sets]
-    return Completed(name="Cached" if plan.n_done else "Completed", message="; ".join(lines),
-                     data={s.set_id: sorted(w.index for w in s.done) for s in plan.sets})
+    lines = [
+        f"{s.hook}: {len(s.done)} of {n} shards already stored"
+        if plan.shards.known
+        else f"{s.hook}: {len(s.done)} shards already stored, of up to {n} (where the dataset ends is not known yet)"
+        for s in plan.sets
+    ]
+    return Completed(
+        name="Cached" if plan.n_done else "Completed",
+        message="; ".join(lines),
+        data={s.set_id: sorted(w.index for w in s.done) for s in plan.sets},
+    )
 
 
 @task(name="recheck", cache_policy=NO_CACHE)
@@ -41,6 +47,8 @@ def recheck(plan: Plan, last: bool) -> tuple[Plan, list[ShardWork]]:
     fresh = plan.refreshed()  # where the data ends is known by now
     again = fresh.missing
     if again and last:
-        raise Failure(f"shards {[w.index for w in again][:10]} of {', '.join(plan.urls)} kept being replaced by "
-                      "concurrent runs; rerun the same command")
+        raise Failure(
+            f"shards {[w.index for w in again][:10]} of {', '.join(plan.urls)} kept being replaced by "
+            "concurrent runs; rerun the same command"
+        )
     return fresh, again

@@ -20,6 +20,12 @@ def tokenize(plan: Plan) -> list[ShardWork]:
         return index < len(plan.shards) and bool(plan.todo(plan.shards[index]))
 
     r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
-    shards = plan.token_cache().ensure(cfg.target_seqs, r.dataset.texts, r.model.tokenizer, r.separator_id,
-                                       r.bos_id, check=None if cfg.verify_existing else feeds)
+    shards = plan.token_cache().ensure(
+        cfg.target_seqs,
+        r.dataset.texts,
+        r.model.tokenizer,
+        r.separator_id,
+        r.bos_id,
+        check=None if cfg.verify_existing else feeds,
+    )
     return [w for w in shards if plan.todo(w)]

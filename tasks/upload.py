@@ -21,8 +21,14 @@ def _retry_transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="upload", task_run_name="upload-{ref.index:06d}", cache_policy=NO_CACHE, retries=4,
-      retry_delay_seconds=[1, 2, 8, 30], retry_condition_fn=_retry_transient)
+@task(
+    name="upload",
+    task_run_name="upload-{ref.index:06d}",
+    cache_policy=NO_CACHE,
+    retries=4,
+    retry_delay_seconds=[1, 2, 8, 30],
+    retry_condition_fn=_retry_transient,
+)
 def upload(plan: Plan, ref: PackedRef) -> records.Record:
     """Store shard ``ref.index`` all-or-nothing and mark it done."""
     key = plan.hook_set(ref.hook).key
@@ -39,8 +45,9 @@ def upload(plan: Plan, ref: PackedRef) -> records.Record:
     payload = handles.get(ref.handle)
     store.write_bytes(f"{key.id}/{rel}", payload.data)  # from the buffer it lies in (a retry writes it again)
     crashpoints.point("upload.shard-written")
-    record = records.Record(ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256,
-                            ref.bytes, ref.extra)
+    record = records.Record(
+        ref.index, rel, ref.n_seq, ref.n_seq * key.tokens.context_size, ref.sha256, ref.bytes, ref.extra
+    )
     records.write_record(store, key.id, record)
     crashpoints.point("upload.record-written")
     handles.drop(ref.handle)

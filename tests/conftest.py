@@ -25,8 +25,14 @@ _HUB_SOCKET.bind(("127.0.0.1", 0))
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_HUB_SOCKET.getsockname()[1]}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HOME"] = os.path.join(_SESSION_TMP, "hf-home")
-for _k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-           "HF_TOKEN_PATH"):
+for _k in (
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_DATASETS_CACHE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+):
     os.environ.pop(_k, None)
 
 import sys  # noqa: E402
@@ -40,8 +46,15 @@ from actcache.inputs import demo  # noqa: E402
 
 # `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
 # endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
-SLOW = ("flows/test_crash.py", "flows/test_s3_faults.py", "flows/test_lost_api.py", "deployments/", "test_demo.py",
-        "bench/", "infra/")
+SLOW = (
+    "flows/test_crash.py",
+    "flows/test_s3_faults.py",
+    "flows/test_lost_api.py",
+    "deployments/",
+    "test_demo.py",
+    "bench/",
+    "infra/",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -60,8 +73,10 @@ def session_tmp() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(session_tmp: Path) -> dict[str, Path]:
     """Random-weight GPT-2, Llama and GPT-NeoX models with a trained BPE tokenizer (save_pretrained)."""
-    return {arch: demo.build_tiny_model(session_tmp / "models" / arch, arch, layers=3, d=32, ctx=128)
-            for arch in ("gpt2", "llama", "neox")}
+    return {
+        arch: demo.build_tiny_model(session_tmp / "models" / arch, arch, layers=3, d=32, ctx=128)
+        for arch in ("gpt2", "llama", "neox")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +129,17 @@ def base_config(tiny_models, corpus, store):
     """A small, fast extraction config on the tiny GPT-2 (4 shards of 4 sequences of 32 tokens)."""
     from actcache.config import ExtractConfig
 
-    return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                         context_size=32, max_tokens=512, shard_tokens=128, batch_size=4, store=str(store),
-                         device="cpu")
+    return ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,
+        shard_tokens=128,
+        batch_size=4,
+        store=str(store),
+        device="cpu",
+    )
 
 
 # -- S3 (issue 3): a real moto_server process, reached only through its endpoint URL ---------------------
@@ -144,8 +167,12 @@ def s3_server(session_tmp: Path):
 @pytest.fixture
 def s3_env(s3_server, monkeypatch, tmp_path: Path) -> dict[str, str]:
     """The writer's credentials and the endpoint in the standard AWS variables; no shared config files."""
-    env = {**s3_server.env("writer"), "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        **s3_server.env("writer"),
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
@@ -196,6 +223,16 @@ def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
 
     from actcache.config import ExtractConfig
 
-    return extract_by_stages(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
-                                           dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
-                                           batch_size=4, store=str(session_tmp / "extracted-set"), device="cpu"))
+    return extract_by_stages(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            hook="blocks.1.hook_resid_post",
+            dataset=str(corpus),
+            context_size=32,
+            max_tokens=448,
+            shard_tokens=128,
+            batch_size=4,
+            store=str(session_tmp / "extracted-set"),
+            device="cpu",
+        )
+    )

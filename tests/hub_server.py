@@ -115,14 +115,55 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 REPO_TYPES = {"models": "model", "datasets": "dataset"}
 URL_PREFIX = {"model": "", "dataset": "datasets/"}
 # The hub's default .gitattributes (abridged): these names are stored with git-lfs.
-LFS_PATTERNS = ("*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lz4",
-                "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
-                "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "*.tar", "*.tflite", "*.tgz",
-                "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*")
+LFS_PATTERNS = (
+    "*.7z",
+    "*.arrow",
+    "*.bin",
+    "*.bz2",
+    "*.ckpt",
+    "*.ftz",
+    "*.gz",
+    "*.h5",
+    "*.joblib",
+    "*.lz4",
+    "*.mlmodel",
+    "*.model",
+    "*.msgpack",
+    "*.npy",
+    "*.npz",
+    "*.onnx",
+    "*.ot",
+    "*.parquet",
+    "*.pb",
+    "*.pickle",
+    "*.pkl",
+    "*.pt",
+    "*.pth",
+    "*.rar",
+    "*.safetensors",
+    "*.tar",
+    "*.tflite",
+    "*.tgz",
+    "*.wasm",
+    "*.xz",
+    "*.zip",
+    "*.zst",
+    "*tfevents*",
+)
 LFS_SIZE = 10 * 1000 * 1000
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
-_REPO_ACTIONS = {"revision", "tree", "paths-info", "refs", "commits", "preupload", "commit", "branch", "tag",
-                 "settings"}
+_REPO_ACTIONS = {
+    "revision",
+    "tree",
+    "paths-info",
+    "refs",
+    "commits",
+    "preupload",
+    "commit",
+    "branch",
+    "tag",
+    "settings",
+}
 _SHA_RE = re.compile(r"[0-9a-f]{40}")
 DEFAULT_PAGE_SIZE = 1000  # tree entries per page, as on the hub (50 with expand=true)
 DEFAULT_LFS_CHUNK_SIZE = 64 * 1024 * 1024
@@ -160,8 +201,9 @@ class Blob:
 
     @cached_property
     def pointer(self) -> bytes:
-        return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
-                f"size {len(self.data)}\n").encode()
+        return (
+            f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n"
+        ).encode()
 
     @cached_property
     def oid(self) -> str:
@@ -233,8 +275,14 @@ class _Fault:
 class HubError(Exception):
     """An error answer: status, hub error code (X-Error-Code) and message."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] = (),
-                 body: Mapping[str, object] = ()):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: Mapping[str, str] = (),
+        body: Mapping[str, object] = (),
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, dict(headers)
         self.body = dict(body)
@@ -275,8 +323,9 @@ class HubServer:
             httpd.socket.bind(("127.0.0.1", self.port))
         httpd.server_activate()
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"hub-server-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self.port}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -306,20 +355,42 @@ class HubServer:
 
     def env(self, token: str | None = None) -> dict[str, str]:
         """Environment for a process that should use this hub online, as a user would set it."""
-        return {"HF_ENDPOINT": self.endpoint, "HF_TOKEN": token or self.token, "HF_HUB_OFFLINE": "0",
-                "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        return {
+            "HF_ENDPOINT": self.endpoint,
+            "HF_TOKEN": token or self.token,
+            "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
 
     def new_repo_id(self, name: str = "repo") -> str:
         """A repo id no other test uses: ``t<n>-<hex>/<name>``."""
         return f"t{next(self._ids)}-{secrets.token_hex(3)}/{name}"
 
     # -- state set-up ---------------------------------------------------------------------------------
-    def add_model(self, repo_id: str, files: Mapping[str, bytes] | str | Path, *, branch: str = "main",
-                  message: str | None = None, private: bool = False, gated: bool = False) -> str:
+    def add_model(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes] | str | Path,
+        *,
+        branch: str = "main",
+        message: str | None = None,
+        private: bool = False,
+        gated: bool = False,
+    ) -> str:
         return self._add("model", repo_id, files, branch, message, private, gated)
 
-    def add_dataset(self, repo_id: str, files: Mapping[str, bytes] | str | Path, *, branch: str = "main",
-                    message: str | None = None, private: bool = False, gated: bool = False) -> str:
+    def add_dataset(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes] | str | Path,
+        *,
+        branch: str = "main",
+        message: str | None = None,
+        private: bool = False,
+        gated: bool = False,
+    ) -> str:
         return self._add("dataset", repo_id, files, branch, message, private, gated)
 
     def _add(self, repo_type, repo_id, files, branch, message, private, gated) -> str:
@@ -329,12 +400,24 @@ class HubServer:
             if repo is None:
                 repo = self._create(repo_type, repo_id)
             repo.private, repo.gated = private, gated
-            return self._commit(repo, branch, {p: _blob(p, d) for p, d in content.items()},
-                                message or f"Add {len(content)} files", replace=True)
+            return self._commit(
+                repo,
+                branch,
+                {p: _blob(p, d) for p, d in content.items()},
+                message or f"Add {len(content)} files",
+                replace=True,
+            )
 
-    def commit(self, repo_id: str, files: Mapping[str, bytes] | str | Path | None = None, *,
-               delete: Iterable[str] = (), repo_type: str = "model", branch: str = "main",
-               message: str | None = None) -> str:
+    def commit(
+        self,
+        repo_id: str,
+        files: Mapping[str, bytes] | str | Path | None = None,
+        *,
+        delete: Iterable[str] = (),
+        repo_type: str = "model",
+        branch: str = "main",
+        message: str | None = None,
+    ) -> str:
         content = _read_files(files) if files is not None else {}
         with self._lock:
             repo = self._repo(repo_type, repo_id)
@@ -356,8 +439,15 @@ class HubServer:
             repo = self._repo(repo_type, repo_id)
             repo.tags[tag] = self._resolve(repo, revision)
 
-    def set_repo(self, repo_id: str, *, repo_type: str = "model", private: bool | None = None,
-                 gated: bool | None = None, read_only: bool | None = None) -> None:
+    def set_repo(
+        self,
+        repo_id: str,
+        *,
+        repo_type: str = "model",
+        private: bool | None = None,
+        gated: bool | None = None,
+        read_only: bool | None = None,
+    ) -> None:
         with self._lock:
             repo = self._repo(repo_type, repo_id)
             for k, v in (("private", private), ("gated", gated), ("read_only", read_only)):
@@ -384,8 +474,9 @@ class HubServer:
             return set(self._repo(repo_type, repo_id).lfs)
 
     # -- faults and the request log -------------------------------------------------------------------
-    def fail_next(self, pattern: str, status: int = 429, *, times: int = 1, retry_after: int | None = 1,
-                  method: str | None = None) -> None:
+    def fail_next(
+        self, pattern: str, status: int = 429, *, times: int = 1, retry_after: int | None = 1, method: str | None = None
+    ) -> None:
         with self._lock:
             self._faults.append(_Fault(re.compile(pattern), method, status, retry_after, times))
 
@@ -439,8 +530,9 @@ class HubServer:
             self._commit(repo, "main", {p: _blob(p, d) for p, d in initial.items()}, "initial commit", replace=True)
         return repo
 
-    def _commit(self, repo: Repo, branch: str, changes: Mapping[str, Blob | None], title: str, *,
-                replace: bool = False) -> str:
+    def _commit(
+        self, repo: Repo, branch: str, changes: Mapping[str, Blob | None], title: str, *, replace: bool = False
+    ) -> str:
         parent = repo.branches.get(branch) or repo.branches.get("main")
         files = {} if replace or parent is None else dict(repo.commits[parent].files)
         for path, blob in changes.items():
@@ -462,8 +554,11 @@ def _read_files(files: Mapping[str, bytes] | str | Path) -> dict[str, bytes]:
     if isinstance(files, Mapping):
         return {str(p).lstrip("/"): bytes(d) for p, d in files.items()}
     root = Path(files)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".git" not in p.relative_to(root).parts}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".git" not in p.relative_to(root).parts
+    }
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
@@ -560,8 +655,9 @@ class _Handler(BaseHTTPRequestHandler):
             status = self._send_error(HubError(500, f"fake hub error: {type(e).__name__}: {e}"))
         hub._record(Request(self.command, path, split.query, status, auth_state))
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
-              headers: Mapping[str, str] = ()) -> int:
+    def _send(
+        self, status: int, body: bytes = b"", content_type: str = "application/json", headers: Mapping[str, str] = ()
+    ) -> int:
         self.send_response(status)
         for k, v in {**self.extra_headers, **dict(headers)}.items():
             self.send_header(k, v)
@@ -610,10 +706,10 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type, start = ("dataset", 1) if segs[0] == "datasets" else ("model", 0)
         if m in ("GET", "HEAD"):
             # A repo may be named "resolve" ("ns/resolve/resolve/main/f"): a namespaced repo that exists wins.
-            two_part_first = self._known(hub, repo_type, segs[start:start + 2])
+            two_part_first = self._known(hub, repo_type, segs[start : start + 2])
             for i in (start + 2, start + 1) if two_part_first else (start + 1, start + 2):
                 if len(segs) > i + 2 and segs[i] == "resolve":
-                    rev, rest = _split_revision(segs[i + 1:])
+                    rev, rest = _split_revision(segs[i + 1 :])
                     return self._resolve_file(hub, repo_type, "/".join(segs[start:i]), rev, "/".join(rest))
         raise HubError(404, f"fake hub: no route for {m} {unquote(urlsplit(self.path).path)}")
 
@@ -666,8 +762,11 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(401 if self.role is None else 404, "Repository not found", "RepoNotFound")
         if repo.gated:
             status = 401 if self.role is None else 403
-            raise HubError(status, f"Access to {repo_type} {repo_id} is restricted and you are not in the "
-                                   "authorized list.", "GatedRepo")
+            raise HubError(
+                status,
+                f"Access to {repo_type} {repo_id} is restricted and you are not in the authorized list.",
+                "GatedRepo",
+            )
         return repo
 
     def _writable(self, hub: HubServer, repo_type: str, repo_id: str) -> Repo:
@@ -700,11 +799,22 @@ class _Handler(BaseHTTPRequestHandler):
                     s["lfs"] = {"sha256": b.sha256, "size": len(b.data), "pointerSize": len(b.pointer)}
             siblings.append(s)
         author = repo.repo_id.split("/")[0] if "/" in repo.repo_id else None
-        info = {"_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id, "author": author,
-                "sha": c.sha, "lastModified": _iso(c.date), "createdAt": _iso(repo.created),
-                "private": repo.private, "gated": "manual" if repo.gated else False, "disabled": False,
-                "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
-                "usedStorage": sum(len(b.data) for b in c.files.values())}
+        info = {
+            "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            "author": author,
+            "sha": c.sha,
+            "lastModified": _iso(c.date),
+            "createdAt": _iso(repo.created),
+            "private": repo.private,
+            "gated": "manual" if repo.gated else False,
+            "disabled": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
+            "usedStorage": sum(len(b.data) for b in c.files.values()),
+        }
         card = _card_data(c.files.get("README.md"))
         if card is not None:
             info["cardData"] = card
@@ -731,8 +841,7 @@ class _Handler(BaseHTTPRequestHandler):
             inside = sorted((p, c.files[p].oid) for p in c.files if p.startswith(prefix))
             if not inside:
                 return None
-            e = {"type": "directory", "oid": hashlib.sha1(repr(inside).encode()).hexdigest(), "size": 0,
-                 "path": path}
+            e = {"type": "directory", "oid": hashlib.sha1(repr(inside).encode()).hexdigest(), "size": 0, "path": path}
         if expand:
             last = _last_commit(repo, c, path)
             e["lastCommit"] = {"id": last.sha, "title": last.title, "date": _iso(last.date)}
@@ -747,10 +856,9 @@ class _Handler(BaseHTTPRequestHandler):
             entries = [path]
         else:
             prefix = path + "/" if path else ""
-            below = [p[len(prefix):] for p in c.files if p.startswith(prefix)]
+            below = [p[len(prefix) :] for p in c.files if p.startswith(prefix)]
             if path and not below:
-                raise HubError(404, f"Entry not found: {path}", "EntryNotFound",
-                               {"X-Repo-Commit": c.sha})
+                raise HubError(404, f"Entry not found: {path}", "EntryNotFound", {"X-Repo-Commit": c.sha})
             names: set[str] = set()
             for rel in below:
                 parts = rel.split("/")
@@ -760,7 +868,7 @@ class _Handler(BaseHTTPRequestHandler):
             entries = sorted(names, key=lambda p: (p in c.files, p))
         page = max(1, hub.page_size // (20 if expand else 1))
         start = int(self.query.get("cursor", ["0"])[0])
-        chunk = entries[start:start + page]
+        chunk = entries[start : start + page]
         headers = {}
         if start + page < len(entries):
             split = urlsplit(self.path)
@@ -785,27 +893,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refs(self, repo: Repo) -> int:
         def ref(kind, name, sha):
-            return {"name": name, "ref": f"refs/{kind}/{name}" if not name.startswith("refs/") else name,
-                    "targetCommit": sha}
+            return {
+                "name": name,
+                "ref": f"refs/{kind}/{name}" if not name.startswith("refs/") else name,
+                "targetCommit": sha,
+            }
+
         prs = [ref("heads", n, s) for n, s in sorted(repo.branches.items()) if n.startswith("refs/pr/")]
-        return self._json({"branches": [ref("heads", n, s) for n, s in sorted(repo.branches.items())
-                                        if not n.startswith("refs/")],
-                           "converts": [], "tags": [ref("tags", n, s) for n, s in sorted(repo.tags.items())],
-                           "pullRequests": prs})
+        return self._json(
+            {
+                "branches": [ref("heads", n, s) for n, s in sorted(repo.branches.items()) if not n.startswith("refs/")],
+                "converts": [],
+                "tags": [ref("tags", n, s) for n, s in sorted(repo.tags.items())],
+                "pullRequests": prs,
+            }
+        )
 
     def _commits(self, hub: HubServer, repo: Repo, revision: str) -> int:
         c: Commit | None = self._commit_of(repo, revision)
         history = []
         while c is not None:
-            history.append({"id": c.sha, "title": c.title, "message": "", "authors": [{"user": hub.user}],
-                            "date": _iso(c.date)})
+            history.append(
+                {"id": c.sha, "title": c.title, "message": "", "authors": [{"user": hub.user}], "date": _iso(c.date)}
+            )
             c = repo.commits.get(c.parent) if c.parent else None
         start = int(self.query.get("p", ["0"])[0])
         page = hub.page_size
         headers = {}
         if (start + 1) * page < len(history):
             headers["Link"] = f'<{hub.endpoint}{urlsplit(self.path).path}?p={start + 1}>; rel="next"'
-        return self._json(history[start * page:(start + 1) * page], headers=headers)
+        return self._json(history[start * page : (start + 1) * page], headers=headers)
 
     def _resolve_file(self, hub: HubServer, repo_type: str, repo_id: str, revision: str, path: str) -> int:
         with hub._lock:
@@ -836,16 +953,23 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             headers["Content-Length"] = str(end - start + 1)
-        return self._send(status, blob.data[start:end + 1], "application/octet-stream", headers)
+        return self._send(status, blob.data[start : end + 1], "application/octet-stream", headers)
 
     # -- write API -----------------------------------------------------------------------------------------------
     def _whoami(self, hub: HubServer) -> int:
         if self.role is None:
             raise HubError(401, "Invalid credentials in Authorization header")
-        return self._json({"type": "user", "id": "0" * 24, "name": hub.user, "fullname": "Test User",
-                           "isPro": False, "orgs": [],
-                           "auth": {"type": "access_token",
-                                    "accessToken": {"displayName": "tests", "role": self.role}}})
+        return self._json(
+            {
+                "type": "user",
+                "id": "0" * 24,
+                "name": hub.user,
+                "fullname": "Test User",
+                "isPro": False,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": self.role}},
+            }
+        )
 
     def _repo_from_payload(self, hub: HubServer) -> tuple[str, str, dict]:
         payload = json.loads(self.body or b"{}")
@@ -889,8 +1013,7 @@ class _Handler(BaseHTTPRequestHandler):
             lfs = _is_lfs(path, size, base64.b64decode(f.get("sample", "")))
             remote = head.files.get(path)
             oid = None if remote is None else (remote.sha256 if remote.lfs else remote.oid)
-            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": oid})
+            files.append({"path": path, "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": oid})
         return self._json({"files": files, "commitOid": head.sha})
 
     def _commit_api(self, hub: HubServer, repo: Repo, revision: str) -> int:
@@ -916,8 +1039,11 @@ class _Handler(BaseHTTPRequestHandler):
                 changes[v["path"]] = Blob(data, False)
             elif key == "lfsFile":
                 if v["oid"] not in repo.lfs:
-                    raise HubError(400, f"Your push was rejected because an LFS pointer pointed to a file that "
-                                        f"does not exist: {v['path']} ({v['oid']})")
+                    raise HubError(
+                        400,
+                        f"Your push was rejected because an LFS pointer pointed to a file that "
+                        f"does not exist: {v['path']} ({v['oid']})",
+                    )
                 changes[v["path"]] = Blob(repo.lfs[v["oid"]], True)
             elif key == "deletedFile":
                 if v["path"] not in head.files:
@@ -928,9 +1054,16 @@ class _Handler(BaseHTTPRequestHandler):
                 changes.update({p: None for p in head.files if p.startswith(prefix)})
         sha = hub._commit(repo, branch, changes, header.get("summary") or "Commit")
         prefix = f"{hub.endpoint}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}"
-        return self._json({"success": True, "commitOid": sha, "commitUrl": f"{prefix}/commit/{sha}",
-                           "commitMessage": header.get("summary", ""), "hookOutput": "",
-                           "pullRequestUrl": f"{prefix}/discussions/{n}" if n else None})
+        return self._json(
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{prefix}/commit/{sha}",
+                "commitMessage": header.get("summary", ""),
+                "hookOutput": "",
+                "pullRequestUrl": f"{prefix}/discussions/{n}" if n else None,
+            }
+        )
 
     def _branch_api(self, hub: HubServer, repo: Repo, branch: str) -> int:
         if self.command == "DELETE":
@@ -958,8 +1091,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_batch(self, hub: HubServer, repo_type: str, repo_id: str) -> int:
         payload = json.loads(self.body or b"{}")
         with hub._lock:
-            repo = self._writable(hub, repo_type, repo_id) if payload.get("operation") == "upload" else \
-                self._readable(hub, repo_type, repo_id)
+            repo = (
+                self._writable(hub, repo_type, repo_id)
+                if payload.get("operation") == "upload"
+                else self._readable(hub, repo_type, repo_id)
+            )
             objects, multipart = [], False
             for o in payload.get("objects", []):
                 oid, size = o["oid"], int(o["size"])
@@ -996,8 +1132,7 @@ class _Handler(BaseHTTPRequestHandler):
             with hub._lock:
                 parts = hub._parts.pop(ticket, {})
             try:
-                data = b"".join(parts[p["partNumber"]] for p in sorted(payload["parts"],
-                                                                        key=lambda p: p["partNumber"]))
+                data = b"".join(parts[p["partNumber"]] for p in sorted(payload["parts"], key=lambda p: p["partNumber"]))
             except KeyError as e:
                 raise HubError(400, f"missing part {e}") from None
             return self._store_lfs(hub, repo_type, repo_id, oid, size, data)
@@ -1033,10 +1168,12 @@ def _split_revision(segs: list[str], whole: bool = False) -> tuple[str, list[str
 
 def _last_commit(repo: Repo, c: Commit, path: str) -> Commit:
     """The newest commit, from ``c`` back, that changed ``path`` (a file, or anything below a folder)."""
+
     def snapshot(commit: Commit):
         if path in commit.files:
             return commit.files[path].oid
         return tuple(sorted((p, b.oid) for p, b in commit.files.items() if p.startswith(path + "/")))
+
     current = c
     while current.parent is not None:
         parent = repo.commits[current.parent]
@@ -1084,8 +1221,10 @@ def go_online(server: HubServer, monkeypatch, cache_dir: Path) -> HubServer:
     import huggingface_hub.constants as hf_constants
 
     if hf_constants.ENDPOINT != server.endpoint or datasets.config.HF_ENDPOINT != server.endpoint:
-        raise RuntimeError(f"huggingface_hub/datasets were imported before tests/conftest.py exported HF_ENDPOINT "
-                           f"({hf_constants.ENDPOINT} != {server.endpoint}); import them lazily in tests")
+        raise RuntimeError(
+            f"huggingface_hub/datasets were imported before tests/conftest.py exported HF_ENDPOINT "
+            f"({hf_constants.ENDPOINT} != {server.endpoint}); import them lazily in tests"
+        )
     if not server.running:
         server.restart()
     server.clear_faults()

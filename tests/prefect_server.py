@@ -120,23 +120,25 @@ class Server:
 
     def cli(self, *args: str, cwd: Path = REPO, timeout: float = 120) -> str:
         """Run the prefect CLI against this server; fail the test with its output on error."""
-        res = subprocess.run([PREFECT, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run([PREFECT, *args], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:
-            pytest.fail(f"prefect {' '.join(args)} exited {res.returncode}:\n"
-                        f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            pytest.fail(
+                f"prefect {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            )
         return res.stdout
 
     def python(self, *args: str, cwd: Path = REPO, timeout: float = 120) -> str:
         """Run a Python script (e.g. deployments/automations.py) against this server; fail the test on error."""
-        res = subprocess.run([sys.executable, *args], env=self.env, cwd=cwd, capture_output=True, text=True,
-                             timeout=timeout)
+        res = subprocess.run(
+            [sys.executable, *args], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
         if res.returncode != 0:
             pytest.fail(f"python {' '.join(args)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res.stdout
 
-    def start_worker(self, name: str, pool: str, env: dict[str, str], cwd: Path,
-                     args: tuple[str, ...] = ()) -> subprocess.Popen:
+    def start_worker(
+        self, name: str, pool: str, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
         return self.procs.start(name, [PREFECT, "worker", "start", "--pool", pool, "--name", name, *args], env, cwd)
 
     def wait_healthy(self, timeout_s: float = 120) -> None:
@@ -158,22 +160,24 @@ class Server:
 
 def server_env(home: Path, url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_UI_ENABLED": "false",
-        # Services this test does not need; the scheduler only creates tomorrow's nightly runs.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
-        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
-        # A partition waiting for a deployment concurrency slot is retried after this many seconds (default 30).
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TQDM_DISABLE": "1",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "PREFECT_UI_ENABLED": "false",
+            # Services this test does not need; the scheduler only creates tomorrow's nightly runs.
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+            # A partition waiting for a deployment concurrency slot is retried after this many seconds (default 30).
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TQDM_DISABLE": "1",
+        }
+    )
     return env

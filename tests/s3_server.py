@@ -32,8 +32,7 @@ def free_port() -> int:
 
 
 def _policy(actions: list[str]) -> str:
-    return json.dumps({"Version": "2012-10-17",
-                       "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]})
+    return json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]})
 
 
 @dataclass
@@ -51,14 +50,19 @@ class S3Server:
         import boto3
 
         key, secret = self.keys[user]
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=key,
-                            aws_secret_access_key=secret)
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=key, aws_secret_access_key=secret
+        )
 
     def env(self, user: str = "writer") -> dict[str, str]:
         """Environment for a process that should reach this server through the standard AWS variables."""
         key, secret = self.keys[user]
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-                "AWS_DEFAULT_REGION": REGION}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": REGION,
+        }
 
     def new_prefix(self) -> str:
         """A fresh ``s3://bucket/prefix`` URL (tests share the server but never each other's objects)."""
@@ -71,7 +75,7 @@ class S3Server:
         out = {}
         for page in c.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                out[obj["Key"][len(prefix):]] = c.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
+                out[obj["Key"][len(prefix) :]] = c.get_object(Bucket=self.bucket, Key=obj["Key"])["Body"].read()
         return out
 
     def kill(self) -> None:
@@ -132,8 +136,9 @@ def start(log_path: Path, timeout: float = 30.0, *, recording: Path | None = Non
     """A server with IAM auth on; with ``recording``, one that can be restarted with its state, auth off
     (a replay would create new random IAM keys) and any key accepted."""
     port = free_port()
-    server = S3Server(f"http://127.0.0.1:{port}", _launch(port, log_path, recording), log_path=log_path,
-                      recording=recording)
+    server = S3Server(
+        f"http://127.0.0.1:{port}", _launch(port, log_path, recording), log_path=log_path, recording=recording
+    )
     try:
         _wait_up(server, log_path, timeout)
         if recording is None:
@@ -151,8 +156,12 @@ def _set_up(server: S3Server) -> None:
     """Bucket and IAM users while auth is off, then enforce auth for every later request."""
     import boto3
 
-    root = {"endpoint_url": server.endpoint, "region_name": REGION, "aws_access_key_id": "setup",
-            "aws_secret_access_key": "setup"}
+    root = {
+        "endpoint_url": server.endpoint,
+        "region_name": REGION,
+        "aws_access_key_id": "setup",
+        "aws_secret_access_key": "setup",
+    }
     boto3.client("s3", **root).create_bucket(Bucket=server.bucket)
     iam = boto3.client("iam", **root)
     for user, actions in (("writer", ["s3:*"]), ("block", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):

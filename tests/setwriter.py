@@ -40,8 +40,17 @@ def extract_by_stages(cfg) -> str:
 
 def tokenization(ctx: int, vocab: int, *, recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size")) -> dict:
     """The manifest's tokenization entry; ``recorded`` leaves out fields as older versions did."""
-    t = {"tokenizer": "synthetic", "context_size": ctx, "prepend_bos": True, "bos_id": BOS, "separator": "eos",
-         "separator_id": EOS, "eos_id": EOS, "pad_id": PAD, "vocab_size": vocab}
+    t = {
+        "tokenizer": "synthetic",
+        "context_size": ctx,
+        "prepend_bos": True,
+        "bos_id": BOS,
+        "separator": "eos",
+        "separator_id": EOS,
+        "eos_id": EOS,
+        "pad_id": PAD,
+        "vocab_size": vocab,
+    }
     return {k: v for k, v in t.items() if k not in ("eos_id", "pad_id", "vocab_size") or k in recorded}
 
 
@@ -74,20 +83,55 @@ class Stats:
     def entry(self) -> dict:
         mean = self.sum / self.n
         mean_norm = self.norm / self.n
-        return {"n": self.n, "mean": mean.tolist(), "var": (self.sumsq / self.n - mean**2).tolist(),
-                "mean_norm": mean_norm, "mean_sq_norm": self.sq_norm / self.n,
-                "scale": math.sqrt(len(mean)) / mean_norm, "nan": self.nan, "inf": self.inf}
+        return {
+            "n": self.n,
+            "mean": mean.tolist(),
+            "var": (self.sumsq / self.n - mean**2).tolist(),
+            "mean_norm": mean_norm,
+            "mean_sq_norm": self.sq_norm / self.n,
+            "scale": math.sqrt(len(mean)) / mean_norm,
+            "nan": self.nan,
+            "inf": self.inf,
+        }
 
 
-def write_set(store: str | Path, *, shards: int, seqs: int, ctx: int, d: int, dtype: str = "float16",
-              codec: str = "none", level: int = 0, seed: int = 0, vocab: int = 512, last_seqs: int | None = None,
-              recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size"), with_stats: bool = False) -> str:
+def write_set(
+    store: str | Path,
+    *,
+    shards: int,
+    seqs: int,
+    ctx: int,
+    d: int,
+    dtype: str = "float16",
+    codec: str = "none",
+    level: int = 0,
+    seed: int = 0,
+    vocab: int = 512,
+    last_seqs: int | None = None,
+    recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size"),
+    with_stats: bool = False,
+) -> str:
     """A ``sequences`` set of ``shards`` shards of ``seqs`` sequences (the last of ``last_seqs``); returns its URL."""
     st = Store(str(store))
-    tkey = TokensKey(dataset=f"synthetic:{seed}", tokenizer="synthetic", text_column="text", context_size=ctx,
-                     prepend_bos=True, separator=EOS, seqs_per_shard=seqs)
-    key = SetKey(tokens=tkey, model="synthetic", model_dtype="float32", hook="blocks.0.hook_resid_post", dtype=dtype,
-                 codec=codec, codec_level=level, forward="synthetic")
+    tkey = TokensKey(
+        dataset=f"synthetic:{seed}",
+        tokenizer="synthetic",
+        text_column="text",
+        context_size=ctx,
+        prepend_bos=True,
+        separator=EOS,
+        seqs_per_shard=seqs,
+    )
+    key = SetKey(
+        tokens=tkey,
+        model="synthetic",
+        model_dtype="float32",
+        hook="blocks.0.hook_resid_post",
+        dtype=dtype,
+        codec=codec,
+        codec_level=level,
+        forward="synthetic",
+    )
     g = torch.Generator().manual_seed(seed)
     recs, stats = [], Stats(d)
     offset = torch.randn(d, generator=g) * 2  # not centred, not unit: normalisation has something to do
@@ -96,10 +140,15 @@ def write_set(store: str | Path, *, shards: int, seqs: int, ctx: int, d: int, dt
         acts = (torch.randn(n, ctx, d, generator=g) * 3 + offset).to(shard.TORCH_DTYPES[dtype])
         if with_stats:
             stats.add(acts)
-        recs.append(_put(st, key.id, i, {"activations": acts, "tokens": tokens_for(n, ctx, vocab, g)}, n, n * ctx,
-                         codec, level))
-    provenance = {"hook": key.hook, "hook_shape": [d], "tokenization": tokenization(ctx, vocab, recorded=recorded),
-                  "model": {"name": "synthetic"}}
+        recs.append(
+            _put(st, key.id, i, {"activations": acts, "tokens": tokens_for(n, ctx, vocab, g)}, n, n * ctx, codec, level)
+        )
+    provenance = {
+        "hook": key.hook,
+        "hook_shape": [d],
+        "tokenization": tokenization(ctx, vocab, recorded=recorded),
+        "model": {"name": "synthetic"},
+    }
     m = manifest.build(key, provenance, recs, target_seqs=sum(r.n_seq for r in recs))
     if with_stats:
         m["stats"] = stats.entry()
@@ -107,8 +156,16 @@ def write_set(store: str | Path, *, shards: int, seqs: int, ctx: int, d: int, dt
     return st.url_of(key.id)
 
 
-def _put(st: Store, set_id: str, index: int, tensors: dict[str, torch.Tensor], n_seq: int, n_tokens: int,
-         codec: str, level: int) -> records.Record:
+def _put(
+    st: Store,
+    set_id: str,
+    index: int,
+    tensors: dict[str, torch.Tensor],
+    n_seq: int,
+    n_tokens: int,
+    codec: str,
+    level: int,
+) -> records.Record:
     enc = shard.encode(tensors, codec=codec, level=level)
     rel = layout.shard_file(index, codec)
     st.write_bytes(f"{set_id}/{rel}", enc.data)

@@ -22,8 +22,16 @@ def good_set(tiny_models, corpus, tmp_path_factory) -> str:
     from actcache.config import ExtractConfig
 
     store = tmp_path_factory.mktemp("store")
-    return actcache.extract(ExtractConfig(model=str(tiny_models["gpt2"]), dataset=str(corpus), context_size=32,
-                                          max_tokens=256, shard_tokens=128, store=str(store)))
+    return actcache.extract(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            dataset=str(corpus),
+            context_size=32,
+            max_tokens=256,
+            shard_tokens=128,
+            store=str(store),
+        )
+    )
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -162,23 +170,43 @@ DATA = {  # file name -> (bytes, what the one line must say)
     "null-row.jsonl": (_deep_bad("null"), "line 50: rows must be JSON objects"),
     "broken.jsonl": (_deep_bad('{"text": "unterminated'), "line 50: not valid JSON"),
     "deep.jsonl": (_deep_bad('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"), "line 50: JSON nested too deeply"),
-    "latin1.txt": ("\n".join(GOOD[:49]).encode() + "\ncaf\u00e9 cr\u00e8me\n".encode("latin-1")
-                   + "\n".join(GOOD[49:]).encode(), "line 50 is not UTF-8 text"),
+    "latin1.txt": (
+        "\n".join(GOOD[:49]).encode() + "\ncaf\u00e9 cr\u00e8me\n".encode("latin-1") + "\n".join(GOOD[49:]).encode(),
+        "line 50 is not UTF-8 text",
+    ),
     "utf16.txt": ("\n".join(GOOD).encode("utf-16"), "line 1 is not UTF-8 text"),
     "binary.txt": (bytes(range(256)) * 64, "is not UTF-8 text"),
     "fake.txt.gz": ("\n".join(GOOD).encode(), "'fake.txt.gz' cannot be read as txt"),
     "fake.jsonl.zst": (_jsonl([{"text": t} for t in GOOD]), "'fake.jsonl.zst' cannot be read as jsonl"),
     "corrupt.parquet": (b"PAR1" + bytes(range(256)) * 8 + b"PAR1", "'corrupt.parquet' cannot be read as parquet"),
     "numbers.parquet": (_parquet(list(range(300))), "row 1: column 'text' holds int"),
-    "items.json": (json.dumps([{"text": t} for t in GOOD[:49]] + [7] + [{"text": t} for t in GOOD[49:]]).encode(),
-                   "item 50: rows must be JSON objects"),
+    "items.json": (
+        json.dumps([{"text": t} for t in GOOD[:49]] + [7] + [{"text": t} for t in GOOD[49:]]).encode(),
+        "item 50: rows must be JSON objects",
+    ),
     "scalar.json": (b"42", "holds a JSON int"),
 }
 
 
 def _extract(tiny_models, data: str, store: Path, *extra: str) -> list[str]:
-    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", data, "--store", str(store),
-            "--context-size", "32", "--max-tokens", "2048", "--shard-tokens", "512", "--device", "cpu", *extra]
+    return [
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        data,
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "2048",
+        "--shard-tokens",
+        "512",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _one_line(capfd, code: int, expected: str, want_code: int = 2) -> str:
@@ -222,19 +250,24 @@ def _model_copy(tiny_models, tmp_path: Path, drop=(), write=None) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("no tokenizer files", "cannot tokenize"),
-    ("config.json not JSON", "has no usable config.json"),
-    ("config.json of an unknown model_type", "has no usable config.json"),
-    ("config.json a list", "has no usable config.json"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("no tokenizer files", "cannot tokenize"),
+        ("config.json not JSON", "has no usable config.json"),
+        ("config.json of an unknown model_type", "has no usable config.json"),
+        ("config.json a list", "has no usable config.json"),
+    ],
+)
 def test_broken_model_folders(tiny_models, corpus, tmp_path, prefect_console, case, expected):
     model = {
-        "no tokenizer files": lambda: _model_copy(tiny_models, tmp_path, drop=("tokenizer.json",
-                                                                                "tokenizer_config.json")),
+        "no tokenizer files": lambda: _model_copy(
+            tiny_models, tmp_path, drop=("tokenizer.json", "tokenizer_config.json")
+        ),
         "config.json not JSON": lambda: _model_copy(tiny_models, tmp_path, write={"config.json": "{"}),
         "config.json of an unknown model_type": lambda: _model_copy(
-            tiny_models, tmp_path, write={"config.json": '{"model_type": "no-such-architecture"}'}),
+            tiny_models, tmp_path, write={"config.json": '{"model_type": "no-such-architecture"}'}
+        ),
         "config.json a list": lambda: _model_copy(tiny_models, tmp_path, write={"config.json": "[1, 2]"}),
     }[case]()
     store = tmp_path / "store"
@@ -244,9 +277,16 @@ def test_broken_model_folders(tiny_models, corpus, tmp_path, prefect_console, ca
     assert not store.exists()
 
 
-@pytest.mark.parametrize("device,expected", [("bogus", "is not a device"), ("cuda", "CUDA is not available"),
-                                             ("cuda:3", "CUDA is not available"), ("mps", "MPS is not available"),
-                                             ("xla", "unsupported device type")])
+@pytest.mark.parametrize(
+    "device,expected",
+    [
+        ("bogus", "is not a device"),
+        ("cuda", "CUDA is not available"),
+        ("cuda:3", "CUDA is not available"),
+        ("mps", "MPS is not available"),
+        ("xla", "unsupported device type"),
+    ],
+)
 def test_bad_device(tiny_models, corpus, tmp_path, prefect_console, device, expected):
     import torch
 
@@ -270,8 +310,11 @@ def few_head_models(tiny_models, tmp_path_factory) -> dict[int, Path]:
     for heads in (2, 3, 5):
         path = tmp_path_factory.mktemp(f"heads{heads}")
         torch.manual_seed(0)
-        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=30, n_layer=2, n_head=heads,
-                                   bos_token_id=0, eos_token_id=0)).save_pretrained(path)
+        GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=len(tok), n_positions=64, n_embd=30, n_layer=2, n_head=heads, bos_token_id=0, eos_token_id=0
+            )
+        ).save_pretrained(path)
         tok.save_pretrained(path)
         out[heads] = path
     return out
@@ -279,11 +322,29 @@ def few_head_models(tiny_models, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.mark.parametrize("heads", [2, 3, 5])
 @pytest.mark.parametrize("hook", ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
-def test_a_hook_that_is_not_per_token_is_refused_whatever_the_head_count(few_head_models, corpus, tmp_path,
-                                                                           prefect_console, heads, hook):
+def test_a_hook_that_is_not_per_token_is_refused_whatever_the_head_count(
+    few_head_models, corpus, tmp_path, prefect_console, heads, hook
+):
     store = tmp_path / "store"
-    argv = ["extract", "--model", str(few_head_models[heads]), "--dataset", str(corpus), "--store", str(store),
-            "--hook", hook, "--context-size", "16", "--max-tokens", "64", "--shard-tokens", "32", "--device", "cpu"]
+    argv = [
+        "extract",
+        "--model",
+        str(few_head_models[heads]),
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--hook",
+        hook,
+        "--context-size",
+        "16",
+        "--max-tokens",
+        "64",
+        "--shard-tokens",
+        "32",
+        "--device",
+        "cpu",
+    ]
     _one_line(prefect_console, main(argv), "not one vector per token")
     assert not store.exists()
 
@@ -301,8 +362,23 @@ def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, pr
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    argv = ["extract", "--model", base_config.model, "--dataset", base_config.dataset, "--store", base_config.store,
-            "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+    argv = [
+        "extract",
+        "--model",
+        base_config.model,
+        "--dataset",
+        base_config.dataset,
+        "--store",
+        base_config.store,
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--device",
+        "cpu",
+    ]
     _one_line(prefect_console, main(argv), "File too large", want_code=1)
 
 
@@ -327,13 +403,29 @@ def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_p
 
 
 def _extract_args(cfg) -> list[str]:
-    return ["extract", "--model", cfg.model, "--dataset", cfg.dataset, "--store", cfg.store, "--context-size", "32",
-            "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+    return [
+        "extract",
+        "--model",
+        cfg.model,
+        "--dataset",
+        cfg.dataset,
+        "--store",
+        cfg.store,
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.parametrize("how", ["--debug", "ACTCACHE_TRACEBACK=1"])
-def test_debug_shows_the_whole_chain_with_the_original_cause(tiny_models, corpus, tmp_path, prefect_console,
-                                                             monkeypatch, how):
+def test_debug_shows_the_whole_chain_with_the_original_cause(
+    tiny_models, corpus, tmp_path, prefect_console, monkeypatch, how
+):
     model = _model_copy(tiny_models, tmp_path, write={"config.json": "{"})
     argv = _extract(tiny_models, str(corpus), tmp_path / "store")
     argv[argv.index("--model") + 1] = str(model)

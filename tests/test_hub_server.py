@@ -57,8 +57,9 @@ def test_model_info_refs_commits_and_tree_at_each_revision(hub, monkeypatch):
     from huggingface_hub import HfApi
 
     repo = hub.new_repo_id("tiny")
-    first = hub.add_model(repo, {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"\0weights-1",
-                                 "sub/notes.txt": b"v1"})
+    first = hub.add_model(
+        repo, {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"\0weights-1", "sub/notes.txt": b"v1"}
+    )
     hub.tag(repo, "v1")
     second = hub.commit(repo, {"model.safetensors": b"\0weights-2"}, delete=["sub/notes.txt"])
     api = HfApi()
@@ -162,9 +163,15 @@ def test_load_dataset_configs_splits_and_a_moving_branch(hub, streaming):
     import datasets
 
     repo = hub.new_repo_id("texts")
-    first = hub.add_dataset(repo, {"README.md": README_CONFIGS, "main/train-00000.parquet": _parquet(["a", "b"]),
-                                   "main/test-00000.parquet": _parquet(["t"]),
-                                   "small/part.parquet": _parquet(["s"])})
+    first = hub.add_dataset(
+        repo,
+        {
+            "README.md": README_CONFIGS,
+            "main/train-00000.parquet": _parquet(["a", "b"]),
+            "main/test-00000.parquet": _parquet(["t"]),
+            "small/part.parquet": _parquet(["s"]),
+        },
+    )
 
     def texts(*args, **kwargs):
         return [r["text"] for r in datasets.load_dataset(repo, *args, streaming=streaming, **kwargs)]
@@ -278,8 +285,12 @@ def test_create_repo_and_upload_folder_then_list_and_download_the_same_bytes(hub
     from huggingface_hub import HfApi, hf_hub_download
 
     monkeypatch.setattr(hub, "lfs_chunk_size", 2048)  # files over 2 KiB take the multipart transfer
-    files = {"README.md": b"# set\n", "manifest.json": b'{"n": 2}', "shards/0.safetensors": os.urandom(5000),
-             "shards/1.safetensors": os.urandom(100)}
+    files = {
+        "README.md": b"# set\n",
+        "manifest.json": b'{"n": 2}',
+        "shards/0.safetensors": os.urandom(5000),
+        "shards/1.safetensors": os.urandom(100),
+    }
     api = HfApi()
     repo = api.create_repo(hub.new_repo_id("set"), repo_type="dataset").repo_id
     again = api.create_repo(repo, repo_type="dataset", exist_ok=True)  # the hub's 409 carries the repo's url
@@ -292,7 +303,8 @@ def test_create_repo_and_upload_folder_then_list_and_download_the_same_bytes(hub
         assert Path(hf_hub_download(repo, rel, repo_type="dataset")).read_bytes() == data
     assert hub.requests_matching(r"^/_lfs/part/.*/3$", "PUT")  # 5000 bytes in 2048-byte parts
     assert hub.lfs_objects(repo, repo_type="dataset") == {
-        hashlib.sha256(files[f"shards/{i}.safetensors"]).hexdigest() for i in (0, 1)}
+        hashlib.sha256(files[f"shards/{i}.safetensors"]).hexdigest() for i in (0, 1)
+    }
 
 
 def test_interrupted_upload_resumes_with_only_what_is_missing(hub, tmp_path):
@@ -352,8 +364,9 @@ def test_a_subprocess_reaches_the_hub_through_its_environment(hub):
         print(huggingface_hub.HfApi().model_info({model!r}).sha)
         print([r["text"] for r in datasets.load_dataset({data!r}, split="train", streaming=True)])
     """)
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **hub.env()}, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **hub.env()}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == [sha, "['x', 'y']"]
 

@@ -33,10 +33,12 @@ from actcache import errors
 from actcache.config import ExtractConfig, StorageOptions
 from actcache.errors import ActcacheError
 
-EXIT_CODES = ("Exit codes: 0 success; 1 failure (storage or network failed, Prefect API lost, a damaged set: rerun to "
-              "resume; verify: problems found; diff: the sets differ); 2 bad input (one line on stderr says what to "
-              "fix, and nothing was written); 130 interrupted. --debug (anywhere on the line, or ACTCACHE_TRACEBACK=1) "
-              "also prints the whole chain of causes.")
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 failure (storage or network failed, Prefect API lost, a damaged set: rerun to "
+    "resume; verify: problems found; diff: the sets differ); 2 bad input (one line on stderr says what to "
+    "fix, and nothing was written); 130 interrupted. --debug (anywhere on the line, or ACTCACHE_TRACEBACK=1) "
+    "also prints the whole chain of causes."
+)
 
 
 def _version() -> str:
@@ -48,7 +50,7 @@ def _version() -> str:
 app = App(
     name="actcache",
     help="Extract transformer hook activations into content-addressed safetensors shards, on local disk or any "
-         "fsspec store (S3, ...), as Prefect flows.",
+    "fsspec store (S3, ...), as Prefect flows.",
     help_epilogue=EXIT_CODES,  # under every command's help too
     version=_version,
     help_format="markdown",
@@ -58,9 +60,12 @@ app = App(
 FLAG_NAMES = {"rows_per_shard": "--shard-rows"}
 """Fields that errors name (``errors.opt``) whose flag is not ``--`` + the field's name."""
 
+
 @app.meta.default
-def _global_flags(*tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
-                  debug: Annotated[bool, Parameter(negative=())] = False) -> None:
+def _global_flags(
+    *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
+    debug: Annotated[bool, Parameter(negative=())] = False,
+) -> None:
     """Never called: it lists the flags every command takes in every option table (cyclopts shows a meta app's
     parameters under each command's help). ``main`` takes them out of the line before parsing.
 
@@ -72,8 +77,10 @@ def _global_flags(*tokens: Annotated[str, Parameter(show=False, allow_leading_hy
     """
 
 
-Json = Annotated[bool, Parameter(name="--json", negative=(),
-                                 help="Print one JSON document on stdout (field names: README, 'Scripting').")]
+Json = Annotated[
+    bool,
+    Parameter(name="--json", negative=(), help="Print one JSON document on stdout (field names: README, 'Scripting')."),
+]
 
 
 @Parameter(name="*")
@@ -129,8 +136,11 @@ def _warn_mixed(s: Any) -> None:
     """One warning line when the set's shards were written by different software or devices."""
     mixed = s.environments()
     if mixed:
-        print(f"actcache: warning: {s.url}: its shards were computed in different environments (numerics may "
-              f"differ in the last bits): {'; '.join(mixed.values())}", file=sys.stderr)
+        print(
+            f"actcache: warning: {s.url}: its shards were computed in different environments (numerics may "
+            f"differ in the last bits): {'; '.join(mixed.values())}",
+            file=sys.stderr,
+        )
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
@@ -141,9 +151,13 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 # -- extract -----------------------------------------------------------------------------------------
 @app.command
-def extract(*, config: Annotated[_Flags, Parameter(name="*")] = _Flags(), like: str | None = None,
-            json_output: Json = False,
-            flags_given: Annotated[frozenset[str], Parameter(parse=False)] = frozenset()) -> int:
+def extract(
+    *,
+    config: Annotated[_Flags, Parameter(name="*")] = _Flags(),
+    like: str | None = None,
+    json_output: Json = False,
+    flags_given: Annotated[frozenset[str], Parameter(parse=False)] = frozenset(),
+) -> int:
     """Extract hook activations over a dataset; print each set's URL (reruns compute only what is missing).
 
     Without PREFECT_API_URL, a request whose sets are all complete is answered from the store alone; work to do
@@ -236,17 +250,28 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
     state = "complete" if m.get("complete") else f"partial ({m['n_tokens']} of {m.get('target_tokens')} tokens)"
     rev = f" @ {model['revision']}" if model.get("revision") else ""
     lines = [
-        ("set", s.url), ("state", state),
+        ("set", s.url),
+        ("state", state),
         ("model", f"{model.get('name')}{rev} ({model.get('fingerprint')})"),
         ("hook", f"{m['hook']} (d={m['d']}, shape {m.get('hook_shape')})"),
         ("dataset", f"{ds.get('path')} ({ds.get('fingerprint')})"),
-        ("tokens", f"{m['n_tokens']} in {m['n_shards']} shards of up to {m['shard_tokens']}, context "
-                   f"{m['key']['tokens']['context_size']}, bos {'yes' if tok.get('prepend_bos') else 'no'}, "
-                   f"separator {tok.get('separator')}") if m.get("layout") != "rows" else
-        ("rows", f"{m['n_tokens']} in {m['n_shards']} shards of up to {m['rows_per_shard']}, shuffled copy of "
-                 f"{m['key']['source']} (seed {m['seed']}, {m['excluded']['rows']} rows excluded)"),
-        ("storage", f"{m['dtype']} (computed in {m.get('model_dtype') or m.get('source', {}).get('model_dtype')}), "
-                    f"codec {m['codec']}, {_human(m['bytes'])}"),
+        (
+            "tokens",
+            f"{m['n_tokens']} in {m['n_shards']} shards of up to {m['shard_tokens']}, context "
+            f"{m['key']['tokens']['context_size']}, bos {'yes' if tok.get('prepend_bos') else 'no'}, "
+            f"separator {tok.get('separator')}",
+        )
+        if m.get("layout") != "rows"
+        else (
+            "rows",
+            f"{m['n_tokens']} in {m['n_shards']} shards of up to {m['rows_per_shard']}, shuffled copy of "
+            f"{m['key']['source']} (seed {m['seed']}, {m['excluded']['rows']} rows excluded)",
+        ),
+        (
+            "storage",
+            f"{m['dtype']} (computed in {m.get('model_dtype') or m.get('source', {}).get('model_dtype')}), "
+            f"codec {m['codec']}, {_human(m['bytes'])}",
+        ),
         ("non-finite", f"{nf['inf']} inf, {nf['nan']} nan in {nf['shards']} shards"),
         ("updated", m.get("updated_at", "?")),
     ]
@@ -257,8 +282,17 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         rows = [("INDEX", "TOKENS", "BYTES", "SHA256", "MEAN_NORM", "NAN", "INF")]
         for r in m["shards"]:
             st = (r.get("extra") or {}).get("stats") or {}
-            rows.append((str(r["index"]), str(r["n_tokens"]), str(r["bytes"]), r["sha256"][:16],
-                         str(st.get("mean_l2_norm", "-")), str(st.get("nan", "-")), str(st.get("inf", "-"))))
+            rows.append(
+                (
+                    str(r["index"]),
+                    str(r["n_tokens"]),
+                    str(r["bytes"]),
+                    r["sha256"][:16],
+                    str(st.get("mean_l2_norm", "-")),
+                    str(st.get("nan", "-")),
+                    str(st.get("inf", "-")),
+                )
+            )
         print()
         _table(rows)
     _warn_non_finite(s)
@@ -279,9 +313,17 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     s = flags.open_set(set_url)
     problems = s.verify()
     if json_output:
-        _print_json({"url": s.url, "ok": not problems, "n_shards": len(s), "n_tokens": s.n_tokens,
-                     "n_target_shards": s.n_target_shards, "missing": s.missing(),
-                     "problems": [str(p) for p in problems]})
+        _print_json(
+            {
+                "url": s.url,
+                "ok": not problems,
+                "n_shards": len(s),
+                "n_tokens": s.n_tokens,
+                "n_target_shards": s.n_target_shards,
+                "missing": s.missing(),
+                "problems": [str(p) for p in problems],
+            }
+        )
         _warn_non_finite(s)
         _warn_mixed(s)
         return 1 if problems else 0
@@ -296,18 +338,30 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
             how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
             rerun = f"rerun the same extract{how}"
         gone = len(s.missing())
-        print(f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
-              + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
-              + f"; {rerun} to repair", file=sys.stderr)
+        print(
+            f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
+            + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
+            + f"; {rerun} to repair",
+            file=sys.stderr,
+        )
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
     return 0
 
 
 @app.command
-def diff(set_a: str, set_b: str, /, *, atol: float = 0.0, rtol: float = 0.0, json_output: Json = False,
-         flags: StoreFlags = StoreFlags(), b_storage_options: StorageOptions | None = None,
-         b_aws_credentials_block: str | None = None) -> int:
+def diff(
+    set_a: str,
+    set_b: str,
+    /,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    json_output: Json = False,
+    flags: StoreFlags = StoreFlags(),
+    b_storage_options: StorageOptions | None = None,
+    b_aws_credentials_block: str | None = None,
+) -> int:
     """Compare two sets shard by shard: tokens, and how far apart the activations are.
 
     Exit 0 when every shard holds the same tokens and activations within the tolerances (exact by default), 1
@@ -332,16 +386,21 @@ def diff(set_a: str, set_b: str, /, *, atol: float = 0.0, rtol: float = 0.0, jso
     """
     from actcache.sets import diff as diff_mod
 
-    b_flags = StoreFlags(flags.storage_options if b_storage_options is None else b_storage_options,
-                         b_aws_credentials_block or flags.aws_credentials_block)
+    b_flags = StoreFlags(
+        flags.storage_options if b_storage_options is None else b_storage_options,
+        b_aws_credentials_block or flags.aws_credentials_block,
+    )
     result = diff_mod.compare(flags.open_set(set_a), b_flags.open_set(set_b), atol=atol, rtol=rtol)
     if json_output:
         _print_json(result.to_json())
     else:
         for d in result.shards:
             if d.differs:
-                print(f"shard {d.index}: " + ("tokens differ; " if not d.tokens_equal else "")
-                      + f"{d.n_beyond} values differ, max abs {d.max_abs_diff:.6g}, max rel {d.max_rel_diff:.6g}")
+                print(
+                    f"shard {d.index}: "
+                    + ("tokens differ; " if not d.tokens_equal else "")
+                    + f"{d.n_beyond} values differ, max abs {d.max_abs_diff:.6g}, max rel {d.max_rel_diff:.6g}"
+                )
         for side, missing in (("A", result.only_in_a), ("B", result.only_in_b)):
             if missing:
                 print(f"only in {side}: shards {_ranges(missing)}")
@@ -360,8 +419,17 @@ def _ranges(indices: list[int]) -> str:
 
 
 @app.command
-def cp(src: str, dest: str, /, *, jobs: int = 4, verify_existing: bool = False, flags: StoreFlags = StoreFlags(),
-       dest_storage_options: StorageOptions | None = None, dest_aws_credentials_block: str | None = None) -> int:
+def cp(
+    src: str,
+    dest: str,
+    /,
+    *,
+    jobs: int = 4,
+    verify_existing: bool = False,
+    flags: StoreFlags = StoreFlags(),
+    dest_storage_options: StorageOptions | None = None,
+    dest_aws_credentials_block: str | None = None,
+) -> int:
     """Copy a set to another store (checksums verified; shards already there skipped); print its new URL.
 
     Parameters
@@ -385,11 +453,14 @@ def cp(src: str, dest: str, /, *, jobs: int = 4, verify_existing: bool = False, 
 
     progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
     to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
-    result = copy_set(flags.ref(src), to, jobs=jobs, verify_existing=verify_existing,
-                      on_shard=lambda _: progress.update())
+    result = copy_set(
+        flags.ref(src), to, jobs=jobs, verify_existing=verify_existing, on_shard=lambda _: progress.update()
+    )
     progress.close()
-    print(f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
-          file=sys.stderr)
+    print(
+        f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
+        file=sys.stderr,
+    )
     print(result.url)
     return 0
 
@@ -407,15 +478,27 @@ class ExcludeFlags:
 
         if self.exclude_special_tokens and self.exclude_ids:
             raise ActcacheError("pass --exclude-special-tokens or --exclude-ids, not both")
-        return {"exclude_special": self.exclude_special_tokens,
-                "exclude_ids": parse_ids(self.exclude_ids) if self.exclude_ids else []}
+        return {
+            "exclude_special": self.exclude_special_tokens,
+            "exclude_ids": parse_ids(self.exclude_ids) if self.exclude_ids else [],
+        }
 
 
 @app.command
-def shuffle(set_url: str, /, *, seed: int = 0, out: str | None = None, shard_rows: int | None = None,
-            bucket_rows: int = 1 << 20, jobs: int = 8, exclude: ExcludeFlags = ExcludeFlags(),
-            flags: StoreFlags = StoreFlags(), out_storage_options: StorageOptions | None = None,
-            out_aws_credentials_block: str | None = None) -> int:
+def shuffle(
+    set_url: str,
+    /,
+    *,
+    seed: int = 0,
+    out: str | None = None,
+    shard_rows: int | None = None,
+    bucket_rows: int = 1 << 20,
+    jobs: int = 8,
+    exclude: ExcludeFlags = ExcludeFlags(),
+    flags: StoreFlags = StoreFlags(),
+    out_storage_options: StorageOptions | None = None,
+    out_aws_credentials_block: str | None = None,
+) -> int:
     """Write a globally shuffled copy of a set (a new set; reruns skip it); print its URL.
 
     Parameters
@@ -448,19 +531,35 @@ def shuffle(set_url: str, /, *, seed: int = 0, out: str | None = None, shard_row
     if out is not None or out_storage_options or out_aws_credentials_block:
         target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
     progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
-    result = shuffle_set(source, out=target, seed=seed, rows_per_shard=shard_rows, **options, bucket_rows=bucket_rows,
-                         jobs=jobs, on_step=lambda _: progress.update())
+    result = shuffle_set(
+        source,
+        out=target,
+        seed=seed,
+        rows_per_shard=shard_rows,
+        **options,
+        bucket_rows=bucket_rows,
+        jobs=jobs,
+        on_step=lambda _: progress.update(),
+    )
     progress.close()
     state = "already complete" if result.skipped else "written"
-    print(f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
-          file=sys.stderr)
+    print(
+        f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded", file=sys.stderr
+    )
     print(result.url)
     return 0
 
 
 @app.command
-def export(set_url: str, out: str, /, *, format: Literal["saelens", "hf"], exclude: ExcludeFlags = ExcludeFlags(),
-           flags: StoreFlags = StoreFlags()) -> int:
+def export(
+    set_url: str,
+    out: str,
+    /,
+    *,
+    format: Literal["saelens", "hf"],
+    exclude: ExcludeFlags = ExcludeFlags(),
+    flags: StoreFlags = StoreFlags(),
+) -> int:
     """Write a set as a Hugging Face datasets folder (SAELens's layout, or one row per token); print its path.
 
     Parameters
@@ -486,8 +585,15 @@ def export(set_url: str, out: str, /, *, format: Literal["saelens", "hf"], exclu
 
 
 @app.command
-def push(set_url: str, repo_id: str, /, *, private: bool = False, revision: str | None = None,
-         flags: StoreFlags = StoreFlags()) -> int:
+def push(
+    set_url: str,
+    repo_id: str,
+    /,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    flags: StoreFlags = StoreFlags(),
+) -> int:
     """Upload a set to the Hugging Face Hub as a dataset repo (reruns resume); print its URL.
 
     Parameters
@@ -504,8 +610,10 @@ def push(set_url: str, repo_id: str, /, *, private: bool = False, revision: str 
     from actcache.sets.push import push_set
 
     result = push_set(flags.ref(set_url), repo_id, private=private, revision=revision)
-    print(f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
-          file=sys.stderr)
+    print(
+        f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
+        file=sys.stderr,
+    )
     print(result.url)
     return 0
 
@@ -582,13 +690,18 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
     store, name = flags.ref(set_url).split()
     target = cleanup.find_set(store.open(), name)
     entry = inventory.describe_set(target.store, name)
-    what = (f"{entry.state} set, {entry.model or '?'} {entry.hook or '?'}, "
-            f"{'?' if entry.n_tokens is None else entry.n_tokens} tokens" if entry else "set")
+    what = (
+        f"{entry.state} set, {entry.model or '?'} {entry.hook or '?'}, "
+        f"{'?' if entry.n_tokens is None else entry.n_tokens} tokens"
+        if entry
+        else "set"
+    )
     summary = f"{target.url} ({what}; {len(target.files)} files, {_human(target.bytes)})"
     if not yes:
         if not sys.stdin.isatty():
-            raise ActcacheError("rm asks before removing and stdin is not a terminal; pass --yes to remove "
-                                "without asking")
+            raise ActcacheError(
+                "rm asks before removing and stdin is not a terminal; pass --yes to remove without asking"
+            )
         print(f"Remove {summary}? [y/N] ", end="", file=sys.stderr, flush=True)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("not removed", file=sys.stderr)
@@ -602,8 +715,15 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
 
 
 @app.command
-def gc(store: str, /, *, yes: Yes = False, older_than: float = 24.0, json_output: Json = False,
-       flags: StoreFlags = StoreFlags()) -> int:
+def gc(
+    store: str,
+    /,
+    *,
+    yes: Yes = False,
+    older_than: float = 24.0,
+    json_output: Json = False,
+    flags: StoreFlags = StoreFlags(),
+) -> int:
     """List what no set needs in a store; with --yes, remove it.
 
     Collects temp files of writers that no longer run, S3 multipart uploads never completed, and token caches
@@ -626,14 +746,20 @@ def gc(store: str, /, *, yes: Yes = False, older_than: float = 24.0, json_output
     if yes:
         cleanup.collect(s, report)
     if json_output:
-        _print_json({"store": s.url, "removed": yes, "bytes": report.bytes,
-                     "items": [g.to_json() for g in report.items], "notes": report.notes})
+        _print_json(
+            {
+                "store": s.url,
+                "removed": yes,
+                "bytes": report.bytes,
+                "items": [g.to_json() for g in report.items],
+                "notes": report.notes,
+            }
+        )
         return 0
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     if report.items:
-        _table([("KIND", "BYTES", "URL", "WHY")]
-               + [(g.kind, _human(g.bytes), g.url, g.reason) for g in report.items])
+        _table([("KIND", "BYTES", "URL", "WHY")] + [(g.kind, _human(g.bytes), g.url, g.reason) for g in report.items])
     verb = "removed" if yes else "would remove"
     tail = "" if yes or not report.items else "; rerun with --yes to remove them"
     print(f"{verb} {len(report.items)} item(s), {_human(report.bytes)}{tail}", file=sys.stderr)
@@ -671,8 +797,10 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
     token, target = getattr(e, "token", None), getattr(e, "target_type", None)
     if token is not None and target is not None and getattr(e, "msg", None) is None:
         if get_origin(target) is Literal:
-            return (f"unsupported {token.keyword} {token.value!r}; choose one of "
-                    f"{', '.join(str(c) for c in get_args(target))}")
+            return (
+                f"unsupported {token.keyword} {token.value!r}; choose one of "
+                f"{', '.join(str(c) for c in get_args(target))}"
+            )
         return f"{token.keyword}: invalid {getattr(target, '__name__', target)} value {token.value!r}"
     command = next((a for a in argv if not a.startswith("-")), None)
     where = f"actcache {command} --help" if command in app else "actcache --help"

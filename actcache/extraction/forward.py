@@ -45,16 +45,20 @@ def pick_device(device: str) -> str:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ActcacheError(f"{opt('device')} {device}: CUDA is not available here (torch {torch.__version__}); "
-                                f"use {opt('device', 'cpu')} or auto")
+            raise ActcacheError(
+                f"{opt('device')} {device}: CUDA is not available here (torch {torch.__version__}); "
+                f"use {opt('device', 'cpu')} or auto"
+            )
         if dev.index is not None and dev.index >= count:
-            raise ActcacheError(f"{opt('device')} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:"
-                                f"{count - 1})")
+            raise ActcacheError(
+                f"{opt('device')} {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ActcacheError(f"{opt('device')} {device}: MPS is not available here; use {opt('device', 'cpu')} or auto")
     elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ActcacheError(f"{opt('device')} {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda[:N] "
-                            "or mps")
+        raise ActcacheError(
+            f"{opt('device')} {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda[:N] or mps"
+        )
     return device
 
 
@@ -96,8 +100,10 @@ class _Batched:
             if act is None:
                 raise ActcacheError(f"hook {h!r} did not fire during the forward pass; pick another hook")
             if act.dim() < 3 or tuple(act.shape[:2]) != (b, t):
-                raise ActcacheError(f"hook {h!r} gives shape {list(act.shape)}, not one vector per token "
-                                    f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post")
+                raise ActcacheError(
+                    f"hook {h!r} gives shape {list(act.shape)}, not one vector per token "
+                    f"[batch={b}, pos={t}, ...]; pick a per-token hook such as hook_resid_post"
+                )
         return got
 
     def hook_shapes(self) -> dict[str, list[int]]:
@@ -114,8 +120,10 @@ class _Batched:
                 shapes.append({h: list(a.shape[2:]) for h, a in self._checked(self._capture(probe), probe).items()})
         for h in self.hooks:
             if shapes[0][h] != shapes[1][h]:
-                raise ActcacheError(f"hook {h!r} is not one vector per token (its shape depends on the sequence "
-                                    "length); pick a per-token hook such as hook_resid_post")
+                raise ActcacheError(
+                    f"hook {h!r} is not one vector per token (its shape depends on the sequence "
+                    "length); pick a per-token hook such as hook_resid_post"
+                )
         return shapes[0]
 
     def _fits_key(self, context: int) -> tuple:
@@ -127,8 +135,12 @@ class _Batched:
         size = self.batch_size or (max(1, AUTO_BATCH_TOKENS // context) if self.adaptive else CPU_BATCH)
         return max(1, min(size, n_seq, _FITS.get(self._fits_key(context), size)))
 
-    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
-                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+        finite: dict[str, bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU.
 
         Each batch is cast to its destination's dtype as it completes (on the device on CUDA) and written in
@@ -166,8 +178,11 @@ class _Batched:
                     if dest is None:
                         shape = (n_seq, *act.shape[1:])
                         # Pinned on CUDA so that the device-to-host copies are asynchronous (no sync per batch).
-                        dest = outs[h] = into(h, shape) if into is not None else torch.empty(
-                            shape, dtype=self.out_dtype or act.dtype, pin_memory=cuda)
+                        dest = outs[h] = (
+                            into(h, shape)
+                            if into is not None
+                            else torch.empty(shape, dtype=self.out_dtype or act.dtype, pin_memory=cuda)
+                        )
                     if finite is not None:
                         nonfinite = ~torch.isfinite(act).all()
                         bad[h] = bad[h] | nonfinite if h in bad else nonfinite
@@ -184,23 +199,31 @@ class _Batched:
     def _smaller(self, size: int, context: int, error: str) -> int:
         """After an out-of-memory error at ``size``: half of it, remembered for the rest of this process."""
         if size == 1:
-            raise ActcacheError(f"the forward pass does not fit in {self.device}'s memory even one sequence of "
-                                f"{context} tokens at a time ({error}); free the device, lower --context-size or "
-                                "use --model-dtype bfloat16")
+            raise ActcacheError(
+                f"the forward pass does not fit in {self.device}'s memory even one sequence of "
+                f"{context} tokens at a time ({error}); free the device, lower --context-size or "
+                "use --model-dtype bfloat16"
+            )
         smaller = size // 2
         _FITS[self._fits_key(context)] = smaller
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # what the failed pass allocated goes back before the retry
-        log.warning("out of memory on %s with %d sequences of %d tokens per pass; continuing with %d",
-                    self.device, size, context, smaller)
+        log.warning(
+            "out of memory on %s with %d sequences of %d tokens per pass; continuing with %d",
+            self.device,
+            size,
+            context,
+            smaller,
+        )
         return smaller
 
 
 class Extractor(_Batched):
     """The bridge engine: TransformerLens hook points, any per-token hook."""
 
-    def __init__(self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int,
-                 out_dtype: torch.dtype | None = None):
+    def __init__(
+        self, bridge: Any, hooks: str | Sequence[str], *, batch_size: int, out_dtype: torch.dtype | None = None
+    ):
         self.bridge = bridge
         self._setup(bridge, hooks, batch_size, out_dtype)
 
@@ -224,8 +247,9 @@ class Extractor(_Batched):
 class HFExtractor(_Batched):
     """The hf-sdpa engine: the bare HF base model, residual-stream hooks only (see ``forward_engine``)."""
 
-    def __init__(self, hf_model: Any, hooks: str | Sequence[str], *, batch_size: int,
-                 out_dtype: torch.dtype | None = None):
+    def __init__(
+        self, hf_model: Any, hooks: str | Sequence[str], *, batch_size: int, out_dtype: torch.dtype | None = None
+    ):
         self.model = hf_model
         self._setup(hf_model, hooks, batch_size, out_dtype)
         self.layers = getattr(hf_model, FAST_MODEL_TYPES[hf_model.config.model_type])
@@ -254,9 +278,12 @@ class HFExtractor(_Batched):
             if post:
                 handles.append(mod.register_forward_hook(lambda _m, _a, out, _h=h: keep(_h, out)))
             else:
-                handles.append(mod.register_forward_pre_hook(
-                    lambda _m, args, kwargs, _h=h: keep(_h, args[0] if args else kwargs["hidden_states"]),
-                    with_kwargs=True))
+                handles.append(
+                    mod.register_forward_pre_hook(
+                        lambda _m, args, kwargs, _h=h: keep(_h, args[0] if args else kwargs["hidden_states"]),
+                        with_kwargs=True,
+                    )
+                )
         try:
             self.model(input_ids=tokens, use_cache=False)
         except _Reached:
@@ -289,8 +316,9 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # "weights of layers n.. not used" is the point, not a problem
             try:
-                hf = AutoModel.from_pretrained(folder, attn_implementation="sdpa",
-                                               num_hidden_layers=n_layers, dtype=getattr(torch, dtype))
+                hf = AutoModel.from_pretrained(
+                    folder, attn_implementation="sdpa", num_hidden_layers=n_layers, dtype=getattr(torch, dtype)
+                )
             except Exception as e:
                 raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e
             finally:
@@ -310,14 +338,26 @@ class MultiExtractor:
     def hook_shapes(self) -> dict[str, list[int]]:
         return {h: s for p in self.parts for h, s in p.hook_shapes().items()}
 
-    def __call__(self, tokens: torch.Tensor, into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
-                 finite: dict[str, bool] | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
+        finite: dict[str, bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
         return {h: a for p in self.parts for h, a in p(tokens, into, finite).items()}
 
 
-def extractor_for(model: Any, hooks: Sequence[str], *, batch_size: int, model_dtype: str = "float32",
-                  device: str = "auto", out_dtype: str | None = None, bridge: Any = None,
-                  engines: dict[str, str] | None = None) -> MultiExtractor:
+def extractor_for(
+    model: Any,
+    hooks: Sequence[str],
+    *,
+    batch_size: int,
+    model_dtype: str = "float32",
+    device: str = "auto",
+    out_dtype: str | None = None,
+    bridge: Any = None,
+    engines: dict[str, str] | None = None,
+) -> MultiExtractor:
     """The extraction step for ``hooks`` of ``model`` (a ResolvedModel); the bridge is loaded only if needed.
 
     ``engines`` are the ones the plan pinned in the set keys (by default decided here, the same way).

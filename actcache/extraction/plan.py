@@ -68,12 +68,23 @@ def resolve(cfg: ExtractConfig) -> Resolved:
     model = resolve_model(ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code))
     hooks = resolve_hooks(cfg.hooks, model)
     if model.max_context is not None and cfg.context_size > model.max_context:
-        raise ActcacheError(f"{opt('context_size')} {cfg.context_size} is above the maximum of {model.max_context} "
-                            f"tokens for {cfg.model!r}; lower {opt('context_size')}")
+        raise ActcacheError(
+            f"{opt('context_size')} {cfg.context_size} is above the maximum of {model.max_context} "
+            f"tokens for {cfg.model!r}; lower {opt('context_size')}"
+        )
     bos, sep = special_ids(cfg, model)
     f = model.facts  # the tokenizer's, remembered: no loading
-    return Resolved(model, _source(cfg), model.tokenizer_fingerprint, bos, sep, hooks, f["eos_token_id"],
-                    f["pad_token_id"], f["vocab_size"])
+    return Resolved(
+        model,
+        _source(cfg),
+        model.tokenizer_fingerprint,
+        bos,
+        sep,
+        hooks,
+        f["eos_token_id"],
+        f["pad_token_id"],
+        f["vocab_size"],
+    )
 
 
 def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]:
@@ -103,8 +114,18 @@ def _source(cfg: ExtractConfig) -> Source:
         path = str(demo.demo_corpus())
     else:
         path = cfg.dataset
-    return open_source(DatasetSpec(path, cfg.dataset_config, cfg.split, cfg.dataset_revision, cfg.streaming,
-                                   cfg.text_column, cfg.storage_options), label=cfg.dataset)
+    return open_source(
+        DatasetSpec(
+            path,
+            cfg.dataset_config,
+            cfg.split,
+            cfg.dataset_revision,
+            cfg.streaming,
+            cfg.text_column,
+            cfg.storage_options,
+        ),
+        label=cfg.dataset,
+    )
 
 
 def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, int | None]:
@@ -115,8 +136,10 @@ def special_ids(cfg: ExtractConfig, model: ResolvedModel) -> tuple[int | None, i
         raise ActcacheError(f"the tokenizer of {cfg.model!r} has no BOS token; set {opt('prepend_bos', False)}")
     sep = {"eos": eos_id, "bos": bos_id, "none": None}[cfg.separator]
     if cfg.separator != "none" and sep is None:
-        raise ActcacheError(f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
-                            f"set {opt('separator', 'none')} (or another)")
+        raise ActcacheError(
+            f"the tokenizer of {cfg.model!r} has no {cfg.separator.upper()} token; "
+            f"set {opt('separator', 'none')} (or another)"
+        )
     return bos, sep
 
 
@@ -154,8 +177,10 @@ class Plan:
         """The config with hub names pinned to the commits resolved here: what partitions and the flow get,
         so that they compute exactly these sets even if a branch moves meanwhile."""
         r = self.resolved
-        return self.config.replace(revision=r.model.revision or self.config.revision,
-                                   dataset_revision=r.dataset.spec.revision or self.config.dataset_revision)
+        return self.config.replace(
+            revision=r.model.revision or self.config.revision,
+            dataset_revision=r.dataset.spec.revision or self.config.dataset_revision,
+        )
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -164,10 +189,17 @@ class Plan:
         return {
             "model": r.model.describe(),
             "dataset": r.dataset.describe(),
-            "tokenization": {"tokenizer": r.tokenizer, "context_size": cfg.context_size,
-                             "prepend_bos": cfg.prepend_bos, "bos_id": r.bos_id, "separator": cfg.separator,
-                             "separator_id": r.separator_id, "eos_id": r.eos_id, "pad_id": r.pad_id,
-                             "vocab_size": r.vocab_size},
+            "tokenization": {
+                "tokenizer": r.tokenizer,
+                "context_size": cfg.context_size,
+                "prepend_bos": cfg.prepend_bos,
+                "bos_id": r.bos_id,
+                "separator": cfg.separator,
+                "separator_id": r.separator_id,
+                "eos_id": r.eos_id,
+                "pad_id": r.pad_id,
+                "vocab_size": r.vocab_size,
+            },
             "format_version": FORMAT_VERSION,
         }
 
@@ -219,8 +251,9 @@ class Plan:
         """This plan as the store holds it now: its shards up to where the dataset ends (once tokenized)."""
         store = self.store
         shards = self.token_cache().plan(self.config.target_seqs)
-        sets = tuple(HookSet(s.key, frozenset(records.scan_set(store, s.key).done_of(shards)), s.hook_shape)
-                     for s in self.sets)
+        sets = tuple(
+            HookSet(s.key, frozenset(records.scan_set(store, s.key).done_of(shards)), s.hook_shape) for s in self.sets
+        )
         return dataclasses.replace(self, sets=sets, shards=shards)
 
     @property
@@ -251,13 +284,20 @@ class Plan:
         from actcache.extraction.forward import extractor_for
 
         cfg = self.config
-        return extractor_for(self.resolved.model, hooks, engines={h: self.resolved.hooks[h].engine for h in hooks},
-                             batch_size=cfg.batch_size, model_dtype=cfg.model_dtype, device=cfg.device,
-                             out_dtype=cfg.dtype)
+        return extractor_for(
+            self.resolved.model,
+            hooks,
+            engines={h: self.resolved.hooks[h].engine for h in hooks},
+            batch_size=cfg.batch_size,
+            model_dtype=cfg.model_dtype,
+            device=cfg.device,
+            out_dtype=cfg.dtype,
+        )
 
 
-def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1,
-              load_model: bool = True) -> Plan:
+def make_plan(
+    cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: int = 1, load_model: bool = True
+) -> Plan:
     """Validate ``cfg``, resolve it once, and list what is done.
 
     Every check runs without weights. ``load_model`` loads them too when there is work (so they load while
@@ -265,17 +305,25 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
     (``Plan.load_model`` then loads them once it knows).
     """
     if not (num_partitions >= 1 and 0 <= partition_index < num_partitions):
-        raise ActcacheError(f"partition {partition_index} of {num_partitions} is invalid; "
-                            "need num_partitions >= 1 and 0 <= partition_index < num_partitions")
+        raise ActcacheError(
+            f"partition {partition_index} of {num_partitions} is invalid; "
+            "need num_partitions >= 1 and 0 <= partition_index < num_partitions"
+        )
     if load_model:
         _prepare_device(cfg)
     store = cfg.store_ref.open()
     store.check_writable()
     r = resolve(cfg)
     widths = [math.prod(r.hooks[h].shape) for h in cfg.hooks]  # values per token of each hook
-    tkey = TokensKey(dataset=r.dataset.fingerprint, tokenizer=r.tokenizer, text_column=cfg.text_column,
-                     context_size=cfg.context_size, prepend_bos=cfg.prepend_bos, separator=r.separator_id,
-                     seqs_per_shard=sizing.seqs_per_shard(cfg, widths))
+    tkey = TokensKey(
+        dataset=r.dataset.fingerprint,
+        tokenizer=r.tokenizer,
+        text_column=cfg.text_column,
+        context_size=cfg.context_size,
+        prepend_bos=cfg.prepend_bos,
+        separator=r.separator_id,
+        seqs_per_shard=sizing.seqs_per_shard(cfg, widths),
+    )
     tokens = TokenCache(store, tkey)
     scan = tokens.scan()
     shards = tokens.plan(cfg.target_seqs, scan)
@@ -283,8 +331,16 @@ def make_plan(cfg: ExtractConfig, *, partition_index: int = 0, num_partitions: i
         r.dataset.check()  # text will be read: make sure there is some (stored tokens need none, nor the hub)
     sets = []
     for hook in cfg.hooks:
-        key = SetKey(tokens=tkey, model=r.model.fingerprint, model_dtype=cfg.model_dtype, hook=hook,
-                     dtype=cfg.dtype, codec=cfg.codec, codec_level=cfg.level, forward=r.hooks[hook].engine)
+        key = SetKey(
+            tokens=tkey,
+            model=r.model.fingerprint,
+            model_dtype=cfg.model_dtype,
+            hook=hook,
+            dtype=cfg.dtype,
+            codec=cfg.codec,
+            codec_level=cfg.level,
+            forward=r.hooks[hook].engine,
+        )
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
         scan.bounds = records.Bounds.of(key, d=math.prod(shape))

@@ -44,8 +44,10 @@ def available_bytes() -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     found.append(int(line.split()[1]) * 1024)
-    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2, then v1
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    for limit, usage in (
+        ("memory.max", "memory.current"),  # cgroup v2, then v1
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
         with contextlib.suppress(OSError, ValueError):
             with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
                 cap = f.read().strip()
@@ -78,7 +80,9 @@ def check_memory(cfg: Any, n_seq: int, widths: list[int]) -> None:
     if need > available:
         field = "shard_tokens" if cfg.shard_tokens else "shard_bytes"
         option = opt(field, cfg.shard_tokens or cfg.shard_bytes)
-        raise ActcacheError(f"{option} needs up to {human(need)} of host memory for shards ({copies} x "
-                            f"{human(one)}: the one being filled and {IN_FLIGHT} being written"
-                            f"{', with their compressed copies' if cfg.codec != 'none' else ''}), but "
-                            f"{human(available)} is available; lower {opt(field)} or free memory")
+        raise ActcacheError(
+            f"{option} needs up to {human(need)} of host memory for shards ({copies} x "
+            f"{human(one)}: the one being filled and {IN_FLIGHT} being written"
+            f"{', with their compressed copies' if cfg.codec != 'none' else ''}), but "
+            f"{human(available)} is available; lower {opt(field)} or free memory"
+        )

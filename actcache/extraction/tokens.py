@@ -63,8 +63,9 @@ class ShardRange(Sequence[ShardWork]):
         return isinstance(w, ShardWork) and 0 <= w.index < len(self) and self[w.index] == w
 
 
-def pack(docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None,
-         prepend_bos: bool) -> Iterator[list[int]]:
+def pack(
+    docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None, prepend_bos: bool
+) -> Iterator[list[int]]:
     """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``."""
     body = context_size - 1 if prepend_bos else context_size
     head = [bos] if prepend_bos else []
@@ -125,8 +126,9 @@ class TokenCache:
         if layout.END not in scan.entries:
             return None
         try:
-            end = records.check_sealed(self.store.read_json(f"{self.root}/{layout.END}", limit=records.RECORD_LIMIT),
-                                       layout.END)
+            end = records.check_sealed(
+                self.store.read_json(f"{self.root}/{layout.END}", limit=records.RECORD_LIMIT), layout.END
+            )
         except (ValueError, FileNotFoundError):
             return None  # damaged: the next pass that reaches the end rewrites it
         n = end.get("n_seq")
@@ -148,8 +150,17 @@ class TokenCache:
         sps = self.key.seqs_per_shard
         return ShardRange(len(wanted) * sps if avail is None else min(len(wanted) * sps, avail), sps)
 
-    def ensure(self, target_seqs: int, texts: Callable[[], Iterable[str]], tokenizer, sep: int | None,
-               bos: int | None, *, check: Callable[[int], bool] | None = None, on_shard=None) -> ShardRange:
+    def ensure(
+        self,
+        target_seqs: int,
+        texts: Callable[[], Iterable[str]],
+        tokenizer,
+        sep: int | None,
+        bos: int | None,
+        *,
+        check: Callable[[int], bool] | None = None,
+        on_shard=None,
+    ) -> ShardRange:
         """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
 
         ``check(index)``: whether token shard ``index`` is re-hashed before it is trusted (those the run feeds to
@@ -177,11 +188,15 @@ class TokenCache:
             else:
                 kept = None
         if produced == 0:
-            raise ActcacheError(f"the dataset holds too little text for one sequence; lower {opt('context_size')} or "
-                                "pass more text")
+            raise ActcacheError(
+                f"the dataset holds too little text for one sequence; lower {opt('context_size')} or pass more text"
+            )
         self.store.sweep_temp(self.root)
-        batches = kept if kept is not None else (torch.tensor(b, dtype=torch.int32)
-                                                 for b in self._shards(texts(), tokenizer, sep, bos, goal))
+        batches = (
+            kept
+            if kept is not None
+            else (torch.tensor(b, dtype=torch.int32) for b in self._shards(texts(), tokenizer, sep, bos, goal))
+        )
         for index, seqs in enumerate(batches):
             if index not in sound:
                 self._write(index, seqs)
@@ -190,16 +205,23 @@ class TokenCache:
         if produced < goal:  # the dataset ended first: remember where
             self.store.write_json(f"{self.root}/{layout.END}", records.sealed({"n_seq": produced}))
         recs = self.scan().sorted_records()
-        self.store.write_json(f"{self.root}/{INDEX}",
-                              records.sealed({"key": self.key.id, "shards": [r.to_dict() for r in recs]}))
+        self.store.write_json(
+            f"{self.root}/{INDEX}", records.sealed({"key": self.key.id, "shards": [r.to_dict() for r in recs]})
+        )
         return ShardRange(min(target_seqs, produced), self.key.seqs_per_shard)
 
-    def _shards(self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None,
-                goal: int) -> Iterator[list[list[int]]]:
+    def _shards(
+        self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None, goal: int
+    ) -> Iterator[list[list[int]]]:
         """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
         k = self.key
-        seqs = pack(tokenize_docs(texts, tokenizer), context_size=k.context_size, bos=bos, separator=sep,
-                    prepend_bos=k.prepend_bos)
+        seqs = pack(
+            tokenize_docs(texts, tokenizer),
+            context_size=k.context_size,
+            bos=bos,
+            separator=sep,
+            prepend_bos=k.prepend_bos,
+        )
         batch: list[list[int]] = []
         produced = 0
         for seq in seqs:
@@ -220,8 +242,11 @@ class TokenCache:
         rel = layout.shard_file(index, "none")
         self.store.write_bytes(f"{self.root}/{rel}", enc.data)
         crashpoints.point("tokenize.token-shard-written")
-        records.write_record(self.store, self.root, records.Record(
-            index, rel, len(seqs), len(seqs) * self.key.context_size, enc.sha256, len(enc.data)))
+        records.write_record(
+            self.store,
+            self.root,
+            records.Record(index, rel, len(seqs), len(seqs) * self.key.context_size, enc.sha256, len(enc.data)),
+        )
         crashpoints.point("tokenize.token-record-written")
 
     def load(self, index: int, n_seq: int) -> torch.Tensor:
@@ -233,15 +258,18 @@ class TokenCache:
         where = f"token shard {index} of {self.store.url_of(self.root)}"
         rel = layout.record_file(index)
         try:
-            rec = records.Record.from_dict(records.check_sealed(
-                self.store.read_json(f"{self.root}/{rel}", limit=records.RECORD_LIMIT), rel), self.bounds)
+            rec = records.Record.from_dict(
+                records.check_sealed(self.store.read_json(f"{self.root}/{rel}", limit=records.RECORD_LIMIT), rel),
+                self.bounds,
+            )
             if rec.n_seq < n_seq:
                 raise ValueError(f"it holds {rec.n_seq} sequences, {n_seq} needed")
             data = self.store.read_bytes(f"{self.root}/{rec.file}", size=rec.bytes)
             if hashlib.sha256(data).hexdigest() != rec.sha256:
                 raise ValueError("its bytes fail their sha256 checksum")
-            tokens = shard.decode(data, codec="none",
-                                  expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))})["tokens"]
+            tokens = shard.decode(
+                data, codec="none", expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))}
+            )["tokens"]
         except (ValueError, FileNotFoundError) as e:
             raise Failure(f"{where} is damaged or missing ({e}); rerun the same command: it is rebuilt") from e
         return tokens[:n_seq]

@@ -67,8 +67,13 @@ def check_entries(header: dict, expect: Expect) -> int:
             raise ValueError(f"shard tensor {name!r} is {named}{got[1]}, expected {dtype}{list(shape or [])}")
         offsets = h.get("data_offsets")
         size = itemsize(dtype) * math.prod(shape or [])
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and offsets[1] - offsets[0] == size and offsets[0] >= 0):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and offsets[1] - offsets[0] == size
+            and offsets[0] >= 0
+        ):
             raise ValueError(f"shard tensor {name!r} has data offsets {offsets!r} for {size} bytes")
         spans.append(offsets)
     spans.sort()

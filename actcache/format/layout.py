@@ -1,11 +1,11 @@
 """Where everything lives inside a store: every relative path is computed here and nowhere else.
 
-    <store>/<set_id>/manifest.json                consolidated view (written last)
-    <store>/<set_id>/shards/000012.safetensors    shard bytes (``.zst``/``.shuf.zst`` appended per codec)
-    <store>/<set_id>/done/000012.json             completion record (written after the shard)
-    <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
-    <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
-                                                  removed once the shuffled set is complete
+<store>/<set_id>/manifest.json                consolidated view (written last)
+<store>/<set_id>/shards/000012.safetensors    shard bytes (``.zst``/``.shuf.zst`` appended per codec)
+<store>/<set_id>/done/000012.json             completion record (written after the shard)
+<store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
+<store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
+                                              removed once the shuffled set is complete
 """
 
 from __future__ import annotations

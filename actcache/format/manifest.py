@@ -48,12 +48,20 @@ def describe_non_finite(m: dict[str, Any]) -> str | None:
     from actcache.format.shard import non_finite_hint
 
     source_finite = m.get("non_finite", {}).get("source_finite", nf["nan"] == 0)
-    return (f"{nf['inf']} Inf and {nf['nan']} NaN values in {nf['shards']} of {len(m['shards'])} shards: "
-            + non_finite_hint(m.get("dtype", ""), bool(source_finite)))
+    return (
+        f"{nf['inf']} Inf and {nf['nan']} NaN values in {nf['shards']} of {len(m['shards'])} shards: "
+        + non_finite_hint(m.get("dtype", ""), bool(source_finite))
+    )
 
 
-def build(key: SetKey, provenance: dict[str, Any], recs: list[records.Record], *, target_seqs: int,
-          previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(
+    key: SetKey,
+    provenance: dict[str, Any],
+    recs: list[records.Record],
+    *,
+    target_seqs: int,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     n_tokens = sum(r.n_tokens for r in recs)
     hook_shape = provenance.get("hook_shape") or (recs[0].extra.get("hook_shape") if recs else None)
@@ -62,29 +70,31 @@ def build(key: SetKey, provenance: dict[str, Any], recs: list[records.Record], *
         d *= s
     shards = [r.to_dict() for r in recs]
     source_finite = all(r.extra.get("source_finite", True) for r in recs)
-    return records.sealed({
-        "format_version": FORMAT_VERSION,
-        "set_id": key.id,
-        "key": key.to_dict(),
-        **{k: v for k, v in provenance.items() if k != "format_version"},
-        "hook_shape": hook_shape,
-        "d": d,
-        "dtype": key.dtype,
-        "model_dtype": key.model_dtype,
-        "codec": key.codec,
-        "codec_level": key.codec_level,
-        "shard_tokens": key.tokens.shard_tokens,
-        "versions": versions(),
-        "n_shards": len(recs),
-        "n_tokens": n_tokens,
-        "bytes": sum(r.bytes for r in recs),
-        "non_finite": {**non_finite(shards), "source_finite": source_finite},
-        "target_tokens": target_seqs * key.tokens.context_size,
-        "complete": n_tokens >= target_seqs * key.tokens.context_size,
-        "created_at": (previous or {}).get("created_at", now),
-        "updated_at": now,
-        "shards": shards,
-    })
+    return records.sealed(
+        {
+            "format_version": FORMAT_VERSION,
+            "set_id": key.id,
+            "key": key.to_dict(),
+            **{k: v for k, v in provenance.items() if k != "format_version"},
+            "hook_shape": hook_shape,
+            "d": d,
+            "dtype": key.dtype,
+            "model_dtype": key.model_dtype,
+            "codec": key.codec,
+            "codec_level": key.codec_level,
+            "shard_tokens": key.tokens.shard_tokens,
+            "versions": versions(),
+            "n_shards": len(recs),
+            "n_tokens": n_tokens,
+            "bytes": sum(r.bytes for r in recs),
+            "non_finite": {**non_finite(shards), "source_finite": source_finite},
+            "target_tokens": target_seqs * key.tokens.context_size,
+            "complete": n_tokens >= target_seqs * key.tokens.context_size,
+            "created_at": (previous or {}).get("created_at", now),
+            "updated_at": now,
+            "shards": shards,
+        }
+    )
 
 
 def write(store: Store, set_id: str, m: dict[str, Any]) -> None:
@@ -113,22 +123,29 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     if type(version) is not int:
         raise ActcacheError(f"manifest of {url} has no format_version; it is not an actcache set ({rebuild})")
     if version > FORMAT_VERSION:
-        raise ActcacheError(f"set {set_id} has format version {version}, newer than this actcache reads "
-                            f"({FORMAT_VERSION}); upgrade actcache")
+        raise ActcacheError(
+            f"set {set_id} has format version {version}, newer than this actcache reads "
+            f"({FORMAT_VERSION}); upgrade actcache"
+        )
     try:
         key = key_from_dict(m["key"])
         _check_encoding(m, key)
         recs = records.records_of(m["shards"], records.Bounds.of(key))
-        if m.get("n_tokens") != sum(r.n_tokens for r in recs.values()) or \
-                m.get("bytes") != sum(r.bytes for r in recs.values()):
+        if m.get("n_tokens") != sum(r.n_tokens for r in recs.values()) or m.get("bytes") != sum(
+            r.bytes for r in recs.values()
+        ):
             raise ValueError("its totals differ from its shards")
         records.check_sealed(m, "it")  # last: the specific complaints above say more
     except (KeyError, TypeError, ValueError) as e:
-        raise ActcacheError(f"manifest of {url} is malformed ({e}); regenerate it with "
-                            f"`actcache extract` using the same settings: {rebuild}") from e
+        raise ActcacheError(
+            f"manifest of {url} is malformed ({e}); regenerate it with "
+            f"`actcache extract` using the same settings: {rebuild}"
+        ) from e
     if key.id != set_id or m.get("set_id", set_id) != set_id:
-        raise ActcacheError(f"manifest of {url} does not match its set id (edited by hand?); "
-                            "regenerate it with `actcache extract` using the same settings")
+        raise ActcacheError(
+            f"manifest of {url} does not match its set id (edited by hand?); "
+            "regenerate it with `actcache extract` using the same settings"
+        )
     return m
 
 
@@ -136,8 +153,13 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
     """What the reader sizes and decodes shards with must be a known encoding, and the key's own."""
     if isinstance(key, ShuffleKey):  # a "rows" set: [n_rows, d] shards, uncompressed, in the source's dtype
         d = m.get("d")
-        if m.get("layout") != "rows" or m.get("dtype") not in DTYPES or m.get("codec") != "none" \
-                or type(d) is not int or d < 1:
+        if (
+            m.get("layout") != "rows"
+            or m.get("dtype") not in DTYPES
+            or m.get("codec") != "none"
+            or type(d) is not int
+            or d < 1
+        ):
             raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
         return
     if key.dtype not in DTYPES or key.codec not in CODECS:
@@ -149,6 +171,7 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
         return  # nothing stored yet: nothing to size
     if not all(type(v) is int and v >= 1 for v in (ctx, sps, d)):
         raise ValueError(f"context_size {ctx!r}, seqs_per_shard {sps!r} and d {d!r} must be positive integers")
-    if not (isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape)
-            and math.prod(shape) == d):
+    if not (
+        isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape) and math.prod(shape) == d
+    ):
         raise ValueError(f"hook_shape {shape!r} does not multiply to d={d}")

@@ -88,8 +88,15 @@ class Moments:
         return Moments(n, mean, m2, self.sum_norm + other.sum_norm, self.sum_sq_norm + other.sum_sq_norm, nan, inf)
 
     def to_json(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": _b64(self.mean), "m2": _b64(self.m2), "sum_norm": self.sum_norm,
-                "sum_sq_norm": self.sum_sq_norm, "nan": self.nan, "inf": self.inf}
+        return {
+            "n": self.n,
+            "mean": _b64(self.mean),
+            "m2": _b64(self.m2),
+            "sum_norm": self.sum_norm,
+            "sum_sq_norm": self.sum_sq_norm,
+            "nan": self.nan,
+            "inf": self.inf,
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], d: int) -> Moments:
@@ -104,12 +111,27 @@ class Moments:
     def stats(self) -> dict[str, Any]:
         """The manifest's ``stats`` (every number finite; None where no row was finite)."""
         if self.n == 0:
-            return {"n": 0, "mean": None, "var": None, "mean_norm": None, "mean_sq_norm": None, "scale": None,
-                    "nan": self.nan, "inf": self.inf}
+            return {
+                "n": 0,
+                "mean": None,
+                "var": None,
+                "mean_norm": None,
+                "mean_sq_norm": None,
+                "scale": None,
+                "nan": self.nan,
+                "inf": self.inf,
+            }
         mean_norm = self.sum_norm / self.n
-        out = {"n": self.n, "mean": self.mean.tolist(), "var": (self.m2 / self.n).tolist(), "mean_norm": mean_norm,
-               "mean_sq_norm": self.sum_sq_norm / self.n,
-               "scale": math.sqrt(self.d) / mean_norm if mean_norm > 0 else None, "nan": self.nan, "inf": self.inf}
+        out = {
+            "n": self.n,
+            "mean": self.mean.tolist(),
+            "var": (self.m2 / self.n).tolist(),
+            "mean_norm": mean_norm,
+            "mean_sq_norm": self.sum_sq_norm / self.n,
+            "scale": math.sqrt(self.d) / mean_norm if mean_norm > 0 else None,
+            "nan": self.nan,
+            "inf": self.inf,
+        }
         json.dumps(out, allow_nan=False)  # raises rather than write Infinity/NaN (not JSON)
         return out
 
@@ -156,8 +178,15 @@ def without(record: Record) -> Record:
     """The record as the manifest lists it: its per-shard moments left out."""
     if RECORD_FIELD not in record.extra:
         return record
-    return Record(record.index, record.file, record.n_seq, record.n_tokens, record.sha256, record.bytes,
-                  {k: v for k, v in record.extra.items() if k != RECORD_FIELD})
+    return Record(
+        record.index,
+        record.file,
+        record.n_seq,
+        record.n_tokens,
+        record.sha256,
+        record.bytes,
+        {k: v for k, v in record.extra.items() if k != RECORD_FIELD},
+    )
 
 
 def _prefix(previous: dict[str, Any] | None, recs: list[Record], d: int) -> tuple[int, Moments]:
@@ -172,8 +201,14 @@ def _prefix(previous: dict[str, Any] | None, recs: list[Record], d: int) -> tupl
         return 0, Moments.empty(d)
 
 
-def merged(recs: list[Record], d: int, *, full: Callable[[Record], bool], previous: dict[str, Any] | None,
-           moments_of: Callable[[Record], Moments | None]) -> dict[str, Any]:
+def merged(
+    recs: list[Record],
+    d: int,
+    *,
+    full: Callable[[Record], bool],
+    previous: dict[str, Any] | None,
+    moments_of: Callable[[Record], Moments | None],
+) -> dict[str, Any]:
     """``{"stats", "moments"}`` for the manifest over ``recs`` (sorted by index), or {} if a shard's are unknown.
 
     ``full(r)``: whether shard r has its final size (only such shards enter the carried prefix state, so an
@@ -205,8 +240,9 @@ def from_records(store: Store, root: str, d: int) -> Callable[[Record], Moments 
         if obj is None:
             try:
                 rel = layout.record_file(r.index)
-                obj = (check_sealed(store.read_json(f"{root}/{rel}", limit=RECORD_LIMIT), rel).get("extra")
-                       or {}).get(RECORD_FIELD)
+                obj = (check_sealed(store.read_json(f"{root}/{rel}", limit=RECORD_LIMIT), rel).get("extra") or {}).get(
+                    RECORD_FIELD
+                )
             except (FileNotFoundError, ValueError, AttributeError):
                 return None
         try:

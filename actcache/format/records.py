@@ -71,8 +71,9 @@ class Bounds:
         if getattr(key, "kind", None) == "shuffle":
             return cls("none", key.rows_per_shard, 1, None, d, rows=True)
         tokens = getattr(key, "tokens", key)
-        return cls(getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size,
-                   getattr(key, "dtype", None), d)
+        return cls(
+            getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size, getattr(key, "dtype", None), d
+        )
 
     def expect(self, rec: Record) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         """Each tensor's dtype (by name: no torch needed) and shape in ``rec``'s shard (None when the width of
@@ -122,8 +123,10 @@ class Record:
             if rec.file != layout.shard_file(rec.index, bounds.codec):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}, not one of codec {bounds.codec}")
             if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rec.n_seq * bounds.context_size:
-                raise ValueError(f"shard {rec.index} claims {rec.n_seq} sequences / {rec.n_tokens} tokens; the key "
-                                 f"allows 1..{bounds.seqs_per_shard} sequences of {bounds.context_size} tokens")
+                raise ValueError(
+                    f"shard {rec.index} claims {rec.n_seq} sequences / {rec.n_tokens} tokens; the key "
+                    f"allows 1..{bounds.seqs_per_shard} sequences of {bounds.context_size} tokens"
+                )
         return rec
 
 
@@ -195,15 +198,25 @@ class Scan:
         """The shards of ``shards`` (``ShardWork``s, shard i at position i) that are done. Only recorded indices are
         looked at: before the dataset's end is known a plan may name millions of shards. ``verify``: re-hash all,
         or those for which it returns True."""
-        return [shards[i] for i in sorted(self.records) if i < len(shards) and self.is_done(
-            i, shards[i].n_seq, verify=verify(i) if callable(verify) else verify)]
+        return [
+            shards[i]
+            for i in sorted(self.records)
+            if i < len(shards) and self.is_done(i, shards[i].n_seq, verify=verify(i) if callable(verify) else verify)
+        ]
 
     def sorted_records(self) -> list[Record]:
         return [self.records[i] for i in sorted(self.records)]
 
 
-def scan(store: Store, root: str, consolidated_name: str, bounds: Bounds | None = None,
-         owner: str | None = None, *, read_all: bool = False) -> Scan:
+def scan(
+    store: Store,
+    root: str,
+    consolidated_name: str,
+    bounds: Bounds | None = None,
+    owner: str | None = None,
+    *,
+    read_all: bool = False,
+) -> Scan:
     """One listing of ``root``; its consolidated file (unless damaged, or another folder's: ``owner`` is the
     id it must name) stands in for the records it lists that are older than itself, unless ``read_all``
     (--verify-existing): then every record is read, and one that disagrees with it is doubtful."""

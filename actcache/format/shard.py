@@ -43,8 +43,9 @@ def header_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
     return {"actcache": json.dumps(metadata, sort_keys=True, separators=(",", ":"))} if metadata else None
 
 
-def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int = 0,
-           metadata: dict[str, str] | None = None) -> Encoded:
+def encode(
+    tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int = 0, metadata: dict[str, str] | None = None
+) -> Encoded:
     """The reference encoder (token shards use it; ``shardfile`` writes the same bytes without the copies)."""
     raw = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=header_metadata(metadata))
     data = raw
@@ -57,8 +58,9 @@ def encode(tensors: dict[str, torch.Tensor], *, codec: str = "none", level: int 
     return Encoded(data, len(raw), hashlib.sha256(data).hexdigest())
 
 
-def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
-           ) -> dict[str, torch.Tensor]:
+def decode(
+    data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
+) -> dict[str, torch.Tensor]:
     """Decode shard bytes; ``expect`` maps tensor name to (dtype, shape or None) and is enforced.
 
     With every shape given (as readers of a set do, from its key and manifest), the safetensors header is checked
@@ -77,9 +79,18 @@ def decode(data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tupl
     return views(data, expect)
 
 
-_TORCH_OF = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8,
-             "BOOL": torch.bool}
+_TORCH_OF = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "BOOL": torch.bool,
+}
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 
 # torch.frombuffer warns (once per process) that a bytes object is read-only; the tensors made here own
@@ -87,8 +98,9 @@ _MAX_HEADER = 100_000_000  # safetensors' own limit
 warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
 
 
-def header(data: bytes | bytearray | memoryview, size: int | None = None
-           ) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
+def header(
+    data: bytes | bytearray | memoryview, size: int | None = None
+) -> tuple[int, dict[str, tuple[torch.dtype, list[int], int, int]]]:
     """(offset where tensor data starts, {name: (dtype, shape, begin, end)}) of a
     safetensors file of ``size`` bytes, validated as safetensors itself does: sizes match shapes, the tensors
     tile the data and end where the file does.
@@ -135,8 +147,9 @@ def header(data: bytes | bytearray | memoryview, size: int | None = None
     return 8 + n, entries
 
 
-def views(data: bytes | bytearray | memoryview,
-          expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None) -> dict[str, torch.Tensor]:
+def views(
+    data: bytes | bytearray | memoryview, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as views of ``data`` (no copy: they keep ``data`` alive).
 
     Validated like ``safetensors.torch.load`` (see ``header``); ``expect`` maps tensor name to (dtype, shape
@@ -158,8 +171,9 @@ def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list
     return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
-def check(tensors: dict[str, torch.Tensor], expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None
-          ) -> None:
+def check(
+    tensors: dict[str, torch.Tensor], expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None
+) -> None:
     """Raise ValueError unless every tensor ``expect`` names is there with its dtype and shape (None: any)."""
     for name, (dtype, shape) in (expect or {}).items():
         t = tensors.get(name)
@@ -183,8 +197,9 @@ def _decompress_bounded(data: bytes, expect: dict[str, tuple[torch.dtype, tuple[
             head = read_exact(reader, 8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
             if len(head) < 8 or n > HEADER_ALLOWANCE:
-                raise ValueError(f"safetensors header too large ({n} bytes)" if len(head) == 8 else
-                                 "safetensors header too small")
+                raise ValueError(
+                    f"safetensors header too large ({n} bytes)" if len(head) == 8 else "safetensors header too small"
+                )
             head += read_exact(reader, n)
             body_size = check_entries(parse(head, head), expect)
             total = len(head) + body_size
@@ -292,8 +307,14 @@ def warn_non_finite(stats: dict, source_finite: bool, dtype: str, set_id: str, w
     except Exception:  # outside a Prefect run
         logger = logging.getLogger("actcache")
     more = " (further shards are counted, not reported: see `actcache verify`)" if n == WARN_SHARDS else ""
-    logger.warning("%s holds %d Inf and %d NaN values: %s%s", where, stats["inf"], stats["nan"],
-                   non_finite_hint(dtype, source_finite), more)
+    logger.warning(
+        "%s holds %d Inf and %d NaN values: %s%s",
+        where,
+        stats["inf"],
+        stats["nan"],
+        non_finite_hint(dtype, source_finite),
+        more,
+    )
     return source_finite
 
 

@@ -40,8 +40,9 @@ SHUFFLE_CHUNK_BYTES = 8 << 20
 """Bytes byte-shuffled at a time (and handed back to the OS) for shuffle-zstd."""
 
 
-def layout(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
-           ) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def layout(
+    specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """(8-byte length + JSON header, {name: (start, end) in the data after it}), as ``safetensors.torch.save``
     writes them for tensors of these dtypes and shapes. ``metadata`` as for ``shard.encode``."""
     names = sorted(specs, key=lambda n: (-_ST_ORDER.index(_ST_NAMES[specs[n][0]]), n))
@@ -91,8 +92,13 @@ POOL = _Pool()
 class ShardFile:
     """One shard's safetensors file in one host buffer; ``tensors`` are views to fill in place."""
 
-    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None,
-                 *, pinned: bool = False):
+    def __init__(
+        self,
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+        *,
+        pinned: bool = False,
+    ):
         head, spans = layout(specs, metadata)
         self.start = len(head)
         self.size = self.start + max((end for _, end in spans.values()), default=0)
@@ -102,8 +108,10 @@ class ShardFile:
         self.itemsize = specs["activations"][0].itemsize if "activations" in specs else 1
         self.buffer: torch.Tensor | None = POOL.take(self.size, pinned)
         self.buffer[: self.start].copy_(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        self.tensors = {name: self.buffer[self.start + a : self.start + b].view(specs[name][0]).view(specs[name][1])
-                        for name, (a, b) in spans.items()}
+        self.tensors = {
+            name: self.buffer[self.start + a : self.start + b].view(specs[name][0]).view(specs[name][1])
+            for name, (a, b) in spans.items()
+        }
 
     def view(self) -> memoryview:
         """The file's bytes (no copy)."""

@@ -56,8 +56,12 @@ def train_tokenizer(lines: list[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(lines, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
@@ -69,11 +73,26 @@ def tiny_config(arch: str, vocab_size: int, *, layers: int = 4, d: int = 64, ctx
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d, n_layer=layers, n_head=4, **special)
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=ctx, **special)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=ctx,
+            **special,
+        )
     if arch == "neox":
-        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=d, intermediate_size=4 * d, num_hidden_layers=layers,
-                             num_attention_heads=4, max_position_embeddings=ctx, **special)
+        return GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=d,
+            intermediate_size=4 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=ctx,
+            **special,
+        )
     raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
 
 
@@ -108,6 +127,7 @@ def builtin_model(name: str) -> Path:
     if arch not in ARCHS:
         from actcache.errors import ActcacheError
 
-        raise ActcacheError(f"unknown builtin model {name!r}; choose from "
-                            f"{', '.join('builtin:tiny-' + a for a in ARCHS)}")
+        raise ActcacheError(
+            f"unknown builtin model {name!r}; choose from {', '.join('builtin:tiny-' + a for a in ARCHS)}"
+        )
     return build_tiny_model(cache_dir() / "builtin" / f"tiny-{arch}-{_VERSION}", arch)

@@ -18,7 +18,8 @@ MAX_ENTRIES = 10_000
 
 def cache_dir() -> Path:
     base = os.environ.get("ACTCACHE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "actcache")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "actcache"
+    )
     return Path(base)
 
 

@@ -64,24 +64,40 @@ class ResolvedModel:
         fingerprint, special ids and vocabulary size. Kept on disk under a hash of what they are read from (weights
         fingerprint or commit, other files, transformers and tokenizers versions), so a rerun plans without
         importing transformers (~3 s) or loading either."""
+
         def remembered() -> dict[str, Any]:
             from importlib.metadata import version
 
-            key = fingerprint.combine({"facts": _FACTS_VERSION, "model": self.fingerprint, "files": self.inputs,
-                                       "trust_remote_code": self.spec.trust_remote_code,
-                                       "transformers": version("transformers"), "tokenizers": version("tokenizers")})
+            key = fingerprint.combine(
+                {
+                    "facts": _FACTS_VERSION,
+                    "model": self.fingerprint,
+                    "files": self.inputs,
+                    "trust_remote_code": self.spec.trust_remote_code,
+                    "transformers": version("transformers"),
+                    "tokenizers": version("tokenizers"),
+                }
+            )
             return fingerprint.remembered("model-facts", key, self._read_facts)
+
         return _loaded(self, "facts", remembered)
 
     def _read_facts(self) -> dict[str, Any]:
-        facts = {"n_layers": self._cfg("num_hidden_layers", "n_layer", "num_layers"),  # the config first: its
-                 "d_model": self._cfg("hidden_size", "n_embd", "d_model"),  # errors say more than the tokenizer's
-                 "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
-                 "model_type": getattr(self.config, "model_type", None)}
+        facts = {
+            "n_layers": self._cfg("num_hidden_layers", "n_layer", "num_layers"),  # the config first: its
+            "d_model": self._cfg("hidden_size", "n_embd", "d_model"),  # errors say more than the tokenizer's
+            "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
+            "model_type": getattr(self.config, "model_type", None),
+        }
         tok = self.tokenizer
-        return {**facts, "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
-                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-                "vocab_size": len(tok)}
+        return {
+            **facts,
+            "tokenizer_fingerprint": _tokenizer_fingerprint(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "vocab_size": len(tok),
+        }
 
     @property
     def config(self) -> Any:
@@ -91,8 +107,11 @@ class ResolvedModel:
             try:
                 return AutoConfig.from_pretrained(self.files, trust_remote_code=self.spec.trust_remote_code)
             except Exception as e:  # a broken or foreign config.json, an unknown model_type, ...
-                raise ActcacheError(f"model {self.spec.name!r} has no usable config.json ({_first_line(e)}); "
-                                    "write the folder with save_pretrained or pass an HF model id") from e
+                raise ActcacheError(
+                    f"model {self.spec.name!r} has no usable config.json ({_first_line(e)}); "
+                    "write the folder with save_pretrained or pass an HF model id"
+                ) from e
+
         return _loaded(self, "config", load)
 
     def _cfg(self, *names: str) -> int | None:
@@ -130,6 +149,7 @@ class ResolvedModel:
                 raise ActcacheError(f"model {self.spec.name!r} has no loadable tokenizer ({_first_line(e)})") from e
             check_tokenizer(tok, self.spec.name)
             return tok
+
         return _loaded(self, "tokenizer", load)
 
     @property
@@ -160,8 +180,10 @@ class ResolvedModel:
                 folder = _snapshot(self, (*_SMALL_FILES, pattern))
                 if glob.glob(os.path.join(folder, pattern)):
                     return folder
-            raise ActcacheError(f"model {self.spec.name!r} has no weight files (*.safetensors, *.bin) at commit "
-                                f"{self.revision}")
+            raise ActcacheError(
+                f"model {self.spec.name!r} has no weight files (*.safetensors, *.bin) at commit {self.revision}"
+            )
+
         return _loaded(self, "weights", fetch)
 
     @property
@@ -171,8 +193,12 @@ class ResolvedModel:
         return self.source, self.fingerprint, self.revision, self.spec.trust_remote_code, self.inputs
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.spec.name, "revision": self.revision, "fingerprint": self.fingerprint,
-                "trust_remote_code": self.spec.trust_remote_code}
+        return {
+            "name": self.spec.name,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint,
+            "trust_remote_code": self.spec.trust_remote_code,
+        }
 
     def check_unchanged(self) -> None:
         """Refuse to go on if a local directory's weights changed since this model was pinned.
@@ -183,8 +209,10 @@ class ResolvedModel:
         if self.revision is None and os.path.isdir(self.source):
             now = _local_fingerprint(self.source)
             if now != self.fingerprint:
-                raise ActcacheError(f"model directory {self.spec.name!r} changed while this run used it "
-                                    f"({self.fingerprint} -> {now}); rerun: the new weights get a set of their own")
+                raise ActcacheError(
+                    f"model directory {self.spec.name!r} changed while this run used it "
+                    f"({self.fingerprint} -> {now}); rerun: the new weights get a set of their own"
+                )
 
 
 _HEAVY: dict[tuple[tuple, str], Any] = {}
@@ -208,11 +236,14 @@ def _snapshot(model: ResolvedModel, patterns: Sequence[str]) -> str:
     from huggingface_hub import snapshot_download
 
     try:
-        return hub.with_backoff(lambda: snapshot_download(model.source, revision=model.revision,
-                                                          allow_patterns=list(patterns)))
+        return hub.with_backoff(
+            lambda: snapshot_download(model.source, revision=model.revision, allow_patterns=list(patterns))
+        )
     except Exception as e:
-        raise ActcacheError(f"cannot fetch the files of model {model.spec.name!r} at commit {model.revision}: they "
-                            f"are not all in the HF cache and {hub.why(e)}; check network access") from e
+        raise ActcacheError(
+            f"cannot fetch the files of model {model.spec.name!r} at commit {model.revision}: they "
+            f"are not all in the HF cache and {hub.why(e)}; check network access"
+        ) from e
 
 
 def _tokenizer_fingerprint(tok: Any) -> str:
@@ -224,6 +255,8 @@ def _tokenizer_fingerprint(tok: Any) -> str:
         "eos": tok.eos_token_id,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog: 1234567890."
 
 
@@ -234,6 +267,7 @@ def check_tokenizer(tok: Any, name: str) -> None:
     becomes no tokens at all and the set silently holds nothing but separators. A plain English probe must give
     at least two distinct ids and decode back to itself (ignoring case and spaces, which some tokenizers change).
     """
+
     def squeeze(t: str) -> str:
         return "".join(t.split()).lower()
 
@@ -249,8 +283,10 @@ def check_tokenizer(tok: Any, name: str) -> None:
         elif squeeze(back) != squeeze(PROBE_TEXT):
             why = f"{PROBE_TEXT!r} decodes back as {back[:80]!r}"
     if why:
-        raise ActcacheError(f"the tokenizer of {name!r} cannot tokenize: {why}; is the folder missing its tokenizer "
-                            "files (tokenizer.json, vocab/merges)? save them with tokenizer.save_pretrained")
+        raise ActcacheError(
+            f"the tokenizer of {name!r} cannot tokenize: {why}; is the folder missing its tokenizer "
+            "files (tokenizer.json, vocab/merges)? save them with tokenizer.save_pretrained"
+        )
 
 
 def _first_line(e: BaseException) -> str:
@@ -269,25 +305,34 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     if name.startswith(BUILTIN_PREFIX):
         from actcache.inputs import demo
 
-        name = str(demo.builtin_model(name[len(BUILTIN_PREFIX):]))
+        name = str(demo.builtin_model(name[len(BUILTIN_PREFIX) :]))
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         files = [f for g in _WEIGHT_GLOBS for f in glob.glob(os.path.join(path, g))]
         if not any(not f.endswith("config.json") for f in files):
-            raise ActcacheError(f"model directory {name!r} has no weight files (*.safetensors, *.bin); "
-                                "write it with save_pretrained or pass an HF model id")
+            raise ActcacheError(
+                f"model directory {name!r} has no weight files (*.safetensors, *.bin); "
+                "write it with save_pretrained or pass an HF model id"
+            )
         weights = {f for g in _WEIGHT_GLOBS for f in glob.glob(os.path.join(path, g))}
         others = sorted(f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f) and f not in weights)
-        around = {os.path.basename(f): fingerprint.file_sha256(f) for f in [*others, os.path.join(path, "config.json")]
-                  if os.path.exists(f)}  # tokenizer files, config, code: what facts are read from besides weights
+        around = {
+            os.path.basename(f): fingerprint.file_sha256(f)
+            for f in [*others, os.path.join(path, "config.json")]
+            if os.path.exists(f)
+        }  # tokenizer files, config, code: what facts are read from besides weights
         return ResolvedModel(spec, path, _local_fingerprint(path), None, inputs=fingerprint.combine(around))
     if path.startswith(("/", ".", "~")) or os.path.exists(path):
-        raise ActcacheError(f"model {name!r} not found: no such directory; pass an HF model id or a "
-                            "directory written by save_pretrained")
+        raise ActcacheError(
+            f"model {name!r} not found: no such directory; pass an HF model id or a "
+            "directory written by save_pretrained"
+        )
     sha, err = hub.commit(name, spec.revision, "model")
     if sha is None:
-        raise ActcacheError(f"model {name!r} not found: not a local directory, not in the HF cache, and "
-                            f"{hub.why(err)}; check {opt('model')} and {opt('revision')}, or network access")
+        raise ActcacheError(
+            f"model {name!r} not found: not a local directory, not in the HF cache, and "
+            f"{hub.why(err)}; check {opt('model')} and {opt('revision')}, or network access"
+        )
     return ResolvedModel(spec, name, "hf:" + sha, sha)
 
 
@@ -329,15 +374,15 @@ def hook_catalog(model: ResolvedModel) -> HookCatalog:
     path = _catalog_path(model)
     try:
         data = json.loads(path.read_text())
-        catalog = HookCatalog(tuple(data["names"]), {k: tuple(v) for k, v in data["per_token"].items()},
-                              dict(data["other"]))
+        catalog = HookCatalog(
+            tuple(data["names"]), {k: tuple(v) for k, v in data["per_token"].items()}, dict(data["other"])
+        )
     except (OSError, ValueError, KeyError, TypeError):
         catalog = _probe_catalog(model)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"names": catalog.names, "per_token": catalog.per_token,
-                                       "other": catalog.other}))
+            tmp.write_text(json.dumps({"names": catalog.names, "per_token": catalog.per_token, "other": catalog.other}))
             os.replace(tmp, path)
         except OSError:
             pass  # the memo is an optimisation only
@@ -380,14 +425,21 @@ def _probe_catalog(model: ResolvedModel) -> HookCatalog:
 
 def _grow(two: HookCatalog, n_layers: int) -> HookCatalog | None:
     """The catalogue of ``n_layers`` alike blocks from one of two blocks; None when blocks 0 and 1 differ."""
+
     def block(name: str) -> tuple[int | None, str]:
         m = _LAYER_RE.match(name)
-        return (int(m.group(1)), name[m.end():]) if m else (None, name)
+        return (int(m.group(1)), name[m.end() :]) if m else (None, name)
 
     views = []
     for i in (0, 1):
-        views.append({rest: (two.per_token.get(n), two.other.get(n)) for n in two.names
-                      for layer, rest in [block(n)] if layer == i})
+        views.append(
+            {
+                rest: (two.per_token.get(n), two.other.get(n))
+                for n in two.names
+                for layer, rest in [block(n)]
+                if layer == i
+            }
+        )
     if views[0] != views[1]:
         return None
     names, per_token, other = [], {}, {}
@@ -411,9 +463,13 @@ def _skeleton(model: ResolvedModel, overrides: dict[str, Any] | None = None) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(model.files, load_weights=False,
-                                                   trust_remote_code=model.spec.trust_remote_code,
-                                                   tokenizer=model.tokenizer, hf_config_overrides=overrides)
+        return TransformerBridge.boot_transformers(
+            model.files,
+            load_weights=False,
+            trust_remote_code=model.spec.trust_remote_code,
+            tokenizer=model.tokenizer,
+            hf_config_overrides=overrides,
+        )
 
 
 def _probe(bridge: Any, device: str) -> HookCatalog:
@@ -433,8 +489,11 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
 
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # hooks TransformerLens only enables on request are skipped, with a warning
-            bridge.run_with_hooks(torch.zeros((b, t), dtype=torch.long, device=device), return_type=None,
-                                  fwd_hooks=[(lambda _name: True, record)])
+            bridge.run_with_hooks(
+                torch.zeros((b, t), dtype=torch.long, device=device),
+                return_type=None,
+                fwd_hooks=[(lambda _name: True, record)],
+            )
         seen.append(got)
     per_token, other = {}, {}
     for n, point in sorted(points.items()):
@@ -444,8 +503,10 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
         elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
             per_token[n] = shapes[0][2:]
         else:
-            other[n] = (f"gives shape {list(shapes[0])} for [batch={_PROBES[0][0]}, pos={_PROBES[0][1]}], "
-                        "not one vector per token [batch, pos, ...]")
+            other[n] = (
+                f"gives shape {list(shapes[0])} for [batch={_PROBES[0][0]}, pos={_PROBES[0][1]}], "
+                "not one vector per token [batch, pos, ...]"
+            )
     return HookCatalog(tuple(sorted(points)), per_token, other)
 
 
@@ -456,8 +517,10 @@ def check_hook_layer(hook: str, model: ResolvedModel, names: Sequence[str] = ())
         moved = f"blocks.{n - 1}." + hook.split(".", 2)[2] if hook.count(".") >= 2 else hook
         close = _close(moved, names) if names else [moved]
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ActcacheError(f"layer {layer} in hook {hook!r} is out of range: {model.spec.name!r} has "
-                            f"{n} layers (0..{n - 1}){hint}", field="hook")
+        raise ActcacheError(
+            f"layer {layer} in hook {hook!r} is out of range: {model.spec.name!r} has {n} layers (0..{n - 1}){hint}",
+            field="hook",
+        )
 
 
 def check_hook(hook: str, model: ResolvedModel, catalog: HookCatalog) -> tuple[int, ...]:
@@ -466,15 +529,17 @@ def check_hook(hook: str, model: ResolvedModel, catalog: HookCatalog) -> tuple[i
     if hook in catalog.per_token:
         return catalog.per_token[hook]
     if hook in catalog.other:
-        raise ActcacheError(f"hook {hook!r} {catalog.other[hook]}; pick a per-token hook such as hook_resid_post",
-                            field="hook")
+        raise ActcacheError(
+            f"hook {hook!r} {catalog.other[hook]}; pick a per-token hook such as hook_resid_post", field="hook"
+        )
     check_hook_name(hook, list(catalog.per_token))
     raise AssertionError("unreachable")
 
 
 def _close(hook: str, names: Sequence[str]) -> list[str]:
-    return (difflib.get_close_matches(hook, names, n=5, cutoff=0.6)
-            or difflib.get_close_matches(hook, names, n=3, cutoff=0.3))
+    return difflib.get_close_matches(hook, names, n=5, cutoff=0.6) or difflib.get_close_matches(
+        hook, names, n=3, cutoff=0.3
+    )
 
 
 def check_hook_name(hook: str, names: list[str]) -> None:
@@ -502,13 +567,18 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
             folder = model.weights()  # fetched once (a hub commit), its own one-line error
             try:
                 bridge = TransformerBridge.boot_transformers(
-                    folder, device=device, dtype=getattr(torch, dtype),
-                    trust_remote_code=model.spec.trust_remote_code, tokenizer=model.tokenizer)
+                    folder,
+                    device=device,
+                    dtype=getattr(torch, dtype),
+                    trust_remote_code=model.spec.trust_remote_code,
+                    tokenizer=model.tokenizer,
+                )
             except ActcacheError:
                 raise
             except Exception as e:
-                raise ActcacheError(f"cannot load model {model.spec.name!r} with TransformerLens "
-                                    f"({_first_line(e)})") from e
+                raise ActcacheError(
+                    f"cannot load model {model.spec.name!r} with TransformerLens ({_first_line(e)})"
+                ) from e
             model.check_unchanged()
             bridge.eval()
             _LOADED[key] = bridge

@@ -32,8 +32,13 @@ def _kind(path: str) -> str | None:
 
 
 def looks_like_files(path: str) -> bool:
-    return ("://" in path or path.startswith(("/", ".", "~")) or any(c in path for c in "*?[")
-            or _kind(path) is not None or os.path.exists(path))
+    return (
+        "://" in path
+        or path.startswith(("/", ".", "~"))
+        or any(c in path for c in "*?[")
+        or _kind(path) is not None
+        or os.path.exists(path)
+    )
 
 
 @dataclass(frozen=True)
@@ -129,12 +134,16 @@ def _open_files(spec: DatasetSpec, label: str) -> Source:
     except (FileNotFoundError, PermissionError):
         files = []
     if not files:
-        raise ActcacheError(f"dataset {spec.path!r} not found (no such file, folder or glob match); "
-                            f"pass an existing {'/'.join(SUFFIXES)} path or an HF dataset name")
+        raise ActcacheError(
+            f"dataset {spec.path!r} not found (no such file, folder or glob match); "
+            f"pass an existing {'/'.join(SUFFIXES)} path or an HF dataset name"
+        )
     unknown = [f for f in files if _kind(f) is None]
     if unknown:
-        raise ActcacheError(f"dataset file {unknown[0]!r} has an unsupported type; use one of "
-                            f"{', '.join(SUFFIXES)} (optionally compressed)")
+        raise ActcacheError(
+            f"dataset file {unknown[0]!r} has an unsupported type; use one of "
+            f"{', '.join(SUFFIXES)} (optionally compressed)"
+        )
     local = fs.protocol in ("file", "local") or "file" in fs.protocol
     parts = {}
     for i, f in enumerate(files):
@@ -144,8 +153,10 @@ def _open_files(spec: DatasetSpec, label: str) -> Source:
 
 
 def _columns_error(path: str, column: str, columns) -> ActcacheError:
-    return ActcacheError(f"text column {column!r} not in {os.path.basename(path)!r}; "
-                         f"its columns are {sorted(columns)}: pass one as {opt('text_column')}")
+    return ActcacheError(
+        f"text column {column!r} not in {os.path.basename(path)!r}; "
+        f"its columns are {sorted(columns)}: pass one as {opt('text_column')}"
+    )
 
 
 def _file_texts(fs, path: str, column: str) -> Iterator[str]:
@@ -161,16 +172,19 @@ def _file_texts(fs, path: str, column: str) -> Iterator[str]:
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ActcacheError(f"dataset file {name!r} cannot be read as {_kind(path)} ({type(e).__name__}: {first}); "
-                            "fix or remove it") from e
+        raise ActcacheError(
+            f"dataset file {name!r} cannot be read as {_kind(path)} ({type(e).__name__}: {first}); fix or remove it"
+        ) from e
 
 
 def _text(value: Any, label: str, where: str, column: str) -> str | None:
     """``value`` as a document: None for null or "" (skipped), an error for anything that is not a string."""
     if value is None or isinstance(value, str):
         return value or None
-    raise ActcacheError(f"{label} {where}: column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, "
-                        f"not text; fix the data or pick another {opt('text_column')}")
+    raise ActcacheError(
+        f"{label} {where}: column {column!r} holds {type(value).__name__} {str(value)[:40]!r}, "
+        f"not text; fix the data or pick another {opt('text_column')}"
+    )
 
 
 NEWLINE = b"\n"
@@ -181,8 +195,9 @@ def _utf8(raw: bytes, name: str, where: str | None) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         where = where or f"line {raw.count(NEWLINE, 0, e.start) + 1}"
-        raise ActcacheError(f"dataset file {name!r} {where} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                            "convert the file to UTF-8") from e
+        raise ActcacheError(
+            f"dataset file {name!r} {where} is not UTF-8 text ({e.reason} at byte {e.start}); convert the file to UTF-8"
+        ) from e
 
 
 def _file_values(fs, path: str, column: str, name: str) -> Iterator[str]:
@@ -212,22 +227,29 @@ def _file_values(fs, path: str, column: str, name: str) -> Iterator[str]:
                     yield line
             return
         if kind == "jsonl":
-            rows = ((n, _json(_utf8(raw, name, f"line {n}"), name, f"line {n}")) for n, raw in enumerate(fh, 1)
-                    if raw.strip())
+            rows = (
+                (n, _json(_utf8(raw, name, f"line {n}"), name, f"line {n}"))
+                for n, raw in enumerate(fh, 1)
+                if raw.strip()
+            )
         else:
             data = _json(_utf8(fh.read(), name, None), name, "")
             if isinstance(data, dict):
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else [data]
             if not isinstance(data, list):
-                raise ActcacheError(f"dataset file {name!r} holds a JSON {type(data).__name__}; it must be a list of "
-                                    f"objects with a {column!r} field")
+                raise ActcacheError(
+                    f"dataset file {name!r} holds a JSON {type(data).__name__}; it must be a list of "
+                    f"objects with a {column!r} field"
+                )
             rows = enumerate(data, 1)
         for n, row in rows:
             where = f"line {n}" if kind == "jsonl" else f"item {n}"
             if not isinstance(row, dict):
-                raise ActcacheError(f"dataset file {name!r} {where}: rows must be JSON objects with a "
-                                    f"{column!r} field, got {type(row).__name__}")
+                raise ActcacheError(
+                    f"dataset file {name!r} {where}: rows must be JSON objects with a "
+                    f"{column!r} field, got {type(row).__name__}"
+                )
             if column not in row:
                 raise _columns_error(path, column, row)
             t = _text(row[column], f"dataset file {name!r}", where, column)
@@ -249,8 +271,11 @@ def _json(text: str, name: str, where: str) -> Any:
 def _open_hub(spec: DatasetSpec, label: str) -> Source:
     sha, err = hub.commit(spec.path, spec.revision, "dataset")
     if sha is None:
-        raise ActcacheError(f"dataset {spec.path!r} not found locally nor on the HF hub: {hub.why(err)}; pass an "
-                            "existing file path, or an HF dataset name with network access", field="dataset")
+        raise ActcacheError(
+            f"dataset {spec.path!r} not found locally nor on the HF hub: {hub.why(err)}; pass an "
+            "existing file path, or an HF dataset name with network access",
+            field="dataset",
+        )
     parts = {"hf": spec.path, "config": spec.name, "split": spec.split, "revision": sha}
     spec = dataclasses.replace(spec, revision=sha)  # pinned: every later read sees this commit, not the branch's
     return Source(spec, "hf:" + fingerprint.combine(parts), None, label)
@@ -260,12 +285,15 @@ def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision,
-                                   streaming=spec.streaming)
+        ds = datasets.load_dataset(
+            spec.path, spec.name, split=spec.split, revision=spec.revision, streaming=spec.streaming
+        )
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ActcacheError(f"cannot load HF dataset {spec.path!r} ({first[:200]}); check {opt('dataset')}, "
-                            f"{opt('dataset_config')} and {opt('split')}") from e
+        raise ActcacheError(
+            f"cannot load HF dataset {spec.path!r} ({first[:200]}); check {opt('dataset')}, "
+            f"{opt('dataset_config')} and {opt('split')}"
+        ) from e
     cols = ds.column_names or list(getattr(ds, "features", None) or [])
     if cols and spec.text_column not in cols:
         raise _columns_error(spec.path, spec.text_column, cols)
@@ -278,5 +306,7 @@ def _hf_texts(spec: DatasetSpec) -> Iterator[str]:
         raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ActcacheError(f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check "
-                            f"{opt('dataset')}, {opt('dataset_config')} and {opt('split')}") from e
+        raise ActcacheError(
+            f"cannot read HF dataset {spec.path!r} ({type(e).__name__}: {first}); check "
+            f"{opt('dataset')}, {opt('dataset_config')} and {opt('split')}"
+        ) from e

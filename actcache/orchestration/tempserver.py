@@ -58,10 +58,27 @@ class TemporaryServer:
         parent = os.getpid()
         on_linux = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            preexec_fn=(lambda: _die_with_parent(parent)) if on_linux else None)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=(lambda: _die_with_parent(parent)) if on_linux else None,
+        )
 
     @property
     def api_url(self) -> str:
@@ -78,13 +95,17 @@ class TemporaryServer:
             if code == PORT_IN_USE_EXIT and self.launches < 3:  # lost a race for the port? try another
                 self._launch()
             elif code is not None:
-                raise ActcacheError(f"Prefect's temporary server exited with status {code} ({self._last_log_line()}); "
-                                    "set PREFECT_API_URL to a running Prefect server")
+                raise ActcacheError(
+                    f"Prefect's temporary server exited with status {code} ({self._last_log_line()}); "
+                    "set PREFECT_API_URL to a running Prefect server"
+                )
             elif time.monotonic() > deadline:
                 self.stop()
-                raise ActcacheError(f"Prefect's temporary server did not answer within {timeout:.0f} s; raise "
-                                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a "
-                                    "running Prefect server")
+                raise ActcacheError(
+                    f"Prefect's temporary server did not answer within {timeout:.0f} s; raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL to a "
+                    "running Prefect server"
+                )
             else:
                 try:
                     with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:

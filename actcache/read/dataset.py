@@ -143,8 +143,16 @@ class Piece:
     stop: int
 
 
-def deal(counts: Sequence[int], order: Sequence[int], *, rank: int, world_size: int, worker: int, num_workers: int,
-         batch_size: int) -> list[Piece]:
+def deal(
+    counts: Sequence[int],
+    order: Sequence[int],
+    *,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+) -> list[Piece]:
     """The pieces of shards one worker of one rank reads in an epoch.
 
     ``counts[i]``: kept rows of shard i; ``order``: the epoch's shard order. Rank r reads rows
@@ -233,17 +241,37 @@ class ActivationDataset(IterableDataset):
             workers use the DataLoader's ``pin_memory=True`` and move batches yourself.
     """
 
-    def __init__(self, url: str | StoreRef, batch_size: int, shuffle_buffer: int = 0, seed: int = 0, *,
-                 storage_options: dict[str, Any] | None = None, credentials_block: str | None = None,
-                 with_tokens: bool = False, with_positions: bool = False, drop_bos: bool = False,
-                 exclude_special_tokens: bool = False, exclude_tokens: Any = (),
-                 dtype: torch.dtype | None = None, normalize: str | None = None,
-                 rank: int | None = None, world_size: int | None = None, verify: bool = False,
-                 prefetch: int = 2, drop_last: bool = False, pin_memory: bool = False,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        url: str | StoreRef,
+        batch_size: int,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        credentials_block: str | None = None,
+        with_tokens: bool = False,
+        with_positions: bool = False,
+        drop_bos: bool = False,
+        exclude_special_tokens: bool = False,
+        exclude_tokens: Any = (),
+        dtype: torch.dtype | None = None,
+        normalize: str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        verify: bool = False,
+        prefetch: int = 2,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+        device: str | torch.device | None = None,
+    ):
         super().__init__()
-        if rank is None and world_size is None and torch.distributed.is_available() \
-                and torch.distributed.is_initialized():
+        if (
+            rank is None
+            and world_size is None
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
         if type(batch_size) is not int or batch_size < 1:
@@ -328,8 +356,15 @@ class ActivationDataset(IterableDataset):
             epoch = self.epoch if epoch is None else epoch
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "shards"))  # the same on every rank
             order = torch.randperm(len(self.set.records), generator=g).tolist()
-        return deal(self.rows_per_shard, order, rank=self.rank, world_size=self.world_size, worker=worker,
-                    num_workers=num_workers, batch_size=self.batch_size)
+        return deal(
+            self.rows_per_shard,
+            order,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            batch_size=self.batch_size,
+        )
 
     def _sizes(self, rows: int, last: bool) -> list[int]:
         """Batch sizes a worker yields: full batches, then its rest if it is the rank's last worker."""
@@ -342,8 +377,7 @@ class ActivationDataset(IterableDataset):
         stop = threading.Event()
 
         def load(r: Record):
-            tokens, positions = retried(lambda: self.set.read_tokens(r), f"reading the tokens of shard {r.index}",
-                                        stop)
+            tokens, positions = retried(lambda: self.set.read_tokens(r), f"reading the tokens of shard {r.index}", stop)
             kept = self._kept(tokens, positions)
             if kept is None:
                 return len(tokens), {}
@@ -405,8 +439,10 @@ class ActivationDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None and (self.device is not None or self.pin_memory):
-            raise ActcacheError("device= and pin_memory= work with num_workers=0 (the dataset reads in its own "
-                                "threads); with DataLoader workers pass pin_memory=True to the DataLoader instead")
+            raise ActcacheError(
+                "device= and pin_memory= work with num_workers=0 (the dataset reads in its own "
+                "threads); with DataLoader workers pass pin_memory=True to the DataLoader instead"
+            )
         batches = self._batches(worker, num_workers)
         if self.device is not None:
             batches = _on_device(batches, self.device)
@@ -530,8 +566,9 @@ class ActivationDataset(IterableDataset):
             block["positions"] = torch.empty(cap, dtype=torch.int64)
         return block
 
-    def _shuffle_through(self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int],
-                         g: torch.Generator) -> Iterator[Any]:
+    def _shuffle_through(
+        self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int], g: torch.Generator
+    ) -> Iterator[Any]:
         tmp = torch.empty((self.batch_size, self.d), dtype=self.set.dtype)
         sizes_left = deque(sizes)
         fill = 0
@@ -621,9 +658,12 @@ def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ..
     missing = [n for n in ("eos_id", "pad_id") if n not in s.tokenization]
     if special and missing:
         tok = s.tokenization
-        warnings.warn(f"the manifest of {s.url} predates recording {' and '.join(missing)}: "
-                      "exclude_special_tokens skips the BOS and separator ids it records "
-                      f"({tok.get('bos_id')}, {tok.get('separator_id')}); add others with exclude_tokens", stacklevel=3)
+        warnings.warn(
+            f"the manifest of {s.url} predates recording {' and '.join(missing)}: "
+            "exclude_special_tokens skips the BOS and separator ids it records "
+            f"({tok.get('bos_id')}, {tok.get('separator_id')}); add others with exclude_tokens",
+            stacklevel=3,
+        )
     return token_ids(s.manifest, special=special, ids=explicit, option="exclude_tokens")
 
 
@@ -631,8 +671,10 @@ def _normalizer(s: ActivationSet, normalize: str) -> tuple[torch.Tensor, torch.T
     """(factor, offset) vectors in float32: batch = rows * factor (+ offset)."""
     stats = s.manifest.get("stats")
     if not stats:
-        raise ActcacheError(f"set {s.url} has no normalisation statistics; compute them with "
-                            f"`actcache stats {s.url}`, then pass normalize={normalize!r} again")
+        raise ActcacheError(
+            f"set {s.url} has no normalisation statistics; compute them with "
+            f"`actcache stats {s.url}`, then pass normalize={normalize!r} again"
+        )
     try:
         if normalize == "scale":
             scale = float(stats["scale"])
@@ -644,8 +686,10 @@ def _normalizer(s: ActivationSet, normalize: str) -> tuple[torch.Tensor, torch.T
         if mean.shape != (s.d,) or var.shape != (s.d,) or not bool(torch.isfinite(mean).all() & (var >= 0).all()):
             raise ValueError(f"mean/var of shapes {list(mean.shape)}/{list(var.shape)}, expected [{s.d}]")
     except (KeyError, TypeError, ValueError) as e:
-        raise ActcacheError(f"the statistics in the manifest of {s.url} are malformed ({e}); recompute them with "
-                            f"`actcache stats {s.url}`") from None
+        raise ActcacheError(
+            f"the statistics in the manifest of {s.url} are malformed ({e}); recompute them with "
+            f"`actcache stats {s.url}`"
+        ) from None
     std = var.sqrt()
     inv = torch.where(std > 0, 1 / std, torch.ones_like(std))
     return inv.float(), (-mean * inv).float()

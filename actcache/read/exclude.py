@@ -28,8 +28,9 @@ def parse_ids(text: str) -> list[int]:
         raise ActcacheError(f"{opt('exclude_ids')} takes comma-separated token ids, got {text!r}") from None
 
 
-def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Any = (),
-              option: str = "exclude_ids") -> tuple[int, ...]:
+def token_ids(
+    manifest: dict[str, Any], *, special: bool = False, ids: Any = (), option: str = "exclude_ids"
+) -> tuple[int, ...]:
     """The sorted ids to exclude: the set's special tokens if ``special``, plus ``ids`` (each checked; errors
     name ``option``, where the ids came from). ``ids`` is anything integer-like a tokenizer or a tensor gives: an
     int, a numpy integer, a 0-d or 1-d integer numpy array or torch tensor, or a list (any iterable) of those."""
@@ -39,8 +40,9 @@ def token_ids(manifest: dict[str, Any], *, special: bool = False, ids: Any = (),
     for i in integers(ids, option):
         if i < 0 or (type(vocab) is int and i >= vocab):
             bound = f"0..{vocab - 1}" if type(vocab) is int else "non-negative"
-            raise ActcacheError(f"token id {i!r} is outside the vocabulary of this set's tokenizer ({bound}); "
-                                f"fix {opt(option)}")
+            raise ActcacheError(
+                f"token id {i!r} is outside the vocabulary of this set's tokenizer ({bound}); fix {opt(option)}"
+            )
         out.add(i)
     if special and not out:
         raise ActcacheError(f"this set's manifest records no special token ids; pass {opt(option)} instead")
@@ -57,9 +59,11 @@ def integers(ids: Any, option: str) -> list[int]:
                 raise TypeError
             out.append(operator.index(v))
         except TypeError:
-            raise ActcacheError(f"{opt(option)} takes integer token ids (ints, or a 1-d integer numpy array or torch "
-                                f"tensor), got {_short(v)} of type {type(v).__name__}; pass ids such as "
-                                "[50256, 0]") from None
+            raise ActcacheError(
+                f"{opt(option)} takes integer token ids (ints, or a 1-d integer numpy array or torch "
+                f"tensor), got {_short(v)} of type {type(v).__name__}; pass ids such as "
+                "[50256, 0]"
+            ) from None
     return out
 
 
@@ -69,8 +73,10 @@ def _flat(ids: Any, option: str, *, top: bool) -> list[Any]:
     one value."""
     if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # numpy and torch, scalars and arrays alike
         if ids.ndim > 1:
-            raise ActcacheError(f"{opt(option)} takes a flat list of token ids, got an array of shape "
-                                f"{tuple(ids.shape)}; flatten it first (e.g. ids.reshape(-1))")
+            raise ActcacheError(
+                f"{opt(option)} takes a flat list of token ids, got an array of shape "
+                f"{tuple(ids.shape)}; flatten it first (e.g. ids.reshape(-1))"
+            )
         ids = ids.tolist()
         return ids if isinstance(ids, list) else [ids]
     if top and isinstance(ids, Iterable) and not isinstance(ids, str | bytes | bytearray):

@@ -28,6 +28,8 @@ def forever(batches: Iterable[Any], *, start_epoch: int = 0) -> Iterator[Any]:
             n += 1
             yield batch
         if not n:
-            raise ActcacheError("a whole epoch gave no batch (an empty set, or drop_last with fewer rows than "
-                                "batch_size); forever() would never yield")
+            raise ActcacheError(
+                "a whole epoch gave no batch (an empty set, or drop_last with fewer rows than "
+                "batch_size); forever() would never yield"
+            )
         epoch += 1

@@ -46,8 +46,13 @@ class Problem(str):
 
 
 class ActivationSet:
-    def __init__(self, url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
-                 credentials_block: str | None = None):
+    def __init__(
+        self,
+        url: str | StoreRef,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        credentials_block: str | None = None,
+    ):
         store_ref, self.set_id = StoreRef.of(url, storage_options, credentials_block).split()
         self.store = store_ref.open()
         self.url = self.store.url_of(self.set_id)
@@ -57,13 +62,14 @@ class ActivationSet:
         self.records = list(records.records_of(m["shards"], self.bounds).values())
         self.layout: str = m.get("layout", "sequences")
         if self.layout not in LAYOUTS:
-            raise ActcacheError(f"set {self.url} has layout {self.layout!r}, which this actcache cannot read "
-                                f"(it reads {', '.join(LAYOUTS)}); upgrade actcache")
+            raise ActcacheError(
+                f"set {self.url} has layout {self.layout!r}, which this actcache cannot read "
+                f"(it reads {', '.join(LAYOUTS)}); upgrade actcache"
+            )
         rows = self.layout == "rows"
         self.d: int = m["d"]
         self.tokenization: dict[str, Any] = m.get("tokenization") or {}
-        self.context_size: int | None = self.tokenization.get("context_size") if rows else \
-            self.key.tokens.context_size
+        self.context_size: int | None = self.tokenization.get("context_size") if rows else self.key.tokens.context_size
         """Tokens per sequence of the extraction (None for a rows set whose manifest does not say)."""
 
     def __len__(self) -> int:
@@ -85,11 +91,16 @@ class ActivationSet:
         sequences) and the manifest's d (checked against its hook_shape, and against the shard's own header)."""
         if isinstance(self.key, ShuffleKey):  # "rows": manifest.read checked dtype and d (see _check_encoding)
             n = record.n_seq
-            return {"activations": (self.manifest["dtype"], (n, self.manifest["d"])),
-                    "tokens": ("int32", (n,)), "positions": ("int64", (n,))}
+            return {
+                "activations": (self.manifest["dtype"], (n, self.manifest["d"])),
+                "tokens": ("int32", (n,)),
+                "positions": ("int64", (n,)),
+            }
         ctx = self.key.tokens.context_size
-        return {"activations": (self.key.dtype, (record.n_seq, ctx, self.manifest["d"])),
-                "tokens": ("int32", (record.n_seq, ctx))}
+        return {
+            "activations": (self.key.dtype, (record.n_seq, ctx, self.manifest["d"])),
+            "tokens": ("int32", (record.n_seq, ctx)),
+        }
 
     def expect(self, record: records.Record) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """``tensor_specs`` with torch dtypes, as decoding checks them."""
@@ -106,14 +117,19 @@ class ActivationSet:
         try:
             data = self.store.read_mapped(rel, size=record.bytes)
         except FileNotFoundError as e:
-            raise Failure(f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
-                          "and rerun the extraction to repair it") from e
+            raise Failure(
+                f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
+                "and rerun the extraction to repair it"
+            ) from e
         except DamagedFile as e:
-            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}); rerun the extraction to "
-                              "repair it") from e
+            raise DamagedFile(
+                f"shard {record.index} of {self.url} is unreadable ({e}); rerun the extraction to repair it"
+            ) from e
         if verify and hashlib.sha256(data).hexdigest() != record.sha256:
-            raise Failure(f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
-                          "and rerun the extraction to repair it")
+            raise Failure(
+                f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
+                "and rerun the extraction to repair it"
+            )
         try:
             t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))
         except Exception as e:
@@ -144,8 +160,10 @@ class ActivationSet:
                 out[name] = shard.tensor(self.store.read_range(rel, start + begin, start + end), dtype, shape)
             shard.check(out, {k: expect[k] for k in names})
         except FileNotFoundError as e:
-            raise Failure(f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
-                          "and rerun the extraction to repair it") from e
+            raise Failure(
+                f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
+                "and rerun the extraction to repair it"
+            ) from e
         except ValueError as e:  # DamagedFile too
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return out["tokens"].reshape(-1), out.get("positions")
@@ -183,13 +201,23 @@ class ActivationSet:
         gone = self.missing()
         if gone:
             shown = ", ".join(map(str, gone[:10])) + (", ..." if len(gone) > 10 else "")
-            problems.append(Problem(f"incomplete: {len(gone)} of {self.n_target_shards} shards missing "
-                                    f"(indices {shown}); rerun the same extract to finish the set", True))
+            problems.append(
+                Problem(
+                    f"incomplete: {len(gone)} of {self.n_target_shards} shards missing "
+                    f"(indices {shown}); rerun the same extract to finish the set",
+                    True,
+                )
+            )
         engine = self.manifest["key"].get("forward", "bridge")
         wrong = [r.index for r in self.records if (r.extra.get("env") or {}).get("engine", engine) != engine]
         if wrong:
-            problems.append(Problem(f"shards {wrong[:10]} were computed by another engine than the set key's "
-                                    f"{engine!r}; delete them and rerun the extract", True))
+            problems.append(
+                Problem(
+                    f"shards {wrong[:10]} were computed by another engine than the set key's "
+                    f"{engine!r}; delete them and rerun the extract",
+                    True,
+                )
+            )
         scan = records.scan_set(self.store, self.key)
         scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"))
         listing = scan.entries
@@ -223,8 +251,10 @@ class ActivationSet:
                 problem(f"completion record {rel} is missing")
                 continue
             try:
-                rec = records.Record.from_dict(records.check_sealed(
-                    self.store.read_json(f"{self.set_id}/{rel}", limit=records.RECORD_LIMIT), rel), self.bounds)
+                rec = records.Record.from_dict(
+                    records.check_sealed(self.store.read_json(f"{self.set_id}/{rel}", limit=records.RECORD_LIMIT), rel),
+                    self.bounds,
+                )
             except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
                 problem(f"completion record {rel} is damaged ({e})")
                 continue
@@ -251,8 +281,12 @@ class ActivationSet:
             if tr is None or tr.file not in scan.entries:
                 continue
             if tr.n_seq < r.n_seq or not records.hash_matches(self.store, cache.root, tr, cache.bounds):
-                out.append(Problem(f"token shard {r.index} ({cache.root}/{tr.file}) fails its checksum or is "
-                                   "short (corrupted)", False))
+                out.append(
+                    Problem(
+                        f"token shard {r.index} ({cache.root}/{tr.file}) fails its checksum or is short (corrupted)",
+                        False,
+                    )
+                )
         return out
 
     def non_finite(self) -> str | None:
@@ -260,8 +294,9 @@ class ActivationSet:
         return manifest.describe_non_finite(self.manifest)
 
 
-def open_set(url: str | StoreRef, storage_options: dict[str, Any] | None = None, *,
-             credentials_block: str | None = None) -> ActivationSet:
+def open_set(
+    url: str | StoreRef, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None
+) -> ActivationSet:
     """Open the activation set at ``url`` (``<store>/<set_id>``: a local path, s3://bucket/prefix/<set_id>, ...).
 
     ``url`` may be a ``StoreRef`` of the set (as ``Plan.refs`` gives), which carries its options and block;

@@ -56,20 +56,24 @@ def find_set(store: Store, name: str) -> SetFiles:
     """The files of the set ``name`` in ``store``; refuses (``ActcacheError``) anything that is not one set."""
     url = store.url_of(name)
     if name.startswith("t") and store.url.rstrip("/").endswith(layout.TOKENS_ROOT):
-        raise ActcacheError(f"{url} is a token cache, not a set; `actcache gc STORE` removes the token caches "
-                            "that no set uses")
+        raise ActcacheError(
+            f"{url} is a token cache, not a set; `actcache gc STORE` removes the token caches that no set uses"
+        )
     if not inventory.is_set_id(name):
         if _looks_like_store(store.child(name)):
-            raise ActcacheError(f"{url} is a store, not a set: rm removes one set, <store>/<set_id> (see "
-                                f"`actcache ls {url}`)")
+            raise ActcacheError(
+                f"{url} is a store, not a set: rm removes one set, <store>/<set_id> (see `actcache ls {url}`)"
+            )
         raise ActcacheError(f"{url} is not a set: a set URL ends in its 24-character id (see `actcache ls STORE`)")
     files = store.listing(name)
     if not files and not store.exists(name):  # an empty folder is what an rm killed at its end leaves
         raise ActcacheError(f"no activation set at {url} (nothing there)")
     strangers = sorted(r for r in files if not inventory.is_set_file(r))
     if strangers:
-        raise ActcacheError(f"{url} holds files that are not part of a set ({strangers[0]!r}); "
-                            "it was not written by actcache: remove it by hand if you mean to")
+        raise ActcacheError(
+            f"{url} holds files that are not part of a set ({strangers[0]!r}); "
+            "it was not written by actcache: remove it by hand if you mean to"
+        )
     return SetFiles(store, name, files)
 
 
@@ -124,8 +128,10 @@ def check_store(store: Store) -> None:
         name = store.url.rstrip("/").rsplit("/", 1)[-1]
         if inventory.is_set_id(name):
             raise ActcacheError(f"{store.url} is a set, not a store; gc works on the store that holds it")
-        raise ActcacheError(f"{store.url} is not an actcache store (no set folders, no {layout.TOKENS_ROOT}/); "
-                            "give the folder or s3:// prefix passed to `actcache extract --store`")
+        raise ActcacheError(
+            f"{store.url} is not an actcache store (no set folders, no {layout.TOKENS_ROOT}/); "
+            "give the folder or s3:// prefix passed to `actcache extract --store`"
+        )
 
 
 def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
@@ -137,16 +143,29 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
     for t in store.temp_files():
         old = now - t.mtime > older_than_s
         if t.writer_dead or (not t.same_host and old):
-            why = f"writer pid {t.pid} no longer runs" if t.writer_dead else f"written by host {t.host}, untouched " \
-                                                                              f"for {_age(now - t.mtime)}"
+            why = (
+                f"writer pid {t.pid} no longer runs"
+                if t.writer_dead
+                else f"written by host {t.host}, untouched for {_age(now - t.mtime)}"
+            )
             items.append(Garbage(TEMP_FILE, store.url_of(t.rel), t.size, why, t.rel))
     for u in store.incomplete_uploads():
         if now - u.initiated > older_than_s:
-            items.append(Garbage(UPLOAD, store.url_of(u.rel), u.size, f"multipart upload started "
-                                 f"{_age(now - u.initiated)} ago, never completed", u.rel, u.upload_id))
+            items.append(
+                Garbage(
+                    UPLOAD,
+                    store.url_of(u.rel),
+                    u.size,
+                    f"multipart upload started {_age(now - u.initiated)} ago, never completed",
+                    u.rel,
+                    u.upload_id,
+                )
+            )
         else:
-            notes.append(f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
-                         "maybe still running (see --older-than)")
+            notes.append(
+                f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
+                "maybe still running (see --older-than)"
+            )
     sets = inventory.list_sets(store)
     unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
     used = {s.tokens_id for s in sets}
@@ -154,8 +173,10 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
         if tid in used:
             continue
         if unknown:
-            notes.append(f"kept the token cache {tid}: {len(unknown)} set(s) without a readable manifest (e.g. "
-                         f"{unknown[0].set_id}, {unknown[0].state}) may be reading it; finish or remove them first")
+            notes.append(
+                f"kept the token cache {tid}: {len(unknown)} set(s) without a readable manifest (e.g. "
+                f"{unknown[0].set_id}, {unknown[0].state}) may be reading it; finish or remove them first"
+            )
             continue
         rel = f"{layout.TOKENS_ROOT}/{tid}"
         size = sum(e.size for e in store.listing(rel).values())

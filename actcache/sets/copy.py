@@ -26,10 +26,18 @@ class CopyResult:
     bytes_copied: int
 
 
-def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str, Any] | None = None,
-             dest_options: dict[str, Any] | None = None, src_credentials_block: str | None = None,
-             dest_credentials_block: str | None = None, jobs: int = 4, verify_existing: bool = False,
-             on_shard=None) -> CopyResult:
+def copy_set(
+    src: str | StoreRef,
+    dest: str | StoreRef,
+    *,
+    src_options: dict[str, Any] | None = None,
+    dest_options: dict[str, Any] | None = None,
+    src_credentials_block: str | None = None,
+    dest_credentials_block: str | None = None,
+    jobs: int = 4,
+    verify_existing: bool = False,
+    on_shard=None,
+) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
     Either may be a ``StoreRef`` (options and credentials block inside), or a URL with the loose options.
@@ -70,11 +78,15 @@ def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str
         try:
             data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
         except DamagedFile as e:
-            raise DamagedFile(f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
-                              "source (`actcache verify`, then rerun its extract) and copy again") from e
+            raise DamagedFile(
+                f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
+                "source (`actcache verify`, then rerun its extract) and copy again"
+            ) from e
         if hashlib.sha256(data).hexdigest() != r.sha256:
-            raise Failure(f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
-                                "repair the source (`actcache verify`, then rerun its extract) and copy again")
+            raise Failure(
+                f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
+                "repair the source (`actcache verify`, then rerun its extract) and copy again"
+            )
         target.write_bytes(f"{set_id}/{r.file}", data)
         write_record(r)  # after the bytes, as extraction does
         if on_shard:
@@ -93,6 +105,7 @@ def copy_set(src: str | StoreRef, dest: str | StoreRef, *, src_options: dict[str
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        target.write_bytes(f"{set_id}/{layout.MANIFEST}",
-                           source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
+        target.write_bytes(
+            f"{set_id}/{layout.MANIFEST}", source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
+        )
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

@@ -61,20 +61,33 @@ class SetDiff:
         n, differ = len(self.shards), [d.index for d in self.shards if d.differs]
         identical = sum(d.identical for d in self.shards)
         head = "same" if self.same else "differ"
-        return (f"{head}: {n} shards compared, {identical} byte-identical, {len(differ)} differ "
-                f"(max abs {self.max_abs_diff:.6g}, max rel {self.max_rel_diff:.6g}; "
-                f"atol {self.atol}, rtol {self.rtol})"
-                + (f", {len(self.only_in_a)} only in A" if self.only_in_a else "")
-                + (f", {len(self.only_in_b)} only in B" if self.only_in_b else ""))
+        return (
+            f"{head}: {n} shards compared, {identical} byte-identical, {len(differ)} differ "
+            f"(max abs {self.max_abs_diff:.6g}, max rel {self.max_rel_diff:.6g}; "
+            f"atol {self.atol}, rtol {self.rtol})"
+            + (f", {len(self.only_in_a)} only in A" if self.only_in_a else "")
+            + (f", {len(self.only_in_b)} only in B" if self.only_in_b else "")
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "same": self.same, "atol": self.atol, "rtol": self.rtol,
-                "shards_compared": len(self.shards), "shards_identical": sum(d.identical for d in self.shards),
-                "shards_differ": [d.index for d in self.shards if d.differs],
-                "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                "max_abs_diff": _finite(self.max_abs_diff), "max_rel_diff": _finite(self.max_rel_diff),
-                "shards": [{**asdict(d), "max_abs_diff": _finite(d.max_abs_diff),
-                            "max_rel_diff": _finite(d.max_rel_diff)} for d in self.shards]}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "same": self.same,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "shards_compared": len(self.shards),
+            "shards_identical": sum(d.identical for d in self.shards),
+            "shards_differ": [d.index for d in self.shards if d.differs],
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "max_abs_diff": _finite(self.max_abs_diff),
+            "max_rel_diff": _finite(self.max_rel_diff),
+            "shards": [
+                {**asdict(d), "max_abs_diff": _finite(d.max_abs_diff), "max_rel_diff": _finite(d.max_rel_diff)}
+                for d in self.shards
+            ],
+        }
 
 
 def _finite(x: float) -> float | str:
@@ -90,16 +103,22 @@ def check_comparable(a: Any, b: Any) -> None:
     """Refuse (one line) two sets that cannot be compared shard by shard."""
     for s in (a, b):
         if s.manifest.get("layout") == "rows":
-            raise ActcacheError(f"{s.url} is a shuffled copy (rows); diff compares extracted sets: compare their "
-                                "sources, or shuffle both with the same --seed and compare those with `cmp`")
+            raise ActcacheError(
+                f"{s.url} is a shuffled copy (rows); diff compares extracted sets: compare their "
+                "sources, or shuffle both with the same --seed and compare those with `cmp`"
+            )
     if _shape(a) != _shape(b):
         (ca, da, ha), (cb, db, hb) = _shape(a), _shape(b)
-        raise ActcacheError(f"the sets have different shapes (context {ca} vs {cb}, d {da} vs {db}, hook shape "
-                            f"{list(ha)} vs {list(hb)}); diff compares sets of one shape")
+        raise ActcacheError(
+            f"the sets have different shapes (context {ca} vs {cb}, d {da} vs {db}, hook shape "
+            f"{list(ha)} vs {list(hb)}); diff compares sets of one shape"
+        )
     ta, tb = a.manifest["shard_tokens"], b.manifest["shard_tokens"]
     if ta != tb:
-        raise ActcacheError(f"the sets have different shard sizes ({ta} vs {tb} tokens); diff compares shard by "
-                            "shard: extract one again with --shard-tokens of the other")
+        raise ActcacheError(
+            f"the sets have different shard sizes ({ta} vs {tb} tokens); diff compares shard by "
+            "shard: extract one again with --shard-tokens of the other"
+        )
 
 
 def compare(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0) -> SetDiff:
@@ -112,8 +131,10 @@ def compare(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0) -> SetDiff:
     for i in sorted(ra.keys() & rb.keys()):
         x, y = ra[i], rb[i]
         if x.n_seq != y.n_seq:
-            raise ActcacheError(f"shard {i} holds {x.n_seq} sequences in A and {y.n_seq} in B; the sets were cut "
-                                "differently and cannot be compared shard by shard")
+            raise ActcacheError(
+                f"shard {i} holds {x.n_seq} sequences in A and {y.n_seq} in B; the sets were cut "
+                "differently and cannot be compared shard by shard"
+            )
         if x.sha256 == y.sha256 and a.manifest["codec"] == b.manifest["codec"]:
             shards.append(ShardDiff(i, True, True, 0.0, 0.0, 0))
         else:
@@ -131,8 +152,8 @@ def _compare_shard(index: int, sa: Any, sb: Any, atol: float, rtol: float) -> Sh
     step = max(1, SLICE_VALUES // per_seq)
     max_abs, max_b, beyond = 0.0, 0.0, 0
     for start in range(0, n, step):
-        x = xa[start:start + step].double()
-        y = xb[start:start + step].double()
+        x = xa[start : start + step].double()
+        y = xb[start : start + step].double()
         same = (x == y) | (x.isnan() & y.isnan())
         d = torch.where(same, torch.zeros_like(x), (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
         max_abs = max(max_abs, d.max().item())

@@ -49,19 +49,30 @@ def _features(fmt: str, hook: str, ctx: int, d: int, dtype: str):
     from datasets import Array2D, Features, Sequence, Value
 
     if fmt == "saelens":  # exactly CacheActivationsRunner's features
-        return Features({hook: Array2D(shape=(ctx, d), dtype=dtype),
-                         "token_ids": Sequence(Value(dtype="int32"), length=ctx)})
-    return Features({"activations": Sequence(Value(dtype), length=d), "token_id": Value("int32"),
-                     "sequence": Value("int64"), "position": Value("int32")})
+        return Features(
+            {hook: Array2D(shape=(ctx, d), dtype=dtype), "token_ids": Sequence(Value(dtype="int32"), length=ctx)}
+        )
+    return Features(
+        {
+            "activations": Sequence(Value(dtype), length=d),
+            "token_id": Value("int32"),
+            "sequence": Value("int64"),
+            "position": Value("int32"),
+        }
+    )
 
 
-def _pieces(fmt: str, t: Shard, ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...],
-            first_position: int) -> tuple[list[dict[str, np.ndarray]], int]:
+def _pieces(
+    fmt: str, t: Shard, ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...], first_position: int
+) -> tuple[list[dict[str, np.ndarray]], int]:
     """One shard as column dicts of at most ~256 MB each, and the number of tokens excluded."""
     acts, toks = t.activations, t.tokens
     if fmt == "saelens":
-        rows = acts.to(torch.float32).numpy().astype(np_dtype, copy=False) if acts.dtype == torch.bfloat16 \
+        rows = (
+            acts.to(torch.float32).numpy().astype(np_dtype, copy=False)
+            if acts.dtype == torch.bfloat16
             else acts.numpy()
+        )
         cols = {"acts": rows, "token_ids": toks.numpy()}
         excluded = 0
     else:
@@ -72,10 +83,17 @@ def _pieces(fmt: str, t: Shard, ctx: int, np_dtype: np.dtype, exclude: tuple[int
         if keep is not None:
             flat_a, flat_t, positions = flat_a[keep], flat_t[keep], positions[keep]
         excluded = toks.numel() - len(flat_t)
-        a = flat_a.to(torch.float32).numpy().astype(np_dtype, copy=False) if flat_a.dtype == torch.bfloat16 \
+        a = (
+            flat_a.to(torch.float32).numpy().astype(np_dtype, copy=False)
+            if flat_a.dtype == torch.bfloat16
             else flat_a.numpy()
-        cols = {"acts": a, "token_id": flat_t.numpy(), "sequence": (positions // ctx).numpy(),
-                "position": (positions % ctx).to(torch.int32).numpy()}
+        )
+        cols = {
+            "acts": a,
+            "token_id": flat_t.numpy(),
+            "sequence": (positions // ctx).numpy(),
+            "position": (positions % ctx).to(torch.int32).numpy(),
+        }
     n = len(cols["acts"])
     row_bytes = max(1, cols["acts"][:1].nbytes)
     per = max(1, _PIECE_BYTES // row_bytes)
@@ -92,8 +110,10 @@ def _dataset(fmt: str, cols: dict[str, np.ndarray], features, hook: str):
     # One row per token: build the fixed-size lists in Arrow directly (from_dict walks them in Python).
     a = cols["acts"]
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
-    table = pa.Table.from_arrays([vectors, pa.array(cols["token_id"]), pa.array(cols["sequence"]),
-                                  pa.array(cols["position"])], schema=features.arrow_schema)
+    table = pa.Table.from_arrays(
+        [vectors, pa.array(cols["token_id"]), pa.array(cols["sequence"]), pa.array(cols["position"])],
+        schema=features.arrow_schema,
+    )
     return Dataset(InMemoryTable(table))
 
 
@@ -110,16 +130,30 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
             name = f"data-{len(files):05d}-of-{len(dirs):05d}.arrow"
             shutil.move(str(d / f["filename"]), str(out / name))
             files.append({"filename": name})
-    state = {"_data_files": files, "_fingerprint": None, "_format_columns": None, "_format_kwargs": {},
-             "_format_type": None, "_output_all_columns": False, "_split": None}
+    state = {
+        "_data_files": files,
+        "_fingerprint": None,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
     (out / "state.json").write_text(json.dumps(state, indent=2))
     state["_fingerprint"] = generate_fingerprint(Dataset.load_from_disk(str(out)))
     (out / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(pieces_dir)
 
 
-def export_set(src: str | StoreRef, out: str, *, format: str, exclude_special: bool = False,
-               exclude_ids: Any = (), on_shard: Callable[[int], None] | None = None) -> ExportResult:
+def export_set(
+    src: str | StoreRef,
+    out: str,
+    *,
+    format: str,
+    exclude_special: bool = False,
+    exclude_ids: Any = (),
+    on_shard: Callable[[int], None] | None = None,
+) -> ExportResult:
     """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
     block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
     if format not in FORMATS:
@@ -134,14 +168,18 @@ def export_set(src: str | StoreRef, out: str, *, format: str, exclude_special: b
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
     rows_layout = s.layout == "rows"
     if format == "saelens" and rows_layout:
-        raise ActcacheError(f"{s.url} is a shuffled (rows) set: SAELens reads whole sequences; export its source "
-                            f"({m['source']['set_id']}) with {opt('format', 'saelens')}, or this set with "
-                            f"{opt('format', 'hf')}")
+        raise ActcacheError(
+            f"{s.url} is a shuffled (rows) set: SAELens reads whole sequences; export its source "
+            f"({m['source']['set_id']}) with {opt('format', 'saelens')}, or this set with "
+            f"{opt('format', 'hf')}"
+        )
     if format == "saelens" and exclude:
-        raise ActcacheError(f"{opt('format', 'saelens')} keeps whole sequences (Array2D(context_size, d) per row), "
-                            "so rows cannot be left out here; SAELens leaves them out itself from the exported "
-                            "token_ids: set exclude_special_tokens=True (or a list of ids) in its "
-                            "LanguageModelSAERunnerConfig")
+        raise ActcacheError(
+            f"{opt('format', 'saelens')} keeps whole sequences (Array2D(context_size, d) per row), "
+            "so rows cannot be left out here; SAELens leaves them out itself from the exported "
+            "token_ids: set exclude_special_tokens=True (or a list of ids) in its "
+            "LanguageModelSAERunnerConfig"
+        )
     ctx = m["tokenization"]["context_size"] if rows_layout else m["key"]["tokens"]["context_size"]
     dtype = _EXPORT_DTYPES[m["dtype"]]
     features = _features(format, m["hook"], ctx, m["d"], dtype)
@@ -164,14 +202,29 @@ def export_set(src: str | StoreRef, out: str, *, format: str, exclude_special: b
         if on_shard:
             on_shard(r.index)
     if not n_pieces:  # nothing left: still a loadable, empty dataset
-        empty = {"acts": np.zeros((0, ctx, m["d"]) if format == "saelens" else (0, m["d"]), dtype=dtype),
-                 "token_ids": np.zeros((0, ctx), np.int32), "token_id": np.zeros(0, np.int32),
-                 "sequence": np.zeros(0, np.int64), "position": np.zeros(0, np.int32)}
+        empty = {
+            "acts": np.zeros((0, ctx, m["d"]) if format == "saelens" else (0, m["d"]), dtype=dtype),
+            "token_ids": np.zeros((0, ctx), np.int32),
+            "token_id": np.zeros(0, np.int32),
+            "sequence": np.zeros(0, np.int64),
+            "position": np.zeros(0, np.int32),
+        }
         _dataset(format, empty, features, m["hook"]).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
     _consolidate(pieces_dir, partial)
     provenance = {k: v for k, v in m.items() if k not in ("shards", "moments")}
-    (partial / "actcache.json").write_text(json.dumps({
-        "format": format, "set_id": s.set_id, "excluded": {"ids": list(exclude), "tokens": excluded},
-        "dtype": dtype, "manifest": provenance}, indent=1, sort_keys=True) + "\n")
+    (partial / "actcache.json").write_text(
+        json.dumps(
+            {
+                "format": format,
+                "set_id": s.set_id,
+                "excluded": {"ids": list(exclude), "tokens": excluded},
+                "dtype": dtype,
+                "manifest": provenance,
+            },
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     os.replace(partial, target)
     return ExportResult(str(target), rows, excluded, dtype)

@@ -66,8 +66,12 @@ def is_set_file(rel: str) -> bool:
     """Whether ``rel`` (relative to a set's folder) is one of the files a set consists of, or a writer's temp file."""
     name = rel.split(".tmp-", 1)[0]
     spill = name.removesuffix(".safetensors").removesuffix(".json") + ".json"  # a shuffle's pass-1 files
-    return (name == layout.MANIFEST or layout.parse_shard_file(name) is not None
-            or layout.parse_record_file(name) is not None or layout.parse_spill_record(spill) is not None)
+    return (
+        name == layout.MANIFEST
+        or layout.parse_shard_file(name) is not None
+        or layout.parse_record_file(name) is not None
+        or layout.parse_spill_record(spill) is not None
+    )
 
 
 def describe_set(store: Store, set_id: str) -> SetEntry | None:
@@ -83,17 +87,35 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
             return None
         recorded = [rel for rel in files if layout.parse_record_file(rel) is not None]
         nbytes = sum(f.size for rel, f in files.items() if layout.parse_shard_file(rel) is not None)
-        return SetEntry(set_id, url, INCOMPLETE, len(recorded), nbytes,
-                        detail="no manifest.json: an extraction in progress or interrupted (rerun it to finish), "
-                               "or an interrupted `actcache rm` (rerun it)")
+        return SetEntry(
+            set_id,
+            url,
+            INCOMPLETE,
+            len(recorded),
+            nbytes,
+            detail="no manifest.json: an extraction in progress or interrupted (rerun it to finish), "
+            "or an interrupted `actcache rm` (rerun it)",
+        )
     except ActcacheError as e:  # a manifest, unreadable (also a link or FIFO, which listings leave out)
         return SetEntry(set_id, url, DAMAGED, 0, sum(f.size for f in store.listing(set_id).values()), detail=str(e))
     key = key_from_dict(m["key"])  # manifest.read checked it
     tokens_id = key.tokens.id if isinstance(key, SetKey) else None  # a shuffled copy reads its source, not tokens
-    return SetEntry(set_id, url, COMPLETE if m.get("complete") else PARTIAL, len(m["shards"]), m["bytes"],
-                    model=m["model"]["name"], hook=m["hook"], n_tokens=m["n_tokens"],
-                    target_tokens=m.get("target_tokens"), dtype=m["dtype"], codec=m["codec"], tokens_id=tokens_id,
-                    layout=m.get("layout"), non_finite=manifest.non_finite(m["shards"]))
+    return SetEntry(
+        set_id,
+        url,
+        COMPLETE if m.get("complete") else PARTIAL,
+        len(m["shards"]),
+        m["bytes"],
+        model=m["model"]["name"],
+        hook=m["hook"],
+        n_tokens=m["n_tokens"],
+        target_tokens=m.get("target_tokens"),
+        dtype=m["dtype"],
+        codec=m["codec"],
+        tokens_id=tokens_id,
+        layout=m.get("layout"),
+        non_finite=manifest.non_finite(m["shards"]),
+    )
 
 
 def list_sets(store: Store) -> list[SetEntry]:

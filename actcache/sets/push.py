@@ -51,18 +51,26 @@ def _hub_error(e: BaseException, repo_id: str, action: str) -> ActcacheError:
     """One line from a huggingface_hub failure: the status and what to do, never the server's text."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status == 401:
-        return ActcacheError(f"the hub rejected the token while {action} {repo_id} (HTTP 401); log in with "
-                             "`hf auth login` or set HF_TOKEN to a token with write access")
+        return ActcacheError(
+            f"the hub rejected the token while {action} {repo_id} (HTTP 401); log in with "
+            "`hf auth login` or set HF_TOKEN to a token with write access"
+        )
     if status == 403:
-        return ActcacheError(f"the hub refused {action} {repo_id} (HTTP 403): this token may not write there "
-                             "(a read-only token, or another user's namespace); use a write token or another REPO_ID")
+        return ActcacheError(
+            f"the hub refused {action} {repo_id} (HTTP 403): this token may not write there "
+            "(a read-only token, or another user's namespace); use a write token or another REPO_ID"
+        )
     if status == 404:
         return ActcacheError(f"the hub has no dataset repo {repo_id} or revision while {action} it (HTTP 404)")
     if status is not None:
-        return ActcacheError(f"the hub answered HTTP {status} while {action} {repo_id}; rerun the same push to "
-                             "resume (what was committed is kept)")
-    return ActcacheError(f"cannot reach the hub while {action} {repo_id} ({type(e).__name__}); check HF_ENDPOINT "
-                         "and the network, then rerun the same push to resume")
+        return ActcacheError(
+            f"the hub answered HTTP {status} while {action} {repo_id}; rerun the same push to "
+            "resume (what was committed is kept)"
+        )
+    return ActcacheError(
+        f"cannot reach the hub while {action} {repo_id} ({type(e).__name__}); check HF_ENDPOINT "
+        "and the network, then rerun the same push to resume"
+    )
 
 
 def card(s: ActivationSet, repo_id: str) -> str:
@@ -72,9 +80,14 @@ def card(s: ActivationSet, repo_id: str) -> str:
     st = m.get("stats") if isinstance(m.get("stats"), dict) else None
     url = f"hf://datasets/{repo_id}/{s.set_id}"
     rows = m.get("layout") == "rows"
-    shape = ("`activations` [n_rows, d] (globally shuffled), `tokens` [n_rows] int32 and `positions` [n_rows] "
-             "int64 (the row's flat index in the source set)") if rows else \
-        "`activations` [n_seq, context_size, d] and `tokens` [n_seq, context_size] int32"
+    shape = (
+        (
+            "`activations` [n_rows, d] (globally shuffled), `tokens` [n_rows] int32 and `positions` [n_rows] "
+            "int64 (the row's flat index in the source set)"
+        )
+        if rows
+        else "`activations` [n_seq, context_size, d] and `tokens` [n_seq, context_size] int32"
+    )
     lines = [
         "---",
         "tags:",
@@ -98,11 +111,15 @@ def card(s: ActivationSet, repo_id: str) -> str:
         f"`{s.set_id}/manifest.json` records the full provenance and every shard's sha256.",
     ]
     if rows:
-        lines.append(f"- Shuffled copy of set `{m['source']['set_id']}` with seed {m.get('seed')}; token ids left "
-                     f"out: {m['excluded']['ids'] or 'none'}.")
+        lines.append(
+            f"- Shuffled copy of set `{m['source']['set_id']}` with seed {m.get('seed')}; token ids left "
+            f"out: {m['excluded']['ids'] or 'none'}."
+        )
     if st and st.get("n"):
-        lines.append(f"- Normalisation: mean L2 norm {st['mean_norm']:.6g}, scale sqrt(d) / mean norm "
-                     f"{st['scale']:.6g}; per-dimension mean and variance in `manifest.json` (`stats`).")
+        lines.append(
+            f"- Normalisation: mean L2 norm {st['mean_norm']:.6g}, scale sqrt(d) / mean norm "
+            f"{st['scale']:.6g}; per-dimension mean and variance in `manifest.json` (`stats`)."
+        )
     lines += [
         "",
         "## Loading",
@@ -117,7 +134,7 @@ def card(s: ActivationSet, repo_id: str) -> str:
         "    ...",
         "```",
         "",
-        "Without actcache: `huggingface_hub.snapshot_download(repo_id=\"" + repo_id + "\", repo_type=\"dataset\")`, "
+        'Without actcache: `huggingface_hub.snapshot_download(repo_id="' + repo_id + '", repo_type="dataset")`, '
         "then `safetensors.torch.load_file` on each shard (listed in `manifest.json`).",
         "",
     ]
@@ -131,21 +148,33 @@ def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
     body: list[_File] = []
     for r in s.records:
         rel = f"{s.set_id}/{r.file}"
-        read = (lambda rel=rel, n=r.bytes: s.store.regular_path(rel, n)) if local else \
-            (lambda rel=rel, n=r.bytes: s.store.read_bytes(rel, size=n))
+        read = (
+            (lambda rel=rel, n=r.bytes: s.store.regular_path(rel, n))
+            if local
+            else (lambda rel=rel, n=r.bytes: s.store.read_bytes(rel, size=n))
+        )
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
         rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
         body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))
     manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
     text = card(s, repo_id).encode()
-    last = [_File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
-            _File("README.md", len(text), lambda b=text: b)]
+    last = [
+        _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
+        _File("README.md", len(text), lambda b=text: b),
+    ]
     return body, last
 
 
-def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revision: str | None = None,
-             commit_bytes: int = 1 << 30, commit_files: int = 200,
-             on_commit: Callable[[int], None] | None = None) -> PushResult:
+def push_set(
+    src: str | StoreRef,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_bytes: int = 1 << 30,
+    commit_files: int = 200,
+    on_commit: Callable[[int], None] | None = None,
+) -> PushResult:
     """Upload the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
     block) to the dataset repo ``repo_id`` (created if missing), at ``revision``."""
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -162,8 +191,11 @@ def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revisi
             action = "creating the branch of"
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
         action = "listing"
-        remote = {f.path: f for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision,
-                                                       recursive=True) if hasattr(f, "blob_id")}
+        remote = {
+            f.path: f
+            for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
+            if hasattr(f, "blob_id")
+        }
 
         def present(f: _File) -> bool:
             have = remote.get(f.path)
@@ -173,16 +205,20 @@ def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revisi
                 return have.lfs is not None and have.lfs.sha256 == f.sha256
             data = f.read()
             data = data if isinstance(data, bytes) else open(data, "rb").read()
-            return have.blob_id == _git_blob_id(data) or (have.lfs is not None and
-                                                          have.lfs.sha256 == hashlib.sha256(data).hexdigest())
+            return have.blob_id == _git_blob_id(data) or (
+                have.lfs is not None and have.lfs.sha256 == hashlib.sha256(data).hexdigest()
+            )
 
         todo = [f for f in body if not present(f)]
         final = [f for f in last if not present(f)]
         uploaded = 0
         batches: list[list[_File]] = []
         for f in todo:
-            if not batches or len(batches[-1]) >= commit_files or \
-                    sum(x.size for x in batches[-1]) + f.size > commit_bytes:
+            if (
+                not batches
+                or len(batches[-1]) >= commit_files
+                or sum(x.size for x in batches[-1]) + f.size > commit_bytes
+            ):
                 batches.append([])
             batches[-1].append(f)
         if final:
@@ -191,8 +227,13 @@ def push_set(src: str | StoreRef, repo_id: str, *, private: bool = False, revisi
         for i, batch in enumerate(batches):
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.read()) for f in batch]
             what = "manifest and card" if batch is final else f"{len(batch)} files"
-            api.create_commit(repo_id, ops, repo_type="dataset", revision=revision,
-                              commit_message=f"actcache: {what} of set {s.set_id} ({i + 1}/{len(batches)})")
+            api.create_commit(
+                repo_id,
+                ops,
+                repo_type="dataset",
+                revision=revision,
+                commit_message=f"actcache: {what} of set {s.set_id} ({i + 1}/{len(batches)})",
+            )
             uploaded += sum(f.size for f in batch)
             if on_commit:
                 on_commit(len(batch))

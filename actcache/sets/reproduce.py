@@ -21,8 +21,18 @@ from actcache.format.key import SetKey
 
 # Fields that do not change the bytes, and so neither come from the manifest nor make a reproduction differ
 # (shard_bytes only sizes shards when shard_tokens is 0, and --like sets shard_tokens from the manifest).
-NOT_RECORDED = frozenset({"store", "storage_options", "aws_credentials_block", "batch_size", "device", "streaming",
-                          "verify_existing", "shard_bytes"})
+NOT_RECORDED = frozenset(
+    {
+        "store",
+        "storage_options",
+        "aws_credentials_block",
+        "batch_size",
+        "device",
+        "streaming",
+        "verify_existing",
+        "shard_bytes",
+    }
+)
 
 
 def read_manifest(url: str, storage_options: dict[str, Any], credentials_block: str | None) -> dict[str, Any]:
@@ -37,28 +47,41 @@ def read_manifest(url: str, storage_options: dict[str, Any], credentials_block: 
 def settings(m: dict[str, Any]) -> dict[str, Any]:
     """``ExtractConfig`` fields that reproduce the set described by manifest ``m``."""
     if m.get("layout") == "rows":
-        raise ActcacheError(f"set {m.get('set_id')} is a shuffled copy; reproduce its source "
-                            f"({m['key'].get('source')}) with --like, then `actcache shuffle` it with the same --seed")
+        raise ActcacheError(
+            f"set {m.get('set_id')} is a shuffled copy; reproduce its source "
+            f"({m['key'].get('source')}) with --like, then `actcache shuffle` it with the same --seed"
+        )
     try:
         model, data, tokens = m["model"], m["dataset"], m["key"]["tokens"]
         out = {
-            "model": model["name"], "revision": model.get("revision"),
+            "model": model["name"],
+            "revision": model.get("revision"),
             "trust_remote_code": bool(model.get("trust_remote_code")),
             "hook": m["hook"],
-            "dataset": data["path"], "text_column": data["text_column"],
-            "context_size": tokens["context_size"], "prepend_bos": tokens["prepend_bos"],
+            "dataset": data["path"],
+            "text_column": data["text_column"],
+            "context_size": tokens["context_size"],
+            "prepend_bos": tokens["prepend_bos"],
             "separator": m["tokenization"]["separator"],
-            "shard_tokens": m["shard_tokens"], "max_tokens": m["target_tokens"],
-            "dtype": m["dtype"], "model_dtype": m["model_dtype"], "codec": m["codec"],
+            "shard_tokens": m["shard_tokens"],
+            "max_tokens": m["target_tokens"],
+            "dtype": m["dtype"],
+            "model_dtype": m["model_dtype"],
+            "codec": m["codec"],
         }
         if m["codec"] != "none":
             out["codec_level"] = m["codec_level"]
         if "files" not in data:  # a hub dataset, by name, at the commit it was resolved to
-            out.update(dataset_config=data.get("config"), split=data.get("split") or "train",
-                       dataset_revision=data.get("revision"))
+            out.update(
+                dataset_config=data.get("config"),
+                split=data.get("split") or "train",
+                dataset_revision=data.get("revision"),
+            )
     except (KeyError, TypeError) as e:
-        raise ActcacheError(f"set {m.get('set_id')} has a manifest without {e}; it cannot be reproduced with --like "
-                            "(written by an older actcache?)") from None
+        raise ActcacheError(
+            f"set {m.get('set_id')} has a manifest without {e}; it cannot be reproduced with --like "
+            "(written by an older actcache?)"
+        ) from None
     return out
 
 
@@ -80,15 +103,21 @@ def check(m: dict[str, Any], given: frozenset[str]):
         got = plan.sets[0].key
         if got.id == want.id:
             return
-        raise ActcacheError(f"--like {want.id}: this would not reproduce it ({_difference(want, got)}); pass the "
-                            "original model/dataset, or override a setting on purpose")
+        raise ActcacheError(
+            f"--like {want.id}: this would not reproduce it ({_difference(want, got)}); pass the "
+            "original model/dataset, or override a setting on purpose"
+        )
 
     return _check
 
 
 def _difference(want: SetKey, got: SetKey) -> str:
-    names = {"model": "the model's weights/config fingerprint", "tokens.dataset": "the dataset's fingerprint",
-             "tokens.tokenizer": "the tokenizer", "forward": "the forward engine"}
+    names = {
+        "model": "the model's weights/config fingerprint",
+        "tokens.dataset": "the dataset's fingerprint",
+        "tokens.tokenizer": "the tokenizer",
+        "forward": "the forward engine",
+    }
     a, b = want.to_dict(), got.to_dict()
     for path, label in names.items():
         x, y = a, b

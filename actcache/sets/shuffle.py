@@ -82,9 +82,14 @@ def bucket_of(keys: np.ndarray, n_buckets: int) -> np.ndarray:
 # -- rows packed as bytes in a spill file ----------------------------------------------------------------
 def _pack(acts: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     n = acts.shape[0]
-    return torch.cat([acts.contiguous().view(torch.uint8).reshape(n, acts.shape[1] * acts.element_size()),
-                      tokens.contiguous().view(torch.uint8).reshape(n, 4),
-                      positions.contiguous().view(torch.uint8).reshape(n, 8)], dim=1)
+    return torch.cat(
+        [
+            acts.contiguous().view(torch.uint8).reshape(n, acts.shape[1] * acts.element_size()),
+            tokens.contiguous().view(torch.uint8).reshape(n, 4),
+            positions.contiguous().view(torch.uint8).reshape(n, 8),
+        ],
+        dim=1,
+    )
 
 
 def _unpack(rows: np.ndarray, dtype: torch.dtype, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,8 +99,11 @@ def _unpack(rows: np.ndarray, dtype: torch.dtype, d: int) -> tuple[torch.Tensor,
     def column(lo: int, hi: int, as_dtype: torch.dtype) -> torch.Tensor:  # fresh storage: aligned for the view
         return t[:, lo:hi].clone(memory_format=torch.contiguous_format).view(as_dtype)
 
-    return column(0, a, dtype), column(a, a + 4, torch.int32).reshape(-1), column(a + 4, a + 12,
-                                                                                torch.int64).reshape(-1)
+    return (
+        column(0, a, dtype),
+        column(a, a + 4, torch.int32).reshape(-1),
+        column(a + 4, a + 12, torch.int64).reshape(-1),
+    )
 
 
 def _data_starts(data: bytes) -> dict[str, int]:
@@ -152,10 +160,20 @@ class _Job:
         starts = _data_starts(enc.data)
         self.out.write_bytes(f"{self.sid}/{layout.spill_file(r.index)}", enc.data)
         crashpoints.point("shuffle.spill-written")
-        record = records.sealed({
-            "index": r.index, "rows": len(keys), "excluded": r.n_tokens - len(keys), "buckets": n_buckets,
-            "counts": counts.tolist(), "bytes": len(enc.data), "sha256": enc.sha256, "row_bytes": rows.shape[1],
-            "keys_at": starts["keys"], "rows_at": starts["rows"]})
+        record = records.sealed(
+            {
+                "index": r.index,
+                "rows": len(keys),
+                "excluded": r.n_tokens - len(keys),
+                "buckets": n_buckets,
+                "counts": counts.tolist(),
+                "bytes": len(enc.data),
+                "sha256": enc.sha256,
+                "row_bytes": rows.shape[1],
+                "keys_at": starts["keys"],
+                "rows_at": starts["rows"],
+            }
+        )
         self.out.write_json(f"{self.sid}/{layout.spill_record(r.index)}", record)
         crashpoints.point("shuffle.spill-recorded")
         return record
@@ -169,8 +187,11 @@ class _Job:
             i, start, n = piece
             hi = n if hi is None else hi
             s = spills[i]
-            return self.out.read_range(f"{self.sid}/{layout.spill_file(s['index'])}",
-                                       s[at] + (start + lo) * width, s[at] + (start + hi) * width)
+            return self.out.read_range(
+                f"{self.sid}/{layout.spill_file(s['index'])}",
+                s[at] + (start + lo) * width,
+                s[at] + (start + hi) * width,
+            )
 
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="actcache-shuffle") as pool:
             keys = list(pool.map(lambda p: np.frombuffer(read(p, "keys_at", 8), dtype=np.uint64), pieces))
@@ -180,11 +201,21 @@ class _Job:
                 every = np.sort(np.concatenate(keys))
                 bounds = [None, *every[self.bucket_rows :: self.bucket_rows].tolist(), None]
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-                ranges = [(0 if lo is None else int(np.searchsorted(k, np.uint64(lo))),
-                           len(k) if hi is None else int(np.searchsorted(k, np.uint64(hi)))) for k in keys]
-                rows = list(pool.map(lambda a: np.frombuffer(read(a[0], "rows_at", spills[a[0][0]]["row_bytes"],
-                                                                  *a[1]), dtype=np.uint8),
-                                     zip(pieces, ranges, strict=True)))
+                ranges = [
+                    (
+                        0 if lo is None else int(np.searchsorted(k, np.uint64(lo))),
+                        len(k) if hi is None else int(np.searchsorted(k, np.uint64(hi))),
+                    )
+                    for k in keys
+                ]
+                rows = list(
+                    pool.map(
+                        lambda a: np.frombuffer(
+                            read(a[0], "rows_at", spills[a[0][0]]["row_bytes"], *a[1]), dtype=np.uint8
+                        ),
+                        zip(pieces, ranges, strict=True),
+                    )
+                )
                 k = np.concatenate([kk[r0:r1] for kk, (r0, r1) in zip(keys, ranges, strict=True)])
                 width = spills[0]["row_bytes"]
                 packed = np.concatenate([r.reshape(-1, width) for r in rows])
@@ -221,22 +252,33 @@ class _Writer:
         acts, tokens, positions = (torch.cat(parts) for parts in zip(*self.pending, strict=True))
         self.pending = []
         sid = self.job.sid
-        enc = shard.encode({"activations": acts, "tokens": tokens, "positions": positions},
-                           metadata={"set_id": sid, "index": str(j), "layout": "rows"})
+        enc = shard.encode(
+            {"activations": acts, "tokens": tokens, "positions": positions},
+            metadata={"set_id": sid, "index": str(j), "layout": "rows"},
+        )
         rel = layout.shard_file(j, "none")
         self.job.out.write_bytes(f"{sid}/{rel}", enc.data)
         crashpoints.point("shuffle.shard-written")
         extra = {"set_id": sid, "stats": shard.stats(acts), moments.RECORD_FIELD: moments.of(acts).to_json()}
-        records.write_record(self.job.out, sid, Record(j, rel, len(tokens), len(tokens), enc.sha256,
-                                                      len(enc.data), extra))
+        records.write_record(
+            self.job.out, sid, Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
+        )
         crashpoints.point("shuffle.shard-recorded")
         self.job.step("shard")
 
 
-def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed: int = 0,
-                rows_per_shard: int | None = None, exclude_special: bool = False, exclude_ids: Any = (),
-                bucket_rows: int = DEFAULT_BUCKET_ROWS, jobs: int = 8,
-                on_step: Callable[[str], None] | None = None) -> ShuffleResult:
+def shuffle_set(
+    src: str | StoreRef,
+    *,
+    out: str | StoreRef | None = None,
+    seed: int = 0,
+    rows_per_shard: int | None = None,
+    exclude_special: bool = False,
+    exclude_ids: Any = (),
+    bucket_rows: int = DEFAULT_BUCKET_ROWS,
+    jobs: int = 8,
+    on_step: Callable[[str], None] | None = None,
+) -> ShuffleResult:
     """Write (or find) the globally shuffled copy of the set at ``src`` in the store ``out`` (default: the
     source's). Rows whose token is special (``exclude_special``) or in ``exclude_ids`` are left out.
 
@@ -249,11 +291,18 @@ def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed:
     source = open_set(src)
     m = source.manifest
     if m.get("layout") == "rows":
-        raise ActcacheError(f"{source.url} is already a shuffled set; shuffle its source "
-                            f"({m['source']['set_id']}) with another {opt('seed')} instead")
+        raise ActcacheError(
+            f"{source.url} is already a shuffled set; shuffle its source "
+            f"({m['source']['set_id']}) with another {opt('seed')} instead"
+        )
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
-    key = ShuffleKey(source=source.set_id, source_shards=records.digest(source.records), seed=seed,
-                     rows_per_shard=rows_per_shard or m["shard_tokens"], exclude=exclude)
+    key = ShuffleKey(
+        source=source.set_id,
+        source_shards=records.digest(source.records),
+        seed=seed,
+        rows_per_shard=rows_per_shard or m["shard_tokens"],
+        exclude=exclude,
+    )
     target = source.store if out is None else StoreRef.of(out).open()
     target.check_writable(opt("out"))
     job = _Job(source, target, key, bucket_rows, jobs, on_step)
@@ -262,24 +311,33 @@ def shuffle_set(src: str | StoreRef, *, out: str | StoreRef | None = None, seed:
 
     scan = records.scan(target, sid, layout.MANIFEST)
     c = scan.consolidated
-    if c and c.get("complete") and c.get("key") == json.loads(json.dumps(key.to_dict())) \
-            and all(scan.is_done(r["index"], r["n_seq"]) for r in c["shards"]):
+    if (
+        c
+        and c.get("complete")
+        and c.get("key") == json.loads(json.dumps(key.to_dict()))
+        and all(scan.is_done(r["index"], r["n_seq"]) for r in c["shards"])
+    ):
         if any(rel.startswith(layout.SPILL + "/") for rel in scan.entries):
             target.remove_tree(f"{sid}/{layout.SPILL}")  # a kill after the manifest left them
         return ShuffleResult(target.url_of(sid), c["n_tokens"], c["n_shards"], c["excluded"]["rows"], True)
 
     # Pass 1: a spill file per source shard (a rerun keeps those recorded, and their bucket count).
     spills = _spill_records(target, sid, scan)
-    n_buckets = next(iter(spills.values()))["buckets"] if spills else \
-        max(1, min(1 << 31, math.ceil(2 * source.n_tokens / bucket_rows)))
+    n_buckets = (
+        next(iter(spills.values()))["buckets"]
+        if spills
+        else max(1, min(1 << 31, math.ceil(2 * source.n_tokens / bucket_rows)))
+    )
     for r in source.records:
         if r.index not in spills:
             spills[r.index] = job.spill(r, n_buckets)
             job.step("spill")
     ordered = [spills[r.index] for r in source.records]
     if any(s["buckets"] != n_buckets for s in ordered):
-        raise ActcacheError(f"the spill files of {target.url_of(sid)} disagree on their bucket count; delete "
-                            f"{target.url_of(sid + '/' + layout.SPILL)} and rerun")
+        raise ActcacheError(
+            f"the spill files of {target.url_of(sid)} disagree on their bucket count; delete "
+            f"{target.url_of(sid + '/' + layout.SPILL)} and rerun"
+        )
 
     # Pass 2: buckets in key order, cut into output shards.
     counts = np.array([s["counts"] for s in ordered], dtype=np.int64).reshape(len(ordered), n_buckets)
@@ -328,8 +386,13 @@ def _spill_records(store: Store, sid: str, scan: records.Scan) -> dict[int, dict
         try:
             s = records.check_sealed(store.read_json(f"{sid}/{rel}", limit=records.RECORD_LIMIT), rel)
             entry = scan.entries.get(layout.spill_file(i))
-            if records.SEAL not in s or s["index"] != i or entry is None or entry.size != s["bytes"] \
-                    or sum(s["counts"]) != s["rows"]:
+            if (
+                records.SEAL not in s
+                or s["index"] != i
+                or entry is None
+                or entry.size != s["bytes"]
+                or sum(s["counts"]) != s["rows"]
+            ):
                 continue  # unsealed (written before spills were sealed), another shard's, or incomplete
             spill = Record(i, layout.spill_file(i), 0, 0, s["sha256"], s["bytes"])
             if records.hash_matches(store, sid, spill):
@@ -344,8 +407,10 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
     scan = records.scan(job.out, sid, layout.MANIFEST)
     recs = [r for r in scan.sorted_records() if r.index < len(size) and scan.is_done(r.index, size[r.index])]
     if len(recs) != len(size):
-        raise ActcacheError(f"{len(size) - len(recs)} shards of {job.out.url_of(sid)} vanished while it was "
-                            "written; rerun the same shuffle")
+        raise ActcacheError(
+            f"{len(size) - len(recs)} shards of {job.out.url_of(sid)} vanished while it was "
+            "written; rerun the same shuffle"
+        )
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     m = {
         "format_version": FORMAT_VERSION,
@@ -369,7 +434,11 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
         "updated_at": now,
         "shards": [moments.without(r).to_dict() for r in recs],
     }
-    m |= moments.merged(recs, job.d, full=lambda r: r.n_seq == job.key.rows_per_shard, previous=scan.consolidated,
-                        moments_of=moments.from_records(job.out, sid, job.d))
+    m |= moments.merged(
+        recs,
+        job.d,
+        full=lambda r: r.n_seq == job.key.rows_per_shard,
+        previous=scan.consolidated,
+        moments_of=moments.from_records(job.out, sid, job.d),
+    )
     manifest.write(job.out, sid, m)
-

@@ -21,16 +21,22 @@ def _resolve(name: str) -> tuple[tuple[str, Any], ...]:
     try:
         block = AwsCredentials.load(name, validate=True)
     except ValueError:
-        raise ActcacheError(f"no Prefect AwsCredentials block named {name!r}; create it (e.g. "
-                            f"`prefect block create aws-credentials`) or omit {opt('aws_credentials_block')}") from None
+        raise ActcacheError(
+            f"no Prefect AwsCredentials block named {name!r}; create it (e.g. "
+            f"`prefect block create aws-credentials`) or omit {opt('aws_credentials_block')}"
+        ) from None
     except Exception as e:
-        raise ActcacheError(f"cannot load the Prefect block {name!r} ({type(e).__name__}); check PREFECT_API_URL "
-                            "and that the Prefect server is up") from None
+        raise ActcacheError(
+            f"cannot load the Prefect block {name!r} ({type(e).__name__}); check PREFECT_API_URL "
+            "and that the Prefect server is up"
+        ) from None
     try:
         creds = block.get_boto3_session().get_credentials()  # also resolves a profile or an assumed role
     except Exception as e:
-        raise ActcacheError(f"the Prefect block {name!r} gives no usable AWS credentials ({type(e).__name__}); "
-                            "check its access key, profile or role") from None
+        raise ActcacheError(
+            f"the Prefect block {name!r} gives no usable AWS credentials ({type(e).__name__}); "
+            "check its access key, profile or role"
+        ) from None
     if creds is None:
         raise ActcacheError(f"the Prefect block {name!r} gives no AWS credentials; fill in its access key or profile")
     frozen = creds.get_frozen_credentials()

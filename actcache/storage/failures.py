@@ -12,8 +12,15 @@ from actcache.errors import ActcacheError, Failure, opt
 from actcache.storage.retry import chain, error_code, is_transient
 
 _CHAIN_HINT = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or " + opt("aws_credentials_block")
-_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                    "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException"}
+_BAD_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+}
 _DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
 
 
@@ -45,15 +52,21 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
     for e in chain(exc):
         names = _names(e)
         if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
-            return ActcacheError(f"no usable credentials for {url}; set {_CHAIN_HINT} "
-                                 "(or {\"anon\": true} in " + opt("storage_options") + " for a public bucket)")
+            return ActcacheError(
+                f"no usable credentials for {url}; set {_CHAIN_HINT} "
+                '(or {"anon": true} in ' + opt("storage_options") + " for a public bucket)"
+            )
         if "EndpointConnectionError" in names or "ConnectTimeoutError" in names:
             where = _endpoint(e) or "the storage endpoint"
-            return StoreUnavailable(f"cannot reach {where} while {action} {url}; check AWS_ENDPOINT_URL "
-                                    "(or endpoint_url in " + opt("storage_options") + ") and that the server is up")
+            return StoreUnavailable(
+                f"cannot reach {where} while {action} {url}; check AWS_ENDPOINT_URL "
+                "(or endpoint_url in " + opt("storage_options") + ") and that the server is up"
+            )
         if names & {"SSLError", "ClientSSLError", "ClientConnectorCertificateError"}:
-            return ActcacheError(f"TLS handshake failed while {action} {url}; check the endpoint's scheme "
-                                 "(http:// or https://) and certificates")
+            return ActcacheError(
+                f"TLS handshake failed while {action} {url}; check the endpoint's scheme "
+                "(http:// or https://) and certificates"
+            )
         coded = error_code(e)
         if coded is None:
             continue
@@ -64,20 +77,29 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
         if code == "InvalidBucketName":
             return ActcacheError(f"{bucket!r} is not a valid bucket name ({url}); fix the store URL")
         if code in _BAD_CREDENTIALS:
-            return ActcacheError(f"the storage endpoint rejected the credentials for {url} ({code}); "
-                                 f"set valid ones: {_CHAIN_HINT}")
+            return ActcacheError(
+                f"the storage endpoint rejected the credentials for {url} ({code}); set valid ones: {_CHAIN_HINT}"
+            )
         if code in _DENIED or status == 403:
-            return ActcacheError(f"access denied while {action} {url} ({code}); check the credentials "
-                                 f"({_CHAIN_HINT}) and that they may read, write and list this bucket")
+            return ActcacheError(
+                f"access denied while {action} {url} ({code}); check the credentials "
+                f"({_CHAIN_HINT}) and that they may read, write and list this bucket"
+            )
         if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
-            return ActcacheError(f"bucket {bucket!r} is in another region ({code}); set AWS_DEFAULT_REGION or "
-                                 "client_kwargs.region_name in " + opt("storage_options"))
+            return ActcacheError(
+                f"bucket {bucket!r} is in another region ({code}); set AWS_DEFAULT_REGION or "
+                "client_kwargs.region_name in " + opt("storage_options")
+            )
         if is_transient(e):
-            return StoreUnavailable(f"{action} {url} failed: {code or 'error'} (HTTP {status}); the endpoint "
-                                    "is overloaded or failing: retried, then rerun the same command to resume")
+            return StoreUnavailable(
+                f"{action} {url} failed: {code or 'error'} (HTTP {status}); the endpoint "
+                "is overloaded or failing: retried, then rerun the same command to resume"
+            )
         return None
     if is_transient(exc):
         reason = type(list(chain(exc))[-1]).__name__  # the root cause, e.g. ServerDisconnectedError
-        return StoreUnavailable(f"{action} {url} failed: {reason}; the network or endpoint is unstable: "
-                                "retried, then rerun the same command to resume")
+        return StoreUnavailable(
+            f"{action} {url} failed: {reason}; the network or endpoint is unstable: "
+            "retried, then rerun the same command to resume"
+        )
     return None

@@ -8,21 +8,45 @@ from __future__ import annotations
 
 from actcache.errors import ActcacheError
 
-_TRANSIENT_CODES = {"500", "502", "503", "504", "429", "408", "SlowDown", "Throttling", "ThrottlingException",
-                    "TooManyRequests", "RequestLimitExceeded", "RequestTimeout", "RequestTimeTooSkewed",
-                    "InternalError", "ServiceUnavailable", "OperationAborted"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "429",
+    "408",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+}
 
 # Connection resets, timeouts, truncated bodies: the same request may well succeed a moment later.
 _TRANSIENT_TYPES = {
     "HTTPClientError",  # botocore: ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
-    "EndpointConnectionError", "ConnectTimeoutError", "IncompleteReadError", "ResponseParserError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "IncompleteReadError",
+    "ResponseParserError",
     "ClientConnectionError",  # aiohttp: ClientOSError, ServerDisconnectedError, ServerTimeoutError
     "ClientPayloadError",
     "FSTimeoutError",  # fsspec
 }
 # Configuration problems that happen to look like network errors: retrying cannot fix them.
-_PERMANENT_TYPES = {"SSLError", "ClientSSLError", "ClientConnectorCertificateError", "NoCredentialsError",
-                    "PartialCredentialsError", "InvalidURL"}
+_PERMANENT_TYPES = {
+    "SSLError",
+    "ClientSSLError",
+    "ClientConnectorCertificateError",
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "InvalidURL",
+}
 
 
 def error_code(exc: BaseException) -> tuple[str, int] | None:

@@ -89,8 +89,9 @@ class StoreRef:
     """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
 
     @classmethod
-    def of(cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None,
-           credentials_block: str | None = None) -> StoreRef:
+    def of(
+        cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None, credentials_block: str | None = None
+    ) -> StoreRef:
         """``where`` as a StoreRef: a ref as is, or a URL with its options (the loose form callers still use)."""
         if isinstance(where, StoreRef):
             if storage_options or credentials_block:
@@ -101,8 +102,9 @@ class StoreRef:
     def __repr__(self) -> str:
         # Option values may hold credentials (s3fs takes key=/secret=): only their names are shown.
         names = ", ".join(sorted(map(str, self.storage_options)))
-        return (f"StoreRef({self.url!r}, storage_options=<{names or 'none'}>, "
-                f"credentials_block={self.credentials_block!r})")
+        return (
+            f"StoreRef({self.url!r}, storage_options=<{names or 'none'}>, credentials_block={self.credentials_block!r})"
+        )
 
     def open(self) -> Store:
         return Store(self.url, self.storage_options, credentials_block=self.credentials_block)
@@ -216,16 +218,18 @@ class Store:
     part_concurrency = 4
     """Parts uploaded at once: each is a copy of its slice while it is in flight."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *,
-                 credentials_block: str | None = None):
+    def __init__(
+        self, url: str, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None
+    ):
         self.url = url.rstrip("/") or url
         self.ref = StoreRef(self.url, dict(storage_options or {}), credentials_block)
         """How to open this store again (elsewhere, in another process)."""
         options = dict(storage_options or {})
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
-                raise ActcacheError(f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; "
-                                    "omit it")
+                raise ActcacheError(
+                    f"{opt('aws_credentials_block')} applies to s3:// stores, not {self.url!r}; omit it"
+                )
             from actcache.storage.credentials import block_options
 
             options = block_options(credentials_block, options)
@@ -326,8 +330,11 @@ class Store:
         else:
             with self._io("reading", rel):
                 try:
-                    data = self.fs.cat_file(self.path(rel)) if cap is None else \
-                        self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                    data = (
+                        self.fs.cat_file(self.path(rel))
+                        if cap is None
+                        else self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                    )
                 except OSError as e:
                     if "range is not satisfiable" not in str(e).lower():  # S3's answer for an empty object
                         raise
@@ -395,8 +402,10 @@ class Store:
             fd = os.open(path, flags)  # O_NONBLOCK: a FIFO opens at once (and is refused below) instead of hanging
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise DamagedFile(f"{self.url_of(rel)} is a symlink; actcache reads only regular files it wrote "
-                                  "(remove it: a rerun rewrites it)") from None
+                raise DamagedFile(
+                    f"{self.url_of(rel)} is a symlink; actcache reads only regular files it wrote "
+                    "(remove it: a rerun rewrites it)"
+                ) from None
             if isinstance(e, FileNotFoundError):
                 raise
             if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
@@ -405,8 +414,9 @@ class Store:
         f = os.fdopen(fd, "rb")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             f.close()
-            raise DamagedFile(f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); "
-                              "remove it: a rerun rewrites it")
+            raise DamagedFile(
+                f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); remove it: a rerun rewrites it"
+            )
         return f
 
     def regular_path(self, rel: str, size: int) -> str:
@@ -426,8 +436,10 @@ class Store:
         """No symlink between the store root and ``path`` (the root itself may be one): nothing outside is touched."""
         inside = os.path.normpath(os.path.join(os.path.realpath(self.root), os.path.dirname(rel)))
         if os.path.realpath(os.path.dirname(path)) != inside:
-            raise DamagedFile(f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
-                              f"inside {self.url} (replace the link with a real folder)")
+            raise DamagedFile(
+                f"{self.url_of(rel)} lies below a symlinked folder; actcache reads and writes only "
+                f"inside {self.url} (replace the link with a real folder)"
+            )
 
     def _real_folders(self, rel: str) -> None:
         """Replace a symlink where a folder of ``rel`` should be by a real folder (the link only; what it points to
@@ -453,8 +465,10 @@ class Store:
                 self._real_folders(rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as e:
-                raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
-                              "finished shards are kept") from e
+                raise Failure(
+                    f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
+                    "finished shards are kept"
+                ) from e
             self._check_inside(rel, path)
             tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
@@ -468,8 +482,10 @@ class Store:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 if isinstance(e, OSError):  # disk full, file-size limit, read-only, store removed meanwhile, ...
-                    raise Failure(f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
-                                  "store, then rerun: finished shards are kept") from e
+                    raise Failure(
+                        f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
+                        "store, then rerun: finished shards are kept"
+                    ) from e
                 raise
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
@@ -498,8 +514,17 @@ class Store:
                 except FileNotFoundError:
                     continue  # renamed into place since the walk
                 mine = host == _HOST
-                out.append(TempFile(os.path.relpath(full, self.root), host, int(pid), st.st_size, st.st_mtime,
-                                    mine, mine and not _alive(int(pid))))
+                out.append(
+                    TempFile(
+                        os.path.relpath(full, self.root),
+                        host,
+                        int(pid),
+                        st.st_size,
+                        st.st_mtime,
+                        mine,
+                        mine and not _alive(int(pid)),
+                    )
+                )
         return out
 
     def sweep_temp(self, rel: str) -> int:
@@ -548,7 +573,7 @@ class Store:
                 for u in resp.get("Uploads", []):
                     parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
                     size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
-                    key_rel = u["Key"][len(self.root.partition("/")[2]):].lstrip("/")
+                    key_rel = u["Key"][len(self.root.partition("/")[2]) :].lstrip("/")
                     out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
                 if not resp.get("IsTruncated"):
                     return out
@@ -557,8 +582,12 @@ class Store:
     def abort_upload(self, upload: Upload) -> None:
         bucket = self.root.partition("/")[0]
         with self._io("aborting an upload of", upload.rel):
-            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=self.path(upload.rel).partition("/")[2],
-                            UploadId=upload.upload_id)
+            self.fs.call_s3(
+                "abort_multipart_upload",
+                Bucket=bucket,
+                Key=self.path(upload.rel).partition("/")[2],
+                UploadId=upload.upload_id,
+            )
 
     def remove_tree(self, rel: str) -> None:
         """Delete everything below ``rel`` (nothing there is fine)."""
@@ -593,8 +622,10 @@ class Store:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            raise ActcacheError(f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                                f"choose another {given_as} or fix its permissions") from None
+            raise ActcacheError(
+                f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
+                f"choose another {given_as} or fix its permissions"
+            ) from None
 
     def check_reachable(self) -> None:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""

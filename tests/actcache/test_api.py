@@ -71,6 +71,7 @@ def test_a_target_far_beyond_the_data_costs_what_the_data_costs(base_config, tmp
     assert end.exists() and (third.n_shards, third.shards_computed, third.complete) == (len(s), int(partial), True)
     after = actcache.open_set(first.url).manifest
     assert after["target_tokens"] == s.n_tokens
+
     def shas(m):
         return [(r["index"], r["sha256"]) for r in m["shards"]]
 
@@ -102,8 +103,9 @@ def test_complete_sets_are_answered_from_the_store_alone(base_config, monkeypatc
     monkeypatch.setattr(actcache.flows.extract, "extract_activations", lambda *a, **k: runs.append(1) or real(*a, **k))
     fast = api.extract_sets(cfg)
     assert starts == [] and runs == []
-    assert [(s.url, s.n_tokens, s.bytes, s.complete) for s in fast] == [(s.url, s.n_tokens, s.bytes, s.complete)
-                                                                         for s in by_flow]
+    assert [(s.url, s.n_tokens, s.bytes, s.complete) for s in fast] == [
+        (s.url, s.n_tokens, s.bytes, s.complete) for s in by_flow
+    ]
     assert [(s.shards_skipped, s.shards_computed) for s in fast] == [(4, 0), (4, 0)]
 
     (Path(fast[1].url) / "manifest.json").unlink()  # killed after its last shard, before its manifest
@@ -122,10 +124,12 @@ def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path)
     url = actcache.extract(base_config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONWARNINGS="ignore")
-    code = ("import json, sys\nfrom actcache import cli, tempserver\n"
-            f"code = cli.main({json.dumps(['extract', *_flags(base_config)])})\n"
-            "print(json.dumps([code, tempserver._SERVER is not None, "
-            "sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules)]))\n")
+    code = (
+        "import json, sys\nfrom actcache import cli, tempserver\n"
+        f"code = cli.main({json.dumps(['extract', *_flags(base_config)])})\n"
+        "print(json.dumps([code, tempserver._SERVER is not None, "
+        "sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules)]))\n"
+    )
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     *answer, report = p.stdout.strip().splitlines()
@@ -133,6 +137,21 @@ def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path)
 
 
 def _flags(cfg) -> list[str]:
-    return ["--model", cfg.model, "--dataset", cfg.dataset, "--hook", cfg.hook, "--context-size",
-            str(cfg.context_size), "--max-tokens", str(cfg.max_tokens), "--shard-tokens", str(cfg.shard_tokens),
-            "--store", cfg.store, "--device", cfg.device]
+    return [
+        "--model",
+        cfg.model,
+        "--dataset",
+        cfg.dataset,
+        "--hook",
+        cfg.hook,
+        "--context-size",
+        str(cfg.context_size),
+        "--max-tokens",
+        str(cfg.max_tokens),
+        "--shard-tokens",
+        str(cfg.shard_tokens),
+        "--store",
+        cfg.store,
+        "--device",
+        cfg.device,
+    ]

@@ -15,8 +15,9 @@ from actcache.errors import ActcacheError, Failure, opt
 
 
 def test_fields_read_as_fields_and_render_as_flags():
-    e = ActcacheError(f"no BOS; set {opt('prepend_bos', False)} or {opt('separator', 'none')}, "
-                      f"or raise {opt('max_tokens')}")
+    e = ActcacheError(
+        f"no BOS; set {opt('prepend_bos', False)} or {opt('separator', 'none')}, or raise {opt('max_tokens')}"
+    )
     assert str(e) == "no BOS; set prepend_bos=False or separator='none', or raise max_tokens"
     assert e.for_cli() == "no BOS; set --no-prepend-bos or --separator none, or raise --max-tokens"
     assert e.fields == ["prepend_bos", "separator", "max_tokens"]
@@ -55,12 +56,15 @@ def _raise(exc: BaseException, cause: BaseException | None = None) -> BaseExcept
         return e
 
 
-@pytest.mark.parametrize("exc,code,line", [
-    (ActcacheError("bad   --hook\n x"), 2, "actcache: error: bad --hook x"),
-    (Failure("cannot write s3://b/x (No space left on device)"), 1, "actcache: error: cannot write"),
-    (RuntimeError("wrapped by a library"), 1, "actcache: error: RuntimeError: wrapped by a library"),
-    (KeyboardInterrupt(), 130, "actcache: interrupted"),
-])
+@pytest.mark.parametrize(
+    "exc,code,line",
+    [
+        (ActcacheError("bad   --hook\n x"), 2, "actcache: error: bad --hook x"),
+        (Failure("cannot write s3://b/x (No space left on device)"), 1, "actcache: error: cannot write"),
+        (RuntimeError("wrapped by a library"), 1, "actcache: error: RuntimeError: wrapped by a library"),
+        (KeyboardInterrupt(), 130, "actcache: interrupted"),
+    ],
+)
 def test_report_is_one_line_with_the_exit_code(capsys, exc, code, line):
     assert errors.report(_raise(exc)) == code
     err = capsys.readouterr().err.strip().splitlines()
@@ -111,8 +115,11 @@ def test_console_filter_drops_only_records_carrying_an_actcache_error(capsys):
     logger.addHandler(Api())
     try:
         with errors.user_errors_off_console():
-            for exc in (ActcacheError("user"), _raise(RuntimeError("wrapping"), Failure("disk full")),
-                        RuntimeError("a bug")):
+            for exc in (
+                ActcacheError("user"),
+                _raise(RuntimeError("wrapping"), Failure("disk full")),
+                RuntimeError("a bug"),
+            ):
                 try:
                     raise exc
                 except BaseException:

@@ -187,8 +187,12 @@ def test_is_transient_on_real_errors(s3_server, s3_env):
     assert not is_transient(denied.value)
     import boto3
 
-    dead = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{_closed_port()}", region_name="us-east-1",
-                        config=__import__("botocore.config").config.Config(retries={"max_attempts": 1}))
+    dead = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{_closed_port()}",
+        region_name="us-east-1",
+        config=__import__("botocore.config").config.Config(retries={"max_attempts": 1}),
+    )
     with pytest.raises(Exception) as refused:
         dead.list_buckets()
     assert type(refused.value).__name__ == "EndpointConnectionError"

@@ -36,8 +36,16 @@ WRONG_BLOCK_SECRET = "wrong-block-secret-Hn27Wd5RcK"
 
 @pytest.fixture(scope="module")
 def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                         context_size=32, max_tokens=512, shard_tokens=128, batch_size=4, device="cpu")
+    return ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,
+        shard_tokens=128,
+        batch_size=4,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +65,27 @@ def copy_of(local_set: Path, tmp_path: Path) -> Path:
 
 # -- secrets --------------------------------------------------------------------------------------
 def extract_args(cfg: ExtractConfig, store: str) -> list[str]:
-    return ["extract", "--model", cfg.model, "--hook", cfg.hook, "--dataset", cfg.dataset, "--context-size", "32",
-            "--max-tokens", "512", "--shard-tokens", "128", "--batch-size", "4", "--device", "cpu", "--store", store]
+    return [
+        "extract",
+        "--model",
+        cfg.model,
+        "--hook",
+        cfg.hook,
+        "--dataset",
+        cfg.dataset,
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--store",
+        store,
+    ]
 
 
 def prefect_records() -> list[str]:
@@ -76,8 +103,9 @@ def prefect_records() -> list[str]:
             out.append(json.dumps(run.parameters, default=str))
             out.append(f"{run.state_name} {run.state.message if run.state else ''}")
             offset = 0
-            while logs := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200,
-                                           offset=offset):
+            while logs := client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200, offset=offset
+            ):
                 out += [log.message for log in logs]
                 offset += len(logs)
         offset = 0
@@ -110,8 +138,14 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
 
     def cli(*args: str, env: dict[str, str], ok: bool = True, expect: tuple[str, ...] = ()) -> str:
         base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        base.update(env, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-                    AWS_EC2_METADATA_DISABLED="true", PREFECT_API_URL=PREFECT_API_URL.value(), TQDM_DISABLE="1")
+        base.update(
+            env,
+            AWS_CONFIG_FILE=os.devnull,
+            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+            AWS_EC2_METADATA_DISABLED="true",
+            PREFECT_API_URL=PREFECT_API_URL.value(),
+            TQDM_DISABLE="1",
+        )
         p = subprocess.run([CLI, *args], env=base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         texts.extend([p.stdout, p.stderr])
         if ok:
@@ -126,28 +160,41 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     denied = ("access denied", "rejected the credentials")
     with ThreadPoolExecutor(3) as pool:  # independent subprocesses: ~3x faster than one after another
         env_set = pool.submit(cli, *extract_args(config, url_env), env=good)
-        block_set = pool.submit(cli, *extract_args(config, url_block), "--aws-credentials-block", "sec-good",
-                                env=wrong)
-        failing = [pool.submit(cli, "ls", url_env, env=wrong, ok=False, expect=denied),
-                   pool.submit(cli, *extract_args(config, s3_server.new_prefix()), "--aws-credentials-block",
-                               "sec-bad", env=good, ok=False, expect=denied)]
+        block_set = pool.submit(cli, *extract_args(config, url_block), "--aws-credentials-block", "sec-good", env=wrong)
+        failing = [
+            pool.submit(cli, "ls", url_env, env=wrong, ok=False, expect=denied),
+            pool.submit(
+                cli,
+                *extract_args(config, s3_server.new_prefix()),
+                "--aws-credentials-block",
+                "sec-bad",
+                env=good,
+                ok=False,
+                expect=denied,
+            ),
+        ]
         env_set, block_set = env_set.result(), block_set.result()
         set_id = env_set.rsplit("/", 1)[1]
         local = tmp_path / "copied"
-        jobs = [pool.submit(cli, "ls", url_env, env=good),
-                pool.submit(cli, "ls", url_block, "--aws-credentials-block", "sec-good", env=wrong),
-                pool.submit(cli, "show", env_set, "--shards", env=good),
-                pool.submit(cli, "show", block_set, "--aws-credentials-block", "sec-good", env=wrong),
-                pool.submit(cli, "verify", env_set, env=good),
-                pool.submit(cli, "verify", block_set, "--aws-credentials-block", "sec-good", env=wrong),
-                pool.submit(cli, "verify", env_set, "--aws-credentials-block", "sec-bad", env=good, ok=False,
-                            expect=denied),
-                pool.submit(cli, "cp", block_set, str(local), "--aws-credentials-block", "sec-good", env=wrong)]
+        jobs = [
+            pool.submit(cli, "ls", url_env, env=good),
+            pool.submit(cli, "ls", url_block, "--aws-credentials-block", "sec-good", env=wrong),
+            pool.submit(cli, "show", env_set, "--shards", env=good),
+            pool.submit(cli, "show", block_set, "--aws-credentials-block", "sec-good", env=wrong),
+            pool.submit(cli, "verify", env_set, env=good),
+            pool.submit(cli, "verify", block_set, "--aws-credentials-block", "sec-good", env=wrong),
+            pool.submit(
+                cli, "verify", env_set, "--aws-credentials-block", "sec-bad", env=good, ok=False, expect=denied
+            ),
+            pool.submit(cli, "cp", block_set, str(local), "--aws-credentials-block", "sec-good", env=wrong),
+        ]
         [f.result() for f in failing + jobs]
-        cps = [pool.submit(cli, "cp", f"{local}/{set_id}", url_cp, "--dest-aws-credentials-block", "sec-good",
-                           env=wrong),
-               pool.submit(cli, "cp", f"{local}/{set_id}", s3_server.new_prefix(), env=reader, ok=False,
-                           expect=denied[:1])]
+        cps = [
+            pool.submit(cli, "cp", f"{local}/{set_id}", url_cp, "--dest-aws-credentials-block", "sec-good", env=wrong),
+            pool.submit(
+                cli, "cp", f"{local}/{set_id}", s3_server.new_prefix(), env=reader, ok=False, expect=denied[:1]
+            ),
+        ]
         [f.result() for f in cps]
 
     # The Python API in this process, the environment's secret wrong: the block is what works.
@@ -166,10 +213,12 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
     verify_sets.fn(fanned)  # the fan-out's last step reads with the block too (it once dropped it)
     texts.append(repr(pickle.dumps(fanned)))  # the plan travels by name of the block, never its secret
     no_cache = {"skip_instance_cache": True}  # s3fs would reuse a filesystem made with other environment keys
-    failures = [lambda: open_set(env_set, no_cache),
-                lambda: open_set(env_set, credentials_block="sec-bad"),
-                lambda: extract(config.replace(store=s3_server.new_prefix(), aws_credentials_block="sec-bad")),
-                lambda: copy_set(f"{local}/{set_id}", s3_server.new_prefix(), dest_options=no_cache)]
+    failures = [
+        lambda: open_set(env_set, no_cache),
+        lambda: open_set(env_set, credentials_block="sec-bad"),
+        lambda: extract(config.replace(store=s3_server.new_prefix(), aws_credentials_block="sec-bad")),
+        lambda: copy_set(f"{local}/{set_id}", s3_server.new_prefix(), dest_options=no_cache),
+    ]
     for fail in failures:
         with pytest.raises(ActcacheError) as info:
             fail()
@@ -200,6 +249,7 @@ def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch
         _, bound, _ = app.parse_args(argv)
         bound.apply_defaults()
         return bound.arguments
+
     from actcache.extraction.plan import make_plan
     from actcache.inputs.model import ModelSpec, resolve_model
 
@@ -275,14 +325,20 @@ def _bad_shards(good: bytes) -> dict[str, tuple[bytes, str]]:
     return {
         "offsets beyond the file": (edited("activations", data_offsets=[start, len(body) + 4096]), "offset"),
         "header longer than the file": (struct.pack("<Q", 1 << 40) + good[8:], "header too large"),
-        "shape not matching its bytes": (edited("activations", shape=[9, 9, 9, 9]),
-                                         "expected torch.float16[4, 32, 32]"),
+        "shape not matching its bytes": (
+            edited("activations", shape=[9, 9, 9, 9]),
+            "expected torch.float16[4, 32, 32]",
+        ),
         "header not JSON": (struct.pack("<Q", 6) + b"{'x':1" + body, "invalid JSON"),
         "truncated": (good[:5], "header too small"),
-        "shape not the manifest's": (shard.encode({"activations": acts[:, :, :16].contiguous(),
-                                                   "tokens": tokens}).data, "expected torch.float16[4, 32, 32]"),
-        "dtype not the manifest's": (shard.encode({"activations": acts.float(), "tokens": tokens}).data,
-                                     "is torch.float32"),
+        "shape not the manifest's": (
+            shard.encode({"activations": acts[:, :, :16].contiguous(), "tokens": tokens}).data,
+            "expected torch.float16[4, 32, 32]",
+        ),
+        "dtype not the manifest's": (
+            shard.encode({"activations": acts.float(), "tokens": tokens}).data,
+            "is torch.float32",
+        ),
         "tokens missing": (shard.encode({"activations": acts}).data, "no tensor 'tokens'"),
     }
 
@@ -348,8 +404,10 @@ def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
 BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<Q", 8 << 30) + bytes([1, 0, 0])
 
 
-@pytest.mark.parametrize("case", ["frame claims 8 GB", "n_seq edited beyond the key", "d edited in the manifest",
-                                  "bomb behind a valid header"])
+@pytest.mark.parametrize(
+    "case",
+    ["frame claims 8 GB", "n_seq edited beyond the key", "d edited in the manifest", "bomb behind a valid header"],
+)
 def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case):
     """A zstd shard is a few bytes that may claim (or inflate to) any size, and a manifest may be edited and
     resealed: what bounds the output is the key (dtype, context, at most seqs_per_shard sequences) and the
@@ -390,8 +448,16 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 32 << 10  # KB: never the claimed size
 
 
-@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "FIFO", "symlink to a valid shard outside the set",
-                                  "symlinked shards folder", "manifest a symlink to another set's"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "symlink to /dev/zero",
+        "FIFO",
+        "symlink to a valid shard outside the set",
+        "symlinked shards folder",
+        "manifest a symlink to another set's",
+    ],
+)
 def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path, kind):
     """A shard replaced by a link or a FIFO is never followed or waited on: reading, streaming, verify and cp
     say so in one line, verify says a rerun repairs it, and the rerun does (what a link pointed to is untouched)."""
@@ -444,8 +510,11 @@ def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path,
         assert isinstance(out.get("error"), ActcacheError) and "symlink" in str(out["error"]), out
     else:
         s = open_set(str(set_dir))
-        for fn in (lambda: s.read(s.records[1]), lambda: list(ActivationDataset(str(set_dir), 64)),
-                   lambda: copy_set(str(set_dir), str(tmp_path / "copy"))):
+        for fn in (
+            lambda: s.read(s.records[1]),
+            lambda: list(ActivationDataset(str(set_dir), 64)),
+            lambda: copy_set(str(set_dir), str(tmp_path / "copy")),
+        ):
             out = bounded(fn)
             err = out.get("error")
             assert isinstance(err, ActcacheError) and "\n" not in str(err), (kind, out)
@@ -462,8 +531,7 @@ def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path,
 
 @pytest.mark.parametrize("kind", ["FIFO", "symlink to a valid shard outside the set"])
 @pytest.mark.parametrize("command", ["shuffle", "export", "push"])
-def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tmp_path, capsys, request, command,
-                                                                kind):
+def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tmp_path, capsys, request, command, kind):
     """shuffle, export and push read shards as every reader does (tensors.read, Store.read_range/regular_path):
     a FIFO is refused at once, a link is not followed, in one line with exit 1, and nothing is uploaded."""
     from actcache.cli import app as cli
@@ -477,9 +545,11 @@ def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tm
         os.mkfifo(victim)
     else:
         victim.symlink_to(outside)
-    argv = {"shuffle": ["shuffle", str(set_dir), "--out", str(tmp_path / "shuffled")],
-            "export": ["export", str(set_dir), str(tmp_path / "exported"), "--format", "hf"],
-            "push": ["push", str(set_dir), "REPO"]}[command]
+    argv = {
+        "shuffle": ["shuffle", str(set_dir), "--out", str(tmp_path / "shuffled")],
+        "export": ["export", str(set_dir), str(tmp_path / "exported"), "--format", "hf"],
+        "push": ["push", str(set_dir), "REPO"],
+    }[command]
     if command == "push":
         hub = request.getfixturevalue("hub")
         argv[-1] = hub.new_repo_id("refused")
@@ -496,10 +566,19 @@ def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tm
 
 
 # -- nothing escapes the store --------------------------------------------------------------------
-ESCAPES = ["../../outside/secret.safetensors", "/etc/passwd", "s3://other-bucket/x/shards/000000.safetensors",
-           "file:///etc/passwd", "shards/../../../outside/secret.safetensors", "shards/000000.safetensors/../../x",
-           "shards/000000.safetensors\n", "shards/\u0660\u0660\u0660\u0660\u0660\u0660.safetensors",
-           "done/000000.json", "memory://shards/000000.safetensors", "shards/000001.safetensors"]
+ESCAPES = [
+    "../../outside/secret.safetensors",
+    "/etc/passwd",
+    "s3://other-bucket/x/shards/000000.safetensors",
+    "file:///etc/passwd",
+    "shards/../../../outside/secret.safetensors",
+    "shards/000000.safetensors/../../x",
+    "shards/000000.safetensors\n",
+    "shards/\u0660\u0660\u0660\u0660\u0660\u0660.safetensors",
+    "done/000000.json",
+    "memory://shards/000000.safetensors",
+    "shards/000001.safetensors",
+]
 
 
 @pytest.mark.parametrize("entry", ESCAPES, ids=[repr(e)[1:-1] for e in ESCAPES])
@@ -531,8 +610,9 @@ def test_manifest_entries_cannot_escape_the_set(local_set, tmp_path, entry):
     assert not (tmp_path / "dest").exists()
 
 
-@pytest.mark.parametrize("set_id", ["..", "../outside", "0123456789abcdef01234567\n", "/etc", "t..",
-                                    "0123456789ABCDEF01234567"])
+@pytest.mark.parametrize(
+    "set_id", ["..", "../outside", "0123456789abcdef01234567\n", "/etc", "t..", "0123456789ABCDEF01234567"]
+)
 def test_set_ids_are_checked(local_set, tmp_path, set_id):
     store = copy_of(local_set, tmp_path).parent
     with pytest.raises(ActcacheError, match="is not a set id"):

@@ -14,9 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "results.json"
-    p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
-                         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)  # its own group: the Prefect server child goes with it
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own group: the Prefect server child goes with it
     try:
         log, _ = p.communicate(timeout=300)
     except subprocess.TimeoutExpired:

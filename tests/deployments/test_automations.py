@@ -26,8 +26,13 @@ def test_automation_watches_heartbeats_of_tagged_runs_only(automations):
     a = automations.lost_run_automation(90, tag, heartbeat_s)
     t = a.trigger
     assert t.after == {"prefect.flow-run.heartbeat"} and t.within == timedelta(seconds=90)
-    assert t.expect == {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"}
+    assert t.expect == {
+        "prefect.flow-run.heartbeat",
+        "prefect.flow-run.Completed",
+        "prefect.flow-run.Failed",
+        "prefect.flow-run.Cancelled",
+        "prefect.flow-run.Crashed",
+    }
     assert t.for_each == {"prefect.resource.id"} and t.posture == "Proactive"
     assert t.match_related.root == {"prefect.resource.role": "tag", "prefect.resource.id": "prefect.tag.actcache"}
     [action] = a.actions

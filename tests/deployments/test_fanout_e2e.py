@@ -53,8 +53,9 @@ def task_runs_named(client, flow_run_ids, name: str) -> list:
 def runs_of(client, deployment_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
-    return client.read_flow_runs(flow_run_filter=FlowRunFilter(
-        deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+    return client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+    )
 
 
 def max_overlap(runs) -> int:
@@ -91,8 +92,12 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
     lap("server+model")
 
     server.cli("work-pool", "create", pool, "--type", "process")
-    workers_env = {**server.env, "ACTCACHE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
-                   "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    workers_env = {
+        **server.env,
+        "ACTCACHE_HOME": str(REPO),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+    }
     for i in (1, 2):
         # Started outside the checkout: only the deployment's pull step brings a run there.
         server.start_worker(f"worker{i}", pool, workers_env, cwd=tmp_path)
@@ -100,8 +105,16 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
     lap("pool+workers+deploy")
 
     # 34 sequences of 32 tokens: 9 shards, the last one partial; partition 0 owns 0, 4 and 8.
-    common = dict(model=str(model), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=32,
-                  max_tokens=34 * 32, shard_tokens=4 * 32, batch_size=4, device="cpu")
+    common = dict(
+        model=str(model),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=34 * 32,
+        shard_tokens=4 * 32,
+        batch_size=4,
+        device="cpu",
+    )
     fan_store, ref_store = tmp_path / "fanout-store", tmp_path / "single-store"
     n_shards = 9
 
@@ -134,8 +147,10 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
         assert sorted(r.name for r in children) == [f"partition-{i}-of-{PARTITIONS}" for i in range(PARTITIONS)]
         assert all(r.state.is_completed() for r in children)
         for r in sorted(children, key=lambda r: r.name):  # where the time goes (shown with -s)
-            marks = [(st.name, round((st.timestamp - first.created).total_seconds(), 1))
-                     for st in client.read_flow_run_states(r.id)]
+            marks = [
+                (st.name, round((st.timestamp - first.created).total_seconds(), 1))
+                for st in client.read_flow_run_states(r.id)
+            ]
             print(f"e2e: {r.name}: {[m for m in marks if m[0] != 'AwaitingConcurrencySlot']}", flush=True)
         limit = deployment_spec("partition")["concurrency_limit"]["limit"]
         assert max_overlap(children) <= limit, "the deployment concurrency limit from prefect.yaml was not enforced"

@@ -41,8 +41,10 @@ STALL = "extract.forward-done:2:hang"
 def server_settings() -> dict[str, str]:
     # Automations run in the triggers service (the other deployment tests turn it off); subflows of a cancelled
     # parent are cancelled by the cancellation-cleanup service, every 20 s by default.
-    return {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
-            "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "5"}
+    return {
+        "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "true",
+        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS": "5",
+    }
 
 
 @dataclass
@@ -62,17 +64,30 @@ def cluster(prefect_server, corpus, tmp_path_factory) -> Cluster:
     server.cli("work-pool", "create", POOL, "--type", "process", timeout=600)  # generous: CPUs may be shared
     server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=600)
     server.python("deployments/automations.py", "--lost-after", str(LOST_AFTER_S), timeout=600)
-    env = {**server.env, "ACTCACHE_HOME": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    env = {
+        **server.env,
+        "ACTCACHE_HOME": str(REPO),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
+    }
     workers = {  # started outside the checkout: only the deployments' pull step brings a run there
         "control": server.start_worker("control", POOL, env, root, ("--work-queue", "control")),
         "gpu0": server.start_worker("gpu0", POOL, env, root, ("--work-queue", "default", "--limit", "1")),
-        "gpu1": server.start_worker("gpu1", POOL, {**env, "ACTCACHE_FAULT": STALL}, root,
-                                    ("--work-queue", "default", "--limit", "1")),
+        "gpu1": server.start_worker(
+            "gpu1", POOL, {**env, "ACTCACHE_FAULT": STALL}, root, ("--work-queue", "default", "--limit", "1")
+        ),
     }
     # 26 sequences of 32 tokens in shards of 4: 7 shards, the last one partial; partition 1 owns 1, 3 and 5.
-    common = dict(model=str(model), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=32,
-                  max_tokens=26 * 32, shard_tokens=4 * 32, batch_size=4, device="cpu")
+    common = dict(
+        model=str(model),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=26 * 32,
+        shard_tokens=4 * 32,
+        batch_size=4,
+        device="cpu",
+    )
     return Cluster(server, workers, common, root)
 
 
@@ -90,8 +105,10 @@ def wait_for(what: str, check, cluster: Cluster, timeout_s: float, every_s: floa
         if value := check():
             return value
         time.sleep(every_s)
-    states = "".join(f"\n{r.name}: {r.state.name} {r.labels.get('prefect.worker.name')} {r.state.message}"
-                     for r in (runs() if runs else []))
+    states = "".join(
+        f"\n{r.name}: {r.state.name} {r.labels.get('prefect.worker.name')} {r.state.message}"
+        for r in (runs() if runs else [])
+    )
     tails = "\n".join(f"--- {n}\n{cluster.server.procs.log_tail(n)}" for n, _ in cluster.server.procs.started)
     pytest.fail(f"{what}: not within {timeout_s} s{states}\n{tails}")
 
@@ -99,8 +116,9 @@ def wait_for(what: str, check, cluster: Cluster, timeout_s: float, every_s: floa
 def partitions_of(c, parent_id) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    return c.read_flow_runs(flow_run_filter=FlowRunFilter(
-        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+    return c.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+    )
 
 
 def on_worker(runs, worker: str) -> list:
@@ -135,9 +153,13 @@ def api(cluster):
 def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
     store = cluster.root / "cancelled-store"
     parent = fanout(cluster, store)
-    run, _ = wait_for("a partition running on gpu1 (stalled after its first shard)",
-                      lambda: stalled_partition(api, parent.id, store), cluster, timeout_s=STARTUP_BUDGET_S,
-                      runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)])
+    run, _ = wait_for(
+        "a partition running on gpu1 (stalled after its first shard)",
+        lambda: stalled_partition(api, parent.id, store),
+        cluster,
+        timeout_s=STARTUP_BUDGET_S,
+        runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)],
+    )
 
     t0 = time.monotonic()
     cluster.server.cli("flow-run", "cancel", str(parent.id))  # what a user does (or the UI's Cancel button)
@@ -146,8 +168,13 @@ def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
         runs = [api.read_flow_run(parent.id), *partitions_of(api, parent.id)]
         return runs if all(r.state.is_final() for r in runs) else None
 
-    parent_run, *children = wait_for("the fan-out and every partition final after the cancel", all_final, cluster,
-                                     timeout_s=300, runs=lambda: partitions_of(api, parent.id))
+    parent_run, *children = wait_for(
+        "the fan-out and every partition final after the cancel",
+        all_final,
+        cluster,
+        timeout_s=300,
+        runs=lambda: partitions_of(api, parent.id),
+    )
     print(f"lost-worker e2e: cancel -> all final in {time.monotonic() - t0:.1f} s", flush=True)
     assert parent_run.state.name == "Cancelled"
     [stalled] = [r for r in children if r.id == run.id]
@@ -162,16 +189,25 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     store, ref_store = cluster.root / "fanout-store", cluster.root / "reference-store"
     # The reference, undisturbed: the CLI in its own process (a flow run here would tie this process's event
     # sender to a server the module stops), while the fan-out runs.
-    cli_args = [a for k, v in (cluster.common | {"store": str(ref_store)}).items()
-                for a in (f"--{k.replace('_', '-')}", str(v))]
-    reference = subprocess.Popen([str(Path(sys.executable).parent / "actcache"), "extract", *cli_args],
-                                 env=cluster.server.env, cwd=cluster.root, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+    cli_args = [
+        a for k, v in (cluster.common | {"store": str(ref_store)}).items() for a in (f"--{k.replace('_', '-')}", str(v))
+    ]
+    reference = subprocess.Popen(
+        [str(Path(sys.executable).parent / "actcache"), "extract", *cli_args],
+        env=cluster.server.env,
+        cwd=cluster.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     parent = fanout(cluster, store)
-    run, done_at_kill = wait_for("a partition running on gpu1 (stalled after its first shard)",
-                                 lambda: stalled_partition(api, parent.id, store), cluster,
-                                 timeout_s=STARTUP_BUDGET_S,
-                                 runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)])
+    run, done_at_kill = wait_for(
+        "a partition running on gpu1 (stalled after its first shard)",
+        lambda: stalled_partition(api, parent.id, store),
+        cluster,
+        timeout_s=STARTUP_BUDGET_S,
+        runs=lambda: [api.read_flow_run(parent.id), *partitions_of(api, parent.id)],
+    )
     victim = int(run.name.split("-")[1])
     assert cluster.workers["gpu1"].poll() is None and cluster.workers["control"].poll() is None
 
@@ -184,9 +220,13 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
         r = api.read_flow_run(parent.id)
         return r if r.state.is_final() else None
 
-    parent_run = wait_for("the fan-out final after the kill", parent_final, cluster,
-                          timeout_s=LOST_AFTER_S + EVALUATION_SLACK_S + RELAUNCH_BUDGET_S,
-                          runs=lambda: partitions_of(api, parent.id))
+    parent_run = wait_for(
+        "the fan-out final after the kill",
+        parent_final,
+        cluster,
+        timeout_s=LOST_AFTER_S + EVALUATION_SLACK_S + RELAUNCH_BUDGET_S,
+        runs=lambda: partitions_of(api, parent.id),
+    )
     t_done = time.monotonic()
     assert parent_run.state.is_completed(), (parent_run.state.name, parent_run.state.message)
     assert str(store) in parent_run.state.message  # "1 set: <url>": the API and UI show where the set is
@@ -200,8 +240,11 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     detected_s = (lost.state.timestamp - killed_at).total_seconds()
     assert 0 < detected_s <= LOST_AFTER_S + EVALUATION_SLACK_S
     assert again.state.is_completed() and again.labels.get("prefect.worker.name") == "gpu0"
-    print(f"lost-worker e2e: lost run Crashed {detected_s:.1f} s after the kill (--lost-after {LOST_AFTER_S}); "
-          f"fan-out done {t_done - t_kill:.1f} s after the kill", flush=True)
+    print(
+        f"lost-worker e2e: lost run Crashed {detected_s:.1f} s after the kill (--lost-after {LOST_AFTER_S}); "
+        f"fan-out done {t_done - t_kill:.1f} s after the kill",
+        flush=True,
+    )
 
     # The relaunch computed only what the lost run had not stored.
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -212,8 +255,9 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
 
     tasks = wait_for("the relaunch's task runs recorded", relaunch_tasks, cluster, timeout_s=60)
     owned = [i for i in range(7) if i % PARTITIONS == victim]
-    assert sorted(int(r.name.split("-")[1]) for r in tasks if r.name.startswith("extract-")) == \
-        [i for i in owned if i not in done_at_kill]
+    assert sorted(int(r.name.split("-")[1]) for r in tasks if r.name.startswith("extract-")) == [
+        i for i in owned if i not in done_at_kill
+    ]
 
     out, _ = reference.communicate(timeout=300)
     assert reference.returncode == 0, out[-3000:]
@@ -225,8 +269,12 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     # The job's summary for the set: a row per partition (the lost one with its relaunch) and one for all.
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    [summary] = api.read_artifacts(artifact_filter=ArtifactFilter(
-        key=ArtifactFilterKey(any_=[f"fanout-{fan_set.name}"]), flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id])))
+    [summary] = api.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"fanout-{fan_set.name}"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[parent.id]),
+        )
+    )
     rows = {r["partition"]: r for r in json.loads(summary.data)}
     assert rows[str(victim)]["runs"] == f"{name}, {name}-attempt-2" and rows[str(victim)]["state"] == "Completed"
     assert rows["all"]["shards"] == 7 and rows["all"]["missing_after"] == 0

@@ -17,8 +17,11 @@ from actcache import crashpoints
 from actcache.read.reader import open_set
 
 # How often each point is reached in one run of `args` below (4 shards): the seeded n stays in range.
-_REACHED = {p: 4 for p in crashpoints.POINTS} | {"store.temp-written": 17, "manifest.before-write": 1,
-                                            "manifest.written": 1}
+_REACHED = {p: 4 for p in crashpoints.POINTS} | {
+    "store.temp-written": 17,
+    "manifest.before-write": 1,
+    "manifest.written": 1,
+}
 
 
 def _cases(seed: int = 20261125, n: int = 11) -> list[tuple[str, int]]:
@@ -49,9 +52,25 @@ def api_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def args(tiny_models, corpus):
-    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--hook",
-            "blocks.1.hook_resid_post", "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128",
-            "--device", "cpu", "--codec", "zstd"]
+    return [
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        str(corpus),
+        "--hook",
+        "blocks.1.hook_resid_post",
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--device",
+        "cpu",
+        "--codec",
+        "zstd",
+    ]
 
 
 def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = None) -> subprocess.CompletedProcess:
@@ -61,8 +80,9 @@ def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = 
         env["ACTCACHE_FAULT"] = fault
     argv = [sys.executable, "-m", "actcache.cli.app", *args, "--store", str(store)]
     # Own session, and the group killed once the CLI has exited: nothing it started may outlive it.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
     try:
         proc.wait(timeout=300)
     finally:

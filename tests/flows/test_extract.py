@@ -124,8 +124,9 @@ def test_several_hooks_share_passes_and_skip_what_each_has(base_config):
     assert len(urls) == 2
     assert counts["extract"] == 4  # one pass per shard for the hook still missing
     assert counts["upload"] == 4  # only the new hook's shards are written
-    alone, _ = run(base_config.replace(hook="blocks.0.hook_mlp_out",
-                                       store=str(Path(base_config.store).parent / "alone")))
+    alone, _ = run(
+        base_config.replace(hook="blocks.0.hook_mlp_out", store=str(Path(base_config.store).parent / "alone"))
+    )
     assert shard_bytes(urls[1]) == shard_bytes(alone[0])
 
 
@@ -192,12 +193,14 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
         while True:  # task runs, logs and artifacts reach the server asynchronously (26 task runs with recheck)
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
             stored = [m.message for m in logs if " stored: " in m.message]
             progress = [a for a in arts if a.type == "progress"]
-            if (len(stored) == 8 and progress and progress[0].data == 100.0 and len(tasks) == 26) \
-                    or time.monotonic() > deadline:
+            if (
+                len(stored) == 8 and progress and progress[0].data == 100.0 and len(tasks) == 26
+            ) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     names = Counter(t.name for t in tasks)
@@ -208,8 +211,10 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
     for set_id in set_ids:  # "set <id> shard <index> stored: k/8 shards, <rate> tokens/s, ETA h:mm:ss"
         mine = [line for line in stored if line.startswith(f"set {set_id} shard ")]
         assert sorted(line.split()[3] for line in mine) == shards, stored
-    assert all(re.fullmatch(r"set \w+ shard \d{6} stored: \d/8 shards, \d+ tokens/s, ETA \d+:\d\d:\d\d", line)
-               for line in stored), stored
+    assert all(
+        re.fullmatch(r"set \w+ shard \d{6} stored: \d/8 shards, \d+ tokens/s, ETA \d+:\d\d:\d\d", line)
+        for line in stored
+    ), stored
     assert sorted(int(line.split()[5].split("/")[0]) for line in stored) == list(range(1, 9))
 
     keys = {a.key for a in arts}
@@ -217,8 +222,9 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
     assert [a.data for a in progress] == [100.0]  # 2 hooks x 4 shards counted against 8, not 4
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "COLUMNS": "400"}  # no truncated keys
-    listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "prefect", "artifact", "ls"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert f"extraction-{set_ids[0]}" in listed.stdout
     # `ls --all` sorts by key and fails on two unkeyed artifacts. Prefect's server makes one (key and type
@@ -227,8 +233,13 @@ def test_a_run_shows_what_happened_through_the_api(base_config):
         unkeyed = [a for a in client.read_artifacts() if a.key is None]
     assert all(a.type is None and a.flow_run_id != run_id for a in unkeyed), unkeyed
     if len(unkeyed) < 2:
-        listed = subprocess.run([sys.executable, "-m", "prefect", "artifact", "ls", "--all"], env=env,
-                                capture_output=True, text=True, timeout=120)
+        listed = subprocess.run(
+            [sys.executable, "-m", "prefect", "artifact", "ls", "--all"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert listed.returncode == 0, listed.stderr[-2000:]
 
 
@@ -250,8 +261,14 @@ def test_token_shards_do_not_depend_on_the_target(base_config):
     parent = Path(base_config.store).parent
     run(base_config.replace(max_tokens=448, store=str(parent / "a")))
     run(base_config.replace(store=str(parent / "b")))
-    tokens = [{str(p.relative_to(parent / s)): p.read_bytes() for p in (parent / s / layout.TOKENS_ROOT).rglob("*")
-               if p.is_file() and p.name != "index.json"} for s in ("a", "b")]
+    tokens = [
+        {
+            str(p.relative_to(parent / s)): p.read_bytes()
+            for p in (parent / s / layout.TOKENS_ROOT).rglob("*")
+            if p.is_file() and p.name != "index.json"
+        }
+        for s in ("a", "b")
+    ]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 8
 
 
@@ -316,5 +333,6 @@ def test_a_partial_shard_never_replaces_a_larger_one_in_place(base_config, tmp_p
     assert planted
     s = open_set(urls[0])
     assert s.n_tokens == 512 and s.verify() == []
-    assert (Path(urls[0]) / layout.shard_file(3, "none")).read_bytes() == \
-        (reference / set_id / layout.shard_file(3, "none")).read_bytes()
+    assert (Path(urls[0]) / layout.shard_file(3, "none")).read_bytes() == (
+        reference / set_id / layout.shard_file(3, "none")
+    ).read_bytes()

@@ -58,9 +58,15 @@ def repos(hub, tiny_models, corpus):
     lines = [t for t in corpus.read_text().splitlines() if t.strip()]
     model, data = hub.new_repo_id("tiny-gpt2"), hub.new_repo_id("texts")
     m_sha = hub.add_model(model, tiny_models["gpt2"])
-    d_sha = hub.add_dataset(data, {"README.md": README, "main/train-0.parquet": _parquet(lines[:600]),
-                                   "main/test-0.parquet": _parquet(lines[600:700]),
-                                   "other/part.parquet": _parquet(lines[700:1300])})
+    d_sha = hub.add_dataset(
+        data,
+        {
+            "README.md": README,
+            "main/train-0.parquet": _parquet(lines[:600]),
+            "main/test-0.parquet": _parquet(lines[600:700]),
+            "other/part.parquet": _parquet(lines[700:1300]),
+        },
+    )
     return {"model": model, "model_sha": m_sha, "data": data, "data_sha": d_sha, "lines": lines}
 
 
@@ -91,8 +97,7 @@ def test_dataset_by_name_with_config_split_and_revision(base_config, repos, hub,
     cfg = base_config.replace(dataset=data, dataset_config="main", split="train")  # streaming: the default
     url = actcache.extract(cfg)
     (tmp_path / "train.txt").write_text("\n".join(lines[:600]) + "\n")
-    local = actcache.extract(base_config.replace(dataset=str(tmp_path / "train.txt"),
-                                                 store=str(tmp_path / "local")))
+    local = actcache.extract(base_config.replace(dataset=str(tmp_path / "train.txt"), store=str(tmp_path / "local")))
     assert all(torch.equal(a, b) for a, b in zip(_tokens(url), _tokens(local), strict=True))
     d = actcache.open_set(url).manifest["dataset"]
     assert (d["path"], d["config"], d["split"], d["revision"]) == (data, "main", "train", first)
@@ -110,12 +115,10 @@ def test_streaming_or_not_reads_the_same_tokens_into_the_same_set(base_config, r
     cfg = base_config.replace(dataset=repos["data"], dataset_config="main", split="test")
     a = actcache.extract(cfg.replace(streaming=True, store=str(tmp_path / "a")))
     b = actcache.extract(cfg.replace(streaming=False, store=str(tmp_path / "b")))
-    assert Path(a).name == Path(b).name and all(torch.equal(x, y) for x, y in zip(_tokens(a), _tokens(b),
-                                                                                  strict=True))
+    assert Path(a).name == Path(b).name and all(torch.equal(x, y) for x, y in zip(_tokens(a), _tokens(b), strict=True))
 
 
-def test_a_branch_that_moves_mid_run_never_mixes_weights(base_config, repos, hub, tiny_models, tmp_path,
-                                                         monkeypatch):
+def test_a_branch_that_moves_mid_run_never_mixes_weights(base_config, repos, hub, tiny_models, tmp_path, monkeypatch):
     """main moves after the plan, then again between shards: the run completes with the planned commit's weights."""
     import actcache.api
 
@@ -207,8 +210,9 @@ def test_a_429_is_answered_with_backoff(base_config, repos, hub, monkeypatch):
     monkeypatch.setattr(hub_client, "_sleep", waits.append)
     hub.fail_next(rf"^/api/models/{repos['model']}", status=429, times=2, retry_after=3)
     hub.fail_next(rf"^/api/datasets/{repos['data']}", status=503, times=1, retry_after=None)
-    plan = make_plan(base_config.replace(model=repos["model"], dataset=repos["data"], dataset_config="main"),
-                     load_model=False)
+    plan = make_plan(
+        base_config.replace(model=repos["model"], dataset=repos["data"], dataset_config="main"), load_model=False
+    )
     assert plan.resolved.model.revision == repos["model_sha"]
     assert [r.status for r in hub.requests_matching(rf"^/api/models/{repos['model']}$")] == [429, 429, 200]
     assert [r.status for r in hub.requests_matching(rf"^/api/datasets/{repos['data']}$")][:2] == [503, 200]
@@ -217,16 +221,23 @@ def test_a_429_is_answered_with_backoff(base_config, repos, hub, monkeypatch):
 
 def test_hub_requests_per_run_do_not_grow_with_shards(base_config, repos, hub, tmp_path):
     """The API's plan asks model and dataset info once each; the flow's plan (pinned shas) and the shards none."""
-    cfg = base_config.replace(model=repos["model"], dataset=repos["data"], dataset_config="main",
-                              hook="blocks.1.hook_resid_post,blocks.2.attn.hook_z")
+    cfg = base_config.replace(
+        model=repos["model"],
+        dataset=repos["data"],
+        dataset_config="main",
+        hook="blocks.1.hook_resid_post,blocks.2.attn.hook_z",
+    )
     actcache.extract(cfg.replace(store=str(tmp_path / "warm"), max_tokens=256))  # downloads once per HF cache
     seen = {}
     for shards in (2, 6):
         hub.clear_requests()
         actcache.extract(cfg.replace(store=str(tmp_path / f"s{shards}"), max_tokens=128 * shards))
         # Streaming reads the data files over HTTP (ranged GETs, more for more text): that is reading, not resolving.
-        seen[shards] = sorted(f"{r.method} {r.path}" for r in hub.requests
-                              if not (r.method == "GET" and "/resolve/" in r.path and "/datasets/" in r.path))
+        seen[shards] = sorted(
+            f"{r.method} {r.path}"
+            for r in hub.requests
+            if not (r.method == "GET" and "/resolve/" in r.path and "/datasets/" in r.path)
+        )
     assert seen[2] == seen[6], json.dumps(seen, indent=1)
     assert seen[6].count(f"GET /api/models/{repos['model']}") == 1  # the API's plan; the flow's is pinned
     assert seen[6].count(f"GET /api/datasets/{repos['data']}") == 1

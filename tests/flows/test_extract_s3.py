@@ -73,8 +73,12 @@ def test_extract_to_s3_rerun_listing_and_local_equality(base_config, s3_server, 
     objects = s3_server.keys_under(url)
     expected = {f"{set_id}/{layout.MANIFEST}", f"{tokens}/index.json"}
     for i in range(4):
-        expected |= {f"{set_id}/{layout.shard_file(i, 'none')}", f"{set_id}/{layout.record_file(i)}",
-                     f"{tokens}/{layout.shard_file(i, 'none')}", f"{tokens}/{layout.record_file(i)}"}
+        expected |= {
+            f"{set_id}/{layout.shard_file(i, 'none')}",
+            f"{set_id}/{layout.record_file(i)}",
+            f"{tokens}/{layout.shard_file(i, 'none')}",
+            f"{tokens}/{layout.record_file(i)}",
+        }
     assert set(objects) == expected
     assert not plan.missing  # the plan, read back from S3, finds every shard done
 
@@ -83,8 +87,9 @@ def test_extract_to_s3_rerun_listing_and_local_equality(base_config, s3_server, 
     c2 = counts(by_name2)
     assert c2["extract"] == 0 and c2["compress"] == 0 and c2["upload"] == 0 and c2["skip-cached"] == 1
     after = s3_server.keys_under(url)
-    assert {k: v for k, v in after.items() if not k.endswith(layout.MANIFEST)} == \
-        {k: v for k, v in objects.items() if not k.endswith(layout.MANIFEST)}
+    assert {k: v for k, v in after.items() if not k.endswith(layout.MANIFEST)} == {
+        k: v for k, v in objects.items() if not k.endswith(layout.MANIFEST)
+    }
 
     # The same set on local disk: same files, same bytes; manifests equal but for their timestamps.
     local = tmp_path / "local-store"
@@ -143,13 +148,16 @@ def test_credentials_block_and_nothing_leaks(base_config, s3_server, s3_env, mon
         deadline = time.monotonic() + 60
         while True:  # logs are shipped in batches: wait for the flow's last line rather than a fixed time
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            if any("Finished in state Completed" in log.message for log in logs if log.task_run_id is None) \
-                    or time.monotonic() > deadline:
+            if (
+                any("Finished in state Completed" in log.message for log in logs if log.task_run_id is None)
+                or time.monotonic() > deadline
+            ):
                 break
             time.sleep(0.2)
         assert len(logs) > 4 and not any(secret in log.message or key in log.message for log in logs)
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
-            any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
         assert arts and not any(secret in json.dumps(a.data, default=str) for a in arts)
 
 

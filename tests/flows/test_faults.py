@@ -48,9 +48,23 @@ def test_injected_enospc_is_one_line_and_a_rerun_completes(base_config, referenc
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    argv = ["extract", "--model", base_config.model, "--dataset", base_config.dataset, "--store",
-            base_config.store, "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128",
-            "--hook", base_config.hook]
+    argv = [
+        "extract",
+        "--model",
+        base_config.model,
+        "--dataset",
+        base_config.dataset,
+        "--store",
+        base_config.store,
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--hook",
+        base_config.hook,
+    ]
     assert main(argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("actcache: error: cannot write ") and "No space left on device" in last
@@ -68,8 +82,10 @@ def small_disk(tmp_path):
     """A real 96 KiB tmpfs: room for part of a set, not all of it."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC test covers the logic")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -88,12 +104,33 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
-    argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", base_config.model, "--dataset",
-            base_config.dataset, "--store", str(store), "--context-size", "32", "--max-tokens", "512",
-            "--shard-tokens", "128", "--hook", base_config.hook]
+    argv = [
+        sys.executable,
+        "-m",
+        "actcache.cli.app",
+        "extract",
+        "--model",
+        base_config.model,
+        "--dataset",
+        base_config.dataset,
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--hook",
+        base_config.hook,
+    ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                              start_new_session=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        )
+        for _ in range(2)
+    ]
     try:
         for p in procs:
             p.wait(timeout=400)
@@ -122,11 +159,33 @@ def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp
     env = {**os.environ, "TQDM_DISABLE": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
     procs = []
     for max_tokens in targets:
-        argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", base_config.model, "--dataset",
-                base_config.dataset, "--store", str(store), "--context-size", "32", "--max-tokens", str(max_tokens),
-                "--shard-tokens", "128", "--hook", base_config.hook, "--device", "cpu"]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                      start_new_session=True))
+        argv = [
+            sys.executable,
+            "-m",
+            "actcache.cli.app",
+            "extract",
+            "--model",
+            base_config.model,
+            "--dataset",
+            base_config.dataset,
+            "--store",
+            str(store),
+            "--context-size",
+            "32",
+            "--max-tokens",
+            str(max_tokens),
+            "--shard-tokens",
+            "128",
+            "--hook",
+            base_config.hook,
+            "--device",
+            "cpu",
+        ]
+        procs.append(
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+            )
+        )
     try:
         outs = [p.communicate(timeout=600) for p in procs]
     finally:

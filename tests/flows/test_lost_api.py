@@ -16,8 +16,12 @@ from actcache.read.reader import open_set
 
 
 def _start_server(procs: Processes, server: Server, port: int, home: Path) -> subprocess.Popen:
-    proc = procs.start(f"server-{len(procs.started)}", [PREFECT, "server", "start", "--host", "127.0.0.1",
-                                                        "--port", str(port)], server.env, home)
+    proc = procs.start(
+        f"server-{len(procs.started)}",
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        server.env,
+        home,
+    )
     procs.started.insert(0, procs.started.pop())  # wait_healthy watches the newest server
     server.wait_healthy()
     return proc
@@ -34,18 +38,39 @@ def _kill_tree(pid: int) -> None:
 def test_lost_api_then_rerun(tmp_path, tiny_models, corpus):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**server_env(tmp_path / "home", url), "ACTCACHE_CACHE_DIR": os.environ["ACTCACHE_CACHE_DIR"],
-           "PREFECT_CLIENT_MAX_RETRIES": "2"}
+    env = {
+        **server_env(tmp_path / "home", url),
+        "ACTCACHE_CACHE_DIR": os.environ["ACTCACHE_CACHE_DIR"],
+        "PREFECT_CLIENT_MAX_RETRIES": "2",
+    }
     procs = Processes(tmp_path)
     server = Server(url, env, procs)
     store = tmp_path / "store"
-    argv = [sys.executable, "-m", "actcache.cli.app", "extract", "--model", str(tiny_models["gpt2"]), "--dataset",
-            str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "8192",
-            "--shard-tokens", "128", "--batch-size", "4"]
+    argv = [
+        sys.executable,
+        "-m",
+        "actcache.cli.app",
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "8192",
+        "--shard-tokens",
+        "128",
+        "--batch-size",
+        "4",
+    ]
     try:
         first = _start_server(procs, server, port, tmp_path)
-        run = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+        run = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         deadline = time.monotonic() + 300
         while len(list(store.glob("*/done/*.json"))) < 3:  # mid-run: some shards stored, most not
             assert run.poll() is None and time.monotonic() < deadline, "the run ended before the API was cut"

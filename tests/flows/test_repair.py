@@ -29,9 +29,16 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 @pytest.fixture(scope="module")
 def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post,blocks.0.hook_resid_post",
-                         dataset=str(corpus), context_size=32, max_tokens=512, shard_tokens=128, batch_size=4,
-                         device="cpu")
+    return ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post,blocks.0.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,
+        shard_tokens=128,
+        batch_size=4,
+        device="cpu",
+    )
 
 
 SET_IDS: list[str] = []
@@ -165,6 +172,7 @@ def _manifest_damage():
         def make(p):
             p.unlink()
             p.symlink_to(target)
+
         return make
 
     def fifo(p):
@@ -182,13 +190,13 @@ def _manifest_damage():
         "Infinity in it": replace_with('{"format_version": Infinity}'),
         "entry sha edited": edited(lambda m: m["shards"][1].update(sha256="0" * 64), False),
         "entry listed twice (resealed)": edited(lambda m: m["shards"].append(m["shards"][0]), True),
-        "n_seq beyond the key (resealed)": edited(lambda m: m["shards"][0].update(n_seq=10**6, n_tokens=32 * 10**6),
-                                                  True),
+        "n_seq beyond the key (resealed)": edited(
+            lambda m: m["shards"][0].update(n_seq=10**6, n_tokens=32 * 10**6), True
+        ),
         "totals edited (resealed)": edited(lambda m: m.update(n_tokens=10**12), True),
         "hook_shape edited (resealed)": edited(lambda m: m.update(hook_shape=[64]), True),
         "dtype edited (resealed)": edited(lambda m: m.update(dtype="float32"), True),
-        "file of another shard (resealed)": edited(lambda m: m["shards"][0].update(file=m["shards"][1]["file"]),
-                                                   True),
+        "file of another shard (resealed)": edited(lambda m: m["shards"][0].update(file=m["shards"][1]["file"]), True),
         "a symlink to /dev/zero": linked("/dev/zero"),
         "a symlink to another file": linked("../" + layout.TOKENS_ROOT),
         "a FIFO": fifo,
@@ -248,6 +256,7 @@ def test_reading_fields_forged_in_agreement_are_caught_by_the_shards_own_header(
 
 def test_every_json_file_the_store_holds_is_strict_and_sealed(pristine):
     """No NaN/Infinity anywhere (strict parsers reject them), and every record, manifest and index is sealed."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
 
@@ -277,8 +286,11 @@ def loud_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
     out = {}
-    for name, change in (("x1e7", lambda w: w.mul_(1e7)), ("x1e21", lambda w: w.mul_(1e21)),
-                         ("nan", lambda w: w[::7].fill_(float("nan")))):
+    for name, change in (
+        ("x1e7", lambda w: w.mul_(1e7)),
+        ("x1e21", lambda w: w.mul_(1e21)),
+        ("nan", lambda w: w[::7].fill_(float("nan"))),
+    ):
         model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"])
         with torch.no_grad():
             change(model.transformer.wte.weight)
@@ -296,14 +308,34 @@ def _strict(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-@pytest.mark.parametrize("model,dtype,hint", [("x1e7", "float16", "--dtype bfloat16"),
-                                              ("nan", "float16", "the model itself produced them")])
-def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_models, corpus, tmp_path, prefect_console,
-                                                                         model, dtype, hint):
+@pytest.mark.parametrize(
+    "model,dtype,hint", [("x1e7", "float16", "--dtype bfloat16"), ("nan", "float16", "the model itself produced them")]
+)
+def test_non_finite_activations_are_warned_about_and_reported_everywhere(
+    loud_models, corpus, tmp_path, prefect_console, model, dtype, hint
+):
     store = tmp_path / "store"
-    argv = ["extract", "--model", str(loud_models[model]), "--hook", "blocks.0.hook_resid_pre", "--dataset",
-            str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "256", "--shard-tokens", "128",
-            "--dtype", dtype, "--device", "cpu"]
+    argv = [
+        "extract",
+        "--model",
+        str(loud_models[model]),
+        "--hook",
+        "blocks.0.hook_resid_pre",
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "256",
+        "--shard-tokens",
+        "128",
+        "--dtype",
+        dtype,
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     out, err = prefect_console.readouterr()
     url = out.strip().splitlines()[-1]
@@ -332,8 +364,11 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
     from actcache.tasks.manifest import artifact_key
 
     with get_client(sync_client=True) as client:
-        (art,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
-            any_=[artifact_key("extraction", Path(url).name)])), sort=ArtifactSort.CREATED_DESC, limit=1)
+        (art,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("extraction", Path(url).name)])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
     rows = json.loads(art.data) if isinstance(art.data, str) else art.data
     assert rows[0]["inf"] + rows[0]["nan"] > 0, rows  # the run's summary table
 
@@ -341,9 +376,27 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(loud_mo
 def test_float32_norms_that_overflow_stay_finite_json(loud_models, corpus, tmp_path, prefect_console):
     """Values near 1e19 are finite in float32 but their squares are not: the stored norm must stay a number."""
     store = tmp_path / "store"
-    argv = ["extract", "--model", str(loud_models["x1e21"]), "--hook", "blocks.0.hook_resid_pre", "--dataset",
-            str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "256", "--shard-tokens", "128",
-            "--dtype", "float32", "--device", "cpu"]
+    argv = [
+        "extract",
+        "--model",
+        str(loud_models["x1e21"]),
+        "--hook",
+        "blocks.0.hook_resid_pre",
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "256",
+        "--shard-tokens",
+        "128",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     url = prefect_console.readouterr().out.strip().splitlines()[-1]
     for p in store.rglob("*.json"):

@@ -35,14 +35,42 @@ CLI = str(Path(sys.executable).with_name("actcache"))
 
 @pytest.fixture(scope="module")
 def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                         context_size=32, max_tokens=128 * N_SHARDS, shard_tokens=128, batch_size=4, device="cpu")
+    return ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=128 * N_SHARDS,
+        shard_tokens=128,
+        batch_size=4,
+        device="cpu",
+    )
 
 
 def cli_args(cfg: ExtractConfig) -> list[str]:
-    return ["extract", "--model", cfg.model, "--hook", cfg.hook, "--dataset", cfg.dataset, "--context-size", "32",
-            "--max-tokens", str(cfg.max_tokens), "--shard-tokens", "128", "--batch-size", "4", "--device", "cpu",
-            "--store", cfg.store, "--storage-options", json.dumps(cfg.storage_options)]
+    return [
+        "extract",
+        "--model",
+        cfg.model,
+        "--hook",
+        cfg.hook,
+        "--dataset",
+        cfg.dataset,
+        "--context-size",
+        "32",
+        "--max-tokens",
+        str(cfg.max_tokens),
+        "--shard-tokens",
+        "128",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--store",
+        cfg.store,
+        "--storage-options",
+        json.dumps(cfg.storage_options),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +92,14 @@ def cli_env(server, user: str = "writer") -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(server.env(user), AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
-               AWS_SHARED_CREDENTIALS_FILE=os.devnull, PREFECT_API_URL=PREFECT_API_URL.value(), TQDM_DISABLE="1")
+    env.update(
+        server.env(user),
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        TQDM_DISABLE="1",
+    )
     return env
 
 
@@ -102,8 +136,11 @@ def upload_runs(flow_run_id, expected: int, timeout: float = 30.0) -> list:
     with get_client(sync_client=True) as client:
         deadline = time.monotonic() + timeout
         while True:  # task runs reach the server as events, a moment after the flow returns
-            runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
-                any_=[flow_run_id]))) if r.name.startswith("upload") and r.state and r.state.is_final()]
+            runs = [
+                r
+                for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                if r.name.startswith("upload") and r.state and r.state.is_final()
+            ]
             if len(runs) >= expected or time.monotonic() > deadline:
                 return runs
             time.sleep(0.2)
@@ -171,14 +208,23 @@ def test_client_killed_while_endpoint_down_then_rerun(config, reference, restart
     url = server.new_prefix()
     cfg = config.replace(store=url, storage_options={"endpoint_url": server.endpoint})
     out = tmp_path / "client.log"
-    proc = subprocess.Popen([CLI, *cli_args(cfg)], env=cli_env(server), stdout=out.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [CLI, *cli_args(cfg)],
+        env=cli_env(server),
+        stdout=out.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
     try:
         wait_for(lambda: shard_puts(server.log_path) or proc.poll() is not None, 180, "the first shard upload")
         server.kill()
         # An event, not a delay: the client has met the dead endpoint once an upload is waiting to be retried.
-        wait_for(lambda: RETRYING.search(out.read_text(errors="replace")) or proc.poll() is not None, 180,
-                 "an upload retry after the endpoint died")
+        wait_for(
+            lambda: RETRYING.search(out.read_text(errors="replace")) or proc.poll() is not None,
+            180,
+            "an upload retry after the endpoint died",
+        )
         assert proc.poll() is None, "the client finished before the endpoint died"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
@@ -212,8 +258,17 @@ def test_two_processes_extract_the_same_set_at_once(config, reference, s3_server
     cfg = config.replace(store=url, storage_options={"endpoint_url": s3_server.endpoint})
     start = s3_server.log_path.stat().st_size
     logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    procs = [subprocess.Popen([CLI, *cli_args(cfg)], env=cli_env(s3_server), stdout=subprocess.PIPE,
-                              stderr=log.open("w"), text=True, cwd=tmp_path) for log in logs]
+    procs = [
+        subprocess.Popen(
+            [CLI, *cli_args(cfg)],
+            env=cli_env(s3_server),
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+            cwd=tmp_path,
+        )
+        for log in logs
+    ]
 
     def stored(i: int) -> bool:
         return bool(UPLOADED.search(logs[i].read_text(errors="replace")))

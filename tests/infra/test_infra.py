@@ -50,8 +50,9 @@ def pinned() -> dict[str, str]:
 
 
 def env_example() -> dict[str, str]:
-    return dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-                if line.strip() and not line.startswith("#"))
+    return dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
 
 
 def interpolate(node, env: dict[str, str]):
@@ -75,8 +76,9 @@ def interpolate(node, env: dict[str, str]):
 
 
 def test_every_yaml_and_json_file_parses():
-    files = sorted([*INFRA.rglob("*.yml"), *INFRA.rglob("*.yaml"), *INFRA.rglob("*.json"),
-                    *(REPO / "deployments").glob("*.yaml")])
+    files = sorted(
+        [*INFRA.rglob("*.yml"), *INFRA.rglob("*.yaml"), *INFRA.rglob("*.json"), *(REPO / "deployments").glob("*.yaml")]
+    )
     assert {COMPOSE, K8S_TEMPLATE, PREFECT_YAML} <= set(files)
     for f in files:
         data = json.loads(f.read_text()) if f.suffix == ".json" else load_yaml(f)
@@ -135,8 +137,9 @@ def test_compose_wires_server_database_minio_and_workers():
     pg = services["postgres"]["environment"]
     server = services["prefect-server"]
     db_url = server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
-    assert db_url == (f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/"
-                      f"{pg['POSTGRES_DB']}")
+    assert db_url == (
+        f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    )
     # Server image = the Prefect version the deployments were written for.
     assert server["image"].startswith(f"prefecthq/prefect:{load_yaml(PREFECT_YAML)['prefect-version']}-")
     api_port = option(server["command"], "--port")
@@ -219,8 +222,11 @@ def test_pyproject_floors_are_what_the_pinned_stack_needs():
     versions = pinned()
 
     def needs(package: str, dependency: str) -> Version:
-        [req] = [Requirement(r) for r in metadata.requires(package) or []
-                 if Requirement(r).name == dependency and not Requirement(r).marker]
+        [req] = [
+            Requirement(r)
+            for r in metadata.requires(package) or []
+            if Requirement(r).name == dependency and not Requirement(r).marker
+        ]
         return min(Version(s.version) for s in req.specifier if s.operator in (">=", "=="))
 
     # The floor is the highest floor that a pinned package puts on it, and at most the tested version.
@@ -279,8 +285,9 @@ def test_kubernetes_template_renders_for_each_deployment_as_the_worker_does():
     unused = PrefectClient("http://127.0.0.1:9/api")
 
     def pod(job_variables: dict) -> dict:
-        config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, job_variables,
-                                                                                       client=unused))
+        config = asyncio.run(
+            KubernetesWorkerJobConfiguration.from_template_and_values(template, job_variables, client=unused)
+        )
         config.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="run"))
         return config.job_manifest["spec"]["template"]["spec"]
 
@@ -316,6 +323,10 @@ def test_docker_compose_config_accepts_the_file():
     cmd = _compose_command()
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed here; the checks above still ran")
-    res = subprocess.run([*cmd, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config", "--quiet"],
-                         capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [*cmd, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert res.returncode == 0, res.stderr

@@ -23,8 +23,7 @@ from actcache.tasks.fanout import (
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config,
-                                                                                           monkeypatch):
+def test_parent_plans_without_loading_the_model_and_launches_only_owners_of_missing_shards(base_config, monkeypatch):
     import actcache.extraction.forward
     import actcache.inputs.model
     from actcache.flows.extract import extract_activations
@@ -116,16 +115,19 @@ def test_crashed_partitions_are_relaunched_a_bounded_number_of_times():
             state = Completed() if index == 0 else Crashed(message=lost)
             return _flow_run(client, state, name=run_name(index, 3, attempt))
 
-        first = {0: _flow_run(client, Crashed(message=lost), name=run_name(0, 3)),
-                 1: _flow_run(client, Crashed(message=lost), name=run_name(1, 3)),
-                 2: _flow_run(client, Failed(message="bad hook"), name=run_name(2, 3))}
+        first = {
+            0: _flow_run(client, Crashed(message=lost), name=run_name(0, 3)),
+            1: _flow_run(client, Crashed(message=lost), name=run_name(1, 3)),
+            2: _flow_run(client, Failed(message="bad hook"), name=run_name(2, 3)),
+        }
         outcomes = wait_for_partitions.fn(first, relaunch, max_relaunches=2, poll_s=0.05)
 
     assert sorted(launched) == [(0, 2), (1, 2), (1, 3)]  # a failure (partition 2) is not relaunched
     assert [o.runs for o in outcomes] == [
         ("partition-0-of-3", "partition-0-of-3-attempt-2"),
         ("partition-1-of-3", "partition-1-of-3-attempt-2", "partition-1-of-3-attempt-3"),
-        ("partition-2-of-3",)]
+        ("partition-2-of-3",),
+    ]
     assert [o.state for o in outcomes] == ["Completed", "Crashed", "Failed"]
     with pytest.raises(ActcacheError) as e:
         check_partitions.fn(outcomes)

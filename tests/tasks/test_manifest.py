@@ -35,8 +35,9 @@ def test_extraction_writes_the_merged_stats(extracted_set):
     # The vectors per shard stay in the records; the manifest carries the merged prefix of full shards only.
     assert all(moments.RECORD_FIELD not in r["extra"] for r in m["shards"])
     root = Path(extracted_set)
-    assert all(moments.RECORD_FIELD in json.loads((root / layout.record_file(i)).read_text())["extra"]
-               for i in range(4))
+    assert all(
+        moments.RECORD_FIELD in json.loads((root / layout.record_file(i)).read_text())["extra"] for i in range(4)
+    )
     assert m["moments"]["prefix"]["shards"] == 3
     json.loads((root / layout.MANIFEST).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in manifest"))
 

@@ -16,8 +16,23 @@ from actcache.cli.app import main
 
 @pytest.fixture
 def argv(tiny_models, corpus, store):
-    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
-            "--context-size", "32", "--max-tokens", "512", "--shard-tokens", "128", "--device", "cpu"]
+    return [
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "512",
+        "--shard-tokens",
+        "128",
+        "--device",
+        "cpu",
+    ]
 
 
 def _set(argv: list[str], flag: str, value: str) -> list[str]:
@@ -80,8 +95,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("flag,value,expected", CASES, ids=[f"{c[0]}={getattr(c[1], '__name__', c[1])}"
-                                                             for c in CASES])
+@pytest.mark.parametrize("flag,value,expected", CASES, ids=[f"{c[0]}={getattr(c[1], '__name__', c[1])}" for c in CASES])
 def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, flag, value, expected):
     value = value(tmp_path) if callable(value) else value
     before = _files(tmp_path)
@@ -96,8 +110,13 @@ def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, fla
 
 def test_real_process_exits_non_zero_without_traceback(argv, store):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "actcache.cli.app", *_set(argv, "--hook", "blocks.1.hook_mlp_outt")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "actcache.cli.app", *_set(argv, "--hook", "blocks.1.hook_mlp_outt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("actcache: error: unknown hook 'blocks.1.hook_mlp_outt'")
@@ -128,8 +147,21 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     top = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "Exit codes: 0 success; 1 failure" in top and "2 bad input" in top
     assert re.search(r"Parameters ─+╮ --debug Print the whole chain of causes", top), top  # the table, not the epilogue
-    for command in ("extract", "ls", "show", "verify", "diff", "cp", "hooks", "rm", "gc", "shuffle", "export", "push",
-                    "stats"):
+    for command in (
+        "extract",
+        "ls",
+        "show",
+        "verify",
+        "diff",
+        "cp",
+        "hooks",
+        "rm",
+        "gc",
+        "shuffle",
+        "export",
+        "push",
+        "stats",
+    ):
         assert command in app and f" {command} " in top
         assert main([command, "--help"]) == 0, command
         text = " ".join(capsys.readouterr().out.replace("│", " ").split())
@@ -139,8 +171,11 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
         assert "--debug Print the whole chain of causes" in text, command  # in the option table, with its help
     assert main(["extract", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())
-    for choices in ("[choices: float32, float16, bfloat16]", "[choices: none, zstd, shuffle-zstd]",
-                    "[choices: eos, bos, none]"):
+    for choices in (
+        "[choices: float32, float16, bfloat16]",
+        "[choices: none, zstd, shuffle-zstd]",
+        "[choices: eos, bos, none]",
+    ):
         assert choices in text
     assert "about 2% of the ~1.7 s" in text and "[default: 268435456]" in text  # a '%' renders
     assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
@@ -155,16 +190,32 @@ def test_telemetry_notice_stays_off_a_terminal(tmp_path):
     """Prefect prints its telemetry notice on import when stdout/stderr is a terminal; the CLI's defaults stop it."""
     import pty
 
-    ci = {"CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "CIRCLECI", "BUILDKITE", "TF_BUILD",
-          "CODEBUILD_BUILD_ID", "BITBUCKET_COMMIT", "TEAMCITY_VERSION", "DRONE", "SEMAPHORE", "APPVEYOR", "BUDDY",
-          "CI_NAME"}  # Prefect stays quiet in CI by itself: a CI variable would hide the notice from the control
+    ci = {
+        "CI",
+        "GITHUB_ACTIONS",
+        "GITLAB_CI",
+        "JENKINS_URL",
+        "TRAVIS",
+        "CIRCLECI",
+        "BUILDKITE",
+        "TF_BUILD",
+        "CODEBUILD_BUILD_ID",
+        "BITBUCKET_COMMIT",
+        "TEAMCITY_VERSION",
+        "DRONE",
+        "SEMAPHORE",
+        "APPVEYOR",
+        "BUDDY",
+        "CI_NAME",
+    }  # Prefect stays quiet in CI by itself: a CI variable would hide the notice from the control
 
     def on_a_terminal(code: str, home: str) -> str:
         env = {k: v for k, v in os.environ.items() if k not in ci and k != "DO_NOT_TRACK"}
         env.update(PREFECT_HOME=str(tmp_path / home), PYTHONWARNINGS="ignore")
         leader, follower = pty.openpty()
-        proc = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower,
-                                env=env, close_fds=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower, env=env, close_fds=True
+        )
         os.close(follower)
         out = b""
         while True:
@@ -181,16 +232,34 @@ def test_telemetry_notice_stays_off_a_terminal(tmp_path):
 
     assert "anonymous usage data" in on_a_terminal("import prefect", "control")  # the notice exists
     assert "anonymous usage data" not in on_a_terminal(
-        "from actcache import cli; cli._quiet_defaults(); import prefect", "cli")
+        "from actcache import cli; cli._quiet_defaults(); import prefect", "cli"
+    )
 
 
 @pytest.fixture(scope="module")
 def made(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
     """One two-hook extraction through the CLI with --json (its output, for the tests below)."""
     store = tmp_path_factory.mktemp("json") / "store"
-    argv = ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
-            "--hook", "blocks.0.hook_resid_post,blocks.1.hook_resid_post", "--context-size", "32",
-            "--max-tokens", "384", "--shard-tokens", "128", "--device", "cpu", "--json"]
+    argv = [
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--hook",
+        "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "384",
+        "--shard-tokens",
+        "128",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     return {"argv": argv, "store": store}
 
 
@@ -210,7 +279,9 @@ def test_json_documents(made, capsys):
     listed = json.loads(capsys.readouterr().out)
     assert listed["store"] == str(made["store"])
     assert {s["set_id"]: (s["state"], s["n_tokens"], s["n_shards"]) for s in listed["sets"]} == {
-        a["set_id"]: ("complete", 384, 3), b["set_id"]: ("complete", 384, 3)}
+        a["set_id"]: ("complete", 384, 3),
+        b["set_id"]: ("complete", 384, 3),
+    }
 
     assert main(["show", a["url"], "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -219,8 +290,15 @@ def test_json_documents(made, capsys):
     assert [s["index"] for s in json.loads(capsys.readouterr().out)["shards"]] == [0, 1, 2]
 
     assert main(["verify", a["url"], "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"url": a["url"], "ok": True, "n_shards": 3, "n_tokens": 384,
-                                                   "n_target_shards": 3, "missing": [], "problems": []}
+    assert json.loads(capsys.readouterr().out) == {
+        "url": a["url"],
+        "ok": True,
+        "n_shards": 3,
+        "n_tokens": 384,
+        "n_target_shards": 3,
+        "missing": [],
+        "problems": [],
+    }
     (Path(a["url"]) / "shards" / "000001.safetensors").write_bytes(b"broken")
     code = main(["verify", a["url"], "--json"])
     out, err = capsys.readouterr()
@@ -257,9 +335,13 @@ def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled
     assert (listed[rows]["layout"], listed[rows]["state"], listed[rows]["tokens_id"]) == ("rows", "complete", None)
     assert listed[source]["layout"] is None and listed[source]["tokens_id"]
 
-    for argv, expected in ((["diff", source, rows], "is a shuffled copy (rows); diff compares extracted sets"),
-                           (["extract", "--like", rows, "--store", str(tmp_path / "s")],
-                            f"is a shuffled copy; reproduce its source ({source_id}) with --like")):
+    for argv, expected in (
+        (["diff", source, rows], "is a shuffled copy (rows); diff compares extracted sets"),
+        (
+            ["extract", "--like", rows, "--store", str(tmp_path / "s")],
+            f"is a shuffled copy; reproduce its source ({source_id}) with --like",
+        ),
+    ):
         code = main(argv)
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
@@ -273,8 +355,11 @@ def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled
     assert main(["gc", str(shuffled["store"]), "--json"]) == 0
     garbage = json.loads(capsys.readouterr().out)["items"]
     assert [(g["kind"], g["url"]) for g in garbage] == [
-        ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")]
+        ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")
+    ]
     assert main(["verify", rows]) == 0  # the shuffled copy stands alone
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(base_config, capsys):
     from actcache.flows.extract import extract_activations
@@ -309,8 +394,10 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
         entry = doc["shards"][0] if rel == layout.MANIFEST else doc
         entry["sha256"] = sha
         (damaged / rel).write_text(json.dumps(records.sealed(doc)))
-    code = ("import sys; from actcache.cli.app import main; rc = main(['verify', sys.argv[1]]); "
-            "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)")
+    code = (
+        "import sys; from actcache.cli.app import main; rc = main(['verify', sys.argv[1]]); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)"
+    )
     for url, rc, says in ((extracted_set, 0, "OK: 4 shards"), (str(damaged), 1, "header disagrees")):
         p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
         assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr

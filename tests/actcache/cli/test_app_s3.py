@@ -16,8 +16,12 @@ ACTCACHE = str(Path(sys.executable).with_name("actcache"))
 
 def actcache(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    base.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-                AWS_EC2_METADATA_DISABLED="true", **env)
+    base.update(
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+        **env,
+    )
     return subprocess.run([ACTCACHE, *args], env=base, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
@@ -41,8 +45,17 @@ def test_wrong_credentials(command, s3_server, tmp_path):
 
 
 def test_missing_bucket(s3_server, tmp_path):
-    line = one_line_error(actcache("extract", "--store", "s3://no-such-bucket/sets", "--max-tokens", "256",
-                                   env=s3_server.env("writer"), tmp_path=tmp_path))
+    line = one_line_error(
+        actcache(
+            "extract",
+            "--store",
+            "s3://no-such-bucket/sets",
+            "--max-tokens",
+            "256",
+            env=s3_server.env("writer"),
+            tmp_path=tmp_path,
+        )
+    )
     assert "bucket 'no-such-bucket' does not exist" in line and "create it or fix the store URL" in line
     assert not (tmp_path / "activations").exists()
 
@@ -52,8 +65,9 @@ def test_unreachable_endpoint(s3_server, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**s3_server.env("writer"), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    line = one_line_error(actcache("verify", f"s3://{s3_server.bucket}/sets/0123456789abcdef01234567", env=env,
-                                   tmp_path=tmp_path), code=1)
+    line = one_line_error(
+        actcache("verify", f"s3://{s3_server.bucket}/sets/0123456789abcdef01234567", env=env, tmp_path=tmp_path), code=1
+    )
     assert f"cannot reach http://127.0.0.1:{port}" in line and "AWS_ENDPOINT_URL" in line
 
 
@@ -61,15 +75,17 @@ def test_endpoint_from_storage_options_flag(s3_server, tmp_path):
     env = {k: v for k, v in s3_server.env("writer").items() if k != "AWS_ENDPOINT_URL"}
     url = s3_server.new_prefix()
     s3_server.client().put_object(Bucket=s3_server.bucket, Key=url.split("/", 3)[3] + "/x", Body=b"")
-    proc = actcache("ls", url, "--storage-options", f'{{"endpoint_url": "{s3_server.endpoint}"}}', env=env,
-                    tmp_path=tmp_path)
+    proc = actcache(
+        "ls", url, "--storage-options", f'{{"endpoint_url": "{s3_server.endpoint}"}}', env=env, tmp_path=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
 
 
 def test_no_credentials_anywhere(s3_server, tmp_path):
-    line = one_line_error(actcache("ls", f"s3://{s3_server.bucket}/x", env={"AWS_ENDPOINT_URL": s3_server.endpoint},
-                                   tmp_path=tmp_path))
+    line = one_line_error(
+        actcache("ls", f"s3://{s3_server.bucket}/x", env={"AWS_ENDPOINT_URL": s3_server.endpoint}, tmp_path=tmp_path)
+    )
     assert "no usable credentials" in line and "--aws-credentials-block" in line
 
 
@@ -93,11 +109,13 @@ def test_a_credential_in_storage_options_appears_in_no_error(extracted_set, s3_s
     texts = []
     for secret in (wrong, right):
         opts = json.dumps({"key": key, "secret": secret})
-        for argv in (["shuffle", on_s3, "--storage-options", opts],
-                     ["shuffle", extracted_set, "--out", s3_server.new_prefix(), "--out-storage-options", opts],
-                     ["export", on_s3, str(tmp_path / "exported"), "--format", "hf", "--storage-options", opts],
-                     ["push", on_s3, "user/repo", "--storage-options", opts],
-                     ["stats", on_s3, "--storage-options", opts]):
+        for argv in (
+            ["shuffle", on_s3, "--storage-options", opts],
+            ["shuffle", extracted_set, "--out", s3_server.new_prefix(), "--out-storage-options", opts],
+            ["export", on_s3, str(tmp_path / "exported"), "--format", "hf", "--storage-options", opts],
+            ["push", on_s3, "user/repo", "--storage-options", opts],
+            ["stats", on_s3, "--storage-options", opts],
+        ):
             if argv[1] == extracted_set and secret == right:
                 continue  # would succeed: no error to look at
             code = cli.main([*argv, "--debug"])  # --debug: the whole chain of causes is printed too

@@ -33,8 +33,17 @@ def test_resid_post_equals_hf_hidden_states(tiny_models, arch, layer):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
-@pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.2.attn.hook_z", "blocks.0.hook_attn_out",
-                                  "blocks.2.hook_resid_post", "hook_embed", "ln_final.hook_normalized"])
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "blocks.1.hook_mlp_out",
+        "blocks.2.attn.hook_z",
+        "blocks.0.hook_attn_out",
+        "blocks.2.hook_resid_post",
+        "hook_embed",
+        "ln_final.hook_normalized",
+    ],
+)
 def test_equals_unfiltered_run_with_cache(tiny_models, arch, hook):
     bridge = _bridge(tiny_models[arch])
     if hook not in bridge.hook_dict:

@@ -118,6 +118,7 @@ def test_batches_land_cast_in_the_destination(tiny_models, dtype):
 @pytest.mark.parametrize("model_inf", [False, True])
 def test_finiteness_before_the_cast_is_reported(model_inf):
     """float16 turns 1e5 into Inf: the report tells that overflow apart from an Inf the model produced."""
+
     class Loud(Fake):
         def _capture(self, tokens):
             out = reference(tokens, self.d) * 1e5 + 1e5  # finite in float32, Inf in float16
@@ -126,6 +127,7 @@ def test_finiteness_before_the_cast_is_reported(model_inf):
             return {"h": out}
 
     seen: dict[str, bool] = {}
-    out = Loud(fits=100, batch_size=4)(_tokens(11), into=lambda h, shape: torch.empty(shape, dtype=torch.float16),
-                                       finite=seen)
+    out = Loud(fits=100, batch_size=4)(
+        _tokens(11), into=lambda h, shape: torch.empty(shape, dtype=torch.float16), finite=seen
+    )
     assert torch.isinf(out["h"]).any() and seen == {"h": not model_inf}

@@ -63,8 +63,14 @@ def test_result_does_not_depend_on_batch_size(tiny_models):
 
 def test_other_hooks_and_remote_code_stay_on_the_bridge(tiny_models):
     model = _model(tiny_models["gpt2"])
-    for hook in ("blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.0.hook_resid_mid", "hook_embed",
-                 "ln_final.hook_normalized", "blocks.1.hook_resid_post_extra"):
+    for hook in (
+        "blocks.1.attn.hook_z",
+        "blocks.1.hook_mlp_out",
+        "blocks.0.hook_resid_mid",
+        "hook_embed",
+        "ln_final.hook_normalized",
+        "blocks.1.hook_resid_post_extra",
+    ):
         assert forward_engine(hook, model) == forward.BRIDGE, hook
     remote = resolve_model(ModelSpec(str(tiny_models["gpt2"]), trust_remote_code=True))
     assert forward_engine("blocks.1.hook_resid_post", remote) == forward.BRIDGE
@@ -101,8 +107,12 @@ def test_mixed_hooks_use_both_engines_in_one_step(tiny_models):
     tokens = _tokens(model.config.vocab_size)
     got = step(tokens)
     assert step.hook_shapes() == {"blocks.1.hook_resid_post": [32], "blocks.2.attn.hook_z": [4, 8]}
-    torch.testing.assert_close(got["blocks.2.attn.hook_z"], Extractor(bridge, "blocks.2.attn.hook_z", batch_size=2)(
-        tokens)["blocks.2.attn.hook_z"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        got["blocks.2.attn.hook_z"],
+        Extractor(bridge, "blocks.2.attn.hook_z", batch_size=2)(tokens)["blocks.2.attn.hook_z"],
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_engine_is_part_of_the_set_key(base_config):

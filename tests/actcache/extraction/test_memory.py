@@ -39,8 +39,14 @@ os.unlink(path)
 
 def _arenas(mode: str, **env: str) -> int:
     base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, timeout=300,
-                         env={**base, "OMP_NUM_THREADS": "1", **env}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**base, "OMP_NUM_THREADS": "1", **env},
+        check=True,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 

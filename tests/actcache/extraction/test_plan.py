@@ -49,7 +49,9 @@ def test_plan_pins_what_it_resolved_and_travels_small(base_config):
     r = plan.resolved
     assert r.model.fingerprint.startswith("local:") and r.dataset.fingerprint.startswith("files:")
     assert {h: (k.engine, k.shape) for h, k in r.hooks.items()} == {
-        "blocks.1.hook_resid_post": ("hf-sdpa", (32,)), "blocks.2.attn.hook_z": ("bridge", (4, 8))}
+        "blocks.1.hook_resid_post": ("hf-sdpa", (32,)),
+        "blocks.2.attn.hook_z": ("bridge", (4, 8)),
+    }
     assert [s.key.forward for s in plan.sets] == ["hf-sdpa", "bridge"]
     assert (r.bos_id, r.separator_id) == (0, 0)
     blob = pickle.dumps(plan)
@@ -58,13 +60,17 @@ def test_plan_pins_what_it_resolved_and_travels_small(base_config):
     assert plan.pinned_config == plan.config  # a local model and files: nothing to pin beyond the fingerprints
 
 
-@pytest.mark.parametrize("hook,expected", [
-    ("blocks.99.hook_nope", "layer 99 in hook 'blocks.99.hook_nope' is out of range: "),
-    ("blocks.1.hook_mlp_outt", "unknown hook 'blocks.1.hook_mlp_outt'; did you mean blocks.1.hook_mlp_out"),
-    ("blocks.1.attn.hook_pattern", "not one vector per token"),
-])
-def test_a_bad_hook_fails_in_the_fanout_parent_and_a_partition_before_any_weight(base_config, monkeypatch, hook,
-                                                                                  expected):
+@pytest.mark.parametrize(
+    "hook,expected",
+    [
+        ("blocks.99.hook_nope", "layer 99 in hook 'blocks.99.hook_nope' is out of range: "),
+        ("blocks.1.hook_mlp_outt", "unknown hook 'blocks.1.hook_mlp_outt'; did you mean blocks.1.hook_mlp_out"),
+        ("blocks.1.attn.hook_pattern", "not one vector per token"),
+    ],
+)
+def test_a_bad_hook_fails_in_the_fanout_parent_and_a_partition_before_any_weight(
+    base_config, monkeypatch, hook, expected
+):
     from actcache.flows.extract import extract_activations
     from actcache.flows.fanout import extract_fanout
 
@@ -74,8 +80,10 @@ def test_a_bad_hook_fails_in_the_fanout_parent_and_a_partition_before_any_weight
     monkeypatch.setattr(actcache.inputs.model, "load_bridge", no_weights)
     monkeypatch.setattr(actcache.extraction.forward, "load_hf_stack", no_weights)
     cfg = base_config.replace(hook=hook)
-    runs = [extract_fanout(cfg, num_partitions=2, deployment="no-such/deployment", return_state=True),
-            extract_activations(cfg, partition_index=1, num_partitions=2, return_state=True)]
+    runs = [
+        extract_fanout(cfg, num_partitions=2, deployment="no-such/deployment", return_state=True),
+        extract_activations(cfg, partition_index=1, num_partitions=2, return_state=True),
+    ]
     for state in runs:
         assert state.is_failed()
         with pytest.raises(ActcacheError) as e:

@@ -22,8 +22,10 @@ def _cfg(**kw) -> ExtractConfig:
 def test_default_shards_fill_but_never_pass_the_byte_target(d, dtype):
     cfg = _cfg(dtype=dtype)
     seqs = sizing.seqs_per_shard(cfg, [d])
-    f = ShardFile({"activations": (getattr(torch, dtype), (seqs, 128, d)), "tokens": (torch.int32, (seqs, 128))},
-                  {"set_id": "f" * 24, "hook": cfg.hook, "index": "999999"})
+    f = ShardFile(
+        {"activations": (getattr(torch, dtype), (seqs, 128, d)), "tokens": (torch.int32, (seqs, 128))},
+        {"set_id": "f" * 24, "hook": cfg.hook, "index": "999999"},
+    )
     assert f.size <= cfg.shard_bytes < f.size + sizing.shard_file_bytes(1, 128, d, dtype) + sizing.HEADER_ROOM
     f.release()
 
@@ -62,5 +64,18 @@ def test_the_estimate_counts_compressed_copies_and_every_hook(monkeypatch):
 @pytest.fixture
 def argv_for(tiny_models, corpus, tmp_path):
     store = tmp_path / "store"
-    return ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(store),
-            "--context-size", "32", "--max-tokens", "65536", "--device", "cpu"], Path(store)
+    return [
+        "extract",
+        "--model",
+        str(tiny_models["gpt2"]),
+        "--dataset",
+        str(corpus),
+        "--store",
+        str(store),
+        "--context-size",
+        "32",
+        "--max-tokens",
+        "65536",
+        "--device",
+        "cpu",
+    ], Path(store)

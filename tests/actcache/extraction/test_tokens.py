@@ -10,9 +10,16 @@ from actcache.storage.store import Store
 def test_pack_concatenates_with_separator_and_cuts_exact_lengths():
     docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     assert list(pack(docs, context_size=4, bos=100, separator=0, prepend_bos=True)) == [
-        [100, 1, 2, 3], [100, 0, 4, 5], [100, 0, 6, 7], [100, 8, 9, 0]]
+        [100, 1, 2, 3],
+        [100, 0, 4, 5],
+        [100, 0, 6, 7],
+        [100, 8, 9, 0],
+    ]
     assert list(pack(docs, context_size=3, bos=None, separator=None, prepend_bos=False)) == [
-        [1, 2, 3], [4, 5, 6], [7, 8, 9]]
+        [1, 2, 3],
+        [4, 5, 6],
+        [7, 8, 9],
+    ]
 
 
 def test_pack_is_the_naive_reference_on_long_input():
@@ -39,7 +46,7 @@ def test_shard_range_is_the_list_of_full_shards_and_a_partial_last(total, per):
 
 def test_shard_range_of_an_enormous_target_costs_nothing():
     r = ShardRange(10**18, 3, known=False)
-    assert len(r) == -(-10**18 // 3) and r[-1] == ShardWork(len(r) - 1, 1) and ShardWork(10**15, 3) in r
+    assert len(r) == -(-(10**18) // 3) and r[-1] == ShardWork(len(r) - 1, 1) and ShardWork(10**15, 3) in r
 
 
 class _Tok:
@@ -51,8 +58,15 @@ class _Tok:
 
 @pytest.fixture
 def cache(tmp_path):
-    key = TokensKey(dataset="d", tokenizer="chars", text_column="text", context_size=8, prepend_bos=False,
-                    separator=10, seqs_per_shard=3)
+    key = TokensKey(
+        dataset="d",
+        tokenizer="chars",
+        text_column="text",
+        context_size=8,
+        prepend_bos=False,
+        separator=10,
+        seqs_per_shard=3,
+    )
     return TokenCache(Store(str(tmp_path)), key)
 
 

@@ -13,10 +13,24 @@ from actcache.format.key import SetKey, TokensKey
 
 
 def _key() -> SetKey:
-    t = TokensKey(dataset="files:aa", tokenizer="tt", text_column="text", context_size=128, prepend_bos=True,
-                  separator=0, seqs_per_shard=64)
-    return SetKey(tokens=t, model="local:mm", model_dtype="float32", hook="blocks.1.hook_resid_post",
-                  dtype="float16", codec="none", codec_level=0)
+    t = TokensKey(
+        dataset="files:aa",
+        tokenizer="tt",
+        text_column="text",
+        context_size=128,
+        prepend_bos=True,
+        separator=0,
+        seqs_per_shard=64,
+    )
+    return SetKey(
+        tokens=t,
+        model="local:mm",
+        model_dtype="float32",
+        hook="blocks.1.hook_resid_post",
+        dtype="float16",
+        codec="none",
+        codec_level=0,
+    )
 
 
 def _changed(value):
@@ -58,8 +72,9 @@ def test_user_options_that_change_bytes_change_the_set(plan_id, tiny_models, tmp
     other_text = tmp_path / "other.txt"
     other_text.write_text(corpus.read_text()[:-200])
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": line, "body": line[::-1]})
-                               for line in corpus.read_text().splitlines()))
+    jsonl.write_text(
+        "\n".join(json.dumps({"text": line, "body": line[::-1]}) for line in corpus.read_text().splitlines())
+    )
     base = plan_id()
     variants = {
         "model": plan_id(model=str(tiny_models["llama"])),
@@ -119,11 +134,16 @@ def test_existing_set_ids_do_not_change(tmp_path):
     # The demo with the default of its time, 2^18 tokens per shard (shards are sized by bytes by default since
     # then): passing it reaches the same sets.
     old_default = {"shard_tokens": 1 << 18}
-    ids = {hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu", **old_default),
-                           load_model=False).sets[0].set_id
-           for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")}  # the demo: hf-sdpa and bridge engines
-    assert ids == {"blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
-                   "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4"}
+    ids = {
+        hook: make_plan(ExtractConfig(hook=hook, store=str(tmp_path), device="cpu", **old_default), load_model=False)
+        .sets[0]
+        .set_id
+        for hook in ("blocks.1.hook_resid_post", "blocks.1.attn.hook_z")
+    }  # the demo: hf-sdpa and bridge engines
+    assert ids == {
+        "blocks.1.hook_resid_post": "b5bd6bb124eecb395006c2df",
+        "blocks.1.attn.hook_z": "9a09fb5cb45fd4b035382ec4",
+    }
 
 
 def test_a_shuffle_key_is_its_own_kind():
@@ -133,7 +153,10 @@ def test_a_shuffle_key_is_its_own_kind():
     assert s.id == "8b21fcca2a13462b5c6083d0"
     assert key_from_dict(json.loads(json.dumps(s.to_dict()))) == s
     assert key_from_dict(_key().to_dict()) == _key()
-    seen = {s.id} | {dataclasses.replace(s, **{f.name: _changed(getattr(s, f.name))}).id
-                     for f in dataclasses.fields(ShuffleKey) if f.name != "exclude"}
+    seen = {s.id} | {
+        dataclasses.replace(s, **{f.name: _changed(getattr(s, f.name))}).id
+        for f in dataclasses.fields(ShuffleKey)
+        if f.name != "exclude"
+    }
     seen.add(dataclasses.replace(s, exclude=(0,)).id)
     assert len(seen) == len(dataclasses.fields(ShuffleKey)) + 1

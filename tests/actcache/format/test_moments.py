@@ -18,8 +18,15 @@ def reference(x: torch.Tensor) -> dict:
     ok = np.isfinite(a).all(axis=1)
     f = a[ok]
     norms = np.sqrt((f * f).sum(axis=1))
-    return {"n": int(ok.sum()), "mean": f.mean(axis=0), "var": f.var(axis=0), "mean_norm": norms.mean(),
-            "mean_sq_norm": (norms**2).mean(), "nan": int(np.isnan(a).sum()), "inf": int(np.isinf(a).sum())}
+    return {
+        "n": int(ok.sum()),
+        "mean": f.mean(axis=0),
+        "var": f.var(axis=0),
+        "mean_norm": norms.mean(),
+        "mean_sq_norm": (norms**2).mean(),
+        "nan": int(np.isnan(a).sum()),
+        "inf": int(np.isinf(a).sum()),
+    }
 
 
 def check(st: dict, ref: dict, rtol: float = 1e-6) -> None:
@@ -77,8 +84,16 @@ def test_bfloat16_values_whose_squares_overflow_float32_stay_finite():
 
 def test_all_rows_non_finite_gives_no_numbers():
     st = moments.of(torch.full((2, 3, 4), float("nan"))).stats()
-    assert st == {"n": 0, "mean": None, "var": None, "mean_norm": None, "mean_sq_norm": None, "scale": None,
-                  "nan": 24, "inf": 0}
+    assert st == {
+        "n": 0,
+        "mean": None,
+        "var": None,
+        "mean_norm": None,
+        "mean_sq_norm": None,
+        "scale": None,
+        "nan": 24,
+        "inf": 0,
+    }
 
 
 def test_same_bits_whatever_torch_thread_count():
@@ -107,16 +122,30 @@ def _recs(sizes: list[int]) -> tuple[list[Record], dict[int, moments.Moments]]:
     recs, by_index = [], {}
     for i, n in enumerate(sizes):
         m = moments.of(acts(10 + i, shape=(n, 8, 48)))
-        recs.append(Record(i, f"shards/{i:06d}.safetensors", n, n * 8, f"{i:032x}{n:032x}", 100,
-                           {moments.RECORD_FIELD: m.to_json()}))
+        recs.append(
+            Record(
+                i,
+                f"shards/{i:06d}.safetensors",
+                n,
+                n * 8,
+                f"{i:032x}{n:032x}",
+                100,
+                {moments.RECORD_FIELD: m.to_json()},
+            )
+        )
         by_index[i] = m
     return recs, by_index
 
 
 def _merged(recs, previous=None, get=None):
     full = lambda r: r.n_seq == 4  # noqa: E731
-    return moments.merged(recs, 48, full=full, previous=previous,
-                          moments_of=get or (lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], 48)))
+    return moments.merged(
+        recs,
+        48,
+        full=full,
+        previous=previous,
+        moments_of=get or (lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], 48)),
+    )
 
 
 def test_extension_continues_from_the_prefix_and_reads_only_the_rest():
@@ -167,10 +196,17 @@ def test_manifest_entries_leave_the_vectors_out():
 def test_a_thousand_shards_at_d4096_keep_the_manifest_small():
     d = 4096
     one = moments.Moments(10, np.linspace(-1, 1, d), np.linspace(1, 2, d), 30.0, 900.0, 0, 0).to_json()
-    recs = [Record(i, f"shards/{i:06d}.safetensors", 4, 40, f"{i:064x}", 1, {moments.RECORD_FIELD: one})
-            for i in range(1000)]
-    fields = moments.merged(recs, d, full=lambda r: True, previous=None,
-                            moments_of=lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], d))
+    recs = [
+        Record(i, f"shards/{i:06d}.safetensors", 4, 40, f"{i:064x}", 1, {moments.RECORD_FIELD: one})
+        for i in range(1000)
+    ]
+    fields = moments.merged(
+        recs,
+        d,
+        full=lambda r: True,
+        previous=None,
+        moments_of=lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], d),
+    )
     assert fields["stats"]["n"] == 10_000
     shard_list = json.dumps([moments.without(r).to_dict() for r in recs])
     assert len(json.dumps(fields)) < 400_000 and len(shard_list) < 200_000  # vs ~90 MB with vectors per shard

@@ -10,19 +10,23 @@ from actcache.format import shard
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"activations": torch.randn(3, 8, 16, generator=g).half(),
-            "tokens": torch.randint(0, 100, (3, 8), generator=g, dtype=torch.int32)}
+    return {
+        "activations": torch.randn(3, 8, 16, generator=g).half(),
+        "tokens": torch.randint(0, 100, (3, 8), generator=g, dtype=torch.int32),
+    }
 
 
-@pytest.mark.parametrize("codec,level", [("none", 0), ("zstd", 1), ("zstd", 3), ("shuffle-zstd", 1),
-                                         ("shuffle-zstd", 3)])
+@pytest.mark.parametrize(
+    "codec,level", [("none", 0), ("zstd", 1), ("zstd", 3), ("shuffle-zstd", 1), ("shuffle-zstd", 3)]
+)
 def test_round_trip_and_reproducible_bytes(codec, level):
     meta = {"set_id": "abc", "hook": "blocks.0.hook_resid_post", "index": "7"}
     a = shard.encode(_tensors(), codec=codec, level=level, metadata=meta)
     b = shard.encode(_tensors(), codec=codec, level=level, metadata=dict(reversed(meta.items())))
     assert a.data == b.data and a.sha256 == hashlib.sha256(a.data).hexdigest()
-    out = shard.decode(a.data, codec=codec, expect={"activations": (torch.float16, (3, 8, 16)),
-                                                      "tokens": (torch.int32, (3, 8))})
+    out = shard.decode(
+        a.data, codec=codec, expect={"activations": (torch.float16, (3, 8, 16)), "tokens": (torch.int32, (3, 8))}
+    )
     for k, v in _tensors().items():
         assert torch.equal(out[k], v)
 
@@ -49,8 +53,9 @@ def test_shuffle_is_a_byte_transpose_that_leaves_the_header_readable(dtype):
 def test_shuffle_zstd_is_smaller_than_zstd_on_smooth_activations():
     x = torch.linspace(-3, 3, 64 * 256).reshape(64, 256).sin().half()  # shared exponents, noisy low bytes
     tensors = {"activations": x + 1e-3 * torch.randn(64, 256).half(), "tokens": torch.zeros(64, dtype=torch.int32)}
-    assert len(shard.encode(tensors, codec="shuffle-zstd", level=3).data) < \
-        len(shard.encode(tensors, codec="zstd", level=3).data)
+    assert len(shard.encode(tensors, codec="shuffle-zstd", level=3).data) < len(
+        shard.encode(tensors, codec="zstd", level=3).data
+    )
 
 
 def test_malformed_shuffled_shards_are_value_errors():
@@ -113,10 +118,12 @@ def test_header_is_checked_before_the_data(codec):
     data = shard.encode(_tensors(), codec=codec, level=1).data
     good = {"activations": (torch.float16, (3, 8, 16)), "tokens": (torch.int32, (3, 8))}
     shard.check_header(data, codec=codec, expect=good)
-    for name, bad in {"d": {**good, "activations": (torch.float16, (3, 8, 1 << 30))},
-                      "n_seq": {**good, "tokens": (torch.int32, (2, 8))},
-                      "dtype": {**good, "activations": (torch.bfloat16, (3, 8, 16))},
-                      "missing": {**good, "extra": (torch.int32, (1,))}}.items():
+    for name, bad in {
+        "d": {**good, "activations": (torch.float16, (3, 8, 1 << 30))},
+        "n_seq": {**good, "tokens": (torch.int32, (2, 8))},
+        "dtype": {**good, "activations": (torch.bfloat16, (3, 8, 16))},
+        "missing": {**good, "extra": (torch.int32, (1,))},
+    }.items():
         for check in (shard.check_header, shard.decode):
             with pytest.raises(ValueError, match="expected|no tensor"):
                 check(data, codec=codec, expect=bad)

@@ -16,8 +16,10 @@ CODECS = [("none", 0), ("zstd", 1), ("zstd", 3), ("shuffle-zstd", 1), ("shuffle-
 
 def _tensors(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"activations": (torch.randn(*shape, generator=g) * 4).to(dtype),
-            "tokens": torch.randint(0, 50_000, shape[:2], generator=g, dtype=torch.int32)}
+    return {
+        "activations": (torch.randn(*shape, generator=g) * 4).to(dtype),
+        "tokens": torch.randint(0, 50_000, shape[:2], generator=g, dtype=torch.int32),
+    }
 
 
 def _filled(tensors, metadata):

@@ -12,8 +12,7 @@ from actcache.inputs import hub
 class _HTTPError(Exception):
     def __init__(self, status: int, retry_after: str | None = None):
         super().__init__(f"{status} from the hub")
-        self.response = SimpleNamespace(status_code=status,
-                                        headers={"Retry-After": retry_after} if retry_after else {})
+        self.response = SimpleNamespace(status_code=status, headers={"Retry-After": retry_after} if retry_after else {})
 
 
 def test_backoff_retries_429_and_5xx_honouring_retry_after(monkeypatch):

@@ -73,6 +73,8 @@ def test_facts_are_remembered_by_content_and_equal_a_fresh_read(tiny_models, tmp
     cfg.write_text(cfg.read_text() + " ")  # same meaning, new bytes
     with pytest.raises(AssertionError, match="memo should have answered"):
         _ = resolve_model(ModelSpec(str(folder))).facts
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models, arch, monkeypatch):
     """Built without weights (meta for Llama; GPT-2's fused QKV needs a CPU skeleton), then read back from disk."""
@@ -130,13 +132,16 @@ class _Broken:
         return self.decode_(ids)
 
 
-@pytest.mark.parametrize("tok,why", [
-    (_Broken(lambda t: []), "into 0 ids"),  # what transformers builds from a folder without tokenizer files
-    (_Broken(lambda t: [3] * len(t)), "1 distinct"),  # everything one (unknown) id
-    (_Broken(lambda t: [ord(c) % 2 for c in t], lambda ids: "<unk>" * len(ids)), "decodes back as"),
-    (_Broken(lambda t: [ord(c) for c in t], lambda ids: "".join(chr(i) for i in ids[:10])), "decodes back as"),
-    (_Broken(lambda t: 1 / 0), "fails on plain text"),
-])
+@pytest.mark.parametrize(
+    "tok,why",
+    [
+        (_Broken(lambda t: []), "into 0 ids"),  # what transformers builds from a folder without tokenizer files
+        (_Broken(lambda t: [3] * len(t)), "1 distinct"),  # everything one (unknown) id
+        (_Broken(lambda t: [ord(c) % 2 for c in t], lambda ids: "<unk>" * len(ids)), "decodes back as"),
+        (_Broken(lambda t: [ord(c) for c in t], lambda ids: "".join(chr(i) for i in ids[:10])), "decodes back as"),
+        (_Broken(lambda t: 1 / 0), "fails on plain text"),
+    ],
+)
 def test_tokenizers_that_cannot_tokenize_are_refused(tok, why):
     from actcache.inputs.model import check_tokenizer
 

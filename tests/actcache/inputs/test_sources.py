@@ -43,13 +43,16 @@ def test_fingerprint_follows_content_not_path(tmp_path):
     assert open_source(DatasetSpec(str(tmp_path / "y.txt"))).fingerprint != a
 
 
-@pytest.mark.parametrize("make,column,message", [
-    (lambda p: p / "missing.txt", "text", "not found"),
-    (lambda p: (p / "e.txt").write_text("\n \n") and p / "e.txt", "text", "is empty"),
-    (lambda p: (p / "r.jsonl").write_text('{"body": "x"}\n') and p / "r.jsonl", "text", "its columns are ['body']"),
-    (lambda p: (p / "t.txt").write_text("x\n") and p / "t.txt", "content", "its columns are ['text']"),
-    (lambda p: (p / "u.csv").write_text("x\n") and p / "u.csv", "text", "unsupported type"),
-])
+@pytest.mark.parametrize(
+    "make,column,message",
+    [
+        (lambda p: p / "missing.txt", "text", "not found"),
+        (lambda p: (p / "e.txt").write_text("\n \n") and p / "e.txt", "text", "is empty"),
+        (lambda p: (p / "r.jsonl").write_text('{"body": "x"}\n') and p / "r.jsonl", "text", "its columns are ['body']"),
+        (lambda p: (p / "t.txt").write_text("x\n") and p / "t.txt", "content", "its columns are ['text']"),
+        (lambda p: (p / "u.csv").write_text("x\n") and p / "u.csv", "text", "unsupported type"),
+    ],
+)
 def test_bad_sources(tmp_path, make, column, message):
     with pytest.raises(ActcacheError, match=message.replace("[", r"\[").replace("]", r"\]")):
         open_source(DatasetSpec(str(make(tmp_path)), text_column=column)).check()

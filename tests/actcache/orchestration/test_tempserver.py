@@ -20,8 +20,15 @@ CREATE_APP = "prefect.server.api.server:create_app"
 def _isolated_env(home: Path, **extra: str) -> dict[str, str]:
     """No Prefect API configured anywhere: a fresh PREFECT_HOME and no PREFECT_* variables from outside."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               TQDM_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **extra)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONWARNINGS="ignore",
+        **extra,
+    )
     return env
 
 
@@ -32,8 +39,9 @@ def _servers_for(home: Path) -> list[int]:
         if not d.name.isdigit():
             continue
         try:
-            if CREATE_APP.encode() in (d / "cmdline").read_bytes() and \
-                    f"PREFECT_HOME={home}".encode() in (d / "environ").read_bytes().split(b"\0"):
+            if CREATE_APP.encode() in (d / "cmdline").read_bytes() and f"PREFECT_HOME={home}".encode() in (
+                d / "environ"
+            ).read_bytes().split(b"\0"):
                 pids.append(int(d.name))
         except OSError:
             continue
@@ -56,9 +64,31 @@ def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corp
     home = tmp_path / "prefect-home"
     store = tmp_path / "store"
     proc = subprocess.run(
-        [sys.executable, "-m", "actcache.cli.app", "extract", "--model", str(tiny_models["gpt2"]), "--dataset",
-         str(corpus), "--store", str(store), "--context-size", "32", "--max-tokens", "256", "--shard-tokens", "128",
-         "--device", "cpu"], capture_output=True, text=True, env=_isolated_env(home), timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "actcache.cli.app",
+            "extract",
+            "--model",
+            str(tiny_models["gpt2"]),
+            "--dataset",
+            str(corpus),
+            "--store",
+            str(store),
+            "--context-size",
+            "32",
+            "--max-tokens",
+            "256",
+            "--shard-tokens",
+            "128",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=_isolated_env(home),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     set_url = proc.stdout.strip().splitlines()[-1]
     assert (Path(set_url) / "manifest.json").exists()
@@ -71,10 +101,13 @@ def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corp
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_server_dies_with_its_process_even_on_sigkill(tmp_path):
     home = tmp_path / "prefect-home"
-    code = ("import sys, time\nfrom actcache import tempserver\ntempserver.start()\n"
-            "print(tempserver._SERVER.wait(120), flush=True)\ntime.sleep(600)\n")
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              env=_isolated_env(home), start_new_session=True)
+    code = (
+        "import sys, time\nfrom actcache import tempserver\ntempserver.start()\n"
+        "print(tempserver._SERVER.wait(120), flush=True)\ntime.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_isolated_env(home), start_new_session=True
+    )
     try:
         url = parent.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:") and url.endswith("/api")

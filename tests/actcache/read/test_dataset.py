@@ -34,9 +34,19 @@ def sets(tiny_models, corpus, s3_server, tmp_path_factory):
     from actcache.config import ExtractConfig
 
     local = tmp_path_factory.mktemp("dataset-store")
-    url = setwriter.extract_by_stages(ExtractConfig(
-        model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus), context_size=CTX,
-        max_tokens=1024, shard_tokens=128, batch_size=4, store=str(local), device="cpu"))
+    url = setwriter.extract_by_stages(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            hook="blocks.1.hook_resid_post",
+            dataset=str(corpus),
+            context_size=CTX,
+            max_tokens=1024,
+            shard_tokens=128,
+            batch_size=4,
+            store=str(local),
+            device="cpu",
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env("writer").items():
             mp.setenv(k, v)
@@ -59,8 +69,9 @@ def synthetic(tmp_path_factory):
 Row = tuple[bytes, int, int]
 
 
-def reference(url: str, *, drop_bos: bool = False, exclude: tuple[int, ...] = (), world_size: int = 1
-              ) -> list[list[Row]]:
+def reference(
+    url: str, *, drop_bos: bool = False, exclude: tuple[int, ...] = (), world_size: int = 1
+) -> list[list[Row]]:
     """What each rank reads without shuffling, by an obvious loop over every row: (activation bytes, token id,
     flat position), kept rows in set order, cut into ``world_size`` equal parts, the remainder left out."""
     s = open_set(url)
@@ -80,8 +91,9 @@ def rows_of(batches) -> list[Row]:
     out = []
     for acts, tokens, positions in batches:
         assert acts.ndim == 2 and tokens.shape == positions.shape == (len(acts),)
-        out += [(acts[i].view(torch.uint8).numpy().tobytes(), int(tokens[i]), int(positions[i]))
-                for i in range(len(acts))]
+        out += [
+            (acts[i].view(torch.uint8).numpy().tobytes(), int(tokens[i]), int(positions[i])) for i in range(len(acts))
+        ]
     return out
 
 
@@ -106,8 +118,9 @@ def test_in_order_without_shuffling(s3_url):
     batches = list(ds)
     assert [len(a) for a, _ in batches] == [100] * 10 + [24]  # 1024 rows, batches span shard boundaries
     assert batches[0][0].dtype == torch.float16 and batches[0][0].shape[1] == ds.d == 32
-    assert [(a, t) for a, t, _ in rows_of((a, t, torch.zeros_like(t)) for a, t in batches)] == \
-        [(a, t) for a, t, _ in reference(s3_url)[0]]
+    assert [(a, t) for a, t, _ in rows_of((a, t, torch.zeros_like(t)) for a, t in batches)] == [
+        (a, t) for a, t, _ in reference(s3_url)[0]
+    ]
     assert ds.n_tokens == 1024 and len(ds) == 11
 
 
@@ -132,14 +145,16 @@ def test_a_batch_is_a_sample_of_the_buffer_not_a_run(sets):
     assert adjacent < 0.05
 
 
-@pytest.mark.parametrize("options", [{}, {"drop_bos": True}, {"exclude_special_tokens": True},
-                                     {"exclude_tokens": [0, 17], "drop_bos": True}], ids=str)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"drop_bos": True}, {"exclude_special_tokens": True}, {"exclude_tokens": [0, 17], "drop_bos": True}],
+    ids=str,
+)
 def test_fast_path_equals_the_row_by_row_reference(sets, options):
     special = (0,) if options.get("exclude_special_tokens") else ()  # the tiny tokenizer's BOS = EOS = separator
     exclude = special + tuple(options.get("exclude_tokens", ()))
     for world_size in (1, 3):
-        want = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude,
-                         world_size=world_size)
+        want = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude, world_size=world_size)
         for rank in range(world_size):
             ds = full(sets["local"], batch_size=50, rank=rank, world_size=world_size, **options)
             assert rows_of(ds) == want[rank], (world_size, rank)
@@ -149,7 +164,6 @@ def test_fast_path_equals_the_row_by_row_reference(sets, options):
             assert len(got) == len(want[rank]) == ds.rows_per_rank
             if world_size == 1:
                 assert sorted(got) == sorted(want[0]) and got != want[0]
-
 
 
 def shuffled_reference(ds: ActivationDataset, rank_rows: list[Row]) -> list[list[Row]]:
@@ -197,8 +211,9 @@ def test_shuffled_batches_equal_the_reference_in_every_dtype(sets, options, batc
         assert ds.dtype == torch.float16 and sum(map(len, want)) == ds.rows_per_rank
         half = list(ds)
         assert [rows_of([b]) for b in half] == want
-        wide = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5,
-                    dtype=torch.float32, **options)
+        wide = full(
+            sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, dtype=torch.float32, **options
+        )
         wide.set_epoch(epoch)
         for (a32, t32, p32), (a16, t16, p16) in zip(wide, half, strict=True):
             assert a32.dtype == torch.float32 and torch.equal(a32, a16.float())
@@ -214,17 +229,19 @@ def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
         assert got[0][0].dtype == ds.set.dtype and got[0][0].shape == (20, d)
         assert [rows_of([b]) for b in got] == shuffled_reference(ds, reference(url)[0])
 
+
 # -- ranks and workers ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 7, 8, 9, 20])
 def test_every_rank_gets_the_same_batches_and_no_row_twice(sets, world_size):
     """8 shards of 128 rows: world sizes below, at and above the shard count; remainders are left out."""
     everything = reference(sets["local"])[0]
-    per_rank = [rows_of(full(sets["local"], batch_size=24, shuffle_buffer=100, seed=2, rank=r,
-                             world_size=world_size)) for r in range(world_size)]
+    per_rank = [
+        rows_of(full(sets["local"], batch_size=24, shuffle_buffer=100, seed=2, rank=r, world_size=world_size))
+        for r in range(world_size)
+    ]
     ds = full(sets["local"], batch_size=24, rank=0, world_size=world_size)
     assert {len(rows) for rows in per_rank} == {1024 // world_size} == {ds.rows_per_rank}
-    batches = [len(list(full(sets["local"], batch_size=24, rank=r, world_size=world_size)))
-               for r in range(world_size)]
+    batches = [len(list(full(sets["local"], batch_size=24, rank=r, world_size=world_size))) for r in range(world_size)]
     assert set(batches) == {len(ds)} == {-(-(1024 // world_size) // 24)}
     seen = [row for rows in per_rank for row in rows]
     assert len(set(seen)) == len(seen) and set(seen) <= set(everything)
@@ -234,15 +251,23 @@ def test_every_rank_gets_the_same_batches_and_no_row_twice(sets, world_size):
 def test_deal_splits_ranks_by_rows_and_workers_at_batch_boundaries():
     counts, order = [10, 0, 7, 3], [2, 0, 3, 1]  # 20 rows; an empty shard
     assert deal(counts, order, rank=0, world_size=3, worker=0, num_workers=1, batch_size=4) == [Piece(2, 0, 6)]
-    assert deal(counts, order, rank=1, world_size=3, worker=0, num_workers=1, batch_size=4) == \
-        [Piece(2, 6, 7), Piece(0, 0, 5)]
-    assert deal(counts, order, rank=2, world_size=3, worker=0, num_workers=1, batch_size=4) == [Piece(0, 5, 10),
-                                                                                             Piece(3, 0, 1)]
+    assert deal(counts, order, rank=1, world_size=3, worker=0, num_workers=1, batch_size=4) == [
+        Piece(2, 6, 7),
+        Piece(0, 0, 5),
+    ]
+    assert deal(counts, order, rank=2, world_size=3, worker=0, num_workers=1, batch_size=4) == [
+        Piece(0, 5, 10),
+        Piece(3, 0, 1),
+    ]
     # rank 0 of 1 with 2 workers: 5 batches of 4 -> worker 0 takes 2 (8 rows), worker 1 three
-    assert deal(counts, order, rank=0, world_size=1, worker=0, num_workers=2, batch_size=4) == [Piece(2, 0, 7),
-                                                                                             Piece(0, 0, 1)]
-    assert deal(counts, order, rank=0, world_size=1, worker=1, num_workers=2, batch_size=4) == [Piece(0, 1, 10),
-                                                                                             Piece(3, 0, 3)]
+    assert deal(counts, order, rank=0, world_size=1, worker=0, num_workers=2, batch_size=4) == [
+        Piece(2, 0, 7),
+        Piece(0, 0, 1),
+    ]
+    assert deal(counts, order, rank=0, world_size=1, worker=1, num_workers=2, batch_size=4) == [
+        Piece(0, 1, 10),
+        Piece(3, 0, 3),
+    ]
     assert deal(counts, order, rank=4, world_size=30, worker=0, num_workers=2, batch_size=4) == []
 
 
@@ -266,13 +291,22 @@ def test_set_epoch_reaches_persistent_workers(sets):
         epochs.append(rows_of(loader))
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
     assert epochs[2] == epochs[0]
-    assert epochs[0] == rows_of(DataLoader(full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3),
-                                           batch_size=None, num_workers=2))
+    assert epochs[0] == rows_of(
+        DataLoader(full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3), batch_size=None, num_workers=2)
+    )
 
 
 def test_s3_workers_and_ranks(s3_url):
-    per_rank = [rows_of(DataLoader(full(s3_url, batch_size=50, shuffle_buffer=256, seed=1, rank=r, world_size=2),
-                                   batch_size=None, num_workers=2)) for r in (0, 1)]
+    per_rank = [
+        rows_of(
+            DataLoader(
+                full(s3_url, batch_size=50, shuffle_buffer=256, seed=1, rank=r, world_size=2),
+                batch_size=None,
+                num_workers=2,
+            )
+        )
+        for r in (0, 1)
+    ]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(reference(s3_url)[0])
     with pytest.raises(ActcacheError, match="rank 2 is outside world_size 2"):
         ActivationDataset(s3_url, batch_size=1, rank=2, world_size=2)
@@ -305,11 +339,19 @@ def test_old_manifest_excludes_what_it_records_and_says_so(tmp_path):
     assert ActivationDataset(url, batch_size=8, exclude_tokens=[10**6]).excluded == {10**6: 0}
 
 
-@pytest.mark.parametrize("bad, message", [([512], r"token id 512 is outside the vocabulary of this set's tokenizer "
-                                                  r"\(0\.\.511\); fix exclude_tokens"),
-                                          ([-1], "token id -1 is outside the vocabulary"),
-                                          (["eos"], "exclude_tokens takes integer token ids"),
-                                          ([True], "exclude_tokens takes integer token ids")])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            [512],
+            r"token id 512 is outside the vocabulary of this set's tokenizer "
+            r"\(0\.\.511\); fix exclude_tokens",
+        ),
+        ([-1], "token id -1 is outside the vocabulary"),
+        (["eos"], "exclude_tokens takes integer token ids"),
+        ([True], "exclude_tokens takes integer token ids"),
+    ],
+)
 def test_exclusion_ids_are_checked(synthetic, bad, message):
     with pytest.raises(ActcacheError, match=message) as e:
         ActivationDataset(synthetic, batch_size=8, exclude_tokens=bad)
@@ -326,8 +368,7 @@ def test_normalize_with_the_sets_statistics(synthetic, normalize, shuffle_buffer
     ds = full(synthetic, batch_size=16, shuffle_buffer=shuffle_buffer, dtype=torch.float32, normalize=normalize)
     plain = {p: a for a, _, p in rows_of(full(synthetic, batch_size=16, dtype=torch.float32))}
     got = torch.cat([a for a, _, _ in ds])
-    raw = torch.stack([torch.frombuffer(bytearray(plain[int(p)]), dtype=torch.float32)
-                       for _, _, ps in ds for p in ps])
+    raw = torch.stack([torch.frombuffer(bytearray(plain[int(p)]), dtype=torch.float32) for _, _, ps in ds for p in ps])
     if normalize == "scale":
         want = raw.double() * stats["scale"]
     else:
@@ -335,8 +376,9 @@ def test_normalize_with_the_sets_statistics(synthetic, normalize, shuffle_buffer
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     if normalize == "standardize":  # the set's own rows: mean 0 and std 1 per dimension
         torch.testing.assert_close(got.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4, rtol=0)
-        torch.testing.assert_close(got.double().std(0, correction=0), torch.ones(8, dtype=torch.float64),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            got.double().std(0, correction=0), torch.ones(8, dtype=torch.float64), atol=1e-4, rtol=0
+        )
 
 
 def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
@@ -375,15 +417,18 @@ def test_an_unknown_layout_is_refused(sets, tmp_path):
 
 
 # -- bad input ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("options, message", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"shuffle_buffer": -1}, "shuffle_buffer must be 0"),
-    ({"prefetch": 0}, "prefetch must be at least 1"),
-    ({"dtype": torch.int32}, "dtype must be a torch floating dtype"),
-    ({"normalize": "unit"}, "normalize must be one of scale, standardize"),
-    ({"device": "tpu:x"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
-    ({"rank": 0, "world_size": 0}, "rank 0 is outside world_size 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"shuffle_buffer": -1}, "shuffle_buffer must be 0"),
+        ({"prefetch": 0}, "prefetch must be at least 1"),
+        ({"dtype": torch.int32}, "dtype must be a torch floating dtype"),
+        ({"normalize": "unit"}, "normalize must be one of scale, standardize"),
+        ({"device": "tpu:x"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+        ({"rank": 0, "world_size": 0}, "rank 0 is outside world_size 0"),
+    ],
+)
 def test_bad_options_are_one_line(synthetic, options, message):
     with pytest.raises(ActcacheError, match=message) as e:
         ActivationDataset(synthetic, **{"batch_size": 8, **options})

@@ -19,37 +19,73 @@ from actcache.sets.shuffle import shuffle_set
 MANIFEST = {"tokenization": {"bos_id": 0, "separator_id": 1, "eos_id": 1, "pad_id": 2, "vocab_size": 512}}
 
 
-@pytest.mark.parametrize("ids", [
-    [17, 5], (5, 17), 17, np.int64(17), np.int32(17), np.uint16(17), np.array(17), np.array([17, 5]),
-    np.array([5, 17], dtype=np.int32), torch.tensor(17), torch.tensor([17, 5]),
-    torch.tensor([5, 17], dtype=torch.int32),
-    [np.int64(17), torch.tensor(5)], [np.array([17]), torch.tensor([5])], range(5, 18, 12), [17, 17, 5],
-    {17: "a", 5: "b"}.keys(), (i for i in (17, 5)), {np.int64(5), 17},
-], ids=repr)
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [17, 5],
+        (5, 17),
+        17,
+        np.int64(17),
+        np.int32(17),
+        np.uint16(17),
+        np.array(17),
+        np.array([17, 5]),
+        np.array([5, 17], dtype=np.int32),
+        torch.tensor(17),
+        torch.tensor([17, 5]),
+        torch.tensor([5, 17], dtype=torch.int32),
+        [np.int64(17), torch.tensor(5)],
+        [np.array([17]), torch.tensor([5])],
+        range(5, 18, 12),
+        [17, 17, 5],
+        {17: "a", 5: "b"}.keys(),
+        (i for i in (17, 5)),
+        {np.int64(5), 17},
+    ],
+    ids=repr,
+)
 def test_integer_likes_are_accepted_as_python_ints(ids):
     got = token_ids(MANIFEST, ids=ids)
     assert got in ((5, 17), (17,)) and all(type(i) is int for i in got)
     assert token_ids(MANIFEST, special=True, ids=got) == tuple(sorted({0, 1, 2, *got}))
 
 
-@pytest.mark.parametrize("ids, shown", [
-    ([1.0], "1.0 of type float"), ([17, 2.5], "2.5 of type float"), (True, "True of type bool"),
-    ([False], "False of type bool"), (np.float32(3), "3.0 of type float"), (np.array([1.5, 2]), "1.5 of type float"),
-    (np.array([True]), "True of type bool"), (torch.tensor([1.0]), "1.0 of type float"),
-    (torch.tensor(True), "True of type bool"), ("50256", "'50256' of type str"), ([None], "None of type NoneType"),
-    ([[1, 2]], r"\[1, 2\] of type list"), (torch.tensor([1, 2], dtype=torch.bool), "True of type bool"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "ids, shown",
+    [
+        ([1.0], "1.0 of type float"),
+        ([17, 2.5], "2.5 of type float"),
+        (True, "True of type bool"),
+        ([False], "False of type bool"),
+        (np.float32(3), "3.0 of type float"),
+        (np.array([1.5, 2]), "1.5 of type float"),
+        (np.array([True]), "True of type bool"),
+        (torch.tensor([1.0]), "1.0 of type float"),
+        (torch.tensor(True), "True of type bool"),
+        ("50256", "'50256' of type str"),
+        ([None], "None of type NoneType"),
+        ([[1, 2]], r"\[1, 2\] of type list"),
+        (torch.tensor([1, 2], dtype=torch.bool), "True of type bool"),
+    ],
+    ids=repr,
+)
 def test_other_values_are_refused_in_one_line_naming_the_field(ids, shown):
-    with pytest.raises(ActcacheError, match=f"exclude_tokens takes integer token ids .*got {shown}; pass ids such "
-                                            r"as \[50256, 0\]") as e:
+    with pytest.raises(
+        ActcacheError,
+        match=f"exclude_tokens takes integer token ids .*got {shown}; pass ids such "
+        r"as \[50256, 0\]",
+    ) as e:
         token_ids(MANIFEST, ids=ids, option="exclude_tokens")
     assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("ids", [np.zeros((2, 2), dtype=np.int64), torch.zeros(1, 3, dtype=torch.int64)], ids=repr)
 def test_arrays_of_more_than_one_dimension_are_refused(ids):
-    with pytest.raises(ActcacheError, match=r"exclude_ids takes a flat list of token ids, got an array of shape "
-                                            r"\(\d, \d\); flatten it first") as e:
+    with pytest.raises(
+        ActcacheError,
+        match=r"exclude_ids takes a flat list of token ids, got an array of shape "
+        r"\(\d, \d\); flatten it first",
+    ) as e:
         token_ids(MANIFEST, ids=ids, option="exclude_ids")
     assert "\n" not in str(e.value)
 
@@ -78,8 +114,9 @@ def small_set(tmp_path_factory):
     return setwriter.write_set(tmp_path_factory.mktemp("exclude-set"), shards=2, seqs=2, ctx=8, d=4)
 
 
-@pytest.mark.parametrize("ids", [[1, 0], np.array([1, 0]), torch.tensor([0, 1]), [torch.tensor(1), np.int64(0)]],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "ids", [[1, 0], np.array([1, 0]), torch.tensor([0, 1]), [torch.tensor(1), np.int64(0)]], ids=repr
+)
 def test_every_entry_point_takes_numpy_and_torch_ids(small_set, tmp_path, ids):
     assert ActivationDataset(small_set, batch_size=4, exclude_tokens=ids).exclude == (0, 1)
     assert ActivationDataset(small_set, batch_size=4, exclude_tokens=np.int64(5)).exclude == (5,)

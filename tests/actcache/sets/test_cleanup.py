@@ -114,8 +114,13 @@ def test_refused_in_one_line_touching_nothing(store, tmp_path, capsys, monkeypat
     (tmp_path / "empty").mkdir()
     (tid,) = inventory.token_cache_ids(Store(str(store)))
     before = local_tree(tmp_path)
-    fill = {"set": url, "store": str(store), "tokens": f"{store}/{layout.TOKENS_ROOT}/{tid}",
-            "stranger": str(stranger), "empty": str(tmp_path / "empty")}
+    fill = {
+        "set": url,
+        "store": str(store),
+        "tokens": f"{store}/{layout.TOKENS_ROOT}/{tid}",
+        "stranger": str(stranger),
+        "empty": str(tmp_path / "empty"),
+    }
     code, _, err = run(capsys, *[a.format(**fill) for a in argv])
     one_line_error(code, err, expected)
     assert local_tree(tmp_path) == before
@@ -123,8 +128,13 @@ def test_refused_in_one_line_touching_nothing(store, tmp_path, capsys, monkeypat
 
 def _rm_killed_at(point: str, url: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {}), "ACTCACHE_FAULT": f"{point}:1"}
-    return subprocess.run([sys.executable, "-m", "actcache.cli.app", "rm", url, "--yes"], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "actcache.cli.app", "rm", url, "--yes"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("point", crashpoints.RM_POINTS)
@@ -146,9 +156,19 @@ def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, tiny_model
 
     url = set_url(store)
     assert _rm_killed_at("rm.records-removed", url).returncode == -signal.SIGKILL
-    again = extract(ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post",
-                                  dataset=str(corpus), context_size=32, max_tokens=448, shard_tokens=128,
-                                  batch_size=4, store=str(store), device="cpu"))  # the extracted_set's config
+    again = extract(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            hook="blocks.1.hook_resid_post",
+            dataset=str(corpus),
+            context_size=32,
+            max_tokens=448,
+            shard_tokens=128,
+            batch_size=4,
+            store=str(store),
+            device="cpu",
+        )
+    )  # the extracted_set's config
     assert again == url and local_tree(store) == local_tree(made)
 
 

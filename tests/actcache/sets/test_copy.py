@@ -18,9 +18,17 @@ def local_set(tiny_models, corpus, prefect_harness, tmp_path_factory) -> str:
     from actcache.api import extract
     from actcache.config import ExtractConfig
 
-    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.2.hook_resid_post", dataset=str(corpus),
-                        context_size=32, max_tokens=512, shard_tokens=128, batch_size=4,
-                        store=str(tmp_path_factory.mktemp("copy-store")), device="cpu")
+    cfg = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.2.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,
+        shard_tokens=128,
+        batch_size=4,
+        store=str(tmp_path_factory.mktemp("copy-store")),
+        device="cpu",
+    )
     return extract(cfg)
 
 
@@ -106,8 +114,17 @@ def test_ls_shows_a_partial_set_on_s3(local_set, s3_server, s3_env, capsys, tiny
     from actcache.flows.extract import extract_activations
 
     url = s3_server.new_prefix()
-    cfg = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.2.hook_resid_post", dataset=str(corpus),
-                        context_size=32, max_tokens=512, shard_tokens=128, batch_size=4, store=url, device="cpu")
+    cfg = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.2.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,
+        shard_tokens=128,
+        batch_size=4,
+        store=url,
+        device="cpu",
+    )
     extract_activations(cfg, partition_index=0, num_partitions=2)
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()

@@ -30,8 +30,13 @@ class MemorySet:
 
     @property
     def manifest(self) -> dict:
-        return {"key": {"tokens": {"context_size": self.context}}, "d": self.d, "hook_shape": [self.d],
-                "shard_tokens": 2 * self.context, "codec": self.codec}
+        return {
+            "key": {"tokens": {"context_size": self.context}},
+            "d": self.d,
+            "hook_shape": [self.d],
+            "shard_tokens": 2 * self.context,
+            "codec": self.codec,
+        }
 
     @property
     def records(self) -> list[Record]:
@@ -49,8 +54,10 @@ class MemorySet:
 
 def shard(seed: int, n_seq: int = 2, context: int = 4, d: int = 3, dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n_seq, context, d, generator=g).to(dtype),
-            torch.randint(0, 100, (n_seq, context), generator=g, dtype=torch.int32))
+    return (
+        torch.randn(n_seq, context, d, generator=g).to(dtype),
+        torch.randint(0, 100, (n_seq, context), generator=g, dtype=torch.int32),
+    )
 
 
 def reference(a: torch.Tensor, b: torch.Tensor, atol: float, rtol: float) -> tuple[float, int]:
@@ -126,12 +133,22 @@ def write_set(cfg) -> str:
 def sets(tiny_models, corpus, tmp_path_factory) -> dict[str, str]:
     from actcache.config import ExtractConfig
 
-    base = ExtractConfig(model=str(tiny_models["gpt2"]), hook="blocks.1.hook_resid_post", dataset=str(corpus),
-                         context_size=32, max_tokens=256, shard_tokens=128, device="cpu",
-                         store=str(tmp_path_factory.mktemp("diff")))
-    return {"fp16": write_set(base), "zstd": write_set(base.replace(codec="zstd")),
-            "fp32": write_set(base.replace(dtype="float32")),
-            "ctx16": write_set(base.replace(context_size=16, shard_tokens=64))}
+    base = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=256,
+        shard_tokens=128,
+        device="cpu",
+        store=str(tmp_path_factory.mktemp("diff")),
+    )
+    return {
+        "fp16": write_set(base),
+        "zstd": write_set(base.replace(codec="zstd")),
+        "fp32": write_set(base.replace(dtype="float32")),
+        "ctx16": write_set(base.replace(context_size=16, shard_tokens=64)),
+    }
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -20,8 +20,12 @@ HOOK = "blocks.1.hook_resid_post"
 @pytest.fixture(scope="module")
 def source(extracted_set):
     s = open_set(extracted_set)
-    return {"url": extracted_set, "acts": torch.cat([sh.activations for sh in s]),
-            "tokens": torch.cat([sh.tokens for sh in s]), "manifest": s.manifest}
+    return {
+        "url": extracted_set,
+        "acts": torch.cat([sh.activations for sh in s]),
+        "tokens": torch.cat([sh.tokens for sh in s]),
+        "manifest": s.manifest,
+    }
 
 
 def test_saelens_folder_is_what_cache_activations_runner_writes(source, tmp_path, capsys):
@@ -29,15 +33,20 @@ def test_saelens_folder_is_what_cache_activations_runner_writes(source, tmp_path
     assert cli.main(["export", source["url"], str(out), "--format", "saelens"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     ds = load_from_disk(str(out))
-    assert ds.features == Features({HOOK: Array2D(shape=(32, 32), dtype="float16"),
-                                    "token_ids": Sequence(Value(dtype="int32"), length=32)})
+    assert ds.features == Features(
+        {HOOK: Array2D(shape=(32, 32), dtype="float16"), "token_ids": Sequence(Value(dtype="int32"), length=32)}
+    )
     assert len(ds) == 14
     got = ds.with_format("numpy")[:]
     assert np.array_equal(got[HOOK], source["acts"].numpy())  # stored as float16 (features), read as float32
     assert np.array_equal(got["token_ids"], source["tokens"].numpy())
     # SAELens's consolidated layout: flat arrow files named by position, state.json with a fingerprint.
-    assert sorted(p.name for p in out.iterdir()) == ["actcache.json", *[f"data-{i:05d}-of-00004.arrow"
-                                                     for i in range(4)], "dataset_info.json", "state.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "actcache.json",
+        *[f"data-{i:05d}-of-00004.arrow" for i in range(4)],
+        "dataset_info.json",
+        "state.json",
+    ]
     state = json.loads((out / "state.json").read_text())
     assert state["_fingerprint"] and state["_split"] is None and state["_format_type"] is None
     meta = json.loads((out / "actcache.json").read_text())
@@ -53,9 +62,14 @@ def test_hf_folder_has_one_row_per_token(source, tmp_path, monkeypatch):
     keep = flat_t != bos
     assert (r.rows, r.excluded_tokens, r.dtype) == (int(keep.sum()), int((~keep).sum()), "float16")
     ds = load_from_disk(str(tmp_path / "hf"))
-    assert ds.features == Features({"activations": Sequence(Value("float16"), length=32),
-                                    "token_id": Value("int32"), "sequence": Value("int64"),
-                                    "position": Value("int32")})
+    assert ds.features == Features(
+        {
+            "activations": Sequence(Value("float16"), length=32),
+            "token_id": Value("int32"),
+            "sequence": Value("int64"),
+            "position": Value("int32"),
+        }
+    )
     got = ds.with_format("numpy")[:]
     flat_pos = got["sequence"] * 32 + got["position"]
     assert np.array_equal(flat_pos, np.flatnonzero(keep.numpy()))
@@ -77,8 +91,9 @@ def test_hf_export_of_a_shuffled_set_keeps_positions(source, tmp_path):
 
 def test_bfloat16_is_exported_as_float32():
     acts = torch.randn(2, 4, 8).to(torch.bfloat16)
-    pieces, _ = export._pieces("hf", Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32)), 4,
-                               np.dtype("float32"), (), 0)
+    pieces, _ = export._pieces(
+        "hf", Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32)), 4, np.dtype("float32"), (), 0
+    )
     assert pieces[0]["acts"].dtype == np.float32
     assert np.array_equal(pieces[0]["acts"], acts.float().reshape(-1, 8).numpy())
 
@@ -102,10 +117,13 @@ def test_an_interrupted_export_leaves_no_target(source, tmp_path, monkeypatch):
     assert len(load_from_disk(str(tmp_path / "sl"))) == 14 and not (tmp_path / "sl.partial").exists()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--exclude-special-tokens"], "SAELens leaves them out itself"),
-    (["--exclude-ids", "7,-5"], "token id -5 is outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--exclude-special-tokens"], "SAELens leaves them out itself"),
+        (["--exclude-ids", "7,-5"], "token id -5 is outside the vocabulary"),
+    ],
+)
 def test_refusals_are_one_line_and_write_nothing(source, tmp_path, capsys, extra, message):
     out = tmp_path / "x"
     assert cli.main(["export", source["url"], str(out), "--format", "saelens", *extra]) == 2
@@ -121,6 +139,8 @@ def test_an_existing_target_or_a_shuffled_source_is_refused(source, tmp_path, ca
     shuffled = shuffle.shuffle_set(source["url"], out=str(tmp_path / "store"), seed=1)
     assert cli.main(["export", shuffled.url, str(tmp_path / "sl"), "--format", "saelens"]) == 2
     assert "SAELens reads whole sequences" in capsys.readouterr().err
-    assert cli.main(["export", str(tmp_path / "nope" / Path(source["url"]).name), str(tmp_path / "y"),
-                     "--format", "hf"]) == 2
+    assert (
+        cli.main(["export", str(tmp_path / "nope" / Path(source["url"]).name), str(tmp_path / "y"), "--format", "hf"])
+        == 2
+    )
     assert "no activation set at" in capsys.readouterr().err

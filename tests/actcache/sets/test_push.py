@@ -61,8 +61,9 @@ def test_an_interrupted_push_resumes_with_what_is_missing(extracted_set, hub):
     hub.clear_requests()
     result = push.push_set(extracted_set, repo, commit_files=3)
     assert (result.uploaded, result.skipped) == (10 - 3, 3)
-    assert {k: v for k, v in hub.files(repo, repo_type="dataset").items() if k.startswith(Path(extracted_set).name)} \
-        == set_files(extracted_set)
+    assert {
+        k: v for k, v in hub.files(repo, repo_type="dataset").items() if k.startswith(Path(extracted_set).name)
+    } == set_files(extracted_set)
 
 
 def test_a_revision_is_a_branch(extracted_set, hub):

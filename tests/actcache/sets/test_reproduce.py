@@ -24,10 +24,21 @@ def original(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("like")
     shutil.copy(corpus, root / "corpus.txt")
     store = root / "store"
-    cfg = ExtractConfig(model=str(tiny_models["llama"]), hook="blocks.2.hook_resid_pre",
-                        dataset=str(root / "corpus.txt"), context_size=16, prepend_bos=False, separator="none",
-                        max_tokens=192, shard_tokens=64, dtype="bfloat16", codec="shuffle-zstd", codec_level=5,
-                        store=str(store), device="cpu")
+    cfg = ExtractConfig(
+        model=str(tiny_models["llama"]),
+        hook="blocks.2.hook_resid_pre",
+        dataset=str(root / "corpus.txt"),
+        context_size=16,
+        prepend_bos=False,
+        separator="none",
+        max_tokens=192,
+        shard_tokens=64,
+        dtype="bfloat16",
+        codec="shuffle-zstd",
+        codec_level=5,
+        store=str(store),
+        device="cpu",
+    )
     return {"url": extract(cfg), "store": store, "corpus": root / "corpus.txt"}
 
 
@@ -50,19 +61,25 @@ def test_extends_and_overrides(original, tmp_path, capsys):
     store = tmp_path / "store"
     shutil.copytree(original["store"], store)
     set_id = original["url"].rsplit("/", 1)[1]
-    code, out, err = run(capsys, "extract", "--like", original["url"], "--store", str(store), "--max-tokens", "320",
-                         "--json")
+    code, out, err = run(
+        capsys, "extract", "--like", original["url"], "--store", str(store), "--max-tokens", "320", "--json"
+    )
     (s,) = json.loads(out)["sets"]
     assert code == 0 and s["set_id"] == set_id, err
     assert (s["shards_skipped"], s["shards_computed"], s["n_tokens"]) == (3, 2, 320)
 
-    code, out, _ = run(capsys, "extract", "--like", original["url"], "--store", str(store), "--dtype", "float16",
-                       "--json")
+    code, out, _ = run(
+        capsys, "extract", "--like", original["url"], "--store", str(store), "--dtype", "float16", "--json"
+    )
     (other,) = json.loads(out)["sets"]
     assert code == 0 and other["set_id"] != set_id and other["n_tokens"] == 192
     m = json.loads((store / other["set_id"] / "manifest.json").read_text())
-    assert (m["dtype"], m["codec"], m["codec_level"], m["hook"]) == ("float16", "shuffle-zstd", 5,
-                                                                       "blocks.2.hook_resid_pre")
+    assert (m["dtype"], m["codec"], m["codec_level"], m["hook"]) == (
+        "float16",
+        "shuffle-zstd",
+        5,
+        "blocks.2.hook_resid_pre",
+    )
 
 
 def test_refuses_when_the_inputs_changed(original, tmp_path, capsys):
@@ -78,16 +95,34 @@ def test_refuses_when_the_inputs_changed(original, tmp_path, capsys):
 
 
 def test_settings_of_a_hub_set_pin_its_revisions():
-    m = {"set_id": "x", "hook": "blocks.6.hook_resid_post", "shard_tokens": 8192, "target_tokens": 65536,
-         "dtype": "float16", "model_dtype": "float32", "codec": "none", "codec_level": 0,
-         "model": {"name": "gpt2", "revision": "607a30d783dfa663caf39e06633721c8d4cfcd7e", "trust_remote_code": False},
-         "dataset": {"path": "NeelNanda/pile-10k", "config": None, "split": "train", "text_column": "text",
-                     "revision": "127bfedcd5047750df5ccf3a12979a47bfa0bafa"},
-         "tokenization": {"separator": "eos"}, "key": {"tokens": {"context_size": 128, "prepend_bos": True}}}
+    m = {
+        "set_id": "x",
+        "hook": "blocks.6.hook_resid_post",
+        "shard_tokens": 8192,
+        "target_tokens": 65536,
+        "dtype": "float16",
+        "model_dtype": "float32",
+        "codec": "none",
+        "codec_level": 0,
+        "model": {"name": "gpt2", "revision": "607a30d783dfa663caf39e06633721c8d4cfcd7e", "trust_remote_code": False},
+        "dataset": {
+            "path": "NeelNanda/pile-10k",
+            "config": None,
+            "split": "train",
+            "text_column": "text",
+            "revision": "127bfedcd5047750df5ccf3a12979a47bfa0bafa",
+        },
+        "tokenization": {"separator": "eos"},
+        "key": {"tokens": {"context_size": 128, "prepend_bos": True}},
+    }
     s = reproduce.settings(m)
     assert s["revision"] == m["model"]["revision"] and s["dataset_revision"] == m["dataset"]["revision"]
     assert s["max_tokens"] == 65536 and s["shard_tokens"] == 8192 and "codec_level" not in s
     flags = {"store": "./x", "max_tokens": 1, "dtype": "bfloat16", "batch_size": 4}
     merged = reproduce.merge(m, flags, frozenset({"dtype"}))
-    assert (merged["dtype"], merged["max_tokens"], merged["store"], merged["batch_size"]) == ("bfloat16", 65536,
-                                                                                              "./x", 4)
+    assert (merged["dtype"], merged["max_tokens"], merged["store"], merged["batch_size"]) == (
+        "bfloat16",
+        65536,
+        "./x",
+        4,
+    )

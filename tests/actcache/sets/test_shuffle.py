@@ -38,8 +38,12 @@ def rows_of(url: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def source(extracted_set):
     s = open_set(extracted_set)
-    return {"url": extracted_set, "acts": torch.cat([sh.activations.reshape(-1, s.manifest["d"]) for sh in s]),
-            "tokens": torch.cat([sh.tokens.reshape(-1) for sh in s]), "manifest": s.manifest}
+    return {
+        "url": extracted_set,
+        "acts": torch.cat([sh.activations.reshape(-1, s.manifest["d"]) for sh in s]),
+        "tokens": torch.cat([sh.tokens.reshape(-1) for sh in s]),
+        "manifest": s.manifest,
+    }
 
 
 def test_every_kept_row_once_in_the_rows_layout(source, tmp_path):
@@ -88,8 +92,7 @@ def test_reading_in_order_gives_iid_rows_the_source_order_does_not(source, tmp_p
 def test_the_seed_alone_fixes_the_bytes(source, tmp_path):
     """Bucket count, slicing and read concurrency change how the work is cut, never the result."""
     a = shuffle.shuffle_set(source["url"], out=str(tmp_path / "a"), seed=5, rows_per_shard=50)
-    b = shuffle.shuffle_set(source["url"], out=str(tmp_path / "b"), seed=5, rows_per_shard=50, bucket_rows=7,
-                            jobs=1)
+    b = shuffle.shuffle_set(source["url"], out=str(tmp_path / "b"), seed=5, rows_per_shard=50, bucket_rows=7, jobs=1)
     c = shuffle.shuffle_set(source["url"], out=str(tmp_path / "c"), seed=6, rows_per_shard=50)
     assert Path(a.url).name == Path(b.url).name != Path(c.url).name
     assert local_tree(tmp_path / "a") == local_tree(tmp_path / "b")
@@ -121,13 +124,16 @@ def test_a_rerun_of_a_finished_shuffle_writes_nothing(source, tmp_path, capsys):
     assert row[0] == Path(url).name and row[2:4] == ["blocks.1.hook_resid_post", "448"] and row[-1] == "complete"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--exclude-ids", "5,-1"], "token id -1 is outside the vocabulary"),
-    (["--exclude-ids", "5,x"], "--exclude-ids takes comma-separated token ids"),
-    (["--seed", "-1"], "--seed must be between 0 and 2^64 - 1"),
-    (["--bucket-rows", "0"], "--bucket-rows must be at least 1"),
-    (["--shard-rows=-1"], "--shard-rows must be at least 1"),  # the field is rows_per_shard: cli.FLAG_NAMES
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--exclude-ids", "5,-1"], "token id -1 is outside the vocabulary"),
+        (["--exclude-ids", "5,x"], "--exclude-ids takes comma-separated token ids"),
+        (["--seed", "-1"], "--seed must be between 0 and 2^64 - 1"),
+        (["--bucket-rows", "0"], "--bucket-rows must be at least 1"),
+        (["--shard-rows=-1"], "--shard-rows must be at least 1"),  # the field is rows_per_shard: cli.FLAG_NAMES
+    ],
+)
 def test_bad_input_is_one_line(source, tmp_path, capsys, args, message):
     assert cli.main(["shuffle", source["url"], "--out", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -145,8 +151,11 @@ def test_an_out_that_is_a_file_is_named_as_the_option_given(source, tmp_path, ca
 
 
 def test_library_errors_name_the_parameter_not_the_flag(source, tmp_path):
-    for kwargs, field in (({"rows_per_shard": -1}, "rows_per_shard"), ({"seed": -1}, "seed"),
-                          ({"exclude_ids": [-1]}, "exclude_ids")):
+    for kwargs, field in (
+        ({"rows_per_shard": -1}, "rows_per_shard"),
+        ({"seed": -1}, "seed"),
+        ({"exclude_ids": [-1]}, "exclude_ids"),
+    ):
         with pytest.raises(ActcacheError) as e:
             shuffle.shuffle_set(source["url"], out=str(tmp_path), **kwargs)
         assert field in str(e.value) and "--" not in str(e.value) and e.value.fields == [field]
@@ -182,8 +191,14 @@ def test_shuffled_on_s3_equals_shuffled_locally(source, tmp_path, s3_server, s3_
 
 
 # -- kill -9 anywhere, then rerun: the same bytes --------------------------------------------------------
-_REACHED = {"shuffle.spill-written": 4, "shuffle.spill-recorded": 4, "shuffle.shard-written": 5,
-            "shuffle.shard-recorded": 5, "shuffle.manifest-written": 1, "store.temp-written": 19}
+_REACHED = {
+    "shuffle.spill-written": 4,
+    "shuffle.spill-recorded": 4,
+    "shuffle.shard-written": 5,
+    "shuffle.shard-recorded": 5,
+    "shuffle.manifest-written": 1,
+    "store.temp-written": 19,
+}
 
 
 def _cases(seed: int = 20261130) -> list[tuple[str, int]]:
@@ -195,8 +210,14 @@ def _run(args: list[str], fault: str | None = None) -> subprocess.CompletedProce
     env = {k: v for k, v in os.environ.items() if k != "ACTCACHE_FAULT"}
     if fault:
         env["ACTCACHE_FAULT"] = fault
-    proc = subprocess.Popen([sys.executable, "-m", "actcache.cli.app", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actcache.cli.app", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     finally:
@@ -207,8 +228,17 @@ def _run(args: list[str], fault: str | None = None) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def crash_args(source):
-    return ["shuffle", source["url"], "--seed", "9", "--shard-rows", "100", "--bucket-rows", "40",
-            "--exclude-special-tokens"]
+    return [
+        "shuffle",
+        source["url"],
+        "--seed",
+        "9",
+        "--shard-rows",
+        "100",
+        "--bucket-rows",
+        "40",
+        "--exclude-special-tokens",
+    ]
 
 
 @pytest.fixture(scope="module")

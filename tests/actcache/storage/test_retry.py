@@ -20,21 +20,37 @@ from actcache.storage.retry import is_transient
 
 
 def client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
 TRANSIENT = [
-    client_error("SlowDown", 503), client_error("InternalError", 500), client_error("ServiceUnavailable", 503),
-    client_error("RequestTimeout", 400), client_error("Throttling", 400), client_error("BadGateway", 502),
-    EndpointConnectionError(endpoint_url="http://x"), ConnectionClosedError(endpoint_url="http://x"),
-    ReadTimeoutError(endpoint_url="http://x"), aiohttp.ServerDisconnectedError(), ConnectionResetError(),
-    aiohttp.ClientPayloadError("truncated"), StoreUnavailable("x"),
+    client_error("SlowDown", 503),
+    client_error("InternalError", 500),
+    client_error("ServiceUnavailable", 503),
+    client_error("RequestTimeout", 400),
+    client_error("Throttling", 400),
+    client_error("BadGateway", 502),
+    EndpointConnectionError(endpoint_url="http://x"),
+    ConnectionClosedError(endpoint_url="http://x"),
+    ReadTimeoutError(endpoint_url="http://x"),
+    aiohttp.ServerDisconnectedError(),
+    ConnectionResetError(),
+    aiohttp.ClientPayloadError("truncated"),
+    StoreUnavailable("x"),
 ]
 PERMANENT = [
-    client_error("AccessDenied", 403), client_error("NoSuchBucket", 404), client_error("InvalidAccessKeyId", 403),
-    client_error("SignatureDoesNotMatch", 403), NoCredentialsError(), SSLError(endpoint_url="x", error="e"),
-    FileNotFoundError("k"), PermissionError("p"), ValueError("v"), ActcacheError("bucket does not exist"),
+    client_error("AccessDenied", 403),
+    client_error("NoSuchBucket", 404),
+    client_error("InvalidAccessKeyId", 403),
+    client_error("SignatureDoesNotMatch", 403),
+    NoCredentialsError(),
+    SSLError(endpoint_url="x", error="e"),
+    FileNotFoundError("k"),
+    PermissionError("p"),
+    ValueError("v"),
+    ActcacheError("bucket does not exist"),
 ]
 
 
@@ -53,8 +69,9 @@ def test_permanent(exc):
 
 
 def test_translation_keeps_the_classification():
-    assert isinstance(translate(translate_boto_error(client_error("SlowDown", 503)), "s3://b/p", "writing"),
-                      StoreUnavailable)
+    assert isinstance(
+        translate(translate_boto_error(client_error("SlowDown", 503)), "s3://b/p", "writing"), StoreUnavailable
+    )
     denied = translate(translate_boto_error(client_error("AccessDenied", 403)), "s3://b/p", "writing")
     assert isinstance(denied, ActcacheError) and not is_transient(denied)
     assert translate(FileNotFoundError("s3://b/p/x"), "s3://b/p/x", "reading") is None  # "not there" stays so

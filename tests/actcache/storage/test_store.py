@@ -138,9 +138,19 @@ def _read_in_thread(fn):
     return out
 
 
-@pytest.mark.parametrize("kind", ["symlink to /dev/zero", "symlink to /dev/urandom", "symlink inside the store",
-                                  "symlink outside the store", "FIFO", "socket", "symlinked folder",
-                                  "dangling symlink"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "symlink to /dev/zero",
+        "symlink to /dev/urandom",
+        "symlink inside the store",
+        "symlink outside the store",
+        "FIFO",
+        "socket",
+        "symlinked folder",
+        "dangling symlink",
+    ],
+)
 def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kind):
     import socket
 
@@ -173,9 +183,14 @@ def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kin
         target.symlink_to(tmp_path / "nowhere")
     store = Store(str(root))
     rel = "s/shards/000000.safetensors"
-    for read in (lambda: store.read_bytes(rel), lambda: store.read_bytes(rel, size=10),
-                 lambda: store.read_json(rel), lambda: store.read_mapped(rel), lambda: store.read_mapped(rel, size=10),
-                 lambda: store.read_range(rel, 0, 4)):
+    for read in (
+        lambda: store.read_bytes(rel),
+        lambda: store.read_bytes(rel, size=10),
+        lambda: store.read_json(rel),
+        lambda: store.read_mapped(rel),
+        lambda: store.read_mapped(rel, size=10),
+        lambda: store.read_range(rel, 0, 4),
+    ):
         out = _read_in_thread(read)
         assert isinstance(out.get("error"), DamagedFile), (kind, out)
         assert "\n" not in str(out["error"]) and str(root) in str(out["error"])
@@ -211,12 +226,15 @@ def test_reads_stop_at_the_expected_size(tmp_path):
         store.read_bytes("missing.bin")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
-    (json.dumps({"a": json.loads("[" * 40 + "]" * 40)}), "nested more than 32 levels"),
-    ('{"a": ', "not valid JSON"),
-    ("\udcff", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        (json.dumps({"a": json.loads("[" * 40 + "]" * 40)}), "nested more than 32 levels"),
+        ('{"a": ', "not valid JSON"),
+        ("\udcff", "not valid JSON"),
+    ],
+)
 def test_store_json_is_bounded_and_fails_in_one_line(tmp_path, text, message):
     from actcache.storage.store import DamagedFile
 

@@ -125,7 +125,7 @@ def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONWARNINGS="ignore")
     code = (
-        "import json, sys\nfrom actcache import cli, tempserver\n"
+        "import json, sys\nfrom actcache.cli import app as cli\nfrom actcache.orchestration import tempserver\n"
         f"code = cli.main({json.dumps(['extract', *_flags(base_config)])})\n"
         "print(json.dumps([code, tempserver._SERVER is not None, "
         "sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules)]))\n"

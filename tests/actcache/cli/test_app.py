@@ -232,7 +232,7 @@ def test_telemetry_notice_stays_off_a_terminal(tmp_path):
 
     assert "anonymous usage data" in on_a_terminal("import prefect", "control")  # the notice exists
     assert "anonymous usage data" not in on_a_terminal(
-        "from actcache import cli; cli._quiet_defaults(); import prefect", "cli"
+        "from actcache.cli import app as cli; cli._quiet_defaults(); import prefect", "cli"
     )
 
 

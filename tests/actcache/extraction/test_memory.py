@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 CHILD = r"""
 import ctypes, os, sys, tempfile, threading
 import torch
-from actcache import memory
+from actcache.extraction import memory
 if sys.argv[1] == "cap":
     memory.cap_arenas()
 def work():

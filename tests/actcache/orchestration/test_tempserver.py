@@ -102,7 +102,7 @@ def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corp
 def test_server_dies_with_its_process_even_on_sigkill(tmp_path):
     home = tmp_path / "prefect-home"
     code = (
-        "import sys, time\nfrom actcache import tempserver\ntempserver.start()\n"
+        "import sys, time\nfrom actcache.orchestration import tempserver\ntempserver.start()\n"
         "print(tempserver._SERVER.wait(120), flush=True)\ntime.sleep(600)\n"
     )
     parent = subprocess.Popen(

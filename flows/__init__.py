@@ -1,0 +1,1 @@
+"""Prefect flows: each only wires tasks (installed as ``actcache.flows``; deployments point at these files)."""

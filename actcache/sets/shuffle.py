@@ -38,6 +38,7 @@ import torch
 from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
 from actcache.format import layout, manifest, moments, records, shard
+from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import FORMAT_VERSION, ShuffleKey
 from actcache.format.records import Record
 from actcache.read.exclude import token_ids
@@ -45,6 +46,8 @@ from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import Store, StoreRef
 
 DEFAULT_BUCKET_ROWS = 1 << 20
+SHARD_POINTS = Points(shard_written="shuffle.shard-written", record_written="shuffle.shard-recorded")
+MANIFEST_POINTS = Points(manifest_written="shuffle.manifest-written")  # the set is complete, its spills still there
 _NOT_PROVENANCE = ("shards", "stats", "moments", "created_at", "updated_at")
 
 
@@ -257,13 +260,9 @@ class _Writer:
             metadata={"set_id": sid, "index": str(j), "layout": "rows"},
         )
         rel = layout.shard_file(j, "none")
-        self.job.out.write_bytes(f"{sid}/{rel}", enc.data)
-        crashpoints.point("shuffle.shard-written")
         extra = {"set_id": sid, "stats": shard.stats(acts), moments.RECORD_FIELD: moments.of(acts).to_json()}
-        records.write_record(
-            self.job.out, sid, Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
-        )
-        crashpoints.point("shuffle.shard-recorded")
+        record = Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
+        commit(self.job.out, sid, [Shard(record, enc.data)], points=SHARD_POINTS)
         self.job.step("shard")
 
 
@@ -364,7 +363,6 @@ def shuffle_set(
 
     excluded = sum(s["excluded"] for s in ordered)
     _write_manifest(job, n_rows, size, excluded)
-    crashpoints.point("shuffle.manifest-written")
     target.remove_tree(f"{sid}/{layout.SPILL}")
     return ShuffleResult(target.url_of(sid), n_rows, n_out, excluded, False)
 
@@ -441,4 +439,4 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
         previous=scan.consolidated,
         moments_of=moments.from_records(job.out, sid, job.d),
     )
-    manifest.write(job.out, sid, m)
+    commit(job.out, sid, manifest_doc=m, points=MANIFEST_POINTS)

@@ -583,8 +583,8 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
     import torch
 
     from actcache.extraction.plan import make_plan
+    from actcache.extraction.stages import write_manifest
     from actcache.format import layout, records, shard
-    from actcache.tasks.manifest import write_manifest
 
     cfg = flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post")
     plan = make_plan(cfg, load_model=False)
@@ -604,7 +604,7 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
             s.set_id,
             records.Record(w.index, rel, w.n_seq, w.n_seq * 32, enc.sha256, len(enc.data), {"hook_shape": [8]}),
         )
-    write_manifest.fn(plan)
+    write_manifest(plan)
     return {
         "store": cfg.store,
         "config": {

@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
+from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.progress import Progress, Window
 from actcache.tasks.compress import compress
@@ -20,8 +21,7 @@ from actcache.tasks.plan import plan_extraction, recheck, skip_cached
 from actcache.tasks.tokenize import tokenize
 from actcache.tasks.upload import upload
 
-# Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
-ROUNDS = 3
+ROUNDS = stages.ROUNDS  # passes over the shards: the first, then redoing what concurrent runs replaced
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))

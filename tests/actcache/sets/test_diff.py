@@ -115,18 +115,9 @@ def test_sets_of_other_shapes_or_cuts_are_refused():
 # -- real sets through the CLI ----------------------------------------------------------------------------
 def write_set(cfg) -> str:
     """A set written by the flow's stages in the flow's order, without Prefect (as conftest's extracted_set)."""
-    from actcache.extraction.plan import make_plan
-    from actcache.tasks.compress import compress
-    from actcache.tasks.extract import extract
-    from actcache.tasks.manifest import write_manifest
-    from actcache.tasks.tokenize import tokenize
-    from actcache.tasks.upload import upload
+    from actcache.extraction.stages import run_sequential
 
-    plan = make_plan(cfg)
-    for work in tokenize.fn(plan):
-        for ref in extract.fn(plan, work):
-            upload.fn(plan, compress.fn(plan, ref))
-    return write_manifest.fn(plan)[0]
+    return run_sequential(cfg)[0]
 
 
 @pytest.fixture(scope="module")

@@ -57,15 +57,22 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
         plan.load_model()
+        from actcache.extraction import stages
         from actcache.flows.extract import extract_activations
 
         # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
         # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
-        # The flow gets the names resolved here, pinned: it computes the same sets.
-        with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
-            state = extract_activations(plan.pinned_config, return_state=True)
-            state.result(raise_on_failure=True)
-        plan = plan.refreshed()  # the shards up to where the dataset ends, known now
+        # The flow gets the names resolved here, pinned: it computes the same sets, and its plan task takes this
+        # plan instead of making it again (``stages.remember``).
+        stages.remember(plan)
+        try:
+            with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
+                state = extract_activations(plan.pinned_config, return_state=True)
+                state.result(raise_on_failure=True)
+            # The flow's last plan: the store after its last shard, up to where the dataset ends (known now).
+            plan = stages.finished(plan) or plan.refreshed()
+        finally:
+            stages.forget()
         consolidated = _manifests(plan)
     out = []
     for s, old in zip(plan.sets, before.sets, strict=True):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from actcache import errors
@@ -31,16 +31,40 @@ class SetResult:
         return asdict(self)
 
 
-def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[str]:
+def extract(config: ExtractConfig | None = None, *, like: str | None = None, **options: Any) -> str | list[str]:
     """Extract activations as configured (see ``ExtractConfig``); return the set's URL.
 
     With several comma-separated hooks, one set per hook, and a list of their URLs.
 
+    ``like``: a set URL whose manifest gives every setting that changes the bytes, as ``actcache extract --like``
+    does; ``options`` (and the fields of ``config`` that differ from the defaults) override them. Without overrides
+    of settings that change the bytes, the result is checked to be that same set before anything is written.
+
     Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
     """
-    cfg = config.replace(**options) if config else ExtractConfig(**options)
-    urls = [s.url for s in extract_sets(cfg)]
+    check = None
+    if like is not None:
+        from actcache.sets import reproduce
+
+        cfg, check = reproduce.config_like(like, *_given(config, options))
+    else:
+        cfg = config.replace(**options) if config else ExtractConfig(**options)
+    urls = [s.url for s in extract_sets(cfg, check=check)]
     return urls[0] if len(urls) == 1 else urls
+
+
+def _given(config: ExtractConfig | None, options: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Every field's value, and the names of those given (as the CLI's flags): the options, and the fields of
+    ``config`` that differ from the defaults."""
+    names = [f.name for f in fields(ExtractConfig)]
+    unknown = set(options) - set(names)
+    if unknown:
+        raise TypeError(f"extract() got unexpected options {sorted(unknown)}")
+    defaults = ExtractConfig()
+    base = config or defaults
+    values = {n: options.get(n, getattr(base, n)) for n in names}
+    given = {n for n in names if getattr(base, n) != getattr(defaults, n)} | set(options)
+    return values, frozenset(given)
 
 
 def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = None) -> list[SetResult]:

@@ -175,12 +175,7 @@ def extract(
     from actcache.sets import reproduce as like_mod
 
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ExtractConfig)}
-    original = None
-    if like:
-        original = like_mod.read_manifest(like, fields["storage_options"], fields["aws_credentials_block"])
-        fields = like_mod.merge(original, fields, flags_given)
-    cfg = ExtractConfig(**fields)
-    check = like_mod.check(original, flags_given) if original else None
+    cfg, check = like_mod.config_like(like, fields, flags_given) if like else (ExtractConfig(**fields), None)
     result = api.extract_sets(cfg, check=check)
     for s in result:
         if not s.shards_computed:  # answered from the store: say so, as the flow's plan says it in its log

@@ -77,3 +77,24 @@ def test_run_sequential_writes_what_the_flow_writes(base_config, tmp_path):
     assert stages.tokenize(stages.plan(cfg.replace(store=str(tmp_path / "again")))) == []
     stages.run_sequential(cfg.replace(store=str(tmp_path / "again")))
     assert local_tree(tmp_path / "again") == stages_tree
+
+
+def test_a_requests_plan_is_taken_once_and_only_for_its_pinned_config(base_config, monkeypatch):
+    made, planned = stages.plan(base_config), []
+    real = stages.make_plan
+    monkeypatch.setattr(stages, "make_plan", lambda cfg, **kw: planned.append(cfg) or real(cfg, **kw))
+    pinned = made.pinned_config
+
+    stages.remember(made)
+    taken = stages.plan(pinned)  # as the flow asks for it
+    assert planned == [] and taken.sets == made.sets and taken.config == pinned
+    assert stages.plan(pinned).sets == made.sets and planned == [pinned]  # once only: then planned again
+
+    stages.remember(made)
+    assert stages.plan(pinned, 0, 2).partition == (0, 2) and len(planned) == 2  # another partition: its own plan
+    assert stages.plan(pinned) is not None and len(planned) == 3  # and the request's plan was dropped
+
+    stages.remember(made)
+    stages.forget()  # the flow did not start
+    stages.plan(pinned)
+    assert len(planned) == 4

@@ -25,6 +25,7 @@ from safetensors.torch import save as st_save
 
 from actcache.format.header import HEADER_ALLOWANCE, ITEMSIZE, check_entries, itemsize, parse, read_exact
 from actcache.format.header import check_header as check_header  # lives there: verify checks without torch
+from actcache.orchestration.logs import run_logger
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -295,17 +296,10 @@ WARN_SHARDS = 3
 def warn_non_finite(stats: dict, source_finite: bool, dtype: str, set_id: str, where: str) -> bool:
     """Warn (in the run's log) that ``where`` holds NaN/Inf and what to do; return ``source_finite`` (whether
     the activations were finite before the cast to ``dtype``, i.e. whether the storage dtype overflowed)."""
-    import logging
-
     n = _WARNED[set_id] = _WARNED.get(set_id, 0) + 1
     if n > WARN_SHARDS:
         return source_finite
-    try:
-        from prefect import get_run_logger
-
-        logger = get_run_logger()
-    except Exception:  # outside a Prefect run
-        logger = logging.getLogger("actcache")
+    logger = run_logger()
     more = " (further shards are counted, not reported: see `actcache verify`)" if n == WARN_SHARDS else ""
     logger.warning(
         "%s holds %d Inf and %d NaN values: %s%s",

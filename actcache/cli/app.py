@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -143,7 +144,7 @@ def _warn_mixed(s: Any) -> None:
         )
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -803,7 +804,7 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
             )
         return f"{token.keyword}: invalid {getattr(target, '__name__', target)} value {token.value!r}"
     command = next((a for a in argv if not a.startswith("-")), None)
-    where = f"actcache {command} --help" if command in app else "actcache --help"
+    where = f"actcache {command} --help" if command in app else "actcache --help"  # type: ignore[operator]
     return " ".join(str(e).split()) + f" (see `{where}`)"
 
 

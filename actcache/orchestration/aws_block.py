@@ -17,7 +17,7 @@ def load_options(name: str) -> dict[str, Any]:
     except ImportError:
         raise ActcacheError(f"{opt('aws_credentials_block')} needs prefect-aws; pip install prefect-aws") from None
     try:
-        block = AwsCredentials.load(name, validate=True)
+        block: AwsCredentials = AwsCredentials.load(name, validate=True)  # type: ignore[assignment]  # sync here
     except ValueError:
         raise ActcacheError(
             f"no Prefect AwsCredentials block named {name!r}; create it (e.g. "

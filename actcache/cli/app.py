@@ -7,10 +7,7 @@
 Built with cyclopts, which Prefect already depends on: the ``extract`` flags are generated from
 ``ExtractConfig`` (its field docstrings are the help, ``Literal`` fields list their choices, booleans get
 ``--no-...``, every default is shown), and a subcommand is one decorated function whose docstring is its
-help. Compared on this project: argparse needs the generator written by hand (it was, and its ``%``-escaping
-broke a help text); tyro silently drops the ``dict`` field (``--storage-options``) and prints bad values as
-multi-line panels; simple-parsing spells booleans ``--noprepend-bos`` and still crashes on ``%``. cyclopts
-costs ~0.3 s of import (bench: cold start), paid once per command.
+help (why cyclopts: docs/architecture.md).
 
 Output: results on stdout (``--json``: one JSON document, field names in README "Scripting"), progress, warnings
 and messages on stderr. Exit codes (``actcache.errors``): 0 success, 1 failure (storage, network, a damaged set;

@@ -6,8 +6,8 @@ safetensors validates its own header offsets, and ``decode`` checks names, dtype
 Codecs: ``zstd`` is one zstd frame of the safetensors file. ``shuffle-zstd`` first byte-shuffles the tensor
 data (everything after the header, which stays readable) with the element size of ``activations``: all
 first bytes of every element, then all second bytes, ... Activations' sign/exponent bytes are far more
-alike than their low mantissa bytes, so zstd finds more to share (bench: 8-12% smaller than plain zstd, and
-faster). To undo it without actcache: zstd -d, then for the data after byte 8 + header length,
+alike than their low mantissa bytes, so zstd finds more to share (bench/RESULTS.md, "Compression"). To undo
+it without actcache: zstd -d, then for the data after byte 8 + header length,
 ``np.frombuffer(body, np.uint8).reshape(itemsize, -1).T.tobytes()`` (plus the trailing len % itemsize bytes).
 """
 
@@ -249,8 +249,8 @@ def unshuffle(data: bytes) -> bytes:
 
 STATS_CHUNK_BYTES = 1 << 20
 """float32 scratch for the stats: rows are upcast this much at a time, not the whole shard at once. Small: a
-16 MiB scratch, allocated on a pool thread beside the forward pass's batches, fragmented glibc's heaps by about
-the size of a shard (bench: memory)."""
+larger scratch, allocated on a pool thread beside the forward pass's batches, fragments glibc's heaps
+(bench/RESULTS.md, "Memory at real widths")."""
 
 
 def stats(acts: torch.Tensor) -> dict[str, float | int | None]:

@@ -63,7 +63,7 @@ class ResolvedModel:
         """What a plan needs of the config and tokenizer: layers, width, context limit, architecture, tokenizer
         fingerprint, special ids and vocabulary size. Kept on disk under a hash of what they are read from (weights
         fingerprint or commit, other files, transformers and tokenizers versions), so a rerun plans without
-        importing transformers (~3 s) or loading either."""
+        importing transformers or loading either."""
 
         def remembered() -> dict[str, Any]:
             from importlib.metadata import version

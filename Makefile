@@ -40,4 +40,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf activations .pytest_cache
+	rm -rf activations .pytest_cache .mypy_cache

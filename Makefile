@@ -1,5 +1,6 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
 # make test  -> the test suite (what CI runs)
+# make lint  -> ruff check, ruff format --check, mypy (CI runs it before the tests)
 # make test-fast -> the inner loop: everything but the slow crash/deployment/S3-fault/demo tests (-m "not slow")
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -35,6 +36,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf activations .pytest_cache
+	rm -rf activations .pytest_cache .mypy_cache

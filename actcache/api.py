@@ -9,7 +9,7 @@ from typing import Any
 from actcache import errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
-from actcache.orchestration import tempserver
+from actcache.orchestration import logs, tempserver
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         # plan instead of making it again (``stages.remember``).
         stages.remember(plan)
         try:
-            with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
+            with tempserver.prefect_api(), logs.user_errors_off_console(enabled=not errors.debug_requested()):
                 state = extract_activations(plan.pinned_config, return_state=True)
                 state.result(raise_on_failure=True)
             # The flow's last plan: the store after its last shard, up to where the dataset ends (known now).

@@ -203,7 +203,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
     # Everything computed from the activations goes here, before the codec (which may release them).
     stats = shard.stats(acts)
-    extra = {
+    extra: dict[str, Any] = {
         "set_id": key.id,
         "stats": stats,
         moments.RECORD_FIELD: moments.of(acts).to_json(),
@@ -273,7 +273,7 @@ def build_manifest(plan: Plan, s: Any, scan: records.Scan) -> dict[str, Any]:
     m |= moments.merged(
         recs,
         m["d"],
-        full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
+        full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,  # type: ignore[misc]
         previous=scan.consolidated,
         moments_of=moments.from_records(scan.store, s.set_id, m["d"]),
     )

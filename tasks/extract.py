@@ -8,7 +8,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import crashpoints
+from actcache import crashpoints, progress
 from actcache.extraction import handles
 from actcache.extraction.forward import pick_device
 from actcache.extraction.plan import Plan
@@ -44,6 +44,7 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
         return f.tensors["activations"]
 
     finite: dict[str, bool] = {}
+    progress.shard_started(tokens.numel())  # the bar moves with each batch of this pass
     try:
         step(tokens, into=shard_file, finite=finite)
     except BaseException:

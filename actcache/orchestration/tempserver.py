@@ -152,9 +152,15 @@ def start() -> None:
             _SERVER = TemporaryServer()
 
 
+def will_start() -> bool:
+    """Whether the next flow runs on the temporary server (started here, and not yet answering)."""
+    return _SERVER is not None and not _SERVER.ready
+
+
 @contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """Run the enclosed flow against the background server, or whatever API Prefect is configured with.
+def prefect_api() -> Iterator[bool]:
+    """Run the enclosed flow against the background server, or whatever API Prefect is configured with; yields
+    whether that is the temporary server (its runs, and any link to them, end with this process).
 
     Prefect's own settings decide (profiles, .env, prefect.toml): where they name an API or forbid a temporary
     server, the background one is stopped unused.
@@ -173,8 +179,9 @@ def prefect_api() -> Iterator[None]:
             server.stop()
             server = _SERVER = None
     if server is None:
-        yield
+        # No URL and no server of ours: Prefect starts its own temporary one.
+        yield not PREFECT_API_URL.value()
         return
     url = server.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        yield True

@@ -37,6 +37,7 @@ def copy_set(
     jobs: int = 4,
     verify_existing: bool = False,
     on_shard=None,
+    on_total=None,
 ) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
@@ -60,6 +61,8 @@ def copy_set(
         return have is not None and have.sha256 == r.sha256 and scan.is_done(r.index, r.n_seq, verify=verify_existing)
 
     todo = [r for r in source.records if not present(r)]
+    if on_total:
+        on_total(len(todo))  # the shards ``on_shard`` will count
 
     def write_record(r: records.Record) -> None:
         """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or

@@ -26,7 +26,7 @@ def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
     return moments.of(s.read(r, verify=True).activations)
 
 
-def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
+def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, Any]:
     """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing.
 
     ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
@@ -35,6 +35,8 @@ def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
     if isinstance(m.get("stats"), dict):
         return m["stats"]
     size = full_size(m)
+    if on_total:
+        on_total(len(s.records))
 
     def moments_of(r: Record) -> moments.Moments:
         out = _shard_moments(s, r)

@@ -305,6 +305,12 @@ def test_json_documents(made, capsys):
     report = json.loads(out)
     assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""
 
+    lower = [a if a != "blocks.0.hook_resid_post,blocks.1.hook_resid_post" else b["hook"] for a in made["argv"]]
+    lower[lower.index("--max-tokens") + 1] = "128"  # asks for one shard: the counts still describe the whole set
+    assert main(lower) == 0
+    (low,) = json.loads(capsys.readouterr().out)["sets"]
+    assert (low["n_shards"], low["n_tokens"], low["shards_computed"]) == (3, 384, 0)
+
 
 # -- a shuffled copy (the "rows" layout) where commands expect an extracted set -----------------------------
 @pytest.fixture(scope="module")
@@ -402,3 +408,16 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
         p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
         assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr
         assert says in p.stdout + p.stderr
+
+
+def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_path, capsys):
+    """Off a terminal (no bar), a command's progress is a line with its total; stats already in the manifest
+    read no shard and print no progress."""
+    assert main(["cp", extracted_set, str(tmp_path / "copy")]) == 0
+    err = capsys.readouterr().err
+    assert "cp: 4/4 shards" in err and "\r" not in err, err
+    assert main(["export", extracted_set, str(tmp_path / "hf"), "--format", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "export: 4/4 shards" in err and "Saving the dataset" not in err, err
+    assert main(["stats", extracted_set]) == 0
+    assert "stats:" not in capsys.readouterr().err

@@ -225,7 +225,8 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
 # -- reading ------------------------------------------------------------------------------------------
 @app.command
 def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
-    """List the sets in a store: model, hook, tokens, bytes and state (complete, partial, incomplete, damaged).
+    """List the sets in a store: model, hook, layout (tokens in order, or shuffled rows), tokens, bytes and state
+    (complete, partial, incomplete, damaged).
 
     Parameters
     ----------
@@ -237,18 +238,35 @@ def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFla
     s = flags.store(store)
     s.check_reachable()
     sets = inventory.list_sets(s)
+    parent, name = flags.ref(store).split()
+    if not sets and inventory.is_set_id(name):  # a set's URL: show that set, and say where its store is
+        entry = inventory.describe_set(parent.open(), name)
+        if entry is not None:
+            sets = [entry]
+            print(
+                f"{store} is a set, not a store; its store is {parent.url} (`actcache ls {parent.url}` lists "
+                f"every set there, `actcache show {store}` describes this one)",
+                file=sys.stderr,
+            )
     if json_output:
         _print_json({"store": s.url, "sets": [e.to_json() for e in sets]})
         return 0
-    rows = [("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE")]
+    if not sets:
+        print(f"no sets in {s.url}", file=sys.stderr)
+    rows = [("SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE")]
     for e in sets:
         tokens = "-" if e.n_tokens is None else str(e.n_tokens)
         nf = e.non_finite
         bad = "-" if nf is None else f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
         state = f"{e.state}: {e.detail}" if e.state == "damaged" else e.state
-        rows.append((e.set_id, e.model or "?", e.hook or "?", tokens, _human(e.bytes), bad, state))
+        kind = "?" if e.state in ("incomplete", "damaged") and e.model is None else _LAYOUTS.get(e.layout, e.layout)
+        rows.append((e.set_id, e.model or "?", e.hook or "?", kind, tokens, _human(e.bytes), bad, state))
     _table(rows)
     return 0
+
+
+_LAYOUTS = {None: "tokens", "rows": "shuffled"}
+"""ls's LAYOUT column: an extracted set holds each sequence's tokens in order; a shuffled copy holds rows."""
 
 
 @app.command

@@ -8,12 +8,15 @@ else changed, in one atomic write.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actcache.format import manifest, moments
+from actcache.format import manifest
 from actcache.format.records import Record
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import StoreRef
+
+if TYPE_CHECKING:
+    from actcache.format import moments
 
 
 def full_size(m: dict[str, Any]) -> int:
@@ -23,6 +26,8 @@ def full_size(m: dict[str, Any]) -> int:
 
 
 def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
+    from actcache.format import moments  # torch: imported only when shards are read (stats in the manifest: < 1 s)
+
     return moments.of(s.read(r, verify=True).activations)
 
 
@@ -43,6 +48,8 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
         if on_shard:
             on_shard(r)
         return out
+
+    from actcache.format import moments
 
     fields = moments.merged(s.records, m["d"], full=lambda r: r.n_seq == size, previous=None, moments_of=moments_of)
     manifest.write(s.store, s.set_id, {**m, **fields})

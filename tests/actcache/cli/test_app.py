@@ -89,6 +89,7 @@ CASES = [
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),
+    ("--store", "/proc/nope", "cannot create store '/proc/nope': the nearest folder that exists, '/proc', is"),
     ("--store", _a_file, "is a file"),
     ("--storage-options", "{endpoint_url: x}", "--storage-options is not valid JSON"),
     ("--storage-options", "[1, 2]", "must be a JSON object"),
@@ -421,3 +422,42 @@ def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_p
     assert "export: 4/4 shards" in err and "Saving the dataset" not in err, err
     assert main(["stats", extracted_set]) == 0
     assert "stats:" not in capsys.readouterr().err
+
+
+def test_ls_of_a_set_url_shows_that_set_and_its_layout(extracted_set, capsys):
+    assert main(["ls", extracted_set]) == 0
+    out, err = capsys.readouterr()
+    assert f"{extracted_set} is a set, not a store; its store is {Path(extracted_set).parent}" in err
+    header, row = (line.split() for line in out.strip().splitlines())
+    assert header[3] == "LAYOUT" and row[0] == Path(extracted_set).name and row[3] == "tokens", out
+
+
+def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, tmp_path, capsys):
+    import shutil
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    (Path(url) / "manifest.json").unlink()  # as a run killed before its manifest leaves it
+    for command in ("show", "verify"):
+        assert main([command, url]) == 2
+        err = capsys.readouterr().err
+        assert f"{url} is an unfinished set: 4 shard(s) recorded, but no manifest.json yet" in err, err
+        assert "rerun the same `actcache extract` to finish it" in err, err
+
+
+def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path):
+    """ls, show and stats (its numbers already in the manifest) read JSON: no torch import, which alone takes
+    seconds here, so they answer in about the time Python takes to start."""
+    import shutil
+    import subprocess
+    import sys
+
+    from actcache.sets import stats
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    stats.compute(url)  # in the manifest from now on
+    for argv in (["ls", str(tmp_path)], ["show", url], ["stats", url]):
+        code = f"import sys; from actcache.cli.app import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert p.stdout.strip().splitlines()[-1] == "0 False", (argv, p.stdout[-2000:], p.stderr[-2000:])

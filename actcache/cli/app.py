@@ -203,7 +203,11 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
     first = result[0]
     say(f"model {cfg.model}, dataset {cfg.dataset}")
     for s in result:
-        rate = f", {s.tokens_computed / s.seconds:.0f} tokens/s" if s.tokens_computed and s.seconds else ""
+        rate = (
+            f", {s.tokens_computed / s.seconds:.0f} tokens/s over {s.seconds:.1f} s"
+            if s.tokens_computed and s.seconds
+            else ""
+        )
         state = "complete" if s.complete else "partial"
         say(
             f"{s.hook}: {s.shards_computed} shards computed, {s.shards_skipped} already stored; "

@@ -47,6 +47,7 @@ def test_make_demo_twice_second_run_skips_every_shard(tmp_path):
     _quiet(first.stderr)
     assert "blocks.1.hook_resid_post: 4 shards computed, 0 already stored; 32768 tokens in 4 shards" in first.stderr
     assert "tokens/s" in first.stderr and f"  set  {set_url}" in first.stderr
+    assert "extract: 4/4 shards, " in first.stderr  # off a terminal: a progress line (every 10 s, and the last)
     assert "prefect server start" in first.stderr and "PREFECT_API_URL" in first.stderr
     assert f"actcache show {set_url}" in first.stderr and f"actcache.open_set('{set_url}')" in first.stderr
     stamps = {

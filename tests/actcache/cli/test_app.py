@@ -461,3 +461,21 @@ def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path
         code = f"import sys; from actcache.cli.app import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert p.stdout.strip().splitlines()[-1] == "0 False", (argv, p.stdout[-2000:], p.stderr[-2000:])
+
+
+def test_the_summary_links_the_run_on_a_server_that_outlives_the_command(argv, prefect_console, prefect_harness):
+    """With PREFECT_API_URL set (the test session's server), the summary links the run in its UI; Prefect's own
+    per-task lines stay off the console (the server keeps them; --verbose shows them)."""
+    import re
+
+    assert main(argv) == 0
+    out, err = prefect_console.readouterr()
+    assert re.search(r"\n  run  http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}\n", err), err
+    assert "runs are not kept" not in err and "Task run" not in err and "Finished in state" not in err, err
+    assert "4 shards computed, 0 already stored; 512 tokens in 4 shards" in err, err
+    url = out.strip().splitlines()[-1]
+    assert f"  set  {url}" in err and f"actcache show {url}" in err
+
+    assert main(["--verbose", *_set(argv, "--max-tokens", "640")]) == 0  # one more shard, with Prefect's lines
+    err = prefect_console.readouterr().err
+    assert "Task run 'extract-000004' - Finished in state Completed" in err, err

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from actcache import errors
+from actcache import console, errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
 from actcache.orchestration import logs, tempserver
@@ -26,6 +28,12 @@ class SetResult:
     n_tokens: int
     bytes: int
     complete: bool
+    tokens_computed: int = 0
+    """Tokens this request computed (0 when every shard was already stored)."""
+    seconds: float = 0.0
+    """How long the flow ran (0 when it did not run)."""
+    run_url: str | None = None
+    """The flow run in the Prefect UI, where runs are kept (PREFECT_API_URL set); else None."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,20 +86,36 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         check(plan)
     before = plan
     consolidated = {} if plan.has_missing else _manifests(plan)
+    seconds, run_url = 0.0, None
     if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
-        plan.load_model()
+        with console.status(f"loading {cfg.model} (libraries and weights)"):
+            plan.load_model()
         from actcache.extraction import stages
-        from actcache.flows.extract import extract_activations
 
-        # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
-        # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
         # The flow gets the names resolved here, pinned: it computes the same sets, and its plan task takes this
         # plan instead of making it again (``stages.remember``).
         stages.remember(plan)
         try:
-            with tempserver.prefect_api(), logs.user_errors_off_console(enabled=not errors.debug_requested()):
-                state = extract_activations(plan.pinned_config, return_state=True)
+            with contextlib.ExitStack() as running:
+                with console.status("starting Prefect"):
+                    from actcache.flows.extract import extract_activations
+
+                    if tempserver.will_start():
+                        console.update_status("starting the local Prefect server")
+                    temporary = running.enter_context(tempserver.prefect_api())
+                    # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's
+                    # console would print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep
+                    # it on the console too). On the command line Prefect's run logs stay off the console
+                    # (--verbose: on).
+                    debug = errors.debug_requested()
+                    running.enter_context(logs.user_errors_off_console(enabled=not debug))
+                    running.enter_context(console.run_logs_off_console(enabled=console.quiet(), errors=debug))
+                    console.update_status("starting the flow run")
+                    started = time.perf_counter()
+                    state = extract_activations(plan.pinned_config, return_state=True)
+                seconds = time.perf_counter() - started
+                run_url = None if temporary else _run_url(state)
                 state.result(raise_on_failure=True)
             # The flow's last plan: the store after its last shard, up to where the dataset ends (known now).
             plan = stages.finished(plan) or plan.refreshed()
@@ -101,20 +125,29 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     out = []
     for s, old in zip(plan.sets, before.sets, strict=True):
         m = consolidated.get(s.set_id) or {}
+        new = {w.index for w in s.done} - {w.index for w in old.done}
         out.append(
             SetResult(
                 plan.store.url_of(s.set_id),
                 s.set_id,
                 s.hook,
-                len(plan.shards),
+                m.get("n_shards", len(plan.shards)),  # the whole set's, as n_tokens (a lower --max-tokens asks less)
                 len(old.done),
-                len(s.done) - len(old.done),
+                len(new),
                 m.get("n_tokens", 0),
                 m.get("bytes", 0),
                 bool(m.get("complete")),
+                sum(r["n_tokens"] for r in m.get("shards", []) if r["index"] in new),
+                round(seconds, 3),
+                run_url,
             )
         )
     return out
+
+
+def _run_url(state: Any) -> str | None:
+    """Where the UI shows the run that produced ``state`` (a server that outlives this process)."""
+    return tempserver.run_url(state)
 
 
 def _manifests(plan: Any) -> dict[str, dict[str, Any]]:

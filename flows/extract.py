@@ -10,6 +10,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from actcache import console
 from actcache.config import ExtractConfig
 from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
@@ -31,12 +32,14 @@ def extract_activations(
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
+    console.update_status("tokenizing the dataset")  # the command line's status line, where there is one
     work = tokenize(plan)
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
     # a cost per task that grows with the set; the plan is passed as is.
     q = quote(plan)
     steps = sum(len(plan.todo(w)) for w in work)  # one per hook and shard
-    with Progress(steps, key=progress_key(plan), log=get_run_logger().info) as progress:
+    tokens = sum(w.n_seq for w in work) * plan.config.context_size  # what the forward passes go through
+    with Progress(steps, key=progress_key(plan), log=get_run_logger().info, tokens=tokens) as progress:
         window = Window(
             IN_FLIGHT,
             on_result=lambda r: progress.advance(

@@ -215,6 +215,8 @@ def _one_line(capfd, code: int, expected: str, want_code: int = 2) -> str:
     assert code == want_code and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == lines[-1] and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("actcache: error: ") and expected in lines[0], lines
+    # Printed once: not also as a failed task's and a failed flow's log lines (Prefect's records keep those).
+    assert "Task run" not in err and "Flow run" not in err and "Finished in state" not in err, err[-3000:]
     return lines[0]
 
 

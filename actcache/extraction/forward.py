@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from actcache import progress
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.engines import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
 
@@ -190,6 +191,7 @@ class _Batched:
                         act = act.to(dest.dtype)  # cast on the device: fewer bytes over PCIe, same values
                     dest[start : start + len(batch)].copy_(act, non_blocking=cuda)
                 start += len(batch)
+                progress.computed(len(batch) * context)
         if cuda:
             torch.cuda.synchronize(self.device)  # once per shard, before the host buffers are read
         if finite is not None:

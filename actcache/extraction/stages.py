@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from actcache import crashpoints
+from actcache import crashpoints, progress
 from actcache.config import ExtractConfig
 from actcache.errors import Failure
 from actcache.extraction import environment, handles, memory
@@ -182,6 +182,7 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
         return f.tensors["activations"]
 
     finite: dict[str, bool] = {}
+    progress.shard_started(tokens.numel())  # the bar moves with each batch of this pass
     try:
         step(tokens, into=shard_file, finite=finite)
     except BaseException:

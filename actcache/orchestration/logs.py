@@ -39,6 +39,13 @@ _FILTER = _UserErrorsOffConsole()
 @contextlib.contextmanager
 def user_errors_off_console(enabled: bool = True) -> Iterator[None]:
     """While inside, Prefect's console handlers print no traceback of an ActcacheError (see above)."""
+    with console_filter(_FILTER, enabled=enabled):
+        yield
+
+
+@contextlib.contextmanager
+def console_filter(f: logging.Filter, enabled: bool = True) -> Iterator[None]:
+    """While inside, ``f`` filters what Prefect's console handlers print (its API handler still sends all)."""
     if not enabled:
         yield
         return
@@ -53,9 +60,9 @@ def user_errors_off_console(enabled: bool = True) -> Iterator[None]:
         if isinstance(h, PrefectConsoleHandler)
     }
     for h in handlers:
-        h.addFilter(_FILTER)
+        h.addFilter(f)
     try:
         yield
     finally:
         for h in handlers:
-            h.removeFilter(_FILTER)
+            h.removeFilter(f)

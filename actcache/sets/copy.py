@@ -38,6 +38,7 @@ def copy_set(
     jobs: int = 4,
     verify_existing: bool = False,
     on_shard=None,
+    on_total=None,
 ) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
@@ -61,6 +62,8 @@ def copy_set(
         return have is not None and have.sha256 == r.sha256 and scan.is_done(r.index, r.n_seq, verify=verify_existing)
 
     todo = [r for r in source.records if not present(r)]
+    if on_total:
+        on_total(len(todo))  # the shards ``on_shard`` will count
 
     def stored_record(r: records.Record) -> bytes | None:
         """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or None

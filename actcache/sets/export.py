@@ -153,6 +153,7 @@ def export_set(
     exclude_special: bool = False,
     exclude_ids: Any = (),
     on_shard: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
     block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
@@ -191,6 +192,8 @@ def export_set(
     pieces_dir = partial / ".tmp_shards"
     pieces_dir.mkdir(parents=True)
     n_pieces = rows = excluded = 0
+    if on_total:
+        on_total(len(s.records))
     for r in s.records:
         chunks, dropped = _pieces(format, s.read(r, verify=True), ctx, np.dtype(dtype), exclude, r.index * full_tokens)
         excluded += dropped

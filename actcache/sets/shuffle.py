@@ -277,6 +277,7 @@ def shuffle_set(
     bucket_rows: int = DEFAULT_BUCKET_ROWS,
     jobs: int = 8,
     on_step: Callable[[str], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ShuffleResult:
     """Write (or find) the globally shuffled copy of the set at ``src`` in the store ``out`` (default: the
     source's). Rows whose token is special (``exclude_special``) or in ``exclude_ids`` are left out.
@@ -327,6 +328,9 @@ def shuffle_set(
         if spills
         else max(1, min(1 << 31, math.ceil(2 * source.n_tokens / bucket_rows)))
     )
+    spill_todo = sum(r.index not in spills for r in source.records)
+    if on_total:  # pass 1's spills and, at most, every output shard (known exactly once pass 1 is done)
+        on_total(spill_todo + math.ceil(source.n_tokens / key.rows_per_shard))
     for r in source.records:
         if r.index not in spills:
             spills[r.index] = job.spill(r, n_buckets)
@@ -348,6 +352,8 @@ def shuffle_set(
     size = [min(per, n_rows - j * per) for j in range(n_out)]
     scan = records.scan(target, sid, layout.MANIFEST)
     done = {j for j in range(n_out) if scan.is_done(j, size[j])}
+    if on_total:
+        on_total(spill_todo + n_out - len(done))
     writer = _Writer(job, n_rows, done)
     offset = 0
     for b in range(n_buckets):

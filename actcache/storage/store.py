@@ -622,9 +622,13 @@ class Store:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
+            if p != self.root:  # the store does not exist yet: it is what cannot be made (not the parent's fault)
+                raise ActcacheError(
+                    f"cannot create store {self.url!r}: the nearest folder that exists, {p!r}, is not writable "
+                    f"({e.strerror}); choose another {given_as}"
+                ) from None
             raise ActcacheError(
-                f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                f"choose another {given_as} or fix its permissions"
+                f"store {self.url!r} is not writable ({e.strerror}); choose another {given_as} or fix its permissions"
             ) from None
 
     def check_reachable(self) -> None:

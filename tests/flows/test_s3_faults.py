@@ -49,6 +49,7 @@ def config(tiny_models, corpus) -> ExtractConfig:
 
 def cli_args(cfg: ExtractConfig) -> list[str]:
     return [
+        "--verbose",  # the tests watch Prefect's task-run lines
         "extract",
         "--model",
         cfg.model,

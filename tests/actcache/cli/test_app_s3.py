@@ -79,7 +79,7 @@ def test_endpoint_from_storage_options_flag(s3_server, tmp_path):
         "ls", url, "--storage-options", f'{{"endpoint_url": "{s3_server.endpoint}"}}', env=env, tmp_path=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
+    assert proc.stdout.split() == ["SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
 
 
 def test_no_credentials_anywhere(s3_server, tmp_path):

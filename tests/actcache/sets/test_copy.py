@@ -74,8 +74,8 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     assert "OK: 4 shards, 512 tokens" in capsys.readouterr().out
     assert cli.main(["ls", bucket_url]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed[0].split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
-    assert listed[1].split()[0] == set_id and listed[1].split()[2:4] == ["blocks.2.hook_resid_post", "512"]
+    assert listed[0].split() == ["SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
+    assert listed[1].split()[0] == set_id and listed[1].split()[2:5] == ["blocks.2.hook_resid_post", "tokens", "512"]
     assert listed[1].split()[-1] == "complete"
     assert cli.main(["show", f"{bucket_url}/{set_id}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_tokens"] == 512
@@ -128,4 +128,4 @@ def test_ls_shows_a_partial_set_on_s3(local_set, s3_server, s3_env, capsys, tiny
     extract_activations(cfg, partition_index=0, num_partitions=2)
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[3] == "256" and row[-1] == "partial"
+    assert row[3:5] == ["tokens", "256"] and row[-1] == "partial"

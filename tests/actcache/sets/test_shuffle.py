@@ -121,7 +121,8 @@ def test_a_rerun_of_a_finished_shuffle_writes_nothing(source, tmp_path, capsys):
     assert cli.main(["verify", url]) == 0 and "OK: 5 shards, 448 tokens" in capsys.readouterr().out
     assert cli.main(["ls", str(tmp_path)]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[0] == Path(url).name and row[2:4] == ["blocks.1.hook_resid_post", "448"] and row[-1] == "complete"
+    assert row[0] == Path(url).name and row[-1] == "complete"
+    assert row[2:5] == ["blocks.1.hook_resid_post", "shuffled", "448"]
 
 
 @pytest.mark.parametrize(

@@ -44,8 +44,18 @@ import pytest  # noqa: E402
 
 from actcache.inputs import demo  # noqa: E402
 
-# `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
-# endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
+# What a test needs beyond this process, as markers (registered in pyproject.toml; `make test-fast` runs the tests
+# that need none of them). Most are given here from the fixtures a test uses (item.fixturenames holds every fixture
+# it reaches, through other fixtures too) and from its folder; a test that starts programs itself says so with
+# @pytest.mark.subprocess, and `_spawn_guard` below fails an unmarked test that starts one.
+NEEDS_BY_FIXTURE = {
+    "prefect": ("prefect_harness", "prefect_server"),
+    "s3": ("s3_server", "restartable_s3"),
+    "hub": ("hub_server",),
+    "deployment": ("prefect_server",),
+}
+# Whole processes killed, deployments on a real server, S3 endpoints killed, the demo twice, the benchmark and
+# the infra images: `make test` (CI) runs them, `make test-fast` does not.
 SLOW = (
     "flows/test_crash.py",
     "flows/test_s3_faults.py",
@@ -55,14 +65,65 @@ SLOW = (
     "bench/",
     "infra/",
 )
+NEEDS_BY_PATH = {"deployment": ("deployments/",), "slow": SLOW}
+NEEDS = ("prefect", "subprocess", "s3", "hub", "deployment", "slow")
+# Per-test timeouts (pytest-timeout; the default, 600 s, is in pyproject.toml): a unit test that hangs fails
+# in minutes; tests that start servers or kill processes get longer. An explicit @pytest.mark.timeout wins.
+UNIT_TIMEOUT_S = 300
+SLOW_TIMEOUT_S = 1800
 
 
 def pytest_collection_modifyitems(items) -> None:
     root = Path(__file__).parent
     for item in items:
         rel = Path(str(item.fspath)).relative_to(root).as_posix()
-        if rel.startswith(SLOW):
-            item.add_marker(pytest.mark.slow)
+        for name, fixtures in NEEDS_BY_FIXTURE.items():
+            if any(f in item.fixturenames for f in fixtures):
+                item.add_marker(name)
+        for name, prefixes in NEEDS_BY_PATH.items():
+            if rel.startswith(prefixes):
+                item.add_marker(name)
+        if item.get_closest_marker("timeout") is None:
+            if item.get_closest_marker("slow") or item.get_closest_marker("deployment"):
+                item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+            elif not any(item.get_closest_marker(m) for m in NEEDS):
+                item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT_S))
+
+
+# Programs started by a test of the unit tier (no marker from NEEDS), seen through Python's audit events: such a
+# test would slip into `make test-fast` with a process it does not declare. (Forks of this process, e.g. data
+# loader workers, are not programs started and are not counted.)
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.system", "os.exec", "os.spawn"})
+_spawn_guard = {"on": False, "seen": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _spawn_guard["on"] and event in _SPAWN_EVENTS:
+        _spawn_guard["seen"].append(f"{event} {str(args[:2])[:200]}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    _spawn_guard["seen"] = []
+    _spawn_guard["on"] = not any(item.get_closest_marker(m) for m in NEEDS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        result = yield
+    finally:
+        _spawn_guard["on"] = False
+    if _spawn_guard["seen"]:
+        pytest.fail(
+            f"this test starts programs ({'; '.join(_spawn_guard['seen'][:3])}) but has no marker that says so: "
+            "mark it @pytest.mark.subprocess (or use the fixture that starts the server)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -382,6 +382,7 @@ def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, pr
     _one_line(prefect_console, main(argv), "File too large", want_code=1)
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_path):
     """RLIMIT_FSIZE as a quota would set it: the write fails with EFBIG (Python ignores SIGXFSZ)."""

@@ -6,6 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.prefect, pytest.mark.subprocess]  # `actcache extract` in a process of its own
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

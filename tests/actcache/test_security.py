@@ -116,6 +116,7 @@ def prefect_records() -> list[str]:
     return out
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, capfd):
     """Credentials in the environment and in a Prefect block (distinct secrets), used by extract/ls/show/verify/cp
@@ -622,6 +623,7 @@ def test_set_ids_are_checked(local_set, tmp_path, set_id):
         manifest.read(Store(str(store)), set_id)
 
 
+@pytest.mark.subprocess
 def test_cli_refuses_a_malicious_manifest_in_one_line(local_set, tmp_path):
     set_dir = copy_of(local_set, tmp_path)
     m = json.loads((set_dir / layout.MANIFEST).read_text())

@@ -15,6 +15,8 @@ import yaml
 
 from actcache.inputs import demo
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 PARTITIONS = 4

@@ -25,6 +25,8 @@ from setfiles import local_tree
 
 from actcache.inputs import demo
 
+pytestmark = pytest.mark.subprocess
+
 REPO = Path(__file__).resolve().parents[2]
 POOL = "actcache"
 PARTITIONS = 2

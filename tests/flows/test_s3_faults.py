@@ -249,6 +249,7 @@ def test_client_killed_while_endpoint_down_then_rerun(config, reference, restart
     assert open_set(f"{url}/{set_id}", {"endpoint_url": server.endpoint}).verify() == []
 
 
+@pytest.mark.subprocess
 def test_two_processes_extract_the_same_set_at_once(config, reference, s3_server, s3_env, tmp_path):
     """Two CLI processes extract one set into one prefix at once. Left to the scheduler, one often finishes
     before the other has planned; so the first to store a shard is paused (SIGSTOP) until the other has stored

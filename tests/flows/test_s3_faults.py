@@ -34,17 +34,8 @@ CLI = str(Path(sys.executable).with_name("actcache"))
 
 
 @pytest.fixture(scope="module")
-def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=128 * N_SHARDS,
-        shard_tokens=128,
-        batch_size=4,
-        device="cpu",
-    )
+def config(make_config) -> ExtractConfig:
+    return make_config(max_tokens=128 * N_SHARDS)
 
 
 def cli_args(cfg: ExtractConfig) -> list[str]:

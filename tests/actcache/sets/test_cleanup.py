@@ -152,25 +152,12 @@ def test_a_killed_rm_never_leaves_a_complete_looking_set(store, point, capsys):
 
 
 @pytest.mark.subprocess
-def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, tiny_models, corpus, prefect_harness):
+def test_extraction_after_a_killed_rm_gives_the_same_set(made, store, make_config, prefect_harness):
     from actcache.api import extract
-    from actcache.config import ExtractConfig
 
     url = set_url(store)
     assert _rm_killed_at("rm.records-removed", url).returncode == -signal.SIGKILL
-    again = extract(
-        ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            hook="blocks.1.hook_resid_post",
-            dataset=str(corpus),
-            context_size=32,
-            max_tokens=448,
-            shard_tokens=128,
-            batch_size=4,
-            store=str(store),
-            device="cpu",
-        )
-    )  # the extracted_set's config
+    again = extract(make_config(max_tokens=448, store=str(store)))  # the extracted_set's config
     assert again == url and local_tree(store) == local_tree(made)
 
 

@@ -31,7 +31,12 @@ DIGESTS = "digests.json"
 def cache_root() -> Path:
     if env := os.environ.get("ACTCACHE_TEST_CACHE"):
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "actcache-tests"
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "actcache-tests"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home (some CI sandboxes): the machine's temp folder still outlives a session
+        root = Path(tempfile.gettempdir()) / f"actcache-tests-{os.getuid()}"
+    return root
 
 
 def key(arch: str, **cfg) -> str:

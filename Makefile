@@ -1,5 +1,6 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
 # make test  -> the whole test suite (what CI runs)
+# make lint  -> ruff check, ruff format --check, mypy (CI runs it before the tests)
 # make test-fast -> the inner loop, the unit tier: the tests that need no Prefect, no process of their own, no S3,
 #                   no hub, no deployment and are not slow (markers: pyproject.toml, tests/conftest.py)
 VENV    ?= .venv
@@ -38,6 +39,8 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf activations .pytest_cache
+	rm -rf activations .pytest_cache .mypy_cache

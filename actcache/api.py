@@ -9,7 +9,7 @@ from typing import Any
 from actcache import errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
-from actcache.orchestration import tempserver
+from actcache.orchestration import logs, tempserver
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
         # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
         # The flow gets the names resolved here, pinned: it computes the same sets.
-        with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
+        with tempserver.prefect_api(), logs.user_errors_off_console(enabled=not errors.debug_requested()):
             state = extract_activations(plan.pinned_config, return_state=True)
             state.result(raise_on_failure=True)
         plan = plan.refreshed()  # the shards up to where the dataset ends, known now

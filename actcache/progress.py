@@ -10,14 +10,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from actcache.orchestration import artifacts
+
 ARTIFACT_EVERY_S = 5.0
 
 
 class _Publisher:
     """Sends progress-artifact updates from a background thread, newest value only.
 
-    Each update is a blocking API call (~5-100 ms, more when the server is busy); made on the thread that runs
-    the forward passes it was most of the per-shard overhead at GPU-class speed (bench: pipeline_overhead).
+    Each update is a blocking API call: here it does not hold up the thread that runs the forward passes
+    (bench: pipeline_overhead; figures in bench/RESULTS.md).
     """
 
     def __init__(self, artifact_id: Any):
@@ -36,8 +38,6 @@ class _Publisher:
             self._cv.notify()
 
     def _loop(self) -> None:
-        from prefect.artifacts import update_progress_artifact
-
         while True:
             with self._cv:
                 while self._value is None and not self._closed:
@@ -46,7 +46,7 @@ class _Publisher:
                     return
                 value, self._value = self._value, None
             try:
-                update_progress_artifact(self.artifact_id, progress=value)
+                artifacts.update_progress(self.artifact_id, value)
             except Exception:
                 pass  # progress is for people watching the UI; it never fails a run
 
@@ -81,11 +81,8 @@ class Progress:
         )
         self.publisher: _Publisher | None = None
         try:
-            from prefect.artifacts import create_progress_artifact
-            from prefect.context import FlowRunContext
-
-            if key is not None and FlowRunContext.get() is not None:  # outside a flow run: nowhere to publish
-                artifact = create_progress_artifact(progress=0.0, key=key, description=f"{label}: {total} {unit}s")
+            artifact = None if key is None else artifacts.create_progress(key, f"{label}: {total} {unit}s")
+            if artifact is not None:
                 self.publisher = _Publisher(artifact)
         except Exception:
             pass  # progress never fails a run

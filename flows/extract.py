@@ -24,7 +24,7 @@ from actcache.tasks.upload import upload
 ROUNDS = 3
 
 
-@flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
 def extract_activations(
     config: ExtractConfig = ExtractConfig(), partition_index: int = 0, num_partitions: int = 1
 ) -> State:

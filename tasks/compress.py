@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,7 +23,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
     # Everything computed from the activations goes here, before the codec (which may release them).
     stats = shard.stats(acts)
-    extra = {
+    extra: dict[str, Any] = {
         "set_id": key.id,
         "stats": stats,
         moments.RECORD_FIELD: moments.of(acts).to_json(),

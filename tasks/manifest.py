@@ -32,7 +32,7 @@ def write_manifest(plan: Plan) -> list[str]:
         m |= moments.merged(
             recs,
             m["d"],
-            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
+            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,  # type: ignore[misc]
             previous=scan.consolidated,
             moments_of=moments.from_records(store, s.set_id, m["d"]),
         )

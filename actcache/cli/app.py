@@ -7,10 +7,7 @@
 Built with cyclopts, which Prefect already depends on: the ``extract`` flags are generated from
 ``ExtractConfig`` (its field docstrings are the help, ``Literal`` fields list their choices, booleans get
 ``--no-...``, every default is shown), and a subcommand is one decorated function whose docstring is its
-help. Compared on this project: argparse needs the generator written by hand (it was, and its ``%``-escaping
-broke a help text); tyro silently drops the ``dict`` field (``--storage-options``) and prints bad values as
-multi-line panels; simple-parsing spells booleans ``--noprepend-bos`` and still crashes on ``%``. cyclopts
-costs ~0.3 s of import (bench: cold start), paid once per command.
+help (why cyclopts: docs/architecture.md).
 
 Output: results on stdout (``--json``: one JSON document, field names in README "Scripting"), progress, warnings
 and messages on stderr. Exit codes (``actcache.errors``): 0 success, 1 failure (storage, network, a damaged set;
@@ -24,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -143,7 +141,7 @@ def _warn_mixed(s: Any) -> None:
         )
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -803,7 +801,7 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
             )
         return f"{token.keyword}: invalid {getattr(target, '__name__', target)} value {token.value!r}"
     command = next((a for a in argv if not a.startswith("-")), None)
-    where = f"actcache {command} --help" if command in app else "actcache --help"
+    where = f"actcache {command} --help" if command in app else "actcache --help"  # type: ignore[operator]
     return " ".join(str(e).split()) + f" (see `{where}`)"
 
 

@@ -169,7 +169,7 @@ class _Batched:
                     out_of_memory = str(e).strip().split("\n")[0][:200]  # handled once the exception is gone:
                     # its traceback holds the failed pass's tensors
                 if out_of_memory is not None:
-                    got = batch = None
+                    got = batch = None  # type: ignore[assignment]  # frees them before the retry
                     size = self._smaller(size, context, out_of_memory)
                     continue
                 for h, act in got.items():
@@ -369,7 +369,7 @@ def extractor_for(
     slow = [h for h in hooks if h not in fast]
     parts: list[_Batched] = []
     if fast:
-        deepest = max(int(_RESID.match(h).group(1)) for h in fast)
+        deepest = max(int(_RESID.match(h).group(1)) for h in fast)  # type: ignore[union-attr]  # fast: resid hooks
         hf = load_hf_stack(model, deepest + 1, dtype=model_dtype, device=dev)
         parts.append(HFExtractor(hf, fast, batch_size=batch_size, out_dtype=cast))
     if slow:

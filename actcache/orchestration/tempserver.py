@@ -1,8 +1,8 @@
 """Prefect's temporary API server, started first thing so it boots while torch imports and the model loads.
 
-With no Prefect API configured, Prefect starts a temporary server when the first flow runs: ~5 s importing
-its server code in this process, then ~7 s for the subprocess to answer, all after the model has loaded
-(bench: cold start). ``start()`` launches the same server (the command Prefect's ``SubprocessASGIServer``
+With no Prefect API configured, Prefect starts a temporary server when the first flow runs: it imports its
+server code in this process, then waits for the subprocess to answer, all after the model has loaded (figures:
+bench/RESULTS.md, "Cold start"). ``start()`` launches the same server (the command Prefect's ``SubprocessASGIServer``
 runs) without importing Prefect, and the flow waits for it only when it is about to run. The server's own
 log goes to a file (its shutdown noise is not the user's business) and it dies with this process, even on
 SIGKILL.

@@ -124,13 +124,13 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
 
     dirs = sorted(p for p in pieces_dir.iterdir() if p.name.startswith("shard_"))
     shutil.move(str(dirs[0] / "dataset_info.json"), str(out / "dataset_info.json"))
-    files = []
+    files: list[dict[str, str]] = []
     for d in dirs:
         for f in json.loads((d / "state.json").read_text())["_data_files"]:
             name = f"data-{len(files):05d}-of-{len(dirs):05d}.arrow"
             shutil.move(str(d / f["filename"]), str(out / name))
             files.append({"filename": name})
-    state = {
+    state: dict[str, Any] = {
         "_data_files": files,
         "_fingerprint": None,
         "_format_columns": None,

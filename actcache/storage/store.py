@@ -492,7 +492,7 @@ class Store:
             # on error): a reader never sees a partial object.
             kwargs = {"chunksize": self.part_size, "max_concurrency": self.part_concurrency} if self.s3 else {}
             if isinstance(data, memoryview):
-                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()
+                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()  # type: ignore[assignment]
             with self._io("writing", rel):
                 self.fs.pipe_file(path, data, **kwargs)
 

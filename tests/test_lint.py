@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.subprocess  # ruff in a process of its own
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """\
 def probe():

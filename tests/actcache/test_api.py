@@ -114,6 +114,7 @@ def test_complete_sets_are_answered_from_the_store_alone(base_config, monkeypatc
     assert [s.complete for s in again] == [True, True]
 
 
+@pytest.mark.subprocess
 def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path):
     """The CLI's answer for a complete set, in a process of its own with no Prefect API configured."""
     import json

@@ -109,6 +109,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, fla
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.subprocess
 def test_real_process_exits_non_zero_without_traceback(argv, store):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -187,6 +188,7 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []
 
 
+@pytest.mark.subprocess
 def test_telemetry_notice_stays_off_a_terminal(tmp_path):
     """Prefect prints its telemetry notice on import when stdout/stderr is a terminal; the CLI's defaults stop it."""
     import pty
@@ -379,6 +381,7 @@ def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(
     assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
     """verify re-hashes every shard and checks its safetensors header against the manifest with JSON and sizes
     alone: a fresh interpreter never imports torch (seconds of start-up), and a header that disagrees is found."""

@@ -16,16 +16,15 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
-def original(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
+def original(make_config, corpus, prefect_harness, tmp_path_factory) -> dict:
     """A set whose every byte-changing setting differs from the defaults, from a corpus of its own."""
     from actcache.api import extract
-    from actcache.config import ExtractConfig
 
     root = tmp_path_factory.mktemp("like")
     shutil.copy(corpus, root / "corpus.txt")
     store = root / "store"
-    cfg = ExtractConfig(
-        model=str(tiny_models["llama"]),
+    cfg = make_config(
+        arch="llama",
         hook="blocks.2.hook_resid_pre",
         dataset=str(root / "corpus.txt"),
         context_size=16,
@@ -37,7 +36,7 @@ def original(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
         codec="shuffle-zstd",
         codec_level=5,
         store=str(store),
-        device="cpu",
+        batch_size=0,
     )
     return {"url": extract(cfg), "store": store, "corpus": root / "corpus.txt"}
 

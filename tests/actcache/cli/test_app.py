@@ -448,6 +448,7 @@ def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, t
         assert "rerun the same `actcache extract` to finish it" in err, err
 
 
+@pytest.mark.subprocess
 def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path):
     """ls, show and stats (its numbers already in the manifest) read JSON: no torch import, which alone takes
     seconds here, so they answer in about the time Python takes to start."""

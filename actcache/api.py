@@ -89,6 +89,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     seconds, run_url = 0.0, None
     if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
         tempserver.start()  # boots while the model loads
+        plan.check_memory()  # a refusal is the only line printed, before any status line
         with console.status(f"loading {cfg.model} (libraries and weights)"):
             plan.load_model()
         from actcache.extraction import stages

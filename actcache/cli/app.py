@@ -178,12 +178,13 @@ def extract(
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ExtractConfig)}
     cfg, check = like_mod.config_like(like, fields, flags_given) if like else (ExtractConfig(**fields), None)
     result = api.extract_sets(cfg, check=check)
-    for s in result:
+    if not json_output:
+        _summary(cfg, result)
+    for s in result:  # after the summary: a warning about the data is the last thing said
         _warn_non_finite(StoreFlags(cfg.storage_options, cfg.aws_credentials_block).open_set(s.url))
     if json_output:
         _print_json({"sets": [s.to_json() for s in result]})
     else:
-        _summary(cfg, result)
         print("\n".join(s.url for s in result))
     return 0
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # full run (~28 min on 2 CPU cores): table + bench/results.json
     .venv/bin/python bench/run.py --smoke         # tiny model, one rep of everything (~1 min; what CI runs)
     .venv/bin/python bench/run.py --only speed,compression
+    .venv/bin/python bench/run.py --only gpu      # every CUDA path checked on one GPU (bench/gpu_check.py)
 
 Model: GPT-2-small shape (12 layers, d=768, vocab 50257) with random weights, built once in the actcache
 cache dir; hook blocks.5.hook_resid_post. Methods (tokens/s, ratio to (d)):
@@ -1192,7 +1193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, one rep: checks the benchmark runs (~1 min)")
     ap.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5; 1 with --smoke)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections of {', '.join(SECTIONS)}; or gpu alone: bench/gpu_check.py",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     ap.add_argument("--shapes", default=None, help="batch shapes as BxT,BxT (default 8x128,16x256; 2x32 with --smoke)")
@@ -1220,6 +1225,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reader-rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.only.strip() == "gpu":  # every CUDA path, checked: its own script, its own exit codes
+        from bench import gpu_check
+
+        return gpu_check.main(["--device", "cuda" if args.device == "auto" else args.device])
     if args.rss_child:
         b, c = map(int, args.shape.split("x"))
         rss_child(args.rss_child, Path(args.src), Path(args.work), args.device, b, c)

@@ -84,7 +84,8 @@ class Progress:
             from prefect.artifacts import create_progress_artifact
             from prefect.context import FlowRunContext
 
-            if key is not None and FlowRunContext.get() is not None:  # outside a flow run: nowhere to publish
+            # Outside a flow run: nowhere to publish; nothing to do: no empty artifact ("extract: 0 shards").
+            if key is not None and total > 0 and FlowRunContext.get() is not None:
                 artifact = create_progress_artifact(progress=0.0, key=key, description=f"{label}: {total} {unit}s")
                 self.publisher = _Publisher(artifact)
         except Exception:

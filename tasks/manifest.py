@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -10,10 +12,25 @@ from actcache.extraction.plan import Plan
 from actcache.format import manifest, moments, records
 from actcache.inputs.model import hook_layer
 
+# Fields a rewrite changes by itself: when only these would differ, the manifest on store is left as it is.
+_CLOCK_FIELDS = ("updated_at", "versions", records.SEAL)
+
+
+def unchanged(old: dict | None, new: dict) -> bool:
+    """Whether manifest ``new`` says what ``old`` (on store) says, but for when and by which versions."""
+    if old is None:
+        return False
+    new = json.loads(json.dumps(new))  # as stored: lists, not tuples
+    return {k: v for k, v in old.items() if k not in _CLOCK_FIELDS} == {
+        k: v for k, v in new.items() if k not in _CLOCK_FIELDS
+    }
+
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest(plan: Plan) -> list[str]:
-    """Write each set's manifest from its completion records (one listing each); return the set URLs."""
+    """Write each set's manifest from its completion records (one listing each); return the set URLs.
+
+    A manifest that would say the same as the one stored (a run that computed nothing) is not rewritten."""
     store = plan.store
     target = plan.shards.total_seqs
     for s in plan.sets:
@@ -36,6 +53,8 @@ def write_manifest(plan: Plan) -> list[str]:
             previous=scan.consolidated,
             moments_of=moments.from_records(store, s.set_id, m["d"]),
         )
+        if unchanged(scan.consolidated, m):
+            continue
         crashpoints.point("manifest.before-write")
         manifest.write(store, s.set_id, m)
         crashpoints.point("manifest.written")
@@ -73,8 +92,10 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[dict]:
-    """Publish one table artifact per set (``extraction-<set id>``): shards, tokens, bytes, ratio, tokens/s."""
+def summarize(plan: Plan, stored: list[records.Record], seconds: float, skipped: dict[str, int]) -> list[dict]:
+    """Publish one table artifact per set (``extraction-<set id>``): shards, tokens, bytes, ratio, tokens/s.
+
+    ``skipped``: {set id: shards already stored when the run started} (``actcache extract --json``'s count)."""
     rows = []
     index, count = plan.partition
     for s, url in zip(plan.sets, plan.urls, strict=True):
@@ -88,7 +109,7 @@ def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[
             "partition": f"{index} of {count}",
             "shards_total": len(plan.shards),
             "shards_computed": len(mine),
-            "shards_skipped": len(s.done),
+            "shards_skipped": skipped[s.set_id],
             "tokens_computed": tokens,
             "bytes_written": nbytes,
             "compression_ratio": round(raw / nbytes, 3) if nbytes else None,

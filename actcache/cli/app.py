@@ -196,7 +196,7 @@ def extract(
 # -- reading ------------------------------------------------------------------------------------------
 @app.command
 def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
-    """List the sets in a store: model, hook, tokens, bytes and state (complete, partial, incomplete, damaged).
+    """List the sets in a store: model, hook, tokens, bytes and state (complete, incomplete, damaged).
 
     Parameters
     ----------
@@ -216,9 +216,13 @@ def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFla
         tokens = "-" if e.n_tokens is None else str(e.n_tokens)
         nf = e.non_finite
         bad = "-" if nf is None else f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
-        state = f"{e.state}: {e.detail}" if e.state == "damaged" else e.state
+        interrupted = e.state == inventory.INCOMPLETE and e.n_tokens is not None  # a manifest below its target
+        state = f"{e.state}: {e.detail}" if e.state == "damaged" else inventory.INTERRUPTED if interrupted else e.state
         rows.append((e.set_id, e.model or "?", e.hook or "?", tokens, _human(e.bytes), bad, state))
     _table(rows)
+    for e in sets:
+        if e.state == inventory.INCOMPLETE and e.n_tokens is not None:
+            print(f"{e.set_id}: {e.detail}", file=sys.stderr)
     return 0
 
 
@@ -234,6 +238,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         Also list every shard (index, tokens, bytes, sha256, stats).
     """
     from actcache.format import manifest, records
+    from actcache.sets import inventory
 
     s = flags.open_set(set_url)
     m = dict(s.manifest)
@@ -247,7 +252,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         _warn_mixed(s)
         return 0
     tok, ds, model = m.get("tokenization", {}), m.get("dataset", {}), m.get("model", {})
-    state = "complete" if m.get("complete") else f"partial ({m['n_tokens']} of {m.get('target_tokens')} tokens)"
+    state = "complete" if m.get("complete") else f"incomplete ({inventory.interrupted_detail(m, s.url, s.store.url)})"
     rev = f" @ {model['revision']}" if model.get("revision") else ""
     lines = [
         ("set", s.url),
@@ -334,6 +339,13 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     if problems:
         if s.manifest.get("layout") == "rows":  # a shuffled copy: its own command rewrites what is damaged
             rerun = "delete it and rerun the same `actcache shuffle`"
+        elif not s.manifest.get("complete") and all(p.plain_rerun for p in problems):
+            from actcache.sets import inventory  # only shards its target asks for are missing: a run was interrupted
+
+            print(
+                f"{s.url}: incomplete ({inventory.interrupted_detail(s.manifest, s.url, s.store.url)})", file=sys.stderr
+            )
+            rerun = f"run `{inventory.finish_command(s.url, s.store.url)}`"
         else:
             how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
             rerun = f"rerun the same extract{how}"
@@ -341,7 +353,7 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
         print(
             f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
             + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
-            + f"; {rerun} to repair",
+            + f"; {rerun} to {'finish' if rerun.startswith('run `') else 'repair'}",
             file=sys.stderr,
         )
         return 1

@@ -128,4 +128,4 @@ def test_ls_shows_a_partial_set_on_s3(local_set, s3_server, s3_env, capsys, tiny
     extract_activations(cfg, partition_index=0, num_partitions=2)
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[3] == "256" and row[-1] == "partial"
+    assert row[3] == "256" and " ".join(row[-3:]) == "incomplete (interrupted run)"

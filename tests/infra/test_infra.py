@@ -148,6 +148,8 @@ def test_compose_wires_server_database_minio_and_workers():
     assert db_url == (
         f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
     )
+    # Partitions waiting for a concurrency slot retry every 5 s, not Prefect's 30 (a freed GPU is taken at once).
+    assert float(server["environment"]["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]) <= 5
     # Server image = the Prefect version the deployments were written for.
     assert server["image"].startswith(f"prefecthq/prefect:{load_yaml(PREFECT_YAML)['prefect-version']}-")
     api_port = option(server["command"], "--port")

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -22,6 +23,10 @@ from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction.plan import Plan, make_plan
 from actcache.read.reader import open_set
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 
 def partitions_with_work(plan: Plan, num_partitions: int) -> list[int]:
@@ -93,7 +98,7 @@ def launch_partition(deployment: str, config: ExtractConfig, index: int, count: 
         tags=["partition"],
         idempotency_key=key,
     )
-    return run.id
+    return run.id  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class PartitionOutcome:
         return f"partition {self.index} ({self.runs[-1]}{relaunched}) {self.state}: {self.message}"
 
 
-def finalize_task_runs(client, flow_run: object) -> int:
+def finalize_task_runs(client: SyncPrefectClient, flow_run: FlowRun) -> int:
     """Mark the task runs that ``flow_run`` (final, not Completed) left unfinished as it ended; return how many.
 
     A run whose process or node was lost is marked Crashed from outside (deployments/automations.py), and
@@ -125,6 +130,8 @@ def finalize_task_runs(client, flow_run: object) -> int:
     from prefect.states import Cancelled, Crashed, Failed
 
     state = flow_run.state
+    if state is None or not state.is_final():
+        return 0  # still going: its task runs may yet finish
     make = {"CRASHED": Crashed, "CANCELLED": Cancelled}.get(state.type.value, Failed)
     message = f"Its flow run {flow_run.name} ended {state.name} while this task run was unfinished."
     unfinished = [
@@ -202,7 +209,8 @@ def wait_for_partitions(
             if pending:
                 time.sleep(poll_s)
     return [
-        PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "") for i in sorted(ended)
+        PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]
+        for i in sorted(ended)
     ]
 
 

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import crashpoints
+from actcache.extraction import stages
 from actcache.extraction.plan import Plan
-from actcache.format import manifest, moments, records
-from actcache.inputs.model import hook_layer
-
-# Fields a rewrite changes by itself: when only these would differ, the manifest on store is left as it is.
-_CLOCK_FIELDS = ("updated_at", "versions", records.SEAL)
-
-
-def unchanged(old: dict | None, new: dict) -> bool:
-    """Whether manifest ``new`` says what ``old`` (on store) says, but for when and by which versions."""
-    if old is None:
-        return False
-    new = json.loads(json.dumps(new))  # as stored: lists, not tuples
-    return {k: v for k, v in old.items() if k not in _CLOCK_FIELDS} == {
-        k: v for k, v in new.items() if k not in _CLOCK_FIELDS
-    }
+from actcache.format import manifest, records
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
@@ -31,34 +15,7 @@ def write_manifest(plan: Plan) -> list[str]:
     """Write each set's manifest from its completion records (one listing each); return the set URLs.
 
     A manifest that would say the same as the one stored (a run that computed nothing) is not rewritten."""
-    store = plan.store
-    target = plan.shards.total_seqs
-    for s in plan.sets:
-        store.sweep_temp(s.set_id)  # what killed writers left behind
-        scan = records.scan_set(store, s.key)
-        recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
-        provenance = {
-            **plan.provenance,
-            "hook": s.hook,
-            "layer": hook_layer(s.hook),
-            "hook_shape": list(s.hook_shape) if s.hook_shape else None,
-        }
-        m = manifest.build(
-            s.key, provenance, [moments.without(r) for r in recs], target_seqs=target, previous=scan.consolidated
-        )
-        m |= moments.merged(
-            recs,
-            m["d"],
-            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
-            previous=scan.consolidated,
-            moments_of=moments.from_records(store, s.set_id, m["d"]),
-        )
-        if unchanged(scan.consolidated, m):
-            continue
-        crashpoints.point("manifest.before-write")
-        manifest.write(store, s.set_id, m)
-        crashpoints.point("manifest.written")
-    return plan.urls
+    return stages.write_manifest(plan)
 
 
 def sets_message(urls: list[str]) -> str:

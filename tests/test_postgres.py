@@ -9,7 +9,10 @@ import postgres
 import pytest
 from prefect_server import free_port
 
-pytestmark = pytest.mark.skipif(postgres.find_bin() is None, reason=postgres.absent_reason())
+pytestmark = [
+    pytest.mark.subprocess,  # a PostgreSQL cluster (and a Prefect server) of its own
+    pytest.mark.skipif(postgres.find_bin() is None, reason=postgres.absent_reason()),
+]
 
 
 def test_cluster_on_loopback_unprivileged_and_removed():

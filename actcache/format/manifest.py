@@ -7,6 +7,7 @@ lists every shard with its checksum. It never holds the store URL, storage optio
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from importlib import metadata
 from typing import Any
@@ -103,8 +104,40 @@ def write(store: Store, set_id: str, m: dict[str, Any]) -> None:
     store.write_json(f"{set_id}/{layout.MANIFEST}", records.sealed(m))
 
 
+# Fields a rewrite changes by itself: when only these would differ, the manifest on store is left as it is.
+_CLOCK_FIELDS = ("updated_at", "versions", records.SEAL)
+
+
+def unchanged(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether manifest ``new`` says what ``old`` (as stored) says, but for when and by which versions: a run that
+    computed nothing leaves the stored manifest (and its ``updated_at``) as it was."""
+    if old is None:
+        return False
+    new = json.loads(json.dumps(new))  # as stored: lists, not tuples
+    return {k: v for k, v in old.items() if k not in _CLOCK_FIELDS} == {
+        k: v for k, v in new.items() if k not in _CLOCK_FIELDS
+    }
+
+
 class NoManifest(ActcacheError):
     """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
+
+
+def _missing(store: Store, set_id: str) -> str:
+    """Why there is no manifest to read: nothing there, or an unfinished set (what it has, how to finish it)."""
+    url = store.url_of(set_id)
+    try:
+        files = store.listing(set_id)
+    except Exception:
+        files = {}
+    if not files:
+        return f"no activation set at {url} (no manifest.json)"
+    recorded = sum(layout.parse_record_file(rel) is not None for rel in files)
+    return (
+        f"{url} is an unfinished set: {recorded} shard(s) recorded, but no manifest.json yet (an extraction "
+        "running or interrupted, or an interrupted `actcache rm`); rerun the same `actcache extract` to finish "
+        f"it, or `actcache rm {url}` to remove it"
+    )
 
 
 def read(store: Store, set_id: str) -> dict[str, Any]:
@@ -116,7 +149,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     try:
         m = store.read_json(f"{set_id}/{layout.MANIFEST}")
     except FileNotFoundError:
-        raise NoManifest(f"no activation set at {url} (no manifest.json)") from None
+        raise NoManifest(_missing(store, set_id)) from None
     except DamagedFile as e:
         raise ActcacheError(f"manifest of {url} is damaged ({e}); {rebuild}") from e
     version = m.get("format_version") if isinstance(m, dict) else None

@@ -40,6 +40,7 @@ def run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
 
 
 @no_cuda
+@pytest.mark.subprocess
 @pytest.mark.parametrize("entry", [["bench/gpu_check.py"], ["bench/run.py", "--only", "gpu"]])
 def test_without_cuda_one_line_and_its_own_exit_code(entry):
     res = run(*entry)
@@ -72,6 +73,7 @@ def test_a_failing_check_fails_the_run(capsys, tmp_path):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_rehearsal_runs_every_step_on_the_cpu(tmp_path):
     out = tmp_path / "rows.json"
     res = run("bench/gpu_check.py", "--rehearse", "--out", str(out), timeout=600)

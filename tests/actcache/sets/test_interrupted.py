@@ -12,22 +12,11 @@ from actcache.cli import app as cli
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def test_an_interrupted_set_is_named_so_with_the_command_that_finishes_it(tmp_path, capsys, tiny_models, corpus):
-    from actcache.config import ExtractConfig
+def test_an_interrupted_set_is_named_so_with_the_command_that_finishes_it(tmp_path, capsys, make_config):
     from actcache.flows.extract import extract_activations
 
     store = str(tmp_path / "store")
-    cfg = ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        store=store,
-        device="cpu",
-    )
+    cfg = make_config(store=store)
     [url] = extract_activations(cfg, partition_index=0, num_partitions=2)  # its parent never consolidated
     finish = f"actcache extract --like {url} --store {store}"
     capsys.readouterr()

@@ -91,7 +91,10 @@ class Progress:
         self._refresher = _Refresher(self.bar) if not self.bar.disable else None
         self.publisher: _Publisher | None = None
         try:
-            artifact = None if key is None else artifacts.create_progress(key, f"{label}: {total} {unit}s")
+            # Outside a flow run: nowhere to publish; nothing to do: no empty artifact ("extract: 0 shards").
+            artifact = (
+                None if key is None or total == 0 else artifacts.create_progress(key, f"{label}: {total} {unit}s")
+            )
             if artifact is not None:
                 self.publisher = _Publisher(artifact)
         except Exception:

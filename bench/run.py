@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py --update-results   # full run (~28 min on 2 CPU cores): rewrites bench/results.json
     .venv/bin/python bench/run.py --smoke            # tiny model, one rep of everything (~3-5 min; what CI runs)
     .venv/bin/python bench/run.py --only speed,compression --out /tmp/speed.json
+    .venv/bin/python bench/run.py --only gpu         # every CUDA path checked on one GPU (bench/gpu_check.py)
 
 Only --update-results rewrites the committed bench/results.json; otherwise the results go to --out (default: a
 new temporary file, named at the start and the end). Progress goes to stderr: each section as it starts, each
@@ -1206,7 +1207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model, one rep: checks the benchmark runs (~1 min)")
     ap.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5; 1 with --smoke)")
-    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections of {', '.join(SECTIONS)}; or gpu alone: bench/gpu_check.py",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="where the results go (default: a new temporary file)")
     ap.add_argument(
@@ -1239,6 +1244,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reader-rss-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.only.strip() == "gpu":  # every CUDA path, checked: its own script, its own exit codes
+        from bench import gpu_check
+
+        return gpu_check.main(["--device", "cuda" if args.device == "auto" else args.device])
     if args.rss_child:
         b, c = map(int, args.shape.split("x"))
         rss_child(args.rss_child, Path(args.src), Path(args.work), args.device, b, c)

@@ -67,7 +67,11 @@ def lost_run_automation(lost_after_s: int, tag: str, heartbeat_s: int):
             within=timedelta(seconds=lost_after_s),
         ),
         actions=[
+            # force=False: Prefect's orchestration refuses to move a run out of a final state, so the action only
+            # ever changes a run still Running. (A heartbeat event that arrives after a run's Completed event
+            # arms the trigger again; the action then fails with "already in terminal state" and changes nothing.)
             ChangeFlowRunState(
+                force=False,
                 state=StateType.CRASHED,
                 message=f"No heartbeat for {lost_after_s} s: the run's worker or node was lost (automation {NAME!r}).",
             )

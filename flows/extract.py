@@ -31,6 +31,7 @@ def extract_activations(
 ) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
+    skipped = {s.set_id: len(s.done) for s in plan.sets}  # before this run: what the artifact calls skipped
     skip_cached(plan)
     console.update_status("tokenizing the dataset")  # the command line's status line, where there is one
     work = tokenize(plan)
@@ -56,5 +57,5 @@ def extract_activations(
             plan, work = recheck(q, last=round_ == ROUNDS)
             q = quote(plan)
     urls = write_manifest(plan)
-    summarize(plan, stored, progress.seconds)
+    summarize(plan, stored, progress.seconds, skipped)
     return Completed(message=sets_message(urls), data=urls)  # the message shows the URLs in the UI and API

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect import get_run_logger, task
@@ -22,6 +23,10 @@ from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction.plan import Plan, make_plan
 from actcache.read.reader import open_set
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 
 def partitions_with_work(plan: Plan, num_partitions: int) -> list[int]:
@@ -114,6 +119,31 @@ class PartitionOutcome:
         return f"partition {self.index} ({self.runs[-1]}{relaunched}) {self.state}: {self.message}"
 
 
+def finalize_task_runs(client: SyncPrefectClient, flow_run: FlowRun) -> int:
+    """Mark the task runs that ``flow_run`` (final, not Completed) left unfinished as it ended; return how many.
+
+    A run whose process or node was lost is marked Crashed from outside (deployments/automations.py), and
+    nobody reports its task runs' end: they would stay Running for good. They get the run's final state type
+    (Crashed, Failed or Cancelled) with a message naming it.
+    """
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Cancelled, Crashed, Failed
+
+    state = flow_run.state
+    if state is None or not state.is_final():
+        return 0  # still going: its task runs may yet finish
+    make = {"CRASHED": Crashed, "CANCELLED": Cancelled}.get(state.type.value, Failed)
+    message = f"Its flow run {flow_run.name} ended {state.name} while this task run was unfinished."
+    unfinished = [
+        t
+        for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        if t.state is None or not t.state.is_final()
+    ]
+    for t in unfinished:
+        client.set_task_run_state(t.id, make(message=message), force=True)
+    return len(unfinished)
+
+
 @task(name="wait-for-partitions", cache_policy=NO_CACHE)
 def wait_for_partitions(
     runs: dict[int, UUID],
@@ -148,6 +178,11 @@ def wait_for_partitions(
                 del pending[index]
                 names[index].append(run.name)
                 attempt = len(names[index])
+                if not run.state.is_completed():
+                    try:
+                        finalize_task_runs(client, run)
+                    except Exception as e:  # records only: never what fails the job
+                        logger.warning("could not finalize the task runs of %s: %s", run.name, e)
                 if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
                     logger.warning(
                         "partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",

@@ -12,7 +12,9 @@ from actcache.format import manifest, records
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest(plan: Plan) -> list[str]:
-    """Write each set's manifest from its completion records (one listing each); return the set URLs."""
+    """Write each set's manifest from its completion records (one listing each); return the set URLs.
+
+    A manifest that would say the same as the one stored (a run that computed nothing) is not rewritten."""
     return stages.write_manifest(plan)
 
 
@@ -47,8 +49,10 @@ def publish_table(key: str, rows: list[dict], description: str) -> None:
 
 
 @task(name="summarize", cache_policy=NO_CACHE)
-def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[dict]:
-    """Publish one table artifact per set (``extraction-<set id>``): shards, tokens, bytes, ratio, tokens/s."""
+def summarize(plan: Plan, stored: list[records.Record], seconds: float, skipped: dict[str, int]) -> list[dict]:
+    """Publish one table artifact per set (``extraction-<set id>``): shards, tokens, bytes, ratio, tokens/s.
+
+    ``skipped``: {set id: shards already stored when the run started} (``actcache extract --json``'s count)."""
     rows = []
     index, count = plan.partition
     for s, url in zip(plan.sets, plan.urls, strict=True):
@@ -62,7 +66,7 @@ def summarize(plan: Plan, stored: list[records.Record], seconds: float) -> list[
             "partition": f"{index} of {count}",
             "shards_total": len(plan.shards),
             "shards_computed": len(mine),
-            "shards_skipped": len(s.done),
+            "shards_skipped": skipped[s.set_id],
             "tokens_computed": tokens,
             "bytes_written": nbytes,
             "compression_ratio": round(raw / nbytes, 3) if nbytes else None,

@@ -202,7 +202,7 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
             if s.tokens_computed and s.seconds
             else ""
         )
-        state = "complete" if s.complete else "partial"
+        state = "complete" if s.complete else "incomplete"
         say(
             f"{s.hook}: {s.shards_computed} shards computed, {s.shards_skipped} already stored; "
             f"{s.n_tokens} tokens in {s.n_shards} shards, {_human(s.bytes)}{rate} ({state})"
@@ -224,7 +224,7 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
 @app.command
 def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
     """List the sets in a store: model, hook, layout (tokens in order, or shuffled rows), tokens, bytes and state
-    (complete, partial, incomplete, damaged).
+    (complete, incomplete, damaged).
 
     Parameters
     ----------
@@ -256,12 +256,16 @@ def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFla
         tokens = "-" if e.n_tokens is None else str(e.n_tokens)
         nf = e.non_finite
         bad = "-" if nf is None else f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
-        state = f"{e.state}: {e.detail}" if e.state == "damaged" else e.state
+        interrupted = e.state == inventory.INCOMPLETE and e.n_tokens is not None  # a manifest below its target
+        state = f"{e.state}: {e.detail}" if e.state == "damaged" else inventory.INTERRUPTED if interrupted else e.state
         kind = (
             "?" if e.state in ("incomplete", "damaged") and e.model is None else _LAYOUTS.get(e.layout) or str(e.layout)
         )
         rows.append((e.set_id, e.model or "?", e.hook or "?", kind, tokens, _human(e.bytes), bad, state))
     _table(rows)
+    for e in sets:
+        if e.state == inventory.INCOMPLETE and e.n_tokens is not None:
+            print(f"{e.set_id}: {e.detail}", file=sys.stderr)
     return 0
 
 
@@ -281,6 +285,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         Also list every shard (index, tokens, bytes, sha256, stats).
     """
     from actcache.format import manifest, records
+    from actcache.sets import inventory
 
     s = flags.open_set(set_url)
     m = dict(s.manifest)
@@ -294,7 +299,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         _warn_mixed(s)
         return 0
     tok, ds, model = m.get("tokenization", {}), m.get("dataset", {}), m.get("model", {})
-    state = "complete" if m.get("complete") else f"partial ({m['n_tokens']} of {m.get('target_tokens')} tokens)"
+    state = "complete" if m.get("complete") else f"incomplete ({inventory.interrupted_detail(m, s.url, s.store.url)})"
     rev = f" @ {model['revision']}" if model.get("revision") else ""
     lines = [
         ("set", s.url),
@@ -381,6 +386,13 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     if problems:
         if s.manifest.get("layout") == "rows":  # a shuffled copy: its own command rewrites what is damaged
             rerun = "delete it and rerun the same `actcache shuffle`"
+        elif not s.manifest.get("complete") and all(p.plain_rerun for p in problems):
+            from actcache.sets import inventory  # only shards its target asks for are missing: a run was interrupted
+
+            print(
+                f"{s.url}: incomplete ({inventory.interrupted_detail(s.manifest, s.url, s.store.url)})", file=sys.stderr
+            )
+            rerun = f"run `{inventory.finish_command(s.url, s.store.url)}`"
         else:
             how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
             rerun = f"rerun the same extract{how}"
@@ -388,7 +400,7 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
         print(
             f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
             + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")
-            + f"; {rerun} to repair",
+            + f"; {rerun} to {'finish' if rerun.startswith('run `') else 'repair'}",
             file=sys.stderr,
         )
         return 1

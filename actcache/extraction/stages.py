@@ -282,11 +282,16 @@ def build_manifest(plan: Plan, s: Any, scan: records.Scan) -> dict[str, Any]:
 
 
 def write_manifest(plan: Plan) -> list[str]:
-    """Write each set's manifest from its completion records (one listing each); return the set URLs."""
+    """Write each set's manifest from its completion records (one listing each); return the set URLs.
+
+    A manifest that would say the same as the one stored (a run that computed nothing) is not rewritten."""
     store = plan.store
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
-        m = build_manifest(plan, s, records.scan_set(store, s.key))
+        scan = records.scan_set(store, s.key)
+        m = build_manifest(plan, s, scan)
+        if manifest.unchanged(scan.consolidated, m):
+            continue
         commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls

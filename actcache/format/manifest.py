@@ -7,6 +7,7 @@ lists every shard with its checksum. It never holds the store URL, storage optio
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from importlib import metadata
 from typing import Any
@@ -101,6 +102,21 @@ def write(store: Store, set_id: str, m: dict[str, Any]) -> None:
     """Write a set's manifest, sealed (``records.SEAL``) over all its fields: the one way manifests are written, so
     a field added after ``build`` (statistics, a shuffled set's own) is covered by the seal too."""
     store.write_json(f"{set_id}/{layout.MANIFEST}", records.sealed(m))
+
+
+# Fields a rewrite changes by itself: when only these would differ, the manifest on store is left as it is.
+_CLOCK_FIELDS = ("updated_at", "versions", records.SEAL)
+
+
+def unchanged(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether manifest ``new`` says what ``old`` (as stored) says, but for when and by which versions: a run that
+    computed nothing leaves the stored manifest (and its ``updated_at``) as it was."""
+    if old is None:
+        return False
+    new = json.loads(json.dumps(new))  # as stored: lists, not tuples
+    return {k: v for k, v in old.items() if k not in _CLOCK_FIELDS} == {
+        k: v for k, v in new.items() if k not in _CLOCK_FIELDS
+    }
 
 
 class NoManifest(ActcacheError):

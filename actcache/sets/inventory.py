@@ -18,6 +18,22 @@ from actcache.storage.failures import StoreUnavailable
 from actcache.storage.store import Store
 
 COMPLETE, PARTIAL, INCOMPLETE, DAMAGED = "complete", "partial", "incomplete", "damaged"
+INTERRUPTED = "incomplete (interrupted run)"
+"""How ls and show name a set whose manifest is below its target: a run (or a fan-out partition) ended before
+it, so the same request finishes it; ``actcache ls --json`` says ``incomplete`` with the command in ``detail``."""
+
+
+def finish_command(set_url: str, store_url: str) -> str:
+    """The command that finishes an interrupted set: its own settings and target (``--like``), computing only what
+    is missing."""
+    return f"actcache extract --like {set_url} --store {store_url}"
+
+
+def interrupted_detail(m: dict[str, Any], set_url: str, store_url: str) -> str:
+    return (
+        f"interrupted run: {m['n_tokens']} of {m.get('target_tokens')} tokens stored; finish it with "
+        f"`{finish_command(set_url, store_url)}`"
+    )
 
 
 @dataclass(frozen=True)
@@ -25,9 +41,11 @@ class SetEntry:
     set_id: str
     url: str
     state: str
-    """complete: its manifest reaches its target; partial: a manifest below its target (raise --max-tokens to
-    extend it); incomplete: no manifest (an extraction running or killed before its end, or an interrupted
-    ``rm``); damaged: a manifest this version cannot read (``detail`` says why)."""
+    """complete: its manifest reaches its target; incomplete: a manifest below its target (a run or a fan-out
+    partition ended before it: ``detail`` gives the command that finishes it), or no manifest (an extraction
+    running or killed before its end, or an interrupted ``rm``); damaged: a manifest this version cannot read
+    (``detail`` says why). (``partial``, a manifest below its target, is no longer reported: that is an
+    interrupted run.)"""
     n_shards: int
     """Shards with a completion record (for an incomplete set) or listed in the manifest."""
     bytes: int
@@ -100,10 +118,11 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         return SetEntry(set_id, url, DAMAGED, 0, sum(f.size for f in store.listing(set_id).values()), detail=str(e))
     key = key_from_dict(m["key"])  # manifest.read checked it
     tokens_id = key.tokens.id if isinstance(key, SetKey) else None  # a shuffled copy reads its source, not tokens
+    done = bool(m.get("complete"))
     return SetEntry(
         set_id,
         url,
-        COMPLETE if m.get("complete") else PARTIAL,
+        COMPLETE if done else INCOMPLETE,
         len(m["shards"]),
         m["bytes"],
         model=m["model"]["name"],
@@ -115,6 +134,7 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         tokens_id=tokens_id,
         layout=m.get("layout"),
         non_finite=manifest.non_finite(m["shards"]),
+        detail=None if done else interrupted_detail(m, url, store.url),
     )
 
 

@@ -56,3 +56,24 @@ def test_applying_twice_updates_the_one_automation(automations, prefect_harness)
     with get_client(sync_client=True) as client:
         [a] = client.read_automations_by_name(automations.NAME)
     assert a.trigger.within == timedelta(seconds=120)
+
+
+def test_the_action_never_overrides_a_final_state(automations, prefect_harness):
+    """Issue 22: the automation acts only on runs still running: its action does not force, and Prefect refuses to
+    move a Completed run to Crashed without force (what a late heartbeat would otherwise cause)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed
+
+    [action] = automations.lost_run_automation(90, "actcache", 30).actions
+    assert action.force is False
+
+    @flow(name="finished")
+    def finished() -> None:
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(finished, state=Completed())
+        result = client.set_flow_run_state(run.id, Crashed(message="late heartbeat"), force=action.force)
+        assert result.status.value == "ABORT"
+        assert client.read_flow_run(run.id).state.is_completed()

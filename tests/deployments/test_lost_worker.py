@@ -240,6 +240,11 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     detected_s = (lost.state.timestamp - killed_at).total_seconds()
     assert 0 < detected_s <= LOST_AFTER_S + EVALUATION_SLACK_S
     assert again.state.is_completed() and again.labels.get("prefect.worker.name") == "gpu0"
+    # Issue 22: the parent finalized what the lost run left unfinished: none of its task runs stays Running.
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    lost_tasks = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[lost.id])))
+    assert lost_tasks and all(t.state.is_final() for t in lost_tasks), [(t.name, t.state.name) for t in lost_tasks]
     print(
         f"lost-worker e2e: lost run Crashed {detected_s:.1f} s after the kill (--lost-after {LOST_AFTER_S}); "
         f"fan-out done {t_done - t_kill:.1f} s after the kill",
@@ -247,8 +252,6 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     )
 
     # The relaunch computed only what the lost run had not stored.
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     def relaunch_tasks():
         runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.id])))
         return runs if any(r.name.startswith("summarize") for r in runs) else None

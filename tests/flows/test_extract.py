@@ -337,3 +337,42 @@ def test_a_partial_shard_never_replaces_a_larger_one_in_place(base_config, tmp_p
     assert (Path(urls[0]) / layout.shard_file(3, "none")).read_bytes() == (
         reference / set_id / layout.shard_file(3, "none")
     ).read_bytes()
+
+
+def run_artifacts(run_id, want_key: str) -> dict[str, object]:
+    """{key: artifact} of one flow run, once the artifact ``want_key`` arrived (they reach the server as events)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            arts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+            )
+            found = {a.key: a for a in arts if a.key}
+            if want_key in found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
+
+def test_a_run_with_nothing_to_do_writes_nothing_and_counts_like_the_cli(base_config):
+    """Issue 22: the artifact's shards_skipped is what was stored before the run (as `extract --json`), and a
+    rerun of a complete set leaves manifest.json as it was and publishes no empty progress artifact."""
+    from actcache.flows.extract import extract_activations
+
+    counts = []
+    for attempt in range(2):
+        state = extract_activations(base_config, return_state=True)
+        (url,) = state.result()
+        set_id = Path(url).name
+        arts = run_artifacts(state.state_details.flow_run_id, f"extraction-{set_id}")
+        data = arts[f"extraction-{set_id}"].data
+        (row,) = json.loads(data) if isinstance(data, str) else data
+        counts.append((row["shards_computed"], row["shards_skipped"], f"progress-{set_id}" in arts))
+        manifest = Path(url) / layout.MANIFEST
+        if attempt == 0:
+            before = (manifest.read_bytes(), manifest.stat().st_mtime_ns)
+            time.sleep(1.1)  # updated_at has whole seconds: a rewrite would change it
+    assert counts == [(4, 0, True), (0, 4, False)]
+    assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before

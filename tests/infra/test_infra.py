@@ -4,6 +4,7 @@ versions, credentials). No Docker engine or cluster here: what runs there is che
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ K8S_TEMPLATE = INFRA / "k8s" / "base-job-template.json"
 DOCKERFILE = INFRA / "worker.Dockerfile"
 ENV_EXAMPLE = INFRA / ".env.example"
 CONSTRAINTS = REPO / "constraints.txt"
+LOCK = INFRA / "requirements.lock"
+DIGESTS = ("PYTHON_DIGEST", "POSTGRES_DIGEST", "PREFECT_DIGEST", "MINIO_DIGEST", "MC_DIGEST")
 
 
 def load_yaml(path: Path) -> dict:
@@ -55,6 +58,11 @@ def env_example() -> dict[str, str]:
     )
 
 
+def filled_env() -> dict[str, str]:
+    """infra/.env.example as a user fills it: the digests set (the credentials' examples are fine here)."""
+    return {**env_example(), **{d: "sha256:" + f"{i:x}" * 64 for i, d in enumerate(DIGESTS, 10)}}
+
+
 def interpolate(node, env: dict[str, str]):
     """Compose's ${VAR}, ${VAR:?message} and ${VAR:-default} (and $$), as `docker compose config` resolves them."""
     if isinstance(node, dict):
@@ -66,7 +74,7 @@ def interpolate(node, env: dict[str, str]):
 
     def one(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
-        if name in env:
+        if env.get(name) or (name in env and op != ":?"):  # ${VAR:?} refuses an empty value too
             return env[name]
         if op == ":-":
             return arg
@@ -130,7 +138,7 @@ def test_nightly_is_cron_scheduled_and_partitions_are_bounded_by_a_concurrency_l
 
 
 def test_compose_wires_server_database_minio_and_workers():
-    compose = interpolate(load_yaml(COMPOSE), env_example())
+    compose = interpolate(load_yaml(COMPOSE), filled_env())
     services = compose["services"]
     assert {"postgres", "prefect-server", "minio", "minio-init", "deploy", "worker"} <= set(services)
 
@@ -140,6 +148,8 @@ def test_compose_wires_server_database_minio_and_workers():
     assert db_url == (
         f"postgresql+asyncpg://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
     )
+    # Partitions waiting for a concurrency slot retry every 5 s, not Prefect's 30 (a freed GPU is taken at once).
+    assert float(server["environment"]["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]) <= 5
     # Server image = the Prefect version the deployments were written for.
     assert server["image"].startswith(f"prefecthq/prefect:{load_yaml(PREFECT_YAML)['prefect-version']}-")
     api_port = option(server["command"], "--port")
@@ -147,8 +157,12 @@ def test_compose_wires_server_database_minio_and_workers():
     worker, deploy = services["worker"], services["deploy"]
     for svc in (worker, deploy):
         assert svc["environment"]["PREFECT_API_URL"] == f"http://prefect-server:{api_port}/api"
-        context = (INFRA / svc["build"]["context"]).resolve()
-        assert context == REPO and (context / svc["build"]["dockerfile"]).resolve() == DOCKERFILE
+    # The image is built once: by `deploy`; the workers run that tag and never build or pull it.
+    context = (INFRA / deploy["build"]["context"]).resolve()
+    assert context == REPO and (context / deploy["build"]["dockerfile"]).resolve() == DOCKERFILE
+    assert deploy["build"]["args"]["BASE_DIGEST"] == filled_env()["PYTHON_DIGEST"]
+    assert "build" not in worker and worker["image"] == deploy["image"] and worker["pull_policy"] == "never"
+    assert [n for n, svc in services.items() if "build" in svc] == ["deploy"]
     assert option(worker["command"], "--pool") == pool_name()
     assert f"work-pool create {pool_name()} --type process" in deploy["command"][0]
     assert "--prefect-file deployments/prefect.yaml" in deploy["command"][0]
@@ -164,38 +178,101 @@ def test_compose_wires_server_database_minio_and_workers():
     assert worker["environment"]["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
 
 
-def test_the_image_installs_the_tested_versions_where_the_pull_step_looks():
+def lock() -> dict[str, tuple[str, list[str]]]:
+    """infra/requirements.lock: name -> (version, sha256 hashes)."""
+    text = LOCK.read_text().replace("\\\n", " ")
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            spec, *hashes = line.split()
+            name, version = spec.split("==")
+            out[re.sub(r"[-_.]+", "-", name).lower()] = (version, [h.removeprefix("--hash=") for h in hashes])
+    return out
+
+
+def test_the_image_installs_the_locked_versions_with_hashes_where_the_pull_step_looks():
     [pull] = load_yaml(PREFECT_YAML)["pull"]
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $ACTCACHE_HOME }}"
     text = DOCKERFILE.read_text()
     home = re.search(r"ACTCACHE_HOME=(\S+)", text).group(1)
     assert f"COPY . {home}" in text and f"WORKDIR {home}" in text
-    # Every package at constraints.txt's version, torch at the one installed first.
-    assert re.search(rf"pip install -c constraints.txt -c /tmp/torch.txt {re.escape(home)}", text)
-    assert (REPO / "constraints.txt").is_file()
+    # Every dependency from the one lock, checked against its hashes; then the project alone, from the context.
+    assert re.search(r"^ARG LOCK=infra/requirements.lock$", text, re.M)
+    assert "COPY ${LOCK} /tmp/requirements.lock" in text
+    assert re.search(r"pip install --require-hashes --no-deps .*-r /tmp/requirements.lock", text)
+    assert re.search(rf"pip install --no-deps --no-build-isolation --no-index {re.escape(home)}", text)
+    assert "pip check" in text
     cmd = json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1))
     assert option(cmd, "--pool") == pool_name()
-    # The torch the tests run with (Makefile), from the CPU index by default; the CUDA image from PyPI's wheel.
-    tested = re.search(r"^TORCH\s*\?=\s*torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
-    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1) == tested
     assert re.search(r"^ARG TORCH_INDEX_URL=(\S+)$", text, re.M).group(1) == "https://download.pytorch.org/whl/cpu"
-    assert 'pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"' in text
-    assert "--build-arg TORCH_INDEX_URL=https://pypi.org/simple -t actcache-worker:cuda" in text
+    assert "--build-arg LOCK=infra/requirements-cuda.lock -t actcache-worker:cuda" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored  # the build context is the repository root
     assert "**/.env" in ignored  # credentials never go into an image
 
 
+def test_the_lock_pins_constraints_versions_and_the_tested_torch_each_with_a_hash():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    locked = lock()
+    assert all(
+        len(hashes) >= 1 and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes)
+        for _, hashes in locked.values()
+    ), "every package needs its sha256"
+    versions = pinned()
+    differ = {n: (v, versions[n]) for n, (v, _) in locked.items() if n in versions and v != versions[n]}
+    assert not differ, f"lock and constraints.txt disagree: {differ}; rerun python3 infra/lock.py"
+    # Beyond constraints.txt: torch (the Makefile's) and setuptools (torch needs it; pip freeze leaves it out).
+    assert set(locked) - set(versions) == {"torch", "setuptools"}, "the lock holds only constraints.txt's packages"
+    tested = re.search(r"^TORCH\s*\?=\s*torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert locked["torch"][0] == f"{tested}+cpu"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in project["dependencies"]}
+    assert runtime <= set(locked), f"runtime dependencies missing from the lock: {runtime - set(locked)}"
+    assert "pytest" not in locked and "moto" not in locked  # what the image needs, not the tests
+
+
+def test_the_image_runs_as_an_unprivileged_user_and_its_base_is_pinned_by_digest():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER (\S+)$", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    uid = users[-1].split(":")[0]
+    assert f"useradd --create-home --uid {uid}" in text and "chown actcache:actcache /cache" in text
+    assert re.search(r"^ARG BASE_DIGEST$", text, re.M), "no default digest: an unpinned build must be refused"
+    [base] = re.findall(r"^FROM (\S+)", text, re.M)
+    assert base == "${BASE_IMAGE}@${BASE_DIGEST}"
+    # The pod runs as that user too, and the cache volume is writable by its group.
+    spec = json.loads(K8S_TEMPLATE.read_text())["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["fsGroup"] == int(uid)
+
+
+def test_compose_refuses_to_start_while_a_digest_is_missing():
+    raw = load_yaml(COMPOSE)
+    for missing in DIGESTS:
+        env = {**filled_env(), missing: ""}
+        with pytest.raises(AssertionError, match=missing):
+            interpolate(raw, env)
+
+
 def third_party_images() -> list[str]:
+    """Every image not built here, as IMAGE:TAG@DIGEST (the Dockerfile's base from its ARGs)."""
     compose = load_yaml(COMPOSE)["services"]
-    images = [svc["image"] for svc in compose.values() if "image" in svc and "build" not in svc]
-    return images + re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.M)
+    images = [svc["image"] for svc in compose.values() if "image" in svc and "pull_policy" not in svc]
+    images = [i for i in images if not i.startswith("actcache-")]
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    return images + [f"{base}@${{BASE_DIGEST}}"]
 
 
 def test_every_image_tag_is_pinned_to_a_release():
     images = third_party_images()
     assert len(images) == 5  # postgres, prefect, minio, mc, python
     for image in images:
+        image, _, digest = image.partition("@")
+        assert re.fullmatch(r"\$\{\w+_DIGEST(:\?[^}]*)?\}", digest), f"{image}: not pinned by digest"
         name, _, tag = image.partition(":")
         assert tag and "latest" not in tag, f"{image}: no pinned tag"
         # A release, not a moving major/minor tag: three version numbers or a MinIO release timestamp.
@@ -259,13 +336,46 @@ def test_compose_reads_credentials_from_the_env_file_and_puts_the_api_behind_aut
     ignored = subprocess.run(["git", "check-ignore", "-q", "infra/.env"], cwd=REPO).returncode == 0
     assert ignored, "infra/.env (the real credentials) must be ignored by git"
 
-    services = interpolate(load_yaml(COMPOSE), example)["services"]
+    services = interpolate(load_yaml(COMPOSE), filled_env())["services"]
     auth = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
     assert auth == example["PREFECT_AUTH"] and ":" in auth  # basic auth, user:password
     for name in ("deploy", "worker"):  # every client of the API sends it
         assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == auth
     # The health check is the one request Prefect answers without auth.
     assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
+
+
+def valid_job(manifest: dict) -> None:
+    """Check a rendered Job against the Kubernetes API's schema as the client's models encode it: field types,
+    required fields, enums, and no field unknown to it (the API server drops a misspelt field silently, which is
+    how a securityContext that does nothing gets deployed)."""
+    from kubernetes_asyncio.client import Configuration, models
+
+    config = Configuration()
+    config.client_side_validation = True
+    # Quantities (resources) and int-or-strings are "str" in the models; the API takes numbers for them too.
+    primitives = {"str": (str, int, float), "int": int, "bool": bool, "float": (int, float), "object": object}
+
+    def build(data, kind: str, path: str):
+        if kind.startswith("list["):
+            assert isinstance(data, list), f"{path}: not a list"
+            return [build(x, kind[5:-1], f"{path}[{i}]") for i, x in enumerate(data)]
+        if kind.startswith("dict("):
+            assert isinstance(data, dict), f"{path}: not an object"
+            inner = kind[5:-1].split(", ", 1)[1]
+            return {k: build(v, inner, f"{path}.{k}") for k, v in data.items()}
+        if kind in primitives:
+            assert isinstance(data, primitives[kind]), f"{path}: {data!r} is not {kind}"
+            return data
+        cls = getattr(models, kind)
+        assert isinstance(data, dict), f"{path}: not an object"
+        by_json = {v: k for k, v in cls.attribute_map.items()}
+        unknown = set(data) - set(by_json)
+        assert not unknown, f"{path}: {sorted(unknown)} not fields of {kind}"
+        kwargs = {by_json[k]: build(v, cls.openapi_types[by_json[k]], f"{path}.{k}") for k, v in data.items()}
+        return cls(local_vars_configuration=config, **kwargs)  # raises on a missing required field or bad enum
+
+    build(manifest, "V1Job", "job")
 
 
 def test_kubernetes_template_renders_for_each_deployment_as_the_worker_does():
@@ -290,6 +400,7 @@ def test_kubernetes_template_renders_for_each_deployment_as_the_worker_does():
             KubernetesWorkerJobConfiguration.from_template_and_values(template, job_variables, client=unused)
         )
         config.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="run"))
+        valid_job(config.job_manifest)
         return config.job_manifest["spec"]["template"]["spec"]
 
     gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -326,7 +437,8 @@ def test_docker_compose_config_accepts_the_file():
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed here; the checks above still ran")
     res = subprocess.run(
-        [*cmd, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config", "--quiet"],
+        [*cmd, "-f", str(COMPOSE), "config", "--quiet"],
+        env={**os.environ, **filled_env()},
         capture_output=True,
         text=True,
         cwd=REPO,

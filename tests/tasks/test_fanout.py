@@ -165,3 +165,33 @@ def test_verify_sets_fails_on_missing_or_corrupted_shards(base_config):
         verify_sets.fn(plan)  # listed as done before the damage: the checksum catches it
     with pytest.raises(ActcacheError, match="1 shards are still missing"):
         verify_sets.fn(make_plan(base_config, load_model=False))  # a fresh plan sees the damaged shard as missing
+
+
+def test_a_lost_partitions_task_runs_are_finalized_with_its_state():
+    """Issue 22: a partition marked Crashed from outside leaves no task run Running (a completed one keeps its)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.states import Completed, Crashed, Running
+
+    lost = "No heartbeat for 90 s: the run's worker or node was lost."
+
+    def task_states(client, run_id):
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+        return sorted((t.name, t.state.type.value) for t in runs)
+
+    with get_client(sync_client=True) as client:
+        runs = {}
+        for index in (0, 1):
+            run_id = _flow_run(client, Running(), name=run_name(index, 2))
+            for name, state in (("extract-000001", Completed()), ("extract-000003", Running())):
+                client.create_task_run(
+                    task=wait_for_partitions, flow_run_id=run_id, dynamic_key=name, name=name, state=state
+                )
+            runs[index] = run_id
+        client.set_flow_run_state(runs[0], Crashed(message=lost), force=True)
+        client.set_flow_run_state(runs[1], Completed(), force=True)
+        outcomes = wait_for_partitions.fn(runs, poll_s=0.05)
+        assert [o.state for o in outcomes] == ["Crashed", "Completed"]
+        assert task_states(client, runs[0]) == [("extract-000001", "COMPLETED"), ("extract-000003", "CRASHED")]
+        # A completed partition is left as it is (its task runs are its own business).
+        assert task_states(client, runs[1]) == [("extract-000001", "COMPLETED"), ("extract-000003", "RUNNING")]

@@ -79,6 +79,22 @@ def test_run_sequential_writes_what_the_flow_writes(base_config, tmp_path):
     assert local_tree(tmp_path / "again") == stages_tree
 
 
+def test_write_manifest_leaves_an_unchanged_manifest_as_it_was(base_config, store):
+    """Issue 22: a run that computed nothing does not rewrite manifest.json (its updated_at stays the first run's);
+    one that adds shards does."""
+    import time
+
+    low = base_config.replace(max_tokens=256)
+    [url] = stages.run_sequential(low)
+    path = store / url.rsplit("/", 1)[1] / layout.MANIFEST
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    time.sleep(1.1)  # updated_at has whole seconds: a rewrite would change it
+    stages.write_manifest(stages.plan(low))
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    stages.run_sequential(base_config)  # two more shards: a new manifest
+    assert path.read_bytes() != before[0] and open_set(url).n_tokens == 512
+
+
 def test_a_requests_plan_is_taken_once_and_only_for_its_pinned_config(base_config, monkeypatch):
     made, planned = stages.plan(base_config), []
     real = stages.make_plan

@@ -107,4 +107,4 @@ def test_ls_shows_a_partial_set_on_s3(s3_server, s3_env, capsys, make_config, pr
     extract_activations(make_config(hook="blocks.2.hook_resid_post", store=url), partition_index=0, num_partitions=2)
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[3:5] == ["tokens", "256"] and row[-1] == "partial"
+    assert row[3:5] == ["tokens", "256"] and " ".join(row[-3:]) == "incomplete (interrupted run)"

@@ -14,6 +14,7 @@ from actcache.config import ExtractConfig
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.progress import Progress, Window
 from actcache.tasks.compress import compress
+from actcache.tasks.examples import extract_examples
 from actcache.tasks.extract import extract
 from actcache.tasks.manifest import progress_key, sets_message, summarize, write_manifest
 from actcache.tasks.plan import plan_extraction, recheck, skip_cached
@@ -30,6 +31,9 @@ def extract_activations(
 ) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
+    if config.packing == "none":  # one sequence per example: its own stage (actcache.extraction.examples)
+        urls = extract_examples(quote(plan))
+        return Completed(message=sets_message(urls), data=urls)
     skip_cached(plan)
     work = tokenize(plan)
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,

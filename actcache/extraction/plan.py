@@ -323,6 +323,7 @@ def make_plan(
         prepend_bos=cfg.prepend_bos,
         separator=r.separator_id,
         seqs_per_shard=sizing.seqs_per_shard(cfg, widths),
+        **examples_tokens_fields(cfg),
     )
     tokens = TokenCache(store, tkey)
     scan = tokens.scan()
@@ -340,15 +341,34 @@ def make_plan(
             codec=cfg.codec,
             codec_level=cfg.level,
             forward=r.hooks[hook].engine,
+            **examples_set_fields(cfg),
         )
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
         scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
+    if cfg.packing == "none" and plan.has_missing:
+        from actcache.extraction import examples
+
+        examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept in memory)
     if load_model:
         plan._load_weights()  # now, while Prefect's server starts; the extract task finds them loaded
     return plan
+
+
+def examples_tokens_fields(cfg: ExtractConfig) -> dict[str, str]:
+    """The token key's fields for one sequence per example (none for packed sets: their ids stay the same)."""
+    return {"packing": "none", "truncate": cfg.truncate} if cfg.packing == "none" else {}
+
+
+def examples_set_fields(cfg: ExtractConfig) -> dict[str, str]:
+    """The set key's fields for one sequence per example: the canonical positions and the kept columns."""
+    if cfg.packing != "none":
+        return {}
+    from actcache.extraction.positions import parse
+
+    return {"positions": parse(cfg.positions, cfg.context_size).text, "keep_columns": ",".join(cfg.kept_columns)}
 
 
 def _prepare_device(cfg: ExtractConfig) -> None:

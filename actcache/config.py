@@ -86,6 +86,12 @@ class ExtractConfig:
     keep_columns: str = ""
     """With --packing none: comma-separated scalar dataset columns (int, float, bool, str) stored beside the
     activations, one value per example (e.g. label,source)."""
+    heads: str = ""
+    """With --packing none: heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v,
+    hook_result), as indices and slices (0,5,7 or 0:4); empty: all."""
+    dims: str = ""
+    """With --packing none: entries kept of the hook's last axis (neurons of mlp.hook_post, a subspace of the
+    residual stream), as indices and slices (3,17 or 0:64); empty: all."""
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
     shard_tokens: int = 0
@@ -173,6 +179,9 @@ class ExtractConfig:
                     f"{opt('positions')} {self.positions} needs one sequence per example: add "
                     f"{opt('packing', 'none')} (packed sequences store every position)"
                 )
+            for name in ("heads", "dims"):
+                if getattr(self, name).strip():
+                    raise ActcacheError(f"{opt(name)} needs one sequence per example: add {opt('packing', 'none')}")
             if self.keep_columns.strip():
                 raise ActcacheError(
                     f"{opt('keep_columns')} needs one sequence per example: add {opt('packing', 'none')}"

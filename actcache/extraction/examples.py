@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
+from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
 from actcache.format import layout, manifest, records, shard
 from actcache.inputs import sources
@@ -281,7 +282,8 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
     step = plan.extractor(hooks)
     lengths = [len(x) for x in ids]
     dtype = getattr(torch, cfg.dtype)
-    out = {h: torch.zeros((len(ids), rows, math.prod(plan.resolved.hooks[h].shape)), dtype=dtype) for h in hooks}
+    sel = {h: hook_selection(cfg, h, plan.resolved.hooks[h].shape) for h in hooks}
+    out = {h: torch.zeros((len(ids), rows, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
     size = cfg.batch_size or CPU_BATCH
     pad = plan.resolved.pad_id if plan.resolved.pad_id is not None else 0
     for group in batches(lengths, size):
@@ -293,7 +295,7 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
             mask[j, : lengths[i]] = 1
         got = step.capture(tokens, mask)
         for h, act in got.items():
-            act = act.reshape(act.shape[0], act.shape[1], -1)
+            act = sel[h].apply(act.reshape(act.shape[0], act.shape[1], -1))
             for j, i in enumerate(group):
                 out[h][i] = select(act[j], lengths[i], pos, cfg.prepend_bos, rows).to("cpu", dtype)
     return out
@@ -360,7 +362,8 @@ def extract(plan: Plan) -> list[str]:
             rel = layout.shard_file(index, key.codec)
             store.write_bytes(f"{key.id}/{rel}", enc.data)
             crashpoints.point("examples.shard-written")
-            extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(s.hook_shape)}
+            kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
+            extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(kept)}
             records.write_record(
                 store, key.id, records.Record(index, rel, hi - lo, (hi - lo) * rows, enc.sha256, len(enc.data), extra)
             )
@@ -377,11 +380,13 @@ def write_manifests(plan: Plan, ex: Examples, n_shards: int) -> list[str]:
     for s in plan.sets:
         scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if r.index < n_shards]
+        sel = hook_selection(cfg, s.hook, s.hook_shape)
         provenance = {
             **plan.provenance,
             "hook": s.hook,
             "layer": hook_layer(s.hook),
-            "hook_shape": list(s.hook_shape),
+            "hook_shape": list(sel.kept_shape),
+            "selection": {"full_hook_shape": list(sel.shape), "heads": sel.heads, "dims": sel.dims},
         }
         m = manifest.build(s.key, provenance, recs, target_seqs=len(ex.ids), previous=scan.consolidated)
         done = sum(r.n_seq for r in recs)

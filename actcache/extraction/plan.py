@@ -342,6 +342,7 @@ def make_plan(
             codec_level=cfg.level,
             forward=r.hooks[hook].engine,
             **examples_set_fields(cfg),
+            **hook_selection(cfg, hook, r.hooks[hook].shape).key_fields(),
         )
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
@@ -369,6 +370,13 @@ def examples_set_fields(cfg: ExtractConfig) -> dict[str, str]:
     from actcache.extraction.positions import parse
 
     return {"positions": parse(cfg.positions, cfg.context_size).text, "keep_columns": ",".join(cfg.kept_columns)}
+
+
+def hook_selection(cfg: ExtractConfig, hook: str, shape: tuple[int, ...]):
+    """The heads and dimensions of ``hook`` kept (``extraction.selection``), checked against its shape."""
+    from actcache.extraction.selection import select
+
+    return select(hook, shape, cfg.heads, cfg.dims)
 
 
 def _prepare_device(cfg: ExtractConfig) -> None:

@@ -96,7 +96,11 @@ class SetKey(_Key):
     """Rows stored per example (``extraction.positions``, canonical spelling); ``all`` for packed sets."""
     keep_columns: str = ""
     """Comma-separated dataset columns stored beside the activations."""
-    _omitted_at_default = ("positions", "keep_columns")
+    heads: str = ""
+    """Head indices kept (``extraction.selection``); empty: all."""
+    dims: str = ""
+    """Indices of the last axis kept; empty: all."""
+    _omitted_at_default = ("positions", "keep_columns", "heads", "dims")
 
     @classmethod
     def from_dict(cls, d: dict) -> SetKey:

@@ -231,3 +231,55 @@ def test_positions_are_part_of_the_key_and_packed_ids_do_not_move(tiny_models, l
 def test_a_set_of_examples_is_refused_by_nothing_else_and_packed_sets_by_load_examples(extracted_set):
     with pytest.raises(ActcacheError, match="load_examples reads sets made with --packing none"):
         load_examples(extracted_set)
+
+
+# -- heads and dimensions ----------------------------------------------------------------------------------
+def test_heads_keep_those_heads_of_each_example(tiny_models, labelled, tmp_path):
+    hook = "blocks.1.attn.hook_z"
+    cfg = _config(tiny_models["llama"], labelled, tmp_path / "store", positions="last", hook=hook, heads="2,0")
+    plan = make_plan(cfg)
+    n_heads, d_head = plan.resolved.hooks[hook].shape
+    (url,) = examples.extract(plan)
+    ex = load_examples(url)
+    assert ex.activations.shape == (30, 1, 2 * d_head)
+    assert ex.manifest["hook_shape"] == [2, d_head] and ex.manifest["selection"]["full_hook_shape"] == [n_heads, d_head]
+    step = plan.extractor([hook])
+    for i in range(len(ex)):
+        n = int(ex.lengths[i])
+        alone = step.capture(ex.tokens[i : i + 1, :n])[hook][0, n - 1]  # [n_heads, d_head]
+        torch.testing.assert_close(ex.activations[i, 0], alone[[2, 0]].reshape(-1), rtol=1e-4, atol=1e-5)
+
+
+def test_dims_keep_that_part_of_the_last_axis(tiny_models, labelled, tmp_path):
+    cfg = _config(tiny_models["gpt2"], labelled, tmp_path / "store", positions="mean", dims="-4:,0:3,10")
+    (url,) = examples.extract(make_plan(cfg))
+    ex = load_examples(url)
+    keep = [28, 29, 30, 31, 0, 1, 2, 10]
+    assert ex.activations.shape == (30, 1, len(keep)) and ex.manifest["d"] == len(keep)
+    for i in range(len(ex)):
+        n = int(ex.lengths[i])
+        ref = _alone(tiny_models["gpt2"], ex.tokens[i, :n].tolist(), layer=1)
+        torch.testing.assert_close(ex.activations[i, 0], ref[1:n].mean(0)[keep], rtol=1e-4, atol=1e-5)
+
+
+SELECT_BAD = [
+    ("--heads 0", "--heads needs a hook with a head axis"),
+    ("--hook blocks.1.attn.hook_z --heads 0,9", "9 is out of range for the 4 heads"),
+    ("--dims 40", "40 is out of range for the last axis"),
+    ("--dims 0,0", "names an index twice"),
+]
+
+
+@pytest.mark.parametrize("flags,expected", SELECT_BAD, ids=[b[0] for b in SELECT_BAD])
+def test_bad_selection_gives_one_line_and_writes_nothing(tiny_models, corpus, tmp_path, capsys, flags, expected):
+    argv = ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", str(corpus), "--store", str(tmp_path / "s")]
+    argv += ["--context-size", "32", "--max-tokens", "512", "--device", "cpu", "--packing", "none", *flags.split()]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not any((tmp_path / "s").rglob("*.safetensors"))
+
+
+def test_heads_with_packed_sequences_are_refused():
+    with pytest.raises(ActcacheError, match="heads needs one sequence per example"):
+        ExtractConfig(heads="0")

@@ -86,6 +86,9 @@ class ExtractConfig:
     keep_columns: str = ""
     """With --packing none: comma-separated scalar dataset columns (int, float, bool, str) stored beside the
     activations, one value per example (e.g. label,source)."""
+    token_column: str = ""
+    """With --packing none: a column of token ids (pretokenized data, checked against the vocabulary) read instead
+    of tokenizing --text-column; empty: tokenize text."""
     heads: str = ""
     """With --packing none: heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v,
     hook_result), as indices and slices (0,5,7 or 0:4); empty: all."""
@@ -179,7 +182,7 @@ class ExtractConfig:
                     f"{opt('positions')} {self.positions} needs one sequence per example: add "
                     f"{opt('packing', 'none')} (packed sequences store every position)"
                 )
-            for name in ("heads", "dims"):
+            for name in ("heads", "dims", "token_column"):
                 if getattr(self, name).strip():
                     raise ActcacheError(f"{opt(name)} needs one sequence per example: add {opt('packing', 'none')}")
             if self.keep_columns.strip():

@@ -53,12 +53,15 @@ class Examples:
 
 
 # -- reading rows with their columns -------------------------------------------------------------
-def read_rows(source: sources.Source, columns: tuple[str, ...]) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
-    """(dataset row, text or None, {column: value}) for every row, in dataset order; a missing column is an error."""
-    text_col = source.spec.text_column
+def read_rows(
+    source: sources.Source, columns: tuple[str, ...], token_column: str = ""
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    """(dataset row, text or None, {column: value}) for every row, in dataset order; a missing column is an error.
+    With ``token_column``, its value as is takes the place of the text."""
+    text_col = token_column or source.spec.text_column
     wanted = (text_col, *columns)
     if source.files is None:
-        yield from _hf_rows(source, wanted)
+        yield from _hf_rows(source, wanted, bool(token_column))
         return
     fs = sources._fs(source.spec)
     n = 0
@@ -68,7 +71,8 @@ def read_rows(source: sources.Source, columns: tuple[str, ...]) -> Iterator[tupl
             for c in wanted:
                 if c not in row:
                     raise _missing(c, f"dataset file {name!r} {where}", row)
-            text = sources._text(row[text_col], f"dataset file {name!r}", where, text_col)
+            value = row[text_col]
+            text = value if token_column else sources._text(value, f"dataset file {name!r}", where, text_col)
             yield n, text, {c: row[c] for c in columns}
             n += 1
 
@@ -123,7 +127,7 @@ def _object(row: Any, name: str, where: str) -> dict[str, Any]:
     return row
 
 
-def _hf_rows(source: sources.Source, wanted: tuple[str, ...]) -> Iterator[tuple[int, str | None, dict[str, Any]]]:
+def _hf_rows(source: sources.Source, wanted: tuple[str, ...], raw: bool) -> Iterator[tuple[int, Any, dict[str, Any]]]:
     import datasets
 
     spec = source.spec
@@ -139,7 +143,8 @@ def _hf_rows(source: sources.Source, wanted: tuple[str, ...]) -> Iterator[tuple[
         if cols and c not in cols:
             raise _missing(c, f"HF dataset {spec.path!r}", cols)
     for n, row in enumerate(ds):
-        text = sources._text(row[spec.text_column], f"HF dataset {spec.path!r}", f"row {n + 1}", spec.text_column)
+        value = row[wanted[0]]
+        text = value if raw else sources._text(value, f"HF dataset {spec.path!r}", f"row {n + 1}", wanted[0])
         yield n, text, {c: row[c] for c in wanted[1:]}
 
 
@@ -188,7 +193,9 @@ def _prepare(plan: Plan, limit: int) -> Examples:
     cols = cfg.kept_columns
     texts: list[str] = []
     ex = Examples([], [], 0, {c: [] for c in cols})
-    for n, text, values in read_rows(r.dataset, cols):
+    for n, text, values in read_rows(r.dataset, cols, cfg.token_column):
+        if cfg.token_column:
+            text = _token_ids(text, n, cfg.token_column, r.vocab_size)
         if not text:
             continue
         for c, v in values.items():
@@ -214,7 +221,7 @@ def _prepare(plan: Plan, limit: int) -> Examples:
 
     head = [r.bos_id] if cfg.prepend_bos else []
     body = cfg.context_size - len(head)
-    for ids in tokenize_docs(texts, tokenizer):
+    for ids in texts if cfg.token_column else tokenize_docs(texts, tokenizer):
         if len(ids) > body:
             ex.truncated += 1
             ids = ids[:body] if cfg.truncate == "right" else ids[len(ids) - body :]
@@ -229,6 +236,25 @@ def _prepare(plan: Plan, limit: int) -> Examples:
             cfg.truncate,
         )
     return ex
+
+
+def _token_ids(value: Any, row: int, column: str, vocab: int | None) -> list[int] | None:
+    """A pretokenized example: a list of token ids, each checked against the vocabulary (None: no tokens)."""
+    if value is None or (isinstance(value, list) and not value):
+        return None
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        shown = type(value).__name__ if not isinstance(value, list) else "a list with non-integers"
+        raise ActcacheError(
+            f"{opt('token_column')}: column {column!r} holds {shown} in dataset row {row}; it must hold lists of "
+            "integer token ids"
+        )
+    bad = next((v for v in value if v < 0 or (vocab is not None and v >= vocab)), None)
+    if bad is not None:
+        raise ActcacheError(
+            f"{opt('token_column')}: token id {bad} in dataset row {row} is outside the model's vocabulary "
+            f"(0..{vocab - 1 if vocab else '?'}); were these ids made by another tokenizer?"
+        )
+    return value
 
 
 def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:

@@ -328,8 +328,10 @@ def make_plan(
     tokens = TokenCache(store, tkey)
     scan = tokens.scan()
     shards = tokens.plan(cfg.target_seqs, scan)
-    if not all(scan.is_done(w.index, w.n_seq) for w in shards):
-        r.dataset.check()  # text will be read: make sure there is some (stored tokens need none, nor the hub)
+    if cfg.packing == "concat" and not all(scan.is_done(w.index, w.n_seq) for w in shards):
+        # Text will be read: make sure there is some (stored tokens need none, nor the hub). One example per
+        # sequence: ``examples.prepare`` reads and checks every row instead.
+        r.dataset.check()
     sets = []
     for hook in cfg.hooks:
         key = SetKey(
@@ -360,7 +362,9 @@ def make_plan(
 
 def examples_tokens_fields(cfg: ExtractConfig) -> dict[str, str]:
     """The token key's fields for one sequence per example (none for packed sets: their ids stay the same)."""
-    return {"packing": "none", "truncate": cfg.truncate} if cfg.packing == "none" else {}
+    if cfg.packing != "none":
+        return {}
+    return {"packing": "none", "truncate": cfg.truncate, "token_column": cfg.token_column}
 
 
 def examples_set_fields(cfg: ExtractConfig) -> dict[str, str]:

@@ -66,8 +66,10 @@ class TokensKey(_Key):
     """``none``: one example per sequence, right-padded (``extraction.examples``); ``concat``: packed."""
     truncate: str = "right"
     """With packing ``none``: the end of a too-long example that is cut."""
+    token_column: str = ""
+    """A column of token ids read instead of tokenizing ``text_column`` (empty: text)."""
     _prefix = "t"
-    _omitted_at_default = ("packing", "truncate")
+    _omitted_at_default = ("packing", "truncate", "token_column")
 
     @property
     def shard_tokens(self) -> int:

@@ -283,3 +283,42 @@ def test_bad_selection_gives_one_line_and_writes_nothing(tiny_models, corpus, tm
 def test_heads_with_packed_sequences_are_refused():
     with pytest.raises(ActcacheError, match="heads needs one sequence per example"):
         ExtractConfig(heads="0")
+
+
+# -- pretokenized input ----------------------------------------------------------------------------------
+def test_a_token_column_gives_the_activations_of_the_same_text(tiny_models, labelled, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tiny_models["neox"]
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(x) for x in labelled.read_text().splitlines()]
+    pre = tmp_path / "pretokenized.jsonl"
+    pre.write_text(
+        "\n".join(json.dumps({"input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]}) for r in rows)
+    )
+    from_text = load_examples(examples.extract(make_plan(_config(model, labelled, tmp_path / "s", positions="-2:")))[0])
+    cfg = _config(model, pre, tmp_path / "s", positions="-2:", token_column="input_ids")
+    from_ids = load_examples(examples.extract(make_plan(cfg))[0])
+    assert torch.equal(from_ids.tokens, from_text.tokens) and torch.equal(
+        from_ids.example_index, from_text.example_index
+    )
+    torch.testing.assert_close(from_ids.activations, from_text.activations, rtol=0, atol=0)
+
+
+TOKEN_BAD = [
+    ([{"input_ids": [1, 2, 99999]}], "token id 99999 in dataset row 0 is outside the model's vocabulary"),
+    ([{"input_ids": [1, 2.5]}], "a list with non-integers"),
+    ([{"input_ids": "1 2 3"}], "holds str in dataset row 0"),
+    ([{"ids": [1, 2]}], "column 'input_ids' is missing"),
+]
+
+
+@pytest.mark.parametrize("rows,expected", TOKEN_BAD, ids=[b[1][:20] for b in TOKEN_BAD])
+def test_bad_token_column_gives_one_line_and_writes_nothing(tiny_models, tmp_path, capsys, rows, expected):
+    argv = ["extract", "--model", str(tiny_models["gpt2"]), "--dataset", _rows(tmp_path, rows)]
+    argv += ["--store", str(tmp_path / "s"), "--context-size", "32", "--max-tokens", "512", "--device", "cpu"]
+    argv += ["--packing", "none", "--token-column", "input_ids"]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    assert not any((tmp_path / "s").rglob("*.safetensors"))

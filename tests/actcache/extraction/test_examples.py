@@ -322,3 +322,24 @@ def test_bad_token_column_gives_one_line_and_writes_nothing(tiny_models, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert not any((tmp_path / "s").rglob("*.safetensors"))
+
+
+def test_the_probe_in_docs_learns_a_label_the_last_token_carries(tiny_models, tmp_path):
+    """docs/probing.md's probe, run as written on a set whose label is the statement's last word."""
+    rng = random.Random(1)
+    words = " ".join(demo.corpus_lines()[:50]).split()
+    rows = []
+    for i in range(160):
+        label = i % 2
+        body = " ".join(rng.sample(words, rng.randint(3, 20)))
+        rows.append({"text": f"{body} {'yes' if label else 'no'}", "label": label})
+    dataset = _rows(tmp_path, rows)
+    cfg = _config(tiny_models["gpt2"], Path(dataset), tmp_path / "s", positions="last", keep_columns="label")
+    cfg = cfg.replace(truncate="left")  # a long statement keeps its last word
+    (url,) = examples.extract(make_plan(cfg))
+    doc = (Path(__file__).parents[3] / "docs" / "probing.md").read_text()
+    code = doc.split("## A logistic-regression probe")[1].split("```python")[1].split("```")[0]
+    scope = {"url": url}
+    exec(code.replace("print(", "_ = ("), scope)
+    assert float(scope["acc"]) > 0.9
+    assert scope["direction"].shape == (32,)

@@ -7,7 +7,8 @@ right-padded, with an attention mask. Right padding alone keeps a real token's a
 (attention is causal and positions start at 0 on every row); the mask is passed as well. Only the selected rows
 (``--positions``) are copied out of each batch, so a ``last`` set of N examples holds N rows.
 
-A shard is plain safetensors (docs/probing.md): ``activations [n, rows, d]``, ``tokens [n, context_size]`` (0
+A shard is plain safetensors (docs/probing.md): ``activations [n, rows, d]`` (with ``all``, ``[sum of lengths,
+d]``: the real rows of each example one after another, no padding), ``tokens [n, context_size]`` (0
 past an example's length), ``lengths [n]``, ``example_index [n]`` (the row of the dataset), and per kept column
 ``column.NAME [n]`` (int64, float64 or bool) or, for strings, ``column.NAME.utf8`` (bytes) with
 ``column.NAME.offsets [n + 1]``.
@@ -277,13 +278,12 @@ def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:
 
 # -- extracting ------------------------------------------------------------------------------------------
 def select(act: torch.Tensor, length: int, pos: Positions, bos: bool, rows: int) -> torch.Tensor:
-    """The stored rows ``[rows, d]`` of one example's activations ``act [>= length, d]``."""
+    """The stored rows ``[rows, d]`` of one example's activations ``act [>= length, d]`` (``all``: its ``length``
+    real rows)."""
     import torch
 
     if pos.kind == "all":
-        out = act.new_zeros((rows, act.shape[-1]))
-        out[:length] = act[:length]
-        return out
+        return act[:length]
     if pos.kind == "mean":
         start = 1 if bos and length > 1 else 0
         return act[start:length].float().mean(0, keepdim=True).to(act.dtype)
@@ -297,7 +297,8 @@ def batches(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[str, torch.Tensor]:
-    """{hook: activations ``[n, rows, d]``} in the storage dtype, for examples in the given order."""
+    """{hook: activations ``[n, rows, d]``} in the storage dtype, for examples in the given order; with positions
+    ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored)."""
     import torch
 
     from actcache.extraction.forward import CPU_BATCH
@@ -309,7 +310,12 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
     lengths = [len(x) for x in ids]
     dtype = getattr(torch, cfg.dtype)
     sel = {h: hook_selection(cfg, h, plan.resolved.hooks[h].shape) for h in hooks}
-    out = {h: torch.zeros((len(ids), rows, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
+    flat = pos.kind == "all"
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    lead = (starts[-1],) if flat else (len(ids), rows)
+    out = {h: torch.zeros((*lead, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
     size = cfg.batch_size or CPU_BATCH
     pad = plan.resolved.pad_id if plan.resolved.pad_id is not None else 0
     for group in batches(lengths, size):
@@ -323,7 +329,8 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
         for h, act in got.items():
             act = sel[h].apply(act.reshape(act.shape[0], act.shape[1], -1))
             for j, i in enumerate(group):
-                out[h][i] = select(act[j], lengths[i], pos, cfg.prepend_bos, rows).to("cpu", dtype)
+                dest = out[h][starts[i] : starts[i + 1]] if flat else out[h][i]
+                dest.copy_(select(act[j], lengths[i], pos, cfg.prepend_bos, rows))
     return out
 
 
@@ -364,7 +371,7 @@ def extract(plan: Plan) -> list[str]:
     sps = plan.tokens_key.seqs_per_shard
     n = len(ex.ids)
     pos = parse(cfg.positions, cfg.context_size)
-    rows = pos.n_rows(cfg.context_size)
+    rows = 1 if pos.kind == "all" else pos.n_rows(cfg.context_size)  # records count stored rows
     spans = [(lo, min(lo + sps, n)) for lo in range(0, n, sps)]
     if n < cfg.target_seqs:  # the dataset ended first: remembered where the plan looks (``TokenCache.plan``)
         store.write_json(f"{layout.tokens_dir(plan.tokens_key.id)}/{layout.END}", records.sealed({"n_seq": n}))
@@ -391,7 +398,7 @@ def extract(plan: Plan) -> list[str]:
             kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
             extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(kept)}
             records.write_record(
-                store, key.id, records.Record(index, rel, hi - lo, (hi - lo) * rows, enc.sha256, len(enc.data), extra)
+                store, key.id, records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
             )
     return write_manifests(plan, ex, len(spans))
 
@@ -416,13 +423,14 @@ def write_manifests(plan: Plan, ex: Examples, n_shards: int) -> list[str]:
         }
         m = manifest.build(s.key, provenance, recs, target_seqs=len(ex.ids), previous=scan.consolidated)
         done = sum(r.n_seq for r in recs)
-        m["target_tokens"] = len(ex.ids) * rows
+        flat = rows == cfg.context_size and parse(cfg.positions, cfg.context_size).kind == "all"
+        m["target_tokens"] = sum(map(len, ex.ids)) if flat else len(ex.ids) * rows
         m["complete"] = done >= len(ex.ids)
         m["examples"] = {
             "packing": "none",
             "n_examples": done,
             "positions": parse(cfg.positions, cfg.context_size).text,
-            "rows_per_example": rows,
+            "rows_per_example": None if flat else rows,
             "truncate": cfg.truncate,
             "truncated": ex.truncated,
             "columns": dict(ex.types),

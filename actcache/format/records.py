@@ -77,7 +77,8 @@ class Bounds:
         if getattr(tokens, "packing", "concat") == "none" and hasattr(key, "positions"):
             from actcache.extraction.positions import parse
 
-            rows = parse(key.positions, tokens.context_size).n_rows(tokens.context_size)
+            pos = parse(key.positions, tokens.context_size)
+            rows = 0 if pos.kind == "all" else pos.n_rows(tokens.context_size)  # 0: each example's own length
             return cls(key.codec, tokens.seqs_per_shard, rows, key.dtype, d, examples=True)
         return cls(
             getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size, getattr(key, "dtype", None), d
@@ -130,7 +131,8 @@ class Record:
         if bounds is not None:
             if rec.file != layout.shard_file(rec.index, bounds.codec):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}, not one of codec {bounds.codec}")
-            if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rec.n_seq * bounds.context_size:
+            rows = rec.n_tokens if bounds.examples and bounds.context_size == 0 else rec.n_seq * bounds.context_size
+            if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rows:
                 raise ValueError(
                     f"shard {rec.index} claims {rec.n_seq} sequences / {rec.n_tokens} tokens; the key "
                     f"allows 1..{bounds.seqs_per_shard} sequences of {bounds.context_size} tokens"

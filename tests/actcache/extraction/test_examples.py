@@ -107,6 +107,7 @@ def test_bridge_engine_masks_padding_too(tiny_models, labelled, tmp_path):
     (url,) = examples.extract(plan)
     ex = load_examples(url)
     assert ex.activations.shape == (30, CONTEXT, 32)
+    assert ex.manifest["n_tokens"] == int(ex.lengths.sum()) < 30 * CONTEXT  # only real rows are stored
     step = plan.extractor([cfg.hook])
     for i in range(len(ex)):
         n = int(ex.lengths[i])

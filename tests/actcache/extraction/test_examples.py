@@ -344,3 +344,21 @@ def test_the_probe_in_docs_learns_a_label_the_last_token_carries(tiny_models, tm
     exec(code.replace("print(", "_ = ("), scope)
     assert float(scope["acc"]) > 0.9
     assert scope["direction"].shape == (32,)
+
+
+def test_verify_checks_an_example_set_and_readers_of_sequences_point_to_load_examples(tiny_models, labelled, tmp_path):
+    from actcache.read.reader import open_set
+
+    cfg = _config(tiny_models["gpt2"], labelled, tmp_path / "s", positions="last", keep_columns="source")
+    (url,) = examples.extract(make_plan(cfg))
+    s = open_set(url)
+    assert s.verify() == []
+    with pytest.raises(ActcacheError, match=r"read it with actcache.load_examples\(url\)"):
+        s.read(s.records[0])
+    shard_path = next(Path(url).glob("shards/*.safetensors"))
+    data = bytearray(shard_path.read_bytes())
+    data[-1] ^= 1  # the last byte belongs to a string column: covered by the shard's checksum too
+    shard_path.write_bytes(bytes(data))
+    assert any("fails its sha256" in p for p in open_set(url).verify())
+    with pytest.raises(ActcacheError, match="fails its checksum"):
+        load_examples(url)

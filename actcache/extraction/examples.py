@@ -8,8 +8,8 @@ right-padded, with an attention mask. Right padding alone keeps a real token's a
 (``--positions``) are copied out of each batch, so a ``last`` set of N examples holds N rows.
 
 A shard is plain safetensors (docs/probing.md): ``activations [n, rows, d]`` (with ``all``, ``[sum of lengths,
-d]``: the real rows of each example one after another, no padding), ``tokens [n, context_size]`` (0
-past an example's length), ``lengths [n]``, ``example_index [n]`` (the row of the dataset), and per kept column
+d]``: the real rows of each example one after another, no padding), ``tokens [sum of lengths]`` (each
+example's ids one after another), ``lengths [n]``, ``example_index [n]`` (the row of the dataset), and per kept column
 ``column.NAME [n]`` (int64, float64 or bool) or, for strings, ``column.NAME.utf8`` (bytes) with
 ``column.NAME.offsets [n + 1]``.
 """
@@ -338,12 +338,8 @@ def shard_tensors(ex: Examples, lo: int, hi: int, context_size: int) -> dict[str
     """Everything but the activations for examples ``lo:hi``: tokens, lengths, dataset rows, kept columns."""
     import torch
 
-    n = hi - lo
-    tokens = torch.zeros((n, context_size), dtype=torch.int32)
-    for j, ids in enumerate(ex.ids[lo:hi]):
-        tokens[j, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
     out = {
-        "tokens": tokens,
+        "tokens": torch.tensor([t for ids in ex.ids[lo:hi] for t in ids], dtype=torch.int32),
         "lengths": torch.tensor([len(x) for x in ex.ids[lo:hi]], dtype=torch.int32),
         "example_index": torch.tensor(ex.index[lo:hi], dtype=torch.int64),
     }

@@ -67,9 +67,17 @@ def load_examples(
             columns[name] = values
         else:
             columns[name] = torch.cat(parts[f"column.{name}"])
+    ctx = s.key.tokens.context_size
+    tokens = []
+    for flat, lengths in zip(parts["tokens"], parts["lengths"], strict=True):  # stored one example after another
+        out = flat.new_zeros((len(lengths), ctx))
+        start = 0
+        for i, n in enumerate(lengths.tolist()):
+            out[i, :n] = flat[start : start + n]
+            start += n
+        tokens.append(out)
     acts = parts["activations"]
     if acts[0].dim() == 2:  # positions all: each example's real rows one after another; padded here with zeros
-        ctx = parts["tokens"][0].shape[1]
         padded = []
         for flat, lengths in zip(acts, parts["lengths"], strict=True):
             out = flat.new_zeros((len(lengths), ctx, flat.shape[-1]))
@@ -83,7 +91,7 @@ def load_examples(
         torch.cat(acts),
         torch.cat(parts["lengths"]),
         torch.cat(parts["example_index"]),
-        torch.cat(parts["tokens"]),
+        torch.cat(tokens),
         columns,
         s.manifest,
     )

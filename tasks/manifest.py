@@ -14,6 +14,10 @@ from actcache.inputs.model import hook_layer
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest(plan: Plan) -> list[str]:
     """Write each set's manifest from its completion records (one listing each); return the set URLs."""
+    if plan.config.packing == "none":  # one sequence per example: its manifests say so (a fan-out's parent)
+        from actcache.extraction import examples
+
+        return examples.write_manifests(plan)
     store = plan.store
     target = plan.shards.total_seqs
     for s in plan.sets:

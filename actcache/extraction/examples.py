@@ -396,14 +396,17 @@ def extract(plan: Plan) -> list[str]:
             records.write_record(
                 store, key.id, records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
             )
-    return write_manifests(plan, ex, len(spans))
+    return write_manifests(plan, ex)
 
 
-def write_manifests(plan: Plan, ex: Examples, n_shards: int) -> list[str]:
-    """Each set's manifest: the shards, and what an example set adds (positions, rows, truncated, columns)."""
+def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
+    """Each set's manifest: the shards, and what an example set adds (positions, rows, truncated, columns).
+    ``ex``: the examples as prepared (read again when None, as a fan-out's parent does)."""
     from actcache.inputs.model import hook_layer
 
     cfg = plan.config
+    ex = ex or prepare(plan, cfg.target_seqs)
+    n_shards = -(-len(ex.ids) // plan.tokens_key.seqs_per_shard)
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
     for s in plan.sets:

@@ -362,3 +362,17 @@ def test_verify_checks_an_example_set_and_readers_of_sequences_point_to_load_exa
     assert any("fails its sha256" in p for p in open_set(url).verify())
     with pytest.raises(ActcacheError, match="fails its checksum"):
         load_examples(url)
+
+
+def test_the_flow_manifest_task_writes_an_example_manifest(tiny_models, labelled, tmp_path):
+    """What a fan-out's parent calls after its partitions: the manifest keeps the examples' description."""
+    from actcache.tasks.manifest import write_manifest
+
+    cfg = _config(tiny_models["gpt2"], labelled, tmp_path / "s", positions="first", keep_columns="label")
+    (url,) = examples.extract(make_plan(cfg))
+    before = load_examples(url)
+    (Path(url) / "manifest.json").unlink()
+    assert write_manifest.fn(make_plan(cfg, load_model=False)) == [url]
+    after = load_examples(url)
+    assert after.manifest["examples"] == before.manifest["examples"]
+    assert torch.equal(after.activations, before.activations)

@@ -73,18 +73,20 @@ def _expected(rows: torch.Tensor, length: int, positions: str) -> torch.Tensor:
         return own[-1:]
     if positions == "mean":
         return own.mean(0, keepdim=True)
+    if positions == "first":
+        return own[:1]
     if positions == "0,-1,-3:":
         return torch.stack([rows[0], rows[length - 1], *rows[length - 3 : length]])
     raise AssertionError(positions)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
-@pytest.mark.parametrize("positions", ["last", "mean", "0,-1,-3:"])
+@pytest.mark.parametrize("positions", ["last", "mean", "first", "0,-1,-3:"])
 def test_each_example_equals_hf_run_alone(tiny_models, labelled, tmp_path, arch, positions):
     cfg = _config(tiny_models[arch], labelled, tmp_path / "store", positions=positions, keep_columns="label,source")
     (url,) = examples.extract(make_plan(cfg))
     ex = load_examples(url)
-    n_rows = {"last": 1, "mean": 1, "0,-1,-3:": 5}[positions]
+    n_rows = {"last": 1, "mean": 1, "first": 1, "0,-1,-3:": 5}[positions]
     assert ex.activations.shape == (30, n_rows, 32)
     assert ex.example_index.tolist() == list(range(5)) + list(range(6, 31))  # row 5 has no text
     assert ex.columns["source"] == [f"doc{i}" for i in range(30)]

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
 from actcache.format import layout, manifest, records, shard
+from actcache.format.commit import Points, Shard, commit
 from actcache.inputs import sources
 
 if TYPE_CHECKING:
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COLUMN_TYPES = ("int", "float", "bool", "str")
+
+SHARD_POINTS = Points(shard_written="examples.shard-written")
+MANIFEST_POINTS = Points(before_manifest="manifest.before-write", manifest_written="manifest.written")
 
 
 @dataclass
@@ -192,7 +195,7 @@ def _prepare(plan: Plan, limit: int) -> Examples:
     tokenizer = r.model.tokenizer
     pos = parse(cfg.positions, cfg.context_size)
     cols = cfg.kept_columns
-    texts: list[str] = []
+    texts: list[Any] = []  # texts, or lists of token ids with --token-column
     ex = Examples([], [], 0, {c: [] for c in cols})
     for n, text, values in read_rows(r.dataset, cols, cfg.token_column):
         if cfg.token_column:
@@ -214,13 +217,13 @@ def _prepare(plan: Plan, limit: int) -> Examples:
     if not texts:
         raise ActcacheError(f"dataset {r.dataset.label!r} has no example with text in {r.dataset.spec.text_column!r}")
     for c in cols:
-        kind = _column_type(c, {_kind_of(v) for v in ex.columns[c]})
+        kind = _column_type(c, {k for k in map(_kind_of, ex.columns[c]) if k is not None})  # all checked above
         ex.types[c] = kind
         if kind == "float":
             ex.columns[c] = [float(v) for v in ex.columns[c]]
     from actcache.extraction.tokens import tokenize_docs
 
-    head = [r.bos_id] if cfg.prepend_bos else []
+    head = [r.bos_id] if cfg.prepend_bos and r.bos_id is not None else []  # the plan refused BOS without one
     body = cfg.context_size - len(head)
     for ids in texts if cfg.token_column else tokenize_docs(texts, tokenizer):
         if len(ids) > body:
@@ -389,13 +392,10 @@ def extract(plan: Plan) -> list[str]:
                 metadata={"set_id": key.id, "hook": key.hook, "index": str(index)},
             )
             rel = layout.shard_file(index, key.codec)
-            store.write_bytes(f"{key.id}/{rel}", enc.data)
-            crashpoints.point("examples.shard-written")
             kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
             extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(kept)}
-            records.write_record(
-                store, key.id, records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
-            )
+            record = records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
+            commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
     return write_manifests(plan, ex)
 
 
@@ -410,6 +410,7 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
     for s in plan.sets:
+        store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if r.index < n_shards]
         sel = hook_selection(cfg, s.hook, s.hook_shape)
@@ -434,5 +435,5 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "truncated": ex.truncated,
             "columns": dict(ex.types),
         }
-        manifest.write(store, s.set_id, m)
+        commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
     return plan.urls

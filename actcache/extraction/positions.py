@@ -50,8 +50,10 @@ class Positions:
         head = tail = 0
         for a, b, is_slice in self.items:
             if not is_slice:
+                assert a is not None  # an index always has one
                 head, tail = (max(head, a + 1), tail) if a >= 0 else (head, max(tail, -a))
-            elif (a or 0) >= 0:
+            elif a is None or a >= 0:
+                assert b is not None  # ``parse``: a slice from the start has both ends
                 head = max(head, b)
             else:
                 tail = max(tail, -a)
@@ -67,6 +69,7 @@ class Positions:
         out: list[int] = []
         for a, b, is_slice in self.items:
             if not is_slice:
+                assert a is not None  # an index always has one
                 out.append(a if a >= 0 else length + a)
             else:
                 out.extend(range(*slice(a, b).indices(length)))
@@ -85,7 +88,7 @@ def parse(text: str, context_size: int) -> Positions:
     t = (text or "").strip().replace(" ", "")
     if t in NAMED:
         return Positions(t)
-    items = []
+    items: list[tuple[int | None, int | None, bool]] = []
     for part in t.split(","):
         m = _ITEM.match(part)
         if not m:

@@ -37,8 +37,8 @@ class _Key:
         return self._prefix + _digest(self.to_dict())
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         for name in self._omitted_at_default:
             if d.get(name) == defaults[name]:
                 del d[name]

@@ -67,7 +67,7 @@ def load_examples(
             columns[name] = values
         else:
             columns[name] = torch.cat(parts[f"column.{name}"])
-    ctx = s.key.tokens.context_size
+    ctx = s.key.tokens.context_size  # type: ignore[union-attr]  # a set with "examples" is an extraction's (SetKey)
     tokens = []
     for flat, lengths in zip(parts["tokens"], parts["lengths"], strict=True):  # stored one example after another
         out = flat.new_zeros((len(lengths), ctx))

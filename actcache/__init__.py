@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["__version__", "extract", "open_set", "ExtractConfig", "ActcacheError", "ActivationDataset", "forever"]
+__all__ = [
+    "__version__",
+    "extract",
+    "open_set",
+    "ExtractConfig",
+    "ActcacheError",
+    "ActivationDataset",
+    "forever",
+    "load_examples",
+]
 
 if TYPE_CHECKING:
     from actcache.api import extract
     from actcache.config import ExtractConfig
     from actcache.errors import ActcacheError
     from actcache.read.dataset import ActivationDataset
+    from actcache.read.examples import load_examples
     from actcache.read.forever import forever
     from actcache.read.reader import open_set
 
@@ -25,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from actcache.api import extract
 
         return extract
+    if name == "load_examples":
+        from actcache.read.examples import load_examples
+
+        return load_examples
     if name == "open_set":
         from actcache.read.reader import open_set
 

@@ -69,11 +69,32 @@ class ExtractConfig:
     text_column: str = "text"
     """Column holding the text (.txt files have the single column 'text')."""
     context_size: int = 128
-    """Tokens per sequence; documents are packed and chunked to exactly this length."""
+    """Tokens per sequence; documents are packed and chunked to exactly this length (with --packing none: the most
+    tokens of one example)."""
     prepend_bos: bool = True
     """Start every sequence with the BOS token."""
     separator: Literal["eos", "bos", "none"] = "eos"
     """Token placed between packed documents."""
+    packing: Literal["concat", "none"] = "concat"
+    """concat: documents packed into --context-size sequences (for SAEs); none: one sequence per document (an
+    example), right-padded in batches of similar length, never joined with another (for probes; docs/probing.md)."""
+    truncate: Literal["right", "left"] = "right"
+    """With --packing none: which end of a document longer than --context-size is cut (the count is reported)."""
+    positions: str = "all"
+    """Rows stored per example with --packing none: all, last, first, mean (over the example's own tokens), or
+    indices and slices of the sequence such as 0,-1 or -4: (with --packing concat only all)."""
+    keep_columns: str = ""
+    """With --packing none: comma-separated scalar dataset columns (int, float, bool, str) stored beside the
+    activations, one value per example (e.g. label,source)."""
+    token_column: str = ""
+    """With --packing none: a column of token ids (pretokenized data, checked against the vocabulary) read instead
+    of tokenizing --text-column; empty: tokenize text."""
+    heads: str = ""
+    """With --packing none: heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v,
+    hook_result), as indices and slices (0,5,7 or 0:4); empty: all."""
+    dims: str = ""
+    """With --packing none: entries kept of the hook's last axis (neurons of mlp.hook_post, a subspace of the
+    residual stream), as indices and slices (3,17 or 0:64); empty: all."""
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
     shard_tokens: int = 0
@@ -114,6 +135,8 @@ class ExtractConfig:
         _check_choice("model_dtype", self.model_dtype, DTYPES)
         _check_choice("codec", self.codec, CODECS)
         _check_choice("separator", self.separator, ("eos", "bos", "none"))
+        _check_choice("packing", self.packing, ("concat", "none"))
+        _check_choice("truncate", self.truncate, ("right", "left"))
         if self.context_size < 2:
             raise ActcacheError(f"{opt('context_size')} must be at least 2, got {self.context_size}")
         if self.max_tokens > MAX_TOKENS:
@@ -142,10 +165,38 @@ class ExtractConfig:
         if not isinstance(self.storage_options, dict):
             raise ActcacheError(f'{opt("storage_options")} must be a JSON object, e.g. \'{{"endpoint_url": "..."}}\'')
         _check_no_secrets(self.storage_options)
+        self._check_examples()
         if not isinstance(self.hook, str) or not all(self.hooks):
             raise ActcacheError(
                 f"{opt('hook')} needs one or more comma-separated hook names, e.g. blocks.6.hook_resid_post"
             )
+
+    def _check_examples(self) -> None:
+        from actcache.extraction.positions import parse
+
+        parse(self.positions, self.context_size)  # a one-line error for a bad or out-of-range position
+        if self.packing == "concat":
+            if self.positions.strip() != "all":
+                raise ActcacheError(
+                    f"{opt('positions')} {self.positions} needs one sequence per example: add "
+                    f"{opt('packing', 'none')} (packed sequences store every position)"
+                )
+            for name in ("heads", "dims", "token_column"):
+                if getattr(self, name).strip():
+                    raise ActcacheError(f"{opt(name)} needs one sequence per example: add {opt('packing', 'none')}")
+            if self.keep_columns.strip():
+                raise ActcacheError(
+                    f"{opt('keep_columns')} needs one sequence per example: add {opt('packing', 'none')}"
+                )
+        if any(not c for c in self.kept_columns) and self.keep_columns.strip():
+            raise ActcacheError(f"{opt('keep_columns')} {self.keep_columns!r} has an empty name; use e.g. label,source")
+        if self.text_column in self.kept_columns:
+            raise ActcacheError(f"{opt('keep_columns')} names the text column {self.text_column!r}; leave it out")
+
+    @property
+    def kept_columns(self) -> tuple[str, ...]:
+        """``keep_columns`` as names, in order, once each."""
+        return tuple(dict.fromkeys(c.strip() for c in self.keep_columns.split(","))) if self.keep_columns else ()
 
     @property
     def hooks(self) -> tuple[str, ...]:

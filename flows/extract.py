@@ -16,6 +16,7 @@ from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.progress import Progress, Window
 from actcache.tasks.compress import compress
+from actcache.tasks.examples import extract_examples
 from actcache.tasks.extract import extract
 from actcache.tasks.manifest import progress_key, sets_message, summarize, write_manifest
 from actcache.tasks.plan import plan_extraction, recheck, skip_cached
@@ -31,6 +32,9 @@ def extract_activations(
 ) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
+    if config.packing == "none":  # one sequence per example: its own stage (actcache.extraction.examples)
+        urls = extract_examples(quote(plan))
+        return Completed(message=sets_message(urls), data=urls)
     skipped = {s.set_id: len(s.done) for s in plan.sets}  # before this run: what the artifact calls skipped
     skip_cached(plan)
     console.update_status("tokenizing the dataset")  # the command line's status line, where there is one

@@ -91,8 +91,16 @@ class _Batched:
         self.device = next(module.parameters()).device
         self.adaptive = self.device.type == "cuda"
 
-    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{hook: activations ``[batch, pos, ...]``} of one batch on the device, as computed; ``attention_mask``
+        (1 for real tokens, 0 for right padding) is passed to the model (``extraction.examples``)."""
+        with torch.inference_mode():
+            tokens = tokens.to(self.device, dtype=torch.long)
+            mask = None if attention_mask is None else attention_mask.to(self.device, dtype=torch.long)
+            return self._checked(self._capture(tokens, mask), tokens)
 
     def _checked(self, got: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t = tokens.shape
@@ -229,7 +237,7 @@ class Extractor(_Batched):
         self.bridge = bridge
         self._setup(bridge, hooks, batch_size, out_dtype)
 
-    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         got: dict[str, torch.Tensor] = {}
         wanted = len(self.hooks)
 
@@ -240,7 +248,8 @@ class Extractor(_Batched):
 
         fwd = [(h, lambda act, hook=None, _n=h: grab(act, hook, name=_n)) for h in self.hooks]
         try:
-            self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None)
+            masked = {} if attention_mask is None else {"attention_mask": attention_mask}
+            self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None, **masked)
         except _Reached:
             pass
         return got
@@ -265,7 +274,7 @@ class HFExtractor(_Batched):
                 raise ActcacheError(f"hook {h!r} is past the {len(self.layers)} layers loaded")
             self.where.append((h, layer, post))
 
-    def _capture(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         got: dict[str, torch.Tensor] = {}
         wanted = len(self.hooks)
 
@@ -287,7 +296,7 @@ class HFExtractor(_Batched):
                     )
                 )
         try:
-            self.model(input_ids=tokens, use_cache=False)
+            self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
         except _Reached:
             pass
         finally:
@@ -339,6 +348,10 @@ class MultiExtractor:
 
     def hook_shapes(self) -> dict[str, list[int]]:
         return {h: s for p in self.parts for h, s in p.hook_shapes().items()}
+
+    def capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One batch through every engine (see ``_Batched.capture``)."""
+        return {h: a for p in self.parts for h, a in p.capture(tokens, attention_mask).items()}
 
     def __call__(
         self,

@@ -329,12 +329,15 @@ def make_plan(
         prepend_bos=cfg.prepend_bos,
         separator=r.separator_id,
         seqs_per_shard=sizing.seqs_per_shard(cfg, widths),
+        **examples_tokens_fields(cfg),
     )
     tokens = TokenCache(store, tkey)
     scan = tokens.scan()
     shards = tokens.plan(cfg.target_seqs, scan)
-    if not all(scan.is_done(w.index, w.n_seq) for w in shards):
-        r.dataset.check()  # text will be read: make sure there is some (stored tokens need none, nor the hub)
+    if cfg.packing == "concat" and not all(scan.is_done(w.index, w.n_seq) for w in shards):
+        # Text will be read: make sure there is some (stored tokens need none, nor the hub). One example per
+        # sequence: ``examples.prepare`` reads and checks every row instead.
+        r.dataset.check()
     sets = []
     for hook in cfg.hooks:
         key = SetKey(
@@ -346,15 +349,44 @@ def make_plan(
             codec=cfg.codec,
             codec_level=cfg.level,
             forward=r.hooks[hook].engine,
+            **examples_set_fields(cfg),
+            **hook_selection(cfg, hook, r.hooks[hook].shape).key_fields(),
         )
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
         scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
+    if cfg.packing == "none" and plan.has_missing:
+        from actcache.extraction import examples
+
+        examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept in memory)
     if load_model:
         plan._load_weights()  # now, while Prefect's server starts; the extract task finds them loaded
     return plan
+
+
+def examples_tokens_fields(cfg: ExtractConfig) -> dict[str, Any]:
+    """The token key's fields for one sequence per example (none for packed sets: their ids stay the same)."""
+    if cfg.packing != "none":
+        return {}
+    return {"packing": "none", "truncate": cfg.truncate, "token_column": cfg.token_column}
+
+
+def examples_set_fields(cfg: ExtractConfig) -> dict[str, Any]:
+    """The set key's fields for one sequence per example: the canonical positions and the kept columns."""
+    if cfg.packing != "none":
+        return {}
+    from actcache.extraction.positions import parse
+
+    return {"positions": parse(cfg.positions, cfg.context_size).text, "keep_columns": ",".join(cfg.kept_columns)}
+
+
+def hook_selection(cfg: ExtractConfig, hook: str, shape: tuple[int, ...]):
+    """The heads and dimensions of ``hook`` kept (``extraction.selection``), checked against its shape."""
+    from actcache.extraction.selection import select
+
+    return select(hook, shape, cfg.heads, cfg.dims)
 
 
 def _prepare_device(cfg: ExtractConfig) -> None:

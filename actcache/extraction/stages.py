@@ -285,6 +285,12 @@ def write_manifest(plan: Plan) -> list[str]:
     """Write each set's manifest from its completion records (one listing each); return the set URLs.
 
     A manifest that would say the same as the one stored (a run that computed nothing) is not rewritten."""
+    if plan.config.packing == "none":  # one sequence per example: its manifests say so (a fan-out's parent)
+        from actcache.extraction import examples
+
+        urls = examples.write_manifests(plan)
+        _finished.put(plan)
+        return urls
     store = plan.store
     for s in plan.sets:
         store.sweep_temp(s.set_id)  # what killed writers left behind
@@ -297,11 +303,24 @@ def write_manifest(plan: Plan) -> list[str]:
     return plan.urls
 
 
+# -- one sequence per example (--packing none) -------------------------------------------------------------
+def extract_examples(plan: Plan) -> list[str]:
+    """Extract every missing shard of the example sets (each example alone, padding masked), then write their
+    manifests (``extraction.examples``); return the set URLs. It replaces stages 1-5 for ``--packing none``."""
+    from actcache.extraction import examples
+
+    urls = examples.extract(plan)
+    _finished.put(plan)
+    return urls
+
+
 # -- all of them, without Prefect ------------------------------------------------------------------------
 def run_sequential(target: Plan | ExtractConfig) -> list[str]:
     """Run every stage in the flow's order in this thread, without Prefect (for debugging and tests): the same
     shards and manifests as the flow writes. ``target`` is a plan, or a config to plan (weights loaded)."""
     p = target if isinstance(target, Plan) else plan(target)
+    if p.config.packing == "none":
+        return extract_examples(p)
     work = tokenize(p)
     for round_ in range(1, ROUNDS + 1):
         for w in work:

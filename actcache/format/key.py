@@ -28,13 +28,23 @@ class _Key:
     """A frozen dataclass whose id is the digest of all its fields (the prefix keeps kinds of ids apart)."""
 
     _prefix = ""
+    _omitted_at_default: tuple[str, ...] = ()
+    """Fields added after sets existed: left out of the digest (and the dict) at their default, so the ids of sets
+    made before them stay the same."""
 
     @property
     def id(self) -> str:
         return self._prefix + _digest(self.to_dict())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self._omitted_at_default:
+            if d.get(name) == defaults[name]:
+                del d[name]
+        if isinstance(d.get("tokens"), dict) and hasattr(self, "tokens"):
+            d["tokens"] = self.tokens.to_dict()
+        return d
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,14 @@ class TokensKey(_Key):
     """Token id placed between packed documents (None: documents are concatenated as is)."""
     seqs_per_shard: int
     format_version: int = FORMAT_VERSION
+    packing: str = "concat"
+    """``none``: one example per sequence, right-padded (``extraction.examples``); ``concat``: packed."""
+    truncate: str = "right"
+    """With packing ``none``: the end of a too-long example that is cut."""
+    token_column: str = ""
+    """A column of token ids read instead of tokenizing ``text_column`` (empty: text)."""
     _prefix = "t"
+    _omitted_at_default = ("packing", "truncate", "token_column")
 
     @property
     def shard_tokens(self) -> int:
@@ -77,6 +94,15 @@ class SetKey(_Key):
     """Engine that ran the forward pass (see ``extraction.forward_engine``): ``hf-sdpa`` and ``bridge`` agree
     to fp32 rounding, not bit for bit. Sets written before this field existed came from the bridge."""
     format_version: int = FORMAT_VERSION
+    positions: str = "all"
+    """Rows stored per example (``extraction.positions``, canonical spelling); ``all`` for packed sets."""
+    keep_columns: str = ""
+    """Comma-separated dataset columns stored beside the activations."""
+    heads: str = ""
+    """Head indices kept (``extraction.selection``); empty: all."""
+    dims: str = ""
+    """Indices of the last axis kept; empty: all."""
+    _omitted_at_default = ("positions", "keep_columns", "heads", "dims")
 
     @classmethod
     def from_dict(cls, d: dict) -> SetKey:

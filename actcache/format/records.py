@@ -63,6 +63,9 @@ class Bounds:
     """Width of ``activations`` when known: then a re-hashed shard's header is checked too."""
     rows: bool = False
     """A shuffled ("rows") set: one row per "sequence" of one token; no header check here (``ActivationSet.read``)."""
+    examples: bool = False
+    """A set of one example per sequence (packing none): ``context_size`` is the rows stored per example, and the
+    shard holds more tensors than tokens and activations (``extraction.examples``): no header check here."""
 
     @classmethod
     def of(cls, key: Any, d: int | None = None) -> Bounds:
@@ -71,6 +74,12 @@ class Bounds:
         if getattr(key, "kind", None) == "shuffle":
             return cls("none", key.rows_per_shard, 1, None, d, rows=True)
         tokens = getattr(key, "tokens", key)
+        if getattr(tokens, "packing", "concat") == "none" and hasattr(key, "positions"):
+            from actcache.extraction.positions import parse
+
+            pos = parse(key.positions, tokens.context_size)
+            rows = 0 if pos.kind == "all" else pos.n_rows(tokens.context_size)  # 0: each example's own length
+            return cls(key.codec, tokens.seqs_per_shard, rows, key.dtype, d, examples=True)
         return cls(
             getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size, getattr(key, "dtype", None), d
         )
@@ -78,7 +87,7 @@ class Bounds:
     def expect(self, rec: Record) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         """Each tensor's dtype (by name: no torch needed) and shape in ``rec``'s shard (None when the width of
         activations is unknown)."""
-        if self.rows:
+        if self.rows or self.examples:
             return None
         out: dict[str, tuple[str, tuple[int, ...]]] = {"tokens": ("int32", (rec.n_seq, self.context_size))}
         if self.dtype is None:
@@ -122,7 +131,8 @@ class Record:
         if bounds is not None:
             if rec.file != layout.shard_file(rec.index, bounds.codec):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}, not one of codec {bounds.codec}")
-            if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rec.n_seq * bounds.context_size:
+            rows = rec.n_tokens if bounds.examples and bounds.context_size == 0 else rec.n_seq * bounds.context_size
+            if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rows:
                 raise ValueError(
                     f"shard {rec.index} claims {rec.n_seq} sequences / {rec.n_tokens} tokens; the key "
                     f"allows 1..{bounds.seqs_per_shard} sequences of {bounds.context_size} tokens"

@@ -113,6 +113,11 @@ class ActivationSet:
         copy-on-write, on a local store)."""
         from actcache.format import shard
 
+        if self.manifest.get("examples"):
+            raise ActcacheError(
+                f"set {self.url} holds one sequence per example (--packing none); read it with "
+                "actcache.load_examples(url)"
+            )
         rel = f"{self.set_id}/{record.file}"
         try:
             data = self.store.read_mapped(rel, size=record.bytes)
@@ -241,7 +246,7 @@ class ActivationSet:
                 else:
                     if hashlib.sha256(data).hexdigest() != r.sha256:
                         problem(f"{r.file} fails its sha256 checksum (corrupted)")
-                    else:
+                    elif not self.manifest.get("examples"):  # (an example set's shapes vary: load_examples)
                         try:  # what the manifest says shapes reading: the shard's own header must agree
                             check_header(data, codec=self.manifest["codec"], expect=self.tensor_specs(r))
                         except ValueError as e:

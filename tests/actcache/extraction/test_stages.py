@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -93,6 +94,26 @@ def test_write_manifest_leaves_an_unchanged_manifest_as_it_was(base_config, stor
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
     stages.run_sequential(base_config)  # two more shards: a new manifest
     assert path.read_bytes() != before[0] and open_set(url).n_tokens == 512
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_sequential_writes_what_the_flow_writes_for_one_example_per_sequence(base_config, tmp_path):
+    """--packing none: the flow's examples stage and ``run_sequential`` write the same bytes (two hooks, a
+    partial last shard), and the manifests say they hold examples."""
+    from actcache.flows.extract import extract_activations
+
+    cfg = base_config.replace(
+        hook="blocks.0.hook_resid_post,blocks.1.hook_mlp_out", max_tokens=448, packing="none", positions="last"
+    )
+    by_flow = cfg.replace(store=str(tmp_path / "flow"))
+    by_stages = cfg.replace(store=str(tmp_path / "stages"))
+    urls = stages.run_sequential(by_stages)
+    assert [u.rsplit("/", 1)[1] for u in urls] == [u.rsplit("/", 1)[1] for u in extract_activations(by_flow)]
+    flow_tree, stages_tree = local_tree(tmp_path / "flow"), local_tree(tmp_path / "stages")
+    manifests = [json.loads(data) for rel, data in stages_tree.items() if rel.endswith(layout.MANIFEST)]
+    assert len(manifests) == 2 and all(m["examples"]["n_examples"] == 14 and m["complete"] for m in manifests)
+    assert sorted(r.n_seq for r in open_set(urls[0]).records) == [2, 4, 4, 4]
+    assert stages_tree == flow_tree
 
 
 def test_a_requests_plan_is_taken_once_and_only_for_its_pinned_config(base_config, monkeypatch):

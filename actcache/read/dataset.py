@@ -22,12 +22,14 @@ shards, whatever the size of the set.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import math
 import queue
 import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +53,21 @@ RETRY_DELAYS = (1.0, 2.0, 8.0, 30.0)
 """Seconds to wait before each new attempt at a shard read that failed transiently (as uploads do)."""
 
 NORMALIZE = ("scale", "standardize")
+
+_open: weakref.WeakSet = weakref.WeakSet()
+"""Batch iterators not yet finished: closed at interpreter exit (see ``_close_open``)."""
+
+
+@atexit.register
+def _close_open() -> None:
+    """Close the batch iterators a program left half-read (a loop that broke off, ``forever``), while the modules
+    their clean-up uses still exist: left to the interpreter's last garbage collection, they would run it after
+    ``concurrent.futures`` and ``queue`` are torn down and print an ignored ``AttributeError`` at exit."""
+    for it in list(_open):
+        try:
+            it.close()
+        except Exception:  # running in another thread, or failing to close: nothing left to report it to
+            pass
 
 
 def _seed(*parts: object) -> int:
@@ -446,6 +463,7 @@ class ActivationDataset(IterableDataset):
         batches = self._batches(worker, num_workers)
         if self.device is not None:
             batches = _on_device(batches, self.device)
+        _open.add(batches)
         return batches
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[Any]:

@@ -7,6 +7,9 @@ per epoch, the same order for the same seed, another order for another epoch.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -563,3 +566,42 @@ def test_a_batch_counts_exactly_what_the_dataloader_expects(sets):
     ds = full(sets["local"], batch_size=100, drop_last=True, world_size=3, rank=0)
     assert len(ds) == len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 341 // 100
     assert Counter(len(b[0]) for b in ds) == {100: 3}
+
+
+# A program that stops reading before an epoch ends, then exits: it must print nothing at exit (the reader's
+# clean-up used to run after concurrent.futures was torn down and printed an ignored AttributeError).
+PARTIAL_EPOCH = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+import actcache
+
+if __name__ == "__main__":
+    url, workers, buffer, how = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    ds = actcache.ActivationDataset(url, batch_size=8, shuffle_buffer=buffer, drop_bos=True, dtype=torch.float32,
+                                    device="cpu" if how == "device" else None, prefetch=1)
+    src = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0) if workers else ds
+    if how == "break":
+        it = iter(src)
+        for batch in it:
+            break
+    else:  # forever (the README's loop) and device: a few steps of an endless stream
+        batches = actcache.forever(src)
+        for step in range(3):
+            x = next(batches)
+"""
+
+
+@pytest.mark.parametrize(
+    ("workers", "buffer", "how"),
+    [(0, 0, "forever"), (0, 64, "forever"), (0, 64, "break"), (0, 64, "device"), (2, 64, "forever"), (2, 0, "break")],
+)
+def test_a_partial_epoch_exits_silently(synthetic, workers, buffer, how):
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PARTIAL_EPOCH), synthetic, str(workers), str(buffer), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "" and run.stdout == ""

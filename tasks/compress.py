@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -9,6 +10,7 @@ from actcache import crashpoints
 from actcache.extraction import environment, handles
 from actcache.extraction.plan import Plan
 from actcache.format import moments, shard, shardfile
+from actcache.read.exclude import special_ids
 from actcache.tasks.refs import ActivationsRef, PackedRef
 
 
@@ -25,6 +27,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "set_id": key.id,
         "stats": stats,
         moments.RECORD_FIELD: moments.of(acts).to_json(),
+        moments.BY_TOKEN_FIELD: by_token(plan, acts, f.tensors["tokens"]).to_json(),
         "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
         "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
@@ -43,3 +46,11 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "bytes_per_token": round(nbytes / n_tokens, 2),
     }
     return PackedRef(handles.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)
+
+
+def by_token(plan: Plan, acts, tokens) -> moments.ByToken:
+    """The shard's moments by group (first position or not, special token or not): what lets a reader that
+    excludes special tokens or BOS positions normalise with the exact statistics of the rows it yields."""
+    first = torch.zeros(tokens.shape, dtype=torch.bool)
+    first[:, 0] = True  # tokens: [n_seq, context]
+    return moments.by_token(acts, tokens, first, special_ids(plan.provenance["tokenization"]))

@@ -35,6 +35,7 @@ def write_manifest(plan: Plan) -> list[str]:
             full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
             previous=scan.consolidated,
             moments_of=moments.from_records(store, s.set_id, m["d"]),
+            by_token_of=moments.from_records(store, s.set_id, m["d"], moments.BY_TOKEN_FIELD),
         )
         crashpoints.point("manifest.before-write")
         manifest.write(store, s.set_id, m)

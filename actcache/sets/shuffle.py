@@ -40,7 +40,7 @@ from actcache.errors import ActcacheError, opt
 from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.key import FORMAT_VERSION, ShuffleKey
 from actcache.format.records import Record
-from actcache.read.exclude import token_ids
+from actcache.read.exclude import special_ids, token_ids
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import Store, StoreRef
 
@@ -259,7 +259,11 @@ class _Writer:
         rel = layout.shard_file(j, "none")
         self.job.out.write_bytes(f"{sid}/{rel}", enc.data)
         crashpoints.point("shuffle.shard-written")
+        tok = self.job.src.manifest.get("tokenization") or {}
         extra = {"set_id": sid, "stats": shard.stats(acts), moments.RECORD_FIELD: moments.of(acts).to_json()}
+        if type(ctx := tok.get("context_size")) is int:  # the rows at a sequence's first position: positions % ctx
+            groups = moments.by_token(acts, tokens, positions % ctx == 0, special_ids(tok))
+            extra[moments.BY_TOKEN_FIELD] = groups.to_json()
         records.write_record(
             self.job.out, sid, Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
         )
@@ -440,5 +444,6 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
         full=lambda r: r.n_seq == job.key.rows_per_shard,
         previous=scan.consolidated,
         moments_of=moments.from_records(job.out, sid, job.d),
+        by_token_of=moments.from_records(job.out, sid, job.d, moments.BY_TOKEN_FIELD),
     )
     manifest.write(job.out, sid, m)

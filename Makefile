@@ -1,5 +1,6 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
 # make test  -> the test suite (what CI runs)
+# (install: `.[extract,dev]`; reading sets alone needs only the base install, `pip install actcache`)
 # make test-fast -> the inner loop: everything but the slow crash/deployment/S3-fault/demo tests (-m "not slow")
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -20,7 +21,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[extract,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

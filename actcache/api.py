@@ -9,6 +9,7 @@ from typing import Any
 from actcache import errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
+from actcache.extras import require_extract
 from actcache.orchestration import tempserver
 
 
@@ -49,6 +50,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
 
     ``check(plan)`` may refuse the plan (``ActcacheError``) before anything is written.
     """
+    require_extract("extraction")
     plan = make_plan(cfg, load_model=False)
     if check is not None:
         check(plan)

@@ -25,7 +25,7 @@ COPY . /opt/actcache
 # constraints.txt: what the test suite passed with; /tmp/torch.txt keeps the torch installed above. The
 # deployments' pull step runs flows from ACTCACHE_HOME.
 RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch.txt \
- && pip install -c constraints.txt -c /tmp/torch.txt /opt/actcache \
+ && pip install -c constraints.txt -c /tmp/torch.txt "/opt/actcache[extract]" \
  && actcache --help > /dev/null
 
 # One flow run at a time: on a GPU machine, one worker per GPU (CUDA_VISIBLE_DEVICES).

@@ -171,6 +171,9 @@ def extract(
         given on this command line override them. Reproduces or extends a set in --store; without overrides, the
         result is checked to be the same set.
     """
+    from actcache.extras import require_extract
+
+    require_extract("actcache extract")
     from actcache import api
     from actcache.sets import reproduce as like_mod
 
@@ -660,6 +663,9 @@ def hooks(model: str, /, *, revision: str | None = None, trust_remote_code: bool
     trust_remote_code
         Allow model code from the hub to run.
     """
+    from actcache.extras import require_extract
+
+    require_extract("actcache hooks")
     from actcache.inputs.model import ModelSpec, hook_names, resolve_model
 
     for name in hook_names(resolve_model(ModelSpec(model, revision, trust_remote_code))):

@@ -17,7 +17,10 @@ def _resolve(name: str) -> tuple[tuple[str, Any], ...]:
     try:
         from prefect_aws import AwsCredentials
     except ImportError:
-        raise ActcacheError(f"{opt('aws_credentials_block')} needs prefect-aws; pip install prefect-aws") from None
+        raise ActcacheError(
+            f"{opt('aws_credentials_block')} needs prefect-aws, in actcache's extraction extra; "
+            "pip install 'actcache[extract]'"
+        ) from None
     try:
         block = AwsCredentials.load(name, validate=True)
     except ValueError:

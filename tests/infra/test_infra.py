@@ -171,7 +171,7 @@ def test_the_image_installs_the_tested_versions_where_the_pull_step_looks():
     home = re.search(r"ACTCACHE_HOME=(\S+)", text).group(1)
     assert f"COPY . {home}" in text and f"WORKDIR {home}" in text
     # Every package at constraints.txt's version, torch at the one installed first.
-    assert re.search(rf"pip install -c constraints.txt -c /tmp/torch.txt {re.escape(home)}", text)
+    assert re.search(rf'pip install -c constraints.txt -c /tmp/torch.txt "{re.escape(home)}\[extract\]"', text)
     assert (REPO / "constraints.txt").is_file()
     cmd = json.loads(re.search(r"^CMD (.+)$", text, re.M).group(1))
     assert option(cmd, "--pool") == pool_name()
@@ -216,7 +216,7 @@ def test_pyproject_floors_are_what_the_pinned_stack_needs():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     floors = {}
-    for line in project["dependencies"]:
+    for line in project["dependencies"] + project["optional-dependencies"]["extract"]:
         req = Requirement(line)
         floors[req.name] = min(Version(s.version) for s in req.specifier if s.operator == ">=")
     versions = pinned()

@@ -117,6 +117,24 @@ def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2))
 
 
+class _Bar:
+    """A progress bar on stderr made at the first step, so that an error before any work prints no empty bar."""
+
+    def __init__(self, desc: str, unit: str):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def update(self, *_: Any) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(unit=self.unit, desc=self.desc, file=sys.stderr)
+        self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
@@ -432,6 +450,7 @@ def cp(
     flags: StoreFlags = StoreFlags(),
     dest_storage_options: StorageOptions | None = None,
     dest_aws_credentials_block: str | None = None,
+    json_output: Json = False,
 ) -> int:
     """Copy a set to another store (checksums verified; shards already there skipped); print its new URL.
 
@@ -450,21 +469,22 @@ def cp(
     dest_aws_credentials_block
         Prefect AwsCredentials block for the destination (default: the AWS chain).
     """
-    from tqdm.auto import tqdm
-
     from actcache.sets.copy import copy_set
 
-    progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
+    progress = _Bar("cp", "shard")  # not Progress: no Prefect server for a copy
     to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
-    result = copy_set(
-        flags.ref(src), to, jobs=jobs, verify_existing=verify_existing, on_shard=lambda _: progress.update()
-    )
-    progress.close()
+    try:
+        result = copy_set(flags.ref(src), to, jobs=jobs, verify_existing=verify_existing, on_shard=progress.update)
+    finally:
+        progress.close()
     print(
         f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
         file=sys.stderr,
     )
-    print(result.url)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.url)
     return 0
 
 
@@ -501,6 +521,7 @@ def shuffle(
     flags: StoreFlags = StoreFlags(),
     out_storage_options: StorageOptions | None = None,
     out_aws_credentials_block: str | None = None,
+    json_output: Json = False,
 ) -> int:
     """Write a globally shuffled copy of a set (a new set; reruns skip it); print its URL.
 
@@ -524,8 +545,6 @@ def shuffle(
     out_aws_credentials_block
         Prefect AwsCredentials block for the output store (default: the AWS chain).
     """
-    from tqdm.auto import tqdm
-
     from actcache.sets.shuffle import shuffle_set
 
     options = exclude.options()
@@ -533,23 +552,28 @@ def shuffle(
     target = None  # the source's store, with its options
     if out is not None or out_storage_options or out_aws_credentials_block:
         target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-    progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
-    result = shuffle_set(
-        source,
-        out=target,
-        seed=seed,
-        rows_per_shard=shard_rows,
-        **options,
-        bucket_rows=bucket_rows,
-        jobs=jobs,
-        on_step=lambda _: progress.update(),
-    )
-    progress.close()
+    progress = _Bar("shuffle", "step")
+    try:
+        result = shuffle_set(
+            source,
+            out=target,
+            seed=seed,
+            rows_per_shard=shard_rows,
+            **options,
+            bucket_rows=bucket_rows,
+            jobs=jobs,
+            on_step=progress.update,
+        )
+    finally:
+        progress.close()
     state = "already complete" if result.skipped else "written"
     print(
         f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded", file=sys.stderr
     )
-    print(result.url)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.url)
     return 0
 
 
@@ -562,6 +586,7 @@ def export(
     format: Literal["saelens", "hf"],
     exclude: ExcludeFlags = ExcludeFlags(),
     flags: StoreFlags = StoreFlags(),
+    json_output: Json = False,
 ) -> int:
     """Write a set as a Hugging Face datasets folder (SAELens's layout, or one row per token); print its path.
 
@@ -574,16 +599,23 @@ def export(
     format
         saelens: SAELens's cached activations (one row per sequence); hf: one row per token.
     """
-    from tqdm.auto import tqdm
-
     from actcache.sets.export import export_set
 
     options = exclude.options()
-    progress = tqdm(unit="shard", desc="export", file=sys.stderr)
-    result = export_set(flags.ref(set_url), out, format=format, **options, on_shard=lambda _: progress.update())
-    progress.close()
-    print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
-    print(result.path)
+    progress = _Bar("export", "shard")
+    try:
+        result = export_set(flags.ref(set_url), out, format=format, **options, on_shard=progress.update)
+    finally:
+        progress.close()
+    print(
+        f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded; load with "
+        f"datasets.load_from_disk({result.path!r})",
+        file=sys.stderr,
+    )
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.path)
     return 0
 
 
@@ -596,6 +628,7 @@ def push(
     private: bool = False,
     revision: str | None = None,
     flags: StoreFlags = StoreFlags(),
+    json_output: Json = False,
 ) -> int:
     """Upload a set to the Hugging Face Hub as a dataset repo (reruns resume); print its URL.
 
@@ -617,7 +650,10 @@ def push(
         f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
         file=sys.stderr,
     )
-    print(result.url)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.url)
     return 0
 
 

@@ -91,13 +91,15 @@ def test_refusals_are_one_line_without_the_token(extracted_set, hub, capsys, mon
     assert "no activation set at" in capsys.readouterr().err
 
 
-def test_the_card_describes_every_set_in_the_repo_and_no_local_path(extracted_set, hub, tmp_path):
+def test_the_card_describes_every_set_in_the_repo_and_no_local_path(extracted_set, hub, tmp_path, capsys):
     from actcache.sets.shuffle import shuffle_set
 
     repo = hub.new_repo_id("two")
     copy = shuffle_set(extracted_set, out=str(tmp_path), seed=1).url  # a second set: a shuffled copy
     push.push_set(extracted_set, repo)
-    push.push_set(copy, repo)  # the second push rewrites the card: both sets stay on it
+    assert cli.main(["push", copy, repo, "--json"]) == 0  # the second push rewrites the card: both sets stay on it
+    pushed = json.loads(capsys.readouterr().out)
+    assert pushed["url"] == f"hf://datasets/{repo}/{Path(copy).name}" and pushed["uploaded"] > 0
     readme = hub.files(repo, repo_type="dataset")["README.md"].decode()
     for url in (extracted_set, copy):
         assert f"## `{Path(url).name}`" in readme and f"hf://datasets/{repo}/{Path(url).name}" in readme

@@ -511,7 +511,7 @@ class ExcludeFlags:
 def shuffle(
     set_url: str,
     /,
-    *,
+    *more_sets: str,
     seed: int = 0,
     out: str | None = None,
     shard_rows: int | None = None,
@@ -525,10 +525,15 @@ def shuffle(
 ) -> int:
     """Write a globally shuffled copy of a set (a new set; reruns skip it); print its URL.
 
+    Several sets extracted from the same tokens (`--hook a,b`) are shuffled the same way: their copies stay
+    row-aligned and read together as one dataset.
+
     Parameters
     ----------
     set_url
         Set URL: `<store>/<set_id>`.
+    more_sets
+        More set URLs, extracted from the same tokens (checked before anything is written).
     seed
         Fixes the permutation.
     out
@@ -548,32 +553,42 @@ def shuffle(
     from actcache.sets.shuffle import shuffle_set
 
     options = exclude.options()
-    source = flags.ref(set_url)
-    target = None  # the source's store, with its options
-    if out is not None or out_storage_options or out_aws_credentials_block:
-        target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-    progress = _Bar("shuffle", "step")
-    try:
-        result = shuffle_set(
-            source,
-            out=target,
-            seed=seed,
-            rows_per_shard=shard_rows,
-            **options,
-            bucket_rows=bucket_rows,
-            jobs=jobs,
-            on_step=progress.update,
+    sources = [flags.ref(u) for u in (set_url, *more_sets)]
+    if more_sets:  # the same tokens in the same shards, or nothing is written
+        from actcache.read.dataset import check_aligned
+        from actcache.read.reader import open_set
+
+        check_aligned([open_set(src) for src in sources])
+    results = []
+    for source in sources:
+        target = None  # the source's store, with its options
+        if out is not None or out_storage_options or out_aws_credentials_block:
+            target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
+        progress = _Bar("shuffle", "step")
+        try:
+            result = shuffle_set(
+                source,
+                out=target,
+                seed=seed,
+                rows_per_shard=shard_rows,
+                **options,
+                bucket_rows=bucket_rows,
+                jobs=jobs,
+                on_step=progress.update,
+            )
+        finally:
+            progress.close()
+        state = "already complete" if result.skipped else "written"
+        print(
+            f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
+            file=sys.stderr,
         )
-    finally:
-        progress.close()
-    state = "already complete" if result.skipped else "written"
-    print(
-        f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded", file=sys.stderr
-    )
+        results.append(result)
     if json_output:
-        _print_json(dataclasses.asdict(result))
+        docs = [dataclasses.asdict(r) for r in results]
+        _print_json(docs[0] if not more_sets else {"sets": docs})
     else:
-        print(result.url)
+        print("\n".join(r.url for r in results))
     return 0
 
 

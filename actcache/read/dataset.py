@@ -228,9 +228,10 @@ class ActivationDataset(IterableDataset):
     Args:
         url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``, or the
             set's ``StoreRef`` (which then carries the storage options and credentials block). A list of them
-            (sets of several hooks extracted from the same tokens, e.g. ``--hook a,b``) yields a tuple of
-            row-aligned batches, one per set in that order (the same token in the same row of each), under one
-            shuffle, one set of exclusions and one set of ranks; ``normalize`` and ``dtype`` apply to each.
+            (sets of several hooks extracted from the same tokens, e.g. ``--hook a,b``, or shuffled copies of
+            such sets made by one ``actcache shuffle A B``) yields a tuple of row-aligned batches, one per set in
+            that order (the same token in the same row of each), under one shuffle, one set of exclusions and one
+            set of ranks; ``normalize`` and ``dtype`` apply to each.
         batch_size: rows (token positions) per batch.
         shuffle_buffer: rows held for shuffling (at least one batch); 0 reads shards and rows in order. With a
             buffer, the shard order changes every epoch and rows are emitted in random order one buffer at a
@@ -317,7 +318,7 @@ class ActivationDataset(IterableDataset):
         self.sets: list[ActivationSet] = [
             open_set(u, storage_options, credentials_block=credentials_block) for u in urls
         ]
-        _check_aligned(self.sets)
+        check_aligned(self.sets)
         self.set: ActivationSet = self.sets[0]
         """The (first) set: its tokens, shards and tokenizer drive the dealing and exclusions for all."""
         s = self.set
@@ -476,7 +477,9 @@ class ActivationDataset(IterableDataset):
         for other in self.sets[1:]:
             o = other.records[piece.shard]
             more = retried(lambda x=other, o=o: x.read(o, verify=self.verify), f"reading shard {o.index}", stop)
-            if not torch.equal(more.tokens.reshape(-1), tokens):
+            if not torch.equal(more.tokens.reshape(-1), tokens) or (
+                shard.positions is not None and not torch.equal(more.positions, shard.positions)
+            ):
                 raise ActcacheError(
                     f"shard {o.index} of {other.url} holds other tokens than shard {r.index} of {self.set.url}; "
                     "read together only sets extracted from the same tokens"
@@ -721,20 +724,30 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _check_aligned(sets: list[ActivationSet]) -> None:
-    """Several sets read as one must hold the same tokens in the same shards: one token cache, the same shards."""
+def _tokens_key(s: ActivationSet) -> Any:
+    """What fixes which token sits in which row: the token cache's key (a shuffled copy: its source's, and the
+    shuffle's seed, shard size and exclusions)."""
+    if s.layout == "rows":
+        source = ((s.manifest.get("source") or {}).get("key") or {}).get("tokens")
+        return source, s.key.seed, s.key.rows_per_shard, s.key.exclude
+    return s.key.tokens
+
+
+def check_aligned(sets: Sequence[ActivationSet]) -> None:
+    """Several sets read (or shuffled) as one must hold the same tokens in the same rows: one token cache and the
+    same shards; for shuffled copies, copies of such sets made with the same seed, shard size and exclusions."""
     first = sets[0]
     for s in sets[1:]:
-        if "rows" in (s.layout, first.layout):
+        if s.layout != first.layout:
             copy = s.url if s.layout == "rows" else first.url
             raise ActcacheError(
-                f"sets read together must be extracted sets; {copy} is a shuffled copy (layout 'rows'): read the "
-                "sets it was made from together instead"
+                f"{copy} is a shuffled copy (layout 'rows') and the other is not; read the extracted sets together, "
+                "or shuffled copies of each made by one `actcache shuffle A B ...`"
             )
-        if s.key.tokens != first.key.tokens:
+        if _tokens_key(s) != _tokens_key(first):
             raise ActcacheError(
-                f"{s.url} was extracted from other tokens than {first.url} (another token cache); read together only "
-                "sets extracted from the same tokens, e.g. by one run with --hook a,b"
+                f"{s.url} was extracted from other tokens than {first.url} (another token cache, or another shuffle); "
+                "read together only sets extracted from the same tokens, e.g. by one run with --hook a,b"
             )
         if [(r.index, r.n_seq) for r in s.records] != [(r.index, r.n_seq) for r in first.records]:
             raise ActcacheError(

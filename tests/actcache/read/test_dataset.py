@@ -753,3 +753,26 @@ def test_several_sets_must_share_their_tokens(two_hooks, synthetic, tmp_path):
         ActivationDataset([two_hooks[0], rows], batch_size=8)
     with pytest.raises(ActcacheError, match=r"needs a set URL"):
         ActivationDataset([], batch_size=8)
+
+
+def test_shuffled_copies_made_together_read_together(two_hooks, synthetic, tmp_path, capsys):
+    from actcache.cli.app import main
+
+    a, b = two_hooks
+    assert main(["shuffle", a, b, "--seed", "4", "--out", str(tmp_path), "--shard-rows", "200", "--json"]) == 0
+    ra, rb = (s["url"] for s in json.loads(capsys.readouterr().out)["sets"])
+    ds = ActivationDataset([ra, rb], batch_size=64, with_tokens=True, with_positions=True, exclude_special_tokens=True)
+    rows_a, rows_b = by_position(a), by_position(b)
+    n = 0
+    for acts_a, acts_b, tokens, positions in ds:
+        for i in range(len(tokens)):
+            p, t = int(positions[i]), int(tokens[i])
+            assert rows_a[p] == (t, acts_a[i].view(torch.uint8).numpy().tobytes())
+            assert rows_b[p] == (t, acts_b[i].view(torch.uint8).numpy().tobytes())
+        n += len(tokens)
+    assert n == ds.n_tokens > 0
+    other = shuffle_set(b, out=str(tmp_path / "other"), seed=5, rows_per_shard=200).url
+    with pytest.raises(ActcacheError, match=r"other tokens than .*another shuffle"):
+        ActivationDataset([ra, other], batch_size=8)
+    assert main(["shuffle", a, synthetic, "--out", str(tmp_path / "refused")]) == 2
+    assert "other tokens than" in capsys.readouterr().err and not (tmp_path / "refused").exists()

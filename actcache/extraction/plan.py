@@ -99,9 +99,9 @@ def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]
     for h in hooks:
         if engines[h] == HF_SDPA:
             check_hook_layer(h, model)
-            out[h] = Hook(HF_SDPA, (model.d_model,))
+            out[h] = Hook(HF_SDPA, (model.d_model,))  # type: ignore[arg-type]
         else:
-            out[h] = Hook(engines[h], check_hook(h, model, catalog))
+            out[h] = Hook(engines[h], check_hook(h, model, catalog))  # type: ignore[arg-type]
     return out
 
 

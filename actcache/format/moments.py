@@ -267,7 +267,7 @@ def _prefix(previous: dict[str, Any] | None, recs: list[Record], d: int) -> tupl
     """The previous manifest's merged state (and its ``by_token``, where kept), if it still covers the first shards
     exactly."""
     try:
-        p = previous["moments"]["prefix"]
+        p = previous["moments"]["prefix"]  # type: ignore[index]
         k = p["shards"]
         if type(k) is not int or not 0 < k <= len(recs) or p["digest"] != digest(recs[:k]):
             return 0, Moments.empty(d), None
@@ -295,7 +295,7 @@ def merged(
     """
     names = digest(recs)
     prev = (previous or {}).get("moments")
-    if isinstance(prev, dict) and prev.get("digest") == names and isinstance(previous.get("stats"), dict):
+    if isinstance(prev, dict) and prev.get("digest") == names and previous and isinstance(previous.get("stats"), dict):
         return {"stats": previous["stats"], "moments": prev}  # the same shards: nothing to read
     k, total, groups = _prefix(previous, recs, d)
     tracking = by_token_of is not None and (k == 0 or groups is not None)
@@ -305,9 +305,9 @@ def merged(
         if m is None:
             return {}
         total = total.merge(m)
-        if tracking:
+        if tracking and by_token_of is not None:
             g = by_token_of(recs[j])
-            groups = g if j == 0 else (groups.merge(g) if g is not None else None)
+            groups = g if j == 0 else (groups.merge(g) if g is not None and groups is not None else None)
             tracking = groups is not None
         if prefix[0] == j and recs[j].index == j and full(recs[j]):
             prefix = (j + 1, total, groups if tracking else None)

@@ -80,7 +80,7 @@ class Bounds:
         activations is unknown)."""
         if self.rows:
             return None
-        out = {"tokens": ("int32", (rec.n_seq, self.context_size))}
+        out: dict[str, tuple[str, tuple[int, ...]]] = {"tokens": ("int32", (rec.n_seq, self.context_size))}
         if self.dtype is None:
             return out
         if self.d is None:
@@ -155,7 +155,7 @@ def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = N
     if hashlib.sha256(data).hexdigest() != rec.sha256:
         return False
     expect = bounds.expect(rec) if bounds is not None else None
-    if expect is not None:
+    if bounds is not None and expect is not None:
         try:
             check_header(data, codec=bounds.codec, expect=expect)
         except ValueError:
@@ -238,7 +238,7 @@ def scan(
         index = layout.parse_record_file(rel)
         if index is None:
             continue
-        if index in known and entry.mtime <= c_entry.mtime and not read_all:
+        if index in known and c_entry is not None and entry.mtime <= c_entry.mtime and not read_all:
             records[index] = known[index]
             continue
         try:

@@ -206,7 +206,7 @@ class _Chunk:
     n: int
 
     def column(self, name: str) -> torch.Tensor:
-        return {"tokens": self.tokens, "positions": self.positions}[name]
+        return {"tokens": self.tokens, "positions": self.positions}[name]  # type: ignore[return-value]
 
     def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
@@ -312,7 +312,7 @@ class ActivationDataset(IterableDataset):
         if pin_memory and not torch.cuda.is_available():
             raise ActcacheError("pin_memory=True needs a CUDA device, and torch sees none; leave it off")
         self.several = isinstance(url, list | tuple)
-        urls = list(url) if self.several else [url]
+        urls: list[str | StoreRef] = list(url) if isinstance(url, list | tuple) else [url]  # type: ignore[list-item]
         if not urls:
             raise ActcacheError("ActivationDataset needs a set URL, or a non-empty list of them")
         self.sets: list[ActivationSet] = [
@@ -354,7 +354,7 @@ class ActivationDataset(IterableDataset):
         if self.exclude or (self.drop_bos and s.layout == "rows"):
             self.rows_per_shard, self.excluded = self._scan()
         elif self.drop_bos:
-            self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]
+            self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]  # type: ignore[operator]
         else:
             self.rows_per_shard = [r.n_tokens for r in s.records]
         self._bases = [0]  # flat index of each shard's first row in the set (positions of sequence sets)
@@ -395,7 +395,7 @@ class ActivationDataset(IterableDataset):
         if self.shuffle_buffer:
             epoch = self.epoch if epoch is None else epoch
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "shards"))  # the same on every rank
-            order = torch.randperm(len(self.set.records), generator=g).tolist()
+            order = torch.randperm(len(self.set.records), generator=g).tolist()  # type: ignore[assignment]
         return deal(
             self.rows_per_shard,
             order,
@@ -439,7 +439,7 @@ class ActivationDataset(IterableDataset):
         """True at every sequence's first position."""
         ctx = self.set.context_size
         if positions is not None:
-            return positions % ctx == 0
+            return positions % ctx == 0  # type: ignore[operator]
         mask = torch.zeros(len(tokens), dtype=torch.bool)
         mask[::ctx] = True
         return mask
@@ -476,7 +476,7 @@ class ActivationDataset(IterableDataset):
         acts = [shard.activations.reshape(-1, self.d)]
         for other in self.sets[1:]:
             o = other.records[piece.shard]
-            more = retried(lambda x=other, o=o: x.read(o, verify=self.verify), f"reading shard {o.index}", stop)
+            more = retried(lambda x=other, o=o: x.read(o, verify=self.verify), f"reading shard {o.index}", stop)  # type: ignore[misc]
             if not torch.equal(more.tokens.reshape(-1), tokens) or (
                 shard.positions is not None and not torch.equal(more.positions, shard.positions)
             ):
@@ -497,7 +497,7 @@ class ActivationDataset(IterableDataset):
             )
         batches = self._batches(worker, num_workers)
         if self.device is not None:
-            batches = _on_device(batches, self.device)
+            batches = _on_device(batches, self.device)  # type: ignore[arg-type]
         _open.add(batches)
         return batches
 
@@ -518,7 +518,7 @@ class ActivationDataset(IterableDataset):
                 yield from self._in_order(chunks, sizes)
         finally:
             stop.set()
-            chunks.close()
+            chunks.close()  # type: ignore[attr-defined]
 
     # -- making batches ---------------------------------------------------------------------------------
     def _columns(self) -> list[str]:
@@ -543,7 +543,7 @@ class ActivationDataset(IterableDataset):
         if get_worker_info() is None:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
         if not self.with_tokens and not self.with_positions and not self.several:
@@ -591,7 +591,7 @@ class ActivationDataset(IterableDataset):
         elif isinstance(c.rows, slice):
             self._convert(k, dst, c.take(acts, a, b))
         else:
-            self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))
+            self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))  # type: ignore[index]
 
     def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
         """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
@@ -727,10 +727,11 @@ def _device(device: str | torch.device) -> torch.device:
 def _tokens_key(s: ActivationSet) -> Any:
     """What fixes which token sits in which row: the token cache's key (a shuffled copy: its source's, and the
     shuffle's seed, shard size and exclusions)."""
+    key: Any = s.key  # a ShuffleKey for the rows layout, else a SetKey
     if s.layout == "rows":
         source = ((s.manifest.get("source") or {}).get("key") or {}).get("tokens")
-        return source, s.key.seed, s.key.rows_per_shard, s.key.exclude
-    return s.key.tokens
+        return source, key.seed, key.rows_per_shard, key.exclude
+    return key.tokens
 
 
 def check_aligned(sets: Sequence[ActivationSet]) -> None:

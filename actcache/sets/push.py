@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from actcache.errors import ActcacheError
 from actcache.format import layout, records
@@ -136,7 +137,7 @@ def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
     each is and how to load it (no timestamps: a rerun compares equal; no local paths)."""
     manifests = {m.get("set_id"): m for m in others}
     manifests[s.set_id] = s.manifest
-    ordered = [manifests[k] for k in sorted(manifests)]
+    ordered = [manifests[k] for k in sorted(manifests, key=str)]
     url = f"hf://datasets/{repo_id}/{s.set_id}"
     hooks = sorted({str(m.get("hook")) for m in ordered})
     title = hooks[0] if len(hooks) == 1 else f"{len(ordered)} hooks"
@@ -202,12 +203,12 @@ def _files(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> tuple
         )
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
         rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
-        body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))
+        body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))  # type: ignore[misc]
     manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
     text = card(s, repo_id, others).encode()
     last = [
-        _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
-        _File("README.md", len(text), lambda b=text: b),
+        _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),  # type: ignore[misc]
+        _File("README.md", len(text), lambda b=text: b),  # type: ignore[misc]
     ]
     return body, last
 
@@ -237,7 +238,7 @@ def push_set(
             action = "creating the branch of"
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
         action = "listing"
-        remote = {
+        remote: dict[str, Any] = {  # files only (they have a blob id), not folders
             f.path: f
             for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
             if hasattr(f, "blob_id")

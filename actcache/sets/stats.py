@@ -10,15 +10,16 @@ them the same way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from actcache.format import manifest, moments
+from actcache.format import manifest
 from actcache.format.records import Record
 from actcache.read.exclude import special_ids
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import StoreRef
+
+if TYPE_CHECKING:
+    from actcache.format import moments
 
 
 def full_size(m: dict[str, Any]) -> int:
@@ -28,6 +29,10 @@ def full_size(m: dict[str, Any]) -> int:
 
 
 def _shard_moments(s: ActivationSet, r: Record) -> tuple[moments.Moments, moments.ByToken | None]:
+    import torch  # torch: imported only when shards are read (stats in the manifest: < 1 s)
+
+    from actcache.format import moments
+
     sh = s.read(r, verify=True)
     ctx = s.context_size
     if ctx is None:
@@ -38,7 +43,7 @@ def _shard_moments(s: ActivationSet, r: Record) -> tuple[moments.Moments, moment
     return moments.of(sh.activations), moments.by_token(sh.activations, tokens, first, ids)
 
 
-def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
+def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, Any]:
     """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing.
 
     ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
@@ -48,12 +53,16 @@ def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
         return m["stats"]
     size = full_size(m)
     groups: dict[int, moments.ByToken | None] = {}
+    if on_total:
+        on_total(len(s.records))
 
     def moments_of(r: Record) -> moments.Moments:
         out, groups[r.index] = _shard_moments(s, r)
         if on_shard:
             on_shard(r)
         return out
+
+    from actcache.format import moments
 
     fields = moments.merged(
         s.records,

@@ -10,6 +10,8 @@ import textwrap
 import pytest
 import setwriter
 
+pytestmark = pytest.mark.subprocess  # every test runs the CLI in a Python that cannot import the extra
+
 # Runs the CLI as if the extra were not installed: importing (or finding) its modules fails.
 WITHOUT_EXTRA = textwrap.dedent(
     """

@@ -409,11 +409,11 @@ def test_standardize_gives_unit_std_per_dimension_over_the_rows_yielded(loud_bos
     torch.testing.assert_close(x.mean(0), torch.zeros(x.shape[1], dtype=torch.float64), atol=0.01, rtol=0)
 
 
-def test_the_datasets_stats_are_those_of_its_rows(loud_bos, sets, tmp_path):
+def test_the_datasets_stats_are_those_of_its_rows(loud_bos, local_set, tmp_path):
     """``ds.stats`` (what ``normalize`` uses) equals moments computed directly from the rows yielded: on the
     synthetic set, on a set written by the extraction's own stages, and on a shuffled copy of it."""
-    rows_url = shuffle_set(sets["local"], out=str(tmp_path), seed=1, rows_per_shard=300).url
-    for url in (loud_bos, sets["local"], rows_url):
+    rows_url = shuffle_set(local_set, out=str(tmp_path), seed=1, rows_per_shard=300).url
+    for url in (loud_bos, local_set, rows_url):
         for kw in ({"drop_bos": True}, {"exclude_special_tokens": True, "drop_bos": True}):
             ds = ActivationDataset(url, batch_size=64, dtype=torch.float32, **kw)
             x = torch.cat(list(ds)).double()
@@ -654,6 +654,7 @@ if __name__ == "__main__":
     ("workers", "buffer", "how"),
     [(0, 0, "forever"), (0, 64, "forever"), (0, 64, "break"), (0, 64, "device"), (2, 64, "forever"), (2, 0, "break")],
 )
+@pytest.mark.subprocess
 def test_a_partial_epoch_exits_silently(synthetic, workers, buffer, how):
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(PARTIAL_EPOCH), synthetic, str(workers), str(buffer), how],

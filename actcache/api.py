@@ -11,6 +11,7 @@ from typing import Any
 from actcache import console, errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
+from actcache.extras import require_extract
 from actcache.orchestration import logs, tempserver
 
 
@@ -81,6 +82,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
 
     ``check(plan)`` may refuse the plan (``ActcacheError``) before anything is written.
     """
+    require_extract("extraction")
     plan = make_plan(cfg, load_model=False)
     if check is not None:
         check(plan)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from actcache.format import layout, manifest, records, shard
+from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.commit import Shard, commit
 from actcache.format.key import SetKey, TokensKey
 from actcache.storage.store import Store
@@ -26,9 +26,14 @@ def extract_by_stages(cfg) -> str:
     """Extract ``cfg`` (an ``ExtractConfig``) with the flow's stages in the flow's order, without Prefect
     (``stages.run_sequential``: no server to start; the flow itself is tested in tests/flows and tests/tasks);
     returns the (first) set's URL."""
+    return extract_sets_by_stages(cfg)[0]
+
+
+def extract_sets_by_stages(cfg) -> list[str]:
+    """``extract_by_stages`` for several hooks (``hook="a,b"``): every set's URL, in the order of the hooks."""
     from actcache.extraction.stages import run_sequential
 
-    return run_sequential(cfg)[0]
+    return run_sequential(cfg)
 
 
 def tokenization(ctx: int, vocab: int, *, recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size")) -> dict:
@@ -103,8 +108,14 @@ def write_set(
     last_seqs: int | None = None,
     recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size"),
     with_stats: bool = False,
+    with_moments: bool = False,
+    bos_scale: float = 1.0,
 ) -> str:
-    """A ``sequences`` set of ``shards`` shards of ``seqs`` sequences (the last of ``last_seqs``); returns its URL."""
+    """A ``sequences`` set of ``shards`` shards of ``seqs`` sequences (the last of ``last_seqs``); returns its URL.
+
+    ``with_moments``: records carry their moments (and by token group) and the manifest's stats are merged from
+    them, as extraction writes them. ``bos_scale``: BOS rows (each sequence's first) are that much larger, as in
+    real models."""
     st = Store(str(store))
     tkey = TokensKey(
         dataset=f"synthetic:{seed}",
@@ -130,21 +141,39 @@ def write_set(
     offset = torch.randn(d, generator=g) * 2  # not centred, not unit: normalisation has something to do
     for i in range(shards):
         n = last_seqs if (i == shards - 1 and last_seqs is not None) else seqs
-        acts = (torch.randn(n, ctx, d, generator=g) * 3 + offset).to(shard.TORCH_DTYPES[dtype])
+        acts = torch.randn(n, ctx, d, generator=g) * 3 + offset
+        acts[:, 0] *= bos_scale
+        acts = acts.to(shard.TORCH_DTYPES[dtype])
+        tokens = tokens_for(n, ctx, vocab, g)
         if with_stats:
             stats.add(acts)
-        recs.append(
-            _put(st, key.id, i, {"activations": acts, "tokens": tokens_for(n, ctx, vocab, g)}, n, n * ctx, codec, level)
-        )
+        extra = {}
+        if with_moments:
+            first = torch.zeros(tokens.shape, dtype=torch.bool)
+            first[:, 0] = True
+            extra = {
+                moments.RECORD_FIELD: moments.of(acts).to_json(),
+                moments.BY_TOKEN_FIELD: moments.by_token(acts, tokens, first, (BOS, EOS, PAD)).to_json(),
+            }
+        recs.append(_put(st, key.id, i, {"activations": acts, "tokens": tokens}, n, n * ctx, codec, level, extra=extra))
     provenance = {
         "hook": key.hook,
         "hook_shape": [d],
         "tokenization": tokenization(ctx, vocab, recorded=recorded),
         "model": {"name": "synthetic"},
     }
-    m = manifest.build(key, provenance, recs, target_seqs=sum(r.n_seq for r in recs))
+    m = manifest.build(key, provenance, [moments.without(r) for r in recs], target_seqs=sum(r.n_seq for r in recs))
     if with_stats:
         m["stats"] = stats.entry()
+    if with_moments:
+        m |= moments.merged(
+            recs,
+            d,
+            full=lambda r: r.n_seq == seqs,
+            previous=None,
+            moments_of=moments.from_records(st, key.id, d),
+            by_token_of=moments.from_records(st, key.id, d, moments.BY_TOKEN_FIELD),
+        )
     manifest.write(st, key.id, m)  # sealed, as actcache writes it
     return st.url_of(key.id)
 
@@ -158,9 +187,10 @@ def _put(
     n_tokens: int,
     codec: str,
     level: int,
+    extra: dict | None = None,
 ) -> records.Record:
     enc = shard.encode(tensors, codec=codec, level=level)
     rel = layout.shard_file(index, codec)
-    rec = records.Record(index, rel, n_seq, n_tokens, enc.sha256, len(enc.data))
+    rec = records.Record(index, rel, n_seq, n_tokens, enc.sha256, len(enc.data), extra or {})
     commit(st, set_id, [Shard(rec, enc.data)])
     return rec

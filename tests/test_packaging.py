@@ -53,3 +53,55 @@ def test_wheel_installs_only_actcache_with_flows_and_tasks_inside(tmp_path):
     # Every subpackage in the source tree is in the wheel (the package list in pyproject is written out by hand).
     for init in (ROOT / "actcache").glob("*/__init__.py"):
         assert f"actcache/{init.parent.name}/__init__.py" in names, init.parent.name
+
+
+READS = """
+import sys
+import torch
+import actcache
+from importlib.util import find_spec
+
+url = sys.argv[1]
+assert find_spec("prefect") is None and find_spec("transformer_lens") is None and find_spec("transformers") is None
+s = actcache.open_set(url)
+ds = actcache.ActivationDataset(url, batch_size=64, shuffle_buffer=128, dtype=torch.float32, drop_bos=True)
+rows = sum(len(b) for b in ds)
+assert rows == ds.n_tokens == s.n_tokens - s.n_tokens // s.context_size, (rows, ds.n_tokens)
+print("read", rows)
+"""
+
+
+@pytest.mark.slow
+def test_the_wheel_reads_sets_without_the_extraction_extra(tmp_path, extracted_set):
+    """A fresh venv (no system site-packages) with torch and the wheel, no extra: reading, verifying and shuffling
+    work; `actcache extract` says in one line which extra to install."""
+    run = dict(check=True, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        **run,
+    )
+    (wheel,) = tmp_path.glob("actcache-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], **run)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+    subprocess.run([*pip, "torch==2.13.0"], **run)  # first: a bare torch requirement would pull a CUDA build
+    subprocess.run([*pip, str(wheel)], **run)
+    py, cli = str(venv / "bin" / "python"), str(venv / "bin" / "actcache")
+    assert "read" in subprocess.run([py, "-c", READS, extracted_set], **run).stdout
+    assert "all checksums match" in subprocess.run([cli, "verify", extracted_set], **run).stdout
+    out = subprocess.run([cli, "shuffle", extracted_set, "--out", str(tmp_path / "shuffled")], **run).stdout
+    assert "all checksums match" in subprocess.run([cli, "verify", out.split()[-1]], **run).stdout
+    extract = subprocess.run([cli, "extract", "--max-tokens", "64"], capture_output=True, text=True, timeout=300)
+    assert extract.returncode == 2 and extract.stdout == ""
+    assert extract.stderr.count("\n") == 1 and "pip install 'actcache[extract]'" in extract.stderr

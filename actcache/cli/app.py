@@ -172,6 +172,9 @@ def extract(
         given on this command line override them. Reproduces or extends a set in --store; without overrides, the
         result is checked to be the same set.
     """
+    from actcache.extras import require_extract
+
+    require_extract("actcache extract")
     from actcache import api
     from actcache.sets import reproduce as like_mod
 
@@ -488,6 +491,7 @@ def cp(
     flags: StoreFlags = StoreFlags(),
     dest_storage_options: StorageOptions | None = None,
     dest_aws_credentials_block: str | None = None,
+    json_output: Json = False,
 ) -> int:
     """Copy a set to another store (checksums verified; shards already there skipped); print its new URL.
 
@@ -523,7 +527,10 @@ def cp(
         f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
         file=sys.stderr,
     )
-    print(result.url)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.url)
     return 0
 
 
@@ -550,7 +557,7 @@ class ExcludeFlags:
 def shuffle(
     set_url: str,
     /,
-    *,
+    *more_sets: str,
     seed: int = 0,
     out: str | None = None,
     shard_rows: int | None = None,
@@ -560,13 +567,19 @@ def shuffle(
     flags: StoreFlags = StoreFlags(),
     out_storage_options: StorageOptions | None = None,
     out_aws_credentials_block: str | None = None,
+    json_output: Json = False,
 ) -> int:
     """Write a globally shuffled copy of a set (a new set; reruns skip it); print its URL.
+
+    Several sets extracted from the same tokens (`--hook a,b`) are shuffled the same way: their copies stay
+    row-aligned and read together as one dataset.
 
     Parameters
     ----------
     set_url
         Set URL: `<store>/<set_id>`.
+    more_sets
+        More set URLs, extracted from the same tokens (checked before anything is written).
     seed
         Fixes the permutation.
     out
@@ -587,27 +600,40 @@ def shuffle(
     from actcache.sets.shuffle import shuffle_set
 
     options = exclude.options()
-    source = flags.ref(set_url)
-    target = None  # the source's store, with its options
-    if out is not None or out_storage_options or out_aws_credentials_block:
-        target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-    with Steps("shuffle", "step") as progress:  # a spill file per source shard, then each output shard
-        result = shuffle_set(
-            source,
-            out=target,
-            seed=seed,
-            rows_per_shard=shard_rows,
-            **options,
-            bucket_rows=bucket_rows,
-            jobs=jobs,
-            on_step=lambda _: progress.advance(),
-            on_total=progress.total,
+    sources = [flags.ref(u) for u in (set_url, *more_sets)]
+    if more_sets:  # the same tokens in the same shards, or nothing is written
+        from actcache.read.dataset import check_aligned
+        from actcache.read.reader import open_set
+
+        check_aligned([open_set(src) for src in sources])
+    results = []
+    for source in sources:
+        target = None  # the source's store, with its options
+        if out is not None or out_storage_options or out_aws_credentials_block:
+            target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
+        with Steps("shuffle", "step") as progress:  # a spill file per source shard, then each output shard
+            result = shuffle_set(
+                source,
+                out=target,
+                seed=seed,
+                rows_per_shard=shard_rows,
+                **options,
+                bucket_rows=bucket_rows,
+                jobs=jobs,
+                on_step=lambda _: progress.advance(),
+                on_total=progress.total,
+            )
+        state = "already complete" if result.skipped else "written"
+        print(
+            f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded",
+            file=sys.stderr,
         )
-    state = "already complete" if result.skipped else "written"
-    print(
-        f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded", file=sys.stderr
-    )
-    print(result.url)
+        results.append(result)
+    if json_output:
+        docs = [dataclasses.asdict(r) for r in results]
+        _print_json(docs[0] if not more_sets else {"sets": docs})
+    else:
+        print("\n".join(r.url for r in results))
     return 0
 
 
@@ -620,6 +646,7 @@ def export(
     format: Literal["saelens", "hf"],
     exclude: ExcludeFlags = ExcludeFlags(),
     flags: StoreFlags = StoreFlags(),
+    json_output: Json = False,
 ) -> int:
     """Write a set as a Hugging Face datasets folder (SAELens's layout, or one row per token); print its path.
 
@@ -645,8 +672,15 @@ def export(
             on_shard=lambda _: progress.advance(),
             on_total=progress.total,
         )
-    print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
-    print(result.path)
+    print(
+        f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded; load with "
+        f"datasets.load_from_disk({result.path!r})",
+        file=sys.stderr,
+    )
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.path)
     return 0
 
 
@@ -659,6 +693,7 @@ def push(
     private: bool = False,
     revision: str | None = None,
     flags: StoreFlags = StoreFlags(),
+    json_output: Json = False,
 ) -> int:
     """Upload a set to the Hugging Face Hub as a dataset repo (reruns resume); print its URL.
 
@@ -680,7 +715,10 @@ def push(
         f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
         file=sys.stderr,
     )
-    print(result.url)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(result.url)
     return 0
 
 
@@ -717,6 +755,9 @@ def hooks(model: str, /, *, revision: str | None = None, trust_remote_code: bool
         Allow model code from the hub to run.
     """
     from actcache import console
+    from actcache.extras import require_extract
+
+    require_extract("actcache hooks")
     from actcache.inputs.model import ModelSpec, hook_names, resolve_model
 
     with console.status(f"loading {model} to list its hooks"):

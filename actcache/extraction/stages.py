@@ -30,6 +30,7 @@ from actcache.extraction.tokens import ShardWork
 from actcache.format import layout, manifest, moments, records, shard, shardfile
 from actcache.format.commit import Points, Shard, commit
 from actcache.inputs.model import hook_layer
+from actcache.read.exclude import special_ids
 
 ROUNDS = 3
 """Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced."""
@@ -208,6 +209,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "set_id": key.id,
         "stats": stats,
         moments.RECORD_FIELD: moments.of(acts).to_json(),
+        moments.BY_TOKEN_FIELD: by_token(plan, acts, f.tensors["tokens"]).to_json(),
         "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
         "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
@@ -226,6 +228,14 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "bytes_per_token": round(nbytes / n_tokens, 2),
     }
     return PackedRef(handles.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)
+
+
+def by_token(plan: Plan, acts: torch.Tensor, tokens: torch.Tensor) -> moments.ByToken:
+    """The shard's moments by group (first position or not, special token or not): what lets a reader that
+    excludes special tokens or BOS positions normalise with the exact statistics of the rows it yields."""
+    first = torch.zeros(tokens.shape, dtype=torch.bool)
+    first[:, 0] = True  # tokens: [n_seq, context]
+    return moments.by_token(acts, tokens, first, special_ids(plan.provenance["tokenization"]))
 
 
 # -- 4. upload -------------------------------------------------------------------------------------------
@@ -277,6 +287,7 @@ def build_manifest(plan: Plan, s: Any, scan: records.Scan) -> dict[str, Any]:
         full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,  # type: ignore[misc]
         previous=scan.consolidated,
         moments_of=moments.from_records(scan.store, s.set_id, m["d"]),
+        by_token_of=moments.from_records(scan.store, s.set_id, m["d"], moments.BY_TOKEN_FIELD),
     )
     return m
 

@@ -15,7 +15,10 @@ def load_options(name: str) -> dict[str, Any]:
     try:
         from prefect_aws import AwsCredentials
     except ImportError:
-        raise ActcacheError(f"{opt('aws_credentials_block')} needs prefect-aws; pip install prefect-aws") from None
+        raise ActcacheError(
+            f"{opt('aws_credentials_block')} needs prefect-aws, in actcache's extraction extra; "
+            "pip install 'actcache[extract]'"
+        ) from None
     try:
         block: AwsCredentials = AwsCredentials.load(name, validate=True)  # type: ignore[assignment]  # sync here
     except ValueError:

@@ -22,12 +22,14 @@ shards, whatever the size of the set.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import math
 import queue
 import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from actcache.errors import ActcacheError
+from actcache.format import moments
 from actcache.format.records import Record
 from actcache.read.exclude import token_ids
 from actcache.read.reader import ActivationSet, open_set
@@ -51,6 +54,21 @@ RETRY_DELAYS = (1.0, 2.0, 8.0, 30.0)
 """Seconds to wait before each new attempt at a shard read that failed transiently (as uploads do)."""
 
 NORMALIZE = ("scale", "standardize")
+
+_open: weakref.WeakSet = weakref.WeakSet()
+"""Batch iterators not yet finished: closed at interpreter exit (see ``_close_open``)."""
+
+
+@atexit.register
+def _close_open() -> None:
+    """Close the batch iterators a program left half-read (a loop that broke off, ``forever``), while the modules
+    their clean-up uses still exist: left to the interpreter's last garbage collection, they would run it after
+    ``concurrent.futures`` and ``queue`` are torn down and print an ignored ``AttributeError`` at exit."""
+    for it in list(_open):
+        try:
+            it.close()
+        except Exception:  # running in another thread, or failing to close: nothing left to report it to
+            pass
 
 
 def _seed(*parts: object) -> int:
@@ -179,8 +197,8 @@ def deal(
 class _Chunk:
     """One piece, read: the shard's tensors (views of the bytes read) and which of its rows the piece takes."""
 
-    acts: torch.Tensor
-    """``[rows in the shard, d]``."""
+    acts: list[torch.Tensor]
+    """``[rows in the shard, d]`` of each set read (one, or several row-aligned sets)."""
     tokens: torch.Tensor | None
     positions: torch.Tensor | None
     rows: slice | torch.Tensor
@@ -188,7 +206,7 @@ class _Chunk:
     n: int
 
     def column(self, name: str) -> torch.Tensor:
-        return {"acts": self.acts, "tokens": self.tokens, "positions": self.positions}[name]  # type: ignore[return-value]
+        return {"tokens": self.tokens, "positions": self.positions}[name]  # type: ignore[return-value]
 
     def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
@@ -209,7 +227,11 @@ class ActivationDataset(IterableDataset):
 
     Args:
         url: ``<store>/<set_id>``, e.g. ``./activations/<set_id>`` or ``s3://bucket/prefix/<set_id>``, or the
-            set's ``StoreRef`` (which then carries the storage options and credentials block).
+            set's ``StoreRef`` (which then carries the storage options and credentials block). A list of them
+            (sets of several hooks extracted from the same tokens, e.g. ``--hook a,b``, or shuffled copies of
+            such sets made by one ``actcache shuffle A B``) yields a tuple of row-aligned batches, one per set in
+            that order (the same token in the same row of each), under one shuffle, one set of exclusions and one
+            set of ranks; ``normalize`` and ``dtype`` apply to each.
         batch_size: rows (token positions) per batch.
         shuffle_buffer: rows held for shuffling (at least one batch); 0 reads shards and rows in order. With a
             buffer, the shard order changes every epoch and rows are emitted in random order one buffer at a
@@ -243,7 +265,7 @@ class ActivationDataset(IterableDataset):
 
     def __init__(
         self,
-        url: str | StoreRef,
+        url: str | StoreRef | Sequence[str | StoreRef],
         batch_size: int,
         shuffle_buffer: int = 0,
         seed: int = 0,
@@ -289,19 +311,37 @@ class ActivationDataset(IterableDataset):
         self.device = _device(device) if device is not None else None
         if pin_memory and not torch.cuda.is_available():
             raise ActcacheError("pin_memory=True needs a CUDA device, and torch sees none; leave it off")
-        self.set: ActivationSet = open_set(url, storage_options, credentials_block=credentials_block)
+        self.several = isinstance(url, list | tuple)
+        urls: list[str | StoreRef] = list(url) if isinstance(url, list | tuple) else [url]  # type: ignore[list-item]
+        if not urls:
+            raise ActcacheError("ActivationDataset needs a set URL, or a non-empty list of them")
+        self.sets: list[ActivationSet] = [
+            open_set(u, storage_options, credentials_block=credentials_block) for u in urls
+        ]
+        check_aligned(self.sets)
+        self.set: ActivationSet = self.sets[0]
+        """The (first) set: its tokens, shards and tokenizer drive the dealing and exclusions for all."""
         s = self.set
         self.d: int = s.d
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.with_tokens, self.with_positions, self.verify = with_tokens, with_positions, verify
         self.dtype: torch.dtype = dtype or s.dtype
+        self._dtypes: list[torch.dtype] = [dtype or x.dtype for x in self.sets]
         self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
         self.pin_memory = pin_memory
         self.drop_bos = bool(drop_bos and s.tokenization.get("prepend_bos"))
         if self.drop_bos and s.context_size is None:
             raise ActcacheError(f"drop_bos needs the context size, which the manifest of {s.url} does not record")
         self.exclude: tuple[int, ...] = _exclusions(s, exclude_special_tokens, exclude_tokens)
-        self._norm = _normalizer(s, normalize) if normalize else None
+        kept = [moments.kept_stats(x.manifest, self.exclude, self.drop_bos) for x in self.sets]
+        self.stats: Any = tuple(kept) if self.several else kept[0]
+        """Statistics of the rows this dataset yields (its exclusions applied): ``n``, ``mean``, ``var``,
+        ``mean_norm``, ``scale`` ..., as in ``manifest["stats"]``; None where the manifest cannot give them (a
+        tuple of them, one per set, for several sets)."""
+        self._norms = [
+            _normalizer(x, normalize, st, self.exclude, self.drop_bos) if normalize else None
+            for x, st in zip(self.sets, kept, strict=True)
+        ]
         self.normalize = normalize
         # The epoch lives in shared memory: DataLoader workers are processes, and persistent ones keep the copy
         # of the dataset they started with; each __iter__ reads the current value.
@@ -433,7 +473,19 @@ class ActivationDataset(IterableDataset):
                 positions = shard.positions
             else:  # sequences: the flat index in this set
                 positions = torch.arange(self._bases[piece.shard], self._bases[piece.shard] + len(tokens))
-        return _Chunk(shard.activations.reshape(-1, self.d), tokens, positions, rows, piece.stop - piece.start)
+        acts = [shard.activations.reshape(-1, self.d)]
+        for other in self.sets[1:]:
+            o = other.records[piece.shard]
+            more = retried(lambda x=other, o=o: x.read(o, verify=self.verify), f"reading shard {o.index}", stop)  # type: ignore[misc]
+            if not torch.equal(more.tokens.reshape(-1), tokens) or (
+                shard.positions is not None and not torch.equal(more.positions, shard.positions)
+            ):
+                raise ActcacheError(
+                    f"shard {o.index} of {other.url} holds other tokens than shard {r.index} of {self.set.url}; "
+                    "read together only sets extracted from the same tokens"
+                )
+            acts.append(more.activations.reshape(-1, other.d))
+        return _Chunk(acts, tokens, positions, rows, piece.stop - piece.start)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -446,6 +498,7 @@ class ActivationDataset(IterableDataset):
         batches = self._batches(worker, num_workers)
         if self.device is not None:
             batches = _on_device(batches, self.device)  # type: ignore[arg-type]
+        _open.add(batches)
         return batches
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[Any]:
@@ -469,10 +522,15 @@ class ActivationDataset(IterableDataset):
 
     # -- making batches ---------------------------------------------------------------------------------
     def _columns(self) -> list[str]:
-        return ["acts"] + (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
+        extra = (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
+        return self._acts() + extra
+
+    def _acts(self) -> list[str]:
+        """The activation columns: ``acts`` for the first set, ``acts1``, ``acts2``, ... for the others."""
+        return ["acts"] + [f"acts{k}" for k in range(1, len(self.sets))]
 
     def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
-        out = {"acts": self._empty((n, self.d), self.dtype)}
+        out = {c: self._empty((n, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
         if self.with_tokens:
             out["tokens"] = self._empty((n,), torch.int32)
         if self.with_positions:
@@ -488,16 +546,17 @@ class ActivationDataset(IterableDataset):
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
-        if not self.with_tokens and not self.with_positions:
+        if not self.with_tokens and not self.with_positions and not self.several:
             return batch["acts"]
         return tuple(batch[c] for c in self._columns())
 
-    def _convert(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``dst[:] = src`` in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
-        if self._norm is None:
+    def _convert(self, k: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst[:] = src`` (rows of set ``k``) in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
+        norm = self._norms[k]
+        if norm is None:
             dst.copy_(src)
             return
-        factor, offset = self._norm
+        factor, offset = norm
         if dst.dtype == factor.dtype:  # float32 batches: cast, then in place (mixed dtypes into out=: 4-6x slower)
             dst.copy_(src)
             dst.mul_(factor)
@@ -508,22 +567,35 @@ class ActivationDataset(IterableDataset):
         else:
             torch.addcmul(offset, src, factor, out=dst)
 
-    def _direct(self) -> bool:
-        """Whether gathered rows can land in the batch as they are (no cast, no normalisation)."""
-        return self._norm is None and self.dtype == self.set.dtype
+    def _direct(self, k: int = 0) -> bool:
+        """Whether gathered rows of set ``k`` can land in the batch as they are (no cast, no normalisation)."""
+        return self._norms[k] is None and self._dtypes[k] == self.sets[k].dtype
 
-    def _put(self, dst: torch.Tensor, c: _Chunk, a: int, b: int, tmp: torch.Tensor) -> None:
-        """Rows ``[a, b)`` of piece ``c`` into ``dst`` (batch rows), cast and normalised, in one pass where possible."""
-        if self._direct():
-            c.copy(c.acts, a, b, dst)
+    def _tmps(self, n: int) -> list[torch.Tensor | None]:
+        """Per set, room for ``n`` rows gathered before being cast or normalised (None where not needed)."""
+        return [None if self._direct(k) else torch.empty((n, x.d), dtype=x.dtype) for k, x in enumerate(self.sets)]
+
+    def _put_all(self, dst: dict[str, torch.Tensor], at: int, c: _Chunk, a: int, b: int, tmps: list) -> None:
+        """Rows ``[a, b)`` of piece ``c`` into rows ``at...`` of ``dst``: every set's activations, then the rest."""
+        for k, col in enumerate(self._acts()):
+            self._put(k, dst[col][at : at + b - a], c, a, b, tmps[k])
+        for col in self._columns()[len(self.sets) :]:
+            c.copy(c.column(col), a, b, dst[col][at : at + b - a])
+
+    def _put(self, k: int, dst: torch.Tensor, c: _Chunk, a: int, b: int, tmp: torch.Tensor | None) -> None:
+        """Rows ``[a, b)`` of set ``k`` in piece ``c`` into ``dst`` (batch rows), cast and normalised, in one pass
+        where possible."""
+        acts = c.acts[k]
+        if self._direct(k):
+            c.copy(acts, a, b, dst)
         elif isinstance(c.rows, slice):
-            self._convert(dst, c.take(c.acts, a, b))
+            self._convert(k, dst, c.take(acts, a, b))
         else:
-            self._convert(dst, c.take(c.acts, a, b, out=tmp[: b - a]))
+            self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))  # type: ignore[index]
 
     def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
         """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
-        tmp = torch.empty((max(sizes, default=0), self.d), dtype=self.set.dtype) if not self._direct() else None
+        tmps = self._tmps(max(sizes, default=0))
         sizes_left = deque(sizes)
         batch, fill = None, 0
         for c in chunks:
@@ -532,9 +604,7 @@ class ActivationDataset(IterableDataset):
                 if batch is None:
                     batch, fill = self._new_batch(sizes_left[0]), 0
                 k = min(sizes_left[0] - fill, c.n - pos)
-                self._put(batch["acts"][fill : fill + k], c, pos, pos + k, tmp)  # type: ignore[arg-type]
-                for col in self._columns()[1:]:
-                    c.copy(c.column(col), pos, pos + k, batch[col][fill : fill + k])
+                self._put_all(batch, fill, c, pos, pos + k, tmps)
                 fill, pos = fill + k, pos + k
                 if fill == sizes_left[0]:
                     yield self._finish(batch)
@@ -559,7 +629,9 @@ class ActivationDataset(IterableDataset):
         spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
         if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
             return spare
-        block = {"acts": torch.empty((cap, self.d), dtype=self.dtype)}
+        block = {
+            c: torch.empty((cap, x.d), dtype=dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)
+        }
         if self.with_tokens:
             block["tokens"] = torch.empty(cap, dtype=torch.int32)
         if self.with_positions:
@@ -569,7 +641,7 @@ class ActivationDataset(IterableDataset):
     def _shuffle_through(
         self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int], g: torch.Generator
     ) -> Iterator[Any]:
-        tmp = torch.empty((self.batch_size, self.d), dtype=self.set.dtype)
+        tmps = self._tmps(self.batch_size)
         sizes_left = deque(sizes)
         fill = 0
 
@@ -596,12 +668,11 @@ class ActivationDataset(IterableDataset):
             # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
             # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
             # floor in batch-sized steps, 0.75x in one).
-            step = self.batch_size if not self._direct() and not isinstance(c.rows, slice) else cap
+            staged = not isinstance(c.rows, slice) and not all(self._direct(k) for k in range(len(self.sets)))
+            step = self.batch_size if staged else cap
             while pos < c.n:
                 k = min(cap - fill, c.n - pos, step)
-                self._put(block["acts"][fill : fill + k], c, pos, pos + k, tmp)
-                for col in self._columns()[1:]:
-                    c.copy(c.column(col), pos, pos + k, block[col][fill : fill + k])
+                self._put_all(block, fill, c, pos, pos + k, tmps)
                 fill, pos = fill + k, pos + k
                 if fill == cap:
                     yield from drain(final=False)
@@ -653,6 +724,39 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _tokens_key(s: ActivationSet) -> Any:
+    """What fixes which token sits in which row: the token cache's key (a shuffled copy: its source's, and the
+    shuffle's seed, shard size and exclusions)."""
+    key: Any = s.key  # a ShuffleKey for the rows layout, else a SetKey
+    if s.layout == "rows":
+        source = ((s.manifest.get("source") or {}).get("key") or {}).get("tokens")
+        return source, key.seed, key.rows_per_shard, key.exclude
+    return key.tokens
+
+
+def check_aligned(sets: Sequence[ActivationSet]) -> None:
+    """Several sets read (or shuffled) as one must hold the same tokens in the same rows: one token cache and the
+    same shards; for shuffled copies, copies of such sets made with the same seed, shard size and exclusions."""
+    first = sets[0]
+    for s in sets[1:]:
+        if s.layout != first.layout:
+            copy = s.url if s.layout == "rows" else first.url
+            raise ActcacheError(
+                f"{copy} is a shuffled copy (layout 'rows') and the other is not; read the extracted sets together, "
+                "or shuffled copies of each made by one `actcache shuffle A B ...`"
+            )
+        if _tokens_key(s) != _tokens_key(first):
+            raise ActcacheError(
+                f"{s.url} was extracted from other tokens than {first.url} (another token cache, or another shuffle); "
+                "read together only sets extracted from the same tokens, e.g. by one run with --hook a,b"
+            )
+        if [(r.index, r.n_seq) for r in s.records] != [(r.index, r.n_seq) for r in first.records]:
+            raise ActcacheError(
+                f"{s.url} holds other shards than {first.url} ({len(s.records)} against {len(first.records)}); "
+                "extend both to the same --max-tokens, then read them together"
+            )
+
+
 def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ...]:
     """Token ids whose rows are skipped: the set's special tokens (when asked) and ``explicit``, checked."""
     missing = [n for n in ("eos_id", "pad_id") if n not in s.tokenization]
@@ -667,13 +771,28 @@ def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ..
     return token_ids(s.manifest, special=special, ids=explicit, option="exclude_tokens")
 
 
-def _normalizer(s: ActivationSet, normalize: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(factor, offset) vectors in float32: batch = rows * factor (+ offset)."""
-    stats = s.manifest.get("stats")
-    if not stats:
+def _normalizer(
+    s: ActivationSet, normalize: str, stats: dict[str, Any] | None, exclude: tuple[int, ...], drop_bos: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(factor, offset) vectors in float32: batch = rows * factor (+ offset), from ``stats``, those of the rows
+    kept (see ``moments.kept_stats``)."""
+    if not s.manifest.get("stats"):
         raise ActcacheError(
             f"set {s.url} has no normalisation statistics; compute them with "
             f"`actcache stats {s.url}`, then pass normalize={normalize!r} again"
+        )
+    if not stats:
+        groups = (s.manifest.get("moments") or {}).get("by_token")
+        if not isinstance(groups, dict):
+            raise ActcacheError(
+                f"set {s.url} has no statistics without the rows this dataset leaves out (its manifest predates "
+                f"moments by token); add them with `actcache stats {s.url}`, then pass normalize={normalize!r} again"
+            )
+        untracked = sorted(set(exclude) - set(groups.get("ids") or []))
+        raise ActcacheError(
+            f"normalize={normalize!r} with exclude_tokens {untracked}: the set's statistics track only its special "
+            f"tokens {groups.get('ids')}; write a copy without those rows (with its own statistics) by "
+            f"`actcache shuffle {s.url} --exclude-ids {','.join(map(str, untracked))}` and read that"
         )
     try:
         if normalize == "scale":

@@ -15,10 +15,11 @@ exported as float32 (lossless). ``actcache.json`` beside the data says which set
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ class ExportResult:
     """Rows of the dataset: sequences for saelens, tokens for hf."""
     excluded_tokens: int
     dtype: str
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """``datasets``' own progress bars off (each ``save_to_disk`` of a piece would print one), then as they were."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was:
+            enable_progress_bars()
 
 
 def _features(fmt: str, hook: str, ctx: int, d: int, dtype: str):
@@ -191,29 +206,31 @@ def export_set(
         shutil.rmtree(partial)  # what an interrupted export of the same OUT left
     pieces_dir = partial / ".tmp_shards"
     pieces_dir.mkdir(parents=True)
-    n_pieces = rows = excluded = 0
-    if on_total:
-        on_total(len(s.records))
-    for r in s.records:
-        chunks, dropped = _pieces(format, s.read(r, verify=True), ctx, np.dtype(dtype), exclude, r.index * full_tokens)
-        excluded += dropped
-        for cols in chunks:
-            ds = _dataset(format, cols, features, m["hook"])
-            ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
-            n_pieces += 1
-            rows += len(cols["acts"])
-        if on_shard:
-            on_shard(r.index)
-    if not n_pieces:  # nothing left: still a loadable, empty dataset
-        empty = {
-            "acts": np.zeros((0, ctx, m["d"]) if format == "saelens" else (0, m["d"]), dtype=dtype),
-            "token_ids": np.zeros((0, ctx), np.int32),
-            "token_id": np.zeros(0, np.int32),
-            "sequence": np.zeros(0, np.int64),
-            "position": np.zeros(0, np.int32),
-        }
-        _dataset(format, empty, features, m["hook"]).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
-    _consolidate(pieces_dir, partial)
+    with _quiet_datasets():  # a bar per piece saved would bury the export's own
+        n_pieces = rows = excluded = 0
+        if on_total:
+            on_total(len(s.records))
+        for r in s.records:
+            shard = s.read(r, verify=True)
+            chunks, dropped = _pieces(format, shard, ctx, np.dtype(dtype), exclude, r.index * full_tokens)
+            excluded += dropped
+            for cols in chunks:
+                ds = _dataset(format, cols, features, m["hook"])
+                ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
+                n_pieces += 1
+                rows += len(cols["acts"])
+            if on_shard:
+                on_shard(r.index)
+        if not n_pieces:  # nothing left: still a loadable, empty dataset
+            empty = {
+                "acts": np.zeros((0, ctx, m["d"]) if format == "saelens" else (0, m["d"]), dtype=dtype),
+                "token_ids": np.zeros((0, ctx), np.int32),
+                "token_id": np.zeros(0, np.int32),
+                "sequence": np.zeros(0, np.int64),
+                "position": np.zeros(0, np.int32),
+            }
+            _dataset(format, empty, features, m["hook"]).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
+        _consolidate(pieces_dir, partial)
     provenance = {k: v for k, v in m.items() if k not in ("shards", "moments")}
     (partial / "actcache.json").write_text(
         json.dumps(

@@ -14,7 +14,10 @@ or ``hf auth login``) and goes only to its endpoint (``HF_ENDPOINT``); actcache 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,8 @@ from actcache.errors import ActcacheError
 from actcache.format import layout, records
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import JSON_LIMIT, StoreRef
+
+_OTHER_MANIFEST = re.compile(r"[0-9a-f]{24}/manifest\.json")
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,21 @@ def _hub_error(e: BaseException, repo_id: str, action: str) -> ActcacheError:
     )
 
 
-def card(s: ActivationSet, repo_id: str) -> str:
-    """The dataset card: what the set is and how to load it (no timestamps: a rerun compares equal)."""
-    m = s.manifest
+def _public(value: object) -> str:
+    """A model or dataset name as the card may show it: a local path (a temporary folder, a home directory's cache)
+    becomes "a local folder", as it means nothing to a reader and says something about the machine it came from."""
+    text = str(value)
+    if text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text or os.path.exists(text):
+        return "a local folder"
+    return text
+
+
+def _section(m: dict, repo_id: str) -> list[str]:
+    """The card's lines about one set (its manifest ``m``)."""
     model, tok = m.get("model") or {}, m.get("tokenization") or {}
     st = m.get("stats") if isinstance(m.get("stats"), dict) else None
-    url = f"hf://datasets/{repo_id}/{s.set_id}"
+    sid = m.get("set_id")
+    url = f"hf://datasets/{repo_id}/{sid}"
     rows = m.get("layout") == "rows"
     shape = (
         (
@@ -89,27 +103,21 @@ def card(s: ActivationSet, repo_id: str) -> str:
         if rows
         else "`activations` [n_seq, context_size, d] and `tokens` [n_seq, context_size] int32"
     )
+    dataset = m.get("dataset") or {}
     lines = [
-        "---",
-        "tags:",
-        "- actcache",
-        "- activations",
-        "- interpretability",
-        "viewer: false",
-        "---",
+        f"## `{sid}`: {m.get('hook')} of {_public(model.get('name'))}",
         "",
-        f"# {m.get('hook')} activations of {model.get('name')}",
-        "",
-        f"An [actcache](https://pypi.org/project/actcache/) activation set: set id `{s.set_id}`, the hook "
-        f"`{m.get('hook')}` (layer {m.get('layer')}, d = {m.get('d')}) of `{model.get('name')}` "
+        f"The hook `{m.get('hook')}` (layer {m.get('layer')}, d = {m.get('d')}) of `{_public(model.get('name'))}` "
         f"(revision `{model.get('revision')}`, fingerprint `{model.get('fingerprint')}`), "
         f"{m.get('n_tokens')} tokens in {m.get('n_shards')} shards, stored as {m.get('dtype')} "
-        f"(codec {m.get('codec')}).",
+        f"(codec {m.get('codec')}). Read it as `{url}`.",
         "",
-        f"- Dataset: `{(m.get('dataset') or {}).get('name', (m.get('dataset') or {}).get('path'))}`; context size "
-        f"{tok.get('context_size')}, BOS prepended: {tok.get('prepend_bos')}, separator id {tok.get('separator_id')}.",
-        f"- Shards: plain safetensors files under `{s.set_id}/shards/` holding {shape}; "
-        f"`{s.set_id}/manifest.json` records the full provenance and every shard's sha256.",
+        f"- Dataset: `{_public(dataset.get('name', dataset.get('path')))}` "
+        f"(fingerprint `{dataset.get('fingerprint')}`); "
+        f"context size {tok.get('context_size')}, BOS prepended: {tok.get('prepend_bos')}, separator id "
+        f"{tok.get('separator_id')}.",
+        f"- Shards: plain safetensors files under `{sid}/shards/` holding {shape}; "
+        f"`{sid}/manifest.json` records the full provenance and every shard's sha256.",
     ]
     if rows:
         lines.append(
@@ -121,12 +129,44 @@ def card(s: ActivationSet, repo_id: str) -> str:
             f"- Normalisation: mean L2 norm {st['mean_norm']:.6g}, scale sqrt(d) / mean norm "
             f"{st['scale']:.6g}; per-dimension mean and variance in `manifest.json` (`stats`)."
         )
-    lines += [
+    return [*lines, ""]
+
+
+def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
+    """The dataset card: every set in the repo (this one and the manifests ``others`` of those already there), what
+    each is and how to load it (no timestamps: a rerun compares equal; no local paths)."""
+    manifests = {m.get("set_id"): m for m in others}
+    manifests[s.set_id] = s.manifest
+    ordered = [manifests[k] for k in sorted(manifests, key=str)]
+    url = f"hf://datasets/{repo_id}/{s.set_id}"
+    hooks = sorted({str(m.get("hook")) for m in ordered})
+    title = hooks[0] if len(hooks) == 1 else f"{len(ordered)} hooks"
+    lines = [
+        "---",
+        "tags:",
+        "- actcache",
+        "- activations",
+        "- interpretability",
+        "viewer: false",
+        "---",
         "",
+        f"# {title} activations of {_public((ordered[0].get('model') or {}).get('name'))}",
+        "",
+        f"{len(ordered)} actcache activation set{'s' if len(ordered) != 1 else ''}, each under its set id:",
+        "",
+    ]
+    for m in ordered:
+        lines += _section(m, repo_id)
+    lines += [
         "## Loading",
         "",
+        "Reading needs only actcache's base install (torch, safetensors, fsspec, huggingface_hub; no "
+        "TransformerLens or Prefect), so it installs beside SAELens and other trainers: install actcache "
+        f"{_version()} from its source (`pip install ./actcache`, or a wheel built by `pip wheel`); "
+        "`actcache[extract]` adds what extraction needs.",
+        "",
         "```python",
-        "import actcache  # pip install actcache",
+        "import actcache",
         "",
         f's = actcache.open_set("{url}")',
         "ds = actcache.ActivationDataset(",
@@ -142,8 +182,15 @@ def card(s: ActivationSet, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
-    """(shards and records, then manifest and card) as they go to the repo."""
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("actcache")
+
+
+def _files(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> tuple[list[_File], list[_File]]:
+    """(shards and records, then manifest and card) as they go to the repo; ``others``: the manifests of the other
+    sets already in the repo, which the card describes too."""
     prefix = s.set_id
     local = s.store.local
     body: list[_File] = []
@@ -158,7 +205,7 @@ def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
         rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
         body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))  # type: ignore[misc]
     manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
-    text = card(s, repo_id).encode()
+    text = card(s, repo_id, others).encode()
     last = [
         _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),  # type: ignore[misc]
         _File("README.md", len(text), lambda b=text: b),  # type: ignore[misc]
@@ -182,7 +229,6 @@ def push_set(
     from huggingface_hub.errors import HfHubHTTPError
 
     s = open_set(src)
-    body, last = _files(s, repo_id)
     api = HfApi()
     action = "creating"
     try:
@@ -197,6 +243,13 @@ def push_set(
             for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
             if hasattr(f, "blob_id")
         }
+        action = "reading the other manifests of"
+        others = [
+            json.loads(open(api.hf_hub_download(repo_id, p, repo_type="dataset", revision=revision), "rb").read())
+            for p in sorted(remote)
+            if _OTHER_MANIFEST.fullmatch(p) and not p.startswith(s.set_id)
+        ]
+        body, last = _files(s, repo_id, others)
 
         def present(f: _File) -> bool:
             have = remote.get(f.path)

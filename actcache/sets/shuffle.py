@@ -41,7 +41,7 @@ from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import FORMAT_VERSION, ShuffleKey
 from actcache.format.records import Record
-from actcache.read.exclude import token_ids
+from actcache.read.exclude import special_ids, token_ids
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import Store, StoreRef
 
@@ -260,7 +260,11 @@ class _Writer:
             metadata={"set_id": sid, "index": str(j), "layout": "rows"},
         )
         rel = layout.shard_file(j, "none")
+        tok = self.job.src.manifest.get("tokenization") or {}
         extra = {"set_id": sid, "stats": shard.stats(acts), moments.RECORD_FIELD: moments.of(acts).to_json()}
+        if type(ctx := tok.get("context_size")) is int:  # the rows at a sequence's first position: positions % ctx
+            groups = moments.by_token(acts, tokens, positions % ctx == 0, special_ids(tok))
+            extra[moments.BY_TOKEN_FIELD] = groups.to_json()
         record = Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
         commit(self.job.out, sid, [Shard(record, enc.data)], points=SHARD_POINTS)
         self.job.step("shard")
@@ -444,5 +448,6 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
         full=lambda r: r.n_seq == job.key.rows_per_shard,
         previous=scan.consolidated,
         moments_of=moments.from_records(job.out, sid, job.d),
+        by_token_of=moments.from_records(job.out, sid, job.d, moments.BY_TOKEN_FIELD),
     )
     commit(job.out, sid, manifest_doc=m, points=MANIFEST_POINTS)

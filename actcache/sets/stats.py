@@ -3,7 +3,9 @@
 Sets extracted since statistics exist carry them in ``manifest["stats"]`` (see ``moments``). For an older set,
 ``compute`` reads every shard once (one at a time, checksum verified), merges the moments in shard-index
 order exactly as extraction does, and rewrites the manifest with ``stats`` and ``moments`` added and nothing
-else changed, in one atomic write.
+else changed, in one atomic write. A set whose manifest has stats but not the moments by token group
+(``moments["by_token"]``, what a reader that excludes special tokens or BOS positions normalises with) gets
+them the same way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from actcache.format import manifest
 from actcache.format.records import Record
+from actcache.read.exclude import special_ids
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import StoreRef
 
@@ -25,10 +28,19 @@ def full_size(m: dict[str, Any]) -> int:
     return key["rows_per_shard"] if m.get("layout") == "rows" else key["tokens"]["seqs_per_shard"]
 
 
-def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
-    from actcache.format import moments  # torch: imported only when shards are read (stats in the manifest: < 1 s)
+def _shard_moments(s: ActivationSet, r: Record) -> tuple[moments.Moments, moments.ByToken | None]:
+    import torch  # torch: imported only when shards are read (stats in the manifest: < 1 s)
 
-    return moments.of(s.read(r, verify=True).activations)
+    from actcache.format import moments
+
+    sh = s.read(r, verify=True)
+    ctx = s.context_size
+    if ctx is None:
+        return moments.of(sh.activations), None
+    tokens = sh.tokens.reshape(-1)
+    first = sh.positions % ctx == 0 if sh.positions is not None else torch.arange(len(tokens)) % ctx == 0
+    ids = special_ids(s.tokenization)
+    return moments.of(sh.activations), moments.by_token(sh.activations, tokens, first, ids)
 
 
 def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, Any]:
@@ -37,21 +49,29 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
     ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
     s = open_set(src)
     m = s.manifest
-    if isinstance(m.get("stats"), dict):
+    if isinstance(m.get("stats"), dict) and "by_token" in (m.get("moments") or {}):
         return m["stats"]
     size = full_size(m)
+    groups: dict[int, moments.ByToken | None] = {}
     if on_total:
         on_total(len(s.records))
 
     def moments_of(r: Record) -> moments.Moments:
-        out = _shard_moments(s, r)
+        out, groups[r.index] = _shard_moments(s, r)
         if on_shard:
             on_shard(r)
         return out
 
     from actcache.format import moments
 
-    fields = moments.merged(s.records, m["d"], full=lambda r: r.n_seq == size, previous=None, moments_of=moments_of)
+    fields = moments.merged(
+        s.records,
+        m["d"],
+        full=lambda r: r.n_seq == size,
+        previous=None,
+        moments_of=moments_of,
+        by_token_of=lambda r: groups.pop(r.index),  # called right after moments_of(r)
+    )
     manifest.write(s.store, s.set_id, {**m, **fields})
     return fields["stats"]
 

@@ -414,6 +414,35 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
         assert says in p.stdout + p.stderr
 
 
+def test_commands_that_write_take_json(extracted_set, tmp_path, capsys):
+    """cp, shuffle and export print one JSON document on stdout with --json (push: tests/actcache/sets)."""
+    assert main(["cp", extracted_set, str(tmp_path / "copy"), "--json"]) == 0
+    copied = json.loads(capsys.readouterr().out)
+    assert copied["url"] == str(tmp_path / "copy" / Path(extracted_set).name) and copied["copied"] == 4
+    assert main(["shuffle", copied["url"], "--seed", "2", "--json"]) == 0
+    shuffled = json.loads(capsys.readouterr().out)
+    assert shuffled["rows"] == 448 and shuffled["shards"] == 4 and not shuffled["skipped"]
+    assert main(["export", shuffled["url"], str(tmp_path / "hf"), "--format", "hf", "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported == {"path": str(tmp_path / "hf"), "rows": 448, "excluded_tokens": 0, "dtype": "float16"}
+
+
+@pytest.mark.subprocess
+def test_no_progress_bar_before_an_error(extracted_set, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars on (tqdm reads it at import)
+    (tmp_path / "taken").mkdir()
+    for argv in (
+        ["export", extracted_set, str(tmp_path / "taken"), "--format", "hf"],
+        ["shuffle", str(tmp_path / ("0" * 24))],
+        ["cp", str(tmp_path / ("0" * 24)), str(tmp_path / "copy")],
+    ):
+        run = subprocess.run(
+            [sys.executable, "-m", "actcache.cli", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert run.returncode == 2
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith("actcache: error:"), (argv, run.stderr)
+
+
 def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_path, capsys):
     """Off a terminal (no bar), a command's progress is a line with its total; stats already in the manifest
     read no shard and print no progress."""

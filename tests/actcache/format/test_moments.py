@@ -210,3 +210,76 @@ def test_a_thousand_shards_at_d4096_keep_the_manifest_small():
     assert fields["stats"]["n"] == 10_000
     shard_list = json.dumps([moments.without(r).to_dict() for r in recs])
     assert len(json.dumps(fields)) < 400_000 and len(shard_list) < 200_000  # vs ~90 MB with vectors per shard
+
+
+# -- moments by token group --------------------------------------------------------------------------------
+def _shard_with_tokens(seed: int, n_seq: int = 5, ctx: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = acts(seed, shape=(n_seq, ctx, 48))
+    x[:, 0] = (x[:, 0].float() * 20).to(x.dtype)  # BOS rows much larger, as in real models
+    tokens = torch.randint(3, 50, (n_seq, ctx), generator=g, dtype=torch.int32)
+    tokens[torch.rand(n_seq, ctx, generator=g) < 0.2] = 1  # EOS here and there, also at first positions
+    tokens[:, 0] = torch.where(torch.arange(n_seq) % 2 == 0, 0, 1).int()
+    first = torch.zeros(n_seq, ctx, dtype=torch.bool)
+    first[:, 0] = True
+    return x, tokens, first
+
+
+@pytest.mark.parametrize(
+    ("exclude", "drop_first"), [((), False), ((), True), ((0,), False), ((0, 1), True), ((1, 2), False)]
+)
+def test_by_token_gives_the_moments_of_the_rows_kept(exclude, drop_first):
+    shards = [_shard_with_tokens(s) for s in (1, 2, 3)]
+    total = None
+    for x, t, f in shards:
+        g = moments.by_token(x, t, f, (0, 1, 2))
+        g = moments.ByToken.from_json(json.loads(json.dumps(g.to_json())), 48)
+        total = g if total is None else total.merge(g)
+    keep = [
+        (~torch.isin(t.reshape(-1), torch.tensor(exclude, dtype=torch.int32))) & ~(f.reshape(-1) & drop_first)
+        for _, t, f in shards
+    ]
+    rows = torch.cat([x.reshape(-1, 48)[k] for (x, _, _), k in zip(shards, keep, strict=True)])
+    check(total.kept(exclude, drop_first).stats(), reference(rows))
+    assert total.kept((7,), drop_first) is None  # an id not tracked: its rows hide among "other"
+
+
+def test_by_token_is_carried_in_the_prefix_state_like_the_totals():
+    shards = [_shard_with_tokens(s) for s in range(4)]
+    recs = [
+        Record(
+            i,
+            f"shards/{i:06d}.safetensors",
+            5,
+            40,
+            f"{i:064x}",
+            100,
+            {
+                moments.RECORD_FIELD: moments.of(x).to_json(),
+                moments.BY_TOKEN_FIELD: moments.by_token(x, t, f, (0, 1)).to_json(),
+            },
+        )
+        for i, (x, t, f) in enumerate(shards)
+    ]
+
+    def merge(rs, previous=None):
+        return moments.merged(
+            rs,
+            48,
+            full=lambda r: True,
+            previous=previous,
+            moments_of=lambda r: moments.Moments.from_json(r.extra[moments.RECORD_FIELD], 48),
+            by_token_of=lambda r: (
+                moments.ByToken.from_json(r.extra[moments.BY_TOKEN_FIELD], 48)
+                if moments.BY_TOKEN_FIELD in r.extra
+                else None
+            ),
+        )
+
+    fresh = merge(recs)
+    extended = merge(recs, previous=merge(recs[:2]))  # a rerun that reads only the last two records
+    assert extended["moments"]["by_token"] == fresh["moments"]["by_token"]
+    assert fresh["moments"]["prefix"]["by_token"] == fresh["moments"]["by_token"]
+    older = Record(*list(vars(recs[3]).values())[:6], {moments.RECORD_FIELD: recs[3].extra[moments.RECORD_FIELD]})
+    without = merge([*recs[:3], older])  # a shard written before them: none for the set
+    assert "by_token" not in without["moments"] and without["stats"] == fresh["stats"]

@@ -7,6 +7,9 @@ per epoch, the same order for the same seed, another order for another epoch.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -377,6 +380,74 @@ def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
         ActivationDataset(old, batch_size=8, normalize="scale")
 
 
+@pytest.fixture(scope="module")
+def loud_bos(tmp_path_factory):
+    """A set written as extraction writes it (moments per shard and by token group) whose BOS rows are 30 times
+    larger than the others, as in real models: statistics over all rows are far from those of the rest."""
+    root = tmp_path_factory.mktemp("loud-bos")
+    return setwriter.write_set(root, shards=5, seqs=4, ctx=16, d=32, last_seqs=3, with_moments=True, bos_scale=30.0)
+
+
+def yielded(url: str, **kw) -> torch.Tensor:
+    return torch.cat(list(ActivationDataset(url, batch_size=64, shuffle_buffer=100, dtype=torch.float32, **kw)))
+
+
+EXCLUSIONS = [{}, {"drop_bos": True}, {"exclude_special_tokens": True}, {"exclude_tokens": [setwriter.PAD]}]
+
+
+@pytest.mark.parametrize("exclusions", EXCLUSIONS, ids=["none", "drop_bos", "special", "pad"])
+def test_scale_gives_mean_norm_sqrt_d_over_the_rows_yielded(loud_bos, exclusions):
+    x = yielded(loud_bos, normalize="scale", **exclusions)
+    d = x.shape[1]
+    assert x.double().norm(dim=1).mean().item() == pytest.approx(d**0.5, rel=0.01)
+
+
+@pytest.mark.parametrize("exclusions", EXCLUSIONS, ids=["none", "drop_bos", "special", "pad"])
+def test_standardize_gives_unit_std_per_dimension_over_the_rows_yielded(loud_bos, exclusions):
+    x = yielded(loud_bos, normalize="standardize", **exclusions).double()
+    torch.testing.assert_close(x.std(0, correction=0), torch.ones(x.shape[1], dtype=torch.float64), atol=0.01, rtol=0)
+    torch.testing.assert_close(x.mean(0), torch.zeros(x.shape[1], dtype=torch.float64), atol=0.01, rtol=0)
+
+
+def test_the_datasets_stats_are_those_of_its_rows(loud_bos, local_set, tmp_path):
+    """``ds.stats`` (what ``normalize`` uses) equals moments computed directly from the rows yielded: on the
+    synthetic set, on a set written by the extraction's own stages, and on a shuffled copy of it."""
+    rows_url = shuffle_set(local_set, out=str(tmp_path), seed=1, rows_per_shard=300).url
+    for url in (loud_bos, local_set, rows_url):
+        for kw in ({"drop_bos": True}, {"exclude_special_tokens": True, "drop_bos": True}):
+            ds = ActivationDataset(url, batch_size=64, dtype=torch.float32, **kw)
+            x = torch.cat(list(ds)).double()
+            assert ds.stats["n"] == len(x) < open_set(url).manifest["stats"]["n"]
+            torch.testing.assert_close(
+                torch.tensor(ds.stats["mean"], dtype=torch.float64), x.mean(0), atol=1e-6, rtol=1e-6
+            )
+            torch.testing.assert_close(
+                torch.tensor(ds.stats["var"], dtype=torch.float64), x.var(0, correction=0), atol=1e-6, rtol=1e-5
+            )
+            assert ds.stats["mean_norm"] == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-6)
+    everything = open_set(loud_bos).manifest["stats"]  # what normalize used before: BOS rows weigh in
+    assert ActivationDataset(loud_bos, batch_size=8, drop_bos=True).stats["scale"] > 1.5 * everything["scale"]
+
+
+def test_normalize_with_an_untracked_id_points_to_a_shuffled_copy(loud_bos):
+    with pytest.raises(
+        ActcacheError, match=r"track only its special tokens \[0, 1, 2\].*actcache shuffle .* --exclude-ids 7"
+    ):
+        ActivationDataset(loud_bos, batch_size=8, exclude_tokens=[7], normalize="scale")
+    assert ActivationDataset(loud_bos, batch_size=8, exclude_tokens=[7]).stats is None  # reading alone works
+
+
+def test_normalize_with_exclusions_on_an_older_set_points_to_actcache_stats(synthetic, tmp_path):
+    from actcache.sets import stats
+
+    old = copy_set(synthetic, str(tmp_path)).url  # stats, but no moments by token group
+    with pytest.raises(ActcacheError, match=r"predates moments by token\); add them with `actcache stats "):
+        ActivationDataset(old, batch_size=8, drop_bos=True, normalize="scale")
+    stats.compute(old)
+    x = yielded(old, normalize="scale", drop_bos=True)
+    assert x.double().norm(dim=1).mean().item() == pytest.approx(8**0.5, rel=0.01)
+
+
 # -- the rows layout ------------------------------------------------------------------------------------
 def test_rows_layout_reads_in_its_order_and_keeps_positions(local_set, tmp_path):
     rows_url = shuffle_set(local_set, out=str(tmp_path), seed=5, rows_per_shard=300).url
@@ -553,3 +624,146 @@ def test_a_batch_counts_exactly_what_the_dataloader_expects(local_set):
     ds = full(local_set, batch_size=100, drop_last=True, world_size=3, rank=0)
     assert len(ds) == len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 341 // 100
     assert Counter(len(b[0]) for b in ds) == {100: 3}
+
+
+# A program that stops reading before an epoch ends, then exits: it must print nothing at exit (the reader's
+# clean-up used to run after concurrent.futures was torn down and printed an ignored AttributeError).
+PARTIAL_EPOCH = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+import actcache
+
+if __name__ == "__main__":
+    url, workers, buffer, how = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    ds = actcache.ActivationDataset(url, batch_size=8, shuffle_buffer=buffer, drop_bos=True, dtype=torch.float32,
+                                    device="cpu" if how == "device" else None, prefetch=1)
+    src = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0) if workers else ds
+    if how == "break":
+        it = iter(src)
+        for batch in it:
+            break
+    else:  # forever (the README's loop) and device: a few steps of an endless stream
+        batches = actcache.forever(src)
+        for step in range(3):
+            x = next(batches)
+"""
+
+
+@pytest.mark.parametrize(
+    ("workers", "buffer", "how"),
+    [(0, 0, "forever"), (0, 64, "forever"), (0, 64, "break"), (0, 64, "device"), (2, 64, "forever"), (2, 0, "break")],
+)
+@pytest.mark.subprocess
+def test_a_partial_epoch_exits_silently(synthetic, workers, buffer, how):
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PARTIAL_EPOCH), synthetic, str(workers), str(buffer), how],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "" and run.stdout == ""
+
+
+# -- several hooks as one dataset ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_hooks(tiny_models, corpus, tmp_path_factory):
+    """Two sets of different widths from one forward pass (``--hook a,b``): block 0's MLP neurons and block 1's
+    MLP output."""
+    from actcache.config import ExtractConfig
+
+    return setwriter.extract_sets_by_stages(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            hook="blocks.0.mlp.hook_post,blocks.1.hook_mlp_out",
+            dataset=str(corpus),
+            context_size=CTX,
+            max_tokens=640,
+            shard_tokens=128,
+            batch_size=4,
+            store=str(tmp_path_factory.mktemp("two-hooks")),
+            device="cpu",
+        )
+    )
+
+
+def by_position(url: str) -> dict[int, tuple[int, bytes]]:
+    """Each row of a set by its flat position: (token id, activation bytes), by an obvious loop."""
+    s, out, base = open_set(url), {}, 0
+    for shard in s:
+        a, t = shard.activations.reshape(-1, s.d), shard.tokens.reshape(-1)
+        for i in range(len(t)):
+            out[base + i] = (int(t[i]), a[i].view(torch.uint8).numpy().tobytes())
+        base += len(t)
+    return out
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_several_sets_yield_row_aligned_tuples(two_hooks, num_workers, rank):
+    a, b = two_hooks
+    kw = dict(batch_size=48, shuffle_buffer=100, seed=3, exclude_special_tokens=True, drop_bos=True)
+    kw |= dict(rank=rank, world_size=2, with_tokens=True, with_positions=True)
+    ds = ActivationDataset([a, b], **kw)
+    got = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
+    assert len(got) == len(ds) > 1
+    rows_a, rows_b = by_position(a), by_position(b)
+    assert open_set(a).d != 0 and len(rows_a) == len(rows_b)
+    n = 0
+    for acts_a, acts_b, tokens, positions in got:
+        assert len(acts_a) == len(acts_b) == len(tokens) == len(positions)
+        for i in range(len(tokens)):
+            p, t = int(positions[i]), int(tokens[i])
+            assert rows_a[p] == (t, acts_a[i].view(torch.uint8).numpy().tobytes())
+            assert rows_b[p] == (t, acts_b[i].view(torch.uint8).numpy().tobytes())  # the same token, same row
+        n += len(tokens)
+    assert n == ds.rows_per_rank
+    # one shuffle for all: each set alone, with the same options, yields the same rows in the same order
+    for k, url in enumerate((a, b)):
+        alone = list(DataLoader(ActivationDataset(url, **kw), batch_size=None, num_workers=num_workers))
+        for mine, theirs in zip(got, alone, strict=True):
+            assert torch.equal(mine[k], theirs[0]) and torch.equal(mine[2], theirs[1])
+
+
+def test_several_sets_normalise_each_with_its_own_statistics(two_hooks):
+    ds = ActivationDataset(list(two_hooks), batch_size=64, dtype=torch.float32, normalize="scale", drop_bos=True)
+    parts = list(zip(*ds, strict=True))
+    assert len(parts) == 2 and len(ds.stats) == 2
+    for part, st in zip(parts, ds.stats, strict=True):
+        x = torch.cat(part).double()
+        assert x.norm(dim=1).mean().item() == pytest.approx(x.shape[1] ** 0.5, rel=0.01)
+        assert st["n"] == len(x)
+
+
+def test_several_sets_must_share_their_tokens(two_hooks, synthetic, tmp_path):
+    with pytest.raises(ActcacheError, match=r"extracted from other tokens than .*--hook a,b$"):
+        ActivationDataset([two_hooks[0], synthetic], batch_size=8)
+    rows = shuffle_set(two_hooks[1], out=str(tmp_path), seed=0).url
+    with pytest.raises(ActcacheError, match=r"is a shuffled copy \(layout 'rows'\)"):
+        ActivationDataset([two_hooks[0], rows], batch_size=8)
+    with pytest.raises(ActcacheError, match=r"needs a set URL"):
+        ActivationDataset([], batch_size=8)
+
+
+def test_shuffled_copies_made_together_read_together(two_hooks, synthetic, tmp_path, capsys):
+    from actcache.cli.app import main
+
+    a, b = two_hooks
+    assert main(["shuffle", a, b, "--seed", "4", "--out", str(tmp_path), "--shard-rows", "200", "--json"]) == 0
+    ra, rb = (s["url"] for s in json.loads(capsys.readouterr().out)["sets"])
+    ds = ActivationDataset([ra, rb], batch_size=64, with_tokens=True, with_positions=True, exclude_special_tokens=True)
+    rows_a, rows_b = by_position(a), by_position(b)
+    n = 0
+    for acts_a, acts_b, tokens, positions in ds:
+        for i in range(len(tokens)):
+            p, t = int(positions[i]), int(tokens[i])
+            assert rows_a[p] == (t, acts_a[i].view(torch.uint8).numpy().tobytes())
+            assert rows_b[p] == (t, acts_b[i].view(torch.uint8).numpy().tobytes())
+        n += len(tokens)
+    assert n == ds.n_tokens > 0
+    other = shuffle_set(b, out=str(tmp_path / "other"), seed=5, rows_per_shard=200).url
+    with pytest.raises(ActcacheError, match=r"other tokens than .*another shuffle"):
+        ActivationDataset([ra, other], batch_size=8)
+    assert main(["shuffle", a, synthetic, "--out", str(tmp_path / "refused")]) == 2
+    assert "other tokens than" in capsys.readouterr().err and not (tmp_path / "refused").exists()

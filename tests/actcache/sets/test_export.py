@@ -144,3 +144,12 @@ def test_an_existing_target_or_a_shuffled_source_is_refused(source, tmp_path, ca
         == 2
     )
     assert "no activation set at" in capsys.readouterr().err
+
+
+def test_hf_folder_loads_with_load_dataset_as_documented(source, tmp_path):
+    """datasets.load_dataset refuses a save_to_disk folder by name; docs/training.md gives the call that works."""
+    from datasets import load_dataset
+
+    export.export_set(source["url"], str(tmp_path / "hf"), format="hf")
+    ds = load_dataset("arrow", data_files=str(tmp_path / "hf" / "*.arrow"), split="train")
+    assert len(ds) == len(load_from_disk(str(tmp_path / "hf"))) == source["tokens"].numel()

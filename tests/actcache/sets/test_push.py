@@ -77,7 +77,7 @@ def test_refusals_are_one_line_without_the_token(extracted_set, hub, capsys, mon
     repo = hub.new_repo_id("locked")
     push.push_set(extracted_set, repo)
     hub.set_repo(repo, repo_type="dataset", read_only=True)
-    monkeypatch.setattr(push, "card", lambda s, r: "changed\n")
+    monkeypatch.setattr(push, "card", lambda *a: "changed\n")
     assert cli.main(["push", extracted_set, repo]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "HTTP 403" in err[0]
@@ -89,3 +89,20 @@ def test_refusals_are_one_line_without_the_token(extracted_set, hub, capsys, mon
 
     assert cli.main(["push", str(Path(extracted_set).parent / ("0" * 24)), hub.new_repo_id("y")]) == 2
     assert "no activation set at" in capsys.readouterr().err
+
+
+def test_the_card_describes_every_set_in_the_repo_and_no_local_path(extracted_set, hub, tmp_path, capsys):
+    from actcache.sets.shuffle import shuffle_set
+
+    repo = hub.new_repo_id("two")
+    copy = shuffle_set(extracted_set, out=str(tmp_path), seed=1).url  # a second set: a shuffled copy
+    push.push_set(extracted_set, repo)
+    assert cli.main(["push", copy, repo, "--json"]) == 0  # the second push rewrites the card: both sets stay on it
+    pushed = json.loads(capsys.readouterr().out)
+    assert pushed["url"] == f"hf://datasets/{repo}/{Path(copy).name}" and pushed["uploaded"] > 0
+    readme = hub.files(repo, repo_type="dataset")["README.md"].decode()
+    for url in (extracted_set, copy):
+        assert f"## `{Path(url).name}`" in readme and f"hf://datasets/{repo}/{Path(url).name}" in readme
+    assert "2 actcache activation sets" in readme and "Shuffled copy of set" in readme
+    assert "/tmp" not in readme and str(tmp_path) not in readme and "a local folder" in readme
+    assert "pip install actcache" not in readme and "actcache[extract]" in readme

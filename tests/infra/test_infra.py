@@ -293,7 +293,7 @@ def test_pyproject_floors_are_what_the_pinned_stack_needs():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     floors = {}
-    for line in project["dependencies"]:
+    for line in project["dependencies"] + project["optional-dependencies"]["extract"]:
         req = Requirement(line)
         floors[req.name] = min(Version(s.version) for s in req.specifier if s.operator == ">=")
     versions = pinned()

@@ -34,6 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
+from actcache.format import layout
 from actcache.storage import failures
 
 JSON_LIMIT = 256 << 20
@@ -131,9 +132,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class TempFile:
-    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``)."""
+    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``, see ``layout.temp_name``)."""
 
     rel: str
+    target: str
+    """The file it becomes once renamed (relative to the store's root)."""
     host: str
     pid: int
     size: int
@@ -155,7 +158,6 @@ class Upload:
     """Bytes of the parts uploaded so far."""
 
 
-_TMP_MARK = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
 
 
@@ -470,7 +472,7 @@ class Store:
                     "finished shards are kept"
                 ) from e
             self._check_inside(rel, path)
-            tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = layout.temp_name(path, _HOST, os.getpid(), uuid.uuid4().hex[:8])
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -498,31 +500,32 @@ class Store:
 
     def temp_files(self, rel: str = "") -> list[TempFile]:
         """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
-        complete, see ``incomplete_uploads``)."""
-        if not self.local:
+        complete, see ``incomplete_uploads``). Symlinked folders are not entered: nothing beyond them is ours."""
+        if not self.local or self.symlink_in(rel, below=False):
             return []
         out = []
-        for dirpath, _, files in os.walk(self.path(rel)):
+        for dirpath, _, files in os.walk(self.path(rel)):  # os.walk enters no symlinked folder
             for name in files:
-                _, mark, tail = name.partition(_TMP_MARK)
-                host, _, pid = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
-                if not mark or not pid.isdigit():
-                    continue
+                parsed = layout.parse_temp(name)
                 full = os.path.join(dirpath, name)
+                if parsed is None or os.path.islink(full):
+                    continue
                 try:
-                    st = os.stat(full)
+                    st = os.lstat(full)
                 except FileNotFoundError:
                     continue  # renamed into place since the walk
+                target, host, pid = parsed
                 mine = host == _HOST
                 out.append(
                     TempFile(
                         os.path.relpath(full, self.root),
+                        os.path.relpath(os.path.join(dirpath, target), self.root),
                         host,
-                        int(pid),
+                        pid,
                         st.st_size,
                         st.st_mtime,
                         mine,
-                        mine and not _alive(int(pid)),
+                        mine and not _alive(pid),
                     )
                 )
         return out
@@ -530,20 +533,44 @@ class Store:
     def sweep_temp(self, rel: str) -> int:
         """Delete temp files left below ``rel`` by killed writers of this host; return how many.
 
-        Temp names carry host and pid, so a live writer's file (or another host's) is never touched.
+        Temp names carry host and pid, so a live writer's file (or another host's) is never touched; nor is a file
+        whose name merely looks like one, where actcache would not have written it (``layout.is_store_file``).
         """
-        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead]
+        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead and layout.is_store_file(t.target)]
         self.remove(dead)
         return len(dead)
 
+    def symlink_in(self, rel: str, *, below: bool = True) -> str | None:
+        """The first symlink (relative to the root) on the way from the root to ``rel``, ``rel`` itself, or (with
+        ``below``) anything inside it; None if there is none, and always on object stores, which have no links.
+        The root itself may be a link: it is what the user named."""
+        if not self.local:
+            return None
+        parts = [p for p in rel.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            if os.path.islink(self.path("/".join(parts[:i]))):
+                return "/".join(parts[:i])
+        if below and os.path.isdir(self.path(rel)):
+            for dirpath, dirs, files in os.walk(self.path(rel)):
+                for name in sorted(dirs + files):
+                    full = os.path.join(dirpath, name)
+                    if os.path.islink(full):
+                        return os.path.relpath(full, self.root)
+        return None
+
     def remove(self, rels: list[str]) -> None:
-        """Delete these files (one bulk request per 1000 on S3); files already gone are no error."""
+        """Delete these files (one bulk request per 1000 on S3); files already gone are no error.
+
+        Locally a file below a symlinked folder is refused (``DamagedFile``), never deleted through the link; a link
+        itself is only unlinked, what it points to is left alone."""
         if not rels:
             return
         if self.local:
             for rel in rels:
+                path = self.path(rel)
+                self._check_inside(rel, path)
                 try:
-                    os.unlink(self.path(rel))
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
             return
@@ -551,8 +578,9 @@ class Store:
             self.fs.rm([self.path(r) for r in rels])
 
     def remove_folder(self, rel: str) -> None:
-        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally)."""
-        if self.local and os.path.isdir(self.path(rel)):
+        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally); a
+        folder reached through a symlink is left alone."""
+        if self.local and os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
             for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
                 try:
                     os.rmdir(dirpath)

@@ -63,17 +63,31 @@ class Bounds:
     """Width of ``activations`` when known: then a re-hashed shard's header is checked too."""
     rows: bool = False
     """A shuffled ("rows") set: one row per "sequence" of one token; no header check here (``ActivationSet.read``)."""
+    owner: str | None = None
+    """Id of the folder's set (or token cache): a record or shard naming another is damage, never adopted."""
+    hook: str | None = None
+    """The set's hook, which its shards' metadata names."""
 
     @classmethod
     def of(cls, key: Any, d: int | None = None) -> Bounds:
         """For a SetKey (its codec and dtype), a TokensKey (token shards are never compressed) or a ShuffleKey
         (uncompressed shards of at most ``rows_per_shard`` rows)."""
         if getattr(key, "kind", None) == "shuffle":
-            return cls("none", key.rows_per_shard, 1, None, d, rows=True)
+            return cls("none", key.rows_per_shard, 1, None, d, rows=True, owner=key.id)
         tokens = getattr(key, "tokens", key)
+        codec, dtype = getattr(key, "codec", "none"), getattr(key, "dtype", None)
         return cls(
-            getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size, getattr(key, "dtype", None), d
+            codec, tokens.seqs_per_shard, tokens.context_size, dtype, d, owner=key.id, hook=getattr(key, "hook", None)
         )
+
+    def provenance(self, rec: Record) -> dict[str, str]:
+        """What the metadata of ``rec``'s shard must name, where it names it (``header.check_provenance``)."""
+        out = {"index": str(rec.index)}
+        if self.owner is not None:
+            out["set_id"] = self.owner
+        if self.hook is not None:
+            out["hook"] = self.hook
+        return out
 
     def expect(self, rec: Record) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         """Each tensor's dtype (by name: no torch needed) and shape in ``rec``'s shard (None when the width of
@@ -120,6 +134,9 @@ class Record:
         if layout.parse_shard_file(rec.file) != rec.index:
             raise ValueError(f"shard {rec.index} names the file {rec.file!r}")
         if bounds is not None:
+            owner = rec.extra.get("set_id")
+            if bounds.owner is not None and owner is not None and owner != bounds.owner:
+                raise ValueError(f"shard {rec.index}'s record belongs to set {owner!r} (copied from another set?)")
             if rec.file != layout.shard_file(rec.index, bounds.codec):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}, not one of codec {bounds.codec}")
             if not 1 <= rec.n_seq <= bounds.seqs_per_shard or rec.n_tokens != rec.n_seq * bounds.context_size:
@@ -145,7 +162,8 @@ def records_of(entries: Any, bounds: Bounds | None = None) -> dict[int, Record]:
 
 def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = None) -> bool:
     """Whether the stored bytes of ``rec``'s shard have its size and sha256 (reading at most that size) and, with
-    ``bounds``, a safetensors header that agrees with them (a record can vouch for a malformed shard)."""
+    ``bounds``, a safetensors header that agrees with them and names this set, hook and index (a record can vouch
+    for a malformed shard, or for one copied in from another set)."""
     from actcache.format.header import check_header
 
     try:
@@ -154,10 +172,9 @@ def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = N
         return False
     if hashlib.sha256(data).hexdigest() != rec.sha256:
         return False
-    expect = bounds.expect(rec) if bounds is not None else None
-    if expect is not None:
+    if bounds is not None:
         try:
-            check_header(data, codec=bounds.codec, expect=expect)
+            check_header(data, codec=bounds.codec, expect=bounds.expect(rec), provenance=bounds.provenance(rec))
         except ValueError:
             return False
     return True

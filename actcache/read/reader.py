@@ -243,7 +243,12 @@ class ActivationSet:
                         problem(f"{r.file} fails its sha256 checksum (corrupted)")
                     else:
                         try:  # what the manifest says shapes reading: the shard's own header must agree
-                            check_header(data, codec=self.manifest["codec"], expect=self.tensor_specs(r))
+                            check_header(
+                                data,
+                                codec=self.manifest["codec"],
+                                expect=self.tensor_specs(r),
+                                provenance=self.bounds.provenance(r),
+                            )
                         except ValueError as e:
                             problem(f"{r.file}: its safetensors header disagrees with manifest.json ({e})")
             rel = layout.record_file(r.index)

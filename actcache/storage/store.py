@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
-from actcache.storage import failures
+from actcache.storage import failures, secrets
 
 JSON_LIMIT = 256 << 20
 """Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
@@ -88,6 +88,12 @@ class StoreRef:
     """fsspec options (e.g. ``{"endpoint_url": ...}``), never credentials."""
     credentials_block: str | None = None
     """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
+
+    def __post_init__(self) -> None:
+        # Every store URL passes here (extract, ls, show, cp, rm, ...): one that holds a credential is refused.
+        secrets.check_value(self.url, "the store URL")
+        secrets.check_value(self.credentials_block, opt("aws_credentials_block"))
+        secrets.check_options(self.storage_options)
 
     @classmethod
     def of(
@@ -236,6 +242,7 @@ class Store:
 
             options = block_options(credentials_block, options)
         if self.url.startswith(("s3://", "s3a://")):
+            secrets.check_environment()
             options = {**options, "config_kwargs": {**_S3_CONFIG, **options.get("config_kwargs", {})}}
         try:
             fs, self.root = fsspec.core.url_to_fs(self.url, **options)

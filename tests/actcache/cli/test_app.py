@@ -352,7 +352,7 @@ def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled
     assert json.loads(capsys.readouterr().out)["items"] == []
     assert main(["rm", source, "--yes"]) == 0
     capsys.readouterr()
-    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    assert main(["gc", str(shuffled["store"]), "--json", "--older-than", "0"]) == 0  # no extraction may be using it
     garbage = json.loads(capsys.readouterr().out)["items"]
     assert [(g["kind"], g["url"]) for g in garbage] == [
         ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")
@@ -402,3 +402,28 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
         p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
         assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr
         assert says in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("command", ["cp", "export", "shuffle"])
+def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set, tmp_path, command):
+    """A command that fails midway with stderr not a terminal: its progress bar is closed before the error line."""
+    import shutil
+
+    store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
+    url = f"{store}/{Path(extracted_set).name}"
+    shard = Path(url) / "shards" / "000002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # same size and mtime order: found only when the shard is read
+    shard.write_bytes(bytes(data))
+    argv = {
+        "cp": ["cp", url, str(tmp_path / "copy")],
+        "export": ["export", url, str(tmp_path / "export"), "--format", "hf"],
+        "shuffle": ["shuffle", url, "--out", str(tmp_path / "shuffled")],
+    }[command]
+    env = {**os.environ, "TQDM_DISABLE": ""}  # bars on, as for a user (the suite turns them off)
+    run = subprocess.run(
+        [sys.executable, "-m", "actcache.cli", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    lines = run.stderr.strip().splitlines()
+    assert re.search(r": \d+(shard|step) \[", run.stderr), "a progress bar was shown"
+    assert run.returncode != 0 and lines[-1].startswith("actcache: error: ") and "shard 2" in lines[-1], run.stderr

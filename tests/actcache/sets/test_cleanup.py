@@ -395,3 +395,36 @@ def test_gc_on_s3_keeps_a_token_cache_holding_files_actcache_does_not_write(made
     report = json.loads(out)
     assert code == 0 and report["items"] == [] and any("'notes.txt'" in n for n in report["notes"])
     assert s3_server.keys_under(bucket_url) == before
+
+
+# -- a read-only store -------------------------------------------------------------------------------------
+def _read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``actcache ARGS`` with ``folder`` mounted read-only (a private mount namespace: nothing else sees it)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    cmd = ["unshare", "-m", "sh", "-c", script, str(folder), sys.executable, "-m", "actcache.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_read_only_store_serves_a_complete_set_and_refuses_rm_and_gc_in_one_line(store, tiny_models, corpus):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    (Path(url) / f"{layout.shard_file(1, 'none')}.tmp-{_HOST}-{_dead_pid()}-0badf00d").write_bytes(b"x")
+    before = local_tree(store)
+    extract = ["extract", "--model", str(tiny_models["gpt2"]), "--hook", "blocks.1.hook_resid_post"]
+    extract += ["--dataset", str(corpus), "--context-size", "32", "--max-tokens", "448", "--shard-tokens", "128"]
+    extract += ["--batch-size", "4", "--store", str(store), "--device", "cpu"]
+    done = _read_only(store, *extract)
+    assert done.returncode == 0 and done.stdout.strip() == url, done.stderr[-3000:]
+    for argv in (["rm", url, "--yes"], ["gc", str(store), "--yes"]):
+        refused = _read_only(store, *argv)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+        assert "Read-only file system" in lines[0] and "the store is read-only" in lines[0], lines
+    assert local_tree(store) == before

@@ -189,10 +189,26 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-# botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
-# for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+# Deadlines (docs/trust.md): a request waits at most S3_READ_TIMEOUT s for an answer (S3_CONNECT_TIMEOUT for a
+# connection) and is retried S3_ATTEMPTS times by botocore (AWS's "standard" mode: also 5xx and throttling, with a
+# backoff of a few seconds) inside S3FS_RETRIES of s3fs's tries: a silent endpoint is one line within about
+# (S3_ATTEMPTS + 1) * (S3_READ_TIMEOUT + 2) s (measured: 30 s at a 6 s read timeout, 4 connections).
+# botocore's defaults (60 s reads, legacy retries) inside s3fs's 5 tries kept a hung endpoint silent for minutes.
+# ``config_kwargs`` in the storage options override these (e.g. {"read_timeout": 120} for a slow gateway).
+S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS, S3FS_RETRIES = 5, 8, 3, 1
+_S3_CONFIG = {
+    "retries": {"mode": "standard", "max_attempts": S3_ATTEMPTS},
+    "connect_timeout": S3_CONNECT_TIMEOUT,
+    "read_timeout": S3_READ_TIMEOUT,
+}
 _MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
-_S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
+def _bound_retries(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """s3fs's own tries around botocore's (a class attribute, not an option: an option would reach botocore)."""
+    if type(fs).__name__ == "S3FileSystem":
+        fs.retries = S3FS_RETRIES
+    return fs
 
 
 class _Parts:
@@ -246,6 +262,7 @@ class Store:
             options = {**options, "config_kwargs": {**_S3_CONFIG, **options.get("config_kwargs", {})}}
         try:
             fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+            _bound_retries(fs)
         except (ImportError, ValueError, TypeError) as e:
             raise ActcacheError(f"cannot open store {url!r}: {e}") from None
         self._options = options  # may hold a block's secrets: never printed, logged or returned
@@ -259,7 +276,7 @@ class Store:
         # An async filesystem (s3fs) belongs to its creator's event-loop thread: a forked DataLoader worker
         # or a process that unpickled this store makes its own.
         if self._pid != os.getpid() or self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.url, **self._options)[0]
+            self._fs = _bound_retries(fsspec.core.url_to_fs(self.url, **self._options)[0])
             self._pid = os.getpid()
         return self._fs
 
@@ -580,6 +597,13 @@ class Store:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                        raise ActcacheError(
+                            f"cannot delete {self.url_of(rel)} ({e.strerror}): the store is read-only or not yours; "
+                            "run this where it can be written"
+                        ) from None
+                    raise Failure(f"cannot delete {self.url_of(rel)} ({e.strerror}); rerun to finish") from e
             return
         with self._io("deleting", rels[0]):
             self.fs.rm([self.path(r) for r in rels])

@@ -1,6 +1,8 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
-# make test  -> the test suite (what CI runs)
-# make test-fast -> the inner loop: everything but the slow crash/deployment/S3-fault/demo tests (-m "not slow")
+# make test  -> the whole test suite (what CI runs)
+# make lint  -> ruff check, ruff format --check, mypy (CI runs it before the tests)
+# make test-fast -> the inner loop, the unit tier: the tests that need no Prefect, no process of their own, no S3,
+#                   no hub, no deployment and are not slow (markers: pyproject.toml, tests/conftest.py)
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # The CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build. On a GPU machine use
@@ -9,6 +11,8 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 DEMO_STORE ?= ./activations
 DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192 --store $(DEMO_STORE)
+
+UNIT_TIER := not (prefect or subprocess or s3 or hub or deployment or slow)
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
@@ -31,10 +35,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "$(UNIT_TIER)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf activations .pytest_cache
+	rm -rf activations .pytest_cache .mypy_cache

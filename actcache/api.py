@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from actcache import errors
+from actcache import console, errors
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
-from actcache.orchestration import tempserver
+from actcache.orchestration import logs, tempserver
 
 
 @dataclass(frozen=True)
@@ -26,21 +28,51 @@ class SetResult:
     n_tokens: int
     bytes: int
     complete: bool
+    tokens_computed: int = 0
+    """Tokens this request computed (0 when every shard was already stored)."""
+    seconds: float = 0.0
+    """How long the flow ran (0 when it did not run)."""
+    run_url: str | None = None
+    """The flow run in the Prefect UI, where runs are kept (PREFECT_API_URL set); else None."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def extract(config: ExtractConfig | None = None, **options: Any) -> str | list[str]:
+def extract(config: ExtractConfig | None = None, *, like: str | None = None, **options: Any) -> str | list[str]:
     """Extract activations as configured (see ``ExtractConfig``); return the set's URL.
 
     With several comma-separated hooks, one set per hook, and a list of their URLs.
 
+    ``like``: a set URL whose manifest gives every setting that changes the bytes, as ``actcache extract --like``
+    does; ``options`` (and the fields of ``config`` that differ from the defaults) override them. Without overrides
+    of settings that change the bytes, the result is checked to be that same set before anything is written.
+
     Everything is validated before Prefect starts, so bad input fails fast and writes nothing.
     """
-    cfg = config.replace(**options) if config else ExtractConfig(**options)
-    urls = [s.url for s in extract_sets(cfg)]
+    check = None
+    if like is not None:
+        from actcache.sets import reproduce
+
+        cfg, check = reproduce.config_like(like, *_given(config, options))
+    else:
+        cfg = config.replace(**options) if config else ExtractConfig(**options)
+    urls = [s.url for s in extract_sets(cfg, check=check)]
     return urls[0] if len(urls) == 1 else urls
+
+
+def _given(config: ExtractConfig | None, options: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Every field's value, and the names of those given (as the CLI's flags): the options, and the fields of
+    ``config`` that differ from the defaults."""
+    names = [f.name for f in fields(ExtractConfig)]
+    unknown = set(options) - set(names)
+    if unknown:
+        raise TypeError(f"extract() got unexpected options {sorted(unknown)}")
+    defaults = ExtractConfig()
+    base = config or defaults
+    values = {n: options.get(n, getattr(base, n)) for n in names}
+    given = {n for n in names if getattr(base, n) != getattr(defaults, n)} | set(options)
+    return values, frozenset(given)
 
 
 def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = None) -> list[SetResult]:
@@ -54,36 +86,64 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         check(plan)
     before = plan
     consolidated = {} if plan.has_missing else _manifests(plan)
+    seconds, run_url = 0.0, None
     work = plan.has_missing or len(consolidated) < len(plan.sets)
     if work and not plan.has_missing:
         plan.store.check_writable()  # only manifests to write (make_plan checked where shards are missing)
     if work or (tempserver.api_configured() and _writable(plan.store)):
         tempserver.start()  # boots while the model loads
-        plan.load_model()
-        from actcache.flows.extract import extract_activations
+        plan.check_memory()  # a refusal is the only line printed, before any status line
+        with console.status(f"loading {cfg.model} (libraries and weights)"):
+            plan.load_model()
+        from actcache.extraction import stages
 
-        # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's console would
-        # print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep it on the console too).
-        # The flow gets the names resolved here, pinned: it computes the same sets.
-        with tempserver.prefect_api(), errors.user_errors_off_console(enabled=not errors.debug_requested()):
-            state = extract_activations(plan.pinned_config, return_state=True)
-            state.result(raise_on_failure=True)
-        plan = plan.refreshed()  # the shards up to where the dataset ends, known now
+        # The flow gets the names resolved here, pinned: it computes the same sets, and its plan task takes this
+        # plan instead of making it again (``stages.remember``).
+        stages.remember(plan)
+        try:
+            with contextlib.ExitStack() as running:
+                with console.status("starting Prefect"):
+                    from actcache.flows.extract import extract_activations
+
+                    if tempserver.will_start():
+                        console.update_status("starting the local Prefect server")
+                    temporary = running.enter_context(tempserver.prefect_api())
+                    # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's
+                    # console would print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep
+                    # it on the console too). On the command line Prefect's run logs stay off the console
+                    # (--verbose: on).
+                    debug = errors.debug_requested()
+                    running.enter_context(logs.user_errors_off_console(enabled=not debug))
+                    running.enter_context(console.run_logs_off_console(enabled=console.quiet(), errors=debug))
+                    console.update_status("starting the flow run")
+                    started = time.perf_counter()
+                    state = extract_activations(plan.pinned_config, return_state=True)
+                seconds = time.perf_counter() - started
+                run_url = None if temporary else _run_url(state)
+                state.result(raise_on_failure=True)
+            # The flow's last plan: the store after its last shard, up to where the dataset ends (known now).
+            plan = stages.finished(plan) or plan.refreshed()
+        finally:
+            stages.forget()
         consolidated = _manifests(plan)
     out = []
     for s, old in zip(plan.sets, before.sets, strict=True):
         m = consolidated.get(s.set_id) or {}
+        new = {w.index for w in s.done} - {w.index for w in old.done}
         out.append(
             SetResult(
                 plan.store.url_of(s.set_id),
                 s.set_id,
                 s.hook,
-                len(plan.shards),
+                m.get("n_shards", len(plan.shards)),  # the whole set's, as n_tokens (a lower --max-tokens asks less)
                 len(old.done),
-                len(s.done) - len(old.done),
+                len(new),
                 m.get("n_tokens", 0),
                 m.get("bytes", 0),
                 bool(m.get("complete")),
+                sum(r["n_tokens"] for r in m.get("shards", []) if r["index"] in new),
+                round(seconds, 3),
+                run_url,
             )
         )
     return out
@@ -98,6 +158,11 @@ def _writable(store: Any) -> bool:
     except ActcacheError:
         return False
     return True
+
+
+def _run_url(state: Any) -> str | None:
+    """Where the UI shows the run that produced ``state`` (a server that outlives this process)."""
+    return tempserver.run_url(state)
 
 
 def _manifests(plan: Any) -> dict[str, dict[str, Any]]:

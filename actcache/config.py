@@ -78,12 +78,11 @@ class ExtractConfig:
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
     shard_tokens: int = 0
     """Tokens per shard (rounded down to whole sequences); the resulting sequences per shard are part of the set's
-    key. 0 (default): as many as fit in --shard-bytes. Sets made with the old default (262144) are extended by
-    passing --shard-tokens 262144."""
+    key. 0 (default): as many as fit in --shard-bytes."""
     shard_bytes: int = 1 << 28
     """Target size of a shard before the codec, in bytes, when --shard-tokens is 0 (the widest hook of a pass sets
-    it). 256 MiB: the flow adds ~20-40 ms per shard to the forward pass's path, about 2% of the ~1.7 s a
-    GPU takes to produce 256 MiB at 100k tokens/s of d=768 (bench/RESULTS.md), and a process holds 1-3 shards."""
+    it). The default keeps the flow's per-shard cost under about 2% of a GPU's forward pass (bench/RESULTS.md);
+    a process holds 1-3 shards in memory."""
     batch_size: int = 0
     """Sequences per forward pass; 0: automatic (on CUDA the most that fit, from 2^16 tokens per pass down, found
     once per process and halved on an out-of-memory error; 8 on CPU)."""

@@ -16,7 +16,6 @@ passes ``field=``.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
@@ -149,44 +148,3 @@ def lost_api(e: BaseException) -> bool:
     return bool(
         names & {"ConnectError", "ConnectTimeout", "RemoteProtocolError", "ReadError", "PrefectHTTPStatusError"}
     )
-
-
-class _UserErrorsOffConsole(logging.Filter):
-    """Drops, from a console handler only, the records that carry an ActcacheError's traceback.
-
-    Prefect logs a failed task or flow with its traceback (80-110 lines) before the caller sees the error;
-    for an ActcacheError the caller prints its one line instead. The API handler still sends the record,
-    so the Prefect UI keeps the traceback; ``--debug`` keeps it on the console too.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return user_error(exc) is None
-
-
-_FILTER = _UserErrorsOffConsole()
-
-
-@contextlib.contextmanager
-def user_errors_off_console(enabled: bool = True) -> Iterator[None]:
-    """While inside, Prefect's console handlers print no traceback of an ActcacheError (see above)."""
-    if not enabled:
-        yield
-        return
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
-    handlers = {
-        h
-        for lg in loggers
-        if isinstance(lg, logging.Logger)
-        for h in lg.handlers
-        if isinstance(h, PrefectConsoleHandler)
-    }
-    for h in handlers:
-        h.addFilter(_FILTER)
-    try:
-        yield
-    finally:
-        for h in handlers:
-            h.removeFilter(_FILTER)

@@ -1,8 +1,12 @@
 """actcache's benchmark: every method side by side in ONE process, round-robin, medians.
 
-    .venv/bin/python bench/run.py                 # full run (~28 min on 2 CPU cores): table + bench/results.json
-    .venv/bin/python bench/run.py --smoke         # tiny model, one rep of everything (~1 min; what CI runs)
-    .venv/bin/python bench/run.py --only speed,compression
+    .venv/bin/python bench/run.py --update-results   # full run (~28 min on 2 CPU cores): rewrites bench/results.json
+    .venv/bin/python bench/run.py --smoke            # tiny model, one rep of everything (~3-5 min; what CI runs)
+    .venv/bin/python bench/run.py --only speed,compression --out /tmp/speed.json
+
+Only --update-results rewrites the committed bench/results.json; otherwise the results go to --out (default: a
+new temporary file, named at the start and the end). Progress goes to stderr: each section as it starts, each
+method's time in each round.
 
 Model: GPT-2-small shape (12 layers, d=768, vocab 50257) with random weights, built once in the actcache
 cache dir; hook blocks.5.hook_resid_post. Methods (tokens/s, ratio to (d)):
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results.json"
 sys.path.insert(0, str(ROOT))  # flows/ and tasks/ are top-level packages of the checkout
 
 HOOK = "blocks.5.hook_resid_post"
@@ -91,6 +96,14 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_SECTION = ["bench"]
+
+
+def progress(line: str) -> None:
+    """One line of progress on stderr, under the section that runs (stdout keeps the table)."""
+    print(f"[bench] {_SECTION[0]}: {line}", file=sys.stderr, flush=True)
+
+
 def round_robin(methods: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each method: warm-up, then ``reps`` rounds, the order rotated every round."""
     for _ in range(warmup):
@@ -103,6 +116,7 @@ def round_robin(methods: dict, reps: int, warmup: int = 1) -> dict[str, list[flo
             t = time.perf_counter()
             methods[n]()
             times[n].append(time.perf_counter() - t)
+            progress(f"round {r + 1}/{reps} {n}: {times[n][-1]:.2f} s")
     return times
 
 
@@ -583,8 +597,8 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
     import torch
 
     from actcache.extraction.plan import make_plan
+    from actcache.extraction.stages import write_manifest
     from actcache.format import layout, records, shard
-    from actcache.tasks.manifest import write_manifest
 
     cfg = flow_config(src, work, 1, 32, 1, n, "cpu", hook="blocks.0.hook_resid_post")
     plan = make_plan(cfg, load_model=False)
@@ -604,7 +618,7 @@ def make_complete_set(src: Path, work: Path, n: int) -> dict:
             s.set_id,
             records.Record(w.index, rel, w.n_seq, w.n_seq * 32, enc.sha256, len(enc.data), {"hook_shape": [8]}),
         )
-    write_manifest.fn(plan)
+    write_manifest(plan)
     return {
         "store": cfg.store,
         "config": {
@@ -1194,7 +1208,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5; 1 with --smoke)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--out", default=None, help="where the results go (default: a new temporary file)")
+    ap.add_argument(
+        "--update-results",
+        action="store_true",
+        help=f"write the committed {RESULTS.relative_to(ROOT)} (what a full run on the reference machine is for)",
+    )
     ap.add_argument("--shapes", default=None, help="batch shapes as BxT,BxT (default 8x128,16x256; 2x32 with --smoke)")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
@@ -1250,6 +1269,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}")
+    if args.update_results and args.out:
+        ap.error("--update-results writes bench/results.json; leave out --out")
+    if args.update_results:
+        args.out = str(RESULTS)
+    elif not args.out:
+        fd, args.out = tempfile.mkstemp(prefix="actcache-bench-", suffix=".json")
+        os.close(fd)
+    mode = "smoke" if smoke else "full" if set(only) == set(SECTIONS) else "only " + ",".join(only)
+    expected = "~3-5 min" if smoke else "~28 min" if mode == "full" else "a part of the full run's ~28 min"
+    print(
+        f"[bench] {mode}: expect {expected} on 2 CPU cores; results to {args.out}",
+        file=sys.stderr,
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="actcache-bench-"))
     res: dict = {"smoke": smoke, "reps": reps, "environment": environment(device)}
     t_all = time.perf_counter()
@@ -1259,39 +1292,46 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
         print(f"[bench] {list(res)[-1]} done at {time.perf_counter() - t_all:.0f} s", file=sys.stderr, flush=True)
 
+    def section(name: str) -> bool:
+        if name not in only:
+            return False
+        _SECTION[0] = name
+        print(f"[bench] {name}: starting at {time.perf_counter() - t_all:.0f} s", file=sys.stderr, flush=True)
+        return True
+
     try:
         src = build_model(smoke) if set(only) - {"reader"} else None  # reading back needs no model
         n_layers = 6 if smoke else 12
         shapes = [(2, 32)] if smoke else [(8, 128), (16, 256)]
         if args.shapes:
             shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
-        if "speed" in only:
+        if section("speed"):
             t = time.perf_counter()
             empty_flow()()
             res["prefect_first_flow_in_process_s"] = round(time.perf_counter() - t, 2)
             res["speed"] = speed(src, work, device, shapes, reps, smoke)
             save()
-        if "peak_rss" in only and not smoke:  # a process per method: minutes of start-up
+        if not smoke and section("peak_rss"):  # a process per method: minutes of start-up
             res["peak_rss"] = peak_rss(src, work, device, shapes[:1] if smoke else shapes)
             save()
-        if "several_hooks" in only:
+        if section("several_hooks"):
             b, c = shapes[0]
             res["several_hooks"] = several_hooks(src, device, b, c, reps, n_layers)
             save()
-        if "compression" in only:
+        if section("compression"):
             b, c = shapes[0]
             res["compression"] = compression(src, device, b, c, max(reps - 2, 1))
             save()
-        if "stats_cost" in only:
+        if section("stats_cost"):
             b, c = shapes[0]
             res["stats_cost"] = stats_cost(src, device, b, c, reps if smoke else max(reps, 9))
             save()
-        if "pipeline_overhead" in only:
+        if section("pipeline_overhead"):
             res["pipeline_overhead"] = pipeline_overhead(src, work, (3, 8) if smoke else (20, 120))
             sizes = {1 << 12: 4} if smoke else {1 << 14: 12, 1 << 16: 8, 1 << 18: 5}
             res["pipeline_overhead"]["gpu_rate"] = gpu_rate_overhead(src, work, 1e5, sizes)
             save()
-        if "warm_rerun" in only:
+        if section("warm_rerun"):
             n = 50 if smoke else 1000
             made = make_complete_set(src, work, n)
             if smoke:  # no second Prefect start: same steps in this process, model caches emptied first
@@ -1299,10 +1339,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res["warm_rerun"] = {"shards": n, **child(["--warm-child", json.dumps(made["config"])])}
             save()
-        if "cold_start" in only and not smoke:
+        if not smoke and section("cold_start"):
             res["cold_start"] = cold_start(work, max(reps, 3))
             save()
-        if "memory" in only and not smoke:  # a process per point, minutes each at width 4096
+        if not smoke and section("memory"):  # a process per point, minutes each at width 4096
             res["memory"] = memory(
                 work,
                 [int(w) for w in args.memory_widths.split(",")],
@@ -1312,12 +1352,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.memory_before,
             )
             save()
-        if "rss_growth" in only and not smoke:
+        if not smoke and section("rss_growth"):
             res["rss_growth"] = rss_growth(
                 src, work, device, 32 if smoke else 128, 4 if smoke else 16, 2 if smoke else 4
             )
             save()
-        if "reader" in only:
+        if section("reader"):
             res["reader"] = reader(work, smoke, max(reps - 2, 1) if not smoke else 1)
             save()
     finally:

@@ -10,7 +10,9 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from actcache import console
 from actcache.config import ExtractConfig
+from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.progress import Progress, Window
 from actcache.tasks.compress import compress
@@ -20,23 +22,24 @@ from actcache.tasks.plan import plan_extraction, recheck, skip_cached
 from actcache.tasks.tokenize import tokenize
 from actcache.tasks.upload import upload
 
-# Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced.
-ROUNDS = 3
+ROUNDS = stages.ROUNDS  # passes over the shards: the first, then redoing what concurrent runs replaced
 
 
-@flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
 def extract_activations(
     config: ExtractConfig = ExtractConfig(), partition_index: int = 0, num_partitions: int = 1
 ) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
     skip_cached(plan)
+    console.update_status("tokenizing the dataset")  # the command line's status line, where there is one
     work = tokenize(plan)
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
     # a cost per task that grows with the set; the plan is passed as is.
     q = quote(plan)
     steps = sum(len(plan.todo(w)) for w in work)  # one per hook and shard
-    with Progress(steps, key=progress_key(plan), log=get_run_logger().info) as progress:
+    tokens = sum(w.n_seq for w in work) * plan.config.context_size  # what the forward passes go through
+    with Progress(steps, key=progress_key(plan), log=get_run_logger().info, tokens=tokens) as progress:
         window = Window(
             IN_FLIGHT,
             on_result=lambda r: progress.advance(

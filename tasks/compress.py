@@ -5,41 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import crashpoints
-from actcache.extraction import environment, handles
+from actcache.extraction import stages
 from actcache.extraction.plan import Plan
-from actcache.format import moments, shard, shardfile
-from actcache.tasks.refs import ActivationsRef, PackedRef
+from actcache.extraction.refs import ActivationsRef, PackedRef
 
 
 @task(name="compress", task_run_name="compress-{ref.index:06d}", cache_policy=NO_CACHE)
 def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
     """Encode one shard; record its stats and compression ratio."""
-    hook_set = plan.hook_set(ref.hook)
-    key = hook_set.key
-    f: shardfile.ShardFile = handles.get(ref.handle)
-    acts = f.tensors["activations"]  # [n_seq, context, d] in the storage dtype
-    # Everything computed from the activations goes here, before the codec (which may release them).
-    stats = shard.stats(acts)
-    extra = {
-        "set_id": key.id,
-        "stats": stats,
-        moments.RECORD_FIELD: moments.of(acts).to_json(),
-        "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
-        "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
-    }
-    del acts
-    if stats["nan"] or stats["inf"]:
-        where = f"shard {ref.index} of {key.hook}"
-        extra["source_finite"] = shard.warn_non_finite(stats, f.source_finite, key.dtype, key.id, where)
-    payload = shardfile.encode(f, codec=key.codec, level=key.codec_level)
-    handles.drop(ref.handle)
-    crashpoints.point("compress.encoded")
-    n_tokens = ref.n_seq * key.tokens.context_size
-    nbytes = len(payload.data)
-    extra |= {
-        "raw_bytes": payload.raw_bytes,
-        "codec_ratio": round(payload.raw_bytes / nbytes, 4),
-        "bytes_per_token": round(nbytes / n_tokens, 2),
-    }
-    return PackedRef(handles.put(payload), ref.hook, ref.index, ref.n_seq, payload.sha256, nbytes, extra)
+    return stages.compress(plan, ref)

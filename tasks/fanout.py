@@ -93,7 +93,7 @@ def launch_partition(deployment: str, config: ExtractConfig, index: int, count: 
         tags=["partition"],
         idempotency_key=key,
     )
-    return run.id
+    return run.id  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,8 @@ def wait_for_partitions(
             if pending:
                 time.sleep(poll_s)
     return [
-        PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "") for i in sorted(ended)
+        PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]
+        for i in sorted(ended)
     ]
 
 

@@ -5,41 +5,15 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from actcache import crashpoints
+from actcache.extraction import stages
 from actcache.extraction.plan import Plan
-from actcache.format import manifest, moments, records
-from actcache.inputs.model import hook_layer
+from actcache.format import manifest, records
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
 def write_manifest(plan: Plan) -> list[str]:
     """Write each set's manifest from its completion records (one listing each); return the set URLs."""
-    store = plan.store
-    target = plan.shards.total_seqs
-    for s in plan.sets:
-        store.sweep_temp(s.set_id)  # what killed writers left behind
-        scan = records.scan_set(store, s.key)
-        recs = [r for r in scan.sorted_records() if scan.is_done(r.index, r.n_seq)]
-        provenance = {
-            **plan.provenance,
-            "hook": s.hook,
-            "layer": hook_layer(s.hook),
-            "hook_shape": list(s.hook_shape) if s.hook_shape else None,
-        }
-        m = manifest.build(
-            s.key, provenance, [moments.without(r) for r in recs], target_seqs=target, previous=scan.consolidated
-        )
-        m |= moments.merged(
-            recs,
-            m["d"],
-            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,
-            previous=scan.consolidated,
-            moments_of=moments.from_records(store, s.set_id, m["d"]),
-        )
-        crashpoints.point("manifest.before-write")
-        manifest.write(store, s.set_id, m)
-        crashpoints.point("manifest.written")
-    return plan.urls
+    return stages.write_manifest(plan)
 
 
 def sets_message(urls: list[str]) -> str:

@@ -35,17 +35,29 @@ for _k in (
 ):
     os.environ.pop(_k, None)
 
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (prefect_server.py, hub_server.py) import by name
+# Shared test helpers (setwriter, setfiles, modelcache, s3_server, hub_server, prefect_server) import by name.
+sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
 
-from actcache.inputs import demo  # noqa: E402
+from actcache.inputs import demo, fingerprint  # noqa: E402
 
-# `make test-fast` (-m "not slow") leaves these out: whole processes killed, deployments on a real server, S3
-# endpoints killed, the demo twice, the benchmark and the infra images. `make test` (CI) runs everything.
+# What a test needs beyond this process, as markers (registered in pyproject.toml; `make test-fast` runs the tests
+# that need none of them). Most are given here from the fixtures a test uses (item.fixturenames holds every fixture
+# it reaches, through other fixtures too) and from its folder; a test that starts programs itself says so with
+# @pytest.mark.subprocess, and `_spawn_guard` below fails an unmarked test that starts one.
+NEEDS_BY_FIXTURE = {
+    "prefect": ("prefect_harness", "prefect_server"),
+    "s3": ("s3_server", "restartable_s3"),
+    "hub": ("hub_server",),
+    "deployment": ("prefect_server",),
+}
+# Whole processes killed, deployments on a real server, S3 endpoints killed, the demo twice, the benchmark and
+# the infra images: `make test` (CI) runs them, `make test-fast` does not.
 SLOW = (
     "flows/test_crash.py",
     "flows/test_s3_faults.py",
@@ -55,14 +67,65 @@ SLOW = (
     "bench/",
     "infra/",
 )
+NEEDS_BY_PATH = {"deployment": ("deployments/",), "slow": SLOW}
+NEEDS = ("prefect", "subprocess", "s3", "hub", "deployment", "slow")
+# Per-test timeouts (pytest-timeout; the default, 600 s, is in pyproject.toml): a unit test that hangs fails
+# in minutes; tests that start servers or kill processes get longer. An explicit @pytest.mark.timeout wins.
+UNIT_TIMEOUT_S = 300
+SLOW_TIMEOUT_S = 1800
 
 
 def pytest_collection_modifyitems(items) -> None:
     root = Path(__file__).parent
     for item in items:
         rel = Path(str(item.fspath)).relative_to(root).as_posix()
-        if rel.startswith(SLOW):
-            item.add_marker(pytest.mark.slow)
+        for name, fixtures in NEEDS_BY_FIXTURE.items():
+            if any(f in item.fixturenames for f in fixtures):
+                item.add_marker(name)
+        for name, prefixes in NEEDS_BY_PATH.items():
+            if rel.startswith(prefixes):
+                item.add_marker(name)
+        if item.get_closest_marker("timeout") is None:
+            if item.get_closest_marker("slow") or item.get_closest_marker("deployment"):
+                item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+            elif not any(item.get_closest_marker(m) for m in NEEDS):
+                item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT_S))
+
+
+# Programs started by a test of the unit tier (no marker from NEEDS), seen through Python's audit events: such a
+# test would slip into `make test-fast` with a process it does not declare. (Forks of this process, e.g. data
+# loader workers, are not programs started and are not counted.)
+_SPAWN_EVENTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.system", "os.exec", "os.spawn"})
+_spawn_guard = {"on": False, "seen": []}
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _spawn_guard["on"] and event in _SPAWN_EVENTS:
+        _spawn_guard["seen"].append(f"{event} {str(args[:2])[:200]}")
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    _spawn_guard["seen"] = []
+    _spawn_guard["on"] = not any(item.get_closest_marker(m) for m in NEEDS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        result = yield
+    finally:
+        _spawn_guard["on"] = False
+    if _spawn_guard["seen"]:
+        pytest.fail(
+            f"this test starts programs ({'; '.join(_spawn_guard['seen'][:3])}) but has no marker that says so: "
+            "mark it @pytest.mark.subprocess (or use the fixture that starts the server)",
+            pytrace=False,
+        )
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +134,24 @@ def session_tmp() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(session_tmp: Path) -> dict[str, Path]:
-    """Random-weight GPT-2, Llama and GPT-NeoX models with a trained BPE tokenizer (save_pretrained)."""
-    return {
-        arch: demo.build_tiny_model(session_tmp / "models" / arch, arch, layers=3, d=32, ctx=128)
-        for arch in ("gpt2", "llama", "neox")
-    }
+def tiny_models() -> dict[str, Path]:
+    """Random-weight GPT-2, Llama and GPT-NeoX models with a trained BPE tokenizer (save_pretrained), built once
+    per machine (tests/modelcache.py). Read them; copy one before changing it."""
+    from modelcache import tiny_model
+
+    return {arch: tiny_model(arch, layers=3, d=32, ctx=128) for arch in ("gpt2", "llama", "neox")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_model() -> Path:
+    """``builtin:tiny-gpt2`` (the default model) in this session's cache, copied from the machine's model cache
+    instead of built: its place is where ``actcache.inputs.demo.builtin_model`` looks, its bytes what it builds."""
+    from modelcache import tiny_model
+
+    out = fingerprint.cache_dir() / "builtin" / f"tiny-gpt2-{demo._VERSION}"
+    if not out.exists():
+        shutil.copytree(tiny_model("gpt2"), out)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +173,9 @@ def prefect_harness():
 
 
 @pytest.fixture
-def prefect_console(capfd, monkeypatch):
-    """``capfd``, with Prefect's console handlers writing to this test's stderr as they would to a terminal.
+def prefect_console(prefect_harness, capfd, monkeypatch):
+    """``capfd``, with Prefect's console handlers writing to this test's stderr as they would to a terminal (for
+    tests that run a flow: the session's harness comes with it).
 
     A handler keeps the stream of whichever test configured logging, which pytest has closed since: its lines
     (and a logging error) would otherwise not be what a user sees. Every emit now writes to the current stderr.
@@ -124,40 +200,43 @@ def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
-@pytest.fixture
-def base_config(tiny_models, corpus, store):
-    """A small, fast extraction config on the tiny GPT-2 (4 shards of 4 sequences of 32 tokens)."""
+@pytest.fixture(scope="session")
+def make_config(tiny_models, corpus):
+    """The suite's one config builder: ``make_config(**overrides)`` is a small, fast extraction on the tiny
+    GPT-2's blocks.1.hook_resid_post over the corpus (4 shards of 4 sequences of 32 tokens, batches of 4, CPU) with
+    ``overrides`` applied; ``arch="llama"`` or ``"neox"`` picks another tiny model. The store is
+    ExtractConfig's default unless given."""
     from actcache.config import ExtractConfig
 
-    return ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        store=str(store),
-        device="cpu",
-    )
+    def make(*, arch: str = "gpt2", **overrides) -> ExtractConfig:
+        fields = {
+            "model": str(tiny_models[arch]),
+            "hook": "blocks.1.hook_resid_post",
+            "dataset": str(corpus),
+            "context_size": 32,
+            "max_tokens": 512,
+            "shard_tokens": 128,
+            "batch_size": 4,
+            "device": "cpu",
+        }
+        return ExtractConfig(**(fields | overrides))
+
+    return make
+
+
+@pytest.fixture
+def base_config(make_config, store):
+    """``make_config()`` into this test's own ``store``."""
+    return make_config(store=str(store))
 
 
 # -- S3 (issue 3): a real moto_server process, reached only through its endpoint URL ---------------------
-def _load_s3_server():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("actcache_tests_s3_server", Path(__file__).with_name("s3_server.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def s3_server(session_tmp: Path):
     """moto_server on a free 127.0.0.1 port with a bucket and IAM auth on (see tests/s3_server.py)."""
-    server = _load_s3_server().start(session_tmp / "moto_server.log")
+    import s3_server as s3_module
+
+    server = s3_module.start(session_tmp / "moto_server.log")
     try:
         yield server
     finally:
@@ -183,7 +262,9 @@ def s3_env(s3_server, monkeypatch, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def restartable_s3(tmp_path: Path):
     """A moto_server of its own that a test may kill and restart with its objects (recorded and replayed)."""
-    server = _load_s3_server().start(tmp_path / "moto_server.log", recording=tmp_path / "moto_recording.jsonl")
+    import s3_server as s3_module
+
+    server = s3_module.start(tmp_path / "moto_server.log", recording=tmp_path / "moto_recording.jsonl")
     try:
         yield server
     finally:
@@ -213,7 +294,7 @@ def hub(hub_server, monkeypatch, tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
+def extracted_set(make_config, session_tmp: Path) -> str:
     """One small set for tests that only read it (copy it before changing anything): 14 sequences of 32
     tokens of the tiny GPT-2's blocks.1.hook_resid_post, float16, in shards of 4, 4, 4 and 2 sequences.
 
@@ -221,18 +302,4 @@ def extracted_set(tiny_models, corpus, session_tmp: Path) -> str:
     flow itself is tested in tests/flows and tests/tasks)."""
     from setwriter import extract_by_stages
 
-    from actcache.config import ExtractConfig
-
-    return extract_by_stages(
-        ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            hook="blocks.1.hook_resid_post",
-            dataset=str(corpus),
-            context_size=32,
-            max_tokens=448,
-            shard_tokens=128,
-            batch_size=4,
-            store=str(session_tmp / "extracted-set"),
-            device="cpu",
-        )
-    )
+    return extract_by_stages(make_config(max_tokens=448, store=str(session_tmp / "extracted-set")))

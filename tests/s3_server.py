@@ -88,8 +88,17 @@ class S3Server:
         """Start again on the same port with every object it held (see ``_serve_restored``)."""
         self.kill()
         port = int(self.endpoint.rsplit(":", 1)[1])
-        self.process = _launch(port, self.log_path, self.recording)
-        _wait_up(self, self.log_path, timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.process = _launch(port, self.log_path, self.recording)
+            try:
+                _wait_up(self, self.log_path, max(1.0, deadline - time.monotonic()))
+                return
+            except RuntimeError:
+                # Under load the killed server's port can take a moment to free (the new one exits at bind).
+                if self.process.poll() is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -1,8 +1,8 @@
 """Activation sets for tests that read them (import as ``setwriter``).
 
-``extract_by_stages`` runs a real extraction with the flow's own stages, without Prefect. ``write_set`` writes
-a set with actcache's own shard encoder, records and manifest but no model, for readers' tests and the
-benchmark, where the format matters and the numbers do not: random activations, and token ids with BOS,
+``extract_by_stages`` runs a real extraction with the flow's own stages, without Prefect (``run_sequential``).
+``write_set`` writes a set with actcache's own shard encoder, records and manifest but no model, for readers'
+tests and the benchmark, where the format matters and the numbers do not: random activations, and token ids with BOS,
 separators and pads where an extraction would put them. (``actcache.sets.shuffle.shuffle_set`` makes a "rows" copy.)
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from actcache.format import layout, manifest, records, shard
+from actcache.format.commit import Shard, commit
 from actcache.format.key import SetKey, TokensKey
 from actcache.storage.store import Store
 
@@ -22,20 +23,12 @@ BOS, EOS, PAD = 0, 1, 2
 
 
 def extract_by_stages(cfg) -> str:
-    """Extract ``cfg`` (an ``ExtractConfig``) by calling the flow's stages in the flow's order, without Prefect (no
-    server to start: the flow itself is tested in tests/flows and tests/tasks); returns the set's URL."""
-    from actcache.extraction.plan import make_plan
-    from actcache.tasks.compress import compress
-    from actcache.tasks.extract import extract
-    from actcache.tasks.manifest import write_manifest
-    from actcache.tasks.tokenize import tokenize
-    from actcache.tasks.upload import upload
+    """Extract ``cfg`` (an ``ExtractConfig``) with the flow's stages in the flow's order, without Prefect
+    (``stages.run_sequential``: no server to start; the flow itself is tested in tests/flows and tests/tasks);
+    returns the (first) set's URL."""
+    from actcache.extraction.stages import run_sequential
 
-    plan = make_plan(cfg)
-    for work in tokenize.fn(plan):
-        for ref in extract.fn(plan, work):
-            upload.fn(plan, compress.fn(plan, ref))
-    return write_manifest.fn(plan)[0]
+    return run_sequential(cfg)[0]
 
 
 def tokenization(ctx: int, vocab: int, *, recorded: tuple[str, ...] = ("eos_id", "pad_id", "vocab_size")) -> dict:
@@ -168,7 +161,6 @@ def _put(
 ) -> records.Record:
     enc = shard.encode(tensors, codec=codec, level=level)
     rel = layout.shard_file(index, codec)
-    st.write_bytes(f"{set_id}/{rel}", enc.data)
     rec = records.Record(index, rel, n_seq, n_tokens, enc.sha256, len(enc.data))
-    records.write_record(st, set_id, rec)
+    commit(st, set_id, [Shard(rec, enc.data)])
     return rec

@@ -14,24 +14,16 @@ import pytest
 import actcache
 from actcache.cli.app import main
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# Tests that run a flow ask for the session's Prefect harness (prefect_console brings it too); the rest, e.g.
+# the CLI catalogue on a set written by stages, need no Prefect.
 
 
 @pytest.fixture(scope="module")
-def good_set(tiny_models, corpus, tmp_path_factory) -> str:
-    from actcache.config import ExtractConfig
+def good_set(make_config, tmp_path_factory) -> str:
+    """A 2-shard set written by the flow's stages without Prefect (the CLI's refusals are what is tested)."""
+    from setwriter import extract_by_stages
 
-    store = tmp_path_factory.mktemp("store")
-    return actcache.extract(
-        ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            dataset=str(corpus),
-            context_size=32,
-            max_tokens=256,
-            shard_tokens=128,
-            store=str(store),
-        )
-    )
+    return extract_by_stages(make_config(max_tokens=256, store=str(tmp_path_factory.mktemp("store"))))
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -97,6 +89,7 @@ API = [
 ]
 
 
+@pytest.mark.usefixtures("prefect_harness")
 @pytest.mark.parametrize("call,expected", API, ids=[e for _, e in API])
 def test_python_api(base_config, call, expected):
     with pytest.raises(actcache.ActcacheError) as e:
@@ -215,6 +208,8 @@ def _one_line(capfd, code: int, expected: str, want_code: int = 2) -> str:
     assert code == want_code and "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == lines[-1] and len(lines) == 1, err[-3000:]
     assert lines[0].startswith("actcache: error: ") and expected in lines[0], lines
+    # Printed once: not also as a failed task's and a failed flow's log lines (Prefect's records keep those).
+    assert "Task run" not in err and "Flow run" not in err and "Finished in state" not in err, err[-3000:]
     return lines[0]
 
 
@@ -382,6 +377,8 @@ def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, pr
     _one_line(prefect_console, main(argv), "File too large", want_code=1)
 
 
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_path):
     """RLIMIT_FSIZE as a quota would set it: the write fails with EFBIG (Python ignores SIGXFSZ)."""

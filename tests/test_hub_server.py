@@ -355,6 +355,7 @@ def test_datasets_push_to_hub_round_trip(hub):
 
 
 # -- the user's way: a fresh process configured only by its environment ------------------------------------------
+@pytest.mark.subprocess
 def test_a_subprocess_reaches_the_hub_through_its_environment(hub):
     model, data = hub.new_repo_id("m"), hub.new_repo_id("d")
     sha = hub.add_model(model, {"config.json": b"{}"})

@@ -7,10 +7,7 @@
 Built with cyclopts, which Prefect already depends on: the ``extract`` flags are generated from
 ``ExtractConfig`` (its field docstrings are the help, ``Literal`` fields list their choices, booleans get
 ``--no-...``, every default is shown), and a subcommand is one decorated function whose docstring is its
-help. Compared on this project: argparse needs the generator written by hand (it was, and its ``%``-escaping
-broke a help text); tyro silently drops the ``dict`` field (``--storage-options``) and prints bad values as
-multi-line panels; simple-parsing spells booleans ``--noprepend-bos`` and still crashes on ``%``. cyclopts
-costs ~0.3 s of import (bench: cold start), paid once per command.
+help (why cyclopts: docs/architecture.md).
 
 Output: results on stdout (``--json``: one JSON document, field names in README "Scripting"), progress, warnings
 and messages on stderr. Exit codes (``actcache.errors``): 0 success, 1 failure (storage, network, a damaged set;
@@ -24,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -65,6 +63,7 @@ FLAG_NAMES = {"rows_per_shard": "--shard-rows"}
 def _global_flags(
     *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
     debug: Annotated[bool, Parameter(negative=())] = False,
+    verbose: Annotated[bool, Parameter(negative=())] = False,
 ) -> None:
     """Never called: it lists the flags every command takes in every option table (cyclopts shows a meta app's
     parameters under each command's help). ``main`` takes them out of the line before parsing.
@@ -74,6 +73,8 @@ def _global_flags(
     debug
         Print the whole chain of causes (tracebacks) before the one-line error; accepted anywhere before `--`. Also:
         ACTCACHE_TRACEBACK=1.
+    verbose
+        Also show Prefect's log lines on the console (each task run's state; they are always in Prefect's records).
     """
 
 
@@ -143,7 +144,7 @@ def _warn_mixed(s: Any) -> None:
         )
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -175,16 +176,11 @@ def extract(
     from actcache.sets import reproduce as like_mod
 
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(ExtractConfig)}
-    original = None
-    if like:
-        original = like_mod.read_manifest(like, fields["storage_options"], fields["aws_credentials_block"])
-        fields = like_mod.merge(original, fields, flags_given)
-    cfg = ExtractConfig(**fields)
-    check = like_mod.check(original, flags_given) if original else None
+    cfg, check = like_mod.config_like(like, fields, flags_given) if like else (ExtractConfig(**fields), None)
     result = api.extract_sets(cfg, check=check)
-    for s in result:
-        if not s.shards_computed:  # answered from the store: say so, as the flow's plan says it in its log
-            print(f"{s.hook}: {s.shards_skipped} of {s.n_shards} shards already stored", file=sys.stderr)
+    if not json_output:
+        _summary(cfg, result)
+    for s in result:  # after the summary: a warning about the data is the last thing said
         _warn_non_finite(StoreFlags(cfg.storage_options, cfg.aws_credentials_block).open_set(s.url))
     if json_output:
         _print_json({"sets": [s.to_json() for s in result]})
@@ -193,10 +189,42 @@ def extract(
     return 0
 
 
+def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
+    """What happened, where it is, what to try next: on stderr, before the URLs (stdout, for scripts)."""
+    from actcache.orchestration import tempserver
+
+    say = lambda line="": print(line, file=sys.stderr)  # noqa: E731
+    first = result[0]
+    say(f"model {cfg.model}, dataset {cfg.dataset}")
+    for s in result:
+        rate = (
+            f", {s.tokens_computed / s.seconds:.0f} tokens/s over {s.seconds:.1f} s"
+            if s.tokens_computed and s.seconds
+            else ""
+        )
+        state = "complete" if s.complete else "partial"
+        say(
+            f"{s.hook}: {s.shards_computed} shards computed, {s.shards_skipped} already stored; "
+            f"{s.n_tokens} tokens in {s.n_shards} shards, {_human(s.bytes)}{rate} ({state})"
+        )
+        say(f"  set  {s.url}")
+    if first.run_url:
+        say(f"  run  {first.run_url}")
+    elif first.seconds and not tempserver.api_configured():
+        say(
+            "  runs are not kept (a temporary Prefect server ran them): to keep them, with a UI, run "
+            "`prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    say("next:")
+    say(f"  actcache show {first.url}")
+    say(f"  python -c \"import actcache; s = actcache.open_set('{first.url}'); print(s.n_tokens, s.manifest['d'])\"")
+
+
 # -- reading ------------------------------------------------------------------------------------------
 @app.command
 def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFlags()) -> int:
-    """List the sets in a store: model, hook, tokens, bytes and state (complete, partial, incomplete, damaged).
+    """List the sets in a store: model, hook, layout (tokens in order, or shuffled rows), tokens, bytes and state
+    (complete, partial, incomplete, damaged).
 
     Parameters
     ----------
@@ -208,18 +236,37 @@ def ls(store: str, /, *, json_output: Json = False, flags: StoreFlags = StoreFla
     s = flags.store(store)
     s.check_reachable()
     sets = inventory.list_sets(s)
+    parent, name = flags.ref(store).split()
+    if not sets and inventory.is_set_id(name):  # a set's URL: show that set, and say where its store is
+        entry = inventory.describe_set(parent.open(), name)
+        if entry is not None:
+            sets = [entry]
+            print(
+                f"{store} is a set, not a store; its store is {parent.url} (`actcache ls {parent.url}` lists "
+                f"every set there, `actcache show {store}` describes this one)",
+                file=sys.stderr,
+            )
     if json_output:
         _print_json({"store": s.url, "sets": [e.to_json() for e in sets]})
         return 0
-    rows = [("SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE")]
+    if not sets:
+        print(f"no sets in {s.url}", file=sys.stderr)
+    rows = [("SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE")]
     for e in sets:
         tokens = "-" if e.n_tokens is None else str(e.n_tokens)
         nf = e.non_finite
         bad = "-" if nf is None else f"{nf['inf']} inf, {nf['nan']} nan" if nf["inf"] or nf["nan"] else "0"
         state = f"{e.state}: {e.detail}" if e.state == "damaged" else e.state
-        rows.append((e.set_id, e.model or "?", e.hook or "?", tokens, _human(e.bytes), bad, state))
+        kind = (
+            "?" if e.state in ("incomplete", "damaged") and e.model is None else _LAYOUTS.get(e.layout) or str(e.layout)
+        )
+        rows.append((e.set_id, e.model or "?", e.hook or "?", kind, tokens, _human(e.bytes), bad, state))
     _table(rows)
     return 0
+
+
+_LAYOUTS = {None: "tokens", "rows": "shuffled"}
+"""ls's LAYOUT column: an extracted set holds each sequence's tokens in order; a shuffled copy holds rows."""
 
 
 @app.command
@@ -447,16 +494,19 @@ def cp(
     dest_aws_credentials_block
         Prefect AwsCredentials block for the destination (default: the AWS chain).
     """
-    from tqdm.auto import tqdm
-
+    from actcache.progress import Steps
     from actcache.sets.copy import copy_set
 
-    progress = tqdm(unit="shard", desc="cp", file=sys.stderr)  # not Progress: no Prefect server for a copy
     to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
-    result = copy_set(
-        flags.ref(src), to, jobs=jobs, verify_existing=verify_existing, on_shard=lambda _: progress.update()
-    )
-    progress.close()
+    with Steps("cp", "shard") as progress:
+        result = copy_set(
+            flags.ref(src),
+            to,
+            jobs=jobs,
+            verify_existing=verify_existing,
+            on_shard=lambda _: progress.advance(),
+            on_total=progress.total,
+        )
     print(
         f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
         file=sys.stderr,
@@ -521,8 +571,7 @@ def shuffle(
     out_aws_credentials_block
         Prefect AwsCredentials block for the output store (default: the AWS chain).
     """
-    from tqdm.auto import tqdm
-
+    from actcache.progress import Steps
     from actcache.sets.shuffle import shuffle_set
 
     options = exclude.options()
@@ -530,18 +579,18 @@ def shuffle(
     target = None  # the source's store, with its options
     if out is not None or out_storage_options or out_aws_credentials_block:
         target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-    progress = tqdm(unit="step", desc="shuffle", file=sys.stderr)
-    result = shuffle_set(
-        source,
-        out=target,
-        seed=seed,
-        rows_per_shard=shard_rows,
-        **options,
-        bucket_rows=bucket_rows,
-        jobs=jobs,
-        on_step=lambda _: progress.update(),
-    )
-    progress.close()
+    with Steps("shuffle", "step") as progress:  # a spill file per source shard, then each output shard
+        result = shuffle_set(
+            source,
+            out=target,
+            seed=seed,
+            rows_per_shard=shard_rows,
+            **options,
+            bucket_rows=bucket_rows,
+            jobs=jobs,
+            on_step=lambda _: progress.advance(),
+            on_total=progress.total,
+        )
     state = "already complete" if result.skipped else "written"
     print(
         f"{state}: {result.rows} rows in {result.shards} shards, {result.excluded_rows} rows excluded", file=sys.stderr
@@ -571,14 +620,19 @@ def export(
     format
         saelens: SAELens's cached activations (one row per sequence); hf: one row per token.
     """
-    from tqdm.auto import tqdm
-
+    from actcache.progress import Steps
     from actcache.sets.export import export_set
 
     options = exclude.options()
-    progress = tqdm(unit="shard", desc="export", file=sys.stderr)
-    result = export_set(flags.ref(set_url), out, format=format, **options, on_shard=lambda _: progress.update())
-    progress.close()
+    with Steps("export", "shard") as progress:
+        result = export_set(
+            flags.ref(set_url),
+            out,
+            format=format,
+            **options,
+            on_shard=lambda _: progress.advance(),
+            on_total=progress.total,
+        )
     print(f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded", file=sys.stderr)
     print(result.path)
     return 0
@@ -627,22 +681,12 @@ def stats(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = Sto
     set_url
         Set URL: `<store>/<set_id>`.
     """
-    from tqdm.auto import tqdm
-
+    from actcache.progress import Steps
     from actcache.sets import stats as stats_mod
 
-    bar: list[Any] = []  # made at the first shard read: stats already in the manifest, or an error, show none
-
-    def advance(_) -> None:
-        if not bar:
-            bar.append(tqdm(unit="shard", desc="stats", file=sys.stderr))
-        bar[0].update()
-
-    try:
-        result = stats_mod.compute(flags.ref(set_url), on_shard=advance)
-    finally:
-        for b in bar:
-            b.close()
+    # The bar starts once the shards are to be read: stats already in the manifest, or an error, show none.
+    with Steps("stats", "shard") as progress:
+        result = stats_mod.compute(flags.ref(set_url), on_shard=lambda _: progress.advance(), on_total=progress.total)
     print(json.dumps(result, indent=1) if json_output else stats_mod.summary(result, len(result["mean"] or [])))
     return 0
 
@@ -660,9 +704,12 @@ def hooks(model: str, /, *, revision: str | None = None, trust_remote_code: bool
     trust_remote_code
         Allow model code from the hub to run.
     """
+    from actcache import console
     from actcache.inputs.model import ModelSpec, hook_names, resolve_model
 
-    for name in hook_names(resolve_model(ModelSpec(model, revision, trust_remote_code))):
+    with console.status(f"loading {model} to list its hooks"):
+        names = hook_names(resolve_model(ModelSpec(model, revision, trust_remote_code)))
+    for name in names:
         print(name)
     return 0
 
@@ -773,6 +820,10 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # actcache's own bar and status lines say what happens; the libraries' bars (a dataset's download,
+    # transformers' "Writing model shards" while the demo model is built) would read as actcache's shards.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _flags_given(argv: list[str]) -> frozenset[str]:
@@ -803,14 +854,14 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
             )
         return f"{token.keyword}: invalid {getattr(target, '__name__', target)} value {token.value!r}"
     command = next((a for a in argv if not a.startswith("-")), None)
-    where = f"actcache {command} --help" if command in app else "actcache --help"
+    where = f"actcache {command} --help" if command in app else "actcache --help"  # type: ignore[operator]
     return " ".join(str(e).split()) + f" (see `{where}`)"
 
 
-def _debug_flag(argv: list[str]) -> tuple[list[str], bool]:
-    """``argv`` without ``--debug`` (accepted anywhere before ``--``, as a global flag), and whether it was there."""
+def _debug_flag(argv: list[str], flag: str = "--debug") -> tuple[list[str], bool]:
+    """``argv`` without ``flag`` (accepted anywhere before ``--``, as a global flag), and whether it was there."""
     end = argv.index("--") if "--" in argv else len(argv)
-    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    rest = [a for a in argv[:end] if a != flag] + argv[end:]
     return rest, len(rest) != len(argv)
 
 
@@ -826,7 +877,11 @@ def _close_progress_bars() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     argv, debug = _debug_flag(list(sys.argv[1:] if argv is None else argv))
-    with errors.debugging(debug):
+    argv, verbose = _debug_flag(argv, "--verbose")
+    from actcache import console
+
+    # Prefect's run logs: its records only, unless --verbose
+    with errors.debugging(debug), console.quieted(not verbose):
         try:
             command, bound, ignored = app.parse_args(argv, exit_on_error=False, print_error=False)
             if "flags_given" in ignored:

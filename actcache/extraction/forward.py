@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from actcache import progress
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.engines import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
 
@@ -169,7 +170,7 @@ class _Batched:
                     out_of_memory = str(e).strip().split("\n")[0][:200]  # handled once the exception is gone:
                     # its traceback holds the failed pass's tensors
                 if out_of_memory is not None:
-                    got = batch = None
+                    got = batch = None  # type: ignore[assignment]  # frees them before the retry
                     size = self._smaller(size, context, out_of_memory)
                     continue
                 for h, act in got.items():
@@ -190,6 +191,7 @@ class _Batched:
                         act = act.to(dest.dtype)  # cast on the device: fewer bytes over PCIe, same values
                     dest[start : start + len(batch)].copy_(act, non_blocking=cuda)
                 start += len(batch)
+                progress.computed(len(batch) * context)
         if cuda:
             torch.cuda.synchronize(self.device)  # once per shard, before the host buffers are read
         if finite is not None:
@@ -369,7 +371,7 @@ def extractor_for(
     slow = [h for h in hooks if h not in fast]
     parts: list[_Batched] = []
     if fast:
-        deepest = max(int(_RESID.match(h).group(1)) for h in fast)
+        deepest = max(int(_RESID.match(h).group(1)) for h in fast)  # type: ignore[union-attr]  # fast: resid hooks
         hf = load_hf_stack(model, deepest + 1, dtype=model_dtype, device=dev)
         parts.append(HFExtractor(hf, fast, batch_size=batch_size, out_dtype=cast))
     if slow:

@@ -1,9 +1,9 @@
 """Keep a long extraction's resident memory flat: glibc holds on to freed shard buffers unless told not to.
 
-Measured (bench/RESULTS.md): with default settings peak RSS grew 15-40% when max_tokens grew 10x, none of it
-live data. glibc gives each thread that allocates under contention its own arena (compress and upload run on
-pool threads) and keeps freed chunks in them. Two arenas keep it under 10%; an occasional trim bounds long runs.
-Forcing large buffers to mmap instead would also do it, but made the forward pass 34% slower (page faults).
+glibc gives each thread that allocates under contention its own arena (compress and upload run on pool threads)
+and keeps freed chunks in them, so peak RSS grows with the run's length though none of it is live data. Two
+arenas keep it nearly flat and an occasional trim bounds long runs. Forcing large buffers to mmap instead would
+also do it, but slows the forward pass (page faults). Figures: bench/RESULTS.md, "Peak RSS".
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def release() -> None:
     """Return freed heap memory to the OS, at most once per TRIM_EVERY_S (called after each stored shard).
 
     Not after every shard: a trim takes the arena lock and hands back pages that the next forward pass
-    faults in again, which cost 8% of the forward pass with 8192-token shards (bench, A/B in one process).
+    faults in again, which slows it (bench/RESULTS.md).
     """
     global _last_trim
     libc = _libc()

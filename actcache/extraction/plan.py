@@ -100,9 +100,9 @@ def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]
     for h in hooks:
         if engines[h] == HF_SDPA:
             check_hook_layer(h, model)
-            out[h] = Hook(HF_SDPA, (model.d_model,))
+            out[h] = Hook(HF_SDPA, (model.d_model,))  # type: ignore[arg-type]
         else:
-            out[h] = Hook(engines[h], check_hook(h, model, catalog))
+            out[h] = Hook(engines[h], check_hook(h, model, catalog))  # type: ignore[arg-type]
     return out
 
 
@@ -273,11 +273,17 @@ class Plan:
         _prepare_device(self.config)
         self._load_weights()
 
-    def _load_weights(self) -> None:
+    def check_memory(self) -> bool:
+        """Refuse (``ActcacheError``) shards that do not fit this machine's memory; whether there is work at all.
+        Needs no torch: the API runs it before it says it is loading anything."""
         first_two = list(itertools.islice(self.iter_missing(), 2))  # only the last shard may be partial
         if first_two:
             widths = [math.prod(self.resolved.hooks[h].shape) for h in self.config.hooks]
             sizing.check_memory(self.config, max(w.n_seq for w in first_two), widths)
+        return bool(first_two)
+
+    def _load_weights(self) -> None:
+        if self.check_memory():
             self.extractor(self.config.hooks)
 
     def extractor(self, hooks: Sequence[str]) -> MultiExtractor:

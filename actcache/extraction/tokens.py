@@ -11,7 +11,7 @@ import hashlib
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
@@ -68,7 +68,7 @@ def pack(
 ) -> Iterator[list[int]]:
     """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``."""
     body = context_size - 1 if prepend_bos else context_size
-    head = [bos] if prepend_bos else []
+    head: list[Any] = [bos] if prepend_bos else []
     buf: list[int] = []
     start = 0
     for ids in docs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 HEADER_ALLOWANCE = 1 << 20
@@ -21,7 +22,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 _CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "int64": "I64"}
 """The dtypes actcache stores ("rows" sets store positions as int64), by name."""
 
-Expect = dict[str, tuple[Any, "tuple[int, ...] | None"]]
+Expect = Mapping[str, tuple[Any, "tuple[int, ...] | None"]]
 
 
 def _name(dtype: Any) -> str:
@@ -49,7 +50,7 @@ def parse(data: bytes, head: bytes) -> dict:
     return header
 
 
-def check_entries(header: dict, expect: Expect) -> int:
+def check_entries(header: dict[str, Any], expect: Expect) -> int:
     """Check each tensor's dtype, shape and offsets against ``expect``; return the data bytes they fill."""
     names = sorted(k for k in header if k != "__metadata__")
     for name in expect:
@@ -60,7 +61,7 @@ def check_entries(header: dict, expect: Expect) -> int:
     spans = []
     for name, (dtype, shape) in expect.items():
         h = header[name]
-        got = [h.get("dtype"), h.get("shape")] if isinstance(h, dict) else [None, None]
+        got: list[Any] = [h.get("dtype"), h.get("shape")] if isinstance(h, dict) else [None, None]
         if got != [_CODES.get(_name(dtype)), list(shape or [])]:
             prefix = str(dtype)[: len(str(dtype)) - len(_name(dtype))]  # "torch." where expect names torch dtypes
             named = {v: f"{prefix}{k}" for k, v in _CODES.items()}.get(got[0], got[0])

@@ -31,10 +31,10 @@ class _Key:
 
     @property
     def id(self) -> str:
-        return self._prefix + _digest(dataclasses.asdict(self))
+        return self._prefix + _digest(self.to_dict())
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,23 @@ class NoManifest(ActcacheError):
     """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
 
 
+def _missing(store: Store, set_id: str) -> str:
+    """Why there is no manifest to read: nothing there, or an unfinished set (what it has, how to finish it)."""
+    url = store.url_of(set_id)
+    try:
+        files = store.listing(set_id)
+    except Exception:
+        files = {}
+    if not files:
+        return f"no activation set at {url} (no manifest.json)"
+    recorded = sum(layout.parse_record_file(rel) is not None for rel in files)
+    return (
+        f"{url} is an unfinished set: {recorded} shard(s) recorded, but no manifest.json yet (an extraction "
+        "running or interrupted, or an interrupted `actcache rm`); rerun the same `actcache extract` to finish "
+        f"it, or `actcache rm {url}` to remove it"
+    )
+
+
 def read(store: Store, set_id: str) -> dict[str, Any]:
     """A set's manifest, checked to be one this version can read, and against the key its set id hashes."""
     if not isinstance(set_id, str) or not layout.SET_ID_RE.match(set_id) or set_id.startswith("t"):
@@ -116,7 +133,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     try:
         m = store.read_json(f"{set_id}/{layout.MANIFEST}")
     except FileNotFoundError:
-        raise NoManifest(f"no activation set at {url} (no manifest.json)") from None
+        raise NoManifest(_missing(store, set_id)) from None
     except DamagedFile as e:
         raise ActcacheError(f"manifest of {url} is damaged ({e}); {rebuild}") from e
     version = m.get("format_version") if isinstance(m, dict) else None

@@ -192,7 +192,7 @@ def without(record: Record) -> Record:
 def _prefix(previous: dict[str, Any] | None, recs: list[Record], d: int) -> tuple[int, Moments]:
     """The previous manifest's merged state, if it still covers the first shards exactly."""
     try:
-        p = previous["moments"]["prefix"]
+        p = previous["moments"]["prefix"]  # type: ignore[index]
         k = p["shards"]
         if type(k) is not int or not 0 < k <= len(recs) or p["digest"] != digest(recs[:k]):
             return 0, Moments.empty(d)
@@ -216,7 +216,7 @@ def merged(
     """
     names = digest(recs)
     prev = (previous or {}).get("moments")
-    if isinstance(prev, dict) and prev.get("digest") == names and isinstance(previous.get("stats"), dict):
+    if isinstance(prev, dict) and prev.get("digest") == names and previous and isinstance(previous.get("stats"), dict):
         return {"stats": previous["stats"], "moments": prev}  # the same shards: nothing to read
     k, total = _prefix(previous, recs, d)
     prefix = (k, total)

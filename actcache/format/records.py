@@ -94,7 +94,7 @@ class Bounds:
         activations is unknown)."""
         if self.rows:
             return None
-        out = {"tokens": ("int32", (rec.n_seq, self.context_size))}
+        out: dict[str, tuple[str, tuple[int, ...]]] = {"tokens": ("int32", (rec.n_seq, self.context_size))}
         if self.dtype is None:
             return out
         if self.d is None:
@@ -255,7 +255,7 @@ def scan(
         index = layout.parse_record_file(rel)
         if index is None:
             continue
-        if index in known and entry.mtime <= c_entry.mtime and not read_all:
+        if index in known and c_entry is not None and entry.mtime <= c_entry.mtime and not read_all:
             records[index] = known[index]
             continue
         try:

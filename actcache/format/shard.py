@@ -6,8 +6,8 @@ safetensors validates its own header offsets, and ``decode`` checks names, dtype
 Codecs: ``zstd`` is one zstd frame of the safetensors file. ``shuffle-zstd`` first byte-shuffles the tensor
 data (everything after the header, which stays readable) with the element size of ``activations``: all
 first bytes of every element, then all second bytes, ... Activations' sign/exponent bytes are far more
-alike than their low mantissa bytes, so zstd finds more to share (bench: 8-12% smaller than plain zstd, and
-faster). To undo it without actcache: zstd -d, then for the data after byte 8 + header length,
+alike than their low mantissa bytes, so zstd finds more to share (bench/RESULTS.md, "Compression"). To undo
+it without actcache: zstd -d, then for the data after byte 8 + header length,
 ``np.frombuffer(body, np.uint8).reshape(itemsize, -1).T.tobytes()`` (plus the trailing len % itemsize bytes).
 """
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from actcache.format.header import HEADER_ALLOWANCE, ITEMSIZE, check_entries, itemsize, parse, read_exact
+from actcache.format.header import HEADER_ALLOWANCE, ITEMSIZE, Expect, check_entries, itemsize, parse, read_exact
 from actcache.format.header import check_header as check_header  # lives there: verify checks without torch
+from actcache.orchestration.logs import run_logger
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,24 +59,22 @@ def encode(
     return Encoded(data, len(raw), hashlib.sha256(data).hexdigest())
 
 
-def decode(
-    data: bytes, *, codec: str, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
-) -> dict[str, torch.Tensor]:
+def decode(data: bytes, *, codec: str, expect: Expect | None = None) -> dict[str, torch.Tensor]:
     """Decode shard bytes; ``expect`` maps tensor name to (dtype, shape or None) and is enforced.
 
     With every shape given (as readers of a set do, from its key and manifest), the safetensors header is checked
     against ``expect`` before any tensor data is decompressed or loaded, and decompression stops at exactly the
     bytes those tensors fill: a crafted file or frame cannot make this allocate more than a true shard's size.
     """
-    bounded = bool(expect) and all(shape is not None for _, shape in expect.values())
+    bounded = expect if expect and all(shape is not None for _, shape in expect.values()) else None
     if codec in ("zstd", "shuffle-zstd"):
-        data = _decompress_bounded(data, expect) if bounded else _decompress(data)
+        data = _decompress_bounded(data, bounded) if bounded else _decompress(data)
         if codec == "shuffle-zstd":
             data = unshuffle(data)
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
     elif bounded:
-        check_entries(parse(data, data[:8]), expect)
+        check_entries(parse(data, data[:8]), bounded)
     return views(data, expect)
 
 
@@ -147,9 +146,7 @@ def header(
     return 8 + n, entries
 
 
-def views(
-    data: bytes | bytearray | memoryview, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None = None
-) -> dict[str, torch.Tensor]:
+def views(data: bytes | bytearray | memoryview, expect: Expect | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file as views of ``data`` (no copy: they keep ``data`` alive).
 
     Validated like ``safetensors.torch.load`` (see ``header``); ``expect`` maps tensor name to (dtype, shape
@@ -171,9 +168,7 @@ def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list
     return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
 
 
-def check(
-    tensors: dict[str, torch.Tensor], expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] | None
-) -> None:
+def check(tensors: dict[str, torch.Tensor], expect: Expect | None) -> None:
     """Raise ValueError unless every tensor ``expect`` names is there with its dtype and shape (None: any)."""
     for name, (dtype, shape) in (expect or {}).items():
         t = tensors.get(name)
@@ -183,7 +178,7 @@ def check(
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
 
 
-def _decompress_bounded(data: bytes, expect: dict[str, tuple[torch.dtype, tuple[int, ...] | None]]) -> bytes:
+def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
     """Decompress a shard's zstd frame header first: the header is checked against ``expect`` before the data,
     and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused)."""
     import zstandard
@@ -254,11 +249,11 @@ def unshuffle(data: bytes) -> bytes:
 
 STATS_CHUNK_BYTES = 1 << 20
 """float32 scratch for the stats: rows are upcast this much at a time, not the whole shard at once. Small: a
-16 MiB scratch, allocated on a pool thread beside the forward pass's batches, fragmented glibc's heaps by about
-the size of a shard (bench: memory)."""
+larger scratch, allocated on a pool thread beside the forward pass's batches, fragments glibc's heaps
+(bench/RESULTS.md, "Memory at real widths")."""
 
 
-def stats(acts: torch.Tensor) -> dict[str, float | int]:
+def stats(acts: torch.Tensor) -> dict[str, float | int | None]:
     """Mean L2 norm per token (of the finite values) and NaN/Inf counts, for the manifest: always finite JSON."""
     flat = acts.reshape(-1, acts.shape[-1])
     # One pass, upcast on the fly: a NaN or Inf anywhere makes its row's norm non-finite, so all-finite
@@ -295,17 +290,10 @@ WARN_SHARDS = 3
 def warn_non_finite(stats: dict, source_finite: bool, dtype: str, set_id: str, where: str) -> bool:
     """Warn (in the run's log) that ``where`` holds NaN/Inf and what to do; return ``source_finite`` (whether
     the activations were finite before the cast to ``dtype``, i.e. whether the storage dtype overflowed)."""
-    import logging
-
     n = _WARNED[set_id] = _WARNED.get(set_id, 0) + 1
     if n > WARN_SHARDS:
         return source_finite
-    try:
-        from prefect import get_run_logger
-
-        logger = get_run_logger()
-    except Exception:  # outside a Prefect run
-        logger = logging.getLogger("actcache")
+    logger = run_logger()
     more = " (further shards are counted, not reported: see `actcache verify`)" if n == WARN_SHARDS else ""
     logger.warning(
         "%s holds %d Inf and %d NaN values: %s%s",

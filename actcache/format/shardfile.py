@@ -117,7 +117,7 @@ class ShardFile:
         """The file's bytes (no copy)."""
         if self.buffer is None:
             raise RuntimeError("shard file already released")
-        return memoryview(self.buffer[: self.size].numpy())
+        return self.buffer[: self.size].numpy().data
 
     def release(self) -> None:
         """Done with the bytes: a pinned buffer waits for the next shard, a pageable one goes back to the OS."""
@@ -182,6 +182,6 @@ def encode(f: ShardFile, *, codec: str = "none", level: int = 0) -> Payload:
         f.release()
     else:
         shuffled = f.shuffled()
-        packed = zstandard.ZstdCompressor(level=level).compress(memoryview(shuffled.numpy()))
+        packed = zstandard.ZstdCompressor(level=level).compress(shuffled.numpy().data)
         del shuffled
     return Payload(memoryview(packed), raw, hashlib.sha256(packed).hexdigest())

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from actcache.inputs.fingerprint import cache_dir
 
@@ -69,7 +70,7 @@ def train_tokenizer(lines: list[str], vocab_size: int = 512):
 def tiny_config(arch: str, vocab_size: int, *, layers: int = 4, d: int = 64, ctx: int = 256):
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
-    special = {"bos_token_id": 0, "eos_token_id": 0}
+    special: dict[str, Any] = {"bos_token_id": 0, "eos_token_id": 0}
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=ctx, n_embd=d, n_layer=layers, n_head=4, **special)
     if arch == "llama":

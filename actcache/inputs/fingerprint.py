@@ -84,5 +84,5 @@ def remembered(table: str, key: str, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def combine(parts: dict[str, str]) -> str:
+def combine(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

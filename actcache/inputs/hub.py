@@ -97,7 +97,8 @@ def commit(repo_id: str, revision: str | None, repo_type: str = "model") -> tupl
         info = getattr(HfApi(), f"{repo_type}_info")
         sha = with_backoff(lambda: info(repo_id, revision=revision)).sha
     except Exception as e:
-        if _status(e) is not None and _status(e) < 500 and _status(e) != 429:
+        status = _status(e)
+        if status is not None and status < 500 and status != 429:
             return None, e  # the hub answered: no such repo or revision (a stale cache must not say otherwise)
         cached = _cached_commit(repo_id, revision, repo_type)
         return (cached, None) if cached else (None, e)
@@ -108,6 +109,6 @@ def commit(repo_id: str, revision: str | None, repo_type: str = "model") -> tupl
 def why(err: BaseException | None) -> str:
     """What the hub said, for a one-line error: it has no such repo/revision, or it did not answer."""
     status = _status(err) if err is not None else None
-    if status is not None and status < 500 and status != 429:
+    if err is not None and status is not None and status < 500 and status != 429:
         return f"the hub answered {status} ({first_line(err)})"  # no such repo/revision, gated, private
     return f"the hub did not answer ({first_line(err) if err else 'offline'})"

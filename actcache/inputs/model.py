@@ -13,7 +13,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +63,7 @@ class ResolvedModel:
         """What a plan needs of the config and tokenizer: layers, width, context limit, architecture, tokenizer
         fingerprint, special ids and vocabulary size. Kept on disk under a hash of what they are read from (weights
         fingerprint or commit, other files, transformers and tokenizers versions), so a rerun plans without
-        importing transformers (~3 s) or loading either."""
+        importing transformers or loading either."""
 
         def remembered() -> dict[str, Any]:
             from importlib.metadata import version
@@ -497,7 +497,7 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
         seen.append(got)
     per_token, other = {}, {}
     for n, point in sorted(points.items()):
-        shapes = [got.get(id(point)) for got in seen]
+        shapes: list[Any] = [got.get(id(point)) for got in seen]  # None where the hook did not fire
         if any(s is None for s in shapes):
             other[n] = "does not fire in a plain forward pass"
         elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
@@ -510,7 +510,7 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
     return HookCatalog(tuple(sorted(points)), per_token, other)
 
 
-def check_hook_layer(hook: str, model: ResolvedModel, names: Sequence[str] = ()) -> None:
+def check_hook_layer(hook: str, model: ResolvedModel, names: Collection[str] = ()) -> None:
     """A hook's block must exist; the message lists the closest valid names (at the last block)."""
     layer, n = hook_layer(hook), model.n_layers
     if layer is not None and n is not None and layer >= n:
@@ -536,7 +536,7 @@ def check_hook(hook: str, model: ResolvedModel, catalog: HookCatalog) -> tuple[i
     raise AssertionError("unreachable")
 
 
-def _close(hook: str, names: Sequence[str]) -> list[str]:
+def _close(hook: str, names: Collection[str]) -> list[str]:
     return difflib.get_close_matches(hook, names, n=5, cutoff=0.6) or difflib.get_close_matches(
         hook, names, n=3, cutoff=0.3
     )

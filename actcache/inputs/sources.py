@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +91,7 @@ class Source:
             yield from _file_texts(fs, f, self.spec.text_column)
 
     def describe(self) -> dict[str, Any]:
-        d = {"path": self.label, "text_column": self.spec.text_column, "fingerprint": self.fingerprint}
+        d: dict[str, Any] = {"path": self.label, "text_column": self.spec.text_column, "fingerprint": self.fingerprint}
         if self.files is None:
             d.update(config=self.spec.name, split=self.spec.split, revision=self.spec.revision)
         else:
@@ -226,6 +226,7 @@ def _file_values(fs, path: str, column: str, name: str) -> Iterator[str]:
                 if line.strip():
                     yield line
             return
+        rows: Iterable[tuple[int, Any]]
         if kind == "jsonl":
             rows = (
                 (n, _json(_utf8(raw, name, f"line {n}"), name, f"line {n}"))

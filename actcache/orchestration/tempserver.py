@@ -1,8 +1,8 @@
 """Prefect's temporary API server, started first thing so it boots while torch imports and the model loads.
 
-With no Prefect API configured, Prefect starts a temporary server when the first flow runs: ~5 s importing
-its server code in this process, then ~7 s for the subprocess to answer, all after the model has loaded
-(bench: cold start). ``start()`` launches the same server (the command Prefect's ``SubprocessASGIServer``
+With no Prefect API configured, Prefect starts a temporary server when the first flow runs: it imports its
+server code in this process, then waits for the subprocess to answer, all after the model has loaded (figures:
+bench/RESULTS.md, "Cold start"). ``start()`` launches the same server (the command Prefect's ``SubprocessASGIServer``
 runs) without importing Prefect, and the flow waits for it only when it is about to run. The server's own
 log goes to a file (its shutdown noise is not the user's business) and it dies with this process, even on
 SIGKILL.
@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from actcache.errors import ActcacheError
 
@@ -152,9 +153,15 @@ def start() -> None:
             _SERVER = TemporaryServer()
 
 
+def will_start() -> bool:
+    """Whether the next flow runs on the temporary server (started here, and not yet answering)."""
+    return _SERVER is not None and not _SERVER.ready
+
+
 @contextlib.contextmanager
-def prefect_api() -> Iterator[None]:
-    """Run the enclosed flow against the background server, or whatever API Prefect is configured with.
+def prefect_api() -> Iterator[bool]:
+    """Run the enclosed flow against the background server, or whatever API Prefect is configured with; yields
+    whether that is the temporary server (its runs, and any link to them, end with this process).
 
     Prefect's own settings decide (profiles, .env, prefect.toml): where they name an API or forbid a temporary
     server, the background one is stopped unused.
@@ -173,8 +180,20 @@ def prefect_api() -> Iterator[None]:
             server.stop()
             server = _SERVER = None
     if server is None:
-        yield
+        # No URL and no server of ours: Prefect starts its own temporary one.
+        yield not PREFECT_API_URL.value()
         return
     url = server.wait(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
     with temporary_settings(updates={PREFECT_API_URL: url}):
-        yield
+        yield True
+
+
+def run_url(state: Any) -> str | None:
+    """Where the UI shows the run that produced ``state`` (a server that outlives this process)."""
+    try:
+        from prefect.settings import PREFECT_UI_URL
+
+        ui, run_id = PREFECT_UI_URL.value(), state.state_details.flow_run_id
+    except Exception:
+        return None
+    return f"{ui.rstrip('/')}/runs/flow-run/{run_id}" if ui and run_id else None

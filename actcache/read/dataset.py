@@ -188,7 +188,7 @@ class _Chunk:
     n: int
 
     def column(self, name: str) -> torch.Tensor:
-        return {"acts": self.acts, "tokens": self.tokens, "positions": self.positions}[name]
+        return {"acts": self.acts, "tokens": self.tokens, "positions": self.positions}[name]  # type: ignore[return-value]
 
     def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
@@ -314,7 +314,7 @@ class ActivationDataset(IterableDataset):
         if self.exclude or (self.drop_bos and s.layout == "rows"):
             self.rows_per_shard, self.excluded = self._scan()
         elif self.drop_bos:
-            self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]
+            self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]  # type: ignore[operator]
         else:
             self.rows_per_shard = [r.n_tokens for r in s.records]
         self._bases = [0]  # flat index of each shard's first row in the set (positions of sequence sets)
@@ -355,7 +355,7 @@ class ActivationDataset(IterableDataset):
         if self.shuffle_buffer:
             epoch = self.epoch if epoch is None else epoch
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, "shards"))  # the same on every rank
-            order = torch.randperm(len(self.set.records), generator=g).tolist()
+            order = torch.randperm(len(self.set.records), generator=g).tolist()  # type: ignore[assignment]
         return deal(
             self.rows_per_shard,
             order,
@@ -399,7 +399,7 @@ class ActivationDataset(IterableDataset):
         """True at every sequence's first position."""
         ctx = self.set.context_size
         if positions is not None:
-            return positions % ctx == 0
+            return positions % ctx == 0  # type: ignore[operator]
         mask = torch.zeros(len(tokens), dtype=torch.bool)
         mask[::ctx] = True
         return mask
@@ -445,7 +445,7 @@ class ActivationDataset(IterableDataset):
             )
         batches = self._batches(worker, num_workers)
         if self.device is not None:
-            batches = _on_device(batches, self.device)
+            batches = _on_device(batches, self.device)  # type: ignore[arg-type]
         return batches
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[Any]:
@@ -465,7 +465,7 @@ class ActivationDataset(IterableDataset):
                 yield from self._in_order(chunks, sizes)
         finally:
             stop.set()
-            chunks.close()
+            chunks.close()  # type: ignore[attr-defined]
 
     # -- making batches ---------------------------------------------------------------------------------
     def _columns(self) -> list[str]:
@@ -485,7 +485,7 @@ class ActivationDataset(IterableDataset):
         if get_worker_info() is None:
             return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
         if not self.with_tokens and not self.with_positions:
@@ -532,7 +532,7 @@ class ActivationDataset(IterableDataset):
                 if batch is None:
                     batch, fill = self._new_batch(sizes_left[0]), 0
                 k = min(sizes_left[0] - fill, c.n - pos)
-                self._put(batch["acts"][fill : fill + k], c, pos, pos + k, tmp)
+                self._put(batch["acts"][fill : fill + k], c, pos, pos + k, tmp)  # type: ignore[arg-type]
                 for col in self._columns()[1:]:
                     c.copy(c.column(col), pos, pos + k, batch[col][fill : fill + k])
                 fill, pos = fill + k, pos + k

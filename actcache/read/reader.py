@@ -69,7 +69,7 @@ class ActivationSet:
         rows = self.layout == "rows"
         self.d: int = m["d"]
         self.tokenization: dict[str, Any] = m.get("tokenization") or {}
-        self.context_size: int | None = self.tokenization.get("context_size") if rows else self.key.tokens.context_size
+        self.context_size: int | None = self.tokenization.get("context_size") if rows else self.key.tokens.context_size  # type: ignore[union-attr]
         """Tokens per sequence of the extraction (None for a rows set whose manifest does not say)."""
 
     def __len__(self) -> int:
@@ -80,7 +80,7 @@ class ActivationSet:
         """The activations' dtype (a property: opening a set to list or check it imports no torch)."""
         from actcache.format import shard
 
-        return shard.TORCH_DTYPES[self.manifest["dtype"] if self.layout == "rows" else self.key.dtype]
+        return shard.TORCH_DTYPES[self.manifest["dtype"] if self.layout == "rows" else self.key.dtype]  # type: ignore[union-attr]
 
     @property
     def n_tokens(self) -> int:
@@ -134,7 +134,7 @@ class ActivationSet:
                 "and rerun the extraction to repair it"
             )
         try:
-            t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))
+            t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))  # type: ignore[arg-type]
         except Exception as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout, records
+from actcache.format.commit import Shard, commit
 from actcache.read.reader import open_set
 from actcache.storage.store import JSON_LIMIT, DamagedFile, StoreRef, parse_json
 
@@ -37,6 +38,7 @@ def copy_set(
     jobs: int = 4,
     verify_existing: bool = False,
     on_shard=None,
+    on_total=None,
 ) -> CopyResult:
     """Copy the set at ``src`` (``<store>/<set_id>``) into the store ``dest``; return what was done.
 
@@ -60,19 +62,20 @@ def copy_set(
         return have is not None and have.sha256 == r.sha256 and scan.is_done(r.index, r.n_seq, verify=verify_existing)
 
     todo = [r for r in source.records if not present(r)]
+    if on_total:
+        on_total(len(todo))  # the shards ``on_shard`` will count
 
-    def write_record(r: records.Record) -> None:
-        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or
-        one written from the manifest if the stored one is gone, damaged (its seal) or disagrees."""
+    def stored_record(r: records.Record) -> bytes | None:
+        """The source's record as stored (it holds the shard's moments, which the manifest leaves out), or None
+        (then one is written from the manifest) if the stored one is gone, damaged (its seal) or disagrees."""
         rel = f"{set_id}/{layout.record_file(r.index)}"
         try:
             stored = source.store.read_bytes(rel, limit=records.RECORD_LIMIT)
             if records.Record.from_dict(records.check_sealed(parse_json(stored, rel), rel), source.bounds) == r:
-                target.write_bytes(rel, stored)
-                return
+                return stored
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             pass
-        records.write_record(target, set_id, r)
+        return None
 
     def copy_one(r: records.Record) -> int:
         try:
@@ -87,8 +90,7 @@ def copy_set(
                 f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                 "repair the source (`actcache verify`, then rerun its extract) and copy again"
             )
-        target.write_bytes(f"{set_id}/{r.file}", data)
-        write_record(r)  # after the bytes, as extraction does
+        commit(target, set_id, [Shard(r, data, stored_record(r))])  # the bytes, then the record, as extraction
         if on_shard:
             on_shard(r)
         return len(data)
@@ -105,7 +107,5 @@ def copy_set(
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        target.write_bytes(
-            f"{set_id}/{layout.MANIFEST}", source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
-        )
+        commit(target, set_id, manifest_doc=source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

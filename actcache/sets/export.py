@@ -124,13 +124,13 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
 
     dirs = sorted(p for p in pieces_dir.iterdir() if p.name.startswith("shard_"))
     shutil.move(str(dirs[0] / "dataset_info.json"), str(out / "dataset_info.json"))
-    files = []
+    files: list[dict[str, str]] = []
     for d in dirs:
         for f in json.loads((d / "state.json").read_text())["_data_files"]:
             name = f"data-{len(files):05d}-of-{len(dirs):05d}.arrow"
             shutil.move(str(d / f["filename"]), str(out / name))
             files.append({"filename": name})
-    state = {
+    state: dict[str, Any] = {
         "_data_files": files,
         "_fingerprint": None,
         "_format_columns": None,
@@ -153,6 +153,7 @@ def export_set(
     exclude_special: bool = False,
     exclude_ids: Any = (),
     on_shard: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
     block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
@@ -191,6 +192,8 @@ def export_set(
     pieces_dir = partial / ".tmp_shards"
     pieces_dir.mkdir(parents=True)
     n_pieces = rows = excluded = 0
+    if on_total:
+        on_total(len(s.records))
     for r in s.records:
         chunks, dropped = _pieces(format, s.read(r, verify=True), ctx, np.dtype(dtype), exclude, r.index * full_tokens)
         excluded += dropped

@@ -1,7 +1,7 @@
 """What a store holds: its sets, each with a state, and its token caches.
 
 One listing of the store's root, then one manifest read per set (a listing of the set only where the
-manifest is missing): as cheap as ``ls`` was before states existed. The field names of ``SetEntry`` are
+manifest is missing). The field names of ``SetEntry`` are
 those of ``actcache ls --json`` (see README, "Scripting").
 """
 

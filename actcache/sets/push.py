@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
@@ -155,12 +156,12 @@ def _files(s: ActivationSet, repo_id: str) -> tuple[list[_File], list[_File]]:
         )
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
         rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
-        body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))
+        body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))  # type: ignore[misc]
     manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
     text = card(s, repo_id).encode()
     last = [
-        _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),
-        _File("README.md", len(text), lambda b=text: b),
+        _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),  # type: ignore[misc]
+        _File("README.md", len(text), lambda b=text: b),  # type: ignore[misc]
     ]
     return body, last
 
@@ -191,7 +192,7 @@ def push_set(
             action = "creating the branch of"
             api.create_branch(repo_id, repo_type="dataset", branch=revision, exist_ok=True)
         action = "listing"
-        remote = {
+        remote: dict[str, Any] = {  # files only (they have a blob id), not folders
             f.path: f
             for f in api.list_repo_tree(repo_id, repo_type="dataset", revision=revision, recursive=True)
             if hasattr(f, "blob_id")

@@ -44,6 +44,16 @@ def read_manifest(url: str, storage_options: dict[str, Any], credentials_block: 
     return manifest.read(store.open(), set_id)
 
 
+def config_like(url: str, fields: dict[str, Any], given: frozenset[str]) -> tuple[Any, Any]:
+    """``(config, check)`` for ``extract --like url``: every ``ExtractConfig`` field from the set's manifest, except
+    those named in ``given``, which ``fields`` holds (with the defaults of the rest); ``check`` for the plan (see
+    ``check``). The CLI and ``actcache.extract(like=...)`` both come here."""
+    from actcache.config import ExtractConfig
+
+    original = read_manifest(url, fields["storage_options"], fields["aws_credentials_block"])
+    return ExtractConfig(**merge(original, fields, given)), check(original, given)
+
+
 def settings(m: dict[str, Any]) -> dict[str, Any]:
     """``ExtractConfig`` fields that reproduce the set described by manifest ``m``."""
     if m.get("layout") == "rows":

@@ -38,6 +38,7 @@ import torch
 from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
 from actcache.format import layout, manifest, moments, records, shard
+from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import FORMAT_VERSION, ShuffleKey
 from actcache.format.records import Record
 from actcache.read.exclude import token_ids
@@ -45,6 +46,8 @@ from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import Store, StoreRef
 
 DEFAULT_BUCKET_ROWS = 1 << 20
+SHARD_POINTS = Points(shard_written="shuffle.shard-written", record_written="shuffle.shard-recorded")
+MANIFEST_POINTS = Points(manifest_written="shuffle.manifest-written")  # the set is complete, its spills still there
 _NOT_PROVENANCE = ("shards", "stats", "moments", "created_at", "updated_at")
 
 
@@ -257,13 +260,9 @@ class _Writer:
             metadata={"set_id": sid, "index": str(j), "layout": "rows"},
         )
         rel = layout.shard_file(j, "none")
-        self.job.out.write_bytes(f"{sid}/{rel}", enc.data)
-        crashpoints.point("shuffle.shard-written")
         extra = {"set_id": sid, "stats": shard.stats(acts), moments.RECORD_FIELD: moments.of(acts).to_json()}
-        records.write_record(
-            self.job.out, sid, Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
-        )
-        crashpoints.point("shuffle.shard-recorded")
+        record = Record(j, rel, len(tokens), len(tokens), enc.sha256, len(enc.data), extra)
+        commit(self.job.out, sid, [Shard(record, enc.data)], points=SHARD_POINTS)
         self.job.step("shard")
 
 
@@ -278,6 +277,7 @@ def shuffle_set(
     bucket_rows: int = DEFAULT_BUCKET_ROWS,
     jobs: int = 8,
     on_step: Callable[[str], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> ShuffleResult:
     """Write (or find) the globally shuffled copy of the set at ``src`` in the store ``out`` (default: the
     source's). Rows whose token is special (``exclude_special``) or in ``exclude_ids`` are left out.
@@ -328,6 +328,9 @@ def shuffle_set(
         if spills
         else max(1, min(1 << 31, math.ceil(2 * source.n_tokens / bucket_rows)))
     )
+    spill_todo = sum(r.index not in spills for r in source.records)
+    if on_total:  # pass 1's spills and, at most, every output shard (known exactly once pass 1 is done)
+        on_total(spill_todo + math.ceil(source.n_tokens / key.rows_per_shard))
     for r in source.records:
         if r.index not in spills:
             spills[r.index] = job.spill(r, n_buckets)
@@ -349,6 +352,8 @@ def shuffle_set(
     size = [min(per, n_rows - j * per) for j in range(n_out)]
     scan = records.scan(target, sid, layout.MANIFEST)
     done = {j for j in range(n_out) if scan.is_done(j, size[j])}
+    if on_total:
+        on_total(spill_todo + n_out - len(done))
     writer = _Writer(job, n_rows, done)
     offset = 0
     for b in range(n_buckets):
@@ -364,7 +369,6 @@ def shuffle_set(
 
     excluded = sum(s["excluded"] for s in ordered)
     _write_manifest(job, n_rows, size, excluded)
-    crashpoints.point("shuffle.manifest-written")
     target.remove_tree(f"{sid}/{layout.SPILL}")
     return ShuffleResult(target.url_of(sid), n_rows, n_out, excluded, False)
 
@@ -441,4 +445,4 @@ def _write_manifest(job: _Job, n_rows: int, size: list[int], excluded: int) -> N
         previous=scan.consolidated,
         moments_of=moments.from_records(job.out, sid, job.d),
     )
-    manifest.write(job.out, sid, m)
+    commit(job.out, sid, manifest_doc=m, points=MANIFEST_POINTS)

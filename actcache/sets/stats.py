@@ -8,12 +8,15 @@ else changed, in one atomic write.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from actcache.format import manifest, moments
+from actcache.format import manifest
 from actcache.format.records import Record
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import StoreRef
+
+if TYPE_CHECKING:
+    from actcache.format import moments
 
 
 def full_size(m: dict[str, Any]) -> int:
@@ -23,10 +26,12 @@ def full_size(m: dict[str, Any]) -> int:
 
 
 def _shard_moments(s: ActivationSet, r: Record) -> moments.Moments:
+    from actcache.format import moments  # torch: imported only when shards are read (stats in the manifest: < 1 s)
+
     return moments.of(s.read(r, verify=True).activations)
 
 
-def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
+def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, Any]:
     """The set's ``manifest["stats"]``; computed from its shards and written into its manifest if missing.
 
     ``src``: the set's URL, or its ``StoreRef`` where the store needs options or a credentials block."""
@@ -35,12 +40,16 @@ def compute(src: str | StoreRef, *, on_shard=None) -> dict[str, Any]:
     if isinstance(m.get("stats"), dict):
         return m["stats"]
     size = full_size(m)
+    if on_total:
+        on_total(len(s.records))
 
     def moments_of(r: Record) -> moments.Moments:
         out = _shard_moments(s, r)
         if on_shard:
             on_shard(r)
         return out
+
+    from actcache.format import moments
 
     fields = moments.merged(s.records, m["d"], full=lambda r: r.n_seq == size, previous=None, moments_of=moments_of)
     manifest.write(s.store, s.set_id, {**m, **fields})

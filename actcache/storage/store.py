@@ -518,7 +518,7 @@ class Store:
             # on error): a reader never sees a partial object.
             kwargs = {"chunksize": self.part_size, "max_concurrency": self.part_concurrency} if self.s3 else {}
             if isinstance(data, memoryview):
-                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()
+                data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()  # type: ignore[assignment]
             with self._io("writing", rel):
                 self.fs.pipe_file(path, data, **kwargs)
 
@@ -681,9 +681,13 @@ class Store:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
+            if p != self.root:  # the store does not exist yet: it is what cannot be made (not the parent's fault)
+                raise ActcacheError(
+                    f"cannot create store {self.url!r}: the nearest folder that exists, {p!r}, is not writable "
+                    f"({e.strerror}); choose another {given_as}"
+                ) from None
             raise ActcacheError(
-                f"store {self.url!r} is not writable ({p!r}: {e.strerror}); "
-                f"choose another {given_as} or fix its permissions"
+                f"store {self.url!r} is not writable ({e.strerror}); choose another {given_as} or fix its permissions"
             ) from None
 
     def check_reachable(self) -> None:

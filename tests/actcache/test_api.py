@@ -114,6 +114,7 @@ def test_complete_sets_are_answered_from_the_store_alone(base_config, monkeypatc
     assert [s.complete for s in again] == [True, True]
 
 
+@pytest.mark.subprocess
 def test_a_complete_set_imports_neither_torch_nor_prefect(base_config, tmp_path):
     """The CLI's answer for a complete set, in a process of its own with no Prefect API configured."""
     import json
@@ -155,3 +156,21 @@ def _flags(cfg) -> list[str]:
         "--device",
         cfg.device,
     ]
+
+
+def test_one_request_plans_once_and_lists_each_set_folder_a_bounded_number_of_times(base_config, monkeypatch):
+    """The flow takes the plan the request made (the names are resolved once), and one extract lists the set's
+    folder at most 4 times: the request's plan, the flow's recheck, the manifest and the request's answer."""
+    from actcache import api
+    from actcache.extraction import plan as plan_mod
+    from actcache.storage.store import Store
+
+    resolved, listed = [], []
+    real_resolve, real_listing = plan_mod.resolve, Store.listing
+    monkeypatch.setattr(plan_mod, "resolve", lambda cfg: resolved.append(cfg) or real_resolve(cfg))
+    monkeypatch.setattr(Store, "listing", lambda self, rel: listed.append(rel) or real_listing(self, rel))
+    cfg = base_config.replace(max_tokens=448)  # a partial last shard: its upload looks before it writes
+    [s] = api.extract_sets(cfg)
+    assert (s.shards_computed, s.complete) == (4, True)
+    assert len(resolved) == 1
+    assert listed.count(s.set_id) <= 4

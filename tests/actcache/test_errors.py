@@ -1,10 +1,9 @@
-"""How errors reach a person: one line, exit 2 for bad input and 1 for failures, the chain with --debug, and no
-Prefect traceback of an ActcacheError on the console (the Prefect UI keeps it); errors name config fields, as
+"""How errors reach a person: one line, exit 2 for bad input and 1 for failures, the chain with --debug (the
+console without Prefect's tracebacks: tests/actcache/orchestration/test_logs.py); errors name config fields, as
 fields where the config is written (Python, flows) and as flags on the CLI."""
 
 from __future__ import annotations
 
-import logging
 import pickle
 
 import pytest
@@ -92,41 +91,3 @@ def test_storage_failures_are_failures_and_bad_input_is_not():
     assert StoreUnavailable("x").exit_code == 1 and DamagedFile("x").exit_code == 1
     assert isinstance(DamagedFile("x"), ValueError)  # content problems are handled where bad JSON is
     assert ActcacheError("x").exit_code == 2
-
-
-def test_console_filter_drops_only_records_carrying_an_actcache_error(capsys):
-    """Installed on Prefect's console handlers only: an ActcacheError's traceback is dropped, a bug's is kept, and
-    a handler of another kind (Prefect's API handler) still gets both."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    console = PrefectConsoleHandler(stream=None)
-    seen: list[logging.LogRecord] = []
-
-    class Api(logging.Handler):
-        def emit(self, record):
-            seen.append(record)
-
-    logger = logging.getLogger("actcache-test-console")
-    logger.propagate = False
-    logger.setLevel(logging.DEBUG)
-    printed: list[str] = []
-    console.emit = lambda record: printed.append(record.getMessage())  # type: ignore[method-assign]
-    logger.addHandler(console)
-    logger.addHandler(Api())
-    try:
-        with errors.user_errors_off_console():
-            for exc in (
-                ActcacheError("user"),
-                _raise(RuntimeError("wrapping"), Failure("disk full")),
-                RuntimeError("a bug"),
-            ):
-                try:
-                    raise exc
-                except BaseException:
-                    logger.error("task failed: %r", exc, exc_info=True)
-            logger.info("a plain line")
-        logger.error("after: not filtered", exc_info=(ActcacheError, ActcacheError("x"), None))
-    finally:
-        logger.handlers.clear()
-    assert printed == ["task failed: RuntimeError('a bug')", "a plain line", "after: not filtered"]
-    assert len(seen) == 5  # the API handler saw everything, tracebacks included

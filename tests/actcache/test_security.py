@@ -27,34 +27,24 @@ from actcache.format import layout, records, shard
 from actcache.format.key import SetKey
 from actcache.read.reader import open_set
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
-
 CLI = str(Path(sys.executable).with_name("actcache"))
 WRONG_ENV_SECRET = "wrong-env-secret-Zq81Lx0PvT"
 WRONG_BLOCK_SECRET = "wrong-block-secret-Hn27Wd5RcK"
 
 
 @pytest.fixture(scope="module")
-def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        device="cpu",
-    )
+def config(make_config) -> ExtractConfig:
+    return make_config()
 
 
 @pytest.fixture(scope="module")
 def local_set(config, tmp_path_factory) -> Path:
-    """A real 4-shard set on disk, extracted once; tests copy it before crafting anything."""
-    from actcache.api import extract
+    """A real 4-shard set on disk, written once by the flow's stages without Prefect; tests copy it before crafting
+    anything."""
+    from setwriter import extract_by_stages
 
     root = tmp_path_factory.mktemp("security-store")
-    return Path(extract(config.replace(store=str(root))))
+    return Path(extract_by_stages(config.replace(store=str(root))))
 
 
 def copy_of(local_set: Path, tmp_path: Path) -> Path:
@@ -116,6 +106,8 @@ def prefect_records() -> list[str]:
     return out
 
 
+@pytest.mark.usefixtures("prefect_harness")  # extracts through the flow
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, capfd):
     """Credentials in the environment and in a Prefect block (distinct secrets), used by extract/ls/show/verify/cp
@@ -355,6 +347,7 @@ def _plant(set_dir: Path, index: int, data: bytes) -> None:
     (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))  # a forgery the seal cannot see
 
 
+@pytest.mark.usefixtures("prefect_harness")  # extracts through the flow
 def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
     """Shards whose records vouch for them (checksums match) but whose structure is wrong: reading refuses them in
     one line, verify checks each header and says --verify-existing repairs it, and it does."""
@@ -449,6 +442,7 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 32 << 10  # KB: never the claimed size
 
 
+@pytest.mark.usefixtures("prefect_harness")  # extracts through the flow
 @pytest.mark.parametrize(
     "kind",
     [
@@ -531,7 +525,7 @@ def test_only_regular_files_inside_the_set_are_read(config, local_set, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["FIFO", "symlink to a valid shard outside the set"])
-@pytest.mark.parametrize("command", ["shuffle", "export", "push"])
+@pytest.mark.parametrize("command", ["shuffle", "export", pytest.param("push", marks=pytest.mark.hub)])
 def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tmp_path, capsys, request, command, kind):
     """shuffle, export and push read shards as every reader does (tensors.read, Store.read_range/regular_path):
     a FIFO is refused at once, a link is not followed, in one line with exit 1, and nothing is uploaded."""
@@ -623,6 +617,7 @@ def test_set_ids_are_checked(local_set, tmp_path, set_id):
         manifest.read(Store(str(store)), set_id)
 
 
+@pytest.mark.subprocess
 def test_cli_refuses_a_malicious_manifest_in_one_line(local_set, tmp_path):
     set_dir = copy_of(local_set, tmp_path)
     m = json.loads((set_dir / layout.MANIFEST).read_text())

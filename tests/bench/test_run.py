@@ -9,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke(tmp_path):
-    out = tmp_path / "results.json"
+    committed = (ROOT / "bench" / "results.json").read_bytes()
     p = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"],  # no --out: a temporary file
         cwd=str(ROOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -29,7 +33,13 @@ def test_bench_smoke(tmp_path):
         p.communicate()
         raise
     assert p.returncode == 0, log[-3000:]
+    # It says how long it takes and where its results go; the committed results are untouched.
+    (start,) = [line for line in log.splitlines() if line.startswith("[bench] smoke: expect ")]
+    out = Path(start.split("results to ", 1)[1])
+    assert (ROOT / "bench" / "results.json").read_bytes() == committed and out.parent != ROOT / "bench"
+    assert "[bench] speed: round 1/1 c: " in log and "[bench] reader: starting at " in log  # progress per round
     res = json.loads(out.read_text())
+    out.unlink()
     (speed,) = res["speed"].values()
     for method in ("a", "a_hf", "b", "c", "c_br", "d", "e_raw"):
         assert speed["tokens_per_s"][method] > 0, method

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actcache.inputs import demo
+pytestmark = pytest.mark.subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -67,7 +67,7 @@ def max_overlap(runs) -> int:
     return peak
 
 
-def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path):
+def test_fanout_on_real_server_with_two_workers(prefect_server, tiny_models, corpus, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -86,10 +86,9 @@ def test_fanout_on_real_server_with_two_workers(prefect_server, corpus, tmp_path
 
     server = prefect_server
     pool = deployment_spec("partition")["work_pool"]["name"]
-    # Built while the server boots (same seed and shape as the suite's tiny GPT-2).
-    model = demo.build_tiny_model(tmp_path / "model", "gpt2", layers=3, d=32, ctx=128)
+    model = tiny_models["gpt2"]
     server.wait_healthy()
-    lap("server+model")
+    lap("server")
 
     server.cli("work-pool", "create", pool, "--type", "process")
     workers_env = {

@@ -23,7 +23,7 @@ import pytest
 from prefect_server import Server, _signal, process_tree
 from setfiles import local_tree
 
-from actcache.inputs import demo
+pytestmark = pytest.mark.subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 POOL = "actcache"
@@ -56,10 +56,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(prefect_server, corpus, tmp_path_factory) -> Cluster:
+def cluster(prefect_server, tiny_models, corpus, tmp_path_factory) -> Cluster:
     server = prefect_server
     root = tmp_path_factory.mktemp("lost-worker")
-    model = demo.build_tiny_model(root / "model", "gpt2", layers=3, d=32, ctx=128)  # while the server boots
+    model = tiny_models["gpt2"]
     server.wait_healthy()
     server.cli("work-pool", "create", POOL, "--type", "process", timeout=600)  # generous: CPUs may be shared
     server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", timeout=600)

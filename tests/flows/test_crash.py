@@ -16,6 +16,8 @@ from setfiles import local_tree
 from actcache import crashpoints
 from actcache.read.reader import open_set
 
+pytestmark = [pytest.mark.prefect, pytest.mark.subprocess]  # a real Prefect server and CLI runs
+
 # How often each point is reached in one run of `args` below (4 shards): the seeded n stays in range.
 _REACHED = {p: 4 for p in crashpoints.POINTS} | {
     "store.temp-written": 17,

@@ -159,6 +159,7 @@ def test_shards_are_plain_safetensors_with_provenance(base_config):
     assert not [p for p in Path(base_config.store).rglob("*") if ".tmp" in p.name]
 
 
+@pytest.mark.subprocess
 def test_a_run_shows_what_happened_through_the_api(base_config):
     """Set URLs in the final state, task runs named by shard, a log line per stored shard, artifacts keyed per
     set, progress at exactly 100% with two hooks, and `prefect artifact ls --all` still works."""

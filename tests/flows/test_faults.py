@@ -91,6 +91,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.subprocess
 def test_real_disk_full_then_space_freed(base_config, reference, small_disk, capsys):
     cfg = base_config.replace(store=str(small_disk / "store"))
     with pytest.raises(actcache.ActcacheError, match="No space left on device"):
@@ -101,6 +102,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
     assert local_tree(small_disk / "store") == reference
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
@@ -148,6 +150,7 @@ def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_
     assert local_tree(store) == reference
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 @pytest.mark.parametrize("targets", [(448, 512), (416, 480, 512)])
 def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp_path, targets):

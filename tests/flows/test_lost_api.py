@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prefect_server import PREFECT, Processes, Server, free_port, process_tree, server_env
 
 from actcache.read.reader import open_set
+
+pytestmark = [pytest.mark.prefect, pytest.mark.subprocess]  # a real Prefect server and CLI runs
 
 
 def _start_server(procs: Processes, server: Server, port: int, home: Path) -> subprocess.Popen:

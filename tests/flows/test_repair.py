@@ -28,17 +28,8 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
-def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post,blocks.0.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        device="cpu",
-    )
+def config(make_config) -> ExtractConfig:
+    return make_config(hook="blocks.1.hook_resid_post,blocks.0.hook_resid_post")
 
 
 SET_IDS: list[str] = []

@@ -34,21 +34,13 @@ CLI = str(Path(sys.executable).with_name("actcache"))
 
 
 @pytest.fixture(scope="module")
-def config(tiny_models, corpus) -> ExtractConfig:
-    return ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=128 * N_SHARDS,
-        shard_tokens=128,
-        batch_size=4,
-        device="cpu",
-    )
+def config(make_config) -> ExtractConfig:
+    return make_config(max_tokens=128 * N_SHARDS)
 
 
 def cli_args(cfg: ExtractConfig) -> list[str]:
     return [
+        "--verbose",  # the tests watch Prefect's task-run lines
         "extract",
         "--model",
         cfg.model,
@@ -249,6 +241,7 @@ def test_client_killed_while_endpoint_down_then_rerun(config, reference, restart
     assert open_set(f"{url}/{set_id}", {"endpoint_url": server.endpoint}).verify() == []
 
 
+@pytest.mark.subprocess
 def test_two_processes_extract_the_same_set_at_once(config, reference, s3_server, s3_env, tmp_path):
     """Two CLI processes extract one set into one prefix at once. Left to the scheduler, one often finishes
     before the other has planned; so the first to store a shard is paused (SIGSTOP) until the other has stored

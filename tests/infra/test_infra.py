@@ -248,6 +248,7 @@ def test_pyproject_floors_are_what_the_pinned_stack_needs():
     assert python_floor == max(needed)
 
 
+@pytest.mark.subprocess
 def test_compose_reads_credentials_from_the_env_file_and_puts_the_api_behind_auth():
     raw = COMPOSE.read_text()
     example = env_example()
@@ -319,6 +320,7 @@ def _compose_command() -> list[str] | None:
     return None
 
 
+@pytest.mark.subprocess
 def test_docker_compose_config_accepts_the_file():
     cmd = _compose_command()
     if cmd is None:

@@ -89,6 +89,7 @@ CASES = [
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),
+    ("--store", "/proc/nope", "cannot create store '/proc/nope': the nearest folder that exists, '/proc', is"),
     ("--store", _a_file, "is a file"),
     ("--storage-options", "{endpoint_url: x}", "--storage-options is not valid JSON"),
     ("--storage-options", "[1, 2]", "must be a JSON object"),
@@ -108,6 +109,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(argv, tmp_path, capsys, fla
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.subprocess
 def test_real_process_exits_non_zero_without_traceback(argv, store):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
@@ -177,7 +179,7 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
         "[choices: eos, bos, none]",
     ):
         assert choices in text
-    assert "about 2% of the ~1.7 s" in text and "[default: 268435456]" in text  # a '%' renders
+    assert "under about 2% of a GPU" in text and "[default: 268435456]" in text  # a '%' renders
     assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
     import dataclasses
 
@@ -186,6 +188,7 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []
 
 
+@pytest.mark.subprocess
 def test_telemetry_notice_stays_off_a_terminal(tmp_path):
     """Prefect prints its telemetry notice on import when stdout/stderr is a terminal; the CLI's defaults stop it."""
     import pty
@@ -305,6 +308,12 @@ def test_json_documents(made, capsys):
     report = json.loads(out)
     assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""
 
+    lower = [a if a != "blocks.0.hook_resid_post,blocks.1.hook_resid_post" else b["hook"] for a in made["argv"]]
+    lower[lower.index("--max-tokens") + 1] = "128"  # asks for one shard: the counts still describe the whole set
+    assert main(lower) == 0
+    (low,) = json.loads(capsys.readouterr().out)["sets"]
+    assert (low["n_shards"], low["n_tokens"], low["shards_computed"]) == (3, 384, 0)
+
 
 # -- a shuffled copy (the "rows" layout) where commands expect an extracted set -----------------------------
 @pytest.fixture(scope="module")
@@ -372,6 +381,7 @@ def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(
     assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
     """verify re-hashes every shard and checks its safetensors header against the manifest with JSON and sizes
     alone: a fresh interpreter never imports torch (seconds of start-up), and a header that disagrees is found."""
@@ -404,10 +414,14 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
         assert says in p.stdout + p.stderr
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["cp", "export", "shuffle"])
 def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set, tmp_path, command):
-    """A command that fails midway with stderr not a terminal: its progress bar is closed before the error line."""
+    """A command that fails midway on a terminal: its progress bar is closed before the error line, which is the
+    last line (stderr is a pseudo-terminal here, so the bar is drawn as for a user)."""
+    import pty
     import shutil
+    import threading
 
     store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
     url = f"{store}/{Path(extracted_set).name}"
@@ -421,9 +435,101 @@ def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set
         "shuffle": ["shuffle", url, "--out", str(tmp_path / "shuffled")],
     }[command]
     env = {**os.environ, "TQDM_DISABLE": ""}  # bars on, as for a user (the suite turns them off)
-    run = subprocess.run(
-        [sys.executable, "-m", "actcache.cli", *argv], capture_output=True, text=True, timeout=300, env=env
-    )
-    lines = run.stderr.strip().splitlines()
-    assert re.search(r": \d+(shard|step) \[", run.stderr), "a progress bar was shown"
-    assert run.returncode != 0 and lines[-1].startswith("actcache: error: ") and "shard 2" in lines[-1], run.stderr
+    leader, follower = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "actcache.cli", *argv], stdout=subprocess.PIPE, stderr=follower, timeout=300, env=env
+        )
+    finally:
+        os.close(follower)
+        reader.join(10)
+        os.close(leader)
+    stderr = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    lines = stderr.strip().split("\n")
+    assert re.search(r"\| \d+/\d+ \[", stderr), "a progress bar was drawn: " + stderr
+    assert run.returncode != 0 and lines[-1].startswith("actcache: error: ") and "shard 2" in lines[-1], stderr
+
+
+def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_path, capsys):
+    """Off a terminal (no bar), a command's progress is a line with its total; stats already in the manifest
+    read no shard and print no progress."""
+    assert main(["cp", extracted_set, str(tmp_path / "copy")]) == 0
+    err = capsys.readouterr().err
+    assert "cp: 4/4 shards" in err and "\r" not in err, err
+    assert main(["export", extracted_set, str(tmp_path / "hf"), "--format", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "export: 4/4 shards" in err and "Saving the dataset" not in err, err
+    assert main(["stats", extracted_set]) == 0
+    assert "stats:" not in capsys.readouterr().err
+
+
+def test_ls_of_a_set_url_shows_that_set_and_its_layout(extracted_set, capsys):
+    assert main(["ls", extracted_set]) == 0
+    out, err = capsys.readouterr()
+    assert f"{extracted_set} is a set, not a store; its store is {Path(extracted_set).parent}" in err
+    header, row = (line.split() for line in out.strip().splitlines())
+    assert header[3] == "LAYOUT" and row[0] == Path(extracted_set).name and row[3] == "tokens", out
+
+
+def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, tmp_path, capsys):
+    import shutil
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    (Path(url) / "manifest.json").unlink()  # as a run killed before its manifest leaves it
+    for command in ("show", "verify"):
+        assert main([command, url]) == 2
+        err = capsys.readouterr().err
+        assert f"{url} is an unfinished set: 4 shard(s) recorded, but no manifest.json yet" in err, err
+        assert "rerun the same `actcache extract` to finish it" in err, err
+
+
+@pytest.mark.subprocess
+def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path):
+    """ls, show and stats (its numbers already in the manifest) read JSON: no torch import, which alone takes
+    seconds here, so they answer in about the time Python takes to start."""
+    import shutil
+    import subprocess
+    import sys
+
+    from actcache.sets import stats
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    stats.compute(url)  # in the manifest from now on
+    for argv in (["ls", str(tmp_path)], ["show", url], ["stats", url]):
+        code = f"import sys; from actcache.cli.app import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert p.stdout.strip().splitlines()[-1] == "0 False", (argv, p.stdout[-2000:], p.stderr[-2000:])
+
+
+def test_the_summary_links_the_run_on_a_server_that_outlives_the_command(argv, prefect_console, prefect_harness):
+    """With PREFECT_API_URL set (the test session's server), the summary links the run in its UI; Prefect's own
+    per-task lines stay off the console (the server keeps them; --verbose shows them)."""
+    import re
+
+    assert main(argv) == 0
+    out, err = prefect_console.readouterr()
+    assert re.search(r"\n  run  http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}\n", err), err
+    assert "runs are not kept" not in err and "Task run" not in err and "Finished in state" not in err, err
+    assert "4 shards computed, 0 already stored; 512 tokens in 4 shards" in err, err
+    url = out.strip().splitlines()[-1]
+    assert f"  set  {url}" in err and f"actcache show {url}" in err
+
+    assert main(["--verbose", *_set(argv, "--max-tokens", "640")]) == 0  # one more shard, with Prefect's lines
+    err = prefect_console.readouterr().err
+    assert "Task run 'extract-000004' - Finished in state Completed" in err, err

@@ -34,6 +34,7 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     return lines[0]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ["ls", "extract"])
 def test_wrong_credentials(command, s3_server, tmp_path):
     env = {**s3_server.env("writer"), "AWS_SECRET_ACCESS_KEY": "this-is-not-the-secret"}
@@ -44,6 +45,7 @@ def test_wrong_credentials(command, s3_server, tmp_path):
     assert "this-is-not-the-secret" not in line and s3_server.keys["writer"][0] not in line
 
 
+@pytest.mark.subprocess
 def test_missing_bucket(s3_server, tmp_path):
     line = one_line_error(
         actcache(
@@ -60,6 +62,7 @@ def test_missing_bucket(s3_server, tmp_path):
     assert not (tmp_path / "activations").exists()
 
 
+@pytest.mark.subprocess
 def test_unreachable_endpoint(s3_server, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,6 +74,7 @@ def test_unreachable_endpoint(s3_server, tmp_path):
     assert f"cannot reach http://127.0.0.1:{port}" in line and "AWS_ENDPOINT_URL" in line
 
 
+@pytest.mark.subprocess
 def test_endpoint_from_storage_options_flag(s3_server, tmp_path):
     env = {k: v for k, v in s3_server.env("writer").items() if k != "AWS_ENDPOINT_URL"}
     url = s3_server.new_prefix()
@@ -79,9 +83,10 @@ def test_endpoint_from_storage_options_flag(s3_server, tmp_path):
         "ls", url, "--storage-options", f'{{"endpoint_url": "{s3_server.endpoint}"}}', env=env, tmp_path=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
+    assert proc.stdout.split() == ["SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
 
 
+@pytest.mark.subprocess
 def test_no_credentials_anywhere(s3_server, tmp_path):
     line = one_line_error(
         actcache("ls", f"s3://{s3_server.bucket}/x", env={"AWS_ENDPOINT_URL": s3_server.endpoint}, tmp_path=tmp_path)
@@ -89,6 +94,7 @@ def test_no_credentials_anywhere(s3_server, tmp_path):
     assert "no usable credentials" in line and "--aws-credentials-block" in line
 
 
+@pytest.mark.subprocess
 def test_credentials_block_for_a_local_store_is_refused(tmp_path):
     line = one_line_error(actcache("ls", str(tmp_path), "--aws-credentials-block", "x", env={}, tmp_path=tmp_path))
     assert "applies to s3:// stores" in line

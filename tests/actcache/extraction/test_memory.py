@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")
+pytestmark = [pytest.mark.subprocess, pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc only")]
 
 # Eight threads allocate concurrently in torch (GIL released), which makes glibc create an arena per
 # contending thread; malloc_info then lists one <heap> per arena.

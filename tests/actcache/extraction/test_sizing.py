@@ -41,6 +41,7 @@ def test_shard_tokens_wins():
     assert sizing.seqs_per_shard(_cfg(shard_tokens=1 << 18), [4096]) == 2048
 
 
+@pytest.mark.usefixtures("prefect_harness")  # `extract` brings Prefect up before the plan checks memory
 def test_a_shard_size_that_does_not_fit_is_refused_before_anything_is_written(argv_for, monkeypatch, capsys):
     argv, store = argv_for
     monkeypatch.setattr(sizing, "available_bytes", lambda: 5 << 20)

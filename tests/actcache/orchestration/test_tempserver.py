@@ -59,6 +59,7 @@ def _gone(pid: int, timeout: float) -> bool:
     return False
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corpus, tmp_path):
     home = tmp_path / "prefect-home"
@@ -98,6 +99,7 @@ def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corp
     assert _servers_for(home) == []
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_server_dies_with_its_process_even_on_sigkill(tmp_path):
     home = tmp_path / "prefect-home"
@@ -122,6 +124,7 @@ def test_server_dies_with_its_process_even_on_sigkill(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.subprocess
 def test_a_server_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     for k in [k for k in os.environ if k.startswith("PREFECT_")]:
         monkeypatch.delenv(k)

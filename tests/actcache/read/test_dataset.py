@@ -29,34 +29,24 @@ CTX = 32
 
 
 @pytest.fixture(scope="module")
-def sets(tiny_models, corpus, s3_server, tmp_path_factory):
-    """One extracted set of 8 shards (4 sequences of 32 tokens each), on local disk and copied to S3."""
-    from actcache.config import ExtractConfig
-
+def local_set(make_config, tmp_path_factory) -> str:
+    """One extracted set of 8 shards (4 sequences of 32 tokens each) on local disk, written by the flow's stages."""
     local = tmp_path_factory.mktemp("dataset-store")
-    url = setwriter.extract_by_stages(
-        ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            hook="blocks.1.hook_resid_post",
-            dataset=str(corpus),
-            context_size=CTX,
-            max_tokens=1024,
-            shard_tokens=128,
-            batch_size=4,
-            store=str(local),
-            device="cpu",
-        )
-    )
+    return setwriter.extract_by_stages(make_config(context_size=CTX, max_tokens=1024, store=str(local)))
+
+
+@pytest.fixture(scope="module")
+def s3_set(local_set, s3_server) -> str:
+    """``local_set`` copied to S3."""
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env("writer").items():
             mp.setenv(k, v)
-        s3_url = copy_set(url, s3_server.new_prefix()).url
-    return {"local": url, "s3": s3_url}
+        return copy_set(local_set, s3_server.new_prefix()).url
 
 
 @pytest.fixture
-def s3_url(sets, s3_env):
-    return sets["s3"]
+def s3_url(s3_set, s3_env):
+    return s3_set
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +126,10 @@ def test_shuffled_epoch_has_every_row_once_and_is_reproducible(s3_url):
     assert rows_of(full(s3_url, batch_size=64, shuffle_buffer=300, seed=8)) != first
 
 
-def test_a_batch_is_a_sample_of_the_buffer_not_a_run(sets):
+def test_a_batch_is_a_sample_of_the_buffer_not_a_run(local_set):
     """Consecutive rows of a batch are not consecutive positions of the set (which a micro-batching trainer
     would see if a batch were gathered shard by shard)."""
-    ds = full(sets["local"], batch_size=64, shuffle_buffer=512, seed=0)
+    ds = full(local_set, batch_size=64, shuffle_buffer=512, seed=0)
     positions = torch.cat([p for _, _, p in ds])
     adjacent = (positions[1:] - positions[:-1]).abs().eq(1).float().mean()
     assert adjacent < 0.05
@@ -150,16 +140,16 @@ def test_a_batch_is_a_sample_of_the_buffer_not_a_run(sets):
     [{}, {"drop_bos": True}, {"exclude_special_tokens": True}, {"exclude_tokens": [0, 17], "drop_bos": True}],
     ids=str,
 )
-def test_fast_path_equals_the_row_by_row_reference(sets, options):
+def test_fast_path_equals_the_row_by_row_reference(local_set, options):
     special = (0,) if options.get("exclude_special_tokens") else ()  # the tiny tokenizer's BOS = EOS = separator
     exclude = special + tuple(options.get("exclude_tokens", ()))
     for world_size in (1, 3):
-        want = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude, world_size=world_size)
+        want = reference(local_set, drop_bos=options.get("drop_bos", False), exclude=exclude, world_size=world_size)
         for rank in range(world_size):
-            ds = full(sets["local"], batch_size=50, rank=rank, world_size=world_size, **options)
+            ds = full(local_set, batch_size=50, rank=rank, world_size=world_size, **options)
             assert rows_of(ds) == want[rank], (world_size, rank)
         for rank in range(world_size):  # shuffled: the same rows per epoch, in another order
-            ds = full(sets["local"], batch_size=50, shuffle_buffer=200, rank=rank, world_size=world_size, **options)
+            ds = full(local_set, batch_size=50, shuffle_buffer=200, rank=rank, world_size=world_size, **options)
             got = rows_of(ds)
             assert len(got) == len(want[rank]) == ds.rows_per_rank
             if world_size == 1:
@@ -199,20 +189,20 @@ def shuffled_reference(ds: ActivationDataset, rank_rows: list[Row]) -> list[list
 
 @pytest.mark.parametrize("options", [{}, {"exclude_tokens": [0, 17], "drop_bos": True}], ids=str)
 @pytest.mark.parametrize("batch_size, shuffle_buffer", [(50, 200), (64, 256), (100, 100), (30, 1024)])
-def test_shuffled_batches_equal_the_reference_in_every_dtype(sets, options, batch_size, shuffle_buffer):
+def test_shuffled_batches_equal_the_reference_in_every_dtype(local_set, options, batch_size, shuffle_buffer):
     """float16 batches (the stored dtype: rows go straight from the shard into the batch) and float32 ones (cast
     into a buffer first) are the reference's rows in the reference's batches, for the same seed and epoch."""
     exclude = tuple(options.get("exclude_tokens", ()))
-    want_rows = reference(sets["local"], drop_bos=options.get("drop_bos", False), exclude=exclude)[0]
+    want_rows = reference(local_set, drop_bos=options.get("drop_bos", False), exclude=exclude)[0]
     for epoch in (0, 1):
-        ds = full(sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, **options)
+        ds = full(local_set, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, **options)
         ds.set_epoch(epoch)
         want = shuffled_reference(ds, want_rows)
         assert ds.dtype == torch.float16 and sum(map(len, want)) == ds.rows_per_rank
         half = list(ds)
         assert [rows_of([b]) for b in half] == want
         wide = full(
-            sets["local"], batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, dtype=torch.float32, **options
+            local_set, batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=5, dtype=torch.float32, **options
         )
         wide.set_epoch(epoch)
         for (a32, t32, p32), (a16, t16, p16) in zip(wide, half, strict=True):
@@ -232,16 +222,16 @@ def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
 
 # -- ranks and workers ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 7, 8, 9, 20])
-def test_every_rank_gets_the_same_batches_and_no_row_twice(sets, world_size):
+def test_every_rank_gets_the_same_batches_and_no_row_twice(local_set, world_size):
     """8 shards of 128 rows: world sizes below, at and above the shard count; remainders are left out."""
-    everything = reference(sets["local"])[0]
+    everything = reference(local_set)[0]
     per_rank = [
-        rows_of(full(sets["local"], batch_size=24, shuffle_buffer=100, seed=2, rank=r, world_size=world_size))
+        rows_of(full(local_set, batch_size=24, shuffle_buffer=100, seed=2, rank=r, world_size=world_size))
         for r in range(world_size)
     ]
-    ds = full(sets["local"], batch_size=24, rank=0, world_size=world_size)
+    ds = full(local_set, batch_size=24, rank=0, world_size=world_size)
     assert {len(rows) for rows in per_rank} == {1024 // world_size} == {ds.rows_per_rank}
-    batches = [len(list(full(sets["local"], batch_size=24, rank=r, world_size=world_size))) for r in range(world_size)]
+    batches = [len(list(full(local_set, batch_size=24, rank=r, world_size=world_size))) for r in range(world_size)]
     assert set(batches) == {len(ds)} == {-(-(1024 // world_size) // 24)}
     seen = [row for rows in per_rank for row in rows]
     assert len(set(seen)) == len(seen) and set(seen) <= set(everything)
@@ -272,18 +262,18 @@ def test_deal_splits_ranks_by_rows_and_workers_at_batch_boundaries():
 
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
-def test_dataloader_workers_read_the_same_rows_in_the_same_batches(sets, num_workers):
-    ds = full(sets["local"], batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
+def test_dataloader_workers_read_the_same_rows_in_the_same_batches(local_set, num_workers):
+    ds = full(local_set, batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
     loader = DataLoader(ds, batch_size=None, num_workers=num_workers)
     batches = list(loader)
     assert len(batches) == len(ds) == len(loader) == 7  # 341 rows: 6 of 50 and one of 41, whatever the workers
     assert sorted(len(b[0]) for b in batches) == [41] + [50] * 6
-    alone = full(sets["local"], batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
+    alone = full(local_set, batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
     assert sorted(rows_of(batches)) == sorted(rows_of(alone))
 
 
-def test_set_epoch_reaches_persistent_workers(sets):
-    ds = full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3)
+def test_set_epoch_reaches_persistent_workers(local_set):
+    ds = full(local_set, batch_size=64, shuffle_buffer=256, seed=3)
     loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
     epochs = []
     for epoch in (0, 1, 0):
@@ -292,7 +282,7 @@ def test_set_epoch_reaches_persistent_workers(sets):
     assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
     assert epochs[2] == epochs[0]
     assert epochs[0] == rows_of(
-        DataLoader(full(sets["local"], batch_size=64, shuffle_buffer=256, seed=3), batch_size=None, num_workers=2)
+        DataLoader(full(local_set, batch_size=64, shuffle_buffer=256, seed=3), batch_size=None, num_workers=2)
     )
 
 
@@ -313,18 +303,18 @@ def test_s3_workers_and_ranks(s3_url):
 
 
 # -- exclusions ----------------------------------------------------------------------------------------
-def test_special_tokens_are_excluded_and_counted(sets):
-    s = open_set(sets["local"])
+def test_special_tokens_are_excluded_and_counted(local_set):
+    s = open_set(local_set)
     tokens = torch.cat([sh.tokens.reshape(-1) for sh in s])
-    ds = full(sets["local"], batch_size=100, shuffle_buffer=300, exclude_special_tokens=True)
+    ds = full(local_set, batch_size=100, shuffle_buffer=300, exclude_special_tokens=True)
     assert ds.exclude == (0,) and ds.excluded == {0: int((tokens == 0).sum())} and ds.excluded[0] > 32
     got = rows_of(ds)
     assert len(got) == ds.n_tokens == 1024 - ds.excluded[0] and not {t for _, t, _ in got} & {0}
     for _, token, position in got:  # positions still say where each row was
         assert token == int(tokens[position])
-    both = full(sets["local"], batch_size=100, drop_bos=True, exclude_tokens=[0])
+    both = full(local_set, batch_size=100, drop_bos=True, exclude_tokens=[0])
     assert both.excluded[0] == ds.excluded[0] - 32  # BOS positions are drop_bos's, not counted per id
-    assert ActivationDataset(sets["local"], batch_size=1, drop_bos=True).n_tokens == 1024 - 32
+    assert ActivationDataset(local_set, batch_size=1, drop_bos=True).n_tokens == 1024 - 32
 
 
 def test_old_manifest_excludes_what_it_records_and_says_so(tmp_path):
@@ -388,14 +378,14 @@ def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
 
 
 # -- the rows layout ------------------------------------------------------------------------------------
-def test_rows_layout_reads_in_its_order_and_keeps_positions(sets, tmp_path):
-    rows_url = shuffle_set(sets["local"], out=str(tmp_path), seed=5, rows_per_shard=300).url
+def test_rows_layout_reads_in_its_order_and_keeps_positions(local_set, tmp_path):
+    rows_url = shuffle_set(local_set, out=str(tmp_path), seed=5, rows_per_shard=300).url
     s = open_set(rows_url)
     assert s.layout == "rows" and [r.n_tokens for r in s.records] == [300, 300, 300, 124]
     shard = s.read(s.records[0])
     assert shard.activations.shape == (300, 32) and shard.tokens.shape == (300,)
     assert shard.positions.dtype == torch.int64
-    source = {p: (a, t) for a, t, p in reference(sets["local"])[0]}
+    source = {p: (a, t) for a, t, p in reference(local_set)[0]}
     got = rows_of(full(rows_url, batch_size=100))  # sequential: the stored (shuffled) order
     stored = torch.cat([x.positions for x in s]).tolist()
     assert [p for _, _, p in got] == stored and sorted(stored) == list(range(1024)) and stored != sorted(stored)
@@ -403,11 +393,11 @@ def test_rows_layout_reads_in_its_order_and_keeps_positions(sets, tmp_path):
     no_bos = rows_of(full(rows_url, batch_size=100, drop_bos=True, shuffle_buffer=128))
     assert sorted(p for _, _, p in no_bos) == [p for p in range(1024) if p % CTX]
     ds = full(rows_url, batch_size=100, exclude_special_tokens=True, world_size=3, rank=2)
-    assert ds.excluded == full(sets["local"], batch_size=100, exclude_special_tokens=True).excluded
+    assert ds.excluded == full(local_set, batch_size=100, exclude_special_tokens=True).excluded
     assert all(t != 0 for _, t, _ in rows_of(ds)) and len(rows_of(ds)) == ds.rows_per_rank
 
 
-def test_an_unknown_layout_is_refused(sets, tmp_path):
+def test_an_unknown_layout_is_refused(local_set, tmp_path):
     url = setwriter.write_set(tmp_path, shards=1, seqs=1, ctx=4, d=2)
     path = Path(url) / "manifest.json"
     m = json.loads(path.read_text())
@@ -453,9 +443,9 @@ def test_unknown_and_newer_sets_are_refused(synthetic, tmp_path):
         ActivationDataset(url, batch_size=8)
 
 
-def test_verify_catches_a_corrupted_shard(sets, tmp_path):
-    src = open_set(sets["local"])
-    copy = copy_set(sets["local"], str(tmp_path)).url
+def test_verify_catches_a_corrupted_shard(local_set, tmp_path):
+    src = open_set(local_set)
+    copy = copy_set(local_set, str(tmp_path)).url
     path = tmp_path / src.set_id / src.records[2].file
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size: only a checksum notices
@@ -481,13 +471,13 @@ def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic
 
 
 # -- S3 prefetch and retries ----------------------------------------------------------------------------
-def test_s3_reads_are_retried_after_a_transient_failure(sets, restartable_s3, monkeypatch):
+def test_s3_reads_are_retried_after_a_transient_failure(local_set, restartable_s3, monkeypatch):
     """The endpoint dies after the dataset opened the set: reads fail with connection errors, are retried,
     and the epoch completes once it is back (restarted with its objects during the first retry's wait)."""
     for k, v in restartable_s3.env("writer").items():
         monkeypatch.setenv(k, v)
     options = {"endpoint_url": restartable_s3.endpoint}  # its own s3fs instance, not the session server's
-    url = copy_set(sets["local"], restartable_s3.new_prefix(), dest_options=options).url
+    url = copy_set(local_set, restartable_s3.new_prefix(), dest_options=options).url
     ds = full(url, batch_size=100, prefetch=3, storage_options=options)
     waits = []
     lock = threading.Lock()
@@ -501,7 +491,7 @@ def test_s3_reads_are_retried_after_a_transient_failure(sets, restartable_s3, mo
 
     monkeypatch.setattr(dataset, "_pause", pause)
     restartable_s3.kill()
-    assert rows_of(ds) == reference(sets["local"])[0]
+    assert rows_of(ds) == reference(local_set)[0]
     assert waits and set(waits) == {dataset.RETRY_DELAYS[0]}  # every read that failed succeeded on its retry
 
 
@@ -558,8 +548,8 @@ def test_prefetch_and_background_errors_reach_the_consumer():
     assert got == [0, 1, 2]
 
 
-def test_a_batch_counts_exactly_what_the_dataloader_expects(sets):
+def test_a_batch_counts_exactly_what_the_dataloader_expects(local_set):
     """``len`` matches what a DataLoader yields, so it never warns about an IterableDataset's length."""
-    ds = full(sets["local"], batch_size=100, drop_last=True, world_size=3, rank=0)
+    ds = full(local_set, batch_size=100, drop_last=True, world_size=3, rank=0)
     assert len(ds) == len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 341 // 100
     assert Counter(len(b[0]) for b in ds) == {100: 3}

@@ -14,22 +14,13 @@ from actcache.sets.copy import copy_set
 
 
 @pytest.fixture(scope="module")
-def local_set(tiny_models, corpus, prefect_harness, tmp_path_factory) -> str:
-    from actcache.api import extract
-    from actcache.config import ExtractConfig
+def local_set(make_config, tmp_path_factory) -> str:
+    """A 4-shard set written by the flow's stages without Prefect (the copy is what these tests are about)."""
+    from setwriter import extract_by_stages
 
-    cfg = ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.2.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        store=str(tmp_path_factory.mktemp("copy-store")),
-        device="cpu",
+    return extract_by_stages(
+        make_config(hook="blocks.2.hook_resid_post", store=str(tmp_path_factory.mktemp("copy-store")))
     )
-    return extract(cfg)
 
 
 def files(set_url: str) -> dict[str, bytes]:
@@ -74,8 +65,8 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     assert "OK: 4 shards, 512 tokens" in capsys.readouterr().out
     assert cli.main(["ls", bucket_url]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert listed[0].split() == ["SET", "MODEL", "HOOK", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
-    assert listed[1].split()[0] == set_id and listed[1].split()[2:4] == ["blocks.2.hook_resid_post", "512"]
+    assert listed[0].split() == ["SET", "MODEL", "HOOK", "LAYOUT", "TOKENS", "BYTES", "NON-FINITE", "STATE"]
+    assert listed[1].split()[0] == set_id and listed[1].split()[2:5] == ["blocks.2.hook_resid_post", "tokens", "512"]
     assert listed[1].split()[-1] == "complete"
     assert cli.main(["show", f"{bucket_url}/{set_id}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_tokens"] == 512
@@ -108,24 +99,12 @@ def test_a_destination_that_is_a_file_is_named_so(local_set, tmp_path, capsys):
     assert code == 2 and err.strip().endswith("is a file; pass a directory (or a new path) as the destination store")
 
 
-def test_ls_shows_a_partial_set_on_s3(local_set, s3_server, s3_env, capsys, tiny_models, corpus):
+def test_ls_shows_a_partial_set_on_s3(s3_server, s3_env, capsys, make_config, prefect_harness):
     """One partition of a fan-out run writes a manifest for half the shards: ls says partial."""
-    from actcache.config import ExtractConfig
     from actcache.flows.extract import extract_activations
 
     url = s3_server.new_prefix()
-    cfg = ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.2.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=512,
-        shard_tokens=128,
-        batch_size=4,
-        store=url,
-        device="cpu",
-    )
-    extract_activations(cfg, partition_index=0, num_partitions=2)
+    extract_activations(make_config(hook="blocks.2.hook_resid_post", store=url), partition_index=0, num_partitions=2)
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    assert row[3] == "256" and row[-1] == "partial"
+    assert row[3:5] == ["tokens", "256"] and row[-1] == "partial"

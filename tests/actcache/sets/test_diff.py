@@ -113,41 +113,17 @@ def test_sets_of_other_shapes_or_cuts_are_refused():
 
 
 # -- real sets through the CLI ----------------------------------------------------------------------------
-def write_set(cfg) -> str:
-    """A set written by the flow's stages in the flow's order, without Prefect (as conftest's extracted_set)."""
-    from actcache.extraction.plan import make_plan
-    from actcache.tasks.compress import compress
-    from actcache.tasks.extract import extract
-    from actcache.tasks.manifest import write_manifest
-    from actcache.tasks.tokenize import tokenize
-    from actcache.tasks.upload import upload
-
-    plan = make_plan(cfg)
-    for work in tokenize.fn(plan):
-        for ref in extract.fn(plan, work):
-            upload.fn(plan, compress.fn(plan, ref))
-    return write_manifest.fn(plan)[0]
-
-
 @pytest.fixture(scope="module")
-def sets(tiny_models, corpus, tmp_path_factory) -> dict[str, str]:
-    from actcache.config import ExtractConfig
+def sets(make_config, tmp_path_factory) -> dict[str, str]:
+    """Sets written by the flow's stages without Prefect (setwriter.extract_by_stages)."""
+    from setwriter import extract_by_stages
 
-    base = ExtractConfig(
-        model=str(tiny_models["gpt2"]),
-        hook="blocks.1.hook_resid_post",
-        dataset=str(corpus),
-        context_size=32,
-        max_tokens=256,
-        shard_tokens=128,
-        device="cpu",
-        store=str(tmp_path_factory.mktemp("diff")),
-    )
+    base = make_config(max_tokens=256, store=str(tmp_path_factory.mktemp("diff")))
     return {
-        "fp16": write_set(base),
-        "zstd": write_set(base.replace(codec="zstd")),
-        "fp32": write_set(base.replace(dtype="float32")),
-        "ctx16": write_set(base.replace(context_size=16, shard_tokens=64)),
+        "fp16": extract_by_stages(base),
+        "zstd": extract_by_stages(base.replace(codec="zstd")),
+        "fp32": extract_by_stages(base.replace(dtype="float32")),
+        "ctx16": extract_by_stages(base.replace(context_size=16, shard_tokens=64)),
     }
 
 

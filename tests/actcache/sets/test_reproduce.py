@@ -16,16 +16,15 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture(scope="module")
-def original(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
+def original(make_config, corpus, prefect_harness, tmp_path_factory) -> dict:
     """A set whose every byte-changing setting differs from the defaults, from a corpus of its own."""
     from actcache.api import extract
-    from actcache.config import ExtractConfig
 
     root = tmp_path_factory.mktemp("like")
     shutil.copy(corpus, root / "corpus.txt")
     store = root / "store"
-    cfg = ExtractConfig(
-        model=str(tiny_models["llama"]),
+    cfg = make_config(
+        arch="llama",
         hook="blocks.2.hook_resid_pre",
         dataset=str(root / "corpus.txt"),
         context_size=16,
@@ -37,7 +36,7 @@ def original(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
         codec="shuffle-zstd",
         codec_level=5,
         store=str(store),
-        device="cpu",
+        batch_size=0,
     )
     return {"url": extract(cfg), "store": store, "corpus": root / "corpus.txt"}
 
@@ -126,3 +125,32 @@ def test_settings_of_a_hub_set_pin_its_revisions():
         "./x",
         4,
     )
+
+
+def test_the_python_api_takes_like_as_the_cli_does(original, tmp_path, capsys):
+    """``actcache.extract(like=URL, **overrides)``: the same set byte for byte, an override extends it, and an
+    input that changed is refused before anything is written, as ``extract --like`` does."""
+    import actcache
+
+    url = actcache.extract(like=original["url"], store=str(tmp_path / "api"))
+    assert url.rsplit("/", 1)[1] == original["url"].rsplit("/", 1)[1]
+    assert local_tree(tmp_path / "api") == local_tree(original["store"])
+
+    code, out, err = run(
+        capsys, "extract", "--like", original["url"], "--store", str(tmp_path / "cli"), "--max-tokens", "320"
+    )
+    assert code == 0, err
+    longer = actcache.extract(actcache.ExtractConfig(store=str(tmp_path / "api")), like=original["url"], max_tokens=320)
+    assert longer == url and actcache.open_set(longer).n_tokens == 320
+    assert local_tree(tmp_path / "api") == local_tree(tmp_path / "cli")
+
+    text = original["corpus"].read_text()
+    try:
+        original["corpus"].write_text(text.replace("the", "THE", 1))
+        with pytest.raises(actcache.ActcacheError, match=r"would not reproduce it \(the dataset's fingerprint differs"):
+            actcache.extract(like=original["url"], store=str(tmp_path / "refused"))
+    finally:
+        original["corpus"].write_text(text)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(TypeError, match="nope"):
+        actcache.extract(like=original["url"], nope=1)

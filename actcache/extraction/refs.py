@@ -1,4 +1,4 @@
-"""The small references tasks pass to each other (never tensors)."""
+"""The small references the stages pass to each other (never tensors)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,73 @@
+"""The one order in which a set is written: each shard's bytes, then its completion record, then the manifest.
+
+A reader counts a shard only once its record is in place (``records.Scan.is_done``) and a set only once its
+manifest lists it, so a writer killed between any two writes leaves a set a rerun completes, never one that
+claims what is not there. Extraction's upload and manifest, ``actcache shuffle`` and ``actcache cp`` all write
+through ``commit``; each names its crash points (``crashpoints``) so the crash tests can kill it in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from actcache import crashpoints
+from actcache.format import layout, manifest, records
+from actcache.storage.store import Store
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard to commit: its bytes and its record (``stored_record``: the record's file as another store holds
+    it, written verbatim instead of ``record``, as ``cp`` keeps the moments that only records carry)."""
+
+    record: records.Record
+    data: bytes | memoryview
+    stored_record: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Points:
+    """The crash points reached after each write (None: no point there)."""
+
+    shard_written: str | None = None
+    record_written: str | None = None
+    before_manifest: str | None = None
+    manifest_written: str | None = None
+
+
+NO_POINTS = Points()
+
+
+def _point(name: str | None) -> None:
+    if name is not None:
+        crashpoints.point(name)
+
+
+def commit(
+    store: Store,
+    set_id: str,
+    shards: Iterable[Shard] = (),
+    manifest_doc: dict[str, Any] | bytes | None = None,
+    *,
+    points: Points = NO_POINTS,
+) -> None:
+    """Write each of ``shards`` (bytes, then record), then ``manifest_doc`` when given: a dict is sealed and
+    written (``manifest.write``), bytes are a sealed manifest copied as they are."""
+    for s in shards:
+        store.write_bytes(f"{set_id}/{s.record.file}", s.data)
+        _point(points.shard_written)
+        if s.stored_record is not None:
+            store.write_bytes(f"{set_id}/{layout.record_file(s.record.index)}", s.stored_record)
+        else:
+            records.write_record(store, set_id, s.record)
+        _point(points.record_written)
+    if manifest_doc is None:
+        return
+    _point(points.before_manifest)
+    if isinstance(manifest_doc, bytes):
+        store.write_bytes(f"{set_id}/{layout.MANIFEST}", manifest_doc)
+    else:
+        manifest.write(store, set_id, manifest_doc)
+    _point(points.manifest_written)

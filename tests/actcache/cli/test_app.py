@@ -419,8 +419,11 @@ def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
 def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set, tmp_path, command):
     """A command that fails midway on a terminal: its progress bar is closed before the error line, which is the
     last line (stderr is a pseudo-terminal here, so the bar is drawn as for a user)."""
+    import fcntl
     import pty
     import shutil
+    import struct
+    import termios
     import threading
 
     store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
@@ -434,8 +437,9 @@ def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set
         "export": ["export", url, str(tmp_path / "export"), "--format", "hf"],
         "shuffle": ["shuffle", url, "--out", str(tmp_path / "shuffled")],
     }[command]
-    env = {**os.environ, "TQDM_DISABLE": ""}  # bars on, as for a user (the suite turns them off)
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars on, as for a user
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 0 columns: an empty bar
     chunks: list[bytes] = []
 
     def drain() -> None:

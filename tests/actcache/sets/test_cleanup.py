@@ -326,6 +326,7 @@ def test_gc_never_deletes_through_a_symlinked_token_cache(store, other, capsys):
     assert local_tree(other) == before
 
 
+@pytest.mark.subprocess
 def test_gc_deletes_only_temp_files_actcache_writes_where_it_writes_them(store, capsys):
     from actcache.storage.store import _HOST
 
@@ -402,6 +403,7 @@ def _read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.subprocess
 def test_a_read_only_store_serves_a_complete_set_and_refuses_rm_and_gc_in_one_line(store, tiny_models, corpus):
     from actcache.storage.store import _HOST
 

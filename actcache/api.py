@@ -89,7 +89,10 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
     before = plan
     consolidated = {} if plan.has_missing else _manifests(plan)
     seconds, run_url = 0.0, None
-    if plan.has_missing or len(consolidated) < len(plan.sets) or tempserver.api_configured():
+    work = plan.has_missing or len(consolidated) < len(plan.sets)
+    if work and not plan.has_missing:
+        plan.store.check_writable()  # only manifests to write (make_plan checked where shards are missing)
+    if work or (tempserver.api_configured() and _writable(plan.store)):
         tempserver.start()  # boots while the model loads
         plan.check_memory()  # a refusal is the only line printed, before any status line
         with console.status(f"loading {cfg.model} (libraries and weights)"):
@@ -146,6 +149,17 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
             )
         )
     return out
+
+
+def _writable(store: Any) -> bool:
+    """Whether ``store`` takes writes (a complete set in a read-only store is read, and no flow run is recorded)."""
+    from actcache.errors import ActcacheError
+
+    try:
+        store.check_writable()
+    except ActcacheError:
+        return False
+    return True
 
 
 def _run_url(state: Any) -> str | None:

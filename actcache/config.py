@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -13,6 +12,7 @@ from cyclopts import Parameter
 from actcache.errors import ActcacheError, opt
 from actcache.format.key import CODECS, DTYPES
 from actcache.inputs.demo import DEMO_DATASET, DEMO_MODEL
+from actcache.storage import secrets
 
 if TYPE_CHECKING:
     from actcache.storage.store import StoreRef
@@ -164,7 +164,9 @@ class ExtractConfig:
             raise ActcacheError(f"{opt('codec_level')} must be 1..22 for {self.codec}, got {self.codec_level}")
         if not isinstance(self.storage_options, dict):
             raise ActcacheError(f'{opt("storage_options")} must be a JSON object, e.g. \'{{"endpoint_url": "..."}}\'')
-        _check_no_secrets(self.storage_options)
+        for f in dataclasses.fields(self):  # every input travels: manifest, flow parameters, logs, errors
+            secrets.check_value(getattr(self, f.name), opt(f.name))
+        secrets.check_options(self.storage_options)
         self._check_examples()
         if not isinstance(self.hook, str) or not all(self.hooks):
             raise ActcacheError(
@@ -225,52 +227,3 @@ class ExtractConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
-
-
-# Secret-looking option names, by pattern rather than a fixed list: fsspec filesystems and boto pass options
-# through (s3_additional_kwargs -> SSECustomerKey, client_kwargs -> aws_secret_access_key, adlfs account_key or
-# connection_string, HTTP headers -> Authorization, ...). Names are compared lowercased without separators.
-_SECRET_NAME = re.compile(
-    r"secret|passw|token|credential|privat|signature|auth|cookie|connectionstring|"
-    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$"
-)
-# Values that hold a secret whatever their name: a URL with a password, an AWS access key id, a connection string.
-_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|[?&]sig=", re.I)
-
-
-def _check_no_secrets(options: Any) -> None:
-    """Refuse credentials at any depth of --storage-options (objects and lists), naming where, never the value."""
-    # The config is a Prefect flow parameter: anything in it is stored and shown in the UI as plain text.
-    stack: list[tuple[str, Any, int]] = [("", options, 0)]
-    while stack:
-        where, value, depth = stack.pop()
-        if depth > 16:
-            raise ActcacheError(f"{opt('storage_options')} is nested too deeply (at {where}); pass a flat JSON object")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                path = f"{where}.{k}" if where else str(k)
-                if _SECRET_NAME.search(re.sub(r"[^a-z0-9]", "", str(k).lower())):
-                    raise _secret_error(path)
-                stack.append((path, v, depth + 1))
-        elif isinstance(value, (list, tuple)):
-            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
-        elif isinstance(value, str) and (_SECRET_VALUE.search(value) or _url_password(value)):
-            raise _secret_error(where)
-
-
-def _url_password(value: str) -> bool:
-    from urllib.parse import urlsplit
-
-    try:
-        return "://" in value and urlsplit(value).password is not None
-    except ValueError:
-        return False
-
-
-def _secret_error(where: str) -> ActcacheError:
-    return ActcacheError(
-        f"{opt('storage_options')} must not hold credentials ({where}): flow parameters are stored in plain text; "
-        "pass them through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
-        '{"profile": NAME}, an instance role) or ' + opt("aws_credentials_block") + " NAME (see README, Storing "
-        "on S3)"
-    )

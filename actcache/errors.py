@@ -118,14 +118,16 @@ def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, 
     first when ``debug``); the exit code."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    from actcache.storage.secrets import redact  # a library's message may echo a URL with its credentials
+
     if isinstance(exc, KeyboardInterrupt):
         print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     err = user_error(exc)
     if err is not None:
-        print(f"actcache: error: {err.for_cli(flag_names)}", file=sys.stderr)
+        print(f"actcache: error: {redact(err.for_cli(flag_names))}", file=sys.stderr)
         return err.exit_code
-    print(f"actcache: error: {unexpected(exc)}", file=sys.stderr)
+    print(f"actcache: error: {redact(unexpected(exc))}", file=sys.stderr)
     return 1
 
 

@@ -918,6 +918,15 @@ def _debug_flag(argv: list[str], flag: str = "--debug") -> tuple[list[str], bool
     return rest, len(rest) != len(argv)
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars a failed command left open: a bar prints its last state when closed (or collected),
+    which would otherwise come after the error line; the error is the last line of stderr."""
+    std = sys.modules.get("tqdm.std")
+    if std is not None:
+        for bar in list(getattr(std.tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     argv, debug = _debug_flag(list(sys.argv[1:] if argv is None else argv))
@@ -938,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
         except (Exception, KeyboardInterrupt) as e:
+            _close_progress_bars()
             code = errors.report(e, debug=errors.debug_requested(), flag_names=FLAG_NAMES)
             if errors.user_error(e) is None and errors.lost_api(e):
                 # Prefect's exit handlers would retry the dead API for seconds and log after our line.

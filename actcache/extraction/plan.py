@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -318,7 +319,8 @@ def make_plan(
     if load_model:
         _prepare_device(cfg)
     store = cfg.store_ref.open()
-    store.check_writable()
+    if not (store.local and os.path.isdir(store.root)):  # unreachable, a file, a new folder that cannot be made:
+        store.check_writable()  # said now; an existing folder is checked once it is known to need writes (below)
     r = resolve(cfg)
     widths = [math.prod(r.hooks[h].shape) for h in cfg.hooks]  # values per token of each hook
     tkey = TokensKey(
@@ -357,6 +359,8 @@ def make_plan(
         scan.bounds = records.Bounds.of(key, d=math.prod(shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
+    if plan.has_missing:  # a complete set reads from a read-only store: only work to do needs a writable one
+        store.check_writable()
     if cfg.packing == "none" and plan.has_missing:
         from actcache.extraction import examples
 

@@ -22,7 +22,7 @@ from actcache.storage.store import Store
 if TYPE_CHECKING:
     import torch
 
-INDEX = "index.json"
+INDEX = layout.TOKEN_INDEX
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,29 @@ def read_exact(reader, n: int) -> bytes:
     return b"".join(parts)
 
 
-def check_header(data: bytes, *, codec: str, expect: Expect) -> None:
-    """Check shard bytes' safetensors header against ``expect`` without decoding (or decompressing) the data."""
+def check_provenance(header: dict, provenance: dict[str, str] | None) -> None:
+    """Check that the actcache metadata a shard's header carries (set id, hook, index, when it has them) is
+    ``provenance``: a shard copied in from another set, or from another index, is damage, whatever its checksum."""
+    if not provenance:
+        return
+    meta = header.get("__metadata__")
+    text = meta.get("actcache") if isinstance(meta, dict) else None
+    if text is None:
+        return  # no actcache metadata (token shards; sets older than it)
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise ValueError("shard metadata is not actcache's")
+    for name, want in provenance.items():
+        if name in fields and fields[name] != want:
+            raise ValueError(f"shard metadata names {name} {fields[name]!r}, not {want!r} (copied from elsewhere?)")
+
+
+def check_header(data: bytes, *, codec: str, expect: Expect | None, provenance: dict[str, str] | None = None) -> None:
+    """Check shard bytes' safetensors header against ``expect`` (tensors) and ``provenance`` (the metadata naming its
+    set, hook and index; see ``check_provenance``) without decoding (or decompressing) the data."""
     if codec in ("zstd", "shuffle-zstd"):
         import zstandard
 
@@ -110,4 +131,7 @@ def check_header(data: bytes, *, codec: str, expect: Expect) -> None:
         data = head
     elif codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
-    check_entries(parse(data, data[:8]), expect)
+    header = parse(data, data[:8])
+    check_provenance(header, provenance)
+    if expect is not None:
+        check_entries(header, expect)

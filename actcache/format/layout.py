@@ -6,6 +6,9 @@
 <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
 <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
                                               removed once the shuffled set is complete
+<any of these>.tmp-<host>-<pid>-<8 hex>       a local writer's temp file, renamed into place once written
+
+``is_store_file`` says whether a path is one of these: what ``rm`` and ``gc`` may delete, and nothing else.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def parse_spill_record(rel: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _is_spill_file(rel: str) -> bool:
+    return rel.startswith(f"{SPILL}/") and parse_spill_record(rel.removesuffix(".safetensors") + ".json") is not None
+
+
 def tokens_dir(tokens_id: str) -> str:
     return f"{TOKENS_ROOT}/{tokens_id}"
 
@@ -68,3 +75,49 @@ def check_relative(rel: str) -> str:
     if parse_shard_file(rel) is None:
         raise ValueError(f"not a shard path: {rel!r}")
     return rel
+
+
+TOKEN_INDEX = "index.json"
+"""A token cache's consolidated view (its manifest)."""
+
+# A local writer's temp name: ``<target>.tmp-<host>-<pid>-<8 hex>`` (the host with "-" made "_"). Strict, so that
+# a user's ``notes.tex.tmp-host-12-draft`` is never taken for one.
+_TEMP_RE = re.compile(r"^(.+)\.tmp-([^-/]+)-([0-9]{1,10})-[0-9a-f]{8}\Z")
+
+
+def temp_name(path: str, host: str, pid: int, tag: str) -> str:
+    """The temp file a writer of ``host``/``pid`` writes ``path`` to before renaming it (``tag``: 8 hex digits)."""
+    return f"{path}.tmp-{host}-{pid}-{tag}"
+
+
+def parse_temp(name: str) -> tuple[str, str, int] | None:
+    """(target, host, pid) of a temp name made by ``temp_name``; None for anything else."""
+    m = _TEMP_RE.match(name)
+    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+
+
+def is_set_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to a set's folder) is a file a set consists of."""
+    return (
+        rel == MANIFEST
+        or parse_shard_file(rel) is not None
+        or parse_record_file(rel) is not None
+        or parse_spill_record(rel) is not None
+        or _is_spill_file(rel)
+    )
+
+
+def is_token_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to a token cache's folder) is a file a token cache consists of."""
+    shard = parse_shard_file(rel) is not None and rel.endswith(".safetensors")  # token caches are never compressed
+    return rel in (TOKEN_INDEX, END) or shard or parse_record_file(rel) is not None
+
+
+def is_store_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to a store's root) is a path actcache writes: a set's file in its folder, or a
+    token cache's in ``_tokens/<id>``. ``rm`` and ``gc`` delete nothing else (temp files: see ``parse_temp``)."""
+    head, _, rest = rel.partition("/")
+    if head == TOKENS_ROOT:
+        tid, _, rest = rest.partition("/")
+        return bool(SET_ID_RE.match(tid)) and tid.startswith("t") and is_token_file(rest)
+    return bool(SET_ID_RE.match(head)) and not head.startswith("t") and is_set_file(rest)

@@ -66,23 +66,37 @@ class Bounds:
     examples: bool = False
     """A set of one example per sequence (packing none): ``context_size`` is the rows stored per example, and the
     shard holds more tensors than tokens and activations (``extraction.examples``): no header check here."""
+    owner: str | None = None
+    """Id of the folder's set (or token cache): a record or shard naming another is damage, never adopted."""
+    hook: str | None = None
+    """The set's hook, which its shards' metadata names."""
 
     @classmethod
     def of(cls, key: Any, d: int | None = None) -> Bounds:
         """For a SetKey (its codec and dtype), a TokensKey (token shards are never compressed) or a ShuffleKey
         (uncompressed shards of at most ``rows_per_shard`` rows)."""
         if getattr(key, "kind", None) == "shuffle":
-            return cls("none", key.rows_per_shard, 1, None, d, rows=True)
+            return cls("none", key.rows_per_shard, 1, None, d, rows=True, owner=key.id)
         tokens = getattr(key, "tokens", key)
         if getattr(tokens, "packing", "concat") == "none" and hasattr(key, "positions"):
             from actcache.extraction.positions import parse
 
             pos = parse(key.positions, tokens.context_size)
             rows = 0 if pos.kind == "all" else pos.n_rows(tokens.context_size)  # 0: each example's own length
-            return cls(key.codec, tokens.seqs_per_shard, rows, key.dtype, d, examples=True)
+            return cls(key.codec, tokens.seqs_per_shard, rows, key.dtype, d, examples=True, owner=key.id, hook=key.hook)
+        codec, dtype = getattr(key, "codec", "none"), getattr(key, "dtype", None)
         return cls(
-            getattr(key, "codec", "none"), tokens.seqs_per_shard, tokens.context_size, getattr(key, "dtype", None), d
+            codec, tokens.seqs_per_shard, tokens.context_size, dtype, d, owner=key.id, hook=getattr(key, "hook", None)
         )
+
+    def provenance(self, rec: Record) -> dict[str, str]:
+        """What the metadata of ``rec``'s shard must name, where it names it (``header.check_provenance``)."""
+        out = {"index": str(rec.index)}
+        if self.owner is not None:
+            out["set_id"] = self.owner
+        if self.hook is not None:
+            out["hook"] = self.hook
+        return out
 
     def expect(self, rec: Record) -> dict[str, tuple[str, tuple[int, ...]]] | None:
         """Each tensor's dtype (by name: no torch needed) and shape in ``rec``'s shard (None when the width of
@@ -129,6 +143,9 @@ class Record:
         if layout.parse_shard_file(rec.file) != rec.index:
             raise ValueError(f"shard {rec.index} names the file {rec.file!r}")
         if bounds is not None:
+            owner = rec.extra.get("set_id")
+            if bounds.owner is not None and owner is not None and owner != bounds.owner:
+                raise ValueError(f"shard {rec.index}'s record belongs to set {owner!r} (copied from another set?)")
             if rec.file != layout.shard_file(rec.index, bounds.codec):
                 raise ValueError(f"shard {rec.index} names the file {rec.file!r}, not one of codec {bounds.codec}")
             rows = rec.n_tokens if bounds.examples and bounds.context_size == 0 else rec.n_seq * bounds.context_size
@@ -155,7 +172,8 @@ def records_of(entries: Any, bounds: Bounds | None = None) -> dict[int, Record]:
 
 def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = None) -> bool:
     """Whether the stored bytes of ``rec``'s shard have its size and sha256 (reading at most that size) and, with
-    ``bounds``, a safetensors header that agrees with them (a record can vouch for a malformed shard)."""
+    ``bounds``, a safetensors header that agrees with them and names this set, hook and index (a record can vouch
+    for a malformed shard, or for one copied in from another set)."""
     from actcache.format.header import check_header
 
     try:
@@ -164,10 +182,9 @@ def hash_matches(store: Store, root: str, rec: Record, bounds: Bounds | None = N
         return False
     if hashlib.sha256(data).hexdigest() != rec.sha256:
         return False
-    expect = bounds.expect(rec) if bounds is not None else None
-    if bounds is not None and expect is not None:
+    if bounds is not None:
         try:
-            check_header(data, codec=bounds.codec, expect=expect)
+            check_header(data, codec=bounds.codec, expect=bounds.expect(rec), provenance=bounds.provenance(rec))
         except ValueError:
             return False
     return True

@@ -122,15 +122,18 @@ class ActivationSet:
         try:
             data = self.store.read_mapped(rel, size=record.bytes)
         except FileNotFoundError as e:
+            self._check_not_rewritten(record)
             raise Failure(
                 f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
                 "and rerun the extraction to repair it"
             ) from e
         except DamagedFile as e:
+            self._check_not_rewritten(record)
             raise DamagedFile(
                 f"shard {record.index} of {self.url} is unreadable ({e}); rerun the extraction to repair it"
             ) from e
         if verify and hashlib.sha256(data).hexdigest() != record.sha256:
+            self._check_not_rewritten(record)
             raise Failure(
                 f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
                 "and rerun the extraction to repair it"
@@ -140,6 +143,27 @@ class ActivationSet:
         except Exception as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
+
+    def _check_not_rewritten(self, record: records.Record) -> None:
+        """Raise a one-line ``Failure`` if ``record``'s shard was rewritten by a run since this set was opened (its
+        last shard grows while --max-tokens is raised): the data is fine, the reader's view of it is old."""
+        try:
+            now = records.Record.from_dict(
+                records.check_sealed(
+                    self.store.read_json(
+                        f"{self.set_id}/{layout.record_file(record.index)}", limit=records.RECORD_LIMIT
+                    ),
+                    "record",
+                ),
+                self.bounds,
+            )
+        except (ActcacheError, ValueError, KeyError, TypeError, FileNotFoundError):
+            return  # no sound record to tell: the shard is what is wrong
+        if now != record:
+            raise Failure(
+                f"{self.url} changed since it was opened: shard {record.index} was rewritten (an extraction is "
+                "extending the set); open it again once the extraction has finished"
+            )
 
     def read_tokens(self, record: records.Record) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A shard's token ids, flat, and its positions (rows layout; else None). Uncompressed shards are read
@@ -165,11 +189,13 @@ class ActivationSet:
                 out[name] = shard.tensor(self.store.read_range(rel, start + begin, start + end), dtype, shape)
             shard.check(out, {k: expect[k] for k in names})
         except FileNotFoundError as e:
+            self._check_not_rewritten(record)
             raise Failure(
                 f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
                 "and rerun the extraction to repair it"
             ) from e
         except ValueError as e:  # DamagedFile too
+            self._check_not_rewritten(record)
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return out["tokens"].reshape(-1), out.get("positions")
 
@@ -248,7 +274,12 @@ class ActivationSet:
                         problem(f"{r.file} fails its sha256 checksum (corrupted)")
                     elif not self.manifest.get("examples"):  # (an example set's shapes vary: load_examples)
                         try:  # what the manifest says shapes reading: the shard's own header must agree
-                            check_header(data, codec=self.manifest["codec"], expect=self.tensor_specs(r))
+                            check_header(
+                                data,
+                                codec=self.manifest["codec"],
+                                expect=self.tensor_specs(r),
+                                provenance=self.bounds.provenance(r),
+                            )
                         except ValueError as e:
                             problem(f"{r.file}: its safetensors header disagrees with manifest.json ({e})")
             rel = layout.record_file(r.index)

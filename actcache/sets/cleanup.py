@@ -11,6 +11,11 @@ Both run in an order that a kill at any point cannot turn into a set that looks 
   than the threshold (their parts are stored and billed, yet invisible to listings), and token caches
   (``_tokens/<id>``) that no set's manifest names. A set's shards and records are never garbage. While a
   set has no manifest (an extraction running), token caches are all kept: which one it reads is not known.
+  A token cache written to within the threshold, or holding a temp file of a live writer of this host, is kept
+  too: an extraction whose set folder does not exist yet may be writing or reading it.
+
+Both stay inside the store: nothing below a symlink is deleted or even listed (``Store.symlink_in``), and only
+files whose names actcache's layout gives, where actcache writes them (``layout.is_store_file``).
 """
 
 from __future__ import annotations
@@ -65,6 +70,12 @@ def find_set(store: Store, name: str) -> SetFiles:
                 f"{url} is a store, not a set: rm removes one set, <store>/<set_id> (see `actcache ls {url}`)"
             )
         raise ActcacheError(f"{url} is not a set: a set URL ends in its 24-character id (see `actcache ls STORE`)")
+    link = store.symlink_in(name)
+    if link is not None:
+        raise ActcacheError(
+            f"{store.url_of(link)} is a symlink; rm deletes only files inside the store, never through a link: "
+            "remove the link by hand if you mean to"
+        )
     files = store.listing(name)
     if not files and not store.exists(name):  # an empty folder is what an rm killed at its end leaves
         raise ActcacheError(f"no activation set at {url} (nothing there)")
@@ -141,6 +152,8 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
     items: list[Garbage] = []
     notes: list[str] = []
     for t in store.temp_files():
+        if not layout.is_store_file(t.target):
+            continue  # a user's file that only looks like a temp file, or one in a folder that is not actcache's
         old = now - t.mtime > older_than_s
         if t.writer_dead or (not t.same_host and old):
             why = (
@@ -169,19 +182,44 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
     sets = inventory.list_sets(store)
     unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
     used = {s.tokens_id for s in sets}
+    link = store.symlink_in(layout.TOKENS_ROOT, below=False)
+    if link is not None:
+        notes.append(f"kept every token cache: {store.url_of(link)} is a symlink, and gc deletes nothing through one")
+        return GarbageReport(items, notes)
     for tid in inventory.token_cache_ids(store):
         if tid in used:
             continue
-        if unknown:
-            notes.append(
-                f"kept the token cache {tid}: {len(unknown)} set(s) without a readable manifest (e.g. "
-                f"{unknown[0].set_id}, {unknown[0].state}) may be reading it; finish or remove them first"
-            )
+        why = _why_keep(store, layout.tokens_dir(tid), unknown, now, older_than_s)
+        if why:
+            notes.append(f"kept the token cache {tid}: {why}")
             continue
-        rel = f"{layout.TOKENS_ROOT}/{tid}"
+        rel = layout.tokens_dir(tid)
         size = sum(e.size for e in store.listing(rel).values())
         items.append(Garbage(TOKEN_CACHE, store.url_of(rel), size, "no set in this store uses it", rel))
     return GarbageReport(items, notes)
+
+
+def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: float, older_than_s: float) -> str:
+    """Why the token cache ``rel``, which no manifest names, may still be in use or is not actcache's; "" if none."""
+    if unknown:
+        return (
+            f"{len(unknown)} set(s) without a readable manifest (e.g. {unknown[0].set_id}, {unknown[0].state}) "
+            "may be reading it; finish or remove them first"
+        )
+    link = store.symlink_in(rel)
+    if link is not None:
+        return f"{store.url_of(link)} is a symlink, and gc deletes nothing through one"
+    files = store.listing(rel)
+    strangers = sorted(r for r in files if not layout.is_token_file(r) and layout.parse_temp(r) is None)
+    if strangers:
+        return f"it holds {strangers[0]!r}, which actcache does not write; remove it by hand if you mean to"
+    live = [t for t in store.temp_files(rel) if t.same_host and not t.writer_dead]
+    if live:
+        return f"process {live[0].pid} of this host is writing it"
+    newest = max((e.mtime for e in files.values()), default=0.0)
+    if now - newest <= older_than_s:
+        return f"written {_age(now - newest)} ago: an extraction may be using it (see --older-than)"
+    return ""
 
 
 def collect(store: Store, report: GarbageReport) -> None:
@@ -191,7 +229,8 @@ def collect(store: Store, report: GarbageReport) -> None:
         if g.kind == UPLOAD:
             store.abort_upload(Upload(g.rel, g.upload_id or "", 0.0, g.bytes))
         elif g.kind == TOKEN_CACHE:
-            for rels in removal_order(store.listing(g.rel)):
+            files = {r: e for r, e in store.listing(g.rel).items() if layout.is_store_file(f"{g.rel}/{r}")}
+            for rels in removal_order(files):
                 store.remove([f"{g.rel}/{r}" for r in rels])
             store.remove_folder(g.rel)
 

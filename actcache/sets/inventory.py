@@ -82,14 +82,8 @@ def token_cache_ids(store: Store) -> list[str]:
 
 def is_set_file(rel: str) -> bool:
     """Whether ``rel`` (relative to a set's folder) is one of the files a set consists of, or a writer's temp file."""
-    name = rel.split(".tmp-", 1)[0]
-    spill = name.removesuffix(".safetensors").removesuffix(".json") + ".json"  # a shuffle's pass-1 files
-    return (
-        name == layout.MANIFEST
-        or layout.parse_shard_file(name) is not None
-        or layout.parse_record_file(name) is not None
-        or layout.parse_spill_record(spill) is not None
-    )
+    temp = layout.parse_temp(rel)
+    return layout.is_set_file(temp[0] if temp else rel)
 
 
 def describe_set(store: Store, set_id: str) -> SetEntry | None:

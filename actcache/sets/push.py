@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import JSON_LIMIT, StoreRef
@@ -69,11 +69,11 @@ def _hub_error(e: BaseException, repo_id: str, action: str) -> ActcacheError:
     if status == 404:
         return ActcacheError(f"the hub has no dataset repo {repo_id} or revision while {action} it (HTTP 404)")
     if status is not None:
-        return ActcacheError(
+        return Failure(
             f"the hub answered HTTP {status} while {action} {repo_id}; rerun the same push to "
             "resume (what was committed is kept)"
         )
-    return ActcacheError(
+    return Failure(
         f"cannot reach the hub while {action} {repo_id} ({type(e).__name__}); check HF_ENDPOINT "
         "and the network, then rerun the same push to resume"
     )

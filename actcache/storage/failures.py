@@ -50,11 +50,25 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
     if isinstance(exc, ActcacheError):
         return None
     for e in chain(exc):
+        if isinstance(e, TypeError) and "unexpected keyword argument" in str(e):
+            name = str(e).rpartition("argument")[2].strip()  # the option's name, quoted; never a value
+            return ActcacheError(
+                f"unknown storage option {name} for {url}: the filesystem takes no such option; fix its spelling "
+                "in " + opt("storage_options")
+            )
         names = _names(e)
         if names & {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}:
             return ActcacheError(
                 f"no usable credentials for {url}; set {_CHAIN_HINT} "
                 '(or {"anon": true} in ' + opt("storage_options") + " for a public bucket)"
+            )
+        if names & {"ReadTimeoutError", "FSTimeoutError", "ServerTimeoutError"}:
+            where = _endpoint(e) or "the storage endpoint"
+            return StoreUnavailable(
+                f"{where} accepted the connection but did not answer while {action} {url} (read timeout, tried "
+                "again); check that the server is up and is S3 (read_timeout in config_kwargs of "
+                + opt("storage_options")
+                + " for a slow one)"
             )
         if "EndpointConnectionError" in names or "ConnectTimeoutError" in names:
             where = _endpoint(e) or "the storage endpoint"
@@ -74,6 +88,13 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
         bucket = urlsplit(url).netloc or url
         if code == "NoSuchBucket":
             return ActcacheError(f"bucket {bucket!r} does not exist ({url}); create it or fix the store URL")
+        if code in ("404", "NotFound") and action.startswith("listing"):
+            # S3 answers a listing with NoSuchBucket or a list, never a bare 404: something else is answering.
+            where = _endpoint(e) or "the storage endpoint"
+            return ActcacheError(
+                f"{where} answered 404 Not Found to a listing of {url}: not an S3 endpoint, or wrong bucket; "
+                "check AWS_ENDPOINT_URL (or endpoint_url in " + opt("storage_options") + ") and the store URL"
+            )
         if code == "InvalidBucketName":
             return ActcacheError(f"{bucket!r} is not a valid bucket name ({url}); fix the store URL")
         if code in _BAD_CREDENTIALS:

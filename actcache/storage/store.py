@@ -34,7 +34,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
-from actcache.storage import failures
+from actcache.format import layout
+from actcache.storage import failures, secrets
 
 JSON_LIMIT = 256 << 20
 """Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
@@ -88,6 +89,12 @@ class StoreRef:
     credentials_block: str | None = None
     """Name of a Prefect ``AwsCredentials`` block for s3:// (otherwise the AWS chain)."""
 
+    def __post_init__(self) -> None:
+        # Every store URL passes here (extract, ls, show, cp, rm, ...): one that holds a credential is refused.
+        secrets.check_value(self.url, "the store URL")
+        secrets.check_value(self.credentials_block, opt("aws_credentials_block"))
+        secrets.check_options(self.storage_options)
+
     @classmethod
     def of(
         cls, where: str | StoreRef, storage_options: dict[str, Any] | None = None, credentials_block: str | None = None
@@ -131,9 +138,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class TempFile:
-    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``)."""
+    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``, see ``layout.temp_name``)."""
 
     rel: str
+    target: str
+    """The file it becomes once renamed (relative to the store's root)."""
     host: str
     pid: int
     size: int
@@ -155,7 +164,6 @@ class Upload:
     """Bytes of the parts uploaded so far."""
 
 
-_TMP_MARK = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
 
 
@@ -181,10 +189,26 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
-# botocore's legacy retries back off for up to ~15 s per call on a refused connection, and a connect may hang
-# for 60 s: AWS's "standard" mode (3 attempts, also for 5xx and throttling) keeps a dead endpoint a ~5 s error.
+# Deadlines (docs/trust.md): a request waits at most S3_READ_TIMEOUT s for an answer (S3_CONNECT_TIMEOUT for a
+# connection) and is retried S3_ATTEMPTS times by botocore (AWS's "standard" mode: also 5xx and throttling, with a
+# backoff of a few seconds) inside S3FS_RETRIES of s3fs's tries: a silent endpoint is one line within about
+# (S3_ATTEMPTS + 1) * (S3_READ_TIMEOUT + 2) s (measured: 30 s at a 6 s read timeout, 4 connections).
+# botocore's defaults (60 s reads, legacy retries) inside s3fs's 5 tries kept a hung endpoint silent for minutes.
+# ``config_kwargs`` in the storage options override these (e.g. {"read_timeout": 120} for a slow gateway).
+S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS, S3FS_RETRIES = 5, 8, 3, 1
+_S3_CONFIG = {
+    "retries": {"mode": "standard", "max_attempts": S3_ATTEMPTS},
+    "connect_timeout": S3_CONNECT_TIMEOUT,
+    "read_timeout": S3_READ_TIMEOUT,
+}
 _MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
-_S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 10}
+
+
+def _bound_retries(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
+    """s3fs's own tries around botocore's (a class attribute, not an option: an option would reach botocore)."""
+    if type(fs).__name__ == "S3FileSystem":
+        fs.retries = S3FS_RETRIES
+    return fs
 
 
 class _Parts:
@@ -234,9 +258,11 @@ class Store:
 
             options = block_options(credentials_block, options)
         if self.url.startswith(("s3://", "s3a://")):
+            secrets.check_environment()
             options = {**options, "config_kwargs": {**_S3_CONFIG, **options.get("config_kwargs", {})}}
         try:
             fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+            _bound_retries(fs)
         except (ImportError, ValueError, TypeError) as e:
             raise ActcacheError(f"cannot open store {url!r}: {e}") from None
         self._options = options  # may hold a block's secrets: never printed, logged or returned
@@ -250,7 +276,7 @@ class Store:
         # An async filesystem (s3fs) belongs to its creator's event-loop thread: a forked DataLoader worker
         # or a process that unpickled this store makes its own.
         if self._pid != os.getpid() or self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.url, **self._options)[0]
+            self._fs = _bound_retries(fsspec.core.url_to_fs(self.url, **self._options)[0])
             self._pid = os.getpid()
         return self._fs
 
@@ -470,7 +496,7 @@ class Store:
                     "finished shards are kept"
                 ) from e
             self._check_inside(rel, path)
-            tmp = f"{path}{_TMP_MARK}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = layout.temp_name(path, _HOST, os.getpid(), uuid.uuid4().hex[:8])
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -498,31 +524,32 @@ class Store:
 
     def temp_files(self, rel: str = "") -> list[TempFile]:
         """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
-        complete, see ``incomplete_uploads``)."""
-        if not self.local:
+        complete, see ``incomplete_uploads``). Symlinked folders are not entered: nothing beyond them is ours."""
+        if not self.local or self.symlink_in(rel, below=False):
             return []
         out = []
-        for dirpath, _, files in os.walk(self.path(rel)):
+        for dirpath, _, files in os.walk(self.path(rel)):  # os.walk enters no symlinked folder
             for name in files:
-                _, mark, tail = name.partition(_TMP_MARK)
-                host, _, pid = tail.rpartition("-")[0].rpartition("-") if mark else ("", "", "")
-                if not mark or not pid.isdigit():
-                    continue
+                parsed = layout.parse_temp(name)
                 full = os.path.join(dirpath, name)
+                if parsed is None or os.path.islink(full):
+                    continue
                 try:
-                    st = os.stat(full)
+                    st = os.lstat(full)
                 except FileNotFoundError:
                     continue  # renamed into place since the walk
+                target, host, pid = parsed
                 mine = host == _HOST
                 out.append(
                     TempFile(
                         os.path.relpath(full, self.root),
+                        os.path.relpath(os.path.join(dirpath, target), self.root),
                         host,
-                        int(pid),
+                        pid,
                         st.st_size,
                         st.st_mtime,
                         mine,
-                        mine and not _alive(int(pid)),
+                        mine and not _alive(pid),
                     )
                 )
         return out
@@ -530,29 +557,61 @@ class Store:
     def sweep_temp(self, rel: str) -> int:
         """Delete temp files left below ``rel`` by killed writers of this host; return how many.
 
-        Temp names carry host and pid, so a live writer's file (or another host's) is never touched.
+        Temp names carry host and pid, so a live writer's file (or another host's) is never touched; nor is a file
+        whose name merely looks like one, where actcache would not have written it (``layout.is_store_file``).
         """
-        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead]
+        dead = [t.rel for t in self.temp_files(rel) if t.writer_dead and layout.is_store_file(t.target)]
         self.remove(dead)
         return len(dead)
 
+    def symlink_in(self, rel: str, *, below: bool = True) -> str | None:
+        """The first symlink (relative to the root) on the way from the root to ``rel``, ``rel`` itself, or (with
+        ``below``) anything inside it; None if there is none, and always on object stores, which have no links.
+        The root itself may be a link: it is what the user named."""
+        if not self.local:
+            return None
+        parts = [p for p in rel.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            if os.path.islink(self.path("/".join(parts[:i]))):
+                return "/".join(parts[:i])
+        if below and os.path.isdir(self.path(rel)):
+            for dirpath, dirs, files in os.walk(self.path(rel)):
+                for name in sorted(dirs + files):
+                    full = os.path.join(dirpath, name)
+                    if os.path.islink(full):
+                        return os.path.relpath(full, self.root)
+        return None
+
     def remove(self, rels: list[str]) -> None:
-        """Delete these files (one bulk request per 1000 on S3); files already gone are no error."""
+        """Delete these files (one bulk request per 1000 on S3); files already gone are no error.
+
+        Locally a file below a symlinked folder is refused (``DamagedFile``), never deleted through the link; a link
+        itself is only unlinked, what it points to is left alone."""
         if not rels:
             return
         if self.local:
             for rel in rels:
+                path = self.path(rel)
+                self._check_inside(rel, path)
                 try:
-                    os.unlink(self.path(rel))
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                        raise ActcacheError(
+                            f"cannot delete {self.url_of(rel)} ({e.strerror}): the store is read-only or not yours; "
+                            "run this where it can be written"
+                        ) from None
+                    raise Failure(f"cannot delete {self.url_of(rel)} ({e.strerror}); rerun to finish") from e
             return
         with self._io("deleting", rels[0]):
             self.fs.rm([self.path(r) for r in rels])
 
     def remove_folder(self, rel: str) -> None:
-        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally)."""
-        if self.local and os.path.isdir(self.path(rel)):
+        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally); a
+        folder reached through a symlink is left alone."""
+        if self.local and os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
             for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
                 try:
                     os.rmdir(dirpath)

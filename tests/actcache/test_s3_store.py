@@ -10,7 +10,7 @@ import pytest
 from actcache.errors import ActcacheError
 from actcache.storage.failures import StoreUnavailable
 from actcache.storage.retry import is_transient
-from actcache.storage.store import Store
+from actcache.storage.store import S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, Store
 
 
 def test_round_trip_through_aws_endpoint_url(s3_server, s3_env):
@@ -172,10 +172,10 @@ def test_unreachable_endpoint_fails_fast_but_counts_as_transient(s3_env, monkeyp
     with pytest.raises(StoreUnavailable, match=f"cannot reach {endpoint} while listing s3://bucket/prefix;") as e:
         store.check_writable()
     # What keeps it fast (not a timing, which a loaded machine would break): the client got bounded retries and
-    # connect timeout instead of botocore's legacy backoff of up to ~15 s per call.
+    # connect and read timeouts instead of botocore's legacy backoff of up to ~15 s per call (docs/trust.md).
     config = store.fs._s3.meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 4}  # botocore's "max_attempts": 3 retries
-    assert config.connect_timeout == 10
+    assert (config.connect_timeout, config.read_timeout) == (S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT) == (5, 8)
     # Before a run it stops the command; inside the upload task the same error is retried.
     assert is_transient(e.value)
 

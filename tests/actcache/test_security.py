@@ -388,6 +388,7 @@ def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
     for r in m["shards"]:
         data = shard.encode(shard.decode((src / r["file"]).read_bytes(), codec="none"), codec="zstd").data
         r.update(file=layout.shard_file(r["index"], "zstd"), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        r["extra"]["set_id"] = m["set_id"]  # the records of this set, not of the one it was made from
         (set_dir / r["file"]).write_bytes(data)
     m["bytes"] = sum(r["bytes"] for r in m["shards"])
     (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))

@@ -396,3 +396,54 @@ def test_float32_norms_that_overflow_stay_finite_json(loud_models, corpus, tmp_p
     norms = [r["extra"]["stats"]["mean_l2_norm"] for r in m["shards"]]
     assert all(isinstance(n, float) and 1e18 < n < 1e30 for n in norms), norms
     assert m["non_finite"] == {"nan": 0, "inf": 0, "shards": 0, "source_finite": True}
+
+
+def _adopt_sibling(store: Path, i: int, copy=shutil.copy2) -> None:
+    """Copy shard ``i`` and its record from the other hook's set (same shape) over set 0's, as a careless hand or
+    a bad sync would: their checksums and seals are right, their set id (record, shard metadata) is not."""
+    s, sibling = set_dir(store, 0), set_dir(store, 1)
+    for rel in (layout.shard_file(i, "none"), layout.record_file(i)):
+        copy(sibling / rel, s / rel)
+
+
+def test_a_shard_and_record_copied_from_a_sibling_set_are_damage_and_a_rerun_repairs_them(
+    config, pristine, store, capsys
+):
+    """The sibling's shard 1 and record 1 copied in: verify names them; the rerun it recommends recomputes them,
+    with Prefect (the flow) or without (the flow's stages called in order); the store is then the pristine one.
+    Copied as ``cp`` does, the record is newer than the manifest and a plain rerun reads it; copied with its
+    times kept, only --verify-existing reads it, and verify says so."""
+    from setwriter import extract_by_stages
+
+    for rerun, copy, hint in (("flow", shutil.copy, False), ("stages", shutil.copy2, True)):
+        _adopt_sibling(store, 1, copy)
+        code, err = verify(str(set_dir(store)), capsys)
+        assert code == 1 and any("shard 1: " in line and "belongs to set" in line for line in err), err
+        assert ("--verify-existing" in err[-1]) == hint, err
+        if rerun == "flow":
+            rerun_as_hinted(config, store, err[-1])
+        else:
+            extract_by_stages(config.replace(store=str(store), verify_existing=hint))
+        assert local_tree(store) == local_tree(pristine), rerun
+        assert verify(str(set_dir(store)), capsys)[0] == 0
+
+
+def test_a_sibling_shard_under_a_forged_record_and_manifest_is_damage(config, pristine, store, capsys):
+    """What an earlier repair could leave: the sibling's shard, its record re-labelled as this set's and the
+    manifest entry agreeing (both resealed, mtimes kept). Only the shard's own metadata tells; verify reads it and
+    says --verify-existing, which recomputes the shard."""
+    s = set_dir(store)
+    with same_mtime(s / layout.shard_file(1, "none"), s / layout.record_file(1), s / layout.MANIFEST):
+        _adopt_sibling(store, 1)
+        foreign = json.loads((s / layout.record_file(1)).read_text())
+        edit_json(s / layout.record_file(1), lambda r: r["extra"].update(set_id=SET_IDS[0]), reseal=True)
+        mine = json.loads((s / layout.record_file(1)).read_text())
+        entry = {k: v for k, v in mine.items() if k != records.SEAL}
+        edit_json(s / layout.MANIFEST, lambda m: m["shards"].__setitem__(1, entry), reseal=True)
+    assert foreign["extra"]["set_id"] == SET_IDS[1]
+    code, err = verify(str(s), capsys)
+    assert code == 1 and any("shard 1: " in line and f"names set_id '{SET_IDS[1]}'" in line for line in err), err
+    assert "--verify-existing" in err[-1], err
+    rerun_as_hinted(config, store, err[-1])
+    assert local_tree(store) == local_tree(pristine)
+    assert verify(str(s), capsys)[0] == 0

@@ -361,7 +361,7 @@ def test_a_shuffled_copy_is_described_and_refused_where_it_cannot_serve(shuffled
     assert json.loads(capsys.readouterr().out)["items"] == []
     assert main(["rm", source, "--yes"]) == 0
     capsys.readouterr()
-    assert main(["gc", str(shuffled["store"]), "--json"]) == 0
+    assert main(["gc", str(shuffled["store"]), "--json", "--older-than", "0"]) == 0  # no extraction may be using it
     garbage = json.loads(capsys.readouterr().out)["items"]
     assert [(g["kind"], g["url"]) for g in garbage] == [
         ("token-cache", f"{shuffled['store']}/_tokens/{listed[source]['tokens_id']}")
@@ -441,6 +441,60 @@ def test_no_progress_bar_before_an_error(extracted_set, tmp_path):
         )
         assert run.returncode == 2
         assert run.stderr.count("\n") == 1 and run.stderr.startswith("actcache: error:"), (argv, run.stderr)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("command", ["cp", "export", "shuffle"])
+def test_the_error_is_the_last_line_of_stderr_after_a_progress_bar(extracted_set, tmp_path, command):
+    """A command that fails midway on a terminal: its progress bar is closed before the error line, which is the
+    last line (stderr is a pseudo-terminal here, so the bar is drawn as for a user)."""
+    import fcntl
+    import pty
+    import shutil
+    import struct
+    import termios
+    import threading
+
+    store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
+    url = f"{store}/{Path(extracted_set).name}"
+    shard = Path(url) / "shards" / "000002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # same size and mtime order: found only when the shard is read
+    shard.write_bytes(bytes(data))
+    argv = {
+        "cp": ["cp", url, str(tmp_path / "copy")],
+        "export": ["export", url, str(tmp_path / "export"), "--format", "hf"],
+        "shuffle": ["shuffle", url, "--out", str(tmp_path / "shuffled")],
+    }[command]
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}  # bars on, as for a user
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 0 columns: an empty bar
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "actcache.cli", *argv], stdout=subprocess.PIPE, stderr=follower, timeout=300, env=env
+        )
+    finally:
+        os.close(follower)
+        reader.join(10)
+        os.close(leader)
+    stderr = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    lines = stderr.strip().split("\n")
+    assert re.search(r"\| \d+/\d+ \[", stderr), "a progress bar was drawn: " + stderr
+    assert run.returncode != 0 and lines[-1].startswith("actcache: error: ") and "shard 2" in lines[-1], stderr
 
 
 def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_path, capsys):

@@ -66,3 +66,41 @@ def test_rows_layout_shapes(sets):
     assert s.layout == "rows" and s.context_size == 8 and s.n_tokens == 2 * 4 * 8 + 8
     x = s.read(s.records[-1])
     assert x.activations.shape == (s.records[-1].n_tokens, 6) and x.positions.shape == x.tokens.shape
+
+
+def test_a_set_extended_after_it_was_opened_is_named_as_such_not_as_damaged(
+    extracted_set, tiny_models, corpus, tmp_path
+):
+    """--max-tokens raised while a reader holds the set: its last shard grows. The reader says the set changed
+    since it was opened (reopen it), and reopened, the set reads whole."""
+    import shutil
+    from pathlib import Path
+
+    from setwriter import extract_by_stages
+
+    from actcache.config import ExtractConfig
+    from actcache.errors import Failure
+
+    store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
+    url = f"{store}/{Path(extracted_set).name}"
+    opened = open_set(url)
+    last = opened.records[-1]
+    assert last.n_seq == 2
+    config = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        hook="blocks.1.hook_resid_post",
+        dataset=str(corpus),
+        context_size=32,
+        max_tokens=512,  # the extracted set's 448, raised: shard 3 grows from 2 to 4 sequences
+        shard_tokens=128,
+        batch_size=4,
+        store=str(store),
+        device="cpu",
+    )
+    assert extract_by_stages(config) == url
+    assert opened.read(opened.records[0]).activations.shape[0] == 4  # untouched shards read as before
+    with pytest.raises(Failure, match="changed since it was opened: shard 3 was rewritten") as e:
+        opened.read(last)
+    assert "damaged" not in str(e.value) and "repair" not in str(e.value)
+    again = open_set(url)
+    assert again.read(again.records[-1]).activations.shape[0] == 4

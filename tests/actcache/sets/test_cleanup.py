@@ -201,6 +201,8 @@ def test_gc_lists_then_removes_only_garbage(store, capsys):
     os.utime(old_remote, (two_days_ago, two_days_ago))
     unused = store / layout.TOKENS_ROOT / ("t" + "0" * 24)
     shutil.copytree(store / layout.TOKENS_ROOT / tid, unused)
+    for f in unused.rglob("*"):  # untouched for longer than --older-than: no extraction is using it
+        os.utime(f, (two_days_ago, two_days_ago))
     everything_before = local_tree(store)
 
     code, out, err = run(capsys, "gc", str(store), "--json")
@@ -244,10 +246,12 @@ def test_gc_on_s3_aborts_old_uploads_and_unused_token_caches(made, s3_server, s3
     before = s3_server.keys_under(bucket_url)
 
     # moto dates every upload 2010-11-10: a threshold of ~114 years makes it recent, 0 makes it abandoned.
+    # The token cache was written just now: an extraction may be using it, until it is older than the threshold.
     code, out, _ = run(capsys, "gc", bucket_url, "--json", "--older-than", "1000000")
     report = json.loads(out)
-    assert code == 0 and [g["kind"] for g in report["items"]] == ["token-cache"]
+    assert code == 0 and report["items"] == []
     assert any("maybe still running" in n for n in report["notes"])
+    assert any("an extraction may be using it" in n for n in report["notes"])
 
     code, out, _ = run(capsys, "gc", bucket_url, "--older-than", "0", "--yes", "--json")
     report = json.loads(out)
@@ -257,3 +261,163 @@ def test_gc_on_s3_aborts_old_uploads_and_unused_token_caches(made, s3_server, s3
     after = s3_server.keys_under(bucket_url)
     assert after == {k: v for k, v in before.items() if not k.startswith(layout.TOKENS_ROOT)}
     assert open_set(f"{bucket_url}/{set_id}").verify() == []
+
+
+# -- staying inside the store ------------------------------------------------------------------------------
+@pytest.fixture
+def other(made, tmp_path) -> Path:
+    """A second store, which nothing run on ``store`` may touch."""
+    copy = tmp_path / "other"
+    shutil.copytree(made, copy)
+    return copy
+
+
+def _old(root: Path) -> None:
+    """Every file below ``root`` untouched for two days (no live writer)."""
+    then = time.time() - 2 * 86400
+    for f in root.rglob("*"):
+        os.utime(f, (then, then), follow_symlinks=False)
+
+
+@pytest.mark.parametrize("link", ["set folder", "shards folder", "shard file"])
+def test_rm_never_deletes_through_a_symlink(store, other, capsys, link):
+    url = set_url(store)
+    set_id = url.rsplit("/", 1)[1]
+    there = other / set_id
+    if link == "set folder":
+        shutil.rmtree(url)
+        os.symlink(there, url)
+    elif link == "shards folder":
+        shutil.rmtree(Path(url) / "shards")
+        os.symlink(there / "shards", Path(url) / "shards")
+    else:
+        shard = Path(url) / layout.shard_file(0, "none")
+        shard.unlink()
+        os.symlink(there / layout.shard_file(0, "none"), shard)
+    before = local_tree(other)
+    code, _, err = run(capsys, "rm", url, "--yes")
+    one_line_error(code, err, "is a symlink; rm deletes only files inside the store")
+    assert local_tree(other) == before
+    assert open_set(str(there)).verify() == []
+
+
+def test_gc_never_deletes_through_a_symlinked_token_folder(store, other, capsys):
+    shutil.rmtree(store / layout.TOKENS_ROOT)
+    os.symlink(other / layout.TOKENS_ROOT, store / layout.TOKENS_ROOT)
+    shutil.rmtree(set_url(store))  # no set uses the linked cache
+    (store / ("f" * 24)).mkdir()  # still a store: an (empty) set folder
+    _old(other)
+    before = local_tree(other)
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and "is a symlink" in report["notes"][0]
+    assert local_tree(other) == before
+
+
+def test_gc_never_deletes_through_a_symlinked_token_cache(store, other, capsys):
+    (tid,) = inventory.token_cache_ids(Store(str(other)))
+    unused = store / layout.TOKENS_ROOT / ("t" + "0" * 24)
+    os.symlink(other / layout.TOKENS_ROOT / tid, unused)
+    _old(other)
+    before = local_tree(other)
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == []
+    assert local_tree(other) == before
+
+
+@pytest.mark.subprocess
+def test_gc_deletes_only_temp_files_actcache_writes_where_it_writes_them(store, capsys):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    dead = _dead_pid()
+    notes = store / "notes"
+    notes.mkdir()
+    users = [
+        notes / f"thesis.tex.tmp-{_HOST}-{dead}-draft",  # a user's file that looks like a temp file
+        notes / f"000001.safetensors.tmp-{_HOST}-{dead}-0badf00d",  # a temp name, in a folder that is not a set
+        Path(url) / f"notes.txt.tmp-{_HOST}-{dead}-0badf00d",  # inside a set, but not a set's file
+        store / f"manifest.json.tmp-{_HOST}-{dead}-0badf00d",  # at the root, where actcache writes no manifest
+    ]
+    ours = Path(url) / f"{layout.shard_file(1, 'none')}.tmp-{_HOST}-{dead}-0badf00d"
+    for p in [*users, ours]:
+        p.write_bytes(b"mine")
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")
+    report = json.loads(out)
+    assert code == 0 and [g["url"] for g in report["items"]] == [str(ours)]
+    assert not ours.exists() and all(p.read_bytes() == b"mine" for p in users)
+
+
+def test_gc_keeps_the_token_cache_of_an_extraction_whose_set_folder_does_not_exist_yet(store, capsys):
+    from actcache.storage.store import _HOST
+
+    shutil.rmtree(set_url(store))  # the extraction has tokenized, and written no shard yet
+    (store / ("f" * 24)).mkdir()
+    (tid,) = inventory.token_cache_ids(Store(str(store)))
+    cache = store / layout.TOKENS_ROOT / tid
+    before = local_tree(cache)
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")  # the default threshold: a day
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and "an extraction may be using it" in report["notes"][0]
+    assert local_tree(cache) == before
+
+    _old(cache)  # untouched for days, yet a live process of this host is writing into it
+    (cache / f"{layout.shard_file(9, 'none')}.tmp-{_HOST}-{os.getpid()}-0badf00d").write_bytes(b"x")
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and f"process {os.getpid()} of this host" in report["notes"][0]
+    assert cache.exists()
+
+    next(cache.glob("shards/*.tmp-*")).unlink()  # the writer is gone, the cache old: now it is garbage
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["token-cache"] and not cache.exists()
+
+
+def test_gc_on_s3_keeps_a_token_cache_holding_files_actcache_does_not_write(made, s3_server, s3_env, capsys):
+    bucket_url = s3_server.new_prefix()
+    copy_set(set_url(made), bucket_url)
+    prefix = bucket_url.removeprefix(f"s3://{s3_server.bucket}/")
+    c = s3_server.client()
+    tokens = f"{prefix}/{layout.TOKENS_ROOT}/t{'0' * 24}"
+    c.put_object(Bucket=s3_server.bucket, Key=f"{tokens}/index.json", Body=b"{}")
+    c.put_object(Bucket=s3_server.bucket, Key=f"{tokens}/notes.txt", Body=b"mine")
+    before = s3_server.keys_under(bucket_url)
+    code, out, _ = run(capsys, "gc", bucket_url, "--older-than", "0", "--yes", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and any("'notes.txt'" in n for n in report["notes"])
+    assert s3_server.keys_under(bucket_url) == before
+
+
+# -- a read-only store -------------------------------------------------------------------------------------
+def _read_only(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``actcache ARGS`` with ``folder`` mounted read-only (a private mount namespace: nothing else sees it)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    cmd = ["unshare", "-m", "sh", "-c", script, str(folder), sys.executable, "-m", "actcache.cli", *args]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.subprocess
+def test_a_read_only_store_serves_a_complete_set_and_refuses_rm_and_gc_in_one_line(store, tiny_models, corpus):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    (Path(url) / f"{layout.shard_file(1, 'none')}.tmp-{_HOST}-{_dead_pid()}-0badf00d").write_bytes(b"x")
+    before = local_tree(store)
+    extract = ["extract", "--model", str(tiny_models["gpt2"]), "--hook", "blocks.1.hook_resid_post"]
+    extract += ["--dataset", str(corpus), "--context-size", "32", "--max-tokens", "448", "--shard-tokens", "128"]
+    extract += ["--batch-size", "4", "--store", str(store), "--device", "cpu"]
+    done = _read_only(store, *extract)
+    assert done.returncode == 0 and done.stdout.strip() == url, done.stderr[-3000:]
+    for argv in (["rm", url, "--yes"], ["gc", str(store), "--yes"]):
+        refused = _read_only(store, *argv)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+        assert "Read-only file system" in lines[0] and "the store is read-only" in lines[0], lines
+    assert local_tree(store) == before

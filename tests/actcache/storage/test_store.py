@@ -111,10 +111,13 @@ def test_store_ref_is_one_picklable_value_that_opens_the_store(tmp_path):
 def test_store_ref_repr_names_options_but_never_shows_their_values():
     from actcache.storage.store import StoreRef
 
-    ref = StoreRef("s3://b/p", {"secret": "S3cr3t-Value-91", "endpoint_url": "http://h:1"}, "blk")
+    ref = StoreRef("s3://b/p", {"profile": "Pr0file-Value-91", "endpoint_url": "http://h:1"}, "blk")
     for text in (repr(ref), repr(ref.child("x")), str(ref.split()), repr([ref])):
-        assert "S3cr3t-Value-91" not in text and "http://h:1" not in text
-    assert repr(ref) == "StoreRef('s3://b/p', storage_options=<endpoint_url, secret>, credentials_block='blk')"
+        assert "Pr0file-Value-91" not in text and "http://h:1" not in text
+    assert repr(ref) == "StoreRef('s3://b/p', storage_options=<endpoint_url, profile>, credentials_block='blk')"
+    with pytest.raises(ActcacheError, match=r"must not hold credentials \(secret\)") as e:
+        StoreRef("s3://b/p", {"secret": "S3cr3t-Value-91"})  # refused where it enters (actcache/storage/secrets.py)
+    assert "S3cr3t-Value-91" not in str(e.value)
     assert repr(StoreRef(".")) == "StoreRef('.', storage_options=<none>, credentials_block=None)"
 
 

@@ -1,0 +1,90 @@
+"""No credential from any input is stored or shown: a marker secret in each input is refused in one line (exit 2)
+that does not hold it, and appears in no file written, in neither stdout nor stderr."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from actcache.cli.app import main
+from actcache.storage import secrets
+
+MARK = "Mark3rS3cretZq"
+
+
+def _files_holding(root: Path, text: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+EXTRACT_INPUTS = [
+    ("--dataset", f"http://reader:{MARK}@127.0.0.1:9/corpus.jsonl"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?token={MARK}"),
+    ("--dataset", f"https://b.s3.amazonaws.com/c.jsonl?X-Amz-Credential=a&X-Amz-Signature={MARK}"),
+    ("--model", f"https://{MARK}@127.0.0.1:9/gpt2"),
+    ("--store", f"s3://AKEY:{MARK}@bucket/acts"),
+    ("--store", f"s3://bucket/acts?X-Amz-Signature={MARK}"),
+    ("--aws-credentials-block", f"https://u:{MARK}@x"),
+    ("--storage-options", '{"endpoint_url": "http://u:' + MARK + '@127.0.0.1:9"}'),
+    ("--storage-options", '{"client_kwargs": {"aws_secret_access_key": "' + MARK + '"}}'),
+]
+
+
+@pytest.mark.parametrize("flag,value", EXTRACT_INPUTS, ids=[f"{f} {v[:24]}" for f, v in EXTRACT_INPUTS])
+def test_extract_refuses_credentials_in_any_input(base_config, tmp_path, capsys, monkeypatch, flag, value):
+    monkeypatch.chdir(tmp_path)
+    given = {"--model": base_config.model, "--dataset": base_config.dataset, "--store": str(tmp_path / "s")}
+    given[flag] = value
+    argv = ["extract", *(x for kv in given.items() for x in kv), "--hook", base_config.hook, "--device", "cpu"]
+    code = main([*argv, "--max-tokens", "128", "--context-size", "32"])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "credentials" in lines[0], err
+    assert MARK not in out + err and _files_holding(tmp_path, MARK) == []
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_endpoint_variable_with_credentials_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://u:{MARK}@127.0.0.1:9")
+    code = main(["ls", "s3://bucket/acts"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "AWS_ENDPOINT_URL holds credentials" in err
+    assert MARK not in out + err
+
+
+STORE_COMMANDS = [
+    ["ls", "{url}"],
+    ["show", "{url}/0123456789abcdef01234567"],
+    ["verify", "{url}/0123456789abcdef01234567"],
+    ["stats", "{url}/0123456789abcdef01234567"],
+    ["rm", "{url}/0123456789abcdef01234567", "--yes"],
+    ["gc", "{url}"],
+    ["cp", "{set}", "{url}"],
+    ["shuffle", "{set}", "--out", "{url}"],
+]
+
+
+@pytest.mark.parametrize("argv", STORE_COMMANDS, ids=[a[0] for a in STORE_COMMANDS])
+@pytest.mark.parametrize("url", [f"s3://AKEY:{MARK}@bucket/acts", f"http://127.0.0.1:9/acts?token={MARK}"])
+def test_every_command_refuses_a_store_url_with_credentials(extracted_set, tmp_path, capsys, argv, url):
+    src = shutil.copytree(Path(extracted_set).parent, tmp_path / "src")
+    set_url = f"{src}/{Path(extracted_set).name}"
+    code = main([a.format(url=url, set=set_url) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "the store URL holds credentials" in lines[-1], err
+    assert MARK not in out + err and _files_holding(tmp_path, MARK) == []
+
+
+def test_redact_hides_what_a_library_might_echo():
+    text = f"failed: s3://K:{MARK}@b/x and https://h/p?a=1&X-Amz-Signature={MARK} and AKIAABCDEFGHIJKLMNOP"
+    shown = secrets.redact(text)
+    assert MARK not in shown and "AKIA" not in shown and "https://h/p?a=1&X-Amz-Signature=***" in shown
+
+
+@pytest.mark.parametrize(
+    "value", ["s3://bucket/prefix", "https://huggingface.co/datasets/x?author=me", "/data/corpus.jsonl", "gpt2"]
+)
+def test_ordinary_values_pass(value):
+    assert secrets.secret_in(value) is None

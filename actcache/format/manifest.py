@@ -162,6 +162,8 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         )
     try:
         key = key_from_dict(m["key"])
+        if key.id != set_id or m.get("set_id", set_id) != set_id:  # first: what else it says is about another set
+            raise _EditedByHand(url)
         _check_encoding(m, key)
         recs = records.records_of(m["shards"], records.Bounds.of(key))
         if m.get("n_tokens") != sum(r.n_tokens for r in recs.values()) or m.get("bytes") != sum(
@@ -174,12 +176,15 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
             f"manifest of {url} is malformed ({e}); regenerate it with "
             f"`actcache extract` using the same settings: {rebuild}"
         ) from e
-    if key.id != set_id or m.get("set_id", set_id) != set_id:
-        raise ActcacheError(
+    return m
+
+
+class _EditedByHand(ActcacheError):
+    def __init__(self, url: str):
+        super().__init__(
             f"manifest of {url} does not match its set id (edited by hand?); "
             "regenerate it with `actcache extract` using the same settings"
         )
-    return m
 
 
 def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:

@@ -113,9 +113,38 @@ def debugging(on: bool) -> Iterator[None]:
         _DEBUG[0] = before
 
 
+class LineTracker:
+    """A stderr that remembers whether its last write ended a line: a library that writes a message without its
+    newline (Prefect's "Error logging to API") must not swallow the start of our error line."""
+
+    def __init__(self, stream: Any):
+        self._stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def tracked_stderr() -> Iterator[None]:
+    """While inside, ``sys.stderr`` is a ``LineTracker`` (``report`` starts a new line where one is needed)."""
+    before = sys.stderr
+    sys.stderr = LineTracker(before)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stderr = before
+
+
 def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, str] | None = None) -> int:
     """Print ``exc`` on stderr for a person on the command line (one line, fields as flags; the whole chain
     first when ``debug``); the exit code."""
+    if isinstance(sys.stderr, LineTracker) and not sys.stderr.at_line_start:
+        print(file=sys.stderr)
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
     from actcache.storage.secrets import redact  # a library's message may echo a URL with its credentials

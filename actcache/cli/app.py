@@ -934,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     from actcache import console
 
     # Prefect's run logs: its records only, unless --verbose
-    with errors.debugging(debug), console.quieted(not verbose):
+    with errors.debugging(debug), console.quieted(not verbose), errors.tracked_stderr():
         try:
             command, bound, ignored = app.parse_args(argv, exit_on_error=False, print_error=False)
             if "flags_given" in ignored:

@@ -1,6 +1,6 @@
 # make demo  -> offline demo (tiny built-in model, local corpus, ./activations)
 # make test  -> the whole test suite (what CI runs)
-# (install: `.[extract,dev]`; reading sets alone needs only the base install, `pip install actcache`)
+# (install: `.[extract,dev]`; reading sets alone needs only the base install, `pip install .`)
 # make lint  -> ruff check, ruff format --check, mypy (CI runs it before the tests)
 # make test-fast -> the inner loop, the unit tier: the tests that need no Prefect, no process of their own, no S3,
 #                   no hub, no deployment and are not slow (markers: pyproject.toml, tests/conftest.py)

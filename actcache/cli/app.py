@@ -118,6 +118,16 @@ def _print_json(doc: Any) -> None:
     print(json.dumps(doc, indent=2))
 
 
+def _done(summary: str, result: Any, where: str, json_output: bool) -> int:
+    """How a command that writes ends: what it did on stderr, then the result as JSON or where it is (stdout)."""
+    print(summary, file=sys.stderr)
+    if json_output:
+        _print_json(dataclasses.asdict(result))
+    else:
+        print(where)
+    return 0
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
@@ -523,15 +533,12 @@ def cp(
             on_shard=lambda _: progress.advance(),
             on_total=progress.total,
         )
-    print(
+    return _done(
         f"copied {result.copied} shards ({_human(result.bytes_copied)}), skipped {result.skipped} already present",
-        file=sys.stderr,
+        result,
+        result.url,
+        json_output,
     )
-    if json_output:
-        _print_json(dataclasses.asdict(result))
-    else:
-        print(result.url)
-    return 0
 
 
 @Parameter(name="*")
@@ -672,16 +679,13 @@ def export(
             on_shard=lambda _: progress.advance(),
             on_total=progress.total,
         )
-    print(
+    return _done(
         f"{result.rows} rows ({result.dtype}), {result.excluded_tokens} tokens excluded; load with "
         f"datasets.load_from_disk({result.path!r})",
-        file=sys.stderr,
+        result,
+        result.path,
+        json_output,
     )
-    if json_output:
-        _print_json(dataclasses.asdict(result))
-    else:
-        print(result.path)
-    return 0
 
 
 @app.command
@@ -711,15 +715,12 @@ def push(
     from actcache.sets.push import push_set
 
     result = push_set(flags.ref(set_url), repo_id, private=private, revision=revision)
-    print(
+    return _done(
         f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
-        file=sys.stderr,
+        result,
+        result.url,
+        json_output,
     )
-    if json_output:
-        _print_json(dataclasses.asdict(result))
-    else:
-        print(result.url)
-    return 0
 
 
 @app.command

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -178,9 +179,38 @@ def check(tensors: dict[str, torch.Tensor], expect: Expect | None) -> None:
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
 
 
+FREE_INFLATION = 64 << 20
+"""Bytes a zstd shard may always inflate to, however small it is stored."""
+MAX_INFLATION = 32
+"""Above ``FREE_INFLATION``, a zstd shard may inflate to at most this many times its stored size (the environment
+variable ``ACTCACHE_MAX_INFLATION`` raises it). Activations are floats whose low bytes are noise: real shards
+compress 1.1-2x. A manifest (even a whole key: a set id is only a digest of it) can be written by anyone who hands
+you a set, so the widths it states bound nothing; what a shard really is stored as does."""
+
+
+def inflation_cap(stored: int) -> int:
+    """The most bytes a zstd shard stored in ``stored`` bytes may inflate to (see ``MAX_INFLATION``)."""
+    try:
+        ratio = max(1, int(os.environ.get("ACTCACHE_MAX_INFLATION", MAX_INFLATION)))
+    except ValueError:
+        ratio = MAX_INFLATION
+    return max(FREE_INFLATION, ratio * stored)
+
+
+def _check_inflation(size: int, stored: int) -> None:
+    cap = inflation_cap(stored)
+    if size > cap:
+        raise ValueError(
+            f"zstd frame of {stored} bytes inflates to {size} bytes, {size // max(stored, 1)} times its size: a "
+            f"decompression bomb (a true shard compresses far less; at most {cap} bytes are read from it, "
+            "ACTCACHE_MAX_INFLATION raises the bound)"
+        )
+
+
 def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
     """Decompress a shard's zstd frame header first: the header is checked against ``expect`` before the data,
-    and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused)."""
+    and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused), and
+    never more than ``inflation_cap`` of the stored size."""
     import zstandard
 
     limit = 8 + HEADER_ALLOWANCE + sum(itemsize(dtype) * math.prod(shape or []) for dtype, shape in expect.values())
@@ -188,6 +218,7 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
         declared = zstandard.frame_content_size(data)
         if declared > limit:  # -1 when the frame does not say
             raise ValueError(f"zstd frame declares {declared} bytes, more than the expected tensors fill ({limit})")
+        _check_inflation(declared, len(data))
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
             head = read_exact(reader, 8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -198,6 +229,7 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
             head += read_exact(reader, n)
             body_size = check_entries(parse(head, head), expect)
             total = len(head) + body_size
+            _check_inflation(total, len(data))  # before any tensor data is read: the header's word is enough
             if declared not in (-1, total):
                 raise ValueError(f"zstd frame declares {declared} bytes, the shard's header {total}")
             out = head + read_exact(reader, body_size)
@@ -209,10 +241,24 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
 
 
 def _decompress(data: bytes) -> bytes:
-    """Trusted bytes only (e.g. just encoded): nothing bounds the output but the frame itself."""
+    """Without expected shapes (an example set's vary): at most ``inflation_cap`` bytes are read."""
     import zstandard
 
-    return zstandard.ZstdDecompressor().decompress(data)
+    cap = inflation_cap(len(data))
+    try:
+        declared = zstandard.frame_content_size(data)
+        _check_inflation(declared, len(data))
+        with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
+            parts, got = [], 0
+            while chunk := reader.read(min(1 << 20, cap + 1 - got)):
+                parts.append(chunk)
+                got += len(chunk)
+                if got > cap:
+                    _check_inflation(got, len(data))
+            out = b"".join(parts)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"not a valid zstd frame ({e})") from e
+    return out
 
 
 def _split(raw: bytes) -> tuple[int, int]:

@@ -442,6 +442,93 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 32 << 10  # KB: never the claimed size
 
 
+_EVERY_READER = """
+import json, resource, sys, tempfile
+from actcache.errors import ActcacheError
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+def each_reader(url):
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.reader import open_set
+    from actcache.sets import export, shuffle, stats
+
+    yield "read", lambda: open_set(url).read(open_set(url).records[0])
+    yield "dataset", lambda: list(ActivationDataset(url, batch_size=16, shuffle_buffer=64))
+    yield "export", lambda: export.export_set(url, tempfile.mkdtemp() + "/out", format="hf")
+    yield "shuffle", lambda: shuffle.shuffle_set(url, out=tempfile.mkdtemp(), jobs=1)
+    yield "stats", lambda: stats.compute(url)
+
+url, = sys.argv[1:]
+import torch, zstandard, actcache.sets.export, actcache.sets.shuffle, actcache.read.dataset  # noqa
+base, out = peak_mb(), {}
+for name, run in each_reader(url):
+    try:
+        run()
+        out[name] = "no error"
+    except (ActcacheError, ValueError) as e:
+        out[name] = str(e)
+print(json.dumps({"base_mb": base, "peak_mb": peak_mb(), "errors": out}))
+"""
+
+
+@pytest.mark.subprocess
+def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, tmp_path):
+    """The issue's forgery: a manifest resealed with a huge d and a shard whose header agrees, its data a few KB of
+    zstd that inflates to 1 GiB. Every field agrees with every other, so only what the shard is stored as tells:
+    read, ActivationDataset, export, shuffle and stats each refuse it in one line naming the bomb, and the
+    process's peak memory stays near what the imports cost (it was gigabytes)."""
+    import zstandard
+
+    from actcache.format import shardfile
+
+    set_dir = _zstd_copy(local_set, tmp_path)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    n_seq, ctx, d = 4, 32, 1 << 22  # 4 x 32 x 4M float16: 1 GiB
+    good = shard.decode((set_dir / m["shards"][0]["file"]).read_bytes(), codec="zstd")
+    head, spans = shardfile.layout(
+        {"activations": (torch.float16, (n_seq, ctx, d)), "tokens": (torch.int32, (n_seq, ctx))},
+        {"set_id": m["set_id"], "hook": m["hook"], "index": "0"},
+    )
+    c = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+    parts = [c.compress(head)]
+    for name, (a, b) in sorted(spans.items(), key=lambda kv: kv[1]):
+        if name == "tokens":
+            parts.append(c.compress(good["tokens"].numpy().tobytes()))
+        else:
+            parts += [c.compress(bytes(16 << 20)) for _ in range((b - a) // (16 << 20))]
+    data = b"".join(parts) + c.flush()
+    assert len(data) < 256 << 10  # a few KB on disk, 1 GiB inflated
+    m.update(d=d, hook_shape=[d])
+    m.pop("stats", None), m.pop("moments", None)  # so that stats reads the shards
+    for r in m["shards"]:
+        r["extra"].pop("moments", None)
+    _plant_sealed(set_dir, m, 0, data)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EVERY_READER, str(set_dir)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, err in got["errors"].items():
+        assert "decompression bomb" in err and "shard 0" in err and "\n" not in err, (name, err)
+    assert got["peak_mb"] - got["base_mb"] < 300, got  # a true shard of this set is 40 KB; the bomb 1 GiB
+
+
+def _plant_sealed(set_dir: Path, m: dict, index: int, data: bytes) -> None:
+    """Shard ``index`` replaced by ``data``, with a manifest ``m`` and a record that vouch for it, both resealed."""
+    import hashlib
+
+    rec = m["shards"][index]
+    (set_dir / rec["file"]).write_bytes(data)
+    rec.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    m["bytes"] = sum(r["bytes"] for r in m["shards"])
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    for r in m["shards"]:
+        (set_dir / layout.record_file(r["index"])).parent.mkdir(exist_ok=True)
+        (set_dir / layout.record_file(r["index"])).write_text(json.dumps(records.sealed(r)))
+
+
 @pytest.mark.usefixtures("prefect_harness")  # extracts through the flow
 @pytest.mark.parametrize(
     "kind",

@@ -128,3 +128,32 @@ def test_header_is_checked_before_the_data(codec):
             with pytest.raises(ValueError, match="expected|no tensor"):
                 check(data, codec=codec, expect=bad)
         assert name
+
+
+@pytest.mark.parametrize("with_shapes", [True, False])
+def test_a_shard_inflating_past_its_bound_is_refused_and_one_within_it_is_read(with_shapes, monkeypatch):
+    """Up to ``FREE_INFLATION`` any ratio is read (a small set of repeated text compresses well); above it, at most
+    ``MAX_INFLATION`` times the stored size, with or without the shapes a set's manifest gives (load_examples
+    decodes without), and the environment variable raises the bound."""
+    monkeypatch.setattr(shard, "FREE_INFLATION", 1 << 20)
+    zeros = {
+        "activations": torch.zeros(4, 64, 2048, dtype=torch.float16),
+        "tokens": torch.zeros(4, 64, dtype=torch.int32),
+    }
+    expect = {"activations": (torch.float16, (4, 64, 2048)), "tokens": (torch.int32, (4, 64))} if with_shapes else None
+    bomb = shard.encode(zeros, codec="zstd", level=1).data  # 1 MiB of zeros in a few hundred bytes
+    assert len(bomb) * shard.MAX_INFLATION < 1 << 20
+    with pytest.raises(ValueError, match=r"zstd frame of \d+ bytes inflates to \d+ bytes.*decompression bomb"):
+        shard.decode(bomb, codec="zstd", expect=expect)
+    monkeypatch.setenv("ACTCACHE_MAX_INFLATION", "100000")
+    assert torch.equal(shard.decode(bomb, codec="zstd", expect=expect)["activations"], zeros["activations"])
+    monkeypatch.delenv("ACTCACHE_MAX_INFLATION")
+    small = {
+        "activations": zeros["activations"][:, :8, :64].contiguous(),
+        "tokens": zeros["tokens"][:, :8].contiguous(),
+    }
+    small_expect = (
+        {"activations": (torch.float16, (4, 8, 64)), "tokens": (torch.int32, (4, 8))} if with_shapes else None
+    )
+    out = shard.decode(shard.encode(small, codec="zstd").data, codec="zstd", expect=small_expect)
+    assert torch.equal(out["activations"], small["activations"])  # under FREE_INFLATION: any ratio

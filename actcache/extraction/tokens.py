@@ -73,7 +73,7 @@ def pack(
     start = 0
     for ids in docs:
         buf.extend(ids)
-        if separator is not None:
+        if separator is not None and not isinstance(ids, Part):
             buf.append(separator)
         while len(buf) - start >= body:
             yield head + buf[start : start + body]
@@ -82,13 +82,42 @@ def pack(
             buf, start = buf[start:], 0
 
 
-def tokenize_docs(texts: Iterable[str], tokenizer, batch: int = 256) -> Iterator[list[int]]:
+class Part(list):
+    """Token ids of a document that goes on in the next item (``pack`` puts no separator after it)."""
+
+
+WINDOW_CHARS = 1 << 17
+"""Characters of one document tokenized in one call: a tokenizer needs ~150 bytes per character of a call (a 20 MB
+line cost 3 GB in one), so a longer document is tokenized in windows (``long_document``)."""
+OVERLAP_CHARS = 1 << 13
+"""Characters two neighbouring windows share; their tokens must agree inside it."""
+AGREE_TOKENS = 32
+"""Consecutive tokens (ids and offsets) two windows must share where the second takes over."""
+BATCH_CHARS = 1 << 20
+"""Characters of short documents tokenized in one call (a batch of 256 documents ends earlier at this size)."""
+
+
+def tokenize_docs(texts: Iterable[str], tokenizer, batch: int = 256, *, whole: bool = True) -> Iterator[list[int]]:
+    """Each text's token ids, in order. A text longer than ``WINDOW_CHARS`` is tokenized in windows; with
+    ``whole=False`` it comes as several items, all but its last a ``Part`` (``pack`` takes them so, and holds no
+    whole document)."""
     chunk: list[str] = []
+    chars = 0
     for t in texts:
+        if len(t) > WINDOW_CHARS:
+            if chunk:
+                yield from _encode(tokenizer, chunk)
+                chunk, chars = [], 0
+            if whole:
+                yield [i for part in long_document(tokenizer, t) for i in part]
+            else:
+                yield from long_document(tokenizer, t)
+            continue
         chunk.append(t)
-        if len(chunk) == batch:
+        chars += len(t)
+        if len(chunk) == batch or chars >= BATCH_CHARS:
             yield from _encode(tokenizer, chunk)
-            chunk = []
+            chunk, chars = [], 0
     if chunk:
         yield from _encode(tokenizer, chunk)
 
@@ -99,6 +128,66 @@ def _encode(tokenizer, chunk: list[str]) -> list[list[int]]:
     except Exception as e:  # texts are checked to be strings: this is the tokenizer's own failure
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ActcacheError(f"the tokenizer failed on a document ({type(e).__name__}: {first})") from e
+
+
+def _window(tokenizer, text: str, start: int, end: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text[start:end]`` and their character spans in ``text``."""
+    try:
+        enc = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise  # a slow tokenizer: ``long_document`` takes one call
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ActcacheError(f"the tokenizer failed on a document ({type(e).__name__}: {first})") from e
+    return list(enc["input_ids"]), [(a + start, b + start) for a, b in enc["offset_mapping"]]
+
+
+def long_document(tokenizer, text: str) -> Iterator[list[int]]:
+    """The token ids of one long ``text``, equal to one call's, a window of ``WINDOW_CHARS`` at a time.
+
+    A window's tokens are off only near where it cuts the text (a word cut in two; a tokenizer's start-of-text
+    space). Each next window starts ``OVERLAP_CHARS`` before the previous one ends, and takes over at the first
+    token where the two agree on ``AGREE_TOKENS`` tokens in a row, ids and spans: there neither cut reaches.
+    Where they never agree (a tokenizer whose merges reach further than the overlap) the rest of the text is
+    tokenized in one call instead, which is exact and unbounded. Slow tokenizers (no offsets) take one call.
+    Yields ``Part``s, then a plain list (the document's end)."""
+    n = len(text)
+    try:
+        ids, spans = _window(tokenizer, text, 0, min(n, WINDOW_CHARS))
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        yield _encode(tokenizer, [text])[0]
+        return
+    done, end, emitted = 0, min(n, WINDOW_CHARS), 0
+    while end < n:
+        start = end - OVERLAP_CHARS
+        nids, nspans = _window(tokenizer, text, start, min(n, start + WINDOW_CHARS))
+        at = _takeover(ids, spans, done, nids, nspans)
+        if at is None:
+            yield _encode(tokenizer, [text])[0][emitted:]  # emitted tokens are the one call's first ones
+            return
+        i, j = at
+        yield Part(ids[done:i])
+        emitted += i - done
+        ids, spans, done, end = nids, nspans, j, min(n, start + WINDOW_CHARS)
+    yield ids[done:]
+
+
+def _takeover(
+    ids: list[int], spans: list[tuple[int, int]], done: int, nids: list[int], nspans: list[tuple[int, int]]
+) -> tuple[int, int] | None:
+    """(i, j): token i of the previous window is token j of the next, and the ``AGREE_TOKENS`` from there agree."""
+    where: dict[int, int] = {}
+    for i in range(done, len(ids)):
+        where.setdefault(spans[i][0], i)
+    for j in range(1, len(nids) - AGREE_TOKENS + 1):  # the next window's first token may be a cut word
+        k = where.get(nspans[j][0])
+        if k is None or k + AGREE_TOKENS >= len(ids):  # the previous window's last token may be a cut word
+            continue
+        if ids[k : k + AGREE_TOKENS] == nids[j : j + AGREE_TOKENS] and (
+            spans[k : k + AGREE_TOKENS] == nspans[j : j + AGREE_TOKENS]
+        ):
+            return k, j
+    return None
 
 
 BUFFER_TOKENS = 1 << 24
@@ -216,7 +305,7 @@ class TokenCache:
         """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
         k = self.key
         seqs = pack(
-            tokenize_docs(texts, tokenizer),
+            tokenize_docs(texts, tokenizer, whole=False),
             context_size=k.context_size,
             bos=bos,
             separator=sep,

@@ -93,3 +93,122 @@ def test_cache_writes_then_reuses_and_extends(cache):
     assert sum(w.n_seq for w in work) == total
     assert cache.plan(100) == work, "the end of the data is remembered"
     assert (cache.load(0, 3) == first).all()
+
+
+def _sentencepiece_like(lines: list[str]):
+    """A Metaspace BPE (Llama/SentencePiece style: spaces become ▁, one prepended at the start of the text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def _no_pre_tokenizer(lines: list[str]):
+    """A BPE over the whole text as one word: merges may span spaces (the hardest case for windows)."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def long_text() -> str:
+    """Realistic prose (Python's help topics) with what cuts badly: CJK and emoji (several bytes each, tokens
+    inside a character), runs of spaces and newlines, and a 5000-character word with no space."""
+    import random
+
+    from actcache.inputs.demo import corpus_lines
+
+    rng = random.Random(0)
+    odd = ["日本語のテキストと絵文字 🙂🚀 ", " " * 37, "\n\n\n\t", "x" * 5000, "aGVsbG8gd29ybGQ=" * 300]
+    parts, n = [], 0
+    for ln in corpus_lines():
+        parts.append(ln + (" " if rng.random() < 0.8 else rng.choice(odd)))
+        n += len(parts[-1])
+        if n > 450_000:
+            break
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("which", ["demo", "gpt2", "llama", "neox", "sentencepiece-like", "no pre-tokenizer"])
+@pytest.mark.parametrize("window", [4096, 1 << 17])
+def test_a_long_document_in_windows_gives_the_one_call_token_ids(which, window, long_text, tiny_models, monkeypatch):
+    """Tokenizing a long document window by window gives exactly the ids of one call, for every tokenizer the
+    tests and the demo build and for tokenizers whose pieces reach across spaces; and ``pack`` of its parts puts
+    the separator only after the document's end."""
+    from transformers import AutoTokenizer
+
+    from actcache.extraction import tokens
+    from actcache.inputs.demo import corpus_lines, train_tokenizer
+
+    lines = corpus_lines()[:2000]
+    tok = {
+        "demo": lambda: train_tokenizer(lines),
+        "sentencepiece-like": lambda: _sentencepiece_like(lines),
+        "no pre-tokenizer": lambda: _no_pre_tokenizer(lines),
+    }.get(which, lambda: AutoTokenizer.from_pretrained(tiny_models[which]))()
+    monkeypatch.setattr(tokens, "WINDOW_CHARS", window)
+    monkeypatch.setattr(tokens, "OVERLAP_CHARS", min(tokens.OVERLAP_CHARS, window // 4))
+    one_call = tok(long_text, add_special_tokens=False)["input_ids"]
+    assert len(long_text) > 3 * window
+    calls = []
+    encode = tokens._encode
+    monkeypatch.setattr(tokens, "_encode", lambda t, chunk: calls.append(max(map(len, chunk))) or encode(t, chunk))
+    parts = list(tokens.tokenize_docs(["short one", long_text, "after"], tok, whole=False))
+    assert all(isinstance(p, tokens.Part) for p in parts[1:-2]) and not isinstance(parts[-2], tokens.Part)
+    assert [i for p in parts[1:-1] for i in p] == one_call
+    assert list(tokens.tokenize_docs([long_text], tok)) == [one_call]
+    assert max(calls) < 10, "the long document went to the tokenizer in one call"
+    sep = 999_999
+    packed = [i for s in pack(parts, context_size=7, bos=None, separator=sep, prepend_bos=False) for i in s]
+    whole = [*tok("short one")["input_ids"], sep, *one_call, sep, *tok("after")["input_ids"], sep]
+    assert packed == whole[: len(packed)] and len(whole) - len(packed) < 7
+
+
+_PACK_20MB = """
+import resource, sys
+from transformers import AutoTokenizer
+from actcache.extraction.tokens import pack, tokenize_docs
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+lines = [ln for ln in open(sys.argv[2], encoding="utf-8").read().split("\\n") if ln]
+texts = [" ".join(lines)] if sys.argv[3] == "one line" else lines
+del lines
+n = sum(1 for _ in pack(tokenize_docs(texts, tok, whole=False), context_size=128, bos=0, separator=0, prepend_bos=True))
+print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_a_20_mb_line_costs_no_more_memory_than_the_same_text_in_short_lines(tiny_models, tmp_path):
+    """The issue's case: one 20 MB document (it cost 3.1 GB, against 0.5 GB for the same text in lines), tokenized
+    and packed the way the token cache does it, peaks within 1.5 times the same text as ordinary documents."""
+    import subprocess
+    import sys
+
+    from actcache.inputs.demo import corpus_lines
+
+    text, lines = tmp_path / "corpus.txt", corpus_lines()
+    with text.open("w", encoding="utf-8") as f:
+        size = 0
+        while size < 20 << 20:
+            for ln in lines:
+                size += f.write(ln + "\n")
+    peaks = {}
+    for shape in ("lines", "one line"):
+        out = subprocess.run(
+            [sys.executable, "-c", _PACK_20MB, str(tiny_models["gpt2"]), str(text), shape],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        ).stdout.split()
+        peaks[shape] = int(out[1])
+        assert int(out[0]) > 20_000  # sequences of 128 tokens: the whole text went through
+    assert peaks["one line"] < 1.5 * peaks["lines"], peaks

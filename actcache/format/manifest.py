@@ -119,6 +119,36 @@ def unchanged(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     }
 
 
+def scrub(m: dict[str, Any]) -> dict[str, Any]:
+    """``m`` with credentials in URLs redacted (``secrets.redact``, the one rule) in every field but the key (which
+    holds fingerprints, and which the set id hashes), resealed when anything changed. Manifests written before
+    inputs were checked for credentials may hold a dataset or endpoint URL with its password: it is never shown,
+    copied or published again."""
+    from actcache.storage.secrets import redact
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v)
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    out = {k: v if k in ("key", records.SEAL) else clean(v) for k, v in m.items()}
+    return m if out == m else records.sealed(out)
+
+
+def stored_bytes(store: Store, set_id: str) -> bytes:
+    """A set's manifest as stored, to copy or publish: byte for byte, unless it holds a credential (``scrub``)."""
+    from actcache.storage.store import JSON_LIMIT, dump_json, parse_json
+
+    raw = store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
+    m = parse_json(raw, store.url_of(set_id))
+    clean = scrub(m) if isinstance(m, dict) else m
+    return raw if clean is m else dump_json(clean)
+
+
 class NoManifest(ActcacheError):
     """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
 
@@ -176,7 +206,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
             f"manifest of {url} is malformed ({e}); regenerate it with "
             f"`actcache extract` using the same settings: {rebuild}"
         ) from e
-    return m
+    return scrub(m)
 
 
 class _EditedByHand(ActcacheError):

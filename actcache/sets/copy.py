@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.errors import ActcacheError, Failure, opt
-from actcache.format import layout, records
+from actcache.format import layout, manifest, records
 from actcache.format.commit import Shard, commit
 from actcache.read.reader import open_set
-from actcache.storage.store import JSON_LIMIT, DamagedFile, StoreRef, parse_json
+from actcache.storage.store import DamagedFile, StoreRef, parse_json
 
 
 @dataclass(frozen=True)
@@ -107,5 +107,5 @@ def copy_set(
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        commit(target, set_id, manifest_doc=source.store.read_bytes(f"{set_id}/{layout.MANIFEST}", limit=JSON_LIMIT))
+        commit(target, set_id, manifest_doc=manifest.stored_bytes(source.store, set_id))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

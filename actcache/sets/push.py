@@ -23,8 +23,9 @@ from typing import Any
 
 from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
+from actcache.format.manifest import scrub, stored_bytes
 from actcache.read.reader import ActivationSet, open_set
-from actcache.storage.store import JSON_LIMIT, StoreRef
+from actcache.storage.store import StoreRef
 
 _OTHER_MANIFEST = re.compile(r"[0-9a-f]{24}/manifest\.json")
 
@@ -135,7 +136,7 @@ def _section(m: dict, repo_id: str) -> list[str]:
 def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
     """The dataset card: every set in the repo (this one and the manifests ``others`` of those already there), what
     each is and how to load it (no timestamps: a rerun compares equal; no local paths)."""
-    manifests = {m.get("set_id"): m for m in others}
+    manifests = {m.get("set_id"): scrub(m) for m in others if isinstance(m, dict)}  # pushed by older versions too
     manifests[s.set_id] = s.manifest
     ordered = [manifests[k] for k in sorted(manifests, key=str)]
     url = f"hf://datasets/{repo_id}/{s.set_id}"
@@ -204,7 +205,7 @@ def _files(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> tuple
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
         rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
         body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))  # type: ignore[misc]
-    manifest = s.store.read_bytes(f"{s.set_id}/{layout.MANIFEST}", limit=JSON_LIMIT)
+    manifest = stored_bytes(s.store, s.set_id)  # as stored, but never a credential an old manifest holds
     text = card(s, repo_id, others).encode()
     last = [
         _File(f"{prefix}/{layout.MANIFEST}", len(manifest), lambda b=manifest: b),  # type: ignore[misc]

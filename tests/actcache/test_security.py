@@ -231,6 +231,57 @@ def test_no_secret_reaches_any_output(config, s3_server, tmp_path, monkeypatch, 
         assert not [b for b in blobs if secret.encode() in b], f"{secret[:4]}... appears in a stored file"
 
 
+OLD_SECRET = "old-manifest-secret-Vb63Qe9TsM"
+
+
+def test_a_credential_an_old_manifest_holds_is_never_shown_copied_or_published(local_set, tmp_path, capsys):
+    """Manifests written before inputs were checked may hold a dataset URL with its password, or a model URL
+    with a token in its query: show, ls, export's metadata, a shuffled or copied set's manifest, stats (which
+    rewrites the manifest), verify, --like and what push would upload (manifest and card) never hold them."""
+    from actcache.cli import app as cli
+    from actcache.read.reader import open_set
+    from actcache.sets import push
+
+    set_dir = copy_of(local_set, tmp_path)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m["dataset"]["path"] = f"http://reader:{OLD_SECRET}@data.example/corpus.jsonl"
+    m["model"]["name"] = f"https://hub.example/m?revision=main&token={OLD_SECRET}"
+    m.pop("stats", None), m.pop("moments", None)  # so that stats rewrites the manifest
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))  # as the older version sealed it
+    store = set_dir.parent
+    outputs = []
+    for argv in (
+        ["show", str(set_dir)],
+        ["show", str(set_dir), "--json"],
+        ["ls", str(store)],
+        ["export", str(set_dir), str(tmp_path / "exported"), "--format", "hf"],
+        ["shuffle", str(set_dir), "--out", str(tmp_path / "shuffled")],
+        ["cp", str(set_dir), str(tmp_path / "copied")],
+        ["stats", str(set_dir)],
+        ["verify", str(set_dir)],
+        ["extract", "--like", str(set_dir), "--store", str(tmp_path / "like")],
+    ):
+        code = cli.main(argv)
+        out = capsys.readouterr()
+        outputs.append(out.out + out.err)
+        assert code == (2 if argv[0] == "extract" else 0), (argv, outputs[-1])
+    assert "data.example" in outputs[0] and "***" in outputs[0]  # shown, without its password
+    s = open_set(str(set_dir))
+    body, last = push._files(s, "someone/acts", [m])  # the card also lists manifests already in the repo
+    outputs += [f.read() if isinstance(f.read(), bytes) else b"" for f in last]
+    written = [
+        p.read_bytes()
+        for d in (tmp_path / "exported", tmp_path / "shuffled", tmp_path / "copied", store)
+        for p in d.rglob("*")
+        if p.is_file() and not p.name.endswith(".safetensors")
+    ]
+    assert len(written) > 10
+    for text in [*outputs, *written]:
+        blob = text if isinstance(text, bytes) else text.encode()
+        assert OLD_SECRET.encode() not in blob, blob[:300]
+    assert open_set(str(tmp_path / "copied" / set_dir.name)).manifest["dataset"]["path"].startswith("http://***@")
+
+
 # -- trust_remote_code ----------------------------------------------------------------------------
 def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch):
     import transformers

@@ -15,6 +15,7 @@ from typing import Any
 
 from actcache.errors import ActcacheError, opt
 from actcache.inputs import fingerprint, hub
+from actcache.storage.store import fsspec_options
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
@@ -109,7 +110,7 @@ def open_source(spec: DatasetSpec, label: str | None = None) -> Source:
 def _fs(spec: DatasetSpec) -> Any:
     import fsspec
 
-    return fsspec.core.url_to_fs(os.path.expanduser(spec.path), **spec.storage_options)[0]
+    return fsspec.core.url_to_fs(os.path.expanduser(spec.path), **fsspec_options(spec.storage_options))[0]
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def _open_files(spec: DatasetSpec, label: str) -> Source:
 
     path = os.path.expanduser(spec.path)
     try:
-        fs, root = fsspec.core.url_to_fs(path, **spec.storage_options)
+        fs, root = fsspec.core.url_to_fs(path, **fsspec_options(spec.storage_options))
     except (ImportError, ValueError, TypeError) as e:
         raise ActcacheError(f"cannot open dataset {spec.path!r} ({e})") from e
     try:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, BinaryIO
 
 import fsspec
+import fsspec.asyn
+import fsspec.exceptions
 from fsspec.implementations.local import LocalFileSystem
 
 from actcache import crashpoints
@@ -196,6 +198,11 @@ def _mtime(info: dict) -> float:
 # botocore's defaults (60 s reads, legacy retries) inside s3fs's 5 tries kept a hung endpoint silent for minutes.
 # ``config_kwargs`` in the storage options override these (e.g. {"read_timeout": 120} for a slow gateway).
 S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS, S3FS_RETRIES = 5, 8, 3, 1
+DEADLINE_S = 60
+"""Overall deadline of one storage operation on an object store (all its requests and tries), in seconds, plus
+one second per ``DEADLINE_RATE`` bytes it moves: an endpoint that answers a byte every few seconds never trips a
+read timeout, and this ends it. ``{"deadline": SECONDS}`` in the storage options changes the 60."""
+DEADLINE_RATE = 1 << 20
 _S3_CONFIG = {
     "retries": {"mode": "standard", "max_attempts": S3_ATTEMPTS},
     "connect_timeout": S3_CONNECT_TIMEOUT,
@@ -234,6 +241,17 @@ def _prefault(m: mmap.mmap) -> None:
             m.madvise(mmap.MADV_WILLNEED)
 
 
+def fsspec_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options as fsspec takes them: without actcache's own (``deadline``)."""
+    return {k: v for k, v in options.items() if k != "deadline"}
+
+
+class _DeadlinePassed(Exception):
+    def __init__(self, seconds: float):
+        super().__init__(f"deadline of {seconds:.0f} s passed")
+        self.seconds = seconds
+
+
 class Store:
     """A root URL plus relative paths."""
 
@@ -249,6 +267,11 @@ class Store:
         self.ref = StoreRef(self.url, dict(storage_options or {}), credentials_block)
         """How to open this store again (elsewhere, in another process)."""
         options = dict(storage_options or {})
+        self.deadline = options.pop("deadline", DEADLINE_S)
+        if isinstance(self.deadline, bool) or not isinstance(self.deadline, (int, float)) or self.deadline <= 0:
+            raise ActcacheError(
+                f"deadline in {opt('storage_options')} must be a positive number of seconds, got {self.deadline!r}"
+            )
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
                 raise ActcacheError(
@@ -288,11 +311,29 @@ class Store:
         """Turn storage failures (bucket, credentials, endpoint, 5xx) into one-line errors."""
         try:
             yield
+        except _DeadlinePassed as e:
+            raise failures.StoreUnavailable(
+                f"{action} {self.url_of(rel)} took longer than its {e.seconds:.0f} s deadline: the endpoint answers "
+                'too slowly or stalls; check it, or raise {"deadline": SECONDS} in ' + opt("storage_options")
+            ) from None
         except Exception as e:
             err = failures.translate(e, self.url_of(rel), action)
             if err is None:
                 raise
             raise err from None
+
+    def _call(self, name: str, *args: Any, moves: int = 0, **kwargs: Any) -> Any:
+        """``fs.<name>(*args, **kwargs)``, on an async filesystem (S3) within the operation's deadline
+        (``DEADLINE_S``, plus a second per ``DEADLINE_RATE`` of the ``moves`` bytes): past it the requests are
+        cancelled and ``_DeadlinePassed`` raised (``_io`` makes it one line)."""
+        fs = self.fs
+        if not getattr(fs, "async_impl", False):
+            return getattr(fs, name)(*args, **kwargs)
+        timeout = self.deadline + moves / DEADLINE_RATE
+        try:
+            return fsspec.asyn.sync(fs.loop, getattr(fs, "_" + name), *args, timeout=timeout, **kwargs)
+        except fsspec.exceptions.FSTimeoutError:
+            raise _DeadlinePassed(timeout) from None
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -316,7 +357,7 @@ class Store:
         with self._io("listing", rel):
             self.fs.invalidate_cache(base)  # another process may have written since this one last looked
             try:
-                found = self.fs.find(base, detail=True)
+                found = self._call("find", base, detail=True)
             except FileNotFoundError as e:
                 if failures.translate(e, self.url_of(rel), "listing") is not None:
                     raise  # a missing bucket, not a missing folder
@@ -333,7 +374,7 @@ class Store:
         with self._io("listing", rel):
             self.fs.invalidate_cache(self.path(rel))
             try:
-                entries = self.fs.ls(self.path(rel), detail=True)
+                entries = self._call("ls", self.path(rel), detail=True)
             except FileNotFoundError as e:
                 if failures.translate(e, self.url_of(rel), "listing") is not None:
                     raise
@@ -342,7 +383,7 @@ class Store:
 
     def exists(self, rel: str) -> bool:
         with self._io("checking", rel):
-            return self.fs.exists(self.path(rel))
+            return self._call("exists", self.path(rel))
 
     def read_bytes(self, rel: str, *, size: int | None = None, limit: int | None = None) -> bytes:
         """The bytes of the regular file ``rel``: exactly ``size`` of them when given, at most ``limit``.
@@ -357,9 +398,9 @@ class Store:
             with self._io("reading", rel):
                 try:
                     data = (
-                        self.fs.cat_file(self.path(rel))
+                        self._call("cat_file", self.path(rel))
                         if cap is None
-                        else self.fs.cat_file(self.path(rel), start=0, end=cap + 1)
+                        else self._call("cat_file", self.path(rel), start=0, end=cap + 1, moves=size or 0)
                     )
                 except OSError as e:
                     if "range is not satisfiable" not in str(e).lower():  # S3's answer for an empty object
@@ -386,7 +427,7 @@ class Store:
             # One GET per file on S3 (s3fs would split a big object into concurrent ranges, then copy them into
             # one): readers that want more in flight read several files at once.
             with self._io("reading", rel):
-                return self.fs.cat_file(self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
+                return self._call("cat_file", self.path(rel), **({"max_concurrency": 1} if self.s3 else {}))
         with self._open_local(rel) as f:
             n = os.fstat(f.fileno()).st_size
             if size is not None and n != size:
@@ -406,7 +447,7 @@ class Store:
         if self.local:
             return self._read_local(rel, max(0, end - start), start)
         with self._io("reading", rel):
-            return self.fs.cat_file(self.path(rel), start=start, end=end)
+            return self._call("cat_file", self.path(rel), start=start, end=end, moves=max(0, end - start))
 
     def _read_local(self, rel: str, most: int | None, start: int = 0) -> bytes:
         """At most ``most`` bytes of the regular file ``rel`` from ``start`` on (all of them when None)."""
@@ -520,7 +561,7 @@ class Store:
             if isinstance(data, memoryview):
                 data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()  # type: ignore[assignment]
             with self._io("writing", rel):
-                self.fs.pipe_file(path, data, **kwargs)
+                self._call("pipe_file", path, data, moves=len(data), **kwargs)
 
     def temp_files(self, rel: str = "") -> list[TempFile]:
         """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
@@ -606,7 +647,7 @@ class Store:
                     raise Failure(f"cannot delete {self.url_of(rel)} ({e.strerror}); rerun to finish") from e
             return
         with self._io("deleting", rels[0]):
-            self.fs.rm([self.path(r) for r in rels])
+            self._call("rm", [self.path(r) for r in rels])
 
     def remove_folder(self, rel: str) -> None:
         """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally); a
@@ -626,11 +667,12 @@ class Store:
         bucket, _, prefix = self.path(rel).partition("/")
         prefix = f"{prefix}/" if prefix else ""
         out, page = [], {"Bucket": bucket, "Prefix": prefix}
+        page_args: dict[str, Any] = page
         with self._io("listing uploads", rel):
             while True:
-                resp = self.fs.call_s3("list_multipart_uploads", **page)
+                resp = self._call("call_s3", "list_multipart_uploads", **page_args)
                 for u in resp.get("Uploads", []):
-                    parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+                    parts = self._call("call_s3", "list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
                     size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
                     key_rel = u["Key"][len(self.root.partition("/")[2]) :].lstrip("/")
                     out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
@@ -641,7 +683,8 @@ class Store:
     def abort_upload(self, upload: Upload) -> None:
         bucket = self.root.partition("/")[0]
         with self._io("aborting an upload of", upload.rel):
-            self.fs.call_s3(
+            self._call(
+                "call_s3",
                 "abort_multipart_upload",
                 Bucket=bucket,
                 Key=self.path(upload.rel).partition("/")[2],
@@ -652,7 +695,7 @@ class Store:
         """Delete everything below ``rel`` (nothing there is fine)."""
         with self._io("deleting", rel):
             try:
-                self.fs.rm(self.path(rel), recursive=True)
+                self._call("rm", self.path(rel), recursive=True)
             except FileNotFoundError:
                 pass
 

@@ -132,3 +132,60 @@ def test_an_unknown_storage_option_is_one_line(fake_credentials, monkeypatch, ca
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
         code = main(["ls", "s3://bucket/acts", "--storage-options", '{"endpiont_url": "http://x"}'])
     one_line(capsys, code, 2, "unknown storage option 'endpiont_url'")
+
+
+@contextlib.contextmanager
+def dripping_endpoint(every_s: float = 1.0) -> Iterator[str]:
+    """A loopback endpoint that reads each request and answers it one byte every ``every_s`` seconds, without end:
+    no read ever waits long enough to time out."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def drip(c: socket.socket) -> None:
+        with contextlib.suppress(OSError), c:
+            c.settimeout(2)
+            c.recv(65536)
+            body = b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\n" + b"X-Pad: " + b"a" * 100_000
+            for i in range(len(body)):
+                if stop.wait(every_s):
+                    return
+                c.sendall(body[i : i + 1])
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, OSError):
+                threading.Thread(target=drip, args=(srv.accept()[0],), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def test_the_overall_deadline_is_at_most_a_minute_by_default():
+    assert store.DEADLINE_S <= 60
+
+
+def test_a_dripping_endpoint_ends_in_one_line_at_the_operation_deadline(fake_credentials, monkeypatch, capsys):
+    """An endpoint that answers a byte a second never trips a read timeout (8 s); the operation's deadline ends
+    it, in one line that names the deadline and how to raise it."""
+    with dripping_endpoint() as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        start = time.monotonic()
+        code = main(["ls", "s3://bucket/acts", "--storage-options", '{"deadline": 4}'])
+        took = time.monotonic() - start
+    one_line(capsys, code, 1, "took longer than its 4 s deadline")
+    assert took < 4 + 6, took
+
+
+@pytest.mark.parametrize("value", ["0", '"soon"', "true"])
+def test_a_deadline_that_is_not_a_positive_number_is_one_line(value, capsys):
+    code = main(["ls", "s3://bucket/acts", "--storage-options", f'{{"deadline": {value}}}'])
+    one_line(capsys, code, 2, "deadline in --storage-options must be a positive number of seconds")

@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import threading
 import time
 from collections.abc import Iterator
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escapes, newlines, carriage returns, tabs, bidi overrides) shown as
+    escapes (``\\x1b``): a set's fields are whoever wrote it, and must neither drive a terminal nor forge lines."""
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
 
 TICK_S = 1.0
 """How often the status line on a terminal is redrawn (the rule: nothing silent for more than 5 s)."""

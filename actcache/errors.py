@@ -147,6 +147,7 @@ def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, 
         print(file=sys.stderr)
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
+    from actcache.console import printable  # one line, whatever a set's fields hold
     from actcache.storage.secrets import redact  # a library's message may echo a URL with its credentials
 
     if isinstance(exc, KeyboardInterrupt):
@@ -154,9 +155,9 @@ def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, 
         return 130
     err = user_error(exc)
     if err is not None:
-        print(f"actcache: error: {redact(err.for_cli(flag_names))}", file=sys.stderr)
+        print(f"actcache: error: {printable(redact(err.for_cli(flag_names)))}", file=sys.stderr)
         return err.exit_code
-    print(f"actcache: error: {redact(unexpected(exc))}", file=sys.stderr)
+    print(f"actcache: error: {printable(redact(unexpected(exc)))}", file=sys.stderr)
     return 1
 
 

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 
 from cyclopts import App, CycloptsError, Parameter
 
-from actcache import errors
+from actcache import console, errors
 from actcache.config import ExtractConfig, StorageOptions
 from actcache.errors import ActcacheError
 
@@ -155,6 +155,7 @@ def _warn_mixed(s: Any) -> None:
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    rows = [tuple(console.printable(c) for c in r) for r in rows]  # fields of a set are whoever wrote it
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -342,7 +343,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
     ]
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
-        print(f"{k.ljust(width)}  {v}")
+        print(f"{k.ljust(width)}  {console.printable(v)}")
     if shards:
         rows = [("INDEX", "TOKENS", "BYTES", "SHA256", "MEAN_NORM", "NAN", "INF")]
         for r in m["shards"]:

@@ -282,6 +282,32 @@ def test_a_credential_an_old_manifest_holds_is_never_shown_copied_or_published(l
     assert open_set(str(tmp_path / "copied" / set_dir.name)).manifest["dataset"]["path"].startswith("http://***@")
 
 
+def test_a_sets_fields_cannot_drive_the_terminal_or_forge_lines(local_set, tmp_path, capsys):
+    """Whoever wrote a set wrote its fields: terminal escapes (a title change, clearing the screen, colours),
+    newlines, carriage returns and bidi overrides in them are shown as escapes by show, ls and error lines."""
+    from actcache.cli import app as cli
+    from actcache.errors import ActcacheError, report
+
+    set_dir = copy_of(local_set, tmp_path)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m["dataset"]["path"] = "corpus\x1b]0;owned\x07\x1b[2J\nstate       complete\r\u202etxt.exe"
+    m["model"]["name"] = "model\x1b[31m"
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    for argv in (["show", str(set_dir)], ["ls", str(set_dir.parent)]):
+        assert cli.main(argv) == 0
+        out = capsys.readouterr().out
+        assert not any(c in out for c in "\x1b\x07\r\u202e"), out
+        assert "model\\x1b[31m" in out
+        if argv[0] == "show":
+            assert [ln for ln in out.splitlines() if ln.startswith("dataset")] == [
+                "dataset     corpus\\x1b]0;owned\\x07\\x1b[2J\\nstate       complete\\r\\u202etxt.exe "
+                f"({m['dataset']['fingerprint']})"
+            ]
+    assert report(ActcacheError(f"bad set: {m['dataset']['path']}")) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "\x1b" not in err and "\\x1b]0;owned" in err
+
+
 # -- trust_remote_code ----------------------------------------------------------------------------
 def test_trust_remote_code_is_opt_in_and_recorded(config, local_set, monkeypatch):
     import transformers

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +147,16 @@ def _open_files(spec: DatasetSpec, label: str) -> Source:
             f"{', '.join(SUFFIXES)} (optionally compressed)"
         )
     local = fs.protocol in ("file", "local") or "file" in fs.protocol
+    for f in files if local else ():
+        try:
+            regular = stat.S_ISREG(os.stat(f).st_mode)  # through links (an HF cache links to its blobs)
+        except OSError:
+            regular = False
+        if not regular:  # a device or FIFO would be read (and hashed) without end
+            raise ActcacheError(
+                f"dataset file {f!r} is not a regular file (a device, FIFO, socket or broken link); remove it from "
+                "the folder, or pass the files you mean"
+            )
     parts = {}
     for i, f in enumerate(files):
         stamp = fingerprint.file_sha256(f) if local else f"{fs.ukey(f)}:{fs.size(f)}"

@@ -72,3 +72,22 @@ def test_a_path_with_glob_characters_that_exists_is_that_file(tmp_path, name):
     src = open_source(DatasetSpec(str(path)))
     assert list(src.texts()) == ["literal"] and src.describe()["files"] == [name]
     assert list(open_source(DatasetSpec(str(tmp_path / "*.txt"))).texts())  # a real glob still globs
+
+
+@pytest.mark.parametrize("odd", ["link to /dev/zero", "FIFO", "broken link"])
+def test_a_dataset_folder_holding_an_odd_file_is_refused_at_once(tmp_path, odd):
+    """A device or FIFO in a dataset folder was hashed (and read) without end: the run hung. It is refused in one
+    line naming the file; a link to a regular file (as the HF cache makes) is read through."""
+    import os
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n")
+    (tmp_path / "blob").write_text("three\n")
+    (tmp_path / "c.txt").symlink_to(tmp_path / "blob")
+    assert list(open_source(DatasetSpec(str(tmp_path / "*.txt"))).texts()) == ["one", "two", "three"]
+    bad = tmp_path / "b.txt"
+    if odd == "FIFO":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to("/dev/zero" if odd == "link to /dev/zero" else tmp_path / "gone")
+    with pytest.raises(ActcacheError, match=r"dataset file '.*b\.txt' is not a regular file"):
+        open_source(DatasetSpec(str(tmp_path)))

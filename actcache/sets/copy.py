@@ -7,6 +7,7 @@ record, then the manifest last: an interrupted copy resumes, skipping shards the
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,18 @@ from actcache.format import layout, manifest, records
 from actcache.format.commit import Shard, commit
 from actcache.read.reader import open_set
 from actcache.storage.store import DamagedFile, StoreRef, parse_json
+
+
+def _same(a: str, b: str, local: bool) -> bool:
+    """Whether two local paths name one folder (through links, ``..``)."""
+    return local and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(store: str, set_url: str, local: bool) -> bool:
+    """Whether the store ``store`` lies within the set folder ``set_url`` (a copy would nest in the set)."""
+    if local:
+        store, set_url = os.path.realpath(store), os.path.realpath(set_url)
+    return (store.rstrip("/") + "/").startswith(set_url.rstrip("/") + "/")
 
 
 @dataclass(frozen=True)
@@ -52,8 +65,13 @@ def copy_set(
     source = open_set(StoreRef.of(src, src_options, src_credentials_block))
     target = StoreRef.of(dest, dest_options, dest_credentials_block).open()
     set_id = source.set_id
-    if target.url_of(set_id) == source.url:
+    if target.url_of(set_id) == source.url or _same(target.url_of(set_id), source.url, target.local):
         raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
+    if _inside(target.url, source.url, target.local and source.store.local):
+        raise ActcacheError(
+            f"destination store {target.url!r} is inside the set {source.url}; give a store outside it (its parent "
+            "folder holds the set already)"
+        )
     target.check_writable("the destination store")
     scan = records.scan_set(target, source.key)
 

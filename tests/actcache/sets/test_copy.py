@@ -93,6 +93,24 @@ def test_copy_onto_itself_is_refused(local_set):
         copy_set(local_set, local_set.rsplit("/", 1)[0])
 
 
+@pytest.mark.parametrize("dest", ["the set itself", "a folder in the set", "the store through a link"])
+def test_a_copy_into_its_own_set_or_store_by_another_name_is_refused(local_set, tmp_path, capsys, dest):
+    """A destination store inside the source set would nest a store in the set's folder; the store itself spelled
+    through a link is the source. One line each (exit 2), nothing written."""
+    before = files(local_set)
+    store = Path(local_set).parent
+    (tmp_path / "alias").symlink_to(store)
+    target = {
+        "the set itself": local_set,
+        "a folder in the set": f"{local_set}/sub",
+        "the store through a link": str(tmp_path / "alias"),
+    }[dest]
+    code, _, err = cp(capsys, local_set, target)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert ("is inside the set" if "set" in dest else "is already in") in err
+    assert files(local_set) == before and not Path(local_set, "sub").exists()
+
+
 def test_a_destination_that_is_a_file_is_named_so(local_set, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     code, _, err = cp(capsys, local_set, str(tmp_path / "f"))

@@ -146,7 +146,17 @@ class ActivationSet:
 
     def _check_not_rewritten(self, record: records.Record) -> None:
         """Raise a one-line ``Failure`` if ``record``'s shard was rewritten by a run since this set was opened (its
-        last shard grows while --max-tokens is raised): the data is fine, the reader's view of it is old."""
+        last shard grows while --max-tokens is raised): the data is fine, the reader's view of it is old. Or
+        that the set was removed since (``rm`` deletes its manifest first): nothing is damaged, it is gone."""
+        try:
+            gone = not self.store.exists(f"{self.set_id}/{layout.MANIFEST}")
+        except ActcacheError:
+            gone = False
+        if gone:
+            raise Failure(
+                f"{self.url} was removed since it was opened (`actcache rm`?): its manifest is gone; nothing of it "
+                "is left to read"
+            )
         try:
             now = records.Record.from_dict(
                 records.check_sealed(

@@ -104,3 +104,24 @@ def test_a_set_extended_after_it_was_opened_is_named_as_such_not_as_damaged(
     assert "damaged" not in str(e.value) and "repair" not in str(e.value)
     again = open_set(url)
     assert again.read(again.records[-1]).activations.shape[0] == 4
+
+
+def test_a_set_removed_after_it_was_opened_is_named_as_such_not_as_damaged(extracted_set, tmp_path, capsys):
+    """`actcache rm` while a reader (a trainer, export, shuffle) holds the set: the reader says the set was removed
+    since it was opened, not that a shard is missing and the extraction should be rerun to repair it."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+    from actcache.errors import Failure
+    from actcache.read.dataset import ActivationDataset
+
+    store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
+    url = f"{store}/{Path(extracted_set).name}"
+    opened, ds = open_set(url), iter(ActivationDataset(url, batch_size=8))
+    next(ds)
+    assert cli.main(["rm", url, "--yes"]) == 0
+    capsys.readouterr()
+    for read in (lambda: opened.read(opened.records[1]), lambda: list(ds)):
+        with pytest.raises(Failure, match=r"was removed since it was opened \(`actcache rm`\?\)"):
+            read()

@@ -52,8 +52,20 @@ class DamagedFile(Failure, ValueError):
     """
 
 
+JSON_DENSITY = 16
+"""Fewest bytes per JSON object or list, on average, in a file actcache reads (its own hold one per 100-350). A
+forged manifest of ``[{},{},...]`` made Python allocate 48 bytes per byte (47 MB of it: 2.2 GB)."""
+
+
 def parse_json(data: bytes, what: str) -> Any:
-    """JSON from a store file, bounded: nesting deeper than JSON_DEPTH is refused, never a RecursionError."""
+    """JSON from a store file, bounded: nesting deeper than JSON_DEPTH is refused, never a RecursionError, and so
+    is a file denser in objects and lists than ``JSON_DENSITY`` (before parsing: see there)."""
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > len(data) // JSON_DENSITY + 4096:
+        raise DamagedFile(
+            f"{what} holds {containers} objects and lists in {len(data)} bytes, far more than actcache writes; "
+            "not an actcache file"
+        )
     try:
         value = json.loads(data)
     except RecursionError:

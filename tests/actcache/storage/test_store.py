@@ -232,7 +232,8 @@ def test_reads_stop_at_the_expected_size(tmp_path):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply|far more than actcache writes"),  # refused before parsing
+        ("[" * 3_000 + "]" * 3_000, "nested too deeply"),
         (json.dumps({"a": json.loads("[" * 40 + "]" * 40)}), "nested more than 32 levels"),
         ('{"a": ', "not valid JSON"),
         ("\udcff", "not valid JSON"),
@@ -256,3 +257,24 @@ def test_store_writes_strict_json_only(tmp_path):
         with pytest.raises(ValueError):
             store.write_json("x.json", {"mean_l2_norm": bad})
     assert not (tmp_path / "x.json").exists()
+
+
+def test_json_denser_in_objects_than_actcache_writes_is_refused_before_parsing(tmp_path):
+    """47 MB of ``[{},{},...]`` in a manifest made json.loads allocate 2.2 GB (48 bytes per byte): a file with more
+    than one object or list per JSON_DENSITY bytes is refused before it is parsed; actcache's own files (one per
+    100-350 bytes) and small ones of any shape parse."""
+    import resource
+
+    from actcache.storage import store as store_mod
+    from actcache.storage.store import DamagedFile, parse_json
+
+    assert parse_json(b'{"a": [{}, {}, [[]]]}', "small") == {"a": [{}, {}, [[]]]}
+    entry = {"index": 0, "file": "shards/000000.safetensors", "n_seq": 4, "sha256": "0" * 64, "extra": {"env": {}}}
+    legit = json.dumps({"shards": [entry] * 200_000}).encode()
+    assert len(parse_json(legit, "manifest")["shards"]) == 200_000
+    forged = b'{"shards": [' + b"{}," * (16 << 20) + b"{}]}"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DamagedFile, match=r"holds \d+ objects and lists in \d+ bytes, far more than actcache writes"):
+        parse_json(forged, "manifest")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 64 << 10  # KB
+    assert store_mod.JSON_DENSITY <= 16

@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from actcache.errors import ActcacheError
 
 _LOCK = threading.Lock()
 # Entries kept per memo file: each new entry rewrites the whole file, so an unbounded one (a dataset of many
@@ -58,6 +61,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     """sha256 of a local file's bytes; cached while its size and mtime are unchanged."""
     p = os.path.realpath(path)
     st = os.stat(p)
+    if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO: hashed without end, or blocking
+        raise ActcacheError(
+            f"{os.fspath(path)!r} is not a regular file (a device, FIFO or socket): it cannot be read to its end; "
+            "remove it or the link to it"
+        )
     stamp = f"{st.st_size}:{st.st_mtime_ns}"
     memo_path = cache_dir() / "file-hashes.json"
     hit = _read(memo_path).get(p)

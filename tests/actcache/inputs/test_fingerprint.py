@@ -43,3 +43,23 @@ def test_remembered_keeps_the_newest_entries(memo_dir):
     assert fingerprint.remembered("t", "k4", lambda: calls.append("again") or -1) == 40  # a hit: not recomputed
     assert fingerprint.remembered("t", "k0", lambda: calls.append("again") or 0) == 0  # pruned: computed again
     assert calls == [0, 1, 2, 3, 4, "again"]
+
+
+@pytest.mark.parametrize("odd", ["link to /dev/zero", "FIFO"])
+def test_a_device_or_fifo_among_a_models_files_is_refused_not_hashed_forever(tiny_models, tmp_path, odd):
+    """A model folder whose extra.bin links to /dev/zero hung the run (its weights are hashed to fingerprint it);
+    a FIFO would block. Both are one line naming the file."""
+    import os
+    import shutil
+
+    from actcache.errors import ActcacheError
+    from actcache.inputs.model import ModelSpec, resolve_model
+
+    folder = shutil.copytree(tiny_models["gpt2"], tmp_path / "model")
+    assert resolve_model(ModelSpec(str(folder))).fingerprint.startswith("local:")
+    if odd == "FIFO":
+        os.mkfifo(folder / "extra.bin")
+    else:
+        (folder / "extra.bin").symlink_to("/dev/zero")
+    with pytest.raises(ActcacheError, match=r"extra\.bin' is not a regular file \(a device, FIFO or socket\)"):
+        resolve_model(ModelSpec(str(folder)))

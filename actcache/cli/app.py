@@ -386,7 +386,8 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
                 "n_shards": len(s),
                 "n_tokens": s.n_tokens,
                 "n_target_shards": s.n_target_shards,
-                "missing": s.missing(),
+                "missing": s.missing(),  # the first 10000
+                "n_missing": s.n_missing(),
                 "problems": [str(p) for p in problems],
             }
         )
@@ -410,7 +411,7 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
         else:
             how = "" if all(p.plain_rerun for p in problems) else " with --verify-existing"
             rerun = f"rerun the same extract{how}"
-        gone = len(s.missing())
+        gone = s.n_missing()
         print(
             f"FAILED: {len(problems)} problem(s) in {len(s)} shards"
             + (f", {gone} of {s.n_target_shards} shards missing" if gone else "")

@@ -227,10 +227,22 @@ class ActivationSet:
         target_seqs = int(self.manifest.get("target_tokens") or 0) // tokens.context_size
         return math.ceil(target_seqs / tokens.seqs_per_shard)
 
-    def missing(self) -> list[int]:
-        """Indices of the shards the set's target asks for that it does not have (an unfinished extraction)."""
+    def missing(self, limit: int = 10_000) -> list[int]:
+        """Indices of the shards the set's target asks for that it does not have (an unfinished extraction): the
+        first ``limit`` of them, as the manifest's target may name any number (``n_missing`` counts them all)."""
         have = {r.index for r in self.records}
-        return [i for i in range(self.n_target_shards) if i not in have]
+        out: list[int] = []
+        for i in range(self.n_target_shards):  # stops after at most len(have) + limit steps
+            if len(out) >= limit:
+                break
+            if i not in have:
+                out.append(i)
+        return out
+
+    def n_missing(self) -> int:
+        """How many shards the set's target asks for that it does not have."""
+        n = self.n_target_shards
+        return n - sum(1 for r in self.records if r.index < n)
 
     def verify(self) -> list[Problem]:
         """Every problem found (shards missing from the target, missing files, wrong size, bad checksum, damaged
@@ -239,12 +251,12 @@ class ActivationSet:
         from actcache.format.header import check_header  # no torch: verify starts in a fraction of a second
 
         problems: list[Problem] = []
-        gone = self.missing()
+        gone, n_gone = self.missing(limit=11), self.n_missing()
         if gone:
-            shown = ", ".join(map(str, gone[:10])) + (", ..." if len(gone) > 10 else "")
+            shown = ", ".join(map(str, gone[:10])) + (", ..." if n_gone > 10 else "")
             problems.append(
                 Problem(
-                    f"incomplete: {len(gone)} of {self.n_target_shards} shards missing "
+                    f"incomplete: {n_gone} of {self.n_target_shards} shards missing "
                     f"(indices {shown}); rerun the same extract to finish the set",
                     True,
                 )

@@ -125,3 +125,25 @@ def test_a_set_removed_after_it_was_opened_is_named_as_such_not_as_damaged(extra
     for read in (lambda: opened.read(opened.records[1]), lambda: list(ds)):
         with pytest.raises(Failure, match=r"was removed since it was opened \(`actcache rm`\?\)"):
             read()
+
+
+def test_a_target_of_10_to_the_18_tokens_is_counted_not_enumerated(extracted_set, tmp_path):
+    """A manifest's target_tokens is whatever its writer put: verify listed every missing index (10^16 of them:
+    it ran without end, gigabytes growing). It counts them, and lists the first few."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from actcache.format import layout, records
+
+    store = shutil.copytree(Path(extracted_set).parent, tmp_path / "store")
+    set_dir = store / Path(extracted_set).name
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m.update(target_tokens=10**18, complete=False)
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    s = open_set(str(set_dir))
+    n = len(s.records)
+    assert s.n_missing() == s.n_target_shards - n > 10**15
+    assert s.missing()[:2] == [n, n + 1] and len(s.missing()) == 10_000
+    (problem,) = s.verify()
+    assert problem.startswith(f"incomplete: {s.n_target_shards - n} of {s.n_target_shards} shards missing (indices ")

@@ -300,6 +300,7 @@ def test_json_documents(made, capsys):
         "n_tokens": 384,
         "n_target_shards": 3,
         "missing": [],
+        "n_missing": 0,
         "problems": [],
     }
     (Path(a["url"]) / "shards" / "000001.safetensors").write_bytes(b"broken")

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import torch
@@ -593,8 +593,19 @@ class ActivationDataset(IterableDataset):
         else:
             self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))  # type: ignore[index]
 
+    @staticmethod
+    def _vouched(chunks: Iterator[_Chunk]) -> Iterator[_Chunk] | None:
+        """``chunks`` once its first piece is read (None if there is none): the widths buffers are sized by come
+        from the manifest, which anyone can write; a shard whose header agrees with them vouches for them first."""
+        first = next(chunks, None)
+        return None if first is None else chain([first], chunks)
+
     def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
         """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
+        vouched = self._vouched(chunks)
+        if vouched is None:
+            return
+        chunks = vouched
         tmps = self._tmps(max(sizes, default=0))
         sizes_left = deque(sizes)
         batch, fill = None, 0
@@ -617,6 +628,10 @@ class ActivationDataset(IterableDataset):
         gathered from it in random order straight into their own memory. The rows left over that would make a
         partial batch move to the front and are shuffled again with the next fill."""
         cap = min(max(self.shuffle_buffer, self.batch_size), rows)
+        vouched = self._vouched(chunks)
+        if vouched is None:
+            return
+        chunks = vouched
         block = self._take_block(cap)
         try:
             yield from self._shuffle_through(block, cap, chunks, sizes, g)

@@ -592,6 +592,21 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
     assert got["peak_mb"] - got["base_mb"] < 300, got  # a true shard of this set is 40 KB; the bomb 1 GiB
 
 
+@pytest.mark.parametrize("options", [{"shuffle_buffer": 4096}, {}, {"dtype": torch.float32}])
+def test_activation_dataset_sizes_no_buffer_by_a_width_no_shard_vouches_for(local_set, tmp_path, options):
+    """ActivationDataset sized its shuffle buffer (and cast scratch) by the manifest's d before reading a shard:
+    a resealed d = 2^30 was a raw allocator error for 1 TB. A first shard's header now vouches for d first, and
+    the error names the damage."""
+    set_dir = copy_of(local_set, tmp_path)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    m.update(d=1 << 30, hook_shape=[1 << 30])
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    from actcache.read.dataset import ActivationDataset
+
+    with pytest.raises(ActcacheError, match=r"shard 0 of .* unreadable .*expected torch.float16\[4, 32, 1073741824\]"):
+        list(ActivationDataset(str(set_dir), batch_size=8, **options))
+
+
 def _plant_sealed(set_dir: Path, m: dict, index: int, data: bytes) -> None:
     """Shard ``index`` replaced by ``data``, with a manifest ``m`` and a record that vouch for it, both resealed."""
     import hashlib

@@ -175,6 +175,8 @@ def export_set(
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
     target = Path(out)
+    if target.is_symlink():  # even a dangling one: the export would land where it points
+        raise ActcacheError(f"{out} is a symlink; export into a new folder (or delete the link first)")
     if target.exists():
         raise ActcacheError(f"{out} already exists; export into a new folder (or delete it first)")
     if not target.parent.is_dir():

@@ -153,3 +153,15 @@ def test_hf_folder_loads_with_load_dataset_as_documented(source, tmp_path):
     export.export_set(source["url"], str(tmp_path / "hf"), format="hf")
     ds = load_dataset("arrow", data_files=str(tmp_path / "hf" / "*.arrow"), split="train")
     assert len(ds) == len(load_from_disk(str(tmp_path / "hf"))) == source["tokens"].numel()
+
+
+def test_an_export_into_a_dangling_link_is_refused_in_one_line(source, tmp_path, capsys):
+    """A dangling symlink as the output was a raw NotADirectoryError that left OUT.partial and said to rerun; the
+    export would otherwise land where the link points. One line (exit 2), nothing written."""
+    from actcache.cli import app as cli
+
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    assert cli.main(["export", source["url"], str(tmp_path / "out"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a symlink; export into a new folder" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "elsewhere").exists()

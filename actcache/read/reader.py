@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from actcache.errors import ActcacheError, Failure
 from actcache.extraction import environment
 from actcache.format import layout, manifest, records
 from actcache.format.key import ShuffleKey, key_from_dict
-from actcache.storage.store import DamagedFile, StoreRef
+from actcache.storage.store import DamagedFile, Store, StoreRef
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,14 @@ class ActivationSet:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def holds(self, store: Store) -> bool:
+        """Whether ``store`` lies within this set's folder (a set written there would nest inside this one); local
+        paths are compared through links and ``..``."""
+        a, b = store.url, self.url
+        if store.local and self.store.local:
+            a, b = os.path.realpath(a), os.path.realpath(b)
+        return (a.rstrip("/") + "/").startswith(b.rstrip("/") + "/")
 
     @property
     def dtype(self) -> torch.dtype:

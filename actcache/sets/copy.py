@@ -24,13 +24,6 @@ def _same(a: str, b: str, local: bool) -> bool:
     return local and os.path.realpath(a) == os.path.realpath(b)
 
 
-def _inside(store: str, set_url: str, local: bool) -> bool:
-    """Whether the store ``store`` lies within the set folder ``set_url`` (a copy would nest in the set)."""
-    if local:
-        store, set_url = os.path.realpath(store), os.path.realpath(set_url)
-    return (store.rstrip("/") + "/").startswith(set_url.rstrip("/") + "/")
-
-
 @dataclass(frozen=True)
 class CopyResult:
     url: str
@@ -67,7 +60,7 @@ def copy_set(
     set_id = source.set_id
     if target.url_of(set_id) == source.url or _same(target.url_of(set_id), source.url, target.local):
         raise ActcacheError(f"{source.url} is already in {target.url!r}; give another destination store")
-    if _inside(target.url, source.url, target.local and source.store.local):
+    if source.holds(target):
         raise ActcacheError(
             f"destination store {target.url!r} is inside the set {source.url}; give a store outside it (its parent "
             "folder holds the set already)"

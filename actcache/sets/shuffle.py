@@ -308,6 +308,11 @@ def shuffle_set(
         exclude=exclude,
     )
     target = source.store if out is None else StoreRef.of(out).open()
+    if source.holds(target):
+        raise ActcacheError(
+            f"{opt('out')} {target.url!r} is inside the set {source.url}; give a store outside it (the default is "
+            "the source's own store)"
+        )
     target.check_writable(opt("out"))
     job = _Job(source, target, key, bucket_rows, jobs, on_step)
     sid = key.id

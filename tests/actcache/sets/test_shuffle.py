@@ -288,3 +288,20 @@ def test_a_damaged_spill_is_spilled_again(crash_args, reference, tmp_path):
     rerun = _run([*crash_args, "--out", str(tmp_path)])
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert local_tree(tmp_path) == reference
+
+
+def test_an_out_store_inside_the_source_set_is_refused(source, tmp_path, capsys):
+    """``--out`` the source set's own folder (or a folder in it) would nest a set inside it: one line, exit 2,
+    nothing written."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+
+    set_dir = shutil.copytree(Path(source["url"]), tmp_path / "store" / Path(source["url"]).name)
+    before = sorted(p for p in set_dir.rglob("*"))
+    for out in (set_dir, set_dir / "sub"):
+        assert cli.main(["shuffle", str(set_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the set" in err[0]
+    assert sorted(p for p in set_dir.rglob("*")) == before

@@ -265,7 +265,7 @@ class Plan:
         return next(s for s in self.sets if s.hook == hook)
 
     def token_cache(self) -> TokenCache:
-        return TokenCache(self.store, self.tokens_key)
+        return TokenCache(self.store, self.tokens_key, self.resolved.vocab_size)
 
     def load_model(self) -> None:
         """What ``make_plan(load_model=True)`` adds, for a plan made without: the device checked and, when there is

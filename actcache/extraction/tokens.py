@@ -7,6 +7,7 @@ each followed by the separator, chunked to exactly ``context_size`` (BOS first w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -202,8 +203,10 @@ class TokenCache:
     (even at once), and an activation shard of n sequences uses the first n of its token shard.
     """
 
-    def __init__(self, store: Store, key: TokensKey):
+    def __init__(self, store: Store, key: TokensKey, vocab_size: int | None = None):
         self.store, self.key = store, key
+        self.vocab_size = vocab_size
+        """The tokenizer's ids run 0..vocab_size-1: a stored id outside is damage (None: not checked)."""
         self.root = layout.tokens_dir(key.id)
         self.bounds = records.Bounds.of(key)
 
@@ -359,6 +362,14 @@ class TokenCache:
             tokens = shard.decode(
                 data, codec="none", expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))}
             )["tokens"]
+            low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+            if self.vocab_size is not None and (low < 0 or high >= self.vocab_size):
+                # Its record vouches for it (a forged or foreign cache): drop the record, or no rerun rebuilds it.
+                with contextlib.suppress(ActcacheError, OSError):
+                    self.store.remove([f"{self.root}/{rel}"])
+                raise ValueError(
+                    f"it holds token id {low if low < 0 else high}, outside the tokenizer's 0..{self.vocab_size - 1}"
+                )
         except (ValueError, FileNotFoundError) as e:
             raise Failure(f"{where} is damaged or missing ({e}); rerun the same command: it is rebuilt") from e
         return tokens[:n_seq]

@@ -212,3 +212,38 @@ def test_a_20_mb_line_costs_no_more_memory_than_the_same_text_in_short_lines(tin
         peaks[shape] = int(out[1])
         assert int(out[0]) > 20_000  # sequences of 128 tokens: the whole text went through
     assert peaks["one line"] < 1.5 * peaks["lines"], peaks
+
+
+def test_a_token_shard_with_ids_outside_the_vocabulary_is_damage_and_a_rerun_rebuilds_it(make_config, tmp_path):
+    """A token cache whose record vouches for ids the tokenizer never makes (forged, or foreign) was a raw
+    IndexError in the forward pass, with "rerun to resume" that failed again. It is one line naming the shard and
+    the id, and the rerun rebuilds it, byte for byte."""
+    import hashlib
+    import json
+
+    from setwriter import extract_by_stages
+
+    from actcache.errors import Failure
+    from actcache.format import records, shard
+
+    extract_by_stages(make_config(store=str(tmp_path)))
+    (root,) = (tmp_path / "_tokens").iterdir()
+    rec_path = root / "done" / "000000.json"
+    rec = json.loads(rec_path.read_text())
+    good = (root / rec["file"]).read_bytes()
+    t = shard.decode(good, codec="none")["tokens"].clone()
+    t[0, 5] = 1_000_000
+    data = shard.encode({"tokens": t}).data
+    (root / rec["file"]).write_bytes(data)
+    rec.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    rec_path.write_text(json.dumps(records.sealed(rec)))  # the forgery resealed: only the ids tell
+    index = json.loads((root / "index.json").read_text())
+    index["shards"][0] = rec
+    (root / "index.json").write_text(json.dumps(records.sealed(index)))
+    other = make_config(store=str(tmp_path), hook="blocks.2.hook_resid_post")
+    with pytest.raises(
+        Failure, match=r"token shard 0 .* \(it holds token id 1000000, outside the tokenizer's 0\.\.\d+\)"
+    ):
+        extract_by_stages(other)
+    extract_by_stages(other)
+    assert (root / rec["file"]).read_bytes() == good

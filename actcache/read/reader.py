@@ -131,18 +131,18 @@ class ActivationSet:
         try:
             data = self.store.read_mapped(rel, size=record.bytes)
         except FileNotFoundError as e:
-            self._check_not_rewritten(record)
+            self.check_current(record)
             raise Failure(
                 f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
                 "and rerun the extraction to repair it"
             ) from e
         except DamagedFile as e:
-            self._check_not_rewritten(record)
+            self.check_current(record)
             raise DamagedFile(
                 f"shard {record.index} of {self.url} is unreadable ({e}); rerun the extraction to repair it"
             ) from e
         if verify and hashlib.sha256(data).hexdigest() != record.sha256:
-            self._check_not_rewritten(record)
+            self.check_current(record)
             raise Failure(
                 f"shard {record.index} of {self.url} fails its checksum; run `actcache verify` "
                 "and rerun the extraction to repair it"
@@ -153,7 +153,7 @@ class ActivationSet:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
 
-    def _check_not_rewritten(self, record: records.Record) -> None:
+    def check_current(self, record: records.Record) -> None:
         """Raise a one-line ``Failure`` if ``record``'s shard was rewritten by a run since this set was opened (its
         last shard grows while --max-tokens is raised): the data is fine, the reader's view of it is old. Or
         that the set was removed since (``rm`` deletes its manifest first): nothing is damaged, it is gone."""
@@ -208,13 +208,13 @@ class ActivationSet:
                 out[name] = shard.tensor(self.store.read_range(rel, start + begin, start + end), dtype, shape)
             shard.check(out, {k: expect[k] for k in names})
         except FileNotFoundError as e:
-            self._check_not_rewritten(record)
+            self.check_current(record)
             raise Failure(
                 f"shard {record.index} of {self.url} is missing ({record.file}); run `actcache verify` "
                 "and rerun the extraction to repair it"
             ) from e
         except ValueError as e:  # DamagedFile too
-            self._check_not_rewritten(record)
+            self.check_current(record)
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return out["tokens"].reshape(-1), out.get("positions")
 

@@ -91,7 +91,14 @@ def copy_set(
     def copy_one(r: records.Record) -> int:
         try:
             data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
+        except FileNotFoundError as e:
+            source.check_current(r)  # removed or being extended since it was opened: said so, not as damage
+            raise Failure(
+                f"shard {r.index} of {source.url} is missing ({r.file}); the copy stopped: repair the source "
+                "(`actcache verify`, then rerun its extract) and copy again"
+            ) from e
         except DamagedFile as e:
+            source.check_current(r)
             raise DamagedFile(
                 f"shard {r.index} of {source.url} is unreadable ({e}); the copy stopped: repair the "
                 "source (`actcache verify`, then rerun its extract) and copy again"

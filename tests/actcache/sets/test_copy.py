@@ -126,3 +126,20 @@ def test_ls_shows_a_partial_set_on_s3(s3_server, s3_env, capsys, make_config, pr
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[3:5] == ["tokens", "256"] and " ".join(row[-3:]) == "incomplete (interrupted run)"
+
+
+def test_a_source_removed_during_the_copy_is_named_as_removed(local_set, tmp_path, capsys):
+    """`actcache rm` of the source while cp runs: the copy stops saying the set was removed since it was opened,
+    not that a shard is missing and the source needs repair."""
+    import shutil
+
+    from actcache.errors import Failure
+
+    src = shutil.copytree(local_set, tmp_path / "src" / Path(local_set).name)
+
+    def remove_source(_) -> None:
+        if src.exists():
+            assert cli.main(["rm", str(src), "--yes"]) == 0
+
+    with pytest.raises(Failure, match=r"was removed since it was opened \(`actcache rm`\?\)"):
+        copy_set(str(src), str(tmp_path / "dest"), jobs=1, on_shard=remove_source)

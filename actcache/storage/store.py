@@ -280,7 +280,11 @@ class Store:
         """How to open this store again (elsewhere, in another process)."""
         options = dict(storage_options or {})
         self.deadline = options.pop("deadline", DEADLINE_S)
-        if isinstance(self.deadline, bool) or not isinstance(self.deadline, (int, float)) or self.deadline <= 0:
+        if (
+            isinstance(self.deadline, bool)
+            or not isinstance(self.deadline, (int, float))
+            or not 0 < self.deadline < float("inf")  # NaN too
+        ):
             raise ActcacheError(
                 f"deadline in {opt('storage_options')} must be a positive number of seconds, got {self.deadline!r}"
             )

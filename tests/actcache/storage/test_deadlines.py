@@ -185,7 +185,7 @@ def test_a_dripping_endpoint_ends_in_one_line_at_the_operation_deadline(fake_cre
     assert took < 4 + 6, took
 
 
-@pytest.mark.parametrize("value", ["0", '"soon"', "true"])
+@pytest.mark.parametrize("value", ["0", '"soon"', "true", "NaN", "Infinity", "-5"])
 def test_a_deadline_that_is_not_a_positive_number_is_one_line(value, capsys):
     code = main(["ls", "s3://bucket/acts", "--storage-options", f'{{"deadline": {value}}}'])
     one_line(capsys, code, 2, "deadline in --storage-options must be a positive number of seconds")

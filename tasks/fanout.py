@@ -154,9 +154,12 @@ def wait_for_partitions(
 ) -> list[PartitionOutcome]:
     """Wait until every partition's run is final and return how each ended.
 
-    A run that ends Crashed (its process or node was lost: see deployments/automations.py) is relaunched with
-    ``relaunch(index=, attempt=)``, at most ``max_relaunches`` times per partition; Failed and Cancelled runs are
-    not (a failure that repeats would only repeat). After ``timeout_s`` the runs still going are cancelled.
+    A run that ends Crashed (its process or node was lost: see actcache.orchestration.automations) is relaunched
+    with ``relaunch(index=, attempt=)``, at most ``max_relaunches`` times per partition; Failed and Cancelled runs
+    are not (a failure that repeats would only repeat). Queued partitions first: a relaunch is created only once
+    none of the other runs is still waiting to start (Scheduled, AwaitingConcurrencySlot, Pending), so it never
+    takes a freed slot ahead of them and a lost node costs its detection time plus one partition at the end.
+    After ``timeout_s`` the runs still going are cancelled.
     """
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
@@ -164,16 +167,20 @@ def wait_for_partitions(
     logger = _logger()
     names: dict[int, list[str]] = {i: [] for i in runs}  # each partition's ended runs, in launch order
     pending, ended = dict(runs), {}
+    due: dict[int, FlowRun] = {}  # crashed runs to relaunch once no partition queued before them waits to start
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        while pending:
+        while pending or due:
+            queued = False  # some run of this fan-out has not started yet (or its state is unknown)
             for index, run_id in list(pending.items()):
                 try:
                     run = client.read_flow_run(run_id)
                 except Exception as e:  # the API is busy or away: the partitions run on regardless
                     logger.warning("could not read partition %d's run (%s); still waiting", index, e)
+                    queued = True
                     continue
                 if run.state is None or not run.state.is_final():
+                    queued |= run.state is None or run.state.is_scheduled() or run.state.is_pending()
                     continue
                 del pending[index]
                 names[index].append(run.name)
@@ -185,17 +192,24 @@ def wait_for_partitions(
                         logger.warning("could not finalize the task runs of %s: %s", run.name, e)
                 if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
                     logger.warning(
-                        "partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",
+                        "partition %d (%s) Crashed: %s Relaunching it after the partitions queued before it "
+                        "(relaunch %d of at most %d).",
                         index,
                         run.name,
                         run.state.message,
                         attempt,
                         max_relaunches,
                     )
-                    pending[index] = relaunch(index=index, attempt=attempt + 1)
+                    due[index] = run
                 else:
                     ended[index] = run
-            if pending and deadline is not None and time.monotonic() >= deadline:
+            if due and not queued and relaunch is not None:  # queued partitions first: none jumps ahead of them
+                for index in sorted(due):
+                    pending[index] = relaunch(index=index, attempt=len(names[index]) + 1)
+                due.clear()
+            if (pending or due) and deadline is not None and time.monotonic() >= deadline:
+                ended.update(due)  # never relaunched: the job ends with their crash
+                due.clear()
                 for index, run_id in pending.items():
                     client.set_flow_run_state(
                         run_id, Cancelling(message=f"The fan-out stopped waiting after timeout_s={timeout_s:g}.")
@@ -206,7 +220,7 @@ def wait_for_partitions(
                         "partition %d (%s) not finished after timeout_s=%g: cancelling it", index, run.name, timeout_s
                     )
                 break
-            if pending:
+            if pending or due:
                 time.sleep(poll_s)
     return [
         PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]

@@ -137,6 +137,45 @@ def test_crashed_partitions_are_relaunched_a_bounded_number_of_times():
     assert "partition 2 (partition-2-of-3) Failed: bad hook" in msg and "partition 0" not in msg
 
 
+def test_a_relaunch_waits_for_the_partitions_queued_before_it():
+    """Issue 22: a relaunched partition never takes a freed slot ahead of partitions that waited before it."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import AwaitingConcurrencySlot, Completed, Crashed, Running
+
+    with get_client(sync_client=True) as client:
+        lost = _flow_run(client, Crashed(message="No heartbeat for 90 s"), name=run_name(0, 2))
+        queued = _flow_run(client, AwaitingConcurrencySlot(), name=run_name(1, 2))
+        seen = []
+
+        def relaunch(index: int, attempt: int):
+            seen.append((index, attempt, client.read_flow_run(queued).state.type))  # the queued one's state then
+            return _flow_run(client, Completed(), name=run_name(index, 2, attempt))
+
+        result = []
+        waiter = threading.Thread(
+            target=lambda: result.append(wait_for_partitions.fn({0: lost, 1: queued}, relaunch, 2, poll_s=0.05))
+        )
+        waiter.start()
+        time.sleep(1.0)  # some 20 polls with partition 1 still queued: no relaunch may happen meanwhile
+        assert seen == []
+        client.set_flow_run_state(queued, Running(), force=True)  # a slot freed: partition 1 started first
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.set_flow_run_state(queued, Completed(), force=True)
+        waiter.join(timeout=30)
+
+    assert seen == [(0, 2, StateType.RUNNING)]
+    [outcomes] = result
+    assert [(o.runs, o.state) for o in outcomes] == [
+        (("partition-0-of-2", "partition-0-of-2-attempt-2"), "Completed"),
+        (("partition-1-of-2",), "Completed"),
+    ]
+
+
 def test_waiting_is_bounded_and_cancels_what_is_left():
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running

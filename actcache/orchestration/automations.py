@@ -56,6 +56,7 @@ def lost_run_automation(lost_after_s: int, tag: str, heartbeat_s: int):
             ChangeFlowRunState(
                 force=False,
                 state=StateType.CRASHED,
+                name="Crashed",
                 message=f"No heartbeat for {lost_after_s} s: the run's worker or node was lost (automation {NAME!r}).",
             )
         ],

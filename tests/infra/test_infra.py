@@ -166,7 +166,11 @@ def test_compose_wires_server_database_minio_and_workers():
     assert option(worker["command"], "--pool") == pool_name()
     assert f"work-pool create {pool_name()} --type process" in deploy["command"][0]
     assert "--prefect-file deployments/prefect.yaml" in deploy["command"][0]
-    assert "python deployments/automations.py" in deploy["command"][0]  # lost runs are detected on this server
+    # `deploy` itself installs the lost-run automation (prefect.yaml's build step): no separate step to forget.
+    assert "automations.py" not in deploy["command"][0]
+    assert [next(iter(s)) for s in yaml.safe_load(PREFECT_YAML.read_text())["build"]] == [
+        "actcache.orchestration.automations.install"
+    ]
     assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
     assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 

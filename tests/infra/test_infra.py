@@ -428,6 +428,37 @@ def test_kubernetes_template_renders_for_each_deployment_as_the_worker_does():
     assert pod({})["containers"][0]["image"] == "actcache-worker:cuda"  # the tag infra/README.md builds
 
 
+COMPOSE_SCHEMA = INFRA.parent / "tests" / "infra" / "schemas" / "compose-spec.json"
+COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # schemas/README.md
+
+
+def compose_errors(compose: dict) -> list[str]:
+    """What the Compose Specification's JSON schema says is wrong with a rendered compose file (no engine)."""
+    import hashlib
+
+    import jsonschema
+
+    raw = COMPOSE_SCHEMA.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == COMPOSE_SCHEMA_SHA256  # the vendored file, unchanged
+    schema = json.loads(raw)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+def test_the_rendered_compose_file_follows_the_compose_spec_schema():
+    compose = interpolate(load_yaml(COMPOSE), filled_env())
+    assert compose_errors(compose) == []
+    # The check fails on a broken file: a misspelt key, a wrong type, an unknown condition.
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["deploy"]["replicas"] = [2]
+    broken["services"]["worker"]["pull_policy"] = "sometimes"
+    broken["services"]["prefect-server"]["helthcheck"] = broken["services"]["prefect-server"].pop("healthcheck")
+    errors = "\n".join(compose_errors(broken))
+    assert "services/worker/deploy/replicas: [2] is not of type 'integer', 'string'" in errors
+    assert "services/worker/pull_policy: 'sometimes' does not match" in errors
+    assert "('helthcheck' was unexpected)" in errors
+
+
 def _compose_command() -> list[str] | None:
     for cmd in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:

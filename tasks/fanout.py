@@ -159,9 +159,11 @@ def wait_for_partitions(
     are not (a failure that repeats would only repeat). Queued partitions first: a relaunch is created only once
     none of the other runs is still waiting to start (Scheduled, AwaitingConcurrencySlot, Pending), so it never
     takes a freed slot ahead of them and a lost node costs its detection time plus one partition at the end.
-    After ``timeout_s`` the runs still going are cancelled.
+    After ``timeout_s`` the runs still going are cancelled. When the fan-out's own run is being cancelled, it
+    cancels its partitions at once (not after its own process is stopped and the server's cleanup loop notices).
     """
     from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run as this_run
     from prefect.states import Cancelling
 
     logger = _logger()
@@ -169,8 +171,16 @@ def wait_for_partitions(
     pending, ended = dict(runs), {}
     due: dict[int, FlowRun] = {}  # crashed runs to relaunch once no partition queued before them waits to start
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    parent_id, cancelled = this_run.id, False  # no id: called outside a flow run (tests, run_sequential)
     with get_client(sync_client=True) as client:
         while pending or due:
+            if parent_id is not None and not cancelled and _being_cancelled(client, parent_id):
+                cancelled = True
+                ended.update(due)  # nothing is relaunched any more
+                due.clear()
+                for index, run_id in pending.items():
+                    client.set_flow_run_state(run_id, Cancelling(message="Its fan-out was cancelled."))
+                    logger.warning("the fan-out is being cancelled: cancelling partition %d", index)
             queued = False  # some run of this fan-out has not started yet (or its state is unknown)
             for index, run_id in list(pending.items()):
                 try:
@@ -190,7 +200,7 @@ def wait_for_partitions(
                         finalize_task_runs(client, run)
                     except Exception as e:  # records only: never what fails the job
                         logger.warning("could not finalize the task runs of %s: %s", run.name, e)
-                if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
+                if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches and not cancelled:
                     logger.warning(
                         "partition %d (%s) Crashed: %s Relaunching it after the partitions queued before it "
                         "(relaunch %d of at most %d).",
@@ -226,6 +236,14 @@ def wait_for_partitions(
         PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]
         for i in sorted(ended)
     ]
+
+
+def _being_cancelled(client: SyncPrefectClient, run_id: str) -> bool:
+    try:
+        state = client.read_flow_run(UUID(str(run_id))).state
+    except Exception:  # the API is busy or away: ask again at the next poll
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 @task(name="check-partitions", cache_policy=NO_CACHE)

@@ -176,6 +176,44 @@ def test_a_relaunch_waits_for_the_partitions_queued_before_it():
     ]
 
 
+def test_a_fanout_being_cancelled_cancels_its_partitions_at_once(monkeypatch):
+    """Issue 22: the parent cancels its partitions itself at its next poll, not after its own process is stopped
+    and the server's cleanup loop notices; a crashed partition is then not relaunched."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling, Crashed, Running
+
+    with get_client(sync_client=True) as client:
+        parent = _flow_run(client, Running(), name="fanout")
+        running = _flow_run(client, Running(), name=run_name(0, 2))
+        lost = _flow_run(client, Crashed(message="No heartbeat for 90 s"), name=run_name(1, 2))
+        monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(parent))  # what prefect.runtime reads outside a context
+        relaunched = []
+        result = []
+        waiter = threading.Thread(
+            target=lambda: result.append(
+                wait_for_partitions.fn({0: running}, lambda **kw: relaunched.append(kw), 2, poll_s=0.05)
+            )
+        )
+        waiter.start()
+        client.set_flow_run_state(parent, Cancelling(), force=True)  # the user's cancel
+        deadline = time.monotonic() + 30
+        while not client.read_flow_run(running).state.is_cancelling() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state = client.read_flow_run(running).state
+        assert state.is_cancelling() and state.message == "Its fan-out was cancelled."
+        client.set_flow_run_state(running, Cancelled(), force=True)  # its worker stopped it
+        waiter.join(timeout=30)
+        [outcomes] = result
+        assert [(o.runs, o.state) for o in outcomes] == [(("partition-0-of-2",), "Cancelled")]
+        # A partition that crashes while its fan-out is being cancelled is not relaunched.
+        assert wait_for_partitions.fn({1: lost}, lambda **kw: relaunched.append(kw), 2, poll_s=0.05)[0].state == (
+            "Crashed"
+        )
+    assert relaunched == []
+
+
 def test_waiting_is_bounded_and_cancels_what_is_left():
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running

@@ -38,8 +38,10 @@ STALL = "extract.forward-done:2:hang"
 # A cancel: the parent asks its partitions to stop at its next poll (poll_s=1), then each worker stops its run's
 # process: SIGTERM, and SIGKILL after Prefect's grace of 30 s (hard-coded in its worker) when the process does not
 # end, as the stalled partition here does not. Issue 22 asks 30 s to final; that holds only where SIGTERM ends it.
-CANCEL_ASKED_S = 10  # request -> every running partition Cancelling (measured 0.3 s)
-CANCEL_BOUND_S = 45  # request -> every run final (measured 34.4 s: 30 s of it Prefect's kill grace)
+# Measured: asked 0.3 s, final 34.4 s; under a load of 12 on 2 cores the parent did not poll before its own run
+# was Cancelled (27.6 s), the server's cleanup loop asked (32.1 s) and all was final at 57.6 s. Bounds hold for both.
+CANCEL_ASKED_S = 40  # request -> every running partition Cancelling: the parent's poll, else the server's cleanup
+CANCEL_BOUND_S = 75  # request -> every run final: asked, then at most Prefect's 30 s kill grace, plus slack
 RESUME_BUDGET_S = 300  # a resumed fan-out, Scheduled to Completed: its start, tokens from the cache, 2 idle partitions
 
 

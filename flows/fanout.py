@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 
 from prefect import flow
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 
 from actcache.config import ExtractConfig
 from actcache.tasks.fanout import (
@@ -33,12 +33,17 @@ def extract_fanout(
     poll_s: float = 2.0,
     max_relaunches: int = 2,
     timeout_s: float = 24 * 3600.0,
+    resumes: int = 0,
 ) -> State:
     """Split an extraction over ``num_partitions`` runs of ``deployment``; consolidate and verify the sets.
 
     A partition whose run crashes (its node was lost) is relaunched up to ``max_relaunches`` times; partitions
     still running after ``timeout_s`` seconds are cancelled and the job fails. Returns the set URLs.
+    ``resumes`` counts the runs of this fan-out lost before this one (the deployment's trigger sets it when it
+    resumes a crashed fan-out); past ``max_relaunches`` the job fails instead of starting again.
     """
+    if resumes > max_relaunches:
+        return Failed(message=f"fan-out lost {resumes} times (max_relaunches={max_relaunches}): not resumed again")
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
     plan, _ = recheck(plan, last=False)  # the shards up to where the dataset ends, known now

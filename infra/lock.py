@@ -37,7 +37,8 @@ def resolve(torch_pin: str, extra_index: str | None) -> list[dict]:
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
         cmd += ["--report", str(report), "-c", str(REPO / "constraints.txt"), "-c", str(pin)]
         cmd += ["--extra-index-url", extra_index] if extra_index else []
-        subprocess.run([*cmd, f"torch=={torch_pin}", str(REPO)], check=True)
+        # The project with its `extract` extra: what a worker runs (prefect, transformer-lens, ...).
+        subprocess.run([*cmd, f"torch=={torch_pin}", f"{REPO}[extract]"], check=True)
         return json.loads(report.read_text())["install"]
 
 

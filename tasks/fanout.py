@@ -154,26 +154,43 @@ def wait_for_partitions(
 ) -> list[PartitionOutcome]:
     """Wait until every partition's run is final and return how each ended.
 
-    A run that ends Crashed (its process or node was lost: see deployments/automations.py) is relaunched with
-    ``relaunch(index=, attempt=)``, at most ``max_relaunches`` times per partition; Failed and Cancelled runs are
-    not (a failure that repeats would only repeat). After ``timeout_s`` the runs still going are cancelled.
+    A run that ends Crashed (its process or node was lost: see actcache.orchestration.automations) is relaunched
+    with ``relaunch(index=, attempt=)``, at most ``max_relaunches`` times per partition; Failed and Cancelled runs
+    are not (a failure that repeats would only repeat). Queued partitions first: a relaunch is created only once
+    none of the other runs is still waiting to start (Scheduled, AwaitingConcurrencySlot, Pending), so it never
+    takes a freed slot ahead of them and a lost node costs its detection time plus one partition at the end.
+    After ``timeout_s`` the runs still going are cancelled. When the fan-out's own run is being cancelled, it
+    cancels its partitions at once (not after its own process is stopped and the server's cleanup loop notices).
     """
     from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run as this_run
     from prefect.states import Cancelling
 
     logger = _logger()
     names: dict[int, list[str]] = {i: [] for i in runs}  # each partition's ended runs, in launch order
     pending, ended = dict(runs), {}
+    due: dict[int, FlowRun] = {}  # crashed runs to relaunch once no partition queued before them waits to start
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    parent_id, cancelled = this_run.id, False  # no id: called outside a flow run (tests, run_sequential)
     with get_client(sync_client=True) as client:
-        while pending:
+        while pending or due:
+            if parent_id is not None and not cancelled and _being_cancelled(client, parent_id):
+                cancelled = True
+                ended.update(due)  # nothing is relaunched any more
+                due.clear()
+                for index, run_id in pending.items():
+                    client.set_flow_run_state(run_id, Cancelling(message="Its fan-out was cancelled."))
+                    logger.warning("the fan-out is being cancelled: cancelling partition %d", index)
+            queued = False  # some run of this fan-out has not started yet (or its state is unknown)
             for index, run_id in list(pending.items()):
                 try:
                     run = client.read_flow_run(run_id)
                 except Exception as e:  # the API is busy or away: the partitions run on regardless
                     logger.warning("could not read partition %d's run (%s); still waiting", index, e)
+                    queued = True
                     continue
                 if run.state is None or not run.state.is_final():
+                    queued |= run.state is None or run.state.is_scheduled() or run.state.is_pending()
                     continue
                 del pending[index]
                 names[index].append(run.name)
@@ -183,19 +200,26 @@ def wait_for_partitions(
                         finalize_task_runs(client, run)
                     except Exception as e:  # records only: never what fails the job
                         logger.warning("could not finalize the task runs of %s: %s", run.name, e)
-                if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches:
+                if run.state.is_crashed() and relaunch is not None and attempt <= max_relaunches and not cancelled:
                     logger.warning(
-                        "partition %d (%s) Crashed: %s Relaunching it (relaunch %d of at most %d).",
+                        "partition %d (%s) Crashed: %s Relaunching it after the partitions queued before it "
+                        "(relaunch %d of at most %d).",
                         index,
                         run.name,
                         run.state.message,
                         attempt,
                         max_relaunches,
                     )
-                    pending[index] = relaunch(index=index, attempt=attempt + 1)
+                    due[index] = run
                 else:
                     ended[index] = run
-            if pending and deadline is not None and time.monotonic() >= deadline:
+            if due and not queued and relaunch is not None:  # queued partitions first: none jumps ahead of them
+                for index in sorted(due):
+                    pending[index] = relaunch(index=index, attempt=len(names[index]) + 1)
+                due.clear()
+            if (pending or due) and deadline is not None and time.monotonic() >= deadline:
+                ended.update(due)  # never relaunched: the job ends with their crash
+                due.clear()
                 for index, run_id in pending.items():
                     client.set_flow_run_state(
                         run_id, Cancelling(message=f"The fan-out stopped waiting after timeout_s={timeout_s:g}.")
@@ -206,12 +230,20 @@ def wait_for_partitions(
                         "partition %d (%s) not finished after timeout_s=%g: cancelling it", index, run.name, timeout_s
                     )
                 break
-            if pending:
+            if pending or due:
                 time.sleep(poll_s)
     return [
         PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]
         for i in sorted(ended)
     ]
+
+
+def _being_cancelled(client: SyncPrefectClient, run_id: str) -> bool:
+    try:
+        state = client.read_flow_run(UUID(str(run_id))).state
+    except Exception:  # the API is busy or away: ask again at the next poll
+        return False
+    return state is not None and (state.is_cancelling() or state.is_cancelled())
 
 
 @task(name="check-partitions", cache_policy=NO_CACHE)

@@ -77,3 +77,53 @@ def test_the_action_never_overrides_a_final_state(automations, prefect_harness):
         result = client.set_flow_run_state(run.id, Crashed(message="late heartbeat"), force=action.force)
         assert result.status.value == "ABORT"
         assert client.read_flow_run(run.id).state.is_completed()
+
+
+def test_deploy_installs_the_lost_run_automation(automations, prefect_harness):
+    """Issue 22: prefect.yaml's build step (what `prefect deploy` runs) installs the automation, no separate step."""
+    import yaml
+    from prefect.client.orchestration import get_client
+
+    [[(fqn, inputs)]] = [list(s.items()) for s in yaml.safe_load(automations.PREFECT_YAML.read_text())["build"]]
+    assert fqn == "actcache.orchestration.automations.install"
+    from actcache.orchestration.automations import install
+
+    install(**inputs)
+    install(**inputs)  # `deploy --all` runs it once per deployment: still one automation
+    with get_client(sync_client=True) as client:
+        [a] = client.read_automations_by_name(automations.NAME)
+    assert a.trigger.within == timedelta(seconds=90)
+    assert a.trigger.match_related.root["prefect.resource.id"] == "prefect.tag.actcache"
+
+
+def test_a_lost_fanout_is_run_again_with_its_parameters_and_one_more_resume(automations):
+    """The fanout deployment's trigger: on a Crashed run of extract-fanout, the same parameters, resumes + 1."""
+    import json
+
+    import yaml
+    from prefect.events import DeploymentTriggerTypes
+    from prefect.server.utilities.user_templates import render_user_template_sync
+    from pydantic import TypeAdapter
+
+    spec = yaml.safe_load(automations.PREFECT_YAML.read_text())
+    [fanout] = [d for d in spec["deployments"] if d["name"] == "fanout"]
+    [trigger] = [TypeAdapter(DeploymentTriggerTypes).validate_python(t) for t in fanout["triggers"]]
+    assert trigger.expect == {"prefect.flow-run.Crashed"} and trigger.posture == "Reactive"
+    assert trigger.match_related.root == {"prefect.resource.role": "flow", "prefect.resource.name": "extract-fanout"}
+    template = trigger.parameters["value"]["template"]
+    assert trigger.parameters["__prefect_kind"] == "json"
+
+    class Run:
+        parameters = {"config": {"max_tokens": 64, "store": "s3://b/x"}, "num_partitions": 3}
+
+    first = json.loads(render_user_template_sync(template, {"flow_run": Run()}))
+    assert first == {**Run.parameters, "resumes": 1}
+    Run.parameters = first
+    assert json.loads(render_user_template_sync(template, {"flow_run": Run()}))["resumes"] == 2
+
+
+def test_a_fanout_lost_too_often_is_not_resumed_again():
+    from actcache.flows.fanout import extract_fanout
+
+    state = extract_fanout.fn(num_partitions=2, max_relaunches=2, resumes=3)  # nothing planned, nothing launched
+    assert state.is_failed() and "lost 3 times" in state.message

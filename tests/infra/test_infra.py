@@ -22,6 +22,7 @@ DOCKERFILE = INFRA / "worker.Dockerfile"
 ENV_EXAMPLE = INFRA / ".env.example"
 CONSTRAINTS = REPO / "constraints.txt"
 LOCK = INFRA / "requirements.lock"
+CUDA_LOCK = INFRA / "requirements-cuda.lock"
 DIGESTS = ("PYTHON_DIGEST", "POSTGRES_DIGEST", "PREFECT_DIGEST", "MINIO_DIGEST", "MC_DIGEST")
 
 
@@ -166,7 +167,11 @@ def test_compose_wires_server_database_minio_and_workers():
     assert option(worker["command"], "--pool") == pool_name()
     assert f"work-pool create {pool_name()} --type process" in deploy["command"][0]
     assert "--prefect-file deployments/prefect.yaml" in deploy["command"][0]
-    assert "python deployments/automations.py" in deploy["command"][0]  # lost runs are detected on this server
+    # `deploy` itself installs the lost-run automation (prefect.yaml's build step): no separate step to forget.
+    assert "automations.py" not in deploy["command"][0]
+    assert [next(iter(s)) for s in yaml.safe_load(PREFECT_YAML.read_text())["build"]] == [
+        "actcache.orchestration.automations.install"
+    ]
     assert worker["depends_on"]["deploy"]["condition"] == "service_completed_successfully"
     assert worker["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
 
@@ -178,9 +183,9 @@ def test_compose_wires_server_database_minio_and_workers():
     assert worker["environment"]["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
 
 
-def lock() -> dict[str, tuple[str, list[str]]]:
-    """infra/requirements.lock: name -> (version, sha256 hashes)."""
-    text = LOCK.read_text().replace("\\\n", " ")
+def lock(path: Path = LOCK) -> dict[str, tuple[str, list[str]]]:
+    """infra/requirements.lock (or the CUDA lock): name -> (version, sha256 hashes)."""
+    text = path.read_text().replace("\\\n", " ")
     out = {}
     for line in text.splitlines():
         if line.strip() and not line.startswith("#"):
@@ -229,9 +234,24 @@ def test_the_lock_pins_constraints_versions_and_the_tested_torch_each_with_a_has
     tested = re.search(r"^TORCH\s*\?=\s*torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert locked["torch"][0] == f"{tested}+cpu"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    runtime = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in project["dependencies"]}
+    needed = project["dependencies"] + project["optional-dependencies"]["extract"]  # what a worker runs
+    runtime = {re.sub(r"[-_.]+", "-", Requirement(r).name).lower() for r in needed}
     assert runtime <= set(locked), f"runtime dependencies missing from the lock: {runtime - set(locked)}"
     assert "pytest" not in locked and "moto" not in locked  # what the image needs, not the tests
+
+
+def test_the_cuda_lock_has_the_cpu_locks_versions_with_hashes_and_pypis_torch():
+    """Issue 22: the CUDA image installs from a hashed lock too, with the same versions as the CPU image."""
+    cpu, cuda = lock(), lock(CUDA_LOCK)
+    assert all(
+        hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes) for _, hashes in cuda.values()
+    ), "every package needs its sha256"
+    tested = re.search(r"^TORCH\s*\?=\s*torch==(\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert cuda["torch"][0] == tested  # PyPI's build of the tested version: CUDA
+    differ = {n: (v, cuda[n][0]) for n, (v, _) in cpu.items() if n != "torch" and cuda.get(n, ("",))[0] != v}
+    assert not differ, f"the CPU and CUDA locks disagree: {differ}; rerun python3 infra/lock.py [--cuda]"
+    extra = set(cuda) - set(cpu)
+    assert extra and all(re.match(r"(nvidia-|cuda-|triton$)", n) for n in extra), extra  # only CUDA's own wheels
 
 
 def test_the_image_runs_as_an_unprivileged_user_and_its_base_is_pinned_by_digest():
@@ -422,6 +442,37 @@ def test_kubernetes_template_renders_for_each_deployment_as_the_worker_does():
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["metadata"]["name"] == "actcache-cache"
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # pods on different nodes share it
     assert pod({})["containers"][0]["image"] == "actcache-worker:cuda"  # the tag infra/README.md builds
+
+
+COMPOSE_SCHEMA = INFRA.parent / "tests" / "infra" / "schemas" / "compose-spec.json"
+COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # schemas/README.md
+
+
+def compose_errors(compose: dict) -> list[str]:
+    """What the Compose Specification's JSON schema says is wrong with a rendered compose file (no engine)."""
+    import hashlib
+
+    import jsonschema
+
+    raw = COMPOSE_SCHEMA.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == COMPOSE_SCHEMA_SHA256  # the vendored file, unchanged
+    schema = json.loads(raw)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+
+
+def test_the_rendered_compose_file_follows_the_compose_spec_schema():
+    compose = interpolate(load_yaml(COMPOSE), filled_env())
+    assert compose_errors(compose) == []
+    # The check fails on a broken file: a misspelt key, a wrong type, an unknown condition.
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["worker"]["deploy"]["replicas"] = [2]
+    broken["services"]["worker"]["pull_policy"] = "sometimes"
+    broken["services"]["prefect-server"]["helthcheck"] = broken["services"]["prefect-server"].pop("healthcheck")
+    errors = "\n".join(compose_errors(broken))
+    assert "services/worker/deploy/replicas: [2] is not of type 'integer', 'string'" in errors
+    assert "services/worker/pull_policy: 'sometimes' does not match" in errors
+    assert "('helthcheck' was unexpected)" in errors
 
 
 def _compose_command() -> list[str] | None:

@@ -137,6 +137,83 @@ def test_crashed_partitions_are_relaunched_a_bounded_number_of_times():
     assert "partition 2 (partition-2-of-3) Failed: bad hook" in msg and "partition 0" not in msg
 
 
+def test_a_relaunch_waits_for_the_partitions_queued_before_it():
+    """Issue 22: a relaunched partition never takes a freed slot ahead of partitions that waited before it."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import AwaitingConcurrencySlot, Completed, Crashed, Running
+
+    with get_client(sync_client=True) as client:
+        lost = _flow_run(client, Crashed(message="No heartbeat for 90 s"), name=run_name(0, 2))
+        queued = _flow_run(client, AwaitingConcurrencySlot(), name=run_name(1, 2))
+        seen = []
+
+        def relaunch(index: int, attempt: int):
+            seen.append((index, attempt, client.read_flow_run(queued).state.type))  # the queued one's state then
+            return _flow_run(client, Completed(), name=run_name(index, 2, attempt))
+
+        result = []
+        waiter = threading.Thread(
+            target=lambda: result.append(wait_for_partitions.fn({0: lost, 1: queued}, relaunch, 2, poll_s=0.05))
+        )
+        waiter.start()
+        time.sleep(1.0)  # some 20 polls with partition 1 still queued: no relaunch may happen meanwhile
+        assert seen == []
+        client.set_flow_run_state(queued, Running(), force=True)  # a slot freed: partition 1 started first
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.set_flow_run_state(queued, Completed(), force=True)
+        waiter.join(timeout=30)
+
+    assert seen == [(0, 2, StateType.RUNNING)]
+    [outcomes] = result
+    assert [(o.runs, o.state) for o in outcomes] == [
+        (("partition-0-of-2", "partition-0-of-2-attempt-2"), "Completed"),
+        (("partition-1-of-2",), "Completed"),
+    ]
+
+
+def test_a_fanout_being_cancelled_cancels_its_partitions_at_once(monkeypatch):
+    """Issue 22: the parent cancels its partitions itself at its next poll, not after its own process is stopped
+    and the server's cleanup loop notices; a crashed partition is then not relaunched."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling, Crashed, Running
+
+    with get_client(sync_client=True) as client:
+        parent = _flow_run(client, Running(), name="fanout")
+        running = _flow_run(client, Running(), name=run_name(0, 2))
+        lost = _flow_run(client, Crashed(message="No heartbeat for 90 s"), name=run_name(1, 2))
+        monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(parent))  # what prefect.runtime reads outside a context
+        relaunched = []
+        result = []
+        waiter = threading.Thread(
+            target=lambda: result.append(
+                wait_for_partitions.fn({0: running}, lambda **kw: relaunched.append(kw), 2, poll_s=0.05)
+            )
+        )
+        waiter.start()
+        client.set_flow_run_state(parent, Cancelling(), force=True)  # the user's cancel
+        deadline = time.monotonic() + 30
+        while not client.read_flow_run(running).state.is_cancelling() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state = client.read_flow_run(running).state
+        assert state.is_cancelling() and state.message == "Its fan-out was cancelled."
+        client.set_flow_run_state(running, Cancelled(), force=True)  # its worker stopped it
+        waiter.join(timeout=30)
+        [outcomes] = result
+        assert [(o.runs, o.state) for o in outcomes] == [(("partition-0-of-2",), "Cancelled")]
+        # A partition that crashes while its fan-out is being cancelled is not relaunched.
+        assert wait_for_partitions.fn({1: lost}, lambda **kw: relaunched.append(kw), 2, poll_s=0.05)[0].state == (
+            "Crashed"
+        )
+    assert relaunched == []
+
+
 def test_waiting_is_bounded_and_cancels_what_is_left():
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running

@@ -270,6 +270,7 @@ class Steps:
         self.done: int = 0
         self.n: int | None = None
         self.bar: Any = None
+        self._refresher: _Refresher | None = None
         self._started = self._printed = time.perf_counter()
 
     def total(self, n: int) -> None:
@@ -281,6 +282,8 @@ class Steps:
             console.end_status()
             self.bar = _bar(n, self.unit, self.label, disable=n == 0)
             self._lines = console.quiet() and not console.on_terminal() and n > 0
+            if not self.bar.disable:  # its clock runs while one step (a big shard, a commit) takes long
+                self._refresher = _Refresher(self.bar)
         else:
             self.bar.total = n
             self.bar.refresh()
@@ -296,6 +299,8 @@ class Steps:
             print(f"{self.label}: {self.done}/{self.n} {self.unit}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.stop()
         if self.bar is not None:
             self.bar.close()
 

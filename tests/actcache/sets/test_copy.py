@@ -108,3 +108,9 @@ def test_ls_shows_a_partial_set_on_s3(s3_server, s3_env, capsys, make_config, pr
     assert cli.main(["ls", url]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
     assert row[3:5] == ["tokens", "256"] and " ".join(row[-3:]) == "incomplete (interrupted run)"
+
+
+def test_a_destination_that_cannot_be_created_names_the_path_given(local_set, capsys):
+    code, _, err = cp(capsys, local_set, "/proc/nope")
+    assert code == 2 and "cannot create store '/proc/nope'" in err, err
+    assert err.strip().endswith("choose another destination store"), err

@@ -78,11 +78,14 @@ def run_logs_off_console(enabled: bool = True, errors: bool = False) -> Iterator
 
 
 class _Status:
-    def __init__(self, message: str):
+    def __init__(self, message: str, terminal_only: bool = False):
         self.message, self.started = message, time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._silent = terminal_only and not on_terminal()
+        if self._silent:
+            return
         if on_terminal():
             self._draw()
             self._thread = threading.Thread(target=self._loop, name="actcache-status", daemon=True)
@@ -102,7 +105,7 @@ class _Status:
             self._draw()
 
     def update(self, message: str) -> None:
-        if message == self.message or self._stop.is_set():
+        if message == self.message or self._stop.is_set() or self._silent:
             return
         self.message, self.started = message, time.monotonic()
         if self._thread is not None:
@@ -124,9 +127,10 @@ _CURRENT: list[_Status] = []
 
 
 @contextlib.contextmanager
-def status(message: str) -> Iterator[None]:
-    """``message`` shown while the block runs (see the module docstring); ``update_status`` changes it."""
-    s = _Status(message)
+def status(message: str, terminal_only: bool = False) -> Iterator[None]:
+    """``message`` shown while the block runs (see the module docstring); ``update_status`` changes it.
+    ``terminal_only``: nothing off a terminal (work that is seconds only on a big store: rm, gc)."""
+    s = _Status(message, terminal_only)
     _CURRENT.append(s)
     try:
         yield

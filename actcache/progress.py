@@ -88,7 +88,7 @@ class Progress:
         self.bar = _bar(tokens if tokens else total, "token" if tokens else unit, label, disable=total == 0)
         if tokens:
             self.bar.set_postfix_str(f"0/{total} {unit}s stored", refresh=False)
-        self._refresher = _Refresher(self.bar) if not self.bar.disable else None
+        self._refresher = _Refresher(self.bar.refresh) if not self.bar.disable else None
         self.publisher: _Publisher | None = None
         try:
             # Outside a flow run: nowhere to publish; nothing to do: no empty artifact ("extract: 0 shards").
@@ -211,17 +211,18 @@ def _bar(total: int | None, unit: str, label: str, disable: bool = False) -> Any
 
 
 class _Refresher:
-    """Redraws a bar every second, so its clock runs while one step takes long (nothing silent for 5 s)."""
+    """Calls ``redraw`` every second (a bar's refresh, so its clock runs while one step takes long: nothing silent
+    for 5 s on a terminal; or a due progress line in a log)."""
 
-    def __init__(self, bar: Any, every_s: float = 1.0):
-        self.bar, self._stop = bar, threading.Event()
+    def __init__(self, redraw: Callable[[], Any], every_s: float = 1.0):
+        self.redraw, self._stop = redraw, threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every_s,), name="actcache-bar", daemon=True)
         self._thread.start()
 
     def _loop(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
             try:
-                self.bar.refresh()
+                self.redraw()
             except Exception:
                 return
 
@@ -263,14 +264,18 @@ class Window:
 class Steps:
     """A command's steps (shards copied, exported, ...): made when the total is known, so that a command with
     nothing to do shows nothing. A bar with ``N/M`` on a terminal; on the command line off a terminal, a line
-    every ``LINE_EVERY_S`` and the last one (``label: N/M units``); nothing else in logs and pipes."""
+    every ``LINE_EVERY_S`` (also while one step takes long) and the last one (``label: N/M units``); nothing else
+    in logs and pipes."""
 
     def __init__(self, label: str, unit: str):
         self.label, self.unit = label, unit
         self.done: int = 0
         self.n: int | None = None
         self.bar: Any = None
+        self._refresher: _Refresher | None = None
         self._started = self._printed = time.perf_counter()
+        self._lines = False
+        self._lock = threading.Lock()
 
     def total(self, n: int) -> None:
         """Set (or correct) how many steps there are; the first call shows the bar."""
@@ -281,6 +286,10 @@ class Steps:
             console.end_status()
             self.bar = _bar(n, self.unit, self.label, disable=n == 0)
             self._lines = console.quiet() and not console.on_terminal() and n > 0
+            if not self.bar.disable:  # its clock runs while one step (a big shard, a commit) takes long
+                self._refresher = _Refresher(self.bar.refresh)
+            elif self._lines:
+                self._refresher = _Refresher(self._line)
         else:
             self.bar.total = n
             self.bar.refresh()
@@ -290,12 +299,20 @@ class Steps:
             self.total(0)
         self.done += n
         self.bar.update(n)
-        now = time.perf_counter()
-        if self._lines and (now - self._printed >= LINE_EVERY_S or self.done == self.n):
-            self._printed = now
-            print(f"{self.label}: {self.done}/{self.n} {self.unit}s", file=sys.stderr, flush=True)
+        self._line(last=self.done == self.n)
+
+    def _line(self, last: bool = False) -> None:
+        """Off a terminal: the count, if ``LINE_EVERY_S`` passed since the last line (or this is the last step)."""
+        with self._lock:
+            now = time.perf_counter()
+            due = now - self._printed >= LINE_EVERY_S and self.done != self.n  # (the last line is said once)
+            if self._lines and (last or due):
+                self._printed = now
+                print(f"{self.label}: {self.done}/{self.n} {self.unit}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.stop()
         if self.bar is not None:
             self.bar.close()
 

@@ -125,3 +125,44 @@ def test_on_a_terminal_nothing_is_silent_for_more_than_5_s(tmp_path):
     assert "4 shards computed, 0 already stored" in out
     for noise in ("INFO", "View at", "Writing model shards"):
         assert noise not in out, noise
+
+
+_SLOW_SHARDS = """
+import sys, time
+from actcache.sets import diff
+from actcache.storage.store import Store
+
+read_bytes, shard_diff = Store.read_bytes, diff.ShardDiff
+
+
+def slow_read(self, rel, **kw):  # a big shard on a slow disk: verify hashes it for 2 s
+    if "/shards/" in rel:
+        time.sleep(2)
+    return read_bytes(self, rel, **kw)
+
+
+def slow_diff(*args):  # a big pair of shards: diff compares it for 2 s
+    time.sleep(2)
+    return shard_diff(*args)
+
+
+Store.read_bytes, diff.ShardDiff = slow_read, slow_diff
+from actcache.cli.app import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["verify", "diff"])
+def test_verify_and_diff_on_a_terminal_are_never_silent_for_more_than_5_s(command, extracted_set):
+    """verify and diff on a set whose 4 shards take 2 s each (injected: 8 s in all, and one shard could take
+    minutes on a real set): a bar with its total, redrawn while a shard takes long; no gap over 5 s."""
+    argv = [sys.executable, "-c", _SLOW_SHARDS, command, extracted_set] + ([extracted_set] if command == "diff" else [])
+    code, chunks = _pty_run(argv, _env(), timeout=120)
+    out = b"".join(c for _, c in chunks).decode("utf-8", "replace")
+    assert code == 0, out[-3000:]
+    gaps = [b[0] - a[0] for a, b in zip(chunks, chunks[1:], strict=False)]
+    assert chunks[-1][0] - chunks[0][0] >= 8 and max(gaps) <= 5.0, (max(gaps), out[-3000:])
+    assert f"{command}: 100%" in out and "4/4 [" in out, out[-3000:]  # the bar, with its total
+    assert ("OK: 4 shards" if command == "verify" else "same: 4 shards compared") in out, out[-3000:]

@@ -376,8 +376,11 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     set_url
         Set URL: `<store>/<set_id>`.
     """
+    from actcache.progress import Steps
+
     s = flags.open_set(set_url)
-    problems = s.verify()
+    with Steps("verify", "shard") as progress:
+        problems = s.verify(on_shard=lambda _: progress.advance(), on_total=progress.total)
     if json_output:
         _print_json(
             {
@@ -458,13 +461,18 @@ def diff(
     b_aws_credentials_block
         Prefect AwsCredentials block for SET_B's store (default: --aws-credentials-block).
     """
+    from actcache.progress import Steps
     from actcache.sets import diff as diff_mod
 
     b_flags = StoreFlags(
         flags.storage_options if b_storage_options is None else b_storage_options,
         b_aws_credentials_block or flags.aws_credentials_block,
     )
-    result = diff_mod.compare(flags.open_set(set_a), b_flags.open_set(set_b), atol=atol, rtol=rtol)
+    a, b = flags.open_set(set_a), b_flags.open_set(set_b)
+    with Steps("diff", "shard") as progress:
+        result = diff_mod.compare(
+            a, b, atol=atol, rtol=rtol, on_shard=lambda _: progress.advance(), on_total=progress.total
+        )
     if json_output:
         _print_json(result.to_json())
     else:
@@ -714,9 +722,23 @@ def push(
     revision
         Branch to commit to (created if missing; default: main).
     """
+    from actcache import console
+    from actcache.progress import Steps
     from actcache.sets.push import push_set
 
-    result = push_set(flags.ref(set_url), repo_id, private=private, revision=revision)
+    # Until the files to upload are known (the repo listed, other sets' manifests read): a status line.
+    with (
+        console.status(f"comparing {set_url} with the hub's {repo_id}", terminal_only=True),
+        Steps("push", "file") as progress,
+    ):
+        result = push_set(
+            flags.ref(set_url),
+            repo_id,
+            private=private,
+            revision=revision,
+            on_commit=progress.advance,
+            on_total=progress.total,
+        )
     return _done(
         f"uploaded {result.uploaded} files ({_human(result.bytes_uploaded)}), {result.skipped} already on the hub",
         result,
@@ -809,7 +831,10 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("not removed", file=sys.stderr)
             return 1
-    cleanup.remove_set(target)
+    from actcache import console
+
+    with console.status(f"removing {len(target.files)} files", terminal_only=True):
+        cleanup.remove_set(target)
     if json_output:
         _print_json({"removed": target.url, "files": len(target.files), "bytes": target.bytes})
     else:
@@ -844,10 +869,14 @@ def gc(
 
     if older_than < 0:
         raise ActcacheError(f"--older-than must be >= 0 hours, got {older_than}")
+    from actcache import console
+
     s = flags.store(store)
-    report = cleanup.find_garbage(s, older_than * 3600)
-    if yes:
-        cleanup.collect(s, report)
+    with console.status(f"looking for what no set needs in {store}", terminal_only=True):
+        report = cleanup.find_garbage(s, older_than * 3600)
+        if yes:
+            console.update_status(f"removing {len(report.items)} item(s)")
+            cleanup.collect(s, report)
     if json_output:
         _print_json(
             {

@@ -253,10 +253,11 @@ class ActivationSet:
         n = self.n_target_shards
         return n - sum(1 for r in self.records if r.index < n)
 
-    def verify(self) -> list[Problem]:
+    def verify(self, *, on_shard=None, on_total=None) -> list[Problem]:
         """Every problem found (shards missing from the target, missing files, wrong size, bad checksum, damaged
         or missing records, damaged token shards, an engine other than the key's); empty when sound. Each says
-        whether a plain rerun repairs it (see ``Problem``)."""
+        whether a plain rerun repairs it (see ``Problem``). ``on_total(n)`` once the shards to check are known,
+        ``on_shard(record)`` after each (progress)."""
         from actcache.format.header import check_header  # no torch: verify starts in a fraction of a second
 
         problems: list[Problem] = []
@@ -284,7 +285,11 @@ class ActivationSet:
         scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"))
         listing = scan.entries
         in_manifest = {r.index for r in self.records}
+        if on_total:
+            on_total(len(self.records))
         for r in self.records:
+            if on_shard:  # (counted as it starts: a ``continue`` below skips nothing of the count)
+                on_shard(r)
             plain = not scan.is_done(r.index, r.n_seq)  # what a plain rerun sees, by its own rule
 
             def problem(text: str, r: records.Record = r, plain: bool = plain) -> None:

@@ -121,14 +121,18 @@ def check_comparable(a: Any, b: Any) -> None:
         )
 
 
-def compare(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0) -> SetDiff:
-    """Compare ActivationSets ``a`` and ``b`` (see the module docstring)."""
+def compare(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0, on_shard=None, on_total=None) -> SetDiff:
+    """Compare ActivationSets ``a`` and ``b`` (see the module docstring); ``on_total(n)`` once the shards both
+    hold are known, ``on_shard(index)`` after each pair (progress)."""
     if atol < 0 or rtol < 0:
         raise ActcacheError(f"--atol and --rtol must be >= 0, got {atol} and {rtol}")
     check_comparable(a, b)
     ra, rb = {r.index: r for r in a.records}, {r.index: r for r in b.records}
     shards = []
-    for i in sorted(ra.keys() & rb.keys()):
+    both = sorted(ra.keys() & rb.keys())
+    if on_total:
+        on_total(len(both))
+    for i in both:
         x, y = ra[i], rb[i]
         if x.n_seq != y.n_seq:
             raise ActcacheError(
@@ -139,6 +143,8 @@ def compare(a: Any, b: Any, *, atol: float = 0.0, rtol: float = 0.0) -> SetDiff:
             shards.append(ShardDiff(i, True, True, 0.0, 0.0, 0))
         else:
             shards.append(_compare_shard(i, a.read(x), b.read(y), atol, rtol))
+        if on_shard:
+            on_shard(i)
     return SetDiff(a.url, b.url, atol, rtol, shards, sorted(ra.keys() - rb.keys()), sorted(rb.keys() - ra.keys()))
 
 

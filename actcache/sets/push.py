@@ -223,9 +223,11 @@ def push_set(
     commit_bytes: int = 1 << 30,
     commit_files: int = 200,
     on_commit: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> PushResult:
     """Upload the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
-    block) to the dataset repo ``repo_id`` (created if missing), at ``revision``."""
+    block) to the dataset repo ``repo_id`` (created if missing), at ``revision``. ``on_total(n)`` once the files
+    to upload are known, ``on_commit(k)`` after each commit of ``k`` of them (progress)."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -278,6 +280,8 @@ def push_set(
             batches[-1].append(f)
         if final:
             batches.append(final)  # after every shard: a repo with this manifest holds the whole set
+        if on_total:
+            on_total(len(todo) + len(final))
         action = "uploading to"
         for i, batch in enumerate(batches):
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=f.read()) for f in batch]

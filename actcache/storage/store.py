@@ -740,13 +740,14 @@ class Store:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
+            other = given_as.removeprefix("the ")  # "choose another destination store"
             if p != self.root:  # the store does not exist yet: it is what cannot be made (not the parent's fault)
                 raise ActcacheError(
                     f"cannot create store {self.url!r}: the nearest folder that exists, {p!r}, is not writable "
-                    f"({e.strerror}); choose another {given_as}"
+                    f"({e.strerror}); choose another {other}"
                 ) from None
             raise ActcacheError(
-                f"store {self.url!r} is not writable ({e.strerror}); choose another {given_as} or fix its permissions"
+                f"store {self.url!r} is not writable ({e.strerror}); choose another {other} or fix its permissions"
             ) from None
 
     def check_reachable(self) -> None:

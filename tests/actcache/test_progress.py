@@ -119,3 +119,24 @@ def test_artifact_value_never_exceeds_100(monkeypatch):
         p.advance()
         p.advance(2)  # one step too many
     assert p.publisher.values == [50.0, 100.0] and p.done == 3
+
+
+def test_off_a_terminal_a_long_step_still_gets_its_periodic_line(monkeypatch):
+    """A step that takes longer than LINE_EVERY_S (one big shard, one commit of a push) still prints the count in
+    a log every LINE_EVERY_S, not only when it ends; the last line comes once, with the total."""
+    import time
+
+    from actcache import console, progress
+
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.3)
+    log_file = io.StringIO()  # a pipe or log file: no isatty
+    monkeypatch.setattr(sys, "stderr", log_file)
+    with console.quieted(True), progress.Steps("cp", "shard") as steps:
+        steps.total(2)
+        deadline = time.monotonic() + 30
+        while "cp: 0/2 shards" not in log_file.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first step is still running
+        steps.advance()
+        steps.advance()
+    lines = log_file.getvalue().splitlines()
+    assert "cp: 0/2 shards" in lines and lines[-1] == "cp: 2/2 shards" and lines.count("cp: 2/2 shards") == 1, lines

@@ -307,7 +307,8 @@ def test_json_documents(made, capsys):
     code = main(["verify", a["url"], "--json"])
     out, err = capsys.readouterr()
     report = json.loads(out)
-    assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0] and err == ""
+    assert code == 1 and not report["ok"] and "shard 1" in report["problems"][0]
+    assert err == "verify: 3/3 shards\n"  # progress only: the problems are in the document
 
     lower = [a if a != "blocks.0.hook_resid_post,blocks.1.hook_resid_post" else b["hook"] for a in made["argv"]]
     lower[lower.index("--max-tokens") + 1] = "128"  # asks for one shard: the counts still describe the whole set
@@ -509,6 +510,17 @@ def test_cp_and_export_count_to_their_totals_off_a_terminal(extracted_set, tmp_p
     assert "export: 4/4 shards" in err and "Saving the dataset" not in err, err
     assert main(["stats", extracted_set]) == 0
     assert "stats:" not in capsys.readouterr().err
+    for argv, line in (
+        (["verify", extracted_set], "verify: 4/4 shards"),
+        (["diff", extracted_set, extracted_set], "diff: 4/4"),
+    ):
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert line in err and "\r" not in err, err
+    # No bar before an error: a set that is not there fails with its one line alone.
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("actcache: error: ") and "verify:" not in err and err.count("\n") == 1, err
 
 
 def test_ls_of_a_set_url_shows_that_set_and_its_layout(extracted_set, capsys):
@@ -532,10 +544,15 @@ def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, t
         assert "rerun the same `actcache extract` to finish it" in err, err
 
 
+HEAVY = ("torch", "prefect", "transformers", "transformer_lens", "datasets", "numpy", "s3fs", "huggingface_hub")
+"""Modules that take seconds to import here (torch alone ~2 s): none is needed to read JSON and hash bytes."""
+
+
 @pytest.mark.subprocess
-def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path):
-    """ls, show and stats (its numbers already in the manifest) read JSON: no torch import, which alone takes
-    seconds here, so they answer in about the time Python takes to start."""
+def test_commands_that_read_the_manifest_import_nothing_heavy(extracted_set, tmp_path):
+    """ls, show, stats (its numbers already in the manifest), verify (hashes and headers), diff of identical sets
+    and every --help read JSON and bytes: no heavy import, so they answer in about the time Python takes to
+    start (a fraction of a second; figures in docs/performance.md)."""
     import shutil
     import subprocess
     import sys
@@ -545,10 +562,32 @@ def test_commands_that_read_the_manifest_import_no_torch(extracted_set, tmp_path
     url = str(tmp_path / Path(extracted_set).name)
     shutil.copytree(extracted_set, url)
     stats.compute(url)  # in the manifest from now on
-    for argv in (["ls", str(tmp_path)], ["show", url], ["stats", url]):
-        code = f"import sys; from actcache.cli.app import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    for argv in (
+        ["ls", str(tmp_path)],
+        ["ls", url],
+        ["show", url],
+        ["stats", url],
+        ["verify", url],
+        ["diff", url, extracted_set],
+        ["--help"],
+        ["extract", "--help"],
+    ):
+        code = (
+            "import sys; from actcache.cli.app import main\n"
+            f"try: rc = main({argv!r})\nexcept SystemExit as e: rc = e.code or 0\n"
+            f"print(rc, [m for m in {HEAVY!r} if m in sys.modules])"
+        )
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert p.stdout.strip().splitlines()[-1] == "0 False", (argv, p.stdout[-2000:], p.stderr[-2000:])
+        assert p.stdout.strip().splitlines()[-1] == "0 []", (argv, p.stdout[-2000:], p.stderr[-2000:])
+
+
+@pytest.mark.subprocess
+def test_python_dash_m_actcache_is_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "actcache", "ls", str(tmp_path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "no sets" in (p.stdout + p.stderr).lower(), (p.stdout, p.stderr)
 
 
 def test_the_summary_links_the_run_on_a_server_that_outlives_the_command(argv, prefect_console, prefect_harness):

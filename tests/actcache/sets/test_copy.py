@@ -143,3 +143,9 @@ def test_a_source_removed_during_the_copy_is_named_as_removed(local_set, tmp_pat
 
     with pytest.raises(Failure, match=r"was removed since it was opened \(`actcache rm`\?\)"):
         copy_set(str(src), str(tmp_path / "dest"), jobs=1, on_shard=remove_source)
+
+
+def test_a_destination_that_cannot_be_created_names_the_path_given(local_set, capsys):
+    code, _, err = cp(capsys, local_set, "/proc/nope")
+    assert code == 2 and "cannot create store '/proc/nope'" in err, err
+    assert err.strip().endswith("choose another destination store"), err

@@ -27,6 +27,7 @@ def test_push_uploads_the_set_and_a_card_then_reads_back(extracted_set, hub, cap
     sid = Path(extracted_set).name
     assert out.out.strip().splitlines()[-1] == f"hf://datasets/{repo}/{sid}"
     assert "uploaded 10 files" in out.err and "0 already on the hub" in out.err
+    assert "push: 10/10 files" in out.err  # off a terminal: progress with its total
     files = hub.files(repo, repo_type="dataset")
     assert {k: v for k, v in files.items() if k.startswith(sid)} == set_files(extracted_set)
     readme = files["README.md"].decode()

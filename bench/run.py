@@ -1004,6 +1004,52 @@ def reader(work: Path, smoke: bool, reps: int) -> dict:
     return res
 
 
+def reader_small(work: Path, smoke: bool, reps: int) -> dict:
+    """Shuffled float32 reading of small shards against the floor, round-robin: 13 shards of 9.4 MB (d=768
+    float16, 48 sequences of 128), and the same number of rows in 2 shards of 61 MB for comparison. Each size has
+    its own floor (safetensors load + cast) and its own ratios; ``read_f32`` is the reader's own shard read + cast
+    (``open_set(url).read``: open, header and record checks) without batching."""
+    import torch
+    from safetensors.torch import load_file
+
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.reader import open_set
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import setwriter
+
+    d, ctx, small, large = (64, 32, (4, 4), (2, 8)) if smoke else (768, 128, (13, 48), (2, 312))
+    batch, buffer = (64, 256) if smoke else (4096, 1 << 17)
+    f32 = torch.float32
+    root = work / "reader_small"
+    methods: dict = {}
+    sets: dict = {}
+    for name, (shards, seqs) in (("small", small), ("large", large)):
+        url = setwriter.write_set(root / name, shards=shards, seqs=seqs, ctx=ctx, d=d, with_stats=True)
+        s = open_set(url)
+        files = [Path(url) / r.file for r in s.records]
+        sets[name] = {"shards": shards, "MB_per_shard": round(files[0].stat().st_size / 1e6, 1), "rows": s.n_tokens}
+        shuffled = ActivationDataset(url, batch, shuffle_buffer=buffer, dtype=f32)
+        in_order = ActivationDataset(url, batch, dtype=f32)
+        methods[f"floor_f32_{name}"] = lambda files=files: drain(load_file(f)["activations"].to(f32) for f in files)
+        methods[f"read_f32_{name}"] = lambda s=s: drain(s.read(r).activations.to(f32) for r in s.records)
+        methods[f"ds_in_order_f32_{name}"] = lambda ds=in_order: drain(ds)
+        methods[f"ds_shuffle_f32_{name}"] = lambda ds=shuffled: drain(ds)
+    load_before = os.getloadavg()
+    times = round_robin(methods, reps)
+    res: dict = {"sets": sets, "d": d, "batch_size": batch, "shuffle_buffer_rows": buffer, "reps": reps}
+    res["load_avg_before"], res["load_avg_after"] = load_before, os.getloadavg()
+    res["median_s"] = {k: round(median(v), 4) for k, v in times.items()}
+    for name in sets:
+        floor = times[f"floor_f32_{name}"]
+        res[f"vs_floor_f32_{name}"] = {
+            k: round(median([f / t for f, t in zip(floor, v, strict=True)]), 3)
+            for k, v in times.items()
+            if k.endswith(name)
+        }
+    return res
+
+
 def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:
     """The set copied to a moto_server on loopback; ActivationDataset and open_set against boto3 get_object of the
     same objects from the same endpoint (one at a time, and 4 threads)."""
@@ -1178,6 +1224,11 @@ def print_table(res: dict) -> None:
             print(f"\n== {key}\n{json.dumps(res[key], indent=1)}")
     if "reader" in res:
         print_reader(res["reader"])
+    if "reader_small" in res:
+        r = res["reader_small"]
+        print(f"\n== reading small shards back: {r['sets']}, load avg {r['load_avg_before']} -> {r['load_avg_after']}")
+        for name in r["sets"]:
+            print(json.dumps(r[f"vs_floor_f32_{name}"]))
     if "compression" in res:
         print("\n== compression (" + res["compression"]["note"] + ")")
         print(f"{'dtype':9} {'codec':15} {'B/token':>8} {'ratio':>6} {'enc MB/s':>9} {'dec MB/s':>9}")
@@ -1200,6 +1251,7 @@ SECTIONS = (
     "rss_growth",
     "memory",
     "reader",
+    "reader_small",
 )
 
 
@@ -1309,7 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
         return True
 
     try:
-        src = build_model(smoke) if set(only) - {"reader"} else None  # reading back needs no model
+        src = build_model(smoke) if set(only) - {"reader", "reader_small"} else None  # reading back needs no model
         n_layers = 6 if smoke else 12
         shapes = [(2, 32)] if smoke else [(8, 128), (16, 256)]
         if args.shapes:
@@ -1368,6 +1420,9 @@ def main(argv: list[str] | None = None) -> int:
             save()
         if section("reader"):
             res["reader"] = reader(work, smoke, max(reps - 2, 1) if not smoke else 1)
+            save()
+        if section("reader_small"):
+            res["reader_small"] = reader_small(work, smoke, reps)
             save()
     finally:
         shutil.rmtree(work, ignore_errors=True)

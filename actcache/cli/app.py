@@ -659,7 +659,7 @@ def export(
     set_url: str,
     out: str,
     /,
-    *,
+    *more: str,
     format: Literal["saelens", "hf"],
     exclude: ExcludeFlags = ExcludeFlags(),
     flags: StoreFlags = StoreFlags(),
@@ -667,12 +667,17 @@ def export(
 ) -> int:
     """Write a set as a Hugging Face datasets folder (SAELens's layout, or one row per token); print its path.
 
+    `export SET_A SET_B ... OUT`: sets extracted from the same tokens (`--hook a,b`) go into one folder,
+    row-aligned, one activation column per hook; sets of other tokens are refused.
+
     Parameters
     ----------
     set_url
         Set URL: `<store>/<set_id>`.
     out
-        A new local folder (refused if it exists).
+        A new local folder (refused if it exists); the last argument.
+    more
+        More sets, then OUT.
     format
         saelens: SAELens's cached activations (one row per sequence); hf: one row per token.
     """
@@ -680,9 +685,10 @@ def export(
     from actcache.sets.export import export_set
 
     options = exclude.options()
+    urls, out = [set_url, out, *more][:-1], [set_url, out, *more][-1]  # export A B ... OUT
     with Steps("export", "shard") as progress:
         result = export_set(
-            flags.ref(set_url),
+            [flags.ref(u) for u in urls] if len(urls) > 1 else flags.ref(urls[0]),
             out,
             format=format,
             **options,

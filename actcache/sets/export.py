@@ -60,16 +60,18 @@ def _quiet_datasets() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _features(fmt: str, hook: str, ctx: int, d: int, dtype: str):
+def _features(fmt: str, hooks: list[str], ctx: int, ds: list[int], dtypes: list[str]):
+    """Columns: SAELens's (one ``Array2D`` per hook, and ``token_ids``) or one row per token (``activations`` for
+    one set; one column per hook for several)."""
     from datasets import Array2D, Features, Sequence, Value
 
-    if fmt == "saelens":  # exactly CacheActivationsRunner's features
-        return Features(
-            {hook: Array2D(shape=(ctx, d), dtype=dtype), "token_ids": Sequence(Value(dtype="int32"), length=ctx)}
-        )
+    if fmt == "saelens":  # exactly CacheActivationsRunner's features (it caches one column per hook)
+        cols = {h: Array2D(shape=(ctx, d), dtype=dt) for h, d, dt in zip(hooks, ds, dtypes, strict=True)}
+        return Features({**cols, "token_ids": Sequence(Value(dtype="int32"), length=ctx)})
+    names = _act_columns(fmt, hooks)
     return Features(
         {
-            "activations": Sequence(Value(dtype), length=d),
+            **{n: Sequence(Value(dt), length=d) for n, d, dt in zip(names, ds, dtypes, strict=True)},
             "token_id": Value("int32"),
             "sequence": Value("int64"),
             "position": Value("int32"),
@@ -77,56 +79,66 @@ def _features(fmt: str, hook: str, ctx: int, d: int, dtype: str):
     )
 
 
+def _act_columns(fmt: str, hooks: list[str]) -> list[str]:
+    """The activation columns' names: the hooks', except ``activations`` for one set in ``hf``."""
+    return ["activations"] if fmt == "hf" and len(hooks) == 1 else list(hooks)
+
+
+def _numpy(acts: torch.Tensor, np_dtype: np.dtype) -> np.ndarray:
+    return acts.to(torch.float32).numpy().astype(np_dtype, copy=False) if acts.dtype == torch.bfloat16 else acts.numpy()
+
+
 def _pieces(
-    fmt: str, t: Shard, ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...], first_position: int
-) -> tuple[list[dict[str, np.ndarray]], int]:
-    """One shard as column dicts of at most ~256 MB each, and the number of tokens excluded."""
-    acts, toks = t.activations, t.tokens
+    fmt: str,
+    shards: list[Shard],
+    ctx: int,
+    np_dtypes: list[np.dtype],
+    exclude: tuple[int, ...],
+    first_position: int,
+) -> tuple[list[dict[str, Any]], int]:
+    """One shard (of each set: the same tokens) as column dicts of at most ~256 MB each, and the number of
+    tokens excluded. ``acts`` holds one array per set."""
+    t = shards[0]
+    toks = t.tokens
     if fmt == "saelens":
-        rows = (
-            acts.to(torch.float32).numpy().astype(np_dtype, copy=False)
-            if acts.dtype == torch.bfloat16
-            else acts.numpy()
-        )
-        cols = {"acts": rows, "token_ids": toks.numpy()}
+        cols: dict[str, Any] = {"token_ids": toks.numpy()}
+        acts = [_numpy(x.activations, dt) for x, dt in zip(shards, np_dtypes, strict=True)]
         excluded = 0
     else:
-        d = acts.shape[-1]
-        flat_a, flat_t = acts.reshape(-1, d), toks.reshape(-1)
+        flat_t = toks.reshape(-1)
+        flat = [x.activations.reshape(-1, x.activations.shape[-1]) for x in shards]
         positions = t.positions if t.positions is not None else first_position + torch.arange(len(flat_t))
         keep = ~torch.isin(flat_t, torch.tensor(exclude, dtype=torch.int32)) if exclude else None
         if keep is not None:
-            flat_a, flat_t, positions = flat_a[keep], flat_t[keep], positions[keep]
+            flat, flat_t, positions = [a[keep] for a in flat], flat_t[keep], positions[keep]
         excluded = toks.numel() - len(flat_t)
-        a = (
-            flat_a.to(torch.float32).numpy().astype(np_dtype, copy=False)
-            if flat_a.dtype == torch.bfloat16
-            else flat_a.numpy()
-        )
+        acts = [_numpy(a, dt) for a, dt in zip(flat, np_dtypes, strict=True)]
         cols = {
-            "acts": a,
             "token_id": flat_t.numpy(),
             "sequence": (positions // ctx).numpy(),
             "position": (positions % ctx).to(torch.int32).numpy(),
         }
-    n = len(cols["acts"])
-    row_bytes = max(1, cols["acts"][:1].nbytes)
+    n = len(acts[0])
+    row_bytes = max(1, sum(a[:1].nbytes for a in acts))
     per = max(1, _PIECE_BYTES // row_bytes)
-    return [{k: v[i : i + per] for k, v in cols.items()} for i in range(0, n, per)], excluded
+    return [
+        {"acts": [a[i : i + per] for a in acts], **{k: v[i : i + per] for k, v in cols.items()}}
+        for i in range(0, n, per)
+    ], excluded
 
 
-def _dataset(fmt: str, cols: dict[str, np.ndarray], features, hook: str):
+def _dataset(fmt: str, cols: dict[str, Any], features, hooks: list[str]):
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
     if fmt == "saelens":  # the same conversion CacheActivationsRunner's Dataset.from_dict runs
-        return Dataset.from_dict({hook: cols["acts"], "token_ids": cols["token_ids"]}, features=features)
+        data = dict(zip(hooks, cols["acts"], strict=True))
+        return Dataset.from_dict({**data, "token_ids": cols["token_ids"]}, features=features)
     # One row per token: build the fixed-size lists in Arrow directly (from_dict walks them in Python).
-    a = cols["acts"]
-    vectors = pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+    vectors = [pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1]) for a in cols["acts"]]
     table = pa.Table.from_arrays(
-        [vectors, pa.array(cols["token_id"]), pa.array(cols["sequence"]), pa.array(cols["position"])],
+        [*vectors, pa.array(cols["token_id"]), pa.array(cols["sequence"]), pa.array(cols["position"])],
         schema=features.arrow_schema,
     )
     return Dataset(InMemoryTable(table))
@@ -161,7 +173,7 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
 
 
 def export_set(
-    src: str | StoreRef,
+    src: str | StoreRef | list[str | StoreRef],
     out: str,
     *,
     format: str,
@@ -171,7 +183,10 @@ def export_set(
     on_total: Callable[[int], None] | None = None,
 ) -> ExportResult:
     """Write the set at ``src`` (its URL, or its ``StoreRef`` where the store needs options or a credentials
-    block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``."""
+    block) as a ``datasets`` folder at ``out`` (a new local path) in ``format``. A list of sets extracted from
+    the same tokens (``--hook a,b``) goes into one folder, row-aligned: one activation column per hook."""
+    from actcache.read.dataset import check_aligned
+
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
     target = Path(out)
@@ -181,8 +196,15 @@ def export_set(
         raise ActcacheError(f"{out} already exists; export into a new folder (or delete it first)")
     if not target.parent.is_dir():
         raise ActcacheError(f"{target.parent} is not a directory; create it or export elsewhere")
-    s = open_set(src)
+    sets = [open_set(u) for u in (src if isinstance(src, list) else [src])]
+    s = sets[0]
     m = s.manifest
+    hooks = [x.manifest["hook"] for x in sets]
+    if len(set(hooks)) != len(hooks):
+        raise ActcacheError(
+            f"two of the sets are of the same hook ({', '.join(hooks)}); export sets of different hooks together"
+        )
+    check_aligned(sets)  # refused in one line unless they hold the same tokens in the same shards
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
     rows_layout = s.layout == "rows"
     if format == "saelens" and rows_layout:
@@ -199,8 +221,8 @@ def export_set(
             "LanguageModelSAERunnerConfig"
         )
     ctx = m["tokenization"]["context_size"] if rows_layout else m["key"]["tokens"]["context_size"]
-    dtype = _EXPORT_DTYPES[m["dtype"]]
-    features = _features(format, m["hook"], ctx, m["d"], dtype)
+    dtypes = [_EXPORT_DTYPES[x.manifest["dtype"]] for x in sets]
+    features = _features(format, hooks, ctx, [x.manifest["d"] for x in sets], dtypes)
     full_tokens = 0 if rows_layout else m["key"]["tokens"]["seqs_per_shard"] * ctx
 
     partial = target.with_name(target.name + ".partial")
@@ -212,41 +234,51 @@ def export_set(
         n_pieces = rows = excluded = 0
         if on_total:
             on_total(len(s.records))
-        for r in s.records:
-            shard = s.read(r, verify=True)
-            chunks, dropped = _pieces(format, shard, ctx, np.dtype(dtype), exclude, r.index * full_tokens)
+        for i, r in enumerate(s.records):
+            shards = [x.read(x.records[i], verify=True) for x in sets]
+            for x, other in zip(sets[1:], shards[1:], strict=True):
+                if not torch.equal(other.tokens, shards[0].tokens):
+                    raise ActcacheError(
+                        f"shard {r.index} of {x.url} holds other tokens than that of {s.url}; export together only "
+                        "sets extracted from the same tokens"
+                    )
+            chunks, dropped = _pieces(
+                format, shards, ctx, [np.dtype(dt) for dt in dtypes], exclude, r.index * full_tokens
+            )
             excluded += dropped
             for cols in chunks:
-                ds = _dataset(format, cols, features, m["hook"])
+                ds = _dataset(format, cols, features, hooks)
                 ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
                 n_pieces += 1
-                rows += len(cols["acts"])
+                rows += len(cols["acts"][0])
             if on_shard:
                 on_shard(r.index)
         if not n_pieces:  # nothing left: still a loadable, empty dataset
+            acts = [
+                np.zeros((0, ctx, x.manifest["d"]) if format == "saelens" else (0, x.manifest["d"]), dtype=dt)
+                for x, dt in zip(sets, dtypes, strict=True)
+            ]
             empty = {
-                "acts": np.zeros((0, ctx, m["d"]) if format == "saelens" else (0, m["d"]), dtype=dtype),
+                "acts": acts,
                 "token_ids": np.zeros((0, ctx), np.int32),
                 "token_id": np.zeros(0, np.int32),
                 "sequence": np.zeros(0, np.int64),
                 "position": np.zeros(0, np.int32),
             }
-            _dataset(format, empty, features, m["hook"]).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
+            _dataset(format, empty, features, hooks).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
         _consolidate(pieces_dir, partial)
-    provenance = {k: v for k, v in m.items() if k not in ("shards", "moments")}
-    (partial / "actcache.json").write_text(
-        json.dumps(
-            {
-                "format": format,
-                "set_id": s.set_id,
-                "excluded": {"ids": list(exclude), "tokens": excluded},
-                "dtype": dtype,
-                "manifest": provenance,
-            },
-            indent=1,
-            sort_keys=True,
-        )
-        + "\n"
-    )
+    meta: dict[str, Any] = {
+        "format": format,
+        "set_id": s.set_id,
+        "excluded": {"ids": list(exclude), "tokens": excluded},
+        "dtype": dtypes[0],
+        "manifest": {k: v for k, v in m.items() if k not in ("shards", "moments")},
+    }
+    if len(sets) > 1:  # which column came from which set
+        meta["sets"] = [
+            {"column": c, "set_id": x.set_id, "hook": h, "dtype": dt}
+            for c, x, h, dt in zip(_act_columns(format, hooks), sets, hooks, dtypes, strict=True)
+        ]
+    (partial / "actcache.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     os.replace(partial, target)
-    return ExportResult(str(target), rows, excluded, dtype)
+    return ExportResult(str(target), rows, excluded, dtypes[0])

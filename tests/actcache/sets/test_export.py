@@ -92,10 +92,10 @@ def test_hf_export_of_a_shuffled_set_keeps_positions(source, tmp_path):
 def test_bfloat16_is_exported_as_float32():
     acts = torch.randn(2, 4, 8).to(torch.bfloat16)
     pieces, _ = export._pieces(
-        "hf", Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32)), 4, np.dtype("float32"), (), 0
+        "hf", [Shard(0, acts, torch.zeros(2, 4, dtype=torch.int32))], 4, [np.dtype("float32")], (), 0
     )
-    assert pieces[0]["acts"].dtype == np.float32
-    assert np.array_equal(pieces[0]["acts"], acts.float().reshape(-1, 8).numpy())
+    assert pieces[0]["acts"][0].dtype == np.float32
+    assert np.array_equal(pieces[0]["acts"][0], acts.float().reshape(-1, 8).numpy())
 
 
 def test_an_interrupted_export_leaves_no_target(source, tmp_path, monkeypatch):
@@ -165,3 +165,74 @@ def test_an_export_into_a_dangling_link_is_refused_in_one_line(source, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a symlink; export into a new folder" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "elsewhere").exists()
+
+
+# -- several sets into one folder ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_hooks(tiny_models, corpus, tmp_path_factory):
+    """Two sets of different widths from one forward pass (``--hook a,b``)."""
+    import setwriter
+
+    from actcache.config import ExtractConfig
+
+    return setwriter.extract_sets_by_stages(
+        ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            hook="blocks.0.mlp.hook_post,blocks.1.hook_mlp_out",
+            dataset=str(corpus),
+            context_size=32,
+            max_tokens=256,
+            shard_tokens=128,
+            batch_size=4,
+            store=str(tmp_path_factory.mktemp("two-hooks")),
+            device="cpu",
+        )
+    )
+
+
+def test_several_sets_export_row_aligned_one_column_per_hook(two_hooks, tmp_path, capsys):
+    a, b = two_hooks
+    out = tmp_path / "hf"
+    assert cli.main(["export", a, b, str(out), "--format", "hf", "--exclude-special-tokens", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(out)
+    got = load_from_disk(str(out)).with_format("numpy")[:]
+    sa, sb = open_set(a), open_set(b)
+    hooks = [sa.manifest["hook"], sb.manifest["hook"]]
+    assert set(got) == {*hooks, "token_id", "sequence", "position"}
+    flat = got["sequence"] * 32 + got["position"]
+    special = {sa.tokenization[k] for k in ("bos_id", "eos_id", "pad_id") if sa.tokenization.get(k) is not None}
+    toks = torch.cat([s.tokens.reshape(-1) for s in sa])
+    kept = [i for i in range(len(toks)) if int(toks[i]) not in special]
+    assert flat.tolist() == kept and len(kept) < len(toks)  # in order, special tokens left out
+    assert np.array_equal(got["token_id"], toks[kept].numpy())
+    for s, h in zip((sa, sb), hooks, strict=True):  # the same token in the same row of each column
+        acts = torch.cat([x.activations.reshape(-1, s.d) for x in s])
+        assert np.array_equal(got[h], acts[kept].numpy())
+    meta = json.loads((out / "actcache.json").read_text())
+    assert [x["column"] for x in meta["sets"]] == hooks and meta["sets"][1]["set_id"] == sb.set_id
+
+
+def test_several_sets_export_in_saelens_layout(two_hooks, tmp_path):
+    a, b = two_hooks
+    export.export_set([a, b], str(tmp_path / "sl"), format="saelens")
+    ds = load_from_disk(str(tmp_path / "sl"))
+    sa, sb = open_set(a), open_set(b)
+    assert ds.features[sa.manifest["hook"]] == Array2D(shape=(32, sa.d), dtype=sa.manifest["dtype"])
+    assert ds.features[sb.manifest["hook"]] == Array2D(shape=(32, sb.d), dtype=sb.manifest["dtype"])
+    got = ds.with_format("numpy")[:]
+    for s in (sa, sb):
+        assert np.array_equal(got[s.manifest["hook"]], torch.cat([x.activations for x in s]).numpy())
+    assert np.array_equal(got["token_ids"], torch.cat([x.tokens for x in sa]).numpy())
+
+
+def test_sets_of_other_tokens_are_refused_in_one_line(two_hooks, tmp_path, capsys):
+    import setwriter
+
+    other = setwriter.write_set(tmp_path / "other", shards=2, seqs=4, ctx=32, d=8)  # other tokens
+    out = tmp_path / "hf"
+    assert cli.main(["export", two_hooks[0], other, str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "extracted from other tokens than" in err
+    assert not out.exists() and not out.with_name("hf.partial").exists()
+    assert cli.main(["export", two_hooks[0], two_hooks[0], str(out), "--format", "hf"]) == 2
+    assert "same hook" in capsys.readouterr().err and not out.exists()

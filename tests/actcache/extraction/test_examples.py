@@ -283,9 +283,9 @@ def test_bad_selection_gives_one_line_and_writes_nothing(tiny_models, corpus, tm
     assert not any((tmp_path / "s").rglob("*.safetensors"))
 
 
-def test_heads_with_packed_sequences_are_refused():
-    with pytest.raises(ActcacheError, match="heads needs one sequence per example"):
-        ExtractConfig(heads="0")
+def test_a_token_column_with_packed_sequences_is_refused():
+    with pytest.raises(ActcacheError, match="token_column needs one sequence per example"):
+        ExtractConfig(token_column="ids")
 
 
 # -- pretokenized input ----------------------------------------------------------------------------------

@@ -280,19 +280,6 @@ def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:
 
 
 # -- extracting ------------------------------------------------------------------------------------------
-def select(act: torch.Tensor, length: int, pos: Positions, bos: bool, rows: int) -> torch.Tensor:
-    """The stored rows ``[rows, d]`` of one example's activations ``act [>= length, d]`` (``all``: its ``length``
-    real rows)."""
-    import torch
-
-    if pos.kind == "all":
-        return act[:length]
-    if pos.kind == "mean":
-        start = 1 if bos and length > 1 else 0
-        return act[start:length].float().mean(0, keepdim=True).to(act.dtype)
-    return act[torch.tensor(pos.indices(length, bos), device=act.device)]
-
-
 def batches(lengths: list[int], size: int) -> list[list[int]]:
     """Indices into ``lengths`` grouped ``size`` at a time by similar length (sorted, stable)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -301,7 +288,11 @@ def batches(lengths: list[int], size: int) -> list[list[int]]:
 
 def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[str, torch.Tensor]:
     """{hook: activations ``[n, rows, d]``} in the storage dtype, for examples in the given order; with positions
-    ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored)."""
+    ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored).
+
+    Per batch, the rows kept are gathered on the device by one index (the kept heads and dims first), cast there,
+    and written to their places in the output by one ``index_copy_``: no per-example work on tensors. On CUDA a
+    batch that runs out of memory is split in two and redone (``forward.Extractor.adaptive``)."""
     import torch
 
     from actcache.extraction.forward import CPU_BATCH
@@ -317,24 +308,67 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
-    lead = (starts[-1],) if flat else (len(ids), rows)
-    out = {h: torch.zeros((*lead, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
-    size = cfg.batch_size or CPU_BATCH
+    n_out = starts[-1] if flat else len(ids) * rows
+    out = {h: torch.empty((n_out, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
     pad = plan.resolved.pad_id if plan.resolved.pad_id is not None else 0
-    for group in batches(lengths, size):
-        width = max(lengths[i] for i in group)
-        tokens = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for j, i in enumerate(group):
-            tokens[j, : lengths[i]] = torch.tensor(ids[i])
-            mask[j, : lengths[i]] = 1
-        got = step.capture(tokens, mask)
+    todo = batches(lengths, cfg.batch_size or CPU_BATCH)
+    todo.reverse()  # popped from the end: in order
+    while todo:
+        group = todo.pop()
+        lens = [lengths[i] for i in group]
+        width = max(lens)
+        tokens = torch.tensor([ids[i] + [pad] * (width - n) for i, n in zip(group, lens, strict=True)])
+        mask = (torch.arange(width) < torch.tensor(lens)[:, None]).long()
+        oom = None
+        try:
+            got = step.capture(tokens, mask)
+        except torch.OutOfMemoryError as e:
+            if len(group) == 1 or not all(p.adaptive for p in step.parts):
+                raise
+            oom = str(e).strip().split("\n")[0][:120]  # handled once the exception (and its tensors) are gone
+        if oom is not None:
+            log.warning(
+                "out of memory with %d examples of up to %d tokens per pass; halving (%s)", len(group), width, oom
+            )
+            torch.cuda.empty_cache()
+            todo += [group[len(group) // 2 :], group[: len(group) // 2]]
+            continue
+        src, dst, weights = _gather(group, lens, width, starts, pos, cfg.prepend_bos, rows)
         for h, act in got.items():
             act = sel[h].apply(act.reshape(act.shape[0], act.shape[1], -1))
-            for j, i in enumerate(group):
-                dest = out[h][starts[i] : starts[i + 1]] if flat else out[h][i]
-                dest.copy_(select(act[j], lengths[i], pos, cfg.prepend_bos, rows))
-    return out
+            if weights is not None:  # mean: over each example's own tokens, in float32
+                picked = torch.einsum("bp,bpd->bd", weights.to(act.device), act.float())
+            else:
+                picked = act.reshape(-1, act.shape[-1]).index_select(0, src.to(act.device))
+            out[h].index_copy_(0, dst, picked.to(dtype).cpu())
+    lead = (starts[-1],) if flat else (len(ids), rows)
+    return {h: o.view(*lead, o.shape[-1]) for h, o in out.items()}
+
+
+def _gather(
+    group: list[int], lens: list[int], width: int, starts: list[int], pos: Positions, bos: bool, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For one batch: the flat rows of ``[batch * width]`` kept, where they go in the output's rows, and for
+    ``mean`` the weights ``[batch, width]`` of each example's own tokens instead of rows to gather."""
+    import torch
+
+    if pos.kind == "mean":
+        first = torch.tensor([1 if bos and n > 1 else 0 for n in lens])
+        ends = torch.tensor(lens)
+        p = torch.arange(width)
+        own = (p >= first[:, None]) & (p < ends[:, None])
+        return torch.empty(0), torch.tensor(group), own.float() / (ends - first)[:, None].float()
+    if pos.kind == "all":
+        src = torch.cat([torch.arange(j * width, j * width + n) for j, n in enumerate(lens)])
+        dst = torch.cat([torch.arange(starts[i], starts[i] + n) for i, n in zip(group, lens, strict=True)])
+        return src, dst, None
+    src_l: list[int] = []
+    dst_l: list[int] = []
+    for j, (i, n) in enumerate(zip(group, lens, strict=True)):
+        at = pos.indices(n, bos)
+        src_l += [j * width + k for k in at]
+        dst_l += range(i * rows, i * rows + len(at))
+    return torch.tensor(src_l), torch.tensor(dst_l), None
 
 
 def shard_tensors(ex: Examples, lo: int, hi: int, context_size: int) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
-from actcache.format import layout, manifest, records, shard
+from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.commit import Points, Shard, commit
 from actcache.inputs import sources
 
@@ -427,7 +427,12 @@ def extract(plan: Plan) -> list[str]:
             )
             rel = layout.shard_file(index, key.codec)
             kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
-            extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(kept)}
+            extra = {
+                "set_id": key.id,
+                "stats": shard.stats(a),
+                moments.RECORD_FIELD: moments.of(a).to_json(),  # the manifest's stats: normalising readers
+                "hook_shape": list(kept),
+            }
             record = records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
             commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
     return write_manifests(plan, ex)
@@ -455,7 +460,16 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "hook_shape": list(sel.kept_shape),
             "selection": {"full_hook_shape": list(sel.shape), "heads": sel.heads, "dims": sel.dims},
         }
-        m = manifest.build(s.key, provenance, recs, target_seqs=len(ex.ids), previous=scan.consolidated)
+        m = manifest.build(
+            s.key, provenance, [moments.without(r) for r in recs], target_seqs=len(ex.ids), previous=scan.consolidated
+        )
+        m |= moments.merged(  # {} when a shard written before examples kept moments has none
+            recs,
+            m["d"],
+            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,  # type: ignore[misc]
+            previous=scan.consolidated,
+            moments_of=moments.from_records(store, s.set_id, m["d"]),
+        )
         done = sum(r.n_seq for r in recs)
         flat = rows == cfg.context_size and parse(cfg.positions, cfg.context_size).kind == "all"
         m["target_tokens"] = sum(map(len, ex.ids)) if flat else len(ex.ids) * rows

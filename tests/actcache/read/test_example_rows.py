@@ -131,3 +131,26 @@ def test_bad_asks_of_an_example_set_are_one_line(sets, extracted_set, tiny_model
         ActivationDataset(sets["mean"], batch_size=4, with_tokens=True)
     with pytest.raises(ActcacheError, match="mean over each example"):
         ActivationDataset(sets["mean"], batch_size=4, exclude_tokens=[3])
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_an_example_set_has_the_stats_of_its_rows_and_standardizes(sets, positions):
+    ex = load_examples(sets[positions])
+    rows = (
+        ex.activations[:, 0]
+        if positions == "last"
+        else torch.cat([a[:n] for a, n in zip(ex.activations, ex.lengths, strict=True)])
+    )
+    stats = ex.manifest["stats"]
+    assert stats["n"] == len(rows)
+    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), rows.double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(stats["var"], dtype=torch.float64), rows.double().var(0, correction=0), rtol=1e-4, atol=1e-6)
+    (acts, cols), *_ = list(
+        ActivationDataset(sets[positions], batch_size=len(rows), normalize="standardize", with_columns=True)
+    )
+    torch.testing.assert_close(
+        acts.double().mean(0), torch.zeros(acts.shape[1], dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        acts.double().std(0, correction=0), torch.ones(acts.shape[1], dtype=torch.float64), atol=1e-3, rtol=0
+    )

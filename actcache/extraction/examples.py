@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -408,34 +409,53 @@ def extract(plan: Plan) -> list[str]:
     spans = [(lo, min(lo + sps, n)) for lo in range(0, n, sps)]
     if n < cfg.target_seqs:  # the dataset ended first: remembered where the plan looks (``TokenCache.plan``)
         store.write_json(f"{layout.tokens_dir(plan.tokens_key.id)}/{layout.END}", records.sealed({"n_seq": n}))
-    for index, (lo, hi) in enumerate(spans):
-        if index % plan.partition[1] != plan.partition[0]:
-            continue
-        todo = [s for s in plan.sets if not records.scan_set(store, s.key).is_done(index, hi - lo)]
-        if not todo:
-            continue
-        acts = compute_shard(plan, [s.hook for s in todo], ex.ids[lo:hi])
-        rest = shard_tensors(ex, lo, hi, cfg.context_size)
-        for s in todo:
-            key = s.key
-            a = acts[s.hook]
-            enc = shard.encode(
-                {"activations": a, **rest},
-                codec=key.codec,
-                level=key.codec_level,
-                metadata={"set_id": key.id, "hook": key.hook, "index": str(index)},
-            )
-            rel = layout.shard_file(index, key.codec)
-            kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
-            extra = {
-                "set_id": key.id,
-                "stats": shard.stats(a),
-                moments.RECORD_FIELD: moments.of(a).to_json(),  # the manifest's stats: normalising readers
-                "hook_shape": list(kept),
-            }
-            record = records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
-            commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
+    # Shard i is encoded and stored by a writer thread while shard i + 1 runs through the model; at most one shard
+    # waits there (memory: two shards), and a failure to store it is raised here, before the next is handed over.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actcache-examples-store")
+    pending: Future | None = None
+    try:
+        for index, (lo, hi) in enumerate(spans):
+            if index % plan.partition[1] != plan.partition[0]:
+                continue
+            todo = [s for s in plan.sets if not records.scan_set(store, s.key).is_done(index, hi - lo)]
+            if not todo:
+                continue
+            acts = compute_shard(plan, [s.hook for s in todo], ex.ids[lo:hi])
+            rest = shard_tensors(ex, lo, hi, cfg.context_size)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_store_shard, plan, todo, index, hi - lo, rows, acts, rest)
+        if pending is not None:
+            pending.result()
+    finally:
+        pool.shutdown(wait=True)
     return write_manifests(plan, ex)
+
+
+def _store_shard(
+    plan: Plan, todo: list, index: int, n: int, rows: int, acts: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
+) -> None:
+    """Encode shard ``index`` (``n`` examples) of each set in ``todo`` and store it: bytes, then the record."""
+    cfg, store = plan.config, plan.store
+    for s in todo:
+        key = s.key
+        a = acts[s.hook]
+        enc = shard.encode(
+            {"activations": a, **rest},
+            codec=key.codec,
+            level=key.codec_level,
+            metadata={"set_id": key.id, "hook": key.hook, "index": str(index)},
+        )
+        rel = layout.shard_file(index, key.codec)
+        kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
+        extra = {
+            "set_id": key.id,
+            "stats": shard.stats(a),
+            moments.RECORD_FIELD: moments.of(a).to_json(),  # the manifest's stats: normalising readers
+            "hook_shape": list(kept),
+        }
+        record = records.Record(index, rel, n, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
+        commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
 
 
 def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:

@@ -143,8 +143,9 @@ def test_an_example_set_has_the_stats_of_its_rows_and_standardizes(sets, positio
     )
     stats = ex.manifest["stats"]
     assert stats["n"] == len(rows)
-    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), rows.double().mean(0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(stats["var"], dtype=torch.float64), rows.double().var(0, correction=0), rtol=1e-4, atol=1e-6)
+    mean, var = (torch.tensor(stats[k], dtype=torch.float64) for k in ("mean", "var"))
+    torch.testing.assert_close(mean, rows.double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var, rows.double().var(0, correction=0), rtol=1e-4, atol=1e-6)
     (acts, cols), *_ = list(
         ActivationDataset(sets[positions], batch_size=len(rows), normalize="standardize", with_columns=True)
     )

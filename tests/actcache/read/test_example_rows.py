@@ -155,3 +155,17 @@ def test_an_example_set_has_the_stats_of_its_rows_and_standardizes(sets, positio
     torch.testing.assert_close(
         acts.double().std(0, correction=0), torch.ones(acts.shape[1], dtype=torch.float64), atol=1e-3, rtol=0
     )
+
+
+def test_columns_through_dataloader_workers(sets):
+    from torch.utils.data import DataLoader
+
+    ex = load_examples(sets["last"])
+    ds = ActivationDataset(sets["last"], batch_size=4, shuffle_buffer=8, with_columns=True)
+    rows = []
+    for acts, cols in DataLoader(ds, batch_size=None, num_workers=2):
+        for a, r, name in zip(acts, cols["row"].tolist(), cols["name"], strict=True):
+            j = ex.example_index.tolist().index(r)
+            assert name == f"s{r}" and torch.equal(a, ex.activations[j, 0])
+            rows.append(r)
+    assert sorted(rows) == sorted(ex.example_index.tolist())

@@ -287,13 +287,18 @@ def batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+_FITS: dict[tuple, int] = {}
+"""Examples per batch that fit, per model and hooks, after an out-of-memory error in this process."""
+
+
 def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[str, torch.Tensor]:
     """{hook: activations ``[n, rows, d]``} in the storage dtype, for examples in the given order; with positions
     ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored).
 
     Per batch, the rows kept are gathered on the device by one index (the kept heads and dims first), cast there,
-    and written to their places in the output by one ``index_copy_``: no per-example work on tensors. On CUDA a
-    batch that runs out of memory is split in two and redone (``forward.Extractor.adaptive``)."""
+    and written to their places in the shard's rows (on the device) by one ``index_copy_``: no per-example work on
+    tensors, one copy to the host per shard. On CUDA a batch that runs out of memory is split in two and redone,
+    and no later batch of this process is larger (``_FITS``)."""
     import torch
 
     from actcache.extraction.forward import CPU_BATCH
@@ -310,12 +315,19 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
     for n in lengths:
         starts.append(starts[-1] + n)
     n_out = starts[-1] if flat else len(ids) * rows
-    out = {h: torch.empty((n_out, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
+    # The shard's rows gather where the model runs and cross to the host once, at the end: no sync per batch.
+    device = step.parts[0].device
+    out = {h: torch.empty((n_out, math.prod(sel[h].kept_shape)), dtype=dtype, device=device) for h in hooks}
     pad = plan.resolved.pad_id if plan.resolved.pad_id is not None else 0
     todo = batches(lengths, cfg.batch_size or CPU_BATCH)
     todo.reverse()  # popped from the end: in order
+    fits = (tuple(id(p._module) for p in step.parts), tuple(hooks))
     while todo:
         group = todo.pop()
+        cap = _FITS.get(fits, len(group))
+        if len(group) > cap:  # an earlier batch ran out of memory: none larger than half of it
+            todo += [group[cap:], group[:cap]]
+            continue
         lens = [lengths[i] for i in group]
         width = max(lens)
         tokens = torch.tensor([ids[i] + [pad] * (width - n) for i, n in zip(group, lens, strict=True)])
@@ -332,6 +344,7 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
                 "out of memory with %d examples of up to %d tokens per pass; halving (%s)", len(group), width, oom
             )
             torch.cuda.empty_cache()
+            _FITS[fits] = len(group) // 2
             todo += [group[len(group) // 2 :], group[: len(group) // 2]]
             continue
         src, dst, weights = _gather(group, lens, width, starts, pos, cfg.prepend_bos, rows)
@@ -341,9 +354,9 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
                 picked = torch.einsum("bp,bpd->bd", weights.to(act.device), act.float())
             else:
                 picked = act.reshape(-1, act.shape[-1]).index_select(0, src.to(act.device))
-            out[h].index_copy_(0, dst, picked.to(dtype).cpu())
+            out[h].index_copy_(0, dst.to(device), picked.to(dtype))
     lead = (starts[-1],) if flat else (len(ids), rows)
-    return {h: o.view(*lead, o.shape[-1]) for h, o in out.items()}
+    return {h: o.view(*lead, o.shape[-1]).cpu() for h, o in out.items()}
 
 
 def _gather(

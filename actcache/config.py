@@ -90,11 +90,11 @@ class ExtractConfig:
     """With --packing none: a column of token ids (pretokenized data, checked against the vocabulary) read instead
     of tokenizing --text-column; empty: tokenize text."""
     heads: str = ""
-    """With --packing none: heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v,
-    hook_result), as indices and slices (0,5,7 or 0:4); empty: all."""
+    """Heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v, hook_result), as indices and
+    slices (0,5,7 or 0:4); empty: all. Only they are computed into the shards (both packing modes)."""
     dims: str = ""
-    """With --packing none: entries kept of the hook's last axis (neurons of mlp.hook_post, a subspace of the
-    residual stream), as indices and slices (3,17 or 0:64); empty: all."""
+    """Entries kept of the hook's last axis (neurons of mlp.hook_post, a subspace of the residual stream, or of
+    each kept head), as indices and slices (3,17 or 0:64); empty: all. Both packing modes."""
     max_tokens: int = 1 << 20
     """Stop after this many tokens (rounded down to whole sequences); raising it extends the same set."""
     shard_tokens: int = 0
@@ -183,9 +183,10 @@ class ExtractConfig:
                     f"{opt('positions')} {self.positions} needs one sequence per example: add "
                     f"{opt('packing', 'none')} (packed sequences store every position)"
                 )
-            for name in ("heads", "dims", "token_column"):
-                if getattr(self, name).strip():
-                    raise ActcacheError(f"{opt(name)} needs one sequence per example: add {opt('packing', 'none')}")
+            if self.token_column.strip():
+                raise ActcacheError(
+                    f"{opt('token_column')} needs one sequence per example: add {opt('packing', 'none')}"
+                )
             if self.keep_columns.strip():
                 raise ActcacheError(
                     f"{opt('keep_columns')} needs one sequence per example: add {opt('packing', 'none')}"

@@ -20,13 +20,14 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
-from actcache.format import layout, manifest, records, shard
+from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.commit import Points, Shard, commit
 from actcache.inputs import sources
 
@@ -280,28 +281,24 @@ def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:
 
 
 # -- extracting ------------------------------------------------------------------------------------------
-def select(act: torch.Tensor, length: int, pos: Positions, bos: bool, rows: int) -> torch.Tensor:
-    """The stored rows ``[rows, d]`` of one example's activations ``act [>= length, d]`` (``all``: its ``length``
-    real rows)."""
-    import torch
-
-    if pos.kind == "all":
-        return act[:length]
-    if pos.kind == "mean":
-        start = 1 if bos and length > 1 else 0
-        return act[start:length].float().mean(0, keepdim=True).to(act.dtype)
-    return act[torch.tensor(pos.indices(length, bos), device=act.device)]
-
-
 def batches(lengths: list[int], size: int) -> list[list[int]]:
     """Indices into ``lengths`` grouped ``size`` at a time by similar length (sorted, stable)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+_FITS: dict[tuple, int] = {}
+"""Examples per batch that fit, per model and hooks, after an out-of-memory error in this process."""
+
+
 def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[str, torch.Tensor]:
     """{hook: activations ``[n, rows, d]``} in the storage dtype, for examples in the given order; with positions
-    ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored)."""
+    ``all``, ``[sum of lengths, d]``: every example's real rows, one after another (no padding is stored).
+
+    Per batch, the rows kept are gathered on the device by one index (the kept heads and dims first), cast there,
+    and written to their places in the shard's rows (on the device) by one ``index_copy_``: no per-example work on
+    tensors, one copy to the host per shard. On CUDA a batch that runs out of memory is split in two and redone,
+    and no later batch of this process is larger (``_FITS``)."""
     import torch
 
     from actcache.extraction.forward import CPU_BATCH
@@ -317,24 +314,75 @@ def compute_shard(plan: Plan, hooks: list[str], ids: list[list[int]]) -> dict[st
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
-    lead = (starts[-1],) if flat else (len(ids), rows)
-    out = {h: torch.zeros((*lead, math.prod(sel[h].kept_shape)), dtype=dtype) for h in hooks}
-    size = cfg.batch_size or CPU_BATCH
+    n_out = starts[-1] if flat else len(ids) * rows
+    # The shard's rows gather where the model runs and cross to the host once, at the end: no sync per batch.
+    device = step.parts[0].device
+    out = {h: torch.empty((n_out, math.prod(sel[h].kept_shape)), dtype=dtype, device=device) for h in hooks}
     pad = plan.resolved.pad_id if plan.resolved.pad_id is not None else 0
-    for group in batches(lengths, size):
-        width = max(lengths[i] for i in group)
-        tokens = torch.full((len(group), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for j, i in enumerate(group):
-            tokens[j, : lengths[i]] = torch.tensor(ids[i])
-            mask[j, : lengths[i]] = 1
-        got = step.capture(tokens, mask)
+    todo = batches(lengths, cfg.batch_size or CPU_BATCH)
+    todo.reverse()  # popped from the end: in order
+    fits = (tuple(id(p._module) for p in step.parts), tuple(hooks))
+    while todo:
+        group = todo.pop()
+        cap = _FITS.get(fits, len(group))
+        if len(group) > cap:  # an earlier batch ran out of memory: none larger than half of it
+            todo += [group[cap:], group[:cap]]
+            continue
+        lens = [lengths[i] for i in group]
+        width = max(lens)
+        tokens = torch.tensor([ids[i] + [pad] * (width - n) for i, n in zip(group, lens, strict=True)])
+        mask = (torch.arange(width) < torch.tensor(lens)[:, None]).long()
+        oom = None
+        try:
+            got = step.capture(tokens, mask)
+        except torch.OutOfMemoryError as e:
+            if len(group) == 1 or not all(p.adaptive for p in step.parts):
+                raise
+            oom = str(e).strip().split("\n")[0][:120]  # handled once the exception (and its tensors) are gone
+        if oom is not None:
+            log.warning(
+                "out of memory with %d examples of up to %d tokens per pass; halving (%s)", len(group), width, oom
+            )
+            torch.cuda.empty_cache()
+            _FITS[fits] = len(group) // 2
+            todo += [group[len(group) // 2 :], group[: len(group) // 2]]
+            continue
+        src, dst, weights = _gather(group, lens, width, starts, pos, cfg.prepend_bos, rows)
         for h, act in got.items():
             act = sel[h].apply(act.reshape(act.shape[0], act.shape[1], -1))
-            for j, i in enumerate(group):
-                dest = out[h][starts[i] : starts[i + 1]] if flat else out[h][i]
-                dest.copy_(select(act[j], lengths[i], pos, cfg.prepend_bos, rows))
-    return out
+            if weights is not None:  # mean: over each example's own tokens, in float32
+                picked = torch.einsum("bp,bpd->bd", weights.to(act.device), act.float())
+            else:
+                picked = act.reshape(-1, act.shape[-1]).index_select(0, src.to(act.device))
+            out[h].index_copy_(0, dst.to(device), picked.to(dtype))
+    lead = (starts[-1],) if flat else (len(ids), rows)
+    return {h: o.view(*lead, o.shape[-1]).cpu() for h, o in out.items()}
+
+
+def _gather(
+    group: list[int], lens: list[int], width: int, starts: list[int], pos: Positions, bos: bool, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For one batch: the flat rows of ``[batch * width]`` kept, where they go in the output's rows, and for
+    ``mean`` the weights ``[batch, width]`` of each example's own tokens instead of rows to gather."""
+    import torch
+
+    if pos.kind == "mean":
+        first = torch.tensor([1 if bos and n > 1 else 0 for n in lens])
+        ends = torch.tensor(lens)
+        p = torch.arange(width)
+        own = (p >= first[:, None]) & (p < ends[:, None])
+        return torch.empty(0), torch.tensor(group), own.float() / (ends - first)[:, None].float()
+    if pos.kind == "all":
+        src = torch.cat([torch.arange(j * width, j * width + n) for j, n in enumerate(lens)])
+        dst = torch.cat([torch.arange(starts[i], starts[i] + n) for i, n in zip(group, lens, strict=True)])
+        return src, dst, None
+    src_l: list[int] = []
+    dst_l: list[int] = []
+    for j, (i, n) in enumerate(zip(group, lens, strict=True)):
+        at = pos.indices(n, bos)
+        src_l += [j * width + k for k in at]
+        dst_l += range(i * rows, i * rows + len(at))
+    return torch.tensor(src_l), torch.tensor(dst_l), None
 
 
 def shard_tensors(ex: Examples, lo: int, hi: int, context_size: int) -> dict[str, torch.Tensor]:
@@ -374,29 +422,53 @@ def extract(plan: Plan) -> list[str]:
     spans = [(lo, min(lo + sps, n)) for lo in range(0, n, sps)]
     if n < cfg.target_seqs:  # the dataset ended first: remembered where the plan looks (``TokenCache.plan``)
         store.write_json(f"{layout.tokens_dir(plan.tokens_key.id)}/{layout.END}", records.sealed({"n_seq": n}))
-    for index, (lo, hi) in enumerate(spans):
-        if index % plan.partition[1] != plan.partition[0]:
-            continue
-        todo = [s for s in plan.sets if not records.scan_set(store, s.key).is_done(index, hi - lo)]
-        if not todo:
-            continue
-        acts = compute_shard(plan, [s.hook for s in todo], ex.ids[lo:hi])
-        rest = shard_tensors(ex, lo, hi, cfg.context_size)
-        for s in todo:
-            key = s.key
-            a = acts[s.hook]
-            enc = shard.encode(
-                {"activations": a, **rest},
-                codec=key.codec,
-                level=key.codec_level,
-                metadata={"set_id": key.id, "hook": key.hook, "index": str(index)},
-            )
-            rel = layout.shard_file(index, key.codec)
-            kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
-            extra = {"set_id": key.id, "stats": shard.stats(a), "hook_shape": list(kept)}
-            record = records.Record(index, rel, hi - lo, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
-            commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
+    # Shard i is encoded and stored by a writer thread while shard i + 1 runs through the model; at most one shard
+    # waits there (memory: two shards), and a failure to store it is raised here, before the next is handed over.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actcache-examples-store")
+    pending: Future | None = None
+    try:
+        for index, (lo, hi) in enumerate(spans):
+            if index % plan.partition[1] != plan.partition[0]:
+                continue
+            todo = [s for s in plan.sets if not records.scan_set(store, s.key).is_done(index, hi - lo)]
+            if not todo:
+                continue
+            acts = compute_shard(plan, [s.hook for s in todo], ex.ids[lo:hi])
+            rest = shard_tensors(ex, lo, hi, cfg.context_size)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_store_shard, plan, todo, index, hi - lo, rows, acts, rest)
+        if pending is not None:
+            pending.result()
+    finally:
+        pool.shutdown(wait=True)
     return write_manifests(plan, ex)
+
+
+def _store_shard(
+    plan: Plan, todo: list, index: int, n: int, rows: int, acts: dict[str, torch.Tensor], rest: dict[str, torch.Tensor]
+) -> None:
+    """Encode shard ``index`` (``n`` examples) of each set in ``todo`` and store it: bytes, then the record."""
+    cfg, store = plan.config, plan.store
+    for s in todo:
+        key = s.key
+        a = acts[s.hook]
+        enc = shard.encode(
+            {"activations": a, **rest},
+            codec=key.codec,
+            level=key.codec_level,
+            metadata={"set_id": key.id, "hook": key.hook, "index": str(index)},
+        )
+        rel = layout.shard_file(index, key.codec)
+        kept = hook_selection(cfg, s.hook, s.hook_shape).kept_shape
+        extra = {
+            "set_id": key.id,
+            "stats": shard.stats(a),
+            moments.RECORD_FIELD: moments.of(a).to_json(),  # the manifest's stats: normalising readers
+            "hook_shape": list(kept),
+        }
+        record = records.Record(index, rel, n, a.shape[0] * rows, enc.sha256, len(enc.data), extra)
+        commit(store, key.id, [Shard(record, enc.data)], points=SHARD_POINTS)  # bytes, then the record
 
 
 def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
@@ -421,7 +493,16 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "hook_shape": list(sel.kept_shape),
             "selection": {"full_hook_shape": list(sel.shape), "heads": sel.heads, "dims": sel.dims},
         }
-        m = manifest.build(s.key, provenance, recs, target_seqs=len(ex.ids), previous=scan.consolidated)
+        m = manifest.build(
+            s.key, provenance, [moments.without(r) for r in recs], target_seqs=len(ex.ids), previous=scan.consolidated
+        )
+        m |= moments.merged(  # {} when a shard written before examples kept moments has none
+            recs,
+            m["d"],
+            full=lambda r, k=s.key: r.n_seq == k.tokens.seqs_per_shard,  # type: ignore[misc]
+            previous=scan.consolidated,
+            moments_of=moments.from_records(store, s.set_id, m["d"]),
+        )
         done = sum(r.n_seq for r in recs)
         flat = rows == cfg.context_size and parse(cfg.positions, cfg.context_size).kind == "all"
         m["target_tokens"] = sum(map(len, ex.ids)) if flat else len(ex.ids) * rows

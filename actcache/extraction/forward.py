@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from actcache import progress
+
+if TYPE_CHECKING:
+    from actcache.extraction.selection import Selection
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.engines import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
 
@@ -149,8 +152,12 @@ class _Batched:
         tokens: torch.Tensor,
         into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
         finite: dict[str, bool] | None = None,
+        select: Mapping[str, Selection] | None = None,
     ) -> dict[str, torch.Tensor]:
         """{hook: activations ``[n_seq, context, d]``} (trailing hook dims flattened into d), on the CPU.
+
+        ``select``: per hook, the heads and dims kept (``--heads``, ``--dims``), taken on the device from each batch
+        as computed, so only they cross to the host and into the shard (``d`` is then the kept width).
 
         Each batch is cast to its destination's dtype as it completes (on the device on CUDA) and written in
         place: into the tensor ``into(hook, shape)`` returns (a shard file's view), or else into a new host
@@ -183,6 +190,8 @@ class _Batched:
                     continue
                 for h, act in got.items():
                     act = act.reshape(act.shape[0], act.shape[1], -1)
+                    if select is not None and h in select:
+                        act = select[h].apply(act)
                     dest = outs.get(h)
                     if dest is None:
                         shape = (n_seq, *act.shape[1:])
@@ -358,8 +367,10 @@ class MultiExtractor:
         tokens: torch.Tensor,
         into: Callable[[str, tuple[int, ...]], torch.Tensor] | None = None,
         finite: dict[str, bool] | None = None,
+        select: Mapping[str, Selection] | None = None,
     ) -> dict[str, torch.Tensor]:
-        return {h: a for p in self.parts for h, a in p(tokens, into, finite).items()}
+        kw = {"select": select} if select else {}
+        return {h: a for p in self.parts for h, a in p(tokens, into, finite, **kw).items()}
 
 
 def extractor_for(

@@ -33,6 +33,7 @@ from actcache.storage.store import Store, StoreRef
 
 if TYPE_CHECKING:
     from actcache.extraction.forward import MultiExtractor
+    from actcache.extraction.selection import Selection
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,14 @@ class Plan:
         if self.check_memory():
             self.extractor(self.config.hooks)
 
+    def selection(self, hook: str) -> Selection:
+        """The heads and dims of ``hook`` this plan's sets keep (``--heads``, ``--dims``)."""
+        return hook_selection(self.config, hook, self.hook_set(hook).hook_shape)
+
+    def kept_shape(self, hook: str) -> tuple[int, ...]:
+        """``hook``'s per-token shape as stored: its full shape less the heads and dims not kept."""
+        return self.selection(hook).kept_shape
+
     def extractor(self, hooks: Sequence[str]) -> MultiExtractor:
         """The forward pass for ``hooks``, on the pinned model and engines (weights loaded once per process)."""
         from actcache.extraction.forward import extractor_for
@@ -356,7 +365,7 @@ def make_plan(
         )
         scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
-        scan.bounds = records.Bounds.of(key, d=math.prod(shape))
+        scan.bounds = records.Bounds.of(key, d=math.prod(hook_selection(cfg, hook, shape).kept_shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
     if plan.has_missing:  # a complete set reads from a read-only store: only work to do needs a writable one
@@ -386,7 +395,7 @@ def examples_set_fields(cfg: ExtractConfig) -> dict[str, Any]:
     return {"positions": parse(cfg.positions, cfg.context_size).text, "keep_columns": ",".join(cfg.kept_columns)}
 
 
-def hook_selection(cfg: ExtractConfig, hook: str, shape: tuple[int, ...]):
+def hook_selection(cfg: ExtractConfig, hook: str, shape: tuple[int, ...]) -> Selection:
     """The heads and dimensions of ``hook`` kept (``extraction.selection``), checked against its shape."""
     from actcache.extraction.selection import select
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from actcache.errors import ActcacheError, opt
 
@@ -65,8 +66,9 @@ class Selection:
     def whole(self) -> bool:
         return self.heads is None and self.dims is None
 
-    def key_fields(self) -> dict[str, str]:
-        out = {}
+    def key_fields(self) -> dict[str, Any]:
+        """The set key's fields (none for a whole hook: packed sets keep their ids)."""
+        out: dict[str, Any] = {}
         if self.heads is not None:
             out["heads"] = ",".join(map(str, self.heads))
         if self.dims is not None:

@@ -169,7 +169,7 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
 
     def shard_file(hook: str, shape: tuple[int, ...]) -> torch.Tensor:
         """Where the forward pass writes ``hook``'s activations: the stored file's own buffer."""
-        want = plan.hook_set(hook).hook_shape  # the manifest's d comes from it: a disagreement is a bug, never a set
+        want = plan.kept_shape(hook)  # the manifest's d comes from it: a disagreement is a bug, never a set
         if shape[-1] != math.prod(want):
             raise RuntimeError(f"hook {hook!r} gave width {shape[-1]}, the plan says {list(want)}")
         key = plan.hook_set(hook).key
@@ -185,7 +185,8 @@ def extract(plan: Plan, work: ShardWork) -> list[ActivationsRef]:
     finite: dict[str, bool] = {}
     progress.shard_started(tokens.numel())  # the bar moves with each batch of this pass
     try:
-        step(tokens, into=shard_file, finite=finite)
+        select = {h: s for h in hooks if not (s := plan.selection(h)).whole}  # --heads, --dims: on the device
+        step(tokens, into=shard_file, finite=finite, **({"select": select} if select else {}))
     except BaseException:
         for f in files.values():
             f.release()
@@ -210,7 +211,7 @@ def compress(plan: Plan, ref: ActivationsRef) -> PackedRef:
         "stats": stats,
         moments.RECORD_FIELD: moments.of(acts).to_json(),
         moments.BY_TOKEN_FIELD: by_token(plan, acts, f.tensors["tokens"]).to_json(),
-        "hook_shape": list(hook_set.hook_shape or [acts.shape[-1]]),
+        "hook_shape": list(plan.kept_shape(ref.hook) if hook_set.hook_shape else [acts.shape[-1]]),
         "env": environment.current(plan.config.device, key.forward),  # who computed it (a mixed fleet shows)
     }
     del acts
@@ -272,8 +273,11 @@ def build_manifest(plan: Plan, s: Any, scan: records.Scan) -> dict[str, Any]:
         **plan.provenance,
         "hook": s.hook,
         "layer": hook_layer(s.hook),
-        "hook_shape": list(s.hook_shape) if s.hook_shape else None,
+        "hook_shape": list(plan.kept_shape(s.hook)) if s.hook_shape else None,
     }
+    sel = plan.selection(s.hook) if s.hook_shape else None
+    if sel is not None and not sel.whole:  # (a whole hook's manifest stays as it was)
+        provenance["selection"] = {"full_hook_shape": list(sel.shape), "heads": sel.heads, "dims": sel.dims}
     m = manifest.build(
         s.key,
         provenance,

@@ -33,7 +33,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from actcache.errors import ActcacheError
 from actcache.format import moments
 from actcache.format.records import Record
+from actcache.read import example_rows
 from actcache.read.exclude import token_ids
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.retry import is_transient
@@ -204,9 +205,11 @@ class _Chunk:
     rows: slice | torch.Tensor
     """A slice of the shard's rows, or their indices (when rows are excluded)."""
     n: int
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+    """An example set's kept columns, one value per row (``column.NAME``)."""
 
     def column(self, name: str) -> torch.Tensor:
-        return {"tokens": self.tokens, "positions": self.positions}[name]  # type: ignore[return-value]
+        return {"tokens": self.tokens, "positions": self.positions, **self.columns}[name]  # type: ignore[return-value]
 
     def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
@@ -254,6 +257,11 @@ class ActivationDataset(IterableDataset):
             dimension with zero variance is only centred). Needs the set's statistics (``actcache stats SET``).
         rank, world_size: this process's share (default: from torch.distributed when it is initialized, else
             0 and 1). Every rank gets ``n_tokens // world_size`` rows per epoch; the remainder is left out.
+        with_columns: also yield the kept columns (``--keep-columns``) of an example set (``--packing none``): each
+            batch is then ``(acts, ..., columns)``, ``columns`` a dict of one value per row (a tensor for numbers
+            and bools, a list for strings), each row its example's value. Rows of an example set are its stored
+            rows (one per example for last, first and mean); their positions are ``example * context_size +
+            position``, the example counted in the set's order (as ``load_examples`` holds them).
         verify: check each shard's sha256 before using it.
         prefetch: shards read ahead (and S3 GETs in flight) per worker.
         drop_last: leave out the rank's final batch when it is not full.
@@ -281,6 +289,7 @@ class ActivationDataset(IterableDataset):
         normalize: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        with_columns: bool = False,
         verify: bool = False,
         prefetch: int = 2,
         drop_last: bool = False,
@@ -322,6 +331,20 @@ class ActivationDataset(IterableDataset):
         self.set: ActivationSet = self.sets[0]
         """The (first) set: its tokens, shards and tokenizer drive the dealing and exclusions for all."""
         s = self.set
+        self.examples = example_rows.is_examples(s)
+        self.with_columns = with_columns
+        self.column_types: dict[str, str] = example_rows.column_types(s) if self.examples else {}
+        """Kept columns of an example set (name -> int, float, bool or str), yielded when ``with_columns``."""
+        if with_columns and not self.column_types:
+            raise ActcacheError(
+                f"with_columns=True, but set {s.url} keeps no columns (they are kept at extraction by "
+                "--packing none --keep-columns NAME,...); leave with_columns off"
+            )
+        if self.examples:
+            drop_bos = drop_bos and s.manifest["examples"].get("positions") != "mean"  # a mean holds no BOS row
+        self._first_examples = example_rows.first_examples(s) if self.examples else []
+        self._strings: dict[int, dict[str, list[str]]] = {}
+        """An example set's string columns, by shard read (see ``example_rows.STRING_BITS``)."""
         self.d: int = s.d
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.with_tokens, self.with_positions, self.verify = with_tokens, with_positions, verify
@@ -333,6 +356,10 @@ class ActivationDataset(IterableDataset):
         if self.drop_bos and s.context_size is None:
             raise ActcacheError(f"drop_bos needs the context size, which the manifest of {s.url} does not record")
         self.exclude: tuple[int, ...] = _exclusions(s, exclude_special_tokens, exclude_tokens)
+        if self.examples:
+            example_rows.check_reader(
+                s, with_tokens=with_tokens, with_positions=with_positions, exclude=bool(self.exclude)
+            )
         kept = [moments.kept_stats(x.manifest, self.exclude, self.drop_bos) for x in self.sets]
         self.stats: Any = tuple(kept) if self.several else kept[0]
         """Statistics of the rows this dataset yields (its exclusions applied): ``n``, ``mean``, ``var``,
@@ -351,7 +378,7 @@ class ActivationDataset(IterableDataset):
         """Rows each shard contributes to an epoch, after exclusions (in the order of ``set.records``)."""
         self.excluded: dict[int, int] = {}
         """Rows left out per epoch for each excluded token id (all ranks; ``drop_bos`` positions not included)."""
-        if self.exclude or (self.drop_bos and s.layout == "rows"):
+        if self.exclude or (self.drop_bos and (s.layout == "rows" or self.examples)):
             self.rows_per_shard, self.excluded = self._scan()
         elif self.drop_bos:
             self.rows_per_shard = [r.n_seq * (s.context_size - 1) for r in s.records]  # type: ignore[operator]
@@ -417,7 +444,7 @@ class ActivationDataset(IterableDataset):
         stop = threading.Event()
 
         def load(r: Record):
-            tokens, positions = retried(lambda: self.set.read_tokens(r), f"reading the tokens of shard {r.index}", stop)
+            tokens, positions = retried(lambda: self._read_tokens(r), f"reading the tokens of shard {r.index}", stop)
             kept = self._kept(tokens, positions)
             if kept is None:
                 return len(tokens), {}
@@ -434,6 +461,12 @@ class ActivationDataset(IterableDataset):
         finally:
             stop.set()
         return counts, excluded
+
+    def _read_tokens(self, r: Record) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.examples:
+            return self.set.read_tokens(r)
+        rows = example_rows.read(self.set, r, self._first_examples[r.index], verify=False)
+        return rows.tokens, rows.positions  # type: ignore[return-value]  # check_reader: no scan of a mean set
 
     def _bos_mask(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """True at every sequence's first position."""
@@ -456,6 +489,8 @@ class ActivationDataset(IterableDataset):
         return keep
 
     def _load(self, piece: Piece, stop: threading.Event) -> _Chunk:
+        if self.examples:
+            return self._load_examples(piece, stop)
         r = self.set.records[piece.shard]
         shard = retried(lambda: self.set.read(r, verify=self.verify), f"reading shard {r.index}", stop)
         tokens = shard.tokens.reshape(-1)
@@ -486,6 +521,43 @@ class ActivationDataset(IterableDataset):
                 )
             acts.append(more.activations.reshape(-1, other.d))
         return _Chunk(acts, tokens, positions, rows, piece.stop - piece.start)
+
+    def _load_examples(self, piece: Piece, stop: threading.Event) -> _Chunk:
+        """``_load`` for example sets: the shard's stored rows, each with its token, position and columns."""
+        r = self.set.records[piece.shard]
+        first = self._first_examples[piece.shard]
+        parts = []
+        for x in self.sets:
+            o = x.records[piece.shard]
+            parts.append(
+                retried(
+                    lambda x=x, o=o: example_rows.read(x, o, first, verify=self.verify),  # type: ignore[misc]
+                    f"reading shard {o.index}",
+                    stop,
+                )
+            )
+        main = parts[0]
+        for x, other in zip(self.sets[1:], parts[1:], strict=True):
+            if main.tokens is not None and not torch.equal(other.tokens, main.tokens):  # type: ignore[arg-type]
+                raise ActcacheError(
+                    f"shard {r.index} of {x.url} holds other tokens than that of {self.set.url}; "
+                    "read together only sets extracted from the same tokens"
+                )
+        if main.tokens is not None:
+            kept = self._kept(main.tokens, main.positions)
+        else:
+            kept = None
+        if kept is None:
+            rows: slice | torch.Tensor = slice(piece.start, piece.stop)
+        else:
+            index = kept.nonzero().squeeze(1)
+            if len(index) != self.rows_per_shard[piece.shard]:
+                raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
+            rows = index[piece.start : piece.stop]
+        if self.with_columns:
+            self._strings[r.index] = main.strings
+        columns = {f"column.{k}": v for k, v in main.columns.items()} if self.with_columns else {}
+        return _Chunk([p.acts for p in parts], main.tokens, main.positions, rows, piece.stop - piece.start, columns)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
@@ -523,7 +595,14 @@ class ActivationDataset(IterableDataset):
     # -- making batches ---------------------------------------------------------------------------------
     def _columns(self) -> list[str]:
         extra = (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
-        return self._acts() + extra
+        kept = [f"column.{k}" for k in self.column_types] if self.with_columns else []
+        return self._acts() + extra + kept
+
+    def _column_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype of every column but the activations."""
+        out = {"tokens": torch.int32, "positions": torch.int64}
+        out.update({f"column.{k}": example_rows.column_dtype(t) for k, t in self.column_types.items()})
+        return out
 
     def _acts(self) -> list[str]:
         """The activation columns: ``acts`` for the first set, ``acts1``, ``acts2``, ... for the others."""
@@ -531,10 +610,9 @@ class ActivationDataset(IterableDataset):
 
     def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
         out = {c: self._empty((n, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
-        if self.with_tokens:
-            out["tokens"] = self._empty((n,), torch.int32)
-        if self.with_positions:
-            out["positions"] = self._empty((n,), torch.int64)
+        dtypes = self._column_dtypes()
+        for c in self._columns()[len(self.sets) :]:
+            out[c] = self._empty((n,), dtypes[c])
         return out
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -546,9 +624,24 @@ class ActivationDataset(IterableDataset):
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
 
     def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
-        if not self.with_tokens and not self.with_positions and not self.several:
+        plain = [c for c in self._columns() if not c.startswith("column.")]
+        if self.with_columns:
+            return (*(batch[c] for c in plain), self._column_values(batch))
+        if len(plain) == 1:
             return batch["acts"]
-        return tuple(batch[c] for c in self._columns())
+        return tuple(batch[c] for c in plain)
+
+    def _column_values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[str]]:
+        """The kept columns of a batch: tensors as they are, string codes turned into their text."""
+        out: dict[str, torch.Tensor | list[str]] = {}
+        mask = (1 << example_rows.STRING_BITS) - 1
+        for name, kind in self.column_types.items():
+            t = batch[f"column.{name}"]
+            if kind == "str":
+                out[name] = [self._strings[c >> example_rows.STRING_BITS][name][c & mask] for c in t.tolist()]
+            else:
+                out[name] = t
+        return out
 
     def _convert(self, k: int, dst: torch.Tensor, src: torch.Tensor) -> None:
         """``dst[:] = src`` (rows of set ``k``) in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
@@ -647,10 +740,9 @@ class ActivationDataset(IterableDataset):
         block = {
             c: torch.empty((cap, x.d), dtype=dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)
         }
-        if self.with_tokens:
-            block["tokens"] = torch.empty(cap, dtype=torch.int32)
-        if self.with_positions:
-            block["positions"] = torch.empty(cap, dtype=torch.int64)
+        dtypes = self._column_dtypes()
+        for c in self._columns()[len(self.sets) :]:
+            block[c] = torch.empty(cap, dtype=dtypes[c])
         return block
 
     def _shuffle_through(
@@ -701,14 +793,19 @@ def _on_device(batches: Generator[Any, None, None], device: torch.device) -> Ite
     a stream of their own from pinned memory; each batch is handed over after an event says it has arrived."""
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
+    def to(t: Any, **kw: Any) -> Any:
+        if isinstance(t, dict):  # the kept columns: tensors move, lists of strings stay
+            return {k: to(v, **kw) for k, v in t.items()}
+        return t.to(device, **kw) if isinstance(t, torch.Tensor) else t
+
     def move(batch: Any) -> tuple[Any, Any]:
         single = isinstance(batch, torch.Tensor)
         parts = (batch,) if single else batch
         if stream is None:
-            moved = tuple(t.to(device) for t in parts)
+            moved = tuple(to(t) for t in parts)
             return (moved[0] if single else moved), None
         with torch.cuda.stream(stream):
-            moved = tuple(t.to(device, non_blocking=True) for t in parts)
+            moved = tuple(to(t, non_blocking=True) for t in parts)
             event = torch.cuda.Event()
             event.record(stream)
         return (moved[0] if single else moved), event
@@ -725,7 +822,9 @@ def _on_device(batches: Generator[Any, None, None], device: torch.device) -> Ite
             current = torch.cuda.current_stream(device)
             current.wait_event(event)
             for t in (batch,) if isinstance(batch, torch.Tensor) else batch:
-                t.record_stream(current)  # the memory belongs to the copy stream: keep it until used here
+                for x in t.values() if isinstance(t, dict) else (t,):
+                    if isinstance(x, torch.Tensor):
+                        x.record_stream(current)  # the memory belongs to the copy stream: keep it until used here
         yield batch
 
 

@@ -125,7 +125,7 @@ class ActivationSet:
         if self.manifest.get("examples"):
             raise ActcacheError(
                 f"set {self.url} holds one sequence per example (--packing none); read it with "
-                "actcache.load_examples(url)"
+                "actcache.load_examples(url) or ActivationDataset(url, ...)"
             )
         rel = f"{self.set_id}/{record.file}"
         try:

@@ -7,6 +7,10 @@ as ``Sequence(Value("int32"), length=context_size)``; flat ``data-NNNNN-of-MMMMM
 ``LanguageModelSAERunnerConfig(use_cached_activations=True, cached_activations_path=OUT, ...)`` trains from it
 as is. ``hf`` writes one row per token: ``activations`` (``Sequence(Value(dtype), length=d)``), ``token_id``
 (int32), ``sequence`` (int64: the sequence's index in the source set) and ``position`` (int32: within it).
+An example set (``--packing none``) exports with ``hf`` only, one row per stored row: ``activations``,
+``example`` (int64: the example's row in ``load_examples``), ``example_index`` (int64: its row in the dataset),
+``token_id`` and ``position`` (within the example; not for ``--positions mean``) and each kept column (int64,
+float64, bool or string), the example's value on each of its rows.
 
 Both stream shard by shard (memory: one shard plus one arrow piece of at most ~256 MB), into ``OUT.partial``
 renamed to ``OUT`` at the end: OUT exists only once complete. Arrow has no bfloat16: a bfloat16 set is
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from actcache.errors import ActcacheError, opt
+from actcache.read import example_rows
 from actcache.read.exclude import token_ids
 from actcache.read.reader import Shard, open_set
 from actcache.storage.store import StoreRef
@@ -60,10 +65,22 @@ def _quiet_datasets() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _features(fmt: str, hooks: list[str], ctx: int, ds: list[int], dtypes: list[str]):
-    """Columns: SAELens's (one ``Array2D`` per hook, and ``token_ids``) or one row per token (``activations`` for
-    one set; one column per hook for several)."""
+def _features(
+    fmt: str, hooks: list[str], ctx: int, ds: list[int], dtypes: list[str], examples: dict[str, Any] | None = None
+):
+    """Columns: SAELens's (one ``Array2D`` per hook, and ``token_ids``), one row per stored row of an example set,
+    or one row per token (``activations`` for one set; one column per hook for several)."""
     from datasets import Array2D, Features, Sequence, Value
+
+    if examples is not None:  # one row per stored row of an example set (one set: refused with several)
+        per_token = examples["positions"] != "mean"
+        cols = {"activations": Sequence(Value(dtypes[0]), length=ds[0]), "example": Value("int64")}
+        cols["example_index"] = Value("int64")
+        if per_token:
+            cols.update(token_id=Value("int32"), position=Value("int32"))
+        kinds = {"int": "int64", "float": "float64", "bool": "bool", "str": "string"}
+        cols.update({name: Value(kinds[kind]) for name, kind in examples["columns"].items()})
+        return Features(cols)
 
     if fmt == "saelens":  # exactly CacheActivationsRunner's features (it caches one column per hook)
         cols = {h: Array2D(shape=(ctx, d), dtype=dt) for h, d, dt in zip(hooks, ds, dtypes, strict=True)}
@@ -144,6 +161,47 @@ def _dataset(fmt: str, cols: dict[str, Any], features, hooks: list[str]):
     return Dataset(InMemoryTable(table))
 
 
+def _example_pieces(
+    t: example_rows.ExampleRows, ctx: int, np_dtype: np.dtype, exclude: tuple[int, ...]
+) -> tuple[list[dict[str, Any]], int]:
+    """One example shard as column dicts of at most ~256 MB each, and the number of rows excluded."""
+    keep = ~torch.isin(t.tokens, torch.tensor(exclude, dtype=torch.int32)) if exclude and t.tokens is not None else None
+    acts = t.acts if keep is None else t.acts[keep]
+
+    def kept(x: torch.Tensor) -> np.ndarray:
+        return (x if keep is None else x[keep]).numpy()
+
+    cols: dict[str, Any] = {
+        "acts": acts.to(torch.float32).numpy().astype(np_dtype, copy=False)
+        if acts.dtype == torch.bfloat16
+        else acts.numpy(),
+        "example": kept(t.example),
+        "example_index": kept(t.example_index),
+    }
+    if t.tokens is not None and t.positions is not None:
+        cols["token_id"], cols["position"] = kept(t.tokens), kept((t.positions % ctx).to(torch.int32))
+    for name, values in t.columns.items():
+        if name in t.strings:  # codes: the example within the shard in the low bits
+            mask = (1 << example_rows.STRING_BITS) - 1
+            cols[name] = [t.strings[name][c & mask] for c in kept(values).tolist()]
+        else:
+            cols[name] = kept(values)
+    n = len(acts)
+    per = max(1, _PIECE_BYTES // max(1, cols["acts"][:1].nbytes))
+    return [{k: v[i : i + per] for k, v in cols.items()} for i in range(0, n, per)], len(t.acts) - n
+
+
+def _example_dataset(cols: dict[str, Any], features):
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    a = cols["acts"]
+    arrays = [pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])]
+    arrays += [pa.array(cols[name]) for name in list(features)[1:]]
+    return Dataset(InMemoryTable(pa.Table.from_arrays(arrays, schema=features.arrow_schema)))
+
+
 def _consolidate(pieces_dir: Path, out: Path) -> None:
     """Flatten one-file datasets into one folder, as SAELens's ``_consolidate_shards`` does."""
     from datasets import Dataset
@@ -204,8 +262,26 @@ def export_set(
         raise ActcacheError(
             f"two of the sets are of the same hook ({', '.join(hooks)}); export sets of different hooks together"
         )
+    if len(sets) > 1 and any(example_rows.is_examples(x) for x in sets):
+        raise ActcacheError(
+            "sets with one row per example (--packing none) export one at a time; export each set on its own"
+        )
     check_aligned(sets)  # refused in one line unless they hold the same tokens in the same shards
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
+    if example_rows.is_examples(s):
+        if format != "hf":
+            raise ActcacheError(
+                f"{s.url} holds one row per example (--packing none), not the sequences SAELens reads; "
+                f"export it with {opt('format', 'hf')}"
+            )
+        example_rows.check_reader(s, with_tokens=False, with_positions=False, exclude=bool(exclude))
+        own = {"activations", "example", "example_index", "token_id", "position"}
+        taken = sorted(set(m["examples"]["columns"]) & own)
+        if taken:
+            raise ActcacheError(
+                f"{s.url} keeps a column named {taken[0]!r}, which the export uses for its own; "
+                "read the set with actcache.load_examples instead"
+            )
     rows_layout = s.layout == "rows"
     if format == "saelens" and rows_layout:
         raise ActcacheError(
@@ -222,7 +298,8 @@ def export_set(
         )
     ctx = m["tokenization"]["context_size"] if rows_layout else m["key"]["tokens"]["context_size"]
     dtypes = [_EXPORT_DTYPES[x.manifest["dtype"]] for x in sets]
-    features = _features(format, hooks, ctx, [x.manifest["d"] for x in sets], dtypes)
+    examples = m.get("examples")
+    features = _features(format, hooks, ctx, [x.manifest["d"] for x in sets], dtypes, examples)
     full_tokens = 0 if rows_layout else m["key"]["tokens"]["seqs_per_shard"] * ctx
 
     partial = target.with_name(target.name + ".partial")
@@ -230,30 +307,42 @@ def export_set(
         shutil.rmtree(partial)  # what an interrupted export of the same OUT left
     pieces_dir = partial / ".tmp_shards"
     pieces_dir.mkdir(parents=True)
+    from datasets import Dataset
+
     with _quiet_datasets():  # a bar per piece saved would bury the export's own
         n_pieces = rows = excluded = 0
         if on_total:
             on_total(len(s.records))
+        firsts = example_rows.first_examples(s) if examples else []
         for i, r in enumerate(s.records):
-            shards = [x.read(x.records[i], verify=True) for x in sets]
-            for x, other in zip(sets[1:], shards[1:], strict=True):
-                if not torch.equal(other.tokens, shards[0].tokens):
-                    raise ActcacheError(
-                        f"shard {r.index} of {x.url} holds other tokens than that of {s.url}; export together only "
-                        "sets extracted from the same tokens"
-                    )
-            chunks, dropped = _pieces(
-                format, shards, ctx, [np.dtype(dt) for dt in dtypes], exclude, r.index * full_tokens
-            )
+            if examples:
+                chunks, dropped = _example_pieces(
+                    example_rows.read(s, r, firsts[r.index], verify=True), ctx, np.dtype(dtypes[0]), exclude
+                )
+            else:
+                shards = [x.read(x.records[i], verify=True) for x in sets]
+                for x, other in zip(sets[1:], shards[1:], strict=True):
+                    if not torch.equal(other.tokens, shards[0].tokens):
+                        raise ActcacheError(
+                            f"shard {r.index} of {x.url} holds other tokens than that of {s.url}; export together "
+                            "only sets extracted from the same tokens"
+                        )
+                chunks, dropped = _pieces(
+                    format, shards, ctx, [np.dtype(dt) for dt in dtypes], exclude, r.index * full_tokens
+                )
             excluded += dropped
             for cols in chunks:
-                ds = _dataset(format, cols, features, hooks)
+                ds = _example_dataset(cols, features) if examples else _dataset(format, cols, features, hooks)
                 ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
                 n_pieces += 1
-                rows += len(cols["acts"][0])
+                rows += len(cols["acts"]) if examples else len(cols["acts"][0])
             if on_shard:
                 on_shard(r.index)
-        if not n_pieces:  # nothing left: still a loadable, empty dataset
+        if not n_pieces and examples:
+            Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(
+                str(pieces_dir / "shard_00000"), num_shards=1
+            )
+        elif not n_pieces:  # nothing left: still a loadable, empty dataset
             acts = [
                 np.zeros((0, ctx, x.manifest["d"]) if format == "saelens" else (0, x.manifest["d"]), dtype=dt)
                 for x, dt in zip(sets, dtypes, strict=True)

@@ -283,9 +283,9 @@ def test_bad_selection_gives_one_line_and_writes_nothing(tiny_models, corpus, tm
     assert not any((tmp_path / "s").rglob("*.safetensors"))
 
 
-def test_heads_with_packed_sequences_are_refused():
-    with pytest.raises(ActcacheError, match="heads needs one sequence per example"):
-        ExtractConfig(heads="0")
+def test_a_token_column_with_packed_sequences_is_refused():
+    with pytest.raises(ActcacheError, match="token_column needs one sequence per example"):
+        ExtractConfig(token_column="ids")
 
 
 # -- pretokenized input ----------------------------------------------------------------------------------
@@ -378,3 +378,36 @@ def test_the_flow_manifest_task_writes_an_example_manifest(tiny_models, labelled
     after = load_examples(url)
     assert after.manifest["examples"] == before.manifest["examples"]
     assert torch.equal(after.activations, before.activations)
+
+
+def test_a_batch_out_of_memory_is_halved_and_redone(tiny_models, labelled, tmp_path, monkeypatch, caplog):
+    cfg = _config(tiny_models["gpt2"], labelled, tmp_path / "store", positions="0,-1,-3:", batch_size=8)
+    plan = make_plan(cfg)
+    ex = examples.prepare(plan, cfg.target_seqs)
+    want = examples.compute_shard(plan, [cfg.hook], ex.ids)[cfg.hook]
+    real, sizes = plan.extractor, []
+
+    def extractor(hooks):  # the real forward pass, as on a device that fits 2 examples at a time
+        step = real(hooks)
+        for p in step.parts:
+            p.adaptive = True  # (CUDA's setting)
+        capture = step.capture
+
+        def small(tokens, mask):
+            sizes.append(len(tokens))
+            if len(tokens) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return capture(tokens, mask)
+
+        step.capture = small
+        return step
+
+    monkeypatch.setattr(type(plan), "extractor", lambda _plan, hooks: extractor(hooks))  # (a frozen dataclass)
+    monkeypatch.setattr(examples, "_FITS", {})
+    got = examples.compute_shard(plan, [cfg.hook], ex.ids)[cfg.hook]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert sizes[:2] == [8, 4] and sum(s for s in sizes if s <= 2) == len(ex.ids)
+    assert "out of memory with 8 examples" in caplog.text
+    sizes.clear()  # the next shard of this process starts at the size that fit
+    torch.testing.assert_close(examples.compute_shard(plan, [cfg.hook], ex.ids)[cfg.hook], want, rtol=1e-4, atol=1e-5)
+    assert max(sizes) == 2 and sum(sizes) == len(ex.ids)

@@ -236,3 +236,64 @@ def test_sets_of_other_tokens_are_refused_in_one_line(two_hooks, tmp_path, capsy
     assert not out.exists() and not out.with_name("hf.partial").exists()
     assert cli.main(["export", two_hooks[0], two_hooks[0], str(out), "--format", "hf"]) == 2
     assert "same hook" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def example_sets(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """Example sets (--packing none) of rows whose columns derive from the dataset row, last and all."""
+    from actcache.config import ExtractConfig
+    from actcache.extraction import examples
+    from actcache.extraction.plan import make_plan
+    from actcache.inputs import demo
+
+    root = tmp_path_factory.mktemp("examples")
+    data = root / "rows.jsonl"
+    lines = demo.corpus_lines()[:17]
+    rows = [
+        {"text": " ".join(t.split()[: 3 + i * 2]), "row": i, "name": f"s{i}", "odd": i % 2 == 1}
+        for i, t in enumerate(lines)
+    ]
+    rows[3]["text"] = ""  # skipped: the dataset rows after it keep their numbers
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = {}
+    for positions in ("last", "all"):
+        cfg = ExtractConfig(
+            model=str(tiny_models["gpt2"]), dataset=str(data), store=str(root / "store"), device="cpu",
+            context_size=32, max_tokens=1 << 12, shard_tokens=5 * 32, dtype="float32", packing="none",
+            hook=HOOK, positions=positions, keep_columns="row,name,odd",
+        )  # fmt: skip
+        (out[positions],) = examples.extract(make_plan(cfg))
+    return out
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_hf_export_of_an_example_set_carries_its_columns(example_sets, tmp_path, positions):
+    from actcache.read.examples import load_examples
+
+    ex = load_examples(example_sets[positions])
+    out = tmp_path / "hf"
+    assert cli.main(["export", example_sets[positions], str(out), "--format", "hf"]) == 0
+    ds = load_from_disk(str(out))
+    assert set(ds.features) == {"activations", "example", "example_index", "token_id", "position", "row", "name", "odd"}
+    assert ds.features["name"] == Value("string") and ds.features["odd"] == Value("bool")
+    got = ds.with_format("numpy")[:]
+    j, p = torch.from_numpy(got["example"]), torch.from_numpy(got["position"]).long()
+    n = int(ex.lengths.sum()) if positions == "all" else len(ex)
+    assert len(ds) == n and torch.equal(torch.from_numpy(got["example_index"]), ex.example_index[j])
+    assert torch.equal(torch.from_numpy(got["row"]), ex.columns["row"][j])  # the example's own value on each row
+    assert torch.equal(torch.from_numpy(got["row"]), ex.example_index[j])
+    assert list(got["name"]) == [ex.columns["name"][i] for i in j.tolist()]
+    assert torch.equal(torch.from_numpy(got["odd"]), ex.columns["odd"][j])
+    assert torch.equal(torch.from_numpy(got["token_id"]), ex.tokens[j, p])
+    if positions == "last":
+        assert torch.equal(p, ex.lengths.long() - 1) and torch.equal(j, torch.arange(n))
+        assert torch.equal(torch.from_numpy(got["activations"]), ex.activations[:, 0])
+    else:
+        assert torch.equal(torch.from_numpy(got["activations"]), ex.activations[j, p])
+
+
+def test_an_example_set_exports_with_hf_only(example_sets, tmp_path, capsys):
+    assert cli.main(["export", example_sets["last"], str(tmp_path / "sl"), "--format", "saelens"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one row per example" in err and "--format hf" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())

@@ -257,14 +257,14 @@ def export_set(
     sets = [open_set(u) for u in (src if isinstance(src, list) else [src])]
     s = sets[0]
     m = s.manifest
+    if len(sets) > 1 and any(example_rows.is_examples(x) for x in sets):
+        raise ActcacheError(
+            "sets with one row per example (--packing none) export one at a time; export each set on its own"
+        )
     hooks = [x.manifest["hook"] for x in sets]
     if len(set(hooks)) != len(hooks):
         raise ActcacheError(
             f"two of the sets are of the same hook ({', '.join(hooks)}); export sets of different hooks together"
-        )
-    if len(sets) > 1 and any(example_rows.is_examples(x) for x in sets):
-        raise ActcacheError(
-            "sets with one row per example (--packing none) export one at a time; export each set on its own"
         )
     check_aligned(sets)  # refused in one line unless they hold the same tokens in the same shards
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)

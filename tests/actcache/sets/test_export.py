@@ -297,3 +297,12 @@ def test_an_example_set_exports_with_hf_only(example_sets, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "one row per example" in err and "--format hf" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_several_example_sets_are_refused_in_one_line(example_sets, tmp_path, capsys):
+    """Several sets export as row-aligned token columns; example sets have no such alignment, so one at a time."""
+    out = tmp_path / "hf"
+    assert cli.main(["export", example_sets["last"], example_sets["all"], str(out), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "export one at a time" in err, err
+    assert not list(tmp_path.iterdir())

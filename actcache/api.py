@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from actcache import console, errors
+from actcache import console
 from actcache.config import ExtractConfig
 from actcache.extraction.plan import make_plan
 from actcache.extras import require_extract
-from actcache.orchestration import logs, tempserver
+from actcache.orchestration import flow_run, tempserver
 
 
 @dataclass(frozen=True)
@@ -103,26 +101,7 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         # plan instead of making it again (``stages.remember``).
         stages.remember(plan)
         try:
-            with contextlib.ExitStack() as running:
-                with console.status("starting Prefect"):
-                    from actcache.flows.extract import extract_activations
-
-                    if tempserver.will_start():
-                        console.update_status("starting the local Prefect server")
-                    temporary = running.enter_context(tempserver.prefect_api())
-                    # A user error inside the flow reaches the caller as its one-line ActcacheError; Prefect's
-                    # console would print its traceback first (the UI keeps it; --debug / ACTCACHE_TRACEBACK=1 keep
-                    # it on the console too). On the command line Prefect's run logs stay off the console
-                    # (--verbose: on).
-                    debug = errors.debug_requested()
-                    running.enter_context(logs.user_errors_off_console(enabled=not debug))
-                    running.enter_context(console.run_logs_off_console(enabled=console.quiet(), errors=debug))
-                    console.update_status("starting the flow run")
-                    started = time.perf_counter()
-                    state = extract_activations(plan.pinned_config, return_state=True)
-                seconds = time.perf_counter() - started
-                run_url = None if temporary else _run_url(state)
-                state.result(raise_on_failure=True)
+            seconds, run_url = flow_run.run_extract(plan)
             # The flow's last plan: the store after its last shard, up to where the dataset ends (known now).
             plan = stages.finished(plan) or plan.refreshed()
         finally:
@@ -160,11 +139,6 @@ def _writable(store: Any) -> bool:
     except ActcacheError:
         return False
     return True
-
-
-def _run_url(state: Any) -> str | None:
-    """Where the UI shows the run that produced ``state`` (a server that outlives this process)."""
-    return tempserver.run_url(state)
 
 
 def _manifests(plan: Any) -> dict[str, dict[str, Any]]:

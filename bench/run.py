@@ -647,7 +647,7 @@ def warm_child(config_json: str) -> None:
     from actcache.config import ExtractConfig
     from actcache.extraction import forward
     from actcache.flows.extract import extract_activations
-    from actcache.inputs import model
+    from actcache.inputs import bridge
 
     t_imp = time.perf_counter()
     empty_flow()()
@@ -673,7 +673,7 @@ def warm_child(config_json: str) -> None:
                 "beyond_startup_s": round(t_flow - t_empty - empty, 2),
                 "shards_done": plan.n_done,
                 "shards_missing": len(plan.missing),
-                "models_loaded": len(model._LOADED) + len(forward._HF),
+                "models_loaded": len(bridge._LOADED) + len(forward._HF),
             }
         )
     )
@@ -684,9 +684,9 @@ def warm_in_process(config: dict) -> dict:
     from actcache.extraction import forward
     from actcache.extraction.plan import make_plan
     from actcache.flows.extract import extract_activations
-    from actcache.inputs import model
+    from actcache.inputs import bridge
 
-    model._LOADED.clear()
+    bridge._LOADED.clear()
     forward._HF.clear()
     cfg = ExtractConfig(**config)
     t = time.perf_counter()
@@ -696,7 +696,7 @@ def warm_in_process(config: dict) -> dict:
         "make_plan_and_flow_s": round(time.perf_counter() - t, 2),
         "shards_done": plan.n_done,
         "shards_missing": len(plan.missing),
-        "models_loaded": len(model._LOADED) + len(forward._HF),
+        "models_loaded": len(bridge._LOADED) + len(forward._HF),
     }
 
 

@@ -1,4 +1,5 @@
-"""Model resolution (fingerprint, config, tokenizer) and the once-per-process TransformerBridge.
+"""Model resolution: names, hub revisions, fingerprints, config and tokenizer (hooks: ``inputs.hooks``; the
+loaded bridge: ``inputs.bridge``).
 
 Resolution reads only small files (config, tokenizer, weight hashes memoised by path/size/mtime), so a
 complete set is recognised without loading any weights.
@@ -6,19 +7,47 @@ complete set is recognised without loading any weights.
 
 from __future__ import annotations
 
-import difflib
 import glob
 import hashlib
 import json
 import os
-import re
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from actcache.errors import ActcacheError, opt
 from actcache.inputs import fingerprint, hub
+
+# Re-exported: the hook catalogue and the bridge's loading were defined here before they had modules of their own.
+from actcache.inputs.bridge import load_bridge
+from actcache.inputs.hooks import (
+    HookCatalog,
+    check_hook,
+    check_hook_layer,
+    check_hook_name,
+    hook_catalog,
+    hook_layer,
+    hook_names,
+)
+
+__all__ = [
+    "BUILTIN_PREFIX",
+    "PROBE_TEXT",
+    "HookCatalog",
+    "ModelSpec",
+    "ResolvedModel",
+    "check_hook",
+    "check_hook_layer",
+    "check_hook_name",
+    "check_tokenizer",
+    "hook_catalog",
+    "hook_layer",
+    "hook_names",
+    "load_bridge",
+    "resolve_model",
+]
+
 
 BUILTIN_PREFIX = "builtin:"
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "config.json")
@@ -26,7 +55,6 @@ _SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "
 """A hub commit's files that config, tokenizer and remote code read (no weights)."""
 _HUB_WEIGHTS = ("*.safetensors", "*.bin")
 """The weight formats fetched from a hub commit, in order of preference (only the first the commit has)."""
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 _FACTS_VERSION = 3  # bump when ResolvedModel._read_facts changes what it returns
 
 
@@ -334,257 +362,3 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
             f"{hub.why(err)}; check {opt('model')} and {opt('revision')}, or network access"
         )
     return ResolvedModel(spec, name, "hf:" + sha, sha)
-
-
-# -- hooks -------------------------------------------------------------------------------------
-def hook_layer(hook: str) -> int | None:
-    """Block index a hook belongs to (None for embedding / final-norm hooks)."""
-    m = _LAYER_RE.match(hook)
-    return int(m.group(1)) if m else None
-
-
-@dataclass(frozen=True)
-class HookCatalog:
-    """The hooks a model's bridge offers, found without its weights (see ``hook_catalog``)."""
-
-    names: tuple[str, ...]
-    """Every hook name (TransformerLens names and bridge aliases), sorted."""
-    per_token: dict[str, tuple[int, ...]]
-    """Hooks that give one vector per token, with that vector's shape (e.g. ``(d_model,)``, ``(n_heads, d_head)``)."""
-    other: dict[str, str]
-    """Every other hook, with why it cannot be extracted (its shape, or that it did not fire)."""
-
-
-_PROBES = ((2, 5), (2, 7))  # two lengths: an attention pattern [batch, heads, pos, pos] cannot pass for per-token
-_CATALOGS: dict[tuple, HookCatalog] = {}
-
-
-def hook_catalog(model: ResolvedModel) -> HookCatalog:
-    """Every hook of ``model`` and the per-token shape of each, from a bridge built without weights.
-
-    Memoised per process and on disk (by model fingerprint and library versions), so a fan-out parent or a
-    rerun pays for it once. The bridge is built on the ``meta`` device (no memory, any size); architectures
-    whose boot must read weights (TransformerLens splits fused QKV projections, e.g. GPT-2's) are built from
-    their config on the CPU instead, with random weights and two blocks (the others' hooks follow when both
-    are alike; else the whole model, once).
-    """
-    with _HEAVY_LOCK:
-        if model.pin in _CATALOGS:
-            return _CATALOGS[model.pin]
-    path = _catalog_path(model)
-    try:
-        data = json.loads(path.read_text())
-        catalog = HookCatalog(
-            tuple(data["names"]), {k: tuple(v) for k, v in data["per_token"].items()}, dict(data["other"])
-        )
-    except (OSError, ValueError, KeyError, TypeError):
-        catalog = _probe_catalog(model)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"names": catalog.names, "per_token": catalog.per_token, "other": catalog.other}))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the memo is an optimisation only
-    with _HEAVY_LOCK:
-        return _CATALOGS.setdefault(model.pin, catalog)
-
-
-def _catalog_path(model: ResolvedModel) -> Any:
-    from importlib import metadata
-
-    versions = [metadata.version(p) for p in ("transformer-lens", "transformers")]
-    key = json.dumps([model.fingerprint, model.spec.trust_remote_code, versions])
-    return fingerprint.cache_dir() / "hooks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
-
-
-def _probe_catalog(model: ResolvedModel) -> HookCatalog:
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return _probe(_skeleton(model), "meta")
-    except ActcacheError:
-        raise
-    except Exception:
-        pass  # TransformerLens had to read a weight, or an op has no meta kernel: build it for real instead
-    try:
-        # Real (random) weights cost memory: two blocks tell every block's hooks when the blocks are alike.
-        field = getattr(type(model.config), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
-        n = model.n_layers
-        if n and n > 2 and getattr(model.config, "text_config", None) is None and hasattr(model.config, field):
-            grown = _grow(_probe(_skeleton(model, {field: 2}).eval(), "cpu"), n)
-            if grown is not None:
-                return grown
-        return _probe(_skeleton(model).eval(), "cpu")
-    except ActcacheError:
-        raise
-    except Exception as e:
-        raise ActcacheError(f"cannot build model {model.spec.name!r} with TransformerLens ({_first_line(e)})") from e
-
-
-def _grow(two: HookCatalog, n_layers: int) -> HookCatalog | None:
-    """The catalogue of ``n_layers`` alike blocks from one of two blocks; None when blocks 0 and 1 differ."""
-
-    def block(name: str) -> tuple[int | None, str]:
-        m = _LAYER_RE.match(name)
-        return (int(m.group(1)), name[m.end() :]) if m else (None, name)
-
-    views = []
-    for i in (0, 1):
-        views.append(
-            {
-                rest: (two.per_token.get(n), two.other.get(n))
-                for n in two.names
-                for layer, rest in [block(n)]
-                if layer == i
-            }
-        )
-    if views[0] != views[1]:
-        return None
-    names, per_token, other = [], {}, {}
-    for n in two.names:
-        layer, rest = block(n)
-        if layer == 1:
-            continue
-        for full in [n] if layer is None else [f"blocks.{i}.{rest}" for i in range(n_layers)]:
-            names.append(full)
-            if n in two.per_token:
-                per_token[full] = two.per_token[n]
-            else:
-                other[full] = two.other[n]
-    return HookCatalog(tuple(sorted(names)), per_token, other)
-
-
-def _skeleton(model: ResolvedModel, overrides: dict[str, Any] | None = None) -> Any:
-    import warnings
-
-    from transformer_lens.model_bridge import TransformerBridge
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return TransformerBridge.boot_transformers(
-            model.files,
-            load_weights=False,
-            trust_remote_code=model.spec.trust_remote_code,
-            tokenizer=model.tokenizer,
-            hf_config_overrides=overrides,
-        )
-
-
-def _probe(bridge: Any, device: str) -> HookCatalog:
-    """Run ``bridge`` on dummy tokens of two lengths with every hook attached, and record what each gives."""
-    import warnings
-
-    import torch
-
-    points = dict(bridge.hook_dict)  # names and aliases -> hook points (an alias shares its point)
-    seen: list[dict[int, tuple[int, ...]]] = []
-    for b, t in _PROBES:
-        got: dict[int, tuple[int, ...]] = {}
-
-        def record(act: Any, hook: Any, into: dict = got) -> None:
-            if isinstance(act, torch.Tensor):
-                into.setdefault(id(hook), tuple(act.shape))
-
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # hooks TransformerLens only enables on request are skipped, with a warning
-            bridge.run_with_hooks(
-                torch.zeros((b, t), dtype=torch.long, device=device),
-                return_type=None,
-                fwd_hooks=[(lambda _name: True, record)],
-            )
-        seen.append(got)
-    per_token, other = {}, {}
-    for n, point in sorted(points.items()):
-        shapes: list[Any] = [got.get(id(point)) for got in seen]  # None where the hook did not fire
-        if any(s is None for s in shapes):
-            other[n] = "does not fire in a plain forward pass"
-        elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
-            per_token[n] = shapes[0][2:]
-        else:
-            other[n] = (
-                f"gives shape {list(shapes[0])} for [batch={_PROBES[0][0]}, pos={_PROBES[0][1]}], "
-                "not one vector per token [batch, pos, ...]"
-            )
-    return HookCatalog(tuple(sorted(points)), per_token, other)
-
-
-def check_hook_layer(hook: str, model: ResolvedModel, names: Collection[str] = ()) -> None:
-    """A hook's block must exist; the message lists the closest valid names (at the last block)."""
-    layer, n = hook_layer(hook), model.n_layers
-    if layer is not None and n is not None and layer >= n:
-        moved = f"blocks.{n - 1}." + hook.split(".", 2)[2] if hook.count(".") >= 2 else hook
-        close = _close(moved, names) if names else [moved]
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ActcacheError(
-            f"layer {layer} in hook {hook!r} is out of range: {model.spec.name!r} has {n} layers (0..{n - 1}){hint}",
-            field="hook",
-        )
-
-
-def check_hook(hook: str, model: ResolvedModel, catalog: HookCatalog) -> tuple[int, ...]:
-    """The per-token shape of ``hook``, or a one-line error naming the closest valid hooks."""
-    check_hook_layer(hook, model, catalog.per_token)
-    if hook in catalog.per_token:
-        return catalog.per_token[hook]
-    if hook in catalog.other:
-        raise ActcacheError(
-            f"hook {hook!r} {catalog.other[hook]}; pick a per-token hook such as hook_resid_post", field="hook"
-        )
-    check_hook_name(hook, list(catalog.per_token))
-    raise AssertionError("unreachable")
-
-
-def _close(hook: str, names: Collection[str]) -> list[str]:
-    return difflib.get_close_matches(hook, names, n=5, cutoff=0.6) or difflib.get_close_matches(
-        hook, names, n=3, cutoff=0.3
-    )
-
-
-def check_hook_name(hook: str, names: list[str]) -> None:
-    if hook in names:
-        return
-    close = _close(hook, names)
-    hint = f"did you mean {', '.join(close)}?" if close else "run `actcache hooks MODEL` to list them"
-    raise ActcacheError(f"unknown hook {hook!r}; {hint}", field="hook")
-
-
-# -- loading -----------------------------------------------------------------------------------
-_LOADED: dict[tuple, Any] = {}
-_LOAD_LOCK = threading.Lock()
-
-
-def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "cpu") -> Any:
-    """The TransformerBridge for ``model`` with its weights, loaded once per process and reused across shards."""
-    import torch
-
-    key = (model.pin, dtype, device)
-    with _LOAD_LOCK:
-        if key not in _LOADED:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            folder = model.weights()  # fetched once (a hub commit), its own one-line error
-            try:
-                bridge = TransformerBridge.boot_transformers(
-                    folder,
-                    device=device,
-                    dtype=getattr(torch, dtype),
-                    trust_remote_code=model.spec.trust_remote_code,
-                    tokenizer=model.tokenizer,
-                )
-            except ActcacheError:
-                raise
-            except Exception as e:
-                raise ActcacheError(
-                    f"cannot load model {model.spec.name!r} with TransformerLens ({_first_line(e)})"
-                ) from e
-            model.check_unchanged()
-            bridge.eval()
-            _LOADED[key] = bridge
-        return _LOADED[key]
-
-
-def hook_names(model: ResolvedModel) -> list[str]:
-    """Every hook name the bridge exposes (TransformerLens names and bridge aliases), without loading weights."""
-    return list(hook_catalog(model).names)

@@ -23,18 +23,13 @@ shards, whatever the size of the set.
 from __future__ import annotations
 
 import atexit
-import hashlib
-import logging
 import math
-import queue
 import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import chain, islice
+from collections.abc import Iterator, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
@@ -44,17 +39,28 @@ from actcache.errors import ActcacheError
 from actcache.format import moments
 from actcache.format.records import Record
 from actcache.read import example_rows
+from actcache.read.alignment import check_aligned
+from actcache.read.chunks import _Chunk
+from actcache.read.dealing import Piece, _seed, deal
+from actcache.read.devices import _device, _on_device
 from actcache.read.exclude import token_ids
+from actcache.read.normalization import NORMALIZE, _normalizer
+from actcache.read.prefetch import RETRY_DELAYS, background, prefetched, retried
 from actcache.read.reader import ActivationSet, open_set
-from actcache.storage.retry import is_transient
 from actcache.storage.store import StoreRef
 
-log = logging.getLogger(__name__)
-
-RETRY_DELAYS = (1.0, 2.0, 8.0, 30.0)
-"""Seconds to wait before each new attempt at a shard read that failed transiently (as uploads do)."""
-
-NORMALIZE = ("scale", "standardize")
+# Re-exported: the reader's helpers were defined here before they had modules of their own.
+__all__ = [
+    "NORMALIZE",
+    "RETRY_DELAYS",
+    "ActivationDataset",
+    "Piece",
+    "background",
+    "check_aligned",
+    "deal",
+    "prefetched",
+    "retried",
+]
 
 _open: weakref.WeakSet = weakref.WeakSet()
 """Batch iterators not yet finished: closed at interpreter exit (see ``_close_open``)."""
@@ -70,159 +76,6 @@ def _close_open() -> None:
             it.close()
         except Exception:  # running in another thread, or failing to close: nothing left to report it to
             pass
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
-def _pause(seconds: float, stop: threading.Event) -> bool:
-    """Wait before a retry; True when the reader was stopped meanwhile."""
-    return stop.wait(seconds)
-
-
-def retried(fn: Callable[[], Any], what: str, stop: threading.Event) -> Any:
-    """``fn()``, again after each of ``RETRY_DELAYS`` while it fails with a transient storage error."""
-    for delay in RETRY_DELAYS:
-        try:
-            return fn()
-        except Exception as e:
-            if not is_transient(e):
-                raise
-            log.warning("%s failed (%s); retrying in %.0f s", what, e, delay)
-            if _pause(delay, stop):
-                raise
-    return fn()
-
-
-def prefetched(load: Callable[[Any], Any], items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """``load(item)`` for each item, in order, by ``depth`` background threads: at most ``depth`` items are
-    loading or loaded ahead of the one the consumer holds. A load's error is raised at that item's turn."""
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="actcache-prefetch")
-    it = iter(items)
-    pending = deque(pool.submit(load, item) for item in islice(it, depth))
-    try:
-        while pending:
-            future = pending.popleft()  # (rebinding drops the previous item: nothing here holds it while waiting)
-            for item in islice(it, 1):  # keep ``depth`` in flight while the consumer works on this one
-                pending.append(pool.submit(load, item))
-            yield future.result()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # running loads finish in their thread, then it exits
-
-
-def background(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """``items`` advanced by a background thread, at most ``depth`` ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    break
-            else:
-                put(("end", None))
-        except BaseException as e:  # handed to the consumer, raised there
-            put(("error", e))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()  # in this thread: a generator may only be closed by the thread running it
-
-    thread = threading.Thread(target=work, name="actcache-background", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Rows ``[start, stop)`` of the kept rows of ``set.records[shard]`` (kept: not excluded)."""
-
-    shard: int
-    start: int
-    stop: int
-
-
-def deal(
-    counts: Sequence[int],
-    order: Sequence[int],
-    *,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    batch_size: int,
-) -> list[Piece]:
-    """The pieces of shards one worker of one rank reads in an epoch.
-
-    ``counts[i]``: kept rows of shard i; ``order``: the epoch's shard order. Rank r reads rows
-    ``[r * R, (r + 1) * R)`` of the shards laid end to end in that order, ``R = sum(counts) // world_size``
-    (the remainder is left out); its workers split that range at multiples of ``batch_size``.
-    """
-    per_rank = sum(counts) // world_size
-    n_batches = -(-per_rank // batch_size)
-    first, last = n_batches * worker // num_workers, n_batches * (worker + 1) // num_workers
-    lo = rank * per_rank + min(first * batch_size, per_rank)
-    hi = rank * per_rank + min(last * batch_size, per_rank)
-    pieces, offset = [], 0
-    for i in order:
-        if offset >= hi:
-            break
-        a, b = max(lo, offset), min(hi, offset + counts[i])
-        if a < b:
-            pieces.append(Piece(i, a - offset, b - offset))
-        offset += counts[i]
-    return pieces
-
-
-@dataclass
-class _Chunk:
-    """One piece, read: the shard's tensors (views of the bytes read) and which of its rows the piece takes."""
-
-    acts: list[torch.Tensor]
-    """``[rows in the shard, d]`` of each set read (one, or several row-aligned sets)."""
-    tokens: torch.Tensor | None
-    positions: torch.Tensor | None
-    rows: slice | torch.Tensor
-    """A slice of the shard's rows, or their indices (when rows are excluded)."""
-    n: int
-    columns: dict[str, torch.Tensor] = field(default_factory=dict)
-    """An example set's kept columns, one value per row (``column.NAME``)."""
-
-    def column(self, name: str) -> torch.Tensor:
-        return {"tokens": self.tokens, "positions": self.positions, **self.columns}[name]  # type: ignore[return-value]
-
-    def take(self, t: torch.Tensor, a: int, b: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``[a, b)`` of the piece from ``t``: a view for a slice, else gathered (into ``out`` if given)."""
-        if isinstance(self.rows, slice):
-            return t[self.rows.start + a : self.rows.start + b]
-        return torch.index_select(t, 0, self.rows[a:b], out=out) if out is not None else t[self.rows[a:b]]
-
-    def copy(self, t: torch.Tensor, a: int, b: int, dst: torch.Tensor) -> None:
-        """``dst[:] = `` rows ``[a, b)`` of the piece from ``t`` (same dtype), in one pass."""
-        if isinstance(self.rows, slice):
-            dst.copy_(self.take(t, a, b))
-        else:
-            self.take(t, a, b, out=dst)
 
 
 class ActivationDataset(IterableDataset):
@@ -788,89 +641,6 @@ class ActivationDataset(IterableDataset):
             yield from drain(final=True)
 
 
-def _on_device(batches: Generator[Any, None, None], device: torch.device) -> Iterator[Any]:
-    """``batches`` made and copied to ``device`` by a background thread, two ahead. On CUDA the copies run on
-    a stream of their own from pinned memory; each batch is handed over after an event says it has arrived."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def to(t: Any, **kw: Any) -> Any:
-        if isinstance(t, dict):  # the kept columns: tensors move, lists of strings stay
-            return {k: to(v, **kw) for k, v in t.items()}
-        return t.to(device, **kw) if isinstance(t, torch.Tensor) else t
-
-    def move(batch: Any) -> tuple[Any, Any]:
-        single = isinstance(batch, torch.Tensor)
-        parts = (batch,) if single else batch
-        if stream is None:
-            moved = tuple(to(t) for t in parts)
-            return (moved[0] if single else moved), None
-        with torch.cuda.stream(stream):
-            moved = tuple(to(t, non_blocking=True) for t in parts)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return (moved[0] if single else moved), event
-
-    def moved() -> Iterator[tuple[Any, Any]]:
-        try:
-            for batch in batches:
-                yield move(batch)
-        finally:
-            batches.close()
-
-    for batch, event in background(moved(), 2):
-        if event is not None:
-            current = torch.cuda.current_stream(device)
-            current.wait_event(event)
-            for t in (batch,) if isinstance(batch, torch.Tensor) else batch:
-                for x in t.values() if isinstance(t, dict) else (t,):
-                    if isinstance(x, torch.Tensor):
-                        x.record_stream(current)  # the memory belongs to the copy stream: keep it until used here
-        yield batch
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ActcacheError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ActcacheError(f"device {device!r}: torch sees no CUDA device; use device='cpu' or leave it unset")
-    return dev
-
-
-def _tokens_key(s: ActivationSet) -> Any:
-    """What fixes which token sits in which row: the token cache's key (a shuffled copy: its source's, and the
-    shuffle's seed, shard size and exclusions)."""
-    key: Any = s.key  # a ShuffleKey for the rows layout, else a SetKey
-    if s.layout == "rows":
-        source = ((s.manifest.get("source") or {}).get("key") or {}).get("tokens")
-        return source, key.seed, key.rows_per_shard, key.exclude
-    return key.tokens
-
-
-def check_aligned(sets: Sequence[ActivationSet]) -> None:
-    """Several sets read (or shuffled) as one must hold the same tokens in the same rows: one token cache and the
-    same shards; for shuffled copies, copies of such sets made with the same seed, shard size and exclusions."""
-    first = sets[0]
-    for s in sets[1:]:
-        if s.layout != first.layout:
-            copy = s.url if s.layout == "rows" else first.url
-            raise ActcacheError(
-                f"{copy} is a shuffled copy (layout 'rows') and the other is not; read the extracted sets together, "
-                "or shuffled copies of each made by one `actcache shuffle A B ...`"
-            )
-        if _tokens_key(s) != _tokens_key(first):
-            raise ActcacheError(
-                f"{s.url} was extracted from other tokens than {first.url} (another token cache, or another shuffle); "
-                "read together only sets extracted from the same tokens, e.g. by one run with --hook a,b"
-            )
-        if [(r.index, r.n_seq) for r in s.records] != [(r.index, r.n_seq) for r in first.records]:
-            raise ActcacheError(
-                f"{s.url} holds other shards than {first.url} ({len(s.records)} against {len(first.records)}); "
-                "extend both to the same --max-tokens, then read them together"
-            )
-
-
 def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ...]:
     """Token ids whose rows are skipped: the set's special tokens (when asked) and ``explicit``, checked."""
     missing = [n for n in ("eos_id", "pad_id") if n not in s.tokenization]
@@ -883,46 +653,3 @@ def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ..
             stacklevel=3,
         )
     return token_ids(s.manifest, special=special, ids=explicit, option="exclude_tokens")
-
-
-def _normalizer(
-    s: ActivationSet, normalize: str, stats: dict[str, Any] | None, exclude: tuple[int, ...], drop_bos: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(factor, offset) vectors in float32: batch = rows * factor (+ offset), from ``stats``, those of the rows
-    kept (see ``moments.kept_stats``)."""
-    if not s.manifest.get("stats"):
-        raise ActcacheError(
-            f"set {s.url} has no normalisation statistics; compute them with "
-            f"`actcache stats {s.url}`, then pass normalize={normalize!r} again"
-        )
-    if not stats:
-        groups = (s.manifest.get("moments") or {}).get("by_token")
-        if not isinstance(groups, dict):
-            raise ActcacheError(
-                f"set {s.url} has no statistics without the rows this dataset leaves out (its manifest predates "
-                f"moments by token); add them with `actcache stats {s.url}`, then pass normalize={normalize!r} again"
-            )
-        untracked = sorted(set(exclude) - set(groups.get("ids") or []))
-        raise ActcacheError(
-            f"normalize={normalize!r} with exclude_tokens {untracked}: the set's statistics track only its special "
-            f"tokens {groups.get('ids')}; write a copy without those rows (with its own statistics) by "
-            f"`actcache shuffle {s.url} --exclude-ids {','.join(map(str, untracked))}` and read that"
-        )
-    try:
-        if normalize == "scale":
-            scale = float(stats["scale"])
-            if not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"scale {scale}")
-            return torch.full((s.d,), scale, dtype=torch.float32), None
-        mean = torch.tensor(stats["mean"], dtype=torch.float64)
-        var = torch.tensor(stats["var"], dtype=torch.float64)
-        if mean.shape != (s.d,) or var.shape != (s.d,) or not bool(torch.isfinite(mean).all() & (var >= 0).all()):
-            raise ValueError(f"mean/var of shapes {list(mean.shape)}/{list(var.shape)}, expected [{s.d}]")
-    except (KeyError, TypeError, ValueError) as e:
-        raise ActcacheError(
-            f"the statistics in the manifest of {s.url} are malformed ({e}); recompute them with "
-            f"`actcache stats {s.url}`"
-        ) from None
-    std = var.sqrt()
-    inv = torch.where(std > 0, 1 / std, torch.ones_like(std))
-    return inv.float(), (-mean * inv).float()

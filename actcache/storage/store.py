@@ -14,13 +14,11 @@ processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import json
 import mmap
 import os
-import socket
 import stat
 import tempfile
 import uuid
@@ -37,7 +35,34 @@ from fsspec.implementations.local import LocalFileSystem
 from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
-from actcache.storage import failures, secrets
+from actcache.storage import failures, housekeeping, secrets
+from actcache.storage.housekeeping import _HOST, TempFile, Upload
+from actcache.storage.local import _prefault
+from actcache.storage.s3 import (
+    _S3_CONFIG,
+    DEADLINE_RATE,
+    DEADLINE_S,
+    S3_ATTEMPTS,
+    S3_CONNECT_TIMEOUT,
+    S3_READ_TIMEOUT,
+    S3FS_RETRIES,
+    _bound_retries,
+    _Parts,
+)
+
+# Re-exported: they were defined here before the S3 pieces and housekeeping listings had modules of their own.
+__all__ = [
+    "S3_ATTEMPTS",
+    "S3_CONNECT_TIMEOUT",
+    "S3_READ_TIMEOUT",
+    "S3FS_RETRIES",
+    "Entry",
+    "Store",
+    "StoreRef",
+    "TempFile",
+    "Upload",
+]
+
 
 JSON_LIMIT = 256 << 20
 """Largest JSON file read from a store (a manifest of ~500k shards); a record is far smaller."""
@@ -150,47 +175,6 @@ class Entry:
     """Seconds since the epoch (local mtime, or the object's LastModified)."""
 
 
-@dataclass(frozen=True)
-class TempFile:
-    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``, see ``layout.temp_name``)."""
-
-    rel: str
-    target: str
-    """The file it becomes once renamed (relative to the store's root)."""
-    host: str
-    pid: int
-    size: int
-    mtime: float
-    same_host: bool
-    writer_dead: bool
-    """Written by a process of this host that no longer runs (another host's writer cannot be checked)."""
-
-
-@dataclass(frozen=True)
-class Upload:
-    """An S3 multipart upload that was started and neither completed nor aborted."""
-
-    rel: str
-    upload_id: str
-    initiated: float
-    """Seconds since the epoch."""
-    size: int
-    """Bytes of the parts uploaded so far."""
-
-
-_HOST = socket.gethostname().replace("-", "_")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _mtime(info: dict) -> float:
     for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
         v = info.get(k)
@@ -201,56 +185,6 @@ def _mtime(info: dict) -> float:
         if isinstance(v, (int, float)):
             return float(v)
     return 0.0
-
-
-# Deadlines (docs/trust.md): a request waits at most S3_READ_TIMEOUT s for an answer (S3_CONNECT_TIMEOUT for a
-# connection) and is retried S3_ATTEMPTS times by botocore (AWS's "standard" mode: also 5xx and throttling, with a
-# backoff of a few seconds) inside S3FS_RETRIES of s3fs's tries: a silent endpoint is one line within about
-# (S3_ATTEMPTS + 1) * (S3_READ_TIMEOUT + 2) s (measured: 30 s at a 6 s read timeout, 4 connections).
-# botocore's defaults (60 s reads, legacy retries) inside s3fs's 5 tries kept a hung endpoint silent for minutes.
-# ``config_kwargs`` in the storage options override these (e.g. {"read_timeout": 120} for a slow gateway).
-S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_ATTEMPTS, S3FS_RETRIES = 5, 8, 3, 1
-DEADLINE_S = 60
-"""Overall deadline of one storage operation on an object store (all its requests and tries), in seconds, plus
-one second per ``DEADLINE_RATE`` bytes it moves: an endpoint that answers a byte every few seconds never trips a
-read timeout, and this ends it. ``{"deadline": SECONDS}`` in the storage options changes the 60."""
-DEADLINE_RATE = 1 << 20
-_S3_CONFIG = {
-    "retries": {"mode": "standard", "max_attempts": S3_ATTEMPTS},
-    "connect_timeout": S3_CONNECT_TIMEOUT,
-    "read_timeout": S3_READ_TIMEOUT,
-}
-_MADV_POPULATE_READ = 22  # linux/mman.h; Python's mmap module does not name it yet
-
-
-def _bound_retries(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem:
-    """s3fs's own tries around botocore's (a class attribute, not an option: an option would reach botocore)."""
-    if type(fs).__name__ == "S3FileSystem":
-        fs.retries = S3FS_RETRIES
-    return fs
-
-
-class _Parts:
-    """A buffer that s3fs's multipart upload slices into parts (it only takes ``len`` and slices): each part
-    becomes bytes only while it is uploaded, so a shard is never copied whole (botocore takes no memoryview)."""
-
-    def __init__(self, view: memoryview):
-        self.view = view
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __getitem__(self, part: slice) -> bytes:
-        return self.view[part].tobytes()
-
-
-def _prefault(m: mmap.mmap) -> None:
-    """Fault a mapping's pages in now, in the calling (prefetch) thread, rather than when they are first used."""
-    try:
-        m.madvise(_MADV_POPULATE_READ)  # Linux >= 5.14
-    except (OSError, AttributeError):  # older kernels: read ahead; no madvise (Windows): nothing to do
-        with contextlib.suppress(OSError, AttributeError):
-            m.madvise(mmap.MADV_WILLNEED)
 
 
 def fsspec_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -582,34 +516,7 @@ class Store:
     def temp_files(self, rel: str = "") -> list[TempFile]:
         """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
         complete, see ``incomplete_uploads``). Symlinked folders are not entered: nothing beyond them is ours."""
-        if not self.local or self.symlink_in(rel, below=False):
-            return []
-        out = []
-        for dirpath, _, files in os.walk(self.path(rel)):  # os.walk enters no symlinked folder
-            for name in files:
-                parsed = layout.parse_temp(name)
-                full = os.path.join(dirpath, name)
-                if parsed is None or os.path.islink(full):
-                    continue
-                try:
-                    st = os.lstat(full)
-                except FileNotFoundError:
-                    continue  # renamed into place since the walk
-                target, host, pid = parsed
-                mine = host == _HOST
-                out.append(
-                    TempFile(
-                        os.path.relpath(full, self.root),
-                        os.path.relpath(os.path.join(dirpath, target), self.root),
-                        host,
-                        pid,
-                        st.st_size,
-                        st.st_mtime,
-                        mine,
-                        mine and not _alive(pid),
-                    )
-                )
-        return out
+        return housekeeping.temp_files(self, rel)
 
     def sweep_temp(self, rel: str) -> int:
         """Delete temp files left below ``rel`` by killed writers of this host; return how many.
@@ -678,34 +585,10 @@ class Store:
     def incomplete_uploads(self, rel: str = "") -> list[Upload]:
         """S3 multipart uploads below ``rel`` that were started and never completed nor aborted (a killed writer's,
         or one in progress): invisible to listings, yet their parts are stored and billed."""
-        if not self.s3:
-            return []
-        bucket, _, prefix = self.path(rel).partition("/")
-        prefix = f"{prefix}/" if prefix else ""
-        out, page = [], {"Bucket": bucket, "Prefix": prefix}
-        page_args: dict[str, Any] = page
-        with self._io("listing uploads", rel):
-            while True:
-                resp = self._call("call_s3", "list_multipart_uploads", **page_args)
-                for u in resp.get("Uploads", []):
-                    parts = self._call("call_s3", "list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-                    size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
-                    key_rel = u["Key"][len(self.root.partition("/")[2]) :].lstrip("/")
-                    out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
-                if not resp.get("IsTruncated"):
-                    return out
-                page.update(KeyMarker=resp["NextKeyMarker"], UploadIdMarker=resp["NextUploadIdMarker"])
+        return housekeeping.incomplete_uploads(self, rel)
 
     def abort_upload(self, upload: Upload) -> None:
-        bucket = self.root.partition("/")[0]
-        with self._io("aborting an upload of", upload.rel):
-            self._call(
-                "call_s3",
-                "abort_multipart_upload",
-                Bucket=bucket,
-                Key=self.path(upload.rel).partition("/")[2],
-                UploadId=upload.upload_id,
-            )
+        housekeeping.abort_upload(self, upload)
 
     def remove_tree(self, rel: str) -> None:
         """Delete everything below ``rel`` (nothing there is fine)."""

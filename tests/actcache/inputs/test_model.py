@@ -78,16 +78,16 @@ def test_facts_are_remembered_by_content_and_equal_a_fresh_read(tiny_models, tmp
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models, arch, monkeypatch):
     """Built without weights (meta for Llama; GPT-2's fused QKV needs a CPU skeleton), then read back from disk."""
-    import actcache.inputs.model
+    import actcache.inputs.hooks
     from actcache.extraction.forward import Extractor
     from actcache.inputs.model import hook_catalog
 
     built = []
-    real = actcache.inputs.model._skeleton
-    monkeypatch.setattr(actcache.inputs.model, "_skeleton", lambda m, o=None: built.append(o) or real(m, o))
-    monkeypatch.setattr(actcache.inputs.model, "_CATALOGS", {})
+    real = actcache.inputs.hooks._skeleton
+    monkeypatch.setattr(actcache.inputs.hooks, "_skeleton", lambda m, o=None: built.append(o) or real(m, o))
+    monkeypatch.setattr(actcache.inputs.hooks, "_CATALOGS", {})
     model = resolve_model(ModelSpec(str(tiny_models[arch])))
-    actcache.inputs.model._catalog_path(model).unlink(missing_ok=True)
+    actcache.inputs.hooks._catalog_path(model).unlink(missing_ok=True)
     catalog = hook_catalog(model)
     assert built == ([None, {"n_layer": 2}] if arch == "gpt2" else [None])  # meta first; GPT-2: two CPU blocks
     bridge = load_bridge(model)
@@ -99,8 +99,8 @@ def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models,
     def no_probe(_model):
         raise AssertionError("probed again instead of reading the catalogue from disk")
 
-    monkeypatch.setattr(actcache.inputs.model, "_CATALOGS", {})  # a new process
-    monkeypatch.setattr(actcache.inputs.model, "_probe_catalog", no_probe)
+    monkeypatch.setattr(actcache.inputs.hooks, "_CATALOGS", {})  # a new process
+    monkeypatch.setattr(actcache.inputs.hooks, "_probe_catalog", no_probe)
     assert hook_catalog(model) == catalog
 
 

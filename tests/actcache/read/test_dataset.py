@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from actcache.errors import ActcacheError
 from actcache.format import manifest
-from actcache.read import dataset
+from actcache.read import dataset, prefetch
 from actcache.read.dataset import ActivationDataset, Piece, background, deal, prefetched
 from actcache.read.reader import open_set
 from actcache.sets.copy import copy_set
@@ -560,14 +560,14 @@ def test_s3_reads_are_retried_after_a_transient_failure(local_set, restartable_s
             waits.append(seconds)
         return False
 
-    monkeypatch.setattr(dataset, "_pause", pause)
+    monkeypatch.setattr(prefetch, "_pause", pause)
     restartable_s3.kill()
     assert rows_of(ds) == reference(local_set)[0]
-    assert waits and set(waits) == {dataset.RETRY_DELAYS[0]}  # every read that failed succeeded on its retry
+    assert waits and set(waits) == {prefetch.RETRY_DELAYS[0]}  # every read that failed succeeded on its retry
 
 
 def test_permanent_errors_are_not_retried(s3_url, s3_server, monkeypatch):
-    monkeypatch.setattr(dataset, "_pause", lambda *a: pytest.fail("retried a permanent error"))
+    monkeypatch.setattr(prefetch, "_pause", lambda *a: pytest.fail("retried a permanent error"))
     ds = ActivationDataset(s3_url, batch_size=100)
     key = s3_url.removeprefix(f"s3://{s3_server.bucket}/") + "/" + ds.set.records[3].file
     s3_server.client().delete_object(Bucket=s3_server.bucket, Key=key)

@@ -8,7 +8,10 @@ import tempfile
 
 # Before anything imports prefect or huggingface_hub: isolate state and never touch the network.
 _SESSION_TMP = tempfile.mkdtemp(prefix="actcache-tests-")
-os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_TMP, "prefect"))
+# A pytest-xdist worker (`make test` runs two) inherits the controller's environment, this line's value included:
+# it takes a home of its own, as it takes its own temporary folder, cache and hub port below.
+if "PYTEST_XDIST_WORKER" in os.environ or "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = os.path.join(_SESSION_TMP, "prefect")
 os.environ["ACTCACHE_CACHE_DIR"] = os.path.join(_SESSION_TMP, "cache")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -90,6 +93,26 @@ def pytest_collection_modifyitems(items) -> None:
                 item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
             elif not any(item.get_closest_marker(m) for m in NEEDS):
                 item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT_S))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _long_files_first(items)
+
+
+def _long_files_first(items) -> None:
+    """Under pytest-xdist (`make test`: `--dist loadfile --no-loadscope-reorder`, whole files dealt to the workers in
+    this order as they free up), the files that take minutes go first: the deployment and slow ones, then those with
+    servers or processes, then the unit tier. The last files dealt are short ones, and no worker waits alone at the
+    end for a long file. Within a file, and among files of one rank, the order stays as collected."""
+
+    def rank(item) -> int:
+        if item.get_closest_marker("slow") or item.get_closest_marker("deployment"):
+            return 0
+        return 1 if any(item.get_closest_marker(m) for m in NEEDS) else 2
+
+    by_file: dict[str, int] = {}
+    for item in items:
+        by_file[item.nodeid.split("::")[0]] = min(rank(item), by_file.get(item.nodeid.split("::")[0], 2))
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (by_file[item.nodeid.split("::")[0]], order[id(item)]))
 
 
 # Programs started by a test of the unit tier (no marker from NEEDS), seen through Python's audit events: such a

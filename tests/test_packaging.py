@@ -8,17 +8,20 @@ import sys
 import zipfile
 from pathlib import Path
 
+import depscache
 import pytest
 
 pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCH = "torch==2.13.0"  # the CPU wheel (Makefile): a bare torch requirement would pull a CUDA build
 
 
-@pytest.mark.slow
-def test_wheel_installs_only_actcache_with_flows_and_tasks_inside(tmp_path):
-    # Built from a copy of the tracked files: a build in the checkout leaves build/ and an egg-info whose stale
-    # version importlib.metadata would find first.
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built once for this file from a copy of the tracked files: a build in the checkout leaves build/
+    and an egg-info whose stale version importlib.metadata would find first."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for rel in tracked.split():
@@ -40,9 +43,14 @@ def test_wheel_installs_only_actcache_with_flows_and_tasks_inside(tmp_path):
         ],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=900,
     )
-    (wheel,) = tmp_path.glob("actcache-*.whl")
+    (built,) = tmp_path.glob("actcache-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_installs_only_actcache_with_flows_and_tasks_inside(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         (top,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
@@ -72,30 +80,15 @@ print("read", rows)
 
 
 @pytest.mark.slow
-def test_the_wheel_reads_sets_without_the_extraction_extra(tmp_path, extracted_set):
+def test_the_wheel_reads_sets_without_the_extraction_extra(tmp_path, extracted_set, wheel):
     """A fresh venv (no system site-packages) with torch and the wheel, no extra: reading, verifying and shuffling
     work; `actcache extract` says in one line which extra to install."""
     run = dict(check=True, capture_output=True, text=True, timeout=900)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        **run,
-    )
-    (wheel,) = tmp_path.glob("actcache-*.whl")
+    # torch and the base requirements come installed, once per machine, in a folder the venv finds through a .pth
+    # file (tests/depscache.py); pip installs the wheel and whatever of its requirements that folder lacks.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], **run)
+    depscache.fresh_venv(venv, depscache.base_dependencies(TORCH))
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
-    subprocess.run([*pip, "torch==2.13.0"], **run)  # first: a bare torch requirement would pull a CUDA build
     subprocess.run([*pip, str(wheel)], **run)
     py, cli = str(venv / "bin" / "python"), str(venv / "bin" / "actcache")
     assert "read" in subprocess.run([py, "-c", READS, extracted_set], **run).stdout

@@ -326,3 +326,8 @@ def extracted_set(make_config, session_tmp: Path) -> str:
     from setwriter import extract_by_stages
 
     return extract_by_stages(make_config(max_tokens=448, store=str(session_tmp / "extracted-set")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The session's folder (Prefect home, caches, HF home) goes with the session: hundreds were left in /tmp."""
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)

@@ -181,6 +181,24 @@ def _set_up(server: S3Server) -> None:
     _post(f"{server.endpoint}/moto-api/reset-auth", b"0")
 
 
+def _one_record_per_line(recording: Path) -> None:
+    """moto's recorder writes a record and its newline in separate writes from the server's threads, so two
+    concurrent requests can share a line, and a SIGKILL can cut the last record short; its replay would fail on
+    either. Every whole record is kept in order; a cut one was a request never answered, so it is dropped."""
+    decoder, records = json.JSONDecoder(), []
+    for line in recording.read_text().splitlines():
+        i, line = 0, line.strip()
+        while i < len(line):
+            try:
+                record, i = decoder.raw_decode(line, i)
+            except ValueError:
+                break
+            records.append(record)
+            while i < len(line) and line[i].isspace():
+                i += 1
+    recording.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def _serve_restored(port: int) -> None:
     """moto's own server on ``port``, holding everything its recording says was done before a restart.
 
@@ -194,6 +212,7 @@ def _serve_restored(port: int) -> None:
 
     recording = Path(os.environ["MOTO_RECORDER_FILEPATH"])
     if recording.exists() and recording.stat().st_size:
+        _one_record_per_line(recording)
         private = ThreadedMotoServer("127.0.0.1", free_port(), verbose=False)
         private.start()
         recorder.replay_recording(target_host=f"http://127.0.0.1:{private.get_host_and_port()[1]}")

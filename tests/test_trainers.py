@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(check=True, capture_output=True, text=True, timeout=1200)
 
 
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that shows the program's own stderr when it fails (CalledProcessError hides it)."""
+    try:
+        return subprocess.run(args, **RUN, **kwargs)
+    except subprocess.CalledProcessError as e:
+        raise AssertionError(f"{args[:3]} exited {e.returncode}:\n{e.stderr[-4000:]}") from None
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The actcache wheel, built from a copy of the checkout's files (tracked or new, not ignored): a build in
@@ -82,14 +90,14 @@ def test_saelens_trains_from_a_set_in_place_beside_actcache(tmp_path, wheel, tra
     out = tmp_path / "sae"
     recipe = str(ROOT / "docs" / "recipes" / "saelens_train.py")
     # cwd elsewhere: the installed wheel is imported, not the checkout.
-    subprocess.run([str(py), recipe, train_set, str(out), "--steps", "5", "--batch", "16"], cwd=tmp_path, **RUN)
+    run([str(py), recipe, train_set, str(out), "--steps", "5", "--batch", "16"], cwd=tmp_path)
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["metadata"]["dataset_path"] == train_set  # the set's URL, not ""
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["d_in"] == 8
     assert cfg["normalize_activations"] == "none"  # the set's scale is folded in: the SAE reads raw activations
     assert (out / "sae_weights.safetensors").stat().st_size > 0
     # The scale SAELens folded in is the set's exact one over the rows kept (no BOS, no special tokens).
-    assert "folded" in subprocess.run([str(py), "-c", FOLDED, train_set], cwd=tmp_path, **RUN).stdout
+    assert "folded" in run([str(py), "-c", FOLDED, train_set], cwd=tmp_path).stdout
 
 
 LOADS = """
@@ -113,7 +121,7 @@ def test_sparsify_trains_from_a_set_beside_actcache(tmp_path, wheel, train_set):
     out = tmp_path / "coder"
     recipe = str(ROOT / "docs" / "recipes" / "sparsify_train.py")
     args = [train_set, str(out), "--steps", "30", "--batch", "16", "--expansion", "4", "-k", "4"]
-    subprocess.run([str(py), recipe, *args, "--dead-after", "64"], cwd=tmp_path, **RUN)
+    run([str(py), recipe, *args, "--dead-after", "64"], cwd=tmp_path)
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["actcache"]["sets"] == [train_set] and cfg["d_in"] == 8 and cfg["k"] == 4
     assert "fvu" in subprocess.run([str(py), "-c", LOADS, str(out), train_set], cwd=tmp_path, **RUN).stdout

@@ -18,6 +18,7 @@ interrupted; ``--debug`` anywhere on the line (or ``ACTCACHE_TRACEBACK=1``) prin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 
@@ -44,6 +45,10 @@ def _quiet_defaults() -> None:
     # transformers' "Writing model shards" while the demo model is built) would read as actcache's shards.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Prefect's event and log services drain at exit and say so ("Still processing items: 1 items remaining..."),
+    # after the summary or the error that must be the last line; --verbose keeps them.
+    for name in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _flags_given(argv: list[str]) -> frozenset[str]:

@@ -480,7 +480,7 @@ class ActivationDataset(IterableDataset):
         plain = [c for c in self._columns() if not c.startswith("column.")]
         if self.with_columns:
             return (*(batch[c] for c in plain), self._column_values(batch))
-        if len(plain) == 1:
+        if len(plain) == 1 and not self.several:  # a list of one set still yields tuples, as documented
             return batch["acts"]
         return tuple(batch[c] for c in plain)
 

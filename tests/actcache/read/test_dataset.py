@@ -767,3 +767,11 @@ def test_shuffled_copies_made_together_read_together(two_hooks, synthetic, tmp_p
         ActivationDataset([ra, other], batch_size=8)
     assert main(["shuffle", a, synthetic, "--out", str(tmp_path / "refused")]) == 2
     assert "other tokens than" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_a_list_of_one_set_yields_tuples_of_one(local_set):
+    """Code written for several sets (``x, y = batch`` or ``batch[0]``) works with a list of one: a list always
+    yields tuples, one tensor per set; a plain URL yields plain tensors."""
+    one = next(iter(ActivationDataset([local_set], batch_size=8)))
+    plain = next(iter(ActivationDataset(local_set, batch_size=8)))
+    assert isinstance(one, tuple) and len(one) == 1 and torch.equal(one[0], plain)

@@ -95,3 +95,7 @@ def background(items: Iterator[Any], depth: int) -> Iterator[Any]:
             yield value
     finally:
         stop.set()
+        # Wait for the thread to leave its current item: a daemon thread still inside torch when the interpreter
+        # exits aborts the process ("terminate called without an active exception").
+        if thread is not threading.current_thread():
+            thread.join(timeout=30)

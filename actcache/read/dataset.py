@@ -348,13 +348,7 @@ class ActivationDataset(IterableDataset):
         shard = retried(lambda: self.set.read(r, verify=self.verify), f"reading shard {r.index}", stop)
         tokens = shard.tokens.reshape(-1)
         kept = self._kept(tokens, shard.positions)
-        if kept is None:
-            rows: slice | torch.Tensor = slice(piece.start, piece.stop)
-        else:
-            index = kept.nonzero().squeeze(1)
-            if len(index) != self.rows_per_shard[piece.shard]:
-                raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
-            rows = index[piece.start : piece.stop]
+        rows = self._piece_rows(piece, r, kept)
         positions = None
         if self.with_positions:
             if shard.positions is not None:
@@ -400,13 +394,7 @@ class ActivationDataset(IterableDataset):
             kept = self._kept(main.tokens, main.positions)
         else:
             kept = None
-        if kept is None:
-            rows: slice | torch.Tensor = slice(piece.start, piece.stop)
-        else:
-            index = kept.nonzero().squeeze(1)
-            if len(index) != self.rows_per_shard[piece.shard]:
-                raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
-            rows = index[piece.start : piece.stop]
+        rows = self._piece_rows(piece, r, kept)
         if self.with_columns:
             self._strings[r.index] = main.strings
         columns = {f"column.{k}": v for k, v in main.columns.items()} if self.with_columns else {}
@@ -467,6 +455,16 @@ class ActivationDataset(IterableDataset):
         for c in self._columns()[len(self.sets) :]:
             out[c] = self._empty((n,), dtypes[c])
         return out
+
+    def _piece_rows(self, piece: Piece, r: Record, kept: torch.Tensor | None) -> slice | torch.Tensor:
+        """The piece's rows of shard ``r``: a slice, or the indices of its kept rows (counted again: a shard
+        whose kept rows differ from the scan's was rewritten meanwhile)."""
+        if kept is None:
+            return slice(piece.start, piece.stop)
+        index = kept.nonzero().squeeze(1)
+        if len(index) != self.rows_per_shard[piece.shard]:
+            raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
+        return index[piece.start : piece.stop]
 
     def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Memory for a batch: pinned if asked; in a DataLoader worker, shared memory from the start (as the

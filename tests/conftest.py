@@ -42,12 +42,14 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-# Shared test helpers (setwriter, setfiles, modelcache, s3_server, hub_server, prefect_server) import by name.
-sys.path.insert(0, str(Path(__file__).parent))
-
 import pytest  # noqa: E402
 
+# Before tests/ goes on sys.path: tests/actcache (the mirror of the package, no __init__.py) would otherwise be
+# taken for a namespace package `actcache` under a bare `pytest`, which has no checkout on sys.path.
 from actcache.inputs import demo, fingerprint  # noqa: E402
+
+# Shared test helpers (setwriter, setfiles, modelcache, s3_server, hub_server, prefect_server) import by name.
+sys.path.insert(0, str(Path(__file__).parent))
 
 # What a test needs beyond this process, as markers (registered in pyproject.toml; `make test-fast` runs the tests
 # that need none of them). Most are given here from the fixtures a test uses (item.fixturenames holds every fixture

@@ -63,7 +63,9 @@ only; uploads with it get 403), ``user`` (the tokens' user name, the default nam
   ``clear_faults()``.
 * ``requests`` -> list of :class:`Request` (``method``, ``path`` percent-decoded without query, ``query``,
   ``status``, ``auth`` in ``"none"|"valid"|"invalid"``) in arrival order, faults included;
-  ``requests_matching(pattern, method=None)`` filters them the same way; ``clear_requests()``.
+  ``requests_matching(pattern, method=None)`` filters them the same way; ``clear_requests()``. The server is
+  shared by the session, and a client an earlier test left behind (``datasets`` resolves files in threads) may
+  still be talking to it: put this test's repo id in fault and log patterns (``rf"/{repo}/resolve/"``).
 * ``stop()`` (the hub becomes unreachable: listening socket and open connections closed, state kept),
   ``restart()`` (same port, same state), ``close()``.
 

@@ -86,7 +86,7 @@ def test_model_info_refs_commits_and_tree_at_each_revision(hub, monkeypatch):
     hub.clear_requests()
     tree = {f.path: f for f in api.list_repo_tree(repo, revision=first, recursive=True)}
     assert set(tree) == {"config.json", "model.safetensors", "sub", "sub/notes.txt"}
-    assert len(hub.requests_matching(r"/tree/")) == 2
+    assert len(hub.requests_matching(rf"/{repo}/tree/")) == 2
     expanded = {f.path: f for f in api.list_repo_tree(repo, recursive=True, expand=True)}
     assert expanded["config.json"].last_commit.oid == first and expanded["model.safetensors"].last_commit.oid == second
     infos = api.get_paths_info(repo, ["config.json", "sub", "missing.txt"], revision=first)
@@ -119,7 +119,7 @@ def test_downloads_give_the_committed_bytes_and_a_cached_sha_asks_nothing(hub):
     hub.clear_requests()
     assert Path(snapshot_download(repo, revision=sha)) == snap
     assert Path(hf_hub_download(repo, "config.json", revision=sha)).read_bytes() == b"{}"
-    assert hub.requests == []  # a commit sha never changes: everything came from the cache
+    assert hub.requests_matching(repo) == []  # a commit sha never changes: everything came from the cache
 
     fs = HfFileSystem()
     assert fs.ls(f"{repo}/nested", detail=False) == [f"{repo}/nested/dir"]
@@ -128,7 +128,7 @@ def test_downloads_give_the_committed_bytes_and_a_cached_sha_asks_nothing(hub):
     with fs.open(f"{repo}/model.safetensors", "rb", block_size=1000) as f:  # range requests
         f.seek(1200)
         assert f.read(100) == weights[1200:1300]
-    assert {r.status for r in hub.requests_matching(r"/resolve/", "GET")} == {206}
+    assert {r.status for r in hub.requests_matching(rf"/{repo}/resolve/", "GET")} == {206}
 
 
 def test_transformers_and_transformer_lens_load_a_hub_model_at_a_revision(hub, tiny_models):
@@ -241,13 +241,13 @@ def test_429_with_retry_after_and_5xx_are_retried_then_succeed(hub):
 
     repo = hub.new_repo_id("busy")
     hub.add_model(repo, {"config.json": b'{"a": 1}'})
-    hub.fail_next(r"/resolve/", status=429, times=2, retry_after=0, method="HEAD")
+    hub.fail_next(rf"/{repo}/resolve/", status=429, times=2, retry_after=0, method="HEAD")
     assert Path(hf_hub_download(repo, "config.json")).read_bytes() == b'{"a": 1}'
-    assert [r.status for r in hub.requests_matching(r"/resolve/", "HEAD")] == [429, 429, 200]
+    assert [r.status for r in hub.requests_matching(rf"/{repo}/resolve/", "HEAD")] == [429, 429, 200]
 
-    hub.fail_next(r"/preupload/", status=503, times=1, method="POST")
+    hub.fail_next(rf"/{repo}/preupload/", status=503, times=1, method="POST")
     HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo)
-    assert [r.status for r in hub.requests_matching(r"/preupload/")] == [503, 200]
+    assert [r.status for r in hub.requests_matching(rf"/{repo}/preupload/")] == [503, 200]
     assert hub.files(repo)["x.txt"] == b"x"
 
 

@@ -736,7 +736,7 @@ def test_commands_that_read_whole_sets_read_only_regular_files(extracted_set, tm
     if command == "export":
         assert not (tmp_path / "exported").exists()
     if command == "push":
-        assert not hub.requests_matching(r"/commit/")
+        assert not hub.requests_matching(rf"/{argv[-1]}/commit/")
 
 
 # -- nothing escapes the store --------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_push_uploads_the_set_and_a_card_then_reads_back(extracted_set, hub, cap
     readme = files["README.md"].decode()
     assert "viewer: false" in readme and f'actcache.open_set("hf://datasets/{repo}/{sid}")' in readme
     assert "blocks.1.hook_resid_post" in readme and "scale sqrt(d) / mean norm" in readme
-    shard_commit = hub.requests_matching(r"/commit/")
+    shard_commit = hub.requests_matching(rf"/{repo}/commit/")
     assert len(shard_commit) == 2  # shards and records, then manifest and card
 
     back = open_set(f"hf://datasets/{repo}/{sid}")  # through huggingface_hub's fsspec filesystem
@@ -43,7 +43,7 @@ def test_push_uploads_the_set_and_a_card_then_reads_back(extracted_set, hub, cap
     hub.clear_requests()
     assert cli.main(["push", extracted_set, repo]) == 0
     assert "uploaded 0 files" in capsys.readouterr().err
-    assert not hub.requests_matching(r"/commit/") and not hub.requests_matching(r"/_lfs/")
+    assert not hub.requests_matching(rf"/{repo}/commit/") and not hub.requests_matching(r"/_lfs/")
 
 
 def test_an_interrupted_push_resumes_with_what_is_missing(extracted_set, hub):

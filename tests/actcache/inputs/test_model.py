@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from actcache.errors import ActcacheError
-from actcache.inputs.model import ModelSpec, check_hook_name, hook_layer, load_bridge, resolve_model
+from actcache.inputs.model import ModelSpec, load_bridge, resolve_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -45,12 +45,6 @@ def test_local_directory_without_weights(tmp_path):
         resolve_model(ModelSpec(str(tmp_path)))
 
 
-def test_hook_helpers():
-    assert hook_layer("blocks.11.attn.hook_z") == 11 and hook_layer("hook_embed") is None
-    with pytest.raises(ActcacheError, match="did you mean blocks.3.hook_resid_post"):
-        check_hook_name("blocks.3.hook_resid_pst", ["blocks.3.hook_resid_post", "blocks.3.hook_mlp_out"])
-
-
 def test_facts_are_remembered_by_content_and_equal_a_fresh_read(tiny_models, tmp_path, monkeypatch):
     """A second resolution reads config/tokenizer facts from the memo (no transformers); a changed tokenizer file
     is a new key, read afresh."""
@@ -73,49 +67,6 @@ def test_facts_are_remembered_by_content_and_equal_a_fresh_read(tiny_models, tmp
     cfg.write_text(cfg.read_text() + " ")  # same meaning, new bytes
     with pytest.raises(AssertionError, match="memo should have answered"):
         _ = resolve_model(ModelSpec(str(folder))).facts
-
-
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models, arch, monkeypatch):
-    """Built without weights (meta for Llama; GPT-2's fused QKV needs a CPU skeleton), then read back from disk."""
-    import actcache.inputs.hooks
-    from actcache.extraction.forward import Extractor
-    from actcache.inputs.model import hook_catalog
-
-    built = []
-    real = actcache.inputs.hooks._skeleton
-    monkeypatch.setattr(actcache.inputs.hooks, "_skeleton", lambda m, o=None: built.append(o) or real(m, o))
-    monkeypatch.setattr(actcache.inputs.hooks, "_CATALOGS", {})
-    model = resolve_model(ModelSpec(str(tiny_models[arch])))
-    actcache.inputs.hooks._catalog_path(model).unlink(missing_ok=True)
-    catalog = hook_catalog(model)
-    assert built == ([None, {"n_layer": 2}] if arch == "gpt2" else [None])  # meta first; GPT-2: two CPU blocks
-    bridge = load_bridge(model)
-    assert catalog.names == tuple(sorted(bridge.hook_dict))
-    some = ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z", "blocks.0.hook_mlp_out", "hook_embed"]
-    assert {h: list(catalog.per_token[h]) for h in some} == Extractor(bridge, some, batch_size=1).hook_shapes()
-    assert "blocks.0.attn.hook_pattern" in catalog.other and "blocks.0.attn.hook_pattern" not in catalog.per_token
-
-    def no_probe(_model):
-        raise AssertionError("probed again instead of reading the catalogue from disk")
-
-    monkeypatch.setattr(actcache.inputs.hooks, "_CATALOGS", {})  # a new process
-    monkeypatch.setattr(actcache.inputs.hooks, "_probe_catalog", no_probe)
-    assert hook_catalog(model) == catalog
-
-
-def test_a_local_model_changed_after_the_plan_is_refused_when_loaded(tiny_models, tmp_path):
-    from actcache.extraction.forward import load_hf_stack
-
-    shutil.copytree(tiny_models["gpt2"], tmp_path / "m")
-    model = resolve_model(ModelSpec(str(tmp_path / "m")))  # pinned: its fingerprint is in the set key
-    weights = next((tmp_path / "m").glob("*.safetensors"))
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1  # new weights, same size
-    weights.write_bytes(bytes(data))
-    for load in (load_bridge, lambda m: load_hf_stack(m, 1)):
-        with pytest.raises(ActcacheError, match="changed while this run used it"):
-            load(model)
 
 
 # -- issue 12: a tokenizer that cannot tokenize is refused before anything is written -------------------------

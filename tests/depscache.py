@@ -50,7 +50,8 @@ def base_dependencies(torch: str, timeout: float = 1800) -> Path:
             return out
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             target = Path(tmp) / "site"
-            pip = [sys.executable, "-m", "pip", "install", "-q", "--target", str(target), "-c", str(CONSTRAINTS)]
+            pip = [sys.executable, "-m", "pip", "install", "-q", "--no-compile", "--target", str(target)]
+            pip += ["-c", str(CONSTRAINTS)]  # --no-compile: seconds, not a minute; programs compile what they import
             subprocess.run([*pip, *requirements(torch)], check=True, capture_output=True, text=True, timeout=timeout)
             os.rename(target, out)  # last: a folder that is there is complete
     return out

@@ -88,7 +88,16 @@ def test_the_wheel_reads_sets_without_the_extraction_extra(tmp_path, extracted_s
     # file (tests/depscache.py); pip installs the wheel and whatever of its requirements that folder lacks.
     venv = tmp_path / "venv"
     depscache.fresh_venv(venv, depscache.base_dependencies(TORCH))
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt")]
+    pip = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-compile",
+        "-c",
+        str(ROOT / "constraints.txt"),
+    ]
     subprocess.run([*pip, str(wheel)], **run)
     py, cli = str(venv / "bin" / "python"), str(venv / "bin" / "actcache")
     assert "read" in subprocess.run([py, "-c", READS, extracted_set], **run).stdout

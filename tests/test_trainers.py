@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import depscache
 import pytest
 import setwriter
 
@@ -20,6 +21,7 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(check=True, capture_output=True, text=True, timeout=1200)
+TORCH = "torch==2.13.0"  # the CPU wheel (Makefile): a bare torch requirement would pull a CUDA build
 
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -56,14 +58,16 @@ def train_set(tmp_path_factory) -> str:
 
 
 def venv_beside(tmp: Path, trainer: str, wheel: Path) -> Path:
-    """A fresh venv with the CPU torch, ``trainer`` from the registry, then the actcache wheel (no extra)."""
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], **RUN)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, "-c", str(ROOT / "constraints.txt"), "torch==2.13.0"], **RUN)
+    """A fresh venv with the CPU torch, ``trainer`` from the registry, then the actcache wheel (no extra).
+
+    torch and actcache's base requirements come from the per-machine folder of tests/depscache.py (a ``.pth``
+    file), as a user's CPU torch installed first; what the trainer pins otherwise goes into the venv itself,
+    ahead of that folder on sys.path. ``--no-compile``: the programs compile what they import, not all of it."""
+    py = depscache.fresh_venv(tmp / "venv", depscache.base_dependencies(TORCH))
+    pip = [str(py), "-m", "pip", "install", "-q", "--no-compile"]
     subprocess.run([*pip, trainer], **RUN)  # its own pins (TransformerLens 3 for SAELens), not actcache's
     subprocess.run([*pip, str(wheel)], **RUN)
-    return venv / "bin" / "python"
+    return py
 
 
 FOLDED = """

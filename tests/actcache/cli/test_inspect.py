@@ -1,0 +1,115 @@
+"""`ls`, `show`, `verify`: what they say about complete, unfinished and damaged sets, and that the commands that
+only read a manifest import nothing heavy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from actcache.cli.app import main
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_verify_fails_on_an_incomplete_set_and_says_how_many_shards_are_missing(base_config, capsys):
+    from actcache.flows.extract import extract_activations
+
+    [url] = extract_activations(base_config, partition_index=1, num_partitions=2)  # shards 1 and 3 of 4
+    assert main(["verify", url]) == 1
+    err = capsys.readouterr().err
+    assert "incomplete: 2 of 4 shards missing (indices 0, 2)" in err and ", 2 of 4 shards missing;" in err
+    extract_activations(base_config)
+    assert main(["verify", url]) == 0 and "OK: 4 shards" in capsys.readouterr().out
+
+
+@pytest.mark.subprocess
+def test_verify_checks_headers_without_importing_torch(extracted_set, tmp_path):
+    """verify re-hashes every shard and checks its safetensors header against the manifest with JSON and sizes
+    alone: a fresh interpreter never imports torch (seconds of start-up), and a header that disagrees is found."""
+    import hashlib
+    import shutil
+
+    from actcache.format import layout, records
+
+    damaged = tmp_path / Path(extracted_set).name
+    shutil.copytree(extracted_set, damaged)
+    shard = damaged / layout.shard_file(0, "none")
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert data[8 : 8 + n].count(b'"F16"') == 1
+    data = data[: 8 + n].replace(b'"F16"', b'"I16"') + data[8 + n :]  # same length: only the dtype code differs
+    shard.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    for rel in (layout.MANIFEST, layout.record_file(0)):  # records that vouch for the edited bytes
+        doc = json.loads((damaged / rel).read_text())
+        entry = doc["shards"][0] if rel == layout.MANIFEST else doc
+        entry["sha256"] = sha
+        (damaged / rel).write_text(json.dumps(records.sealed(doc)))
+    code = (
+        "import sys; from actcache.cli.app import main; rc = main(['verify', sys.argv[1]]); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)"
+    )
+    for url, rc, says in ((extracted_set, 0, "OK: 4 shards"), (str(damaged), 1, "header disagrees")):
+        p = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120)
+        assert p.stdout.strip().splitlines()[-1] == f"no torch {rc}", p.stdout + p.stderr
+        assert says in p.stdout + p.stderr
+
+
+def test_ls_of_a_set_url_shows_that_set_and_its_layout(extracted_set, capsys):
+    assert main(["ls", extracted_set]) == 0
+    out, err = capsys.readouterr()
+    assert f"{extracted_set} is a set, not a store; its store is {Path(extracted_set).parent}" in err
+    header, row = (line.split() for line in out.strip().splitlines())
+    assert header[3] == "LAYOUT" and row[0] == Path(extracted_set).name and row[3] == "tokens", out
+
+
+def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, tmp_path, capsys):
+    import shutil
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    (Path(url) / "manifest.json").unlink()  # as a run killed before its manifest leaves it
+    for command in ("show", "verify"):
+        assert main([command, url]) == 2
+        err = capsys.readouterr().err
+        assert f"{url} is an unfinished set: 4 shard(s) recorded, but no manifest.json yet" in err, err
+        assert "rerun the same `actcache extract` to finish it" in err, err
+
+
+HEAVY = ("torch", "prefect", "transformers", "transformer_lens", "datasets", "numpy", "s3fs", "huggingface_hub")
+
+
+@pytest.mark.subprocess
+def test_commands_that_read_the_manifest_import_nothing_heavy(extracted_set, tmp_path):
+    """ls, show, stats (its numbers already in the manifest), verify (hashes and headers), diff of identical sets
+    and every --help read JSON and bytes: no heavy import, so they answer in about the time Python takes to
+    start (a fraction of a second; figures in docs/performance.md)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from actcache.sets import stats
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    stats.compute(url)  # in the manifest from now on
+    for argv in (
+        ["ls", str(tmp_path)],
+        ["ls", url],
+        ["show", url],
+        ["stats", url],
+        ["verify", url],
+        ["diff", url, extracted_set],
+        ["--help"],
+        ["extract", "--help"],
+    ):
+        code = (
+            "import sys; from actcache.cli.app import main\n"
+            f"try: rc = main({argv!r})\nexcept SystemExit as e: rc = e.code or 0\n"
+            f"print(rc, [m for m in {HEAVY!r} if m in sys.modules])"
+        )
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert p.stdout.strip().splitlines()[-1] == "0 []", (argv, p.stdout[-2000:], p.stderr[-2000:])

@@ -1,0 +1,63 @@
+"""The parser: one version, and help that renders every choice, default and exit code."""
+
+from __future__ import annotations
+
+import re
+
+from actcache.cli.app import main
+
+
+# -- conventions: version, help, JSON, exit codes, a quiet terminal -------------------------------------------
+def test_version_has_one_source(capsys):
+    from importlib.metadata import version
+
+    import actcache
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"actcache {version('actcache')}" == f"actcache {actcache.__version__}"
+
+
+def test_help_renders_every_choice_default_and_exit_code(capsys):
+    from actcache.cli.app import app
+
+    assert main(["--help"]) == 0
+    top = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "Exit codes: 0 success; 1 failure" in top and "2 bad input" in top
+    assert re.search(r"Parameters ─+╮ --debug Print the whole chain of causes", top), top  # the table, not the epilogue
+    for command in (
+        "extract",
+        "ls",
+        "show",
+        "verify",
+        "diff",
+        "cp",
+        "hooks",
+        "rm",
+        "gc",
+        "shuffle",
+        "export",
+        "push",
+        "stats",
+    ):
+        assert command in app and f" {command} " in top
+        assert main([command, "--help"]) == 0, command
+        text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+        assert text.startswith(f"Usage: actcache {command}"), text[:200]
+        if command in ("ls", "show", "verify", "diff", "rm", "gc", "stats"):
+            assert "--json" in text, command
+        assert "--debug Print the whole chain of causes" in text, command  # in the option table, with its help
+    assert main(["extract", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    for choices in (
+        "[choices: float32, float16, bfloat16]",
+        "[choices: none, zstd, shuffle-zstd]",
+        "[choices: eos, bos, none]",
+    ):
+        assert choices in text
+    assert "under about 2% of a GPU" in text and "[default: 268435456]" in text  # a '%' renders
+    assert "--no-prepend-bos" in text and "--no-streaming" in text and "[default: True]" in text
+    import dataclasses
+
+    from actcache.config import ExtractConfig
+
+    assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []

@@ -10,99 +10,25 @@ import json
 import subprocess
 import sys
 import textwrap
-import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import setwriter
 import torch
+from readback import Row, full, reference, rows_of
 from torch.utils.data import DataLoader
 
 from actcache.errors import ActcacheError
 from actcache.format import manifest
-from actcache.read import dataset, prefetch
-from actcache.read.dataset import ActivationDataset, Piece, background, deal, prefetched
+from actcache.read import dataset
+from actcache.read.dataset import ActivationDataset
 from actcache.read.reader import open_set
 from actcache.sets.copy import copy_set
 from actcache.sets.shuffle import shuffle_set
 from actcache.storage.store import Store
 
 CTX = 32
-
-
-@pytest.fixture(scope="module")
-def local_set(make_config, tmp_path_factory) -> str:
-    """One extracted set of 8 shards (4 sequences of 32 tokens each) on local disk, written by the flow's stages."""
-    local = tmp_path_factory.mktemp("dataset-store")
-    return setwriter.extract_by_stages(make_config(context_size=CTX, max_tokens=1024, store=str(local)))
-
-
-@pytest.fixture(scope="module")
-def s3_set(local_set, s3_server) -> str:
-    """``local_set`` copied to S3."""
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in s3_server.env("writer").items():
-            mp.setenv(k, v)
-        return copy_set(local_set, s3_server.new_prefix()).url
-
-
-@pytest.fixture
-def s3_url(s3_set, s3_env):
-    return s3_set
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """Sets written by the real shard encoder: 5 shards (the last shorter), d=8, with statistics."""
-    root = tmp_path_factory.mktemp("synthetic")
-    return setwriter.write_set(root, shards=5, seqs=4, ctx=16, d=8, last_seqs=3, with_stats=True)
-
-
-Row = tuple[bytes, int, int]
-
-
-def reference(
-    url: str, *, drop_bos: bool = False, exclude: tuple[int, ...] = (), world_size: int = 1
-) -> list[list[Row]]:
-    """What each rank reads without shuffling, by an obvious loop over every row: (activation bytes, token id,
-    flat position), kept rows in set order, cut into ``world_size`` equal parts, the remainder left out."""
-    s = open_set(url)
-    rows, base = [], 0
-    for shard in s:
-        a, t = shard.activations.reshape(-1, s.d), shard.tokens.reshape(-1)
-        for i in range(len(t)):
-            if (drop_bos and i % s.context_size == 0) or int(t[i]) in exclude:
-                continue
-            rows.append((a[i].view(torch.uint8).numpy().tobytes(), int(t[i]), base + i))
-        base += len(t)
-    per = len(rows) // world_size
-    return [rows[r * per : (r + 1) * per] for r in range(world_size)]
-
-
-def rows_of(batches) -> list[Row]:
-    out = []
-    for acts, tokens, positions in batches:
-        assert acts.ndim == 2 and tokens.shape == positions.shape == (len(acts),)
-        out += [
-            (acts[i].view(torch.uint8).numpy().tobytes(), int(tokens[i]), int(positions[i])) for i in range(len(acts))
-        ]
-    return out
-
-
-def full(url: str, **kw) -> ActivationDataset:
-    return ActivationDataset(url, with_tokens=True, with_positions=True, **kw)
-
-
-def settled(prefix: str = "actcache-") -> list[threading.Thread]:
-    """Join the reader's threads until none is left (a stage may start a pool while it winds down)."""
-    for _ in range(20):
-        alive = [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
-        for t in alive:
-            t.join(timeout=30)
-        if not alive:
-            break
-    return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
 
 
 # -- order, epochs, seeds ------------------------------------------------------------------------------
@@ -241,29 +167,6 @@ def test_every_rank_gets_the_same_batches_and_no_row_twice(local_set, world_size
     assert len(everything) - len(seen) == 1024 % world_size
 
 
-def test_deal_splits_ranks_by_rows_and_workers_at_batch_boundaries():
-    counts, order = [10, 0, 7, 3], [2, 0, 3, 1]  # 20 rows; an empty shard
-    assert deal(counts, order, rank=0, world_size=3, worker=0, num_workers=1, batch_size=4) == [Piece(2, 0, 6)]
-    assert deal(counts, order, rank=1, world_size=3, worker=0, num_workers=1, batch_size=4) == [
-        Piece(2, 6, 7),
-        Piece(0, 0, 5),
-    ]
-    assert deal(counts, order, rank=2, world_size=3, worker=0, num_workers=1, batch_size=4) == [
-        Piece(0, 5, 10),
-        Piece(3, 0, 1),
-    ]
-    # rank 0 of 1 with 2 workers: 5 batches of 4 -> worker 0 takes 2 (8 rows), worker 1 three
-    assert deal(counts, order, rank=0, world_size=1, worker=0, num_workers=2, batch_size=4) == [
-        Piece(2, 0, 7),
-        Piece(0, 0, 1),
-    ]
-    assert deal(counts, order, rank=0, world_size=1, worker=1, num_workers=2, batch_size=4) == [
-        Piece(0, 1, 10),
-        Piece(3, 0, 3),
-    ]
-    assert deal(counts, order, rank=4, world_size=30, worker=0, num_workers=2, batch_size=4) == []
-
-
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_dataloader_workers_read_the_same_rows_in_the_same_batches(local_set, num_workers):
     ds = full(local_set, batch_size=50, shuffle_buffer=256, seed=1, rank=1, world_size=3)
@@ -352,102 +255,6 @@ def test_exclusion_ids_are_checked(synthetic, bad, message):
     assert ActivationDataset(synthetic, batch_size=8, exclude_tokens=[511]).exclude == (511,)
 
 
-# -- normalisation --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("normalize", ["scale", "standardize"])
-@pytest.mark.parametrize("shuffle_buffer", [0, 40])
-def test_normalize_with_the_sets_statistics(synthetic, normalize, shuffle_buffer):
-    m = open_set(synthetic).manifest
-    stats = m["stats"]
-    ds = full(synthetic, batch_size=16, shuffle_buffer=shuffle_buffer, dtype=torch.float32, normalize=normalize)
-    plain = {p: a for a, _, p in rows_of(full(synthetic, batch_size=16, dtype=torch.float32))}
-    got = torch.cat([a for a, _, _ in ds])
-    raw = torch.stack([torch.frombuffer(bytearray(plain[int(p)]), dtype=torch.float32) for _, _, ps in ds for p in ps])
-    if normalize == "scale":
-        want = raw.double() * stats["scale"]
-    else:
-        want = (raw.double() - torch.tensor(stats["mean"])) / torch.tensor(stats["var"]).sqrt()
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    if normalize == "standardize":  # the set's own rows: mean 0 and std 1 per dimension
-        torch.testing.assert_close(got.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-4, rtol=0)
-        torch.testing.assert_close(
-            got.double().std(0, correction=0), torch.ones(8, dtype=torch.float64), atol=1e-4, rtol=0
-        )
-
-
-def test_normalize_without_statistics_says_how_to_get_them(tmp_path):
-    old = setwriter.write_set(tmp_path, shards=1, seqs=2, ctx=4, d=4)  # as written before statistics existed
-    with pytest.raises(ActcacheError, match=r"has no normalisation statistics; compute them with `actcache stats "):
-        ActivationDataset(old, batch_size=8, normalize="scale")
-
-
-@pytest.fixture(scope="module")
-def loud_bos(tmp_path_factory):
-    """A set written as extraction writes it (moments per shard and by token group) whose BOS rows are 30 times
-    larger than the others, as in real models: statistics over all rows are far from those of the rest."""
-    root = tmp_path_factory.mktemp("loud-bos")
-    return setwriter.write_set(root, shards=5, seqs=4, ctx=16, d=32, last_seqs=3, with_moments=True, bos_scale=30.0)
-
-
-def yielded(url: str, **kw) -> torch.Tensor:
-    return torch.cat(list(ActivationDataset(url, batch_size=64, shuffle_buffer=100, dtype=torch.float32, **kw)))
-
-
-EXCLUSIONS = [{}, {"drop_bos": True}, {"exclude_special_tokens": True}, {"exclude_tokens": [setwriter.PAD]}]
-
-
-@pytest.mark.parametrize("exclusions", EXCLUSIONS, ids=["none", "drop_bos", "special", "pad"])
-def test_scale_gives_mean_norm_sqrt_d_over_the_rows_yielded(loud_bos, exclusions):
-    x = yielded(loud_bos, normalize="scale", **exclusions)
-    d = x.shape[1]
-    assert x.double().norm(dim=1).mean().item() == pytest.approx(d**0.5, rel=0.01)
-
-
-@pytest.mark.parametrize("exclusions", EXCLUSIONS, ids=["none", "drop_bos", "special", "pad"])
-def test_standardize_gives_unit_std_per_dimension_over_the_rows_yielded(loud_bos, exclusions):
-    x = yielded(loud_bos, normalize="standardize", **exclusions).double()
-    torch.testing.assert_close(x.std(0, correction=0), torch.ones(x.shape[1], dtype=torch.float64), atol=0.01, rtol=0)
-    torch.testing.assert_close(x.mean(0), torch.zeros(x.shape[1], dtype=torch.float64), atol=0.01, rtol=0)
-
-
-def test_the_datasets_stats_are_those_of_its_rows(loud_bos, local_set, tmp_path):
-    """``ds.stats`` (what ``normalize`` uses) equals moments computed directly from the rows yielded: on the
-    synthetic set, on a set written by the extraction's own stages, and on a shuffled copy of it."""
-    rows_url = shuffle_set(local_set, out=str(tmp_path), seed=1, rows_per_shard=300).url
-    for url in (loud_bos, local_set, rows_url):
-        for kw in ({"drop_bos": True}, {"exclude_special_tokens": True, "drop_bos": True}):
-            ds = ActivationDataset(url, batch_size=64, dtype=torch.float32, **kw)
-            x = torch.cat(list(ds)).double()
-            assert ds.stats["n"] == len(x) < open_set(url).manifest["stats"]["n"]
-            torch.testing.assert_close(
-                torch.tensor(ds.stats["mean"], dtype=torch.float64), x.mean(0), atol=1e-6, rtol=1e-6
-            )
-            torch.testing.assert_close(
-                torch.tensor(ds.stats["var"], dtype=torch.float64), x.var(0, correction=0), atol=1e-6, rtol=1e-5
-            )
-            assert ds.stats["mean_norm"] == pytest.approx(x.norm(dim=1).mean().item(), rel=1e-6)
-    everything = open_set(loud_bos).manifest["stats"]  # what normalize used before: BOS rows weigh in
-    assert ActivationDataset(loud_bos, batch_size=8, drop_bos=True).stats["scale"] > 1.5 * everything["scale"]
-
-
-def test_normalize_with_an_untracked_id_points_to_a_shuffled_copy(loud_bos):
-    with pytest.raises(
-        ActcacheError, match=r"track only its special tokens \[0, 1, 2\].*actcache shuffle .* --exclude-ids 7"
-    ):
-        ActivationDataset(loud_bos, batch_size=8, exclude_tokens=[7], normalize="scale")
-    assert ActivationDataset(loud_bos, batch_size=8, exclude_tokens=[7]).stats is None  # reading alone works
-
-
-def test_normalize_with_exclusions_on_an_older_set_points_to_actcache_stats(synthetic, tmp_path):
-    from actcache.sets import stats
-
-    old = copy_set(synthetic, str(tmp_path)).url  # stats, but no moments by token group
-    with pytest.raises(ActcacheError, match=r"predates moments by token\); add them with `actcache stats "):
-        ActivationDataset(old, batch_size=8, drop_bos=True, normalize="scale")
-    stats.compute(old)
-    x = yielded(old, normalize="scale", drop_bos=True)
-    assert x.double().norm(dim=1).mean().item() == pytest.approx(8**0.5, rel=0.01)
-
-
 # -- the rows layout ------------------------------------------------------------------------------------
 def test_rows_layout_reads_in_its_order_and_keeps_positions(local_set, tmp_path):
     rows_url = shuffle_set(local_set, out=str(tmp_path), seed=5, rows_per_shard=300).url
@@ -526,99 +333,6 @@ def test_verify_catches_a_corrupted_shard(local_set, tmp_path):
         list(ActivationDataset(copy, batch_size=4096, verify=True))
 
 
-# -- device stage ---------------------------------------------------------------------------------------
-def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic):
-    """device= runs the batch making and the copy in a thread (on CUDA, with a stream of its own: untested here)."""
-    want = rows_of(full(synthetic, batch_size=16, shuffle_buffer=40, seed=4))
-    ds = full(synthetic, batch_size=16, shuffle_buffer=40, seed=4, device="cpu")
-    assert rows_of(ds) == want
-    it = iter(ds)
-    next(it)
-    assert [t for t in threading.enumerate() if t.name == "actcache-background"]
-    it.close()  # stopping early ends the stage's thread, and the reading threads
-    assert not settled()
-    with pytest.raises(ActcacheError, match="device= and pin_memory= work with num_workers=0"):
-        list(DataLoader(ds, batch_size=None, num_workers=1))
-
-
-# -- S3 prefetch and retries ----------------------------------------------------------------------------
-def test_s3_reads_are_retried_after_a_transient_failure(local_set, restartable_s3, monkeypatch):
-    """The endpoint dies after the dataset opened the set: reads fail with connection errors, are retried,
-    and the epoch completes once it is back (restarted with its objects during the first retry's wait)."""
-    for k, v in restartable_s3.env("writer").items():
-        monkeypatch.setenv(k, v)
-    options = {"endpoint_url": restartable_s3.endpoint}  # its own s3fs instance, not the session server's
-    url = copy_set(local_set, restartable_s3.new_prefix(), dest_options=options).url
-    ds = full(url, batch_size=100, prefetch=3, storage_options=options)
-    waits = []
-    lock = threading.Lock()
-
-    def pause(seconds, stop):
-        with lock:
-            if not waits:
-                restartable_s3.restart()
-            waits.append(seconds)
-        return False
-
-    monkeypatch.setattr(prefetch, "_pause", pause)
-    restartable_s3.kill()
-    assert rows_of(ds) == reference(local_set)[0]
-    assert waits and set(waits) == {prefetch.RETRY_DELAYS[0]}  # every read that failed succeeded on its retry
-
-
-def test_permanent_errors_are_not_retried(s3_url, s3_server, monkeypatch):
-    monkeypatch.setattr(prefetch, "_pause", lambda *a: pytest.fail("retried a permanent error"))
-    ds = ActivationDataset(s3_url, batch_size=100)
-    key = s3_url.removeprefix(f"s3://{s3_server.bucket}/") + "/" + ds.set.records[3].file
-    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=key)
-    with pytest.raises(ActcacheError, match=r"shard 3 of .* is missing \(shards/000003.safetensors\)"):
-        list(ds)
-
-
-def test_prefetch_keeps_depth_loads_in_flight_and_no_more():
-    depth = 3
-    barrier = threading.Barrier(depth, timeout=30)  # broken unless ``depth`` loads run at the same time
-    started, finished = [], threading.Event()
-
-    def load(i):
-        started.append(i)
-        if i < depth:
-            barrier.wait()
-        if i == depth:
-            finished.set()
-        return i
-
-    it = prefetched(load, range(100), depth=depth)
-    assert next(it) == 0  # items 0..2 were in flight together
-    assert finished.wait(30)  # taking item 0 let item 3 start ...
-    assert max(started) == depth  # ... and nothing beyond it
-    it.close()
-    assert not settled("actcache-prefetch")
-
-
-def test_prefetch_and_background_errors_reach_the_consumer():
-    def load(i):
-        if i == 3:
-            raise ValueError("shard 3 is bad")
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="shard 3 is bad"):
-        for x in prefetched(load, range(10), depth=2):
-            got.append(x)
-    assert got == [0, 1, 2]
-
-    def items():
-        yield from range(3)
-        raise ValueError("batch 3 is bad")
-
-    got = []
-    with pytest.raises(ValueError, match="batch 3 is bad"):
-        for x in background(items(), 2):
-            got.append(x)
-    assert got == [0, 1, 2]
-
-
 def test_a_batch_counts_exactly_what_the_dataloader_expects(local_set):
     """``len`` matches what a DataLoader yields, so it never warns about an IterableDataset's length."""
     ds = full(local_set, batch_size=100, drop_last=True, world_size=3, rank=0)
@@ -664,114 +378,3 @@ def test_a_partial_epoch_exits_silently(synthetic, workers, buffer, how):
     )
     assert run.returncode == 0, run.stderr
     assert run.stderr == "" and run.stdout == ""
-
-
-# -- several hooks as one dataset ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_hooks(tiny_models, corpus, tmp_path_factory):
-    """Two sets of different widths from one forward pass (``--hook a,b``): block 0's MLP neurons and block 1's
-    MLP output."""
-    from actcache.config import ExtractConfig
-
-    return setwriter.extract_sets_by_stages(
-        ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            hook="blocks.0.mlp.hook_post,blocks.1.hook_mlp_out",
-            dataset=str(corpus),
-            context_size=CTX,
-            max_tokens=640,
-            shard_tokens=128,
-            batch_size=4,
-            store=str(tmp_path_factory.mktemp("two-hooks")),
-            device="cpu",
-        )
-    )
-
-
-def by_position(url: str) -> dict[int, tuple[int, bytes]]:
-    """Each row of a set by its flat position: (token id, activation bytes), by an obvious loop."""
-    s, out, base = open_set(url), {}, 0
-    for shard in s:
-        a, t = shard.activations.reshape(-1, s.d), shard.tokens.reshape(-1)
-        for i in range(len(t)):
-            out[base + i] = (int(t[i]), a[i].view(torch.uint8).numpy().tobytes())
-        base += len(t)
-    return out
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("rank", [0, 1])
-def test_several_sets_yield_row_aligned_tuples(two_hooks, num_workers, rank):
-    a, b = two_hooks
-    kw = dict(batch_size=48, shuffle_buffer=100, seed=3, exclude_special_tokens=True, drop_bos=True)
-    kw |= dict(rank=rank, world_size=2, with_tokens=True, with_positions=True)
-    ds = ActivationDataset([a, b], **kw)
-    got = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
-    assert len(got) == len(ds) > 1
-    rows_a, rows_b = by_position(a), by_position(b)
-    assert open_set(a).d != 0 and len(rows_a) == len(rows_b)
-    n = 0
-    for acts_a, acts_b, tokens, positions in got:
-        assert len(acts_a) == len(acts_b) == len(tokens) == len(positions)
-        for i in range(len(tokens)):
-            p, t = int(positions[i]), int(tokens[i])
-            assert rows_a[p] == (t, acts_a[i].view(torch.uint8).numpy().tobytes())
-            assert rows_b[p] == (t, acts_b[i].view(torch.uint8).numpy().tobytes())  # the same token, same row
-        n += len(tokens)
-    assert n == ds.rows_per_rank
-    # one shuffle for all: each set alone, with the same options, yields the same rows in the same order
-    for k, url in enumerate((a, b)):
-        alone = list(DataLoader(ActivationDataset(url, **kw), batch_size=None, num_workers=num_workers))
-        for mine, theirs in zip(got, alone, strict=True):
-            assert torch.equal(mine[k], theirs[0]) and torch.equal(mine[2], theirs[1])
-
-
-def test_several_sets_normalise_each_with_its_own_statistics(two_hooks):
-    ds = ActivationDataset(list(two_hooks), batch_size=64, dtype=torch.float32, normalize="scale", drop_bos=True)
-    parts = list(zip(*ds, strict=True))
-    assert len(parts) == 2 and len(ds.stats) == 2
-    for part, st in zip(parts, ds.stats, strict=True):
-        x = torch.cat(part).double()
-        assert x.norm(dim=1).mean().item() == pytest.approx(x.shape[1] ** 0.5, rel=0.01)
-        assert st["n"] == len(x)
-
-
-def test_several_sets_must_share_their_tokens(two_hooks, synthetic, tmp_path):
-    with pytest.raises(ActcacheError, match=r"extracted from other tokens than .*--hook a,b$"):
-        ActivationDataset([two_hooks[0], synthetic], batch_size=8)
-    rows = shuffle_set(two_hooks[1], out=str(tmp_path), seed=0).url
-    with pytest.raises(ActcacheError, match=r"is a shuffled copy \(layout 'rows'\)"):
-        ActivationDataset([two_hooks[0], rows], batch_size=8)
-    with pytest.raises(ActcacheError, match=r"needs a set URL"):
-        ActivationDataset([], batch_size=8)
-
-
-def test_shuffled_copies_made_together_read_together(two_hooks, synthetic, tmp_path, capsys):
-    from actcache.cli.app import main
-
-    a, b = two_hooks
-    assert main(["shuffle", a, b, "--seed", "4", "--out", str(tmp_path), "--shard-rows", "200", "--json"]) == 0
-    ra, rb = (s["url"] for s in json.loads(capsys.readouterr().out)["sets"])
-    ds = ActivationDataset([ra, rb], batch_size=64, with_tokens=True, with_positions=True, exclude_special_tokens=True)
-    rows_a, rows_b = by_position(a), by_position(b)
-    n = 0
-    for acts_a, acts_b, tokens, positions in ds:
-        for i in range(len(tokens)):
-            p, t = int(positions[i]), int(tokens[i])
-            assert rows_a[p] == (t, acts_a[i].view(torch.uint8).numpy().tobytes())
-            assert rows_b[p] == (t, acts_b[i].view(torch.uint8).numpy().tobytes())
-        n += len(tokens)
-    assert n == ds.n_tokens > 0
-    other = shuffle_set(b, out=str(tmp_path / "other"), seed=5, rows_per_shard=200).url
-    with pytest.raises(ActcacheError, match=r"other tokens than .*another shuffle"):
-        ActivationDataset([ra, other], batch_size=8)
-    assert main(["shuffle", a, synthetic, "--out", str(tmp_path / "refused")]) == 2
-    assert "other tokens than" in capsys.readouterr().err and not (tmp_path / "refused").exists()
-
-
-def test_a_list_of_one_set_yields_tuples_of_one(local_set):
-    """Code written for several sets (``x, y = batch`` or ``batch[0]``) works with a list of one: a list always
-    yields tuples, one tensor per set; a plain URL yields plain tensors."""
-    one = next(iter(ActivationDataset([local_set], batch_size=8)))
-    plain = next(iter(ActivationDataset(local_set, batch_size=8)))
-    assert isinstance(one, tuple) and len(one) == 1 and torch.equal(one[0], plain)

@@ -189,3 +189,21 @@ def test_on_s3_the_column_reuses_the_text_set(tiny_models, inputs, s3_server, s3
     (result,) = api.extract_sets(_config(tiny_models, ids, bucket, positions="mean", token_column="input_ids"))
     assert result.reused and result.url == url
     assert set(s3_server.keys_under(bucket)) == set(keys)  # nothing written
+
+
+def test_of_two_hooks_only_the_one_stored_is_reused(tiny_models, inputs, tmp_path):
+    text, ids = inputs
+    store = tmp_path / "s"
+    (a,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="last")))
+    both = "blocks.1.hook_resid_post,blocks.0.hook_resid_post"
+    plan = make_plan(_config(tiny_models, ids, str(store), positions="last", token_column="input_ids", hook=both))
+    reused, computed = plan.sets
+    assert reused.stored_as == a.rsplit("/", 1)[1] and computed.stored_as is None and plan.has_missing
+    urls = examples.extract(plan)
+    assert urls[0] == a and urls[1].endswith(computed.set_id)
+    assert sorted(_set_folders(store)) == sorted([reused.stored_as, computed.set_id])
+    layer0 = load_examples(urls[1])
+    assert layer0.activations.shape[0] == 12 and torch.equal(layer0.tokens, load_examples(a).tokens)
+    # The text run of both hooks now finds each stored: the first as it was made, the second via the index.
+    again = make_plan(_config(tiny_models, text, str(store), positions="last", hook=both), load_model=False)
+    assert not again.has_missing and again.urls == urls

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -66,7 +65,8 @@ class Examples:
         whether the ids came from text or from ``--token-column`` (``format.content``)."""
         h = hashlib.sha256(json.dumps({"n": len(self.ids), "types": self.types}, sort_keys=True).encode())
         h.update(array.array("q", map(len, self.ids)).tobytes())
-        h.update(array.array("q", itertools.chain.from_iterable(self.ids)).tobytes())
+        for ids in self.ids:  # one example at a time: no second copy of every id at once
+            h.update(array.array("q", ids).tobytes())
         h.update(array.array("q", self.index).tobytes())
         for c in sorted(self.columns):
             h.update(json.dumps(self.columns[c]).encode())

@@ -33,6 +33,11 @@ class SetResult:
     """How long the flow ran (0 when it did not run)."""
     run_url: str | None = None
     """The flow run in the Prefect UI, where runs are kept (PREFECT_API_URL set); else None."""
+    reused: bool = False
+    """The same token ids were already stored, read another way (from text, or from --token-column): ``set_id`` is
+    that set, and nothing was computed."""
+    requested_id: str | None = None
+    """With ``reused``: the id this request's settings name (no folder of that id is written); else None."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,12 +114,12 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
         consolidated = _manifests(plan)
     out = []
     for s, old in zip(plan.sets, before.sets, strict=True):
-        m = consolidated.get(s.set_id) or {}
-        new = {w.index for w in s.done} - {w.index for w in old.done}
+        m = consolidated.get(s.stored_id) or {}
+        new = set() if s.stored_as else {w.index for w in s.done} - {w.index for w in old.done}
         out.append(
             SetResult(
-                plan.store.url_of(s.set_id),
-                s.set_id,
+                plan.store.url_of(s.stored_id),
+                s.stored_id,
                 s.hook,
                 m.get("n_shards", len(plan.shards)),  # the whole set's, as n_tokens (a lower --max-tokens asks less)
                 len(old.done),
@@ -125,6 +130,8 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
                 sum(r["n_tokens"] for r in m.get("shards", []) if r["index"] in new),
                 round(seconds, 3),
                 run_url,
+                s.stored_as is not None,
+                s.set_id if s.stored_as else None,
             )
         )
     return out
@@ -151,9 +158,9 @@ def _manifests(plan: Any) -> dict[str, dict[str, Any]]:
     wanted = {w.index for w in plan.shards}
     for s in plan.sets:
         try:
-            m = manifest.read(plan.store, s.set_id)
+            m = manifest.read(plan.store, s.stored_id)
         except ActcacheError:
             continue
         if wanted <= {r["index"] for r in m["shards"]}:
-            out[s.set_id] = m
+            out[s.stored_id] = m
     return out

@@ -69,6 +69,14 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
             else ""
         )
         state = "complete" if s.complete else "incomplete"
+        if s.reused:
+            say(
+                f"{s.hook}: the same token ids are already stored (read from text or from a token column): "
+                f"reused set {s.set_id} instead of computing {s.requested_id}; {s.n_tokens} tokens, "
+                f"{_human(s.bytes)} ({state})"
+            )
+            say(f"  set  {s.url}")
+            continue
         say(
             f"{s.hook}: {s.shards_computed} shards computed, {s.shards_skipped} already stored; "
             f"{s.n_tokens} tokens in {s.n_shards} shards, {_human(s.bytes)}{rate} ({state})"

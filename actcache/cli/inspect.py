@@ -75,7 +75,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
     shards
         Also list every shard (index, tokens, bytes, sha256, stats).
     """
-    from actcache.format import manifest, records
+    from actcache.format import content, manifest, records
     from actcache.sets import inventory
 
     s = flags.open_set(set_url)
@@ -118,6 +118,9 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         ("non-finite", f"{nf['inf']} inf, {nf['nan']} nan in {nf['shards']} shards"),
         ("updated", m.get("updated_at", "?")),
     ]
+    cid = (m.get("examples") or {}).get(content.MANIFEST_FIELD)
+    if cid:  # one sequence per example: what a request with the same token ids, from text or a column, reuses
+        lines.insert(5, ("content", f"{cid} (the same token ids from text or from --token-column reuse this set)"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k.ljust(width)}  {console.printable(v)}")

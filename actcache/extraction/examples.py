@@ -16,6 +16,9 @@ example's ids one after another), ``lengths [n]``, ``example_index [n]`` (the ro
 
 from __future__ import annotations
 
+import array
+import hashlib
+import json
 import logging
 import math
 import os
@@ -24,10 +27,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
-from actcache.format import layout, manifest, moments, records, shard
+from actcache.format import content, layout, manifest, moments, records, shard
 from actcache.format.commit import Points, Shard, commit
 from actcache.inputs import sources
 
@@ -55,6 +59,18 @@ class Examples:
     truncated: int
     columns: dict[str, list[Any]] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        """What the shards store besides activations (ids, lengths, dataset rows, kept columns), hashed: the same
+        whether the ids came from text or from ``--token-column`` (``format.content``)."""
+        h = hashlib.sha256(json.dumps({"n": len(self.ids), "types": self.types}, sort_keys=True).encode())
+        h.update(array.array("q", map(len, self.ids)).tobytes())
+        for ids in self.ids:  # one example at a time: no second copy of every id at once
+            h.update(array.array("q", ids).tobytes())
+        h.update(array.array("q", self.index).tobytes())
+        for c in sorted(self.columns):
+            h.update(json.dumps(self.columns[c]).encode())
+        return h.hexdigest()
 
 
 # -- reading rows with their columns -------------------------------------------------------------
@@ -430,7 +446,7 @@ def extract(plan: Plan) -> list[str]:
         for index, (lo, hi) in enumerate(spans):
             if index % plan.partition[1] != plan.partition[0]:
                 continue
-            todo = [s for s in plan.sets if not records.scan_set(store, s.key).is_done(index, hi - lo)]
+            todo = [s for s in plan.computed if not records.scan_set(store, s.key).is_done(index, hi - lo)]
             if not todo:
                 continue
             acts = compute_shard(plan, [s.hook for s in todo], ex.ids[lo:hi])
@@ -481,7 +497,8 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
     n_shards = -(-len(ex.ids) // plan.tokens_key.seqs_per_shard)
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
-    for s in plan.sets:
+    digest = ex.digest()
+    for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if r.index < n_shards]
@@ -515,6 +532,10 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "truncate": cfg.truncate,
             "truncated": ex.truncated,
             "columns": dict(ex.types),
+            content.MANIFEST_FIELD: content.content_id(s.key, digest),
         }
         commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
+        if m["complete"]:  # after the manifest: the index never points at an unfinished set
+            crashpoints.point("content.before-index")
+            content.index(store, m["examples"][content.MANIFEST_FIELD], s.set_id)
     return plan.urls

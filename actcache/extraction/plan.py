@@ -153,6 +153,9 @@ class HookSet:
     done: frozenset[ShardWork]
     """Shards already complete in the store (index and size both match)."""
     hook_shape: tuple[int, ...]
+    stored_as: str | None = None
+    """The id of another set that already holds this one's bytes (the same token ids, read from text or from
+    ``--token-column``: ``format.content``): it is reused, and nothing is written under ``set_id``."""
 
     @property
     def hook(self) -> str:
@@ -161,6 +164,11 @@ class HookSet:
     @property
     def set_id(self) -> str:
         return self.key.id
+
+    @property
+    def stored_id(self) -> str:
+        """Where this set's bytes are: ``stored_as``, or its own id."""
+        return self.stored_as or self.key.id
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,12 @@ class Plan:
     @property
     def refs(self) -> list[StoreRef]:
         """Each set's ref (URL, options, credentials block): what ``open_set`` takes to read it anywhere."""
-        return [self.store_ref.child(s.set_id) for s in self.sets]
+        return [self.store_ref.child(s.stored_id) for s in self.sets]
+
+    @property
+    def computed(self) -> tuple[HookSet, ...]:
+        """The sets this plan writes (not those reused from another set that holds the same bytes)."""
+        return tuple(s for s in self.sets if s.stored_as is None)
 
     @property
     def urls(self) -> list[str]:
@@ -254,7 +267,10 @@ class Plan:
         store = self.store
         shards = self.token_cache().plan(self.config.target_seqs)
         sets = tuple(
-            HookSet(s.key, frozenset(records.scan_set(store, s.key).done_of(shards)), s.hook_shape) for s in self.sets
+            s
+            if s.stored_as
+            else HookSet(s.key, frozenset(records.scan_set(store, s.key).done_of(shards)), s.hook_shape)
+            for s in self.sets
         )
         return dataclasses.replace(self, sets=sets, shards=shards)
 
@@ -368,12 +384,13 @@ def make_plan(
         scan.bounds = records.Bounds.of(key, d=math.prod(hook_selection(cfg, hook, shape).kept_shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
+    if cfg.packing == "none" and plan.has_missing:
+        from actcache.extraction import examples, reuse
+
+        ex = examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept)
+        plan = reuse.stored(plan, ex)  # a set that holds the same token ids (read another way) is not computed again
     if plan.has_missing:  # a complete set reads from a read-only store: only work to do needs a writable one
         store.check_writable()
-    if cfg.packing == "none" and plan.has_missing:
-        from actcache.extraction import examples
-
-        examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept in memory)
     if load_model:
         plan._load_weights()  # now, while Prefect's server starts; the extract task finds them loaded
     return plan

@@ -4,6 +4,7 @@
 <store>/<set_id>/shards/000012.safetensors    shard bytes (``.zst``/``.shuf.zst`` appended per codec)
 <store>/<set_id>/done/000012.json             completion record (written after the shard)
 <store>/_tokens/<tokens_id>/...               the token cache, same layout; end.json once exhausted
+<store>/_content/<content_id>.json            which set holds a stream of token ids (``format.content``)
 <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
                                               removed once the shuffled set is complete
 <any of these>.tmp-<host>-<pid>-<8 hex>       a local writer's temp file, renamed into place once written
@@ -57,6 +58,14 @@ def _is_spill_file(rel: str) -> bool:
 
 def tokens_dir(tokens_id: str) -> str:
     return f"{TOKENS_ROOT}/{tokens_id}"
+
+
+CONTENT_ROOT = "_content"
+_CONTENT_RE = re.compile(r"^c[0-9a-f]{24}\.json\Z")
+
+
+def content_entry(content_id: str) -> str:
+    return f"{CONTENT_ROOT}/{content_id}.json"
 
 
 def parse_shard_file(rel: str) -> int | None:
@@ -117,6 +126,8 @@ def is_store_file(rel: str) -> bool:
     """Whether ``rel`` (relative to a store's root) is a path actcache writes: a set's file in its folder, or a
     token cache's in ``_tokens/<id>``. ``rm`` and ``gc`` delete nothing else (temp files: see ``parse_temp``)."""
     head, _, rest = rel.partition("/")
+    if head == CONTENT_ROOT:
+        return bool(_CONTENT_RE.match(rest))
     if head == TOKENS_ROOT:
         tid, _, rest = rest.partition("/")
         return bool(SET_ID_RE.match(tid)) and tid.startswith("t") and is_token_file(rest)

@@ -69,12 +69,11 @@ def decode(data: bytes, *, codec: str, expect: Expect | None = None) -> dict[str
     """
     bounded = expect if expect and all(shape is not None for _, shape in expect.values()) else None
     if codec in ("zstd", "shuffle-zstd"):
-        data = _decompress_bounded(data, bounded) if bounded else _decompress(data)
-        if codec == "shuffle-zstd":
-            data = unshuffle(data)
-    elif codec != "none":
+        raw = _decompress_bounded(data, bounded) if bounded else _decompress(data)
+        return views(unshuffle(raw) if codec == "shuffle-zstd" else raw, expect)
+    if codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
-    elif bounded:
+    if bounded:
         check_entries(parse(data, data[:8]), bounded)
     return views(data, expect)
 
@@ -207,7 +206,7 @@ def _check_inflation(size: int, stored: int) -> None:
         )
 
 
-def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
+def _decompress_bounded(data: bytes, expect: Expect) -> bytearray:
     """Decompress a shard's zstd frame header first: the header is checked against ``expect`` before the data,
     and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused), and
     never more than ``inflation_cap`` of the stored size."""
@@ -232,15 +231,19 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytes:
             _check_inflation(total, len(data))  # before any tensor data is read: the header's word is enough
             if declared not in (-1, total):
                 raise ValueError(f"zstd frame declares {declared} bytes, the shard's header {total}")
-            out = head + read_exact(reader, body_size)
-            if len(out) != total or reader.read(1):
+            out = bytearray(total)  # writable (tensors are views of it) and filled in place: no copy of the data
+            out[: len(head)] = head
+            got, view = len(head), memoryview(out)
+            while got < total and (k := reader.readinto(view[got:])):
+                got += k
+            if got != total or reader.read(1):
                 raise ValueError(f"zstd frame does not hold exactly the {total} bytes its header promises")
     except zstandard.ZstdError as e:
         raise ValueError(f"not a valid zstd frame ({e})") from e
     return out
 
 
-def _decompress(data: bytes) -> bytes:
+def _decompress(data: bytes) -> bytearray:
     """Without expected shapes (an example set's vary): at most ``inflation_cap`` bytes are read."""
     import zstandard
 
@@ -255,13 +258,13 @@ def _decompress(data: bytes) -> bytes:
                 got += len(chunk)
                 if got > cap:
                     _check_inflation(got, len(data))
-            out = b"".join(parts)
+            out = bytearray().join(parts)  # writable: the tensors made from it are views
     except zstandard.ZstdError as e:
         raise ValueError(f"not a valid zstd frame ({e})") from e
     return out
 
 
-def _split(raw: bytes) -> tuple[int, int]:
+def _split(raw: bytes | bytearray) -> tuple[int, int]:
     """(offset where tensor data starts, element size of ``activations``) from a safetensors header."""
     if len(raw) < 8:
         raise ValueError("shard too short for a safetensors header")
@@ -276,20 +279,26 @@ def _split(raw: bytes) -> tuple[int, int]:
     return start, width
 
 
-def _transpose(raw: bytes, forward: bool) -> bytes:
+def _transpose(raw: bytes | bytearray, forward: bool) -> bytearray:
+    """``raw`` with its tensor data transposed, written in place into one new (writable) buffer."""
     start, width = _split(raw)
     body = np.frombuffer(raw, np.uint8, offset=start)
     n = len(body) // width * width
     shape = (-1, width) if forward else (width, -1)
-    return raw[:start] + body[:n].reshape(shape).T.tobytes() + body[n:].tobytes()
+    out = bytearray(len(raw))
+    out[:start] = raw[:start]
+    dst = np.frombuffer(out, np.uint8, offset=start)
+    dst[:n].reshape(shape[::-1])[...] = body[:n].reshape(shape).T
+    dst[n:] = body[n:]
+    return out
 
 
-def shuffle(raw: bytes) -> bytes:
+def shuffle(raw: bytes | bytearray) -> bytearray:
     """Byte-shuffle a safetensors file's tensor data by the element size of ``activations``; header untouched."""
     return _transpose(raw, forward=True)
 
 
-def unshuffle(data: bytes) -> bytes:
+def unshuffle(data: bytes | bytearray) -> bytearray:
     return _transpose(data, forward=False)
 
 

@@ -74,14 +74,59 @@ def first_examples(s: ActivationSet) -> list[int]:
     return out
 
 
-def read(s: ActivationSet, record: Record, first_example: int, *, verify: bool) -> ExampleRows:
-    """Shard ``record`` of example set ``s`` as rows (its tensors views of the bytes read where they can be)."""
+def expect(s: ActivationSet, record: Record) -> dict[str, tuple[torch.dtype, tuple[int, ...] | None]]:
+    """Each tensor of shard ``record`` as the key, manifest and record fix it: dtype, and shape where known (the
+    width ``d`` is the hook's after --heads and --dims; the rows, the record's)."""
     from actcache.format import shard
 
+    n, d = record.n_seq, s.d
+    rows = s.manifest["examples"].get("rows_per_example")  # None: positions all, every example's rows in a row
+    flat = rows is None
+    out: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] = {
+        "activations": (shard.TORCH_DTYPES[s.key.dtype], (record.n_tokens, d) if flat else (n, rows, d)),  # type: ignore[union-attr]
+        "tokens": (torch.int32, (record.n_tokens,) if flat else None),
+        "lengths": (torch.int32, (n,)),
+        "example_index": (torch.int64, (n,)),
+    }
+    for name, kind in column_types(s).items():
+        if kind == "str":
+            out[f"column.{name}.utf8"] = (torch.uint8, None)
+            out[f"column.{name}.offsets"] = (torch.int64, (n + 1,))
+        else:
+            out[f"column.{name}"] = (column_dtype(kind), (n,))
+    return out
+
+
+def decode(s: ActivationSet, record: Record, data) -> dict[str, torch.Tensor]:
+    """Shard ``record``'s tensors, its header checked against ``expect`` before any is made (a mismatch is damage,
+    said in one line) and its lengths against the context and the tokens stored."""
+    from actcache.format import shard
+
+    try:
+        t = shard.decode(data, codec=s.manifest["codec"], expect=expect(s, record))  # type: ignore[arg-type]
+        lengths = t["lengths"]
+        ctx = s.context_size or 0
+        if len(lengths) and not (int(lengths.min()) >= 1 and int(lengths.max()) <= ctx):
+            raise ValueError(f"an example length is outside 1..{ctx}")
+        if int(lengths.sum()) != t["tokens"].numel():
+            raise ValueError(f"its lengths add up to {int(lengths.sum())} tokens, it holds {t['tokens'].numel()}")
+        for name, kind in column_types(s).items():
+            if kind == "str" and int(t[f"column.{name}.offsets"][-1]) != t[f"column.{name}.utf8"].numel():
+                raise ValueError(f"column {name!r}'s offsets do not end where its text does")
+    except ValueError as e:  # the header's shapes or dtypes, the lengths: not what this set wrote
+        raise Failure(
+            f"shard {record.index} of {s.url} is damaged ({e}); run `actcache verify`, then rerun the extraction "
+            "to repair it"
+        ) from e
+    return t
+
+
+def read(s: ActivationSet, record: Record, first_example: int, *, verify: bool) -> ExampleRows:
+    """Shard ``record`` of example set ``s`` as rows (its tensors views of the bytes read where they can be)."""
     data = s.store.read_mapped(f"{s.set_id}/{record.file}", size=record.bytes)
     if verify and hashlib.sha256(data).hexdigest() != record.sha256:
         raise Failure(f"shard {record.index} of {s.url} fails its checksum; rerun the extraction to repair it")
-    t = shard.decode(data, codec=s.manifest["codec"])  # type: ignore[arg-type]  # a mapped file reads as bytes
+    t = decode(s, record, data)
     lengths = t["lengths"].long()
     n = len(lengths)
     acts = t["activations"].reshape(-1, s.d)

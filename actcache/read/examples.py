@@ -37,7 +37,7 @@ def load_examples(
     url: str | StoreRef, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None
 ) -> LoadedExamples:
     """The whole example set at ``url`` (every shard checked against its sha256), as ``LoadedExamples``."""
-    from actcache.format import shard
+    from actcache.read import example_rows
     from actcache.read.reader import open_set
 
     s = open_set(url, storage_options, credentials_block=credentials_block)
@@ -49,10 +49,13 @@ def load_examples(
         )
     parts: dict[str, list] = {}
     for rec in sorted(s.records, key=lambda r: r.index):
-        data = s.store.read_bytes(f"{s.set_id}/{rec.file}", size=rec.bytes)
+        # Mapped (copy-on-write) on a local store: the tensors are writable views of it, with no copy.
+        data = s.store.read_mapped(f"{s.set_id}/{rec.file}", size=rec.bytes)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")
-        t = shard.decode(data, codec=s.manifest["codec"])
+        # Bytes from an object store are read-only (tensors must not view them); a compressed shard decodes anew.
+        writable = bytearray(data) if isinstance(data, bytes) and s.manifest["codec"] == "none" else data
+        t = example_rows.decode(s, rec, writable)  # header checked against the manifest and record, before any tensor
         for name, v in t.items():
             parts.setdefault(name, []).append(v)
     if not parts:

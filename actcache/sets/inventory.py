@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.errors import ActcacheError
-from actcache.format import layout, manifest
+from actcache.format import content, layout, manifest
 from actcache.format.key import SetKey, key_from_dict
 from actcache.storage.failures import StoreUnavailable
 from actcache.storage.store import Store
@@ -62,6 +62,10 @@ class SetEntry:
     non_finite: dict[str, int] | None = None
     """NaN and Inf values in the set and the number of shards holding any (``{"nan", "inf", "shards"}``)."""
     detail: str | None = None
+    content_id: str | None = None
+    """One sequence per example: the id of its token ids and what is stored beside them (``format.content``),
+    the same whether they were read from text or from --token-column; sets with the same content id hold the same
+    bytes."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +133,7 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         layout=m.get("layout"),
         non_finite=manifest.non_finite(m["shards"]),
         detail=None if done else interrupted_detail(m, url, store.url),
+        content_id=(m.get("examples") or {}).get(content.MANIFEST_FIELD),
     )
 
 

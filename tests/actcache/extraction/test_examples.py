@@ -300,7 +300,7 @@ def test_a_token_column_gives_the_activations_of_the_same_text(tiny_models, labe
         "\n".join(json.dumps({"input_ids": tok(r["text"], add_special_tokens=False)["input_ids"]}) for r in rows)
     )
     from_text = load_examples(examples.extract(make_plan(_config(model, labelled, tmp_path / "s", positions="-2:")))[0])
-    cfg = _config(model, pre, tmp_path / "s", positions="-2:", token_column="input_ids")
+    cfg = _config(model, pre, tmp_path / "t", positions="-2:", token_column="input_ids")  # (one store reuses)
     from_ids = load_examples(examples.extract(make_plan(cfg))[0])
     assert torch.equal(from_ids.tokens, from_text.tokens) and torch.equal(
         from_ids.example_index, from_text.example_index

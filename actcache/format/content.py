@@ -1,0 +1,70 @@
+"""The content index: one set for one stream of token ids, whether the ids came from text or from a column.
+
+A set's id is the digest of its key, and the key names the inputs (dataset, tokenizer, text or token column):
+the same token ids read two ways give two ids. Once an extraction knows its token ids (``--packing none``:
+``extraction.examples.prepare``), its *content key* names what the bytes depend on: the set key with those input
+fields replaced by the digest of what the shards hold besides activations (``Examples.digest``). The index maps a
+content key to the set that holds its bytes, one small sealed file each::
+
+    <store>/_content/<content_id>.json    {"content_id": ..., "set_id": ...}
+
+An extraction whose content key is indexed reuses that set (``extraction.reuse``) instead of computing a copy.
+
+The entry is written after the set's complete manifest, and trusted only where that manifest is complete and
+names the same content id: a crash between the two leaves no entry (the set is just not reused), and an entry
+whose set was removed, extended to more examples or never finished is ignored, never followed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from actcache.errors import ActcacheError
+from actcache.format import layout, manifest, records
+from actcache.format.key import SetKey
+from actcache.storage.failures import StoreUnavailable
+from actcache.storage.store import Store
+
+INPUT_FIELDS = ("dataset", "tokenizer", "text_column", "token_column", "truncate")
+"""The token key's fields that say where the ids came from: the content key has the ids' digest instead."""
+
+MANIFEST_FIELD = "content_id"
+"""Where an example set's manifest (its ``examples`` object) names its content id."""
+
+_ID_RE = re.compile(r"^c[0-9a-f]{24}\Z")
+
+
+def content_id(key: SetKey, digest: str) -> str:
+    """The id of ``key`` with its input fields replaced by ``digest`` (the ids and what is stored beside them)."""
+    d = key.to_dict()
+    tokens = {k: v for k, v in d["tokens"].items() if k not in INPUT_FIELDS}
+    blob = json.dumps({**d, "tokens": {**tokens, "content": digest}}, sort_keys=True, separators=(",", ":"))
+    return "c" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def lookup(store: Store, cid: str) -> str | None:
+    """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
+    rel = layout.content_entry(cid)
+    try:
+        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
+    except (FileNotFoundError, ValueError):
+        return None
+    set_id = entry.get("set_id")
+    if entry.get("content_id") != cid or not isinstance(set_id, str):
+        return None
+    try:
+        m = manifest.read(store, set_id)
+    except StoreUnavailable:
+        raise  # the store failed, not the entry
+    except ActcacheError:
+        return None  # removed, damaged or unfinished: computed again, and the entry replaced
+    return set_id if m.get("complete") and (m.get("examples") or {}).get(MANIFEST_FIELD) == cid else None
+
+
+def index(store: Store, cid: str, set_id: str) -> None:
+    """Point content ``cid`` at ``set_id``: only once ``set_id``'s manifest is written and complete."""
+    if not _ID_RE.match(cid):
+        raise ValueError(f"not a content id: {cid!r}")
+    store.write_json(layout.content_entry(cid), records.sealed({"content_id": cid, "set_id": set_id}))

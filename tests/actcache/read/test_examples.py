@@ -1,0 +1,123 @@
+"""load_examples: every shard's header checked against the manifest and record; writable views, no warning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from actcache.config import ExtractConfig
+from actcache.errors import Failure
+from actcache.extraction import examples
+from actcache.extraction.plan import make_plan
+from actcache.format import manifest, shard
+from actcache.inputs import demo
+from actcache.read.examples import load_examples
+from actcache.sets.copy import copy_set
+from actcache.storage.store import StoreRef
+
+CONTEXT = 32
+KINDS = [("none", "all"), ("zstd", "0,-1"), ("shuffle-zstd", "last")]
+
+
+@pytest.fixture(scope="module")
+def sets(tiny_models, tmp_path_factory) -> dict[str, str]:
+    """One example set per codec (dims selected: the width is the selection's), with a string column."""
+    root = tmp_path_factory.mktemp("load-examples")
+    data = root / "rows.jsonl"
+    lines = demo.corpus_lines()[:9]
+    data.write_text(
+        "\n".join(json.dumps({"text": " ".join(x.split()[:20]), "name": f"s{i}"}) for i, x in enumerate(lines))
+    )
+    out = {}
+    for codec, positions in KINDS:
+        cfg = ExtractConfig(
+            model=str(tiny_models["gpt2"]),
+            dataset=str(data),
+            store=str(root / "store"),
+            device="cpu",
+            context_size=CONTEXT,
+            max_tokens=1 << 12,
+            shard_tokens=4 * CONTEXT,  # 3 shards, the last one short
+            dtype="float32",
+            codec=codec,
+            packing="none",
+            hook="blocks.0.hook_resid_post",
+            dims="3:8",
+            positions=positions,
+            keep_columns="name",
+        )
+        (out[codec],) = examples.extract(make_plan(cfg))
+    return out
+
+
+@pytest.mark.parametrize("codec", [c for c, _ in KINDS])
+def test_load_examples_warns_nothing(sets, codec):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given buffer is not writable" was one (read-only bytes wrapped)
+        got = load_examples(sets[codec])
+    assert len(got) == 9 and got.columns["name"] == [f"s{i}" for i in range(9)]
+    assert got.activations.shape[-1] == got.manifest["d"] == 5  # --dims 3:8
+
+
+def test_load_examples_from_s3_warns_nothing_and_equals_local(sets, s3_server, s3_env):
+    url = copy_set(sets["none"], s3_server.new_prefix()).url
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        remote = load_examples(url)
+    local = load_examples(sets["none"])
+    assert torch.equal(remote.activations, local.activations) and torch.equal(remote.tokens, local.tokens)
+
+
+def _forge(url: str, tmp_path: Path, change) -> str:
+    """A copy of set ``url`` whose shard 1 is re-encoded after ``change(tensors)``, its checksum and manifest
+    updated to match (as a set someone hands you may be): only the header check can tell."""
+    src = Path(url)
+    dst = tmp_path / "store" / src.name
+    shutil.copytree(src, dst)
+    store = StoreRef.of(str(tmp_path / "store")).open()
+    m = manifest.read(store, src.name)
+    rec = m["shards"][1]
+    t = {k: v.clone() for k, v in shard.decode((dst / rec["file"]).read_bytes(), codec=m["codec"]).items()}
+    change(t)
+    enc = shard.encode(t, codec=m["codec"])
+    (dst / rec["file"]).write_bytes(enc.data)
+    m["bytes"] += len(enc.data) - rec["bytes"]
+    rec |= {"sha256": enc.sha256, "bytes": len(enc.data)}
+    m.pop("_seal", None)
+    manifest.write(store, src.name, m)
+    return str(dst)
+
+
+def _narrower(t):
+    t["activations"] = t["activations"][..., :-1]
+
+
+def _one_token_more(t):
+    t["lengths"][0] += 1
+
+
+def _fewer_examples(t):
+    for k in ("lengths", "example_index", "column.name.offsets"):
+        t[k] = t[k][:-1]
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (_narrower, "shard tensor 'activations' is torch.float32[4, 1, 4], expected torch.float32[4, 1, 5]"),
+        (_one_token_more, "its lengths add up to"),
+        (_fewer_examples, "shard tensor 'lengths' is torch.int32[3], expected torch.int32[4]"),
+    ],
+    ids=["width", "lengths", "rows"],
+)
+def test_a_shard_header_unlike_its_manifest_is_damage_in_one_line(sets, tmp_path, change, expected):
+    forged = _forge(sets["shuffle-zstd"], tmp_path, change)
+    with pytest.raises(Failure) as e:
+        load_examples(forged)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("shard 1 of ") and "is damaged" in msg and expected in msg, msg

@@ -23,7 +23,9 @@ shards, whatever the size of the set.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
+import mmap
 import threading
 import warnings
 import weakref
@@ -588,9 +590,7 @@ class ActivationDataset(IterableDataset):
         spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
         if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
             return spare
-        block = {
-            c: torch.empty((cap, x.d), dtype=dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)
-        }
+        block = {c: _huge((cap, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
         dtypes = self._column_dtypes()
         for c in self._columns()[len(self.sets) :]:
             block[c] = torch.empty(cap, dtype=dtypes[c])
@@ -637,6 +637,23 @@ class ActivationDataset(IterableDataset):
             del c  # the shard's memory goes now, not once the next one has arrived
         if fill:
             yield from drain(final=True)
+
+
+HUGE_MIN = 1 << 22
+"""Bytes from which a shuffle buffer is asked for in huge pages (two 2 MiB pages: below that nothing to gain)."""
+
+
+def _huge(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Room for a shuffle buffer, in huge pages where the kernel gives them on request (Linux, transparent huge
+    pages in "madvise" or "always" mode): batches are gathered from random rows all over the buffer, and with 4 KiB
+    pages nearly every row costs a TLB miss (the gathers took 20-30% less CPU in huge pages; bench/RESULTS.md)."""
+    size = math.prod(shape) * dtype.itemsize
+    if size < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP off: plain pages, as torch.empty gives
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
 
 def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ...]:

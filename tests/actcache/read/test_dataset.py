@@ -139,6 +139,28 @@ def test_shuffled_batches_equal_the_reference_in_every_dtype(local_set, options,
             assert torch.equal(t32, t16) and torch.equal(p32, p16)
 
 
+def test_a_shuffle_buffer_in_huge_pages_holds_the_same_rows(local_set, monkeypatch):
+    """A buffer asked for in huge pages (an anonymous mapping, as large buffers get) yields the batches of one in
+    torch's memory, cast and normalised the same, epoch after epoch (the mapping is kept for the next one)."""
+
+    def epochs(ds):
+        out = []
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            out.append(list(ds))
+        return out
+
+    options = dict(batch_size=50, shuffle_buffer=200, seed=3, dtype=torch.float32, normalize="scale")
+    plain = epochs(full(local_set, exclude_tokens=[0], **options))
+    monkeypatch.setattr(dataset, "HUGE_MIN", 0)
+    ds = full(local_set, exclude_tokens=[0], **options)
+    mapped = epochs(ds)
+    assert ds._spare["acts"].untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, page-aligned
+    assert len(mapped) == len(plain) and all(len(a) == len(b) for a, b in zip(mapped, plain, strict=True))
+    for a, b in zip(sum(mapped, []), sum(plain, []), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
     """Rows whose bytes are not a multiple of 8 (copied element by element) and bfloat16 rows."""
     for d, dtype in ((6, "float16"), (3, "bfloat16"), (8, "bfloat16")):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from actcache.errors import ActcacheError
 from actcache.format import manifest
-from actcache.read import dataset
+from actcache.read import batches, dataset
 from actcache.read.dataset import ActivationDataset
 from actcache.read.reader import open_set
 from actcache.sets.copy import copy_set
@@ -152,7 +152,7 @@ def test_a_shuffle_buffer_in_huge_pages_holds_the_same_rows(local_set, monkeypat
 
     options = dict(batch_size=50, shuffle_buffer=200, seed=3, dtype=torch.float32, normalize="scale")
     plain = epochs(full(local_set, exclude_tokens=[0], **options))
-    monkeypatch.setattr(dataset, "HUGE_MIN", 0)
+    monkeypatch.setattr(batches, "HUGE_MIN", 0)
     ds = full(local_set, exclude_tokens=[0], **options)
     mapped = epochs(ds)
     assert ds._spare["acts"].untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, page-aligned

@@ -89,7 +89,7 @@ CASES = [
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),
-    ("--store", "/proc/nope", "cannot create store '/proc/nope': the nearest folder that exists, '/proc', is"),
+    ("--store", "/proc/nope", "'/proc/nope' (--store): '/proc', the nearest folder of it that exists, takes no new"),
     ("--store", _a_file, "is a file"),
     ("--storage-options", "{endpoint_url: x}", "--storage-options is not valid JSON"),
     ("--storage-options", "[1, 2]", "must be a JSON object"),
@@ -606,3 +606,14 @@ def test_the_summary_links_the_run_on_a_server_that_outlives_the_command(argv, p
     assert main(["--verbose", *_set(argv, "--max-tokens", "640")]) == 0  # one more shard, with Prefect's lines
     err = prefect_console.readouterr().err
     assert "Task run 'extract-000004' - Finished in state Completed" in err, err
+
+
+def test_verbose_is_offered_only_where_prefect_runs(capsys):
+    """--verbose shows Prefect's log lines: only extract runs flows, so only its help offers it."""
+    for command in ("ls", "show", "verify", "diff", "cp", "rm", "gc", "stats", "shuffle", "export", "push", "hooks"):
+        main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--verbose" not in out and "Prefect's log lines" not in out, (command, out)
+    main(["extract", "--help"])
+    out = capsys.readouterr().out
+    assert "--verbose" in out and "Prefect's log lines" in out, out

@@ -45,11 +45,13 @@ def cp(
     dest_aws_credentials_block
         Prefect AwsCredentials block for the destination (default: the AWS chain).
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.copy import copy_set
 
     to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
-    with Steps("cp", "shard") as progress:
+    # Until the shards to copy are known (the source opened, the destination listed): a status line.
+    with console.status(f"comparing {src} with {dest}", terminal_only=True), Steps("cp", "shard") as progress:
         result = copy_set(
             flags.ref(src),
             to,
@@ -288,9 +290,12 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
 
     if json_output and not yes:
         raise ActcacheError("--json cannot answer a confirmation prompt; add --yes")
+    from actcache import console
+
     store, name = flags.ref(set_url).split()
-    target = cleanup.find_set(store.open(), name)
-    entry = inventory.describe_set(target.store, name)
+    with console.status(f"listing {set_url}", terminal_only=True):  # ends before the question
+        target = cleanup.find_set(store.open(), name)
+        entry = inventory.describe_set(target.store, name)
     what = (
         f"{entry.state} set, {entry.model or '?'} {entry.hook or '?'}, "
         f"{'?' if entry.n_tokens is None else entry.n_tokens} tokens"
@@ -307,8 +312,6 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("not removed", file=sys.stderr)
             return 1
-    from actcache import console
-
     with console.status(f"removing {len(target.files)} files", terminal_only=True):
         cleanup.remove_set(target)
     if json_output:
@@ -347,8 +350,8 @@ def gc(
         raise ActcacheError(f"--older-than must be >= 0 hours, got {older_than}")
     from actcache import console
 
-    s = flags.store(store)
     with console.status(f"looking for what no set needs in {store}", terminal_only=True):
+        s = flags.store(store)
         report = cleanup.find_garbage(s, older_than * 3600)
         if yes:
             console.update_status(f"removing {len(report.items)} item(s)")

@@ -181,6 +181,19 @@ LONG_COMMANDS = {
         12,
         ["listing", "removing", "removed"],
     ),
+    "stats": (["SET"], [("actcache.sets.stats:compute", 6, None)], 6, ["reading", "rows: 448"]),
+    "shuffle": (
+        ["SET", "--out", "TMP"],
+        [("actcache.sets.shuffle:shuffle_set", 6, None)],
+        6,
+        ["reading", "shuffle: 100%", "written: 448 rows"],
+    ),
+    "export": (
+        ["SET", "TMP", "--format", "hf"],
+        [("actcache.sets.export:export_set", 6, None)],
+        6,
+        ["reading", "export: 100%", "4/4 [", "448 rows"],
+    ),
     "gc": (["STORE"], [("actcache.sets.cleanup:find_garbage", 6, None)], 6, ["looking for what no set needs"]),
     # a first probe loads the model (and torch): ACTCACHE_CACHE_DIR is empty, so nothing is remembered
     "hooks": (["MODEL"], [("actcache.inputs.hooks:_probe_catalog", 4, None)], 4, ["to list its hooks", "hook_"]),

@@ -279,11 +279,12 @@ def stats(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = Sto
     set_url
         Set URL: `<store>/<set_id>`.
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets import stats as stats_mod
 
     # The bar starts once the shards are to be read: stats already in the manifest, or an error, show none.
-    with Steps("stats", "shard") as progress:
+    with console.status(f"reading {set_url}", terminal_only=True), Steps("stats", "shard") as progress:
         result = stats_mod.compute(flags.ref(set_url), on_shard=lambda _: progress.advance(), on_total=progress.total)
     print(json.dumps(result, indent=1) if json_output else stats_mod.summary(result, len(result["mean"] or [])))
     return 0

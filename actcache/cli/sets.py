@@ -130,6 +130,7 @@ def shuffle(
     out_aws_credentials_block
         Prefect AwsCredentials block for the output store (default: the AWS chain).
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.shuffle import shuffle_set
 
@@ -139,13 +140,17 @@ def shuffle(
         from actcache.read.alignment import check_aligned
         from actcache.read.reader import open_set
 
-        check_aligned([open_set(src) for src in sources])
+        with console.status(f"reading {len(sources)} sets", terminal_only=True):
+            check_aligned([open_set(src) for src in sources])
     results = []
     for source in sources:
         target = None  # the source's store, with its options
         if out is not None or out_storage_options or out_aws_credentials_block:
             target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-        with Steps("shuffle", "step") as progress:  # a spill file per source shard, then each output shard
+        with (
+            console.status(f"reading {source.url}", terminal_only=True),  # until the steps are known
+            Steps("shuffle", "step") as progress,  # a spill file per source shard, then each output shard
+        ):
             result = shuffle_set(
                 source,
                 out=target,
@@ -198,12 +203,14 @@ def export(
     format
         saelens: SAELens's cached activations (one row per sequence); hf: one row per token.
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.export import export_set
 
     options = exclude.options()
     urls, out = [set_url, out, *more][:-1], [set_url, out, *more][-1]  # export A B ... OUT
-    with Steps("export", "shard") as progress:
+    # Until the shards are known (the sets opened, the datasets library imported): a status line.
+    with console.status(f"reading {', '.join(urls)}", terminal_only=True), Steps("export", "shard") as progress:
         result = export_set(
             [flags.ref(u) for u in urls] if len(urls) > 1 else flags.ref(urls[0]),
             out,

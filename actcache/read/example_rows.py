@@ -81,7 +81,7 @@ def read(s: ActivationSet, record: Record, first_example: int, *, verify: bool) 
     data = s.store.read_mapped(f"{s.set_id}/{record.file}", size=record.bytes)
     if verify and hashlib.sha256(data).hexdigest() != record.sha256:
         raise Failure(f"shard {record.index} of {s.url} fails its checksum; rerun the extraction to repair it")
-    t = shard.decode(data, codec=s.manifest["codec"])  # type: ignore[arg-type]  # a mapped file reads as bytes
+    t = shard.decode(data, codec=s.manifest["codec"], cap=s.shard_cap(len(data)))  # type: ignore[arg-type]  # mapped: bytes
     lengths = t["lengths"].long()
     n = len(lengths)
     acts = t["activations"].reshape(-1, s.d)

@@ -52,7 +52,7 @@ def load_examples(
         data = s.store.read_bytes(f"{s.set_id}/{rec.file}", size=rec.bytes)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")
-        t = shard.decode(data, codec=s.manifest["codec"])
+        t = shard.decode(data, codec=s.manifest["codec"], cap=s.shard_cap(len(data)))
         for name, v in t.items():
             parts.setdefault(name, []).append(v)
     if not parts:

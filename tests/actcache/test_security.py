@@ -477,7 +477,13 @@ BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<
 
 @pytest.mark.parametrize(
     "case",
-    ["frame claims 8 GB", "n_seq edited beyond the key", "d edited in the manifest", "bomb behind a valid header"],
+    [
+        "frame claims 8 GB",
+        "n_seq edited beyond the key",
+        "d edited in the manifest",
+        "d edited, the model's config dropped",
+        "bomb behind a valid header",
+    ],
 )
 def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case):
     """A zstd shard is a few bytes that may claim (or inflate to) any size, and a manifest may be edited and
@@ -500,8 +506,15 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
         with pytest.raises(ActcacheError, match="claims 4194304 sequences.*allows 1..4 sequences"):
             open_set(str(set_dir))
         return
-    elif case == "d edited in the manifest":
+    elif case == "d edited in the manifest":  # the model's config (checked against the key) gives the hook's width
         m.update(d=1 << 28, hook_shape=[1 << 28])
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        with pytest.raises(ActcacheError, match=r"malformed \(d=268435456 is wider than a true shard of its key: .* at "):
+            open_set(str(set_dir))
+        return
+    elif case == "d edited, the model's config dropped":  # no width from the key: the shard's header must agree
+        m.update(d=1 << 28, hook_shape=[1 << 28])
+        del m["model_config"]
         (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
         expected = r"shard 0 of .* unreadable .*expected torch.float16\[4, 32, 268435456\]"
     else:  # the header is a true shard's; the rest of the frame inflates without end
@@ -551,11 +564,14 @@ print(json.dumps({"base_mb": base, "peak_mb": peak_mb(), "errors": out}))
 
 
 @pytest.mark.subprocess
-def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, tmp_path):
+@pytest.mark.parametrize("model_config", ["kept", "dropped"])
+def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, tmp_path, model_config):
     """The issue's forgery: a manifest resealed with a huge d and a shard whose header agrees, its data a few KB of
-    zstd that inflates to 1 GiB. Every field agrees with every other, so only what the shard is stored as tells:
-    read, ActivationDataset, export, shuffle and stats each refuse it in one line naming the bomb, and the
-    process's peak memory stays near what the imports cost (it was gigabytes)."""
+    zstd that inflates to 1 GiB. The key's model config (checked against its fingerprint) gives the hook's width:
+    every reader refuses the manifest in one line before reading a shard. Where the manifest carries no config
+    (dropped, or a set older than it), every field agrees with every other, so only what the shard is stored as
+    tells: read, ActivationDataset, export, shuffle and stats each refuse it in one line naming the bomb. Either
+    way the process's peak memory stays near what the imports cost (it was gigabytes)."""
     import zstandard
 
     from actcache.format import shardfile
@@ -578,6 +594,9 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
     data = b"".join(parts) + c.flush()
     assert len(data) < 256 << 10  # a few KB on disk, 1 GiB inflated
     m.update(d=d, hook_shape=[d])
+    assert m["model_config"]["files"]["config.json"]  # what the extraction wrote
+    if model_config == "dropped":
+        del m["model_config"]
     m.pop("stats", None), m.pop("moments", None)  # so that stats reads the shards
     for r in m["shards"]:
         r["extra"].pop("moments", None)
@@ -588,7 +607,10 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, err in got["errors"].items():
-        assert "decompression bomb" in err and "shard 0" in err and "\n" not in err, (name, err)
+        if model_config == "kept":
+            assert "d=4194304 is wider than a true shard of its key" in err and "\n" not in err, (name, err)
+        else:
+            assert "decompression bomb" in err and "shard 0" in err and "\n" not in err, (name, err)
     assert got["peak_mb"] - got["base_mb"] < 300, got  # a true shard of this set is 40 KB; the bomb 1 GiB
 
 
@@ -596,10 +618,11 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
 def test_activation_dataset_sizes_no_buffer_by_a_width_no_shard_vouches_for(local_set, tmp_path, options):
     """ActivationDataset sized its shuffle buffer (and cast scratch) by the manifest's d before reading a shard:
     a resealed d = 2^30 was a raw allocator error for 1 TB. A first shard's header now vouches for d first, and
-    the error names the damage."""
+    the error names the damage. (Without the model's config: with it, ``open_set`` refuses such a d at once.)"""
     set_dir = copy_of(local_set, tmp_path)
     m = json.loads((set_dir / layout.MANIFEST).read_text())
     m.update(d=1 << 30, hook_shape=[1 << 30])
+    del m["model_config"]
     (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
     from actcache.read.dataset import ActivationDataset
 

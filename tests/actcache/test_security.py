@@ -522,6 +522,7 @@ BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<
         "n_seq edited beyond the key",
         "d edited in the manifest",
         "d edited, the model's config dropped",
+        "record claims 1 TiB stored",
         "bomb behind a valid header",
     ],
 )
@@ -558,6 +559,11 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
         del m["model_config"]
         (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
         expected = r"shard 0 of .* unreadable .*expected torch.float16\[4, 32, 268435456\]"
+    elif case == "record claims 1 TiB stored":  # on an object store, reading it would allocate what it claims
+        m["shards"][0]["bytes"] = 1 << 40
+        m["bytes"] = sum(r["bytes"] for r in m["shards"])
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        expected = r"shard 0 of .* claims 1099511627776 stored bytes, more than a true shard of its key \(\d+ bytes\)"
     else:  # the header is a true shard's; the rest of the frame inflates without end
         good = shard.decode((set_dir / m["shards"][0]["file"]).read_bytes(), codec="zstd")
         raw = shard.encode(good).data

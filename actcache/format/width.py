@@ -60,7 +60,7 @@ def hook_shape(config: dict[str, Any], hook: str) -> tuple[int, ...] | None:
     fewer heads than the bound says."""
     text = config.get("text_config")
     cfg: dict[str, Any] = text if isinstance(text, dict) else config
-    d_model = _int(cfg, "hidden_size", "n_embd", "d_model")
+    d_model = _int(cfg, "hidden_size", "n_embd", "n_embed", "d_model")
     n_heads = _int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads")
     if _SCALE.match(hook):
         return (1,)

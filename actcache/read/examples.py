@@ -33,6 +33,25 @@ class LoadedExamples:
         return len(self.lengths)
 
 
+def _check_rows(s: Any, rec: Any, t: dict[str, torch.Tensor]) -> None:
+    """A shard's examples and rows must be its record's (at most the key's ``seqs_per_shard``) and its rows ``d``
+    wide: each example is padded to the context below, so a forged count of lengths would multiply memory."""
+    acts, lengths = t.get("activations"), t.get("lengths")
+    if (
+        acts is None
+        or lengths is None
+        or lengths.dim() != 1
+        or len(lengths) != rec.n_seq
+        or acts.dim() < 2
+        or acts.shape[-1] != s.d
+        or acts.numel() != rec.n_tokens * s.d
+        or bool((lengths < 0).any() | (lengths > s.key.tokens.context_size).any())
+    ):
+        raise Failure(
+            f"shard {rec.index} of {s.url} holds other rows than its record; rerun the extraction to repair it"
+        )
+
+
 def load_examples(
     url: str | StoreRef, storage_options: dict[str, Any] | None = None, *, credentials_block: str | None = None
 ) -> LoadedExamples:
@@ -53,6 +72,7 @@ def load_examples(
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")
         t = shard.decode(data, codec=s.manifest["codec"], cap=s.shard_cap(len(data)))
+        _check_rows(s, rec, t)
         for name, v in t.items():
             parts.setdefault(name, []).append(v)
     if not parts:

@@ -38,7 +38,7 @@ def witness(folder: str, files: dict[str, str]) -> dict[str, Any] | None:
     """What a manifest carries so that readers can check a local model's config against its fingerprint: the sha256
     of each fingerprinted file (``files``, as ``inputs.model`` hashes them) and config.json's text."""
     try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8", newline="") as f:  # its bytes, as hashed
             text = f.read(1 << 20)
     except (OSError, UnicodeDecodeError):
         return None

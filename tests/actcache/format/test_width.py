@@ -66,6 +66,10 @@ def test_a_local_models_config_counts_only_when_it_gives_the_keys_fingerprint(ti
     assert width.key_width(key, {"model_config": {**m["model_config"], "config": wide}}) is None
     files = {**m["model_config"]["files"], "config.json": hashlib.sha256(wide.encode()).hexdigest()}
     assert width.key_width(key, {"model_config": {"files": files, "config": wide}}) is None
+    crlf = folder / "config.json"  # its bytes as hashed, whatever its line ends
+    crlf.write_bytes(crlf.read_bytes().replace(b"\n", b"\r\n"))
+    model = resolve_model(ModelSpec(str(folder)))
+    assert width.key_width(_key(model.fingerprint), {"model_config": model.config_witness()}) == 32
 
 
 def test_a_hub_models_config_comes_from_the_hugging_face_cache(tmp_path, monkeypatch):

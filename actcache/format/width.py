@@ -56,8 +56,8 @@ def _int(cfg: dict, *names: str) -> int | None:
 def hook_shape(config: dict[str, Any], hook: str) -> tuple[int, ...] | None:
     """An upper bound of ``hook``'s per-token shape in a model of ``config`` (a config.json), for the hooks whose
     shape follows from the config in every architecture (the residual stream, attention and MLP outputs, norms,
-    MLP neurons, per-head q/k/v/z/result); None for any other hook. Keys and values of grouped-query attention have
-    fewer heads than the bound says."""
+    MLP neurons, per-head q/k/v/z/result); None for any other hook. Exact but for keys and values of grouped-query
+    attention (fewer heads than the bound says) and the MLP's input hooks (a fused gate and up: twice its width)."""
     text = config.get("text_config")
     cfg: dict[str, Any] = text if isinstance(text, dict) else config
     d_model = _int(cfg, "hidden_size", "n_embd", "n_embed", "d_model")
@@ -73,7 +73,11 @@ def hook_shape(config: dict[str, Any], hook: str) -> tuple[int, ...] | None:
         if "n_inner" in cfg and cfg["n_inner"] is None:  # GPT-2's convention: None is 4 * d_model
             widths.append(4 * d_model)
         known = [w for w in widths if type(w) is int and w > 0]
-        return (max(known),) if known else None
+        if not known:
+            return None
+        # hook_post is the neurons, as wide as the MLP; before the activation, an architecture that fuses its
+        # gate and up projections may hook both at once: twice that, so that no true set is ever refused.
+        return (max(known) * (1 if hook.endswith("hook_post") else 2),)
     if n_heads is None:
         return None
     if _RESULT.match(hook):

@@ -29,8 +29,8 @@ def _key(model: str, hook: str = "blocks.1.hook_resid_post", **fields: str) -> S
 
 def test_the_hook_rule_never_understates_a_hook_of_the_test_models(tiny_models):
     """For every per-token hook the rule knows, of GPT-2, Llama (grouped-query attention) and GPT-NeoX as their
-    bridges give them: the rule's shape holds at least the hook's values (exactly, but for a grouped-query k/v),
-    so no true set is refused; and it knows the hooks people extract."""
+    bridges give them: the rule's shape holds at least the hook's values (exactly, but for a grouped-query k/v and
+    the MLP's input, bounded at twice its width), so no true set is refused; and it knows the hooks people extract."""
     for arch, path in tiny_models.items():
         config = json.loads((path / "config.json").read_text())
         catalog = hook_catalog(resolve_model(ModelSpec(str(path))))
@@ -40,7 +40,9 @@ def test_the_hook_rule_never_understates_a_hook_of_the_test_models(tiny_models):
             if rule is None:
                 continue
             assert math.prod(shape) <= math.prod(rule), (arch, hook, shape, rule)
-            if not hook.endswith(("attn.hook_k", "attn.hook_v")):
+            if hook.endswith(("mlp.hook_pre", "mlp.hook_pre_linear")):
+                assert math.prod(rule) == 2 * math.prod(shape), (arch, hook, shape, rule)
+            elif not hook.endswith(("attn.hook_k", "attn.hook_v")):
                 assert math.prod(shape) == math.prod(rule), (arch, hook, shape, rule)
         for hook in ("hook_embed", "blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.0.attn.hook_z"):
             assert known[hook] is not None, (arch, hook)

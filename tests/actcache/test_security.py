@@ -526,7 +526,7 @@ BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<
         "bomb behind a valid header",
     ],
 )
-def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case):
+def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case, capsys):
     """A zstd shard is a few bytes that may claim (or inflate to) any size, and a manifest may be edited and
     resealed: what bounds the output is the key (dtype, context, at most seqs_per_shard sequences) and the
     shard's own header, checked before any tensor data is decompressed."""
@@ -553,6 +553,11 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
         wider = r"malformed \(d=268435456 is wider than a true shard of its key: .* at most 32 values per token"
         with pytest.raises(ActcacheError, match=wider):
             open_set(str(set_dir))
+        from actcache.cli.app import main
+
+        assert main(["verify", str(set_dir)]) != 0  # verify names it, in one last line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "d=268435456 is wider than a true shard of its key" in err[-1], err
         return
     elif case == "d edited, the model's config dropped":  # no width from the key: the shard's header must agree
         m.update(d=1 << 28, hook_shape=[1 << 28])

@@ -223,14 +223,37 @@ def test_damaged_manifest_is_one_line_everywhere_and_a_rerun_rebuilds_it(config,
     assert local_tree(store) == local_tree(pristine)
 
 
-def test_reading_fields_forged_in_agreement_are_caught_by_the_shards_own_header(config, pristine, store, capsys):
-    """d and hook_shape edited consistently (manifest resealed): the manifest alone looks sound, but verify checks
-    every shard's safetensors header against it, reading refuses before allocating what the edit says, and the
-    rerun verify names (--verify-existing) rebuilds the manifest from the records."""
-    import resource
-
+def test_reading_fields_forged_in_agreement_are_caught_by_the_key_when_it_gives_the_width(
+    config, pristine, store, capsys
+):
+    """d and hook_shape edited consistently (manifest resealed), the model's config kept: the key's width (from the
+    config its fingerprint vouches for) refuses the manifest in one line when the set is opened, and the rerun that
+    line names rebuilds the manifest from the records."""
     s = set_dir(store)
     edit_json(s / layout.MANIFEST, lambda m: m.update(d=1 << 30, hook_shape=[1 << 30]), reseal=True)
+    for argv in (["show", str(s)], ["verify", str(s)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "wider than a true shard of its key" in err[0] and "rerun" in err[0], err
+    with pytest.raises(ActcacheError, match="wider than a true shard of its key"):
+        actcache.open_set(str(s))
+    actcache.extract(config.replace(store=str(store)))
+    assert local_tree(store) == local_tree(pristine)
+
+
+def test_reading_fields_forged_in_agreement_are_caught_by_the_shards_own_header(config, pristine, store, capsys):
+    """d and hook_shape edited consistently and the model's config dropped (manifest resealed): the manifest alone
+    looks sound and the key gives no width, but verify checks every shard's safetensors header against it, reading
+    refuses before allocating what the edit says, and the rerun verify names (--verify-existing) rebuilds the
+    manifest from the records."""
+    import resource
+
+    def forge(m):
+        m.update(d=1 << 30, hook_shape=[1 << 30])
+        assert m.pop("model_config", None) is not None  # what makes the key give a width
+
+    s = set_dir(store)
+    edit_json(s / layout.MANIFEST, forge, reseal=True)
     code, err = verify(str(s), capsys)
     assert code == 1 and "--verify-existing" in err[-1], err
     assert sum("header" in line for line in err) == 4, err

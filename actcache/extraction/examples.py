@@ -278,6 +278,15 @@ def _token_ids(value: Any, row: int, column: str, vocab: int | None) -> list[int
     return value
 
 
+def token_docs(source: sources.Source, column: str, vocab: int | None) -> Iterator[list[int]]:
+    """The documents of ``column`` as token ids, in dataset order, each checked (``_token_ids``); rows with no ids
+    are skipped, as rows with no text are: what ``--packing concat`` packs instead of tokenized texts."""
+    for n, value, _ in read_rows(source, (), column):
+        ids = _token_ids(value, n, column, vocab)
+        if ids:
+            yield ids
+
+
 def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:
     """Refuse an example too short for ``pos`` (naming it), before any forward pass."""
     if pos.kind == "list":

@@ -146,8 +146,7 @@ def tokenize(plan: Plan) -> list[ShardWork]:
     r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
     shards = plan.token_cache().ensure(
         cfg.target_seqs,
-        r.dataset.texts,
-        r.model.tokenizer,
+        *plan.documents(),
         r.separator_id,
         r.bos_id,
         check=None if cfg.verify_existing else feeds,

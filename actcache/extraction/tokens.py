@@ -245,7 +245,7 @@ class TokenCache:
     def ensure(
         self,
         target_seqs: int,
-        texts: Callable[[], Iterable[str]],
+        texts: Callable[[], Iterable[Any]],
         tokenizer,
         sep: int | None,
         bos: int | None,
@@ -254,6 +254,9 @@ class TokenCache:
         on_shard=None,
     ) -> ShardRange:
         """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
+
+        ``tokenizer`` None: ``texts`` yields each document's token ids already (``--token-column``), packed exactly
+        as the same ids tokenized from text would be.
 
         ``check(index)``: whether token shard ``index`` is re-hashed before it is trusted (those the run feeds to
         the model); None re-hashes every one (--verify-existing).
@@ -303,12 +306,12 @@ class TokenCache:
         return ShardRange(min(target_seqs, produced), self.key.seqs_per_shard)
 
     def _shards(
-        self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None, goal: int
+        self, texts: Iterable[Any], tokenizer, sep: int | None, bos: int | None, goal: int
     ) -> Iterator[list[list[int]]]:
         """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
         k = self.key
         seqs = pack(
-            tokenize_docs(texts, tokenizer, whole=False),
+            texts if tokenizer is None else tokenize_docs(texts, tokenizer, whole=False),
             context_size=k.context_size,
             bos=bos,
             separator=sep,

@@ -382,9 +382,9 @@ def make_plan(
         **examples_tokens_fields(cfg),
     )
     tokens = TokenCache(store, tkey)
-    scan = tokens.scan()
-    shards = tokens.plan(cfg.target_seqs, scan)
-    text_needed = cfg.packing == "concat" and not all(scan.is_done(w.index, w.n_seq) for w in shards)
+    tscan = tokens.scan()
+    shards = tokens.plan(cfg.target_seqs, tscan)
+    text_needed = cfg.packing == "concat" and not all(tscan.is_done(w.index, w.n_seq) for w in shards)
     sets = []
     for hook in cfg.hooks:
         key = SetKey(
@@ -413,6 +413,10 @@ def make_plan(
 
         ex = examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept)
         plan = reuse.stored(plan, ex)  # a set that holds the same token ids (read another way) is not computed again
+    elif plan.has_missing and shards.known:  # packed, its token shards stored: the same check as after tokenizing
+        from actcache.extraction import reuse
+
+        plan = reuse.packed(plan, tscan)
     if plan.has_missing:  # a complete set reads from a read-only store: only work to do needs a writable one
         store.check_writable()
     if load_model:

@@ -27,7 +27,7 @@ from actcache.extraction import environment, handles, memory
 from actcache.extraction.plan import Plan, make_plan
 from actcache.extraction.refs import ActivationsRef, PackedRef
 from actcache.extraction.tokens import ShardWork
-from actcache.format import layout, manifest, moments, records, shard, shardfile
+from actcache.format import content, layout, manifest, moments, records, shard, shardfile
 from actcache.format.commit import Points, Shard, commit
 from actcache.inputs.model import hook_layer
 from actcache.read.exclude import special_ids
@@ -152,6 +152,17 @@ def tokenize(plan: Plan) -> list[ShardWork]:
         check=None if cfg.verify_existing else feeds,
     )
     return [w for w in shards if plan.todo(w)]
+
+
+def reuse_stored(plan: Plan, work: list[ShardWork]) -> tuple[Plan, list[ShardWork]]:
+    """After ``tokenize``: the plan with each set whose token ids another complete set of the store holds (read
+    from text or ``--token-column``: ``extraction.reuse``) reused, and the work left."""
+    if not work:
+        return plan, work
+    from actcache.extraction import reuse
+
+    found = reuse.packed(plan)
+    return (plan, work) if found is plan else (found, [w for w in work if found.todo(w)])
 
 
 # -- 2. extract ------------------------------------------------------------------------------------------
@@ -306,13 +317,22 @@ def write_manifest(plan: Plan) -> list[str]:
         _finished.put(plan)
         return urls
     store = plan.store
-    for s in plan.sets:
+    digest = plan.token_cache().digest(plan.shards)
+    for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         m = build_manifest(plan, s, scan)
-        if manifest.unchanged(scan.consolidated, m):
-            continue
-        commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
+        previous = scan.consolidated or {}
+        cid = content.content_id(s.key, digest) if digest else None
+        if cid is None and previous.get("n_tokens") == m["n_tokens"]:
+            cid = previous.get(content.MANIFEST_FIELD)  # the token cache is gone (a copied set): the same shards
+        if cid:
+            m[content.MANIFEST_FIELD] = cid
+        if not manifest.unchanged(scan.consolidated, m):
+            commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
+        if cid and m["complete"] and content.lookup(store, cid) != s.set_id:  # after the manifest, as for examples
+            crashpoints.point("content.before-index")
+            content.index(store, cid, s.set_id)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
 
@@ -335,7 +355,7 @@ def run_sequential(target: Plan | ExtractConfig) -> list[str]:
     p = target if isinstance(target, Plan) else plan(target)
     if p.config.packing == "none":
         return extract_examples(p)
-    work = tokenize(p)
+    p, work = reuse_stored(p, tokenize(p))
     for round_ in range(1, ROUNDS + 1):
         for w in work:
             for acts in extract(p, w):

@@ -90,6 +90,73 @@ def test_the_token_column_is_part_of_the_key_and_text_ids_stay(tiny_models, inpu
     assert by_ids.tokens_key.id != TokensKey(**{**by_ids.tokens_key.to_dict(), "token_column": ""}).id
 
 
+def _no_forward(monkeypatch) -> None:
+    from actcache.extraction import stages
+
+    def refuse(*a, **k):
+        raise AssertionError("a forward pass ran for a set already stored")
+
+    monkeypatch.setattr(stages, "extract", refuse)
+
+
+@pytest.mark.parametrize("first", ["text", "column"])
+def test_the_same_ids_reuse_the_packed_set_from_text_or_column(tiny_models, inputs, tmp_path, monkeypatch, first):
+    from actcache import api
+    from actcache.extraction.plan import make_plan
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    by = {
+        "text": _config(tiny_models, text, store),
+        "column": _config(tiny_models, ids, store, token_column="input_ids"),
+    }
+    second = by["column" if first == "text" else "text"]
+    (url,) = run_sequential(by[first])
+    stored = url.rsplit("/", 1)[1]
+    requested = make_plan(second, load_model=False)
+    assert requested.has_missing  # its own token shards are not stored yet: decided after tokenizing
+    _no_forward(monkeypatch)
+    assert run_sequential(second) == [url]  # tokenized, then found: nothing computed
+    plan = make_plan(second, load_model=False)  # a rerun finds it from the stored token shards, as a plan
+    (s,) = plan.sets
+    assert s.stored_as == stored and s.set_id != stored and not plan.has_missing
+    (result,) = api.extract_sets(second)
+    assert (result.set_id, result.url, result.reused, result.requested_id) == (stored, url, True, s.set_id)
+    assert result.shards_computed == 0 and result.complete
+    assert sorted(p.name for p in store.iterdir() if not p.name.startswith("_")) == [stored]
+
+
+def test_the_flow_reuses_the_packed_set_after_tokenizing(tiny_models, inputs, tmp_path, prefect_harness, monkeypatch):
+    from actcache import api
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    (first,) = api.extract_sets(_config(tiny_models, text, store))
+    _no_forward(monkeypatch)
+    (second,) = api.extract_sets(_config(tiny_models, ids, store, token_column="input_ids"))
+    assert second.reused and second.set_id == first.set_id and second.shards_computed == 0
+    assert second.requested_id != first.set_id and not (store / second.requested_id).exists()
+
+
+def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
+    from actcache.extraction.plan import make_plan
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    run_sequential(_config(tiny_models, text, store))
+    rows = [json.loads(line) for line in ids.read_text().splitlines()]
+    rows[0]["input_ids"] = rows[0]["input_ids"][:-1]  # one id fewer: other sequences
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps(r) for r in rows))
+    (url,) = run_sequential(_config(tiny_models, other, store, token_column="input_ids"))
+    assert (
+        make_plan(_config(tiny_models, other, store, token_column="input_ids"), load_model=False).sets[0].stored_as
+        is None
+    )
+    (fewer,) = run_sequential(_config(tiny_models, ids, store, token_column="input_ids", max_tokens=20 * CONTEXT))
+    assert len({url, fewer, run_sequential(_config(tiny_models, text, store))[0]}) == 3
+
+
 GOOD = {"input_ids": [5, 6, 7, 8, 9]}
 TOKEN_BAD = [  # the bad row deep in the file (row 50): the plan's first look passes, the tokenize pass finds it
     ({"input_ids": [1, 2, 99999]}, "token id 99999 in dataset row 49 is outside the model's vocabulary"),

@@ -33,7 +33,7 @@ def packed(plan: Plan, scan: records.Scan | None = None) -> Plan:
     cache = plan.token_cache()
     scan = scan or cache.scan()
     shards = cache.plan(plan.config.target_seqs, scan)
-    digest = cache.digest(shards, scan)
+    digest = cache.digest(shards, scan) if shards.known else None
     return plan if digest is None else _marked(plan, shards, digest)
 
 

@@ -26,9 +26,10 @@ from actcache.errors import Failure
 from actcache.extraction import environment, handles, memory
 from actcache.extraction.plan import Plan, make_plan
 from actcache.extraction.refs import ActivationsRef, PackedRef
-from actcache.extraction.tokens import ShardWork
+from actcache.extraction.tokens import ShardWork, TokenCache
 from actcache.format import content, layout, manifest, moments, records, shard, shardfile
 from actcache.format.commit import Points, Shard, commit
+from actcache.format.key import SetKey
 from actcache.inputs.model import hook_layer
 from actcache.read.exclude import special_ids
 
@@ -317,24 +318,33 @@ def write_manifest(plan: Plan) -> list[str]:
         _finished.put(plan)
         return urls
     store = plan.store
-    digest = plan.token_cache().digest(plan.shards)
+    tokens = plan.token_cache()
     for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         m = build_manifest(plan, s, scan)
-        previous = scan.consolidated or {}
-        cid = content.content_id(s.key, digest) if digest else None
-        if cid is None and previous.get("n_tokens") == m["n_tokens"]:
-            cid = previous.get(content.MANIFEST_FIELD)  # the token cache is gone (a copied set): the same shards
+        cid = _content_id(tokens, s.key, m, scan.consolidated or {})
         if cid:
             m[content.MANIFEST_FIELD] = cid
         if not manifest.unchanged(scan.consolidated, m):
             commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
-        if cid and m["complete"] and content.lookup(store, cid) != s.set_id:  # after the manifest, as for examples
+        if cid and m["complete"] and content.lookup(store, cid) is None:  # after the manifest, as for examples
             crashpoints.point("content.before-index")
             content.index(store, cid, s.set_id)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
+
+
+def _content_id(tokens: TokenCache, key: SetKey, m: dict[str, Any], previous: dict[str, Any]) -> str | None:
+    """A complete packed set's content id (``format.content``): its key with the token ids of the shards it holds
+    (all of them, whatever this run's target) in place of where they came from."""
+    if not m["complete"]:
+        return None
+    digest = tokens.digest(ShardWork(r["index"], r["n_seq"]) for r in m["shards"])
+    if digest is None:  # the token cache is gone (a copied set): the previous id, for the same shards
+        same = previous.get("shards") == m["shards"]
+        return previous.get(content.MANIFEST_FIELD) if same else None
+    return content.content_id(key, digest)
 
 
 # -- one sequence per example (--packing none) -------------------------------------------------------------

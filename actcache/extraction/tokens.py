@@ -242,12 +242,10 @@ class TokenCache:
         sps = self.key.seqs_per_shard
         return ShardRange(len(wanted) * sps if avail is None else min(len(wanted) * sps, avail), sps)
 
-    def digest(self, shards: ShardRange, scan: records.Scan | None = None) -> str | None:
+    def digest(self, shards: Iterable[ShardWork], scan: records.Scan | None = None) -> str | None:
         """The token ids ``shards`` read, as a digest of their token shards' checksums (recorded with the cache) and
         the sequences each activation shard takes: equal for the same ids however they were read (text or
-        ``--token-column``). None until the shards are known and all stored."""
-        if not shards.known:
-            return None
+        ``--token-column``). None unless all are stored."""
         recs = (scan or self.scan()).records
         h = hashlib.sha256()
         for w in shards:

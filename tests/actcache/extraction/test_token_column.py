@@ -90,6 +90,19 @@ def test_the_token_column_is_part_of_the_key_and_text_ids_stay(tiny_models, inpu
     assert by_ids.tokens_key.id != TokensKey(**{**by_ids.tokens_key.to_dict(), "token_column": ""}).id
 
 
+def test_rows_already_packed_stay_the_sequences(tiny_models, tmp_path):
+    """docs/probing.md: rows of --context-size ids that open with BOS, with --prepend-bos false --separator none."""
+    import random
+
+    rng = random.Random(0)
+    rows = [[0] + [rng.randrange(1, 500) for _ in range(CONTEXT - 1)] for _ in range(20)]
+    data = tmp_path / "packed.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows))
+    cfg = _config(tiny_models, data, tmp_path / "s", token_column="input_ids", prepend_bos=False, separator="none")
+    (url,) = run_sequential(cfg)
+    assert _read(url)[1].tolist() == rows
+
+
 def _no_forward(monkeypatch) -> None:
     from actcache.extraction import stages
 

@@ -204,3 +204,17 @@ def test_a_column_with_no_ids_is_refused_by_the_plan(tiny_models, tmp_path):
     with pytest.raises(ActcacheError, match="has no token ids in column 'input_ids'"):
         make_plan(_config(tiny_models, data, tmp_path / "s", token_column="input_ids"), load_model=False)
     assert not (tmp_path / "s").exists()
+
+
+def test_like_reproduces_a_token_column_set(tiny_models, inputs, tmp_path):
+    from actcache.extraction.plan import make_plan
+    from actcache.format import manifest
+    from actcache.sets.reproduce import settings
+
+    _, ids = inputs
+    (url,) = run_sequential(_config(tiny_models, ids, tmp_path / "s", token_column="input_ids"))
+    s = open_set(url)
+    like = settings(manifest.read(s.store, s.set_id))
+    assert like["token_column"] == "input_ids"
+    again = ExtractConfig(**{**like, "store": str(tmp_path / "s"), "device": "cpu"})
+    assert make_plan(again, load_model=False).sets[0].set_id == s.set_id

@@ -331,6 +331,9 @@ def write_manifest(plan: Plan) -> list[str]:
         if cid and m["complete"] and content.lookup(store, cid) is None:  # after the manifest, as for examples
             crashpoints.point("content.before-index")
             content.index(store, cid, s.set_id)
+        old = (scan.consolidated or {}).get(content.MANIFEST_FIELD)
+        if old and old != cid:  # extended: its former content is not held any more (the entry would be ignored)
+            content.drop(store, old, s.set_id)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
 

@@ -70,3 +70,14 @@ def index(store: Store, cid: str, set_id: str) -> None:
     if not _ID_RE.match(cid):
         raise ValueError(f"not a content id: {cid!r}")
     store.write_json(layout.content_entry(cid), records.sealed({"content_id": cid, "set_id": set_id}))
+
+
+def drop(store: Store, cid: str, set_id: str) -> None:
+    """Remove content ``cid``'s entry where it points at ``set_id`` (whose content has changed since: extended)."""
+    rel = layout.content_entry(cid)
+    try:
+        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
+    except (FileNotFoundError, ValueError):
+        return
+    if entry.get("set_id") == set_id:
+        store.remove([rel])

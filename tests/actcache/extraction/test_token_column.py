@@ -218,3 +218,17 @@ def test_like_reproduces_a_token_column_set(tiny_models, inputs, tmp_path):
     assert like["token_column"] == "input_ids"
     again = ExtractConfig(**{**like, "store": str(tmp_path / "s"), "device": "cpu"})
     assert make_plan(again, load_model=False).sets[0].set_id == s.set_id
+
+
+def test_an_extended_set_keeps_one_entry_for_what_it_holds(tiny_models, inputs, tmp_path):
+    from actcache.format import content
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = run_sequential(_config(tiny_models, text, store, max_tokens=20 * CONTEXT))
+    (first,) = (store / "_content").iterdir()
+    (longer,) = run_sequential(_config(tiny_models, text, store))  # extended: another content
+    (entry,) = (store / "_content").iterdir()
+    assert longer == url and entry != first
+    m = json.loads((store / url.rsplit("/", 1)[1] / "manifest.json").read_text())
+    assert entry.name == f"{m[content.MANIFEST_FIELD]}.json"

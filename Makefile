@@ -15,8 +15,8 @@ DEMO_ARGS ?= --max-tokens 32768 --shard-tokens 8192 --store $(DEMO_STORE)
 
 UNIT_TIER := not (prefect or subprocess or s3 or hub or deployment or slow)
 # `make test` runs the suite in this many pytest-xdist workers, whole files each (tests that share a module's
-# server stay together); most of the slow tests wait on servers and processes, so two overlap well on 2 cores.
-TEST_WORKERS ?= 2
+# server stay together); most of the slow tests wait on servers and processes, so three keep 2 cores busy.
+TEST_WORKERS ?= 3
 
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1

@@ -1,6 +1,7 @@
 """Fault injection for the crash tests: ``ACTCACHE_FAULT=point:n`` SIGKILLs this process the n-th time
-it reaches ``point``; ``point:n:hang`` blocks the thread there for good instead (a stalled node, until
-something kills the whole process). Unset (always, outside tests) it costs one ``is None`` check per call.
+it reaches ``point``; ``point:n:hang`` stalls the thread there for good instead (a stalled node, a forward pass
+that never ends). The stalled thread handles signals as a slow pass does between its kernels: a SIGTERM (a
+cancel) stops it as it would stop that pass. Unset (always, outside tests) it costs one ``is None`` check per call.
 
 The kill is real (no cleanup, no ``finally``): it is how a preempted GPU node or an OOM kill ends a run.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 POINTS = (
     "tokenize.token-shard-written",  # token shard bytes in place, no record yet
@@ -51,6 +53,9 @@ def point(name: str) -> None:
         _COUNTS[name] = _COUNTS.get(name, 0) + 1
         hit = _COUNTS[name] == int(nth or 1)
     if hit and mode == "hang":
-        threading.Event().wait()
+        # Short sleeps, not one endless wait: a thread blocked on a lock does not run Python's signal handlers
+        # when the signal reaches another thread of the process, and a real forward pass returns to Python often.
+        while True:
+            time.sleep(0.2)
     elif hit:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -260,6 +260,12 @@ class Window:
             self._pop()
         return self.results
 
+    def settle(self) -> None:
+        """Wait until every future in flight has ended, whatever its outcome (results and errors unread): what a
+        run that is being stopped does, so that no write is cut off half way."""
+        while self.pending:
+            self.pending.popleft().wait()
+
 
 class Steps:
     """A command's steps (shards copied, exported, ...): made when the total is known, so that a command with

@@ -1257,7 +1257,9 @@ SECTIONS = (
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny model, one rep: checks the benchmark runs (~1 min)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny model, one rep: checks the benchmark runs (~3-5 min on 2 CPU cores)"
+    )
     ap.add_argument("--reps", type=int, default=None, help="rounds per measurement (default 5; 1 with --smoke)")
     ap.add_argument(
         "--only",

@@ -6,6 +6,7 @@ prefect deploy --prefect-file deployments/prefect.yaml   # or: actcache extract 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -14,6 +15,7 @@ from actcache import console
 from actcache.config import ExtractConfig
 from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
+from actcache.orchestration.cancel import record_cancelled
 from actcache.progress import Progress, Window
 from actcache.tasks.compress import compress
 from actcache.tasks.examples import extract_examples
@@ -52,15 +54,20 @@ def extract_activations(
                 tokens=r.n_tokens, item=f"set {r.extra['set_id']} shard {r.index:06d} stored"
             ),
         )
-        for round_ in range(1, ROUNDS + 1):
-            for shard in work:
-                for acts in extract(q, shard):
-                    window.add(upload.submit(q, compress.submit(q, acts)))
-            stored = window.drain()
-            if not work and plan.shards.known:  # else the data's end was found: the manifest needs it
-                break
-            plan, work = recheck(q, last=round_ == ROUNDS)
-            q = quote(plan)
+        try:
+            for round_ in range(1, ROUNDS + 1):
+                for shard in work:
+                    for acts in extract(q, shard):
+                        window.add(upload.submit(q, compress.submit(q, acts)))
+                stored = window.drain()
+                if not work and plan.shards.known:  # else the data's end was found: the manifest needs it
+                    break
+                plan, work = recheck(q, last=round_ == ROUNDS)
+                q = quote(plan)
+        except TerminationSignal:  # the worker stops this run (a cancel): the forward pass stops where it is (nothing
+            window.settle()  # of it is stored), the shards being compressed and stored are finished whole first
+            record_cancelled("Cancelled: the shards it stored stay; the same extraction again computes the rest.")
+            raise
     urls = write_manifest(plan)
     summarize(plan, stored, progress.seconds, skipped)
     return Completed(message=sets_message(urls), data=urls)  # the message shows the URLs in the UI and API

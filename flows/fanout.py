@@ -13,6 +13,7 @@ from prefect.states import Completed, Failed, State
 from actcache.config import ExtractConfig
 from actcache.tasks.fanout import (
     check_partitions,
+    finalize_lost_run,
     launch_partition,
     pick_partitions,
     plan_fanout,
@@ -34,14 +35,18 @@ def extract_fanout(
     max_relaunches: int = 2,
     timeout_s: float = 24 * 3600.0,
     resumes: int = 0,
+    lost_run_id: str | None = None,
 ) -> State:
     """Split an extraction over ``num_partitions`` runs of ``deployment``; consolidate and verify the sets.
 
     A partition whose run crashes (its node was lost) is relaunched up to ``max_relaunches`` times; partitions
     still running after ``timeout_s`` seconds are cancelled and the job fails. Returns the set URLs.
     ``resumes`` counts the runs of this fan-out lost before this one (the deployment's trigger sets it when it
-    resumes a crashed fan-out); past ``max_relaunches`` the job fails instead of starting again.
+    resumes a crashed fan-out); past ``max_relaunches`` the job fails instead of starting again. ``lost_run_id``
+    (set by the same trigger) names the lost run: the task runs it and its partitions left Running are finalized.
     """
+    if lost_run_id is not None:
+        finalize_lost_run(lost_run_id)
     if resumes > max_relaunches:
         return Failed(message=f"fan-out lost {resumes} times (max_relaunches={max_relaunches}): not resumed again")
     plan = plan_fanout(config)
@@ -52,6 +57,8 @@ def extract_fanout(
     runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}
     relaunch = partial(launch_partition, deployment, pinned, count=num_partitions)
     outcomes = wait_for_partitions(runs, relaunch, max_relaunches, timeout_s, poll_s)
+    if lost_run_id is not None:  # the lost run's partitions have ended by now (ours were queued behind them)
+        finalize_lost_run(lost_run_id)
     final = plan_fanout(pinned)
     summarize_fanout(plan, final, outcomes, num_partitions)
     check_partitions(outcomes)

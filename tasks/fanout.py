@@ -8,6 +8,7 @@ shards, waits, then consolidates and verifies. How many children run at once is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -18,10 +19,12 @@ from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelling
 
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
 from actcache.extraction.plan import Plan, make_plan
+from actcache.orchestration.cancel import record_cancelled
 from actcache.read.reader import open_set
 
 if TYPE_CHECKING:
@@ -144,6 +147,28 @@ def finalize_task_runs(client: SyncPrefectClient, flow_run: FlowRun) -> int:
     return len(unfinished)
 
 
+@task(name="finalize-lost-run", cache_policy=NO_CACHE)
+def finalize_lost_run(run_id: str) -> int:
+    """Finalize the task runs that the lost fan-out run ``run_id`` and its ended partitions left unfinished.
+
+    A fan-out resumed after its node was lost calls this: the lost run's own task runs (``wait-for-partitions``)
+    stopped with its process, and nobody else reports their end. Returns how many were finalized.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        lost = client.read_flow_run(UUID(run_id))
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[lost.id]))
+        )
+        runs = [lost, *children]
+        count = sum(finalize_task_runs(client, r) for r in runs if not (r.state and r.state.is_completed()))
+    if count:
+        _logger().warning("finalized %d task runs left unfinished by the lost fan-out run %s", count, lost.name)
+    return count
+
+
 @task(name="wait-for-partitions", cache_policy=NO_CACHE)
 def wait_for_partitions(
     runs: dict[int, UUID],
@@ -164,7 +189,6 @@ def wait_for_partitions(
     """
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run as this_run
-    from prefect.states import Cancelling
 
     logger = _logger()
     names: dict[int, list[str]] = {i: [] for i in runs}  # each partition's ended runs, in launch order
@@ -172,15 +196,14 @@ def wait_for_partitions(
     due: dict[int, FlowRun] = {}  # crashed runs to relaunch once no partition queued before them waits to start
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     parent_id, cancelled = this_run.id, False  # no id: called outside a flow run (tests, run_sequential)
-    with get_client(sync_client=True) as client:
+    asked: set[UUID] = set()  # the partition runs set Cancelling
+    with get_client(sync_client=True) as client, _cancels_partitions_on_stop(client, parent_id, pending, asked):
         while pending or due:
             if parent_id is not None and not cancelled and _being_cancelled(client, parent_id):
                 cancelled = True
                 ended.update(due)  # nothing is relaunched any more
                 due.clear()
-                for index, run_id in pending.items():
-                    client.set_flow_run_state(run_id, Cancelling(message="Its fan-out was cancelled."))
-                    logger.warning("the fan-out is being cancelled: cancelling partition %d", index)
+                _cancel_partitions(client, pending, asked)
             queued = False  # some run of this fan-out has not started yet (or its state is unknown)
             for index, run_id in list(pending.items()):
                 try:
@@ -236,6 +259,34 @@ def wait_for_partitions(
         PartitionOutcome(i, tuple(names[i]), ended[i].state.name, ended[i].state.message or "")  # type: ignore[union-attr,arg-type]
         for i in sorted(ended)
     ]
+
+
+def _cancel_partitions(client: SyncPrefectClient, pending: dict[int, UUID], asked: set[UUID]) -> None:
+    """Set every pending partition's run ``Cancelling`` (its worker then stops it), once."""
+    for index, run_id in pending.items():
+        if run_id not in asked:
+            client.set_flow_run_state(run_id, Cancelling(message="Its fan-out was cancelled."))
+            asked.add(run_id)
+            _logger().warning("the fan-out is being cancelled: cancelling partition %d", index)
+
+
+@contextlib.contextmanager
+def _cancels_partitions_on_stop(
+    client: SyncPrefectClient, parent_id: str | None, pending: dict[int, UUID], asked: set[UUID]
+):
+    """Cancel the partitions still ``pending`` at once when the worker stops this process because the fan-out is
+    being cancelled (its SIGTERM, which Prefect raises as TerminationSignal), whatever the wait was doing: no poll
+    to wait for, and no cleanup loop on the server after this process is gone. A SIGTERM for another reason (the
+    worker or node shutting down) leaves them running: a resumed fan-out finds their shards stored."""
+    from prefect.exceptions import TerminationSignal
+
+    try:
+        yield
+    except TerminationSignal:
+        if parent_id is not None and _being_cancelled(client, parent_id):
+            _cancel_partitions(client, pending, asked)
+            record_cancelled(f"Cancelled; its {len(pending)} partitions still going were asked to stop.")
+        raise
 
 
 def _being_cancelled(client: SyncPrefectClient, run_id: str) -> bool:

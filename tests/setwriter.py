@@ -9,6 +9,7 @@ separators and pads where an extraction would put them. (``actcache.sets.shuffle
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,12 +111,16 @@ def write_set(
     with_stats: bool = False,
     with_moments: bool = False,
     bos_scale: float = 1.0,
+    hook: str = "blocks.0.hook_resid_post",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> str:
     """A ``sequences`` set of ``shards`` shards of ``seqs`` sequences (the last of ``last_seqs``); returns its URL.
 
     ``with_moments``: records carry their moments (and by token group) and the manifest's stats are merged from
     them, as extraction writes them. ``bos_scale``: BOS rows (each sequence's first) are that much larger, as in
-    real models."""
+    real models. ``hook`` with ``transform`` (applied to each shard's ``[seqs, ctx, d]`` activations) writes
+    another hook's set of the same tokens, as one run with ``--hook a,b`` does: e.g. an MLP's output from its
+    input."""
     st = Store(str(store))
     tkey = TokensKey(
         dataset=f"synthetic:{seed}",
@@ -130,7 +135,7 @@ def write_set(
         tokens=tkey,
         model="synthetic",
         model_dtype="float32",
-        hook="blocks.0.hook_resid_post",
+        hook=hook,
         dtype=dtype,
         codec=codec,
         codec_level=level,
@@ -143,6 +148,8 @@ def write_set(
         n = last_seqs if (i == shards - 1 and last_seqs is not None) else seqs
         acts = torch.randn(n, ctx, d, generator=g) * 3 + offset
         acts[:, 0] *= bos_scale
+        if transform is not None:
+            acts = transform(acts)
         acts = acts.to(shard.TORCH_DTYPES[dtype])
         tokens = tokens_for(n, ctx, vocab, g)
         if with_stats:

@@ -127,42 +127,104 @@ def test_on_a_terminal_nothing_is_silent_for_more_than_5_s(tmp_path):
         assert noise not in out, noise
 
 
-_SLOW_SHARDS = """
-import sys, time
-from actcache.sets import diff
-from actcache.storage.store import Store
+_SLOWED = """
+import importlib, json, os, sys, time
 
-read_bytes, shard_diff = Store.read_bytes, diff.ShardDiff
+for target, seconds, only in json.loads(os.environ["ACTCACHE_TEST_SLOW"]):  # "module:attr.attr", s, substring
+    module, _, attr = target.partition(":")
+    *path, name = attr.split(".")
+    owner = importlib.import_module(module)
+    for part in path:
+        owner = getattr(owner, part)
 
+    def slow(*args, _call=getattr(owner, name), _s=seconds, _only=only, **kwargs):
+        if _only is None or any(_only in str(a) for a in args):
+            time.sleep(_s)
+        return _call(*args, **kwargs)
 
-def slow_read(self, rel, **kw):  # a big shard on a slow disk: verify hashes it for 2 s
-    if "/shards/" in rel:
-        time.sleep(2)
-    return read_bytes(self, rel, **kw)
-
-
-def slow_diff(*args):  # a big pair of shards: diff compares it for 2 s
-    time.sleep(2)
-    return shard_diff(*args)
-
-
-Store.read_bytes, diff.ShardDiff = slow_read, slow_diff
+    setattr(owner, name, slow)
+print("(started)", file=sys.stderr, flush=True)  # gaps count from here, the injected waits included
 from actcache.cli.app import main
 
 sys.exit(main(sys.argv[1:]))
 """
 
+_SHARD_READS = ("actcache.storage.store:Store.read_bytes", 2, "/shards/")  # a big shard on a slow disk: 2 s
+_OPEN = ("actcache.cli.parser:StoreFlags.open_set", 6, None)  # a set on S3 opened and listed (s3fs imported)
+
+# command: (argv after the command, injected waits, the least time it takes, what the terminal must show).
+# A wait of 6 s where no bar can run yet (a store listed, a model loaded) needs a status line; 2-3 s per step
+# under a bar needs the bar redrawn while a step takes long. SET is a set, COPY a copy of it in STORE, TMP a new folder.
+LONG_COMMANDS = {
+    "verify": (["SET"], [_OPEN, _SHARD_READS], 14, ["reading", "verify: 100%", "4/4 [", "OK: 4 shards"]),
+    "diff": (
+        ["SET", "SET"],
+        [_OPEN, ("actcache.sets.diff:ShardDiff", 2, None)],
+        20,
+        ["reading", "diff: 100%", "4/4 [", "same: 4"],
+    ),
+    "cp": (
+        ["SET", "TMP", "--jobs", "1"],
+        [("actcache.sets.copy:open_set", 6, None), _SHARD_READS],
+        14,
+        ["comparing", "cp: 100%", "4/4 [", "copied 4 shards"],
+    ),
+    "push": (
+        ["SET", "REPO"],
+        [("actcache.sets.push:_files", 6, None), ("huggingface_hub:HfApi.create_commit", 3, None)],
+        12,
+        ["comparing", "push: 100%", "10/10 [", "uploaded 10 files"],
+    ),
+    "rm": (
+        ["COPY", "--yes"],
+        [("actcache.sets.cleanup:find_set", 6, None), ("actcache.sets.cleanup:remove_set", 6, None)],
+        12,
+        ["listing", "removing", "removed"],
+    ),
+    "stats": (["SET"], [("actcache.sets.stats:compute", 6, None)], 6, ["reading", "rows: 448"]),
+    "shuffle": (
+        ["SET", "--out", "TMP"],
+        [("actcache.sets.shuffle:shuffle_set", 6, None)],
+        6,
+        ["reading", "shuffle: 100%", "written: 448 rows"],
+    ),
+    "export": (
+        ["SET", "TMP", "--format", "hf"],
+        [("actcache.sets.export:export_set", 6, None)],
+        6,
+        ["reading", "export: 100%", "4/4 [", "448 rows"],
+    ),
+    "gc": (["STORE"], [("actcache.sets.cleanup:find_garbage", 6, None)], 6, ["looking for what no set needs"]),
+    # a first probe loads the model (and torch): ACTCACHE_CACHE_DIR is empty, so nothing is remembered
+    "hooks": (["MODEL"], [("actcache.inputs.hooks:_probe_catalog", 4, None)], 4, ["to list its hooks", "hook_"]),
+}
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["verify", "diff"])
-def test_verify_and_diff_on_a_terminal_are_never_silent_for_more_than_5_s(command, extracted_set):
-    """verify and diff on a set whose 4 shards take 2 s each (injected: 8 s in all, and one shard could take
-    minutes on a real set): a bar with its total, redrawn while a shard takes long; no gap over 5 s."""
-    argv = [sys.executable, "-c", _SLOW_SHARDS, command, extracted_set] + ([extracted_set] if command == "diff" else [])
-    code, chunks = _pty_run(argv, _env(), timeout=120)
+@pytest.mark.parametrize("command", list(LONG_COMMANDS))
+def test_long_commands_on_a_terminal_are_never_silent_for_more_than_5_s(command, extracted_set, tmp_path, request):
+    """Each command that can take long, made slow where it waits (a listing, a model load: a status line; shards,
+    commits: a bar with its total, redrawn while one takes long): no gap over 5 s on a pseudo-terminal."""
+    import json
+    import shutil
+
+    args, slow, least_s, shown = LONG_COMMANDS[command]
+    names = {"SET": extracted_set, "TMP": str(tmp_path / "dest")}
+    if "COPY" in args or "STORE" in args:
+        names["STORE"] = str(tmp_path / "store")
+        names["COPY"] = shutil.copytree(extracted_set, tmp_path / "store" / Path(extracted_set).name)
+    if "REPO" in args:
+        names["REPO"] = request.getfixturevalue("hub").new_repo_id("pty")  # (it exports the fake hub's HF_*)
+    if "MODEL" in args:
+        names["MODEL"] = str(request.getfixturevalue("tiny_models")["gpt2"])
+    env = _env(ACTCACHE_TEST_SLOW=json.dumps(slow), ACTCACHE_CACHE_DIR=str(tmp_path / "cache"))
+    argv = [sys.executable, "-c", _SLOWED, command, *(str(names.get(a, a)) for a in args)]
+    code, chunks = _pty_run(argv, env, timeout=180)
     out = b"".join(c for _, c in chunks).decode("utf-8", "replace")
     assert code == 0, out[-3000:]
-    gaps = [b[0] - a[0] for a, b in zip(chunks, chunks[1:], strict=False)]
-    assert chunks[-1][0] - chunks[0][0] >= 8 and max(gaps) <= 5.0, (max(gaps), out[-3000:])
-    assert f"{command}: 100%" in out and "4/4 [" in out, out[-3000:]  # the bar, with its total
-    assert ("OK: 4 shards" if command == "verify" else "same: 4 shards compared") in out, out[-3000:]
+    start = next(i for i, (_, c) in enumerate(chunks) if b"(started)" in c)
+    times = [t for t, _ in chunks[start:]]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert times[-1] - times[0] >= least_s and max(gaps) <= 5.0, (max(gaps), out[-3000:])
+    for text in shown:
+        assert text in out, (text, out[-3000:])

@@ -16,6 +16,7 @@ from pathlib import Path
 import depscache
 import pytest
 import setwriter
+import torch
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
@@ -50,11 +51,25 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+SET = dict(shards=3, seqs=4, ctx=16, d=8, with_stats=True, with_moments=True, bos_scale=5)
+
+
 @pytest.fixture(scope="module")
 def train_set(tmp_path_factory) -> str:
     """A set with per-token moments (as extraction writes them) and BOS rows 5 times larger than the others."""
-    root = tmp_path_factory.mktemp("store")
-    return setwriter.write_set(root, shards=3, seqs=4, ctx=16, d=8, with_stats=True, with_moments=True, bos_scale=5)
+    return setwriter.write_set(tmp_path_factory.mktemp("store"), **SET)
+
+
+@pytest.fixture(scope="module")
+def mlp_out_set(tmp_path_factory) -> str:
+    """Another hook's set of ``train_set``'s tokens (its MLP's output, say): each row a fixed function of the same
+    row of ``train_set`` and of nothing else, so only rows read in line teach a transcoder anything."""
+    w = torch.randn(SET["d"], SET["d"], generator=torch.Generator().manual_seed(1))
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x.float() @ w).to(x.dtype)
+
+    return setwriter.write_set(tmp_path_factory.mktemp("store"), hook="blocks.0.hook_mlp_out", transform=mlp, **SET)
 
 
 def venv_beside(tmp: Path, trainer: str, wheel: Path) -> Path:
@@ -120,7 +135,30 @@ print("fvu", fvu, "untrained", before)
 """
 
 
-def test_sparsify_trains_from_a_set_beside_actcache(tmp_path, wheel, train_set):
+TRANSCODES = """
+import sys, torch, actcache
+from sparsify import SparseCoder
+
+coder = SparseCoder.load_from_disk(sys.argv[1])
+assert coder.cfg.transcode
+
+
+def rows(url):  # one set alone, in order: its rows line up with the other's by construction, not by the tuples
+    (x,) = actcache.ActivationDataset(url, batch_size=1 << 20, dtype=torch.float32, exclude_special_tokens=True,
+                                      drop_bos=True, normalize="scale")
+    return x
+
+
+x, y = rows(sys.argv[2]), rows(sys.argv[3])
+with torch.no_grad():
+    fvu, shifted = coder(x, y).fvu.item(), coder(x, y.roll(1, 0)).fvu.item()
+# Trained on tuples out of line, it could only learn the targets' mean (FVU about 1 on rows in line).
+assert fvu < 0.6 and shifted > 1.5 * fvu, (fvu, shifted)
+print("fvu", fvu, "against the next row's target", shifted)
+"""
+
+
+def test_sparsify_trains_from_a_set_beside_actcache(tmp_path, wheel, train_set, mlp_out_set):
     py = venv_beside(tmp_path, "eai-sparsify", wheel)
     out = tmp_path / "coder"
     recipe = str(ROOT / "docs" / "recipes" / "sparsify_train.py")
@@ -129,3 +167,12 @@ def test_sparsify_trains_from_a_set_beside_actcache(tmp_path, wheel, train_set):
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["actcache"]["sets"] == [train_set] and cfg["d_in"] == 8 and cfg["k"] == 4
     assert "fvu" in subprocess.run([str(py), "-c", LOADS, str(out), train_set], cwd=tmp_path, **RUN).stdout
+
+    # The transcoder path, in the same venv: MLP input to MLP output, two sets read as row-aligned tuples.
+    tc = tmp_path / "transcoder"
+    args = [train_set, str(tc), "--target", mlp_out_set, "--steps", "200", "--batch", "32", "--expansion", "4"]
+    run([str(py), recipe, *args, "-k", "4", "--dead-after", "64"], cwd=tmp_path)
+    cfg = json.loads((tc / "cfg.json").read_text())
+    assert cfg["transcode"] and cfg["actcache"]["sets"] == [train_set, mlp_out_set]
+    assert cfg["actcache"]["hooks"] == ["blocks.0.hook_resid_post", "blocks.0.hook_mlp_out"]
+    assert "fvu" in run([str(py), "-c", TRANSCODES, str(tc), train_set, mlp_out_set], cwd=tmp_path).stdout

@@ -20,6 +20,7 @@ def extract(
     config: Annotated[_Flags, Parameter(name="*")] = _Flags(),
     like: str | None = None,
     json_output: Json = False,
+    verbose: Annotated[bool, Parameter(negative=())] = False,
     flags_given: Annotated[frozenset[str], Parameter(parse=False)] = frozenset(),
 ) -> int:
     """Extract hook activations over a dataset; print each set's URL (reruns compute only what is missing).
@@ -34,6 +35,9 @@ def extract(
         at their recorded revisions, hook, tokenization, dtypes, codec, shard size) and --max-tokens; the flags
         given on this command line override them. Reproduces or extends a set in --store; without overrides, the
         result is checked to be the same set.
+    verbose
+        Also show Prefect's log lines on the console (each task run's state; they are always in Prefect's records).
+        Taken anywhere on the line, as --debug (`main` reads it before parsing).
     """
     from actcache.extras import require_extract
 

@@ -156,10 +156,12 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     set_url
         Set URL: `<store>/<set_id>`.
     """
+    from actcache import console
     from actcache.progress import Steps
 
-    s = flags.open_set(set_url)
-    with Steps("verify", "shard") as progress:
+    # Until the shards to hash are known (on S3 the set is opened and listed: seconds), a status line.
+    with console.status(f"reading {set_url}", terminal_only=True), Steps("verify", "shard") as progress:
+        s = flags.open_set(set_url)
         problems = s.verify(on_shard=lambda _: progress.advance(), on_total=progress.total)
     if json_output:
         _print_json(
@@ -241,6 +243,7 @@ def diff(
     b_aws_credentials_block
         Prefect AwsCredentials block for SET_B's store (default: --aws-credentials-block).
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets import diff as diff_mod
 
@@ -248,8 +251,8 @@ def diff(
         flags.storage_options if b_storage_options is None else b_storage_options,
         b_aws_credentials_block or flags.aws_credentials_block,
     )
-    a, b = flags.open_set(set_a), b_flags.open_set(set_b)
-    with Steps("diff", "shard") as progress:
+    with console.status(f"reading {set_a} and {set_b}", terminal_only=True), Steps("diff", "shard") as progress:
+        a, b = flags.open_set(set_a), b_flags.open_set(set_b)
         result = diff_mod.compare(
             a, b, atol=atol, rtol=rtol, on_shard=lambda _: progress.advance(), on_total=progress.total
         )
@@ -279,11 +282,12 @@ def stats(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = Sto
     set_url
         Set URL: `<store>/<set_id>`.
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets import stats as stats_mod
 
     # The bar starts once the shards are to be read: stats already in the manifest, or an error, show none.
-    with Steps("stats", "shard") as progress:
+    with console.status(f"reading {set_url}", terminal_only=True), Steps("stats", "shard") as progress:
         result = stats_mod.compute(flags.ref(set_url), on_shard=lambda _: progress.advance(), on_total=progress.total)
     print(json.dumps(result, indent=1) if json_output else stats_mod.summary(result, len(result["mean"] or [])))
     return 0

@@ -42,7 +42,7 @@ FLAG_NAMES = {"rows_per_shard": "--shard-rows"}
 def _global_flags(
     *tokens: Annotated[str, Parameter(show=False, allow_leading_hyphen=True)],
     debug: Annotated[bool, Parameter(negative=())] = False,
-    verbose: Annotated[bool, Parameter(negative=())] = False,
+    verbose: Annotated[bool, Parameter(negative=(), show=False)] = False,
 ) -> None:
     """Never called: it lists the flags every command takes in every option table (cyclopts shows a meta app's
     parameters under each command's help). ``main`` takes them out of the line before parsing.
@@ -53,7 +53,7 @@ def _global_flags(
         Print the whole chain of causes (tracebacks) before the one-line error; accepted anywhere before `--`. Also:
         ACTCACHE_TRACEBACK=1.
     verbose
-        Also show Prefect's log lines on the console (each task run's state; they are always in Prefect's records).
+        Shown under ``extract`` only, the one command that runs Prefect flows (see ``cli/extract.py``).
     """
 
 

@@ -45,11 +45,13 @@ def cp(
     dest_aws_credentials_block
         Prefect AwsCredentials block for the destination (default: the AWS chain).
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.copy import copy_set
 
     to = StoreFlags(dest_storage_options or {}, dest_aws_credentials_block).ref(dest)
-    with Steps("cp", "shard") as progress:
+    # Until the shards to copy are known (the source opened, the destination listed): a status line.
+    with console.status(f"comparing {src} with {dest}", terminal_only=True), Steps("cp", "shard") as progress:
         result = copy_set(
             flags.ref(src),
             to,
@@ -128,6 +130,7 @@ def shuffle(
     out_aws_credentials_block
         Prefect AwsCredentials block for the output store (default: the AWS chain).
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.shuffle import shuffle_set
 
@@ -137,13 +140,17 @@ def shuffle(
         from actcache.read.alignment import check_aligned
         from actcache.read.reader import open_set
 
-        check_aligned([open_set(src) for src in sources])
+        with console.status(f"reading {len(sources)} sets", terminal_only=True):
+            check_aligned([open_set(src) for src in sources])
     results = []
     for source in sources:
         target = None  # the source's store, with its options
         if out is not None or out_storage_options or out_aws_credentials_block:
             target = StoreFlags(out_storage_options or {}, out_aws_credentials_block).ref(out or source.split()[0].url)
-        with Steps("shuffle", "step") as progress:  # a spill file per source shard, then each output shard
+        with (
+            console.status(f"reading {source.url}", terminal_only=True),  # until the steps are known
+            Steps("shuffle", "step") as progress,  # a spill file per source shard, then each output shard
+        ):
             result = shuffle_set(
                 source,
                 out=target,
@@ -196,12 +203,14 @@ def export(
     format
         saelens: SAELens's cached activations (one row per sequence); hf: one row per token.
     """
+    from actcache import console
     from actcache.progress import Steps
     from actcache.sets.export import export_set
 
     options = exclude.options()
     urls, out = [set_url, out, *more][:-1], [set_url, out, *more][-1]  # export A B ... OUT
-    with Steps("export", "shard") as progress:
+    # Until the shards are known (the sets opened, the datasets library imported): a status line.
+    with console.status(f"reading {', '.join(urls)}", terminal_only=True), Steps("export", "shard") as progress:
         result = export_set(
             [flags.ref(u) for u in urls] if len(urls) > 1 else flags.ref(urls[0]),
             out,
@@ -288,9 +297,12 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
 
     if json_output and not yes:
         raise ActcacheError("--json cannot answer a confirmation prompt; add --yes")
+    from actcache import console
+
     store, name = flags.ref(set_url).split()
-    target = cleanup.find_set(store.open(), name)
-    entry = inventory.describe_set(target.store, name)
+    with console.status(f"listing {set_url}", terminal_only=True):  # ends before the question
+        target = cleanup.find_set(store.open(), name)
+        entry = inventory.describe_set(target.store, name)
     what = (
         f"{entry.state} set, {entry.model or '?'} {entry.hook or '?'}, "
         f"{'?' if entry.n_tokens is None else entry.n_tokens} tokens"
@@ -307,8 +319,6 @@ def rm(set_url: str, /, *, yes: Yes = False, json_output: Json = False, flags: S
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("not removed", file=sys.stderr)
             return 1
-    from actcache import console
-
     with console.status(f"removing {len(target.files)} files", terminal_only=True):
         cleanup.remove_set(target)
     if json_output:
@@ -347,8 +357,8 @@ def gc(
         raise ActcacheError(f"--older-than must be >= 0 hours, got {older_than}")
     from actcache import console
 
-    s = flags.store(store)
     with console.status(f"looking for what no set needs in {store}", terminal_only=True):
+        s = flags.store(store)
         report = cleanup.find_garbage(s, older_than * 3600)
         if yes:
             console.update_status(f"removing {len(report.items)} item(s)")

@@ -199,6 +199,7 @@ class Plan:
         r, cfg = self.resolved, self.config
         return {
             "model": r.model.describe(),
+            **({"model_config": w} if (w := r.model.config_witness()) else {}),
             "dataset": r.dataset.describe(),
             "tokenization": {
                 "tokenizer": r.tokenizer,

@@ -243,3 +243,11 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
         isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape) and math.prod(shape) == d
     ):
         raise ValueError(f"hook_shape {shape!r} does not multiply to d={d}")
+    from actcache.format.width import key_width
+
+    bound = key_width(key, m)
+    if bound is not None and d > bound:
+        raise ValueError(
+            f"d={d} is wider than a true shard of its key: {key.hook} of the key's model holds at most {bound} values "
+            "per token (forged or edited)"
+        )

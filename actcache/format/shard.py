@@ -60,16 +60,18 @@ def encode(
     return Encoded(data, len(raw), hashlib.sha256(data).hexdigest())
 
 
-def decode(data: bytes, *, codec: str, expect: Expect | None = None) -> dict[str, torch.Tensor]:
+def decode(data: bytes, *, codec: str, expect: Expect | None = None, cap: int | None = None) -> dict[str, torch.Tensor]:
     """Decode shard bytes; ``expect`` maps tensor name to (dtype, shape or None) and is enforced.
 
     With every shape given (as readers of a set do, from its key and manifest), the safetensors header is checked
     against ``expect`` before any tensor data is decompressed or loaded, and decompression stops at exactly the
     bytes those tensors fill: a crafted file or frame cannot make this allocate more than a true shard's size.
+    ``cap``: the most bytes a zstd shard may inflate to, where the set's key says (``ActivationSet.shard_cap``);
+    None: ``inflation_cap`` of its stored size.
     """
     bounded = expect if expect and all(shape is not None for _, shape in expect.values()) else None
     if codec in ("zstd", "shuffle-zstd"):
-        raw = _decompress_bounded(data, bounded) if bounded else _decompress(data)
+        raw = _decompress_bounded(data, bounded, cap) if bounded else _decompress(data, cap)
         return views(unshuffle(raw) if codec == "shuffle-zstd" else raw, expect)
     if codec != "none":
         raise ValueError(f"unknown codec {codec!r}")
@@ -181,10 +183,11 @@ def check(tensors: dict[str, torch.Tensor], expect: Expect | None) -> None:
 FREE_INFLATION = 64 << 20
 """Bytes a zstd shard may always inflate to, however small it is stored."""
 MAX_INFLATION = 32
-"""Above ``FREE_INFLATION``, a zstd shard may inflate to at most this many times its stored size (the environment
-variable ``ACTCACHE_MAX_INFLATION`` raises it). Activations are floats whose low bytes are noise: real shards
-compress 1.1-2x. A manifest (even a whole key: a set id is only a digest of it) can be written by anyone who hands
-you a set, so the widths it states bound nothing; what a shard really is stored as does."""
+"""Where a set's key vouches for no width (``format.width``: a hub model not in the local cache, a set written
+before manifests carried the model's config), a zstd shard may inflate above ``FREE_INFLATION`` to at most this many
+times its stored size (the environment variable ``ACTCACHE_MAX_INFLATION`` raises it). Activations are floats whose
+low bytes are noise: real shards compress 1.1-2x. A manifest's ``d`` can be resealed by anyone who hands you a set,
+so without the key's word the width it states bounds nothing; what a shard really is stored as does."""
 
 
 def inflation_cap(stored: int) -> int:
@@ -196,7 +199,14 @@ def inflation_cap(stored: int) -> int:
     return max(FREE_INFLATION, ratio * stored)
 
 
-def _check_inflation(size: int, stored: int) -> None:
+def _check_inflation(size: int, stored: int, key_cap: int | None = None) -> None:
+    if key_cap is not None:
+        if size > key_cap:
+            raise ValueError(
+                f"zstd frame of {stored} bytes inflates to {size} bytes, more than a true shard of the set's key "
+                f"({key_cap} bytes): a decompression bomb"
+            )
+        return
     cap = inflation_cap(stored)
     if size > cap:
         raise ValueError(
@@ -206,10 +216,10 @@ def _check_inflation(size: int, stored: int) -> None:
         )
 
 
-def _decompress_bounded(data: bytes, expect: Expect) -> bytearray:
+def _decompress_bounded(data: bytes, expect: Expect, key_cap: int | None = None) -> bytearray:
     """Decompress a shard's zstd frame header first: the header is checked against ``expect`` before the data,
     and exactly the bytes it then promises are read (a frame claiming or inflating to more is refused), and
-    never more than ``inflation_cap`` of the stored size."""
+    never more than ``key_cap`` (else ``inflation_cap`` of the stored size)."""
     import zstandard
 
     limit = 8 + HEADER_ALLOWANCE + sum(itemsize(dtype) * math.prod(shape or []) for dtype, shape in expect.values())
@@ -217,7 +227,7 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytearray:
         declared = zstandard.frame_content_size(data)
         if declared > limit:  # -1 when the frame does not say
             raise ValueError(f"zstd frame declares {declared} bytes, more than the expected tensors fill ({limit})")
-        _check_inflation(declared, len(data))
+        _check_inflation(declared, len(data), key_cap)
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
             head = read_exact(reader, 8)
             n = int.from_bytes(head, "little") if len(head) == 8 else 0
@@ -228,7 +238,7 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytearray:
             head += read_exact(reader, n)
             body_size = check_entries(parse(head, head), expect)
             total = len(head) + body_size
-            _check_inflation(total, len(data))  # before any tensor data is read: the header's word is enough
+            _check_inflation(total, len(data), key_cap)  # before any tensor data is read: the header's word is enough
             if declared not in (-1, total):
                 raise ValueError(f"zstd frame declares {declared} bytes, the shard's header {total}")
             out = bytearray(total)  # writable (tensors are views of it) and filled in place: no copy of the data
@@ -243,21 +253,21 @@ def _decompress_bounded(data: bytes, expect: Expect) -> bytearray:
     return out
 
 
-def _decompress(data: bytes) -> bytearray:
-    """Without expected shapes (an example set's vary): at most ``inflation_cap`` bytes are read."""
+def _decompress(data: bytes, key_cap: int | None = None) -> bytearray:
+    """Without expected shapes (an example set's vary): at most ``key_cap`` (else ``inflation_cap``) bytes are read."""
     import zstandard
 
-    cap = inflation_cap(len(data))
+    cap = inflation_cap(len(data)) if key_cap is None else key_cap
     try:
         declared = zstandard.frame_content_size(data)
-        _check_inflation(declared, len(data))
+        _check_inflation(declared, len(data), key_cap)
         with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False) as reader:
             parts, got = [], 0
             while chunk := reader.read(min(1 << 20, cap + 1 - got)):
                 parts.append(chunk)
                 got += len(chunk)
                 if got > cap:
-                    _check_inflation(got, len(data))
+                    _check_inflation(got, len(data), key_cap)
             out = bytearray().join(parts)  # writable: the tensors made from it are views
     except zstandard.ZstdError as e:
         raise ValueError(f"not a valid zstd frame ({e})") from e

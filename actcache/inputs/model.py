@@ -228,6 +228,21 @@ class ResolvedModel:
             "trust_remote_code": self.spec.trust_remote_code,
         }
 
+    def config_witness(self) -> dict[str, Any] | None:
+        """For a local folder: its config.json and the hashes its fingerprint combines, which let a reader check the
+        config against the set key and bound a shard by the hook's width (``format.width``); None for a hub model
+        (its commit sha names the config in the Hugging Face cache), or when they no longer give the fingerprint."""
+        if self.revision is not None or not os.path.isdir(self.source):
+            return None
+        from actcache.format.width import witness
+
+        def read() -> dict[str, Any] | None:
+            files = _local_files(self.source)
+            out = witness(self.source, files)
+            return out if out and "local:" + fingerprint.combine(files)[:40] == self.fingerprint else None
+
+        return _loaded(self, "witness", read)
+
     def check_unchanged(self) -> None:
         """Refuse to go on if a local directory's weights changed since this model was pinned.
 
@@ -321,10 +336,14 @@ def _first_line(e: BaseException) -> str:
     return hub.first_line(e)
 
 
-def _local_fingerprint(path: str) -> str:
+def _local_files(path: str) -> dict[str, str]:
+    """The sha256 of each file a local model's fingerprint covers (weights and config.json), by name."""
     files = sorted({f for g in _WEIGHT_GLOBS for f in glob.glob(os.path.join(path, g))})
-    parts = {os.path.basename(f): fingerprint.file_sha256(f) for f in files}
-    return "local:" + fingerprint.combine(parts)[:40]
+    return {os.path.basename(f): fingerprint.file_sha256(f) for f in files}
+
+
+def _local_fingerprint(path: str) -> str:
+    return "local:" + fingerprint.combine(_local_files(path))[:40]
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:

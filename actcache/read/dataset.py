@@ -23,13 +23,10 @@ shards, whatever the size of the set.
 from __future__ import annotations
 
 import atexit
-import math
 import threading
 import warnings
 import weakref
-from collections import deque
 from collections.abc import Iterator, Sequence
-from itertools import chain
 from typing import Any
 
 import torch
@@ -40,6 +37,7 @@ from actcache.format import moments
 from actcache.format.records import Record
 from actcache.read import example_rows
 from actcache.read.alignment import check_aligned
+from actcache.read.batches import BatchAssembly
 from actcache.read.chunks import _Chunk
 from actcache.read.dealing import Piece, _seed, deal
 from actcache.read.devices import _device, _on_device
@@ -78,7 +76,7 @@ def _close_open() -> None:
             pass
 
 
-class ActivationDataset(IterableDataset):
+class ActivationDataset(IterableDataset, BatchAssembly):
     """Batches of activations (and optionally token ids and positions) from the set at ``url``, local or S3.
 
     Args:
@@ -433,29 +431,6 @@ class ActivationDataset(IterableDataset):
             stop.set()
             chunks.close()  # type: ignore[attr-defined]
 
-    # -- making batches ---------------------------------------------------------------------------------
-    def _columns(self) -> list[str]:
-        extra = (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
-        kept = [f"column.{k}" for k in self.column_types] if self.with_columns else []
-        return self._acts() + extra + kept
-
-    def _column_dtypes(self) -> dict[str, torch.dtype]:
-        """The dtype of every column but the activations."""
-        out = {"tokens": torch.int32, "positions": torch.int64}
-        out.update({f"column.{k}": example_rows.column_dtype(t) for k, t in self.column_types.items()})
-        return out
-
-    def _acts(self) -> list[str]:
-        """The activation columns: ``acts`` for the first set, ``acts1``, ``acts2``, ... for the others."""
-        return ["acts"] + [f"acts{k}" for k in range(1, len(self.sets))]
-
-    def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
-        out = {c: self._empty((n, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
-        dtypes = self._column_dtypes()
-        for c in self._columns()[len(self.sets) :]:
-            out[c] = self._empty((n,), dtypes[c])
-        return out
-
     def _piece_rows(self, piece: Piece, r: Record, kept: torch.Tensor | None) -> slice | torch.Tensor:
         """The piece's rows of shard ``r``: a slice, or the indices of its kept rows (counted again: a shard
         whose kept rows differ from the scan's was rewritten meanwhile)."""
@@ -465,178 +440,6 @@ class ActivationDataset(IterableDataset):
         if len(index) != self.rows_per_shard[piece.shard]:
             raise ActcacheError(f"shard {r.index} of {self.set.url} changed while being read; restart reading")
         return index[piece.start : piece.stop]
-
-    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Memory for a batch: pinned if asked; in a DataLoader worker, shared memory from the start (as the
-        DataLoader's own collate does), so that handing it to the main process copies nothing."""
-        if get_worker_info() is None:
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
-        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
-
-    def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
-        plain = [c for c in self._columns() if not c.startswith("column.")]
-        if self.with_columns:
-            return (*(batch[c] for c in plain), self._column_values(batch))
-        if len(plain) == 1 and not self.several:  # a list of one set still yields tuples, as documented
-            return batch["acts"]
-        return tuple(batch[c] for c in plain)
-
-    def _column_values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[str]]:
-        """The kept columns of a batch: tensors as they are, string codes turned into their text."""
-        out: dict[str, torch.Tensor | list[str]] = {}
-        mask = (1 << example_rows.STRING_BITS) - 1
-        for name, kind in self.column_types.items():
-            t = batch[f"column.{name}"]
-            if kind == "str":
-                out[name] = [self._strings[c >> example_rows.STRING_BITS][name][c & mask] for c in t.tolist()]
-            else:
-                out[name] = t
-        return out
-
-    def _convert(self, k: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``dst[:] = src`` (rows of set ``k``) in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
-        norm = self._norms[k]
-        if norm is None:
-            dst.copy_(src)
-            return
-        factor, offset = norm
-        if dst.dtype == factor.dtype:  # float32 batches: cast, then in place (mixed dtypes into out=: 4-6x slower)
-            dst.copy_(src)
-            dst.mul_(factor)
-            if offset is not None:
-                dst.add_(offset)
-        elif offset is None:  # other batch dtypes: computed in float32, rounded once
-            torch.mul(src, factor, out=dst)
-        else:
-            torch.addcmul(offset, src, factor, out=dst)
-
-    def _direct(self, k: int = 0) -> bool:
-        """Whether gathered rows of set ``k`` can land in the batch as they are (no cast, no normalisation)."""
-        return self._norms[k] is None and self._dtypes[k] == self.sets[k].dtype
-
-    def _tmps(self, n: int) -> list[torch.Tensor | None]:
-        """Per set, room for ``n`` rows gathered before being cast or normalised (None where not needed)."""
-        return [None if self._direct(k) else torch.empty((n, x.d), dtype=x.dtype) for k, x in enumerate(self.sets)]
-
-    def _put_all(self, dst: dict[str, torch.Tensor], at: int, c: _Chunk, a: int, b: int, tmps: list) -> None:
-        """Rows ``[a, b)`` of piece ``c`` into rows ``at...`` of ``dst``: every set's activations, then the rest."""
-        for k, col in enumerate(self._acts()):
-            self._put(k, dst[col][at : at + b - a], c, a, b, tmps[k])
-        for col in self._columns()[len(self.sets) :]:
-            c.copy(c.column(col), a, b, dst[col][at : at + b - a])
-
-    def _put(self, k: int, dst: torch.Tensor, c: _Chunk, a: int, b: int, tmp: torch.Tensor | None) -> None:
-        """Rows ``[a, b)`` of set ``k`` in piece ``c`` into ``dst`` (batch rows), cast and normalised, in one pass
-        where possible."""
-        acts = c.acts[k]
-        if self._direct(k):
-            c.copy(acts, a, b, dst)
-        elif isinstance(c.rows, slice):
-            self._convert(k, dst, c.take(acts, a, b))
-        else:
-            self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))  # type: ignore[index]
-
-    @staticmethod
-    def _vouched(chunks: Iterator[_Chunk]) -> Iterator[_Chunk] | None:
-        """``chunks`` once its first piece is read (None if there is none): the widths buffers are sized by come
-        from the manifest, which anyone can write; a shard whose header agrees with them vouches for them first."""
-        first = next(chunks, None)
-        return None if first is None else chain([first], chunks)
-
-    def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
-        """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
-        vouched = self._vouched(chunks)
-        if vouched is None:
-            return
-        chunks = vouched
-        tmps = self._tmps(max(sizes, default=0))
-        sizes_left = deque(sizes)
-        batch, fill = None, 0
-        for c in chunks:
-            pos = 0
-            while pos < c.n and sizes_left:
-                if batch is None:
-                    batch, fill = self._new_batch(sizes_left[0]), 0
-                k = min(sizes_left[0] - fill, c.n - pos)
-                self._put_all(batch, fill, c, pos, pos + k, tmps)
-                fill, pos = fill + k, pos + k
-                if fill == sizes_left[0]:
-                    yield self._finish(batch)
-                    batch = None
-                    sizes_left.popleft()
-            del c  # the shard's memory goes now, not once the next one has arrived
-
-    def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
-        """Rows go once into a preallocated buffer, already cast (and normalised); when it is full, batches are
-        gathered from it in random order straight into their own memory. The rows left over that would make a
-        partial batch move to the front and are shuffled again with the next fill."""
-        cap = min(max(self.shuffle_buffer, self.batch_size), rows)
-        vouched = self._vouched(chunks)
-        if vouched is None:
-            return
-        chunks = vouched
-        block = self._take_block(cap)
-        try:
-            yield from self._shuffle_through(block, cap, chunks, sizes, g)
-        finally:
-            self._spare = block
-
-    def _take_block(self, cap: int) -> dict[str, torch.Tensor]:
-        """A shuffle buffer of ``cap`` rows: the previous iterator's when it is free and fits. Writing to fresh
-        memory costs page faults (on this project's VMs, more than the copy itself): keep it across epochs."""
-        spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
-        if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
-            return spare
-        block = {
-            c: torch.empty((cap, x.d), dtype=dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)
-        }
-        dtypes = self._column_dtypes()
-        for c in self._columns()[len(self.sets) :]:
-            block[c] = torch.empty(cap, dtype=dtypes[c])
-        return block
-
-    def _shuffle_through(
-        self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int], g: torch.Generator
-    ) -> Iterator[Any]:
-        tmps = self._tmps(self.batch_size)
-        sizes_left = deque(sizes)
-        fill = 0
-
-        def drain(final: bool) -> Iterator[Any]:
-            nonlocal fill
-            perm = torch.randperm(fill, generator=g)
-            at = 0
-            while sizes_left and fill - at >= sizes_left[0]:
-                n = sizes_left.popleft()
-                batch = self._new_batch(n)
-                for col in self._columns():
-                    torch.index_select(block[col], 0, perm[at : at + n], out=batch[col])
-                at += n
-                yield self._finish(batch)
-            rest = perm[at:]
-            if not final:  # fewer rows than a batch: to the front, to be shuffled again with the next fill
-                for t in block.values():
-                    t[: len(rest)] = t[rest]
-            fill = len(rest)
-
-        for c in chunks:
-            pos = 0
-            # Rows gathered to be cast or normalised are staged in ``tmp``, a batch at a time; any other piece goes
-            # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
-            # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
-            # floor in batch-sized steps, 0.75x in one).
-            staged = not isinstance(c.rows, slice) and not all(self._direct(k) for k in range(len(self.sets)))
-            step = self.batch_size if staged else cap
-            while pos < c.n:
-                k = min(cap - fill, c.n - pos, step)
-                self._put_all(block, fill, c, pos, pos + k, tmps)
-                fill, pos = fill + k, pos + k
-                if fill == cap:
-                    yield from drain(final=False)
-            del c  # the shard's memory goes now, not once the next one has arrived
-        if fill:
-            yield from drain(final=True)
 
 
 def _exclusions(s: ActivationSet, special: bool, explicit: Any) -> tuple[int, ...]:

@@ -103,7 +103,7 @@ def decode(s: ActivationSet, record: Record, data) -> dict[str, torch.Tensor]:
     from actcache.format import shard
 
     try:
-        t = shard.decode(data, codec=s.manifest["codec"], expect=expect(s, record))  # type: ignore[arg-type]
+        t = shard.decode(data, codec=s.manifest["codec"], expect=expect(s, record), cap=s.shard_cap(len(data)))  # type: ignore[arg-type]
         lengths = t["lengths"]
         ctx = s.context_size or 0
         if len(lengths) and not (int(lengths.min()) >= 1 and int(lengths.max()) <= ctx):

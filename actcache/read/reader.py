@@ -69,6 +69,11 @@ class ActivationSet:
             )
         rows = self.layout == "rows"
         self.d: int = m["d"]
+        from actcache.format.width import key_width
+
+        self.key_width = key_width(self.key, m)
+        """Values per token a true shard of the key holds (manifest.read checked ``d`` against it), or None when
+        nothing the key vouches for says: then a shard is bounded by its stored size (``shard.inflation_cap``)."""
         self.tokenization: dict[str, Any] = m.get("tokenization") or {}
         self.context_size: int | None = self.tokenization.get("context_size") if rows else self.key.tokens.context_size  # type: ignore[union-attr]
         """Tokens per sequence of the extraction (None for a rows set whose manifest does not say)."""
@@ -111,6 +116,36 @@ class ActivationSet:
             "tokens": ("int32", (record.n_seq, ctx)),
         }
 
+    def shard_cap(self, stored: int) -> int | None:
+        """The most bytes a shard stored in ``stored`` bytes may decode to: a true shard of the key's shape (at most
+        ``seqs_per_shard`` sequences of ``context_size`` rows of ``d`` values, as wide as the key allows), or None
+        where the key vouches for no width. An example set's text columns are not shaped by the key: for them the
+        stored-size bound (``shard.inflation_cap``) is added."""
+        if self.key_width is None or isinstance(self.key, ShuffleKey):
+            return None
+        from actcache.format.header import HEADER_ALLOWANCE, itemsize
+
+        rows = self.key.tokens.seqs_per_shard * self.key.tokens.context_size
+        per_row = self.d * itemsize(self.key.dtype) + 4  # activations and an int32 token id
+        cap = 8 + HEADER_ALLOWANCE + rows * per_row
+        if self.manifest.get("examples"):
+            from actcache.format.shard import inflation_cap
+
+            cap += self.key.tokens.seqs_per_shard * 8 * (2 + len(self.key.keep_columns.split(","))) + inflation_cap(
+                stored
+            )  # lengths, example indices, a number per kept column; text columns: by their stored size
+        return cap
+
+    def check_stored_size(self, record: records.Record) -> None:
+        """A shard whose record claims more stored bytes than a true shard of the key can take (zstd may add 1/128
+        and a few bytes) is damage, named before it is read: reading it would allocate what the record claims."""
+        cap = None if self.manifest.get("examples") else self.shard_cap(0)
+        if cap is not None and record.bytes > cap + (cap >> 7) + 4096:
+            raise DamagedFile(
+                f"shard {record.index} of {self.url} claims {record.bytes} stored bytes, more than a true shard of "
+                f"its key ({cap} bytes); rerun the extraction to repair it"
+            )
+
     def expect(self, record: records.Record) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """``tensor_specs`` with torch dtypes, as decoding checks them."""
         import torch  # here, not at the top: manifests, listings and checksums (ls, show, verify) need no torch
@@ -128,6 +163,7 @@ class ActivationSet:
                 "actcache.load_examples(url) or ActivationDataset(url, ...)"
             )
         rel = f"{self.set_id}/{record.file}"
+        self.check_stored_size(record)
         try:
             data = self.store.read_mapped(rel, size=record.bytes)
         except FileNotFoundError as e:
@@ -148,7 +184,12 @@ class ActivationSet:
                 "and rerun the extraction to repair it"
             )
         try:
-            t = shard.decode(data, codec=self.manifest["codec"], expect=self.expect(record))  # type: ignore[arg-type]
+            t = shard.decode(
+                data,  # type: ignore[arg-type]  # a mapped file reads as bytes
+                codec=self.manifest["codec"],
+                expect=self.expect(record),  # type: ignore[arg-type]
+                cap=self.shard_cap(len(data)),
+            )
         except Exception as e:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))

@@ -89,6 +89,7 @@ def copy_set(
         return None
 
     def copy_one(r: records.Record) -> int:
+        source.check_stored_size(r)  # a record claiming more than a true shard of the key: named, never read
         try:
             data = source.store.read_bytes(f"{set_id}/{r.file}", size=r.bytes)
         except FileNotFoundError as e:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from actcache.console import printable
 from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
 from actcache.format.manifest import scrub, stored_bytes
@@ -89,12 +90,33 @@ def _public(value: object) -> str:
     return text
 
 
+def _code(value: object) -> str:
+    """``value`` as one Markdown code span: whatever a manifest holds (another pusher's, a forged one) shows as text,
+    never as Markdown or HTML; a backtick inside gets a longer fence, control characters show as escapes."""
+    text = printable(str(value))
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"{fence}{text}{fence}"
+
+
+_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def _text(value: object) -> str:
+    """A manifest's number (or whatever stands in its place) as plain Markdown text: a string is escaped."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (bool, int)) or value is None:
+        return str(value)
+    text = printable(str(value)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_PUNCT.sub(r"\\\1", text)
+
+
 def _section(m: dict, repo_id: str) -> list[str]:
     """The card's lines about one set (its manifest ``m``)."""
     model, tok = m.get("model") or {}, m.get("tokenization") or {}
     st = m.get("stats") if isinstance(m.get("stats"), dict) else None
-    sid = m.get("set_id")
-    url = f"hf://datasets/{repo_id}/{sid}"
+    raw_sid = m.get("set_id")
+    sid, url = _code(raw_sid), _code(f"hf://datasets/{repo_id}/{raw_sid}")
     rows = m.get("layout") == "rows"
     shape = (
         (
@@ -106,29 +128,29 @@ def _section(m: dict, repo_id: str) -> list[str]:
     )
     dataset = m.get("dataset") or {}
     lines = [
-        f"## `{sid}`: {m.get('hook')} of {_public(model.get('name'))}",
+        f"## {sid}: {_code(m.get('hook'))} of {_code(_public(model.get('name')))}",
         "",
-        f"The hook `{m.get('hook')}` (layer {m.get('layer')}, d = {m.get('d')}) of `{_public(model.get('name'))}` "
-        f"(revision `{model.get('revision')}`, fingerprint `{model.get('fingerprint')}`), "
-        f"{m.get('n_tokens')} tokens in {m.get('n_shards')} shards, stored as {m.get('dtype')} "
-        f"(codec {m.get('codec')}). Read it as `{url}`.",
+        f"The hook {_code(m.get('hook'))} (layer {_text(m.get('layer'))}, d = {_text(m.get('d'))}) of "
+        f"{_code(_public(model.get('name')))} (revision {_code(model.get('revision'))}, fingerprint "
+        f"{_code(model.get('fingerprint'))}), {_text(m.get('n_tokens'))} tokens in {_text(m.get('n_shards'))} "
+        f"shards, stored as {_code(m.get('dtype'))} (codec {_code(m.get('codec'))}). Read it as {url}.",
         "",
-        f"- Dataset: `{_public(dataset.get('name', dataset.get('path')))}` "
-        f"(fingerprint `{dataset.get('fingerprint')}`); "
-        f"context size {tok.get('context_size')}, BOS prepended: {tok.get('prepend_bos')}, separator id "
-        f"{tok.get('separator_id')}.",
-        f"- Shards: plain safetensors files under `{sid}/shards/` holding {shape}; "
-        f"`{sid}/manifest.json` records the full provenance and every shard's sha256.",
+        f"- Dataset: {_code(_public(dataset.get('name', dataset.get('path'))))} "
+        f"(fingerprint {_code(dataset.get('fingerprint'))}); "
+        f"context size {_text(tok.get('context_size'))}, BOS prepended: {_text(tok.get('prepend_bos'))}, "
+        f"separator id {_text(tok.get('separator_id'))}.",
+        f"- Shards: plain safetensors files under {_code(f'{raw_sid}/shards/')} holding {shape}; "
+        f"{_code(f'{raw_sid}/manifest.json')} records the full provenance and every shard's sha256.",
     ]
     if rows:
         lines.append(
-            f"- Shuffled copy of set `{m['source']['set_id']}` with seed {m.get('seed')}; token ids left "
-            f"out: {m['excluded']['ids'] or 'none'}."
+            f"- Shuffled copy of set {_code(m['source']['set_id'])} with seed {_text(m.get('seed'))}; token ids "
+            f"left out: {_text(m['excluded']['ids'] or 'none')}."
         )
     if st and st.get("n"):
         lines.append(
-            f"- Normalisation: mean L2 norm {st['mean_norm']:.6g}, scale sqrt(d) / mean norm "
-            f"{st['scale']:.6g}; per-dimension mean and variance in `manifest.json` (`stats`)."
+            f"- Normalisation: mean L2 norm {_text(st.get('mean_norm'))}, scale sqrt(d) / mean norm "
+            f"{_text(st.get('scale'))}; per-dimension mean and variance in `manifest.json` (`stats`)."
         )
     return [*lines, ""]
 
@@ -141,7 +163,7 @@ def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
     ordered = [manifests[k] for k in sorted(manifests, key=str)]
     url = f"hf://datasets/{repo_id}/{s.set_id}"
     hooks = sorted({str(m.get("hook")) for m in ordered})
-    title = hooks[0] if len(hooks) == 1 else f"{len(ordered)} hooks"
+    title = _code(hooks[0]) if len(hooks) == 1 else f"{len(ordered)} hooks"
     lines = [
         "---",
         "tags:",
@@ -151,7 +173,7 @@ def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
         "viewer: false",
         "---",
         "",
-        f"# {title} activations of {_public((ordered[0].get('model') or {}).get('name'))}",
+        f"# {title} activations of {_code(_public((ordered[0].get('model') or {}).get('name')))}",
         "",
         f"{len(ordered)} actcache activation set{'s' if len(ordered) != 1 else ''}, each under its set id:",
         "",

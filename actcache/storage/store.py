@@ -625,8 +625,10 @@ class Store:
         except OSError as e:
             other = given_as.removeprefix("the ")  # "choose another destination store"
             if p != self.root:  # the store does not exist yet: it is what cannot be made (not the parent's fault)
+                # "not writable" only for a denied write: /proc answers ENOENT, which would read as a contradiction
+                why = "is not writable" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "takes no new files"
                 raise ActcacheError(
-                    f"cannot create store {self.url!r}: the nearest folder that exists, {p!r}, is not writable "
+                    f"cannot create store {self.url!r} ({other}): {p!r}, the nearest folder of it that exists, {why} "
                     f"({e.strerror}); choose another {other}"
                 ) from None
             raise ActcacheError(

@@ -8,7 +8,7 @@ mean), learning rate (2e-4 / sqrt(latents / 2**14)), unit-norm decoder and FVU l
     python docs/recipes/sparsify_train.py ./activations/<mlp_in> ./tc --target ./activations/<mlp_out>
 
 The saved folder loads with `SparseCoder.load_from_disk`; its cfg.json also names the set(s) it learned from.
-tests/test_trainers.py runs it with the wheel and `eai-sparsify` from PyPI.
+tests/test_trainers.py runs it, as an SAE and as a transcoder, with the wheel and `eai-sparsify` from PyPI.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import threading
+import time
 
 from actcache import progress
 from actcache.progress import Progress, Window
@@ -140,3 +141,25 @@ def test_off_a_terminal_a_long_step_still_gets_its_periodic_line(monkeypatch):
         steps.advance()
     lines = log_file.getvalue().splitlines()
     assert "cp: 0/2 shards" in lines and lines[-1] == "cp: 2/2 shards" and lines.count("cp: 2/2 shards") == 1, lines
+
+
+def test_a_stopped_window_waits_for_every_write_in_flight_and_reads_no_result():
+    ended = []
+
+    class Writing:
+        def __init__(self, i):
+            self.i = i
+
+        def wait(self):
+            time.sleep(0.05)
+            ended.append(self.i)
+
+        def result(self):
+            raise RuntimeError("a run being stopped reads no result")
+
+    seen = []
+    w = Window(3, on_result=seen.append)
+    for i in range(3):
+        w.add(Writing(i))
+    w.settle()
+    assert ended == [0, 1, 2] and not w.pending and seen == []

@@ -452,8 +452,9 @@ def test_malformed_shards_give_a_clear_error(config, local_set, tmp_path):
     assert (set_dir / layout.shard_file(0, "none")).read_bytes() == good
 
 
-def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
-    """The set re-encoded with codec zstd under its own (new) id: manifest sealed, records and totals right."""
+def _zstd_copy(local_set: Path, tmp_path: Path, *, zeros: bool = False) -> Path:
+    """The set re-encoded with codec zstd under its own (new) id: manifest sealed, records and totals right
+    (``zeros``: with every activation 0, as a hook whose values are constant gives)."""
     import hashlib
 
     src = copy_of(local_set, tmp_path)
@@ -463,7 +464,10 @@ def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
     set_dir = src.parent / m["set_id"]
     (set_dir / "shards").mkdir(parents=True)
     for r in m["shards"]:
-        data = shard.encode(shard.decode((src / r["file"]).read_bytes(), codec="none"), codec="zstd").data
+        tensors = shard.decode((src / r["file"]).read_bytes(), codec="none")
+        if zeros:
+            tensors["activations"] = torch.zeros_like(tensors["activations"])
+        data = shard.encode(tensors, codec="zstd").data
         r.update(file=layout.shard_file(r["index"], "zstd"), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         r["extra"]["set_id"] = m["set_id"]  # the records of this set, not of the one it was made from
         (set_dir / r["file"]).write_bytes(data)
@@ -472,14 +476,57 @@ def _zstd_copy(local_set: Path, tmp_path: Path) -> Path:
     return set_dir
 
 
+@pytest.mark.parametrize("model_config", ["kept", "dropped"])
+def test_a_true_set_that_compresses_far_better_than_activations_reads_by_its_keys_width(
+    local_set, tmp_path, monkeypatch, model_config
+):
+    """A hook whose values are constant compresses far more than activations do (1.1-2x). Where the key's model
+    config gives the hook's width, every shard is bounded by a true shard of the key, and reads with no environment
+    variable whatever its ratio; without the config, the stored-size bound (here scaled down with the shards:
+    64 MiB -> 1 KiB free, 32x -> 4x) refuses it as a bomb, as it did every such set."""
+    from actcache.read.dataset import ActivationDataset
+    from actcache.sets import stats
+
+    monkeypatch.setattr(shard, "FREE_INFLATION", 1 << 10)
+    monkeypatch.setattr(shard, "MAX_INFLATION", 4)
+    monkeypatch.delenv("ACTCACHE_MAX_INFLATION", raising=False)
+    set_dir = _zstd_copy(local_set, tmp_path, zeros=True)
+    m = json.loads((set_dir / layout.MANIFEST).read_text())
+    if model_config == "dropped":
+        del m["model_config"]
+    m.pop("stats", None), m.pop("moments", None)  # so that stats reads the shards
+    for r in m["shards"]:
+        r["extra"].pop("moments", None)
+    (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    raw = 4 * 32 * (32 * 2 + 4)  # 4 sequences x 32 tokens x (32 float16 + an int32 token id)
+    assert all(raw > 8 * r["bytes"] for r in m["shards"]), [r["bytes"] for r in m["shards"]]
+    s = open_set(str(set_dir))
+    if model_config == "dropped":
+        assert s.key_width is None
+        with pytest.raises(ActcacheError, match="shard 0 of .* unreadable .*decompression bomb"):
+            s.read(s.records[0])
+        return
+    assert s.key_width == 32  # blocks.N.hook_resid_post of a d_model = 32 model
+    assert all(not s.read(r).activations.any() for r in s.records)
+    assert sum(len(b) for b in ActivationDataset(str(set_dir), batch_size=16)) == s.n_tokens
+    assert stats.compute(str(set_dir))["mean_norm"] == 0.0
+
+
 BOMB = struct.pack("<I", 0xFD2FB528) + bytes([3 << 6, 10 << 3]) + struct.pack("<Q", 8 << 30) + bytes([1, 0, 0])
 
 
 @pytest.mark.parametrize(
     "case",
-    ["frame claims 8 GB", "n_seq edited beyond the key", "d edited in the manifest", "bomb behind a valid header"],
+    [
+        "frame claims 8 GB",
+        "n_seq edited beyond the key",
+        "d edited in the manifest",
+        "d edited, the model's config dropped",
+        "record claims 1 TiB stored",
+        "bomb behind a valid header",
+    ],
 )
-def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case):
+def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_set, tmp_path, case, capsys):
     """A zstd shard is a few bytes that may claim (or inflate to) any size, and a manifest may be edited and
     resealed: what bounds the output is the key (dtype, context, at most seqs_per_shard sequences) and the
     shard's own header, checked before any tensor data is decompressed."""
@@ -500,10 +547,28 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
         with pytest.raises(ActcacheError, match="claims 4194304 sequences.*allows 1..4 sequences"):
             open_set(str(set_dir))
         return
-    elif case == "d edited in the manifest":
+    elif case == "d edited in the manifest":  # the model's config (checked against the key) gives the hook's width
         m.update(d=1 << 28, hook_shape=[1 << 28])
         (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        wider = r"malformed \(d=268435456 is wider than a true shard of its key: .* at most 32 values per token"
+        with pytest.raises(ActcacheError, match=wider):
+            open_set(str(set_dir))
+        from actcache.cli.app import main
+
+        assert main(["verify", str(set_dir)]) != 0  # verify names it, in one last line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "d=268435456 is wider than a true shard of its key" in err[-1], err
+        return
+    elif case == "d edited, the model's config dropped":  # no width from the key: the shard's header must agree
+        m.update(d=1 << 28, hook_shape=[1 << 28])
+        del m["model_config"]
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
         expected = r"shard 0 of .* unreadable .*expected torch.float16\[4, 32, 268435456\]"
+    elif case == "record claims 1 TiB stored":  # on an object store, reading it would allocate what it claims
+        m["shards"][0]["bytes"] = 1 << 40
+        m["bytes"] = sum(r["bytes"] for r in m["shards"])
+        (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+        expected = r"shard 0 of .* claims 1099511627776 stored bytes, more than a true shard of its key \(\d+ bytes\)"
     else:  # the header is a true shard's; the rest of the frame inflates without end
         good = shard.decode((set_dir / m["shards"][0]["file"]).read_bytes(), codec="zstd")
         raw = shard.encode(good).data
@@ -516,6 +581,11 @@ def test_zstd_shards_cannot_make_a_reader_allocate_more_than_a_true_shard(local_
     s = open_set(str(set_dir))
     with pytest.raises(ActcacheError, match=expected):
         s.read(s.records[0])
+    if case == "record claims 1 TiB stored":  # cp reads shards as stored: named before it reads one too
+        from actcache.sets.copy import copy_set
+
+        with pytest.raises(ActcacheError, match=expected):
+            copy_set(str(set_dir), str(tmp_path / "copy"))
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 32 << 10  # KB: never the claimed size
 
 
@@ -551,11 +621,14 @@ print(json.dumps({"base_mb": base, "peak_mb": peak_mb(), "errors": out}))
 
 
 @pytest.mark.subprocess
-def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, tmp_path):
+@pytest.mark.parametrize("model_config", ["kept", "dropped"])
+def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, tmp_path, model_config):
     """The issue's forgery: a manifest resealed with a huge d and a shard whose header agrees, its data a few KB of
-    zstd that inflates to 1 GiB. Every field agrees with every other, so only what the shard is stored as tells:
-    read, ActivationDataset, export, shuffle and stats each refuse it in one line naming the bomb, and the
-    process's peak memory stays near what the imports cost (it was gigabytes)."""
+    zstd that inflates to 1 GiB. The key's model config (checked against its fingerprint) gives the hook's width:
+    every reader refuses the manifest in one line before reading a shard. Where the manifest carries no config
+    (dropped, or a set older than it), every field agrees with every other, so only what the shard is stored as
+    tells: read, ActivationDataset, export, shuffle and stats each refuse it in one line naming the bomb. Either
+    way the process's peak memory stays near what the imports cost (it was gigabytes)."""
     import zstandard
 
     from actcache.format import shardfile
@@ -578,6 +651,9 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
     data = b"".join(parts) + c.flush()
     assert len(data) < 256 << 10  # a few KB on disk, 1 GiB inflated
     m.update(d=d, hook_shape=[d])
+    assert m["model_config"]["files"]["config.json"]  # what the extraction wrote
+    if model_config == "dropped":
+        del m["model_config"]
     m.pop("stats", None), m.pop("moments", None)  # so that stats reads the shards
     for r in m["shards"]:
         r["extra"].pop("moments", None)
@@ -588,7 +664,10 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, err in got["errors"].items():
-        assert "decompression bomb" in err and "shard 0" in err and "\n" not in err, (name, err)
+        if model_config == "kept":
+            assert "d=4194304 is wider than a true shard of its key" in err and "\n" not in err, (name, err)
+        else:
+            assert "decompression bomb" in err and "shard 0" in err and "\n" not in err, (name, err)
     assert got["peak_mb"] - got["base_mb"] < 300, got  # a true shard of this set is 40 KB; the bomb 1 GiB
 
 
@@ -596,10 +675,11 @@ def test_a_forged_width_with_a_bomb_behind_it_costs_no_reader_memory(local_set, 
 def test_activation_dataset_sizes_no_buffer_by_a_width_no_shard_vouches_for(local_set, tmp_path, options):
     """ActivationDataset sized its shuffle buffer (and cast scratch) by the manifest's d before reading a shard:
     a resealed d = 2^30 was a raw allocator error for 1 TB. A first shard's header now vouches for d first, and
-    the error names the damage."""
+    the error names the damage. (Without the model's config: with it, ``open_set`` refuses such a d at once.)"""
     set_dir = copy_of(local_set, tmp_path)
     m = json.loads((set_dir / layout.MANIFEST).read_text())
     m.update(d=1 << 30, hook_shape=[1 << 30])
+    del m["model_config"]
     (set_dir / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
     from actcache.read.dataset import ActivationDataset
 

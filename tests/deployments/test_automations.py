@@ -97,8 +97,10 @@ def test_deploy_installs_the_lost_run_automation(automations, prefect_harness):
 
 
 def test_a_lost_fanout_is_run_again_with_its_parameters_and_one_more_resume(automations):
-    """The fanout deployment's trigger: on a Crashed run of extract-fanout, the same parameters, resumes + 1."""
+    """The fanout deployment's trigger: on a Crashed run of extract-fanout, the same parameters, resumes + 1, and
+    the lost run's id (the new run finalizes the task runs it left Running)."""
     import json
+    from uuid import UUID
 
     import yaml
     from prefect.events import DeploymentTriggerTypes
@@ -114,12 +116,14 @@ def test_a_lost_fanout_is_run_again_with_its_parameters_and_one_more_resume(auto
     assert trigger.parameters["__prefect_kind"] == "json"
 
     class Run:
+        id = UUID("7f3c5a8e-0d6b-4c1e-9a2f-3b4c5d6e7f80")
         parameters = {"config": {"max_tokens": 64, "store": "s3://b/x"}, "num_partitions": 3}
 
     first = json.loads(render_user_template_sync(template, {"flow_run": Run()}))
-    assert first == {**Run.parameters, "resumes": 1}
-    Run.parameters = first
-    assert json.loads(render_user_template_sync(template, {"flow_run": Run()}))["resumes"] == 2
+    assert first == {**Run.parameters, "resumes": 1, "lost_run_id": str(Run.id)}
+    Run.id, Run.parameters = UUID("0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5"), first
+    again = json.loads(render_user_template_sync(template, {"flow_run": Run()}))
+    assert again["resumes"] == 2 and again["lost_run_id"] == str(Run.id)
 
 
 def test_a_fanout_lost_too_often_is_not_resumed_again():

@@ -35,13 +35,12 @@ EVALUATION_SLACK_S = 45  # the server evaluates the automation every 5 s; heartb
 RELAUNCH_BUDGET_S = 240  # a partition run from Scheduled to Completed: process start, imports, model, shards
 STARTUP_BUDGET_S = 600  # a fan-out from its trigger to a partition mid-run: two runs' start-ups (busy machines)
 STALL = "extract.forward-done:2:hang"
-# A cancel: the parent asks its partitions to stop at its next poll (poll_s=1), then each worker stops its run's
-# process: SIGTERM, and SIGKILL after Prefect's grace of 30 s (hard-coded in its worker) when the process does not
-# end, as the stalled partition here does not. Issue 22 asks 30 s to final; that holds only where SIGTERM ends it.
-# Measured: asked 0.3 s, final 34.4 s; under a load of 12 on 2 cores the parent did not poll before its own run
-# was Cancelled (27.6 s), the server's cleanup loop asked (32.1 s) and all was final at 57.6 s. Bounds hold for both.
-CANCEL_ASKED_S = 40  # request -> every running partition Cancelling: the parent's poll, else the server's cleanup
-CANCEL_BOUND_S = 75  # request -> every run final: asked, then at most Prefect's 30 s kill grace, plus slack
+# A cancel: the parent asks its partitions to stop at its next poll (poll_s=1) or, at the latest, when its worker
+# stops its process (SIGTERM); each partition's worker then stops that run's process: SIGTERM, which ends a forward
+# pass where it is (the stalled one here too: see actcache.crashpoints), and SIGKILL only after Prefect's grace of
+# 30 s. Issue 22: 30 s from the request to every run final.
+CANCEL_ASKED_S = 25  # request -> every running partition Cancelling: the parent's poll or its SIGTERM
+CANCEL_BOUND_S = 30  # request -> every run final
 RESUME_BUDGET_S = 300  # a resumed fan-out, Scheduled to Completed: its start, tokens from the cache, 2 idle partitions
 
 
@@ -153,9 +152,9 @@ def stalled_partition(c, parent_id, store: Path):
     return None
 
 
-def reference_extraction(cluster: Cluster, store: Path) -> subprocess.Popen:
-    """The undisturbed run, by the CLI in its own process (a flow run here would tie this process's event sender
-    to a server the module stops), while a fan-out runs."""
+def cli_extraction(cluster: Cluster, store: Path) -> subprocess.Popen:
+    """``actcache extract`` of the module's options into ``store``, in its own process (a flow run here would tie
+    this process's event sender to a server the module stops)."""
     options = cluster.common | {"store": str(store)}
     args = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     return subprocess.Popen(
@@ -166,6 +165,70 @@ def reference_extraction(cluster: Cluster, store: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def set_folder(store: Path) -> Path:
+    [folder] = [p for p in store.iterdir() if not p.name.startswith("_")]
+    return folder
+
+
+def finished(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+
+@dataclass
+class QuietRun:
+    """The undisturbed extraction every fan-out's set must equal byte for byte: started once, by the first test
+    that needs it (while its fan-out runs), and shared by the module's tests."""
+
+    cluster: Cluster
+    store: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.proc = cli_extraction(self.cluster, self.store)
+
+    def set_folder(self) -> Path:
+        self.start()
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            finished(self.proc)
+        return set_folder(self.store)
+
+
+@pytest.fixture(scope="module")
+def quiet(cluster) -> QuietRun:
+    return QuietRun(cluster, cluster.root / "reference-store")
+
+
+def unfinished_task_runs(c, flow_runs) -> list[str]:
+    """The task runs not in a final state of those of ``flow_runs`` that have ended."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import TERMINAL_STATES, StateType
+
+    ended = {r.id: r for r in flow_runs if r.state.is_final()}
+    if not ended:
+        return []
+    tasks = c.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(ended))),
+        task_run_filter=TaskRunFilter(
+            state=TaskRunFilterState(
+                type=TaskRunFilterStateType(any_=[t for t in StateType if t not in TERMINAL_STATES])
+            )
+        ),
+    )
+    return [
+        f"{t.name} {t.state.name} (flow run {ended[t.flow_run_id].name} {ended[t.flow_run_id].state.name})"
+        for t in tasks
+    ]
 
 
 def fanout(cluster: Cluster, store: Path):
@@ -183,7 +246,9 @@ def api(cluster):
         yield c
 
 
-def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
+def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api, quiet):
+    """Cancel a fan-out while a partition is mid-shard: every run is final within 30 s, nothing half-written is
+    left, no task run stays Running, and a rerun completes the set byte-identical to a quiet run."""
     store = cluster.root / "cancelled-store"
     parent = fanout(cluster, store)
     run, _ = wait_for(
@@ -232,13 +297,23 @@ def test_cancelling_a_fanout_cancels_its_running_partitions(cluster, api):
     assert stalled.state.name == "Cancelled", (stalled.state.name, stalled.state.message)
     assert all(r.state.name in ("Cancelled", "Completed") for r in children)
     assert cluster.workers["gpu1"].poll() is None  # the worker stays up and frees its slot for the next run
+    # The stalled run ended its own way (SIGTERM: shards in flight stored whole, its task runs final), not killed.
+    assert not unfinished_task_runs(api, [parent_run, *children]), unfinished_task_runs(api, [parent_run, *children])
+    from actcache.format import layout
+
+    assert not [p for p in store.rglob("*") if layout.parse_temp(p.name)]  # no write cut off half way
+
+    quiet.start()
+    rerun = cli_extraction(cluster, store)  # what a user does next: the same extraction again
+    finished(rerun)
+    assert local_tree(set_folder(store)) == local_tree(quiet.set_folder())  # byte for byte, without timestamps
 
 
-def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
+def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api, quiet):
     """SIGKILL gpu1's worker with its flow-run process mid-partition (a lost node) and the control worker alone."""
     t_start = time.monotonic()
-    store, ref_store = cluster.root / "fanout-store", cluster.root / "reference-store"
-    reference = reference_extraction(cluster, ref_store)
+    store = cluster.root / "fanout-store"
+    quiet.start()
     parent = fanout(cluster, store)
     run, done_at_kill = wait_for(
         "a partition running on gpu1 (stalled after its first shard)",
@@ -301,10 +376,7 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
         i for i in owned if i not in done_at_kill
     ]
 
-    out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, out[-3000:]
-    [ref_set] = [p for p in ref_store.iterdir() if not p.name.startswith("_")]
-    [fan_set] = [p for p in store.iterdir() if not p.name.startswith("_")]
+    ref_set, fan_set = quiet.set_folder(), set_folder(store)
     assert fan_set.name == ref_set.name
     assert local_tree(fan_set) == local_tree(ref_set)  # byte for byte, manifests without their timestamps
 
@@ -323,7 +395,7 @@ def test_a_lost_node_is_detected_relaunched_and_the_set_completes(cluster, api):
     print(f"lost-worker e2e: whole test {time.monotonic() - t_start:.1f} s", flush=True)
 
 
-def test_a_lost_fanout_parent_is_resumed_and_the_set_completes(cluster, api):
+def test_a_lost_fanout_parent_is_resumed_and_the_set_completes(cluster, api, quiet):
     """SIGKILL the worker running the fan-out parent with the parent's flow-run process (its node is lost): the
     lost-run automation marks the parent Crashed, the fanout deployment's trigger runs it again, and the set
     completes byte-identical to a quiet run, nothing computed twice."""
@@ -340,8 +412,8 @@ def test_a_lost_fanout_parent_is_resumed_and_the_set_completes(cluster, api):
     spares = [server.start_worker(f"control-{n}", POOL, env, cluster.root, ("--work-queue", "control")) for n in "ab"]
     controls = {"control": cluster.workers["control"], "control-a": spares[0], "control-b": spares[1]}
 
-    store, ref_store = cluster.root / "resumed-store", cluster.root / "resumed-reference-store"
-    reference = reference_extraction(cluster, ref_store)
+    store = cluster.root / "resumed-store"
+    quiet.start()
     parent = fanout(cluster, store)
 
     def mid_fanout():  # the parent running with both partitions launched, one of them running
@@ -407,10 +479,14 @@ def test_a_lost_fanout_parent_is_resumed_and_the_set_completes(cluster, api):
     resumed_tasks = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in again])))
     assert not [t.name for t in resumed_tasks if t.name.startswith("extract-")]
 
-    out, _ = reference.communicate(timeout=300)
-    assert reference.returncode == 0, out[-3000:]
-    [ref_set] = [p for p in ref_store.iterdir() if not p.name.startswith("_")]
-    [fan_set] = [p for p in store.iterdir() if not p.name.startswith("_")]
+    ref_set, fan_set = quiet.set_folder(), set_folder(store)
     assert fan_set.name == ref_set.name
     assert local_tree(fan_set) == local_tree(ref_set)  # byte for byte, manifests without their timestamps
     assert gpu2.poll() is None
+    # Issue 22: no task run is left Running after its flow run ended, here or in the tests before (the resumed run
+    # finalized those of the lost parent, e.g. its wait-for-partitions).
+    lost_tasks = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent.id])))
+    assert [t for t in lost_tasks if t.name.startswith("wait-for-partitions") and t.state.name == "Crashed"], [
+        (t.name, t.state.name) for t in lost_tasks
+    ]
+    assert not unfinished_task_runs(api, api.read_flow_runs()), unfinished_task_runs(api, api.read_flow_runs())

@@ -89,7 +89,7 @@ CASES = [
     ("--dtype", "float8", "unsupported --dtype 'float8'; choose one of float32, float16, bfloat16"),
     ("--codec", "lz4", "unsupported --codec 'lz4'"),
     ("--store", "/sys/actcache-store", "not writable"),
-    ("--store", "/proc/nope", "cannot create store '/proc/nope': the nearest folder that exists, '/proc', is"),
+    ("--store", "/proc/nope", "'/proc/nope' (--store): '/proc', the nearest folder of it that exists, takes no new"),
     ("--store", _a_file, "is a file"),
     ("--storage-options", "{endpoint_url: x}", "--storage-options is not valid JSON"),
     ("--storage-options", "[1, 2]", "must be a JSON object"),

@@ -84,32 +84,50 @@ HEAVY = ("torch", "prefect", "transformers", "transformer_lens", "datasets", "nu
 
 @pytest.mark.subprocess
 def test_commands_that_read_the_manifest_import_nothing_heavy(extracted_set, tmp_path):
-    """ls, show, stats (its numbers already in the manifest), verify (hashes and headers), diff of identical sets
-    and every --help read JSON and bytes: no heavy import, so they answer in about the time Python takes to
-    start (a fraction of a second; figures in docs/performance.md)."""
+    """ls, show, stats (its numbers already in the manifest), verify (hashes and headers), diff of identical sets,
+    cp, rm and gc (bytes and listings), --version and every --help read JSON and bytes: no heavy import, so they
+    answer in about the time Python takes to start (a fraction of a second; figures in docs/performance.md). One
+    process runs them in turn: the first command after which a heavy module is loaded is the one that imports it."""
+    import json
     import shutil
     import subprocess
     import sys
 
     from actcache.sets import stats
 
-    url = str(tmp_path / Path(extracted_set).name)
+    url = str(tmp_path / "store" / Path(extracted_set).name)
     shutil.copytree(extracted_set, url)
     stats.compute(url)  # in the manifest from now on
-    for argv in (
-        ["ls", str(tmp_path)],
+    store = str(tmp_path / "store")
+    commands = ("extract", "hooks", "ls", "show", "verify", "diff", "stats", "cp", "rm", "gc", "shuffle", "export")
+    argvs = [
+        ["ls", store],
+        ["ls", "--json", store],
         ["ls", url],
         ["show", url],
+        ["show", "--json", "--shards", url],
         ["stats", url],
+        ["stats", "--json", url],
         ["verify", url],
+        ["verify", "--json", url],
         ["diff", url, extracted_set],
+        ["diff", "--json", url, extracted_set],
+        ["cp", url, str(tmp_path / "copy")],
+        ["gc", store],
+        ["rm", "--yes", str(tmp_path / "copy" / Path(url).name)],
+        ["--version"],
         ["--help"],
-        ["extract", "--help"],
-    ):
-        code = (
-            "import sys; from actcache.cli.app import main\n"
-            f"try: rc = main({argv!r})\nexcept SystemExit as e: rc = e.code or 0\n"
-            f"print(rc, [m for m in {HEAVY!r} if m in sys.modules])"
-        )
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert p.stdout.strip().splitlines()[-1] == "0 []", (argv, p.stdout[-2000:], p.stderr[-2000:])
+        *([c, "--help"] for c in (*commands, "push")),
+    ]
+    code = (
+        "import json, sys; from actcache.cli.app import main\n"
+        f"for argv in {argvs!r}:\n"
+        "    try: rc = main(argv)\n"
+        "    except SystemExit as e: rc = e.code or 0\n"
+        f"    print(json.dumps([argv, rc, [m for m in {HEAVY!r} if m in sys.modules]]), file=sys.stderr)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = [json.loads(line) for line in p.stderr.splitlines() if line.startswith("[[")]
+    assert [argv for argv, _, _ in done] == argvs, (p.stdout[-2000:], p.stderr[-2000:])
+    for argv, rc, heavy in done:
+        assert (rc, heavy) == (0, []), (argv, rc, heavy, p.stderr[-2000:])

@@ -61,3 +61,14 @@ def test_help_renders_every_choice_default_and_exit_code(capsys):
     from actcache.config import ExtractConfig
 
     assert [f.name for f in dataclasses.fields(ExtractConfig) if f"--{f.name.replace('_', '-')} " not in text] == []
+
+
+def test_verbose_is_offered_only_where_prefect_runs(capsys):
+    """--verbose shows Prefect's log lines: only extract runs flows, so only its help offers it."""
+    for command in ("ls", "show", "verify", "diff", "cp", "rm", "gc", "stats", "shuffle", "export", "push", "hooks"):
+        main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--verbose" not in out and "Prefect's log lines" not in out, (command, out)
+    main(["extract", "--help"])
+    out = capsys.readouterr().out
+    assert "--verbose" in out and "Prefect's log lines" in out, out

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from actcache.errors import ActcacheError
 from actcache.format import manifest
-from actcache.read import dataset
+from actcache.read import batches, dataset
 from actcache.read.dataset import ActivationDataset
 from actcache.read.reader import open_set
 from actcache.sets.copy import copy_set
@@ -137,6 +137,28 @@ def test_shuffled_batches_equal_the_reference_in_every_dtype(local_set, options,
         for (a32, t32, p32), (a16, t16, p16) in zip(wide, half, strict=True):
             assert a32.dtype == torch.float32 and torch.equal(a32, a16.float())
             assert torch.equal(t32, t16) and torch.equal(p32, p16)
+
+
+def test_a_shuffle_buffer_in_huge_pages_holds_the_same_rows(local_set, monkeypatch):
+    """A buffer asked for in huge pages (an anonymous mapping, as large buffers get) yields the batches of one in
+    torch's memory, cast and normalised the same, epoch after epoch (the mapping is kept for the next one)."""
+
+    def epochs(ds):
+        out = []
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            out.append(list(ds))
+        return out
+
+    options = dict(batch_size=50, shuffle_buffer=200, seed=3, dtype=torch.float32, normalize="scale")
+    plain = epochs(full(local_set, exclude_tokens=[0], **options))
+    monkeypatch.setattr(batches, "HUGE_MIN", 0)
+    ds = full(local_set, exclude_tokens=[0], **options)
+    mapped = epochs(ds)
+    assert ds._spare["acts"].untyped_storage().data_ptr() % 4096 == 0  # a mapping of its own, page-aligned
+    assert len(mapped) == len(plain) and all(len(a) == len(b) for a, b in zip(mapped, plain, strict=True))
+    for a, b in zip(sum(mapped, []), sum(plain, []), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):

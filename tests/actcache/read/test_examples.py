@@ -101,6 +101,10 @@ def _one_token_more(t):
     t["lengths"][0] += 1
 
 
+def _forty_thousand_examples(t):  # each example is padded to the context: 40,000 x 32 x d values from a few KB
+    t["lengths"] = torch.ones(40_000, dtype=t["lengths"].dtype)
+
+
 def _fewer_examples(t):
     for k in ("lengths", "example_index", "column.name.offsets"):
         t[k] = t[k][:-1]
@@ -112,8 +116,9 @@ def _fewer_examples(t):
         (_narrower, "shard tensor 'activations' is torch.float32[4, 1, 4], expected torch.float32[4, 1, 5]"),
         (_one_token_more, "its lengths add up to"),
         (_fewer_examples, "shard tensor 'lengths' is torch.int32[3], expected torch.int32[4]"),
+        (_forty_thousand_examples, "shard tensor 'lengths' is torch.int32[40000], expected torch.int32[4]"),
     ],
-    ids=["width", "lengths", "rows"],
+    ids=["width", "lengths", "rows", "padding bomb"],
 )
 def test_a_shard_header_unlike_its_manifest_is_damage_in_one_line(sets, tmp_path, change, expected):
     forged = _forge(sets["shuffle-zstd"], tmp_path, change)

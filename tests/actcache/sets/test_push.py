@@ -107,3 +107,23 @@ def test_the_card_describes_every_set_in_the_repo_and_no_local_path(extracted_se
     assert "2 actcache activation sets" in readme and "Shuffled copy of set" in readme
     assert "/tmp" not in readme and str(tmp_path) not in readme and "a local folder" in readme
     assert "pip install actcache" not in readme and "actcache[extract]" in readme
+
+
+def test_the_card_shows_manifest_fields_as_text_never_as_markdown_or_html(extracted_set):
+    """Another set's manifest in the repo is whoever pushed it: its names reach the card as text, not markup."""
+    from markdown_it import MarkdownIt
+
+    s = open_set(extracted_set)
+    forged = json.loads(json.dumps(s.manifest))
+    forged["set_id"] = "0" * 24
+    forged["hook"] = "blocks.1.hook_resid_post<img src=x onerror=alert(1)>"
+    forged["model"]["name"] = "org/m`` **bold** `x`"
+    forged["dataset"]["name"] = "d\n\n# injected heading\n<script>alert(2)</script>"
+    forged["n_tokens"] = "[link](javascript:alert(3)) <b>x</b>"
+    html = MarkdownIt("commonmark").render(push.card(s, "me/acts", [forged]))
+    for markup in ("<img", "<script", "<b>", "<strong>", "<h1>injected", 'href="javascript', "<a "):
+        assert markup not in html, (markup, html)
+    # the text itself is there, escaped, inside the lines it belongs to
+    assert "blocks.1.hook_resid_post&lt;img src=x onerror=alert(1)&gt;" in html, html
+    assert "org/m`` **bold** `x`" in html and "d\\n\\n# injected heading\\n&lt;script&gt;" in html, html
+    assert "[link](javascript:alert(3)) &lt;b&gt;x&lt;/b&gt; tokens" in html, html

@@ -1,0 +1,248 @@
+"""Batches out of the pieces a reader loads: in order (a batch may span pieces), or shuffled through one buffer
+that rows enter once, cast and normalised on the way in, and leave gathered in random order straight into each
+batch's own memory."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+from collections import deque
+from collections.abc import Iterator
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+
+from actcache.read import example_rows
+from actcache.read.chunks import _Chunk
+from actcache.read.reader import ActivationSet
+
+
+class BatchAssembly:
+    """The batch-making half of ``ActivationDataset`` (its base class): what the dataset's options say a batch
+    holds, and how rows get there. The attributes below are set by ``ActivationDataset.__init__``."""
+
+    sets: list[ActivationSet]
+    several: bool
+    batch_size: int
+    shuffle_buffer: int
+    pin_memory: bool
+    with_tokens: bool
+    with_positions: bool
+    with_columns: bool
+    column_types: dict[str, str]
+    _strings: dict[int, dict[str, list[str]]]
+    _dtypes: list[torch.dtype]
+    _norms: list[Any]
+    _spare: dict[str, torch.Tensor] | None
+
+    def _columns(self) -> list[str]:
+        extra = (["tokens"] if self.with_tokens else []) + (["positions"] if self.with_positions else [])
+        kept = [f"column.{k}" for k in self.column_types] if self.with_columns else []
+        return self._acts() + extra + kept
+
+    def _column_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype of every column but the activations."""
+        out = {"tokens": torch.int32, "positions": torch.int64}
+        out.update({f"column.{k}": example_rows.column_dtype(t) for k, t in self.column_types.items()})
+        return out
+
+    def _acts(self) -> list[str]:
+        """The activation columns: ``acts`` for the first set, ``acts1``, ``acts2``, ... for the others."""
+        return ["acts"] + [f"acts{k}" for k in range(1, len(self.sets))]
+
+    def _new_batch(self, n: int) -> dict[str, torch.Tensor]:
+        out = {c: self._empty((n, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
+        dtypes = self._column_dtypes()
+        for c in self._columns()[len(self.sets) :]:
+            out[c] = self._empty((n,), dtypes[c])
+        return out
+
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Memory for a batch: pinned if asked; in a DataLoader worker, shared memory from the start (as the
+        DataLoader's own collate does), so that handing it to the main process copies nothing."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # type: ignore[call-overload]
+
+    def _finish(self, batch: dict[str, torch.Tensor]) -> Any:
+        plain = [c for c in self._columns() if not c.startswith("column.")]
+        if self.with_columns:
+            return (*(batch[c] for c in plain), self._column_values(batch))
+        if len(plain) == 1 and not self.several:  # a list of one set still yields tuples, as documented
+            return batch["acts"]
+        return tuple(batch[c] for c in plain)
+
+    def _column_values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[str]]:
+        """The kept columns of a batch: tensors as they are, string codes turned into their text."""
+        out: dict[str, torch.Tensor | list[str]] = {}
+        mask = (1 << example_rows.STRING_BITS) - 1
+        for name, kind in self.column_types.items():
+            t = batch[f"column.{name}"]
+            if kind == "str":
+                out[name] = [self._strings[c >> example_rows.STRING_BITS][name][c & mask] for c in t.tolist()]
+            else:
+                out[name] = t
+        return out
+
+    def _convert(self, k: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst[:] = src`` (rows of set ``k``) in ``dst``'s dtype, normalised on the way (one pass over the rows)."""
+        norm = self._norms[k]
+        if norm is None:
+            dst.copy_(src)
+            return
+        factor, offset = norm
+        if dst.dtype == factor.dtype:  # float32 batches: cast, then in place (mixed dtypes into out=: 4-6x slower)
+            dst.copy_(src)
+            dst.mul_(factor)
+            if offset is not None:
+                dst.add_(offset)
+        elif offset is None:  # other batch dtypes: computed in float32, rounded once
+            torch.mul(src, factor, out=dst)
+        else:
+            torch.addcmul(offset, src, factor, out=dst)
+
+    def _direct(self, k: int = 0) -> bool:
+        """Whether gathered rows of set ``k`` can land in the batch as they are (no cast, no normalisation)."""
+        return self._norms[k] is None and self._dtypes[k] == self.sets[k].dtype
+
+    def _tmps(self, n: int) -> list[torch.Tensor | None]:
+        """Per set, room for ``n`` rows gathered before being cast or normalised (None where not needed)."""
+        return [None if self._direct(k) else torch.empty((n, x.d), dtype=x.dtype) for k, x in enumerate(self.sets)]
+
+    def _put_all(self, dst: dict[str, torch.Tensor], at: int, c: _Chunk, a: int, b: int, tmps: list) -> None:
+        """Rows ``[a, b)`` of piece ``c`` into rows ``at...`` of ``dst``: every set's activations, then the rest."""
+        for k, col in enumerate(self._acts()):
+            self._put(k, dst[col][at : at + b - a], c, a, b, tmps[k])
+        for col in self._columns()[len(self.sets) :]:
+            c.copy(c.column(col), a, b, dst[col][at : at + b - a])
+
+    def _put(self, k: int, dst: torch.Tensor, c: _Chunk, a: int, b: int, tmp: torch.Tensor | None) -> None:
+        """Rows ``[a, b)`` of set ``k`` in piece ``c`` into ``dst`` (batch rows), cast and normalised, in one pass
+        where possible."""
+        acts = c.acts[k]
+        if self._direct(k):
+            c.copy(acts, a, b, dst)
+        elif isinstance(c.rows, slice):
+            self._convert(k, dst, c.take(acts, a, b))
+        else:
+            self._convert(k, dst, c.take(acts, a, b, out=tmp[: b - a]))  # type: ignore[index]
+
+    @staticmethod
+    def _vouched(chunks: Iterator[_Chunk]) -> Iterator[_Chunk] | None:
+        """``chunks`` once its first piece is read (None if there is none): the widths buffers are sized by come
+        from the manifest, which anyone can write; a shard whose header agrees with them vouches for them first."""
+        first = next(chunks, None)
+        return None if first is None else chain([first], chunks)
+
+    def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
+        """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
+        vouched = self._vouched(chunks)
+        if vouched is None:
+            return
+        chunks = vouched
+        tmps = self._tmps(max(sizes, default=0))
+        sizes_left = deque(sizes)
+        batch, fill = None, 0
+        for c in chunks:
+            pos = 0
+            while pos < c.n and sizes_left:
+                if batch is None:
+                    batch, fill = self._new_batch(sizes_left[0]), 0
+                k = min(sizes_left[0] - fill, c.n - pos)
+                self._put_all(batch, fill, c, pos, pos + k, tmps)
+                fill, pos = fill + k, pos + k
+                if fill == sizes_left[0]:
+                    yield self._finish(batch)
+                    batch = None
+                    sizes_left.popleft()
+            del c  # the shard's memory goes now, not once the next one has arrived
+
+    def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
+        """Rows go once into a preallocated buffer, already cast (and normalised); when it is full, batches are
+        gathered from it in random order straight into their own memory. The rows left over that would make a
+        partial batch move to the front and are shuffled again with the next fill."""
+        cap = min(max(self.shuffle_buffer, self.batch_size), rows)
+        vouched = self._vouched(chunks)
+        if vouched is None:
+            return
+        chunks = vouched
+        block = self._take_block(cap)
+        try:
+            yield from self._shuffle_through(block, cap, chunks, sizes, g)
+        finally:
+            self._spare = block
+
+    def _take_block(self, cap: int) -> dict[str, torch.Tensor]:
+        """A shuffle buffer of ``cap`` rows: the previous iterator's when it is free and fits. Writing to fresh
+        memory costs page faults (on this project's VMs, more than the copy itself): keep it across epochs."""
+        spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
+        if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
+            return spare
+        block = {c: _huge((cap, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
+        dtypes = self._column_dtypes()
+        for c in self._columns()[len(self.sets) :]:
+            block[c] = torch.empty(cap, dtype=dtypes[c])
+        return block
+
+    def _shuffle_through(
+        self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int], g: torch.Generator
+    ) -> Iterator[Any]:
+        tmps = self._tmps(self.batch_size)
+        sizes_left = deque(sizes)
+        fill = 0
+
+        def drain(final: bool) -> Iterator[Any]:
+            nonlocal fill
+            perm = torch.randperm(fill, generator=g)
+            at = 0
+            while sizes_left and fill - at >= sizes_left[0]:
+                n = sizes_left.popleft()
+                batch = self._new_batch(n)
+                for col in self._columns():
+                    torch.index_select(block[col], 0, perm[at : at + n], out=batch[col])
+                at += n
+                yield self._finish(batch)
+            rest = perm[at:]
+            if not final:  # fewer rows than a batch: to the front, to be shuffled again with the next fill
+                for t in block.values():
+                    t[: len(rest)] = t[rest]
+            fill = len(rest)
+
+        for c in chunks:
+            pos = 0
+            # Rows gathered to be cast or normalised are staged in ``tmp``, a batch at a time; any other piece goes
+            # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
+            # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
+            # floor in batch-sized steps, 0.75x in one).
+            staged = not isinstance(c.rows, slice) and not all(self._direct(k) for k in range(len(self.sets)))
+            step = self.batch_size if staged else cap
+            while pos < c.n:
+                k = min(cap - fill, c.n - pos, step)
+                self._put_all(block, fill, c, pos, pos + k, tmps)
+                fill, pos = fill + k, pos + k
+                if fill == cap:
+                    yield from drain(final=False)
+            del c  # the shard's memory goes now, not once the next one has arrived
+        if fill:
+            yield from drain(final=True)
+
+
+HUGE_MIN = 1 << 22
+"""Bytes from which a shuffle buffer is asked for in huge pages (two 2 MiB pages: below that nothing to gain)."""
+
+
+def _huge(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """Room for a shuffle buffer, in huge pages where the kernel gives them on request (Linux, transparent huge
+    pages in "madvise" or "always" mode): batches are gathered from random rows all over the buffer, and with 4 KiB
+    pages nearly every row costs a TLB miss (the gathers took 20-30% less CPU in huge pages; bench/RESULTS.md)."""
+    size = math.prod(shape) * dtype.itemsize
+    if size < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # THP off: plain pages, as torch.empty gives
+        m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=dtype).view(shape)  # the tensor keeps the mapping alive

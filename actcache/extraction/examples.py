@@ -445,7 +445,7 @@ def extract(plan: Plan) -> list[str]:
     pos = parse(cfg.positions, cfg.context_size)
     rows = 1 if pos.kind == "all" else pos.n_rows(cfg.context_size)  # records count stored rows
     spans = [(lo, min(lo + sps, n)) for lo in range(0, n, sps)]
-    if n < cfg.target_seqs:  # the dataset ended first: remembered where the plan looks (``TokenCache.plan``)
+    if n < cfg.target_seqs and plan.computed:  # the dataset ended first: remembered where the plan looks
         store.write_json(f"{layout.tokens_dir(plan.tokens_key.id)}/{layout.END}", records.sealed({"n_seq": n}))
     # Shard i is encoded and stored by a writer thread while shard i + 1 runs through the model; at most one shard
     # waits there (memory: two shards), and a failure to store it is raised here, before the next is handed over.

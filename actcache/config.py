@@ -87,8 +87,8 @@ class ExtractConfig:
     """With --packing none: comma-separated scalar dataset columns (int, float, bool, str) stored beside the
     activations, one value per example (e.g. label,source)."""
     token_column: str = ""
-    """With --packing none: a column of token ids (pretokenized data, checked against the vocabulary) read instead
-    of tokenizing --text-column; empty: tokenize text."""
+    """A column of token ids (pretokenized data, checked against the vocabulary) read instead of tokenizing
+    --text-column, each row a document as its text would be (both packing modes); empty: tokenize text."""
     heads: str = ""
     """Heads kept of a hook with a head axis (attn.hook_z, hook_q, hook_k, hook_v, hook_result), as indices and
     slices (0,5,7 or 0:4); empty: all. Only they are computed into the shards (both packing modes)."""
@@ -182,10 +182,6 @@ class ExtractConfig:
                 raise ActcacheError(
                     f"{opt('positions')} {self.positions} needs one sequence per example: add "
                     f"{opt('packing', 'none')} (packed sequences store every position)"
-                )
-            if self.token_column.strip():
-                raise ActcacheError(
-                    f"{opt('token_column')} needs one sequence per example: add {opt('packing', 'none')}"
                 )
             if self.keep_columns.strip():
                 raise ActcacheError(

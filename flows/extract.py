@@ -21,7 +21,7 @@ from actcache.tasks.compress import compress
 from actcache.tasks.examples import extract_examples
 from actcache.tasks.extract import extract
 from actcache.tasks.manifest import progress_key, sets_message, summarize, write_manifest
-from actcache.tasks.plan import plan_extraction, recheck, skip_cached
+from actcache.tasks.plan import plan_extraction, recheck, reuse_stored, skip_cached
 from actcache.tasks.tokenize import tokenize
 from actcache.tasks.upload import upload
 
@@ -41,6 +41,7 @@ def extract_activations(
     skip_cached(plan)
     console.update_status("tokenizing the dataset")  # the command line's status line, where there is one
     work = tokenize(plan)
+    plan, work = reuse_stored(quote(plan), work)  # the same token ids, from text or a token column, stored already
     # quote: Prefect would otherwise walk the whole plan (every shard of every set) for each task's inputs,
     # a cost per task that grows with the set; the plan is passed as is.
     q = quote(plan)

@@ -29,3 +29,9 @@ def skip_cached(plan: Plan) -> State:
 def recheck(plan: Plan, last: bool) -> tuple[Plan, list[ShardWork]]:
     """The plan as the store is now, and this run's shards that are no longer done (see ``stages.recheck``)."""
     return stages.recheck(plan, last)
+
+
+@task(name="reuse-stored", cache_policy=NO_CACHE)
+def reuse_stored(plan: Plan, work: list[ShardWork]) -> tuple[Plan, list[ShardWork]]:
+    """Reuse a set that holds the same token ids read another way (text or a token column; ``stages.reuse_stored``)."""
+    return stages.reuse_stored(plan, work)

@@ -278,6 +278,15 @@ def _token_ids(value: Any, row: int, column: str, vocab: int | None) -> list[int
     return value
 
 
+def token_docs(source: sources.Source, column: str, vocab: int | None) -> Iterator[list[int]]:
+    """The documents of ``column`` as token ids, in dataset order, each checked (``_token_ids``); rows with no ids
+    are skipped, as rows with no text are: what ``--packing concat`` packs instead of tokenized texts."""
+    for n, value, _ in read_rows(source, (), column):
+        ids = _token_ids(value, n, column, vocab)
+        if ids:
+            yield ids
+
+
 def _check_lengths(ex: Examples, pos: Positions, bos: bool) -> None:
     """Refuse an example too short for ``pos`` (naming it), before any forward pass."""
     if pos.kind == "list":
@@ -436,7 +445,7 @@ def extract(plan: Plan) -> list[str]:
     pos = parse(cfg.positions, cfg.context_size)
     rows = 1 if pos.kind == "all" else pos.n_rows(cfg.context_size)  # records count stored rows
     spans = [(lo, min(lo + sps, n)) for lo in range(0, n, sps)]
-    if n < cfg.target_seqs:  # the dataset ended first: remembered where the plan looks (``TokenCache.plan``)
+    if n < cfg.target_seqs and plan.computed:  # the dataset ended first: remembered where the plan looks
         store.write_json(f"{layout.tokens_dir(plan.tokens_key.id)}/{layout.END}", records.sealed({"n_seq": n}))
     # Shard i is encoded and stored by a writer thread while shard i + 1 runs through the model; at most one shard
     # waits there (memory: two shards), and a failure to store it is raised here, before the next is handed over.

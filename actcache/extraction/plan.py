@@ -13,10 +13,11 @@ hook is its own set with its own key, and they share the token shards and the fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -285,6 +286,28 @@ class Plan:
     def token_cache(self) -> TokenCache:
         return TokenCache(self.store, self.tokens_key, self.resolved.vocab_size)
 
+    def documents(self) -> tuple[Callable[[], Iterable[Any]], Any]:
+        """What the token cache packs: (the dataset's texts, the tokenizer), or with ``--token-column`` (each row's
+        token ids, checked against the vocabulary, None): the same ids pack into the same sequences."""
+        r, column = self.resolved, self.config.token_column
+        if not column:
+            return r.dataset.texts, r.model.tokenizer
+        from actcache.extraction.examples import token_docs
+
+        return functools.partial(token_docs, r.dataset, column, r.vocab_size), None
+
+    def check_documents(self) -> None:
+        """Fail, in one line, unless the dataset has a document to pack (text, or ids in ``--token-column``)."""
+        if not self.config.token_column:
+            self.resolved.dataset.check()
+            return
+        texts, _ = self.documents()
+        for _ in texts():
+            return
+        raise ActcacheError(
+            f"dataset {self.resolved.dataset.label!r} has no token ids in column {self.config.token_column!r}"
+        )
+
     def load_model(self) -> None:
         """What ``make_plan(load_model=True)`` adds, for a plan made without: the device checked and, when there is
         work, the memory its shards need checked and the weights loaded (the extract task finds them loaded)."""
@@ -360,12 +383,9 @@ def make_plan(
         **examples_tokens_fields(cfg),
     )
     tokens = TokenCache(store, tkey)
-    scan = tokens.scan()
-    shards = tokens.plan(cfg.target_seqs, scan)
-    if cfg.packing == "concat" and not all(scan.is_done(w.index, w.n_seq) for w in shards):
-        # Text will be read: make sure there is some (stored tokens need none, nor the hub). One example per
-        # sequence: ``examples.prepare`` reads and checks every row instead.
-        r.dataset.check()
+    tscan = tokens.scan()
+    shards = tokens.plan(cfg.target_seqs, tscan)
+    text_needed = cfg.packing == "concat" and not all(tscan.is_done(w.index, w.n_seq) for w in shards)
     sets = []
     for hook in cfg.hooks:
         key = SetKey(
@@ -385,11 +405,19 @@ def make_plan(
         scan.bounds = records.Bounds.of(key, d=math.prod(hook_selection(cfg, hook, shape).kept_shape))
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
+    if text_needed:
+        # Text will be read: make sure there is some (stored tokens need none, nor the hub). One example per
+        # sequence: ``examples.prepare`` reads and checks every row instead.
+        plan.check_documents()
     if cfg.packing == "none" and plan.has_missing:
         from actcache.extraction import examples, reuse
 
         ex = examples.prepare(plan, cfg.target_seqs)  # columns and lengths checked before Prefect starts (kept)
         plan = reuse.stored(plan, ex)  # a set that holds the same token ids (read another way) is not computed again
+    elif plan.has_missing and shards.known:  # packed, its token shards stored: the same check as after tokenizing
+        from actcache.extraction import reuse
+
+        plan = reuse.packed(plan, tscan)
     if plan.has_missing:  # a complete set reads from a read-only store: only work to do needs a writable one
         store.check_writable()
     if load_model:
@@ -398,9 +426,10 @@ def make_plan(
 
 
 def examples_tokens_fields(cfg: ExtractConfig) -> dict[str, Any]:
-    """The token key's fields for one sequence per example (none for packed sets: their ids stay the same)."""
+    """The token key's fields for one sequence per example, and ``token_column`` (none for packed sets from text:
+    their ids stay the same)."""
     if cfg.packing != "none":
-        return {}
+        return {"token_column": cfg.token_column} if cfg.token_column else {}
     return {"packing": "none", "truncate": cfg.truncate, "token_column": cfg.token_column}
 
 

@@ -26,9 +26,10 @@ from actcache.errors import Failure
 from actcache.extraction import environment, handles, memory
 from actcache.extraction.plan import Plan, make_plan
 from actcache.extraction.refs import ActivationsRef, PackedRef
-from actcache.extraction.tokens import ShardWork
-from actcache.format import layout, manifest, moments, records, shard, shardfile
+from actcache.extraction.tokens import ShardWork, TokenCache
+from actcache.format import content, layout, manifest, moments, records, shard, shardfile
 from actcache.format.commit import Points, Shard, commit
+from actcache.format.key import SetKey
 from actcache.inputs.model import hook_layer
 from actcache.read.exclude import special_ids
 
@@ -146,13 +147,23 @@ def tokenize(plan: Plan) -> list[ShardWork]:
     r = plan.resolved  # the pinned dataset and tokenizer: the dataset name is not looked up again
     shards = plan.token_cache().ensure(
         cfg.target_seqs,
-        r.dataset.texts,
-        r.model.tokenizer,
+        *plan.documents(),
         r.separator_id,
         r.bos_id,
         check=None if cfg.verify_existing else feeds,
     )
     return [w for w in shards if plan.todo(w)]
+
+
+def reuse_stored(plan: Plan, work: list[ShardWork]) -> tuple[Plan, list[ShardWork]]:
+    """After ``tokenize``: the plan with each set whose token ids another complete set of the store holds (read
+    from text or ``--token-column``: ``extraction.reuse``) reused, and the work left."""
+    if not work:
+        return plan, work
+    from actcache.extraction import reuse
+
+    found = reuse.packed(plan)
+    return (plan, work) if found is plan else (found, [w for w in work if found.todo(w)])
 
 
 # -- 2. extract ------------------------------------------------------------------------------------------
@@ -307,15 +318,36 @@ def write_manifest(plan: Plan) -> list[str]:
         _finished.put(plan)
         return urls
     store = plan.store
-    for s in plan.sets:
+    tokens = plan.token_cache()
+    for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
         m = build_manifest(plan, s, scan)
-        if manifest.unchanged(scan.consolidated, m):
-            continue
-        commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
+        cid = _content_id(tokens, s.key, m, scan.consolidated or {})
+        if cid:
+            m[content.MANIFEST_FIELD] = cid
+        if not manifest.unchanged(scan.consolidated, m):
+            commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
+        if cid and m["complete"] and content.lookup(store, cid) is None:  # after the manifest, as for examples
+            crashpoints.point("content.before-index")
+            content.index(store, cid, s.set_id)
+        old = (scan.consolidated or {}).get(content.MANIFEST_FIELD)
+        if old and old != cid:  # extended: its former content is not held any more (the entry would be ignored)
+            content.drop(store, old, s.set_id)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
+
+
+def _content_id(tokens: TokenCache, key: SetKey, m: dict[str, Any], previous: dict[str, Any]) -> str | None:
+    """A complete packed set's content id (``format.content``): its key with the token ids of the shards it holds
+    (all of them, whatever this run's target) in place of where they came from."""
+    if not m["complete"]:
+        return None
+    digest = tokens.digest(ShardWork(r["index"], r["n_seq"]) for r in m["shards"])
+    if digest is None:  # the token cache is gone (a copied set): the previous id, for the same shards
+        same = previous.get("shards") == m["shards"]
+        return previous.get(content.MANIFEST_FIELD) if same else None
+    return content.content_id(key, digest)
 
 
 # -- one sequence per example (--packing none) -------------------------------------------------------------
@@ -336,7 +368,7 @@ def run_sequential(target: Plan | ExtractConfig) -> list[str]:
     p = target if isinstance(target, Plan) else plan(target)
     if p.config.packing == "none":
         return extract_examples(p)
-    work = tokenize(p)
+    p, work = reuse_stored(p, tokenize(p))
     for round_ in range(1, ROUNDS + 1):
         for w in work:
             for acts in extract(p, w):

@@ -242,10 +242,23 @@ class TokenCache:
         sps = self.key.seqs_per_shard
         return ShardRange(len(wanted) * sps if avail is None else min(len(wanted) * sps, avail), sps)
 
+    def digest(self, shards: Iterable[ShardWork], scan: records.Scan | None = None) -> str | None:
+        """The token ids ``shards`` read, as a digest of their token shards' checksums (recorded with the cache) and
+        the sequences each activation shard takes: equal for the same ids however they were read (text or
+        ``--token-column``). None unless all are stored."""
+        recs = (scan or self.scan()).records
+        h = hashlib.sha256()
+        for w in shards:
+            r = recs.get(w.index)
+            if r is None or r.n_seq < w.n_seq:
+                return None
+            h.update(f"{w.index}:{w.n_seq}:{r.sha256};".encode())
+        return h.hexdigest()
+
     def ensure(
         self,
         target_seqs: int,
-        texts: Callable[[], Iterable[str]],
+        texts: Callable[[], Iterable[Any]],
         tokenizer,
         sep: int | None,
         bos: int | None,
@@ -254,6 +267,9 @@ class TokenCache:
         on_shard=None,
     ) -> ShardRange:
         """Make sure sound token shards exist up to ``target_seqs``; return the true activation shard sizes.
+
+        ``tokenizer`` None: ``texts`` yields each document's token ids already (``--token-column``), packed exactly
+        as the same ids tokenized from text would be.
 
         ``check(index)``: whether token shard ``index`` is re-hashed before it is trusted (those the run feeds to
         the model); None re-hashes every one (--verify-existing).
@@ -303,12 +319,12 @@ class TokenCache:
         return ShardRange(min(target_seqs, produced), self.key.seqs_per_shard)
 
     def _shards(
-        self, texts: Iterable[str], tokenizer, sep: int | None, bos: int | None, goal: int
+        self, texts: Iterable[Any], tokenizer, sep: int | None, bos: int | None, goal: int
     ) -> Iterator[list[list[int]]]:
         """The token shards' sequences in order, up to ``goal`` sequences or the end of the data."""
         k = self.key
         seqs = pack(
-            tokenize_docs(texts, tokenizer, whole=False),
+            texts if tokenizer is None else tokenize_docs(texts, tokenizer, whole=False),
             context_size=k.context_size,
             bos=bos,
             separator=sep,

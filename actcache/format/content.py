@@ -2,8 +2,9 @@
 
 A set's id is the digest of its key, and the key names the inputs (dataset, tokenizer, text or token column):
 the same token ids read two ways give two ids. Once an extraction knows its token ids (``--packing none``:
-``extraction.examples.prepare``), its *content key* names what the bytes depend on: the set key with those input
-fields replaced by the digest of what the shards hold besides activations (``Examples.digest``). The index maps a
+``extraction.examples.prepare``; packed: its token shards, once stored), its *content key* names what the bytes
+depend on: the set key with those input fields replaced by the digest of what the shards hold besides
+activations (``Examples.digest``; packed: ``TokenCache.digest``, the token shards' checksums). The index maps a
 content key to the set that holds its bytes, one small sealed file each::
 
     <store>/_content/<content_id>.json    {"content_id": ..., "set_id": ...}
@@ -31,7 +32,7 @@ INPUT_FIELDS = ("dataset", "tokenizer", "text_column", "token_column", "truncate
 """The token key's fields that say where the ids came from: the content key has the ids' digest instead."""
 
 MANIFEST_FIELD = "content_id"
-"""Where an example set's manifest (its ``examples`` object) names its content id."""
+"""Where an example set's manifest (its ``examples`` object), or a packed set's (at the top), names its content id."""
 
 _ID_RE = re.compile(r"^c[0-9a-f]{24}\Z")
 
@@ -60,7 +61,8 @@ def lookup(store: Store, cid: str) -> str | None:
         raise  # the store failed, not the entry
     except ActcacheError:
         return None  # removed, damaged or unfinished: computed again, and the entry replaced
-    return set_id if m.get("complete") and (m.get("examples") or {}).get(MANIFEST_FIELD) == cid else None
+    held = m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    return set_id if m.get("complete") and held == cid else None
 
 
 def index(store: Store, cid: str, set_id: str) -> None:
@@ -68,3 +70,14 @@ def index(store: Store, cid: str, set_id: str) -> None:
     if not _ID_RE.match(cid):
         raise ValueError(f"not a content id: {cid!r}")
     store.write_json(layout.content_entry(cid), records.sealed({"content_id": cid, "set_id": set_id}))
+
+
+def drop(store: Store, cid: str, set_id: str) -> None:
+    """Remove content ``cid``'s entry where it points at ``set_id`` (whose content has changed since: extended)."""
+    rel = layout.content_entry(cid)
+    try:
+        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
+    except (FileNotFoundError, ValueError):
+        return
+    if entry.get("set_id") == set_id:
+        store.remove([rel])

@@ -70,6 +70,7 @@ def settings(m: dict[str, Any]) -> dict[str, Any]:
             "hook": m["hook"],
             "dataset": data["path"],
             "text_column": data["text_column"],
+            "token_column": tokens.get("token_column", ""),
             "context_size": tokens["context_size"],
             "prepend_bos": tokens["prepend_bos"],
             "separator": m["tokenization"]["separator"],

@@ -283,11 +283,6 @@ def test_bad_selection_gives_one_line_and_writes_nothing(tiny_models, corpus, tm
     assert not any((tmp_path / "s").rglob("*.safetensors"))
 
 
-def test_a_token_column_with_packed_sequences_is_refused():
-    with pytest.raises(ActcacheError, match="token_column needs one sequence per example"):
-        ExtractConfig(token_column="ids")
-
-
 # -- pretokenized input ----------------------------------------------------------------------------------
 def test_a_token_column_gives_the_activations_of_the_same_text(tiny_models, labelled, tmp_path):
     from transformers import AutoTokenizer

@@ -178,7 +178,8 @@ def test_json_show_and_ls_say_which_set_was_reused(tiny_models, inputs, tmp_path
     assert [s["content_id"] for s in json.loads(capsys.readouterr().out)["sets"]] == [cid]
 
 
-def test_on_s3_the_column_reuses_the_text_set(tiny_models, inputs, s3_server, s3_env, monkeypatch):
+def test_on_s3_the_column_reuses_the_text_set(tiny_models, inputs, s3_server, s3_env, monkeypatch, prefect_harness):
+    """With a Prefect API (the flow runs even when nothing is missing, to record the run) as without one."""
     text, ids = inputs
     bucket = s3_server.new_prefix()
     (url,) = examples.extract(make_plan(_config(tiny_models, text, bucket, positions="mean")))

@@ -82,6 +82,18 @@ def settings(m: dict[str, Any]) -> dict[str, Any]:
         }
         if m["codec"] != "none":
             out["codec_level"] = m["codec_level"]
+        # What an example set or a selection adds to the key (each absent at its default, as in the key).
+        key = m["key"]
+        out.update(
+            packing=tokens.get("packing", "concat"),
+            truncate=tokens.get("truncate", "right"),
+            positions=key.get("positions", "all"),
+            keep_columns=key.get("keep_columns", ""),
+            heads=key.get("heads", ""),
+            dims=key.get("dims", ""),
+        )
+        if "examples" in m:  # target_tokens counts stored rows there; the plan counts examples of a context each
+            out["max_tokens"] = m["examples"]["n_examples"] * tokens["context_size"]
         if "files" not in data:  # a hub dataset, by name, at the commit it was resolved to
             out.update(
                 dataset_config=data.get("config"),

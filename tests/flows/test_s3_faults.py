@@ -76,7 +76,7 @@ def reference(config, tmp_path_factory) -> dict[str, bytes]:
 
 
 def set_id_of(files: dict[str, bytes]) -> str:
-    return next(rel.split("/")[0] for rel in files if not rel.startswith(layout.TOKENS_ROOT))
+    return next(rel.split("/")[0] for rel in files if layout.SET_ID_RE.match(rel.split("/")[0]))
 
 
 def cli_env(server, user: str = "writer") -> dict[str, str]:

@@ -154,3 +154,42 @@ def test_the_python_api_takes_like_as_the_cli_does(original, tmp_path, capsys):
     assert not (tmp_path / "refused").exists()
     with pytest.raises(TypeError, match="nope"):
         actcache.extract(like=original["url"], nope=1)
+
+
+def test_an_example_set_with_a_selection_is_reproduced(tiny_models, tmp_path, capsys):
+    """--packing, --truncate, --positions, --keep-columns, --heads and --dims are part of the key: --like carries
+    them, so the reproduction is the same set, byte for byte (it was refused as another set before)."""
+    import json
+
+    from setfiles import local_tree
+
+    from actcache.config import ExtractConfig
+    from actcache.extraction import examples
+    from actcache.extraction.plan import make_plan
+    from actcache.inputs import demo
+
+    data = tmp_path / "rows.jsonl"
+    lines = demo.corpus_lines()[:10]
+    data.write_text("\n".join(json.dumps({"text": x, "label": i % 2}) for i, x in enumerate(lines)) + "\n")
+    cfg = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        dataset=str(data),
+        store=str(tmp_path / "a"),
+        device="cpu",
+        hook="blocks.1.attn.hook_z",
+        context_size=16,
+        max_tokens=1 << 10,
+        shard_tokens=4 * 16,
+        packing="none",
+        truncate="left",
+        positions="0,-1",
+        keep_columns="label",
+        heads="1",
+        dims="0:4",
+    )
+    (url,) = examples.extract(make_plan(cfg))
+    code, out, err = run(capsys, "extract", "--like", url, "--store", str(tmp_path / "b"), "--device", "cpu")
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == str(tmp_path / "b" / url.rsplit("/", 1)[1])
+    set_id = url.rsplit("/", 1)[1]
+    assert local_tree(tmp_path / "b" / set_id) == local_tree(tmp_path / "a" / set_id)

@@ -118,7 +118,7 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         ("non-finite", f"{nf['inf']} inf, {nf['nan']} nan in {nf['shards']} shards"),
         ("updated", m.get("updated_at", "?")),
     ]
-    cid = m.get(content.MANIFEST_FIELD) or (m.get("examples") or {}).get(content.MANIFEST_FIELD)
+    cid = content.stored_id(m)
     if cid:  # what a request with the same token ids, from text or a column, reuses
         lines.insert(5, ("content", f"{cid} (the same token ids from text or from --token-column reuse this set)"))
     width = max(len(k) for k, _ in lines)

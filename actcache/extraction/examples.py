@@ -27,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actcache import crashpoints
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.plan import hook_selection
 from actcache.extraction.positions import Positions, parse
@@ -543,8 +542,5 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "columns": dict(ex.types),
             content.MANIFEST_FIELD: content.content_id(s.key, digest),
         }
-        commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
-        if m["complete"]:  # after the manifest: the index never points at an unfinished set
-            crashpoints.point("content.before-index")
-            content.index(store, m["examples"][content.MANIFEST_FIELD], s.set_id)
+        content.publish(store, s.set_id, m, m["examples"][content.MANIFEST_FIELD], scan.consolidated, MANIFEST_POINTS)
     return plan.urls

@@ -326,14 +326,7 @@ def write_manifest(plan: Plan) -> list[str]:
         cid = _content_id(tokens, s.key, m, scan.consolidated or {})
         if cid:
             m[content.MANIFEST_FIELD] = cid
-        if not manifest.unchanged(scan.consolidated, m):
-            commit(store, s.set_id, manifest_doc=m, points=MANIFEST_POINTS)
-        if cid and m["complete"] and content.lookup(store, cid) is None:  # after the manifest, as for examples
-            crashpoints.point("content.before-index")
-            content.index(store, cid, s.set_id)
-        old = (scan.consolidated or {}).get(content.MANIFEST_FIELD)
-        if old and old != cid:  # extended: its former content is not held any more (the entry would be ignored)
-            content.drop(store, old, s.set_id)
+        content.publish(store, s.set_id, m, cid, scan.consolidated, MANIFEST_POINTS)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
+from actcache import crashpoints
 from actcache.errors import ActcacheError
 from actcache.format import layout, manifest, records
 from actcache.format.key import SetKey
@@ -61,7 +63,7 @@ def lookup(store: Store, cid: str) -> str | None:
         raise  # the store failed, not the entry
     except ActcacheError:
         return None  # removed, damaged or unfinished: computed again, and the entry replaced
-    held = m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    held = stored_id(m)
     return set_id if m.get("complete") and held == cid else None
 
 
@@ -81,3 +83,28 @@ def drop(store: Store, cid: str, set_id: str) -> None:
         return
     if entry.get("set_id") == set_id:
         store.remove([rel])
+
+
+def publish(
+    store: Store, set_id: str, m: dict[str, Any], cid: str | None, previous: dict[str, Any] | None, points: Any
+) -> None:
+    """Manifest ``m`` of ``set_id`` (left as stored when it says what ``previous`` said), then, once the set is
+    complete, the entry ``cid`` -> ``set_id`` (after the manifest: the index never points at an unfinished set),
+    and ``previous``'s own entry dropped when the content changed (an extended set)."""
+    from actcache.format.commit import commit
+
+    if not manifest.unchanged(previous, m):
+        commit(store, set_id, manifest_doc=m, points=points)
+    if cid and m["complete"] and lookup(store, cid) is None:
+        crashpoints.point("content.before-index")
+        index(store, cid, set_id)
+    old = stored_id(previous)
+    if old and old != cid:
+        drop(store, old, set_id)
+
+
+def stored_id(m: dict[str, Any] | None) -> str | None:
+    """The content id a manifest holds: at its top (packed sets) or in its ``examples`` part."""
+    if not m:
+        return None
+    return m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)

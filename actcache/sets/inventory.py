@@ -133,7 +133,7 @@ def describe_set(store: Store, set_id: str) -> SetEntry | None:
         layout=m.get("layout"),
         non_finite=manifest.non_finite(m["shards"]),
         detail=None if done else interrupted_detail(m, url, store.url),
-        content_id=m.get(content.MANIFEST_FIELD) or (m.get("examples") or {}).get(content.MANIFEST_FIELD),
+        content_id=content.stored_id(m),
     )
 
 

@@ -25,6 +25,7 @@ from modelcache import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
+TORCH = "torch==2.13.0"  # the CPU wheel (Makefile): a bare torch requirement would pull a CUDA build
 
 
 def requirements(torch: str) -> list[str]:

@@ -14,7 +14,6 @@ import pytest
 pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH = "torch==2.13.0"  # the CPU wheel (Makefile): a bare torch requirement would pull a CUDA build
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_the_wheel_reads_sets_without_the_extraction_extra(tmp_path, extracted_s
     # torch and the base requirements come installed, once per machine, in a folder the venv finds through a .pth
     # file (tests/depscache.py); pip installs the wheel and whatever of its requirements that folder lacks.
     venv = tmp_path / "venv"
-    depscache.fresh_venv(venv, depscache.base_dependencies(TORCH))
+    depscache.fresh_venv(venv, depscache.base_dependencies(depscache.TORCH))
     pip = [
         str(venv / "bin" / "python"),
         "-m",

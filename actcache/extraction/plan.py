@@ -105,7 +105,37 @@ def resolve_hooks(hooks: Sequence[str], model: ResolvedModel) -> dict[str, Hook]
             out[h] = Hook(HF_SDPA, (model.d_model,))  # type: ignore[arg-type]
         else:
             out[h] = Hook(engines[h], check_hook(h, model, catalog))  # type: ignore[arg-type]
+    if catalog is not None:
+        check_width_rule({h: out[h].shape for h in hooks if engines[h] != HF_SDPA}, model)
     return out
+
+
+def check_width_rule(shapes: dict[str, tuple[int, ...]], model: ResolvedModel) -> None:
+    """Readers bound a set by the one table of hook families in ``format.width``, from the model's config.json: a
+    hook whose shape (as the bridge gives it) the table would understate is refused here, as every reader would
+    refuse its set as forged; one the table cannot derive is said (readers bound its shards by their stored size)."""
+    from actcache.format import width
+    from actcache.orchestration.logs import run_logger
+
+    config = width.read_config(os.path.join(model.files, "config.json"))
+    for hook, shape in shapes.items():
+        rule = width.hook_shape(config, hook) if config is not None else None
+        if rule is None:
+            run_logger().warning(
+                "actcache derives no width for hook %r from the config.json of %r: readers of its set bound a shard "
+                "by its stored size, not by its key",
+                hook,
+                model.spec.name,
+            )
+            continue
+        same_axes = len(shape) == len(rule)
+        if not (all(map(int.__le__, shape, rule)) if same_axes else math.prod(shape) <= math.prod(rule)):
+            raise ActcacheError(
+                f"hook {hook!r} of {model.spec.name!r} gives {list(shape)} values per token, more than actcache's "
+                f"rule for its hook family derives from config.json ({list(rule)}): every reader would refuse its set "
+                "as forged; extract another hook, and report this (actcache.format.width)",
+                field="hook",
+            )
 
 
 def _source(cfg: ExtractConfig) -> Source:
@@ -400,9 +430,10 @@ def make_plan(
             **examples_set_fields(cfg),
             **hook_selection(cfg, hook, r.hooks[hook].shape).key_fields(),
         )
-        scan = records.scan_set(store, key, read_all=cfg.verify_existing)
         shape = r.hooks[hook].shape  # --verify-existing also checks each shard's header against the key and it
-        scan.bounds = records.Bounds.of(key, d=math.prod(hook_selection(cfg, hook, shape).kept_shape))
+        kept = math.prod(hook_selection(cfg, hook, shape).kept_shape)
+        scan = records.scan_set(store, key, read_all=cfg.verify_existing, record_limit=records.record_cap(kept))
+        scan.bounds = records.Bounds.of(key, d=kept)
         sets.append(HookSet(key, frozenset(scan.done_of(shards, verify=cfg.verify_existing)), shape))
     plan = Plan(cfg, r, tuple(sets), shards, (partition_index, num_partitions))
     if text_needed:

@@ -229,6 +229,7 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
             or d < 1
         ):
             raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
+        _check_width(m, key, d)
         return
     if key.dtype not in DTYPES or key.codec not in CODECS:
         raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
@@ -243,11 +244,16 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
         isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape) and math.prod(shape) == d
     ):
         raise ValueError(f"hook_shape {shape!r} does not multiply to d={d}")
+    _check_width(m, key, d)
+
+
+def _check_width(m: dict[str, Any], key: SetKey | ShuffleKey, d: int) -> None:
     from actcache.format.width import key_width
 
     bound = key_width(key, m)
     if bound is not None and d > bound:
+        hook = m.get("hook") if isinstance(key, ShuffleKey) else key.hook
         raise ValueError(
-            f"d={d} is wider than a true shard of its key: {key.hook} of the key's model holds at most {bound} values "
+            f"d={d} is wider than a true shard of its key: {hook} of the key's model holds at most {bound} values "
             "per token (forged or edited)"
         )

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from actcache.format import layout
-from actcache.format.records import RECORD_LIMIT, Record, check_sealed, digest
+from actcache.format.records import Record, check_sealed, digest, record_cap
 from actcache.storage.store import Store
 
 RECORD_FIELD = "moments"
@@ -331,7 +331,7 @@ def from_records(store: Store, root: str, d: int, field: str = RECORD_FIELD) -> 
         if obj is None and RECORD_FIELD not in r.extra:  # a record in hand that has moments has all it will have
             try:
                 rel = layout.record_file(r.index)
-                obj = (check_sealed(store.read_json(f"{root}/{rel}", limit=RECORD_LIMIT), rel).get("extra") or {}).get(
+                obj = (check_sealed(store.read_json(f"{root}/{rel}", limit=record_cap(d)), rel).get("extra") or {}).get(
                     field
                 )
             except (FileNotFoundError, ValueError, AttributeError):

@@ -26,8 +26,18 @@ from actcache.storage.store import DamagedFile, Entry, Store
 SEAL = "json_sha256"
 """Field holding the sha256 of the rest of a JSON file actcache wrote (records, manifests, token indexes)."""
 RECORD_LIMIT = 64 << 20
-"""Largest completion record read: a record carries its shard's moments (two float64 vectors in base64, ~22
-bytes per dimension: 1.4 MB at d=65536), the rest is a few hundred bytes."""
+"""Largest completion record read where the key vouches for no width (``record_cap``)."""
+RECORD_BASE = 1 << 20
+RECORD_PER_VALUE = 512
+"""A record carries its shard's moments: float64 vectors in base64 (~11 bytes per value each), two for the totals
+and two for each of up to ten token groups (``moments``): ~240 bytes per value of the width, the rest a few KB."""
+
+
+def record_cap(width: int | None) -> int:
+    """Largest completion record read for a set whose key vouches for ``width`` values per token (None: unknown)."""
+    return RECORD_LIMIT if width is None else min(RECORD_LIMIT, RECORD_BASE + RECORD_PER_VALUE * width)
+
+
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
@@ -70,23 +80,44 @@ class Bounds:
     """Id of the folder's set (or token cache): a record or shard naming another is damage, never adopted."""
     hook: str | None = None
     """The set's hook, which its shards' metadata names."""
+    record_limit: int = RECORD_LIMIT
+    """Largest completion record read (``record_cap`` of the key's width, where it vouches for one)."""
 
     @classmethod
-    def of(cls, key: Any, d: int | None = None) -> Bounds:
+    def of(cls, key: Any, d: int | None = None, record_limit: int | None = None) -> Bounds:
         """For a SetKey (its codec and dtype), a TokensKey (token shards are never compressed) or a ShuffleKey
-        (uncompressed shards of at most ``rows_per_shard`` rows)."""
+        (uncompressed shards of at most ``rows_per_shard`` rows). ``record_limit``: else derived from ``d`` (capped
+        at ``RECORD_LIMIT``: a manifest's d is no key's word)."""
+        limit = record_limit if record_limit is not None else record_cap(d)
         if getattr(key, "kind", None) == "shuffle":
-            return cls("none", key.rows_per_shard, 1, None, d, rows=True, owner=key.id)
+            return cls("none", key.rows_per_shard, 1, None, d, rows=True, owner=key.id, record_limit=limit)
         tokens = getattr(key, "tokens", key)
         if getattr(tokens, "packing", "concat") == "none" and hasattr(key, "positions"):
             from actcache.extraction.positions import parse
 
             pos = parse(key.positions, tokens.context_size)
             rows = 0 if pos.kind == "all" else pos.n_rows(tokens.context_size)  # 0: each example's own length
-            return cls(key.codec, tokens.seqs_per_shard, rows, key.dtype, d, examples=True, owner=key.id, hook=key.hook)
+            return cls(
+                key.codec,
+                tokens.seqs_per_shard,
+                rows,
+                key.dtype,
+                d,
+                examples=True,
+                owner=key.id,
+                hook=key.hook,
+                record_limit=limit,
+            )
         codec, dtype = getattr(key, "codec", "none"), getattr(key, "dtype", None)
         return cls(
-            codec, tokens.seqs_per_shard, tokens.context_size, dtype, d, owner=key.id, hook=getattr(key, "hook", None)
+            codec,
+            tokens.seqs_per_shard,
+            tokens.context_size,
+            dtype,
+            d,
+            owner=key.id,
+            hook=getattr(key, "hook", None),
+            record_limit=limit,
         )
 
     def provenance(self, rec: Record) -> dict[str, str]:
@@ -269,7 +300,8 @@ def scan(
             records[index] = known[index]
             continue
         try:
-            rec = Record.from_dict(check_sealed(store.read_json(f"{root}/{rel}", limit=RECORD_LIMIT), rel), bounds)
+            limit = bounds.record_limit if bounds is not None else RECORD_LIMIT
+            rec = Record.from_dict(check_sealed(store.read_json(f"{root}/{rel}", limit=limit), rel), bounds)
         except (ValueError, KeyError, TypeError, FileNotFoundError):
             continue  # a damaged record means not done: the shard is recomputed
         if rec.index != index:
@@ -280,9 +312,10 @@ def scan(
     return Scan(store, root, entries, records, consolidated, doubtful, bounds)
 
 
-def scan_set(store: Store, key: Any, *, read_all: bool = False) -> Scan:
+def scan_set(store: Store, key: Any, *, read_all: bool = False, record_limit: int | None = None) -> Scan:
     """``scan`` of the activation set of ``key`` (a SetKey)."""
-    return scan(store, key.id, layout.MANIFEST, Bounds.of(key), owner=key.id, read_all=read_all)
+    bounds = Bounds.of(key, record_limit=record_limit)
+    return scan(store, key.id, layout.MANIFEST, bounds, owner=key.id, read_all=read_all)
 
 
 def digest(recs: Iterable[Record]) -> str:

@@ -59,8 +59,7 @@ class ActivationSet:
         self.url = self.store.url_of(self.set_id)
         self.manifest = m = manifest.read(self.store, self.set_id)
         self.key = key_from_dict(m["key"])
-        self.bounds = records.Bounds.of(self.key)
-        self.records = list(records.records_of(m["shards"], self.bounds).values())
+        self.records = list(records.records_of(m["shards"], records.Bounds.of(self.key)).values())
         self.layout: str = m.get("layout", "sequences")
         if self.layout not in LAYOUTS:
             raise ActcacheError(
@@ -69,11 +68,14 @@ class ActivationSet:
             )
         rows = self.layout == "rows"
         self.d: int = m["d"]
-        from actcache.format.width import key_width
+        from actcache.format import width
 
-        self.key_width = key_width(self.key, m)
+        self.width = width.of(self.key, m)
+        """What the key vouches for about the set's width (a shuffled copy: its source's key), and why not."""
+        self.key_width = self.width.values
         """Values per token a true shard of the key holds (manifest.read checked ``d`` against it), or None when
         nothing the key vouches for says: then a shard is bounded by its stored size (``shard.inflation_cap``)."""
+        self.bounds = records.Bounds.of(self.key, record_limit=records.record_cap(self.key_width))
         self.tokenization: dict[str, Any] = m.get("tokenization") or {}
         self.context_size: int | None = self.tokenization.get("context_size") if rows else self.key.tokens.context_size  # type: ignore[union-attr]
         """Tokens per sequence of the extraction (None for a rows set whose manifest does not say)."""
@@ -121,10 +123,12 @@ class ActivationSet:
         ``seqs_per_shard`` sequences of ``context_size`` rows of ``d`` values, as wide as the key allows), or None
         where the key vouches for no width. An example set's text columns are not shaped by the key: for them the
         stored-size bound (``shard.inflation_cap``) is added."""
-        if self.key_width is None or isinstance(self.key, ShuffleKey):
+        if self.key_width is None:
             return None
         from actcache.format.header import HEADER_ALLOWANCE, itemsize
 
+        if isinstance(self.key, ShuffleKey):  # rows of activations, a token id and a position each
+            return 8 + HEADER_ALLOWANCE + self.key.rows_per_shard * (self.d * itemsize(self.manifest["dtype"]) + 12)
         rows = self.key.tokens.seqs_per_shard * self.key.tokens.context_size
         per_row = self.d * itemsize(self.key.dtype) + 4  # activations and an int32 token id
         cap = 8 + HEADER_ALLOWANCE + rows * per_row
@@ -135,6 +139,11 @@ class ActivationSet:
                 stored
             )  # lengths, example indices, a number per kept column; text columns: by their stored size
         return cap
+
+    def unbounded_why(self) -> str:
+        """Where the key vouches for no width: why not, and how to make the bound exact (for a line that ends in
+        what the stored-size bound refused); else empty."""
+        return f"; its key's width would bound it exactly, but {self.width.why_not}" if self.width.why_not else ""
 
     def check_stored_size(self, record: records.Record) -> None:
         """A shard whose record claims more stored bytes than a true shard of the key can take (zstd may add 1/128
@@ -191,7 +200,7 @@ class ActivationSet:
                 cap=self.shard_cap(len(data)),
             )
         except Exception as e:
-            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e})") from e
+            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}{self.unbounded_why()})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
 
     def check_current(self, record: records.Record) -> None:
@@ -211,7 +220,7 @@ class ActivationSet:
             now = records.Record.from_dict(
                 records.check_sealed(
                     self.store.read_json(
-                        f"{self.set_id}/{layout.record_file(record.index)}", limit=records.RECORD_LIMIT
+                        f"{self.set_id}/{layout.record_file(record.index)}", limit=self.bounds.record_limit
                     ),
                     "record",
                 ),
@@ -322,8 +331,8 @@ class ActivationSet:
                     True,
                 )
             )
-        scan = records.scan_set(self.store, self.key)
-        scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"))
+        scan = records.scan_set(self.store, self.key, record_limit=self.bounds.record_limit)
+        scan.bounds = records.Bounds.of(self.key, d=self.manifest.get("d"), record_limit=self.bounds.record_limit)
         listing = scan.entries
         in_manifest = {r.index for r in self.records}
         if on_total:
@@ -364,8 +373,9 @@ class ActivationSet:
                 problem(f"completion record {rel} is missing")
                 continue
             try:
+                limit = self.bounds.record_limit
                 rec = records.Record.from_dict(
-                    records.check_sealed(self.store.read_json(f"{self.set_id}/{rel}", limit=records.RECORD_LIMIT), rel),
+                    records.check_sealed(self.store.read_json(f"{self.set_id}/{rel}", limit=limit), rel),
                     self.bounds,
                 )
             except (ValueError, KeyError, TypeError, FileNotFoundError) as e:

@@ -81,7 +81,7 @@ def copy_set(
         (then one is written from the manifest) if the stored one is gone, damaged (its seal) or disagrees."""
         rel = f"{set_id}/{layout.record_file(r.index)}"
         try:
-            stored = source.store.read_bytes(rel, limit=records.RECORD_LIMIT)
+            stored = source.store.read_bytes(rel, limit=source.bounds.record_limit)
             if records.Record.from_dict(records.check_sealed(parse_json(stored, rel), rel), source.bounds) == r:
                 return stored
         except (FileNotFoundError, ValueError, KeyError, TypeError):

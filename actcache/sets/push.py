@@ -23,7 +23,7 @@ from typing import Any
 
 from actcache.console import printable
 from actcache.errors import ActcacheError, Failure
-from actcache.format import layout, records
+from actcache.format import layout
 from actcache.format.manifest import scrub, stored_bytes
 from actcache.read.reader import ActivationSet, open_set
 from actcache.storage.store import StoreRef
@@ -225,7 +225,7 @@ def _files(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> tuple
             else (lambda rel=rel, n=r.bytes: s.store.read_bytes(rel, size=n))
         )
         body.append(_File(f"{prefix}/{r.file}", r.bytes, read, r.sha256))
-        rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=records.RECORD_LIMIT)
+        rec = s.store.read_bytes(f"{s.set_id}/{layout.record_file(r.index)}", limit=s.bounds.record_limit)
         body.append(_File(f"{prefix}/{layout.record_file(r.index)}", len(rec), lambda b=rec: b))  # type: ignore[misc]
     manifest = stored_bytes(s.store, s.set_id)  # as stored, but never a credential an old manifest holds
     text = card(s, repo_id, others).encode()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -27,28 +28,47 @@ def _key(model: str, hook: str = "blocks.1.hook_resid_post", **fields: str) -> S
     return SetKey(tokens, model, "float32", hook, "float16", "zstd", 3, **fields)
 
 
-def test_the_hook_rule_never_understates_a_hook_of_the_test_models(tiny_models):
-    """For every per-token hook the rule knows, of GPT-2, Llama (grouped-query attention) and GPT-NeoX as their
-    bridges give them: the rule's shape holds at least the hook's values (exactly, but for a grouped-query k/v and
-    the MLP's input, bounded at twice its width), so no true set is refused; and it knows the hooks people extract."""
+def test_the_hook_rule_derives_every_per_token_hook_of_the_test_models_and_never_understates_one(tiny_models):
+    """For every hook the bridges of GPT-2, Llama (grouped-query attention) and GPT-NeoX give one vector per token
+    (TransformerLens names and the bridge's aliases alike): the table of hook families derives a shape from the
+    config, at least the hook's on every axis (so no true set is refused), and exactly it but for the MLP's input
+    side (bounded at twice its width, for architectures that fuse gate and up)."""
     for arch, path in tiny_models.items():
         config = json.loads((path / "config.json").read_text())
         catalog = hook_catalog(resolve_model(ModelSpec(str(path))))
-        known = {h: width.hook_shape(config, h) for h in catalog.per_token}
         for hook, shape in catalog.per_token.items():
-            rule = known[hook]
-            if rule is None:
-                continue
-            assert math.prod(shape) <= math.prod(rule), (arch, hook, shape, rule)
-            if hook.endswith(("mlp.hook_pre", "mlp.hook_pre_linear")):
+            rule = width.hook_shape(config, hook)
+            assert rule is not None, (arch, hook, shape)
+            assert len(rule) == len(shape) and all(a <= b for a, b in zip(shape, rule, strict=True)), (arch, hook, rule)
+            if hook.endswith(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.in.hook_out", "mlp.gate.hook_out")):
                 assert math.prod(rule) == 2 * math.prod(shape), (arch, hook, shape, rule)
-            elif not hook.endswith(("attn.hook_k", "attn.hook_v")):
-                assert math.prod(shape) == math.prod(rule), (arch, hook, shape, rule)
-        for hook in ("hook_embed", "blocks.0.hook_resid_post", "blocks.1.mlp.hook_post", "blocks.0.attn.hook_z"):
-            assert known[hook] is not None, (arch, hook)
+            else:
+                assert shape == rule, (arch, hook, shape, rule)
+        # hooks that give no vector per token (the plan refuses them) are bounded too: a forged key may name them
+        assert width.hook_shape(config, "blocks.0.attn.hook_pattern", 128) == (config.get("n_head") or 4, 128)
+        assert width.hook_shape(config, "blocks.0.attn.hook_pattern") is None  # per key position: needs a context
     assert width.hook_shape({"n_embd": 768, "n_head": 12, "n_inner": None}, "blocks.3.mlp.hook_post") == (3072,)
     assert width.hook_shape({"hidden_size": 64}, "blocks.0.attn.hook_z") is None  # no head count: no rule
     assert width.hook_shape({"hidden_size": 64}, "blocks.0.hook_something_new") is None
+    gqa = {"hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 100}
+    assert width.hook_shape(gqa, "blocks.1.attn.hook_v") == (2, 8)
+    assert width.hook_shape(gqa, "blocks.1.attn.qkv.hook_out") == ((8 + 2 * 2) * 8,)
+    assert width.hook_shape(gqa, "hook_unembed") == (100,)
+
+
+def test_the_plan_refuses_a_hook_the_rule_would_understate_and_says_when_it_derives_none(tiny_models, capfd):
+    """One source of truth: the plan checks the bridge's shape of each hook it extracts against the table readers
+    bound sets by. A hook the table understates would make every reader refuse a true set: the plan refuses it."""
+    from actcache.errors import ActcacheError
+    from actcache.extraction.plan import check_width_rule
+
+    model = resolve_model(ModelSpec(str(tiny_models["gpt2"])))
+    check_width_rule({"blocks.0.hook_resid_post": (32,), "blocks.0.attn.hook_z": (4, 8)}, model)
+    with pytest.raises(ActcacheError, match=r"hook 'blocks.0.attn.hook_z' .* gives \[4, 9\].*\(\[4, 8\]\)"):
+        check_width_rule({"blocks.0.attn.hook_z": (4, 9)}, model)
+    capfd.readouterr()
+    check_width_rule({"blocks.0.attn.hook_new": (7,)}, model)  # (the actcache logger writes to stderr)
+    assert "derives no width for hook 'blocks.0.attn.hook_new'" in capfd.readouterr().err
 
 
 def test_a_local_models_config_counts_only_when_it_gives_the_keys_fingerprint(tiny_models, tmp_path):
@@ -99,3 +119,206 @@ def test_a_hub_models_config_comes_from_the_hugging_face_cache(tmp_path, monkeyp
 def test_a_selection_in_the_key_gives_a_width_without_the_config(hook, fields, expected):
     """The key holds the kept indices: a selection of both axes (or of a vector's one) is a width by itself."""
     assert width.key_width(_key("hf:" + "ef" * 20, hook, **fields), {}) == expected
+
+
+# -- forged sets: what today's bound lets through, and what the key's width refuses ---------------------------------
+FORGED_MB = 48
+"""A forged shard's activations: under the stored-size bound's 64 MiB that holds where the key vouches for no width
+(so a reader without the key's width allocates them), thousands of times a true shard of these sets (8.7 KB)."""
+
+_READERS = """
+import json, resource, sys, tempfile
+from actcache.errors import ActcacheError
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+url, ops = sys.argv[1], sys.argv[2].split(",")
+import torch, zstandard, actcache.sets.export, actcache.sets.shuffle, actcache.sets.copy, actcache.read.dataset  # noqa
+from actcache.read.dataset import ActivationDataset
+from actcache.read.reader import open_set
+from actcache.sets import copy, export, shuffle, stats
+
+run = {
+    "read": lambda: open_set(url).read(open_set(url).records[0]),
+    "dataset": lambda: list(ActivationDataset(url, batch_size=16, shuffle_buffer=64)),
+    "export": lambda: export.export_set(url, tempfile.mkdtemp() + "/out", format="hf"),
+    "shuffle": lambda: shuffle.shuffle_set(url, out=tempfile.mkdtemp(), jobs=1),
+    "stats": lambda: stats.compute(url),
+    "verify": lambda: open_set(url).verify(),
+    "cp": lambda: copy.copy_set(url, tempfile.mkdtemp()),
+}
+base, out = peak_mb(), {}
+for name in ops:
+    try:
+        run[name]()
+        out[name] = "no error"
+    except (ActcacheError, ValueError) as e:
+        out[name] = str(e)
+print(json.dumps({"grew_mb": peak_mb() - base, "errors": out}))
+"""
+
+
+def _readers(url: Path | str, ops: str, env: dict[str, str] | None = None) -> dict:
+    """Each reader of ``ops`` run on ``url`` in a fresh process: its error (or "no error") and how far the process's
+    peak memory grew past what the imports cost."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _READERS, str(url), ops],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def zstd_set(make_config, tmp_path_factory) -> Path:
+    """A real zstd set of the tiny GPT-2's blocks.1.hook_resid_post: 4 shards of 4 sequences of 32 tokens."""
+    from setwriter import extract_by_stages
+
+    root = tmp_path_factory.mktemp("width-store")
+    return Path(extract_by_stages(make_config(store=str(root), codec="zstd")))
+
+
+def _seal_into(store: Path, m: dict, shards: dict[int, bytes]) -> Path:
+    """The set of manifest ``m`` (its id from its key) written into ``store`` with ``shards`` as its only shards, its
+    records, totals and seals all agreeing: a forgery nothing but the key can tell."""
+    from actcache.format import layout, records
+    from actcache.format.key import key_from_dict
+
+    m["set_id"] = key_from_dict(m["key"]).id
+    out = store / m["set_id"]
+    (out / "shards").mkdir(parents=True)
+    kept = []
+    for r in m["shards"]:
+        if r["index"] in shards:
+            data = shards[r["index"]]
+            (out / r["file"]).write_bytes(data)
+            r.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            r["extra"]["set_id"] = m["set_id"]
+            r["extra"].pop("moments", None)
+            (out / layout.record_file(r["index"])).parent.mkdir(exist_ok=True)
+            (out / layout.record_file(r["index"])).write_text(json.dumps(records.sealed(r)))
+            kept.append(r)
+    m.update(shards=kept, n_tokens=sum(r["n_tokens"] for r in kept), bytes=sum(r["bytes"] for r in kept))
+    m.update(n_shards=len(kept), target_tokens=m["n_tokens"])
+    m.pop("stats", None), m.pop("moments", None)
+    (out / layout.MANIFEST).write_text(json.dumps(records.sealed(m)))
+    return out
+
+
+def _bomb(m: dict, tokens, d: int) -> bytes:
+    """Shard 0 of ``m``'s set: a zstd frame of a few KB whose header (and the data behind it) says ``d`` wide."""
+    import torch
+    import zstandard
+
+    from actcache.format import shardfile
+
+    n_seq, ctx = tokens.shape
+    head, spans = shardfile.layout(
+        {"activations": (torch.float16, (n_seq, ctx, d)), "tokens": (torch.int32, (n_seq, ctx))},
+        {"set_id": m["set_id"], "hook": m["key"]["hook"], "index": "0"},
+    )
+    c = zstandard.ZstdCompressor(level=1, write_content_size=False).compressobj()
+    parts = [c.compress(head)]
+    for name, (a, b) in sorted(spans.items(), key=lambda kv: kv[1]):
+        parts.append(c.compress(tokens.numpy().tobytes()) if name == "tokens" else c.compress(bytes(b - a)))
+    return b"".join(parts) + c.flush()
+
+
+def _forge(zstd_set: Path, store: Path, key: dict, manifest: dict | None = None, mb: int = FORGED_MB) -> Path:
+    """``zstd_set`` re-keyed (``key``'s fields changed, ``manifest``'s too), holding only a shard 0 whose header and
+    manifest agree on a width of ``mb`` MiB per shard."""
+    from actcache.format import layout, shard
+    from actcache.format.key import key_from_dict
+
+    m = json.loads((zstd_set / layout.MANIFEST).read_text())
+    tokens = shard.decode((zstd_set / m["shards"][0]["file"]).read_bytes(), codec="zstd")["tokens"]
+    n_seq, ctx = tokens.shape
+    d = (mb << 20) // (n_seq * ctx * 2)
+    m["key"].update(key)
+    m.update(manifest or {})
+    m.update(hook=m["key"]["hook"], d=d, hook_shape=[d], set_id=key_from_dict(m["key"]).id)
+    return _seal_into(store, m, {0: _bomb(m, tokens, d)})
+
+
+EVERY = "read,dataset,export,shuffle,stats"
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("hook", ["blocks.1.hook_out", "blocks.0.mlp.out.hook_in", "blocks.0.attn.k.hook_out"])
+def test_a_forged_width_of_a_hook_the_old_rule_did_not_know_is_refused_before_any_shard(zstd_set, tmp_path, hook):
+    """Bridge aliases and per-head hooks had no width: a forged set of them was read up to the stored-size bound
+    (64 MiB for a few KB). Every hook family the tool extracts now has one: every reader refuses the manifest."""
+    url = _forge(zstd_set, tmp_path, {"hook": hook})
+    got = _readers(url, EVERY)
+    for name, err in got["errors"].items():
+        assert "is wider than a true shard of its key" in err and "\n" not in err, (name, err)
+    assert got["grew_mb"] < FORGED_MB / 3, got
+
+
+def _hub_model(hub, tiny_models) -> tuple[str, str]:
+    """The tiny GPT-2's config.json (32 wide) as a commit of a new repo on the fake hub: (repo id, commit sha)."""
+    repo = hub.new_repo_id("tiny-gpt2")
+    return repo, hub.add_model(repo, {"config.json": (tiny_models["gpt2"] / "config.json").read_bytes()})
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_hub_models_config_is_fetched_by_the_keys_commit_and_bounds_a_forged_set(
+    zstd_set, tmp_path, hub, tiny_models, cached
+):
+    """A hub model whose commit the reader has never downloaded: its config.json (a few KB) is fetched by the key's
+    commit, checked (the hub serves it as that commit's file, its bytes are the blob the hub names) and kept, so a
+    forged width is refused before any shard is read, once online and then with the hub gone."""
+    repo, sha = _hub_model(hub, tiny_models)
+    url = _forge(zstd_set, tmp_path, {"model": f"hf:{sha}"}, {"model": {"name": repo, "revision": sha}})
+    if cached:
+        assert _readers(url, "read", hub.env())["errors"]["read"].find("wider than a true shard") > 0
+        hub.stop()  # what the first reader fetched is kept: no request needed
+    got = _readers(url, EVERY, hub.env())
+    for name, err in got["errors"].items():
+        assert "d=" in err and "is wider than a true shard of its key: blocks.1.hook_resid_post" in err, (name, err)
+        assert "at most 32 values per token" in err, (name, err)
+    assert got["grew_mb"] < FORGED_MB / 3, got
+    fetched = [r for r in hub.requests if repo in r.path]
+    assert fetched and all(f"/{repo}/resolve/{sha}/config.json" == r.path for r in fetched), fetched
+
+
+def test_a_hub_config_the_hub_serves_for_another_commit_or_altered_is_not_trusted(hub, tiny_models, monkeypatch):
+    """What the hub answers is checked against the key before it bounds anything: a config.json whose bytes are not
+    the blob the hub names is no width (the stored-size bound holds, and says why)."""
+    repo, sha = _hub_model(hub, tiny_models)
+    key = _key(f"hf:{sha}")
+    real = width.git_blob_id
+    monkeypatch.setattr(width, "git_blob_id", lambda data: real(data + b" "))  # as if the bytes were altered
+    got = width.of(key, {"model": {"name": repo}})
+    assert got.values is None and "bytes are not the blob the hub names" in got.why_not, got
+    monkeypatch.setattr(width, "git_blob_id", real)
+    width._FETCHED.clear()
+    other = hub.add_model(hub.new_repo_id("other"), {"config.json": b'{"n_embd": 4096, "n_head": 32}'})
+    assert width.of(_key(f"hf:{other}"), {"model": {"name": repo}}).values is None  # not a commit of that repo
+    assert width.of(key, {"model": {"name": repo}}).values == 32
+
+
+def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bound_exact(zstd_set, tmp_path):
+    """Offline, a hub commit's config.json that is not cached cannot be checked: the width is unknown, the stored-size
+    bound (all that is left that a forger cannot inflate: a shard's real size) refuses a bomb, and the error says why
+    the key's width did not apply and the command that fetches the config."""
+    sha = "4f" * 20
+    url = _forge(zstd_set, tmp_path, {"model": f"hf:{sha}"}, {"model": {"name": "org/never-fetched"}})
+    from actcache.errors import ActcacheError
+    from actcache.read.reader import open_set
+
+    s = open_set(str(url))  # its width unknown: a 48 MiB forgery is within the stored-size bound's 64 MiB
+    assert s.key_width is None and "the hub is offline (HF_HUB_OFFLINE)" in s.width.why_not
+    assert f"`hf download org/never-fetched config.json --revision {sha}`" in s.width.why_not
+    s = open_set(str(_forge(zstd_set, tmp_path / "gib", {"model": f"hf:{sha}"}, {"model": {"name": "o/m"}}, 1024)))
+    with pytest.raises(ActcacheError, match=r"decompression bomb.*key's width would bound it exactly.*hf download"):
+        s.read(s.records[0])

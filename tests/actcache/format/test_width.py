@@ -127,11 +127,12 @@ FORGED_MB = 48
 (so a reader without the key's width allocates them), thousands of times a true shard of these sets (8.7 KB)."""
 
 _READERS = """
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from actcache.errors import ActcacheError
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status(field):  # kB, from /proc/self/status
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 url, ops = sys.argv[1], sys.argv[2].split(",")
 import torch, zstandard, actcache.sets.export, actcache.sets.shuffle, actcache.sets.copy, actcache.read.dataset  # noqa
@@ -148,20 +149,24 @@ run = {
     "verify": lambda: open_set(url).verify(),
     "cp": lambda: copy.copy_set(url, tempfile.mkdtemp()),
 }
-base, out = peak_mb(), {}
+out, grew = {}, 0
 for name in ops:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to what is resident now: the imports' own peak does not hide this one
+    before = status("VmRSS")
     try:
         run[name]()
         out[name] = "no error"
     except (ActcacheError, ValueError) as e:
         out[name] = str(e)
-print(json.dumps({"grew_mb": peak_mb() - base, "errors": out}))
+    grew = max(grew, (status("VmHWM") - before) / 1024)
+print(json.dumps({"grew_mb": grew, "errors": out}))
 """
 
 
 def _readers(url: Path | str, ops: str, env: dict[str, str] | None = None) -> dict:
-    """Each reader of ``ops`` run on ``url`` in a fresh process: its error (or "no error") and how far the process's
-    peak memory grew past what the imports cost."""
+    """Each reader of ``ops`` run on ``url`` in a fresh process: its error (or "no error"), and the most the process's
+    peak resident memory grew above what was resident as one began (MiB)."""
     import os
     import subprocess
     import sys
@@ -322,3 +327,55 @@ def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bo
     s = open_set(str(_forge(zstd_set, tmp_path / "gib", {"model": f"hf:{sha}"}, {"model": {"name": "o/m"}}, 1024)))
     with pytest.raises(ActcacheError, match=r"decompression bomb.*key's width would bound it exactly.*hf download"):
         s.read(s.records[0])
+
+
+@pytest.mark.subprocess
+def test_a_shuffled_copy_is_bounded_by_its_sources_key(zstd_set, tmp_path):
+    """A shuffled copy's key names its source by id; its manifest carries the source's key and model config. A copy
+    whose manifest and 48 MiB shard claim a width its source's key refuses was read whole (its key had no width)."""
+    import torch
+
+    from actcache.format import layout, shard
+    from actcache.read.reader import open_set
+    from actcache.sets.shuffle import shuffle_set
+
+    copy = Path(shuffle_set(str(zstd_set), out=str(tmp_path / "shuffled"), jobs=1).url)
+    assert open_set(str(copy)).key_width == 32  # its source's hook_resid_post of a 32-wide model: a true copy reads
+    m = json.loads((copy / layout.MANIFEST).read_text())
+    n = m["shards"][0]["n_seq"]
+    d = (FORGED_MB << 20) // (2 * n)
+    data = shard.encode(
+        {
+            "activations": torch.zeros((n, d), dtype=torch.float16),
+            "tokens": torch.zeros(n, dtype=torch.int32),
+            "positions": torch.arange(n, dtype=torch.int64),
+        },
+        metadata={"set_id": m["set_id"], "index": "0"},
+    ).data
+    m.update(d=d, hook_shape=[d])
+    url = _seal_into(tmp_path / "forged", m, {0: data})
+    got = _readers(url, "read,dataset,export,stats,cp")
+    for name, err in got["errors"].items():
+        assert f"d={d} is wider than a true shard of its key: blocks.1.hook_resid_post" in err, (name, err)
+    assert got["grew_mb"] < FORGED_MB / 3, got
+
+
+@pytest.mark.subprocess
+def test_a_completion_record_is_read_up_to_what_the_keys_width_needs(zstd_set, tmp_path):
+    """A record holds a shard's moments: about 240 bytes per value of the width. A record padded to 48 MiB was read
+    and parsed whole (the limit was 64 MiB whatever the width): verify and cp now refuse it past 1 MiB + 512 bytes per
+    value, naming the record."""
+    from actcache.format import layout, records
+
+    m = json.loads((zstd_set / layout.MANIFEST).read_text())
+    url = _seal_into(tmp_path, m, {0: (zstd_set / m["shards"][0]["file"]).read_bytes()})
+    rec = json.loads((url / layout.record_file(0)).read_text())
+    rec["extra"]["padding"] = "x" * (FORGED_MB << 20)
+    (url / layout.record_file(0)).write_text(json.dumps(records.sealed(rec)))
+    got = _readers(url, "verify,cp")
+    assert got["grew_mb"] < FORGED_MB / 3, got
+    from actcache.read.reader import open_set
+
+    problems = open_set(str(url)).verify()
+    assert any("completion record" in p and "larger than" in p for p in problems), problems
+    assert records.record_cap(32) == (1 << 20) + 512 * 32 and records.record_cap(None) == records.RECORD_LIMIT

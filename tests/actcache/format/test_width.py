@@ -379,3 +379,47 @@ def test_a_completion_record_is_read_up_to_what_the_keys_width_needs(zstd_set, t
     problems = open_set(str(url)).verify()
     assert any("completion record" in p and "larger than" in p for p in problems), problems
     assert records.record_cap(32) == (1 << 20) + 512 * 32 and records.record_cap(None) == records.RECORD_LIMIT
+
+
+@pytest.mark.parametrize("model_config", ["kept", "dropped"])
+def test_a_true_shard_that_inflates_past_the_stored_size_bound_reads_by_its_keys_width(
+    zstd_set, tmp_path, monkeypatch, model_config
+):
+    """At the real limits: a true shard of a 263168-wide hook whose values are all 0 (a constant hook) is 67 MB, a
+    few KB stored: past both the stored-size bound's free 64 MiB and its 32x. The key's model config (a local model's,
+    its hashes giving the key's fingerprint) vouches for the width: it reads, with no environment variable. Without
+    the config the stored-size bound refuses it as a bomb, as it refused every such set."""
+    import torch
+
+    from actcache.errors import ActcacheError
+    from actcache.format import layout, shard
+    from actcache.inputs.fingerprint import combine
+    from actcache.read.dataset import ActivationDataset
+    from actcache.read.reader import open_set
+
+    monkeypatch.delenv("ACTCACHE_MAX_INFLATION", raising=False)
+    d = (1 << 18) + 1024
+    text = json.dumps({"model_type": "gpt2", "n_embd": d, "n_head": 1, "n_inner": None, "vocab_size": 512})
+    files = {"config.json": hashlib.sha256(text.encode()).hexdigest(), "model.safetensors": "0" * 64}
+    m = json.loads((zstd_set / layout.MANIFEST).read_text())
+    m["key"]["model"] = "local:" + combine(files)[:40]
+    m.update(d=d, hook_shape=[d], model_config={"files": files, "config": text})
+    if model_config == "dropped":
+        del m["model_config"]
+    m["set_id"] = SetKey.from_dict(m["key"]).id
+    tokens = shard.decode((zstd_set / m["shards"][0]["file"]).read_bytes(), codec="zstd")["tokens"]
+    zeros = torch.zeros((*tokens.shape, d), dtype=torch.float16)
+    meta = {"set_id": m["set_id"], "hook": m["hook"], "index": "0"}
+    data = shard.encode({"activations": zeros, "tokens": tokens}, codec="zstd", level=3, metadata=meta).data
+    raw = zeros.numel() * 2 + tokens.numel() * 4
+    assert raw > shard.FREE_INFLATION and raw > shard.MAX_INFLATION * len(data), (raw, len(data))
+    del zeros
+    s = open_set(str(_seal_into(tmp_path, m, {0: data})))
+    if model_config == "dropped":
+        assert s.key_width is None
+        with pytest.raises(ActcacheError, match="shard 0 of .* unreadable .*decompression bomb"):
+            s.read(s.records[0])
+        return
+    assert s.key_width == d
+    assert not s.read(s.records[0]).activations.any()
+    assert sum(len(b) for b in ActivationDataset(s.url, batch_size=64)) == s.n_tokens

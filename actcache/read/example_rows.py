@@ -15,7 +15,7 @@ import torch
 
 from actcache.errors import ActcacheError, Failure
 from actcache.extraction.positions import parse
-from actcache.format.records import Record
+from actcache.format.records import Bounds, Record
 from actcache.read.reader import ActivationSet
 
 STRING_BITS = 32
@@ -80,8 +80,8 @@ def expect(s: ActivationSet, record: Record) -> dict[str, tuple[torch.dtype, tup
     from actcache.format import shard
 
     n, d = record.n_seq, s.d
-    rows = s.manifest["examples"].get("rows_per_example")  # None: positions all, every example's rows in a row
-    flat = rows is None
+    rows = Bounds.of(s.key).context_size  # the key's --positions: 0 for all, every example's rows in a row
+    flat = rows == 0
     out: dict[str, tuple[torch.dtype, tuple[int, ...] | None]] = {
         "activations": (shard.TORCH_DTYPES[s.key.dtype], (record.n_tokens, d) if flat else (n, rows, d)),  # type: ignore[union-attr]
         "tokens": (torch.int32, (record.n_tokens,) if flat else None),
@@ -123,6 +123,7 @@ def decode(s: ActivationSet, record: Record, data) -> dict[str, torch.Tensor]:
 
 def read(s: ActivationSet, record: Record, first_example: int, *, verify: bool) -> ExampleRows:
     """Shard ``record`` of example set ``s`` as rows (its tensors views of the bytes read where they can be)."""
+    s.check_stored_size(record)
     data = s.store.read_mapped(f"{s.set_id}/{record.file}", size=record.bytes)
     if verify and hashlib.sha256(data).hexdigest() != record.sha256:
         raise Failure(f"shard {record.index} of {s.url} fails its checksum; rerun the extraction to repair it")

@@ -50,6 +50,7 @@ def load_examples(
     parts: dict[str, list] = {}
     for rec in sorted(s.records, key=lambda r: r.index):
         # Mapped (copy-on-write) on a local store: the tensors are writable views of it, with no copy.
+        s.check_stored_size(rec)
         data = s.store.read_mapped(f"{s.set_id}/{rec.file}", size=rec.bytes)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")

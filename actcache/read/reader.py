@@ -129,16 +129,26 @@ class ActivationSet:
 
         if isinstance(self.key, ShuffleKey):  # rows of activations, a token id and a position each
             return 8 + HEADER_ALLOWANCE + self.key.rows_per_shard * (self.d * itemsize(self.manifest["dtype"]) + 12)
-        rows = self.key.tokens.seqs_per_shard * self.key.tokens.context_size
-        per_row = self.d * itemsize(self.key.dtype) + 4  # activations and an int32 token id
-        cap = 8 + HEADER_ALLOWANCE + rows * per_row
-        if self.manifest.get("examples"):
+        sps, ctx = self.key.tokens.seqs_per_shard, self.key.tokens.context_size
+        act = self.d * itemsize(self.key.dtype)
+        if not self.manifest.get("examples"):
+            return 8 + HEADER_ALLOWANCE + sps * ctx * (act + 4)  # activations and an int32 token id per row
+        # One example per sequence: the rows the key's --positions keeps (0: all its tokens), its tokens, length and
+        # index, and a number (or a text's offset) per kept column.
+        rows = records.Bounds.of(self.key).context_size or ctx
+        cols = len([c for c in self.key.keep_columns.split(",") if c])
+        cap = 8 + HEADER_ALLOWANCE + sps * (rows * act + ctx * 4 + 12 + 8 * cols) + 8 * cols
+        if self.text_columns:
             from actcache.format.shard import inflation_cap
 
-            cap += self.key.tokens.seqs_per_shard * 8 * (2 + len(self.key.keep_columns.split(","))) + inflation_cap(
-                stored
-            )  # lengths, example indices, a number per kept column; text columns: by their stored size
+            cap += inflation_cap(stored)
         return cap
+
+    @property
+    def text_columns(self) -> bool:
+        """Whether an example set keeps a text column: its bytes are the dataset's, bounded by no key."""
+        info = self.manifest.get("examples")
+        return isinstance(info, dict) and "str" in (info.get("columns") or {}).values()
 
     def unbounded_why(self) -> str:
         """Where the key vouches for no width: why not, and how to make the bound exact (for a line that ends in
@@ -148,7 +158,7 @@ class ActivationSet:
     def check_stored_size(self, record: records.Record) -> None:
         """A shard whose record claims more stored bytes than a true shard of the key can take (zstd may add 1/128
         and a few bytes) is damage, named before it is read: reading it would allocate what the record claims."""
-        cap = None if self.manifest.get("examples") else self.shard_cap(0)
+        cap = None if self.text_columns else self.shard_cap(0)
         if cap is not None and record.bytes > cap + (cap >> 7) + 4096:
             raise DamagedFile(
                 f"shard {record.index} of {self.url} claims {record.bytes} stored bytes, more than a true shard of "

@@ -148,6 +148,7 @@ run = {
     "stats": lambda: stats.compute(url),
     "verify": lambda: open_set(url).verify(),
     "cp": lambda: copy.copy_set(url, tempfile.mkdtemp()),
+    "examples": lambda: __import__("actcache").load_examples(url),
 }
 out, grew = {}, 0
 for name in ops:
@@ -423,3 +424,36 @@ def test_a_true_shard_that_inflates_past_the_stored_size_bound_reads_by_its_keys
     assert s.key_width == d
     assert not s.read(s.records[0]).activations.any()
     assert sum(len(b) for b in ActivationDataset(s.url, batch_size=64)) == s.n_tokens
+
+
+@pytest.mark.subprocess
+def test_an_example_sets_rows_are_the_keys_positions_not_its_manifests(make_config, tmp_path):
+    """A set of one example per sequence (--packing none) keeps the rows its key's --positions names (here 2 per
+    example). A manifest resealed to say 600k rows per example, over a shard whose header agrees, was read up to the
+    stored-size bound (64 MiB more than the key's shape): load_examples and ActivationDataset refuse it now."""
+    import torch
+
+    from actcache.extraction import examples
+    from actcache.extraction.plan import make_plan
+    from actcache.format import layout, shard
+
+    cfg = make_config(
+        store=str(tmp_path / "store"), packing="none", positions="0,-1", codec="zstd", max_tokens=256, shard_tokens=128
+    )
+    (url,) = examples.extract(make_plan(cfg))
+    m = json.loads((Path(url) / layout.MANIFEST).read_text())
+    assert m["examples"]["rows_per_example"] == 2
+    t = shard.decode((Path(url) / m["shards"][0]["file"]).read_bytes(), codec="zstd")
+    n, d = t["lengths"].shape[0], m["d"]
+    dtype = shard.TORCH_DTYPES[m["dtype"]]
+    rows = (FORGED_MB << 20) // (n * d * dtype.itemsize)
+    m["examples"]["rows_per_example"] = rows
+    t["activations"] = torch.zeros((n, rows, d), dtype=dtype)
+    meta = {"set_id": m["set_id"], "hook": m["hook"], "index": "0"}
+    data = shard.encode(t, codec="zstd", level=1, metadata=meta).data
+    del t
+    forged = _seal_into(tmp_path / "forged", m, {0: data})
+    got = _readers(forged, "examples,dataset")
+    for name, err in got["errors"].items():
+        assert "shard 0 of" in err and "more than a true shard of the set's key" in err, (name, err)
+    assert got["grew_mb"] < FORGED_MB / 3, got

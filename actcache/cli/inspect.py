@@ -97,6 +97,12 @@ def show(set_url: str, /, *, shards: bool = False, json_output: Json = False, fl
         ("state", state),
         ("model", f"{model.get('name')}{rev} ({model.get('fingerprint')})"),
         ("hook", f"{m['hook']} (d={m['d']}, shape {m.get('hook_shape')})"),
+        (
+            "bound",
+            f"its key's width: at most {s.key_width} values per token"
+            if s.key_width is not None
+            else f"the shards' stored size, not its key: {s.width.why_not}",
+        ),
         ("dataset", f"{ds.get('path')} ({ds.get('fingerprint')})"),
         (
             "tokens",

@@ -313,7 +313,7 @@ def test_a_hub_config_the_hub_serves_for_another_commit_or_altered_is_not_truste
     assert width.of(key, {"model": {"name": repo}}).values == 32
 
 
-def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bound_exact(zstd_set, tmp_path):
+def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bound_exact(zstd_set, tmp_path, capsys):
     """Offline, a hub commit's config.json that is not cached cannot be checked: the width is unknown, the stored-size
     bound (all that is left that a forger cannot inflate: a shard's real size) refuses a bomb, and the error says why
     the key's width did not apply and the command that fetches the config."""
@@ -325,6 +325,11 @@ def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bo
     s = open_set(str(url))  # its width unknown: a 48 MiB forgery is within the stored-size bound's 64 MiB
     assert s.key_width is None and "the hub is offline (HF_HUB_OFFLINE)" in s.width.why_not
     assert f"`hf download org/never-fetched config.json --revision {sha}`" in s.width.why_not
+    from actcache.cli.app import main
+
+    capsys.readouterr()
+    assert main(["show", str(url)]) == 0  # show says which bound holds, and why
+    assert "the shards' stored size, not its key: the hub is offline" in capsys.readouterr().out
     s = open_set(str(_forge(zstd_set, tmp_path / "gib", {"model": f"hf:{sha}"}, {"model": {"name": "o/m"}}, 1024)))
     with pytest.raises(ActcacheError, match=r"decompression bomb.*key's width would bound it exactly.*hf download"):
         s.read(s.records[0])

@@ -103,6 +103,9 @@ def test_a_hub_models_config_comes_from_the_hugging_face_cache(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert width.key_width(_key("hf:" + sha), {}) == 48
     assert width.key_width(_key("hf:" + sha, "blocks.0.attn.hook_z", heads="0,3"), {}) == 2 * 12
+    many = ",".join(map(str, range(9)))  # no true key selects more heads or dims than the axis has: bounded by it
+    assert width.key_width(_key("hf:" + sha, "blocks.0.attn.hook_z", heads=many, dims=many), {}) == 4 * 9
+    assert width.key_width(_key("hf:" + sha, "blocks.0.attn.hook_z", heads="0", dims=many * 2), {}) == 1 * 12
     assert width.key_width(_key("hf:" + "cd" * 20), {}) is None
     assert width.key_width(_key("hf:../../" + sha[8:]), {}) is None  # not a sha: never a path
 

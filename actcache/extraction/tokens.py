@@ -219,7 +219,7 @@ class TokenCache:
             return None
         try:
             end = records.check_sealed(
-                self.store.read_json(f"{self.root}/{layout.END}", limit=records.RECORD_LIMIT), layout.END
+                self.store.read_json(f"{self.root}/{layout.END}", limit=self.bounds.record_limit), layout.END
             )
         except (ValueError, FileNotFoundError):
             return None  # damaged: the next pass that reaches the end rewrites it
@@ -367,7 +367,7 @@ class TokenCache:
         rel = layout.record_file(index)
         try:
             rec = records.Record.from_dict(
-                records.check_sealed(self.store.read_json(f"{self.root}/{rel}", limit=records.RECORD_LIMIT), rel),
+                records.check_sealed(self.store.read_json(f"{self.root}/{rel}", limit=self.bounds.record_limit), rel),
                 self.bounds,
             )
             if rec.n_seq < n_seq:

@@ -51,7 +51,7 @@ def lookup(store: Store, cid: str) -> str | None:
     """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
     rel = layout.content_entry(cid)
     try:
-        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
+        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_BASE), rel)
     except (FileNotFoundError, ValueError):
         return None
     set_id = entry.get("set_id")
@@ -78,7 +78,7 @@ def drop(store: Store, cid: str, set_id: str) -> None:
     """Remove content ``cid``'s entry where it points at ``set_id`` (whose content has changed since: extended)."""
     rel = layout.content_entry(cid)
     try:
-        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
+        entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_BASE), rel)
     except (FileNotFoundError, ValueError):
         return
     if entry.get("set_id") == set_id:

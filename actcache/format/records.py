@@ -89,6 +89,8 @@ class Bounds:
         (uncompressed shards of at most ``rows_per_shard`` rows). ``record_limit``: else derived from ``d`` (capped
         at ``RECORD_LIMIT``: a manifest's d is no key's word)."""
         limit = record_limit if record_limit is not None else record_cap(d)
+        if record_limit is None and not hasattr(key, "tokens") and not hasattr(key, "rows_per_shard"):
+            limit = RECORD_BASE  # a token cache's: its records hold no moments (a few hundred bytes)
         if getattr(key, "kind", None) == "shuffle":
             return cls("none", key.rows_per_shard, 1, None, d, rows=True, owner=key.id, record_limit=limit)
         tokens = getattr(key, "tokens", key)

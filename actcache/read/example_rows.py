@@ -115,8 +115,8 @@ def decode(s: ActivationSet, record: Record, data) -> dict[str, torch.Tensor]:
                 raise ValueError(f"column {name!r}'s offsets do not end where its text does")
     except ValueError as e:  # the header's shapes or dtypes, the lengths: not what this set wrote
         raise Failure(
-            f"shard {record.index} of {s.url} is damaged ({e}); run `actcache verify`, then rerun the extraction "
-            "to repair it"
+            f"shard {record.index} of {s.url} is damaged ({e}{s.unbounded_why(e)}); run `actcache verify`, then rerun "
+            "the extraction to repair it"
         ) from e
     return t
 

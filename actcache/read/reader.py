@@ -150,10 +150,12 @@ class ActivationSet:
         info = self.manifest.get("examples")
         return isinstance(info, dict) and "str" in (info.get("columns") or {}).values()
 
-    def unbounded_why(self) -> str:
-        """Where the key vouches for no width: why not, and how to make the bound exact (for a line that ends in
-        what the stored-size bound refused); else empty."""
-        return f"; its key's width would bound it exactly, but {self.width.why_not}" if self.width.why_not else ""
+    def unbounded_why(self, error: BaseException) -> str:
+        """For a shard the stored-size bound refused (``error``) where the key vouches for no width: why not, and
+        how to make the bound exact, as the end of its line; else empty."""
+        if not self.width.why_not or "decompression bomb" not in str(error):
+            return ""
+        return f"; its key's width would bound it exactly, but {self.width.why_not}"
 
     def check_stored_size(self, record: records.Record) -> None:
         """A shard whose record claims more stored bytes than a true shard of the key can take (zstd may add 1/128
@@ -210,7 +212,7 @@ class ActivationSet:
                 cap=self.shard_cap(len(data)),
             )
         except Exception as e:
-            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}{self.unbounded_why()})") from e
+            raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}{self.unbounded_why(e)})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
 
     def check_current(self, record: records.Record) -> None:

@@ -229,7 +229,9 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
             or d < 1
         ):
             raise ValueError("a shuffled set needs layout 'rows', a known dtype, codec 'none' and a positive d")
-        _check_width(m, key, d)
+        from actcache.format.width import key_width
+
+        check_width(m, key, d, key_width(key, m, fetch=False))
         return
     if key.dtype not in DTYPES or key.codec not in CODECS:
         raise ValueError(f"unknown dtype {key.dtype!r} or codec {key.codec!r}")
@@ -244,13 +246,14 @@ def _check_encoding(m: dict[str, Any], key: SetKey | ShuffleKey) -> None:
         isinstance(shape, list) and shape and all(type(v) is int and v >= 1 for v in shape) and math.prod(shape) == d
     ):
         raise ValueError(f"hook_shape {shape!r} does not multiply to d={d}")
-    _check_width(m, key, d)
-
-
-def _check_width(m: dict[str, Any], key: SetKey | ShuffleKey, d: int) -> None:
     from actcache.format.width import key_width
 
-    bound = key_width(key, m)
+    # Only what this machine holds: reading a manifest never waits on the hub (the reader of shards may fetch).
+    check_width(m, key, d, key_width(key, m, fetch=False))
+
+
+def check_width(m: dict[str, Any], key: SetKey | ShuffleKey, d: int, bound: int | None) -> None:
+    """Refuse a manifest whose ``d`` is wider than ``bound``, what a true shard of its key holds per token."""
     if bound is not None and d > bound:
         hook = m.get("hook") if isinstance(key, ShuffleKey) else key.hook
         raise ValueError(

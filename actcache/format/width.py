@@ -299,9 +299,9 @@ class KeyWidth:
     """Where ``values`` is None: why, and how to make the bound exact (one clause, for a line about the set)."""
 
 
-def _config(key: Any, m: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+def _config(key: Any, m: dict[str, Any], fetch: bool = True) -> tuple[dict[str, Any] | None, str | None]:
     """(config.json of the key's model, None) where something checked against the key's fingerprint gives it, else
-    (None, why not)."""
+    (None, why not). Without ``fetch`` only what is on this machine is looked at (no request to the hub)."""
     fp = getattr(key, "model", None)
     if isinstance(fp, str) and fp.startswith("local:"):
         if not isinstance(m.get("model_config"), dict):
@@ -309,6 +309,9 @@ def _config(key: Any, m: dict[str, Any]) -> tuple[dict[str, Any] | None, str | N
         config = _local_config(fp, m)
         return (config, None) if config is not None else (None, "its manifest's model config is not its key's model's")
     if isinstance(fp, str) and fp.startswith("hf:"):
+        if not fetch:
+            config = _cached_hub_config(fp[3:]) if _SHA_RE.match(fp[3:]) else None
+            return (config, None) if config is not None else (None, "its model's config.json is not cached")
         return _hub_config(fp[3:], (m.get("model") or {}).get("name") if isinstance(m.get("model"), dict) else None)
     return None, "its key names no model actcache can check"
 
@@ -318,10 +321,11 @@ def model_config(key: Any, m: dict[str, Any]) -> dict[str, Any] | None:
     return _config(key, m)[0]
 
 
-def of(key: Any, m: dict[str, Any]) -> KeyWidth:
+def of(key: Any, m: dict[str, Any], *, fetch: bool = True) -> KeyWidth:
     """What the key of the set whose manifest is ``m`` vouches for about its width. A shuffled copy's key names its
     source by id; its manifest carries the source's manifest (``source``: key, model and model config), whose key must
-    have that id: then the source's bound is the copy's."""
+    have that id: then the source's bound is the copy's. ``fetch``: a hub model's config.json that is not cached may
+    be fetched (by readers of shards; what only reads manifests, as ``ls`` and planning, never waits on the hub)."""
     if not hasattr(key, "hook"):
         from actcache.format.key import SetKey
 
@@ -334,7 +338,7 @@ def of(key: Any, m: dict[str, Any]) -> KeyWidth:
         if src_key.id != getattr(key, "source", None):
             return KeyWidth(None, "the source key its manifest carries is not its source's")
         key, m = src_key, source
-    config, why = _config(key, m)
+    config, why = _config(key, m, fetch)
     if not isinstance(key.tokens.context_size, int):
         config = None
     shape = hook_shape(config, key.hook, key.tokens.context_size) if config is not None else None
@@ -344,7 +348,7 @@ def of(key: Any, m: dict[str, Any]) -> KeyWidth:
     return KeyWidth(values, None if values is not None else why)
 
 
-def key_width(key: Any, m: dict[str, Any]) -> int | None:
+def key_width(key: Any, m: dict[str, Any], *, fetch: bool = True) -> int | None:
     """The most values per token a true shard of this set's key holds (``key`` a SetKey or ShuffleKey, ``m`` its
     manifest), or None when nothing the key vouches for says (then readers bound a shard by its stored size)."""
-    return of(key, m).values
+    return of(key, m, fetch=fetch).values

@@ -300,6 +300,21 @@ def test_a_hub_models_config_is_fetched_by_the_keys_commit_and_bounds_a_forged_s
     assert fetched and all(f"/{repo}/resolve/{sha}/config.json" == r.path for r in fetched), fetched
 
 
+def test_commands_that_read_only_manifests_never_ask_the_hub(zstd_set, tmp_path, hub, tiny_models, capsys, monkeypatch):
+    """`ls` and planning read manifests only: they never wait on the hub for a config (the reader of shards may)."""
+    repo, sha = _hub_model(hub, tiny_models)
+    url = _forge(zstd_set, tmp_path, {"model": f"hf:{sha}"}, {"model": {"name": repo, "revision": sha}})
+    for name, value in hub.env().items():
+        monkeypatch.setenv(name, value)
+    from actcache.cli.app import main
+
+    assert main(["ls", str(url.parent)]) == 0
+    assert not [r for r in hub.requests if repo in r.path]
+    width._FETCHED.clear()
+    assert width.key_width(_key(f"hf:{sha}"), {"model": {"name": repo}}) == 32  # a reader's fetch
+    assert [r for r in hub.requests if repo in r.path]
+
+
 def test_a_hub_config_the_hub_serves_for_another_commit_or_altered_is_not_trusted(hub, tiny_models, monkeypatch):
     """What the hub answers is checked against the key before it bounds anything: a config.json whose bytes are not
     the blob the hub names is no width (the stored-size bound holds, and says why)."""

@@ -104,7 +104,9 @@ def publish(
 
 
 def stored_id(m: dict[str, Any] | None) -> str | None:
-    """The content id a manifest holds: at its top (packed sets) or in its ``examples`` part."""
+    """The content id a manifest holds: at its top (packed sets) or in its ``examples`` part; None if none or not
+    a content id."""
     if not m:
         return None
-    return m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    cid = m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    return cid if isinstance(cid, str) and _ID_RE.match(cid) else None  # (a forged one names no other file)

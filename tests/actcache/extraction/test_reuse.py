@@ -208,3 +208,15 @@ def test_of_two_hooks_only_the_one_stored_is_reused(tiny_models, inputs, tmp_pat
     # The text run of both hooks now finds each stored: the first as it was made, the second via the index.
     again = make_plan(_config(tiny_models, text, str(store), positions="last", hook=both), load_model=False)
     assert not again.has_missing and again.urls == urls
+
+
+def test_a_copied_set_is_reused_in_its_new_store(tiny_models, inputs, tmp_path, monkeypatch):
+    """``actcache cp`` carries the set's content entry: the column finds the text set in the store it was copied to."""
+    from actcache.sets.copy import copy_set
+
+    text, ids = inputs
+    (url,) = examples.extract(make_plan(_config(tiny_models, text, str(tmp_path / "a"), positions="last")))
+    copied = copy_set(url, str(tmp_path / "b")).url
+    _no_forward(monkeypatch)
+    plan = make_plan(_config(tiny_models, ids, str(tmp_path / "b"), positions="last", token_column="input_ids"))
+    assert plan.sets[0].stored_as == url.rsplit("/", 1)[1] and plan.urls == [copied] and not plan.has_missing

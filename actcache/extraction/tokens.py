@@ -372,11 +372,14 @@ class TokenCache:
             )
             if rec.n_seq < n_seq:
                 raise ValueError(f"it holds {rec.n_seq} sequences, {n_seq} needed")
-            data = self.store.read_bytes(f"{self.root}/{rec.file}", size=rec.bytes)
+            # Mapped on a local store (copy-on-write: the tensor is a writable view of the file's pages, no copy).
+            data = self.store.read_mapped(f"{self.root}/{rec.file}", size=rec.bytes)
             if hashlib.sha256(data).hexdigest() != rec.sha256:
                 raise ValueError("its bytes fail their sha256 checksum")
             tokens = shard.decode(
-                data, codec="none", expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))}
+                data,  # type: ignore[arg-type]  # a mapped file reads as bytes
+                codec="none",
+                expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))},
             )["tokens"]
             low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
             if self.vocab_size is not None and (low < 0 or high >= self.vocab_size):

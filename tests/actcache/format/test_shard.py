@@ -157,3 +157,17 @@ def test_a_shard_inflating_past_its_bound_is_refused_and_one_within_it_is_read(w
     )
     out = shard.decode(shard.encode(small, codec="zstd").data, codec="zstd", expect=small_expect)
     assert torch.equal(out["activations"], small["activations"])  # under FREE_INFLATION: any ratio
+
+
+def test_decoding_read_only_bytes_warns_nothing_and_leaves_them_as_they_were():
+    """torch.frombuffer warned "The given buffer is not writable" for bytes (an object store's, or ``read_bytes``'):
+    the tensors get a writable buffer of their own, and writing to them never changes the bytes read."""
+    import warnings
+
+    data = shard.encode({"tokens": torch.arange(12, dtype=torch.int32).view(3, 4)}).data
+    before = bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = shard.decode(data, codec="none", expect={"tokens": (torch.int32, (3, 4))})["tokens"]
+    t[0, 0] = 99
+    assert data == before and t[0, 0] == 99 and t[1].tolist() == [4, 5, 6, 7]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -54,7 +55,8 @@ class Examples:
     ids: list[list[int]]
     """Token ids as fed to the model (BOS first when asked), at most ``context_size``."""
     index: list[int]
-    """Each example's row in the dataset (rows with no text are skipped, so indices can have gaps)."""
+    """Each example's row in the dataset (rows with no token, no text, or text that tokenizes to nothing, are
+    skipped, so indices can have gaps)."""
     truncated: int
     columns: dict[str, list[Any]] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
@@ -206,42 +208,56 @@ def prepare(plan: Plan, limit: int) -> Examples:
     return _PREPARED[what]
 
 
+TOKENIZE_BATCH = 256
+"""Rows read and tokenized at a time while examples are prepared."""
+
+
 def _prepare(plan: Plan, limit: int) -> Examples:
+    from actcache.extraction.tokens import tokenize_docs
+
     cfg, r = plan.config, plan.resolved
     tokenizer = r.model.tokenizer
     pos = parse(cfg.positions, cfg.context_size)
     cols = cfg.kept_columns
-    texts: list[Any] = []  # texts, or lists of token ids with --token-column
+    found: list[list[int]] = []  # each example's token ids, before truncation
     ex = Examples([], [], 0, {c: [] for c in cols})
-    for n, text, values in read_rows(r.dataset, cols, cfg.token_column):
-        if cfg.token_column:
-            text = _token_ids(text, n, cfg.token_column, r.vocab_size)
-        if not text:
-            continue
-        for c, v in values.items():
-            if _kind_of(v) is None:
-                shown = "null" if v is None else f"{type(v).__name__} {str(v)[:40]!r}"
-                raise ActcacheError(
-                    f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
-                    "holds one scalar (int, float, bool or str) per example"
-                )
-            ex.columns[c].append(v)
-        texts.append(text)
-        ex.index.append(n)
-        if len(texts) == limit:
+    rows = read_rows(r.dataset, cols, cfg.token_column)
+    while len(found) < limit:
+        # Rows are tokenized in batches of at most what is still wanted: a row with no token (a text that
+        # tokenizes to nothing, as an empty list of ids) is skipped and does not count, and no row past the
+        # last example is read.
+        batch = [
+            (n, _token_ids(text, n, cfg.token_column, r.vocab_size) if cfg.token_column else text, values)
+            for n, text, values in itertools.islice(rows, min(limit - len(found), TOKENIZE_BATCH))
+        ]
+        if not batch:
             break
-    if not texts:
+        kept = [b for b in batch if b[1]]
+        texts: list[Any] = [t for _, t, _ in kept]  # texts, or lists of token ids with --token-column
+        tokenized = texts if cfg.token_column else tokenize_docs(texts, tokenizer)
+        for (n, _, values), ids in zip(kept, tokenized, strict=True):
+            if not ids:
+                continue
+            for c, v in values.items():
+                if _kind_of(v) is None:
+                    shown = "null" if v is None else f"{type(v).__name__} {str(v)[:40]!r}"
+                    raise ActcacheError(
+                        f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
+                        "holds one scalar (int, float, bool or str) per example"
+                    )
+                ex.columns[c].append(v)
+            found.append(ids)
+            ex.index.append(n)
+    if not found:
         raise ActcacheError(f"dataset {r.dataset.label!r} has no example with text in {r.dataset.spec.text_column!r}")
     for c in cols:
         kind = _column_type(c, {k for k in map(_kind_of, ex.columns[c]) if k is not None})  # all checked above
         ex.types[c] = kind
         if kind == "float":
             ex.columns[c] = [float(v) for v in ex.columns[c]]
-    from actcache.extraction.tokens import tokenize_docs
-
     head = [r.bos_id] if cfg.prepend_bos and r.bos_id is not None else []  # the plan refused BOS without one
     body = cfg.context_size - len(head)
-    for ids in texts if cfg.token_column else tokenize_docs(texts, tokenizer):
+    for ids in found:
         if len(ids) > body:
             ex.truncated += 1
             ids = ids[:body] if cfg.truncate == "right" else ids[len(ids) - body :]

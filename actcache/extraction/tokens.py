@@ -67,15 +67,22 @@ class ShardRange(Sequence[ShardWork]):
 def pack(
     docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None, prepend_bos: bool
 ) -> Iterator[list[int]]:
-    """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``."""
+    """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``.
+
+    A document with no token (a text that tokenizes to nothing) is skipped, separator and all, as an empty list of
+    ``--token-column`` ids and a missing text are: the same ids give the same sequences, read either way."""
     body = context_size - 1 if prepend_bos else context_size
     head: list[Any] = [bos] if prepend_bos else []
     buf: list[int] = []
     start = 0
+    empty = True  # the document under way has no token yet (its ``Part``s included)
     for ids in docs:
         buf.extend(ids)
-        if separator is not None and not isinstance(ids, Part):
-            buf.append(separator)
+        empty = empty and not ids
+        if not isinstance(ids, Part):
+            if separator is not None and not empty:
+                buf.append(separator)
+            empty = True
         while len(buf) - start >= body:
             yield head + buf[start : start + body]
             start += body

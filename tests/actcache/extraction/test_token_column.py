@@ -232,3 +232,55 @@ def test_an_extended_set_keeps_one_entry_for_what_it_holds(tiny_models, inputs, 
     assert longer == url and entry != first
     m = json.loads((store / url.rsplit("/", 1)[1] / "manifest.json").read_text())
     assert entry.name == f"{m[content.MANIFEST_FIELD]}.json"
+
+
+@pytest.fixture(scope="module")
+def stripping(tiny_models, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny GPT-2 with a tokenizer that strips the text first (so "   " tokenizes to nothing), and 30 documents
+    as text and as its ids, every third a text of spaces: in the column, an empty list of ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("strip")
+    model = root / "model"
+    shutil.copytree(tiny_models["gpt2"], model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = ["   " if i % 3 == 1 else " ".join(line.split()[:12]) for i, line in enumerate(demo.corpus_lines()[:30])]
+    assert tok("   ", add_special_tokens=False)["input_ids"] == []
+    text, ids = root / "text.jsonl", root / "ids.jsonl"
+    text.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    ids.write_text("\n".join(json.dumps({"input_ids": tok(t, add_special_tokens=False)["input_ids"]}) for t in texts))
+    return model, text, ids
+
+
+@pytest.mark.parametrize("packing", ["concat", "none"])
+def test_a_text_with_no_token_is_skipped_as_an_empty_id_list(tiny_models, stripping, tmp_path, monkeypatch, packing):
+    """Text and column give the same ids for equivalent rows (no separator, no empty example for a row with no
+    token), hence the same content: the column reuses the text's set."""
+    from actcache.extraction import examples, stages
+    from actcache.extraction.plan import make_plan
+    from actcache.read.examples import load_examples
+
+    model, text, ids = stripping
+    store = tmp_path / "s"
+    same = dict(model=str(model), max_tokens=20 * CONTEXT, packing=packing)
+    if packing == "none":
+        same |= dict(positions="last", max_tokens=15 * CONTEXT)  # 15 examples: rows 0..21 hold them
+    (url,) = run_sequential(_config(tiny_models, text, store, **same))
+    if packing == "none":
+        got = load_examples(url)
+        assert len(got.lengths) == 15 and 0 < int(got.lengths.min())
+        assert got.example_index.tolist() == [i for i in range(30) if i % 3 != 1][:15]
+    else:
+        sep = open_set(url).tokenization["separator_id"]
+        toks = _read(url)[1].flatten().tolist()
+        assert all(not (a == b == sep) for a, b in zip(toks, toks[1:], strict=False))  # never two in a row
+
+    _no_forward(monkeypatch)
+    monkeypatch.setattr(examples, "compute_shard", stages.extract)  # (refused too)
+    assert run_sequential(_config(tiny_models, ids, store, token_column="input_ids", **same)) == [url]
+    assert make_plan(_config(tiny_models, ids, store, token_column="input_ids", **same), load_model=False).urls == [url]

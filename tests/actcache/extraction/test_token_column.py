@@ -149,6 +149,14 @@ def test_the_flow_reuses_the_packed_set_after_tokenizing(tiny_models, inputs, tm
     (second,) = api.extract_sets(_config(tiny_models, ids, store, token_column="input_ids"))
     assert second.reused and second.set_id == first.set_id and second.shards_computed == 0
     assert second.requested_id != first.set_id and not (store / second.requested_id).exists()
+    # Every count describes the set reused and this request: all its shards stored, none computed.
+    assert (second.n_shards, second.n_tokens, second.bytes, second.complete) == (
+        first.n_shards,
+        first.n_tokens,
+        first.bytes,
+        True,
+    )
+    assert second.shards_skipped == second.n_shards > 1 and second.tokens_computed == 0
 
 
 def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -64,14 +64,23 @@ class Examples:
     def digest(self) -> str:
         """What the shards store besides activations (ids, lengths, dataset rows, kept columns), hashed: the same
         whether the ids came from text or from ``--token-column`` (``format.content``)."""
-        h = hashlib.sha256(json.dumps({"n": len(self.ids), "types": self.types}, sort_keys=True).encode())
-        h.update(array.array("q", map(len, self.ids)).tobytes())
-        for ids in self.ids:  # one example at a time: no second copy of every id at once
-            h.update(array.array("q", ids).tobytes())
-        h.update(array.array("q", self.index).tobytes())
-        for c in sorted(self.columns):
-            h.update(json.dumps(self.columns[c]).encode())
-        return h.hexdigest()
+        ids = (array.array("q", one).tobytes() for one in self.ids)  # one example at a time: no second copy
+        return digest(self.types, list(map(len, self.ids)), ids, self.index, self.columns)
+
+
+def digest(
+    types: dict[str, str], lengths: list[int], ids: Iterable[bytes], index: list[int], columns: dict[str, list[Any]]
+) -> str:
+    """``Examples.digest`` of examples of ``lengths`` whose ids, one after another, are ``ids`` (int64 bytes, in
+    pieces of any size): also what ``sets.backfill`` computes from a stored set's shards."""
+    h = hashlib.sha256(json.dumps({"n": len(lengths), "types": types}, sort_keys=True).encode())
+    h.update(array.array("q", lengths).tobytes())
+    for piece in ids:
+        h.update(piece)
+    h.update(array.array("q", index).tobytes())
+    for c in sorted(columns):
+        h.update(json.dumps(columns[c]).encode())
+    return h.hexdigest()
 
 
 # -- reading rows with their columns -------------------------------------------------------------

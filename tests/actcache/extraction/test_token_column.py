@@ -159,6 +159,40 @@ def test_the_flow_reuses_the_packed_set_after_tokenizing(tiny_models, inputs, tm
     assert second.shards_skipped == second.n_shards > 1 and second.tokens_computed == 0
 
 
+def test_a_partition_reuses_the_set_after_tokenizing(tiny_models, inputs, tmp_path, prefect_harness, monkeypatch):
+    """A fan-out's partition run whose column ids are not tokenized yet finds the text set only after its tokenize
+    stage: it computes nothing, and writes nothing into the set it reuses (no partial manifest over it) nor under
+    its own id; the other partition finds it from the stored token shards, as a plan."""
+    from actcache.extraction.plan import make_plan
+    from actcache.flows.extract import extract_activations
+    from actcache.flows.fanout import extract_fanout
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = run_sequential(_config(tiny_models, text, store))
+    other = tmp_path / "o"  # the same set in another store, for the fan-out's parent below
+    (url_other,) = run_sequential(_config(tiny_models, text, other))
+    stored = Path(url)
+    files = {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()}
+    (entry,) = (store / "_content").iterdir()
+    column = _config(tiny_models, ids, store, token_column="input_ids")
+    first = make_plan(column, load_model=False)
+    assert first.has_missing and first.sets[0].stored_as is None  # not known before tokenizing
+    _no_forward(monkeypatch)
+    for index in (0, 1):
+        state = extract_activations(column, partition_index=index, num_partitions=2, return_state=True)
+        assert state.is_completed() and state.result() == [url]
+    assert {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()} == files
+    assert not (store / first.sets[0].set_id).exists()
+    assert list((store / "_content").iterdir()) == [entry]
+    # The fan-out's parent, which tokenizes for its partitions, finds it there too: it launches none (this
+    # deployment does not exist) and its summary says nothing was computed.
+    column = column.replace(store=str(other))
+    state = extract_fanout(column, num_partitions=2, deployment="no-such/deployment", return_state=True)
+    assert state.is_completed() and state.result() == [url_other]
+    assert not (other / first.sets[0].set_id).exists()
+
+
 def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
     from actcache.extraction.plan import make_plan
 

@@ -67,6 +67,12 @@ class Examples:
         ids = (array.array("q", one).tobytes() for one in self.ids)  # one example at a time: no second copy
         return digest(self.types, list(map(len, self.ids)), ids, self.index, self.columns)
 
+    def first_digest(self) -> str:
+        """The same of the first example alone: the family's digest (``content.family_id``)."""
+        first = self.ids[0]
+        columns = {c: v[:1] for c, v in self.columns.items()}
+        return digest(self.types, [len(first)], [array.array("q", first).tobytes()], self.index[:1], columns)
+
 
 def digest(
     types: dict[str, str], lengths: list[int], ids: Iterable[bytes], index: list[int], columns: dict[str, list[Any]]
@@ -530,7 +536,7 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
     n_shards = -(-len(ex.ids) // plan.tokens_key.seqs_per_shard)
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
-    digest = ex.digest()
+    digest, first = ex.digest(), ex.first_digest()
     for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
@@ -566,6 +572,7 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "truncated": ex.truncated,
             "columns": dict(ex.types),
             content.MANIFEST_FIELD: content.content_id(s.key, digest),
+            content.FAMILY_FIELD: content.family_id(s.key, first),
         }
         content.publish(store, s.set_id, m, m["examples"][content.MANIFEST_FIELD], scan.consolidated, MANIFEST_POINTS)
     return plan.urls

@@ -262,6 +262,11 @@ class TokenCache:
             h.update(f"{w.index}:{w.n_seq}:{r.sha256};".encode())
         return h.hexdigest()
 
+    def first_digest(self, scan: records.Scan | None = None) -> str | None:
+        """The first token shard's checksum, as a family's digest (``content.family_id``); None if not stored."""
+        r = (scan or self.scan()).records.get(0)
+        return None if r is None else f"0:{r.sha256}"
+
     def ensure(
         self,
         target_seqs: int,

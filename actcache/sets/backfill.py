@@ -48,11 +48,13 @@ def backfill(s: ActivationSet) -> str | None:
     cid = content_of(s)
     if cid is None:
         return None
+    first = _examples_digest(s, 1) if s.manifest.get("examples") else _packed_first(s)
+    ids = {content.MANIFEST_FIELD: cid} | ({content.FAMILY_FIELD: content.family_id(s.key, first)} if first else {})
     m: dict[str, Any] = dict(s.manifest)
     if m.get("examples"):
-        m["examples"] = {**m["examples"], content.MANIFEST_FIELD: cid}
+        m["examples"] = {**m["examples"], **ids}
     else:
-        m[content.MANIFEST_FIELD] = cid
+        m |= ids
     content.publish(s.store, s.set_id, m, cid, s.manifest, MANIFEST_POINTS)  # the manifest, then the entry
     s.manifest = m
     return cid
@@ -66,8 +68,16 @@ def _packed_digest(s: ActivationSet) -> str | None:
     return cache.digest(ShardWork(r["index"], r["n_seq"]) for r in s.manifest["shards"])
 
 
-def _examples_digest(s: ActivationSet) -> str:
-    """``Examples.digest`` of the examples the set's shards hold, read shard by shard (each checked again)."""
+def _packed_first(s: ActivationSet) -> str | None:
+    from actcache.extraction.tokens import TokenCache
+
+    assert isinstance(s.key, SetKey)
+    return TokenCache(s.store, s.key.tokens).first_digest()
+
+
+def _examples_digest(s: ActivationSet, limit: int | None = None) -> str:
+    """``Examples.digest`` of the examples the set's shards hold (its first ``limit`` when given), read shard by
+    shard (each checked again)."""
     import torch
 
     from actcache.extraction.examples import digest
@@ -79,17 +89,29 @@ def _examples_digest(s: ActivationSet) -> str:
     ids: list[bytes] = []
     columns: dict[str, list[Any]] = {c: [] for c in types}
     for rec in sorted(s.records, key=lambda r: r.index):
+        if limit is not None and len(lengths) >= limit:
+            break
         data = s.store.read_mapped(f"{s.set_id}/{rec.file}", size=rec.bytes)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")
         t = example_rows.decode(s, rec, data)
-        lengths += t["lengths"].tolist()
-        index += t["example_index"].tolist()
-        ids.append(t["tokens"].to(torch.int64).numpy().tobytes())  # int64, as the writer hashes each example's ids
+        n = len(t["lengths"]) if limit is None else min(len(t["lengths"]), limit - len(lengths))
+        own = t["lengths"][:n].tolist()
+        lengths += own
+        index += t["example_index"][:n].tolist()
+        # int64, as the writer hashes each example's ids (stored one example after another)
+        ids.append(t["tokens"][: sum(own)].to(torch.int64).numpy().tobytes())
         for c, kind in types.items():
             if kind == "str":
                 raw, o = t[f"column.{c}.utf8"].numpy().tobytes(), t[f"column.{c}.offsets"].tolist()
-                columns[c] += [raw[o[i] : o[i + 1]].decode() for i in range(len(o) - 1)]
+                columns[c] += [raw[o[i] : o[i + 1]].decode() for i in range(n)]
             else:
-                columns[c] += t[f"column.{c}"].tolist()
+                columns[c] += t[f"column.{c}"][:n].tolist()
     return digest(types, lengths, ids, index, columns)
+
+
+def holds_examples(s: ActivationSet, n: int, expected: str) -> bool:
+    """Whether example set ``s``'s first ``n`` examples are those ``Examples.digest`` ``expected`` names (read from
+    its shards: a request for fewer examples than a set of its family holds, ``extraction.reuse``)."""
+    info = s.manifest.get("examples") or {}
+    return info.get("n_examples", 0) >= n and _examples_digest(s, n) == expected

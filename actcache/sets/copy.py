@@ -134,8 +134,13 @@ def copy_set(
 
 
 def _index(target: Store, set_id: str, m: Any) -> None:
-    """The copied set's content entry in ``target`` (after its manifest, as ``content.publish``), so that an
-    extraction there reuses it for the same token ids read another way; an entry already followed is kept."""
-    cid = content.stored_id(m) if isinstance(m, dict) else None
-    if cid and m.get("complete") and content.lookup(target, cid) is None:
+    """The copied set's content and family entries in ``target`` (after its manifest, as ``content.publish``), so
+    that an extraction there reuses it for the same token ids read another way; an entry already followed is
+    kept."""
+    if not isinstance(m, dict) or not m.get("complete"):
+        return
+    cid, fid = content.stored_id(m), content.stored_family(m)
+    if cid and content.lookup(target, cid) is None:
         content.index(target, cid, set_id)
+    if fid and content.lookup_family(target, fid) is None:
+        content.index(target, fid, set_id)

@@ -174,7 +174,7 @@ def test_a_partition_reuses_the_set_after_tokenizing(tiny_models, inputs, tmp_pa
     (url_other,) = run_sequential(_config(tiny_models, text, other))
     stored = Path(url)
     files = {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()}
-    (entry,) = (store / "_content").iterdir()
+    entries = sorted((store / "_content").iterdir())
     column = _config(tiny_models, ids, store, token_column="input_ids")
     first = make_plan(column, load_model=False)
     assert first.has_missing and first.sets[0].stored_as is None  # not known before tokenizing
@@ -184,7 +184,7 @@ def test_a_partition_reuses_the_set_after_tokenizing(tiny_models, inputs, tmp_pa
         assert state.is_completed() and state.result() == [url]
     assert {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()} == files
     assert not (store / first.sets[0].set_id).exists()
-    assert list((store / "_content").iterdir()) == [entry]
+    assert sorted((store / "_content").iterdir()) == entries
     # The fan-out's parent, which tokenizes for its partitions, finds it there too: it launches none (this
     # deployment does not exist) and its summary says nothing was computed.
     column = column.replace(store=str(other))
@@ -193,12 +193,12 @@ def test_a_partition_reuses_the_set_after_tokenizing(tiny_models, inputs, tmp_pa
     assert not (other / first.sets[0].set_id).exists()
 
 
-def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
+def test_other_ids_or_more_sequences_are_not_reused_fewer_are(tiny_models, inputs, tmp_path, monkeypatch):
     from actcache.extraction.plan import make_plan
 
     text, ids = inputs
     store = tmp_path / "s"
-    run_sequential(_config(tiny_models, text, store))
+    (whole,) = run_sequential(_config(tiny_models, text, store))
     rows = [json.loads(line) for line in ids.read_text().splitlines()]
     rows[0]["input_ids"] = rows[0]["input_ids"][:-1]  # one id fewer: other sequences
     other = tmp_path / "other.jsonl"
@@ -208,8 +208,17 @@ def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
         make_plan(_config(tiny_models, other, store, token_column="input_ids"), load_model=False).sets[0].stored_as
         is None
     )
-    (fewer,) = run_sequential(_config(tiny_models, ids, store, token_column="input_ids", max_tokens=20 * CONTEXT))
-    assert len({url, fewer, run_sequential(_config(tiny_models, text, store))[0]}) == 3
+    assert url != whole
+    # More sequences than a set of the same ids holds: computed alone (that set is another input's, never extended
+    # from this one); as many: that set; fewer: that set too (a prefix of it, as the text's own rerun would read).
+    _no_forward(monkeypatch)
+    fewer = _config(tiny_models, ids, store, token_column="input_ids", max_tokens=20 * CONTEXT)
+    assert run_sequential(fewer) == [whole]
+    plan = make_plan(fewer, load_model=False)
+    assert plan.urls == [whole] and not plan.has_missing and plan.sets[0].stored_as == whole.rsplit("/", 1)[1]
+    monkeypatch.undo()
+    (more,) = run_sequential(fewer.replace(max_tokens=60 * CONTEXT))
+    assert more not in (url, whole) and open_set(more).n_tokens > open_set(whole).n_tokens
 
 
 GOOD = {"input_ids": [5, 6, 7, 8, 9]}
@@ -268,12 +277,13 @@ def test_an_extended_set_keeps_one_entry_for_what_it_holds(tiny_models, inputs, 
     text, ids = inputs
     store = tmp_path / "s"
     (url,) = run_sequential(_config(tiny_models, text, store, max_tokens=20 * CONTEXT))
-    (first,) = (store / "_content").iterdir()
-    (longer,) = run_sequential(_config(tiny_models, text, store))  # extended: another content
-    (entry,) = (store / "_content").iterdir()
-    assert longer == url and entry != first
+    family = f"{json.loads((Path(url) / 'manifest.json').read_text())[content.FAMILY_FIELD]}.json"
+    (first,) = [e for e in (store / "_content").iterdir() if e.name != family]
+    (longer,) = run_sequential(_config(tiny_models, text, store))  # extended: another content, the same family
+    (entry,) = [e for e in (store / "_content").iterdir() if e.name != family]
+    assert longer == url and entry != first and (store / "_content" / family).exists()
     m = json.loads((store / url.rsplit("/", 1)[1] / "manifest.json").read_text())
-    assert entry.name == f"{m[content.MANIFEST_FIELD]}.json"
+    assert entry.name == f"{m[content.MANIFEST_FIELD]}.json" and family == f"{m[content.FAMILY_FIELD]}.json"
 
 
 @pytest.fixture(scope="module")

@@ -60,16 +60,18 @@ def _config(tiny_models, dataset: Path, store: Path, packing: str, **changes) ->
     return ExtractConfig(**{**base, **changes})
 
 
-def _as_before_content_ids(store: Path, set_id: str) -> str:
-    """Set ``set_id`` as 0.4.0 left it: no content id in its manifest, no index entry. Returns the id removed."""
+def _as_before_content_ids(store: Path, set_id: str) -> tuple[str, str]:
+    """Set ``set_id`` as 0.4.0 left it: no content or family id in its manifest, no index entry. Returns them."""
     path = store / set_id / "manifest.json"
     m = json.loads(path.read_text())
-    cid = content.stored_id(m)
-    assert cid
+    cid, fid = content.stored_id(m), content.stored_family(m)
+    assert cid and fid
     (m["examples"] if m.get("examples") else m).pop(content.MANIFEST_FIELD)
+    (m["examples"] if m.get("examples") else m).pop(content.FAMILY_FIELD)
     path.write_text(json.dumps(records.sealed(m), indent=1))  # as 0.4.0 wrote it, sealed
     (store / "_content" / f"{cid}.json").unlink()
-    return cid
+    (store / "_content" / f"{fid}.json").unlink()
+    return cid, fid
 
 
 @pytest.mark.parametrize("packing", ["none", "concat"])
@@ -78,7 +80,7 @@ def test_verify_indexes_a_set_made_before_content_ids(tiny_models, inputs, tmp_p
     store = tmp_path / "s"
     (url,) = run_sequential(_config(tiny_models, text, store, packing))
     set_id = url.rsplit("/", 1)[1]
-    cid = _as_before_content_ids(store, set_id)
+    cid, fid = _as_before_content_ids(store, set_id)
     column = _config(tiny_models, ids, store, packing, token_column="input_ids")
     if packing == "concat":
         stages.tokenize(make_plan(column, load_model=False))  # its token shards stored: a plan can look it up
@@ -88,8 +90,10 @@ def test_verify_indexes_a_set_made_before_content_ids(tiny_models, inputs, tmp_p
     assert main(["verify", url]) == 0
     out = capsys.readouterr()
     assert "all checksums match" in out.out and f"indexed its content id {cid}" in out.err
-    assert content.stored_id(json.loads((store / set_id / "manifest.json").read_text())) == cid
-    assert json.loads((store / "_content" / f"{cid}.json").read_text())["set_id"] == set_id
+    m = json.loads((store / set_id / "manifest.json").read_text())
+    assert content.stored_id(m) == cid and content.stored_family(m) == fid  # as the writer gave them
+    for entry in (cid, fid):
+        assert json.loads((store / "_content" / f"{entry}.json").read_text())["set_id"] == set_id
     plan = make_plan(column, load_model=False)
     assert plan.sets[0].stored_as == set_id and plan.urls == [url] and not plan.has_missing
     assert main(["verify", url, "--json"]) == 0  # indexed once: nothing more to do

@@ -159,12 +159,15 @@ def views(data: bytes | bytearray | memoryview, expect: Expect | None = None) ->
 
 
 def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int], offset: int = 0) -> torch.Tensor:
-    """A view of ``data`` from ``offset`` as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    """A view of ``data`` from ``offset`` as a tensor of ``dtype`` and ``shape`` (no copy, unless ``data`` is
+    read-only: then a copy of those bytes alone)."""
     numel = 1
     for x in shape:
         numel *= x
     if numel == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty tensors
+    if memoryview(data).readonly:  # bytes (a ranged read): a tensor may be written to, so it gets its own copy
+        data, offset = bytearray(memoryview(data)[offset : offset + numel * dtype.itemsize]), 0
     return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
 
 

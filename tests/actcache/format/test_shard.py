@@ -171,3 +171,15 @@ def test_decoding_read_only_bytes_warns_nothing_and_leaves_them_as_they_were():
         t = shard.decode(data, codec="none", expect={"tokens": (torch.int32, (3, 4))})["tokens"]
     t[0, 0] = 99
     assert data == before and t[0, 0] == 99 and t[1].tolist() == [4, 5, 6, 7]
+
+
+def test_a_tensor_of_read_only_bytes_copies_only_its_own_and_warns_nothing():
+    """``read_tokens`` makes tensors of ranged reads (bytes): each gets a writable copy of its own bytes."""
+    import warnings
+
+    data = bytes(range(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = shard.tensor(data, torch.uint8, [2, 3], offset=4)
+    t[0, 0] = 99
+    assert t.tolist() == [[99, 5, 6], [7, 8, 9]] and data == bytes(range(16))

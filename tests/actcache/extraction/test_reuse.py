@@ -275,3 +275,14 @@ def test_a_reused_set_keeps_its_truncated_count_and_the_request_logs_its_own(tin
         plan = make_plan(_config(tiny_models, cut, str(store), positions="last", token_column="input_ids"))
     assert plan.urls == [url] and not plan.has_missing and "truncated" not in caplog.text
     assert json.loads((Path(url) / "manifest.json").read_text())["examples"]["truncated"] == truncated
+
+
+def test_rm_takes_the_sets_entries_with_it(tiny_models, inputs, tmp_path, capsys):
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="last")))
+    column = _config(tiny_models, ids, str(store), positions="last", token_column="input_ids")
+    assert len(list((store / "_content").iterdir())) == 2 and make_plan(column, load_model=False).urls == [url]
+    assert main(["rm", url, "--yes"]) == 0
+    assert not any((store / "_content").iterdir()) and not Path(url).exists()
+    assert make_plan(column, load_model=False).sets[0].stored_as is None

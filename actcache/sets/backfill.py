@@ -37,9 +37,10 @@ def content_of(s: ActivationSet) -> str | None:
 
 
 def backfill(s: ActivationSet) -> str | None:
-    """Give set ``s`` (its shards verified) the content id and index entry it lacks; return the id, or None when it
-    has one already, cannot be known, or the store takes no writes."""
-    if content.stored_id(s.manifest) or not isinstance(s.key, SetKey) or not s.manifest.get("complete"):
+    """Give set ``s`` (its shards verified) the content and family ids and index entries it lacks; return the
+    content id, or None when it has both already, they cannot be known, or the store takes no writes."""
+    # A 0.5.0 set has its content id but no family (``content.family_id``): it gets its family too.
+    if content.stored_family(s.manifest) or not isinstance(s.key, SetKey) or not s.manifest.get("complete"):
         return None
     try:
         s.store.check_writable()

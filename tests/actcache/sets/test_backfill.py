@@ -112,3 +112,23 @@ def test_a_set_whose_shards_fail_or_whose_tokens_are_gone_gets_no_entry(tiny_mod
     assert main(["verify", url]) == 0
     assert "indexed" not in capsys.readouterr().err and not any((store / "_content").iterdir())
     assert content.stored_id(json.loads((store / set_id / "manifest.json").read_text())) is None
+
+
+def test_verify_gives_a_set_made_by_0_5_0_its_family(tiny_models, inputs, tmp_path, capsys):
+    """0.5.0 wrote the content id and entry, no family: verify adds it, and a request for fewer examples from the
+    other input then reuses the set."""
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = run_sequential(_config(tiny_models, text, store, "none"))
+    set_id = url.rsplit("/", 1)[1]
+    path = store / set_id / "manifest.json"
+    m = json.loads(path.read_text())
+    fid = m["examples"].pop(content.FAMILY_FIELD)
+    path.write_text(json.dumps(records.sealed(m), indent=1))
+    (store / "_content" / f"{fid}.json").unlink()
+    fewer = _config(tiny_models, ids, store, "none", token_column="input_ids", max_tokens=10 * CONTEXT)
+    assert make_plan(fewer, load_model=False).sets[0].stored_as is None
+    assert main(["verify", url]) == 0
+    assert "indexed its content id" in capsys.readouterr().err
+    assert content.stored_family(json.loads(path.read_text())) == fid
+    assert make_plan(fewer, load_model=False).urls == [url]

@@ -122,7 +122,9 @@ def extract_sets(cfg: ExtractConfig, *, check: Callable[[Any], None] | None = No
                 s.stored_id,
                 s.hook,
                 m.get("n_shards", len(plan.shards)),  # the whole set's, as n_tokens (a lower --max-tokens asks less)
-                len(old.done),
+                # Reused: every shard asked for was stored (in the set reused), also when the flow found it only
+                # after tokenizing (packed sequences), when the plan before it knew of none.
+                len(s.done) if s.stored_as else len(old.done),
                 len(new),
                 m.get("n_tokens", 0),
                 m.get("bytes", 0),

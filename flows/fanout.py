@@ -9,6 +9,7 @@ from functools import partial
 
 from prefect import flow
 from prefect.states import Completed, Failed, State
+from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
 from actcache.tasks.fanout import (
@@ -22,7 +23,7 @@ from actcache.tasks.fanout import (
     wait_for_partitions,
 )
 from actcache.tasks.manifest import sets_message, write_manifest
-from actcache.tasks.plan import recheck
+from actcache.tasks.plan import recheck, reuse_stored
 from actcache.tasks.tokenize import tokenize
 
 
@@ -52,6 +53,8 @@ def extract_fanout(
     plan = plan_fanout(config)
     tokenize(plan)  # once, here: partitions then only read the token cache
     plan, _ = recheck(plan, last=False)  # the shards up to where the dataset ends, known now
+    # The same token ids stored already (read from text or a token column): no partition is launched for that set.
+    plan, _ = reuse_stored(quote(plan), plan.missing)
     chosen = pick_partitions(plan, num_partitions)
     pinned = plan.pinned_config  # hub names pinned to the commits resolved above: a moving branch changes nothing
     runs = {i: launch_partition(deployment, pinned, i, num_partitions) for i in chosen}

@@ -2,7 +2,9 @@
 
 Every ```python block runs, except one preceded by ``<!-- no-run: why -->`` (the network, another environment).
 ``SUBSTITUTE`` is the one place where a block's paths become the offline fixtures: the demo's set URL (which
-`make demo` prints) and an S3 URL become the shared test set, the demo's store a fresh folder.
+`make demo` prints) and an S3 URL become the shared test set, the demo's store a fresh folder. A block preceded by
+``<!-- example-set: ... -->`` reads ``url``, a ``--packing none`` set (docs/probing.md): it runs with ``url`` bound
+to one, made with ``--positions last --keep-columns label``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ SUBSTITUTE = {
 BLOCK = re.compile(r"(<!-- [a-z-]+(?::[^>]*)? -->\n)?```python\n(.*?)```", re.S)
 
 
-def _blocks() -> list[tuple[str, int, str]]:
+def _blocks(kind: str = "") -> list[tuple[str, int, str]]:
+    """Each page's python blocks to run (page, index, code): those with no marker, or those marked ``kind``."""
     out = []
     for page in PAGES:
         for i, m in enumerate(BLOCK.finditer(page.read_text())):
             marker = m.group(1) or ""
+            if kind or "example-set" in marker:
+                if kind and f"<!-- {kind}:" in marker:
+                    out.append((str(page.relative_to(ROOT)), i, m.group(2)))
+                continue
             if "no-run" in marker or "sae-example" in marker:  # the SAE loop: its own test below
                 continue
             if "transcoder-example" in marker:  # two sets of one extraction: its own test in tests/test_docs.py
@@ -61,3 +68,39 @@ def test_pages_link_to_pages_that_exist():
     for page in PAGES:
         for target in re.findall(r"\]\(((?:\.\./|docs/)?[\w./-]+\.md)", page.read_text()):
             assert (page.parent / target).resolve().is_file(), (page, target)
+
+
+@pytest.fixture(scope="module")
+def example_set(make_config, tmp_path_factory) -> str:
+    """A --packing none set of 40 labelled statements (last token, label kept), as docs/probing.md's blocks read."""
+    import json
+
+    from actcache.extraction import examples
+    from actcache.extraction.plan import make_plan
+    from actcache.inputs import demo
+
+    root = tmp_path_factory.mktemp("example-set")
+    rows = [{"text": " ".join(line.split()[:20]), "label": i % 2} for i, line in enumerate(demo.corpus_lines()[:40])]
+    (root / "statements.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = make_config(
+        dataset=str(root / "statements.jsonl"),
+        store=str(root / "store"),
+        packing="none",
+        positions="last",
+        keep_columns="label",
+        max_tokens=40 * 32,
+        dtype="float32",
+    )
+    (url,) = examples.extract(make_plan(cfg))
+    return url
+
+
+@pytest.mark.parametrize(
+    "page,index,code", _blocks("example-set"), ids=[f"{p}#{i}" for p, i, _ in _blocks("example-set")]
+)
+def test_example_set_blocks_run_as_printed(page, index, code, example_set, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "__readme__", "url": example_set}
+    exec(compile(code, f"{page} block {index}", "exec"), scope)
+    if "acc" in scope:  # the probe: fitted and scored on held-out examples
+        assert 0.0 <= float(scope["acc"]) <= 1.0 and scope["direction"].shape == (32,)

@@ -164,11 +164,13 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
     """
     from actcache import console
     from actcache.progress import Steps
+    from actcache.sets.backfill import backfill  # a verified set made before content ids gets one
 
     # Until the shards to hash are known (on S3 the set is opened and listed: seconds), a status line.
     with console.status(f"reading {set_url}", terminal_only=True), Steps("verify", "shard") as progress:
         s = flags.open_set(set_url)
         problems = s.verify(on_shard=lambda _: progress.advance(), on_total=progress.total)
+    indexed = None if problems else backfill(s)
     if json_output:
         _print_json(
             {
@@ -180,6 +182,7 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
                 "missing": s.missing(),  # the first 10000
                 "n_missing": s.n_missing(),
                 "problems": [str(p) for p in problems],
+                "content_indexed": indexed,  # the content id given to a set made before 0.5.0 (sets.backfill)
             }
         )
         _warn_non_finite(s)
@@ -211,6 +214,12 @@ def verify(set_url: str, /, *, json_output: Json = False, flags: StoreFlags = St
         )
         return 1
     print(f"OK: {len(s)} shards, {s.n_tokens} tokens, all checksums match")
+    if indexed:
+        print(
+            f"{s.url}: indexed its content id {indexed} (a set made before content ids): the same token ids read "
+            "another way now reuse it",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import array
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,8 @@ class Examples:
     ids: list[list[int]]
     """Token ids as fed to the model (BOS first when asked), at most ``context_size``."""
     index: list[int]
-    """Each example's row in the dataset (rows with no text are skipped, so indices can have gaps)."""
+    """Each example's row in the dataset (rows with no token, no text, or text that tokenizes to nothing, are
+    skipped, so indices can have gaps)."""
     truncated: int
     columns: dict[str, list[Any]] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
@@ -62,14 +64,29 @@ class Examples:
     def digest(self) -> str:
         """What the shards store besides activations (ids, lengths, dataset rows, kept columns), hashed: the same
         whether the ids came from text or from ``--token-column`` (``format.content``)."""
-        h = hashlib.sha256(json.dumps({"n": len(self.ids), "types": self.types}, sort_keys=True).encode())
-        h.update(array.array("q", map(len, self.ids)).tobytes())
-        for ids in self.ids:  # one example at a time: no second copy of every id at once
-            h.update(array.array("q", ids).tobytes())
-        h.update(array.array("q", self.index).tobytes())
-        for c in sorted(self.columns):
-            h.update(json.dumps(self.columns[c]).encode())
-        return h.hexdigest()
+        ids = (array.array("q", one).tobytes() for one in self.ids)  # one example at a time: no second copy
+        return digest(self.types, list(map(len, self.ids)), ids, self.index, self.columns)
+
+    def first_digest(self) -> str:
+        """The same of the first example alone: the family's digest (``content.family_id``)."""
+        first = self.ids[0]
+        columns = {c: v[:1] for c, v in self.columns.items()}
+        return digest(self.types, [len(first)], [array.array("q", first).tobytes()], self.index[:1], columns)
+
+
+def digest(
+    types: dict[str, str], lengths: list[int], ids: Iterable[bytes], index: list[int], columns: dict[str, list[Any]]
+) -> str:
+    """``Examples.digest`` of examples of ``lengths`` whose ids, one after another, are ``ids`` (int64 bytes, in
+    pieces of any size): also what ``sets.backfill`` computes from a stored set's shards."""
+    h = hashlib.sha256(json.dumps({"n": len(lengths), "types": types}, sort_keys=True).encode())
+    h.update(array.array("q", lengths).tobytes())
+    for piece in ids:
+        h.update(piece)
+    h.update(array.array("q", index).tobytes())
+    for c in sorted(columns):
+        h.update(json.dumps(columns[c]).encode())
+    return h.hexdigest()
 
 
 # -- reading rows with their columns -------------------------------------------------------------
@@ -206,42 +223,56 @@ def prepare(plan: Plan, limit: int) -> Examples:
     return _PREPARED[what]
 
 
+TOKENIZE_BATCH = 256
+"""Rows read and tokenized at a time while examples are prepared."""
+
+
 def _prepare(plan: Plan, limit: int) -> Examples:
+    from actcache.extraction.tokens import tokenize_docs
+
     cfg, r = plan.config, plan.resolved
     tokenizer = r.model.tokenizer
     pos = parse(cfg.positions, cfg.context_size)
     cols = cfg.kept_columns
-    texts: list[Any] = []  # texts, or lists of token ids with --token-column
+    found: list[list[int]] = []  # each example's token ids, before truncation
     ex = Examples([], [], 0, {c: [] for c in cols})
-    for n, text, values in read_rows(r.dataset, cols, cfg.token_column):
-        if cfg.token_column:
-            text = _token_ids(text, n, cfg.token_column, r.vocab_size)
-        if not text:
-            continue
-        for c, v in values.items():
-            if _kind_of(v) is None:
-                shown = "null" if v is None else f"{type(v).__name__} {str(v)[:40]!r}"
-                raise ActcacheError(
-                    f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
-                    "holds one scalar (int, float, bool or str) per example"
-                )
-            ex.columns[c].append(v)
-        texts.append(text)
-        ex.index.append(n)
-        if len(texts) == limit:
+    rows = read_rows(r.dataset, cols, cfg.token_column)
+    while len(found) < limit:
+        # Rows are tokenized in batches of at most what is still wanted: a row with no token (a text that
+        # tokenizes to nothing, as an empty list of ids) is skipped and does not count, and no row past the
+        # last example is read.
+        batch = [
+            (n, _token_ids(text, n, cfg.token_column, r.vocab_size) if cfg.token_column else text, values)
+            for n, text, values in itertools.islice(rows, min(limit - len(found), TOKENIZE_BATCH))
+        ]
+        if not batch:
             break
-    if not texts:
+        kept = [b for b in batch if b[1]]
+        texts: list[Any] = [t for _, t, _ in kept]  # texts, or lists of token ids with --token-column
+        tokenized = texts if cfg.token_column else tokenize_docs(texts, tokenizer)
+        for (n, _, values), ids in zip(kept, tokenized, strict=True):
+            if not ids:
+                continue
+            for c, v in values.items():
+                if _kind_of(v) is None:
+                    shown = "null" if v is None else f"{type(v).__name__} {str(v)[:40]!r}"
+                    raise ActcacheError(
+                        f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
+                        "holds one scalar (int, float, bool or str) per example"
+                    )
+                ex.columns[c].append(v)
+            found.append(ids)
+            ex.index.append(n)
+    if not found:
         raise ActcacheError(f"dataset {r.dataset.label!r} has no example with text in {r.dataset.spec.text_column!r}")
     for c in cols:
         kind = _column_type(c, {k for k in map(_kind_of, ex.columns[c]) if k is not None})  # all checked above
         ex.types[c] = kind
         if kind == "float":
             ex.columns[c] = [float(v) for v in ex.columns[c]]
-    from actcache.extraction.tokens import tokenize_docs
-
     head = [r.bos_id] if cfg.prepend_bos and r.bos_id is not None else []  # the plan refused BOS without one
     body = cfg.context_size - len(head)
-    for ids in texts if cfg.token_column else tokenize_docs(texts, tokenizer):
+    for ids in found:
         if len(ids) > body:
             ex.truncated += 1
             ids = ids[:body] if cfg.truncate == "right" else ids[len(ids) - body :]
@@ -505,7 +536,7 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
     n_shards = -(-len(ex.ids) // plan.tokens_key.seqs_per_shard)
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
-    digest = ex.digest()
+    digest, first = ex.digest(), ex.first_digest()
     for s in plan.computed:  # (a set reused from another holds its own manifest)
         store.sweep_temp(s.set_id)  # what killed writers left behind
         scan = records.scan_set(store, s.key)
@@ -541,6 +572,7 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             "truncated": ex.truncated,
             "columns": dict(ex.types),
             content.MANIFEST_FIELD: content.content_id(s.key, digest),
+            content.FAMILY_FIELD: content.family_id(s.key, first),
         }
         content.publish(store, s.set_id, m, m["examples"][content.MANIFEST_FIELD], scan.consolidated, MANIFEST_POINTS)
     return plan.urls

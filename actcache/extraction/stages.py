@@ -326,6 +326,10 @@ def write_manifest(plan: Plan) -> list[str]:
         cid = _content_id(tokens, s.key, m, scan.consolidated or {})
         if cid:
             m[content.MANIFEST_FIELD] = cid
+            first = tokens.first_digest()
+            fid = content.family_id(s.key, first) if first else content.stored_family(scan.consolidated)
+            if fid:
+                m[content.FAMILY_FIELD] = fid
         content.publish(store, s.set_id, m, cid, scan.consolidated, MANIFEST_POINTS)
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls

@@ -67,15 +67,22 @@ class ShardRange(Sequence[ShardWork]):
 def pack(
     docs: Iterable[list[int]], *, context_size: int, bos: int | None, separator: int | None, prepend_bos: bool
 ) -> Iterator[list[int]]:
-    """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``."""
+    """Concatenate token lists (each followed by ``separator``) and cut sequences of exactly ``context_size``.
+
+    A document with no token (a text that tokenizes to nothing) is skipped, separator and all, as an empty list of
+    ``--token-column`` ids and a missing text are: the same ids give the same sequences, read either way."""
     body = context_size - 1 if prepend_bos else context_size
     head: list[Any] = [bos] if prepend_bos else []
     buf: list[int] = []
     start = 0
+    empty = True  # the document under way has no token yet (its ``Part``s included)
     for ids in docs:
         buf.extend(ids)
-        if separator is not None and not isinstance(ids, Part):
-            buf.append(separator)
+        empty = empty and not ids
+        if not isinstance(ids, Part):
+            if separator is not None and not empty:
+                buf.append(separator)
+            empty = True
         while len(buf) - start >= body:
             yield head + buf[start : start + body]
             start += body
@@ -255,6 +262,11 @@ class TokenCache:
             h.update(f"{w.index}:{w.n_seq}:{r.sha256};".encode())
         return h.hexdigest()
 
+    def first_digest(self, scan: records.Scan | None = None) -> str | None:
+        """The first token shard's checksum, as a family's digest (``content.family_id``); None if not stored."""
+        r = (scan or self.scan()).records.get(0)
+        return None if r is None else f"0:{r.sha256}"
+
     def ensure(
         self,
         target_seqs: int,
@@ -372,11 +384,14 @@ class TokenCache:
             )
             if rec.n_seq < n_seq:
                 raise ValueError(f"it holds {rec.n_seq} sequences, {n_seq} needed")
-            data = self.store.read_bytes(f"{self.root}/{rec.file}", size=rec.bytes)
+            # Mapped on a local store (copy-on-write: the tensor is a writable view of the file's pages, no copy).
+            data = self.store.read_mapped(f"{self.root}/{rec.file}", size=rec.bytes)
             if hashlib.sha256(data).hexdigest() != rec.sha256:
                 raise ValueError("its bytes fail their sha256 checksum")
             tokens = shard.decode(
-                data, codec="none", expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))}
+                data,  # type: ignore[arg-type]  # a mapped file reads as bytes
+                codec="none",
+                expect={"tokens": (torch.int32, (rec.n_seq, self.key.context_size))},
             )["tokens"]
             low, high = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
             if self.vocab_size is not None and (low < 0 or high >= self.vocab_size):

@@ -11,6 +11,13 @@ content key to the set that holds its bytes, one small sealed file each::
 
 An extraction whose content key is indexed reuses that set (``extraction.reuse``) instead of computing a copy.
 
+A set also indexes its *family*: the same key with the digest of its first sequence (packed: its first token
+shard; one per example: its first example) in place of the whole content, under ``content_id(key, "first:" +
+digest)``. Raising ``--max-tokens`` extends a set and lowering it reads a prefix of it, which a content id of the
+whole extent cannot find; a request that asks fewer sequences than a stored set of its family holds reuses it
+once it has checked, shard by shard, that the set holds exactly its ids (``extraction.reuse``). The family entry
+names no extent and is kept when the set is extended; the manifest names it (``FAMILY_FIELD``) to be trusted.
+
 The entry is written after the set's complete manifest, and trusted only where that manifest is complete and
 names the same content id: a crash between the two leaves no entry (the set is just not reused), and an entry
 whose set was removed, extended to more examples or never finished is ignored, never followed.
@@ -36,6 +43,9 @@ INPUT_FIELDS = ("dataset", "tokenizer", "text_column", "token_column", "truncate
 MANIFEST_FIELD = "content_id"
 """Where an example set's manifest (its ``examples`` object), or a packed set's (at the top), names its content id."""
 
+FAMILY_FIELD = "content_family"
+"""Where a manifest names its family id (beside ``MANIFEST_FIELD``)."""
+
 _ID_RE = re.compile(r"^c[0-9a-f]{24}\Z")
 
 
@@ -47,24 +57,48 @@ def content_id(key: SetKey, digest: str) -> str:
     return "c" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def lookup(store: Store, cid: str) -> str | None:
-    """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
+def family_id(key: SetKey, first: str) -> str:
+    """The id of ``key``'s family: its content id with the digest of its first sequence (``first``) as content."""
+    return content_id(key, "first:" + first)
+
+
+def lookup_family(store: Store, fid: str) -> tuple[str, dict[str, Any]] | None:
+    """(set id, manifest) of the complete set family ``fid``'s entry names, when its manifest names that family."""
+    set_id = _entry(store, fid)
+    if set_id is None:
+        return None
+    m = _complete(store, set_id)
+    return (set_id, m) if m is not None and stored_family(m) == fid else None
+
+
+def _entry(store: Store, cid: str) -> str | None:
+    """The set id entry ``cid`` names, or None (none, or not sealed as actcache wrote it)."""
     rel = layout.content_entry(cid)
     try:
         entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_BASE), rel)
     except (FileNotFoundError, ValueError):
         return None
     set_id = entry.get("set_id")
-    if entry.get("content_id") != cid or not isinstance(set_id, str):
-        return None
+    return set_id if entry.get("content_id") == cid and isinstance(set_id, str) else None
+
+
+def _complete(store: Store, set_id: str) -> dict[str, Any] | None:
     try:
         m = manifest.read(store, set_id)
     except StoreUnavailable:
         raise  # the store failed, not the entry
     except ActcacheError:
         return None  # removed, damaged or unfinished: computed again, and the entry replaced
-    held = stored_id(m)
-    return set_id if m.get("complete") and held == cid else None
+    return m if m.get("complete") else None
+
+
+def lookup(store: Store, cid: str) -> str | None:
+    """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
+    set_id = _entry(store, cid)
+    if set_id is None:
+        return None
+    m = _complete(store, set_id)
+    return set_id if m is not None and stored_id(m) == cid else None
 
 
 def index(store: Store, cid: str, set_id: str) -> None:
@@ -98,13 +132,28 @@ def publish(
     if cid and m["complete"] and lookup(store, cid) is None:
         crashpoints.point("content.before-index")
         index(store, cid, set_id)
+    fid = stored_family(m)
+    if fid and m["complete"]:  # the family's entry names its set that holds the most sequences
+        held = lookup_family(store, fid)
+        if held is None or (held[0] != set_id and held[1].get("n_tokens", 0) < m.get("n_tokens", 0)):
+            index(store, fid, set_id)
     old = stored_id(previous)
     if old and old != cid:
         drop(store, old, set_id)
 
 
 def stored_id(m: dict[str, Any] | None) -> str | None:
-    """The content id a manifest holds: at its top (packed sets) or in its ``examples`` part."""
+    """The content id a manifest holds: at its top (packed sets) or in its ``examples`` part; None if none or not
+    a content id."""
     if not m:
         return None
-    return m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    cid = m.get(MANIFEST_FIELD) or (m.get("examples") or {}).get(MANIFEST_FIELD)
+    return cid if isinstance(cid, str) and _ID_RE.match(cid) else None  # (a forged one names no other file)
+
+
+def stored_family(m: dict[str, Any] | None) -> str | None:
+    """The family id a manifest names (beside its content id), or None."""
+    if not m:
+        return None
+    fid = m.get(FAMILY_FIELD) or (m.get("examples") or {}).get(FAMILY_FIELD)
+    return fid if isinstance(fid, str) and _ID_RE.match(fid) else None

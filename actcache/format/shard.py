@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +76,10 @@ def decode(data: bytes, *, codec: str, expect: Expect | None = None, cap: int | 
         raise ValueError(f"unknown codec {codec!r}")
     if bounded:
         check_entries(parse(data, data[:8]), bounded)
-    return views(data, expect)
+    # Tensors are views of their buffer, and a tensor may be written to: a read-only one (bytes from an object
+    # store, or from ``read_bytes``) is copied once, after the checks above; a local mapping (``read_mapped``,
+    # copy-on-write) is viewed as it is.
+    return views(bytearray(data) if memoryview(data).readonly else data, expect)
 
 
 _TORCH_OF = {
@@ -93,10 +95,6 @@ _TORCH_OF = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100_000_000  # safetensors' own limit
-
-# torch.frombuffer warns (once per process) that a bytes object is read-only; the tensors made here own
-# their bytes object alone, so writing to them changes nothing anyone else sees.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
 
 
 def header(
@@ -161,12 +159,15 @@ def views(data: bytes | bytearray | memoryview, expect: Expect | None = None) ->
 
 
 def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list[int], offset: int = 0) -> torch.Tensor:
-    """A view of ``data`` from ``offset`` as a tensor of ``dtype`` and ``shape`` (no copy)."""
+    """A view of ``data`` from ``offset`` as a tensor of ``dtype`` and ``shape`` (no copy, unless ``data`` is
+    read-only: then a copy of those bytes alone)."""
     numel = 1
     for x in shape:
         numel *= x
     if numel == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty tensors
+    if memoryview(data).readonly:  # bytes (a ranged read): a tensor may be written to, so it gets its own copy
+        data, offset = bytearray(memoryview(data)[offset : offset + numel * dtype.itemsize]), 0
     return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
 
 

@@ -54,9 +54,7 @@ def load_examples(
         data = s.store.read_mapped(f"{s.set_id}/{rec.file}", size=rec.bytes)
         if hashlib.sha256(data).hexdigest() != rec.sha256:
             raise Failure(f"shard {rec.index} of {s.url} fails its checksum; rerun the extraction to repair it")
-        # Bytes from an object store are read-only (tensors must not view them); a compressed shard decodes anew.
-        writable = bytearray(data) if isinstance(data, bytes) and s.manifest["codec"] == "none" else data
-        t = example_rows.decode(s, rec, writable)  # header checked against the manifest and record, before any tensor
+        t = example_rows.decode(s, rec, data)  # header checked against the manifest and record, before any tensor
         for name, v in t.items():
             parts.setdefault(name, []).append(v)
     if not parts:

@@ -2,10 +2,10 @@
 
 Both run in an order that a kill at any point cannot turn into a set that looks complete:
 
-- ``remove_set`` deletes the manifest first (the set is then ``incomplete`` for ``ls``, and no reader opens
-  it), then the completion records (no shard counts as done), then the shards, then the empty folder. An
-  interrupted removal is finished by running it again; an extraction of the same set rerun in between
-  recomputes what is gone and is byte for byte what it was.
+- ``remove_set`` deletes the set's content index entries (``format.content``), then the manifest (the set is
+  then ``incomplete`` for ``ls``, and no reader opens it), then the completion records (no shard counts as
+  done), then the shards, then the empty folder. An interrupted removal is finished by running it again; an
+  extraction of the same set rerun in between recomputes what is gone and is byte for byte what it was.
 - ``find_garbage`` lists, ``collect`` deletes: temp files of writers that no longer run (this host's, by
   pid) or that are older than a threshold (another host's), S3 multipart uploads never completed and older
   than the threshold (their parts are stored and billed, yet invisible to listings), and token caches
@@ -97,7 +97,17 @@ def _looks_like_store(store: Store) -> bool:
 
 
 def remove_set(target: SetFiles) -> None:
-    """Delete the set's files: manifest, then records, then shards (see the module docstring), then its folder."""
+    """Delete the set's files: its content index entries, manifest, then records, then shards (see the module
+    docstring), then its folder."""
+    from actcache.format import content
+
+    try:
+        m = target.store.read_json(f"{target.set_id}/{layout.MANIFEST}")
+    except (FileNotFoundError, ValueError):
+        m = None  # no manifest (an rm resumed, a run under way): no entry is trusted without one anyway
+    if isinstance(m, dict):  # first: an entry never names a set being removed (a kill here only unindexes it)
+        for cid in filter(None, (content.stored_id(m), content.stored_family(m))):
+            content.drop(target.store, cid, target.set_id)
     for step, rels in zip(("manifest", "records", "shards"), removal_order(target.files), strict=True):
         target.store.remove([f"{target.set_id}/{r}" for r in rels])
         crashpoints.point(f"rm.{step}-removed")

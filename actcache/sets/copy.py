@@ -1,7 +1,8 @@
 """Copy an activation set between stores (local <-> S3 <-> ...), in the same order extraction writes it.
 
 Shard bytes first (each checked against the manifest's sha256 before it is written), then its completion
-record, then the manifest last: an interrupted copy resumes, skipping shards the destination holds.
+record, then the manifest, then the set's content index entry (``format.content``), as an extraction publishes
+them: an interrupted copy resumes, skipping shards the destination holds.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.errors import ActcacheError, Failure, opt
-from actcache.format import layout, manifest, records
+from actcache.format import content, layout, manifest, records
 from actcache.format.commit import Shard, commit
 from actcache.read.reader import open_set
-from actcache.storage.store import DamagedFile, StoreRef, parse_json
+from actcache.storage.store import DamagedFile, Store, StoreRef, parse_json
 
 
 def _same(a: str, b: str, local: bool) -> bool:
@@ -126,5 +127,20 @@ def copy_set(
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        commit(target, set_id, manifest_doc=manifest.stored_bytes(source.store, set_id))
+        raw = manifest.stored_bytes(source.store, set_id)
+        commit(target, set_id, manifest_doc=raw)
+        _index(target, set_id, parse_json(raw, source.url))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)
+
+
+def _index(target: Store, set_id: str, m: Any) -> None:
+    """The copied set's content and family entries in ``target`` (after its manifest, as ``content.publish``), so
+    that an extraction there reuses it for the same token ids read another way; an entry already followed is
+    kept."""
+    if not isinstance(m, dict) or not m.get("complete"):
+        return
+    cid, fid = content.stored_id(m), content.stored_family(m)
+    if cid and content.lookup(target, cid) is None:
+        content.index(target, cid, set_id)
+    if fid and content.lookup_family(target, fid) is None:
+        content.index(target, fid, set_id)

@@ -67,12 +67,13 @@ def test_extract_to_s3_rerun_listing_and_local_equality(base_config, s3_server, 
     assert set_url.startswith(url + "/")
     assert counts(by_name)["extract"] == 4 and counts(by_name)["upload"] == 4
 
-    # An independent listing (boto3, not s3fs) shows exactly the set, its token cache and its content entry.
+    # An independent listing (boto3, not s3fs) shows exactly the set, its token cache and its content entries.
     plan = make_plan(cfg)
     set_id, tokens = plan.sets[0].set_id, layout.tokens_dir(plan.tokens_key.id)
     objects = s3_server.keys_under(url)
-    content_id = json.loads(objects[f"{set_id}/{layout.MANIFEST}"])["content_id"]
-    expected = {f"{set_id}/{layout.MANIFEST}", f"{tokens}/index.json", layout.content_entry(content_id)}
+    m = json.loads(objects[f"{set_id}/{layout.MANIFEST}"])
+    expected = {f"{set_id}/{layout.MANIFEST}", f"{tokens}/index.json"}
+    expected |= {layout.content_entry(m["content_id"]), layout.content_entry(m["content_family"])}
     for i in range(4):
         expected |= {
             f"{set_id}/{layout.shard_file(i, 'none')}",

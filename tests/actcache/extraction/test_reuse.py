@@ -137,8 +137,8 @@ def test_the_index_never_points_at_an_unfinished_set(tiny_models, inputs, tmp_pa
     plan = make_plan(column)
     assert plan.sets[0].stored_as is None and plan.has_missing
     examples.extract(plan)
-    (entry,) = (store / "_content").iterdir()
-    assert json.loads(entry.read_text())["set_id"] == plan.sets[0].set_id
+    entries = list((store / "_content").iterdir())  # its content and its family
+    assert len(entries) == 2 and all(json.loads(e.read_text())["set_id"] == plan.sets[0].set_id for e in entries)
 
 
 def test_an_entry_whose_set_is_not_complete_is_ignored(tiny_models, inputs, tmp_path):
@@ -184,8 +184,8 @@ def test_on_s3_the_column_reuses_the_text_set(tiny_models, inputs, s3_server, s3
     bucket = s3_server.new_prefix()
     (url,) = examples.extract(make_plan(_config(tiny_models, text, bucket, positions="mean")))
     keys = s3_server.keys_under(bucket)
-    (entry,) = [k for k in keys if k.startswith("_content/")]
-    assert json.loads(keys[entry])["set_id"] == url.rsplit("/", 1)[1]
+    entries = [k for k in keys if k.startswith("_content/")]  # its content and its family
+    assert len(entries) == 2 and all(json.loads(keys[e])["set_id"] == url.rsplit("/", 1)[1] for e in entries)
     _no_forward(monkeypatch)
     (result,) = api.extract_sets(_config(tiny_models, ids, bucket, positions="mean", token_column="input_ids"))
     assert result.reused and result.url == url
@@ -208,3 +208,81 @@ def test_of_two_hooks_only_the_one_stored_is_reused(tiny_models, inputs, tmp_pat
     # The text run of both hooks now finds each stored: the first as it was made, the second via the index.
     again = make_plan(_config(tiny_models, text, str(store), positions="last", hook=both), load_model=False)
     assert not again.has_missing and again.urls == urls
+
+
+def test_a_copied_set_is_reused_in_its_new_store(tiny_models, inputs, tmp_path, monkeypatch):
+    """``actcache cp`` carries the set's content entry: the column finds the text set in the store it was copied to."""
+    from actcache.sets.copy import copy_set
+
+    text, ids = inputs
+    (url,) = examples.extract(make_plan(_config(tiny_models, text, str(tmp_path / "a"), positions="last")))
+    copied = copy_set(url, str(tmp_path / "b")).url
+    _no_forward(monkeypatch)
+    plan = make_plan(_config(tiny_models, ids, str(tmp_path / "b"), positions="last", token_column="input_ids"))
+    assert plan.sets[0].stored_as == url.rsplit("/", 1)[1] and plan.urls == [copied] and not plan.has_missing
+
+
+def test_fewer_examples_reuse_a_set_of_the_same_ids_more_are_computed(tiny_models, inputs, tmp_path, monkeypatch):
+    """As the text's own rerun with a lower --max-tokens reads the set it has: the column's first 7 examples (a
+    shard and part of the next) are the text set's first 7, checked from its shards, so it is reused whole. More
+    examples than a set of the same ids holds are computed alone: that set is the other input's, never extended
+    with ids read from this one."""
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="last")))
+    _no_forward(monkeypatch)
+    fewer = _config(tiny_models, ids, str(store), positions="last", token_column="input_ids", max_tokens=7 * CONTEXT)
+    plan = make_plan(fewer)
+    assert plan.sets[0].stored_as == url.rsplit("/", 1)[1] and plan.urls == [url] and not plan.has_missing
+    (result,) = api.extract_sets(fewer)
+    assert result.reused and result.url == url and result.shards_computed == 0 and result.n_shards == 3
+    # Another first 7 (one label changed): the family is found, its shards do not hold them: computed alone.
+    rows = [json.loads(line) for line in ids.read_text().splitlines()]
+    rows[6]["label"] = 1 - rows[6]["label"]
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps(r) for r in rows))
+    assert make_plan(fewer.replace(dataset=str(other)), load_model=False).sets[0].stored_as is None
+    monkeypatch.undo()
+    small = tmp_path / "small"
+    (seven,) = examples.extract(make_plan(_config(tiny_models, text, str(small), positions="last", max_tokens=7 * 32)))
+    plan = make_plan(_config(tiny_models, ids, str(small), positions="last", token_column="input_ids"))
+    assert plan.sets[0].stored_as is None and plan.has_missing
+    assert _set_folders(small) == [seven.rsplit("/", 1)[1]]
+
+
+def test_a_reused_set_keeps_its_truncated_count_and_the_request_logs_its_own(tiny_models, tmp_path, caplog):
+    """The manifest describes the set as made (its text had statements cut to the context); a column of the same
+    ids already cut reuses it, and logs no truncation of its own."""
+    rows = [{"text": " ".join(line.split()[:60]), "label": i % 2} for i, line in enumerate(demo.corpus_lines()[:12])]
+    text = tmp_path / "long.jsonl"
+    text.write_text("\n".join(json.dumps(r) for r in rows))
+    store = tmp_path / "s"
+    with caplog.at_level("WARNING", logger="actcache.extraction.examples"):
+        (url,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="last")))
+    truncated = json.loads((Path(url) / "manifest.json").read_text())["examples"]["truncated"]
+    assert truncated > 0 and f"{truncated} of 12 examples were longer" in caplog.text
+    got = load_examples(url)  # each example's ids as fed: BOS, then the statement cut to the context
+    bos = 1 if got.manifest["tokenization"]["prepend_bos"] else 0
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(
+        "\n".join(
+            json.dumps({"input_ids": got.tokens[i, bos : int(n)].tolist(), "label": r["label"]})
+            for i, (n, r) in enumerate(zip(got.lengths, rows, strict=True))
+        )
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="actcache.extraction.examples"):
+        plan = make_plan(_config(tiny_models, cut, str(store), positions="last", token_column="input_ids"))
+    assert plan.urls == [url] and not plan.has_missing and "truncated" not in caplog.text
+    assert json.loads((Path(url) / "manifest.json").read_text())["examples"]["truncated"] == truncated
+
+
+def test_rm_takes_the_sets_entries_with_it(tiny_models, inputs, tmp_path, capsys):
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="last")))
+    column = _config(tiny_models, ids, str(store), positions="last", token_column="input_ids")
+    assert len(list((store / "_content").iterdir())) == 2 and make_plan(column, load_model=False).urls == [url]
+    assert main(["rm", url, "--yes"]) == 0
+    assert not any((store / "_content").iterdir()) and not Path(url).exists()
+    assert make_plan(column, load_model=False).sets[0].stored_as is None

@@ -149,14 +149,56 @@ def test_the_flow_reuses_the_packed_set_after_tokenizing(tiny_models, inputs, tm
     (second,) = api.extract_sets(_config(tiny_models, ids, store, token_column="input_ids"))
     assert second.reused and second.set_id == first.set_id and second.shards_computed == 0
     assert second.requested_id != first.set_id and not (store / second.requested_id).exists()
+    # Every count describes the set reused and this request: all its shards stored, none computed.
+    assert (second.n_shards, second.n_tokens, second.bytes, second.complete) == (
+        first.n_shards,
+        first.n_tokens,
+        first.bytes,
+        True,
+    )
+    assert second.shards_skipped == second.n_shards > 1 and second.tokens_computed == 0
 
 
-def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
+def test_a_partition_reuses_the_set_after_tokenizing(tiny_models, inputs, tmp_path, prefect_harness, monkeypatch):
+    """A fan-out's partition run whose column ids are not tokenized yet finds the text set only after its tokenize
+    stage: it computes nothing, and writes nothing into the set it reuses (no partial manifest over it) nor under
+    its own id; the other partition finds it from the stored token shards, as a plan."""
+    from actcache.extraction.plan import make_plan
+    from actcache.flows.extract import extract_activations
+    from actcache.flows.fanout import extract_fanout
+
+    text, ids = inputs
+    store = tmp_path / "s"
+    (url,) = run_sequential(_config(tiny_models, text, store))
+    other = tmp_path / "o"  # the same set in another store, for the fan-out's parent below
+    (url_other,) = run_sequential(_config(tiny_models, text, other))
+    stored = Path(url)
+    files = {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()}
+    entries = sorted((store / "_content").iterdir())
+    column = _config(tiny_models, ids, store, token_column="input_ids")
+    first = make_plan(column, load_model=False)
+    assert first.has_missing and first.sets[0].stored_as is None  # not known before tokenizing
+    _no_forward(monkeypatch)
+    for index in (0, 1):
+        state = extract_activations(column, partition_index=index, num_partitions=2, return_state=True)
+        assert state.is_completed() and state.result() == [url]
+    assert {p: p.read_bytes() for p in sorted(stored.rglob("*")) if p.is_file()} == files
+    assert not (store / first.sets[0].set_id).exists()
+    assert sorted((store / "_content").iterdir()) == entries
+    # The fan-out's parent, which tokenizes for its partitions, finds it there too: it launches none (this
+    # deployment does not exist) and its summary says nothing was computed.
+    column = column.replace(store=str(other))
+    state = extract_fanout(column, num_partitions=2, deployment="no-such/deployment", return_state=True)
+    assert state.is_completed() and state.result() == [url_other]
+    assert not (other / first.sets[0].set_id).exists()
+
+
+def test_other_ids_or_more_sequences_are_not_reused_fewer_are(tiny_models, inputs, tmp_path, monkeypatch):
     from actcache.extraction.plan import make_plan
 
     text, ids = inputs
     store = tmp_path / "s"
-    run_sequential(_config(tiny_models, text, store))
+    (whole,) = run_sequential(_config(tiny_models, text, store))
     rows = [json.loads(line) for line in ids.read_text().splitlines()]
     rows[0]["input_ids"] = rows[0]["input_ids"][:-1]  # one id fewer: other sequences
     other = tmp_path / "other.jsonl"
@@ -166,8 +208,17 @@ def test_other_ids_or_extent_are_not_reused(tiny_models, inputs, tmp_path):
         make_plan(_config(tiny_models, other, store, token_column="input_ids"), load_model=False).sets[0].stored_as
         is None
     )
-    (fewer,) = run_sequential(_config(tiny_models, ids, store, token_column="input_ids", max_tokens=20 * CONTEXT))
-    assert len({url, fewer, run_sequential(_config(tiny_models, text, store))[0]}) == 3
+    assert url != whole
+    # More sequences than a set of the same ids holds: computed alone (that set is another input's, never extended
+    # from this one); as many: that set; fewer: that set too (a prefix of it, as the text's own rerun would read).
+    _no_forward(monkeypatch)
+    fewer = _config(tiny_models, ids, store, token_column="input_ids", max_tokens=20 * CONTEXT)
+    assert run_sequential(fewer) == [whole]
+    plan = make_plan(fewer, load_model=False)
+    assert plan.urls == [whole] and not plan.has_missing and plan.sets[0].stored_as == whole.rsplit("/", 1)[1]
+    monkeypatch.undo()
+    (more,) = run_sequential(fewer.replace(max_tokens=60 * CONTEXT))
+    assert more not in (url, whole) and open_set(more).n_tokens > open_set(whole).n_tokens
 
 
 GOOD = {"input_ids": [5, 6, 7, 8, 9]}
@@ -226,9 +277,62 @@ def test_an_extended_set_keeps_one_entry_for_what_it_holds(tiny_models, inputs, 
     text, ids = inputs
     store = tmp_path / "s"
     (url,) = run_sequential(_config(tiny_models, text, store, max_tokens=20 * CONTEXT))
-    (first,) = (store / "_content").iterdir()
-    (longer,) = run_sequential(_config(tiny_models, text, store))  # extended: another content
-    (entry,) = (store / "_content").iterdir()
-    assert longer == url and entry != first
+    family = f"{json.loads((Path(url) / 'manifest.json').read_text())[content.FAMILY_FIELD]}.json"
+    (first,) = [e for e in (store / "_content").iterdir() if e.name != family]
+    (longer,) = run_sequential(_config(tiny_models, text, store))  # extended: another content, the same family
+    (entry,) = [e for e in (store / "_content").iterdir() if e.name != family]
+    assert longer == url and entry != first and (store / "_content" / family).exists()
     m = json.loads((store / url.rsplit("/", 1)[1] / "manifest.json").read_text())
-    assert entry.name == f"{m[content.MANIFEST_FIELD]}.json"
+    assert entry.name == f"{m[content.MANIFEST_FIELD]}.json" and family == f"{m[content.FAMILY_FIELD]}.json"
+
+
+@pytest.fixture(scope="module")
+def stripping(tiny_models, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The tiny GPT-2 with a tokenizer that strips the text first (so "   " tokenizes to nothing), and 30 documents
+    as text and as its ids, every third a text of spaces: in the column, an empty list of ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("strip")
+    model = root / "model"
+    shutil.copytree(tiny_models["gpt2"], model)
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["normalizer"] = {"type": "Strip", "strip_left": True, "strip_right": True}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(model)
+    texts = ["   " if i % 3 == 1 else " ".join(line.split()[:12]) for i, line in enumerate(demo.corpus_lines()[:30])]
+    assert tok("   ", add_special_tokens=False)["input_ids"] == []
+    text, ids = root / "text.jsonl", root / "ids.jsonl"
+    text.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    ids.write_text("\n".join(json.dumps({"input_ids": tok(t, add_special_tokens=False)["input_ids"]}) for t in texts))
+    return model, text, ids
+
+
+@pytest.mark.parametrize("packing", ["concat", "none"])
+def test_a_text_with_no_token_is_skipped_as_an_empty_id_list(tiny_models, stripping, tmp_path, monkeypatch, packing):
+    """Text and column give the same ids for equivalent rows (no separator, no empty example for a row with no
+    token), hence the same content: the column reuses the text's set."""
+    from actcache.extraction import examples, stages
+    from actcache.extraction.plan import make_plan
+    from actcache.read.examples import load_examples
+
+    model, text, ids = stripping
+    store = tmp_path / "s"
+    same = dict(model=str(model), max_tokens=20 * CONTEXT, packing=packing)
+    if packing == "none":
+        same |= dict(positions="last", max_tokens=15 * CONTEXT)  # 15 examples: rows 0..21 hold them
+    (url,) = run_sequential(_config(tiny_models, text, store, **same))
+    if packing == "none":
+        got = load_examples(url)
+        assert len(got.lengths) == 15 and 0 < int(got.lengths.min())
+        assert got.example_index.tolist() == [i for i in range(30) if i % 3 != 1][:15]
+    else:
+        sep = open_set(url).tokenization["separator_id"]
+        toks = _read(url)[1].flatten().tolist()
+        assert all(not (a == b == sep) for a, b in zip(toks, toks[1:], strict=False))  # never two in a row
+
+    _no_forward(monkeypatch)
+    monkeypatch.setattr(examples, "compute_shard", stages.extract)  # (refused too)
+    assert run_sequential(_config(tiny_models, ids, store, token_column="input_ids", **same)) == [url]
+    assert make_plan(_config(tiny_models, ids, store, token_column="input_ids", **same), load_model=False).urls == [url]

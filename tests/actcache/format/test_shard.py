@@ -157,3 +157,29 @@ def test_a_shard_inflating_past_its_bound_is_refused_and_one_within_it_is_read(w
     )
     out = shard.decode(shard.encode(small, codec="zstd").data, codec="zstd", expect=small_expect)
     assert torch.equal(out["activations"], small["activations"])  # under FREE_INFLATION: any ratio
+
+
+def test_decoding_read_only_bytes_warns_nothing_and_leaves_them_as_they_were():
+    """torch.frombuffer warned "The given buffer is not writable" for bytes (an object store's, or ``read_bytes``'):
+    the tensors get a writable buffer of their own, and writing to them never changes the bytes read."""
+    import warnings
+
+    data = shard.encode({"tokens": torch.arange(12, dtype=torch.int32).view(3, 4)}).data
+    before = bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = shard.decode(data, codec="none", expect={"tokens": (torch.int32, (3, 4))})["tokens"]
+    t[0, 0] = 99
+    assert data == before and t[0, 0] == 99 and t[1].tolist() == [4, 5, 6, 7]
+
+
+def test_a_tensor_of_read_only_bytes_copies_only_its_own_and_warns_nothing():
+    """``read_tokens`` makes tensors of ranged reads (bytes): each gets a writable copy of its own bytes."""
+    import warnings
+
+    data = bytes(range(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = shard.tensor(data, torch.uint8, [2, 3], offset=4)
+    t[0, 0] = 99
+    assert t.tolist() == [[99, 5, 6], [7, 8, 9]] and data == bytes(range(16))

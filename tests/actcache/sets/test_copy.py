@@ -9,8 +9,9 @@ import pytest
 
 from actcache.cli import app as cli
 from actcache.errors import ActcacheError
-from actcache.format import layout
+from actcache.format import content, layout
 from actcache.sets.copy import copy_set
+from actcache.storage.store import StoreRef
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,11 @@ def files(set_url: str) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def set_files(keys: dict[str, bytes], set_id: str) -> dict[str, bytes]:
+    """The objects of one set among a store's ``keys`` (not its ``_content/`` index), as ``files`` names them."""
+    return {k.removeprefix(f"{set_id}/"): v for k, v in keys.items() if k.startswith(f"{set_id}/")}
+
+
 def cp(capsys, *args: str) -> tuple[int, str, str]:
     code = cli.main(["cp", *args])
     out = capsys.readouterr()
@@ -42,7 +48,10 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     code, out, err = cp(capsys, local_set, bucket_url)
     assert code == 0 and out.strip().splitlines()[-1] == f"{bucket_url}/{set_id}"
     assert "copied 4 shards" in err and "skipped 0" in err
-    assert {k.removeprefix(f"{set_id}/"): v for k, v in s3_server.keys_under(bucket_url).items()} == original
+    assert set_files(s3_server.keys_under(bucket_url), set_id) == original
+    # The set's content entry comes along, written after its manifest: found by content in the new store too.
+    cid = json.loads(original["manifest.json"])["content_id"]
+    assert content.lookup(StoreRef.of(bucket_url).open(), cid) == set_id
 
     code, _, err = cp(capsys, local_set, bucket_url)  # everything present: nothing copied
     assert code == 0 and "copied 0 shards" in err and "skipped 4" in err
@@ -51,6 +60,7 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     code, out, _ = cp(capsys, f"{bucket_url}/{set_id}", str(back))
     assert code == 0 and out.strip().splitlines()[-1] == f"{back}/{set_id}"
     assert files(str(back / set_id)) == original
+    assert json.loads((back / "_content" / f"{cid}.json").read_text())["set_id"] == set_id
 
     # Lose one shard's object and another's record at the destination: exactly those two are copied again.
     prefix = bucket_url.removeprefix(f"s3://{s3_server.bucket}/")
@@ -59,7 +69,7 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     c.delete_object(Bucket=s3_server.bucket, Key=f"{prefix}/{set_id}/{layout.record_file(3)}")
     result = copy_set(local_set, bucket_url)
     assert (result.copied, result.skipped) == (2, 2)
-    assert {k.removeprefix(f"{set_id}/"): v for k, v in s3_server.keys_under(bucket_url).items()} == original
+    assert set_files(s3_server.keys_under(bucket_url), set_id) == original
 
     assert cli.main(["verify", f"{bucket_url}/{set_id}"]) == 0
     assert "OK: 4 shards, 512 tokens" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from actcache.errors import ActcacheError, Failure
-from actcache.format import content
+from actcache.format import content, manifest
 from actcache.format.commit import Points
 from actcache.format.key import SetKey
 
@@ -56,6 +56,14 @@ def backfill(s: ActivationSet) -> str | None:
         m["examples"] = {**m["examples"], **ids}
     else:
         m |= ids
+    # Verifying took as long as reading every shard: a run may have extended the set meanwhile, and writing the
+    # manifest verified would drop its new shards from it. Only a manifest still as verified is given the ids.
+    try:
+        current = manifest.read(s.store, s.set_id)
+    except ActcacheError:
+        return None
+    if not manifest.unchanged(current, s.manifest):
+        return None
     content.publish(s.store, s.set_id, m, cid, s.manifest, MANIFEST_POINTS)  # the manifest, then the entry
     s.manifest = m
     return cid

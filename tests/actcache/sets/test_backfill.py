@@ -132,3 +132,28 @@ def test_verify_gives_a_set_made_by_0_5_0_its_family(tiny_models, inputs, tmp_pa
     assert "indexed its content id" in capsys.readouterr().err
     assert content.stored_family(json.loads(path.read_text())) == fid
     assert make_plan(fewer, load_model=False).urls == [url]
+
+
+def test_a_set_extended_while_it_is_verified_keeps_its_new_shards(tiny_models, inputs, tmp_path, capsys, monkeypatch):
+    """Verifying reads every shard (minutes on a large set); a run that extends the set meanwhile writes a larger
+    manifest. Writing back the manifest as verified, with its content id added, would drop the new shards from it."""
+    from actcache.read.reader import ActivationSet
+
+    text, _ = inputs
+    store = tmp_path / "s"
+    (url,) = run_sequential(_config(tiny_models, text, store, "none", max_tokens=8 * CONTEXT))
+    set_id = url.rsplit("/", 1)[1]
+    _as_before_content_ids(store, set_id)
+    real = ActivationSet.verify
+
+    def verify_while_extended(self, *args, **kwargs):
+        problems = real(self, *args, **kwargs)
+        run_sequential(_config(tiny_models, text, store, "none"))  # --max-tokens raised: the same set, extended
+        return problems
+
+    monkeypatch.setattr(ActivationSet, "verify", verify_while_extended)
+    before = len(json.loads((store / set_id / "manifest.json").read_text())["shards"])
+    assert main(["verify", url]) == 0
+    after = json.loads((store / set_id / "manifest.json").read_text())
+    assert len(after["shards"]) > before and open_set(url).verify() == []
+    assert "indexed" not in capsys.readouterr().err

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -94,10 +95,6 @@ _TORCH_OF = {
 }
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 
-# torch.frombuffer warns (once per process) that a bytes object is read-only; the tensors made here own
-# their bytes object alone, so writing to them changes nothing anyone else sees.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", module=__name__)
-
 
 def header(
     data: bytes | bytearray | memoryview, size: int | None = None
@@ -167,7 +164,26 @@ def tensor(data: bytes | bytearray | memoryview, dtype: torch.dtype, shape: list
         numel *= x
     if numel == 0:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses empty tensors
-    return torch.frombuffer(data, dtype=dtype, count=numel, offset=offset).view(shape)
+    return _frombuffer(data, dtype, numel, offset).view(shape)
+
+
+_READ_ONLY_WARNED = threading.Event()
+_READ_ONLY_LOCK = threading.Lock()
+
+
+def _frombuffer(data: bytes | bytearray | memoryview, dtype: torch.dtype, count: int, offset: int) -> torch.Tensor:
+    """``torch.frombuffer``, without its warning about read-only buffers (a shard read whole is ``bytes``, which the
+    tensors made here own alone: writing to them changes nothing anyone else sees). torch warns once per process,
+    so only the first read-only call needs the filter, set at the call: one set at import is lost when the import
+    happens inside ``catch_warnings`` (pytest's, for one). ``catch_warnings`` is not thread-safe: one thread at a
+    time."""
+    if _READ_ONLY_WARNED.is_set() or not memoryview(data).readonly:
+        return torch.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    with _READ_ONLY_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        t = torch.frombuffer(data, dtype=dtype, count=count, offset=offset)
+        _READ_ONLY_WARNED.set()
+    return t
 
 
 def check(tensors: dict[str, torch.Tensor], expect: Expect | None) -> None:

@@ -157,3 +157,23 @@ def test_a_shard_inflating_past_its_bound_is_refused_and_one_within_it_is_read(w
     )
     out = shard.decode(shard.encode(small, codec="zstd").data, codec="zstd", expect=small_expect)
     assert torch.equal(out["activations"], small["activations"])  # under FREE_INFLATION: any ratio
+
+
+@pytest.mark.subprocess
+def test_views_of_a_read_only_shard_warn_nothing():
+    """A shard read whole is bytes (read-only): torch's warning about read-only buffers is not shown to a user
+    reading a set, even where actcache was imported inside ``catch_warnings`` (as pytest imports it), which drops
+    the filters set at import. A fresh process: torch warns once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch; from safetensors.torch import save\n"
+        "with warnings.catch_warnings():\n"
+        "    from actcache.format import shard\n"
+        "data = save({'activations': torch.arange(12.0).view(4, 3)})\n"
+        "assert shard.views(data)['activations'][3, 2].item() == 11.0\n"
+        "assert shard.views(bytearray(data))['activations'].sum().item() == 66.0\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]

@@ -52,6 +52,8 @@ def test_make_demo_twice_second_run_skips_every_shard(tmp_path):
     assert "extract: 4/4 shards, " in first.stderr  # off a terminal: a progress line (every 10 s, and the last)
     assert "prefect server start" in first.stderr and "PREFECT_API_URL" in first.stderr
     assert f"actcache show {set_url}" in first.stderr and f"actcache.open_set('{set_url}')" in first.stderr
+    # those `next:` lines need the venv, which `make` does not activate for the user's shell: it says how
+    assert first.stderr.rstrip().endswith("run `source .venv/bin/activate` for the commands above)"), first.stderr
     stamps = {
         p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file() and p.name != "manifest.json"
     }

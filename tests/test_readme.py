@@ -61,3 +61,15 @@ def test_pages_link_to_pages_that_exist():
     for page in PAGES:
         for target in re.findall(r"\]\(((?:\.\./|docs/)?[\w./-]+\.md)", page.read_text()):
             assert (page.parent / target).resolve().is_file(), (page, target)
+
+
+def test_every_python_block_is_collected_or_says_why():
+    """Any fence that opens Python (indented in a list, ```py, ```python3 ...) is one that BLOCK finds: run above, or
+    skipped by a marker that says why (or run by its own test: sae-example, transcoder-example)."""
+    fence = re.compile(r"^[ \t]*```(?:py|python|python3|pycon)[ \t]*$", re.M)
+    for page in PAGES:
+        text = page.read_text()
+        found = len(BLOCK.findall(text))
+        assert len(fence.findall(text)) == found, f"{page.name}: a Python block that tests/test_readme.py does not see"
+        for marker, _ in BLOCK.findall(text):
+            assert not marker or "no-run:" in marker or "-example" in marker, (page.name, marker)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cliargs import config_argv
 
 import actcache
 from actcache.cli.app import main
@@ -357,23 +358,7 @@ def test_storage_failure_mid_run_is_one_line_exit_1(base_config, monkeypatch, pr
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    argv = [
-        "extract",
-        "--model",
-        base_config.model,
-        "--dataset",
-        base_config.dataset,
-        "--store",
-        base_config.store,
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--device",
-        "cpu",
-    ]
+    argv = config_argv(base_config, hook=None)
     _one_line(prefect_console, main(argv), "File too large", want_code=1)
 
 
@@ -400,23 +385,7 @@ def test_file_size_limit_in_a_real_process_is_one_line_exit_1(base_config, tmp_p
 
 
 def _extract_args(cfg) -> list[str]:
-    return [
-        "extract",
-        "--model",
-        cfg.model,
-        "--dataset",
-        cfg.dataset,
-        "--store",
-        cfg.store,
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--device",
-        "cpu",
-    ]
+    return config_argv(cfg, hook=None)
 
 
 @pytest.mark.parametrize("how", ["--debug", "ACTCACHE_TRACEBACK=1"])

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cliargs import config_argv
 
 from actcache.config import ExtractConfig
 from actcache.errors import ActcacheError
@@ -55,27 +56,7 @@ def copy_of(local_set: Path, tmp_path: Path) -> Path:
 
 # -- secrets --------------------------------------------------------------------------------------
 def extract_args(cfg: ExtractConfig, store: str) -> list[str]:
-    return [
-        "extract",
-        "--model",
-        cfg.model,
-        "--hook",
-        cfg.hook,
-        "--dataset",
-        cfg.dataset,
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--store",
-        store,
-    ]
+    return config_argv(cfg, store, batch_size=4)
 
 
 def prefect_records() -> list[str]:

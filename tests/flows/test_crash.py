@@ -6,10 +6,10 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cliargs import PROCESS, extract_argv
 from prefect_server import PREFECT, Processes, Server, free_port, server_env
 from setfiles import local_tree
 
@@ -54,25 +54,7 @@ def api_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def args(tiny_models, corpus):
-    return [
-        "extract",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--dataset",
-        str(corpus),
-        "--hook",
-        "blocks.1.hook_resid_post",
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--device",
-        "cpu",
-        "--codec",
-        "zstd",
-    ]
+    return extract_argv(tiny_models["gpt2"], corpus, None, hook="blocks.1.hook_resid_post", codec="zstd")
 
 
 def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +62,7 @@ def _run(args: list[str], store: Path, env: dict[str, str], fault: str | None = 
     env.pop("ACTCACHE_FAULT", None)
     if fault:
         env["ACTCACHE_FAULT"] = fault
-    argv = [sys.executable, "-m", "actcache.cli.app", *args, "--store", str(store)]
+    argv = [*PROCESS, *args, "--store", str(store)]
     # Own session, and the group killed once the CLI has exited: nothing it started may outlive it.
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True

@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cliargs import PROCESS, config_argv
 from setfiles import local_tree
 
 import actcache
@@ -48,23 +48,7 @@ def test_injected_enospc_is_one_line_and_a_rerun_completes(base_config, referenc
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    argv = [
-        "extract",
-        "--model",
-        base_config.model,
-        "--dataset",
-        base_config.dataset,
-        "--store",
-        base_config.store,
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--hook",
-        base_config.hook,
-    ]
+    argv = config_argv(base_config, device=None)
     assert main(argv) != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("actcache: error: cannot write ") and "No space left on device" in last
@@ -106,26 +90,7 @@ def test_real_disk_full_then_space_freed(base_config, reference, small_disk, cap
 @pytest.mark.slow  # several CLI processes: `make test` runs it, `make test-fast` does not
 def test_two_processes_extract_the_same_set_at_once(base_config, reference, tmp_path):
     store = tmp_path / "shared"
-    argv = [
-        sys.executable,
-        "-m",
-        "actcache.cli.app",
-        "extract",
-        "--model",
-        base_config.model,
-        "--dataset",
-        base_config.dataset,
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--hook",
-        base_config.hook,
-    ]
+    argv = [*PROCESS, *config_argv(base_config, store, device=None)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     procs = [
         subprocess.Popen(
@@ -163,26 +128,8 @@ def test_processes_with_different_max_tokens_at_once(base_config, reference, tmp
     procs = []
     for max_tokens in targets:
         argv = [
-            sys.executable,
-            "-m",
-            "actcache.cli.app",
-            "extract",
-            "--model",
-            base_config.model,
-            "--dataset",
-            base_config.dataset,
-            "--store",
-            str(store),
-            "--context-size",
-            "32",
-            "--max-tokens",
-            str(max_tokens),
-            "--shard-tokens",
-            "128",
-            "--hook",
-            base_config.hook,
-            "--device",
-            "cpu",
+            *PROCESS,
+            *config_argv(base_config, store, max_tokens=max_tokens),
         ]
         procs.append(
             subprocess.Popen(

@@ -6,11 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cliargs import PROCESS, extract_argv
 from prefect_server import PREFECT, Processes, Server, free_port, process_tree, server_env
 
 from actcache.read.reader import open_set
@@ -49,26 +49,7 @@ def test_lost_api_then_rerun(tmp_path, tiny_models, corpus):
     procs = Processes(tmp_path)
     server = Server(url, env, procs)
     store = tmp_path / "store"
-    argv = [
-        sys.executable,
-        "-m",
-        "actcache.cli.app",
-        "extract",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "8192",
-        "--shard-tokens",
-        "128",
-        "--batch-size",
-        "4",
-    ]
+    argv = [*PROCESS, *extract_argv(tiny_models["gpt2"], corpus, store, max_tokens=8192, batch_size=4, device=None)]
     try:
         first = _start_server(procs, server, port, tmp_path)
         run = subprocess.Popen(

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cliargs import extract_argv
 from setfiles import local_tree
 
 import actcache
@@ -329,27 +330,7 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(
     loud_models, corpus, tmp_path, prefect_console, model, dtype, hint
 ):
     store = tmp_path / "store"
-    argv = [
-        "extract",
-        "--model",
-        str(loud_models[model]),
-        "--hook",
-        "blocks.0.hook_resid_pre",
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "256",
-        "--shard-tokens",
-        "128",
-        "--dtype",
-        dtype,
-        "--device",
-        "cpu",
-    ]
+    argv = extract_argv(loud_models[model], corpus, store, hook="blocks.0.hook_resid_pre", max_tokens=256, dtype=dtype)
     assert main(argv) == 0
     out, err = prefect_console.readouterr()
     url = out.strip().splitlines()[-1]
@@ -390,27 +371,8 @@ def test_non_finite_activations_are_warned_about_and_reported_everywhere(
 def test_float32_norms_that_overflow_stay_finite_json(loud_models, corpus, tmp_path, prefect_console):
     """Values near 1e19 are finite in float32 but their squares are not: the stored norm must stay a number."""
     store = tmp_path / "store"
-    argv = [
-        "extract",
-        "--model",
-        str(loud_models["x1e21"]),
-        "--hook",
-        "blocks.0.hook_resid_pre",
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "256",
-        "--shard-tokens",
-        "128",
-        "--dtype",
-        "float32",
-        "--device",
-        "cpu",
-    ]
+    hook = "blocks.0.hook_resid_pre"
+    argv = extract_argv(loud_models["x1e21"], corpus, store, hook=hook, max_tokens=256, dtype="float32")
     assert main(argv) == 0
     url = prefect_console.readouterr().out.strip().splitlines()[-1]
     for p in store.rglob("*.json"):

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cliargs import config_argv
 from setfiles import local_tree, normalized
 
 from actcache.config import ExtractConfig
@@ -39,29 +40,10 @@ def config(make_config) -> ExtractConfig:
 
 
 def cli_args(cfg: ExtractConfig) -> list[str]:
+    # --verbose: the tests watch Prefect's task-run lines
     return [
-        "--verbose",  # the tests watch Prefect's task-run lines
-        "extract",
-        "--model",
-        cfg.model,
-        "--hook",
-        cfg.hook,
-        "--dataset",
-        cfg.dataset,
-        "--context-size",
-        "32",
-        "--max-tokens",
-        str(cfg.max_tokens),
-        "--shard-tokens",
-        "128",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--store",
-        cfg.store,
-        "--storage-options",
-        json.dumps(cfg.storage_options),
+        "--verbose",
+        *config_argv(cfg, max_tokens=cfg.max_tokens, batch_size=4, storage_options=cfg.storage_options),
     ]
 
 

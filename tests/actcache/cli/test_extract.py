@@ -10,29 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliargs import extract_argv
 
 from actcache.cli.app import main
 
 
 @pytest.fixture
 def argv(tiny_models, corpus, store):
-    return [
-        "extract",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "512",
-        "--shard-tokens",
-        "128",
-        "--device",
-        "cpu",
-    ]
+    return extract_argv(tiny_models["gpt2"], corpus, store)
 
 
 def _set(argv: list[str], flag: str, value: str) -> list[str]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cliargs import extract_argv
 
 from actcache.cli.app import main
 
@@ -14,26 +15,8 @@ from actcache.cli.app import main
 def made(tiny_models, corpus, prefect_harness, tmp_path_factory) -> dict:
     """One two-hook extraction through the CLI with --json (its output, for the tests below)."""
     store = tmp_path_factory.mktemp("json") / "store"
-    argv = [
-        "extract",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--hook",
-        "blocks.0.hook_resid_post,blocks.1.hook_resid_post",
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "384",
-        "--shard-tokens",
-        "128",
-        "--device",
-        "cpu",
-        "--json",
-    ]
+    hooks = "blocks.0.hook_resid_post,blocks.1.hook_resid_post"
+    argv = [*extract_argv(tiny_models["gpt2"], corpus, store, hook=hooks, max_tokens=384), "--json"]
     return {"argv": argv, "store": store}
 
 

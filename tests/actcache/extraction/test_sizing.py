@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cliargs import extract_argv
 
 from actcache.cli.app import main
 from actcache.config import ExtractConfig
@@ -65,18 +66,4 @@ def test_the_estimate_counts_compressed_copies_and_every_hook(monkeypatch):
 @pytest.fixture
 def argv_for(tiny_models, corpus, tmp_path):
     store = tmp_path / "store"
-    return [
-        "extract",
-        "--model",
-        str(tiny_models["gpt2"]),
-        "--dataset",
-        str(corpus),
-        "--store",
-        str(store),
-        "--context-size",
-        "32",
-        "--max-tokens",
-        "65536",
-        "--device",
-        "cpu",
-    ], Path(store)
+    return extract_argv(tiny_models["gpt2"], corpus, store, max_tokens=65536, shard_tokens=None), Path(store)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cliargs import PROCESS, extract_argv
 
 from actcache.errors import ActcacheError
 from actcache.orchestration import tempserver
@@ -65,26 +66,7 @@ def test_cli_uses_the_background_server_and_leaves_none_behind(tiny_models, corp
     home = tmp_path / "prefect-home"
     store = tmp_path / "store"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "actcache.cli.app",
-            "extract",
-            "--model",
-            str(tiny_models["gpt2"]),
-            "--dataset",
-            str(corpus),
-            "--store",
-            str(store),
-            "--context-size",
-            "32",
-            "--max-tokens",
-            "256",
-            "--shard-tokens",
-            "128",
-            "--device",
-            "cpu",
-        ],
+        [*PROCESS, *extract_argv(tiny_models["gpt2"], corpus, store, max_tokens=256)],
         capture_output=True,
         text=True,
         env=_isolated_env(home),

@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/actcache extract $(DEMO_ARGS)
 	$(VENV)/bin/actcache ls $(DEMO_STORE)
+	@echo "(actcache and its Python are in $(VENV): run \`source $(VENV)/bin/activate\` for the commands above)" >&2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

@@ -8,12 +8,15 @@ and the ``block`` user's keys (a second writer, for a Prefect AwsCredentials blo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -108,6 +111,62 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+
+
+class SlowProxy:
+    """A loopback TCP proxy in front of ``endpoint`` that holds each HTTP request ``delay_s`` before passing it on:
+    S3 far away, or overloaded. Bytes are passed unchanged (signatures still match); ``requests`` counts the
+    requests held. Use as a context manager; ``endpoint`` is the URL to give the code under test."""
+
+    _REQUEST = re.compile(rb"^[A-Z]{3,7} /")
+
+    def __init__(self, upstream: str, delay_s: float):
+        host, port = upstream.removeprefix("http://").rsplit(":", 1)
+        self.upstream, self.delay_s, self.requests = (host, int(port)), delay_s, 0
+        self.lines: list[str] = []
+        """Each request's first line, in the order they came."""
+        self.first_answer = float("inf")
+        """When the first request held was passed on (``time.monotonic()``): no answer came before it."""
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._open: list[socket.socket] = [self._listener]
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> SlowProxy:
+        threading.Thread(target=self._accept, name="slow-proxy", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:  # closed
+                return
+            with self._lock:
+                self._open += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, requests: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if requests and self._REQUEST.match(data):  # a request starts: S3 is slow to answer it
+                    with self._lock:
+                        self.requests += 1
+                        self.lines.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
+                    time.sleep(self.delay_s)
+                    self.first_answer = min(self.first_answer, time.monotonic())
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 def _post(url: str, body: bytes) -> None:

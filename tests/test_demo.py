@@ -52,6 +52,8 @@ def test_make_demo_twice_second_run_skips_every_shard(tmp_path):
     assert "extract: 4/4 shards, " in first.stderr  # off a terminal: a progress line (every 10 s, and the last)
     assert "prefect server start" in first.stderr and "PREFECT_API_URL" in first.stderr
     assert f"actcache show {set_url}" in first.stderr and f"actcache.open_set('{set_url}')" in first.stderr
+    # those `next:` lines need the venv, which `make` does not activate for the user's shell: it says how
+    assert first.stderr.rstrip().endswith("run `source .venv/bin/activate` for the commands above)"), first.stderr
     stamps = {
         p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*") if p.is_file() and p.name != "manifest.json"
     }
@@ -227,4 +229,35 @@ def test_long_commands_on_a_terminal_are_never_silent_for_more_than_5_s(command,
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     assert times[-1] - times[0] >= least_s and max(gaps) <= 5.0, (max(gaps), out[-3000:])
     for text in shown:
+        assert text in out, (text, out[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["verify", "diff"])
+def test_verify_and_diff_on_slow_s3_show_their_status_line_before_waiting(command, extracted_set, s3_env, tmp_path):
+    """A set on S3 behind a proxy that holds every request (tests/s3_server.py SlowProxy, loopback): on a
+    pseudo-terminal the status line is drawn before the first answer comes back (not once the set is opened), and
+    nothing is silent for more than 5 s while the set is opened, listed and read. (diff of a set with itself
+    reads its manifest twice and no shard: each request is held 3 s, so that opening alone takes 6 s.)"""
+
+    from s3_server import BUCKET, SlowProxy
+
+    from actcache.cli.app import main
+
+    url = f"s3://{BUCKET}/{tmp_path.name}"
+    assert main(["cp", extracted_set, url]) == 0  # straight to moto
+    set_url = f"{url}/{Path(extracted_set).name}"
+    argv = [CLI, command, set_url, *([set_url] if command == "diff" else [])]
+    with SlowProxy(s3_env["AWS_ENDPOINT_URL"], delay_s=1.5 if command == "verify" else 3.0) as proxy:
+        code, chunks = _pty_run(argv, _env(**{**s3_env, "AWS_ENDPOINT_URL": proxy.endpoint}), timeout=240)
+    out = b"".join(c for _, c in chunks).decode("utf-8", "replace")
+    assert code == 0, out[-3000:]
+    assert proxy.requests >= (6 if command == "verify" else 2), proxy.lines  # it went through the slow store
+    shown = next((t for t, c in chunks if b"reading s3://" in c), None)
+    assert shown is not None and chunks[0][0] == shown, out[:500]  # the status line is the first thing shown
+    assert shown < proxy.first_answer, (shown, proxy.first_answer)
+    times = [t for t, _ in chunks]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert times[-1] - shown >= 5.5 and max(gaps) <= 5.0, (max(gaps), out[-3000:])
+    for text in (f"{command}: 100%", "4/4 [", "OK: 4 shards" if command == "verify" else "same: 4"):
         assert text in out, (text, out[-3000:])

@@ -104,3 +104,15 @@ def test_example_set_blocks_run_as_printed(page, index, code, example_set, tmp_p
     exec(compile(code, f"{page} block {index}", "exec"), scope)
     if "acc" in scope:  # the probe: fitted and scored on held-out examples
         assert 0.0 <= float(scope["acc"]) <= 1.0 and scope["direction"].shape == (32,)
+
+
+def test_every_python_block_is_collected_or_says_why():
+    """Any fence that opens Python (indented in a list, ```py, ```python3 ...) is one that BLOCK finds: run above, or
+    skipped by a marker that says why (or run by its own test: sae-example, transcoder-example, example-set)."""
+    fence = re.compile(r"^[ \t]*```(?:py|python|python3|pycon)[ \t]*$", re.M)
+    for page in PAGES:
+        text = page.read_text()
+        found = len(BLOCK.findall(text))
+        assert len(fence.findall(text)) == found, f"{page.name}: a Python block that tests/test_readme.py does not see"
+        for marker, _ in BLOCK.findall(text):
+            assert not marker or any(m in marker for m in ("no-run:", "-example", "example-set:")), (page.name, marker)

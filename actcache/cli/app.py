@@ -99,10 +99,27 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+VERBOSE_COMMANDS = ("extract",)
+"""The commands that take ``--verbose``: it shows Prefect's log lines, and only these run Prefect flows."""
+
+
+def _verbose_refused(argv: list[str]) -> str | None:
+    """The one-line refusal of ``--verbose`` on a command that runs no Prefect flow (None where it is taken)."""
+    chain = app.parse_commands(argv)[0]
+    command = chain[0] if chain else None
+    if command is None or command in VERBOSE_COMMANDS or command.startswith("-"):  # no command: help, --version
+        return None
+    takes = ", ".join(f"`actcache {c}`" for c in VERBOSE_COMMANDS)
+    return f"--verbose is taken only by {takes} (it shows Prefect's log lines); {command} runs no Prefect flow"
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     argv, debug = _debug_flag(list(sys.argv[1:] if argv is None else argv))
     argv, verbose = _debug_flag(argv, "--verbose")
+    if verbose and (refused := _verbose_refused(argv)) is not None:
+        print(f"actcache: error: {refused}", file=sys.stderr)
+        return 2
     from actcache import console
 
     # Prefect's run logs: its records only, unless --verbose

@@ -53,7 +53,8 @@ def _global_flags(
         Print the whole chain of causes (tracebacks) before the one-line error; accepted anywhere before `--`. Also:
         ACTCACHE_TRACEBACK=1.
     verbose
-        Shown under ``extract`` only, the one command that runs Prefect flows (see ``cli/extract.py``).
+        Shown under ``extract`` only, the one command that runs Prefect flows (see ``cli/extract.py``); every other
+        command refuses it (``app.VERBOSE_COMMANDS``).
     """
 
 

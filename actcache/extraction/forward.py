@@ -333,8 +333,9 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
         have = _HF.get(base)
         if have is None or have[0] < n_layers:
             folder = model.weights()  # fetched once (a hub commit), its own one-line error
-            verbosity = hf_logging.get_verbosity()
+            verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
             hf_logging.set_verbosity_error()  # "weights of layers n.. not used" is the point, not a problem
+            hf_logging.disable_progress_bar()  # "Loading weights": a bar of its own beside actcache's status line
             try:
                 hf = AutoModel.from_pretrained(
                     folder, attn_implementation="sdpa", num_hidden_layers=n_layers, dtype=getattr(torch, dtype)
@@ -343,6 +344,8 @@ def load_hf_stack(model: Any, n_layers: int, *, dtype: str = "float32", device: 
                 raise ActcacheError(f"cannot load model {model.spec.name!r} with transformers ({e})") from e
             finally:
                 hf_logging.set_verbosity(verbosity)
+                if bars:
+                    hf_logging.enable_progress_bar()
             model.check_unchanged()  # what was read must be what the set key names
             _HF[base] = (n_layers, hf.to(device).eval())
         return _HF[base][1]

@@ -24,8 +24,11 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
     with _LOAD_LOCK:
         if key not in _LOADED:
             from transformer_lens.model_bridge import TransformerBridge
+            from transformers.utils import logging as hf_logging
 
             folder = model.weights()  # fetched once (a hub commit), its own one-line error
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # "Loading weights": a bar of its own beside actcache's status line
             try:
                 bridge = TransformerBridge.boot_transformers(
                     folder,
@@ -40,6 +43,9 @@ def load_bridge(model: ResolvedModel, *, dtype: str = "float32", device: str = "
                 raise ActcacheError(
                     f"cannot load model {model.spec.name!r} with TransformerLens ({hub.first_line(e)})"
                 ) from e
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
             model.check_unchanged()
             bridge.eval()
             _LOADED[key] = bridge

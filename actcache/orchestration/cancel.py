@@ -17,6 +17,7 @@ def record_cancelled(message: str) -> bool:
     (a worker or node shutting down: the run is not ``Cancelling``) changes nothing, nor does an API away.
     """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import State
     from prefect.context import FlowRunContext
     from prefect.states import Cancelled
 
@@ -29,7 +30,12 @@ def record_cancelled(message: str) -> bool:
             state = client.read_flow_run(run_id).state
             if state is None or not state.is_cancelling():
                 return False
-            client.set_flow_run_state(run_id, Cancelled(message=message))
+            recorded: State | None = client.set_flow_run_state(run_id, Cancelled(message=message)).state
     except Exception:  # the API is busy or away: the worker records the end, later
         return False
+    if recorded is not None:
+        # The engine keeps its own copy of the run's state: left at Running, it would log "Finished in state
+        # Running()" as the run ends, and a SIGTERM it was not told of would be taken for a crash.
+        flow_run = context.flow_run
+        flow_run.state, flow_run.state_name, flow_run.state_type = recorded, recorded.name, recorded.type
     return True

@@ -72,3 +72,30 @@ def test_verbose_is_offered_only_where_prefect_runs(capsys):
     main(["extract", "--help"])
     out = capsys.readouterr().out
     assert "--verbose" in out and "Prefect's log lines" in out, out
+
+
+def test_verbose_is_refused_in_one_line_by_every_other_command(capsys, tmp_path):
+    """--verbose means one thing (Prefect's log lines, on extract): elsewhere it is refused, exit 2, before any work."""
+    store = tmp_path / "store"
+    for argv in (
+        ["ls", str(store), "--verbose"],
+        ["--verbose", "show", str(store / "x")],
+        ["verify", "--verbose", str(store / "x")],
+        ["gc", str(store), "--yes", "--verbose"],
+        ["hooks", "builtin:tiny-gpt2", "--verbose"],
+        ["stats", "--verbose", "--help"],
+    ):
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        command = next(a for a in argv if not a.startswith("-"))
+        assert out == "" and err.count("\n") == 1, (argv, out, err)
+        assert err == (
+            f"actcache: error: --verbose is taken only by `actcache extract` (it shows Prefect's log lines); "
+            f"{command} runs no Prefect flow\n"
+        ), argv
+    assert not store.exists()
+    # where it is taken, or where no command runs, it is not refused
+    assert main(["--verbose", "extract", "--help"]) == 0
+    assert "--verbose" in capsys.readouterr().out
+    assert main(["--verbose", "--version"]) == 0
+    capsys.readouterr()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -135,3 +136,28 @@ def test_a_requests_plan_is_taken_once_and_only_for_its_pinned_config(base_confi
     stages.forget()  # the flow did not start
     stages.plan(pinned)
     assert len(planned) == 4
+
+
+@pytest.mark.subprocess
+def test_run_sequential_from_python_shows_no_library_bars(tmp_path):
+    """The stages, called from Python as docs/stages.md shows, in a fresh process: transformers' "Loading weights"
+    bar stays off for both engines (a residual hook: the bare HF model; an attention hook: the bridge), and a
+    user's own setting of transformers' bars is given back."""
+    import subprocess
+    import sys
+
+    code = (
+        "from transformers.utils import logging as hf_logging\n"
+        "from actcache import ExtractConfig\n"
+        "from actcache.extraction.stages import run_sequential\n"
+        "cfg = ExtractConfig(model='builtin:tiny-gpt2', hook='blocks.1.hook_resid_post,blocks.0.attn.hook_z',\n"
+        "                    dataset='builtin:demo-corpus', max_tokens=1024, store='./activations')\n"
+        "assert len(run_sequential(cfg)) == 2\n"
+        "assert hf_logging.is_progress_bar_enabled()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Loading weights" not in run.stderr and "it/s]" not in run.stderr, run.stderr[-3000:]

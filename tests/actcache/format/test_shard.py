@@ -183,3 +183,23 @@ def test_a_tensor_of_read_only_bytes_copies_only_its_own_and_warns_nothing():
         t = shard.tensor(data, torch.uint8, [2, 3], offset=4)
     t[0, 0] = 99
     assert t.tolist() == [[99, 5, 6], [7, 8, 9]] and data == bytes(range(16))
+
+
+@pytest.mark.subprocess
+def test_views_of_a_read_only_shard_warn_nothing():
+    """A shard read whole is bytes (read-only): torch's warning about read-only buffers is not shown to a user
+    reading a set, even where actcache was imported inside ``catch_warnings`` (as pytest imports it), which drops
+    the filters set at import. A fresh process: torch warns once per process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch; from safetensors.torch import save\n"
+        "with warnings.catch_warnings():\n"
+        "    from actcache.format import shard\n"
+        "data = save({'activations': torch.arange(12.0).view(4, 3)})\n"
+        "assert shard.views(data)['activations'][3, 2].item() == 11.0\n"
+        "assert shard.views(bytearray(data))['activations'].sum().item() == 66.0\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]

@@ -89,14 +89,25 @@ def test_a_buffer_goes_up_in_parts_without_a_whole_copy(s3_server, s3_env, monke
     prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
     c = s3_server.client()
 
-    def broken(self, part):
-        if part.start:
-            raise ConnectionResetError("the endpoint went away")
-        return real(self, part)
+    # The endpoint goes away at the second part's request, after the first part is in (one part at a time: no
+    # part is still in flight when s3fs aborts the upload).
+    from s3fs import S3FileSystem
 
-    monkeypatch.setattr(store_mod._Parts, "__getitem__", broken)
+    call_s3 = S3FileSystem._call_s3
+    sent = []
+
+    async def broken(self, method, *args, **kwargs):
+        if method == "upload_part":
+            sent.append(kwargs["PartNumber"])
+            if kwargs["PartNumber"] == 2:
+                raise ConnectionResetError("the endpoint went away")
+        return await call_s3(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(S3FileSystem, "_call_s3", broken)
+    store.part_concurrency = 1
     with pytest.raises((StoreUnavailable, ConnectionResetError)):
         store.write_bytes("set/half.bin", memoryview(buf))
+    assert sent[:2] == [1, 2] and 3 not in sent, sent
     assert "half.bin" not in store.listing("set")
     assert not c.list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix).get("Uploads")
 

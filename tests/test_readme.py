@@ -1,5 +1,8 @@
 """README's and docs/*.md's Python blocks run as printed, on the test set instead of the demo's.
 
+(Their shell blocks' ``actcache`` lines run in tests/test_shell_blocks.py, with ``SHELL_SUBSTITUTE``: the same
+substitutions plus the hub's model and dataset, big ``--max-tokens`` and the docs' S3 bucket, all listed below.)
+
 Every ```python block runs, except one preceded by ``<!-- no-run: why -->`` (the network, another environment).
 ``SUBSTITUTE`` is the one place where a block's paths become the offline fixtures: the demo's set URL (which
 `make demo` prints) and an S3 URL become the shared test set, the demo's store a fresh folder. A block preceded by
@@ -21,6 +24,18 @@ SUBSTITUTE = {
     "./activations/<set_id>": "{set}",
     "s3://my-bucket/activations/<set_id>": "{set}",
     'store="./activations"': 'store="{store}"',
+}
+# Shell blocks (tests/test_shell_blocks.py) also take these, longest first: the hub's GPT-2 and pile-10k become the
+# tiny GPT-2 and the test corpus, its layer 6 the tiny model's layer 1, ten million tokens a couple of thousand,
+# the docs' example bucket the test's moto bucket. statements.jsonl and pretokenized.parquet are written into the
+# block's working folder under those names.
+SHELL_SUBSTITUTE = {
+    **SUBSTITUTE,
+    "s3://my-bucket/activations": "{s3}",
+    "--model gpt2 ": "--model {gpt2} ",
+    "--dataset NeelNanda/pile-10k": "--dataset {corpus}",
+    "blocks.6.": "blocks.1.",
+    "--max-tokens 10000000": "--max-tokens 2048",
 }
 BLOCK = re.compile(r"(<!-- [a-z-]+(?::[^>]*)? -->\n)?```python\n(.*?)```", re.S)
 

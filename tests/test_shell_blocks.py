@@ -10,7 +10,8 @@ The rules, one each:
 - Every other command runs in-process (``actcache.cli.app.main``, words split by shlex) after the substitutions of
   ``SHELL_SUBSTITUTE`` in tests/test_readme.py (the one place: offline fixtures for the hub, S3 and the demo's set),
   in a fresh working folder, and must exit 0, or N when its comment starts ``# exit N``. ``<set_id>`` names the set
-  that the block's last ``extract`` printed (whose manifest must open); before any, the shared test set.
+  that the block's last ``extract`` printed (whose manifest must open); before any, the shared test set. An
+  ``extract --json`` whose comment says it ``reuses`` must report every set reused.
 - A block with no command to run (an install, a server, a listing, output, a reference card of templates) carries
   ``<!-- no-run: why -->`` on the line before its fence; a block that carries it runs nothing.
 """
@@ -51,15 +52,15 @@ def _shell_blocks() -> list[tuple[str, int, str, str]]:
     return out
 
 
-def _commands(body: str) -> list[tuple[str, int]]:
-    """The block's commands (see the module's rules) with the exit code each must give."""
+def _commands(body: str) -> list[tuple[str, int, str]]:
+    """The block's commands (see the module's rules): each with the exit code it must give and its comment."""
     out = []
     for line in re.sub(r"\\\n\s*", " ", body).splitlines():
         if not COMMAND.match(line):
             continue
         words = shlex.split(line, comments=True)
-        comment = line.split(" #", 1)[1] if " #" in line else ""
-        code = re.match(r"\s*exit (\d+)\b", comment)
+        comment = line.split(" #", 1)[1].strip() if " #" in line else ""
+        code = re.match(r"exit (\d+)\b", comment)
         argv: list[str] = []
         for word in [*words, ";"]:
             if word.endswith(";") and word != ";":
@@ -67,7 +68,7 @@ def _commands(body: str) -> list[tuple[str, int]]:
                 word = ";"
             if word == ";":
                 if argv:
-                    out.append((shlex.join(argv), int(code[1]) if code else 0))
+                    out.append((shlex.join(argv), int(code[1]) if code else 0, comment))
                 argv = []
             else:
                 argv.append(word)
@@ -80,8 +81,8 @@ def _is_template(command: str) -> bool:
     return any(PLACEHOLDER.search(word) for word in shlex.split(command))
 
 
-def _runnable(body: str) -> list[tuple[str, int]]:
-    return [(c, code) for c, code in _commands(body) if not _is_template(c)]
+def _runnable(body: str) -> list[tuple[str, int, str]]:
+    return [command for command in _commands(body) if not _is_template(command[0])]
 
 
 BLOCKS = _shell_blocks()
@@ -106,19 +107,20 @@ def test_the_rules_recognise_templates_and_commands():
     )
     body += "  actcache ls out   # output, indented\nactcache export SET [SET ...] OUT --format saelens|hf\n"
     commands = _commands(body)
-    assert [c for c, _ in commands][2:5] == [
+    assert [c for c, _, _ in commands][2:5] == [
         "actcache extract --model gpt2 --hook blocks.6.hook_resid_post",
         "actcache --version",
         "actcache --help",
     ]
-    assert commands[1] == ("actcache verify './activations/<set_id>'", 1)
-    assert [c for c, _ in _runnable(body)] == [c for c, _ in commands[1:5]]
+    assert commands[1] == ("actcache verify './activations/<set_id>'", 1, "exit 1 here")
+    assert _runnable(body) == commands[1:5]
 
 
 @pytest.fixture
 def block_folder(tmp_path, tiny_models, monkeypatch) -> Path:
     """The working folder a block runs in, holding the data files the docs name (statements.jsonl, with label and
-    source columns; pretokenized.parquet, token ids of the tiny GPT-2's tokenizer in input_ids)."""
+    source columns; pretokenized.jsonl, their token ids by the tiny GPT-2's tokenizer in input_ids, row for row;
+    pretokenized.parquet, more token ids in input_ids)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
@@ -129,7 +131,10 @@ def block_folder(tmp_path, tiny_models, monkeypatch) -> Path:
     lines = [" ".join(line.split()[:20]) for line in demo.corpus_lines()[:40]]
     rows = [{"text": t, "label": i % 2, "source": "demo"} for i, t in enumerate(lines)]
     (tmp_path / "statements.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    ids = AutoTokenizer.from_pretrained(tiny_models["gpt2"])(demo.corpus_lines()[:200])["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    pretokenized = [json.dumps({"input_ids": ids}) for ids in tokenizer(lines)["input_ids"]]
+    (tmp_path / "pretokenized.jsonl").write_text("\n".join(pretokenized))
+    ids = tokenizer(demo.corpus_lines()[:200])["input_ids"]
     pq.write_table(pa.table({"input_ids": ids}), tmp_path / "pretokenized.parquet")
     return tmp_path
 
@@ -150,7 +155,7 @@ def test_shell_blocks_run_as_pasted(
     import actcache
 
     printed = None  # the set id the block's last extract printed
-    for command, code in _runnable(body):
+    for command, code, comment in _runnable(body):
         if printed:
             command = command.replace("<set_id>", printed)
         for text, fixture in SHELL_SUBSTITUTE.items():
@@ -160,6 +165,8 @@ def test_shell_blocks_run_as_pasted(
         out, err = capsys.readouterr()
         assert got == code, f"{page}:{line}: `{command}` exited {got}, not {code}:\n{err[-2000:]}"
         if argv[0] == "extract" and code == 0:
-            url = out.split()[-1]
+            url = json.loads(out)["sets"][-1]["url"] if "--json" in argv else out.split()[-1]
+            if "reuses" in comment:
+                assert all(s["reused"] for s in json.loads(out)["sets"]), (command, out)
             assert actcache.open_set(url).n_tokens > 0, (command, out)
             printed = url.rstrip("/").rsplit("/", 1)[-1]

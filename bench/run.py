@@ -1008,12 +1008,14 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
     """Shuffled float32 reading of small shards against the floor, round-robin: 13 shards of 9.4 MB (d=768
     float16, 48 sequences of 128), and the same number of rows in 2 shards of 61 MB for comparison. Each size has
     its own floor (safetensors load + cast) and its own ratios; ``read_f32`` is the reader's own shard read + cast
-    (``open_set(url).read``: open, header and record checks) without batching."""
+    (``open_set(url).read``: open, header and record checks) without batching; ``floor_f32_one_thread`` is the
+    floor on one intra-op thread, as the reader's own copies run."""
     import torch
     from safetensors.torch import load_file
 
     from actcache.read.dataset import ActivationDataset
     from actcache.read.reader import open_set
+    from actcache.read.threads import one_thread
 
     sys.path.insert(0, str(ROOT / "tests"))
     import setwriter
@@ -1032,6 +1034,9 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
         shuffled = ActivationDataset(url, batch, shuffle_buffer=buffer, dtype=f32)
         in_order = ActivationDataset(url, batch, dtype=f32)
         methods[f"floor_f32_{name}"] = lambda files=files: drain(load_file(f)["activations"].to(f32) for f in files)
+        methods[f"floor_f32_one_thread_{name}"] = lambda files=files: drain(
+            one_thread(load_file(f)["activations"].to(f32) for f in files)
+        )
         methods[f"read_f32_{name}"] = lambda s=s: drain(s.read(r).activations.to(f32) for r in s.records)
         methods[f"ds_in_order_f32_{name}"] = lambda ds=in_order: drain(ds)
         methods[f"ds_shuffle_f32_{name}"] = lambda ds=shuffled: drain(ds)

@@ -45,6 +45,7 @@ from actcache.read.exclude import token_ids
 from actcache.read.normalization import NORMALIZE, _normalizer
 from actcache.read.prefetch import RETRY_DELAYS, background, prefetched, retried
 from actcache.read.reader import ActivationSet, open_set
+from actcache.read.threads import one_thread
 from actcache.storage.store import StoreRef
 
 # Re-exported: the reader's helpers were defined here before they had modules of their own.
@@ -424,9 +425,9 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         try:
             if self.shuffle_buffer:
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
-                yield from self._shuffled(chunks, sizes, rows, g)
+                yield from one_thread(self._shuffled(chunks, sizes, rows, g))
             else:
-                yield from self._in_order(chunks, sizes)
+                yield from one_thread(self._in_order(chunks, sizes))
         finally:
             stop.set()
             chunks.close()  # type: ignore[attr-defined]

@@ -43,7 +43,7 @@ def _marked(plan: Plan, exact: ShardRange, digest: str) -> Plan:
     for s in plan.sets:
         if all(w in s.done for w in exact):
             continue
-        other = content.lookup(store, content.content_id(s.key, digest))
+        other = content.lookup(store, content.content_id(s.key, digest), s.key)
         if other is not None and other != s.set_id:
             found[s.set_id] = other
     if not found:

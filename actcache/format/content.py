@@ -11,9 +11,11 @@ content key to the set that holds its bytes, one small sealed file each::
 
 An extraction whose content key is indexed reuses that set (``extraction.reuse``) instead of computing a copy.
 
-The entry is written after the set's complete manifest, and trusted only where that manifest is complete and
-names the same content id: a crash between the two leaves no entry (the set is just not reused), and an entry
-whose set was removed, extended to more examples or never finished is ignored, never followed.
+The entry is written after the set's complete manifest, and trusted only where that manifest is complete, names
+the same content id, and has a key that differs from the looking set's only in the input fields (an entry or a
+manifest edited to point at a set of another model, hook or shape is not followed: its bytes are not these). A
+crash between the two leaves no entry (the set is just not reused), and an entry whose set was removed, extended
+to more examples or never finished is ignored, never followed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from actcache import crashpoints
 from actcache.errors import ActcacheError
 from actcache.format import layout, manifest, records
-from actcache.format.key import SetKey
+from actcache.format.key import SetKey, key_from_dict
 from actcache.storage.failures import StoreUnavailable
 from actcache.storage.store import Store
 
@@ -41,14 +43,20 @@ _ID_RE = re.compile(r"^c[0-9a-f]{24}\Z")
 
 def content_id(key: SetKey, digest: str) -> str:
     """The id of ``key`` with its input fields replaced by ``digest`` (the ids and what is stored beside them)."""
-    d = key.to_dict()
-    tokens = {k: v for k, v in d["tokens"].items() if k not in INPUT_FIELDS}
-    blob = json.dumps({**d, "tokens": {**tokens, "content": digest}}, sort_keys=True, separators=(",", ":"))
+    d = _outside_inputs(key)
+    blob = json.dumps({**d, "tokens": {**d["tokens"], "content": digest}}, sort_keys=True, separators=(",", ":"))
     return "c" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def lookup(store: Store, cid: str) -> str | None:
-    """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
+def _outside_inputs(key: SetKey) -> dict[str, Any]:
+    """``key``'s fields but the input ones: what two sets holding the same bytes share."""
+    d = key.to_dict()
+    return {**d, "tokens": {k: v for k, v in d["tokens"].items() if k not in INPUT_FIELDS}}
+
+
+def lookup(store: Store, cid: str, key: SetKey) -> str | None:
+    """The complete set holding the bytes of content ``cid`` of a set keyed ``key``, or None (no entry, or one that
+    is not trusted: its set's manifest is not complete, names another content id, or has a key of other bytes)."""
     rel = layout.content_entry(cid)
     try:
         entry = records.check_sealed(store.read_json(rel, limit=records.RECORD_LIMIT), rel)
@@ -64,7 +72,11 @@ def lookup(store: Store, cid: str) -> str | None:
     except ActcacheError:
         return None  # removed, damaged or unfinished: computed again, and the entry replaced
     held = stored_id(m)
-    return set_id if m.get("complete") and held == cid else None
+    if not (m.get("complete") and held == cid):
+        return None
+    # The content id a manifest states is its writer's word; its key is checked (the set id is its digest).
+    held_key = key_from_dict(m["key"])
+    return set_id if isinstance(held_key, SetKey) and _outside_inputs(held_key) == _outside_inputs(key) else None
 
 
 def index(store: Store, cid: str, set_id: str) -> None:
@@ -95,7 +107,7 @@ def publish(
 
     if not manifest.unchanged(previous, m):
         commit(store, set_id, manifest_doc=m, points=points)
-    if cid and m["complete"] and lookup(store, cid) is None:
+    if cid and m["complete"] and lookup(store, cid, SetKey.from_dict(m["key"])) is None:
         crashpoints.point("content.before-index")
         index(store, cid, set_id)
     old = stored_id(previous)

@@ -78,10 +78,10 @@ def _marked(
     for s in plan.sets:
         if all(w in s.done for w in exact):
             continue
-        other = content.lookup(store, content.content_id(s.key, digest))
+        other = content.lookup(store, content.content_id(s.key, digest), s.key)
         if other is None and first is not None:
             # Fewer sequences than a set of its family holds (a lower --max-tokens), checked shard by shard.
-            family = content.lookup_family(store, content.family_id(s.key, first))
+            family = content.lookup_family(store, content.family_id(s.key, first), s.key)
             if family is not None and family[0] != s.set_id and holds(*family):
                 other = family[0]
         if other is not None and other != s.set_id:

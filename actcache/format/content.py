@@ -18,9 +18,11 @@ whole extent cannot find; a request that asks fewer sequences than a stored set 
 once it has checked, shard by shard, that the set holds exactly its ids (``extraction.reuse``). The family entry
 names no extent and is kept when the set is extended; the manifest names it (``FAMILY_FIELD``) to be trusted.
 
-The entry is written after the set's complete manifest, and trusted only where that manifest is complete and
-names the same content id: a crash between the two leaves no entry (the set is just not reused), and an entry
-whose set was removed, extended to more examples or never finished is ignored, never followed.
+The entry is written after the set's complete manifest, and trusted only where that manifest is complete, names
+the same content id, and has a key that differs from the looking set's only in the input fields (an entry or a
+manifest edited to point at a set of another model, hook or shape is not followed: its bytes are not these). A
+crash between the two leaves no entry (the set is just not reused), and an entry whose set was removed, extended
+to more examples or never finished is ignored, never followed.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from actcache import crashpoints
 from actcache.errors import ActcacheError
 from actcache.format import layout, manifest, records
-from actcache.format.key import SetKey
+from actcache.format.key import SetKey, key_from_dict
 from actcache.storage.failures import StoreUnavailable
 from actcache.storage.store import Store
 
@@ -51,10 +53,15 @@ _ID_RE = re.compile(r"^c[0-9a-f]{24}\Z")
 
 def content_id(key: SetKey, digest: str) -> str:
     """The id of ``key`` with its input fields replaced by ``digest`` (the ids and what is stored beside them)."""
-    d = key.to_dict()
-    tokens = {k: v for k, v in d["tokens"].items() if k not in INPUT_FIELDS}
-    blob = json.dumps({**d, "tokens": {**tokens, "content": digest}}, sort_keys=True, separators=(",", ":"))
+    d = _outside_inputs(key)
+    blob = json.dumps({**d, "tokens": {**d["tokens"], "content": digest}}, sort_keys=True, separators=(",", ":"))
     return "c" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _outside_inputs(key: SetKey) -> dict[str, Any]:
+    """``key``'s fields but the input ones: what two sets holding the same bytes share."""
+    d = key.to_dict()
+    return {**d, "tokens": {k: v for k, v in d["tokens"].items() if k not in INPUT_FIELDS}}
 
 
 def family_id(key: SetKey, first: str) -> str:
@@ -62,12 +69,13 @@ def family_id(key: SetKey, first: str) -> str:
     return content_id(key, "first:" + first)
 
 
-def lookup_family(store: Store, fid: str) -> tuple[str, dict[str, Any]] | None:
-    """(set id, manifest) of the complete set family ``fid``'s entry names, when its manifest names that family."""
+def lookup_family(store: Store, fid: str, key: SetKey) -> tuple[str, dict[str, Any]] | None:
+    """(set id, manifest) of the complete set family ``fid``'s entry names, when its manifest names that family and
+    its key is of the same bytes as ``key`` (the looking set's)."""
     set_id = _entry(store, fid)
     if set_id is None:
         return None
-    m = _complete(store, set_id)
+    m = _complete(store, set_id, key)
     return (set_id, m) if m is not None and stored_family(m) == fid else None
 
 
@@ -82,22 +90,29 @@ def _entry(store: Store, cid: str) -> str | None:
     return set_id if entry.get("content_id") == cid and isinstance(set_id, str) else None
 
 
-def _complete(store: Store, set_id: str) -> dict[str, Any] | None:
+def _complete(store: Store, set_id: str, key: SetKey) -> dict[str, Any] | None:
+    """Set ``set_id``'s manifest where it is complete and its key differs from ``key`` in the input fields alone: the
+    ids a manifest states are its writer's word, its key is checked (the set id is its digest). An entry or manifest
+    edited to point at a set of another model, hook or shape is not followed: its bytes are not these."""
     try:
         m = manifest.read(store, set_id)
     except StoreUnavailable:
         raise  # the store failed, not the entry
     except ActcacheError:
         return None  # removed, damaged or unfinished: computed again, and the entry replaced
-    return m if m.get("complete") else None
+    if not m.get("complete"):
+        return None
+    held = key_from_dict(m["key"])
+    return m if isinstance(held, SetKey) and _outside_inputs(held) == _outside_inputs(key) else None
 
 
-def lookup(store: Store, cid: str) -> str | None:
-    """The complete set holding the bytes of content ``cid``, or None (no entry, or one that is not trusted)."""
+def lookup(store: Store, cid: str, key: SetKey) -> str | None:
+    """The complete set holding the bytes of content ``cid`` of a set keyed ``key``, or None (no entry, or one that
+    is not trusted: its set's manifest is not complete, names another content id, or has a key of other bytes)."""
     set_id = _entry(store, cid)
     if set_id is None:
         return None
-    m = _complete(store, set_id)
+    m = _complete(store, set_id, key)
     return set_id if m is not None and stored_id(m) == cid else None
 
 
@@ -129,12 +144,13 @@ def publish(
 
     if not manifest.unchanged(previous, m):
         commit(store, set_id, manifest_doc=m, points=points)
-    if cid and m["complete"] and lookup(store, cid) is None:
+    key = SetKey.from_dict(m["key"])
+    if cid and m["complete"] and lookup(store, cid, key) is None:
         crashpoints.point("content.before-index")
         index(store, cid, set_id)
     fid = stored_family(m)
     if fid and m["complete"]:  # the family's entry names its set that holds the most sequences
-        held = lookup_family(store, fid)
+        held = lookup_family(store, fid, key)
         if held is None or (held[0] != set_id and held[1].get("n_tokens", 0) < m.get("n_tokens", 0)):
             index(store, fid, set_id)
     old = stored_id(previous)

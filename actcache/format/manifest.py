@@ -12,7 +12,7 @@ import math
 from importlib import metadata
 from typing import Any
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
 from actcache.format.key import CODECS, DTYPES, FORMAT_VERSION, SetKey, ShuffleKey, key_from_dict
 from actcache.storage.store import DamagedFile, Store
@@ -180,8 +180,8 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         m = store.read_json(f"{set_id}/{layout.MANIFEST}")
     except FileNotFoundError:
         raise NoManifest(_missing(store, set_id)) from None
-    except DamagedFile as e:
-        raise ActcacheError(f"manifest of {url} is damaged ({e}); {rebuild}") from e
+    except DamagedFile as e:  # a failure (exit 1) as the file's own error says, not bad input: a rerun repairs it
+        raise Failure(f"manifest of {url} is damaged ({e}); {rebuild}") from e
     version = m.get("format_version") if isinstance(m, dict) else None
     if type(version) is not int:
         raise ActcacheError(f"manifest of {url} has no format_version; it is not an actcache set ({rebuild})")

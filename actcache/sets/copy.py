@@ -16,6 +16,7 @@ from typing import Any
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import content, layout, manifest, records
 from actcache.format.commit import Shard, commit
+from actcache.format.key import SetKey, key_from_dict
 from actcache.read.reader import open_set
 from actcache.storage.store import DamagedFile, Store, StoreRef, parse_json
 
@@ -140,7 +141,10 @@ def _index(target: Store, set_id: str, m: Any) -> None:
     if not isinstance(m, dict) or not m.get("complete"):
         return
     cid, fid = content.stored_id(m), content.stored_family(m)
-    if cid and content.lookup(target, cid) is None:
+    key = key_from_dict(m["key"])  # the manifest was read and checked before the copy
+    if not isinstance(key, SetKey):
+        return  # a shuffled copy: no content of its own
+    if cid and content.lookup(target, cid, key) is None:
         content.index(target, cid, set_id)
-    if fid and content.lookup_family(target, fid) is None:
+    if fid and content.lookup_family(target, fid, key) is None:
         content.index(target, fid, set_id)

@@ -230,6 +230,13 @@ def _consolidate(pieces_dir: Path, out: Path) -> None:
     shutil.rmtree(pieces_dir)
 
 
+def _within(path: Path, folder: str) -> bool:
+    """Whether ``path`` (which need not exist) lies in local ``folder``, through links and ``..``."""
+    inner = os.path.realpath(path)
+    outer = os.path.realpath(folder.removeprefix("file://"))
+    return (inner.rstrip("/") + "/").startswith(outer.rstrip("/") + "/")
+
+
 def export_set(
     src: str | StoreRef | list[str | StoreRef],
     out: str,
@@ -255,6 +262,9 @@ def export_set(
     if not target.parent.is_dir():
         raise ActcacheError(f"{target.parent} is not a directory; create it or export elsewhere")
     sets = [open_set(u) for u in (src if isinstance(src, list) else [src])]
+    for x in sets:  # as cp and shuffle refuse their destinations: a folder nested in a set is not the set's
+        if x.store.local and _within(target, x.url):
+            raise ActcacheError(f"{out} is inside the set {x.url}; export into a folder outside it")
     s = sets[0]
     m = s.manifest
     if len(sets) > 1 and any(example_rows.is_examples(x) for x in sets):

@@ -23,11 +23,15 @@ from actcache.errors import ActcacheError, opt
 # connection_string, HTTP headers -> Authorization, presigned URLs' X-Amz-Signature, ...). Names are compared
 # lowercased without separators.
 SECRET_NAME = re.compile(
-    r"secret|passw|token|credential|privat|signature|authoriz|^auth$|oauth|cookie|connectionstring|"
+    r"secret|passw|token|credential|privat|signature|authoriz|^auth$|oauth|cookie|sessionid|connectionstring|"
     r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$|^sig$"
 )
-# Values that hold a secret whatever their name: an AWS access key id, a connection string.
-_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=", re.I)
+# Values that hold a secret whatever their name: an AWS access key id, a connection string, the tokens of the
+# hosts a dataset or model comes from (Hugging Face, GitHub, GitLab, Slack), which also travel in a URL's path.
+_SECRET_VALUE = re.compile(
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|"
+    r"\bhf_[A-Za-z0-9]{30,}|\bgh[pousr]_[A-Za-z0-9]{36,}|\bgithub_pat_\w{40,}|\bglpat-[\w-]{20,}|\bxox[abprs]-[\w-]{10,}"
+)
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL")
 HOW = (
@@ -53,9 +57,18 @@ def secret_in(value: str) -> str | None:
             return "user:password@ in a URL"
         if parts.username:
             return "user@ in a URL (often a token)"
-        if any(secret_name(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        if any(secret_name(k) for k, _ in _params(parts)):
             return "a credential in a URL's query string"
     return None
+
+
+def _params(parts: Any) -> list[tuple[str, str]]:
+    """A URL's named parameters, wherever a server or client reads them: the query, the fragment (an OAuth
+    ``#access_token=``) and path segments' ``;name=value`` (``;jsessionid=``)."""
+    found = parse_qsl(parts.query, keep_blank_values=True) + parse_qsl(parts.fragment, keep_blank_values=True)
+    for segment in parts.path.split("/"):
+        found += parse_qsl(segment.partition(";")[2].replace(";", "&"), keep_blank_values=True)
+    return found
 
 
 def check_value(value: Any, given_as: str) -> None:
@@ -106,6 +119,10 @@ def redact(text: str) -> str:
         query = "&".join(
             f"{k}={'***' if secret_name(k) else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
         )
-        return parts._replace(netloc=netloc, query=query).geturl()
+        fragment = "&".join(
+            f"{k}={'***' if secret_name(k) else v}" for k, v in parse_qsl(parts.fragment, keep_blank_values=True)
+        )
+        path = re.sub(r";([^;/=]*)=([^;/]*)", lambda p: f";{p[1]}={'***' if secret_name(p[1]) else p[2]}", parts.path)
+        return parts._replace(netloc=netloc, path=path, query=query, fragment=fragment or parts.fragment).geturl()
 
     return _SECRET_VALUE.sub("***", _URL.sub(one, text))

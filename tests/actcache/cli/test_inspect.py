@@ -79,6 +79,29 @@ def test_show_and_verify_of_an_unfinished_set_say_what_it_lacks(extracted_set, t
         assert "rerun the same `actcache extract` to finish it" in err, err
 
 
+@pytest.mark.parametrize("damage", ["json", "fifo"])
+def test_a_damaged_manifest_is_a_failure_not_bad_input(extracted_set, tmp_path, capsys, damage):
+    """A manifest that is not JSON, or not a regular file, said "rerun the same extract" with exit 2 (bad input),
+    and `verify` promises exit 1 on any problem: every reader now exits 1 with that one line."""
+    import os
+    import shutil
+
+    url = str(tmp_path / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    path = Path(url) / "manifest.json"
+    path.unlink()
+    path.write_text('{"x": ') if damage == "json" else os.mkfifo(path)
+    for argv in (
+        ["show", url],
+        ["verify", url],
+        ["stats", url],
+        ["export", "--format", "hf", url, str(tmp_path / "e")],
+    ):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "is damaged" in err[-1] and "rerun the same `actcache extract`" in err[-1], err
+
+
 HEAVY = ("torch", "prefect", "transformers", "transformer_lens", "datasets", "numpy", "s3fs", "huggingface_hub")
 
 

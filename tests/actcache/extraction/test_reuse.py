@@ -13,7 +13,7 @@ from actcache.cli.app import main
 from actcache.config import ExtractConfig
 from actcache.extraction import examples
 from actcache.extraction.plan import make_plan
-from actcache.format import content
+from actcache.format import content, records
 from actcache.inputs import demo
 from actcache.read.examples import load_examples
 
@@ -147,13 +147,38 @@ def test_an_entry_whose_set_is_not_complete_is_ignored(tiny_models, inputs, tmp_
     (url,) = examples.extract(make_plan(_config(tiny_models, text, str(store), positions="first")))
     stored = url.rsplit("/", 1)[1]
     column = _config(tiny_models, ids, str(store), positions="first", token_column="input_ids")
+    column_key = make_plan(column, load_model=False).sets[0].key
     cid = json.loads((store / stored / "manifest.json").read_text())["examples"]["content_id"]
     (store / stored / "manifest.json").unlink()  # an `rm` under way, or a set whose manifest was lost
-    assert content.lookup(column.store_ref.open(), cid) is None
+    assert content.lookup(column.store_ref.open(), cid, column_key) is None
     assert make_plan(column, load_model=False).sets[0].stored_as is None
     # A forged entry (to an unfinished set, or one whose seal does not match) is not followed either.
     (store / "_content" / f"{cid}.json").write_text(json.dumps({"content_id": cid, "set_id": stored}))
-    assert content.lookup(column.store_ref.open(), cid) is None
+    assert content.lookup(column.store_ref.open(), cid, column_key) is None
+
+
+def test_an_entry_to_a_set_of_other_bytes_is_not_followed(tiny_models, inputs, tmp_path):
+    """A set of another hook whose manifest claims this content id (resealed: a seal is a line of code), and an
+    entry pointing at it, are not reused: the set's key says its bytes are another hook's."""
+    text, ids = inputs
+    store = tmp_path / "s"
+    (layer0,) = examples.extract(make_plan(_config(tiny_models, text, str(store), hook="blocks.0.hook_resid_post")))
+    (layer1,) = examples.extract(make_plan(_config(tiny_models, text, str(tmp_path / "o"))))
+    cid = json.loads(Path(layer1, "manifest.json").read_text())["examples"]["content_id"]
+    forged = store / layer0.rsplit("/", 1)[1] / "manifest.json"
+    m = json.loads(forged.read_text())
+    m["examples"]["content_id"] = cid
+    forged.write_text(json.dumps(records.sealed({k: v for k, v in m.items() if k != records.SEAL})))
+    (store / "_content" / f"{cid}.json").write_text(
+        json.dumps(records.sealed({"content_id": cid, "set_id": layer0.rsplit("/", 1)[1]}))
+    )
+    column = _config(tiny_models, ids, str(store), token_column="input_ids")  # blocks.1, as layer1
+    plan = make_plan(column, load_model=False)
+    assert plan.sets[0].stored_as is None and plan.has_missing
+    assert content.lookup(column.store_ref.open(), cid, plan.sets[0].key) is None
+    (url,) = examples.extract(make_plan(column))
+    assert torch.equal(load_examples(url).activations, load_examples(layer1).activations)
+    assert json.loads((store / "_content" / f"{cid}.json").read_text())["set_id"] == url.rsplit("/", 1)[1]
 
 
 def test_json_show_and_ls_say_which_set_was_reused(tiny_models, inputs, tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 from actcache.cli import app as cli
 from actcache.errors import ActcacheError
 from actcache.format import content, layout
+from actcache.format.key import SetKey
 from actcache.sets.copy import copy_set
 from actcache.storage.store import StoreRef
 
@@ -50,8 +51,8 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     assert "copied 4 shards" in err and "skipped 0" in err
     assert set_files(s3_server.keys_under(bucket_url), set_id) == original
     # The set's content entry comes along, written after its manifest: found by content in the new store too.
-    cid = json.loads(original["manifest.json"])["content_id"]
-    assert content.lookup(StoreRef.of(bucket_url).open(), cid) == set_id
+    m = json.loads(original["manifest.json"])
+    assert content.lookup(StoreRef.of(bucket_url).open(), m["content_id"], SetKey.from_dict(m["key"])) == set_id
 
     code, _, err = cp(capsys, local_set, bucket_url)  # everything present: nothing copied
     assert code == 0 and "copied 0 shards" in err and "skipped 4" in err
@@ -60,7 +61,7 @@ def test_round_trip_local_s3_local(local_set, s3_server, s3_env, tmp_path, capsy
     code, out, _ = cp(capsys, f"{bucket_url}/{set_id}", str(back))
     assert code == 0 and out.strip().splitlines()[-1] == f"{back}/{set_id}"
     assert files(str(back / set_id)) == original
-    assert json.loads((back / "_content" / f"{cid}.json").read_text())["set_id"] == set_id
+    assert json.loads((back / "_content" / f"{m['content_id']}.json").read_text())["set_id"] == set_id
 
     # Lose one shard's object and another's record at the destination: exactly those two are copied again.
     prefix = bucket_url.removeprefix(f"s3://{s3_server.bucket}/")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -165,6 +166,21 @@ def test_an_export_into_a_dangling_link_is_refused_in_one_line(source, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a symlink; export into a new folder" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "elsewhere").exists()
+
+
+def test_an_export_into_the_source_set_is_refused(source, tmp_path, capsys):
+    """An export inside the set's folder (spelled directly or through a link) nested a foreign folder in the set,
+    which `rm` then refused to remove; refused like cp's and shuffle's destinations, in one line, nothing written."""
+    from actcache.cli import app as cli
+
+    set_dir = Path(urlparse(source["url"]).path) if "://" in source["url"] else Path(source["url"])
+    before = sorted(p.name for p in set_dir.iterdir())
+    (tmp_path / "link").symlink_to(set_dir.parent)
+    for out in (set_dir / "exp", tmp_path / "link" / set_dir.name / "shards" / "exp"):
+        assert cli.main(["export", source["url"], str(out), "--format", "hf"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is inside the set" in err[0], err
+    assert sorted(p.name for p in set_dir.iterdir()) == before
 
 
 # -- several sets into one folder ------------------------------------------------------------------------

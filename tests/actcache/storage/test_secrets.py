@@ -22,7 +22,11 @@ EXTRACT_INPUTS = [
     ("--dataset", f"http://reader:{MARK}@127.0.0.1:9/corpus.jsonl"),
     ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?token={MARK}"),
     ("--dataset", f"https://b.s3.amazonaws.com/c.jsonl?X-Amz-Credential=a&X-Amz-Signature={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl#access_token={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl;jsessionid={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/hf_{MARK}{MARK}{MARK}/corpus.jsonl"),
     ("--model", f"https://{MARK}@127.0.0.1:9/gpt2"),
+    ("--model", f"https://127.0.0.1:9/ghp_{MARK * 3}/gpt2"),
     ("--store", f"s3://AKEY:{MARK}@bucket/acts"),
     ("--store", f"s3://bucket/acts?X-Amz-Signature={MARK}"),
     ("--aws-credentials-block", f"https://u:{MARK}@x"),
@@ -77,6 +81,26 @@ def test_every_command_refuses_a_store_url_with_credentials(extracted_set, tmp_p
     assert MARK not in out + err and _files_holding(tmp_path, MARK) == []
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"https://h/c.jsonl#access_token={MARK}",
+        f"https://h/c.jsonl#a=1&id_token={MARK}",
+        f"https://h/x;jsessionid={MARK}/c.jsonl",
+        f"https://h/{'hf_' + 'a1B2' * 9}/c.jsonl",
+        f"{'ghp_' + 'a1B2' * 9}",
+        f"https://h/{'github_pat_' + 'a1B2_' * 9}",
+        f"https://h/{'glpat-' + 'a1B2' * 6}",
+    ],
+)
+def test_a_credential_in_a_fragment_path_parameter_or_known_token_shape_is_found(value):
+    """The query was checked, the rest of a URL was not: a fragment's or path parameter's token, and the tokens of
+    the hosts datasets and models come from, went into the manifest and flow parameters."""
+    assert secrets.secret_in(value) is not None
+    shown = secrets.redact(f"error: {value} failed")
+    assert MARK not in shown and "a1B2a1B2" not in shown, shown
+
+
 def test_redact_hides_what_a_library_might_echo():
     text = f"failed: s3://K:{MARK}@b/x and https://h/p?a=1&X-Amz-Signature={MARK} and AKIAABCDEFGHIJKLMNOP"
     shown = secrets.redact(text)
@@ -84,7 +108,16 @@ def test_redact_hides_what_a_library_might_echo():
 
 
 @pytest.mark.parametrize(
-    "value", ["s3://bucket/prefix", "https://huggingface.co/datasets/x?author=me", "/data/corpus.jsonl", "gpt2"]
+    "value",
+    [
+        "s3://bucket/prefix",
+        "https://huggingface.co/datasets/x?author=me",
+        "/data/corpus.jsonl",
+        "gpt2",
+        "https://h/docs.html#section=2",
+        "https://h/x;v=2/c.jsonl",
+        "hf://datasets/hf_internal/c",
+    ],
 )
 def test_ordinary_values_pass(value):
     assert secrets.secret_in(value) is None

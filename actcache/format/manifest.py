@@ -153,7 +153,12 @@ class NoManifest(ActcacheError):
     """The set has no manifest.json (yet): a run is in progress, or the URL is wrong."""
 
 
-def _missing(store: Store, set_id: str) -> str:
+class UnfinishedSet(Failure, NoManifest):
+    """No manifest.json, but shards or records of a run: a failure the rerun it names finishes (exit 1), not bad
+    input."""
+
+
+def _missing(store: Store, set_id: str) -> NoManifest:
     """Why there is no manifest to read: nothing there, or an unfinished set (what it has, how to finish it)."""
     url = store.url_of(set_id)
     try:
@@ -161,9 +166,9 @@ def _missing(store: Store, set_id: str) -> str:
     except Exception:
         files = {}
     if not files:
-        return f"no activation set at {url} (no manifest.json)"
+        return NoManifest(f"no activation set at {url} (no manifest.json)")
     recorded = sum(layout.parse_record_file(rel) is not None for rel in files)
-    return (
+    return UnfinishedSet(
         f"{url} is an unfinished set: {recorded} shard(s) recorded, but no manifest.json yet (an extraction "
         "running or interrupted, or an interrupted `actcache rm`); rerun the same `actcache extract` to finish "
         f"it, or `actcache rm {url}` to remove it"
@@ -179,7 +184,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
     try:
         m = store.read_json(f"{set_id}/{layout.MANIFEST}")
     except FileNotFoundError:
-        raise NoManifest(_missing(store, set_id)) from None
+        raise _missing(store, set_id) from None
     except DamagedFile as e:  # a failure (exit 1) as the file's own error says, not bad input: a rerun repairs it
         raise Failure(f"manifest of {url} is damaged ({e}); {rebuild}") from e
     version = m.get("format_version") if isinstance(m, dict) else None

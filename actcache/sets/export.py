@@ -35,6 +35,7 @@ from actcache.errors import ActcacheError, opt
 from actcache.read import example_rows
 from actcache.read.exclude import token_ids
 from actcache.read.reader import Shard, open_set
+from actcache.storage.local import layout_folder_holding
 from actcache.storage.store import StoreRef
 
 FORMATS = ("saelens", "hf")
@@ -254,6 +255,11 @@ def export_set(
         raise ActcacheError(f"{out} already exists; export into a new folder (or delete it first)")
     if not target.parent.is_dir():
         raise ActcacheError(f"{target.parent} is not a directory; create it or export elsewhere")
+    if (held := layout_folder_holding(out)) is not None:
+        raise ActcacheError(
+            f"{out} lies inside {held!r}, a folder of a store's own layout (a set, _tokens or _content); "
+            "export elsewhere"
+        )
     sets = [open_set(u) for u in (src if isinstance(src, list) else [src])]
     s = sets[0]
     m = s.manifest

@@ -37,7 +37,7 @@ from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
 from actcache.storage import failures, housekeeping, secrets
 from actcache.storage.housekeeping import _HOST, TempFile, Upload
-from actcache.storage.local import _prefault
+from actcache.storage.local import _prefault, layout_folder_holding
 from actcache.storage.s3 import (
     _S3_CONFIG,
     DEADLINE_RATE,
@@ -619,6 +619,13 @@ class Store:
         p = self.root
         if os.path.isfile(p):
             raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {given_as}")
+        if os.path.islink(p) and not os.path.exists(p):
+            raise ActcacheError(f"store {self.url!r} is a dangling symlink; pass a folder or a new path as {given_as}")
+        if (held := layout_folder_holding(p)) is not None:
+            raise ActcacheError(
+                f"store {self.url!r} lies inside {held!r}, a folder of a store's own layout (a set, _tokens or "
+                f"_content); pass a directory outside it as {given_as}"
+            )
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:

@@ -167,6 +167,29 @@ def test_an_export_into_a_dangling_link_is_refused_in_one_line(source, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("inside", ["the set", "its shards", "_tokens"])
+def test_an_export_inside_a_stores_own_layout_is_refused(source, tmp_path, capsys, inside):
+    """An export written into a set's folder or ``_tokens`` mixes with files whose names actcache owns (``rm`` of
+    the set then refuses it). One line (exit 2), nothing written."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+
+    set_dir = shutil.copytree(Path(source["url"]), tmp_path / "store" / Path(source["url"]).name)
+    (tmp_path / "store" / "_tokens").mkdir()
+    out = {
+        "the set": set_dir / "exp",
+        "its shards": set_dir / "shards" / "exp",
+        "_tokens": set_dir.parent / "_tokens" / "e",
+    }
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(["export", str(set_dir), str(out[inside]), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a folder of a store's own layout" in err[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # -- several sets into one folder ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_hooks(tiny_models, corpus, tmp_path_factory):

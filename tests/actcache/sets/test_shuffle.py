@@ -305,3 +305,21 @@ def test_an_out_store_inside_the_source_set_is_refused(source, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is inside the set" in err[0]
     assert sorted(p for p in set_dir.rglob("*")) == before
+
+
+def test_an_out_store_inside_a_stores_own_layout_is_refused(source, tmp_path, capsys):
+    """``--out`` another set's folder, or a store's ``_tokens``, would nest a set among files whose names actcache
+    owns: one line, exit 2, nothing written."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+
+    set_dir = shutil.copytree(Path(source["url"]), tmp_path / "store" / Path(source["url"]).name)
+    other = shutil.copytree(set_dir, tmp_path / "other" / set_dir.name)
+    before = sorted(tmp_path.rglob("*"))
+    for out in (other / "nested", tmp_path / "store" / "_tokens"):
+        assert cli.main(["shuffle", str(set_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a folder of a store's own layout" in err[0]
+    assert sorted(tmp_path.rglob("*")) == before

@@ -24,10 +24,14 @@ from actcache.errors import ActcacheError, opt
 # lowercased without separators.
 SECRET_NAME = re.compile(
     r"secret|passw|token|credential|privat|signature|authoriz|^auth$|oauth|cookie|connectionstring|"
-    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$|^sig$"
+    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$|^sig$|^pass$|^pwd$|jwt|^session(id)?$"
 )
 # Values that hold a secret whatever their name: an AWS access key id, a connection string.
-_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=", re.I)
+# Hugging Face and GitHub tokens are found by their prefixes, wherever they stand (a path, a repo id).
+_SECRET_VALUE = re.compile(
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|AccountKey=|SharedAccessSignature=|\bhf_[A-Za-z0-9]{30,}|\bgh[pousr]_[A-Za-z0-9]{30,}",
+    re.I,
+)
 _URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3_ENDPOINT_URL")
 HOW = (
@@ -53,9 +57,17 @@ def secret_in(value: str) -> str | None:
             return "user:password@ in a URL"
         if parts.username:
             return "user@ in a URL (often a token)"
-        if any(secret_name(k) for k, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        if any(secret_name(k) for k, _ in _params(parts.query)):
             return "a credential in a URL's query string"
+        if any(secret_name(k) for k, _ in _params(parts.fragment)):
+            return "a credential in a URL's fragment"
     return None
+
+
+def _params(text: str) -> list[tuple[str, str]]:
+    """A query's (or fragment's: OAuth puts ``access_token`` there) parameters, split at ``&`` and at ``;``, which
+    some servers also take as a separator (and which Python stopped splitting at in 3.9.2)."""
+    return [kv for part in text.split(";") for kv in parse_qsl(part, keep_blank_values=True)]
 
 
 def check_value(value: Any, given_as: str) -> None:
@@ -103,9 +115,10 @@ def redact(text: str) -> str:
             return "<url>"
         netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
         netloc = ("***@" if "@" in parts.netloc else "") + netloc
-        query = "&".join(
-            f"{k}={'***' if secret_name(k) else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        query, fragment = (
+            "&".join(f"{k}={'***' if secret_name(k) else v}" for k, v in _params(text)) if "=" in text else text
+            for text in (parts.query, parts.fragment)
         )
-        return parts._replace(netloc=netloc, query=query).geturl()
+        return parts._replace(netloc=netloc, query=query, fragment=fragment).geturl()
 
     return _SECRET_VALUE.sub("***", _URL.sub(one, text))

@@ -265,6 +265,23 @@ def test_kill_then_rerun_gives_the_same_set(crash_args, reference, tmp_path, poi
 
 
 @pytest.mark.subprocess
+def test_an_unfinished_shuffle_is_named_so_and_its_advice_finishes_it(crash_args, reference, tmp_path, capsys):
+    """``verify``/``show`` of a shuffle killed before its manifest said to rerun ``actcache extract``, which cannot
+    finish a shuffled set: the advice names the shuffle, and following it gives the reference bytes."""
+    from actcache.cli import app as cli
+
+    killed = _run([*crash_args, "--out", str(tmp_path)], "shuffle.shard-written:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (unfinished,) = [p for p in tmp_path.iterdir() if layout.SET_ID_RE.match(p.name)]
+    for command in ("verify", "show"):
+        assert cli.main([command, str(unfinished)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "rerun the same `actcache shuffle` to finish it" in err[-1] and "extract" not in err[-1]
+    rerun = _run([*crash_args, "--out", str(tmp_path)])
+    assert rerun.returncode == 0 and local_tree(tmp_path) == reference, rerun.stderr[-2000:]
+
+
+@pytest.mark.subprocess
 def test_a_damaged_spill_is_spilled_again(crash_args, reference, tmp_path):
     """A rerun after a crash reuses a spill only if its record's seal and its file's sha256 hold: an edited record
     (plausible: same row total) and a spill file rotted in place (same size, mtime set back) are spilled again,

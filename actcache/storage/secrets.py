@@ -61,6 +61,10 @@ def secret_in(value: str) -> str | None:
             return "a credential in a URL's query string"
         if any(secret_name(k) for k, _ in _params(parts.fragment)):
             return "a credential in a URL's fragment"
+    # A query with no scheme before it (a repo id, a path: `user/repo?token=...`) is read the same way.
+    query, _, fragment = value.partition("?")[2].partition("#")
+    if any(secret_name(k) for k, _ in _params(query) + _params(fragment)):
+        return "a credential in a query string"
     return None
 
 

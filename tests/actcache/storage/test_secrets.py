@@ -34,6 +34,7 @@ EXTRACT_INPUTS = [
     ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?pwd={MARK}"),
     ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?jwt={MARK}"),
     ("--model", f"hf_{MARK}{MARK}{MARK}"),
+    ("--dataset", f"user/corpus?token={MARK}"),  # a query with no scheme before it
 ]
 
 

@@ -248,6 +248,12 @@ def export_set(
 
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
+    try:
+        os.fsencode(out).decode("utf-8")
+    except UnicodeDecodeError:  # pyarrow, which writes and maps the folder's files, takes UTF-8 paths only
+        raise ActcacheError(
+            f"{out!r} is not a UTF-8 path, which the Arrow files of an export need; export elsewhere"
+        ) from None
     target = Path(out)
     if target.is_symlink():  # even a dangling one: the export would land where it points
         raise ActcacheError(f"{out} is a symlink; export into a new folder (or delete the link first)")

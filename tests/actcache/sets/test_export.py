@@ -329,3 +329,18 @@ def test_several_example_sets_are_refused_in_one_line(example_sets, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "export one at a time" in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_in_one_line(source, tmp_path, capsys):
+    """pyarrow takes UTF-8 paths only: a folder named with a stray byte was a raw UnicodeEncodeError after the
+    whole export, exit 1 with "rerun the same command", and left OUT.partial. One line (exit 2), nothing written."""
+    import os
+
+    from actcache.cli import app as cli
+
+    parent = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(parent)
+    assert cli.main(["export", source["url"], os.path.join(parent, "out"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a UTF-8 path" in err[0]
+    assert os.listdir(parent) == []

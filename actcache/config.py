@@ -166,6 +166,7 @@ class ExtractConfig:
             raise ActcacheError(f'{opt("storage_options")} must be a JSON object, e.g. \'{{"endpoint_url": "..."}}\'')
         for f in dataclasses.fields(self):  # every input travels: manifest, flow parameters, logs, errors
             secrets.check_value(getattr(self, f.name), opt(f.name))
+            _check_utf8(getattr(self, f.name), opt(f.name))
         secrets.check_options(self.storage_options)
         self._check_examples()
         if not isinstance(self.hook, str) or not all(self.hooks):
@@ -224,3 +225,16 @@ class ExtractConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ActcacheError(f"unsupported {opt(name)} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_utf8(value: Any, given_as: str) -> None:
+    """Refuse a string that is not UTF-8 text: a path with a stray byte (Python holds it as a lone surrogate) cannot
+    be written into a manifest or the flow's parameters, which are JSON text, and failed there after the run began."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ActcacheError(
+                f"{given_as} is not UTF-8 text (a path with a byte such as 0xff in a name?); it is stored in the "
+                "manifest as text: rename the folder or file, or give another"
+            ) from None

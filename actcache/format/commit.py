@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache import crashpoints
+from actcache.errors import Failure
 from actcache.format import layout, manifest, records
-from actcache.storage.store import Store
+from actcache.storage.store import Store, parse_json
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,30 @@ def commit(
     if manifest_doc is None:
         return
     _point(points.before_manifest)
+    _check_present(store, set_id, manifest_doc)
     if isinstance(manifest_doc, bytes):
         store.write_bytes(f"{set_id}/{layout.MANIFEST}", manifest_doc)
     else:
         manifest.write(store, set_id, manifest_doc)
     _point(points.manifest_written)
+
+
+def _check_present(store: Store, set_id: str, manifest_doc: dict[str, Any] | bytes) -> None:
+    """Every shard the manifest names, and its record, is in place at its size (one listing): a set removed
+    (``actcache rm``) or damaged while it was written never gets a manifest that calls it complete."""
+    doc = manifest_doc if isinstance(manifest_doc, dict) else parse_json(manifest_doc, store.url_of(set_id))
+    have = store.listing(set_id)
+    gone = [
+        s["index"]
+        for s in doc.get("shards", [])
+        if isinstance(s, dict)
+        and (
+            getattr(have.get(str(s.get("file"))), "size", None) != s.get("bytes")
+            or layout.record_file(s.get("index", -1)) not in have
+        )
+    ]
+    if gone:
+        raise Failure(
+            f"{store.url_of(set_id)} changed while it was written: shard {gone[0]} ({len(gone)} in all) is no "
+            "longer there (removed by `actcache rm`?), so its manifest was not written; rerun the same command"
+        )

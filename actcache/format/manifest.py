@@ -168,9 +168,12 @@ def _missing(store: Store, set_id: str) -> NoManifest:
     if not files:
         return NoManifest(f"no activation set at {url} (no manifest.json)")
     recorded = sum(layout.parse_record_file(rel) is not None for rel in files)
+    # Only a shuffle writes spill files, and it keeps them until its manifest is in: extract cannot finish it.
+    command = "shuffle" if any(rel.startswith(layout.SPILL + "/") for rel in files) else "extract"
+    writer = "a shuffle" if command == "shuffle" else "an extraction"
     return UnfinishedSet(
-        f"{url} is an unfinished set: {recorded} shard(s) recorded, but no manifest.json yet (an extraction "
-        "running or interrupted, or an interrupted `actcache rm`); rerun the same `actcache extract` to finish "
+        f"{url} is an unfinished set: {recorded} shard(s) recorded, but no manifest.json yet ({writer} "
+        f"running or interrupted, or an interrupted `actcache rm`); rerun the same `actcache {command}` to finish "
         f"it, or `actcache rm {url}` to remove it"
     )
 

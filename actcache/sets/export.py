@@ -35,6 +35,7 @@ from actcache.errors import ActcacheError, opt
 from actcache.read import example_rows
 from actcache.read.exclude import token_ids
 from actcache.read.reader import Shard, open_set
+from actcache.storage.local import layout_folder_holding
 from actcache.storage.store import StoreRef
 
 FORMATS = ("saelens", "hf")
@@ -254,6 +255,12 @@ def export_set(
 
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
+    try:
+        os.fsencode(out).decode("utf-8")
+    except UnicodeDecodeError:  # pyarrow, which writes and maps the folder's files, takes UTF-8 paths only
+        raise ActcacheError(
+            f"{out!r} is not a UTF-8 path, which the Arrow files of an export need; export elsewhere"
+        ) from None
     target = Path(out)
     if target.is_symlink():  # even a dangling one: the export would land where it points
         raise ActcacheError(f"{out} is a symlink; export into a new folder (or delete the link first)")
@@ -261,6 +268,11 @@ def export_set(
         raise ActcacheError(f"{out} already exists; export into a new folder (or delete it first)")
     if not target.parent.is_dir():
         raise ActcacheError(f"{target.parent} is not a directory; create it or export elsewhere")
+    if (held := layout_folder_holding(out)) is not None:
+        raise ActcacheError(
+            f"{out} lies inside {held!r}, a folder of a store's own layout (a set, _tokens or _content); "
+            "export elsewhere"
+        )
     sets = [open_set(u) for u in (src if isinstance(src, list) else [src])]
     for x in sets:  # as cp and shuffle refuse their destinations: a folder nested in a set is not the set's
         if x.store.local and _within(target, x.url):

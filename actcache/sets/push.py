@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from actcache.console import printable
-from actcache.errors import ActcacheError, Failure
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
 from actcache.format.manifest import scrub, stored_bytes
 from actcache.read.reader import ActivationSet, open_set
+from actcache.storage import secrets
 from actcache.storage.store import StoreRef
 
 _OTHER_MANIFEST = re.compile(r"[0-9a-f]{24}/manifest\.json")
@@ -251,8 +252,19 @@ def push_set(
     block) to the dataset repo ``repo_id`` (created if missing), at ``revision``. ``on_total(n)`` once the files
     to upload are known, ``on_commit(k)`` after each commit of ``k`` of them (progress)."""
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    # Checked before anything is read or sent: a repo id or revision travels into the card, commits and errors.
+    secrets.check_value(repo_id, "REPO_ID")
+    secrets.check_value(revision, opt("revision"))
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ActcacheError(
+            "REPO_ID is not a Hugging Face repo id: give namespace/name (letters, digits, '-', '_', '.'), "
+            "e.g. user/gpt2-l6-resid"
+        ) from None
     s = open_set(src)
     api = HfApi()
     action = "creating"

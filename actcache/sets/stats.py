@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from actcache.format import manifest
+from actcache.format.commit import commit
 from actcache.format.records import Record
 from actcache.read.exclude import special_ids
 from actcache.read.reader import ActivationSet, open_set
@@ -72,7 +72,7 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
         moments_of=moments_of,
         by_token_of=lambda r: groups.pop(r.index),  # called right after moments_of(r)
     )
-    manifest.write(s.store, s.set_id, {**m, **fields})
+    commit(s.store, s.set_id, manifest_doc={**m, **fields})  # not onto a set removed while it was read
     return fields["stats"]
 
 

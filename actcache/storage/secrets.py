@@ -24,7 +24,7 @@ from actcache.errors import ActcacheError, opt
 # lowercased without separators.
 SECRET_NAME = re.compile(
     r"secret|passw|token|credential|privat|signature|authoriz|^auth$|oauth|cookie|sessionid|connectionstring|"
-    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$|^sig$"
+    r"^user(name)?$|(access|account|customer|api|sas|encryption)key|key$|^sig$|^pass$|^pwd$|jwt|^session$"
 )
 # Values that hold a secret whatever their name: an AWS access key id, a connection string, the tokens of the
 # hosts a dataset or model comes from (Hugging Face, GitHub, GitLab, Slack), which also travel in a URL's path.
@@ -57,18 +57,28 @@ def secret_in(value: str) -> str | None:
             return "user:password@ in a URL"
         if parts.username:
             return "user@ in a URL (often a token)"
-        if any(secret_name(k) for k, _ in _params(parts)):
+        if any(secret_name(k) for k, _ in _params(parts.query)):
             return "a credential in a URL's query string"
+        if any(secret_name(k) for k, _ in _params(parts.fragment)):
+            return "a credential in a URL's fragment"
+        if any(secret_name(k) for k, _ in _path_params(parts.path)):
+            return "a credential in a URL's path parameters"
+    # A query with no scheme before it (a repo id, a path: `user/repo?token=...`) is read the same way.
+    query, _, fragment = value.partition("?")[2].partition("#")
+    if any(secret_name(k) for k, _ in _params(query) + _params(fragment)):
+        return "a credential in a query string"
     return None
 
 
-def _params(parts: Any) -> list[tuple[str, str]]:
-    """A URL's named parameters, wherever a server or client reads them: the query, the fragment (an OAuth
-    ``#access_token=``) and path segments' ``;name=value`` (``;jsessionid=``)."""
-    found = parse_qsl(parts.query, keep_blank_values=True) + parse_qsl(parts.fragment, keep_blank_values=True)
-    for segment in parts.path.split("/"):
-        found += parse_qsl(segment.partition(";")[2].replace(";", "&"), keep_blank_values=True)
-    return found
+def _params(text: str) -> list[tuple[str, str]]:
+    """A query's (or fragment's: OAuth puts ``access_token`` there) parameters, split at ``&`` and at ``;``, which
+    some servers also take as a separator (and which Python stopped splitting at in 3.9.2)."""
+    return [kv for part in text.split(";") for kv in parse_qsl(part, keep_blank_values=True)]
+
+
+def _path_params(path: str) -> list[tuple[str, str]]:
+    """A URL path's ``;name=value`` segment parameters (``;jsessionid=``)."""
+    return [kv for segment in path.split("/") for kv in _params(segment.partition(";")[2])]
 
 
 def check_value(value: Any, given_as: str) -> None:
@@ -116,13 +126,11 @@ def redact(text: str) -> str:
             return "<url>"
         netloc = parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
         netloc = ("***@" if "@" in parts.netloc else "") + netloc
-        query = "&".join(
-            f"{k}={'***' if secret_name(k) else v}" for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        )
-        fragment = "&".join(
-            f"{k}={'***' if secret_name(k) else v}" for k, v in parse_qsl(parts.fragment, keep_blank_values=True)
+        query, fragment = (
+            "&".join(f"{k}={'***' if secret_name(k) else v}" for k, v in _params(text)) if "=" in text else text
+            for text in (parts.query, parts.fragment)
         )
         path = re.sub(r";([^;/=]*)=([^;/]*)", lambda p: f";{p[1]}={'***' if secret_name(p[1]) else p[2]}", parts.path)
-        return parts._replace(netloc=netloc, path=path, query=query, fragment=fragment or parts.fragment).geturl()
+        return parts._replace(netloc=netloc, path=path, query=query, fragment=fragment).geturl()
 
     return _SECRET_VALUE.sub("***", _URL.sub(one, text))

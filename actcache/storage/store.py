@@ -37,7 +37,7 @@ from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
 from actcache.storage import failures, housekeeping, secrets
 from actcache.storage.housekeeping import _HOST, TempFile, Upload
-from actcache.storage.local import _prefault
+from actcache.storage.local import _prefault, layout_folder_holding
 from actcache.storage.s3 import (
     _S3_CONFIG,
     DEADLINE_RATE,
@@ -425,16 +425,19 @@ class Store:
                 ) from None
             if isinstance(e, FileNotFoundError):
                 raise
-            if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV):  # a socket, a folder, a device without driver
+            if e.errno in (errno.ENXIO, errno.EISDIR, errno.ENODEV, errno.ENOTDIR):  # a socket, a folder, a device
+                # without driver, a file where a folder of the path should be
                 raise DamagedFile(f"{self.url_of(rel)} is not a regular file; remove it: a rerun rewrites it") from e
             raise Failure(f"cannot read {self.url_of(rel)} ({e.strerror})") from e
-        f = os.fdopen(fd, "rb")
+        # Checked on the descriptor before wrapping it: a folder opens read-only, and fdopen then raises a bare
+        # IsADirectoryError naming the descriptor.
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
+            os.close(fd)
             raise DamagedFile(
-                f"{self.url_of(rel)} is not a regular file (a FIFO, device or socket); remove it: a rerun rewrites it"
+                f"{self.url_of(rel)} is not a regular file (a folder, FIFO, device or socket); "
+                "remove it: a rerun rewrites it"
             )
-        return f
+        return os.fdopen(fd, "rb")
 
     def regular_path(self, rel: str, size: int) -> str:
         """The local path of ``rel``, checked to be a regular file of ``size`` bytes inside the store: for a library
@@ -482,10 +485,7 @@ class Store:
                 self._real_folders(rel)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             except OSError as e:
-                raise Failure(
-                    f"cannot write {self.url_of(rel)} ({e.strerror}); check the store, then rerun: "
-                    "finished shards are kept"
-                ) from e
+                raise self._write_failure(rel, e, "check the store") from e
             self._check_inside(rel, path)
             tmp = layout.temp_name(path, _HOST, os.getpid(), uuid.uuid4().hex[:8])
             try:
@@ -499,10 +499,7 @@ class Store:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 if isinstance(e, OSError):  # disk full, file-size limit, read-only, store removed meanwhile, ...
-                    raise Failure(
-                        f"cannot write {self.url_of(rel)} ({e.strerror or e}); free space or fix the "
-                        "store, then rerun: finished shards are kept"
-                    ) from e
+                    raise self._write_failure(rel, e, "free space or fix the store") from e
                 raise
         else:
             # One PUT, or a multipart upload that s3fs completes only after every part is in (and aborts
@@ -512,6 +509,17 @@ class Store:
                 data = _Parts(data) if self.s3 and len(data) >= 2 * self.part_size else data.tobytes()  # type: ignore[assignment]
             with self._io("writing", rel):
                 self._call("pipe_file", path, data, moves=len(data), **kwargs)
+
+    def _write_failure(self, rel: str, e: OSError, fix: str) -> Failure:
+        """One line for a local write that failed. A folder where the file should be, or a file where one of its
+        folders should be, is named as such: not deleted (actcache did not write it), and no space to free."""
+        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+            return Failure(
+                f"cannot write {self.url_of(rel)}: a folder stands where the file should be, or a file where one of "
+                "its folders should be; actcache deletes only what it wrote: remove it by hand, then rerun"
+            )
+        why = e.strerror or e
+        return Failure(f"cannot write {self.url_of(rel)} ({why}); {fix}, then rerun: finished shards are kept")
 
     def temp_files(self, rel: str = "") -> list[TempFile]:
         """Every writer's temp file below ``rel`` (local stores only: an object store's upload is invisible until
@@ -611,6 +619,13 @@ class Store:
         p = self.root
         if os.path.isfile(p):
             raise ActcacheError(f"store {self.url!r} is a file; pass a directory (or a new path) as {given_as}")
+        if os.path.islink(p) and not os.path.exists(p):
+            raise ActcacheError(f"store {self.url!r} is a dangling symlink; pass a folder or a new path as {given_as}")
+        if (held := layout_folder_holding(p)) is not None:
+            raise ActcacheError(
+                f"store {self.url!r} lies inside {held!r}, a folder of a store's own layout (a set, _tokens or "
+                f"_content); pass a directory outside it as {given_as}"
+            )
         while not os.path.exists(p):
             parent = os.path.dirname(p)
             if parent == p:

@@ -100,3 +100,20 @@ def test_max_tokens_beyond_any_dataset_is_refused_in_one_line():
         ExtractConfig(max_tokens=10**18 + 1)
     assert "max_tokens 1000000000000000001 is above 10^18" in str(e.value) and "\n" not in str(e.value)
     assert e.value.for_cli().startswith("--max-tokens ")
+
+
+@pytest.mark.parametrize("flag", ["--store", "--dataset"])
+def test_an_input_that_is_not_utf8_is_refused_before_the_run(base_config, tmp_path, capsys, flag):
+    """A path with a stray byte (held as a lone surrogate) failed as a raw UnicodeEncodeError once the flow run
+    began (its parameters are JSON text), exit 1 with "rerun the same command". One line, exit 2, nothing written."""
+    import os
+
+    from actcache.cli.app import main
+
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    argv = ["extract", "--store", base_config.store, "--dataset", base_config.dataset]
+    argv[argv.index(flag) + 1] = odd
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{flag} is not UTF-8 text" in err[0], err
+    assert not os.path.exists(base_config.store) and not os.path.exists(odd)

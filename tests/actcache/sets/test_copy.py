@@ -128,6 +128,53 @@ def test_a_destination_that_is_a_file_is_named_so(local_set, tmp_path, capsys):
     assert code == 2 and err.strip().endswith("is a file; pass a directory (or a new path) as the destination store")
 
 
+def test_a_destination_removed_while_it_is_copied_gets_no_manifest(local_set, tmp_path):
+    """``actcache rm`` of the destination set while ``cp`` writes it: the copy used to write the manifest anyway,
+    so ``ls`` called a set with missing shards complete. Now the manifest is written only once a listing shows
+    every shard and record it names (``format.commit``): one line, exit 1, and the rerun completes the copy."""
+    import shutil
+
+    from actcache.errors import Failure
+
+    set_id = Path(local_set).name
+    dest = tmp_path / "dest"
+    seen: list[int] = []
+
+    def remove_meanwhile(r) -> None:  # what `actcache rm DEST/<id>` does, between two shards of the copy
+        seen.append(r.index)
+        if len(seen) == 2:
+            shutil.rmtree(dest / set_id)
+
+    with pytest.raises(Failure, match="changed while it was written: shard .* no longer there") as e:
+        copy_set(local_set, str(dest), jobs=1, on_shard=remove_meanwhile)
+    assert "\n" not in str(e.value)
+    assert not (dest / set_id / layout.MANIFEST).exists()
+    copy_set(local_set, str(dest), jobs=1)
+    assert files(str(dest / set_id)) == files(local_set)
+
+
+@pytest.mark.parametrize("dest", ["_tokens", "_content", "another store's set", "a dangling link"])
+def test_a_destination_inside_a_stores_own_layout_is_refused(local_set, tmp_path, capsys, dest):
+    """A store nested in a set's folder, ``_tokens`` or ``_content`` (of any store) would mix with files whose names
+    actcache owns, there; a dangling link would be written through. One line each (exit 2), nothing written."""
+    store = Path(local_set).parent
+    set_id = Path(local_set).name
+    other = tmp_path / "other"
+    copy_set(local_set, str(other), jobs=1)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    target = {
+        "_tokens": store / layout.TOKENS_ROOT,
+        "_content": store / layout.CONTENT_ROOT / "x",
+        "another store's set": other / set_id / "nested",
+        "a dangling link": tmp_path / "dangling",
+    }[dest]
+    before = files(str(store)), files(str(other))
+    code, _, err = cp(capsys, local_set, str(target))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("dangling symlink" if "link" in dest else "a folder of a store's own layout") in err
+    assert (files(str(store)), files(str(other))) == before and not (tmp_path / "nowhere").exists()
+
+
 def test_ls_shows_a_partial_set_on_s3(s3_server, s3_env, capsys, make_config, prefect_harness):
     """One partition of a fan-out run writes a manifest for half the shards: ls says partial."""
     from actcache.flows.extract import extract_activations

@@ -183,6 +183,29 @@ def test_an_export_into_the_source_set_is_refused(source, tmp_path, capsys):
     assert sorted(p.name for p in set_dir.iterdir()) == before
 
 
+@pytest.mark.parametrize("inside", ["the set", "its shards", "_tokens"])
+def test_an_export_inside_a_stores_own_layout_is_refused(source, tmp_path, capsys, inside):
+    """An export written into a set's folder or ``_tokens`` mixes with files whose names actcache owns (``rm`` of
+    the set then refuses it). One line (exit 2), nothing written."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+
+    set_dir = shutil.copytree(Path(source["url"]), tmp_path / "store" / Path(source["url"]).name)
+    (tmp_path / "store" / "_tokens").mkdir()
+    out = {
+        "the set": set_dir / "exp",
+        "its shards": set_dir / "shards" / "exp",
+        "_tokens": set_dir.parent / "_tokens" / "e",
+    }
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.main(["export", str(set_dir), str(out[inside]), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a folder of a store's own layout" in err[0]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # -- several sets into one folder ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_hooks(tiny_models, corpus, tmp_path_factory):
@@ -322,3 +345,18 @@ def test_several_example_sets_are_refused_in_one_line(example_sets, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "export one at a time" in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_in_one_line(source, tmp_path, capsys):
+    """pyarrow takes UTF-8 paths only: a folder named with a stray byte was a raw UnicodeEncodeError after the
+    whole export, exit 1 with "rerun the same command", and left OUT.partial. One line (exit 2), nothing written."""
+    import os
+
+    from actcache.cli import app as cli
+
+    parent = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(parent)
+    assert cli.main(["export", source["url"], os.path.join(parent, "out"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a UTF-8 path" in err[0]
+    assert os.listdir(parent) == []

@@ -127,3 +127,24 @@ def test_the_card_shows_manifest_fields_as_text_never_as_markdown_or_html(extrac
     assert "blocks.1.hook_resid_post&lt;img src=x onerror=alert(1)&gt;" in html, html
     assert "org/m`` **bold** `x`" in html and "d\\n\\n# injected heading\\n&lt;script&gt;" in html, html
     assert "[link](javascript:alert(3)) &lt;b&gt;x&lt;/b&gt; tokens" in html, html
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["user/repo?token=Mark3rS3cretZq"],
+        ["https://u:Mark3rS3cretZq@huggingface.co/datasets/x"],
+        ["user/repo", "--revision", "https://u:Mark3rS3cretZq@h/x"],
+        ["not a repo id"],
+        ["a/b/c"],
+    ],
+)
+def test_a_repo_id_or_revision_is_checked_before_the_hub_is_asked(extracted_set, capsys, monkeypatch, argv):
+    """A credential in the repo id or revision (they go into the card, commits and error lines) is refused by the
+    one rule, and a malformed repo id is bad input: one line, exit 2, no hub asked (it is offline here). They were
+    a raw HFValidationError echoing the value, exit 1 with "rerun the same command to resume"."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["push", extracted_set, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Mark3rS3cretZq" not in err[0] and "rerun" not in err[0], err
+    assert ("holds credentials" if "Mark3r" in " ".join(argv) else "is not a Hugging Face repo id") in err[0]

@@ -265,6 +265,23 @@ def test_kill_then_rerun_gives_the_same_set(crash_args, reference, tmp_path, poi
 
 
 @pytest.mark.subprocess
+def test_an_unfinished_shuffle_is_named_so_and_its_advice_finishes_it(crash_args, reference, tmp_path, capsys):
+    """``verify``/``show`` of a shuffle killed before its manifest said to rerun ``actcache extract``, which cannot
+    finish a shuffled set: the advice names the shuffle, and following it gives the reference bytes."""
+    from actcache.cli import app as cli
+
+    killed = _run([*crash_args, "--out", str(tmp_path)], "shuffle.shard-written:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (unfinished,) = [p for p in tmp_path.iterdir() if layout.SET_ID_RE.match(p.name)]
+    for command in ("verify", "show"):
+        assert cli.main([command, str(unfinished)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "rerun the same `actcache shuffle` to finish it" in err[-1] and "extract" not in err[-1]
+    rerun = _run([*crash_args, "--out", str(tmp_path)])
+    assert rerun.returncode == 0 and local_tree(tmp_path) == reference, rerun.stderr[-2000:]
+
+
+@pytest.mark.subprocess
 def test_a_damaged_spill_is_spilled_again(crash_args, reference, tmp_path):
     """A rerun after a crash reuses a spill only if its record's seal and its file's sha256 hold: an edited record
     (plausible: same row total) and a spill file rotted in place (same size, mtime set back) are spilled again,
@@ -305,3 +322,21 @@ def test_an_out_store_inside_the_source_set_is_refused(source, tmp_path, capsys)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is inside the set" in err[0]
     assert sorted(p for p in set_dir.rglob("*")) == before
+
+
+def test_an_out_store_inside_a_stores_own_layout_is_refused(source, tmp_path, capsys):
+    """``--out`` another set's folder, or a store's ``_tokens``, would nest a set among files whose names actcache
+    owns: one line, exit 2, nothing written."""
+    import shutil
+    from pathlib import Path
+
+    from actcache.cli import app as cli
+
+    set_dir = shutil.copytree(Path(source["url"]), tmp_path / "store" / Path(source["url"]).name)
+    other = shutil.copytree(set_dir, tmp_path / "other" / set_dir.name)
+    before = sorted(tmp_path.rglob("*"))
+    for out in (other / "nested", tmp_path / "store" / "_tokens"):
+        assert cli.main(["shuffle", str(set_dir), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "a folder of a store's own layout" in err[0]
+    assert sorted(tmp_path.rglob("*")) == before

@@ -70,3 +70,23 @@ def test_unknown_or_newer_sets_are_one_line(extracted_set, tmp_path, capsys, whi
     assert cli.main(["stats", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("no activation set" in err[0] if which == "missing" else "upgrade actcache" in err[0])
+
+
+def test_a_set_removed_while_its_stats_are_computed_gets_no_manifest_back(extracted_set, tmp_path, capsys, monkeypatch):
+    """``actcache rm`` between the last read and the manifest's rewrite: stats wrote the manifest anyway, so the
+    removed set came back as a complete set with no shards. The rewrite goes through ``commit``, which lists the
+    shards first: one line, exit 1, nothing left behind but what rm had left."""
+    root, _ = _as_if_old(extracted_set, tmp_path)
+    merged = moments.merged
+
+    def merged_then_removed(*a, **k):
+        out = merged(*a, **k)
+        for p in [*root.glob("shards/*"), *root.glob("done/*"), root / layout.MANIFEST]:
+            p.unlink()
+        return out
+
+    monkeypatch.setattr(moments, "merged", merged_then_removed)
+    assert cli.main(["stats", str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "changed while it was written" in err[-1]
+    assert not (root / layout.MANIFEST).exists()

@@ -32,6 +32,13 @@ EXTRACT_INPUTS = [
     ("--aws-credentials-block", f"https://u:{MARK}@x"),
     ("--storage-options", '{"endpoint_url": "http://u:' + MARK + '@127.0.0.1:9"}'),
     ("--storage-options", '{"client_kwargs": {"aws_secret_access_key": "' + MARK + '"}}'),
+    # A fragment (OAuth's implicit flow), a ';'-separated parameter, short password names, a bare hub token.
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl#access_token={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?a=1;token={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?pwd={MARK}"),
+    ("--dataset", f"https://127.0.0.1:9/corpus.jsonl?jwt={MARK}"),
+    ("--model", f"hf_{MARK}{MARK}{MARK}"),
+    ("--dataset", f"user/corpus?token={MARK}"),  # a query with no scheme before it
 ]
 
 
@@ -105,6 +112,8 @@ def test_redact_hides_what_a_library_might_echo():
     text = f"failed: s3://K:{MARK}@b/x and https://h/p?a=1&X-Amz-Signature={MARK} and AKIAABCDEFGHIJKLMNOP"
     shown = secrets.redact(text)
     assert MARK not in shown and "AKIA" not in shown and "https://h/p?a=1&X-Amz-Signature=***" in shown
+    shown = secrets.redact(f"at https://h/p#access_token={MARK}&x=1 and https://h/q?a=1;sig={MARK}")
+    assert MARK not in shown and "https://h/p#access_token=***&x=1" in shown
 
 
 @pytest.mark.parametrize(
@@ -117,6 +126,8 @@ def test_redact_hides_what_a_library_might_echo():
         "https://h/docs.html#section=2",
         "https://h/x;v=2/c.jsonl",
         "hf://datasets/hf_internal/c",
+        "https://h/readme.html#section-2",
+        "hf://datasets/user/hf_corpus",
     ],
 )
 def test_ordinary_values_pass(value):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure
 from actcache.format import layout, records
 from actcache.storage.store import Store
 
@@ -152,6 +152,8 @@ def _read_in_thread(fn):
         "socket",
         "symlinked folder",
         "dangling symlink",
+        "folder",
+        "file where its folder should be",
     ],
 )
 def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kind):
@@ -182,6 +184,11 @@ def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kin
     elif kind == "symlinked folder":
         (root / "s" / "shards").rmdir()
         (root / "s" / "shards").symlink_to(outside)
+    elif kind == "folder":  # opens read-only, and a bare IsADirectoryError used to escape
+        (target / "x").mkdir(parents=True)
+    elif kind == "file where its folder should be":
+        (root / "s" / "shards").rmdir()
+        (root / "s" / "shards").write_bytes(b"")
     else:
         target.symlink_to(tmp_path / "nowhere")
     store = Store(str(root))
@@ -198,6 +205,12 @@ def test_reads_refuse_anything_but_a_regular_file_inside_the_store(tmp_path, kin
         assert isinstance(out.get("error"), DamagedFile), (kind, out)
         assert "\n" not in str(out["error"]) and str(root) in str(out["error"])
     assert rel not in store.listing("") and "shards/000000.safetensors" not in store.listing("s")
+    if kind in ("folder", "file where its folder should be"):
+        # Not actcache's to delete: the write says what stands in its way, in one line (no "free space").
+        with pytest.raises(Failure, match="a folder stands where the file should be, or a file where") as e:
+            store.write_bytes(rel, b"rewritten")
+        assert "\n" not in str(e.value) and "free space" not in str(e.value)
+        return
     # A write replaces the link, FIFO or linked folder itself by a real file or folder, never what it points to.
     store.write_bytes(rel, b"rewritten")
     assert store.read_bytes(rel) == b"rewritten" and not target.is_symlink()

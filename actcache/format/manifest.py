@@ -192,7 +192,7 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         raise Failure(f"manifest of {url} is damaged ({e}); {rebuild}") from e
     version = m.get("format_version") if isinstance(m, dict) else None
     if type(version) is not int:
-        raise ActcacheError(f"manifest of {url} has no format_version; it is not an actcache set ({rebuild})")
+        raise Failure(f"manifest of {url} has no format_version; it is not an actcache set ({rebuild})")
     if version > FORMAT_VERSION:
         raise ActcacheError(
             f"set {set_id} has format version {version}, newer than this actcache reads "
@@ -209,15 +209,15 @@ def read(store: Store, set_id: str) -> dict[str, Any]:
         ):
             raise ValueError("its totals differ from its shards")
         records.check_sealed(m, "it")  # last: the specific complaints above say more
-    except (KeyError, TypeError, ValueError) as e:
-        raise ActcacheError(
+    except (KeyError, TypeError, ValueError) as e:  # damage a rerun repairs, as a damaged shard is: exit 1
+        raise Failure(
             f"manifest of {url} is malformed ({e}); regenerate it with "
             f"`actcache extract` using the same settings: {rebuild}"
         ) from e
     return scrub(m)
 
 
-class _EditedByHand(ActcacheError):
+class _EditedByHand(Failure):
     def __init__(self, url: str):
         super().__init__(
             f"manifest of {url} does not match its set id (edited by hand?); "

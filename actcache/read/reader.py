@@ -75,9 +75,7 @@ class ActivationSet:
         try:  # manifest.read checked d against what this machine holds; a config fetched from the hub counts too
             manifest.check_width(m, self.key, self.d, self.width.values)
         except ValueError as e:
-            raise ActcacheError(
-                f"manifest of {self.url} is malformed ({e}); re-extract the set or copy it again"
-            ) from e
+            raise Failure(f"manifest of {self.url} is malformed ({e}); re-extract the set or copy it again") from e
         self.key_width = self.width.values
         """Values per token a true shard of the key holds (manifest.read checked ``d`` against it), or None when
         nothing the key vouches for says: then a shard is bounded by its stored size (``shard.inflation_cap``)."""

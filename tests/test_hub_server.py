@@ -318,11 +318,14 @@ def test_interrupted_upload_resumes_with_only_what_is_missing(hub, tmp_path):
     with pytest.raises(Exception, match="Error while uploading"):
         api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
     assert sorted(hub.files(repo, repo_type="dataset")) == [".gitattributes"]  # nothing committed
-    assert len(hub.lfs_objects(repo, repo_type="dataset")) == 3
+    # The client uploads in parallel threads and stops at the failure: how many of the other three were stored by
+    # then depends on the threads' timing (usually all three), never the failed one.
+    stored = len(hub.lfs_objects(repo, repo_type="dataset"))
+    assert stored <= 3
 
     hub.clear_requests()
     api.upload_folder(folder_path=folder, repo_id=repo, repo_type="dataset")
-    assert len(hub.requests_matching(r"^/_lfs/put/", "PUT")) == 1
+    assert len(hub.requests_matching(r"^/_lfs/put/", "PUT")) == 4 - stored
     assert {k: v for k, v in hub.files(repo, repo_type="dataset").items() if k != ".gitattributes"} == files
 
 

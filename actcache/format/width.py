@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from actcache.inputs.fingerprint import cache_dir, combine
+from actcache.inputs.fingerprint import cache_dir, combine, write_quietly
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 _BLOCK = r"blocks\.\d+\."
@@ -241,15 +241,7 @@ def _fetch(name: str, sha: str) -> tuple[dict[str, Any] | None, str | None]:
             raise ValueError("config.json is not a JSON object")
     except Exception as e:  # whatever the hub or the network did: no width from it, and why
         return None, f"its model's config.json is not cached and the hub did not give it ({first_line(e)}); {how}"
-    path = _fetched_path(sha)
-    try:  # the next reader of any set of this commit needs no request
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    write_quietly(_fetched_path(sha), data)  # the next reader of any set of this commit needs no request
     return config, None
 
 

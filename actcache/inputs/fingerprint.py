@@ -26,6 +26,22 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def write_quietly(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a small cache file whole (temp + rename: no reader sees half of it), best effort: a cache that cannot
+    be written (read-only, full) only makes the next run slower."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -48,13 +64,7 @@ def _remember(path: Path, key: str, value: Any, stale: Callable[[str], bool] | N
         memo.pop(key, None)  # a rewritten entry counts as the newest
         memo[key] = value
         memo = _prune(memo, stale)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the memo is an optimisation only
+        write_quietly(path, json.dumps(memo))  # the memo is an optimisation only
 
 
 def file_sha256(path: str | os.PathLike) -> str:

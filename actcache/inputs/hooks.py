@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -66,13 +65,8 @@ def hook_catalog(model: ResolvedModel) -> HookCatalog:
         )
     except (OSError, ValueError, KeyError, TypeError):
         catalog = _probe_catalog(model)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"names": catalog.names, "per_token": catalog.per_token, "other": catalog.other}))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # the memo is an optimisation only
+        memo = {"names": catalog.names, "per_token": catalog.per_token, "other": catalog.other}
+        fingerprint.write_quietly(path, json.dumps(memo))  # the memo is an optimisation only
     with _HEAVY_LOCK:
         return _CATALOGS.setdefault(model.pin, catalog)
 

@@ -76,15 +76,9 @@ def _cached_commit(repo_id: str, revision: str | None, repo_type: str) -> str | 
 def _remember(repo_id: str, revision: str | None, repo_type: str, sha: str) -> None:
     # Files are then fetched by sha, which records no ref: record it as huggingface_hub does for a branch
     # download, so that the next run finds this commit offline.
-    path = _ref_file(repo_id, revision, repo_type)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(sha)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache: the next run asks the hub again
+    from actcache.inputs.fingerprint import write_quietly
+
+    write_quietly(_ref_file(repo_id, revision, repo_type), sha)  # a read-only cache: the next run asks the hub
 
 
 def commit(repo_id: str, revision: str | None, repo_type: str = "model") -> tuple[str | None, BaseException | None]:

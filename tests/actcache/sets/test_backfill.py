@@ -41,23 +41,20 @@ def inputs(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
     return text, ids
 
 
-def _config(tiny_models, dataset: Path, store: Path, packing: str, **changes) -> ExtractConfig:
+def _config(make_config, dataset: Path, store: Path, packing: str, **changes) -> ExtractConfig:
+    """The suite's ``make_config`` on ``dataset`` into ``store``: sequences of 16, 8 to a shard, float32."""
     base = dict(
-        model=str(tiny_models["gpt2"]),
         dataset=str(dataset),
         store=str(store),
-        device="cpu",
         context_size=CONTEXT,
         max_tokens=20 * CONTEXT,
         shard_tokens=8 * CONTEXT,
-        batch_size=4,
         dtype="float32",
-        hook="blocks.1.hook_resid_post",
         packing=packing,
     )
     if packing == "none":
         base |= dict(positions="last", keep_columns="label,source,score,ok")  # every kind of column
-    return ExtractConfig(**{**base, **changes})
+    return make_config(**{**base, **changes})
 
 
 def _as_before_content_ids(store: Path, set_id: str) -> tuple[str, str]:
@@ -75,13 +72,13 @@ def _as_before_content_ids(store: Path, set_id: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("packing", ["none", "concat"])
-def test_verify_indexes_a_set_made_before_content_ids(tiny_models, inputs, tmp_path, capsys, packing):
+def test_verify_indexes_a_set_made_before_content_ids(make_config, inputs, tmp_path, capsys, packing):
     text, ids = inputs
     store = tmp_path / "s"
-    (url,) = run_sequential(_config(tiny_models, text, store, packing))
+    (url,) = run_sequential(_config(make_config, text, store, packing))
     set_id = url.rsplit("/", 1)[1]
     cid, fid = _as_before_content_ids(store, set_id)
-    column = _config(tiny_models, ids, store, packing, token_column="input_ids")
+    column = _config(make_config, ids, store, packing, token_column="input_ids")
     if packing == "concat":
         stages.tokenize(make_plan(column, load_model=False))  # its token shards stored: a plan can look it up
     assert make_plan(column, load_model=False).sets[0].stored_as is None  # not found: no entry
@@ -100,10 +97,10 @@ def test_verify_indexes_a_set_made_before_content_ids(tiny_models, inputs, tmp_p
     assert json.loads(capsys.readouterr().out)["content_indexed"] is None
 
 
-def test_a_set_whose_shards_fail_or_whose_tokens_are_gone_gets_no_entry(tiny_models, inputs, tmp_path, capsys):
+def test_a_set_whose_shards_fail_or_whose_tokens_are_gone_gets_no_entry(make_config, inputs, tmp_path, capsys):
     text, _ = inputs
     store = tmp_path / "s"
-    (url,) = run_sequential(_config(tiny_models, text, store, "concat"))
+    (url,) = run_sequential(_config(make_config, text, store, "concat"))
     set_id = url.rsplit("/", 1)[1]
     _as_before_content_ids(store, set_id)
     for tokens in (store / "_tokens").iterdir():  # a copied set: its token cache stayed behind
@@ -114,19 +111,19 @@ def test_a_set_whose_shards_fail_or_whose_tokens_are_gone_gets_no_entry(tiny_mod
     assert content.stored_id(json.loads((store / set_id / "manifest.json").read_text())) is None
 
 
-def test_verify_gives_a_set_made_by_0_5_0_its_family(tiny_models, inputs, tmp_path, capsys):
+def test_verify_gives_a_set_made_by_0_5_0_its_family(make_config, inputs, tmp_path, capsys):
     """0.5.0 wrote the content id and entry, no family: verify adds it, and a request for fewer examples from the
     other input then reuses the set."""
     text, ids = inputs
     store = tmp_path / "s"
-    (url,) = run_sequential(_config(tiny_models, text, store, "none"))
+    (url,) = run_sequential(_config(make_config, text, store, "none"))
     set_id = url.rsplit("/", 1)[1]
     path = store / set_id / "manifest.json"
     m = json.loads(path.read_text())
     fid = m["examples"].pop(content.FAMILY_FIELD)
     path.write_text(json.dumps(records.sealed(m), indent=1))
     (store / "_content" / f"{fid}.json").unlink()
-    fewer = _config(tiny_models, ids, store, "none", token_column="input_ids", max_tokens=10 * CONTEXT)
+    fewer = _config(make_config, ids, store, "none", token_column="input_ids", max_tokens=10 * CONTEXT)
     assert make_plan(fewer, load_model=False).sets[0].stored_as is None
     assert main(["verify", url]) == 0
     assert "indexed its content id" in capsys.readouterr().err
@@ -134,21 +131,21 @@ def test_verify_gives_a_set_made_by_0_5_0_its_family(tiny_models, inputs, tmp_pa
     assert make_plan(fewer, load_model=False).urls == [url]
 
 
-def test_a_set_extended_while_it_is_verified_keeps_its_new_shards(tiny_models, inputs, tmp_path, capsys, monkeypatch):
+def test_a_set_extended_while_it_is_verified_keeps_its_new_shards(make_config, inputs, tmp_path, capsys, monkeypatch):
     """Verifying reads every shard (minutes on a large set); a run that extends the set meanwhile writes a larger
     manifest. Writing back the manifest as verified, with its content id added, would drop the new shards from it."""
     from actcache.read.reader import ActivationSet
 
     text, _ = inputs
     store = tmp_path / "s"
-    (url,) = run_sequential(_config(tiny_models, text, store, "none", max_tokens=8 * CONTEXT))
+    (url,) = run_sequential(_config(make_config, text, store, "none", max_tokens=8 * CONTEXT))
     set_id = url.rsplit("/", 1)[1]
     _as_before_content_ids(store, set_id)
     real = ActivationSet.verify
 
     def verify_while_extended(self, *args, **kwargs):
         problems = real(self, *args, **kwargs)
-        run_sequential(_config(tiny_models, text, store, "none"))  # --max-tokens raised: the same set, extended
+        run_sequential(_config(make_config, text, store, "none"))  # --max-tokens raised: the same set, extended
         return problems
 
     monkeypatch.setattr(ActivationSet, "verify", verify_while_extended)

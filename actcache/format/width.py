@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,11 @@ CONFIG_LIMIT = 1 << 20
 """Largest config.json read (real ones are a few KB)."""
 FETCH_TIMEOUT = 10.0
 """Seconds a request for a hub commit's config.json may wait for an answer (connect, and each read)."""
-_FETCHED: dict[tuple[str, str], tuple[dict[str, Any] | None, str | None]] = {}
+FETCH_RETRY_S = 60.0
+"""Seconds a failed fetch is remembered: a process asks the hub again after it (a transient network failure must not
+make every later reader of a long-running trainer keep the stored-size bound); a fetched config is kept for good."""
+_FETCHED: dict[tuple[str, str], tuple[float, tuple[dict[str, Any] | None, str | None]]] = {}
+"""(name, sha) -> (when it was fetched, by ``time.monotonic``; what the fetch gave)."""
 
 
 def _fetched_path(sha: str) -> str:
@@ -259,9 +264,11 @@ def _hub_config(sha: str, name: Any) -> tuple[dict[str, Any] | None, str | None]
         validate_repo_id(name)
     except (HFValidationError, TypeError):
         return None, "its model's config.json is not cached and its manifest names no hub repository to fetch it from"
-    if (name, sha) not in _FETCHED:
-        _FETCHED[(name, sha)] = _fetch(name, sha)
-    return _FETCHED[(name, sha)]
+    at, got = _FETCHED.get((name, sha), (0.0, (None, None)))
+    if (name, sha) not in _FETCHED or (got[0] is None and time.monotonic() - at >= FETCH_RETRY_S):
+        at, got = time.monotonic(), _fetch(name, sha)
+        _FETCHED[(name, sha)] = at, got
+    return got
 
 
 def read_config(path: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -336,6 +337,28 @@ def test_a_hub_config_the_hub_serves_for_another_commit_or_altered_is_not_truste
     other = hub.add_model(hub.new_repo_id("other"), {"config.json": b'{"n_embd": 4096, "n_head": 32}'})
     assert width.of(_key(f"hf:{other}"), {"model": {"name": repo}}).values is None  # not a commit of that repo
     assert width.of(key, {"model": {"name": repo}}).values == 32
+
+
+def test_a_failed_hub_config_fetch_is_retried_after_a_short_time_and_a_success_stays(hub, tiny_models, monkeypatch):
+    """A transient hub failure was remembered for the whole process: every later reader of a long-running trainer kept
+    the stored-size bound. A failure is now asked again after ``FETCH_RETRY_S`` (not at once: readers opening many
+    sets do not each wait on a failing hub); a fetched config is kept for good."""
+    repo, sha = _hub_model(hub, tiny_models)
+    key, m = _key(f"hf:{sha}"), {"model": {"name": repo}}
+    clock, retry = [1000.0], getattr(width, "FETCH_RETRY_S", 60.0)
+    monkeypatch.setattr(width, "time", SimpleNamespace(monotonic=lambda: clock[0]), raising=False)
+    hub.fail_next(f"/{repo}/resolve/", 500, times=100, retry_after=None)
+    got = width.of(key, m)
+    assert got.values is None and "the hub did not give it" in got.why_not, got
+    asked = len(hub.requests_matching(repo))
+    hub.clear_faults()
+    clock[0] += retry / 2
+    assert width.of(key, m).values is None and len(hub.requests_matching(repo)) == asked  # remembered for a while
+    clock[0] += retry
+    assert width.of(key, m).values == 32  # then asked again, and the hub answers now
+    hub.stop()
+    clock[0] += 10 * retry
+    assert width.of(key, m).values == 32  # a success is kept
 
 
 def test_a_hub_model_neither_cached_nor_reachable_says_so_and_how_to_make_the_bound_exact(zstd_set, tmp_path, capsys):

@@ -34,6 +34,9 @@ SHUFFLE_POINTS = (
     "shuffle.manifest-written",  # the set is complete, its spill files not yet removed
 )
 
+# `actcache cp` (actcache/sets/copy.py), after a shard's bytes and after its record.
+COPY_POINTS = ("cp.shard-written", "cp.record-written")
+
 # `actcache rm` (actcache/sets/cleanup.py), after each kind of file is deleted.
 RM_POINTS = ("rm.manifest-removed", "rm.records-removed", "rm.shards-removed")
 

@@ -17,6 +17,7 @@ from actcache.extraction import stages
 from actcache.extraction.sizing import IN_FLIGHT  # shards compressed/uploaded while the next one is extracted
 from actcache.orchestration.cancel import record_cancelled
 from actcache.progress import Progress, Window
+from actcache.storage import leases
 from actcache.tasks.compress import compress
 from actcache.tasks.examples import extract_examples
 from actcache.tasks.extract import extract
@@ -29,11 +30,13 @@ ROUNDS = stages.ROUNDS  # passes over the shards: the first, then redoing what c
 
 
 @flow(name="extract-activations", task_runner=ThreadPoolTaskRunner(max_workers=4))  # type: ignore[arg-type]
+@leases.releasing
 def extract_activations(
     config: ExtractConfig = ExtractConfig(), partition_index: int = 0, num_partitions: int = 1
 ) -> State:
     """Extract hook activations over a dataset into content-addressed sets (one per hook); return their URLs."""
     plan = plan_extraction(config, partition_index, num_partitions)
+    leases.acquire(plan.store, [s.key.id for s in plan.sets])  # `rm` refuses these sets while this run writes them
     if config.packing == "none":  # one sequence per example: its own stage (actcache.extraction.examples)
         urls = extract_examples(quote(plan))
         return Completed(message=sets_message(urls), data=urls)

@@ -12,6 +12,7 @@ from prefect.states import Completed, Failed, State
 from prefect.utilities.annotations import quote
 
 from actcache.config import ExtractConfig
+from actcache.storage import leases
 from actcache.tasks.fanout import (
     check_partitions,
     finalize_lost_run,
@@ -28,6 +29,7 @@ from actcache.tasks.tokenize import tokenize
 
 
 @flow(name="extract-fanout")
+@leases.releasing
 def extract_fanout(
     config: ExtractConfig = ExtractConfig(),
     num_partitions: int = 4,
@@ -51,6 +53,7 @@ def extract_fanout(
     if resumes > max_relaunches:
         return Failed(message=f"fan-out lost {resumes} times (max_relaunches={max_relaunches}): not resumed again")
     plan = plan_fanout(config)
+    leases.acquire(plan.store, [s.key.id for s in plan.sets])  # `rm` refuses these sets until the fan-out ends
     tokenize(plan)  # once, here: partitions then only read the token cache
     plan, _ = recheck(plan, last=False)  # the shards up to where the dataset ends, known now
     # The same token ids stored already (read from text or a token column): no partition is launched for that set.

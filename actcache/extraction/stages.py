@@ -32,6 +32,7 @@ from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import SetKey
 from actcache.inputs.model import hook_layer
 from actcache.read.exclude import special_ids
+from actcache.storage import leases
 
 ROUNDS = 3
 """Passes over the shards: the first, then redoing what a concurrent run with another --max-tokens replaced."""
@@ -359,10 +360,12 @@ def extract_examples(plan: Plan) -> list[str]:
 
 
 # -- all of them, without Prefect ------------------------------------------------------------------------
+@leases.releasing
 def run_sequential(target: Plan | ExtractConfig) -> list[str]:
     """Run every stage in the flow's order in this thread, without Prefect (for debugging and tests): the same
     shards and manifests as the flow writes. ``target`` is a plan, or a config to plan (weights loaded)."""
     p = target if isinstance(target, Plan) else plan(target)
+    leases.acquire(p.store, [s.key.id for s in p.sets])  # `rm` refuses these sets while this run writes them
     if p.config.packing == "none":
         return extract_examples(p)
     p, work = reuse_stored(p, tokenize(p))

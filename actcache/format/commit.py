@@ -15,6 +15,7 @@ from typing import Any
 from actcache import crashpoints
 from actcache.errors import Failure
 from actcache.format import layout, manifest, records
+from actcache.storage import leases
 from actcache.storage.store import Store, parse_json
 
 
@@ -55,8 +56,11 @@ def commit(
     points: Points = NO_POINTS,
 ) -> None:
     """Write each of ``shards`` (bytes, then record), then ``manifest_doc`` when given: a dict is sealed and
-    written (``manifest.write``), bytes are a sealed manifest copied as they are."""
+    written (``manifest.write``), bytes are a sealed manifest copied as they are. Where this process holds a writer
+    lease on the set (``storage.leases``), each write first checks it is still there: a set removed meanwhile is
+    not written again."""
     for s in shards:
+        leases.check(store, set_id)
         store.write_bytes(f"{set_id}/{s.record.file}", s.data)
         _point(points.shard_written)
         if s.stored_record is not None:
@@ -67,6 +71,7 @@ def commit(
     if manifest_doc is None:
         return
     _point(points.before_manifest)
+    leases.check(store, set_id)
     _check_present(store, set_id, manifest_doc)
     if isinstance(manifest_doc, bytes):
         store.write_bytes(f"{set_id}/{layout.MANIFEST}", manifest_doc)

@@ -7,6 +7,8 @@
 <store>/_content/<content_id>.json            which set holds a stream of token ids (``format.content``)
 <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
                                               removed once the shuffled set is complete
+<store>/<set_id>/writers/<host>-<pid>-<8 hex>.json
+                                              a live writer's lease (``storage.leases``): rm refuses meanwhile
 <any of these>.tmp-<host>-<pid>-<8 hex>       a local writer's temp file, renamed into place once written
 
 ``is_store_file`` says whether a path is one of these: what ``rm`` and ``gc`` may delete, and nothing else.
@@ -105,10 +107,28 @@ def parse_temp(name: str) -> tuple[str, str, int] | None:
     return (m.group(1), m.group(2), int(m.group(3))) if m else None
 
 
+WRITERS = "writers"
+"""A set's folder of writer leases (``storage.leases``): one file per live extraction, ``cp`` or ``shuffle``."""
+# ``writers/<host>-<pid>-<8 hex>.json`` (the host with "-" made "_", as in temp names).
+_WRITER_RE = re.compile(r"^writers/([^-/]+)-([0-9]{1,10})-([0-9a-f]{8})\.json\Z")
+
+
+def writer_file(host: str, pid: int, tag: str) -> str:
+    """The lease file (relative to a set's folder) of a writer of ``host``/``pid`` (``tag``: 8 hex digits)."""
+    return f"{WRITERS}/{host}-{pid}-{tag}.json"
+
+
+def parse_writer_file(rel: str) -> tuple[str, int] | None:
+    """(host, pid) of a lease file made by ``writer_file``; None for anything else."""
+    m = _WRITER_RE.match(rel)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def is_set_file(rel: str) -> bool:
-    """Whether ``rel`` (relative to a set's folder) is a file a set consists of."""
+    """Whether ``rel`` (relative to a set's folder) is a file a set consists of (or a writer's lease)."""
     return (
         rel == MANIFEST
+        or parse_writer_file(rel) is not None
         or parse_shard_file(rel) is not None
         or parse_record_file(rel) is not None
         or parse_spill_record(rel) is not None

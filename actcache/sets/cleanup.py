@@ -14,6 +14,9 @@ Both run in an order that a kill at any point cannot turn into a set that looks 
   A token cache written to within the threshold, or holding a temp file of a live writer of this host, is kept
   too: an extraction whose set folder does not exist yet may be writing or reading it.
 
+``rm`` refuses a set that a live writer holds a lease on (``storage.leases``): an extraction, ``cp`` or ``shuffle``
+writing it would write half of it again.
+
 Both stay inside the store: nothing below a symlink is deleted or even listed (``Store.symlink_in``), and only
 files whose names actcache's layout gives, where actcache writes them (``layout.is_store_file``).
 """
@@ -25,9 +28,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from actcache import crashpoints
-from actcache.errors import ActcacheError
+from actcache.errors import ActcacheError, Failure
 from actcache.format import layout
 from actcache.sets import inventory
+from actcache.storage import leases
 from actcache.storage.store import Entry, Store, Upload
 
 TEMP_FILE, UPLOAD, TOKEN_CACHE = "temp-file", "upload", "token-cache"
@@ -85,7 +89,21 @@ def find_set(store: Store, name: str) -> SetFiles:
             f"{url} holds files that are not part of a set ({strangers[0]!r}); "
             "it was not written by actcache: remove it by hand if you mean to"
         )
+    _refuse_live_writers(store, name, files)
     return SetFiles(store, name, files)
+
+
+def _refuse_live_writers(store: Store, set_id: str, files: dict[str, Entry] | None = None) -> None:
+    """Refuse (``Failure``) a set that a live writer holds a lease on (``storage.leases``): removed under it, the
+    writer would write half of it again."""
+    writers = leases.live(store, set_id, files)
+    if writers:
+        w = writers[0]
+        raise Failure(
+            f"{store.url_of(set_id)} is being written by {w.writer()} (lease {store.url_of(w.rel)}); rm removes "
+            "nothing while a writer runs: wait for it to end or stop it, then rerun rm (a lease of a process that no "
+            f"longer runs, or another host's not renewed for {leases.STALE_S / 60:.0f} min, does not count)"
+        )
 
 
 def _looks_like_store(store: Store) -> bool:
@@ -101,6 +119,7 @@ def remove_set(target: SetFiles) -> None:
     docstring), then its folder."""
     from actcache.format import content
 
+    _refuse_live_writers(target.store, target.set_id)  # again: one may have started since ``find_set`` listed
     try:
         m = target.store.read_json(f"{target.set_id}/{layout.MANIFEST}")
     except (FileNotFoundError, ValueError):

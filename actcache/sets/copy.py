@@ -15,10 +15,13 @@ from typing import Any
 
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import content, layout, manifest, records
-from actcache.format.commit import Shard, commit
+from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import SetKey, key_from_dict
 from actcache.read.reader import open_set
+from actcache.storage import leases
 from actcache.storage.store import DamagedFile, Store, StoreRef, parse_json
+
+_POINTS = Points(shard_written="cp.shard-written", record_written="cp.record-written")
 
 
 def _same(a: str, b: str, local: bool) -> bool:
@@ -35,6 +38,7 @@ class CopyResult:
     bytes_copied: int
 
 
+@leases.releasing
 def copy_set(
     src: str | StoreRef,
     dest: str | StoreRef,
@@ -68,6 +72,7 @@ def copy_set(
             "folder holds the set already)"
         )
     target.check_writable("the destination store")
+    leases.acquire(target, set_id)  # before its first look at the destination: `rm` refuses it from here on
     scan = records.scan_set(target, source.key)
 
     def present(r: records.Record) -> bool:
@@ -111,7 +116,8 @@ def copy_set(
                 f"shard {r.index} of {source.url} fails its checksum; the copy stopped: "
                 "repair the source (`actcache verify`, then rerun its extract) and copy again"
             )
-        commit(target, set_id, [Shard(r, data, stored_record(r))])  # the bytes, then the record, as extraction
+        # the bytes, then the record, as extraction
+        commit(target, set_id, [Shard(r, data, stored_record(r))], points=_POINTS)
         if on_shard:
             on_shard(r)
         return len(data)

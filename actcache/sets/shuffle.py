@@ -43,6 +43,7 @@ from actcache.format.key import FORMAT_VERSION, ShuffleKey
 from actcache.format.records import Record
 from actcache.read.exclude import special_ids, token_ids
 from actcache.read.reader import ActivationSet, open_set
+from actcache.storage import leases
 from actcache.storage.store import Store, StoreRef
 
 DEFAULT_BUCKET_ROWS = 1 << 20
@@ -270,6 +271,7 @@ class _Writer:
         self.job.step("shard")
 
 
+@leases.releasing
 def shuffle_set(
     src: str | StoreRef,
     *,
@@ -317,6 +319,7 @@ def shuffle_set(
     job = _Job(source, target, key, bucket_rows, jobs, on_step)
     sid = key.id
     target.sweep_temp(sid)
+    leases.sweep(target, sid)
 
     scan = records.scan(target, sid, layout.MANIFEST)
     c = scan.consolidated
@@ -329,6 +332,11 @@ def shuffle_set(
         if any(rel.startswith(layout.SPILL + "/") for rel in scan.entries):
             target.remove_tree(f"{sid}/{layout.SPILL}")  # a kill after the manifest left them
         return ShuffleResult(target.url_of(sid), c["n_tokens"], c["n_shards"], c["excluded"]["rows"], True)
+
+    # A writer from here on: `rm` refuses the set, and a set removed meanwhile is not written again. (Its look above
+    # only read: a complete set is left as it is, with nothing written.)
+    leases.acquire(target, sid)
+    scan = records.scan(target, sid, layout.MANIFEST)
 
     # Pass 1: a spill file per source shard (a rerun keeps those recorded, and their bucket count).
     spills = _spill_records(target, sid, scan)

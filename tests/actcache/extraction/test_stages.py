@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from setfiles import local_tree
@@ -161,3 +162,39 @@ def test_run_sequential_from_python_shows_no_library_bars(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Loading weights" not in run.stderr and "it/s]" not in run.stderr, run.stderr[-3000:]
+
+
+def test_rm_refuses_a_set_while_its_extraction_runs(make_config, tmp_path, capsys, monkeypatch):
+    """An extraction holds a writer lease on each set it writes (``storage.leases``) from its plan to its manifest:
+    `rm` of the set meanwhile refuses in one line naming the process (before, it removed the shards written so far,
+    and the run then wrote the rest and stopped at its manifest: half a set came back)."""
+    import threading
+
+    from actcache.cli.app import main
+
+    cfg = make_config(store=str(tmp_path / "s"))
+    first, go = threading.Event(), threading.Event()
+    real = stages.upload
+
+    def upload_then_wait(p, ref):
+        out = real(p, ref)
+        first.set()
+        assert go.wait(120)
+        return out
+
+    monkeypatch.setattr(stages, "upload", upload_then_wait)
+    done: list = []
+    run = threading.Thread(target=lambda: done.append(stages.run_sequential(cfg)))
+    run.start()
+    try:
+        assert first.wait(300)
+        (url,) = [str(p) for p in (tmp_path / "s").iterdir() if not p.name.startswith("_")]
+        code = main(["rm", url, "--yes"])
+        err = capsys.readouterr().err
+        assert code == 1 and f"is being written by process {os.getpid()} of this host" in err, err
+    finally:
+        go.set()
+        run.join(300)
+    assert done == [[url]] and open_set(url).n_tokens == 512
+    assert not (Path(url) / "writers").exists(), "the lease goes when the run ends"
+    assert main(["rm", url, "--yes"]) == 0 and not Path(url).exists()

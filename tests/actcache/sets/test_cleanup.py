@@ -421,3 +421,144 @@ def test_a_read_only_store_serves_a_complete_set_and_refuses_rm_and_gc_in_one_li
         assert refused.returncode == 2 and len(lines) == 1, refused.stderr
         assert "Read-only file system" in lines[0] and "the store is read-only" in lines[0], lines
     assert local_tree(store) == before
+
+
+# -- rm and live writers ----------------------------------------------------------------------------------------
+def _hung_writer(args: list[str], point: str, appears: Path) -> subprocess.Popen:
+    """``actcache ARGS`` in a subprocess, stalled for good at ``point`` (``crashpoints``), once ``appears`` exists."""
+    env = {**os.environ, "ACTCACHE_FAULT": f"{point}:hang"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actcache.cli.app", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while not appears.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else proc.returncode
+        assert time.monotonic() < deadline, f"{appears} never appeared"
+        time.sleep(0.2)
+    time.sleep(0.5)  # at its point by now: it writes nothing until killed
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def _refused_for(capsys, url: str, pid: int) -> None:
+    code, _, err = run(capsys, "rm", url, "--yes")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert f"is being written by process {pid} of this host" in lines[0] and "/writers/" in lines[0], err
+    assert "wait for it to end or stop it, then rerun rm" in lines[0], err
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("writer", ["shuffle", "cp"])
+def test_rm_refuses_a_set_a_live_shuffle_or_cp_writes_and_removes_it_once_the_writer_is_gone(
+    made, tmp_path, capsys, writer
+):
+    """`rm --yes` during a shuffle or cp said "removed", and the writer then wrote the rest of the set again (half a
+    set, or one that looked complete). Every writer holds a lease in the set's folder: rm refuses in one line naming
+    the live process, touching nothing; once the writer is dead, rm removes the set, lease included."""
+    out = tmp_path / "out"
+    if writer == "shuffle":
+        args = ["shuffle", set_url(made), "--out", str(out), "--shard-rows", "100", "--seed", "3"]
+        point = "shuffle.shard-written:2"
+    else:
+        args, point = ["cp", set_url(made), str(out), "--jobs", "1"], "cp.shard-written:2"
+    proc = _hung_writer(args, point, out)
+    try:
+        (sid,) = [p.name for p in out.iterdir() if inventory.is_set_id(p.name)]
+        url = f"{out}/{sid}"
+        while not list((out / sid / "shards").glob("*.safetensors*")):
+            time.sleep(0.2)
+        time.sleep(0.5)
+        before = local_tree(out)
+        _refused_for(capsys, url, proc.pid)
+        assert local_tree(out) == before, "a refused rm touches nothing"
+    finally:
+        _kill(proc)
+    code, out_text, err = run(capsys, "rm", url, "--yes")
+    assert code == 0 and "removed" in out_text, err
+    assert not (out / sid).exists()
+
+
+@pytest.mark.subprocess
+def test_rm_on_s3_refuses_a_set_a_live_cp_writes(made, s3_server, s3_env, capsys):
+    bucket_url = s3_server.new_prefix()
+    (sid,) = inventory.set_ids(Store(str(made)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actcache.cli.app", "cp", set_url(made), bucket_url, "--jobs", "1"],
+        env={**os.environ, "ACTCACHE_FAULT": "cp.shard-written:2:hang"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(k.startswith("shards/") for k in s3_server.keys_under(f"{bucket_url}/{sid}")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "no shard copied"
+            time.sleep(0.2)
+        time.sleep(1)
+        keys = s3_server.keys_under(bucket_url)
+        assert any(k.startswith(f"{sid}/writers/") for k in keys), keys
+        _refused_for(capsys, f"{bucket_url}/{sid}", proc.pid)
+        assert s3_server.keys_under(bucket_url) == keys
+    finally:
+        _kill(proc)
+    code, _, err = run(capsys, "rm", f"{bucket_url}/{sid}", "--yes")
+    assert code == 0 and s3_server.keys_under(bucket_url) == {}, err
+
+
+def test_rm_judges_another_hosts_lease_by_its_age(store, capsys):
+    """Another host's pid cannot be checked: its lease counts while it was renewed within ``STALE_S``."""
+    from actcache.storage import leases
+
+    url = set_url(store)
+    lease = Path(url) / layout.writer_file("otherhost", 4242, "0badf00d")
+    lease.parent.mkdir()
+    lease.write_text("{}")
+    code, _, err = run(capsys, "rm", url, "--yes")
+    assert code == 1 and "is being written by host otherhost (pid 4242, lease renewed" in err, err
+    old = time.time() - leases.STALE_S - 60
+    os.utime(lease, (old, old))
+    code, _, err = run(capsys, "rm", url, "--yes")
+    assert code == 0 and not Path(url).exists(), err
+
+
+@pytest.mark.subprocess
+def test_rm_ignores_the_lease_of_a_dead_writer_of_this_host(store, capsys):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    lease = Path(url) / layout.writer_file(_HOST, _dead_pid(), "0badf00d")
+    lease.parent.mkdir()
+    lease.write_text("{}")
+    code, _, err = run(capsys, "rm", url, "--yes")
+    assert code == 0 and not Path(url).exists(), err
+
+
+def test_gc_keeps_every_token_cache_while_a_writer_holds_a_lease(store, capsys):
+    """A writer takes its lease before it tokenizes (an extraction) or reads anything: its set folder holds the lease
+    from then on, so gc sees a set without a manifest and keeps every token cache, even one untouched for days."""
+    from actcache.storage import leases
+
+    unused = store / layout.TOKENS_ROOT / ("t" + "0" * 24)
+    (tid,) = inventory.token_cache_ids(Store(str(store)))
+    shutil.copytree(store / layout.TOKENS_ROOT / tid, unused)
+    two_days_ago = time.time() - 2 * 86400
+    for f in unused.rglob("*"):
+        os.utime(f, (two_days_ago, two_days_ago))
+    with leases.hold(Store(str(store)), "ab" * 12):
+        code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")
+        report = json.loads(out)
+        assert code == 0 and report["items"] == [] and unused.exists(), report
+        assert "abababababababababababab" in report["notes"][0], report
+    assert not (store / ("ab" * 12)).exists(), "the lease and the folders it made go with it"
+    code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")
+    assert code == 0 and not unused.exists()

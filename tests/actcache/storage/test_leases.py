@@ -1,0 +1,65 @@
+"""Writer leases: renewed while held, gone when released, and a lease found gone stops the writer's next write."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from actcache.errors import Failure
+from actcache.format import layout
+from actcache.format.commit import commit
+from actcache.storage import leases
+from actcache.storage.store import Store
+
+SET_ID = "cd" * 12
+
+
+def _lease_files(root) -> list:
+    return sorted((root / SET_ID / layout.WRITERS).glob("*.json")) if (root / SET_ID / layout.WRITERS).exists() else []
+
+
+def test_a_held_lease_is_renewed_then_removed_with_the_folders_it_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(leases, "RENEW_S", 0.05)
+    store = Store(str(tmp_path))
+    with leases.hold(store, SET_ID):
+        (path,) = _lease_files(tmp_path)
+        old = time.time() - 3600
+        os.utime(path, (old, old))
+        deadline = time.monotonic() + 30
+        while path.stat().st_mtime < time.time() - 60:
+            assert time.monotonic() < deadline, "never renewed"
+            time.sleep(0.05)
+        (found,) = leases.live(store, SET_ID)
+        assert found.same_host and found.pid == os.getpid() and found.age < 60
+    assert not (tmp_path / SET_ID).exists()
+
+
+def test_a_writer_whose_lease_is_gone_writes_nothing_more(tmp_path, monkeypatch):
+    """The set deleted under a writer (by hand, or by an rm that listed it before the lease was taken): the next
+    write of the writer, through ``commit``, stops in one line and writes nothing; the renewal thread notices too."""
+    monkeypatch.setattr(leases, "RENEW_S", 0.05)
+    store = Store(str(tmp_path))
+    with leases.hold(store, SET_ID):
+        (path,) = _lease_files(tmp_path)
+        path.unlink()
+        (held,) = leases._HELD[(store.url, SET_ID)]
+        deadline = time.monotonic() + 30
+        while not held.lost:  # the renewal thread finds it gone, and never writes it again
+            assert time.monotonic() < deadline, "the renewal never noticed"
+            time.sleep(0.05)
+        assert not path.exists()
+        with pytest.raises(
+            Failure, match="was removed while this command wrote it .*stopped without writing its manifest"
+        ):
+            commit(store, SET_ID, manifest_doc={"shards": []})
+        assert not (tmp_path / SET_ID / layout.MANIFEST).exists()
+    assert not (tmp_path / SET_ID).exists() or not [p for p in (tmp_path / SET_ID).rglob("*") if p.is_file()]
+
+
+def test_commit_without_a_lease_is_unchanged(tmp_path):
+    """Only a process that holds a lease on the set checks it: other callers of commit write as before."""
+    store = Store(str(tmp_path))
+    commit(store, SET_ID, manifest_doc={"shards": []})
+    assert (tmp_path / SET_ID / layout.MANIFEST).exists() and not _lease_files(tmp_path)

@@ -59,7 +59,11 @@ class ActcacheError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, *, field: str | None = None):
-        super().__init__(" ".join(message.split()))
+        from actcache.storage.secrets import redact  # here: secrets imports this module
+
+        # Redacted once, here: a path or URL a message echoes (``opt(field, value)``, a path that was not found) never
+        # carries a credential out, to the command line, a Python caller, a log or a Prefect state.
+        super().__init__(redact(" ".join(message.split())))
         self.field = field
         """The config field at fault, where the message names it in plain words (``unknown hook ...``)."""
 
@@ -145,10 +149,11 @@ def report(exc: BaseException, *, debug: bool = False, flag_names: Mapping[str, 
     first when ``debug``); the exit code."""
     if isinstance(sys.stderr, LineTracker) and not sys.stderr.at_line_start:
         print(file=sys.stderr)
-    if debug:
-        traceback.print_exception(exc, file=sys.stderr)
     from actcache.console import printable  # one line, whatever a set's fields hold
     from actcache.storage.secrets import redact  # a library's message may echo a URL with its credentials
+
+    if debug:
+        print(redact("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
 
     if isinstance(exc, KeyboardInterrupt):
         print("actcache: interrupted; rerun the same command to resume", file=sys.stderr)

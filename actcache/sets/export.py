@@ -35,6 +35,7 @@ from actcache.errors import ActcacheError, opt
 from actcache.read import example_rows
 from actcache.read.exclude import token_ids
 from actcache.read.reader import Shard, open_set
+from actcache.storage import secrets
 from actcache.storage.local import layout_folder_holding
 from actcache.storage.store import StoreRef
 
@@ -253,6 +254,7 @@ def export_set(
     the same tokens (``--hook a,b``) goes into one folder, row-aligned: one activation column per hook."""
     from actcache.read.dataset import check_aligned
 
+    secrets.check_value(out, "the export folder (OUT)")  # it is printed, and names a folder: no credential in it
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
     try:

@@ -63,9 +63,11 @@ def secret_in(value: str) -> str | None:
             return "a credential in a URL's fragment"
         if any(secret_name(k) for k, _ in _path_params(parts.path)):
             return "a credential in a URL's path parameters"
-    # A query with no scheme before it (a repo id, a path: `user/repo?token=...`) is read the same way.
-    query, _, fragment = value.partition("?")[2].partition("#")
-    if any(secret_name(k) for k, _ in _params(query) + _params(fragment)):
+    # A query, fragment or path parameter with no scheme before it (a repo id, a path: `user/repo?token=...`,
+    # `/data/x#access_token=...`) is read the same way.
+    rest, _, fragment = value.partition("#")
+    path, _, query = rest.partition("?")
+    if any(secret_name(k) for k, _ in _params(query) + _params(fragment) + _path_params(path)):
         return "a credential in a query string"
     return None
 
@@ -115,11 +117,20 @@ def check_environment() -> None:
         check_value(os.environ.get(name), name)
 
 
+# A parameter in a query, fragment or path segment (``?token=``, ``#access_token=``, ``&sig=``, ``;jsessionid=``),
+# of a URL or of a path with no scheme (``/data/x?token=...``).
+_PARAM = re.compile(r"([?#&;])([^=?#&;\s'\"<>{}]+)=([^&;#\s'\"<>{}]*)")
+
+
 def redact(text: str) -> str:
-    """``text`` with the credentials of any URL in it (user:password@, secret query values) replaced by ***."""
+    """``text`` with the credentials of any URL or path in it (user:password@, secret parameter values, known token
+    shapes) replaced by ***. Every error actcache raises goes through it (``ActcacheError``), and so does every line
+    the command line prints for an error, so a value given as input never comes back out, whatever names it."""
 
     def one(m: re.Match) -> str:
         url = m.group(0)
+        if secret_in(url) is None:
+            return url  # as written: nothing to hide
         try:
             parts = urlsplit(url)
         except ValueError:
@@ -133,4 +144,7 @@ def redact(text: str) -> str:
         path = re.sub(r";([^;/=]*)=([^;/]*)", lambda p: f";{p[1]}={'***' if secret_name(p[1]) else p[2]}", parts.path)
         return parts._replace(netloc=netloc, path=path, query=query, fragment=fragment).geturl()
 
-    return _SECRET_VALUE.sub("***", _URL.sub(one, text))
+    def param(m: re.Match) -> str:
+        return f"{m[1]}{m[2]}=***" if secret_name(m[2]) and m[3] != "***" else m[0]
+
+    return _PARAM.sub(param, _SECRET_VALUE.sub("***", _URL.sub(one, text)))

@@ -132,3 +132,64 @@ def test_redact_hides_what_a_library_might_echo():
 )
 def test_ordinary_values_pass(value):
     assert secrets.secret_in(value) is None
+
+
+LOCAL_INPUTS = [
+    ["export", "{set}", "{tmp}/out?token={mark}", "--format", "hf"],
+    ["export", "{set}", "file://{tmp}/out?X-Amz-Signature={mark}", "--format", "hf"],
+    ["export", "{set}", "{tmp}/out#access_token={mark}", "--format", "hf"],
+    ["export", "{set}", "{tmp}/out", "--format", "hf", "--exclude-ids", "{tmp}/ids?sig={mark}"],
+    ["ls", "{tmp}/no-store?token={mark}"],
+    ["show", "{tmp}/s;jsessionid={mark}/0123456789abcdef01234567"],
+    ["cp", "{set}", "{tmp}/dest?api_key={mark}"],
+    ["shuffle", "{set}", "--out", "file://{tmp}/o?X-Amz-Signature={mark}"],
+    ["extract", "--like", "{tmp}/x?token={mark}/0123456789abcdef01234567"],
+]
+
+
+@pytest.mark.parametrize("argv", LOCAL_INPUTS, ids=[" ".join(a[:1] + a[2:3])[:40] for a in LOCAL_INPUTS])
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_local_path_with_a_credential_is_refused_or_redacted_everywhere(extracted_set, tmp_path, capsys, argv, debug):
+    """A local path (or file:// URL) holding a credential-looking query: every command refuses it or names it
+    redacted, with --debug's traceback too; the marker is in no output and in no file or folder name."""
+    src = shutil.copytree(Path(extracted_set).parent, tmp_path / "src")
+    args = [a.format(set=f"{src}/{Path(extracted_set).name}", tmp=tmp_path, mark=MARK) for a in argv]
+    code = main([*args, *(["--debug"] if debug else [])])
+    out, err = capsys.readouterr()
+    assert code != 0 and err.strip().splitlines()[-1].startswith("actcache: error: "), err
+    assert MARK not in out + err and _files_holding(tmp_path, MARK) == []
+    assert not [p for p in tmp_path.rglob("*") if MARK in p.name]
+
+
+def test_every_error_actcache_raises_is_redacted_for_python_callers_too(extracted_set, tmp_path):
+    """The one rule applies where an error is made (``ActcacheError``), not only where the command line prints it:
+    a Python caller, a log line or a Prefect state holds no credential a message echoes (a path, ``opt(f, value)``)."""
+    from actcache.errors import ActcacheError, opt
+    from actcache.sets.export import export_set
+
+    for message in (
+        f"no file at /data/x?token={MARK}",
+        f"unknown {opt('format', 'x?sig=' + MARK)}",
+        f"cannot read file:///x?X-Amz-Signature={MARK}&a=1",
+    ):
+        e = ActcacheError(message)
+        assert MARK not in str(e) and MARK not in e.for_cli() and MARK not in repr(e), e
+    with pytest.raises(ActcacheError) as e:
+        export_set(extracted_set, str(tmp_path / f"out?token={MARK}"), format="hf")
+    assert MARK not in str(e.value) and not list(tmp_path.iterdir())
+
+
+def test_a_traceback_printed_for_debug_is_redacted(capsys):
+    """--debug prints the chain of causes: a library's exception that echoes a path with its credential is shown
+    redacted, as the one-line error is."""
+    from actcache.errors import report
+
+    try:
+        try:
+            raise FileNotFoundError(f"[Errno 2] No such file: '/data/x?token={MARK}'")
+        except FileNotFoundError as e:
+            raise RuntimeError(f"reading s3://b/x?X-Amz-Signature={MARK} failed") from e
+    except RuntimeError as e:
+        assert report(e, debug=True) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FileNotFoundError" in err and MARK not in err, err

@@ -260,6 +260,12 @@ def _prepare(plan: Plan, limit: int) -> Examples:
                         f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
                         "holds one scalar (int, float, bool or str) per example"
                     )
+                if isinstance(v, str) and len(v.encode()) > shard.TEXT_VALUE_LIMIT:
+                    raise ActcacheError(
+                        f"{opt('keep_columns')}: column {c!r} holds a text of {len(v.encode())} "
+                        f"bytes in dataset row {n}; a kept text holds at most {shard.TEXT_VALUE_LIMIT} bytes per "
+                        "example (readers count on it): keep a shorter column"
+                    )
                 ex.columns[c].append(v)
             found.append(ids)
             ex.index.append(n)

@@ -181,6 +181,11 @@ def check(tensors: dict[str, torch.Tensor], expect: Expect | None) -> None:
             raise ValueError(f"shard tensor {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape or [])}")
 
 
+TEXT_VALUE_LIMIT = 64 << 10
+"""Bytes (UTF-8) of one kept text value (``--keep-columns`` of strings, one per example): extraction refuses a longer
+one, and a reader counts on it, so a shard's text is bounded by its key (``seqs_per_shard`` examples times its kept
+columns) and this constant, not by what a forged shard stores."""
+
 FREE_INFLATION = 64 << 20
 """Bytes a zstd shard may always inflate to, however small it is stored."""
 MAX_INFLATION = 32

@@ -111,8 +111,17 @@ def decode(s: ActivationSet, record: Record, data) -> dict[str, torch.Tensor]:
         if int(lengths.sum()) != t["tokens"].numel():
             raise ValueError(f"its lengths add up to {int(lengths.sum())} tokens, it holds {t['tokens'].numel()}")
         for name, kind in column_types(s).items():
-            if kind == "str" and int(t[f"column.{name}.offsets"][-1]) != t[f"column.{name}.utf8"].numel():
+            if kind != "str":
+                continue
+            offsets = t[f"column.{name}.offsets"]
+            if int(offsets[-1]) != t[f"column.{name}.utf8"].numel() or int(offsets[0]) != 0:
                 raise ValueError(f"column {name!r}'s offsets do not end where its text does")
+            sizes = offsets.diff()
+            if len(sizes) and (int(sizes.min()) < 0 or int(sizes.max()) > shard.TEXT_VALUE_LIMIT):
+                raise ValueError(
+                    f"column {name!r} holds a value of {int(sizes.abs().max())} bytes; a kept text holds 0 to "
+                    f"{shard.TEXT_VALUE_LIMIT}"
+                )
     except ValueError as e:  # the header's shapes or dtypes, the lengths: not what this set wrote
         raise Failure(
             f"shard {record.index} of {s.url} is damaged ({e}{s.unbounded_why(e)}); run `actcache verify`, then rerun "

@@ -125,8 +125,8 @@ class ActivationSet:
     def shard_cap(self, stored: int) -> int | None:
         """The most bytes a shard stored in ``stored`` bytes may decode to: a true shard of the key's shape (at most
         ``seqs_per_shard`` sequences of ``context_size`` rows of ``d`` values, as wide as the key allows), or None
-        where the key vouches for no width. An example set's text columns are not shaped by the key: for them the
-        stored-size bound (``shard.inflation_cap``) is added."""
+        where the key vouches for no width. An example set's text columns hold the dataset's text: for them, at most
+        ``shard.TEXT_VALUE_LIMIT`` bytes per example and kept column are added."""
         if self.key_width is None:
             return None
         from actcache.format.header import HEADER_ALLOWANCE, itemsize
@@ -143,9 +143,11 @@ class ActivationSet:
         cols = len([c for c in self.key.keep_columns.split(",") if c])
         cap = 8 + HEADER_ALLOWANCE + sps * (rows * act + ctx * 4 + 12 + 8 * cols) + 8 * cols
         if self.text_columns:
-            from actcache.format.shard import inflation_cap
+            from actcache.format.shard import TEXT_VALUE_LIMIT
 
-            cap += inflation_cap(stored)
+            cap += (
+                sps * cols * TEXT_VALUE_LIMIT
+            )  # every kept column counted as text: the manifest's types are forgeable
         return cap
 
     @property
@@ -164,7 +166,7 @@ class ActivationSet:
     def check_stored_size(self, record: records.Record) -> None:
         """A shard whose record claims more stored bytes than a true shard of the key can take (zstd may add 1/128
         and a few bytes) is damage, named before it is read: reading it would allocate what the record claims."""
-        cap = None if self.text_columns else self.shard_cap(0)
+        cap = self.shard_cap(0)
         if cap is not None and record.bytes > cap + (cap >> 7) + 4096:
             raise DamagedFile(
                 f"shard {record.index} of {self.url} claims {record.bytes} stored bytes, more than a true shard of "

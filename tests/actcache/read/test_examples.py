@@ -126,3 +126,62 @@ def test_a_shard_header_unlike_its_manifest_is_damage_in_one_line(sets, tmp_path
         load_examples(forged)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("shard 1 of ") and "is damaged" in msg and expected in msg, msg
+
+
+def _long_text(n_bytes: int):
+    """A change for ``_forge``: the shard's first example's kept text made ``n_bytes`` longer (one run of "x", which
+    zstd stores in a few KB)."""
+
+    def change(t):
+        utf8, offsets = t["column.name.utf8"], t["column.name.offsets"]
+        t["column.name.utf8"] = torch.cat([torch.full((n_bytes,), ord("x"), dtype=torch.uint8), utf8])
+        t["column.name.offsets"] = torch.cat([offsets[:1], offsets[1:] + n_bytes])
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "codec,n_bytes,expected",
+    [
+        ("none", 48 << 20, "claims .* stored bytes, more than a true shard of its key"),
+        ("shuffle-zstd", 48 << 20, "inflates to .* more than a true shard of the set's key .*decompression bomb"),
+        ("shuffle-zstd", 100 << 10, "column 'name' holds a value of 102402 bytes; a kept text holds 0 to 65536"),
+    ],
+    ids=["stored", "zstd bomb", "one long value"],
+)
+def test_a_kept_text_is_bounded_by_the_key_not_by_what_a_forged_shard_stores(sets, tmp_path, codec, n_bytes, expected):
+    """A kept text column was bounded by the shard's stored size only (64 MiB free, or 32 times it; a plain shard not at
+    all): a forged example set made load_examples and ActivationDataset(with_columns=True) allocate whatever its
+    shard held. Now a kept text holds at most ``TEXT_VALUE_LIMIT`` bytes per example (extraction refuses more), so a
+    shard's text is bounded by its key: refused in one line before it is read."""
+    from actcache.read import example_rows
+    from actcache.read.reader import open_set
+
+    forged = _forge(sets[codec], tmp_path, _long_text(n_bytes))
+    with pytest.raises(Failure, match=expected) as e:
+        load_examples(forged)
+    assert "\n" not in str(e.value) and "shard 1 of " in str(e.value)
+    s = open_set(forged)  # what ActivationDataset(with_columns=True) reads each shard with
+    with pytest.raises(Failure, match=expected):
+        example_rows.read(s, s.records[1], example_rows.first_examples(s)[1], verify=True)
+
+
+def test_extraction_refuses_a_kept_text_longer_than_readers_accept(tiny_models, tmp_path):
+    from actcache.errors import ActcacheError
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"text": "a short text", "name": "s"}, {"text": "another text", "name": "y" * (shard.TEXT_VALUE_LIMIT + 1)}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = ExtractConfig(
+        model=str(tiny_models["gpt2"]),
+        dataset=str(data),
+        store=str(tmp_path / "store"),
+        device="cpu",
+        context_size=CONTEXT,
+        packing="none",
+        hook="blocks.0.hook_resid_post",
+        keep_columns="name",
+    )
+    with pytest.raises(ActcacheError, match=r"column 'name' holds a text of 65537 bytes in dataset row 1; .*65536"):
+        examples.extract(make_plan(cfg))
+    assert not (tmp_path / "store").exists() or not [p for p in (tmp_path / "store").rglob("*.safetensors*")]

@@ -7,8 +7,10 @@ every ``RENEW_S``. A lease is live while its writer may still write: on this hos
 files are judged); of another host, while it was renewed within ``STALE_S`` (its pid cannot be checked).
 
 The writer checks, before each shard and before its manifest, that its lease is still there. A lease gone means
-the set was removed (a stale lease, an ``rm`` between its listing and the writer's start, a folder deleted by hand):
-the writer stops in one line without writing its manifest, so no removed set comes back complete.
+the set was removed under it (the folder deleted by hand, or by an ``rm`` that took a hung writer's lease for
+stale): the writer stops in one line without writing anything more. An ``rm`` that listed the set just before a
+writer took its lease (a window of one listing) cannot be seen this way; ``commit`` still writes no manifest for a
+set whose shards are gone.
 """
 
 from __future__ import annotations
@@ -89,11 +91,18 @@ class Held:
         self.rel = f"{set_id}/{layout.writer_file(_HOST, os.getpid(), uuid.uuid4().hex[:8])}"
         self.lost: bool | None = False
         """True once the lease is found gone; None where it could not be written."""
+        self._made: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name="actcache-lease", daemon=True)
 
     def start(self) -> None:
         data = json.dumps({"host": _HOST, "pid": os.getpid(), "since": time.time()}).encode()
+        if self.store.local:  # the folders this lease makes (the store's root too, if new), innermost first
+            self._made = [
+                rel
+                for rel in (f"{self.set_id}/{layout.WRITERS}", self.set_id, "")
+                if not os.path.isdir(self.store.path(rel))
+            ]
         for _ in range(2):  # twice: another writer of the set may remove the empty folder just as this one makes it
             try:
                 self.store.write_bytes(self.rel, data)
@@ -145,8 +154,8 @@ class Held:
                 self.store.remove([self.rel])
             except Exception:
                 pass  # a lease left behind is judged by its pid or age, and rm removes it with the set
-        if self.store.local:  # the folders a lease alone made (a set found complete, reused, or never written)
-            for rel in (f"{self.set_id}/{layout.WRITERS}", self.set_id):
+        if self.store.local:  # the folders it made, where nothing else came in (a set found complete, never written)
+            for rel in self._made:
                 try:
                     os.rmdir(self.store.path(rel))
                 except OSError:

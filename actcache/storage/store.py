@@ -187,6 +187,11 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
+def _is_marker(path: str, info: dict) -> bool:
+    """An object store's folder marker: a zero-byte key ending in ``/`` (a console's "create folder"), no file."""
+    return path.endswith("/") and not int(info.get("size") or 0)
+
+
 def fsspec_options(options: dict[str, Any]) -> dict[str, Any]:
     """Storage options as fsspec takes them: without actcache's own (``deadline``)."""
     return {k: v for k, v in options.items() if k != "deadline"}
@@ -302,23 +307,44 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
     def listing(self, rel: str) -> dict[str, Entry]:
-        """Every file below ``rel`` in one listing, as {path relative to rel: Entry}."""
+        """Every file below ``rel`` in one listing, as {path relative to rel: Entry}.
+
+        Only what lies below ``rel/``: not an object named ``rel`` itself (fsspec's ``find`` returns one), nor an
+        object store's folder markers (zero-byte ``x/`` keys that consoles write; see ``remove_folder``). A key
+        with a doubled slash keeps it (``a//b`` is ``/b`` below ``a``, never ``b``: another object)."""
+        found = self._find(rel)
+        out = {}
+        for p, info in found.items():
+            rp = self._below(rel, p, info)
+            if rp is not None and not _is_marker(p, info):
+                out[rp] = Entry(int(info.get("size") or 0), _mtime(info))
+        return out
+
+    def _find(self, rel: str) -> dict[str, dict]:
+        """fsspec's ``find`` of ``rel`` (its keys and their info), fresh; {} where nothing is there."""
         base = self.path(rel)
         with self._io("listing", rel):
             self.fs.invalidate_cache(base)  # another process may have written since this one last looked
             try:
-                found = self._call("find", base, detail=True)
+                return self._call("find", base, detail=True)
             except FileNotFoundError as e:
                 if failures.translate(e, self.url_of(rel), "listing") is not None:
                     raise  # a missing bucket, not a missing folder
                 return {}
-        out = {}
-        for p, info in found.items():
-            if info.get("type", "file") != "file":
-                continue
-            rp = p[len(base) :].lstrip("/") if p.startswith(base) else p
-            out[rp] = Entry(int(info.get("size") or 0), _mtime(info))
-        return out
+
+    def _below(self, rel: str, p: str, info: dict) -> str | None:
+        """The path of ``p`` relative to ``rel`` where ``p`` is a file below it; None otherwise."""
+        if info.get("type", "file") != "file":
+            return None
+        base = self.path(rel)
+        if p.startswith(base + "/"):
+            return p[len(base) + 1 :]
+        return None if p == base else p
+
+    def is_file(self, rel: str) -> bool:
+        """Whether ``rel`` itself is a file (on an object store: an object of that exact name), not a folder."""
+        with self._io("checking", rel):
+            return bool(self._call("isfile", self.path(rel)))
 
     def list_dirs(self, rel: str = "") -> list[str]:
         with self._io("listing", rel):
@@ -577,13 +603,35 @@ class Store:
                         ) from None
                     raise Failure(f"cannot delete {self.url_of(rel)} ({e.strerror}); rerun to finish") from e
             return
-        with self._io("deleting", rels[0]):
-            self._call("rm", [self.path(r) for r in rels])
+        self._delete([self.path(r) for r in rels], rels[0])
+
+    def _delete(self, paths: list[str], first: str) -> None:
+        """Delete exactly these keys of an object store: fsspec's ``rm`` globs (``run[1]/x`` would delete
+        ``run1/x``, another store's file), so S3 gets bulk deletes of the literal keys, other stores one by one."""
+        with self._io("deleting", first):
+            if self.s3:
+                for i in range(0, len(paths), 1000):  # S3's limit per DeleteObjects request
+                    self._call("bulk_delete", paths[i : i + 1000])
+                return
+            for p in paths:
+                try:
+                    self._call("rm_file", p)
+                except FileNotFoundError:
+                    pass
 
     def remove_folder(self, rel: str) -> None:
-        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally); a
+        """Remove what is left of the folder ``rel`` once its files are deleted: empty directories locally, and on
+        an object store the zero-byte folder markers (``rel/``, ``rel/x/``) of folders that hold nothing else. A
         folder reached through a symlink is left alone."""
-        if self.local and os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
+        if not self.local:
+            found = self._find(rel)
+            markers = [p for p, info in found.items() if _is_marker(p, info) and p.startswith(self.path(rel) + "/")]
+            rest = [p for p, info in found.items() if not _is_marker(p, info) and self._below(rel, p, info)]
+            empty = [m for m in markers if not any(p.startswith(m) for p in rest)]
+            if empty:
+                self._delete(empty, rel)
+            return
+        if os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
             for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
                 try:
                     os.rmdir(dirpath)
@@ -599,12 +647,11 @@ class Store:
         housekeeping.abort_upload(self, upload)
 
     def remove_tree(self, rel: str) -> None:
-        """Delete everything below ``rel`` (nothing there is fine)."""
-        with self._io("deleting", rel):
-            try:
-                self._call("rm", self.path(rel), recursive=True)
-            except FileNotFoundError:
-                pass
+        """Delete every file below ``rel``, then the folder (nothing there is fine). Only the files the listing
+        names (never fsspec's recursive ``rm``, which globs): not an object named ``rel`` itself, nothing beside it,
+        nothing through a symlink."""
+        self.remove([f"{rel}/{r}" for r in self.listing(rel)])
+        self.remove_folder(rel)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, dump_json(obj))

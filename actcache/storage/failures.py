@@ -62,6 +62,11 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
                 f"no usable credentials for {url}; set {_CHAIN_HINT} "
                 '(or {"anon": true} in ' + opt("storage_options") + " for a public bucket)"
             )
+        if "ProfileNotFound" in names:  # botocore's message quotes the profile name: a value, not shown
+            return ActcacheError(
+                f"the AWS profile given for {url} (AWS_PROFILE, or profile in {opt('storage_options')}) is not in "
+                "the AWS config files; fix its name, or set " + _CHAIN_HINT
+            )
         if names & {"ReadTimeoutError", "FSTimeoutError", "ServerTimeoutError"}:
             where = _endpoint(e) or "the storage endpoint"
             return StoreUnavailable(

@@ -224,9 +224,9 @@ class Store:
             or not isinstance(self.deadline, (int, float))
             or not 0 < self.deadline < float("inf")  # NaN too
         ):
-            raise ActcacheError(
-                f"deadline in {opt('storage_options')} must be a positive number of seconds, got {self.deadline!r}"
-            )
+            # A number is shown as given; any other value is named by its type only (it could be a pasted secret).
+            got = repr(self.deadline) if isinstance(self.deadline, (int, float)) else type(self.deadline).__name__
+            raise ActcacheError(f"deadline in {opt('storage_options')} must be a positive number of seconds, got {got}")
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
                 raise ActcacheError(

@@ -267,3 +267,24 @@ def test_remove_tree_and_remove_folder_leave_what_is_not_below(s3_server, s3_env
     assert sorted(s3_server.keys_under(url)) == ["s/", "s/spill", "s/spill-other/x"]
     store.remove_folder("s")  # s/ still holds files: its marker stays, as a folder that is not empty does
     assert sorted(s3_server.keys_under(url)) == ["s/", "s/spill", "s/spill-other/x"]
+
+
+MARKER = "Zq9SECRETMARKERx7"
+
+
+@pytest.mark.parametrize("options", [{"profile": MARKER}, {"deadline": MARKER}])
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_storage_option_value_appears_in_no_error(s3_server, s3_env, capsys, options, debug):
+    """An option's value may be a pasted secret: botocore's ProfileNotFound quoted it (exit 1, "rerun the same
+    command to resume"), and a deadline that is not a number was echoed. Both are bad input, named without it."""
+    import json
+
+    from actcache.cli.app import main
+
+    url = s3_server.new_prefix()
+    code = main([*(["--debug"] if debug else []), "ls", url, "--storage-options", json.dumps(options)])
+    out = capsys.readouterr()
+    assert code == 2 and MARKER not in out.out + out.err, out.err
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("actcache: error: ") and ("profile" in last or "deadline" in last), out.err
+    assert s3_server.keys_under(url) == {}

@@ -118,6 +118,9 @@ def remove_set(target: SetFiles) -> None:
     for step, rels in zip(("manifest", "records", "shards"), removal_order(target.files), strict=True):
         target.store.remove([f"{target.set_id}/{r}" for r in rels])
         crashpoints.point(f"rm.{step}-removed")
+    # A writer (cp, shuffle, an extraction) that checked its shards before they went may have put its manifest in
+    # since the listing: over the shards just deleted it would call the set complete.
+    target.store.remove([f"{target.set_id}/{layout.MANIFEST}"])
     target.store.remove_folder(target.set_id)
 
 

@@ -36,8 +36,10 @@ def put(s3_server, key: str, body: bytes = b"") -> None:
 
 
 def one_line(code: int, err: str, fragment: str, exit_code: int = 2) -> None:
+    """One error line, the last on stderr (a command's progress line may come before it)."""
     lines = err.strip().splitlines()
-    assert code == exit_code and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("actcache: error: ")]
+    assert code == exit_code and errors == lines[-1:] and fragment in lines[-1] and "Traceback" not in err, err
 
 
 def test_rm_in_a_store_named_with_glob_characters_leaves_the_store_it_matches(extracted_set, s3_server, s3_env, capsys):
@@ -152,3 +154,98 @@ def test_shuffle_cleanup_deletes_nothing_of_a_store_its_prefix_globs(extracted_s
     assert code == 0, err
     assert spill not in s3_server.keys_under(f"{root}/run?")
     assert s3_server.keys_under(f"{root}/runX") == {spill: b"{}"}
+
+
+# -- rm beside a writer of the same store: no interleaving leaves a set that looks complete ------------------
+def _rm(store: str, set_id: str) -> None:
+    from actcache.sets import cleanup
+
+    cleanup.remove_set(cleanup.find_set(Store(store), set_id))
+
+
+def test_rm_between_a_copys_last_check_and_its_manifest_leaves_no_complete_set(
+    extracted_set, s3_server, s3_env, capsys, monkeypatch
+):
+    """cp checked its shards, rm removed them all (the set had no manifest to delete yet), then cp wrote its
+    manifest: exit 0, and ``ls`` called the set complete while ``verify`` found every shard missing."""
+    from actcache.format import commit as commit_module
+
+    store, set_id = s3_server.new_prefix(), extracted_set.rsplit("/", 1)[1]
+    check, removed = commit_module._check_present, []
+
+    def check_then_rm(*args):
+        check(*args)
+        if not removed:
+            removed.append(_rm(store, set_id))
+
+    monkeypatch.setattr(commit_module, "_check_present", check_then_rm)
+    code, _, err = run(capsys, "cp", extracted_set, store)
+    one_line(code, err, "changed while it was written", exit_code=1)
+    assert [e.state for e in inventory.list_sets(Store(store))] == []
+    assert not any(k.endswith(layout.MANIFEST) for k in s3_server.keys_under(store))
+    monkeypatch.undo()
+    assert run(capsys, "cp", extracted_set, store)[0] == 0  # the rerun it asks for
+    assert run(capsys, "verify", f"{store}/{set_id}")[0] == 0
+
+
+def test_a_manifest_written_while_rm_runs_goes_with_the_set(extracted_set, s3_server, s3_env, capsys, monkeypatch):
+    """rm listed the set, deleted its manifest, and a cp of the same set put its manifest back (its shards all
+    there) before rm deleted records and shards: the manifest stayed, over nothing."""
+    from actcache import crashpoints
+
+    store = s3_server.new_prefix()
+    url = copy_set(extracted_set, store).url
+    point = crashpoints.point
+
+    def copy_at(name: str) -> None:
+        point(name)
+        if name == "rm.manifest-removed":
+            copy_set(extracted_set, store)
+
+    monkeypatch.setattr(crashpoints, "point", copy_at)
+    code, _, err = run(capsys, "rm", url, "--yes")
+    assert code == 0, err
+    assert not any(k.startswith(url.rsplit("/", 1)[1]) for k in s3_server.keys_under(store))
+    assert inventory.list_sets(Store(store)) == []
+
+
+def test_a_copy_whose_source_is_removed_says_so(extracted_set, s3_server, s3_env):
+    """rm of the source after cp read its last shard: cp ended in a raw ``FileNotFoundError: The specified key does
+    not exist`` (and "rerun the same command to resume")."""
+    from actcache.errors import Failure
+
+    source = copy_set(extracted_set, s3_server.new_prefix()).url
+    store, set_id = source.rsplit("/", 1)
+    done = []
+
+    def after_each(_record) -> None:
+        done.append(1)
+        if len(done) == 4:  # every shard copied: only the source's manifest is left to read
+            _rm(store, set_id)
+
+    with pytest.raises(Failure, match="was removed since it was opened"):
+        copy_set(source, s3_server.new_prefix(), jobs=1, on_shard=after_each)
+
+
+def test_a_shuffle_whose_output_is_removed_says_so(extracted_set, s3_server, s3_env, capsys, monkeypatch):
+    """rm of the shuffled set while its spill files were being read back: a raw ``FileNotFoundError``."""
+    from actcache import crashpoints
+
+    source = copy_set(extracted_set, s3_server.new_prefix()).url
+    store = source.rsplit("/", 1)[0]
+    point, seen = crashpoints.point, []
+
+    def rm_at(name: str) -> None:
+        point(name)
+        if name == "shuffle.spill-recorded":
+            seen.append(1)
+            if len(seen) == 4:  # every source shard spilled: pass 2 reads them back next
+                (target,) = {k.split("/")[0] for k in s3_server.keys_under(store) if f"/{layout.SPILL}/" in k}
+                _rm(store, target)
+
+    monkeypatch.setattr(crashpoints, "point", rm_at)
+    code, _, err = run(capsys, "shuffle", source)
+    one_line(code, err, "was removed while it was written", exit_code=1)
+    monkeypatch.undo()
+    code, out, err = run(capsys, "shuffle", source)  # the rerun it asks for
+    assert code == 0 and run(capsys, "verify", out.strip().splitlines()[-1])[0] == 0

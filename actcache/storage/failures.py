@@ -21,7 +21,7 @@ _BAD_CREDENTIALS = {
     "InvalidClientTokenId",
     "UnrecognizedClientException",
 }
-_DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
+DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
 
 
 class StoreUnavailable(Failure):
@@ -106,7 +106,7 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
             return ActcacheError(
                 f"the storage endpoint rejected the credentials for {url} ({code}); set valid ones: {_CHAIN_HINT}"
             )
-        if code in _DENIED or status == 403:
+        if code in DENIED or status == 403:
             return ActcacheError(
                 f"access denied while {action} {url} ({code}); check the credentials "
                 f"({_CHAIN_HINT}) and that they may read, write and list this bucket"

@@ -610,14 +610,36 @@ class Store:
         ``run1/x``, another store's file), so S3 gets bulk deletes of the literal keys, other stores one by one."""
         with self._io("deleting", first):
             if self.s3:
+                bucket = self.root.partition("/")[0]
                 for i in range(0, len(paths), 1000):  # S3's limit per DeleteObjects request
-                    self._call("bulk_delete", paths[i : i + 1000])
+                    chunk = paths[i : i + 1000]
+                    objects = [{"Key": p.partition("/")[2]} for p in chunk]
+                    out = self._call(
+                        "call_s3", "delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                    for p in chunk:
+                        self.fs.invalidate_cache(p.rsplit("/", 1)[0])
+                    if out.get("Errors"):  # S3 answers 200 and lists the keys it did not delete (access denied, ...)
+                        raise self._delete_failure(out["Errors"][0], len(out["Errors"]))
                 return
             for p in paths:
                 try:
                     self._call("rm_file", p)
                 except FileNotFoundError:
                     pass
+
+    def _delete_failure(self, error: dict, n: int) -> ActcacheError:
+        """One line for keys a bulk delete refused (the first of ``n``), by the error code only."""
+        root_key = self.root.partition("/")[2]
+        key = str(error.get("Key", ""))
+        url = self.url_of(key[len(root_key) + 1 :] if root_key and key.startswith(root_key + "/") else key)
+        code = str(error.get("Code") or "error")
+        if code in failures.DENIED:
+            return ActcacheError(
+                f"access denied while deleting {url} ({code}; {n} object(s) not deleted): the credentials may read "
+                "this store but not delete from it; run this with credentials that may"
+            )
+        return Failure(f"cannot delete {url} ({code}; {n} object(s) not deleted); rerun to finish")
 
     def remove_folder(self, rel: str) -> None:
         """Remove what is left of the folder ``rel`` once its files are deleted: empty directories locally, and on

@@ -249,3 +249,17 @@ def test_a_shuffle_whose_output_is_removed_says_so(extracted_set, s3_server, s3_
     monkeypatch.undo()
     code, out, err = run(capsys, "shuffle", source)  # the rerun it asks for
     assert code == 0 and run(capsys, "verify", out.strip().splitlines()[-1])[0] == 0
+
+
+def test_a_delete_the_credentials_may_not_make_is_one_line_not_a_success(on_s3, s3_server, capsys, monkeypatch):
+    """S3 answers a bulk delete it refuses key by key with 200 and a list of errors, which s3fs drops: with
+    credentials that may only read, ``rm`` reported the set removed and deleted nothing."""
+    store, url, _ = on_s3
+    before = s3_server.keys_under(store)
+    key, secret = s3_server.keys["reader"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    no_cache = '{"skip_instance_cache": true}'  # s3fs would reuse a filesystem made with the writer's keys
+    code, _, err = run(capsys, "rm", url, "--yes", "--storage-options", no_cache)
+    one_line(code, err, "access denied while deleting")
+    assert s3_server.keys_under(store) == before

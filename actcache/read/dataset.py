@@ -14,10 +14,11 @@ batch boundaries, so the batches a rank yields (how many, and their sizes) do no
 
 How rows are read: background threads fetch ``prefetch`` shards ahead (a local shard is memory-mapped, its
 pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
-of those bytes, and rows are copied once into a preallocated shuffle buffer, cast (and normalised) on the way
-in, then gathered in random order straight into each batch. No ``torch.cat``, no per-row Python. Memory: the
-buffer (``shuffle_buffer`` rows in the batch dtype, per worker, kept for the next epoch) plus ``prefetch + 1``
-shards, whatever the size of the set.
+of those bytes, and rows are copied once into a preallocated shuffle buffer as stored, then gathered in random
+order into each batch, cast (and normalised) on the way, by two threads of the reader's own in the main process
+(one in a DataLoader worker). No ``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows
+as stored, or in the batch dtype where that is narrower; per worker, kept for the next epoch) plus
+``prefetch + 1`` shards and two batches being made, whatever the size of the set.
 """
 
 from __future__ import annotations

@@ -119,9 +119,10 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         prefetch: shards read ahead (and S3 GETs in flight) per worker.
         drop_last: leave out the rank's final batch when it is not full.
         pin_memory: make batches in pinned host memory (needs CUDA), for fast non-blocking copies to a GPU.
-        device: yield batches on this device: made and copied by a background thread on its own CUDA stream,
-            two batches ahead, so the copy overlaps training. Use with ``num_workers=0``; with DataLoader
-            workers use the DataLoader's ``pin_memory=True`` and move batches yourself.
+        device: yield batches on this device: made (in pinned memory, as with ``pin_memory=True``) and copied by a
+            background thread on its own CUDA stream, two batches ahead, so the copy overlaps training. Use with
+            ``num_workers=0``; with DataLoader workers use the DataLoader's ``pin_memory=True`` and move batches
+            yourself.
     """
 
     def __init__(
@@ -204,7 +205,10 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         self.dtype: torch.dtype = dtype or s.dtype
         self._dtypes: list[torch.dtype] = [dtype or x.dtype for x in self.sets]
         self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
-        self.pin_memory = pin_memory
+        # Batches bound for a GPU are made in pinned memory: copies from pageable memory are staged by the driver,
+        # and a batch the background thread allocates in pageable memory is mapped afresh each time (its own malloc
+        # arena: page faults cost as much as the copy; bench/RESULTS.md, "Third follow-up").
+        self.pin_memory = pin_memory or (self.device is not None and self.device.type == "cuda")
         self.drop_bos = bool(drop_bos and s.tokenization.get("prepend_bos"))
         if self.drop_bos and s.context_size is None:
             raise ActcacheError(f"drop_bos needs the context size, which the manifest of {s.url} does not record")

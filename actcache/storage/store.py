@@ -723,6 +723,35 @@ class Store:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""
         if self.local:
             if not os.path.isdir(self.root):
-                raise ActcacheError(f"store {self.url!r} does not exist (no such directory)")
+                raise ActcacheError(f"store {self.url!r} {_not_a_folder(self.root)}")
             return
         self.list_dirs()  # one request: NoSuchBucket, InvalidAccessKeyId, AccessDenied, connection refused
+
+
+def _not_a_folder(path: str) -> str:
+    """Why ``path`` is not a directory, in words: missing, a dangling link, a link loop, or another kind of file."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symlinks, not a directory"
+        if os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return "does not exist (no such directory)"
+        return f"cannot be read ({e.strerror})"
+    mode = os.stat(path).st_mode
+    kind = next(
+        (
+            name
+            for test, name in (
+                (stat.S_ISFIFO, "a FIFO"),
+                (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a device"),
+                (stat.S_ISBLK, "a device"),
+            )
+            if test(mode)
+        ),
+        "a file",
+    )
+    return f"is {kind}, not a directory; pass the store's folder"

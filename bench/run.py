@@ -1138,8 +1138,9 @@ def reader_rss(root: Path, url: str, n: int, seqs: int, ctx: int, d: int, batch:
         if u != url:
             shutil.rmtree(u, ignore_errors=True)
     out["bound_MB"] = {
-        "buffer_float32": round(buffer * d * 4 / 1e6, 1),
+        "buffer_as_stored_float16": round(buffer * d * 2 / 1e6, 1),
         "prefetch_2_plus_1_shards": round(3 * seqs * ctx * d * 2 / 1e6, 1),
+        "two_batches_being_made_float32": round(2 * batch * d * 4 / 1e6, 1),
     }
     return out
 

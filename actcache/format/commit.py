@@ -77,6 +77,11 @@ def commit(
         store.write_bytes(f"{set_id}/{layout.MANIFEST}", manifest_doc)
     else:
         manifest.write(store, set_id, manifest_doc)
+    try:  # again, now that it is in: an `rm` that listed the set before the manifest existed deletes all but it
+        _check_present(store, set_id, manifest_doc)
+    except Failure:
+        store.remove([f"{set_id}/{layout.MANIFEST}"])  # a manifest over missing shards would call the set complete
+        raise
     _point(points.manifest_written)
 
 
@@ -97,5 +102,5 @@ def _check_present(store: Store, set_id: str, manifest_doc: dict[str, Any] | byt
     if gone:
         raise Failure(
             f"{store.url_of(set_id)} changed while it was written: shard {gone[0]} ({len(gone)} in all) is no "
-            "longer there (removed by `actcache rm`?), so its manifest was not written; rerun the same command"
+            "longer there (removed by `actcache rm`?), so the set is left without a manifest; rerun the same command"
         )

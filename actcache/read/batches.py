@@ -1,12 +1,13 @@
 """Batches out of the pieces a reader loads: in order (a batch may span pieces), or shuffled through one buffer
-that rows enter once, cast and normalised on the way in, and leave gathered in random order straight into each
-batch's own memory."""
+that rows enter once, as stored, and leave gathered in random order into each batch's own memory, cast and
+normalised on the way out, by two threads of the reader's own (``makers``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import mmap
+import threading
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
-from actcache.read import example_rows
+from actcache.read import example_rows, makers
 from actcache.read.chunks import _Chunk
 from actcache.read.reader import ActivationSet
 
@@ -162,9 +163,9 @@ class BatchAssembly:
             del c  # the shard's memory goes now, not once the next one has arrived
 
     def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
-        """Rows go once into a preallocated buffer, already cast (and normalised); when it is full, batches are
-        gathered from it in random order straight into their own memory. The rows left over that would make a
-        partial batch move to the front and are shuffled again with the next fill."""
+        """Rows go once into a preallocated buffer, as stored (a plain copy); when it is full, batches are gathered
+        from it in random order, cast and normalised on the way, by ``makers`` threads. The rows left over that
+        would make a partial batch move to the front and are shuffled again with the next fill."""
         cap = min(max(self.shuffle_buffer, self.batch_size), rows)
         vouched = self._vouched(chunks)
         if vouched is None:
@@ -172,9 +173,17 @@ class BatchAssembly:
         chunks = vouched
         block = self._take_block(cap)
         try:
-            yield from self._shuffle_through(block, cap, chunks, sizes, g)
+            with makers.Makers(makers.count()) as team:
+                yield from self._shuffle_through(block, cap, chunks, sizes, g, team)
         finally:
             self._spare = block
+
+    def _buffered(self, k: int) -> torch.dtype:
+        """The dtype set ``k``'s rows wait in: as stored (filling is a plain copy, half the bytes of float32 for
+        float16 sets, and the gathers move half as much), unless batches are narrower: then the batch dtype,
+        cast at the fill, so that the buffer is never larger than ``shuffle_buffer`` rows of batches."""
+        stored, batch = self.sets[k].dtype, self._dtypes[k]
+        return batch if batch.itemsize < stored.itemsize else stored
 
     def _take_block(self, cap: int) -> dict[str, torch.Tensor]:
         """A shuffle buffer of ``cap`` rows: the previous iterator's when it is free and fits. Writing to fresh
@@ -182,30 +191,83 @@ class BatchAssembly:
         spare, self._spare = self._spare, None  # an iterator running at the same time makes its own
         if spare is not None and len(spare["acts"]) >= cap and set(spare) == set(self._columns()):
             return spare
-        block = {c: _huge((cap, x.d), dt) for c, x, dt in zip(self._acts(), self.sets, self._dtypes, strict=True)}
+        block = {
+            c: _huge((cap, x.d), self._buffered(k))
+            for k, (c, x) in enumerate(zip(self._acts(), self.sets, strict=True))
+        }
         dtypes = self._column_dtypes()
         for c in self._columns()[len(self.sets) :]:
             block[c] = torch.empty(cap, dtype=dtypes[c])
         return block
 
+    def _fill(self, block: dict[str, torch.Tensor], at: int, c: _Chunk, a: int, b: int, tmps: list) -> None:
+        """Rows ``[a, b)`` of piece ``c`` into rows ``at...`` of the buffer: copied as stored, or cast (and
+        normalised) where the buffer holds batches' dtype."""
+        for k, col in enumerate(self._acts()):
+            dst = block[col][at : at + b - a]
+            if dst.dtype == self.sets[k].dtype:
+                c.copy(c.acts[k], a, b, dst)
+            else:
+                self._put(k, dst, c, a, b, tmps[k])
+        for col in self._columns()[len(self.sets) :]:
+            c.copy(c.column(col), a, b, block[col][at : at + b - a])
+
+    def _gather(
+        self,
+        block: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        scratch: threading.local,
+    ) -> Any:
+        """One batch: ``rows`` of the buffer, in that order, into ``batch`` (cast and normalised from the buffer's
+        dtype through a batch-sized scratch of the thread's own, which stays in the CPU's cache)."""
+        n = len(rows)
+        for k, col in enumerate(self._acts()):
+            src = block[col]
+            if src.dtype == self._dtypes[k] and (self._norms[k] is None or src.dtype != self.sets[k].dtype):
+                torch.index_select(src, 0, rows, out=batch[col])  # ready as buffered
+                continue
+            have = getattr(scratch, col, None)
+            if have is None or len(have) < n:
+                have = torch.empty((max(n, self.batch_size), src.shape[1]), dtype=src.dtype)
+                setattr(scratch, col, have)
+            torch.index_select(src, 0, rows, out=have[:n])
+            self._convert(k, batch[col], have[:n])
+        for col in self._columns()[len(self.sets) :]:
+            torch.index_select(block[col], 0, rows, out=batch[col])
+        return self._finish(batch)
+
     def _shuffle_through(
-        self, block: dict[str, torch.Tensor], cap: int, chunks: Iterator[_Chunk], sizes: list[int], g: torch.Generator
+        self,
+        block: dict[str, torch.Tensor],
+        cap: int,
+        chunks: Iterator[_Chunk],
+        sizes: list[int],
+        g: torch.Generator,
+        team: makers.Makers,
     ) -> Iterator[Any]:
-        tmps = self._tmps(self.batch_size)
+        tmps = [  # staging for rows cast at the fill (where batches are narrower than the stored rows)
+            None if block[col].dtype == x.dtype else torch.empty((self.batch_size, x.d), dtype=x.dtype)
+            for col, x in zip(self._acts(), self.sets, strict=True)
+        ]
+        scratch = threading.local()
         sizes_left = deque(sizes)
         fill = 0
 
         def drain(final: bool) -> Iterator[Any]:
             nonlocal fill
             perm = torch.randperm(fill, generator=g)
-            at = 0
+            jobs, at = [], 0
             while sizes_left and fill - at >= sizes_left[0]:
                 n = sizes_left.popleft()
-                batch = self._new_batch(n)
-                for col in self._columns():
-                    torch.index_select(block[col], 0, perm[at : at + n], out=batch[col])
+                jobs.append(perm[at : at + n])
                 at += n
-                yield self._finish(batch)
+            # Each batch's memory comes from this thread: memory a thread of its own allocates comes from an arena of
+            # its own, where batch-sized blocks are mapped afresh each time (page faults cost more than the gather).
+            made = team.run(
+                lambda job: self._gather(block, job[0], job[1], scratch), ((r, self._new_batch(len(r))) for r in jobs)
+            )
+            yield from made
             rest = perm[at:]
             if not final:  # fewer rows than a batch: to the front, to be shuffled again with the next fill
                 for t in block.values():
@@ -214,15 +276,16 @@ class BatchAssembly:
 
         for c in chunks:
             pos = 0
-            # Rows gathered to be cast or normalised are staged in ``tmp``, a batch at a time; any other piece goes
-            # in with one copy per fill, not one per batch: each copy is a parallel region of its own, and on a
-            # loaded machine waiting for its threads cost more than the copying (float16 batches: 0.5x of the
-            # floor in batch-sized steps, 0.75x in one).
-            staged = not isinstance(c.rows, slice) and not all(self._direct(k) for k in range(len(self.sets)))
+            # Rows cast at the fill out of a piece with excluded rows are staged in ``tmp``, a batch at a time; any
+            # other piece goes in with one copy per fill, not one per batch: each copy is a parallel region of its
+            # own, and on a loaded machine waiting for its threads cost more than the copying.
+            staged = not isinstance(c.rows, slice) and any(
+                block[col].dtype != x.dtype for col, x in zip(self._acts(), self.sets, strict=True)
+            )
             step = self.batch_size if staged else cap
             while pos < c.n:
                 k = min(cap - fill, c.n - pos, step)
-                self._put_all(block, fill, c, pos, pos + k, tmps)
+                self._fill(block, fill, c, pos, pos + k, tmps)
                 fill, pos = fill + k, pos + k
                 if fill == cap:
                     yield from drain(final=False)

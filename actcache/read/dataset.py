@@ -14,10 +14,11 @@ batch boundaries, so the batches a rank yields (how many, and their sizes) do no
 
 How rows are read: background threads fetch ``prefetch`` shards ahead (a local shard is memory-mapped, its
 pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
-of those bytes, and rows are copied once into a preallocated shuffle buffer, cast (and normalised) on the way
-in, then gathered in random order straight into each batch. No ``torch.cat``, no per-row Python. Memory: the
-buffer (``shuffle_buffer`` rows in the batch dtype, per worker, kept for the next epoch) plus ``prefetch + 1``
-shards, whatever the size of the set.
+of those bytes, and rows are copied once into a preallocated shuffle buffer as stored, then gathered in random
+order into each batch, cast (and normalised) on the way, by two threads of the reader's own in the main process
+(one in a DataLoader worker). No ``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows
+as stored, or in the batch dtype where that is narrower; per worker, kept for the next epoch) plus
+``prefetch + 1`` shards and two batches being made, whatever the size of the set.
 """
 
 from __future__ import annotations
@@ -118,9 +119,10 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         prefetch: shards read ahead (and S3 GETs in flight) per worker.
         drop_last: leave out the rank's final batch when it is not full.
         pin_memory: make batches in pinned host memory (needs CUDA), for fast non-blocking copies to a GPU.
-        device: yield batches on this device: made and copied by a background thread on its own CUDA stream,
-            two batches ahead, so the copy overlaps training. Use with ``num_workers=0``; with DataLoader
-            workers use the DataLoader's ``pin_memory=True`` and move batches yourself.
+        device: yield batches on this device: made (in pinned memory, as with ``pin_memory=True``) and copied by a
+            background thread on its own CUDA stream, two batches ahead, so the copy overlaps training. Use with
+            ``num_workers=0``; with DataLoader workers use the DataLoader's ``pin_memory=True`` and move batches
+            yourself.
     """
 
     def __init__(
@@ -203,7 +205,10 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         self.dtype: torch.dtype = dtype or s.dtype
         self._dtypes: list[torch.dtype] = [dtype or x.dtype for x in self.sets]
         self.rank, self.world_size, self.prefetch, self.drop_last = rank, world_size, prefetch, drop_last
-        self.pin_memory = pin_memory
+        # Batches bound for a GPU are made in pinned memory: copies from pageable memory are staged by the driver,
+        # and a batch the background thread allocates in pageable memory is mapped afresh each time (its own malloc
+        # arena: page faults cost as much as the copy; bench/RESULTS.md, "Third follow-up").
+        self.pin_memory = pin_memory or (self.device is not None and self.device.type == "cuda")
         self.drop_bos = bool(drop_bos and s.tokenization.get("prepend_bos"))
         if self.drop_bos and s.context_size is None:
             raise ActcacheError(f"drop_bos needs the context size, which the manifest of {s.url} does not record")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,10 @@ from actcache.storage.store import DamagedFile, Store, StoreRef
 
 if TYPE_CHECKING:
     import torch
+
+RECORD_FOLLOWS_S = 2.0
+"""How long a reader of an object store waits for a new record before it calls a shard that disagrees with its
+record damaged: a run extending the set writes the record one request after the shard."""
 
 LAYOUTS = ("sequences", "rows")
 """``sequences``: shards of whole sequences as extracted. ``rows``: shards of single token positions (e.g. a globally
@@ -234,23 +239,34 @@ class ActivationSet:
                 f"{self.url} was removed since it was opened (`actcache rm`?): its manifest is gone; nothing of it "
                 "is left to read"
             )
-        try:
-            now = records.Record.from_dict(
-                records.check_sealed(
-                    self.store.read_json(
-                        f"{self.set_id}/{layout.record_file(record.index)}", limit=self.bounds.record_limit
-                    ),
-                    "record",
-                ),
-                self.bounds,
-            )
-        except (ActcacheError, ValueError, KeyError, TypeError, FileNotFoundError):
+        now = self._stored_record(record.index)
+        # On an object store a run puts a shard, then (one request later) its record: a shard read in between
+        # holds the new bytes under the old record. The record that follows tells; only then is the shard blamed.
+        waited = 0.0
+        while now == record and not self.store.local and waited < RECORD_FOLLOWS_S:
+            time.sleep(0.25)
+            waited += 0.25
+            now = self._stored_record(record.index)
+        if now is None:
             return  # no sound record to tell: the shard is what is wrong
         if now != record:
             raise Failure(
                 f"{self.url} changed since it was opened: shard {record.index} was rewritten (an extraction is "
                 "extending the set); open it again once the extraction has finished"
             )
+
+    def _stored_record(self, index: int) -> records.Record | None:
+        """Shard ``index``'s completion record as stored now; None if it is missing or unsound."""
+        try:
+            return records.Record.from_dict(
+                records.check_sealed(
+                    self.store.read_json(f"{self.set_id}/{layout.record_file(index)}", limit=self.bounds.record_limit),
+                    "record",
+                ),
+                self.bounds,
+            )
+        except (ActcacheError, ValueError, KeyError, TypeError, FileNotFoundError):
+            return None
 
     def read_tokens(self, record: records.Record) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A shard's token ids, flat, and its positions (rows layout; else None). Uncompressed shards are read

@@ -18,7 +18,9 @@ Both run in an order that a kill at any point cannot turn into a set that looks 
 writing it would write half of it again.
 
 Both stay inside the store: nothing below a symlink is deleted or even listed (``Store.symlink_in``), and only
-files whose names actcache's layout gives, where actcache writes them (``layout.is_store_file``).
+files whose names actcache's layout gives, where actcache writes them (``layout.is_store_file``): also the S3
+uploads it aborts. On an object store a folder is a key prefix: an object named like a set is not one, and the
+zero-byte folder markers that consoles write are removed with the folder they mark, as empty folders are locally.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ def find_set(store: Store, name: str) -> SetFiles:
     files = store.listing(name)
     if not files and not store.exists(name):  # an empty folder is what an rm killed at its end leaves
         raise ActcacheError(f"no activation set at {url} (nothing there)")
+    if not files and store.is_file(name):
+        raise ActcacheError(
+            f"{url} is a file (an object of that name), not a set folder; it was not written by actcache: "
+            "remove it by hand if you mean to"
+        )
     strangers = sorted(r for r in files if not inventory.is_set_file(r))
     if strangers:
         raise ActcacheError(
@@ -130,6 +137,9 @@ def remove_set(target: SetFiles) -> None:
     for step, rels in zip(("manifest", "records", "shards"), removal_order(target.files), strict=True):
         target.store.remove([f"{target.set_id}/{r}" for r in rels])
         crashpoints.point(f"rm.{step}-removed")
+    # A writer (cp, shuffle, an extraction) that checked its shards before they went may have put its manifest in
+    # since the listing: over the shards just deleted it would call the set complete.
+    target.store.remove([f"{target.set_id}/{layout.MANIFEST}"])
     target.store.remove_folder(target.set_id)
 
 
@@ -192,7 +202,9 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
             )
             items.append(Garbage(TEMP_FILE, store.url_of(t.rel), t.size, why, t.rel))
     for u in store.incomplete_uploads():
-        if now - u.initiated > older_than_s:
+        if not layout.is_store_file(u.rel):
+            notes.append(f"kept the upload of {store.url_of(u.rel)}: not a file actcache writes")
+        elif now - u.initiated > older_than_s:
             items.append(
                 Garbage(
                     UPLOAD,

@@ -134,7 +134,13 @@ def copy_set(
     # The manifest last, byte for byte, unless the destination already lists more shards than the source.
     theirs = {r["index"] for r in (scan.consolidated or {}).get("shards", [])}
     if not theirs > {r.index for r in source.records}:
-        raw = manifest.stored_bytes(source.store, set_id)
+        try:
+            raw = manifest.stored_bytes(source.store, set_id)
+        except FileNotFoundError:
+            raise Failure(
+                f"{source.url} was removed since it was opened (`actcache rm`?): its manifest is gone; the copy "
+                "stopped before its own manifest"
+            ) from None
         commit(target, set_id, manifest_doc=raw)
         _index(target, set_id, parse_json(raw, source.url))
     return CopyResult(target.url_of(set_id), len(todo), len(source.records) - len(todo), copied_bytes)

@@ -204,6 +204,32 @@ def _example_dataset(cols: dict[str, Any], features):
     return Dataset(InMemoryTable(pa.Table.from_arrays(arrays, schema=features.arrow_schema)))
 
 
+MARK = ".actcache-export"
+"""An empty file in an export's folder from its start until ``actcache.json`` is written: only a folder holding
+one of them is an unfinished export that a new one may delete."""
+
+
+@contextlib.contextmanager
+def _unfinished(target: Path) -> Iterator[Path]:
+    """``OUT.partial``, new and marked as actcache's, for the export to fill and rename to OUT; removed if the export
+    fails or is interrupted. One a killed export left is deleted first, one that is not actcache's refused."""
+    partial = target.with_name(target.name + ".partial")
+    ours = (partial / MARK).is_file() or (partial / "actcache.json").is_file()
+    if partial.is_symlink() or (partial.exists() and not ours):
+        raise ActcacheError(
+            f"{partial} exists and is not an unfinished export of actcache's; move it away or export elsewhere"
+        )
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    (partial / MARK).touch()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
 def _consolidate(pieces_dir: Path, out: Path) -> None:
     """Flatten one-file datasets into one folder, as SAELens's ``_consolidate_shards`` does."""
     from datasets import Dataset
@@ -326,72 +352,71 @@ def export_set(
     features = _features(format, hooks, ctx, [x.manifest["d"] for x in sets], dtypes, examples)
     full_tokens = 0 if rows_layout else m["key"]["tokens"]["seqs_per_shard"] * ctx
 
-    partial = target.with_name(target.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)  # what an interrupted export of the same OUT left
-    pieces_dir = partial / ".tmp_shards"
-    pieces_dir.mkdir(parents=True)
-    from datasets import Dataset
+    with _unfinished(target) as partial:
+        pieces_dir = partial / ".tmp_shards"
+        pieces_dir.mkdir()
+        from datasets import Dataset
 
-    with _quiet_datasets():  # a bar per piece saved would bury the export's own
-        n_pieces = rows = excluded = 0
-        if on_total:
-            on_total(len(s.records))
-        firsts = example_rows.first_examples(s) if examples else []
-        for i, r in enumerate(s.records):
-            if examples:
-                chunks, dropped = _example_pieces(
-                    example_rows.read(s, r, firsts[r.index], verify=True), ctx, np.dtype(dtypes[0]), exclude
+        with _quiet_datasets():  # a bar per piece saved would bury the export's own
+            n_pieces = rows = excluded = 0
+            if on_total:
+                on_total(len(s.records))
+            firsts = example_rows.first_examples(s) if examples else []
+            for i, r in enumerate(s.records):
+                if examples:
+                    chunks, dropped = _example_pieces(
+                        example_rows.read(s, r, firsts[r.index], verify=True), ctx, np.dtype(dtypes[0]), exclude
+                    )
+                else:
+                    shards = [x.read(x.records[i], verify=True) for x in sets]
+                    for x, other in zip(sets[1:], shards[1:], strict=True):
+                        if not torch.equal(other.tokens, shards[0].tokens):
+                            raise ActcacheError(
+                                f"shard {r.index} of {x.url} holds other tokens than that of {s.url}; export together "
+                                "only sets extracted from the same tokens"
+                            )
+                    chunks, dropped = _pieces(
+                        format, shards, ctx, [np.dtype(dt) for dt in dtypes], exclude, r.index * full_tokens
+                    )
+                excluded += dropped
+                for cols in chunks:
+                    ds = _example_dataset(cols, features) if examples else _dataset(format, cols, features, hooks)
+                    ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
+                    n_pieces += 1
+                    rows += len(cols["acts"]) if examples else len(cols["acts"][0])
+                if on_shard:
+                    on_shard(r.index)
+            if not n_pieces and examples:
+                Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(
+                    str(pieces_dir / "shard_00000"), num_shards=1
                 )
-            else:
-                shards = [x.read(x.records[i], verify=True) for x in sets]
-                for x, other in zip(sets[1:], shards[1:], strict=True):
-                    if not torch.equal(other.tokens, shards[0].tokens):
-                        raise ActcacheError(
-                            f"shard {r.index} of {x.url} holds other tokens than that of {s.url}; export together "
-                            "only sets extracted from the same tokens"
-                        )
-                chunks, dropped = _pieces(
-                    format, shards, ctx, [np.dtype(dt) for dt in dtypes], exclude, r.index * full_tokens
-                )
-            excluded += dropped
-            for cols in chunks:
-                ds = _example_dataset(cols, features) if examples else _dataset(format, cols, features, hooks)
-                ds.save_to_disk(str(pieces_dir / f"shard_{n_pieces:05d}"), num_shards=1)
-                n_pieces += 1
-                rows += len(cols["acts"]) if examples else len(cols["acts"][0])
-            if on_shard:
-                on_shard(r.index)
-        if not n_pieces and examples:
-            Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(
-                str(pieces_dir / "shard_00000"), num_shards=1
-            )
-        elif not n_pieces:  # nothing left: still a loadable, empty dataset
-            acts = [
-                np.zeros((0, ctx, x.manifest["d"]) if format == "saelens" else (0, x.manifest["d"]), dtype=dt)
-                for x, dt in zip(sets, dtypes, strict=True)
+            elif not n_pieces:  # nothing left: still a loadable, empty dataset
+                acts = [
+                    np.zeros((0, ctx, x.manifest["d"]) if format == "saelens" else (0, x.manifest["d"]), dtype=dt)
+                    for x, dt in zip(sets, dtypes, strict=True)
+                ]
+                empty = {
+                    "acts": acts,
+                    "token_ids": np.zeros((0, ctx), np.int32),
+                    "token_id": np.zeros(0, np.int32),
+                    "sequence": np.zeros(0, np.int64),
+                    "position": np.zeros(0, np.int32),
+                }
+                _dataset(format, empty, features, hooks).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
+            _consolidate(pieces_dir, partial)
+        meta: dict[str, Any] = {
+            "format": format,
+            "set_id": s.set_id,
+            "excluded": {"ids": list(exclude), "tokens": excluded},
+            "dtype": dtypes[0],
+            "manifest": {k: v for k, v in m.items() if k not in ("shards", "moments")},
+        }
+        if len(sets) > 1:  # which column came from which set
+            meta["sets"] = [
+                {"column": c, "set_id": x.set_id, "hook": h, "dtype": dt}
+                for c, x, h, dt in zip(_act_columns(format, hooks), sets, hooks, dtypes, strict=True)
             ]
-            empty = {
-                "acts": acts,
-                "token_ids": np.zeros((0, ctx), np.int32),
-                "token_id": np.zeros(0, np.int32),
-                "sequence": np.zeros(0, np.int64),
-                "position": np.zeros(0, np.int32),
-            }
-            _dataset(format, empty, features, hooks).save_to_disk(str(pieces_dir / "shard_00000"), num_shards=1)
-        _consolidate(pieces_dir, partial)
-    meta: dict[str, Any] = {
-        "format": format,
-        "set_id": s.set_id,
-        "excluded": {"ids": list(exclude), "tokens": excluded},
-        "dtype": dtypes[0],
-        "manifest": {k: v for k, v in m.items() if k not in ("shards", "moments")},
-    }
-    if len(sets) > 1:  # which column came from which set
-        meta["sets"] = [
-            {"column": c, "set_id": x.set_id, "hook": h, "dtype": dt}
-            for c, x, h, dt in zip(_act_columns(format, hooks), sets, hooks, dtypes, strict=True)
-        ]
-    (partial / "actcache.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, target)
-    return ExportResult(str(target), rows, excluded, dtypes[0])
+        (partial / "actcache.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        (partial / MARK).unlink()  # OUT holds what its format's readers expect; actcache.json now marks it ours
+        os.replace(partial, target)
+        return ExportResult(str(target), rows, excluded, dtypes[0])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from actcache import crashpoints
-from actcache.errors import ActcacheError, opt
+from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout, manifest, moments, records, shard
 from actcache.format.commit import Points, Shard, commit
 from actcache.format.key import FORMAT_VERSION, ShuffleKey
@@ -191,11 +191,17 @@ class _Job:
             i, start, n = piece
             hi = n if hi is None else hi
             s = spills[i]
-            return self.out.read_range(
-                f"{self.sid}/{layout.spill_file(s['index'])}",
-                s[at] + (start + lo) * width,
-                s[at] + (start + hi) * width,
-            )
+            try:
+                return self.out.read_range(
+                    f"{self.sid}/{layout.spill_file(s['index'])}",
+                    s[at] + (start + lo) * width,
+                    s[at] + (start + hi) * width,
+                )
+            except FileNotFoundError:
+                raise Failure(
+                    f"{self.out.url_of(self.sid)} was removed while it was written (`actcache rm`?): its spill file "
+                    f"{layout.spill_file(s['index'])} is gone; rerun the same shuffle"
+                ) from None
 
         with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="actcache-shuffle") as pool:
             keys = list(pool.map(lambda p: np.frombuffer(read(p, "keys_at", 8), dtype=np.uint64), pieces))

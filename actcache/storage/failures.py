@@ -21,7 +21,7 @@ _BAD_CREDENTIALS = {
     "InvalidClientTokenId",
     "UnrecognizedClientException",
 }
-_DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
+DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden", "AccountProblem"}
 
 
 class StoreUnavailable(Failure):
@@ -62,6 +62,11 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
                 f"no usable credentials for {url}; set {_CHAIN_HINT} "
                 '(or {"anon": true} in ' + opt("storage_options") + " for a public bucket)"
             )
+        if "ProfileNotFound" in names:  # botocore's message quotes the profile name: a value, not shown
+            return ActcacheError(
+                f"the AWS profile given for {url} (AWS_PROFILE, or profile in {opt('storage_options')}) is not in "
+                "the AWS config files; fix its name, or set " + _CHAIN_HINT
+            )
         if names & {"ReadTimeoutError", "FSTimeoutError", "ServerTimeoutError"}:
             where = _endpoint(e) or "the storage endpoint"
             return StoreUnavailable(
@@ -101,7 +106,7 @@ def translate(exc: BaseException, url: str, action: str) -> ActcacheError | None
             return ActcacheError(
                 f"the storage endpoint rejected the credentials for {url} ({code}); set valid ones: {_CHAIN_HINT}"
             )
-        if code in _DENIED or status == 403:
+        if code in DENIED or status == 403:
             return ActcacheError(
                 f"access denied while {action} {url} ({code}); check the credentials "
                 f"({_CHAIN_HINT}) and that they may read, write and list this bucket"

@@ -103,7 +103,8 @@ def incomplete_uploads(store: Store, rel: str = "") -> list[Upload]:
             for u in resp.get("Uploads", []):
                 parts = store._call("call_s3", "list_parts", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
                 size = sum(p.get("Size", 0) for p in parts.get("Parts", []))
-                key_rel = u["Key"][len(store.root.partition("/")[2]) :].lstrip("/")
+                root_key = store.root.partition("/")[2]  # exactly one "/" after it: ``a//b`` is not ``a/b``
+                key_rel = u["Key"][len(root_key) + 1 :] if root_key else u["Key"]
                 out.append(Upload(key_rel, u["UploadId"], u["Initiated"].timestamp(), size))
             if not resp.get("IsTruncated"):
                 return out

@@ -187,6 +187,11 @@ def _mtime(info: dict) -> float:
     return 0.0
 
 
+def _is_marker(path: str, info: dict) -> bool:
+    """An object store's folder marker: a zero-byte key ending in ``/`` (a console's "create folder"), no file."""
+    return path.endswith("/") and not int(info.get("size") or 0)
+
+
 def fsspec_options(options: dict[str, Any]) -> dict[str, Any]:
     """Storage options as fsspec takes them: without actcache's own (``deadline``)."""
     return {k: v for k, v in options.items() if k != "deadline"}
@@ -219,9 +224,9 @@ class Store:
             or not isinstance(self.deadline, (int, float))
             or not 0 < self.deadline < float("inf")  # NaN too
         ):
-            raise ActcacheError(
-                f"deadline in {opt('storage_options')} must be a positive number of seconds, got {self.deadline!r}"
-            )
+            # A number is shown as given; any other value is named by its type only (it could be a pasted secret).
+            got = repr(self.deadline) if isinstance(self.deadline, (int, float)) else type(self.deadline).__name__
+            raise ActcacheError(f"deadline in {opt('storage_options')} must be a positive number of seconds, got {got}")
         if credentials_block:
             if not self.url.startswith(("s3://", "s3a://")):
                 raise ActcacheError(
@@ -302,23 +307,44 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
     def listing(self, rel: str) -> dict[str, Entry]:
-        """Every file below ``rel`` in one listing, as {path relative to rel: Entry}."""
+        """Every file below ``rel`` in one listing, as {path relative to rel: Entry}.
+
+        Only what lies below ``rel/``: not an object named ``rel`` itself (fsspec's ``find`` returns one), nor an
+        object store's folder markers (zero-byte ``x/`` keys that consoles write; see ``remove_folder``). A key
+        with a doubled slash keeps it (``a//b`` is ``/b`` below ``a``, never ``b``: another object)."""
+        found = self._find(rel)
+        out = {}
+        for p, info in found.items():
+            rp = self._below(rel, p, info)
+            if rp is not None and not _is_marker(p, info):
+                out[rp] = Entry(int(info.get("size") or 0), _mtime(info))
+        return out
+
+    def _find(self, rel: str) -> dict[str, dict]:
+        """fsspec's ``find`` of ``rel`` (its keys and their info), fresh; {} where nothing is there."""
         base = self.path(rel)
         with self._io("listing", rel):
             self.fs.invalidate_cache(base)  # another process may have written since this one last looked
             try:
-                found = self._call("find", base, detail=True)
+                return self._call("find", base, detail=True)
             except FileNotFoundError as e:
                 if failures.translate(e, self.url_of(rel), "listing") is not None:
                     raise  # a missing bucket, not a missing folder
                 return {}
-        out = {}
-        for p, info in found.items():
-            if info.get("type", "file") != "file":
-                continue
-            rp = p[len(base) :].lstrip("/") if p.startswith(base) else p
-            out[rp] = Entry(int(info.get("size") or 0), _mtime(info))
-        return out
+
+    def _below(self, rel: str, p: str, info: dict) -> str | None:
+        """The path of ``p`` relative to ``rel`` where ``p`` is a file below it; None otherwise."""
+        if info.get("type", "file") != "file":
+            return None
+        base = self.path(rel)
+        if p.startswith(base + "/"):
+            return p[len(base) + 1 :]
+        return None if p == base else p
+
+    def is_file(self, rel: str) -> bool:
+        """Whether ``rel`` itself is a file (on an object store: an object of that exact name), not a folder."""
+        with self._io("checking", rel):
+            return bool(self._call("isfile", self.path(rel)))
 
     def list_dirs(self, rel: str = "") -> list[str]:
         with self._io("listing", rel):
@@ -577,13 +603,57 @@ class Store:
                         ) from None
                     raise Failure(f"cannot delete {self.url_of(rel)} ({e.strerror}); rerun to finish") from e
             return
-        with self._io("deleting", rels[0]):
-            self._call("rm", [self.path(r) for r in rels])
+        self._delete([self.path(r) for r in rels], rels[0])
+
+    def _delete(self, paths: list[str], first: str) -> None:
+        """Delete exactly these keys of an object store: fsspec's ``rm`` globs (``run[1]/x`` would delete
+        ``run1/x``, another store's file), so S3 gets bulk deletes of the literal keys, other stores one by one."""
+        with self._io("deleting", first):
+            if self.s3:
+                bucket = self.root.partition("/")[0]
+                for i in range(0, len(paths), 1000):  # S3's limit per DeleteObjects request
+                    chunk = paths[i : i + 1000]
+                    objects = [{"Key": p.partition("/")[2]} for p in chunk]
+                    out = self._call(
+                        "call_s3", "delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                    for p in chunk:
+                        self.fs.invalidate_cache(p.rsplit("/", 1)[0])
+                    if out.get("Errors"):  # S3 answers 200 and lists the keys it did not delete (access denied, ...)
+                        raise self._delete_failure(out["Errors"][0], len(out["Errors"]))
+                return
+            for p in paths:
+                try:
+                    self._call("rm_file", p)
+                except FileNotFoundError:
+                    pass
+
+    def _delete_failure(self, error: dict, n: int) -> ActcacheError:
+        """One line for keys a bulk delete refused (the first of ``n``), by the error code only."""
+        root_key = self.root.partition("/")[2]
+        key = str(error.get("Key", ""))
+        url = self.url_of(key[len(root_key) + 1 :] if root_key and key.startswith(root_key + "/") else key)
+        code = str(error.get("Code") or "error")
+        if code in failures.DENIED:
+            return ActcacheError(
+                f"access denied while deleting {url} ({code}; {n} object(s) not deleted): the credentials may read "
+                "this store but not delete from it; run this with credentials that may"
+            )
+        return Failure(f"cannot delete {url} ({code}; {n} object(s) not deleted); rerun to finish")
 
     def remove_folder(self, rel: str) -> None:
-        """Remove what is left of the folder ``rel`` once its files are deleted (empty directories, locally); a
+        """Remove what is left of the folder ``rel`` once its files are deleted: empty directories locally, and on
+        an object store the zero-byte folder markers (``rel/``, ``rel/x/``) of folders that hold nothing else. A
         folder reached through a symlink is left alone."""
-        if self.local and os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
+        if not self.local:
+            found = self._find(rel)
+            markers = [p for p, info in found.items() if _is_marker(p, info) and p.startswith(self.path(rel) + "/")]
+            rest = [p for p, info in found.items() if not _is_marker(p, info) and self._below(rel, p, info)]
+            empty = [m for m in markers if not any(p.startswith(m) for p in rest)]
+            if empty:
+                self._delete(empty, rel)
+            return
+        if os.path.isdir(self.path(rel)) and self.symlink_in(rel, below=False) is None:
             for dirpath, _, _ in sorted(os.walk(self.path(rel)), key=lambda w: -len(w[0])):
                 try:
                     os.rmdir(dirpath)
@@ -599,12 +669,11 @@ class Store:
         housekeeping.abort_upload(self, upload)
 
     def remove_tree(self, rel: str) -> None:
-        """Delete everything below ``rel`` (nothing there is fine)."""
-        with self._io("deleting", rel):
-            try:
-                self._call("rm", self.path(rel), recursive=True)
-            except FileNotFoundError:
-                pass
+        """Delete every file below ``rel``, then the folder (nothing there is fine). Only the files the listing
+        names (never fsspec's recursive ``rm``, which globs): not an object named ``rel`` itself, nothing beside it,
+        nothing through a symlink."""
+        self.remove([f"{rel}/{r}" for r in self.listing(rel)])
+        self.remove_folder(rel)
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, dump_json(obj))
@@ -654,6 +723,35 @@ class Store:
         """Fail now, saying what to fix, if the store is missing, unreachable or refuses these credentials."""
         if self.local:
             if not os.path.isdir(self.root):
-                raise ActcacheError(f"store {self.url!r} does not exist (no such directory)")
+                raise ActcacheError(f"store {self.url!r} {_not_a_folder(self.root)}")
             return
         self.list_dirs()  # one request: NoSuchBucket, InvalidAccessKeyId, AccessDenied, connection refused
+
+
+def _not_a_folder(path: str) -> str:
+    """Why ``path`` is not a directory, in words: missing, a dangling link, a link loop, or another kind of file."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a loop of symlinks, not a directory"
+        if os.path.islink(path):
+            return f"is a symlink to {os.readlink(path)!r}, which does not exist"
+        if e.errno == errno.ENOENT:
+            return "does not exist (no such directory)"
+        return f"cannot be read ({e.strerror})"
+    mode = os.stat(path).st_mode
+    kind = next(
+        (
+            name
+            for test, name in (
+                (stat.S_ISFIFO, "a FIFO"),
+                (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a device"),
+                (stat.S_ISBLK, "a device"),
+            )
+            if test(mode)
+        ),
+        "a file",
+    )
+    return f"is {kind}, not a directory; pass the store's folder"

@@ -24,3 +24,22 @@ def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic
     assert not settled()
     with pytest.raises(ActcacheError, match="device= and pin_memory= work with num_workers=0"):
         list(DataLoader(ds, batch_size=None, num_workers=1))
+
+
+def test_batches_bound_for_a_gpu_are_made_in_pinned_memory(synthetic, monkeypatch):
+    """device="cuda" makes its batches as pin_memory=True does (the copies are asynchronous only from pinned memory);
+    checked without a GPU by what the dataset asks of torch: bench/gpu_check.py runs it on one."""
+    import torch
+
+    from actcache.read import batches, dataset
+
+    monkeypatch.setattr(dataset, "_device", lambda d: torch.device("cuda"))
+    ds = full(synthetic, batch_size=16, device="cuda")
+    assert ds.pin_memory
+    asked = []
+    monkeypatch.setattr(
+        batches.torch, "empty", lambda *a, pin_memory=False, **k: asked.append(pin_memory) or torch.zeros(*a, **k)
+    )
+    ds._new_batch(4)
+    assert asked and all(asked)
+    assert not full(synthetic, batch_size=16).pin_memory

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from actcache.read import batches, threads
+from actcache.read import batches, makers, threads
 from actcache.read.dataset import ActivationDataset
 from actcache.read.threads import one_thread
 
@@ -69,4 +71,40 @@ def test_an_exception_inside_restores_the_callers_count(two_threads):
     assert next(it) == 0
     with pytest.raises(ValueError, match="broken shard"):
         next(it)
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"dtype": torch.float32},
+        {"dtype": torch.float32, "normalize": "standardize"},
+        {"dtype": torch.float16, "exclude_tokens": [0], "with_tokens": True},
+        {"normalize": "scale", "with_tokens": True, "with_positions": True},
+        {"dtype": torch.bfloat16},
+    ],
+)
+def test_two_makers_yield_what_one_does(synthetic, two_threads, monkeypatch, options):
+    """Batches gathered by two threads (each on one intra-op thread) equal those the iterating thread makes."""
+    counts = []
+    gather = batches.BatchAssembly._gather
+
+    def recorded(self, *a):
+        counts.append((threading.current_thread().name, torch.get_num_threads()))
+        return gather(self, *a)
+
+    monkeypatch.setattr(batches.BatchAssembly, "_gather", recorded)
+
+    def epoch(n):
+        monkeypatch.setattr(makers, "count", lambda: n)
+        ds = ActivationDataset(synthetic, 16, shuffle_buffer=40, seed=2, **options)
+        return [b if isinstance(b, tuple) else (b,) for b in ds]
+
+    one, two = epoch(1), epoch(2)
+    assert len(one) == len(two) > 2
+    for a, b in zip(one, two, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    made_by = {name for name, _ in counts[len(one) :]}
+    assert made_by and all(n.startswith("actcache-batches") for n in made_by)
+    assert {n for _, n in counts} == {1}
     assert torch.get_num_threads() == 2

@@ -112,10 +112,43 @@ def test_an_interrupted_export_leaves_no_target(source, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_dataset", failing)
     with pytest.raises(KeyboardInterrupt):
         export.export_set(source["url"], str(tmp_path / "sl"), format="saelens")
-    assert not (tmp_path / "sl").exists() and (tmp_path / "sl.partial").exists()
+    assert sorted(tmp_path.iterdir()) == []  # neither OUT nor a half-written OUT.partial
     monkeypatch.setattr(export, "_dataset", real)
     export.export_set(source["url"], str(tmp_path / "sl"), format="saelens")
     assert len(load_from_disk(str(tmp_path / "sl"))) == 14 and not (tmp_path / "sl.partial").exists()
+
+
+def test_what_a_killed_export_left_is_replaced(source, tmp_path):
+    """A killed export cannot clean up: the next export of the same OUT deletes its OUT.partial (marked as ours)."""
+    left = tmp_path / "sl.partial"
+    (left / ".tmp_shards").mkdir(parents=True)
+    (left / export.MARK).touch()
+    (left / "data-00000-of-00001.arrow").write_bytes(b"half")
+    export.export_set(source["url"], str(tmp_path / "sl"), format="saelens")
+    assert len(load_from_disk(str(tmp_path / "sl"))) == 14 and not left.exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink"])
+def test_an_out_partial_that_is_not_ours_is_refused_and_kept(source, tmp_path, kind, capsys):
+    """A user's folder that happens to be named OUT.partial, or a link there, is neither deleted nor written."""
+    elsewhere = tmp_path / "thesis"
+    elsewhere.mkdir()
+    (elsewhere / "chapter1.tex").write_text("mine")
+    partial = tmp_path / "sl.partial"
+    if kind == "folder":
+        partial.mkdir()
+        (partial / "notes.txt").write_text("mine too")
+    else:
+        partial.symlink_to(elsewhere)
+    code = cli.main(["export", source["url"], str(tmp_path / "sl"), "--format", "saelens"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "is not an unfinished export of actcache's" in err[-1]
+    assert (elsewhere / "chapter1.tex").read_text() == "mine" and sorted(p.name for p in elsewhere.iterdir()) == [
+        "chapter1.tex"
+    ]
+    if kind == "folder":
+        assert sorted(p.name for p in partial.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "sl").exists()
 
 
 @pytest.mark.parametrize(

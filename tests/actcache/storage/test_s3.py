@@ -223,3 +223,68 @@ def test_reads_stop_at_the_expected_size_on_s3_too(s3_server, s3_env):
     with pytest.raises(DamagedFile, match="has 0 bytes, expected 5"):
         store.read_bytes("a/empty", size=5)
     assert store.read_bytes("a/empty", limit=10) == b""
+
+
+# -- issue 21 on S3: deletes and listings name exact keys, inside their folder --------------------------------
+@pytest.mark.parametrize("name", ["run[1]", "ru*", "run?"])
+def test_deletes_take_keys_literally_never_as_glob_patterns(s3_server, s3_env, name):
+    """fsspec's ``rm`` globs its paths: a store at ``run[1]`` deleted ``run1``'s files (another store's), and
+    left its own."""
+    root = s3_server.new_prefix()
+    mine, other = Store(f"{root}/{name}"), Store(f"{root}/run1")
+    for store in (mine, other):
+        store.write_bytes("s/manifest.json", b"{}")
+        store.write_bytes("s/spill/000000.json", b"{}")
+    mine.remove(["s/manifest.json"])
+    mine.remove_tree("s/spill")
+    assert s3_server.keys_under(other.url) == {"s/manifest.json": b"{}", "s/spill/000000.json": b"{}"}
+    assert s3_server.keys_under(mine.url) == {}
+
+
+def test_listing_is_of_files_below_the_folder_only(s3_server, s3_env):
+    """Folder markers (a console's zero-byte ``x/``) are no files, an object named like the folder is not in it,
+    and ``a//b`` is not ``a/b``: once both were listed as the one file of a set."""
+    url = s3_server.new_prefix()
+    prefix, c = url.removeprefix(f"s3://{s3_server.bucket}/"), s3_server.client()
+    for key, body in [("s/", b""), ("s/shards/", b""), ("s//shards/000000.safetensors", b"x"), ("s", b"obj")]:
+        c.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{key}", Body=body)
+    store = Store(url)
+    store.write_bytes("s/shards/000000.safetensors", b"abc")
+    assert sorted(store.listing("s")) == ["/shards/000000.safetensors", "shards/000000.safetensors"]
+    assert store.listing("s")["shards/000000.safetensors"].size == 3
+    c.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/lone", Body=b"an object, no folder")
+    assert store.listing("lone") == {} and store.is_file("lone") and not store.is_file("s/shards")
+
+
+def test_remove_tree_and_remove_folder_leave_what_is_not_below(s3_server, s3_env):
+    url = s3_server.new_prefix()
+    prefix, c = url.removeprefix(f"s3://{s3_server.bucket}/"), s3_server.client()
+    for key in ("s/spill", "s/spill-other/x", "s/", "s/spill/", "s/spill/deep/"):
+        c.put_object(Bucket=s3_server.bucket, Key=f"{prefix}/{key}", Body=b"" if key.endswith("/") else b"keep")
+    store = Store(url)
+    store.write_bytes("s/spill/000000.json", b"{}")
+    store.remove_tree("s/spill")  # its file and its empty folders' markers; not the object named s/spill
+    assert sorted(s3_server.keys_under(url)) == ["s/", "s/spill", "s/spill-other/x"]
+    store.remove_folder("s")  # s/ still holds files: its marker stays, as a folder that is not empty does
+    assert sorted(s3_server.keys_under(url)) == ["s/", "s/spill", "s/spill-other/x"]
+
+
+MARKER = "Zq9SECRETMARKERx7"
+
+
+@pytest.mark.parametrize("options", [{"profile": MARKER}, {"deadline": MARKER}])
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_storage_option_value_appears_in_no_error(s3_server, s3_env, capsys, options, debug):
+    """An option's value may be a pasted secret: botocore's ProfileNotFound quoted it (exit 1, "rerun the same
+    command to resume"), and a deadline that is not a number was echoed. Both are bad input, named without it."""
+    import json
+
+    from actcache.cli.app import main
+
+    url = s3_server.new_prefix()
+    code = main([*(["--debug"] if debug else []), "ls", url, "--storage-options", json.dumps(options)])
+    out = capsys.readouterr()
+    assert code == 2 and MARKER not in out.out + out.err, out.err
+    last = out.err.strip().splitlines()[-1]
+    assert last.startswith("actcache: error: ") and ("profile" in last or "deadline" in last), out.err
+    assert s3_server.keys_under(url) == {}

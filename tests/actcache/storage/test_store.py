@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -291,3 +292,34 @@ def test_json_denser_in_objects_than_actcache_writes_is_refused_before_parsing(t
         parse_json(forged, "manifest")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 64 << 10  # KB
     assert store_mod.JSON_DENSITY <= 16
+
+
+@pytest.mark.parametrize(
+    "kind,says",
+    [
+        ("missing", "does not exist (no such directory)"),
+        ("fifo", "is a FIFO, not a directory"),
+        ("file", "is a file, not a directory"),
+        ("loop", "is a loop of symlinks, not a directory"),
+        ("dangling", "is a symlink to"),
+    ],
+)
+def test_a_store_that_is_not_a_folder_says_what_it_is(tmp_path, kind, says, capsys):
+    """`ls` of a FIFO or a symlink loop said "does not exist"; each odd file is named for what it is, exit 2,
+    and nothing waits on a FIFO."""
+    from actcache.cli import app as cli
+
+    p = tmp_path / "store"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "file":
+        p.write_text("")
+    elif kind == "loop":
+        p.symlink_to(tmp_path / "other")
+        (tmp_path / "other").symlink_to(p)
+    elif kind == "dangling":
+        p.symlink_to(tmp_path / "gone")
+    with pytest.raises(ActcacheError, match=re.escape(says)):
+        Store(str(p)).check_reachable()
+    assert cli.main(["ls", str(p)]) == 2
+    assert says in capsys.readouterr().err.strip().splitlines()[-1]

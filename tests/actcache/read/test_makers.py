@@ -1,0 +1,81 @@
+"""Batches made by the reader's own threads come out in order, a bounded number ahead, and none is still being
+made once the caller has stopped."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from actcache.read import makers, threads
+
+
+def test_jobs_come_out_in_order_at_most_n_ahead():
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def make(k):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.01 * (k % 3))  # later jobs may finish first
+        with lock:
+            running -= 1
+        return k
+
+    with makers.Makers(2) as team:
+        assert list(team.run(make, range(12))) == list(range(12))
+    assert most == 2
+
+
+def test_stopping_early_leaves_no_job_running():
+    started, finished = [], []
+
+    def make(k):
+        started.append(k)
+        time.sleep(0.2)
+        finished.append(k)
+        return k
+
+    with makers.Makers(2) as team:
+        it = team.run(make, range(10))
+        assert next(it) == 0
+        it.close()  # type: ignore[attr-defined]
+        assert sorted(started) == sorted(finished)  # whatever was started has finished
+        assert len(started) <= 3  # and nothing more was started
+
+
+def test_an_error_is_raised_at_its_turn():
+    def make(k):
+        if k == 3:
+            raise ValueError("shard 3 is damaged")
+        return k
+
+    with makers.Makers(2) as team:
+        it = team.run(make, range(6))
+        assert [next(it) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="shard 3"):
+            next(it)
+
+
+def test_one_maker_is_the_callers_own_thread():
+    with makers.Makers(1) as team:
+        assert team.pool is None
+        assert list(team.run(lambda k: threading.current_thread(), range(2))) == [threading.current_thread()] * 2
+
+
+def test_dataloader_workers_make_their_own_batches(monkeypatch):
+    monkeypatch.setattr(makers, "get_worker_info", lambda: object())
+    assert makers.count() == 1
+
+
+@pytest.mark.skipif(not threads._per_thread(), reason="thread counts are per thread only with OpenMP")
+def test_each_maker_runs_on_one_intra_op_thread():
+    before = torch.get_num_threads()
+    with makers.Makers(2) as team:
+        counts = list(team.run(lambda k: torch.get_num_threads(), range(4)))
+    assert counts == [1] * 4
+    assert torch.get_num_threads() == before

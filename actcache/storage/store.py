@@ -14,6 +14,7 @@ processes; ``StoreRef.open()`` makes the ``Store`` that does the I/O.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
@@ -494,7 +495,8 @@ class Store:
         for i in range(1, len(parts) + 1):
             p = self.path("/".join(parts[:i]))
             if os.path.islink(p):
-                os.unlink(p)
+                with contextlib.suppress(FileNotFoundError):  # another writer of the set unlinked it first
+                    os.unlink(p)
 
     def read_json(self, rel: str, *, limit: int = JSON_LIMIT) -> Any:
         return parse_json(self.read_bytes(rel, limit=limit), self.url_of(rel))

@@ -226,6 +226,27 @@ class ActivationSet:
             raise DamagedFile(f"shard {record.index} of {self.url} is unreadable ({e}{self.unbounded_why(e)})") from e
         return Shard(record.index, t["activations"], t["tokens"], t.get("positions"))
 
+    def in_flux(self) -> str | None:
+        """Why what ``verify`` finds may be a run's work in progress rather than damage (a live writer's lease on the
+        set, or a manifest that is no longer the one opened); None if neither. A run extending the set rewrites its
+        last shard and record before its manifest: until then the new bytes disagree with the manifest read."""
+        from actcache.storage import leases
+
+        try:
+            writers = leases.live(self.store, self.set_id)
+        except Exception:  # unreadable leases: judge the shards
+            writers = []
+        if writers:
+            w = writers[0]
+            return f"is being written by {w.writer()} (lease {self.store.url_of(w.rel)})"
+        try:
+            now = manifest.read(self.store, self.set_id)
+        except Exception:  # gone or unreadable since: what the shards show is what verify reports
+            return None
+        if now != self.manifest:
+            return "changed while it was verified (a run extended or rewrote it)"
+        return None
+
     def check_current(self, record: records.Record) -> None:
         """Raise a one-line ``Failure`` if ``record``'s shard was rewritten by a run since this set was opened (its
         last shard grows while --max-tokens is raised): the data is fine, the reader's view of it is old. Or

@@ -154,3 +154,63 @@ def test_commands_that_read_the_manifest_import_nothing_heavy(extracted_set, tmp
     assert [argv for argv, _, _ in done] == argvs, (p.stdout[-2000:], p.stderr[-2000:])
     for argv, rc, heavy in done:
         assert (rc, heavy) == (0, []), (argv, rc, heavy, p.stderr[-2000:])
+
+
+@pytest.mark.parametrize("how", ["lease", "manifest"])
+def test_verify_does_not_blame_a_set_a_run_is_writing(extracted_set, tmp_path, capsys, monkeypatch, how):
+    """An extension rewrites a set's last shard and record before its manifest: verify then saw the new bytes
+    disagree with the manifest it had read, said FAILED and advised --verify-existing (a repair that races the run).
+    With a live writer's lease on the set, or a manifest that changed while verifying, it says so and judges
+    nothing (exit 1: verify again later); without either the same damage is reported as before."""
+    import shutil
+
+    from actcache.format import layout, records
+    from actcache.read.reader import ActivationSet
+    from actcache.storage import leases
+    from actcache.storage.store import Store
+
+    url = str(tmp_path / "store" / Path(extracted_set).name)
+    shutil.copytree(extracted_set, url)
+    shard = Path(url) / layout.shard_file(3, "none")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # new bytes, same size: what a reader sees mid-extension
+    shard.write_bytes(bytes(data))
+    store, set_id = Store(str(Path(url).parent)), Path(url).name
+
+    def verify_json() -> dict:
+        code = main(["verify", url, "--json"])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == 1
+        return doc
+
+    if how == "lease":
+        with leases.hold(store, set_id):
+            assert main(["verify", url]) == 1
+            err = capsys.readouterr().err.strip().splitlines()
+            assert "is being written by process" in err[-1] and "verify it again once that run has ended" in err[-1]
+            assert not any("FAILED" in line or "--verify-existing" in line for line in err), err
+            assert verify_json()["in_flux"].endswith(
+                "of this host (lease " + store.url_of(leases.leases(store, set_id)[0].rel) + ")"
+            )
+    else:
+        real = ActivationSet.verify
+
+        def extended_meanwhile(self, **kw):
+            problems = real(self, **kw)
+            m = json.loads((Path(url) / layout.MANIFEST).read_text())
+            m["created"] = "2026-12-04T23:59:59Z"  # resealed: a manifest a run wrote, not damage
+            (Path(url) / layout.MANIFEST).write_text(
+                json.dumps(records.sealed({k: v for k, v in m.items() if k != "seal"}))
+            )
+            return problems
+
+        monkeypatch.setattr(ActivationSet, "verify", extended_meanwhile)
+        assert main(["verify", url]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "changed while it was verified" in err[-1] and "FAILED" not in "\n".join(err)
+        monkeypatch.setattr(ActivationSet, "verify", real)
+    assert main(["verify", url]) == 1  # nobody writing, the manifest as read: the damage is named
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("FAILED") and "rerun the same extract" in err[-1], err
+    assert any("fails its sha256 checksum" in line for line in err), err
+    assert verify_json()["problems"]

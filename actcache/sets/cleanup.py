@@ -12,7 +12,9 @@ Both run in an order that a kill at any point cannot turn into a set that looks 
   (``_tokens/<id>``) that no set's manifest names. A set's shards and records are never garbage. While a
   set has no manifest (an extraction running), token caches are all kept: which one it reads is not known.
   A token cache written to within the threshold, or holding a temp file of a live writer of this host, is kept
-  too: an extraction whose set folder does not exist yet may be writing or reading it.
+  too: an extraction whose set folder does not exist yet may be writing or reading it. Whatever ``--older-than``
+  says, a multipart upload into a set that a live writer holds a lease on (``storage.leases``), and another
+  host's temp file while that host holds a live lease in the store, are kept.
 
 ``rm`` refuses a set that a live writer holds a lease on (``storage.leases``): an extraction, ``cp`` or ``shuffle``
 writing it would write half of it again.
@@ -190,10 +192,15 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
     now = time.time()
     items: list[Garbage] = []
     notes: list[str] = []
+    sets = inventory.list_sets(store)
+    writing = _Writers(store, [s.set_id for s in sets])
     for t in store.temp_files():
         if not layout.is_store_file(t.target):
             continue  # a user's file that only looks like a temp file, or one in a folder that is not actcache's
         old = now - t.mtime > older_than_s
+        if not t.same_host and old and (w := writing.by_host(t.host)):
+            notes.append(f"kept {store.url_of(t.rel)}: host {t.host} holds a live lease on {w} (see `actcache rm`)")
+            continue
         if t.writer_dead or (not t.same_host and old):
             why = (
                 f"writer pid {t.pid} no longer runs"
@@ -204,6 +211,8 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
     for u in store.incomplete_uploads():
         if not layout.is_store_file(u.rel):
             notes.append(f"kept the upload of {store.url_of(u.rel)}: not a file actcache writes")
+        elif lease := writing.of(u.rel.split("/", 1)[0]):
+            notes.append(f"kept the upload of {store.url_of(u.rel)}: its set is being written by {lease.writer()}")
         elif now - u.initiated > older_than_s:
             items.append(
                 Garbage(
@@ -220,7 +229,6 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
                 f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
                 "maybe still running (see --older-than)"
             )
-    sets = inventory.list_sets(store)
     unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
     used = {s.tokens_id for s in sets}
     link = store.symlink_in(layout.TOKENS_ROOT, below=False)
@@ -238,6 +246,32 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
         size = sum(e.size for e in store.listing(rel).values())
         items.append(Garbage(TOKEN_CACHE, store.url_of(rel), size, "no set in this store uses it", rel))
     return GarbageReport(items, notes)
+
+
+class _Writers:
+    """The live writer leases (``storage.leases``) on the store's sets, listed only when asked about (one listing
+    per set: gc asks only for temp files of other hosts and for multipart uploads)."""
+
+    def __init__(self, store: Store, set_ids: list[str]):
+        self.store, self.set_ids = store, set_ids
+        self._seen: dict[str, list[leases.Lease]] = {}
+
+    def of(self, set_id: str) -> leases.Lease | None:
+        """A live lease on ``set_id`` (a set folder's name; anything else has none)."""
+        if not layout.SET_ID_RE.match(set_id) or set_id.startswith("t"):
+            return None
+        if set_id not in self._seen:
+            self._seen[set_id] = leases.live(self.store, set_id)
+        return next(iter(self._seen[set_id]), None)
+
+    def by_host(self, host: str) -> str | None:
+        """The URL of a set that ``host`` holds a live lease on, if any: its temp files, in a set or in a token
+        cache it tokenizes into, may still be written."""
+        for set_id in self.set_ids:
+            lease = self.of(set_id)
+            if lease is not None and any(le.host == host for le in self._seen[set_id]):
+                return self.store.url_of(set_id)
+        return None
 
 
 def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: float, older_than_s: float) -> str:

@@ -562,3 +562,26 @@ def test_gc_keeps_every_token_cache_while_a_writer_holds_a_lease(store, capsys):
     assert not (store / ("ab" * 12)).exists(), "the lease and the folders it made go with it"
     code, out, _ = run(capsys, "gc", str(store), "--yes", "--json")
     assert code == 0 and not unused.exists()
+
+
+def test_gc_keeps_another_hosts_temp_files_while_that_host_holds_a_lease(store, capsys):
+    """Another host's pid cannot be checked: its old temp file went with ``--older-than 0`` even while that host
+    held a live lease on a set of the store (an extraction writing a shard there). Kept until the lease is stale."""
+    from actcache.storage import leases
+
+    url = set_url(store)
+    tmp = Path(url) / f"{layout.shard_file(1, 'none')}.tmp-otherhost-4242-0badf00d"
+    tmp.write_bytes(b"half a shard")
+    days = time.time() - 2 * 86400
+    os.utime(tmp, (days, days))
+    lease = Path(url) / layout.writer_file("otherhost", 4242, "0badf00d")
+    lease.parent.mkdir()
+    lease.write_text("{}")
+    code, out, err = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [] and tmp.exists(), err
+    assert any("host otherhost holds a live lease on" in n for n in report["notes"]), report
+    stale = time.time() - leases.STALE_S - 60
+    os.utime(lease, (stale, stale))
+    code, out, err = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
+    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["temp-file"] and not tmp.exists(), err

@@ -270,3 +270,28 @@ def test_a_delete_the_credentials_may_not_make_is_one_line_not_a_success(on_s3, 
     code, _, err = run(capsys, "rm", url, "--yes", "--storage-options", no_cache)
     one_line(code, err, "access denied while deleting")
     assert s3_server.keys_under(store) == before
+
+
+def test_gc_keeps_the_uploads_of_a_set_a_live_writer_holds(on_s3, s3_server, capsys):
+    """``--older-than 0`` aborted every multipart upload, a live writer's too (another host's extraction putting
+    a shard: its upload then failed). An upload into a set with a live lease is kept whatever the threshold."""
+    from actcache.storage import leases
+
+    store, url, prefix = on_s3
+    c, bucket = s3_server.client(), s3_server.bucket
+    set_id = url.rsplit("/", 1)[1]
+    key = f"{prefix}/{set_id}/{layout.shard_file(9, 'none')}"
+    upload = c.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    c.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"y" * 1000)
+    lease = f"{prefix}/{set_id}/{layout.writer_file('otherhost', 4242, '0badf00d')}"
+    put(s3_server, lease, b"{}")
+    assert leases.live(Store(store), set_id)
+    code, out, err = run(capsys, "gc", store, "--yes", "--older-than", "0", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["items"] == [], err
+    assert any("its set is being written by host otherhost" in n for n in report["notes"]), report
+    assert [u["Key"] for u in c.list_multipart_uploads(Bucket=bucket, Prefix=prefix)["Uploads"]] == [key]
+    c.delete_object(Bucket=bucket, Key=lease)  # the writer ended
+    code, out, err = run(capsys, "gc", store, "--yes", "--older-than", "0", "--json")
+    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["upload"], err
+    assert "Uploads" not in c.list_multipart_uploads(Bucket=bucket, Prefix=prefix)

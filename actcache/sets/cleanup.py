@@ -38,7 +38,7 @@ from actcache.sets import inventory
 from actcache.storage import leases
 from actcache.storage.store import Entry, Store, Upload
 
-TEMP_FILE, UPLOAD, TOKEN_CACHE = "temp-file", "upload", "token-cache"
+TEMP_FILE, UPLOAD, TOKEN_CACHE, LEASE = "temp-file", "upload", "token-cache", "lease"
 
 
 def removal_order(files: dict[str, Entry]) -> list[list[str]]:
@@ -149,7 +149,7 @@ def remove_set(target: SetFiles) -> None:
 @dataclass(frozen=True)
 class Garbage:
     kind: str
-    """temp-file, upload (an S3 multipart upload never completed) or token-cache."""
+    """temp-file, upload (an S3 multipart upload never completed), token-cache or lease (a writer's that ended)."""
     url: str
     bytes: int
     reason: str
@@ -229,7 +229,12 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
                 f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
                 "maybe still running (see --older-than)"
             )
-    unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED)]
+    ended = _ended_leases(store, sets, now, older_than_s)
+    items += ended
+    # A set folder that held only the lease of a writer that ended (killed before it wrote anything) is no set
+    # being written: it does not keep every token cache.
+    emptied = {g.rel.split("/", 1)[0] for g in ended if g.reason.endswith(_ONLY)}
+    unknown = [s for s in sets if s.state in (inventory.INCOMPLETE, inventory.DAMAGED) and s.set_id not in emptied]
     used = {s.tokens_id for s in sets}
     link = store.symlink_in(layout.TOKENS_ROOT, below=False)
     if link is not None:
@@ -274,6 +279,31 @@ class _Writers:
         return None
 
 
+_ONLY = "; nothing else is in its set's folder"
+
+
+def _ended_leases(store: Store, sets: list[inventory.SetEntry], now: float, older_than_s: float) -> list[Garbage]:
+    """The leases (``storage.leases``) of writers that ended without removing them (killed): this host's whose
+    process no longer runs, another host's not renewed for ``STALE_S`` and ``older_than_s``."""
+    out = []
+    for s in sets:
+        found = leases.leases(store, s.set_id)
+        ended = [le for le in found if not le.live and (le.same_host or le.age > older_than_s)]
+        if not ended:
+            continue
+        only = False
+        if len(ended) == len(found) and s.state == inventory.INCOMPLETE and not s.n_shards:
+            only = all(layout.parse_writer_file(r) is not None for r in store.listing(s.set_id))
+        for le in ended:
+            why = (
+                f"writer pid {le.pid} no longer runs"
+                if le.same_host
+                else f"host {le.host}'s writer lease, not renewed for {_age(le.age)}"
+            )
+            out.append(Garbage(LEASE, store.url_of(le.rel), 0, why + (_ONLY if only else ""), le.rel))
+    return out
+
+
 def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: float, older_than_s: float) -> str:
     """Why the token cache ``rel``, which no manifest names, may still be in use or is not actcache's; "" if none."""
     if unknown:
@@ -299,7 +329,9 @@ def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: fl
 
 def collect(store: Store, report: GarbageReport) -> None:
     """Delete what ``find_garbage`` found (a token cache's index first, then its records, then its shards)."""
-    store.remove([g.rel for g in report.items if g.kind == TEMP_FILE])
+    store.remove([g.rel for g in report.items if g.kind in (TEMP_FILE, LEASE)])
+    for set_id in dict.fromkeys(g.rel.split("/", 1)[0] for g in report.items if g.kind == LEASE):
+        store.remove_folder(set_id)  # the folders left empty (a lease's, a folder that held only it): no file
     for g in report.items:
         if g.kind == UPLOAD:
             store.abort_upload(Upload(g.rel, g.upload_id or "", 0.0, g.bytes))

@@ -584,4 +584,45 @@ def test_gc_keeps_another_hosts_temp_files_while_that_host_holds_a_lease(store, 
     stale = time.time() - leases.STALE_S - 60
     os.utime(lease, (stale, stale))
     code, out, err = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
-    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["temp-file"] and not tmp.exists(), err
+    kinds = sorted(g["kind"] for g in json.loads(out)["items"])
+    assert code == 0 and kinds == ["lease", "temp-file"] and not tmp.exists() and not lease.exists(), err
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("writer", ["ended", "live"])
+def test_gc_collects_the_lease_a_killed_writer_left_and_what_it_held_back(store, capsys, writer):
+    """A writer killed before its first shard leaves a set folder holding only its lease: `ls` counted it as an
+    unfinished set and `gc` kept every token cache for it, for ever. Its lease is garbage once its process no
+    longer runs (the folder goes with it, and the token caches are judged again); a live writer's is kept."""
+    from actcache.storage.store import _HOST
+
+    shutil.rmtree(set_url(store))  # its token cache is now unused
+    (tid,) = inventory.token_cache_ids(Store(str(store)))
+    _old(store / layout.TOKENS_ROOT / tid)
+    pid = _dead_pid() if writer == "ended" else os.getpid()
+    folder = store / ("e" * 24)
+    lease = folder / layout.writer_file(_HOST, pid, "0badf00d")
+    lease.parent.mkdir(parents=True)
+    lease.write_text("{}")
+    code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
+    report = json.loads(out)
+    assert code == 0, err
+    if writer == "ended":
+        assert sorted(g["kind"] for g in report["items"]) == ["lease", "token-cache"], report
+        assert not folder.exists() and not (store / layout.TOKENS_ROOT / tid).exists()
+    else:
+        assert report["items"] == [] and lease.exists(), report
+        assert any("without a readable manifest" in n for n in report["notes"]), report
+
+
+@pytest.mark.subprocess
+def test_gc_collects_an_ended_writers_lease_inside_a_complete_set(store, capsys):
+    from actcache.storage.store import _HOST
+
+    url = set_url(store)
+    lease = Path(url) / layout.writer_file(_HOST, _dead_pid(), "0badf00d")
+    lease.parent.mkdir()
+    lease.write_text("{}")
+    code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
+    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["lease"], err
+    assert not lease.parent.exists() and open_set(url).verify() == []

@@ -45,12 +45,21 @@ def full(url: str, **kw) -> ActivationDataset:
     return ActivationDataset(url, with_tokens=True, with_positions=True, **kw)
 
 
-def settled(prefix: str = "actcache-") -> list[threading.Thread]:
-    """Join the reader's threads until none is left (a stage may start a pool while it winds down)."""
+def settled(prefix: str = "actcache-", before: set[threading.Thread] | None = None) -> list[threading.Thread]:
+    """Join the reader's threads until none is left (a stage may start a pool while it winds down). ``before``:
+    threads that ran before the reader started (another test's in the same worker process), not waited for."""
+
+    def alive() -> list[threading.Thread]:
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith(prefix) and t.is_alive() and (before is None or t not in before)
+        ]
+
     for _ in range(20):
-        alive = [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
-        for t in alive:
+        left = alive()
+        for t in left:
             t.join(timeout=30)
-        if not alive:
+        if not left:
             break
-    return [t for t in threading.enumerate() if t.name.startswith(prefix) and t.is_alive()]
+    return alive()

@@ -14,6 +14,7 @@ from actcache.errors import ActcacheError
 # -- device stage ---------------------------------------------------------------------------------------
 def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic):
     """device= runs the batch making and the copy in a thread (on CUDA, with a stream of its own: untested here)."""
+    before = set(threading.enumerate())  # an earlier test's threads in this worker are not this reader's
     want = rows_of(full(synthetic, batch_size=16, shuffle_buffer=40, seed=4))
     ds = full(synthetic, batch_size=16, shuffle_buffer=40, seed=4, device="cpu")
     assert rows_of(ds) == want
@@ -21,7 +22,7 @@ def test_device_stage_yields_the_same_batches_from_a_background_thread(synthetic
     next(it)
     assert [t for t in threading.enumerate() if t.name == "actcache-background"]
     it.close()  # stopping early ends the stage's thread, and the reading threads
-    assert not settled()
+    assert not settled(before=before), [t.name for t in settled(before=before)]
     with pytest.raises(ActcacheError, match="device= and pin_memory= work with num_workers=0"):
         list(DataLoader(ds, batch_size=None, num_workers=1))
 

@@ -177,6 +177,14 @@ def test_rm_on_s3_killed_then_finished(made, s3_server, s3_env, point, capsys):
 
 
 # -- gc ----------------------------------------------------------------------------------------------------
+def _lease(folder: Path, host: str, pid: int) -> Path:
+    """A writer's lease file in the set folder ``folder``, as ``storage.leases`` writes it (renewed now)."""
+    lease = folder / layout.writer_file(host, pid, "0badf00d")
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    lease.write_text("{}")
+    return lease
+
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -520,9 +528,7 @@ def test_rm_judges_another_hosts_lease_by_its_age(store, capsys):
     from actcache.storage import leases
 
     url = set_url(store)
-    lease = Path(url) / layout.writer_file("otherhost", 4242, "0badf00d")
-    lease.parent.mkdir()
-    lease.write_text("{}")
+    lease = _lease(Path(url), "otherhost", 4242)
     code, _, err = run(capsys, "rm", url, "--yes")
     assert code == 1 and "is being written by host otherhost (pid 4242, lease renewed" in err, err
     old = time.time() - leases.STALE_S - 60
@@ -536,9 +542,7 @@ def test_rm_ignores_the_lease_of_a_dead_writer_of_this_host(store, capsys):
     from actcache.storage.store import _HOST
 
     url = set_url(store)
-    lease = Path(url) / layout.writer_file(_HOST, _dead_pid(), "0badf00d")
-    lease.parent.mkdir()
-    lease.write_text("{}")
+    _lease(Path(url), _HOST, _dead_pid())
     code, _, err = run(capsys, "rm", url, "--yes")
     assert code == 0 and not Path(url).exists(), err
 
@@ -574,9 +578,7 @@ def test_gc_keeps_another_hosts_temp_files_while_that_host_holds_a_lease(store, 
     tmp.write_bytes(b"half a shard")
     days = time.time() - 2 * 86400
     os.utime(tmp, (days, days))
-    lease = Path(url) / layout.writer_file("otherhost", 4242, "0badf00d")
-    lease.parent.mkdir()
-    lease.write_text("{}")
+    lease = _lease(Path(url), "otherhost", 4242)
     code, out, err = run(capsys, "gc", str(store), "--yes", "--older-than", "0", "--json")
     report = json.loads(out)
     assert code == 0 and report["items"] == [] and tmp.exists(), err
@@ -601,9 +603,7 @@ def test_gc_collects_the_lease_a_killed_writer_left_and_what_it_held_back(store,
     _old(store / layout.TOKENS_ROOT / tid)
     pid = _dead_pid() if writer == "ended" else os.getpid()
     folder = store / ("e" * 24)
-    lease = folder / layout.writer_file(_HOST, pid, "0badf00d")
-    lease.parent.mkdir(parents=True)
-    lease.write_text("{}")
+    lease = _lease(folder, _HOST, pid)
     code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
     report = json.loads(out)
     assert code == 0, err
@@ -620,9 +620,7 @@ def test_gc_collects_an_ended_writers_lease_inside_a_complete_set(store, capsys)
     from actcache.storage.store import _HOST
 
     url = set_url(store)
-    lease = Path(url) / layout.writer_file(_HOST, _dead_pid(), "0badf00d")
-    lease.parent.mkdir()
-    lease.write_text("{}")
+    lease = _lease(Path(url), _HOST, _dead_pid())
     code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
     assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["lease"], err
     assert not lease.parent.exists() and open_set(url).verify() == []

@@ -166,17 +166,15 @@ def test_a_kept_text_is_bounded_by_the_key_not_by_what_a_forged_shard_stores(set
         example_rows.read(s, s.records[1], example_rows.first_examples(s)[1], verify=True)
 
 
-def test_extraction_refuses_a_kept_text_longer_than_readers_accept(tiny_models, tmp_path):
+def test_extraction_refuses_a_kept_text_longer_than_readers_accept(make_config, tmp_path):
     from actcache.errors import ActcacheError
 
     data = tmp_path / "rows.jsonl"
     rows = [{"text": "a short text", "name": "s"}, {"text": "another text", "name": "y" * (shard.TEXT_VALUE_LIMIT + 1)}]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = ExtractConfig(
-        model=str(tiny_models["gpt2"]),
+    cfg = make_config(
         dataset=str(data),
         store=str(tmp_path / "store"),
-        device="cpu",
         context_size=CONTEXT,
         packing="none",
         hook="blocks.0.hook_resid_post",

@@ -229,7 +229,7 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
                 f"kept the upload of {store.url_of(u.rel)}: started {_age(now - u.initiated)} ago, "
                 "maybe still running (see --older-than)"
             )
-    ended = _ended_leases(store, sets, now, older_than_s)
+    ended = _ended_leases(store, sets, writing, older_than_s)
     items += ended
     # A set folder that held only the lease of a writer that ended (killed before it wrote anything) is no set
     # being written: it does not keep every token cache.
@@ -254,27 +254,29 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
 
 
 class _Writers:
-    """The live writer leases (``storage.leases``) on the store's sets, listed only when asked about (one listing
-    per set: gc asks only for temp files of other hosts and for multipart uploads)."""
+    """The writer leases (``storage.leases``) on the store's sets, each set's folder of them listed once."""
 
     def __init__(self, store: Store, set_ids: list[str]):
         self.store, self.set_ids = store, set_ids
         self._seen: dict[str, list[leases.Lease]] = {}
 
-    def of(self, set_id: str) -> leases.Lease | None:
-        """A live lease on ``set_id`` (a set folder's name; anything else has none)."""
+    def all(self, set_id: str) -> list[leases.Lease]:
+        """Every lease on ``set_id``, live or not (a set folder's name; anything else has none)."""
         if not layout.SET_ID_RE.match(set_id) or set_id.startswith("t"):
-            return None
+            return []
         if set_id not in self._seen:
-            self._seen[set_id] = leases.live(self.store, set_id)
-        return next(iter(self._seen[set_id]), None)
+            self._seen[set_id] = leases.leases(self.store, set_id)
+        return self._seen[set_id]
+
+    def of(self, set_id: str) -> leases.Lease | None:
+        """A live lease on ``set_id``, if any."""
+        return next((le for le in self.all(set_id) if le.live), None)
 
     def by_host(self, host: str) -> str | None:
         """The URL of a set that ``host`` holds a live lease on, if any: its temp files, in a set or in a token
         cache it tokenizes into, may still be written."""
         for set_id in self.set_ids:
-            lease = self.of(set_id)
-            if lease is not None and any(le.host == host for le in self._seen[set_id]):
+            if any(le.live and le.host == host for le in self.all(set_id)):
                 return self.store.url_of(set_id)
         return None
 
@@ -282,12 +284,14 @@ class _Writers:
 _ONLY = "; nothing else is in its set's folder"
 
 
-def _ended_leases(store: Store, sets: list[inventory.SetEntry], now: float, older_than_s: float) -> list[Garbage]:
+def _ended_leases(
+    store: Store, sets: list[inventory.SetEntry], writing: _Writers, older_than_s: float
+) -> list[Garbage]:
     """The leases (``storage.leases``) of writers that ended without removing them (killed): this host's whose
     process no longer runs, another host's not renewed for ``STALE_S`` and ``older_than_s``."""
     out = []
     for s in sets:
-        found = leases.leases(store, s.set_id)
+        found = writing.all(s.set_id)
         ended = [le for le in found if not le.live and (le.same_host or le.age > older_than_s)]
         if not ended:
             continue

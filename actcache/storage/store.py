@@ -733,7 +733,7 @@ class Store:
 def _not_a_folder(path: str) -> str:
     """Why ``path`` is not a directory, in words: missing, a dangling link, a link loop, or another kind of file."""
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "is a loop of symlinks, not a directory"
@@ -742,7 +742,6 @@ def _not_a_folder(path: str) -> str:
         if e.errno == errno.ENOENT:
             return "does not exist (no such directory)"
         return f"cannot be read ({e.strerror})"
-    mode = os.stat(path).st_mode
     kind = next(
         (
             name

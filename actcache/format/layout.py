@@ -7,9 +7,12 @@
 <store>/_content/<content_id>.json            which set holds a stream of token ids (``format.content``)
 <store>/<set_id>/spill/000012.safetensors     a shuffle's pass-1 output for source shard 12 (then .json);
                                               removed once the shuffled set is complete
-<store>/<set_id>/writers/<host>-<pid>-<8 hex>.json
+<store>/<set_id>/writers/<host>-<pid>.<start>-<8 hex>.json
                                               a live writer's lease (``storage.leases``): rm refuses meanwhile
-<any of these>.tmp-<host>-<pid>-<8 hex>       a local writer's temp file, renamed into place once written
+<any of these>.tmp-<host>-<pid>.<start>-<8 hex>
+                                              a local writer's temp file, renamed into place once written
+(<start>: when the writer's process started, so that a later process given its pid is not taken for it; absent
+where the host does not say, and in names of actcache before 0.7.1.)
 
 ``is_store_file`` says whether a path is one of these: what ``rm`` and ``gc`` may delete, and nothing else.
 """
@@ -91,37 +94,48 @@ def check_relative(rel: str) -> str:
 TOKEN_INDEX = "index.json"
 """A token cache's consolidated view (its manifest)."""
 
-# A local writer's temp name: ``<target>.tmp-<host>-<pid>-<8 hex>`` (the host with "-" made "_"). Strict, so that
-# a user's ``notes.tex.tmp-host-12-draft`` is never taken for one.
-_TEMP_RE = re.compile(r"^(.+)\.tmp-([^-/]+)-([0-9]{1,10})-[0-9a-f]{8}\Z")
+# A local writer's temp name: ``<target>.tmp-<host>-<pid>[.<start>]-<8 hex>`` (the host with "-" made "_"). Strict,
+# so that a user's ``notes.tex.tmp-host-12-draft`` is never taken for one.
+_WRITER = r"([^-/]+)-([0-9]{1,10})(?:\.([0-9]{1,20}))?-([0-9a-f]{8})"
+_TEMP_RE = re.compile(r"^(.+)\.tmp-" + _WRITER + r"\Z")
 
 
-def temp_name(path: str, host: str, pid: int, tag: str) -> str:
-    """The temp file a writer of ``host``/``pid`` writes ``path`` to before renaming it (``tag``: 8 hex digits)."""
-    return f"{path}.tmp-{host}-{pid}-{tag}"
+def _writer(host: str, pid: int, start: int | None, tag: str) -> str:
+    return f"{host}-{pid}-{tag}" if start is None else f"{host}-{pid}.{start}-{tag}"
 
 
-def parse_temp(name: str) -> tuple[str, str, int] | None:
-    """(target, host, pid) of a temp name made by ``temp_name``; None for anything else."""
+def temp_name(path: str, host: str, pid: int, tag: str, start: int | None = None) -> str:
+    """The temp file a writer of ``host``/``pid`` writes ``path`` to before renaming it (``tag``: 8 hex digits;
+    ``start``: when the process started, ``storage.housekeeping.process_start``)."""
+    return f"{path}.tmp-{_writer(host, pid, start, tag)}"
+
+
+def parse_temp(name: str) -> tuple[str, str, int, int | None] | None:
+    """(target, host, pid, start or None) of a temp name made by ``temp_name``; None for anything else."""
     m = _TEMP_RE.match(name)
-    return (m.group(1), m.group(2), int(m.group(3))) if m else None
+    return (m.group(1), m.group(2), int(m.group(3)), _int(m.group(4))) if m else None
+
+
+def _int(digits: str | None) -> int | None:
+    return None if digits is None else int(digits)
 
 
 WRITERS = "writers"
 """A set's folder of writer leases (``storage.leases``): one file per live extraction, ``cp`` or ``shuffle``."""
-# ``writers/<host>-<pid>-<8 hex>.json`` (the host with "-" made "_", as in temp names).
-_WRITER_RE = re.compile(r"^writers/([^-/]+)-([0-9]{1,10})-([0-9a-f]{8})\.json\Z")
+# ``writers/<host>-<pid>[.<start>]-<8 hex>.json`` (the host with "-" made "_", as in temp names).
+_WRITER_RE = re.compile(r"^writers/" + _WRITER + r"\.json\Z")
 
 
-def writer_file(host: str, pid: int, tag: str) -> str:
-    """The lease file (relative to a set's folder) of a writer of ``host``/``pid`` (``tag``: 8 hex digits)."""
-    return f"{WRITERS}/{host}-{pid}-{tag}.json"
+def writer_file(host: str, pid: int, tag: str, start: int | None = None) -> str:
+    """The lease file (relative to a set's folder) of a writer of ``host``/``pid`` (``tag``: 8 hex digits;
+    ``start``: as for ``temp_name``)."""
+    return f"{WRITERS}/{_writer(host, pid, start, tag)}.json"
 
 
-def parse_writer_file(rel: str) -> tuple[str, int] | None:
-    """(host, pid) of a lease file made by ``writer_file``; None for anything else."""
+def parse_writer_file(rel: str) -> tuple[str, int, int | None] | None:
+    """(host, pid, start or None) of a lease file made by ``writer_file``; None for anything else."""
     m = _WRITER_RE.match(rel)
-    return (m.group(1), int(m.group(2))) if m else None
+    return (m.group(1), int(m.group(2)), _int(m.group(3))) if m else None
 
 
 def is_set_file(rel: str) -> bool:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TempFile:
-    """A local writer's temp file (``<name>.tmp-<host>-<pid>-<random>``, see ``layout.temp_name``)."""
+    """A local writer's temp file (``<name>.tmp-<host>-<pid>.<start>-<random>``, see ``layout.temp_name``)."""
 
     rel: str
     target: str
@@ -45,14 +45,44 @@ class Upload:
 _HOST = socket.gethostname().replace("-", "_")
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process (or thread) ``pid`` of this host started, in clock ticks since boot; None where the host does
+    not say (no Linux ``/proc``) or no such process runs. With the pid it names one process for good: a pid alone is
+    given to the next process once its own has ended, and a busy host wraps its pids within minutes."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        # Field 22; the name in parentheses before it may hold spaces and parentheses of its own.
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_ME: tuple[int, int | None] = (-1, None)
+
+
+def me() -> tuple[int, int | None]:
+    """(pid, start) of this process, as ``_alive`` checks them (computed again in a forked child)."""
+    global _ME
+    pid = os.getpid()
+    if _ME[0] != pid:
+        _ME = (pid, process_start(pid))
+    return _ME
+
+
+def _alive(pid: int, start: int | None = None) -> bool:
+    """Whether the writer ``pid`` of this host still runs: where its name carries its ``start``, only while the
+    process now holding that pid is the one that started then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass  # another user's process: its start still says whether it is the writer
+    if start is None:
         return True
-    return True
+    now = process_start(pid)
+    return now is None or now == start  # unreadable (the host hides it): as live, as before the start was known
 
 
 def temp_files(store: Store, rel: str = "") -> list[TempFile]:
@@ -71,7 +101,7 @@ def temp_files(store: Store, rel: str = "") -> list[TempFile]:
                 st = os.lstat(full)
             except FileNotFoundError:
                 continue  # renamed into place since the walk
-            target, host, pid = parsed
+            target, host, pid, start = parsed
             mine = host == _HOST
             out.append(
                 TempFile(
@@ -82,7 +112,7 @@ def temp_files(store: Store, rel: str = "") -> list[TempFile]:
                     st.st_size,
                     st.st_mtime,
                     mine,
-                    mine and not _alive(pid),
+                    mine and not _alive(pid, start),
                 )
             )
     return out

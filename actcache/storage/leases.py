@@ -1,10 +1,11 @@
 """Writer leases: every process that writes a set (an extraction or fan-out, ``cp``, ``shuffle``) holds one, so that
 ``rm`` sees it and refuses, and the writer sees an ``rm`` that did not.
 
-A lease is a small file in the set's folder, ``writers/<host>-<pid>-<8 hex>.json`` (``layout.writer_file``), written
-before the writer's first look at the set and deleted when it ends. A thread renews it (its modification time)
-every ``RENEW_S``. A lease is live while its writer may still write: on this host, while its pid runs (as temp
-files are judged); of another host, while it was renewed within ``STALE_S`` (its pid cannot be checked).
+A lease is a small file in the set's folder, ``writers/<host>-<pid>.<start>-<8 hex>.json`` (``layout.writer_file``),
+written before the writer's first look at the set and deleted when it ends. A thread renews it (its modification
+time) every ``RENEW_S``. A lease is live while its writer may still write: on this host, while the process that
+started then still runs under its pid (as temp files are judged); of another host, while it was renewed within
+``STALE_S`` (its pid cannot be checked).
 
 The writer checks, before each shard and before its manifest, that its lease is still there. A lease gone means
 the set was removed under it (the folder deleted by hand, or by an ``rm`` that took a hung writer's lease for
@@ -29,7 +30,7 @@ from typing import ParamSpec, TypeVar
 
 from actcache.errors import ActcacheError, Failure
 from actcache.format import layout
-from actcache.storage.housekeeping import _HOST, _alive
+from actcache.storage.housekeeping import _HOST, _alive, me
 from actcache.storage.store import Store
 
 P = ParamSpec("P")
@@ -71,10 +72,10 @@ def leases(store: Store, set_id: str, files: dict | None = None) -> list[Lease]:
         parsed = layout.parse_writer_file(rel)
         if parsed is None:
             continue
-        host, pid = parsed
+        host, pid, start = parsed
         age = max(0.0, now - entry.mtime)
         mine = host == _HOST
-        live = _alive(pid) if mine else age <= STALE_S
+        live = _alive(pid, start) if mine else age <= STALE_S
         out.append(Lease(f"{set_id}/{rel}", host, pid, age, mine, live))
     return out
 
@@ -88,7 +89,8 @@ class Held:
 
     def __init__(self, store: Store, set_id: str):
         self.store, self.set_id = store, set_id
-        self.rel = f"{set_id}/{layout.writer_file(_HOST, os.getpid(), uuid.uuid4().hex[:8])}"
+        pid, start = me()
+        self.rel = f"{set_id}/{layout.writer_file(_HOST, pid, uuid.uuid4().hex[:8], start)}"
         self.lost: bool | None = False
         """True once the lease is found gone; None where it could not be written."""
         self._made: list[str] = []
@@ -96,7 +98,8 @@ class Held:
         self._thread = threading.Thread(target=self._renew, name="actcache-lease", daemon=True)
 
     def start(self) -> None:
-        data = json.dumps({"host": _HOST, "pid": os.getpid(), "since": time.time()}).encode()
+        pid, start = me()
+        data = json.dumps({"host": _HOST, "pid": pid, "start": start, "since": time.time()}).encode()
         if self.store.local:  # the folders this lease makes (the store's root too, if new), innermost first
             self._made = [
                 rel

@@ -37,7 +37,7 @@ from actcache import crashpoints
 from actcache.errors import ActcacheError, Failure, opt
 from actcache.format import layout
 from actcache.storage import failures, housekeeping, secrets
-from actcache.storage.housekeeping import _HOST, TempFile, Upload
+from actcache.storage.housekeeping import _HOST, TempFile, Upload, me
 from actcache.storage.local import _prefault, layout_folder_holding
 from actcache.storage.s3 import (
     _S3_CONFIG,
@@ -515,7 +515,8 @@ class Store:
             except OSError as e:
                 raise self._write_failure(rel, e, "check the store") from e
             self._check_inside(rel, path)
-            tmp = layout.temp_name(path, _HOST, os.getpid(), uuid.uuid4().hex[:8])
+            pid, start = me()
+            tmp = layout.temp_name(path, _HOST, pid, uuid.uuid4().hex[:8], start)
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)

@@ -177,9 +177,9 @@ def test_rm_on_s3_killed_then_finished(made, s3_server, s3_env, point, capsys):
 
 
 # -- gc ----------------------------------------------------------------------------------------------------
-def _lease(folder: Path, host: str, pid: int) -> Path:
+def _lease(folder: Path, host: str, pid: int, start: int | None = None) -> Path:
     """A writer's lease file in the set folder ``folder``, as ``storage.leases`` writes it (renewed now)."""
-    lease = folder / layout.writer_file(host, pid, "0badf00d")
+    lease = folder / layout.writer_file(host, pid, "0badf00d", start)
     lease.parent.mkdir(parents=True, exist_ok=True)
     lease.write_text("{}")
     return lease
@@ -189,6 +189,19 @@ def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid
+
+
+def _ended_writer(kind: str) -> tuple[int, int | None]:
+    """(pid, start) of a writer of this host that no longer runs: its pid free, or given to another process since
+    (this one, which started later than the writer named)."""
+    from actcache.storage.housekeeping import me
+
+    if kind == "pid free":
+        return _dead_pid(), None
+    pid, start = me()
+    if start is None:
+        pytest.skip("this host does not say when a process started")
+    return pid, start - 1
 
 
 @pytest.mark.subprocess
@@ -538,11 +551,12 @@ def test_rm_judges_another_hosts_lease_by_its_age(store, capsys):
 
 
 @pytest.mark.subprocess
-def test_rm_ignores_the_lease_of_a_dead_writer_of_this_host(store, capsys):
+@pytest.mark.parametrize("kind", ["pid free", "pid reused"])
+def test_rm_ignores_the_lease_of_a_dead_writer_of_this_host(store, capsys, kind):
     from actcache.storage.store import _HOST
 
     url = set_url(store)
-    _lease(Path(url), _HOST, _dead_pid())
+    _lease(Path(url), _HOST, *_ended_writer(kind))
     code, _, err = run(capsys, "rm", url, "--yes")
     assert code == 0 and not Path(url).exists(), err
 
@@ -616,11 +630,18 @@ def test_gc_collects_the_lease_a_killed_writer_left_and_what_it_held_back(store,
 
 
 @pytest.mark.subprocess
-def test_gc_collects_an_ended_writers_lease_inside_a_complete_set(store, capsys):
+@pytest.mark.parametrize("kind", ["pid free", "pid reused"])
+def test_gc_collects_an_ended_writers_lease_and_temp_file_inside_a_complete_set(store, capsys, kind):
+    """A killed writer's pid may be given to another process within minutes (pids wrap on a busy host): its files
+    are still garbage, the later process is not taken for the writer."""
     from actcache.storage.store import _HOST
 
     url = set_url(store)
-    lease = _lease(Path(url), _HOST, _dead_pid())
+    pid, start = _ended_writer(kind)
+    lease = _lease(Path(url), _HOST, pid, start)
+    tmp = Path(url) / layout.temp_name(layout.shard_file(1, "none"), _HOST, pid, "0badf00d", start)
+    tmp.write_bytes(b"x")
     code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
-    assert code == 0 and [g["kind"] for g in json.loads(out)["items"]] == ["lease"], err
+    assert code == 0 and sorted(g["kind"] for g in json.loads(out)["items"]) == ["lease", "temp-file"], err
+    assert not tmp.exists()
     assert not lease.parent.exists() and open_set(url).verify() == []

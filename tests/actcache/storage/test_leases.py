@@ -63,3 +63,23 @@ def test_commit_without_a_lease_is_unchanged(tmp_path):
     store = Store(str(tmp_path))
     commit(store, SET_ID, manifest_doc={"shards": []})
     assert (tmp_path / SET_ID / layout.MANIFEST).exists() and not _lease_files(tmp_path)
+
+
+def test_a_writer_sweeps_the_lease_of_a_killed_writer_whose_pid_another_process_holds(tmp_path):
+    """The crash tests' rerun found a killed writer's lease kept: its pid had gone to another process (pids wrap on
+    a busy host). The lease names the process's start too; a later process under the same pid is not the writer."""
+    from actcache.storage.housekeeping import _HOST, me
+
+    pid, start = me()
+    if start is None:
+        pytest.skip("this host does not say when a process started")
+    killed = tmp_path / SET_ID / layout.writer_file(_HOST, pid, "0badf00d", start - 1)
+    killed.parent.mkdir(parents=True)
+    killed.write_text("{}")
+    store = Store(str(tmp_path))
+    assert [le.live for le in leases.leases(store, SET_ID)] == [False]
+    with leases.hold(store, SET_ID):
+        (path,) = _lease_files(tmp_path)
+        assert path != killed and layout.parse_writer_file(f"{layout.WRITERS}/{path.name}") == (_HOST, pid, start)
+        assert [le.live for le in leases.leases(store, SET_ID)] == [True]
+    assert not _lease_files(tmp_path), "the killed writer's lease is swept, this one's released"

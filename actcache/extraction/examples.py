@@ -17,6 +17,7 @@ example's ids one after another), ``lengths [n]``, ``example_index [n]`` (the ro
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import itertools
 import json
@@ -29,10 +30,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actcache.errors import ActcacheError, opt
-from actcache.extraction.plan import hook_selection
+from actcache.extraction.plan import HookSet, hook_selection
 from actcache.extraction.positions import Positions, parse
 from actcache.format import content, layout, manifest, moments, records, shard
-from actcache.format.commit import Points, Shard, commit
+from actcache.format.commit import Points, Shard, commit, rebuilding
 from actcache.inputs import sources
 
 if TYPE_CHECKING:
@@ -543,8 +544,8 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
     store = plan.store
     rows = parse(cfg.positions, cfg.context_size).n_rows(cfg.context_size)
     digest, first = ex.digest(), ex.first_digest()
-    for s in plan.computed:  # (a set reused from another holds its own manifest)
-        store.sweep_temp(s.set_id)  # what killed writers left behind
+
+    def publish(s: HookSet) -> None:
         scan = records.scan_set(store, s.key)
         recs = [r for r in scan.sorted_records() if r.index < n_shards]
         sel = hook_selection(cfg, s.hook, s.hook_shape)
@@ -581,4 +582,8 @@ def write_manifests(plan: Plan, ex: Examples | None = None) -> list[str]:
             content.FAMILY_FIELD: content.family_id(s.key, first),
         }
         content.publish(store, s.set_id, m, m["examples"][content.MANIFEST_FIELD], scan.consolidated, MANIFEST_POINTS)
+
+    for s in plan.computed:  # (a set reused from another holds its own manifest)
+        store.sweep_temp(s.set_id)  # what killed writers left behind
+        rebuilding(functools.partial(publish, s))
     return plan.urls

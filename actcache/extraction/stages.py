@@ -12,6 +12,7 @@ process, plans from its config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import threading
@@ -24,11 +25,11 @@ from actcache import crashpoints, progress
 from actcache.config import ExtractConfig
 from actcache.errors import Failure
 from actcache.extraction import environment, handles, memory
-from actcache.extraction.plan import Plan, make_plan
+from actcache.extraction.plan import HookSet, Plan, make_plan
 from actcache.extraction.refs import ActivationsRef, PackedRef
 from actcache.extraction.tokens import ShardWork, TokenCache
 from actcache.format import content, layout, manifest, moments, records, shard, shardfile
-from actcache.format.commit import Points, Shard, commit
+from actcache.format.commit import Points, Shard, commit, rebuilding
 from actcache.format.key import SetKey
 from actcache.inputs.model import hook_layer
 from actcache.read.exclude import special_ids
@@ -320,8 +321,8 @@ def write_manifest(plan: Plan) -> list[str]:
         return urls
     store = plan.store
     tokens = plan.token_cache()
-    for s in plan.computed:  # (a set reused from another holds its own manifest)
-        store.sweep_temp(s.set_id)  # what killed writers left behind
+
+    def publish(s: HookSet) -> None:
         scan = records.scan_set(store, s.key)
         m = build_manifest(plan, s, scan)
         cid = _content_id(tokens, s.key, m, scan.consolidated or {})
@@ -332,6 +333,10 @@ def write_manifest(plan: Plan) -> list[str]:
             if fid:
                 m[content.FAMILY_FIELD] = fid
         content.publish(store, s.set_id, m, cid, scan.consolidated, MANIFEST_POINTS)
+
+    for s in plan.computed:  # (a set reused from another holds its own manifest)
+        store.sweep_temp(s.set_id)  # what killed writers left behind
+        rebuilding(functools.partial(publish, s))
     _finished.put(plan)  # the request that started this flow here answers from it (``finished``)
     return plan.urls
 

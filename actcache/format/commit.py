@@ -8,7 +8,8 @@ through ``commit``; each names its crash points (``crashpoints``) so the crash t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,12 @@ from actcache.errors import Failure
 from actcache.format import layout, manifest, records
 from actcache.storage import leases
 from actcache.storage.store import Store, parse_json
+
+
+class SetChanged(Failure):
+    """Another writer of the set replaced a shard that a manifest about to be written names (a run of a higher
+    target completing the partial last shard of a lower one): the manifest is stale, the set is fine. Whoever built
+    the manifest from a scan builds it again (``rebuilding``)."""
 
 
 @dataclass(frozen=True)
@@ -87,20 +94,43 @@ def commit(
 
 def _check_present(store: Store, set_id: str, manifest_doc: dict[str, Any] | bytes) -> None:
     """Every shard the manifest names, and its record, is in place at its size (one listing): a set removed
-    (``actcache rm``) or damaged while it was written never gets a manifest that calls it complete."""
+    (``actcache rm``) or damaged while it was written never gets a manifest that calls it complete, nor one whose
+    shard another writer has replaced meanwhile (``SetChanged``)."""
     doc = manifest_doc if isinstance(manifest_doc, dict) else parse_json(manifest_doc, store.url_of(set_id))
     have = store.listing(set_id)
-    gone = [
-        s["index"]
-        for s in doc.get("shards", [])
-        if isinstance(s, dict)
-        and (
-            getattr(have.get(str(s.get("file"))), "size", None) != s.get("bytes")
-            or layout.record_file(s.get("index", -1)) not in have
-        )
-    ]
+    gone, replaced = [], []
+    for s in doc.get("shards", []):
+        if not isinstance(s, dict):
+            continue
+        entry, recorded = have.get(str(s.get("file"))), layout.record_file(s.get("index", -1)) in have
+        if entry is None or not recorded:
+            gone.append(s.get("index"))
+        elif entry.size != s.get("bytes"):
+            replaced.append(s.get("index"))
     if gone:
         raise Failure(
             f"{store.url_of(set_id)} changed while it was written: shard {gone[0]} ({len(gone)} in all) is no "
             "longer there (removed by `actcache rm`?), so the set is left without a manifest; rerun the same command"
         )
+    if replaced:
+        raise SetChanged(
+            f"{store.url_of(set_id)} changed while its manifest was written: another writer of the set replaced "
+            f"shard {replaced[0]} ({len(replaced)} in all); rerun the same command to write the manifest again"
+        )
+
+
+REBUILDS = 8
+"""Times a manifest is built again from a new scan while other writers of the set keep replacing its shards."""
+
+
+def rebuilding(write: Callable[[], None]) -> None:
+    """``write()``: scan a set, build its manifest, commit it; again from a new scan where another writer of the set
+    replaced a shard meanwhile (``SetChanged``: concurrent runs of one set with different targets)."""
+    for attempt in range(REBUILDS):
+        try:
+            write()
+            return
+        except SetChanged:
+            if attempt == REBUILDS - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))  # the other writer is between its shard and its manifest

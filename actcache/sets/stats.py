@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from actcache.errors import ActcacheError, Failure
 from actcache.format.commit import commit
 from actcache.format.records import Record
 from actcache.read.exclude import special_ids
 from actcache.read.reader import ActivationSet, open_set
+from actcache.storage import leases
 from actcache.storage.store import StoreRef
 
 if TYPE_CHECKING:
@@ -51,6 +53,16 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
     m = s.manifest
     if isinstance(m.get("stats"), dict) and "by_token" in (m.get("moments") or {}):
         return m["stats"]
+    with leases.hold(s.store, s.set_id):  # it rewrites the manifest: `rm` refuses the set meanwhile
+        fields = _computed(s, on_shard, on_total)
+        _unchanged(src, s.url, m)
+        commit(s.store, s.set_id, manifest_doc={**m, **fields})  # not onto a set removed while it was read
+    return fields["stats"]
+
+
+def _computed(s: ActivationSet, on_shard, on_total) -> dict[str, Any]:
+    """The manifest fields ``stats`` and ``moments`` of set ``s``, from every shard read once."""
+    m = s.manifest
     size = full_size(m)
     groups: dict[int, moments.ByToken | None] = {}
     if on_total:
@@ -64,7 +76,7 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
 
     from actcache.format import moments
 
-    fields = moments.merged(
+    return moments.merged(
         s.records,
         m["d"],
         full=lambda r: r.n_seq == size,
@@ -72,8 +84,20 @@ def compute(src: str | StoreRef, *, on_shard=None, on_total=None) -> dict[str, A
         moments_of=moments_of,
         by_token_of=lambda r: groups.pop(r.index),  # called right after moments_of(r)
     )
-    commit(s.store, s.set_id, manifest_doc={**m, **fields})  # not onto a set removed while it was read
-    return fields["stats"]
+
+
+def _unchanged(src: str | StoreRef, url: str, m: dict[str, Any]) -> None:
+    """Refuse to write over a manifest that another writer replaced while the shards were read (an extension of
+    the set: the old manifest with statistics added would drop its new shards)."""
+    try:
+        now = open_set(src).manifest
+    except ActcacheError:
+        return  # removed or damaged meanwhile: commit's own check of the shards says so, or writes a whole one
+    if now != m:
+        raise Failure(
+            f"{url} changed while its statistics were computed (another run extended or rewrote it); "
+            "its manifest is left as that run wrote it: run `actcache stats` again"
+        )
 
 
 def summary(st: dict[str, Any], d: int) -> str:

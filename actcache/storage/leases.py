@@ -1,5 +1,5 @@
-"""Writer leases: every process that writes a set (an extraction or fan-out, ``cp``, ``shuffle``) holds one, so that
-``rm`` sees it and refuses, and the writer sees an ``rm`` that did not.
+"""Writer leases: every process that writes a set (an extraction or fan-out, ``cp``, ``shuffle``, ``stats``) holds one,
+so that ``rm`` sees it and refuses, and the writer sees an ``rm`` that did not.
 
 A lease is a small file in the set's folder, ``writers/<host>-<pid>.<start>-<8 hex>.json`` (``layout.writer_file``),
 written before the writer's first look at the set and deleted when it ends. A thread renews it (its modification

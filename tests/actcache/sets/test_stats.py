@@ -90,3 +90,40 @@ def test_a_set_removed_while_its_stats_are_computed_gets_no_manifest_back(extrac
     err = capsys.readouterr().err.strip().splitlines()
     assert "changed while it was written" in err[-1]
     assert not (root / layout.MANIFEST).exists()
+
+
+def test_rm_refuses_a_set_whose_stats_are_being_computed(extracted_set, tmp_path, capsys, monkeypatch):
+    """stats rewrites the manifest: it holds a writer lease while it reads the shards, as every writer does."""
+    root, original = _as_if_old(extracted_set, tmp_path)
+    merged, refused = moments.merged, []
+
+    def merged_with_an_rm(*a, **k):
+        refused.append(cli.main(["rm", str(root), "--yes"]))
+        refused.append(capsys.readouterr().err)
+        return merged(*a, **k)
+
+    monkeypatch.setattr(moments, "merged", merged_with_an_rm)
+    assert cli.main(["stats", str(root)]) == 0
+    assert refused[0] == 1 and "is being written by process" in refused[1], refused
+    assert (root / layout.MANIFEST).read_bytes() == original and not (root / layout.WRITERS).exists()
+
+
+def test_a_manifest_rewritten_while_stats_are_computed_is_left_as_written(extracted_set, tmp_path, capsys, monkeypatch):
+    """Another run extended the set while stats read its shards: the old manifest with stats added would drop the
+    new shards. One line, exit 1, the other run's manifest kept."""
+    root, _ = _as_if_old(extracted_set, tmp_path)
+    merged = moments.merged
+    theirs = json.loads((root / layout.MANIFEST).read_text())
+    theirs["target_tokens"] += 64  # what an extension's manifest changes, among others
+    theirs_bytes = (json.dumps(theirs, indent=1, sort_keys=True) + "\n").encode()
+
+    def merged_then_rewritten(*a, **k):
+        out = merged(*a, **k)
+        (root / layout.MANIFEST).write_bytes(theirs_bytes)
+        return out
+
+    monkeypatch.setattr(moments, "merged", merged_then_rewritten)
+    assert cli.main(["stats", str(root)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "changed while its statistics were computed" in err[-1] and "error" not in " ".join(err[:-1]), err
+    assert (root / layout.MANIFEST).read_bytes() == theirs_bytes

@@ -90,6 +90,11 @@ def _entry(store: Store, cid: str) -> str | None:
     return set_id if entry.get("content_id") == cid and isinstance(set_id, str) else None
 
 
+def named_set(store: Store, cid: str) -> str | None:
+    """The set id content entry ``cid`` names (None where there is none, or it is not actcache's), for ``gc``."""
+    return _entry(store, cid)
+
+
 def _complete(store: Store, set_id: str, key: SetKey) -> dict[str, Any] | None:
     """Set ``set_id``'s manifest where it is complete and its key differs from ``key`` in the input fields alone: the
     ids a manifest states are its writer's word, its key is checked (the set id is its digest). An entry or manifest

@@ -38,7 +38,7 @@ from actcache.sets import inventory
 from actcache.storage import leases
 from actcache.storage.store import Entry, Store, Upload
 
-TEMP_FILE, UPLOAD, TOKEN_CACHE, LEASE = "temp-file", "upload", "token-cache", "lease"
+TEMP_FILE, UPLOAD, TOKEN_CACHE, LEASE, CONTENT_ENTRY = "temp-file", "upload", "token-cache", "lease", "content-entry"
 
 
 def removal_order(files: dict[str, Entry]) -> list[list[str]]:
@@ -149,7 +149,8 @@ def remove_set(target: SetFiles) -> None:
 @dataclass(frozen=True)
 class Garbage:
     kind: str
-    """temp-file, upload (an S3 multipart upload never completed), token-cache or lease (a writer's that ended)."""
+    """temp-file, upload (an S3 multipart upload never completed), token-cache, lease (a writer's that ended) or
+    content-entry (an index entry naming a set no longer there)."""
     url: str
     bytes: int
     reason: str
@@ -231,6 +232,7 @@ def find_garbage(store: Store, older_than_s: float) -> GarbageReport:
             )
     ended = _ended_leases(store, sets, writing, older_than_s)
     items += ended
+    items += _orphan_entries(store, {s.set_id for s in sets}, notes)
     # A set folder that held only the lease of a writer that ended (killed before it wrote anything) is no set
     # being written: it does not keep every token cache.
     emptied = {g.rel.split("/", 1)[0] for g in ended if g.reason.endswith(_ONLY)}
@@ -308,6 +310,28 @@ def _ended_leases(
     return out
 
 
+def _orphan_entries(store: Store, held: set[str], notes: list[str]) -> list[Garbage]:
+    """Content index entries (``format.content``) that name a set this store no longer holds at all (one whose
+    manifest could not be read when ``rm`` removed it, or removed by hand): lookups ignore them, nothing else
+    removes them. An entry is written only after its set's manifest, so a set being written has its folder."""
+    from actcache.format import content
+
+    link = store.symlink_in(layout.CONTENT_ROOT, below=False)
+    if link is not None:
+        notes.append(f"kept every content entry: {store.url_of(link)} is a symlink, and gc deletes nothing through one")
+        return []
+    out = []
+    for name, entry in sorted(store.listing(layout.CONTENT_ROOT).items()):
+        rel = f"{layout.CONTENT_ROOT}/{name}"
+        if not layout.is_store_file(rel):
+            continue
+        set_id = content.named_set(store, name.removesuffix(".json"))
+        if set_id is not None and set_id not in held:
+            why = f"names set {set_id}, which this store no longer holds"
+            out.append(Garbage(CONTENT_ENTRY, store.url_of(rel), entry.size, why, rel))
+    return out
+
+
 def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: float, older_than_s: float) -> str:
     """Why the token cache ``rel``, which no manifest names, may still be in use or is not actcache's; "" if none."""
     if unknown:
@@ -333,7 +357,7 @@ def _why_keep(store: Store, rel: str, unknown: list[inventory.SetEntry], now: fl
 
 def collect(store: Store, report: GarbageReport) -> None:
     """Delete what ``find_garbage`` found (a token cache's index first, then its records, then its shards)."""
-    store.remove([g.rel for g in report.items if g.kind in (TEMP_FILE, LEASE)])
+    store.remove([g.rel for g in report.items if g.kind in (TEMP_FILE, LEASE, CONTENT_ENTRY)])
     for set_id in dict.fromkeys(g.rel.split("/", 1)[0] for g in report.items if g.kind == LEASE):
         store.remove_folder(set_id)  # the folders left empty (a lease's, a folder that held only it): no file
     for g in report.items:

@@ -326,6 +326,7 @@ def test_gc_never_deletes_through_a_symlinked_token_folder(store, other, capsys)
     shutil.rmtree(store / layout.TOKENS_ROOT)
     os.symlink(other / layout.TOKENS_ROOT, store / layout.TOKENS_ROOT)
     shutil.rmtree(set_url(store))  # no set uses the linked cache
+    shutil.rmtree(store / layout.CONTENT_ROOT)  # its index entries with it (else garbage of their own)
     (store / ("f" * 24)).mkdir()  # still a store: an (empty) set folder
     _old(other)
     before = local_tree(other)
@@ -374,6 +375,7 @@ def test_gc_keeps_the_token_cache_of_an_extraction_whose_set_folder_does_not_exi
     from actcache.storage.store import _HOST
 
     shutil.rmtree(set_url(store))  # the extraction has tokenized, and written no shard yet
+    shutil.rmtree(store / layout.CONTENT_ROOT)  # its index entries with it (else garbage of their own)
     (store / ("f" * 24)).mkdir()
     (tid,) = inventory.token_cache_ids(Store(str(store)))
     cache = store / layout.TOKENS_ROOT / tid
@@ -613,6 +615,7 @@ def test_gc_collects_the_lease_a_killed_writer_left_and_what_it_held_back(store,
     from actcache.storage.store import _HOST
 
     shutil.rmtree(set_url(store))  # its token cache is now unused
+    shutil.rmtree(store / layout.CONTENT_ROOT)  # its index entries with it (else garbage of their own)
     (tid,) = inventory.token_cache_ids(Store(str(store)))
     _old(store / layout.TOKENS_ROOT / tid)
     pid = _dead_pid() if writer == "ended" else os.getpid()
@@ -645,3 +648,25 @@ def test_gc_collects_an_ended_writers_lease_and_temp_file_inside_a_complete_set(
     assert code == 0 and sorted(g["kind"] for g in json.loads(out)["items"]) == ["lease", "temp-file"], err
     assert not tmp.exists()
     assert not lease.parent.exists() and open_set(url).verify() == []
+
+
+def test_gc_collects_content_entries_of_sets_no_longer_there(store, capsys):
+    """A set whose manifest could not be read when `rm` removed it (or removed by hand) leaves its content index
+    entries behind: lookups ignore them, and gc removes them. An entry of a set still there, and a file in
+    `_content/` that actcache did not write, are kept."""
+    url = set_url(store)
+    entries = sorted((store / layout.CONTENT_ROOT).glob("*.json"))
+    assert entries, "the extracted set is indexed by content"
+    foreign = store / layout.CONTENT_ROOT / "notes.json"
+    foreign.write_text("{}")
+    code, out, err = run(capsys, "gc", str(store), "--json")
+    assert code == 0 and json.loads(out)["items"] == [], err
+
+    (Path(url) / layout.MANIFEST).write_text("not json")  # rm cannot read which entries name it
+    code, _, err = run(capsys, "rm", url, "--yes")
+    assert code == 0 and not Path(url).exists(), err
+    assert all(e.exists() for e in entries), "the entries rm could not know of are left"
+    code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
+    kinds = [g["kind"] for g in json.loads(out)["items"]]
+    assert code == 0 and kinds.count("content-entry") == len(entries), err
+    assert not any(e.exists() for e in entries) and foreign.exists()

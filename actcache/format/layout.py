@@ -121,7 +121,8 @@ def _int(digits: str | None) -> int | None:
 
 
 WRITERS = "writers"
-"""A set's folder of writer leases (``storage.leases``): one file per live extraction, ``cp`` or ``shuffle``."""
+"""A set's folder of writer leases (``storage.leases``): one file per live extraction, ``cp``, ``shuffle``,
+``stats``."""
 # ``writers/<host>-<pid>[.<start>]-<8 hex>.json`` (the host with "-" made "_", as in temp names).
 _WRITER_RE = re.compile(r"^writers/" + _WRITER + r"\.json\Z")
 

@@ -72,14 +72,14 @@ def family_id(key: SetKey, first: str) -> str:
 def lookup_family(store: Store, fid: str, key: SetKey) -> tuple[str, dict[str, Any]] | None:
     """(set id, manifest) of the complete set family ``fid``'s entry names, when its manifest names that family and
     its key is of the same bytes as ``key`` (the looking set's)."""
-    set_id = _entry(store, fid)
+    set_id = named_set(store, fid)
     if set_id is None:
         return None
     m = _complete(store, set_id, key)
     return (set_id, m) if m is not None and stored_family(m) == fid else None
 
 
-def _entry(store: Store, cid: str) -> str | None:
+def named_set(store: Store, cid: str) -> str | None:
     """The set id entry ``cid`` names, or None (none, or not sealed as actcache wrote it)."""
     rel = layout.content_entry(cid)
     try:
@@ -88,11 +88,6 @@ def _entry(store: Store, cid: str) -> str | None:
         return None
     set_id = entry.get("set_id")
     return set_id if entry.get("content_id") == cid and isinstance(set_id, str) else None
-
-
-def named_set(store: Store, cid: str) -> str | None:
-    """The set id content entry ``cid`` names (None where there is none, or it is not actcache's), for ``gc``."""
-    return _entry(store, cid)
 
 
 def _complete(store: Store, set_id: str, key: SetKey) -> dict[str, Any] | None:
@@ -114,7 +109,7 @@ def _complete(store: Store, set_id: str, key: SetKey) -> dict[str, Any] | None:
 def lookup(store: Store, cid: str, key: SetKey) -> str | None:
     """The complete set holding the bytes of content ``cid`` of a set keyed ``key``, or None (no entry, or one that
     is not trusted: its set's manifest is not complete, names another content id, or has a key of other bytes)."""
-    set_id = _entry(store, cid)
+    set_id = named_set(store, cid)
     if set_id is None:
         return None
     m = _complete(store, set_id, key)

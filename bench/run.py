@@ -1009,7 +1009,9 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
     float16, 48 sequences of 128), and the same number of rows in 2 shards of 61 MB for comparison. Each size has
     its own floor (safetensors load + cast) and its own ratios; ``read_f32`` is the reader's own shard read + cast
     (``open_set(url).read``: open, header and record checks) without batching; ``floor_f32_one_thread`` is the
-    floor on one intra-op thread, as the reader's own copies run."""
+    floor on one intra-op thread, as the reader's own copies run. ``ds_shuffle_f32_fill_alone`` fills the buffer
+    in the iterating thread alone, ``ds_shuffle_f32_two_threads`` makes batches with 2 threads: on a machine of
+    more than 2 CPUs, what sharing the fill and more threads bring (on 2 CPUs all three are the same reader)."""
     import torch
     from safetensors.torch import load_file
 
@@ -1040,6 +1042,9 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
         methods[f"read_f32_{name}"] = lambda s=s: drain(s.read(r).activations.to(f32) for r in s.records)
         methods[f"ds_in_order_f32_{name}"] = lambda ds=in_order: drain(ds)
         methods[f"ds_shuffle_f32_{name}"] = lambda ds=shuffled: drain(ds)
+        methods[f"ds_shuffle_f32_fill_alone_{name}"] = lambda ds=shuffled: drain(unsplit(ds))
+        two = ActivationDataset(url, batch, shuffle_buffer=buffer, dtype=f32, threads=2)
+        methods[f"ds_shuffle_f32_two_threads_{name}"] = lambda ds=two: drain(ds)
     load_before = os.getloadavg()
     times = round_robin(methods, reps)
     res: dict = {"sets": sets, "d": d, "batch_size": batch, "shuffle_buffer_rows": buffer, "reps": reps}
@@ -1053,6 +1058,18 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
             if k.endswith(name)
         }
     return res
+
+
+def unsplit(ds):
+    """``ds``'s batches with each buffer fill made by the iterating thread alone (as before 0.7.2), for a side by
+    side with the fill shared between the batch-making threads."""
+    from actcache.read import batches
+
+    was, batches.FILL_SPLIT_MIN = batches.FILL_SPLIT_MIN, 1 << 62
+    try:
+        yield from ds
+    finally:
+        batches.FILL_SPLIT_MIN = was
 
 
 def reader_s3(work: Path, url: str, batch: int, buffer: int, reps: int) -> dict:

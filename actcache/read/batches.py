@@ -1,6 +1,6 @@
 """Batches out of the pieces a reader loads: in order (a batch may span pieces), or shuffled through one buffer
 that rows enter once, as stored, and leave gathered in random order into each batch's own memory, cast and
-normalised on the way out, by two threads of the reader's own (``makers``)."""
+normalised on the way out, by threads of the reader's own (``makers``), which also share the filling."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class BatchAssembly:
     several: bool
     batch_size: int
     shuffle_buffer: int
+    threads: int | None
     pin_memory: bool
     with_tokens: bool
     with_positions: bool
@@ -173,7 +174,7 @@ class BatchAssembly:
         chunks = vouched
         block = self._take_block(cap)
         try:
-            with makers.Makers(makers.count()) as team:
+            with makers.Makers(makers.count(self.threads)) as team:
                 yield from self._shuffle_through(block, cap, chunks, sizes, g, team)
         finally:
             self._spare = block
@@ -211,6 +212,26 @@ class BatchAssembly:
                 self._put(k, dst, c, a, b, tmps[k])
         for col in self._columns()[len(self.sets) :]:
             c.copy(c.column(col), a, b, block[col][at : at + b - a])
+
+    def _fill_shared(
+        self, team: makers.Makers, block: dict[str, torch.Tensor], at: int, c: _Chunk, a: int, b: int, tmps: list
+    ) -> None:
+        """``_fill``, its rows split between the makers (idle while the buffer fills): the buffer must be full
+        before the first batch, which draws from every piece, so the filling is the epoch's serial part. Each
+        thread copies contiguous rows of its own (and stages them in its own rows of ``tmps``)."""
+        row_bytes = sum(block[col].shape[1] * block[col].dtype.itemsize for col in self._acts())
+        parts = min(team.n, (b - a) * row_bytes // FILL_SPLIT_MIN) if team.n >= FILL_SHARED_FROM else 1
+        if parts < 2:
+            self._fill(block, at, c, a, b, tmps)
+            return
+        cuts = [a + (b - a) * i // parts for i in range(parts + 1)]
+
+        def part(i: int) -> None:
+            lo, hi = cuts[i], cuts[i + 1]
+            mine = [None if t is None else t[lo - a : hi - a] for t in tmps]
+            self._fill(block, at + lo - a, c, lo, hi, mine)
+
+        team.all(part, list(range(parts)))
 
     def _gather(
         self,
@@ -285,7 +306,7 @@ class BatchAssembly:
             step = self.batch_size if staged else cap
             while pos < c.n:
                 k = min(cap - fill, c.n - pos, step)
-                self._fill(block, fill, c, pos, pos + k, tmps)
+                self._fill_shared(team, block, fill, c, pos, pos + k, tmps)
                 fill, pos = fill + k, pos + k
                 if fill == cap:
                     yield from drain(final=False)
@@ -293,6 +314,15 @@ class BatchAssembly:
         if fill:
             yield from drain(final=True)
 
+
+FILL_SHARED_FROM = 3
+"""Makers from which they share the fills. With 2 on 2 CPUs a shared fill was no faster (0.35-0.41 of the floor
+against 0.37-0.45 on small shards, 2-8% faster on large ones: bench/RESULTS.md, "Fifth follow-up"): the shard
+prefetching thread needs a core too. With more, a fill by one thread would be the epoch's serial part."""
+
+FILL_SPLIT_MIN = 1 << 20
+"""Bytes of rows from which each further thread takes a share of a fill (below it, handing work out costs more
+than copying)."""
 
 HUGE_MIN = 1 << 22
 """Bytes from which a shuffle buffer is asked for in huge pages (two 2 MiB pages: below that nothing to gain)."""

@@ -15,10 +15,11 @@ batch boundaries, so the batches a rank yields (how many, and their sizes) do no
 How rows are read: background threads fetch ``prefetch`` shards ahead (a local shard is memory-mapped, its
 pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
 of those bytes, and rows are copied once into a preallocated shuffle buffer as stored, then gathered in random
-order into each batch, cast (and normalised) on the way, by two threads of the reader's own in the main process
-(one in a DataLoader worker). No ``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows
-as stored, or in the batch dtype where that is narrower; per worker, kept for the next epoch) plus
-``prefetch + 1`` shards and two batches being made, whatever the size of the set.
+order into each batch, cast (and normalised) on the way, by threads of the reader's own in the main process
+(``threads``: up to 8, the CPUs allowing; one in a DataLoader worker), which also share each fill. No
+``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows as stored, or in the batch dtype
+where that is narrower; per worker, kept for the next epoch) plus ``prefetch + 1`` shards and one batch per
+thread being made, whatever the size of the set.
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class ActivationDataset(IterableDataset, BatchAssembly):
             background thread on its own CUDA stream, two batches ahead, so the copy overlaps training. Use with
             ``num_workers=0``; with DataLoader workers use the DataLoader's ``pin_memory=True`` and move batches
             yourself.
+        threads: threads that make shuffled batches (and share each buffer fill) in this process (default: as
+            many as the CPUs this process may use and ``torch.get_num_threads()`` allow, at least 2 on 2 CPUs, at
+            most 8; 1 in a DataLoader worker). Lower it when your training loop needs the CPUs.
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         drop_last: bool = False,
         pin_memory: bool = False,
         device: str | torch.device | None = None,
+        threads: int | None = None,
     ):
         super().__init__()
         if (
@@ -167,6 +172,8 @@ class ActivationDataset(IterableDataset, BatchAssembly):
             raise ActcacheError(f"rank {rank} is outside world_size {world_size}; need 0 <= rank < world_size")
         if type(prefetch) is not int or prefetch < 1:
             raise ActcacheError(f"prefetch must be at least 1 shard, got {prefetch!r}")
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise ActcacheError(f"threads must be a positive number of threads (or None: chosen), got {threads!r}")
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ActcacheError(f"dtype must be a torch floating dtype such as torch.float32, got {dtype!r}")
         if normalize is not None and normalize not in NORMALIZE:
@@ -201,6 +208,7 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         """An example set's string columns, by shard read (see ``example_rows.STRING_BITS``)."""
         self.d: int = s.d
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.threads = threads
         self.with_tokens, self.with_positions, self.verify = with_tokens, with_positions, verify
         self.dtype: torch.dtype = dtype or s.dtype
         self._dtypes: list[torch.dtype] = [dtype or x.dtype for x in self.sets]

@@ -1,10 +1,10 @@
-"""Shuffled batches made by two threads of the reader's own, each on one intra-op thread, handed out in order.
+"""Shuffled batches made by threads of the reader's own, each on one intra-op thread, handed out in order.
 
-Gathering random rows out of a shuffle buffer larger than the CPU's caches waits on memory, row after row; a
-second thread keeps a second stream of loads in flight (a shuffled epoch of small shards: 25% less time on 2
-cores). Each thread makes whole
-batches (no parallel region shared between them), so a thread the kernel deschedules on a busy machine delays
-its own batch only, never the other's (bench/RESULTS.md, "Small shards read shuffled")."""
+Gathering random rows out of a shuffle buffer larger than the CPU's caches waits on memory, row after row; each
+further thread keeps another stream of loads in flight (a shuffled epoch of small shards: 25% less time with 2
+threads than 1 on 2 cores). Each thread makes whole batches (no parallel region shared between them), so a
+thread the kernel deschedules on a busy machine delays its own batch only, never the others' (bench/RESULTS.md,
+"Small shards read shuffled")."""
 
 from __future__ import annotations
 
@@ -20,14 +20,25 @@ from torch.utils.data import get_worker_info
 
 from actcache.read import threads
 
+MOST = 8
+"""Threads a dataset makes batches with by default, at most: past that the gathers share the memory bus more
+than they add loads in flight, and a GPU node's cores are shared by its ranks."""
 
-def count() -> int:
-    """Threads for making batches: 2 in the main process where intra-op counts are per thread and 2 CPUs are
-    ours; 1 (the iterating thread) in a DataLoader worker, whose processes already run side by side."""
-    if get_worker_info() is not None or not threads._per_thread():
+
+def count(asked: int | None = None) -> int:
+    """Threads for making batches: ``asked`` if given; else as many as the CPUs this process may use and torch's
+    intra-op count allow (at least 2 where there are 2 CPUs, whatever that count: a launcher's
+    ``OMP_NUM_THREADS=1`` means one thread per parallel region, not a reader of one stream), at most ``MOST``;
+    1 (the iterating thread) in a DataLoader worker, whose processes already run side by side, and where
+    intra-op counts are not per thread (a maker could not keep to one)."""
+    if not threads._per_thread():
+        return 1
+    if asked is not None:
+        return asked
+    if get_worker_info() is not None:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 2 if cpus >= 2 else 1
+    return max(1, min(MOST, cpus, max(2, torch.get_num_threads())))
 
 
 def _one_intra_op_thread() -> None:
@@ -64,6 +75,18 @@ class Makers:
             for f in pending:
                 f.cancel()
             wait(pending)
+
+    def all(self, do: Callable[[Any], None], jobs: list[Any]) -> None:
+        """``do(job)`` for every job, side by side, returning once all are done, even when one fails (they write
+        memory that the caller reuses); the first job's error is raised then."""
+        if self.pool is None or len(jobs) < 2:
+            for job in jobs:
+                do(job)
+            return
+        futures = [self.pool.submit(do, job) for job in jobs]
+        wait(futures)
+        for f in futures:
+            f.result()
 
     def close(self) -> None:
         if self.pool is not None:

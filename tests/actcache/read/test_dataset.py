@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from actcache.errors import ActcacheError
 from actcache.format import manifest
-from actcache.read import batches, dataset
+from actcache.read import batches, dataset, makers
 from actcache.read.dataset import ActivationDataset
 from actcache.read.reader import open_set
 from actcache.sets.copy import copy_set
@@ -159,6 +159,38 @@ def test_a_shuffle_buffer_in_huge_pages_holds_the_same_rows(local_set, monkeypat
     assert len(mapped) == len(plain) and all(len(a) == len(b) for a, b in zip(mapped, plain, strict=True))
     for a, b in zip(sum(mapped, []), sum(plain, []), strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "stored, options",
+    [
+        ("float16", {}),
+        ("float16", {"exclude_tokens": [0, 1], "drop_bos": True, "dtype": torch.float32, "normalize": "scale"}),
+        ("float32", {"dtype": torch.float16}),  # cast at the fill: batches narrower than the stored rows
+        ("float32", {"dtype": torch.bfloat16, "exclude_special_tokens": True, "normalize": "standardize"}),  # staged
+    ],
+    ids=str,
+)
+def test_threads_share_the_fill_and_make_the_same_batches(tmp_path, monkeypatch, stored, options):
+    """However many threads fill the buffer and make the batches, an epoch is the same batches, byte for byte
+    (each thread copies its own rows of each piece, and stages casts in its own rows)."""
+    url = setwriter.write_set(
+        tmp_path, shards=5, seqs=4, ctx=16, d=24, dtype=stored, last_seqs=3, with_stats=True, with_moments=True
+    )
+    opts = dict(batch_size=20, shuffle_buffer=90, seed=2, with_tokens=True, with_positions=True, **options)
+    one = list(ActivationDataset(url, threads=1, **opts))
+    monkeypatch.setattr(batches, "FILL_SPLIT_MIN", 1)  # split every fill, however small the rows
+    monkeypatch.setattr(batches, "FILL_SHARED_FROM", 2)
+    split = []
+    share = makers.Makers.all
+    monkeypatch.setattr(makers.Makers, "all", lambda team, do, jobs: (split.append(len(jobs)), share(team, do, jobs)))
+    for n in (2, 3, 5):
+        split.clear()
+        got = list(ActivationDataset(url, threads=n, **opts))
+        assert split and max(split) == n, split
+        assert len(got) == len(one)
+        for a, b in zip(got, one, strict=True):
+            assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
@@ -313,6 +345,8 @@ def test_an_unknown_layout_is_refused(local_set, tmp_path):
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"shuffle_buffer": -1}, "shuffle_buffer must be 0"),
         ({"prefetch": 0}, "prefetch must be at least 1"),
+        ({"threads": 0}, "threads must be a positive number of threads"),
+        ({"threads": 2.0}, "threads must be a positive number of threads"),
         ({"dtype": torch.int32}, "dtype must be a torch floating dtype"),
         ({"normalize": "unit"}, "normalize must be one of scale, standardize"),
         ({"device": "tpu:x"}, "device must be 'cpu', 'cuda' or 'cuda:N'"),

@@ -79,3 +79,38 @@ def test_each_maker_runs_on_one_intra_op_thread():
         counts = list(team.run(lambda k: torch.get_num_threads(), range(4)))
     assert counts == [1] * 4
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not threads._per_thread(), reason="thread counts are per thread only with OpenMP")
+@pytest.mark.parametrize(
+    "cpus, intra_op, asked, want",
+    [
+        (1, 1, None, 1),
+        (2, 2, None, 2),
+        (2, 1, None, 2),  # a launcher's OMP_NUM_THREADS=1: still two streams of loads
+        (16, 16, None, makers.MOST),
+        (16, 4, None, 4),
+        (64, 64, None, makers.MOST),
+        (16, 16, 3, 3),  # asked: as asked
+        (2, 2, 6, 6),
+    ],
+)
+def test_how_many_threads_make_batches(monkeypatch, cpus, intra_op, asked, want):
+    monkeypatch.setattr(makers.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(makers.torch, "get_num_threads", lambda: intra_op)
+    assert makers.count(asked) == want
+
+
+def test_all_jobs_finish_before_an_error_is_raised():
+    finished = []
+
+    def do(k):
+        if k == 0:
+            raise ValueError("piece 0 is damaged")
+        time.sleep(0.2)
+        finished.append(k)
+
+    with makers.Makers(3) as team:
+        with pytest.raises(ValueError, match="piece 0"):
+            team.all(do, [0, 1, 2])
+        assert sorted(finished) == [1, 2]  # the others wrote their rows before the caller heard of it

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from actcache.read import batches, makers, threads
+from actcache.read import batches, threads
 from actcache.read.dataset import ActivationDataset
 from actcache.read.threads import one_thread
 
@@ -96,8 +96,7 @@ def test_two_makers_yield_what_one_does(synthetic, two_threads, monkeypatch, opt
     monkeypatch.setattr(batches.BatchAssembly, "_gather", recorded)
 
     def epoch(n):
-        monkeypatch.setattr(makers, "count", lambda: n)
-        ds = ActivationDataset(synthetic, 16, shuffle_buffer=40, seed=2, **options)
+        ds = ActivationDataset(synthetic, 16, shuffle_buffer=40, seed=2, threads=n, **options)
         return [b if isinstance(b, tuple) else (b,) for b in ds]
 
     one, two = epoch(1), epoch(2)

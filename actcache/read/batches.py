@@ -163,9 +163,11 @@ class BatchAssembly:
                     sizes_left.popleft()
             del c  # the shard's memory goes now, not once the next one has arrived
 
-    def _shuffled(self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator) -> Iterator[Any]:
+    def _shuffled(
+        self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator, threads: int
+    ) -> Iterator[Any]:
         """Rows go once into a preallocated buffer, as stored (a plain copy); when it is full, batches are gathered
-        from it in random order, cast and normalised on the way, by ``makers`` threads. The rows left over that
+        from it in random order, cast and normalised on the way, by ``threads`` makers. The rows left over that
         would make a partial batch move to the front and are shuffled again with the next fill."""
         cap = min(max(self.shuffle_buffer, self.batch_size), rows)
         vouched = self._vouched(chunks)
@@ -174,7 +176,7 @@ class BatchAssembly:
         chunks = vouched
         block = self._take_block(cap)
         try:
-            with makers.Makers(makers.count(self.threads)) as team:
+            with makers.Makers(threads) as team:
                 yield from self._shuffle_through(block, cap, chunks, sizes, g, team)
         finally:
             self._spare = block

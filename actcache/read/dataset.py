@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from actcache.errors import ActcacheError
 from actcache.format import moments
 from actcache.format.records import Record
-from actcache.read import example_rows
+from actcache.read import example_rows, makers
 from actcache.read.alignment import check_aligned
 from actcache.read.batches import BatchAssembly
 from actcache.read.chunks import _Chunk
@@ -438,7 +438,8 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         try:
             if self.shuffle_buffer:
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
-                yield from one_thread(self._shuffled(chunks, sizes, rows, g))
+                n = makers.count(self.threads)  # here, where the caller's intra-op count is in force
+                yield from one_thread(self._shuffled(chunks, sizes, rows, g, n))
             else:
                 yield from one_thread(self._in_order(chunks, sizes))
         finally:

@@ -114,3 +114,23 @@ def test_all_jobs_finish_before_an_error_is_raised():
         with pytest.raises(ValueError, match="piece 0"):
             team.all(do, [0, 1, 2])
         assert sorted(finished) == [1, 2]  # the others wrote their rows before the caller heard of it
+
+
+@pytest.mark.skipif(not threads._per_thread(), reason="thread counts are per thread only with OpenMP")
+def test_a_dataset_counts_the_callers_intra_op_threads(synthetic, monkeypatch):
+    """The count is read where the caller's intra-op count is in force, not inside the reader's own copies (which
+    run on one intra-op thread)."""
+    from actcache.read.dataset import ActivationDataset
+
+    monkeypatch.setattr(makers.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    made = []
+    start = makers.Makers.__init__
+    monkeypatch.setattr(makers.Makers, "__init__", lambda team, n: (made.append(n), start(team, n))[1])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(5)
+        list(ActivationDataset(synthetic, 16, shuffle_buffer=40))
+        list(ActivationDataset(synthetic, 16, shuffle_buffer=40, threads=3))
+    finally:
+        torch.set_num_threads(before)
+    assert made == [5, 3]

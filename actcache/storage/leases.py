@@ -3,9 +3,10 @@ so that ``rm`` sees it and refuses, and the writer sees an ``rm`` that did not.
 
 A lease is a small file in the set's folder, ``writers/<host>-<pid>.<start>-<8 hex>.json`` (``layout.writer_file``),
 written before the writer's first look at the set and deleted when it ends. A thread renews it (its modification
-time) every ``RENEW_S``. A lease is live while its writer may still write: on this host, while the process that
-started then still runs under its pid (as temp files are judged); of another host, while it was renewed within
-``STALE_S`` (its pid cannot be checked).
+time) every ``RENEW_S``. A lease is live while its writer may still write: of this process, while it holds it (one
+whose deletion failed, the store unreachable as its run ended, is over: the next run in the same process sweeps
+it); of another process on this host, while the process that started then still runs under its pid (as temp
+files are judged); of another host, while it was renewed within ``STALE_S`` (its pid cannot be checked).
 
 The writer checks, before each shard and before its manifest, that its lease is still there. A lease gone means
 the set was removed under it (the folder deleted by hand, or by an ``rm`` that took a hung writer's lease for
@@ -75,7 +76,10 @@ def leases(store: Store, set_id: str, files: dict | None = None) -> list[Lease]:
         host, pid, start = parsed
         age = max(0.0, now - entry.mtime)
         mine = host == _HOST
-        live = _alive(pid, start) if mine else age <= STALE_S
+        if mine and pid == os.getpid():  # no other live process has this pid: the lease is ours, held or over
+            live = rel.rsplit("/", 1)[-1] in _MINE
+        else:
+            live = _alive(pid, start) if mine else age <= STALE_S
         out.append(Lease(f"{set_id}/{rel}", host, pid, age, mine, live))
     return out
 
@@ -106,6 +110,8 @@ class Held:
                 for rel in (f"{self.set_id}/{layout.WRITERS}", self.set_id, "")
                 if not os.path.isdir(self.store.path(rel))
             ]
+        with _LOCK:  # held before it exists: a sweep by another thread of this process must not take it for over
+            _MINE.add(self.name)
         for _ in range(2):  # twice: another writer of the set may remove the empty folder just as this one makes it
             try:
                 self.store.write_bytes(self.rel, data)
@@ -116,6 +122,12 @@ class Held:
         # Not writable (a read-only store serving a complete set needs no write): no lease, and nothing to check.
         # A writer that does write here fails on its own first write, saying why.
         self.lost = None
+        with _LOCK:
+            _MINE.discard(self.name)
+
+    @property
+    def name(self) -> str:
+        return self.rel.rsplit("/", 1)[-1]
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
@@ -156,7 +168,9 @@ class Held:
             try:
                 self.store.remove([self.rel])
             except Exception:
-                pass  # a lease left behind is judged by its pid or age, and rm removes it with the set
+                pass  # a lease left behind is over (see above): swept by the set's next writer, or rm with the set
+        with _LOCK:
+            _MINE.discard(self.name)
         if self.store.local:  # the folders it made, where nothing else came in (a set found complete, never written)
             for rel in self._made:
                 try:
@@ -166,6 +180,8 @@ class Held:
 
 
 _HELD: dict[tuple[str, str], list[Held]] = {}
+_MINE: set[str] = set()
+"""File names of the leases this process holds (a forked child inherits them under its parent's pid)."""
 _LOCK = threading.Lock()
 _SCOPE = threading.local()
 

@@ -618,10 +618,17 @@ def test_gc_collects_the_lease_a_killed_writer_left_and_what_it_held_back(store,
     shutil.rmtree(store / layout.CONTENT_ROOT)  # its index entries with it (else garbage of their own)
     (tid,) = inventory.token_cache_ids(Store(str(store)))
     _old(store / layout.TOKENS_ROOT / tid)
-    pid = _dead_pid() if writer == "ended" else os.getpid()
+    # A live writer is another process (a lease of this one that it does not hold is over: storage.leases).
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) if writer == "live" else None
+    pid = _dead_pid() if alive is None else alive.pid
     folder = store / ("e" * 24)
     lease = _lease(folder, _HOST, pid)
-    code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
+    try:
+        code, out, err = run(capsys, "gc", str(store), "--yes", "--json")
+    finally:
+        if alive is not None:
+            alive.kill()
+            alive.wait()
     report = json.loads(out)
     assert code == 0, err
     if writer == "ended":

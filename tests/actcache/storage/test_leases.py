@@ -83,3 +83,43 @@ def test_a_writer_sweeps_the_lease_of_a_killed_writer_whose_pid_another_process_
         assert path != killed and layout.parse_writer_file(f"{layout.WRITERS}/{path.name}") == (_HOST, pid, start)
         assert [le.live for le in leases.leases(store, SET_ID)] == [True]
     assert not _lease_files(tmp_path), "the killed writer's lease is swept, this one's released"
+
+
+def test_a_lease_this_process_failed_to_delete_is_over(tmp_path, monkeypatch):
+    """CI: the store was unreachable as a run ended, so its lease stayed; the rerun in the same process kept it (its
+    pid and start are this process's, which runs), and the set held it for good. A lease of this process that it no
+    longer holds is over: the next writer sweeps it, and rm does not take it for a writer."""
+    from actcache.sets.cleanup import find_set
+
+    store = Store(str(tmp_path))
+    gone = store.remove
+    with leases.hold(store, SET_ID):
+        (left,) = _lease_files(tmp_path)
+        assert [le.live for le in leases.leases(store, SET_ID)] == [True]
+        monkeypatch.setattr(store, "remove", lambda rels: (_ for _ in ()).throw(OSError("endpoint down")))
+    monkeypatch.setattr(store, "remove", gone)
+    assert _lease_files(tmp_path) == [left]
+    assert [le.live for le in leases.leases(store, SET_ID)] == [False]
+    with leases.hold(store, SET_ID):
+        assert left not in _lease_files(tmp_path) and len(_lease_files(tmp_path)) == 1
+    assert not _lease_files(tmp_path)
+
+    left.parent.mkdir(parents=True, exist_ok=True)
+    left.write_text("{}")
+    find_set(store, SET_ID)  # rm's look: not refused, no writer holds the set
+
+
+def test_a_lease_being_taken_is_held_before_it_exists(tmp_path, monkeypatch):
+    """Another thread of this process sweeping the set just as a lease is written must not take it for over."""
+    store = Store(str(tmp_path))
+    write = store.write_bytes
+
+    def written_then_swept(rel, data):
+        write(rel, data)
+        leases.sweep(store, SET_ID)  # the other thread's sweep, between the write and the registration
+
+    monkeypatch.setattr(store, "write_bytes", written_then_swept)
+    with leases.hold(store, SET_ID):
+        (held,) = leases._HELD[(store.url, SET_ID)]
+        assert len(_lease_files(tmp_path)) == 1 and held.lost is False
+        leases.check(store, SET_ID)

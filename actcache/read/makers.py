@@ -21,8 +21,9 @@ from torch.utils.data import get_worker_info
 from actcache.read import threads
 
 MOST = 8
-"""Threads a dataset makes batches with by default, at most: past that the gathers share the memory bus more
-than they add loads in flight, and a GPU node's cores are shared by its ranks."""
+"""Threads a dataset makes batches with by default, at most: a bound chosen, not yet measured (only 2 CPUs were
+at hand): the gathers end up sharing the memory bus rather than adding loads in flight, and a GPU node's cores
+are shared by its ranks."""
 
 
 def count(asked: int | None = None) -> int:

@@ -99,8 +99,11 @@ def _summary(cfg: ExtractConfig, result: list[Any]) -> None:
 
 
 @app.command
-def hooks(model: str, /, *, revision: str | None = None, trust_remote_code: bool = False) -> int:
-    """List the hook names a model offers.
+def hooks(
+    model: str, /, *, revision: str | None = None, trust_remote_code: bool = False, json_output: Json = False
+) -> int:
+    """List the hook names a model offers, each with its per-token shape (what `extract --hook` takes) or why it
+    cannot be extracted.
 
     Parameters
     ----------
@@ -115,10 +118,23 @@ def hooks(model: str, /, *, revision: str | None = None, trust_remote_code: bool
     from actcache.extras import require_extract
 
     require_extract("actcache hooks")
-    from actcache.inputs.model import ModelSpec, hook_names, resolve_model
+    from actcache.inputs.hooks import hook_catalog
+    from actcache.inputs.model import ModelSpec, resolve_model
 
     with console.status(f"loading {model} to list its hooks"):
-        names = hook_names(resolve_model(ModelSpec(model, revision, trust_remote_code)))
-    for name in names:
-        print(name)
+        catalog = hook_catalog(resolve_model(ModelSpec(model, revision, trust_remote_code)))
+    if json_output:
+        shapes, why = catalog.per_token, catalog.other
+        _print_json(
+            {
+                "model": model,
+                "hooks": [{"name": n, "shape": list(shapes[n])} for n in catalog.names if n in shapes],
+                "not_per_token": [{"name": n, "why": why[n]} for n in catalog.names if n in why],
+            }
+        )
+        return 0
+    width = max(map(len, catalog.names), default=0)
+    for name in catalog.names:  # sorted, aliases beside the names they share a hook point with
+        shape = catalog.per_token.get(name)
+        print(f"{name:{width}}  {list(shape) if shape is not None else '(' + catalog.other[name] + ')'}")
     return 0

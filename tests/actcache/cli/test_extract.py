@@ -113,8 +113,27 @@ def test_real_process_exits_non_zero_without_traceback(argv, store):
 
 def test_hooks_lists_valid_names(tiny_models, capsys):
     assert main(["hooks", str(tiny_models["llama"])]) == 0
-    names = capsys.readouterr().out.split()
-    assert "blocks.2.hook_resid_post" in names and "blocks.0.attn.hook_z" in names
+    lines = capsys.readouterr().out.splitlines()
+    shapes = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1] for line in lines}
+    assert shapes["blocks.2.hook_resid_post"] == "[32]"
+    assert shapes["blocks.0.attn.hook_z"] == "[4, 8]"  # heads x d_head, what --heads selects from
+    assert shapes["blocks.0.attn.hook_k"] == "[2, 8]"  # grouped-query attention: 2 key/value heads
+    assert "not one vector per token" in shapes["blocks.0.attn.hook_pattern"]
+
+
+def test_hooks_json_gives_each_hooks_shape_or_why_not(tiny_models, capsys):
+    """The per-token hooks with their shapes (what --hook, --heads and --dims take), and the others with why they
+    cannot be extracted; every name once, in the order of the plain listing."""
+    assert main(["hooks", str(tiny_models["llama"])]) == 0
+    plain = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert main(["hooks", "--json", str(tiny_models["llama"])]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"] == str(tiny_models["llama"])
+    shapes = {h["name"]: h["shape"] for h in doc["hooks"]}
+    assert shapes["blocks.2.hook_resid_post"] == [32] and shapes["blocks.0.attn.hook_z"] == [4, 8]
+    why = {h["name"]: h["why"] for h in doc["not_per_token"]}
+    assert "not one vector per token" in why["blocks.0.attn.hook_pattern"]
+    assert sorted([*shapes, *why]) == sorted(plain) and not set(shapes) & set(why)
 
 
 def test_the_summary_links_the_run_on_a_server_that_outlives_the_command(argv, prefect_console, prefect_harness):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from actcache.extraction.selection import Selection
 from actcache.errors import ActcacheError, opt
 from actcache.extraction.engines import _RESID, BRIDGE, FAST_MODEL_TYPES, HF_SDPA, forward_engine  # noqa: F401 (re-exported)
+from actcache.inputs import gates
 
 log = logging.getLogger(__name__)
 
@@ -245,17 +246,28 @@ class Extractor(_Batched):
     ):
         self.bridge = bridge
         self._setup(bridge, hooks, batch_size, out_dtype)
+        # Hooks TransformerLens keeps off open for the pass that needs them (``inputs.gates``): usually one pass.
+        self._passes = gates.passes(self.hooks, gates.canonical_of(bridge))
 
     def _capture(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         got: dict[str, torch.Tensor] = {}
-        wanted = len(self.hooks)
+        for flags, hooks in self._passes:
+            with gates.opened(self.bridge, flags):
+                got.update(self._one_pass(tokens, attention_mask, hooks))
+        return got
+
+    def _one_pass(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, hooks: list[str]
+    ) -> dict[str, torch.Tensor]:
+        got: dict[str, torch.Tensor] = {}
+        wanted = len(hooks)
 
         def grab(act: torch.Tensor, hook: Any = None, *, name: str) -> None:
             got[name] = act
             if len(got) == wanted:
                 raise _Reached
 
-        fwd = [(h, lambda act, hook=None, _n=h: grab(act, hook, name=_n)) for h in self.hooks]
+        fwd = [(h, lambda act, hook=None, _n=h: grab(act, hook, name=_n)) for h in hooks]
         try:
             masked = {} if attention_mask is None else {"attention_mask": attention_mask}
             self.bridge.run_with_hooks(tokens, fwd_hooks=fwd, return_type=None, **masked)

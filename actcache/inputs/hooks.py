@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actcache.errors import ActcacheError
-from actcache.inputs import fingerprint, hub
+from actcache.inputs import fingerprint, gates, hub
 
 if TYPE_CHECKING:
     from actcache.inputs.model import ResolvedModel
@@ -39,6 +39,8 @@ class HookCatalog:
     """Every other hook, with why it cannot be extracted (its shape, or that it did not fire)."""
 
 
+CATALOG_VERSION = 2
+"""Of what a catalogue on disk holds (2: gated hooks probed with their gate open); another is probed again."""
 _PROBES = ((2, 5), (2, 7))  # two lengths: an attention pattern [batch, heads, pos, pos] cannot pass for per-token
 _CATALOGS: dict[tuple, HookCatalog] = {}
 
@@ -75,7 +77,7 @@ def _catalog_path(model: ResolvedModel) -> Any:
     from importlib import metadata
 
     versions = [metadata.version(p) for p in ("transformer-lens", "transformers")]
-    key = json.dumps([model.fingerprint, model.spec.trust_remote_code, versions])
+    key = json.dumps([model.fingerprint, model.spec.trust_remote_code, versions, CATALOG_VERSION])
     return fingerprint.cache_dir() / "hooks" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 
 
@@ -154,12 +156,45 @@ def _skeleton(model: ResolvedModel, overrides: dict[str, Any] | None = None) -> 
 
 
 def _probe(bridge: Any, device: str) -> HookCatalog:
-    """Run ``bridge`` on dummy tokens of two lengths with every hook attached, and record what each gives."""
+    """Run ``bridge`` on dummy tokens of two lengths with every hook attached, and record what each gives; hooks
+    that stay silent are probed again with their gate open (``inputs.gates``), as extraction opens it."""
+    points = dict(bridge.hook_dict)  # names and aliases -> hook points (an alias shares its point)
+    seen = _fired(bridge, device)
+    canonical = gates.canonical_of(bridge)
+    silent = [n for n, point in points.items() if any(id(point) not in got for got in seen)]
+    opened: dict[str, list[dict[int, tuple[int, ...]]]] = {}
+    closed: dict[str, str] = {}
+    for flag in sorted({f for n in silent if (f := gates.gate(canonical(n))) is not None}):
+        try:
+            with gates.opened(bridge, [flag]):
+                opened[flag] = _fired(bridge, device)
+        except Exception as e:  # TransformerLens refuses the flag for this architecture
+            closed[flag] = hub.first_line(e)
+    per_token, other = {}, {}
+    for n, point in sorted(points.items()):
+        flag = gates.gate(canonical(n))
+        runs = seen
+        if any(id(point) not in got for got in seen) and flag in opened:
+            runs = opened[flag]
+        shapes: list[Any] = [got.get(id(point)) for got in runs]  # None where the hook did not fire
+        if any(s is None for s in shapes):
+            other[n] = _silent(n, flag, closed.get(flag or ""))
+        elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
+            per_token[n] = shapes[0][2:]
+        else:
+            other[n] = (
+                f"gives shape {list(shapes[0])} for [batch={_PROBES[0][0]}, pos={_PROBES[0][1]}], "
+                "not one vector per token [batch, pos, ...]"
+            )
+    return HookCatalog(tuple(sorted(points)), per_token, other)
+
+
+def _fired(bridge: Any, device: str) -> list[dict[int, tuple[int, ...]]]:
+    """Per probe shape, the shape each hook point (by id) gave."""
     import warnings
 
     import torch
 
-    points = dict(bridge.hook_dict)  # names and aliases -> hook points (an alias shares its point)
     seen: list[dict[int, tuple[int, ...]]] = []
     for b, t in _PROBES:
         got: dict[int, tuple[int, ...]] = {}
@@ -169,26 +204,31 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
                 into.setdefault(id(hook), tuple(act.shape))
 
         with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # hooks TransformerLens only enables on request are skipped, with a warning
+            warnings.simplefilter("ignore")  # gated hooks a sweep skips, with a warning: probed with their gate open
             bridge.run_with_hooks(
                 torch.zeros((b, t), dtype=torch.long, device=device),
                 return_type=None,
                 fwd_hooks=[(lambda _name: True, record)],
             )
         seen.append(got)
-    per_token, other = {}, {}
-    for n, point in sorted(points.items()):
-        shapes: list[Any] = [got.get(id(point)) for got in seen]  # None where the hook did not fire
-        if any(s is None for s in shapes):
-            other[n] = "does not fire in a plain forward pass"
-        elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
-            per_token[n] = shapes[0][2:]
-        else:
-            other[n] = (
-                f"gives shape {list(shapes[0])} for [batch={_PROBES[0][0]}, pos={_PROBES[0][1]}], "
-                "not one vector per token [batch, pos, ...]"
-            )
-    return HookCatalog(tuple(sorted(points)), per_token, other)
+    return seen
+
+
+def _silent(name: str, flag: str | None, refused: str | None) -> str:
+    """Why hook ``name`` gave nothing in the probes."""
+    if gates.COPIES.match(name):  # no layer in the text: blocks alike give alike entries (``_grow``)
+        return "is off in TransformerLens 4 unless switched on: the block's hook_resid_pre copied once per head"
+    if flag is not None and refused is not None:
+        return f"needs TransformerLens's {flag}, which it refuses for this model ({refused})"
+    return "does not fire in a plain forward pass"
+
+
+def _advice(hook: str) -> str:
+    """What to extract instead of a hook that cannot be."""
+    copy = gates.COPIES.match(hook)
+    if copy:
+        return f"extract blocks.{copy.group(1)}.hook_resid_pre instead"
+    return "pick a per-token hook such as hook_resid_post"
 
 
 def check_hook_layer(hook: str, model: ResolvedModel, names: Collection[str] = ()) -> None:
@@ -210,9 +250,7 @@ def check_hook(hook: str, model: ResolvedModel, catalog: HookCatalog) -> tuple[i
     if hook in catalog.per_token:
         return catalog.per_token[hook]
     if hook in catalog.other:
-        raise ActcacheError(
-            f"hook {hook!r} {catalog.other[hook]}; pick a per-token hook such as hook_resid_post", field="hook"
-        )
+        raise ActcacheError(f"hook {hook!r} {catalog.other[hook]}; {_advice(hook)}", field="hook")
     check_hook_name(hook, list(catalog.per_token))
     raise AssertionError("unreachable")
 

@@ -89,3 +89,52 @@ def test_non_per_token_hook_is_refused(tiny_models):
     bridge = _bridge(tiny_models["gpt2"])
     with pytest.raises(ActcacheError, match="not one vector per token"):
         Extractor(bridge, "blocks.0.attn.hook_pattern", batch_size=1).hook_shapes()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_gated_hooks_equal_run_with_cache_with_their_flag_on(tiny_models, arch):
+    """hook_mlp_in and attn.hook_result, which TransformerLens 4 keeps off, equal its own cache with the flag on,
+    and mean what their names say: the residual before the MLP, and each head's part of the attention output.
+    The bridge's flags are as they were afterwards."""
+    bridge = _bridge(tiny_models[arch])
+    tokens = _tokens(bridge.cfg.d_vocab)
+    hooks = ["blocks.1.hook_mlp_in", "blocks.1.attn.hook_result"]
+    got = Extractor(bridge, hooks, batch_size=2)(tokens)
+    assert not bridge.cfg.use_hook_mlp_in and not bridge.cfg.use_attn_result
+    with torch.inference_mode():
+        _, plain = bridge.run_with_cache(tokens.long())
+        for hook, flag in zip(hooks, ("use_hook_mlp_in", "use_attn_result"), strict=True):
+            getattr(bridge, f"set_{flag}")(True)
+            try:
+                _, cache = bridge.run_with_cache(tokens.long())
+            finally:
+                getattr(bridge, f"set_{flag}")(False)
+            expected = cache[hook]
+            torch.testing.assert_close(got[hook], expected.reshape(*expected.shape[:2], -1), rtol=0, atol=0)
+            if flag == "use_attn_result":
+                b_o = getattr(bridge.blocks[1].attn, "b_O", None)
+                summed = expected.sum(-2) + (0 if b_o is None else b_o)
+                torch.testing.assert_close(summed, cache["blocks.1.hook_attn_out"], rtol=0, atol=0)
+    # the residual the MLP branch reads: after attention, or the block's input where both read it (NeoX)
+    entry = "blocks.1.hook_resid_mid" if "blocks.1.hook_resid_mid" in plain else "blocks.1.hook_resid_pre"
+    assert (arch == "neox") == (entry == "blocks.1.hook_resid_pre")
+    assert torch.equal(got["blocks.1.hook_mlp_in"], plain[entry])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+def test_hooks_beside_a_gated_one_keep_the_bytes_of_the_plain_pass(tiny_models, arch):
+    """use_attn_result changes how attention sums its heads (attn_out and everything after it move by ~1e-8): the
+    hooks asked beside hook_result come from a pass without it, bit for bit what they are alone, so a set's bytes
+    do not depend on what else one command extracted. use_hook_mlp_in changes nothing and shares the plain pass."""
+    bridge = _bridge(tiny_models[arch])
+    tokens = _tokens(bridge.cfg.d_vocab)
+    hooks = ["blocks.1.attn.hook_result", "blocks.1.hook_attn_out", "blocks.2.hook_resid_post", "blocks.1.hook_mlp_in"]
+    together = Extractor(bridge, hooks, batch_size=2)(tokens)
+    with torch.inference_mode():
+        _, plain = bridge.run_with_cache(tokens.long())
+    for h in hooks[1:]:
+        assert torch.equal(together[h], Extractor(bridge, h, batch_size=3)(tokens)[h]), h
+        if h in plain:
+            assert torch.equal(together[h], plain[h]), h
+    alone = Extractor(bridge, hooks[0], batch_size=3)(tokens)[hooks[0]]
+    assert torch.equal(together[hooks[0]], alone)

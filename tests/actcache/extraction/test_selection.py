@@ -56,3 +56,25 @@ def test_dims_of_the_residual_stream_on_the_fast_engine(tiny_models, corpus, tmp
     full, _ = _all(whole)
     got, _ = _all(kept)
     assert torch.equal(got, full[..., [29, 30, 31, 5]])
+
+
+def test_heads_of_each_heads_output_a_hook_transformer_lens_keeps_off(tiny_models, corpus, tmp_path):
+    """attn.hook_result (each head's part of the attention output, [n_heads, d_model]) is off in TransformerLens 4
+    until use_attn_result is set: extraction opens it for its own pass; --heads keeps some heads of it, and the
+    heads add up, with the output bias, to the hook_attn_out set extracted beside them (to float32 rounding:
+    hook_attn_out comes from the plain pass, which sums the heads in another order)."""
+    hook = "blocks.1.attn.hook_result"
+    whole, attn_out = run_sequential(
+        _cfg(tiny_models["gpt2"], corpus, tmp_path / "s", hook=f"{hook},blocks.1.hook_attn_out")
+    )
+    (kept,) = run_sequential(_cfg(tiny_models["gpt2"], corpus, tmp_path / "s", hook=hook, heads="3,1"))
+    full, tokens = _all(whole)
+    n_heads, d = open_set(whole).manifest["hook_shape"]
+    per_head = full.reshape(*full.shape[:2], n_heads, d)
+    got, got_tokens = _all(kept)
+    assert torch.equal(got_tokens, tokens) and torch.equal(got, per_head[:, :, [3, 1]].reshape(*full.shape[:2], -1))
+    from actcache.inputs.model import ModelSpec, load_bridge, resolve_model
+
+    b_o = load_bridge(resolve_model(ModelSpec(str(tiny_models["gpt2"])))).blocks[1].attn.b_O
+    out, _ = _all(attn_out)
+    torch.testing.assert_close(per_head.sum(-2) + b_o, out, rtol=1e-5, atol=1e-6)

@@ -34,6 +34,7 @@ def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models,
     bridge = load_bridge(model)
     assert catalog.names == tuple(sorted(bridge.hook_dict))
     some = ["blocks.1.hook_resid_post", "blocks.2.attn.hook_z", "blocks.0.hook_mlp_out", "hook_embed"]
+    some += ["blocks.2.hook_mlp_in", "blocks.1.attn.hook_result"]  # off in TransformerLens 4 until a flag opens them
     assert {h: list(catalog.per_token[h]) for h in some} == Extractor(bridge, some, batch_size=1).hook_shapes()
     assert "blocks.0.attn.hook_pattern" in catalog.other and "blocks.0.attn.hook_pattern" not in catalog.per_token
 
@@ -43,3 +44,25 @@ def test_hook_catalog_matches_the_loaded_bridge_and_is_kept_on_disk(tiny_models,
     monkeypatch.setattr(actcache.inputs.hooks, "_CATALOGS", {})  # a new process
     monkeypatch.setattr(actcache.inputs.hooks, "_probe_catalog", no_probe)
     assert hook_catalog(model) == catalog
+
+
+def test_gated_hooks_are_listed_with_their_shape_and_copies_point_to_the_block_input(tiny_models):
+    """hook_mlp_in and attn.hook_result are probed with their gate open (extraction opens it); the per-head copies of
+    the block's input (hook_q_input, ...) stay refused, naming the hook that holds the same vector."""
+    from actcache.inputs.hooks import check_hook, hook_catalog
+
+    model = resolve_model(ModelSpec(str(tiny_models["llama"])))
+    catalog = hook_catalog(model)
+    d, n_heads = model.config.hidden_size, model.config.num_attention_heads
+    assert catalog.per_token["blocks.0.hook_mlp_in"] == (d,)
+    assert catalog.per_token["blocks.2.attn.hook_result"] == (n_heads, d)
+    assert check_hook("blocks.2.attn.hook_result", model, catalog) == (n_heads, d)
+    for copy in ("blocks.1.attn.hook_q_input", "blocks.1.hook_v_input", "blocks.1.hook_attn_in"):
+        with pytest.raises(ActcacheError) as e:
+            check_hook(copy, model, catalog)
+        assert str(e.value) == (
+            f"hook {copy!r} is off in TransformerLens 4 unless switched on: the block's hook_resid_pre copied once "
+            "per head; extract blocks.1.hook_resid_pre instead"
+        )
+    with pytest.raises(ActcacheError, match=r"per token \[batch, pos, ...\]; pick a per-token hook such as hook_resid"):
+        check_hook("blocks.0.attn.hook_pattern", model, catalog)

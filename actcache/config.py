@@ -55,7 +55,8 @@ class ExtractConfig:
     """Model revision (branch, tag or commit) on the HF hub."""
     hook: str = "blocks.1.hook_resid_post"
     """TransformerLens hook name, e.g. blocks.6.hook_resid_post, blocks.2.attn.hook_z; several comma-separated
-    hooks share one forward pass, each stored as its own set."""
+    hooks share one forward pass, each stored as its own set. blocks.*.hook_mlp_out is that hook of every block,
+    blocks.2:6.hook_mlp_out of blocks 2 to 5 (a slice: -4: is the last four)."""
     dataset: str = DEMO_DATASET
     """HF dataset name, or local/fsspec files: .txt (one document per line), .jsonl, .json, .parquet, globs."""
     dataset_config: str | None = None

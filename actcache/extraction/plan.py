@@ -28,6 +28,7 @@ from actcache.extraction.engines import HF_SDPA, forward_engine
 from actcache.extraction.tokens import ShardRange, ShardWork, TokenCache
 from actcache.format import records
 from actcache.format.key import FORMAT_VERSION, SetKey, TokensKey
+from actcache.inputs.hooks import expand_layers
 from actcache.inputs.model import ModelSpec, ResolvedModel, check_hook, check_hook_layer, hook_catalog, resolve_model
 from actcache.inputs.sources import DatasetSpec, Source, open_source
 from actcache.storage.store import Store, StoreRef
@@ -66,9 +67,9 @@ class Resolved:
     """Recorded in the manifest for readers that leave special tokens out (``actcache.read.exclude``)."""
 
 
-def resolve(cfg: ExtractConfig) -> Resolved:
+def resolve(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Resolved:
     """Look up and check every name in ``cfg`` (at most one hub request each for model and dataset), no weights."""
-    model = resolve_model(ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code))
+    model = model or resolve_model(ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code))
     hooks = resolve_hooks(cfg.hooks, model)
     if model.max_context is not None and cfg.context_size > model.max_context:
         raise ActcacheError(
@@ -400,7 +401,11 @@ def make_plan(
     store = cfg.store_ref.open()
     if not (store.local and os.path.isdir(store.root)):  # unreachable, a file, a new folder that cannot be made:
         store.check_writable()  # said now; an existing folder is checked once it is known to need writes (below)
-    r = resolve(cfg)
+    model = resolve_model(ModelSpec(cfg.model, cfg.revision, cfg.trust_remote_code))
+    hooks = expand_layers(cfg.hooks, model)  # blocks.*.X: one hook per block from here on, as if listed
+    if hooks != cfg.hooks:
+        cfg = dataclasses.replace(cfg, hook=",".join(hooks))
+    r = resolve(cfg, model)
     widths = [math.prod(r.hooks[h].shape) for h in cfg.hooks]  # values per token of each hook
     tkey = TokensKey(
         dataset=r.dataset.fingerprint,

@@ -27,6 +27,46 @@ def hook_layer(hook: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_LAYERS_RE = re.compile(r"^blocks\.([^.]*)\.(.+)\Z")
+_SLICE_RE = re.compile(r"^(-?\d+)?:(-?\d+)?\Z")
+
+
+def expand_layers(hooks: Collection[str], model: ResolvedModel) -> tuple[str, ...]:
+    """``hooks`` with each layer pattern written out: ``blocks.*.X`` is X of every block, ``blocks.A:B.X`` of blocks
+    A to B-1 (a Python slice: ``-4:`` is the last four), in block order; the others as they are, each once."""
+    out: list[str] = []
+    for hook in hooks:
+        m = _LAYERS_RE.match(hook)
+        if m is None or m.group(1).isdigit():
+            out.append(hook)
+            continue
+        spec, rest = m.groups()
+        n = model.n_layers
+        if n is None:
+            raise ActcacheError(
+                f"hook {hook!r}: the config of {model.spec.name!r} gives no number of layers to expand "
+                f"{spec!r} over; list the hooks (blocks.0.{rest},blocks.1.{rest},...)",
+                field="hook",
+            )
+        s = _SLICE_RE.match(spec)
+        if spec != "*" and s is None:
+            raise ActcacheError(
+                f"hook {hook!r}: {spec!r} is not a layer, * (every layer) or a slice such as 2:6 or -4:",
+                field="hook",
+            )
+        lo, hi = (None, None) if s is None else (int(g) if g else None for g in s.groups())
+        layers = range(*slice(lo, hi).indices(n))
+        wide = any(v is not None and not -n <= v <= n for v in (lo, hi))  # as --heads: no clamping
+        if wide or not layers:
+            raise ActcacheError(
+                f"hook {hook!r}: {spec!r} {'is out of range for' if wide else 'selects none of'} the {n} layers of "
+                f"{model.spec.name!r} (0..{n - 1})",
+                field="hook",
+            )
+        out.extend(f"blocks.{i}.{rest}" for i in layers)
+    return tuple(dict.fromkeys(out))
+
+
 @dataclass(frozen=True)
 class HookCatalog:
     """The hooks a model's bridge offers, found without its weights (see ``hook_catalog``)."""

@@ -92,3 +92,30 @@ def test_a_bad_hook_fails_in_the_fanout_parent_and_a_partition_before_any_weight
         msg = str(e.value)
         assert expected in msg and ("did you mean" in msg or "per-token hook" in msg), msg
         assert "\n" not in msg and "--" not in msg and e.value.fields == ["hook"]
+
+
+def test_a_layer_pattern_plans_one_set_per_block_as_if_listed(base_config):
+    """blocks.*.X (every block) and blocks.A:B.X (a slice of them), for crosscoders and cross-layer transcoders:
+    the plan writes them out, and each set is the one the listed hook names give (the same key)."""
+    pattern = make_plan(base_config.replace(hook="blocks.*.hook_mlp_out,blocks.-2:.attn.hook_z"), load_model=False)
+    listed = (
+        "blocks.0.hook_mlp_out,blocks.1.hook_mlp_out,blocks.2.hook_mlp_out,blocks.1.attn.hook_z,blocks.2.attn.hook_z"
+    )
+    plan = make_plan(base_config.replace(hook=listed), load_model=False)
+    assert pattern.config.hooks == plan.config.hooks == tuple(listed.split(","))
+    assert [s.key for s in pattern.sets] == [s.key for s in plan.sets]
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        ("blocks.x.hook_mlp_out", "'x' is not a layer, * (every layer) or a slice such as 2:6 or -4:"),
+        ("blocks.3:.hook_mlp_out", "'3:' selects none of the 3 layers of"),
+        ("blocks.1:5.hook_mlp_out", "'1:5' is out of range for the 3 layers of"),  # no clamping, as --heads
+        ("blocks.*.hook_mlp_outt", "unknown hook 'blocks.0.hook_mlp_outt'; did you mean blocks.0.hook_mlp_out"),
+    ],
+)
+def test_a_bad_layer_pattern_is_one_line(base_config, hook, message):
+    with pytest.raises(ActcacheError) as e:
+        make_plan(base_config.replace(hook=hook), load_model=False)
+    assert message in str(e.value) and "\n" not in str(e.value)

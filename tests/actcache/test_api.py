@@ -169,7 +169,7 @@ def test_one_request_plans_once_and_lists_each_set_folder_a_bounded_number_of_ti
 
     resolved, listed = [], []
     real_resolve, real_listing = plan_mod.resolve, Store.listing
-    monkeypatch.setattr(plan_mod, "resolve", lambda cfg: resolved.append(cfg) or real_resolve(cfg))
+    monkeypatch.setattr(plan_mod, "resolve", lambda cfg, *a: resolved.append(cfg) or real_resolve(cfg, *a))
     monkeypatch.setattr(Store, "listing", lambda self, rel: listed.append(rel) or real_listing(self, rel))
     cfg = base_config.replace(max_tokens=448)  # a partial last shard: its upload looks before it writes
     [s] = api.extract_sets(cfg)

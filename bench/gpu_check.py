@@ -15,6 +15,8 @@ blocks.5.hook_resid_post (the hf-sdpa engine, blocks 0..5 loaded). Checks, in or
                    atol=DIFF_ATOL, rtol=DIFF_RTOL: the documented agreement of a GPU set with a CPU one
   reader_device    ActivationDataset(device="cuda", pin_memory=True) yields every batch on the GPU, equal to the
                    batches read on the CPU, with the copies on a side stream
+  gated_hooks      blocks.2.attn.hook_result and hook_mlp_in (off in TransformerLens 4 until a flag opens them for
+                   their pass) extracted on CUDA agree with the CPU as cpu_vs_gpu_diff's hook does
   tokens_per_s     actcache's extraction step (tokens in host memory -> activations in pinned host memory) against
                    the same truncated HF GPT2Model (blocks 0..5, no final norm, sdpa) run by hand with the same batch;
                    fails below MIN_SPEED_RATIO of it
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 HOOK = "blocks.5.hook_resid_post"
+GATED = "blocks.2.attn.hook_result,blocks.2.hook_mlp_in"
 NO_CUDA = 3
 """Exit status when this machine has no CUDA device (distinct from 1, a failed check)."""
 DIFF_ATOL, DIFF_RTOL = 1e-4, 1e-3
@@ -188,14 +191,16 @@ def check_pinned_shards(ctx: Ctx) -> str:
     return ", ".join(notes) + "; buffer reused"
 
 
-def check_cpu_vs_gpu_diff(ctx: Ctx) -> str:
-    urls = {}
+def extract_on_both(ctx: Ctx, hooks: str, tag: str) -> list[tuple[str, str]]:
+    """``hooks`` extracted on the CPU and on the checked device (4 shards each, float32): (cpu url, device url) per
+    hook, in the order listed."""
+    urls = []
     for i, dev in enumerate(("cpu", ctx.device)):
         out = run_cli(
             "extract",
             f"--model={ctx.src}",
-            f"--hook={HOOK}",
-            f"--store={ctx.work / f'store-{i}'}",
+            f"--hook={hooks}",
+            f"--store={ctx.work / f'{tag}-{i}'}",
             f"--device={dev}",
             f"--context-size={ctx.context}",
             f"--max-tokens={16 * ctx.context * 4}",
@@ -203,15 +208,33 @@ def check_cpu_vs_gpu_diff(ctx: Ctx) -> str:
             "--dtype=float32",
             "--json",
         )
-        (s,) = json.loads(out.stdout)["sets"]
-        require(s["complete"] and s["shards_computed"] == 4, f"extract --device {dev}: {s}")
-        urls[i] = s["url"]
-    ctx.sets = {"cpu": urls[0]}
-    res = run_cli("diff", urls[0], urls[1], f"--atol={DIFF_ATOL}", f"--rtol={DIFF_RTOL}", "--json", ok=(0, 1))
+        sets = json.loads(out.stdout)["sets"]
+        for s in sets:
+            require(s["complete"] and s["shards_computed"] == 4, f"extract --device {dev}: {s}")
+        urls.append([s["url"] for s in sets])
+    return list(zip(*urls, strict=True))
+
+
+def diff_within(a: str, b: str) -> float:
+    """The worst max|a - b| of two sets, after requiring that `actcache diff` finds them within DIFF_*."""
+    res = run_cli("diff", a, b, f"--atol={DIFF_ATOL}", f"--rtol={DIFF_RTOL}", "--json", ok=(0, 1))
     doc = json.loads(res.stdout)
     worst = max((s["max_abs_diff"] for s in doc["shards"]), default=0.0)
     require(res.returncode == 0, f"actcache diff exit {res.returncode}: worst max|a-b| {worst:.2e}")
+    return worst
+
+
+def check_cpu_vs_gpu_diff(ctx: Ctx) -> str:
+    ((cpu, dev),) = extract_on_both(ctx, HOOK, "store")
+    ctx.sets = {"cpu": cpu}
+    worst = diff_within(cpu, dev)
     return f"4 shards within atol={DIFF_ATOL:g} rtol={DIFF_RTOL:g}; worst max|cpu - gpu| {worst:.1e}"
+
+
+def check_gated_hooks(ctx: Ctx) -> str:
+    """The hooks TransformerLens 4 keeps off (inputs/gates.py): their flag set on the device's bridge too."""
+    worst = [diff_within(cpu, dev) for cpu, dev in extract_on_both(ctx, GATED, "gated")]
+    return f"{GATED}: each within atol={DIFF_ATOL:g} rtol={DIFF_RTOL:g} of the CPU; worst {max(worst):.1e}"
 
 
 def check_reader_device(ctx: Ctx) -> str:
@@ -285,6 +308,7 @@ CHECKS: tuple[tuple[str, Callable[[Ctx], str]], ...] = (
     ("pinned_shards", check_pinned_shards),
     ("cpu_vs_gpu_diff", check_cpu_vs_gpu_diff),
     ("reader_device", check_reader_device),
+    ("gated_hooks", check_gated_hooks),
     ("tokens_per_s", check_tokens_per_s),
 )
 

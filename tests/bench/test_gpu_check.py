@@ -58,6 +58,7 @@ def test_the_checks_cover_every_cuda_path():
         "pinned_shards",  # format/shardfile.py's pinned pool, filled by the forward pass
         "cpu_vs_gpu_diff",  # actcache extract --device cuda (tasks/extract.py pinned) + actcache diff
         "reader_device",  # read/dataset.py _on_device
+        "gated_hooks",  # inputs/gates.py: a flag set on the bridge on the device
         "tokens_per_s",  # against the truncated HF pass
     ]
     assert all(f"  {n} " in gpu_check.__doc__ for n in names), "each check is described in the docstring"

@@ -203,13 +203,13 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
     canonical = gates.canonical_of(bridge)
     silent = [n for n, point in points.items() if any(id(point) not in got for got in seen)]
     opened: dict[str, list[dict[int, tuple[int, ...]]]] = {}
-    closed: dict[str, str] = {}
+    closed: set[str] = set()
     for flag in sorted({f for n in silent if (f := gates.gate(canonical(n))) is not None}):
         try:
             with gates.opened(bridge, [flag]):
                 opened[flag] = _fired(bridge, device)
-        except Exception as e:  # TransformerLens refuses the flag for this architecture
-            closed[flag] = hub.first_line(e)
+        except Exception:  # TransformerLens refuses the flag for this architecture (NotImplementedError)
+            closed.add(flag)
     per_token, other = {}, {}
     for n, point in sorted(points.items()):
         flag = gates.gate(canonical(n))
@@ -218,7 +218,7 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
             runs = opened[flag]
         shapes: list[Any] = [got.get(id(point)) for got in runs]  # None where the hook did not fire
         if any(s is None for s in shapes):
-            other[n] = _silent(n, flag, closed.get(flag or ""))
+            other[n] = _silent(n, flag, flag in closed)
         elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
             per_token[n] = shapes[0][2:]
         else:
@@ -254,12 +254,14 @@ def _fired(bridge: Any, device: str) -> list[dict[int, tuple[int, ...]]]:
     return seen
 
 
-def _silent(name: str, flag: str | None, refused: str | None) -> str:
+def _silent(name: str, flag: str | None, refused: bool) -> str:
     """Why hook ``name`` gave nothing in the probes."""
     if gates.COPIES.match(name):  # no layer in the text: blocks alike give alike entries (``_grow``)
         return "is off in TransformerLens 4 unless switched on: the block's hook_resid_pre copied once per head"
-    if flag is not None and refused is not None:
-        return f"needs TransformerLens's {flag}, which it refuses for this model ({refused})"
+    if flag is not None and refused:
+        return f"needs TransformerLens's {flag}, which it does not support for this model's attention"
+    if flag is not None:
+        return f"does not fire in a forward pass of this model, even with TransformerLens's {flag} on"
     return "does not fire in a plain forward pass"
 
 

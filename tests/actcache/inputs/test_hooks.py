@@ -66,3 +66,17 @@ def test_gated_hooks_are_listed_with_their_shape_and_copies_point_to_the_block_i
         )
     with pytest.raises(ActcacheError, match=r"per token \[batch, pos, ...\]; pick a per-token hook such as hook_resid"):
         check_hook("blocks.0.attn.hook_pattern", model, catalog)
+
+
+def test_why_a_gated_hook_stays_silent():
+    """Refused by TransformerLens for this architecture (OPT's and GPT-J's attention have no per-head result), or
+    silent even with its flag on (GPT-J and Phi run attention and MLP in parallel: no hook_mlp_in)."""
+    from actcache.inputs.hooks import _silent
+
+    assert _silent("blocks.1.attn.hook_result", "use_attn_result", True) == (
+        "needs TransformerLens's use_attn_result, which it does not support for this model's attention"
+    )
+    assert _silent("blocks.1.hook_mlp_in", "use_hook_mlp_in", False) == (
+        "does not fire in a forward pass of this model, even with TransformerLens's use_hook_mlp_in on"
+    )
+    assert _silent("blocks.1.attn.hook_rot_q", None, False) == "does not fire in a plain forward pass"

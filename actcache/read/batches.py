@@ -140,28 +140,47 @@ class BatchAssembly:
         first = next(chunks, None)
         return None if first is None else chain([first], chunks)
 
-    def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int]) -> Iterator[Any]:
-        """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated)."""
+    def _in_order(self, chunks: Iterator[_Chunk], sizes: list[int], threads: int) -> Iterator[Any]:
+        """Batches of the pieces' rows in order; a batch may span pieces (filled in place, never concatenated).
+        ``threads`` makers cast and copy whole batches side by side, as shuffled batches are gathered: one thread
+        casts at about half the speed of torch's two-thread copy on 2 cores."""
         vouched = self._vouched(chunks)
         if vouched is None:
             return
-        chunks = vouched
-        tmps = self._tmps(max(sizes, default=0))
+        scratch = threading.local()  # each maker's staging for pieces with excluded rows
+        width = max(sizes, default=0)
+
+        def assemble(job: tuple[dict[str, torch.Tensor], list[tuple[_Chunk, int, int, int]]]) -> Any:
+            batch, parts = job
+            tmps = getattr(scratch, "tmps", None)
+            if tmps is None:
+                tmps = scratch.tmps = self._tmps(width)
+            for c, a, b, at in parts:
+                self._put_all(batch, at, c, a, b, tmps)
+            return self._finish(batch)
+
+        with makers.Makers(threads) as team:
+            yield from team.run(assemble, self._in_order_jobs(vouched, sizes))
+
+    def _in_order_jobs(
+        self, chunks: Iterator[_Chunk], sizes: list[int]
+    ) -> Iterator[tuple[dict[str, torch.Tensor], list[tuple[_Chunk, int, int, int]]]]:
+        """Each in-order batch: its memory, allocated here in the iterating thread (see ``drain`` below: a maker's
+        own arena maps batch-sized blocks afresh), and the rows of each piece that fill it, ``(piece, a, b, at)``.
+        A piece is held only by the batches that take rows from it."""
         sizes_left = deque(sizes)
-        batch, fill = None, 0
+        parts: list[tuple[_Chunk, int, int, int]] = []
+        fill = 0
         for c in chunks:
             pos = 0
             while pos < c.n and sizes_left:
-                if batch is None:
-                    batch, fill = self._new_batch(sizes_left[0]), 0
                 k = min(sizes_left[0] - fill, c.n - pos)
-                self._put_all(batch, fill, c, pos, pos + k, tmps)
+                parts.append((c, pos, pos + k, fill))
                 fill, pos = fill + k, pos + k
                 if fill == sizes_left[0]:
-                    yield self._finish(batch)
-                    batch = None
-                    sizes_left.popleft()
-            del c  # the shard's memory goes now, not once the next one has arrived
+                    yield self._new_batch(sizes_left.popleft()), parts
+                    parts, fill = [], 0
+            del c  # the shard's memory goes once its batches are made, not once the next one has arrived
 
     def _shuffled(
         self, chunks: Iterator[_Chunk], sizes: list[int], rows: int, g: torch.Generator, threads: int

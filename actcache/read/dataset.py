@@ -16,7 +16,8 @@ How rows are read: background threads fetch ``prefetch`` shards ahead (a local s
 pages faulted in there; on S3 several GETs are in flight and transient errors retried), the tensors are views
 of those bytes, and rows are copied once into a preallocated shuffle buffer as stored, then gathered in random
 order into each batch, cast (and normalised) on the way, by threads of the reader's own in the main process
-(``threads``: up to 8, the CPUs allowing; one in a DataLoader worker), which also share each fill. No
+(``threads``: up to 8, the CPUs allowing; one in a DataLoader worker), which also share each fill; in order,
+the same threads cast and copy whole batches straight from the pieces. No
 ``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows as stored, or in the batch dtype
 where that is narrower; per worker, kept for the next epoch) plus ``prefetch + 1`` shards and one batch per
 thread being made, whatever the size of the set.
@@ -124,7 +125,7 @@ class ActivationDataset(IterableDataset, BatchAssembly):
             background thread on its own CUDA stream, two batches ahead, so the copy overlaps training. Use with
             ``num_workers=0``; with DataLoader workers use the DataLoader's ``pin_memory=True`` and move batches
             yourself.
-        threads: threads that make shuffled batches (and share each buffer fill) in this process (default: as
+        threads: threads that make batches (and share each buffer fill) in this process (default: as
             many as the CPUs this process may use and ``torch.get_num_threads()`` allow, at least 2 on 2 CPUs, at
             most 8; 1 in a DataLoader worker). Lower it when your training loop needs the CPUs.
     """
@@ -436,12 +437,12 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         stop = threading.Event()
         chunks = prefetched(lambda p: self._load(p, stop), pieces, self.prefetch)
         try:
+            n = makers.count(self.threads)  # here, where the caller's intra-op count is in force
             if self.shuffle_buffer:
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
-                n = makers.count(self.threads)  # here, where the caller's intra-op count is in force
                 yield from one_thread(self._shuffled(chunks, sizes, rows, g, n))
             else:
-                yield from one_thread(self._in_order(chunks, sizes))
+                yield from one_thread(self._in_order(chunks, sizes, n))
         finally:
             stop.set()
             chunks.close()  # type: ignore[attr-defined]

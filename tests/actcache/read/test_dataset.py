@@ -193,6 +193,32 @@ def test_threads_share_the_fill_and_make_the_same_batches(tmp_path, monkeypatch,
             assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize(
+    "stored, options",
+    [
+        ("float16", {}),
+        ("float16", {"exclude_tokens": [0, 1], "drop_bos": True, "dtype": torch.float32, "normalize": "scale"}),
+        ("float32", {"dtype": torch.bfloat16, "exclude_special_tokens": True, "normalize": "standardize"}),
+    ],
+    ids=str,
+)
+def test_in_order_batches_made_by_several_threads_are_the_same(tmp_path, stored, options):
+    """In order, each maker casts and copies whole batches, some spanning two pieces, some from pieces with excluded
+    rows (staged in the maker's own memory): the same batches, in the same order, for any count, and each row
+    where the set stores it."""
+    url = setwriter.write_set(
+        tmp_path, shards=5, seqs=4, ctx=16, d=24, dtype=stored, last_seqs=3, with_stats=True, with_moments=True
+    )
+    opts = dict(batch_size=23, with_tokens=True, with_positions=True, **options)  # 23: batches span pieces
+    one = list(ActivationDataset(url, threads=1, **opts))
+    assert torch.equal(torch.cat([b[2] for b in one]), torch.sort(torch.cat([b[2] for b in one])).values)
+    for n in (2, 3, 5):
+        got = list(ActivationDataset(url, threads=n, **opts))
+        assert len(got) == len(one)
+        for a, b in zip(got, one, strict=True):
+            assert all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_shuffled_rows_of_any_width_in_the_stored_dtype(tmp_path):
     """Rows whose bytes are not a multiple of 8 (copied element by element) and bfloat16 rows."""
     for d, dtype in ((6, "float16"), (3, "bfloat16"), (8, "bfloat16")):

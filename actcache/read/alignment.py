@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,44 @@ def _tokens_key(s: ActivationSet) -> Any:
     return key.tokens
 
 
+_WHAT = {
+    "dataset": "another dataset (or revision, or files)",
+    "tokenizer": "another tokenizer",
+    "text_column": "another --text-column",
+    "context_size": "another --context-size",
+    "prepend_bos": "another --prepend-bos",
+    "separator": "another --separator",
+    "packing": "another --packing",
+    "truncate": "another --truncate",
+    "token_column": "another --token-column",
+    "format_version": "another actcache format version",
+}
+
+
+def _why_other(a: ActivationSet, b: ActivationSet) -> str:
+    """What differs between the tokens of ``a`` and ``b``, and how to get sets that read together."""
+    if a.layout == "rows":
+        return (
+            "another shuffle (another source, seed, shard size or exclusions); shuffle them together, "
+            "`actcache shuffle A B ...`"
+        )
+    ka, kb = a.key.tokens, b.key.tokens
+    differ = [f.name for f in dataclasses.fields(ka) if getattr(ka, f.name) != getattr(kb, f.name)]
+    if differ == ["seqs_per_shard"]:
+        # Each run sizes its shards by its own widest hook: two runs of hooks of other widths (mlp_in and mlp.hook_post,
+        # or two models of other widths) cut the same token stream into other shards.
+        small, large = sorted((a, b), key=lambda x: x.key.tokens.shard_tokens)
+        n = small.key.tokens.shard_tokens
+        return (
+            f"the same tokens, cut into shards of {ka.shard_tokens} and {kb.shard_tokens} (a run without "
+            f"--shard-tokens sizes them by its widest hook); cut {large.url} as {small.url} is, `actcache extract "
+            f"--like {large.url} --store {large.url.rsplit('/', 1)[0]} --shard-tokens {n}`, or extract the hooks in "
+            "one run"
+        )
+    what = ", ".join(_WHAT.get(name, name) for name in differ if name != "seqs_per_shard")
+    return f"{what}; read together only sets extracted from the same tokens, e.g. by one run with --hook a,b"
+
+
 def check_aligned(sets: Sequence[ActivationSet]) -> None:
     """Several sets read (or shuffled) as one must hold the same tokens in the same rows: one token cache and the
     same shards; for shuffled copies, copies of such sets made with the same seed, shard size and exclusions."""
@@ -31,10 +70,7 @@ def check_aligned(sets: Sequence[ActivationSet]) -> None:
                 "or shuffled copies of each made by one `actcache shuffle A B ...`"
             )
         if _tokens_key(s) != _tokens_key(first):
-            raise ActcacheError(
-                f"{s.url} was extracted from other tokens than {first.url} (another token cache, or another shuffle); "
-                "read together only sets extracted from the same tokens, e.g. by one run with --hook a,b"
-            )
+            raise ActcacheError(f"{s.url} was extracted from other tokens than {first.url}: {_why_other(first, s)}")
         if [(r.index, r.n_seq) for r in s.records] != [(r.index, r.n_seq) for r in first.records]:
             raise ActcacheError(
                 f"{s.url} holds other shards than {first.url} ({len(s.records)} against {len(first.records)}); "

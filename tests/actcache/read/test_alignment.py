@@ -126,3 +126,33 @@ def by_position(url: str) -> dict[int, tuple[int, bytes]]:
             out[base + i] = (int(t[i]), a[i].view(torch.uint8).numpy().tobytes())
         base += len(t)
     return out
+
+
+def test_the_same_tokens_cut_into_other_shards_says_how_to_cut_them_alike(tiny_models, corpus, tmp_path):
+    """Two runs of hooks of other widths (without --shard-tokens each sizes its shards by its widest hook), or of
+    two models of other widths: the same token stream in other shards. Refused in one line that gives the command
+    that re-cuts the set with the larger shards; the set it makes reads with the other."""
+    from actcache.config import ExtractConfig
+
+    store = str(tmp_path / "store")
+
+    def extract(hook: str, shard_tokens: int) -> str:
+        cfg = ExtractConfig(
+            model=str(tiny_models["gpt2"]), hook=hook, dataset=str(corpus), context_size=CTX, max_tokens=640,
+            shard_tokens=shard_tokens, batch_size=4, store=store, device="cpu",
+        )  # fmt: skip
+        (url,) = setwriter.extract_sets_by_stages(cfg)
+        return url
+
+    narrow, wide = extract("blocks.1.hook_mlp_out", 256), extract("blocks.0.mlp.hook_post", 128)
+    with pytest.raises(ActcacheError) as e:
+        ActivationDataset([narrow, wide], batch_size=8)
+    message = str(e.value)
+    assert "\n" not in message and "the same tokens, cut into shards of 256 and 128" in message
+    assert f"`actcache extract --like {narrow} --store {store} --shard-tokens 128`" in message
+    recut = extract("blocks.1.hook_mlp_out", 128)  # what that command extracts
+    a, b, tokens = next(iter(ActivationDataset([recut, wide], batch_size=64, with_tokens=True)))
+    assert a.shape == (64, 32) and b.shape == (64, 128) and len(tokens) == 64
+    other = setwriter.write_set(tmp_path / "synthetic", shards=5, seqs=4, ctx=CTX, d=8)
+    with pytest.raises(ActcacheError, match=r"from other tokens than .*: another dataset .*another tokenizer"):
+        ActivationDataset([narrow, other], batch_size=8)

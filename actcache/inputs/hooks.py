@@ -212,13 +212,13 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
             closed.add(flag)
     per_token, other = {}, {}
     for n, point in sorted(points.items()):
-        flag = gates.gate(canonical(n))
+        gate = gates.gate(canonical(n))
         runs = seen
-        if any(id(point) not in got for got in seen) and flag in opened:
-            runs = opened[flag]
+        if any(id(point) not in got for got in seen) and gate in opened:
+            runs = opened[gate]
         shapes: list[Any] = [got.get(id(point)) for got in runs]  # None where the hook did not fire
         if any(s is None for s in shapes):
-            other[n] = _silent(n, flag, flag in closed)
+            other[n] = _silent(n, gate, gate in closed)
         elif all(s[:2] == probe for s, probe in zip(shapes, _PROBES, strict=True)) and shapes[0][2:] == shapes[1][2:]:
             per_token[n] = shapes[0][2:]
         else:

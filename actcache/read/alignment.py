@@ -41,13 +41,13 @@ def _why_other(a: ActivationSet, b: ActivationSet) -> str:
             "another shuffle (another source, seed, shard size or exclusions); shuffle them together, "
             "`actcache shuffle A B ...`"
         )
-    ka, kb = a.key.tokens, b.key.tokens
+    ka, kb = _tokens_key(a), _tokens_key(b)  # TokensKeys: neither is a shuffled copy
     differ = [f.name for f in dataclasses.fields(ka) if getattr(ka, f.name) != getattr(kb, f.name)]
     if differ == ["seqs_per_shard"]:
         # Each run sizes its shards by its own widest hook: two runs of hooks of other widths (mlp_in and mlp.hook_post,
         # or two models of other widths) cut the same token stream into other shards.
-        small, large = sorted((a, b), key=lambda x: x.key.tokens.shard_tokens)
-        n = small.key.tokens.shard_tokens
+        small, large = sorted((a, b), key=lambda x: _tokens_key(x).shard_tokens)
+        n = _tokens_key(small).shard_tokens
         return (
             f"the same tokens, cut into shards of {ka.shard_tokens} and {kb.shard_tokens} (a run without "
             f"--shard-tokens sizes them by its widest hook); cut {large.url} as {small.url} is, `actcache extract "

@@ -42,16 +42,14 @@ def passes(hooks: Sequence[str], canonical: Callable[[str], str]) -> list[tuple[
     """``hooks`` split into forward passes, each with the flags it runs with: one pass per flag that changes the
     computation (none first), the flags that leave values alone on in whichever pass holds their hooks."""
     changing = {flag: not neutral for flag, _, neutral in GATES}
+    gated = {h: gate(canonical(h)) for h in hooks}
     groups: dict[str | None, list[str]] = {}
-    for h in hooks:
-        flag = gate(canonical(h))
+    for h, flag in gated.items():
         groups.setdefault(flag if flag is not None and changing[flag] else None, []).append(h)
-    out = []
-    for key in sorted(groups, key=lambda k: (k is not None, k or "")):
-        flags = {key} if key is not None else set()
-        flags |= {f for h in groups[key] if (f := gate(canonical(h))) is not None}
-        out.append((tuple(sorted(flags)), groups[key]))
-    return out
+    return [
+        (tuple(sorted({f for h in groups[key] if (f := gated[h]) is not None})), groups[key])
+        for key in sorted(groups, key=lambda k: (k is not None, k or ""))
+    ]
 
 
 def canonical_of(bridge: Any) -> Callable[[str], str]:

@@ -309,8 +309,3 @@ def check_hook_name(hook: str, names: list[str]) -> None:
     close = _close(hook, names)
     hint = f"did you mean {', '.join(close)}?" if close else "run `actcache hooks MODEL` to list them"
     raise ActcacheError(f"unknown hook {hook!r}; {hint}", field="hook")
-
-
-def hook_names(model: ResolvedModel) -> list[str]:
-    """Every hook name the bridge exposes (TransformerLens names and bridge aliases), without loading weights."""
-    return list(hook_catalog(model).names)

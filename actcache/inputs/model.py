@@ -28,7 +28,6 @@ from actcache.inputs.hooks import (
     check_hook_name,
     hook_catalog,
     hook_layer,
-    hook_names,
 )
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "check_tokenizer",
     "hook_catalog",
     "hook_layer",
-    "hook_names",
     "load_bridge",
     "resolve_model",
 ]

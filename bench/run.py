@@ -1009,10 +1009,11 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
     float16, 48 sequences of 128), and the same number of rows in 2 shards of 61 MB for comparison. Each size has
     its own floor (safetensors load + cast) and its own ratios; ``read_f32`` is the reader's own shard read + cast
     (``open_set(url).read``: open, header and record checks) without batching; ``floor_f32_one_thread`` is the
-    floor on one intra-op thread, as the reader's own copies run; ``ds_in_order_f32_one_thread`` reads in order
-    with one thread making the batches (``threads=1``). ``ds_shuffle_f32_fill_alone`` fills the buffer
-    in the iterating thread alone, ``ds_shuffle_f32_two_threads`` makes batches with 2 threads: on a machine of
-    more than 2 CPUs, what sharing the fill and more threads bring (on 2 CPUs all three are the same reader)."""
+    floor on one intra-op thread, as the reader's own copies run; ``ds_in_order_f32_two_threads`` reads in order
+    with 2 threads making the batches (``threads=2``; the default there is one). ``ds_shuffle_f32_fill_alone``
+    fills the buffer in the iterating thread alone, ``ds_shuffle_f32_two_threads`` makes batches with 2 threads:
+    on a machine of more than 2 CPUs, what sharing the fill and more threads bring (on 2 CPUs all three are the
+    same reader)."""
     import torch
     from safetensors.torch import load_file
 
@@ -1042,8 +1043,8 @@ def reader_small(work: Path, smoke: bool, reps: int) -> dict:
         )
         methods[f"read_f32_{name}"] = lambda s=s: drain(s.read(r).activations.to(f32) for r in s.records)
         methods[f"ds_in_order_f32_{name}"] = lambda ds=in_order: drain(ds)
-        in_order_one = ActivationDataset(url, batch, dtype=f32, threads=1)
-        methods[f"ds_in_order_f32_one_thread_{name}"] = lambda ds=in_order_one: drain(ds)
+        in_order_two = ActivationDataset(url, batch, dtype=f32, threads=2)
+        methods[f"ds_in_order_f32_two_threads_{name}"] = lambda ds=in_order_two: drain(ds)
         methods[f"ds_shuffle_f32_{name}"] = lambda ds=shuffled: drain(ds)
         methods[f"ds_shuffle_f32_fill_alone_{name}"] = lambda ds=shuffled: drain(unsplit(ds))
         two = ActivationDataset(url, batch, shuffle_buffer=buffer, dtype=f32, threads=2)

@@ -17,7 +17,7 @@ pages faulted in there; on S3 several GETs are in flight and transient errors re
 of those bytes, and rows are copied once into a preallocated shuffle buffer as stored, then gathered in random
 order into each batch, cast (and normalised) on the way, by threads of the reader's own in the main process
 (``threads``: up to 8, the CPUs allowing; one in a DataLoader worker), which also share each fill; in order,
-the same threads cast and copy whole batches straight from the pieces. No
+with ``threads`` given, the same threads cast and copy whole batches straight from the pieces. No
 ``torch.cat``, no per-row Python. Memory: the buffer (``shuffle_buffer`` rows as stored, or in the batch dtype
 where that is narrower; per worker, kept for the next epoch) plus ``prefetch + 1`` shards and one batch per
 thread being made, whatever the size of the set.
@@ -127,7 +127,9 @@ class ActivationDataset(IterableDataset, BatchAssembly):
             yourself.
         threads: threads that make batches (and share each buffer fill) in this process (default: as
             many as the CPUs this process may use and ``torch.get_num_threads()`` allow, at least 2 on 2 CPUs, at
-            most 8; 1 in a DataLoader worker). Lower it when your training loop needs the CPUs.
+            most 8; 1 in a DataLoader worker). Lower it when your training loop needs the CPUs. In order
+            (``shuffle_buffer=0``) the default is the iterating thread alone; give ``threads`` for more (large
+            shards: faster).
     """
 
     def __init__(
@@ -442,7 +444,9 @@ class ActivationDataset(IterableDataset, BatchAssembly):
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
                 yield from one_thread(self._shuffled(chunks, sizes, rows, g, n))
             else:
-                yield from one_thread(self._in_order(chunks, sizes, n))
+                # In order, makers only when asked: on 2 cores they shortened epochs of 61 MB shards by 15-25% but
+                # not of 9.5 MB ones, and the bench's round-robin measured those slower (bench/RESULTS.md).
+                yield from one_thread(self._in_order(chunks, sizes, n if self.threads is not None else 1))
         finally:
             stop.set()
             chunks.close()  # type: ignore[attr-defined]

@@ -201,7 +201,7 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
     points = dict(bridge.hook_dict)  # names and aliases -> hook points (an alias shares its point)
     seen = _fired(bridge, device)
     canonical = gates.canonical_of(bridge)
-    silent = [n for n, point in points.items() if any(id(point) not in got for got in seen)]
+    silent = {n for n, point in points.items() if any(id(point) not in got for got in seen)}
     opened: dict[str, list[dict[int, tuple[int, ...]]]] = {}
     closed: set[str] = set()
     for flag in sorted({f for n in silent if (f := gates.gate(canonical(n))) is not None}):
@@ -214,7 +214,7 @@ def _probe(bridge: Any, device: str) -> HookCatalog:
     for n, point in sorted(points.items()):
         gate = gates.gate(canonical(n))
         runs = seen
-        if any(id(point) not in got for got in seen) and gate in opened:
+        if n in silent and gate in opened:
             runs = opened[gate]
         shapes: list[Any] = [got.get(id(point)) for got in runs]  # None where the hook did not fire
         if any(s is None for s in shapes):

@@ -440,13 +440,15 @@ class ActivationDataset(IterableDataset, BatchAssembly):
         chunks = prefetched(lambda p: self._load(p, stop), pieces, self.prefetch)
         try:
             n = makers.count(self.threads)  # here, where the caller's intra-op count is in force
+            if not self.shuffle_buffer and self.threads is None:
+                # In order, makers only when asked: on 2 cores they shortened epochs of 61 MB shards by 15-25% but
+                # not of 9.5 MB ones, and the bench's round-robin measured those slower (bench/RESULTS.md).
+                n = 1
             if self.shuffle_buffer:
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, self.world_size, self.rank, worker))
                 yield from one_thread(self._shuffled(chunks, sizes, rows, g, n))
             else:
-                # In order, makers only when asked: on 2 cores they shortened epochs of 61 MB shards by 15-25% but
-                # not of 9.5 MB ones, and the bench's round-robin measured those slower (bench/RESULTS.md).
-                yield from one_thread(self._in_order(chunks, sizes, n if self.threads is not None else 1))
+                yield from one_thread(self._in_order(chunks, sizes, n))
         finally:
             stop.set()
             chunks.close()  # type: ignore[attr-defined]

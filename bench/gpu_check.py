@@ -14,7 +14,8 @@ blocks.5.hook_resid_post (the hf-sdpa engine, blocks 0..5 loaded). Checks, in or
   cpu_vs_gpu_diff  `actcache extract --device cpu` and `--device cuda` (float32), then `actcache diff` within
                    atol=DIFF_ATOL, rtol=DIFF_RTOL: the documented agreement of a GPU set with a CPU one
   reader_device    ActivationDataset(device="cuda", pin_memory=True) yields every batch on the GPU, equal to the
-                   batches read on the CPU, with the copies on a side stream
+                   batches read on the CPU, with the copies on a side stream; float32 standardised batches cross
+                   as stored and are cast and normalised on the GPU, with the host's bits
   gated_hooks      blocks.2.attn.hook_result and hook_mlp_in (off in TransformerLens 4 until a flag opens them for
                    their pass) extracted on CUDA agree with the CPU as cpu_vs_gpu_diff's hook does
   tokens_per_s     actcache's extraction step (tokens in host memory -> activations in pinned host memory) against
@@ -244,17 +245,23 @@ def check_reader_device(ctx: Ctx) -> str:
 
     url = ctx.sets.get("cpu")
     require(url is not None, "no set to read (cpu_vs_gpu_diff did not make one)")
-    host = list(ActivationDataset(url, batch_size=1000, with_tokens=True))
-    on_dev = ActivationDataset(url, batch_size=1000, with_tokens=True, device=ctx.device, pin_memory=ctx.cuda)
-    n, total = 0, torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for (acts, toks), (want_acts, want_toks) in zip(on_dev, host, strict=True):
-        require(acts.device.type == torch.device(ctx.device).type, f"batch on {acts.device}")
-        total += acts.double().sum()  # used on the consumer's stream, as a trainer would
-        require(torch.equal(acts.cpu(), want_acts) and torch.equal(toks.cpu(), want_toks), f"batch {n} differs")
-        n += 1
-    want_total = sum(a.double().sum() for a, _ in host)
-    require(abs(float(total) - float(want_total)) <= 1e-6 * max(1.0, abs(float(want_total))), "sums differ")
-    return f"{n} batches on {ctx.device}, each equal to the host batch"
+    n = 0
+    # As stored, then float32 standardised: on CUDA the second crosses as stored and is cast and normalised there.
+    for kw in ({}, {"dtype": torch.float32, "normalize": "standardize", "shuffle_buffer": 3000}):
+        host = list(ActivationDataset(url, batch_size=1000, with_tokens=True, **kw))
+        on_dev = ActivationDataset(url, batch_size=1000, with_tokens=True, device=ctx.device, pin_memory=ctx.cuda, **kw)
+        require(not ctx.cuda or not kw or on_dev._late[0] is not None, "float32 batches not cast on the GPU")
+        total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for (acts, toks), (want_acts, want_toks) in zip(on_dev, host, strict=True):
+            require(acts.device.type == torch.device(ctx.device).type, f"batch on {acts.device}")
+            require(acts.dtype == want_acts.dtype, f"batch {n} in {acts.dtype}, not {want_acts.dtype}")
+            total += acts.double().sum()  # used on the consumer's stream, as a trainer would
+            same_bits = torch.equal(acts.cpu().view(torch.uint8), want_acts.view(torch.uint8))
+            require(same_bits and torch.equal(toks.cpu(), want_toks), f"batch {n} differs ({kw or 'as stored'})")
+            n += 1
+        want_total = sum(a.double().sum() for a, _ in host)
+        require(abs(float(total) - float(want_total)) <= 1e-6 * max(1.0, abs(float(want_total))), "sums differ")
+    return f"{n} batches on {ctx.device} (as stored; float32 standardised), each equal to the host batch bit for bit"
 
 
 def check_tokens_per_s(ctx: Ctx) -> str:

@@ -428,3 +428,52 @@ def test_null_and_empty_texts_are_skipped_not_errors(tmp_path):
     path = tmp_path / "gaps.jsonl"
     path.write_bytes(_jsonl([{"text": "first"}, {"text": None}, {"text": ""}, {"text": "second"}]))
     assert list(open_source(DatasetSpec(str(path))).texts()) == ["first", "second"]
+
+
+@pytest.fixture(scope="module")
+def unresized_model(tiny_models, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with a BOS and a pad token added to its tokenizer (ids 512 and 513) and its embeddings not
+    resized (512 rows): common after adding a pad token for a fine-tune."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    dest = tmp_path_factory.mktemp("unresized") / "model"
+    shutil.copytree(tiny_models["gpt2"], dest)
+    tok = AutoTokenizer.from_pretrained(dest)
+    tok.add_special_tokens({"bos_token": "<|bos|>", "pad_token": "<|pad|>"})
+    tok.save_pretrained(dest)
+    assert (tok.bos_token_id, tok.pad_token_id) == (512, 513)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "case,extra,expected",
+    [
+        ("BOS prepended", (), "the tokenizer's BOS token is id 512 ('<|bos|>')"),
+        ("in the text", ("--no-prepend-bos", "--separator", "none"), "a token of the dataset's text is id 513"),
+        (
+            "pad of examples",
+            ("--packing", "none", "--positions", "last", "--no-prepend-bos", "--separator", "none"),
+            "the tokenizer's pad token is id 513",
+        ),
+        (
+            "pretokenized",
+            ("--token-column", "ids", "--no-prepend-bos", "--separator", "none"),
+            "token id 600 in dataset row 1 is outside the model's vocabulary (0..511)",
+        ),
+    ],
+)
+def test_token_ids_the_model_does_not_embed_are_refused_before_writing(
+    unresized_model, tiny_models, tmp_path, prefect_console, case, extra, expected
+):
+    """A tokenizer with tokens the model was not resized for: the forward pass would fail with torch's "index out
+    of range in self" after the token cache was written; the ids a run feeds the model are checked first."""
+    data = tmp_path / "data.jsonl"
+    rows = [{"text": "hello <|pad|> world " * 20, "ids": [5, 6, 7] * 20}, {"text": "more words", "ids": [5, 600]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 40))
+    store = tmp_path / "store"
+    argv = _extract(tiny_models, str(data), store, *extra)
+    argv[argv.index("--model") + 1] = str(unresized_model)
+    _one_line(prefect_console, main(argv), expected)
+    assert not store.exists()

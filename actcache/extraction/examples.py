@@ -243,7 +243,7 @@ def _prepare(plan: Plan, limit: int) -> Examples:
         # tokenizes to nothing, as an empty list of ids) is skipped and does not count, and no row past the
         # last example is read.
         batch = [
-            (n, _token_ids(text, n, cfg.token_column, r.vocab_size) if cfg.token_column else text, values)
+            (n, _token_ids(text, n, cfg.token_column, r.id_bound) if cfg.token_column else text, values)
             for n, text, values in itertools.islice(rows, min(limit - len(found), TOKENIZE_BATCH))
         ]
         if not batch:
@@ -254,6 +254,7 @@ def _prepare(plan: Plan, limit: int) -> Examples:
         for (n, _, values), ids in zip(kept, tokenized, strict=True):
             if not ids:
                 continue
+            r.model.check_embedded(max(ids), f"a token of dataset row {n}")
             for c, v in values.items():
                 if _kind_of(v) is None:
                     shown = "null" if v is None else f"{type(v).__name__} {str(v)[:40]!r}"

@@ -65,6 +65,14 @@ class Resolved:
     pad_id: int | None = None
     vocab_size: int | None = None
     """Recorded in the manifest for readers that leave special tokens out (``actcache.read.exclude``)."""
+    embedding_rows: int | None = None
+    """Token ids the model embeds (None: unknown); the ids a run feeds it are checked against it before writing."""
+
+    @property
+    def id_bound(self) -> int | None:
+        """Token ids a run may feed the model: below both the tokenizer's and the model's vocabulary."""
+        known = [n for n in (self.vocab_size, self.embedding_rows) if n is not None]
+        return min(known) if known else None
 
 
 def resolve(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Resolved:
@@ -78,6 +86,10 @@ def resolve(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Resolved:
         )
     bos, sep = special_ids(cfg, model)
     f = model.facts  # the tokenizer's, remembered: no loading
+    pad = f["pad_token_id"]
+    fed = {"BOS": bos if cfg.prepend_bos else None, "separator": sep, "pad": pad if cfg.packing == "none" else None}
+    for what, i in fed.items():
+        model.check_embedded(i, f"the tokenizer's {what} token")
     return Resolved(
         model,
         _source(cfg),
@@ -86,8 +98,9 @@ def resolve(cfg: ExtractConfig, model: ResolvedModel | None = None) -> Resolved:
         sep,
         hooks,
         f["eos_token_id"],
-        f["pad_token_id"],
+        pad,
         f["vocab_size"],
+        model.embedding_rows,
     )
 
 
@@ -315,7 +328,7 @@ class Plan:
         return next(s for s in self.sets if s.hook == hook)
 
     def token_cache(self) -> TokenCache:
-        return TokenCache(self.store, self.tokens_key, self.resolved.vocab_size)
+        return TokenCache(self.store, self.tokens_key, self.resolved.vocab_size, self.resolved.model)
 
     def documents(self) -> tuple[Callable[[], Iterable[Any]], Any]:
         """What the token cache packs: (the dataset's texts, the tokenizer), or with ``--token-column`` (each row's
@@ -325,7 +338,7 @@ class Plan:
             return r.dataset.texts, r.model.tokenizer
         from actcache.extraction.examples import token_docs
 
-        return functools.partial(token_docs, r.dataset, column, r.vocab_size), None
+        return functools.partial(token_docs, r.dataset, column, r.id_bound), None
 
     def check_documents(self) -> None:
         """Fail, in one line, unless the dataset has a document to pack (text, or ids in ``--token-column``)."""

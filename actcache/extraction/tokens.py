@@ -23,6 +23,8 @@ from actcache.storage.store import Store
 if TYPE_CHECKING:
     import torch
 
+    from actcache.inputs.model import ResolvedModel
+
 INDEX = layout.TOKEN_INDEX
 
 
@@ -210,10 +212,13 @@ class TokenCache:
     (even at once), and an activation shard of n sequences uses the first n of its token shard.
     """
 
-    def __init__(self, store: Store, key: TokensKey, vocab_size: int | None = None):
+    def __init__(self, store: Store, key: TokensKey, vocab_size: int | None = None, model: ResolvedModel | None = None):
         self.store, self.key = store, key
         self.vocab_size = vocab_size
         """The tokenizer's ids run 0..vocab_size-1: a stored id outside is damage (None: not checked)."""
+        self.model = model
+        """The model the ids are fed to: an id it has no embedding for is refused (the key holds the tokenizer,
+        not the model: a cache may come from a run of another model with the same tokenizer)."""
         self.root = layout.tokens_dir(key.id)
         self.bounds = records.Bounds.of(key)
 
@@ -302,6 +307,8 @@ class TokenCache:
         kept: list[torch.Tensor] | None = []
         produced = 0
         for batch in self._shards(texts(), tokenizer, sep, bos, goal):
+            if self.model is not None:
+                self.model.check_embedded(max(map(max, batch)), "a token of the dataset's text")
             produced += len(batch)
             if kept is not None and produced * self.key.context_size <= BUFFER_TOKENS:
                 kept.append(torch.tensor(batch, dtype=torch.int32))
@@ -403,4 +410,6 @@ class TokenCache:
                 )
         except (ValueError, FileNotFoundError) as e:
             raise Failure(f"{where} is damaged or missing ({e}); rerun the same command: it is rebuilt") from e
+        if self.model is not None:
+            self.model.check_embedded(high, f"a token in {where}")
         return tokens[:n_seq]

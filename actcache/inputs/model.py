@@ -53,7 +53,7 @@ _SMALL_FILES = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py", "
 """A hub commit's files that config, tokenizer and remote code read (no weights)."""
 _HUB_WEIGHTS = ("*.safetensors", "*.bin")
 """The weight formats fetched from a hub commit, in order of preference (only the first the commit has)."""
-_FACTS_VERSION = 3  # bump when ResolvedModel._read_facts changes what it returns
+_FACTS_VERSION = 4  # bump when ResolvedModel._read_facts changes what it returns
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class ResolvedModel:
             "d_model": self._cfg("hidden_size", "n_embd", "d_model"),  # errors say more than the tokenizer's
             "max_context": self._cfg("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"),
             "model_type": getattr(self.config, "model_type", None),
+            "embedding_rows": self._cfg("vocab_size", "n_vocab", "padded_vocab_size"),
         }
         tok = self.tokenizer
         return {
@@ -163,6 +164,30 @@ class ResolvedModel:
     @property
     def model_type(self) -> str | None:
         return self.facts["model_type"]
+
+    @property
+    def embedding_rows(self) -> int | None:
+        """Token ids the model embeds (its config's vocab_size): a tokenizer given tokens the model was not resized
+        for has more."""
+        return self.facts["embedding_rows"]
+
+    def check_embedded(self, i: int | None, what: str) -> None:
+        """Refuse token id ``i`` where the model has no embedding for it (a tokenizer given tokens after the model
+        was saved, the model not resized), before anything is written: the forward pass would fail deep in torch.
+        ``what`` names the id in the message ("the tokenizer's pad token", ...)."""
+        rows = self.embedding_rows
+        if i is None or rows is None or i < rows:
+            return
+        try:
+            token = repr(self.tokenizer.convert_ids_to_tokens(i))
+        except Exception:  # only for the message
+            token = "?"
+        raise ActcacheError(
+            f"{what} is id {i} ({token}), but {self.spec.name!r} embeds only ids 0..{rows - 1} (vocab_size in its "
+            f"config.json; its tokenizer has {self.facts['vocab_size']} tokens): resize the model's embeddings to "
+            "the tokenizer (model.resize_token_embeddings(len(tokenizer)), then save_pretrained) or use the "
+            "tokenizer it was trained with"
+        )
 
     @property
     def tokenizer(self) -> Any:

@@ -19,12 +19,17 @@ from actcache.read.dataset import ActivationDataset, _normalizer
 from actcache.read.forever import forever
 
 
-def data_provider(ds: ActivationDataset, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
-    """SAELens's ``DataProvider``: the dataset's batches, epoch after epoch, in ``dtype``."""
+def _one_set(ds: ActivationDataset) -> None:
+    """SAELens trains on one hook's rows: a dataset of several sets (tuples of batches) is refused up front."""
     if ds.several:
         raise ActcacheError(
             "SAELens's SAETrainer takes one tensor per batch; read one set (ActivationDataset(url, ...)), not a list"
         )
+
+
+def data_provider(ds: ActivationDataset, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """SAELens's ``DataProvider``: the dataset's batches, epoch after epoch, in ``dtype``."""
+    _one_set(ds)
     for batch in forever(ds):
         if not isinstance(batch, torch.Tensor):
             raise ActcacheError("SAELens needs batches of activations only: leave with_tokens/with_positions off")
@@ -33,6 +38,7 @@ def data_provider(ds: ActivationDataset, dtype: torch.dtype = torch.float32) -> 
 
 def metadata(ds: ActivationDataset) -> dict[str, Any]:
     """What SAELens's own runner records in ``sae.cfg.metadata``, from the set (``dataset_path`` is its URL)."""
+    _one_set(ds)
     s = ds.set
     m = s.manifest
     return {
@@ -64,6 +70,7 @@ def train(
     the saved SAE reads raw activations. ``sae.cfg.metadata`` names the set (``dataset_path`` is its URL).
     ``output_path``: save the trained SAE there (``sae.save_model``) too.
     """
+    _one_set(ds)  # before the statistics: a tuple of them is no set's fault
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
 

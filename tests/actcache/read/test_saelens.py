@@ -48,7 +48,12 @@ def test_the_metadata_names_the_set_and_what_was_left_out(synthetic):
 
 
 def test_several_sets_or_extra_columns_are_refused_in_one_line(synthetic):
+    both = ActivationDataset([synthetic, synthetic], batch_size=8)
     with pytest.raises(ActcacheError, match="one tensor per batch"):
-        next(saelens.data_provider(ActivationDataset([synthetic, synthetic], batch_size=8)))
+        next(saelens.data_provider(both))
+    with pytest.raises(ActcacheError, match="one tensor per batch"):  # not the first set's metadata alone
+        saelens.metadata(both)
+    with pytest.raises(ActcacheError, match="one tensor per batch"):  # before SAELens or the statistics
+        saelens.train(both, object(), training_tokens=64)
     with pytest.raises(ActcacheError, match="with_tokens"):
         next(saelens.data_provider(ActivationDataset(synthetic, batch_size=8, with_tokens=True)))

@@ -197,7 +197,7 @@ def export(
     set_url
         Set URL: `<store>/<set_id>`.
     out
-        A new local folder (refused if it exists); the last argument.
+        A new local folder (refused if it exists, or if it is a URL such as s3://...); the last argument.
     more
         More sets, then OUT.
     format

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -283,6 +284,12 @@ def export_set(
     secrets.check_value(out, "the export folder (OUT)")  # it is printed, and names a folder: no credential in it
     if format not in FORMATS:
         raise ActcacheError(f"unknown {opt('format')} {format!r}; use one of {', '.join(FORMATS)}")
+    if (scheme := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", out)) is not None:
+        # As a path, "s3://b/x" would be the local folder "s3:/b/x": never write there.
+        raise ActcacheError(
+            f"export writes a local folder, and OUT {out!r} is a {scheme[1]} URL: export to a local folder, then "
+            f"upload it (datasets.load_from_disk reads it back from there with storage_options)"
+        )
     try:
         os.fsencode(out).decode("utf-8")
     except UnicodeDecodeError:  # pyarrow, which writes and maps the folder's files, takes UTF-8 paths only

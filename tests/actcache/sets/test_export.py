@@ -393,3 +393,16 @@ def test_an_output_path_that_is_not_utf8_is_refused_in_one_line(source, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a UTF-8 path" in err[0]
     assert os.listdir(parent) == []
+
+
+@pytest.mark.parametrize("out", ["s3://bucket/exp/hf1", "gs://b/x", "hf://datasets/u/r"])
+def test_a_url_as_out_is_refused_and_nothing_is_written_locally(source, tmp_path, monkeypatch, capsys, out):
+    """As a path, s3://bucket/x is the local folder s3:/bucket/x: where it existed, the export wrote there and
+    reported success. An export writes a local folder: a URL is refused in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / out.split("://")[0].join(["", ":"]) / out.split("://")[1].rsplit("/", 1)[0]).mkdir(parents=True)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert cli.main(["export", source["url"], out, "--format", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export writes a local folder" in err[0] and "URL" in err[0]
+    assert sorted(p for p in tmp_path.rglob("*")) == before

@@ -190,7 +190,8 @@ def export(
     """Write a set as a Hugging Face datasets folder (SAELens's layout, or one row per token); print its path.
 
     `export SET_A SET_B ... OUT`: sets extracted from the same tokens (`--hook a,b`) go into one folder,
-    row-aligned, one activation column per hook; sets of other tokens are refused.
+    row-aligned, one activation column per set (named after its hook; HOOK#0, HOOK#1 where sets share one); sets
+    of other tokens are refused.
 
     Parameters
     ----------

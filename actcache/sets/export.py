@@ -86,7 +86,8 @@ def _features(
         return Features(cols)
 
     if fmt == "saelens":  # exactly CacheActivationsRunner's features (it caches one column per hook)
-        cols = {h: Array2D(shape=(ctx, d), dtype=dt) for h, d, dt in zip(hooks, ds, dtypes, strict=True)}
+        names = _act_columns(fmt, hooks)
+        cols = {n: Array2D(shape=(ctx, d), dtype=dt) for n, d, dt in zip(names, ds, dtypes, strict=True)}
         return Features({**cols, "token_ids": Sequence(Value(dtype="int32"), length=ctx)})
     names = _act_columns(fmt, hooks)
     return Features(
@@ -100,8 +101,13 @@ def _features(
 
 
 def _act_columns(fmt: str, hooks: list[str]) -> list[str]:
-    """The activation columns' names: the hooks', except ``activations`` for one set in ``hf``."""
-    return ["activations"] if fmt == "hf" and len(hooks) == 1 else list(hooks)
+    """The activation columns' names: the hooks', except ``activations`` for one set in ``hf``. A hook given by
+    several sets (two models' same hook, for a crosscoder) is named with each set's place: ``HOOK#0``, ``HOOK#1``
+    (``actcache.json`` says which set and model each column came from)."""
+    if fmt == "hf" and len(hooks) == 1:
+        return ["activations"]
+    repeated = {h for h in hooks if hooks.count(h) > 1}
+    return [f"{h}#{k}" if h in repeated else h for k, h in enumerate(hooks)]
 
 
 def _numpy(acts: torch.Tensor, np_dtype: np.dtype) -> np.ndarray:
@@ -153,7 +159,7 @@ def _dataset(fmt: str, cols: dict[str, Any], features, hooks: list[str]):
     from datasets.table import InMemoryTable
 
     if fmt == "saelens":  # the same conversion CacheActivationsRunner's Dataset.from_dict runs
-        data = dict(zip(hooks, cols["acts"], strict=True))
+        data = dict(zip(_act_columns(fmt, hooks), cols["acts"], strict=True))
         return Dataset.from_dict({**data, "token_ids": cols["token_ids"]}, features=features)
     # One row per token: build the fixed-size lists in Arrow directly (from_dict walks them in Python).
     vectors = [pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1]) for a in cols["acts"]]
@@ -319,10 +325,6 @@ def export_set(
             "sets with one row per example (--packing none) export one at a time; export each set on its own"
         )
     hooks = [x.manifest["hook"] for x in sets]
-    if len(set(hooks)) != len(hooks):
-        raise ActcacheError(
-            f"two of the sets are of the same hook ({', '.join(hooks)}); export sets of different hooks together"
-        )
     check_aligned(sets)  # refused in one line unless they hold the same tokens in the same shards
     exclude = token_ids(m, special=exclude_special, ids=exclude_ids)
     if example_rows.is_examples(s):
@@ -420,7 +422,13 @@ def export_set(
         }
         if len(sets) > 1:  # which column came from which set
             meta["sets"] = [
-                {"column": c, "set_id": x.set_id, "hook": h, "dtype": dt}
+                {
+                    "column": c,
+                    "set_id": x.set_id,
+                    "hook": h,
+                    "model": (x.manifest.get("model") or {}).get("name"),
+                    "dtype": dt,
+                }
                 for c, x, h, dt in zip(_act_columns(format, hooks), sets, hooks, dtypes, strict=True)
             ]
         (partial / "actcache.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")

@@ -306,8 +306,65 @@ def test_sets_of_other_tokens_are_refused_in_one_line(two_hooks, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "extracted from other tokens than" in err
     assert not out.exists() and not out.with_name("hf.partial").exists()
-    assert cli.main(["export", two_hooks[0], two_hooks[0], str(out), "--format", "hf"]) == 2
-    assert "same hook" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_models, corpus, tmp_path_factory):
+    """The same hook of a model and of a perturbed copy of it (a base and its fine-tune, for a crosscoder)."""
+    import shutil
+
+    import setwriter
+    from transformers import AutoModelForCausalLM
+
+    from actcache.config import ExtractConfig
+
+    tuned = tmp_path_factory.mktemp("tuned") / "model"
+    shutil.copytree(tiny_models["gpt2"], tuned)
+    m = AutoModelForCausalLM.from_pretrained(tuned)
+    with torch.no_grad():
+        for w in m.parameters():
+            w.add_(0.01 * torch.randn_like(w, generator=torch.Generator().manual_seed(0)))
+    m.save_pretrained(tuned)
+    store = str(tmp_path_factory.mktemp("two-models"))
+    return [
+        setwriter.extract_sets_by_stages(
+            ExtractConfig(
+                model=str(model),
+                hook="blocks.1.hook_resid_post",
+                dataset=str(corpus),
+                context_size=32,
+                max_tokens=256,
+                shard_tokens=128,
+                batch_size=4,
+                store=store,
+                device="cpu",
+            )
+        )[0]
+        for model in (tiny_models["gpt2"], tuned)
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "saelens"])
+def test_the_same_hook_of_two_models_exports_one_column_per_set(two_models, tmp_path, fmt):
+    """Base vs fine-tune: the same hook twice, each column named after its set's place (HOOK#0, HOOK#1), and
+    actcache.json names each column's set and model."""
+    base, tuned = two_models
+    out = tmp_path / fmt
+    export.export_set([base, tuned], str(out), format=fmt)
+    got = load_from_disk(str(out)).with_format("numpy")[:]
+    hook = "blocks.1.hook_resid_post"
+    for k, url in enumerate((base, tuned)):
+        s = open_set(url)
+        acts = torch.cat([x.activations for x in s])
+        want = acts.numpy() if fmt == "saelens" else acts.reshape(-1, s.d).numpy()
+        assert np.array_equal(got[f"{hook}#{k}"], want)
+    assert not np.array_equal(got[f"{hook}#0"], got[f"{hook}#1"])
+    meta = json.loads((out / "actcache.json").read_text())["sets"]
+    assert [(x["column"], x["set_id"]) for x in meta] == [
+        (f"{hook}#0", base.rsplit("/", 1)[1]),
+        (f"{hook}#1", tuned.rsplit("/", 1)[1]),
+    ]
+    assert meta[1]["model"] != meta[0]["model"]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import os
 import sys
 
 from cyclopts import CycloptsError
+from cyclopts.exceptions import RepeatArgumentError, UnusedCliTokensError
 
 from actcache import errors
 
@@ -80,7 +81,41 @@ def _parse_error(e: CycloptsError, argv: list[str]) -> str:
         return f"{token.keyword}: invalid {getattr(target, '__name__', target)} value {token.value!r}"
     command = next((a for a in argv if not a.startswith("-")), None)
     where = f"actcache {command} --help" if command in app else "actcache --help"  # type: ignore[operator]
+    if isinstance(e, RepeatArgumentError) and getattr(e, "msg", None) is None:
+        return f"{e.token.keyword} is given more than once; give it once (see `{where}`)"
+    if isinstance(e, UnusedCliTokensError) and getattr(e, "msg", None) is None and e.unused_tokens:
+        extra = ", ".join(repr(t) for t in e.unused_tokens)
+        return f"`actcache {command}` takes fewer arguments: {extra} left over (see `{where}`)"
     return " ".join(str(e).split()) + f" (see `{where}`)"
+
+
+LIST_OPTIONS = ("--hook", "--keep-columns", "--exclude-ids")
+"""Options whose value is a comma-separated list: given more than once, their values join (``--hook a --hook b``
+is ``--hook a,b``), as researchers repeat them."""
+
+
+def _joined_lists(argv: list[str]) -> list[str]:
+    """``argv`` with each repeated list option (``LIST_OPTIONS``, ``--x v`` or ``--x=v``) given once, its values
+    joined by commas where it first stood."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    out: list[str] = []
+    first: dict[str, int] = {}
+    i = 0
+    while i < end:
+        a = argv[i]
+        name, eq, value = a.partition("=")
+        if name in LIST_OPTIONS and (eq or i + 1 < end):
+            if not eq:
+                value, i = argv[i + 1], i + 1
+            if name in first:
+                out[first[name]] += f",{value}"
+            else:
+                first[name] = len(out)
+                out.append(f"{name}={value}")
+        else:
+            out.append(a)
+        i += 1
+    return out + argv[end:]
 
 
 def _debug_flag(argv: list[str], flag: str = "--debug") -> tuple[list[str], bool]:
@@ -117,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_defaults()
     argv, debug = _debug_flag(list(sys.argv[1:] if argv is None else argv))
     argv, verbose = _debug_flag(argv, "--verbose")
+    argv = _joined_lists(argv)
     if verbose and (refused := _verbose_refused(argv)) is not None:
         print(f"actcache: error: {refused}", file=sys.stderr)
         return 2

@@ -99,3 +99,42 @@ def test_verbose_is_refused_in_one_line_by_every_other_command(capsys, tmp_path)
     assert "--verbose" in capsys.readouterr().out
     assert main(["--verbose", "--version"]) == 0
     capsys.readouterr()
+
+
+# -- repeated options and extra arguments ---------------------------------------------------------------------
+def test_a_repeated_list_option_joins_its_values():
+    """Researchers repeat --hook (as most CLIs take lists): its values join, as --hook a,b."""
+    from actcache.cli.app import _joined_lists
+
+    argv = ["extract", "--hook", "a", "--max-tokens", "8", "--hook=b,c", "--keep-columns", "x", "--hook", "d"]
+    assert _joined_lists(argv) == ["extract", "--hook=a,b,c,d", "--max-tokens", "8", "--keep-columns=x"]
+    assert _joined_lists(["extract", "--", "--hook", "a", "--hook", "b"]) == [
+        "extract",
+        "--",
+        "--hook",
+        "a",
+        "--hook",
+        "b",
+    ]
+    assert _joined_lists(["extract", "--hook"]) == ["extract", "--hook"]  # no value: cyclopts says so
+
+
+def test_other_repeats_and_extra_arguments_are_one_line_each(capsys):
+    assert main(["show", "x", "--json", "--json"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "actcache: error: --json is given more than once; give it once (see `actcache show --help`)"
+    )
+    assert main(["push", "store/set_a", "store/set_b", "user/repo"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "actcache: error: `actcache push` takes fewer arguments: 'user/repo' left over (see `actcache push --help`)"
+    )
+
+
+def test_extract_takes_a_repeated_hook_as_a_list(capsys, tmp_path):
+    """Both hooks reach the plan (the unknown one is named), not cyclopts' "specified multiple times"."""
+    store = tmp_path / "store"
+    argv = ["extract", "--hook", "blocks.1.hook_resid_post", "--hook", "blocks.0.hook_no_such", "--store", str(store)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.hook_no_such" in err and "more than once" not in err, err
+    assert not store.exists()

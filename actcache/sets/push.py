@@ -84,10 +84,11 @@ def _hub_error(e: BaseException, repo_id: str, action: str) -> ActcacheError:
 
 def _public(value: object) -> str:
     """A model or dataset name as the card may show it: a local path (a temporary folder, a home directory's cache)
-    becomes "a local folder", as it means nothing to a reader and says something about the machine it came from."""
+    becomes "a local path" (a folder or a file), as it means nothing to a reader and says something about the machine
+    it came from."""
     text = str(value)
     if text.startswith(("/", "./", "../", "~", "file:")) or "\\" in text or os.path.exists(text):
-        return "a local folder"
+        return "a local path"
     return text
 
 
@@ -132,7 +133,7 @@ def _section(m: dict, repo_id: str) -> list[str]:
         f"## {sid}: {_code(m.get('hook'))} of {_code(_public(model.get('name')))}",
         "",
         f"The hook {_code(m.get('hook'))} (layer {_text(m.get('layer'))}, d = {_text(m.get('d'))}) of "
-        f"{_code(_public(model.get('name')))} (revision {_code(model.get('revision'))}, fingerprint "
+        f"{_code(_public(model.get('name')))} ({_revision(model)}fingerprint "
         f"{_code(model.get('fingerprint'))}), {_text(m.get('n_tokens'))} tokens in {_text(m.get('n_shards'))} "
         f"shards, stored as {_code(m.get('dtype'))} (codec {_code(m.get('codec'))}). Read it as {url}.",
         "",
@@ -156,6 +157,12 @@ def _section(m: dict, repo_id: str) -> list[str]:
     return [*lines, ""]
 
 
+def _revision(model: dict) -> str:
+    """ "revision R, " for a hub model; nothing for a local one (its fingerprint pins it)."""
+    rev = model.get("revision")
+    return "" if rev is None else f"revision {_code(rev)}, "
+
+
 def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
     """The dataset card: every set in the repo (this one and the manifests ``others`` of those already there), what
     each is and how to load it (no timestamps: a rerun compares equal; no local paths)."""
@@ -164,7 +171,11 @@ def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
     ordered = [manifests[k] for k in sorted(manifests, key=str)]
     url = f"hf://datasets/{repo_id}/{s.set_id}"
     hooks = sorted({str(m.get("hook")) for m in ordered})
-    title = _code(hooks[0]) if len(hooks) == 1 else f"{len(ordered)} hooks"
+    models = {
+        (str((m.get("model") or {}).get("name")), str((m.get("model") or {}).get("fingerprint"))) for m in ordered
+    }
+    title = _code(hooks[0]) if len(hooks) == 1 else f"{len(hooks)} hooks"
+    of = _code(_public(min(models)[0])) if len(models) == 1 else f"{len(models)} models"
     lines = [
         "---",
         "tags:",
@@ -174,7 +185,7 @@ def card(s: ActivationSet, repo_id: str, others: Sequence[dict] = ()) -> str:
         "viewer: false",
         "---",
         "",
-        f"# {title} activations of {_code(_public((ordered[0].get('model') or {}).get('name')))}",
+        f"# {title} activations of {of}",
         "",
         f"{len(ordered)} actcache activation set{'s' if len(ordered) != 1 else ''}, each under its set id:",
         "",
@@ -265,6 +276,13 @@ def push_set(
             "REPO_ID is not a Hugging Face repo id: give namespace/name (letters, digits, '-', '_', '.'), "
             "e.g. user/gpt2-l6-resid"
         ) from None
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # its every request would fail as "offline mode is enabled"
+        raise ActcacheError(
+            "HF_HUB_OFFLINE is set, so huggingface_hub sends no request and nothing can be pushed; "
+            "unset it (or HF_HUB_OFFLINE=0) for the push"
+        )
     s = open_set(src)
     api = HfApi()
     action = "creating"

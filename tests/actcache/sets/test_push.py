@@ -105,7 +105,7 @@ def test_the_card_describes_every_set_in_the_repo_and_no_local_path(extracted_se
     for url in (extracted_set, copy):
         assert f"## `{Path(url).name}`" in readme and f"hf://datasets/{repo}/{Path(url).name}" in readme
     assert "2 actcache activation sets" in readme and "Shuffled copy of set" in readme
-    assert "/tmp" not in readme and str(tmp_path) not in readme and "a local folder" in readme
+    assert "/tmp" not in readme and str(tmp_path) not in readme and "a local path" in readme
     assert "pip install actcache" not in readme and "actcache[extract]" in readme
 
 
@@ -148,3 +148,36 @@ def test_a_repo_id_or_revision_is_checked_before_the_hub_is_asked(extracted_set,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Mark3rS3cretZq" not in err[0] and "rerun" not in err[0], err
     assert ("holds credentials" if "Mark3r" in " ".join(argv) else "is not a Hugging Face repo id") in err[0]
+
+
+def test_the_card_title_counts_distinct_hooks_and_models_and_shows_no_empty_revision(extracted_set):
+    """Three sets of two hooks read "2 hooks" (not 3); a local model has no revision to show (its fingerprint pins
+    it); a hub model's revision is shown."""
+    s = open_set(extracted_set)
+
+    def other(n: int, **change) -> dict:
+        m = json.loads(json.dumps(s.manifest))
+        m["set_id"] = str(n) * 24
+        for k, v in change.items():
+            m[k] = v
+        return m
+
+    same_hook = other(1)
+    other_hook = other(2, hook="blocks.0.hook_resid_post")
+    title = push.card(s, "me/acts", [same_hook, other_hook]).split("\n# ", 1)[1].splitlines()[0]
+    assert title == "2 hooks activations of `a local path`", title
+    hub_model = other(3, model={**s.manifest["model"], "name": "org/model", "revision": "abc123", "fingerprint": "f"})
+    card = push.card(s, "me/acts", [hub_model])
+    assert card.split("\n# ", 1)[1].splitlines()[0].endswith("activations of 2 models")
+    assert "revision `None`" not in card and "revision None" not in card
+    assert "`org/model` (revision `abc123`, fingerprint `f`)" in card
+
+
+def test_push_in_offline_mode_says_so_in_one_line(extracted_set, monkeypatch, capsys):
+    """HF_HUB_OFFLINE makes every hub request fail: the push names the setting, exit 2, before reading the set."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli.main(["push", extracted_set, "me/acts"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HF_HUB_OFFLINE is set" in err[0]

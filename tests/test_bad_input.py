@@ -58,6 +58,7 @@ CLI = [
     (["show", "{set}"], _escaping, "not a shard path"),
     (["show", "{store}/0123456789abcdef01234567"], None, "no activation set at"),
     (["verify", "{store}/../etc"], None, "is not a set id"),
+    (["show", "{store}"], None, "if {store} is a store, `actcache ls {store}` lists its sets"),
     (["ls", "{store}/nowhere"], None, "does not exist"),
     (["show", "{set}", "--storage-options", "[1,"], None, "--storage-options is not valid JSON"),
     (["cp", "{set}", "/sys/actcache-copy"], None, "not writable"),
@@ -76,6 +77,7 @@ def test_cli(good_set, tmp_path, capsys, argv, damage, expected):
     before = _snapshot(store)
     code = main([a.format(set=url, store=store) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
+    expected = expected.format(store=store)
     assert code != 0 and len(err) == 1 and err[0].startswith("actcache: error: ") and expected in err[0], err
     assert _snapshot(store) == before
 

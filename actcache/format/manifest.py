@@ -181,7 +181,10 @@ def _missing(store: Store, set_id: str) -> NoManifest:
 def read(store: Store, set_id: str) -> dict[str, Any]:
     """A set's manifest, checked to be one this version can read, and against the key its set id hashes."""
     if not isinstance(set_id, str) or not layout.SET_ID_RE.match(set_id) or set_id.startswith("t"):
-        raise ActcacheError(f"{set_id!r} is not a set id (24 hex characters)")
+        hint = ""
+        if isinstance(set_id, str) and set_id and "/" not in set_id and not set_id.startswith("."):
+            hint = f"; if {store.url_of(set_id)} is a store, `actcache ls {store.url_of(set_id)}` lists its sets"
+        raise ActcacheError(f"{set_id!r} is not a set id (24 hex characters){hint}")
     url = store.url_of(set_id)
     rebuild = "rerun the same `actcache extract` to rebuild it from the completion records"
     try:

@@ -240,25 +240,35 @@ def test_an_export_inside_a_stores_own_layout_is_refused(source, tmp_path, capsy
 
 
 # -- several sets into one folder ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def two_hooks(tiny_models, corpus, tmp_path_factory):
-    """Two sets of different widths from one forward pass (``--hook a,b``)."""
+def _extracted(model, hook: str, corpus, store: str) -> list[str]:
+    """The sets of ``hook`` (comma-separated hooks: one each) of ``model``, 256 tokens in shards of 128."""
     import setwriter
 
     from actcache.config import ExtractConfig
 
     return setwriter.extract_sets_by_stages(
         ExtractConfig(
-            model=str(tiny_models["gpt2"]),
-            hook="blocks.0.mlp.hook_post,blocks.1.hook_mlp_out",
+            model=str(model),
+            hook=hook,
             dataset=str(corpus),
             context_size=32,
             max_tokens=256,
             shard_tokens=128,
             batch_size=4,
-            store=str(tmp_path_factory.mktemp("two-hooks")),
+            store=store,
             device="cpu",
         )
+    )
+
+
+@pytest.fixture(scope="module")
+def two_hooks(tiny_models, corpus, tmp_path_factory):
+    """Two sets of different widths from one forward pass (``--hook a,b``)."""
+    return _extracted(
+        tiny_models["gpt2"],
+        "blocks.0.mlp.hook_post,blocks.1.hook_mlp_out",
+        corpus,
+        str(tmp_path_factory.mktemp("two-hooks")),
     )
 
 
@@ -313,10 +323,7 @@ def two_models(tiny_models, corpus, tmp_path_factory):
     """The same hook of a model and of a perturbed copy of it (a base and its fine-tune, for a crosscoder)."""
     import shutil
 
-    import setwriter
     from transformers import AutoModelForCausalLM
-
-    from actcache.config import ExtractConfig
 
     tuned = tmp_path_factory.mktemp("tuned") / "model"
     shutil.copytree(tiny_models["gpt2"], tuned)
@@ -326,22 +333,7 @@ def two_models(tiny_models, corpus, tmp_path_factory):
             w.add_(0.01 * torch.randn_like(w, generator=torch.Generator().manual_seed(0)))
     m.save_pretrained(tuned)
     store = str(tmp_path_factory.mktemp("two-models"))
-    return [
-        setwriter.extract_sets_by_stages(
-            ExtractConfig(
-                model=str(model),
-                hook="blocks.1.hook_resid_post",
-                dataset=str(corpus),
-                context_size=32,
-                max_tokens=256,
-                shard_tokens=128,
-                batch_size=4,
-                store=store,
-                device="cpu",
-            )
-        )[0]
-        for model in (tiny_models["gpt2"], tuned)
-    ]
+    return [_extracted(model, "blocks.1.hook_resid_post", corpus, store)[0] for model in (tiny_models["gpt2"], tuned)]
 
 
 @pytest.mark.parametrize("fmt", ["hf", "saelens"])

@@ -479,3 +479,26 @@ def test_token_ids_the_model_does_not_embed_are_refused_before_writing(
     argv[argv.index("--model") + 1] = str(unresized_model)
     _one_line(prefect_console, main(argv), expected)
     assert not store.exists()
+
+
+@pytest.mark.parametrize(
+    "rows,columns,expected",
+    [
+        ([{"text": "a b c", "src": "x", "src.utf8": 7}], "src,src.utf8", "names both 'src' and 'src.utf8'"),
+        ([{"text": "a b c", "a": 1, "a.offsets": 2}], "a,a.offsets", "names both 'a' and 'a.offsets'"),
+        ([{"text": "a b c", "label": 1}, {"text": "d e", "label": 2**64}], "label", "outside int64"),
+        ([{"text": "a b c", "s": "ok"}, {"text": "d e", "s": "bad \ud800 x"}], "s", "not valid Unicode"),
+    ],
+    ids=["utf8 part", "offsets part", "int beyond int64", "lone surrogate"],
+)
+def test_kept_columns_the_shard_cannot_hold_are_refused_before_writing(
+    tiny_models, tmp_path, prefect_console, rows, columns, expected
+):
+    """A kept column whose stored name collides with a text column's parts (the set read as damaged, with no
+    repair), an integer beyond int64 or a lone surrogate (both failed after the forward pass, exit 1, 'rerun')."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    store = tmp_path / "store"
+    extra = ("--packing", "none", "--positions", "last", "--keep-columns", columns)
+    _one_line(prefect_console, main(_extract(tiny_models, str(data), store, *extra)), expected)
+    assert not store.exists()

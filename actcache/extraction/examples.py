@@ -262,6 +262,16 @@ def _prepare(plan: Plan, limit: int) -> Examples:
                         f"{opt('keep_columns')}: column {c!r} holds {shown} in dataset row {n}; a kept column "
                         "holds one scalar (int, float, bool or str) per example"
                     )
+                if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < 1 << 63:
+                    raise ActcacheError(
+                        f"{opt('keep_columns')}: column {c!r} holds the integer {v} in dataset row {n}, outside int64 "
+                        "(the stored type); keep it as a string or a float column instead"
+                    )
+                if isinstance(v, str) and not _encodes(v):
+                    raise ActcacheError(
+                        f"{opt('keep_columns')}: column {c!r} holds text that is not valid Unicode (a lone surrogate, "
+                        f"{v[:40]!r}) in dataset row {n}; fix that row"
+                    )
                 if isinstance(v, str) and len(v.encode()) > shard.TEXT_VALUE_LIMIT:
                     raise ActcacheError(
                         f"{opt('keep_columns')}: column {c!r} holds a text of {len(v.encode())} "
@@ -295,6 +305,14 @@ def _prepare(plan: Plan, limit: int) -> Examples:
             cfg.truncate,
         )
     return ex
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _token_ids(value: Any, row: int, column: str, vocab: int | None) -> list[int] | None:

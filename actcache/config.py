@@ -192,14 +192,13 @@ class ExtractConfig:
         if any(not c for c in self.kept_columns) and self.keep_columns.strip():
             raise ActcacheError(f"{opt('keep_columns')} {self.keep_columns!r} has an empty name; use e.g. label,source")
         kept = set(self.kept_columns)
-        clash = next(
-            (c for c in self.kept_columns if c.rsplit(".", 1)[0] in kept and c.endswith((".utf8", ".offsets"))), None
-        )
-        if clash is not None:  # a string column NAME is stored as column.NAME.utf8 and column.NAME.offsets
-            raise ActcacheError(
-                f"{opt('keep_columns')} names both {clash.rsplit('.', 1)[0]!r} and {clash!r}, whose stored names "
-                f"would collide (a text column {clash.rsplit('.', 1)[0]!r} is stored with a {clash!r} part); keep one"
-            )
+        for c in self.kept_columns:  # a text column NAME is stored as column.NAME.utf8 and column.NAME.offsets
+            stem, _, part = c.rpartition(".")
+            if stem in kept and part in ("utf8", "offsets"):
+                raise ActcacheError(
+                    f"{opt('keep_columns')} names both {stem!r} and {c!r}, whose stored names would collide (a text "
+                    f"column {stem!r} is stored with a {c!r} part); keep one"
+                )
         if self.text_column in self.kept_columns:
             raise ActcacheError(f"{opt('keep_columns')} names the text column {self.text_column!r}; leave it out")
 

@@ -267,17 +267,20 @@ def _prepare(plan: Plan, limit: int) -> Examples:
                         f"{opt('keep_columns')}: column {c!r} holds the integer {v} in dataset row {n}, outside int64 "
                         "(the stored type); keep it as a string or a float column instead"
                     )
-                if isinstance(v, str) and not _encodes(v):
-                    raise ActcacheError(
-                        f"{opt('keep_columns')}: column {c!r} holds text that is not valid Unicode (a lone surrogate, "
-                        f"{v[:40]!r}) in dataset row {n}; fix that row"
-                    )
-                if isinstance(v, str) and len(v.encode()) > shard.TEXT_VALUE_LIMIT:
-                    raise ActcacheError(
-                        f"{opt('keep_columns')}: column {c!r} holds a text of {len(v.encode())} "
-                        f"bytes in dataset row {n}; a kept text holds at most {shard.TEXT_VALUE_LIMIT} bytes per "
-                        "example (readers count on it): keep a shorter column"
-                    )
+                if isinstance(v, str):
+                    try:
+                        size = len(v.encode())
+                    except UnicodeEncodeError:
+                        raise ActcacheError(
+                            f"{opt('keep_columns')}: column {c!r} holds text that is not valid Unicode (a lone "
+                            f"surrogate, {v[:40]!r}) in dataset row {n}; fix that row"
+                        ) from None
+                    if size > shard.TEXT_VALUE_LIMIT:
+                        raise ActcacheError(
+                            f"{opt('keep_columns')}: column {c!r} holds a text of {size} "
+                            f"bytes in dataset row {n}; a kept text holds at most {shard.TEXT_VALUE_LIMIT} bytes per "
+                            "example (readers count on it): keep a shorter column"
+                        )
                 ex.columns[c].append(v)
             found.append(ids)
             ex.index.append(n)
@@ -305,14 +308,6 @@ def _prepare(plan: Plan, limit: int) -> Examples:
             cfg.truncate,
         )
     return ex
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _token_ids(value: Any, row: int, column: str, vocab: int | None) -> list[int] | None:

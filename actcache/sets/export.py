@@ -85,11 +85,10 @@ def _features(
         cols.update({name: Value(kinds[kind]) for name, kind in examples["columns"].items()})
         return Features(cols)
 
+    names = _act_columns(fmt, hooks)
     if fmt == "saelens":  # exactly CacheActivationsRunner's features (it caches one column per hook)
-        names = _act_columns(fmt, hooks)
         cols = {n: Array2D(shape=(ctx, d), dtype=dt) for n, d, dt in zip(names, ds, dtypes, strict=True)}
         return Features({**cols, "token_ids": Sequence(Value(dtype="int32"), length=ctx)})
-    names = _act_columns(fmt, hooks)
     return Features(
         {
             **{n: Sequence(Value(dt), length=d) for n, d, dt in zip(names, ds, dtypes, strict=True)},
